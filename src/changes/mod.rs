@@ -1,0 +1,192 @@
+//! Typed change events, built from decoded pgoutput messages.
+//!
+//! `replication` hands raw [`LogicalMessage`](crate::replication::pgoutput::LogicalMessage)s
+//! to the [`Assembler`], which checks transaction framing, resolves relations, converts
+//! values to JSON and fills unchanged TOAST values from the old row. The router sees
+//! only [`Output`]s.
+
+mod relations;
+mod transaction;
+pub mod value;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
+
+pub use relations::RelationCache;
+pub use transaction::{Assembler, ChangeError, Output};
+
+use crate::replication::lsn::{PgLsn, Position};
+
+/// A table's OID as sent in Relation messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableId(pub u32);
+
+/// Columns whose values never leave the server, whatever the subscriber's role.
+pub fn is_secret_column(name: &str) -> bool {
+    matches!(
+        name,
+        "encrypted_password" | "password_hash" | "token_hash" | "refresh_token_hash"
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub is_key: bool,
+    pub secret: bool,
+}
+
+/// A table as last described by a Relation message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub id: TableId,
+    pub schema: String,
+    pub name: String,
+    /// `schema.table`, the key subscriptions are indexed by.
+    pub qualified: Arc<str>,
+    pub replica_identity: u8,
+    pub columns: Vec<Column>,
+}
+
+impl Relation {
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Insert => "INSERT",
+            ChangeKind::Update => "UPDATE",
+            ChangeKind::Delete => "DELETE",
+            ChangeKind::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+/// One row's values, aligned with the relation's columns. `None` is a value the
+/// server did not send and no old row could supply (an unchanged TOAST value of a
+/// table without REPLICA IDENTITY FULL): it is left out of the JSON, never shown as null.
+pub type Row = Vec<Option<Value>>;
+
+/// One committed change. Shared by every subscriber it goes to.
+#[derive(Debug)]
+pub struct RowChange {
+    pub position: Position,
+    pub kind: ChangeKind,
+    pub relation: Arc<Relation>,
+    pub new: Option<Row>,
+    pub old: Option<Row>,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub commit_time_ms: i64,
+    encoded: OnceLock<Arc<str>>,
+}
+
+impl RowChange {
+    pub fn new(
+        position: Position,
+        kind: ChangeKind,
+        relation: Arc<Relation>,
+        new: Option<Row>,
+        old: Option<Row>,
+        commit_time_ms: i64,
+    ) -> Self {
+        RowChange {
+            position,
+            kind,
+            relation,
+            new,
+            old,
+            commit_time_ms,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    pub fn commit_lsn(&self) -> PgLsn {
+        self.position.commit_lsn
+    }
+
+    /// The subscriber-independent tail of a change frame, encoded once and shared:
+    /// `"id":…,"eventType":…,"schema":…,"table":…,"new":…,"old":…,"timestamp":…}`.
+    pub fn encoded_tail(&self) -> &Arc<str> {
+        self.encoded.get_or_init(|| {
+            let mut s = String::with_capacity(256);
+            let _ = write!(
+                s,
+                "\"id\":\"{}\",\"eventType\":\"{}\",\"schema\":",
+                self.position,
+                self.kind.as_str()
+            );
+            push_json(&mut s, &self.relation.schema);
+            s.push_str(",\"table\":");
+            push_json(&mut s, &self.relation.name);
+            s.push_str(",\"new\":");
+            push_row(&mut s, &self.relation, self.new.as_deref());
+            s.push_str(",\"old\":");
+            push_row(&mut s, &self.relation, self.old.as_deref());
+            let _ = write!(s, ",\"timestamp\":{}}}", self.commit_time_ms);
+            Arc::from(s)
+        })
+    }
+
+    /// The row a filter or policy should look at for this kind of change.
+    pub fn visible_row(&self) -> Option<&Row> {
+        match self.kind {
+            ChangeKind::Insert | ChangeKind::Update => self.new.as_ref(),
+            ChangeKind::Delete => self.old.as_ref(),
+            ChangeKind::Truncate => None,
+        }
+    }
+}
+
+fn push_json(out: &mut String, s: &str) {
+    // Serializing a &str into a String cannot fail.
+    if let Ok(v) = serde_json::to_string(s) {
+        out.push_str(&v);
+    }
+}
+
+fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>) {
+    match row {
+        None => out.push_str("null"),
+        Some(values) => {
+            if let Ok(v) = serde_json::to_string(&RowJson { relation, values }) {
+                out.push_str(&v);
+            }
+        }
+    }
+}
+
+/// Serializes a row as an object in column order, without secret columns.
+pub struct RowJson<'a> {
+    pub relation: &'a Relation,
+    pub values: &'a [Option<Value>],
+}
+
+impl Serialize for RowJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (col, value) in self.relation.columns.iter().zip(self.values) {
+            if col.secret {
+                continue;
+            }
+            if let Some(v) = value {
+                map.serialize_entry(&col.name, v)?;
+            }
+        }
+        map.end()
+    }
+}

@@ -1,0 +1,242 @@
+//! Configuration from the environment. Every setting is read and checked at start:
+//! a bad value stops Aether with a message naming the variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+fn err(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub ws_host: String,
+    /// 0 picks a free port (tests).
+    pub ws_port: u16,
+    pub ws_path: String,
+    /// `None`: read or create `DATA_DIR/jwt_secret` (embedded default only).
+    pub jwt_secret: Option<String>,
+    pub jwt_algorithm: JwtAlgorithm,
+    pub jwt_expires_s: u64,
+    /// `None`: run the embedded PostgreSQL under `data_dir`.
+    pub database_url: Option<String>,
+    pub replication_slot: String,
+    pub publication: String,
+    pub data_dir: PathBuf,
+    /// How long decoded changes stay available to `since` resumes.
+    pub resume_retention: Duration,
+    /// At most this many changes are held for resumes, whatever their age.
+    pub resume_retention_events: usize,
+    /// Outbound frames queued per connection before it counts as too slow.
+    pub ws_queue_capacity: usize,
+    pub ws_max_frame_bytes: usize,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("ws_host", &self.ws_host)
+            .field("ws_port", &self.ws_port)
+            .field("ws_path", &self.ws_path)
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
+            .field("replication_slot", &self.replication_slot)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Defaults for everything; used by tests that then set what they need.
+    pub fn defaults() -> Self {
+        Config {
+            ws_host: "0.0.0.0".into(),
+            ws_port: 8080,
+            ws_path: "/ws".into(),
+            jwt_secret: None,
+            jwt_algorithm: JwtAlgorithm::HS256,
+            jwt_expires_s: 3600,
+            database_url: None,
+            replication_slot: "aether".into(),
+            publication: "aether_realtime".into(),
+            data_dir: PathBuf::from("./data"),
+            resume_retention: Duration::from_secs(300),
+            resume_retention_events: 100_000,
+            ws_queue_capacity: 1024,
+            ws_max_frame_bytes: 64 * 1024,
+        }
+    }
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Self::defaults();
+        let nonempty = |k: &'static str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = nonempty("WS_HOST") {
+            c.ws_host = v;
+        }
+        if let Some(v) = nonempty("WS_PORT") {
+            c.ws_port = v
+                .parse()
+                .map_err(|_| err("WS_PORT", format!("{v:?} is not a port number (0-65535)")))?;
+        }
+        if let Some(v) = nonempty("WS_PATH") {
+            if !v.starts_with('/') || v.len() < 2 {
+                return Err(err(
+                    "WS_PATH",
+                    format!("{v:?} must start with '/' and name a path, like /ws"),
+                ));
+            }
+            c.ws_path = v;
+        }
+        if let Some(v) = nonempty("JWT_SECRET") {
+            if v.len() < 32 {
+                return Err(err("JWT_SECRET", "must be at least 32 characters"));
+            }
+            c.jwt_secret = Some(v);
+        }
+        if let Some(v) = nonempty("JWT_ALGORITHM") {
+            c.jwt_algorithm = match v.as_str() {
+                "HS256" => JwtAlgorithm::HS256,
+                "HS384" => JwtAlgorithm::HS384,
+                "HS512" => JwtAlgorithm::HS512,
+                _ => {
+                    return Err(err(
+                        "JWT_ALGORITHM",
+                        format!("{v:?} is not supported (HS256, HS384, HS512)"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("JWT_EXPIRES_S") {
+            c.jwt_expires_s = match v.parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(err(
+                        "JWT_EXPIRES_S",
+                        format!("{v:?} is not a positive number of seconds"),
+                    ));
+                }
+            };
+        }
+        c.database_url = nonempty("DATABASE_URL");
+        if let Some(url) = &c.database_url {
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                err(
+                    "DATABASE_URL",
+                    format!("not a PostgreSQL connection string: {e}"),
+                )
+            })?;
+        }
+        if let Some(v) = nonempty("REPLICATION_SLOT") {
+            let ok = v.len() <= 63
+                && v.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(err(
+                    "REPLICATION_SLOT",
+                    format!("{v:?}: use 1-63 of a-z, 0-9 and _"),
+                ));
+            }
+            c.replication_slot = v;
+        }
+        if let Some(v) = nonempty("DATA_DIR") {
+            c.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = nonempty("RESUME_RETENTION_S") {
+            c.resume_retention = Duration::from_secs(v.parse().map_err(|_| {
+                err(
+                    "RESUME_RETENTION_S",
+                    format!("{v:?} is not a number of seconds"),
+                )
+            })?);
+        }
+        if let Some(v) = nonempty("RESUME_RETENTION_EVENTS") {
+            c.resume_retention_events = match v.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(err(
+                        "RESUME_RETENTION_EVENTS",
+                        format!("{v:?} is not a positive count"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("WS_QUEUE_CAPACITY") {
+            c.ws_queue_capacity = match v.parse::<usize>() {
+                Ok(n) if n >= 8 => n,
+                _ => {
+                    return Err(err(
+                        "WS_QUEUE_CAPACITY",
+                        format!("{v:?}: must be a count of at least 8"),
+                    ));
+                }
+            };
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_and_errors_name_the_variable() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(
+            (c.ws_port, c.ws_path.as_str(), c.replication_slot.as_str()),
+            (8080, "/ws", "aether")
+        );
+        assert_eq!(cfg(&[("WS_PORT", "x")]).unwrap_err().name, "WS_PORT");
+        assert_eq!(
+            cfg(&[("JWT_SECRET", "short")]).unwrap_err().name,
+            "JWT_SECRET"
+        );
+        assert_eq!(
+            cfg(&[("JWT_ALGORITHM", "RS256")]).unwrap_err().name,
+            "JWT_ALGORITHM"
+        );
+        assert_eq!(
+            cfg(&[("REPLICATION_SLOT", "Bad-Name")]).unwrap_err().name,
+            "REPLICATION_SLOT"
+        );
+        assert_eq!(
+            cfg(&[("DATABASE_URL", "postgres://x:y@h:notaport/db")])
+                .unwrap_err()
+                .name,
+            "DATABASE_URL"
+        );
+        assert_eq!(
+            cfg(&[("JWT_EXPIRES_S", "0")]).unwrap_err().name,
+            "JWT_EXPIRES_S"
+        );
+    }
+}

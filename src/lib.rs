@@ -1,0 +1,17 @@
+//! Aether: PostgreSQL logical replication to WebSocket subscribers.
+//!
+//! Data flows one way: [`replication`] (slot, pgoutput, LSNs) → [`changes`] (typed
+//! events) → [`router`] (subscription index, authorization, resume history) →
+//! [`realtime`] (sessions and protocol) → socket. [`api`] serves HTTP beside it and
+//! writes only to PostgreSQL; [`store`] owns the database (embedded cluster, pool,
+//! migrations).
+
+pub mod api;
+pub mod auth;
+pub mod changes;
+pub mod config;
+pub mod realtime;
+pub mod replication;
+pub mod router;
+pub mod server;
+pub mod store;

@@ -1,0 +1,87 @@
+//! The `aether` binary: `aether` (or `aether serve`) runs the server; `aether migrate`
+//! applies migrations and exits.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use aether::config::Config;
+use aether::server::{self, Server};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Realtime backend: PostgreSQL logical replication to WebSocket subscribers.\nConfigured from the environment: see README.md."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (the default).
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+}
+
+fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::io::stderr().is_terminal() {
+        builder.with_writer(std::io::stderr).init();
+    } else {
+        builder.json().with_writer(std::io::stderr).init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let config = Config::from_env().map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
+    match cli.command.unwrap_or(Cmd::Serve) {
+        Cmd::Migrate => {
+            let (pg, embedded) = server::database(&config).await?;
+            let mut client = server::connect(&pg)
+                .await
+                .context("connecting to PostgreSQL")?;
+            let applied = aether::store::migrate::migrate(&mut client)
+                .await
+                .context("applying migrations")?;
+            println!(
+                "applied {} migration(s): {}",
+                applied.len(),
+                applied.join(", ")
+            );
+            drop(embedded);
+            Ok(())
+        }
+        Cmd::Serve => {
+            let server = Server::start(config).await?;
+            println!("aether listening on {}", server.addr);
+            let token = server.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown signal received");
+                token.cancel();
+            });
+            server.run_until_stopped().await;
+            Ok(())
+        }
+    }
+}

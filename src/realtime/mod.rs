@@ -1,0 +1,4 @@
+//! WebSocket sessions on `WS_PATH`.
+
+pub mod protocol;
+pub mod session;

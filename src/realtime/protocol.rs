@@ -1,0 +1,267 @@
+//! The change-subscription vocabulary on `WS_PATH`: client frames in, server frames out.
+
+use serde_json::{Value, json};
+
+use crate::changes::RowChange;
+use crate::router::Outbound;
+
+/// A parsed client frame.
+#[derive(Debug, PartialEq)]
+pub enum ClientFrame {
+    Subscribe(SubscribeRequest),
+    Unsubscribe { id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeRequest {
+    pub id: String,
+    pub schema: String,
+    pub table: String,
+    pub event: String,
+    pub filter: Option<String>,
+    pub since: Option<String>,
+}
+
+/// A problem with a client frame, reported with the Aether error envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+    pub subscription: Option<String>,
+}
+
+impl FrameError {
+    fn new(code: &'static str, message: impl Into<String>, subscription: Option<&str>) -> Self {
+        FrameError {
+            code,
+            message: message.into(),
+            subscription: subscription.map(str::to_owned),
+        }
+    }
+}
+
+const MAX_ID_LEN: usize = 128;
+
+pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        FrameError::new(
+            "invalid_json",
+            format!("frame is not valid JSON: {e}"),
+            None,
+        )
+    })?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| FrameError::new("invalid_message", "frame must be a JSON object", None))?;
+    let kind = obj.get("type").and_then(Value::as_str).unwrap_or_default();
+    let action = obj
+        .get("action")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let data = obj.get("data").and_then(Value::as_object);
+    if kind != "subscription" {
+        return Err(FrameError::new(
+            "unknown_type",
+            format!("unknown message type {kind:?} (expected \"subscription\")"),
+            None,
+        ));
+    }
+    let data = data.ok_or_else(|| {
+        FrameError::new(
+            "invalid_message",
+            "subscription frames need a data object",
+            None,
+        )
+    })?;
+    let id = match data.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.to_owned(),
+        _ => {
+            return Err(FrameError::new(
+                "invalid_subscription",
+                format!("data.id must be a non-empty string of at most {MAX_ID_LEN} characters"),
+                None,
+            ));
+        }
+    };
+    let string_field = |name: &str| -> Result<Option<String>, FrameError> {
+        match data.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(FrameError::new(
+                "invalid_subscription",
+                format!("data.{name} must be a string"),
+                Some(&id),
+            )),
+        }
+    };
+    match action {
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe { id }),
+        "subscribe" => {
+            let event = string_field("event")?.unwrap_or_else(|| "*".into());
+            let since = string_field("since")?;
+            let shortcut = |table: &str,
+                            column: &str,
+                            value: &Value|
+             -> Result<SubscribeRequest, FrameError> {
+                let filter = match value {
+                    Value::String(s) if !s.is_empty() => format!("{column}=eq.{s}"),
+                    Value::Null if column == "folder_id" => "folder_id=is.null".to_owned(),
+                    _ => {
+                        return Err(FrameError::new(
+                            "invalid_subscription",
+                            format!("the {table} shortcut needs a non-empty string"),
+                            Some(&id),
+                        ));
+                    }
+                };
+                Ok(SubscribeRequest {
+                    id: id.clone(),
+                    schema: "public".into(),
+                    table: table.into(),
+                    event: event.clone(),
+                    filter: Some(filter),
+                    since: since.clone(),
+                })
+            };
+            if let Some(v) = data.get("files") {
+                return shortcut("files", "folder_id", v).map(ClientFrame::Subscribe);
+            }
+            if let Some(v) = data.get("storage") {
+                return shortcut("files", "bucket_id", v).map(ClientFrame::Subscribe);
+            }
+            if let Some(v) = data.get("auth") {
+                return shortcut("auth_events", "user_id", v).map(ClientFrame::Subscribe);
+            }
+            let table = string_field("table")?.ok_or_else(|| {
+                FrameError::new("invalid_subscription", "data.table is required", Some(&id))
+            })?;
+            Ok(ClientFrame::Subscribe(SubscribeRequest {
+                schema: string_field("schema")?.unwrap_or_else(|| "public".into()),
+                table,
+                event,
+                filter: string_field("filter")?.filter(|f| !f.is_empty()),
+                since,
+                id,
+            }))
+        }
+        other => Err(FrameError::new(
+            "unknown_action",
+            format!("unknown subscription action {other:?} (expected subscribe or unsubscribe)"),
+            Some(&id),
+        )),
+    }
+}
+
+/// `{"type":"error","code","message","details":{"component","reason"}}`, plus the
+/// subscription id when the error concerns one.
+pub fn error_frame(
+    component: &str,
+    code: &str,
+    message: &str,
+    subscription: Option<&str>,
+) -> String {
+    let mut v = json!({
+        "type": "error",
+        "code": code,
+        "message": message,
+        "details": { "component": component, "reason": message },
+    });
+    if let Some(id) = subscription {
+        v["subscription"] = Value::String(id.to_owned());
+    }
+    v.to_string()
+}
+
+pub fn change_frame(subscription: &str, change: &RowChange) -> String {
+    let tail = change.encoded_tail();
+    let mut s = String::with_capacity(48 + subscription.len() + tail.len());
+    s.push_str("{\"type\":\"change\",\"subscription\":");
+    s.push_str(&Value::String(subscription.to_owned()).to_string());
+    s.push(',');
+    s.push_str(tail);
+    s
+}
+
+fn subscription_frame(action: &str, id: &str) -> String {
+    json!({"type": "subscription", "action": action, "data": {"id": id}}).to_string()
+}
+
+/// Encodes a queued item as the frames to send, in order.
+pub fn encode(out: Outbound, frames: &mut Vec<String>) {
+    match out {
+        Outbound::Change {
+            subscription,
+            change,
+        } => frames.push(change_frame(&subscription, &change)),
+        Outbound::Subscribed {
+            subscription,
+            replay,
+        } => {
+            frames.push(subscription_frame("subscribed", &subscription));
+            frames.extend(replay.iter().map(|c| change_frame(&subscription, c)));
+        }
+        Outbound::Unsubscribed { subscription } => {
+            frames.push(subscription_frame("unsubscribed", &subscription))
+        }
+        Outbound::Error {
+            subscription,
+            code,
+            message,
+        } => frames.push(error_frame(
+            "subscription",
+            code,
+            &message,
+            subscription.as_deref(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_subscribe_shortcuts_and_errors() {
+        let f = parse(r#"{"type":"subscription","action":"subscribe","data":{"id":"s1","table":"files","filter":"size=gt.1"}}"#).unwrap();
+        assert!(
+            matches!(f, ClientFrame::Subscribe(SubscribeRequest { ref schema, ref event, .. }) if schema == "public" && event == "*")
+        );
+        let f = parse(
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"s2","storage":"files"}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(f, ClientFrame::Subscribe(SubscribeRequest { ref filter, .. }) if filter.as_deref() == Some("bucket_id=eq.files"))
+        );
+        let f =
+            parse(r#"{"type":"subscription","action":"subscribe","data":{"id":"s3","auth":"u"}}"#)
+                .unwrap();
+        assert!(
+            matches!(f, ClientFrame::Subscribe(SubscribeRequest { ref table, .. }) if table == "auth_events")
+        );
+        assert_eq!(parse("{").unwrap_err().code, "invalid_json");
+        assert_eq!(parse("[]").unwrap_err().code, "invalid_message");
+        assert_eq!(
+            parse(r#"{"type":"nope"}"#).unwrap_err().code,
+            "unknown_type"
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscription","action":"subscribe","data":{}}"#)
+                .unwrap_err()
+                .code,
+            "invalid_subscription"
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscription","action":"subscribe","data":{"id":"x","table":5}}"#)
+                .unwrap_err()
+                .code,
+            "invalid_subscription"
+        );
+        assert_eq!(
+            parse(r#"{"type":"subscription","action":"zap","data":{"id":"x"}}"#)
+                .unwrap_err()
+                .code,
+            "unknown_action"
+        );
+    }
+}

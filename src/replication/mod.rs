@@ -1,0 +1,6 @@
+//! The source: a logical replication slot read over the streaming protocol.
+
+pub mod conn;
+pub mod lsn;
+pub mod pgoutput;
+pub mod stream;

@@ -1,0 +1,91 @@
+//! Who may see a row, decided in-process from the decoded row: no query per
+//! subscriber per change.
+//!
+//! Rules (documented in docs/realtime.md):
+//! - `service_role` sees every row of every published table.
+//! - `auth.users`: a user sees their own row (`id`); password hashes never leave.
+//! - Tables with `owner_id` (files, folders, …): the owner; plus everyone, anonymous
+//!   included, when the row's `bucket_id` names a public bucket.
+//! - `public.buckets`: public buckets are seen by all; private ones by their owner.
+//! - Tables with `user_id` (auth_events, …): that user.
+//! - Any other published table: `service_role` only.
+//!
+//! INSERT and UPDATE are judged on the new row, DELETE on the old row.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+
+use crate::auth::Principal;
+use crate::changes::{Relation, Row};
+
+fn text_at<'r>(relation: &Relation, row: &'r Row, column: &str) -> Option<&'r str> {
+    let i = relation.column_index(column)?;
+    row.get(i)?.as_ref()?.as_str()
+}
+
+fn bool_at(relation: &Relation, row: &Row, column: &str) -> Option<bool> {
+    let i = relation.column_index(column)?;
+    row.get(i)?.as_ref()?.as_bool()
+}
+
+pub fn visible(
+    principal: &Principal,
+    relation: &Relation,
+    row: &Row,
+    public_buckets: &HashSet<String>,
+) -> bool {
+    if principal.is_service() {
+        return true;
+    }
+    let uid = principal.user_id.as_deref();
+    let is_user = |col: &str| uid.is_some() && text_at(relation, row, col) == uid;
+    match (relation.schema.as_str(), relation.name.as_str()) {
+        ("auth", "users") => is_user("id"),
+        ("public", "buckets") => {
+            bool_at(relation, row, "public") == Some(true) || is_user("owner_id")
+        }
+        _ => {
+            if relation.column_index("owner_id").is_some() {
+                is_user("owner_id")
+                    || text_at(relation, row, "bucket_id")
+                        .is_some_and(|b| public_buckets.contains(b))
+            } else if relation.column_index("user_id").is_some() {
+                is_user("user_id")
+            } else {
+                false
+            }
+        }
+    }
+}
+
+/// Keeps the set of public buckets current from changes to `public.buckets`.
+pub fn track_buckets(
+    relation: &Relation,
+    new: Option<&Row>,
+    old: Option<&Row>,
+    set: &mut HashSet<String>,
+) {
+    if relation.schema != "public" || relation.name != "buckets" {
+        return;
+    }
+    if let Some(old) = old
+        && let Some(id) = text_at(relation, old, "id")
+    {
+        set.remove(id);
+    }
+    if let Some(new) = new
+        && let Some(id) = text_at(relation, new, "id")
+    {
+        if bool_at(relation, new, "public") == Some(true) {
+            set.insert(id.to_owned());
+        } else {
+            set.remove(id);
+        }
+    }
+}
+
+/// `true` when `v` is JSON null or absent.
+pub fn is_null(v: Option<&Option<Value>>) -> bool {
+    matches!(v, None | Some(None) | Some(Some(Value::Null)))
+}

@@ -1,0 +1,377 @@
+//! Row filters: `column=op.value`, joined by `&` (AND).
+//!
+//! Operators: `eq`, `neq`, `lt`, `lte`, `gt`, `gte`, `in.(a,b,c)`, `is.null`,
+//! `is.notnull`. Literals are converted with the column's type when the subscription
+//! is made (a bad value is refused then, not silently never matched), using the same
+//! conversion as the change stream, so equal values have equal index keys.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
+use serde_json::Value;
+
+use super::catalog::TableInfo;
+use crate::changes::value::{oid, text_to_json};
+use crate::changes::{Relation, Row};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("filter condition {0:?} is not of the form column=op.value")]
+    Syntax(String),
+    #[error("unknown column {column:?} in table {table}")]
+    UnknownColumn { table: String, column: String },
+    #[error("unknown operator {0:?} (use eq, neq, lt, lte, gt, gte, in, is)")]
+    UnknownOperator(String),
+    #[error("value {value:?} is not a valid {expected} for column {column:?}")]
+    BadValue {
+        column: String,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+    In,
+    IsNull,
+    IsNotNull,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub column: String,
+    pub type_oid: u32,
+    pub op: Op,
+    pub values: Vec<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Filter {
+    pub conditions: Vec<Condition>,
+}
+
+impl Filter {
+    pub fn parse(text: &str, table: &TableInfo) -> Result<Self, FilterError> {
+        let mut conditions = Vec::new();
+        for part in text.split('&').filter(|p| !p.is_empty()) {
+            let (column, rest) = part
+                .split_once('=')
+                .ok_or_else(|| FilterError::Syntax(part.to_owned()))?;
+            let (op, literal) = rest
+                .split_once('.')
+                .ok_or_else(|| FilterError::Syntax(part.to_owned()))?;
+            let col = table
+                .column(column)
+                .ok_or_else(|| FilterError::UnknownColumn {
+                    table: table.qualified.to_string(),
+                    column: column.to_owned(),
+                })?;
+            let op = match op {
+                "eq" => Op::Eq,
+                "neq" => Op::Neq,
+                "lt" => Op::Lt,
+                "lte" => Op::Lte,
+                "gt" => Op::Gt,
+                "gte" => Op::Gte,
+                "in" => Op::In,
+                "is" => match literal {
+                    "null" => Op::IsNull,
+                    "notnull" | "not_null" => Op::IsNotNull,
+                    _ => {
+                        return Err(FilterError::BadValue {
+                            column: column.to_owned(),
+                            value: literal.to_owned(),
+                            expected: "null or notnull",
+                        });
+                    }
+                },
+                other => return Err(FilterError::UnknownOperator(other.to_owned())),
+            };
+            let values = match op {
+                Op::IsNull | Op::IsNotNull => Vec::new(),
+                Op::In => {
+                    let inner = literal
+                        .strip_prefix('(')
+                        .and_then(|l| l.strip_suffix(')'))
+                        .ok_or_else(|| FilterError::Syntax(part.to_owned()))?;
+                    inner
+                        .split(',')
+                        .map(|v| typed_literal(column, col.type_oid, v.trim()))
+                        .collect::<Result<_, _>>()?
+                }
+                _ => vec![typed_literal(column, col.type_oid, literal)?],
+            };
+            conditions.push(Condition {
+                column: column.to_owned(),
+                type_oid: col.type_oid,
+                op,
+                values,
+            });
+        }
+        Ok(Filter { conditions })
+    }
+
+    /// The first equality condition, used as this subscription's index key.
+    pub fn index_key(&self) -> Option<(&str, String)> {
+        self.conditions
+            .iter()
+            .find(|c| c.op == Op::Eq)
+            .and_then(|c| Some((c.column.as_str(), key_of(&c.values[0])?.into_owned())))
+    }
+
+    pub fn matches(&self, relation: &Relation, row: &Row) -> bool {
+        self.conditions.iter().all(|c| {
+            let value = relation
+                .column_index(&c.column)
+                .and_then(|i| row.get(i))
+                .and_then(|v| v.as_ref());
+            let Some(value) = value else {
+                // Column missing (dropped) or value unknown: it cannot be shown to match.
+                return false;
+            };
+            match c.op {
+                Op::IsNull => value.is_null(),
+                Op::IsNotNull => !value.is_null(),
+                _ if value.is_null() => false,
+                Op::Eq => equal(value, &c.values[0]),
+                Op::Neq => !equal(value, &c.values[0]),
+                Op::In => c.values.iter().any(|v| equal(value, v)),
+                Op::Lt => compare(c.type_oid, value, &c.values[0]) == Some(Ordering::Less),
+                Op::Lte => matches!(
+                    compare(c.type_oid, value, &c.values[0]),
+                    Some(Ordering::Less | Ordering::Equal)
+                ),
+                Op::Gt => compare(c.type_oid, value, &c.values[0]) == Some(Ordering::Greater),
+                Op::Gte => matches!(
+                    compare(c.type_oid, value, &c.values[0]),
+                    Some(Ordering::Greater | Ordering::Equal)
+                ),
+            }
+        })
+    }
+}
+
+/// The text a value is indexed under; `None` for values no equality filter can name.
+pub fn key_of(v: &Value) -> Option<Cow<'_, str>> {
+    match v {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Bool(true) => Some(Cow::Borrowed("true")),
+        Value::Bool(false) => Some(Cow::Borrowed("false")),
+        _ => None,
+    }
+}
+
+fn equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+fn compare(type_oid: u32, a: &Value, b: &Value) -> Option<Ordering> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => Some(x.cmp(&y)),
+            _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        },
+        (Value::String(x), Value::String(y)) if type_oid == oid::TIMESTAMPTZ => {
+            let x = chrono::DateTime::parse_from_rfc3339(x).ok()?;
+            let y = chrono::DateTime::parse_from_rfc3339(y).ok()?;
+            Some(x.cmp(&y))
+        }
+        (Value::String(x), Value::String(y)) if type_oid == oid::NUMERIC => {
+            x.parse::<f64>().ok()?.partial_cmp(&y.parse::<f64>().ok()?)
+        }
+        (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
+        (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
+        (Value::Number(x), Value::String(y)) | (Value::String(y), Value::Number(x))
+            if type_oid == oid::NUMERIC =>
+        {
+            let ord = x.as_f64()?.partial_cmp(&y.parse::<f64>().ok()?)?;
+            Some(if matches!(a, Value::Number(_)) {
+                ord
+            } else {
+                ord.reverse()
+            })
+        }
+        _ => None,
+    }
+}
+
+fn typed_literal(column: &str, type_oid: u32, literal: &str) -> Result<Value, FilterError> {
+    let bad = |expected| FilterError::BadValue {
+        column: column.to_owned(),
+        value: literal.to_owned(),
+        expected,
+    };
+    Ok(match type_oid {
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => {
+            Value::Number(literal.parse::<i64>().map_err(|_| bad("integer"))?.into())
+        }
+        oid::FLOAT4 | oid::FLOAT8 | oid::NUMERIC => {
+            literal.parse::<f64>().map_err(|_| bad("number"))?;
+            text_to_json(type_oid, literal.as_bytes())
+        }
+        oid::BOOL => match literal {
+            "true" | "t" => Value::Bool(true),
+            "false" | "f" => Value::Bool(false),
+            _ => return Err(bad("boolean")),
+        },
+        oid::UUID => Value::String(
+            uuid::Uuid::parse_str(literal)
+                .map_err(|_| bad("uuid"))?
+                .hyphenated()
+                .to_string(),
+        ),
+        oid::TIMESTAMPTZ => {
+            let dt = chrono::DateTime::parse_from_rfc3339(literal)
+                .map_err(|_| bad("ISO-8601 timestamp with offset"))?;
+            Value::String(
+                dt.with_timezone(&chrono::Utc)
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            )
+        }
+        _ => Value::String(literal.to_owned()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changes::{Column, TableId};
+    use crate::router::catalog::ColumnInfo;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn table() -> TableInfo {
+        TableInfo {
+            schema: "public".into(),
+            name: "files".into(),
+            qualified: Arc::from("public.files"),
+            columns: vec![
+                ColumnInfo {
+                    name: "id".into(),
+                    type_oid: oid::UUID,
+                },
+                ColumnInfo {
+                    name: "size".into(),
+                    type_oid: oid::INT8,
+                },
+                ColumnInfo {
+                    name: "name".into(),
+                    type_oid: 25,
+                },
+                ColumnInfo {
+                    name: "created_at".into(),
+                    type_oid: oid::TIMESTAMPTZ,
+                },
+                ColumnInfo {
+                    name: "encrypted_password".into(),
+                    type_oid: 25,
+                },
+            ],
+        }
+    }
+
+    fn relation() -> Relation {
+        let t = table();
+        Relation {
+            id: TableId(1),
+            schema: t.schema,
+            name: t.name,
+            qualified: t.qualified,
+            replica_identity: b'f',
+            columns: t
+                .columns
+                .into_iter()
+                .map(|c| Column {
+                    secret: c.name == "encrypted_password",
+                    name: c.name,
+                    type_oid: c.type_oid,
+                    is_key: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn parse_and_match() {
+        let id = uuid::Uuid::new_v4();
+        let f = Filter::parse(
+            &format!("id=eq.{}&size=gt.10", id.to_string().to_uppercase()),
+            &table(),
+        )
+        .unwrap();
+        assert_eq!(f.index_key(), Some(("id", id.to_string())));
+        let rel = relation();
+        let row = vec![
+            Some(json!(id.to_string())),
+            Some(json!(11)),
+            Some(json!("a")),
+            Some(json!("2026-01-01T00:00:00Z")),
+            None,
+        ];
+        assert!(f.matches(&rel, &row));
+        let small = vec![
+            Some(json!(id.to_string())),
+            Some(json!(10)),
+            Some(json!("a")),
+            None,
+            None,
+        ];
+        assert!(!f.matches(&rel, &small));
+
+        let f = Filter::parse(
+            "name=in.(a,b)&created_at=lt.2026-06-01T00:00:00.5+02:00",
+            &table(),
+        )
+        .unwrap();
+        assert!(f.matches(&rel, &row));
+        let f = Filter::parse("name=is.null", &table()).unwrap();
+        assert!(!f.matches(&rel, &row));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let t = table();
+        assert!(matches!(
+            Filter::parse("nope=eq.1", &t),
+            Err(FilterError::UnknownColumn { .. })
+        ));
+        assert!(matches!(
+            Filter::parse("encrypted_password=eq.x", &t),
+            Err(FilterError::UnknownColumn { .. })
+        ));
+        assert!(matches!(
+            Filter::parse("size=like.1", &t),
+            Err(FilterError::UnknownOperator(_))
+        ));
+        assert!(matches!(
+            Filter::parse("size=eq.abc", &t),
+            Err(FilterError::BadValue { .. })
+        ));
+        assert!(matches!(
+            Filter::parse("id=eq.not-a-uuid", &t),
+            Err(FilterError::BadValue { .. })
+        ));
+        assert!(matches!(
+            Filter::parse("size", &t),
+            Err(FilterError::Syntax(_))
+        ));
+        assert!(matches!(
+            Filter::parse("size=eq", &t),
+            Err(FilterError::Syntax(_))
+        ));
+        assert!(matches!(
+            Filter::parse("size=in.1,2", &t),
+            Err(FilterError::Syntax(_))
+        ));
+    }
+}

@@ -1,0 +1,587 @@
+//! The router: one task that owns the subscription index, the resume history and
+//! the acknowledgement position.
+//!
+//! Changes and subscription commands arrive on bounded channels and are handled in
+//! one order, so "subscribed" means live: every change the router handles after a
+//! subscription was registered is checked against it, and a `since` replay is cut
+//! from history at the same instant (no gap, no duplicate).
+//!
+//! Delivery never waits on a client: frames go to each connection's bounded queue
+//! with `try_send`; a full queue closes that connection (it can resume with `since`)
+//! and the change still counts as handed on. Routing cost follows the matching
+//! subscriptions: subscriptions with an equality filter are found through a hash
+//! index on (column, value), the rest of a table's subscriptions are scanned.
+
+pub mod authz;
+pub mod catalog;
+pub mod filter;
+pub mod history;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+use crate::changes::{ChangeKind, Output, Relation, RowChange};
+use crate::replication::lsn::{PgLsn, Position};
+use filter::{Filter, key_of};
+use history::History;
+
+/// Which kinds of change a subscription wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventMask(u8);
+
+impl EventMask {
+    pub const ALL: EventMask = EventMask(0b1111);
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(EventMask(match s {
+            "*" => 0b1111,
+            "INSERT" => 0b0001,
+            "UPDATE" => 0b0010,
+            "DELETE" => 0b0100,
+            "TRUNCATE" => 0b1000,
+            _ => return None,
+        }))
+    }
+
+    fn contains(self, kind: ChangeKind) -> bool {
+        let bit = match kind {
+            ChangeKind::Insert => 0b0001,
+            ChangeKind::Update => 0b0010,
+            ChangeKind::Delete => 0b0100,
+            // TRUNCATE goes to `*` subscriptions as well as explicit ones.
+            ChangeKind::Truncate => 0b1000,
+        };
+        self.0 & bit != 0
+    }
+}
+
+/// What the router puts on a connection's queue.
+#[derive(Debug)]
+pub enum Outbound {
+    Change {
+        subscription: Arc<str>,
+        change: Arc<RowChange>,
+    },
+    /// The subscription is live; `replay` holds the changes after its `since`.
+    Subscribed {
+        subscription: Arc<str>,
+        replay: Vec<Arc<RowChange>>,
+    },
+    Unsubscribed {
+        subscription: Arc<str>,
+    },
+    Error {
+        subscription: Option<Arc<str>>,
+        code: &'static str,
+        message: String,
+    },
+}
+
+/// A connection as the router knows it.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub tx: mpsc::Sender<Outbound>,
+    /// Cancelled by the router when the queue overflows.
+    pub overflowed: CancellationToken,
+    pub principal: Arc<Principal>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    pub id: Arc<str>,
+    pub table: Arc<str>,
+    pub events: EventMask,
+    pub filter: Filter,
+    pub since: Option<Position>,
+}
+
+pub enum Command {
+    Attach {
+        session: u64,
+        handle: SessionHandle,
+    },
+    Subscribe {
+        session: u64,
+        spec: SubscriptionSpec,
+    },
+    Unsubscribe {
+        session: u64,
+        id: Arc<str>,
+    },
+    Detach {
+        session: u64,
+    },
+    /// The principal of a connection changed (in-band token renewal).
+    SetPrincipal {
+        session: u64,
+        principal: Arc<Principal>,
+    },
+}
+
+/// What the replication side learns back from the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// PostgreSQL may forget WAL up to here.
+    pub released: PgLsn,
+    /// End LSN of the last transaction the router has handled.
+    pub handled_end: PgLsn,
+    /// Every handled transaction is released (the window holds no change).
+    pub all_released: bool,
+}
+
+struct Subscription {
+    session: u64,
+    id: Arc<str>,
+    table: Arc<str>,
+    events: EventMask,
+    filter: Filter,
+    /// (column, key) under which it is indexed, if any.
+    index: Option<(String, String)>,
+}
+
+#[derive(Default)]
+struct TableSubs {
+    scan: HashSet<u64>,
+    by_column: HashMap<String, HashMap<String, HashSet<u64>>>,
+}
+
+impl TableSubs {
+    fn is_empty(&self) -> bool {
+        self.scan.is_empty() && self.by_column.is_empty()
+    }
+}
+
+struct SessionEntry {
+    handle: SessionHandle,
+    subs: HashMap<Arc<str>, u64>,
+}
+
+pub struct RouterConfig {
+    pub confirmed: PgLsn,
+    pub retention_events: usize,
+    pub retention: Duration,
+    pub public_buckets: HashSet<String>,
+}
+
+pub struct Router {
+    sessions: HashMap<u64, SessionEntry>,
+    subs: HashMap<u64, Subscription>,
+    tables: HashMap<Arc<str>, TableSubs>,
+    next_uid: u64,
+    history: History,
+    public_buckets: HashSet<String>,
+    high_water: Option<Position>,
+    last_commit: PgLsn,
+    open_tx_last: Option<Position>,
+    handled_end: PgLsn,
+    catalog: catalog::SharedCatalog,
+    progress: watch::Sender<Progress>,
+    candidates: Vec<u64>,
+}
+
+impl Router {
+    pub fn new(
+        cfg: RouterConfig,
+        catalog: catalog::SharedCatalog,
+        progress: watch::Sender<Progress>,
+    ) -> Self {
+        let history = History::new(cfg.confirmed, cfg.retention_events, cfg.retention);
+        Router {
+            sessions: HashMap::new(),
+            subs: HashMap::new(),
+            tables: HashMap::new(),
+            next_uid: 1,
+            history,
+            public_buckets: cfg.public_buckets,
+            high_water: None,
+            last_commit: PgLsn::ZERO,
+            open_tx_last: None,
+            handled_end: cfg.confirmed,
+            catalog,
+            progress,
+            candidates: Vec::new(),
+        }
+    }
+
+    /// Runs until shutdown or until both inputs close.
+    pub async fn run(
+        mut self,
+        mut changes: mpsc::Receiver<Output>,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown.
+                _ = shutdown.cancelled() => break,
+                // 2. Subscription commands, so a burst of changes cannot starve them.
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                // 3. Changes from the replication stream.
+                out = changes.recv() => match out {
+                    Some(out) => {
+                        self.output(out);
+                        // Drain what is already queued before publishing progress.
+                        while let Ok(out) = changes.try_recv() {
+                            self.output(out);
+                        }
+                        self.publish();
+                    }
+                    None => break,
+                },
+                // 4. Age out the resume window.
+                _ = tick.tick() => {
+                    self.history.evict(Instant::now());
+                    self.publish();
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let p = Progress {
+            released: self.history.released(),
+            handled_end: self.handled_end,
+            all_released: self.history.all_released() && self.open_tx_last.is_none(),
+        };
+        self.progress.send_if_modified(|old| {
+            if *old == p {
+                false
+            } else {
+                *old = p;
+                true
+            }
+        });
+    }
+
+    pub fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Attach { session, handle } => {
+                self.sessions.insert(
+                    session,
+                    SessionEntry {
+                        handle,
+                        subs: HashMap::new(),
+                    },
+                );
+            }
+            Command::Subscribe { session, spec } => self.subscribe(session, spec),
+            Command::Unsubscribe { session, id } => {
+                let uid = self
+                    .sessions
+                    .get_mut(&session)
+                    .and_then(|s| s.subs.remove(&id));
+                let reply = match uid {
+                    Some(uid) => {
+                        self.remove_sub(uid);
+                        Outbound::Unsubscribed { subscription: id }
+                    }
+                    None => Outbound::Error {
+                        message: format!("no subscription {id:?} on this connection"),
+                        subscription: Some(id),
+                        code: "unknown_subscription",
+                    },
+                };
+                self.send(session, reply);
+            }
+            Command::Detach { session } => self.detach(session),
+            Command::SetPrincipal { session, principal } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.handle.principal = principal;
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, session: u64, spec: SubscriptionSpec) {
+        let Some(entry) = self.sessions.get(&session) else {
+            return;
+        };
+        if entry.subs.contains_key(&spec.id) {
+            let msg = format!(
+                "subscription id {:?} is already in use on this connection",
+                spec.id
+            );
+            self.send(
+                session,
+                Outbound::Error {
+                    subscription: Some(spec.id),
+                    code: "duplicate_subscription",
+                    message: msg,
+                },
+            );
+            return;
+        }
+        let principal = Arc::clone(&entry.handle.principal);
+        let mut replay = Vec::new();
+        if let Some(since) = spec.since {
+            let held = self.history.since(since).map(|iter| {
+                iter.filter(|c| {
+                    *c.relation.qualified == *spec.table
+                        && spec.events.contains(c.kind)
+                        && passes(c, &spec.filter, &principal, &self.public_buckets)
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+            });
+            match held {
+                Ok(changes) => replay = changes,
+                Err(gap) => {
+                    let message = format!(
+                        "position {since} is older than the changes Aether still holds (from {} on); \
+                         reload the data and subscribe without `since`",
+                        gap.floor
+                    );
+                    self.send(
+                        session,
+                        Outbound::Error {
+                            subscription: Some(spec.id),
+                            code: "gap",
+                            message,
+                        },
+                    );
+                    return;
+                }
+            }
+        }
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        let index = spec.filter.index_key().map(|(c, k)| (c.to_owned(), k));
+        let t = self.tables.entry(Arc::clone(&spec.table)).or_default();
+        match &index {
+            Some((col, key)) => {
+                t.by_column
+                    .entry(col.clone())
+                    .or_default()
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(uid);
+            }
+            None => {
+                t.scan.insert(uid);
+            }
+        }
+        self.subs.insert(
+            uid,
+            Subscription {
+                session,
+                id: Arc::clone(&spec.id),
+                table: spec.table,
+                events: spec.events,
+                filter: spec.filter,
+                index,
+            },
+        );
+        if let Some(e) = self.sessions.get_mut(&session) {
+            e.subs.insert(Arc::clone(&spec.id), uid);
+        }
+        self.send(
+            session,
+            Outbound::Subscribed {
+                subscription: spec.id,
+                replay,
+            },
+        );
+    }
+
+    fn remove_sub(&mut self, uid: u64) {
+        let Some(sub) = self.subs.remove(&uid) else {
+            return;
+        };
+        if let Some(t) = self.tables.get_mut(&sub.table) {
+            match &sub.index {
+                Some((col, key)) => {
+                    if let Some(keys) = t.by_column.get_mut(col) {
+                        if let Some(set) = keys.get_mut(key) {
+                            set.remove(&uid);
+                            if set.is_empty() {
+                                keys.remove(key);
+                            }
+                        }
+                        if keys.is_empty() {
+                            t.by_column.remove(col);
+                        }
+                    }
+                }
+                None => {
+                    t.scan.remove(&uid);
+                }
+            }
+            if t.is_empty() {
+                self.tables.remove(&sub.table);
+            }
+        }
+    }
+
+    fn detach(&mut self, session: u64) {
+        if let Some(entry) = self.sessions.remove(&session) {
+            for uid in entry.subs.into_values() {
+                self.remove_sub(uid);
+            }
+        }
+    }
+
+    /// Queues a frame; a full queue closes the connection.
+    fn send(&mut self, session: u64, out: Outbound) {
+        let Some(entry) = self.sessions.get(&session) else {
+            return;
+        };
+        match entry.handle.tx.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(session, "outbound queue full: closing the slow connection");
+                entry.handle.overflowed.cancel();
+                self.detach(session);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),
+        }
+    }
+
+    pub fn output(&mut self, out: Output) {
+        match out {
+            Output::Begin { .. } => {}
+            Output::Relation(rel) => {
+                if let Ok(mut c) = self.catalog.write() {
+                    c.update_from_relation(&rel);
+                }
+            }
+            Output::Change(change) => {
+                // After a reconnect the server re-sends from the confirmed position:
+                // positions are deterministic, so what was handled is recognized.
+                if self.high_water.is_some_and(|hw| change.position <= hw) {
+                    return;
+                }
+                self.high_water = Some(change.position);
+                self.open_tx_last = Some(change.position);
+                authz::track_buckets(
+                    &change.relation,
+                    change.new.as_ref(),
+                    change.old.as_ref(),
+                    &mut self.public_buckets,
+                );
+                if change.kind == ChangeKind::Truncate
+                    && *change.relation.qualified == *"public.buckets"
+                {
+                    self.public_buckets.clear();
+                }
+                self.route(&change);
+                self.history.push(change, Instant::now());
+            }
+            Output::Commit {
+                commit_lsn,
+                end_lsn,
+            } => {
+                if commit_lsn <= self.last_commit && self.last_commit != PgLsn::ZERO {
+                    self.open_tx_last = None;
+                    return;
+                }
+                self.last_commit = commit_lsn;
+                self.handled_end = self.handled_end.max(end_lsn);
+                let last = self.open_tx_last.take();
+                self.history.commit(last, end_lsn, Instant::now());
+            }
+        }
+    }
+
+    fn route(&mut self, change: &Arc<RowChange>) {
+        let Some(t) = self.tables.get(&change.relation.qualified) else {
+            return;
+        };
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        candidates.extend(t.scan.iter().copied());
+        for (col, keys) in &t.by_column {
+            let Some(i) = change.relation.column_index(col) else {
+                continue;
+            };
+            for row in [change.new.as_ref(), change.old.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(Some(v)) = row.get(i)
+                    && let Some(k) = key_of(v)
+                    && let Some(set) = keys.get(k.as_ref())
+                {
+                    candidates.extend(set.iter().copied());
+                }
+            }
+        }
+        if change.kind == ChangeKind::Truncate {
+            // A truncate names no row: every subscription of the table hears of it.
+            for keys in t.by_column.values() {
+                for set in keys.values() {
+                    candidates.extend(set.iter().copied());
+                }
+            }
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        for &uid in &candidates {
+            let Some(sub) = self.subs.get(&uid) else {
+                continue;
+            };
+            if !sub.events.contains(change.kind) {
+                continue;
+            }
+            let Some(entry) = self.sessions.get(&sub.session) else {
+                continue;
+            };
+            if !passes(
+                change,
+                &sub.filter,
+                &entry.handle.principal,
+                &self.public_buckets,
+            ) {
+                continue;
+            }
+            let session = sub.session;
+            let subscription = Arc::clone(&sub.id);
+            self.send(
+                session,
+                Outbound::Change {
+                    subscription,
+                    change: Arc::clone(change),
+                },
+            );
+        }
+        self.candidates = candidates;
+    }
+
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+}
+
+/// Filter and authorization for one change and one subscriber.
+fn passes(
+    change: &RowChange,
+    filter: &Filter,
+    principal: &Principal,
+    public_buckets: &HashSet<String>,
+) -> bool {
+    let rel: &Relation = &change.relation;
+    if change.kind == ChangeKind::Truncate {
+        return true;
+    }
+    let filter_ok = |row: Option<&crate::changes::Row>| row.is_some_and(|r| filter.matches(rel, r));
+    // An UPDATE that moves a row out of a filter's range is still news to its
+    // subscribers: match on the new or the old row.
+    let matched = match change.kind {
+        ChangeKind::Update => filter_ok(change.new.as_ref()) || filter_ok(change.old.as_ref()),
+        _ => filter_ok(change.visible_row()),
+    };
+    matched
+        && change
+            .visible_row()
+            .is_some_and(|row| authz::visible(principal, rel, row, public_buckets))
+}

@@ -1,0 +1,262 @@
+//! Wiring: database, migrations, slot, router, replication stream and HTTP server.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::auth::JwtKeys;
+use crate::config::Config;
+use crate::replication::stream::{self, ReplicationStatus, ReplicationTask};
+use crate::router::catalog::{Catalog, SharedCatalog};
+use crate::router::{Command, Progress, Router, RouterConfig};
+use crate::store::embedded::{EmbeddedPostgres, LaunchOptions};
+use crate::store::{self, migrate};
+
+/// State shared by every route and session.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub jwt: JwtKeys,
+    pub pool: deadpool_postgres::Pool,
+    pub catalog: SharedCatalog,
+    pub router: mpsc::Sender<Command>,
+    pub replication: watch::Receiver<ReplicationStatus>,
+    pub next_session: AtomicU64,
+    pub shutdown: CancellationToken,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Spawns a task inside a span carrying its name, so its logs say who they are.
+pub fn spawn_named<F>(name: &'static str, fut: F) -> JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(fut.instrument(tracing::info_span!("task", name)))
+}
+
+/// A running Aether.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+/// The database Aether will use: `DATABASE_URL`, or the embedded cluster.
+pub async fn database(
+    config: &Config,
+) -> anyhow::Result<(tokio_postgres::Config, Option<EmbeddedPostgres>)> {
+    if let Some(url) = &config.database_url {
+        return Ok((url.parse().context("DATABASE_URL")?, None));
+    }
+    let data_dir = config.data_dir.clone();
+    let pg = tokio::task::spawn_blocking(move || {
+        EmbeddedPostgres::start(&data_dir, &LaunchOptions::default())
+    })
+    .await
+    .context("embedded PostgreSQL launcher")??;
+    tracing::info!(port = pg.port(), "embedded PostgreSQL running");
+    Ok((
+        pg.connection_string()
+            .parse()
+            .context("embedded connection string")?,
+        Some(pg),
+    ))
+}
+
+/// Connects one ordinary client and drives its connection in the background.
+pub async fn connect(
+    pg: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+    spawn_named("pg-connection", async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "setup connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// `JWT_SECRET`, or a secret generated once and kept in `DATA_DIR/jwt_secret`.
+fn jwt_secret(config: &Config) -> anyhow::Result<String> {
+    if let Some(s) = &config.jwt_secret {
+        return Ok(s.clone());
+    }
+    let path = config.data_dir.join("jwt_secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_owned();
+        if s.len() >= 32 {
+            return Ok(s);
+        }
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    write_private(&path, &secret)?;
+    tracing::warn!(path = %path.display(), "JWT_SECRET is not set: generated one and saved it (set JWT_SECRET in production)");
+    Ok(secret)
+}
+
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+impl Server {
+    /// Starts everything and returns once the HTTP listener is bound.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let (pg, embedded) = database(&config).await?;
+        let mut setup = connect(&pg).await.context("connecting to PostgreSQL")?;
+        migrate::migrate(&mut setup)
+            .await
+            .context("applying migrations")?;
+        let confirmed = stream::ensure_slot(&setup, &config.replication_slot).await?;
+        let timeout = stream::wal_sender_timeout(&setup).await?;
+        let catalog: SharedCatalog = Arc::new(RwLock::new(
+            Catalog::load(&setup, &config.publication).await?,
+        ));
+        let public_buckets: HashSet<String> = setup
+            .query("SELECT id FROM public.buckets WHERE public", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(setup);
+
+        let jwt = JwtKeys::new(
+            &jwt_secret(&config)?,
+            config.jwt_algorithm,
+            config.jwt_expires_s,
+        );
+        let pool = store::pool(&pg, 16).context("connection pool")?;
+        let shutdown = CancellationToken::new();
+        let (changes_tx, changes_rx) = mpsc::channel(8192);
+        let (commands_tx, commands_rx) = mpsc::channel(4096);
+        let (progress_tx, progress_rx) = watch::channel(Progress {
+            released: confirmed,
+            handled_end: confirmed,
+            all_released: true,
+        });
+        let (status_tx, status_rx) = watch::channel(ReplicationStatus::default());
+
+        let router = Router::new(
+            RouterConfig {
+                confirmed,
+                retention_events: config.resume_retention_events,
+                retention: config.resume_retention,
+                public_buckets,
+            },
+            Arc::clone(&catalog),
+            progress_tx,
+        );
+        let mut tasks = vec![spawn_named(
+            "router",
+            router.run(changes_rx, commands_rx, shutdown.clone()),
+        )];
+        let replication = ReplicationTask {
+            pg: pg.clone(),
+            slot: config.replication_slot.clone(),
+            publication: config.publication.clone(),
+            status_interval: stream::status_interval(timeout),
+            changes: changes_tx,
+            progress: progress_rx,
+            status: status_tx,
+            shutdown: shutdown.clone(),
+        };
+        tasks.push(spawn_named("replication", replication.run()));
+
+        let listener = tokio::net::TcpListener::bind((config.ws_host.as_str(), config.ws_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "binding WS_HOST:WS_PORT {}:{}",
+                    config.ws_host, config.ws_port
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        let state = AppState(Arc::new(Inner {
+            config,
+            jwt,
+            pool,
+            catalog,
+            router: commands_tx,
+            replication: status_rx,
+            next_session: AtomicU64::new(1),
+            shutdown: shutdown.clone(),
+        }));
+        let app = crate::api::app(state.clone());
+        let http_shutdown = shutdown.clone();
+        tasks.push(spawn_named("http", async move {
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_shutdown.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }));
+        tracing::info!(%addr, ws_path = %state.config.ws_path, "Aether listening");
+        Ok(Server {
+            addr,
+            state,
+            shutdown,
+            tasks,
+            embedded,
+        })
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, closes sessions, sends a last status update, stops the
+    /// embedded PostgreSQL.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+        }
+        if let Some(mut pg) = self.embedded.take() {
+            let _ = tokio::task::spawn_blocking(move || pg.stop()).await;
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops.
+    pub async fn run_until_stopped(self) {
+        self.shutdown.cancelled().await;
+        self.stop().await;
+    }
+}
