@@ -108,3 +108,409 @@ async fn a_multi_row_transaction_arrives_in_order_with_ordinals() {
         "strictly increasing ids"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_see_only_rows_they_may_see_and_secrets_never_leave() {
+    let t = TestServer::start().await;
+    let alice = user(&t.sql, "alice@example.com").await;
+    let bob = user(&t.sql, "bob@example.com").await;
+    bucket(&t.sql, "private", false).await;
+    bucket(&t.sql, "public", true).await;
+    let a_folder = folder(&t.sql, "private", &alice, "docs").await;
+    t.sync().await;
+
+    let mut a = t.ws(Some(&user_token(&alice))).await;
+    let mut b = t.ws(Some(&user_token(&bob))).await;
+    let mut anon = t.ws(None).await;
+    let mut svc = t.ws(Some(&service_token())).await;
+    a.subscribe("files", json!({"table": "files"})).await;
+    a.subscribe("me", json!({"schema": "auth", "table": "users"}))
+        .await;
+    a.subscribe("ev", json!({"auth": alice})).await;
+    b.subscribe("files", json!({"table": "files"})).await;
+    b.subscribe("folder", json!({"files": a_folder})).await;
+    anon.subscribe("files", json!({"table": "files"})).await;
+    svc.subscribe("users", json!({"schema": "auth", "table": "users"}))
+        .await;
+
+    // Alice's private file: Alice only (and the service role).
+    t.exec(&format!(
+        "INSERT INTO public.files (bucket_id, folder_id, path, name, owner_id)
+         VALUES ('private', '{a_folder}', 'docs/secret.pdf', 'secret.pdf', '{alice}')"
+    ))
+    .await;
+    // A file in a public bucket: everyone, anonymous included.
+    t.exec(&format!(
+        "INSERT INTO public.files (bucket_id, path, name, owner_id) VALUES ('public', 'logo.png', 'logo.png', '{bob}')"
+    ))
+    .await;
+    let c = a.change().await;
+    assert_eq!(
+        (c["subscription"].as_str(), c["new"]["name"].as_str()),
+        (Some("files"), Some("secret.pdf"))
+    );
+    assert_eq!(a.change().await["new"]["name"], "logo.png");
+    // Bob's first frame is the public file: Alice's private row (even in the folder
+    // he subscribed to by id) never reached him.
+    let c = b.change().await;
+    assert_eq!(
+        (c["subscription"].as_str(), c["new"]["name"].as_str()),
+        (Some("files"), Some("logo.png"))
+    );
+    assert_eq!(anon.change().await["new"]["name"], "logo.png");
+
+    // auth.users: Alice sees her own row without the password hash; the service role
+    // sees every row, also without it.
+    t.exec(&format!(
+        "UPDATE auth.users SET encrypted_password = 'argon2-hash', last_sign_in_at = now() WHERE id = '{alice}';
+         UPDATE auth.users SET encrypted_password = 'other-hash' WHERE id = '{bob}';
+         INSERT INTO public.auth_events (user_id, event_type) VALUES ('{bob}', 'sign_in'), ('{alice}', 'sign_in');"
+    ))
+    .await;
+    let me = a.change().await;
+    assert_eq!(
+        (me["subscription"].as_str(), me["new"]["id"].as_str()),
+        (Some("me"), Some(alice.as_str()))
+    );
+    assert!(
+        me["new"].get("encrypted_password").is_none()
+            && me["old"].get("encrypted_password").is_none()
+    );
+    let ev = a.change().await;
+    assert_eq!(
+        (ev["subscription"].as_str(), ev["new"]["user_id"].as_str()),
+        (Some("ev"), Some(alice.as_str()))
+    );
+    for _ in 0..2 {
+        let u = svc.change().await;
+        assert!(
+            u["new"].get("encrypted_password").is_none(),
+            "secret column leaked: {u}"
+        );
+    }
+
+    // Filters on secret columns are refused like unknown columns.
+    svc.send(json!({"type":"subscription","action":"subscribe","data":{"id":"x","schema":"auth","table":"users","filter":"encrypted_password=eq.x"}})).await;
+    assert_eq!(svc.next().await["code"], "invalid_filter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_select_rows_and_event_kinds() {
+    let t = TestServer::start().await;
+    bucket(&t.sql, "pub", true).await;
+    let owner = user(&t.sql, "o@example.com").await;
+    let f1 = folder(&t.sql, "pub", &owner, "one").await;
+    let f2 = folder(&t.sql, "pub", &owner, "two").await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe(
+        "big",
+        json!({"table": "files", "filter": "size=gte.100&mime_type=in.(image/png,image/gif)"}),
+    )
+    .await;
+    ws.subscribe(
+        "f1",
+        json!({"table": "files", "filter": format!("folder_id=eq.{f1}")}),
+    )
+    .await;
+    ws.subscribe("del", json!({"table": "files", "event": "DELETE"}))
+        .await;
+    ws.subscribe("root", json!({"files": null})).await;
+
+    t.exec(&format!(
+        "INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type) VALUES
+           ('pub', '{f2}', 'two/a', 'a', 10, 'image/png'),      -- nothing
+           ('pub', '{f2}', 'two/b', 'b', 500, 'image/png'),     -- big
+           ('pub', '{f1}', 'one/c', 'c', 1, 'text/plain'),      -- f1
+           ('pub', NULL, 'd', 'd', 1, 'text/plain');            -- root"
+    ))
+    .await;
+    let got: Vec<(String, String)> = [ws.change().await, ws.change().await, ws.change().await]
+        .iter()
+        .map(|c| {
+            (
+                c["subscription"].as_str().unwrap().to_owned(),
+                c["new"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("big".into(), "b".into()),
+            ("f1".into(), "c".into()),
+            ("root".into(), "d".into())
+        ]
+    );
+
+    // Moving a file out of folder one is news to folder one's subscribers.
+    t.exec(&format!(
+        "UPDATE public.files SET folder_id = '{f2}' WHERE name = 'c'"
+    ))
+    .await;
+    let moved = ws.change().await;
+    assert_eq!(
+        (moved["subscription"].as_str(), moved["eventType"].as_str()),
+        (Some("f1"), Some("UPDATE"))
+    );
+    assert_eq!(moved["new"]["folder_id"], f2.as_str());
+    assert_eq!(moved["old"]["folder_id"], f1.as_str());
+
+    t.exec("DELETE FROM public.files WHERE name = 'a'").await;
+    let d = ws.change().await;
+    assert_eq!(
+        (d["subscription"].as_str(), d["old"]["name"].as_str()),
+        (Some("del"), Some("a"))
+    );
+
+    // Unsubscribe: no more frames for that id; the reply comes after the last one.
+    ws.send(json!({"type":"subscription","action":"unsubscribe","data":{"id":"del"}}))
+        .await;
+    assert_eq!(
+        ws.next().await,
+        json!({"type":"subscription","action":"unsubscribed","data":{"id":"del"}})
+    );
+    t.exec("DELETE FROM public.files WHERE name = 'd'; INSERT INTO public.files (bucket_id, path, name, size, mime_type) VALUES ('pub', 'z', 'z', 100, 'image/gif')").await;
+    let root = ws.change().await;
+    assert_eq!(
+        (root["subscription"].as_str(), root["eventType"].as_str()),
+        (Some("root"), Some("DELETE"))
+    );
+    let next = ws.change().await;
+    assert_eq!(
+        (next["subscription"].as_str(), next["eventType"].as_str()),
+        (Some("big"), Some("INSERT"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_type_becomes_the_right_json() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.typed (
+            id serial PRIMARY KEY, b boolean, i2 smallint, i4 integer, i8 bigint, f4 real, f8 double precision,
+            n_small numeric, n_big numeric, t text, v varchar(10), u uuid, ts timestamptz, tsn timestamp, d date,
+            j json, jb jsonb, ai integer[], at text[], ajb jsonb[], by bytea, nul text, fnan double precision);
+         ALTER TABLE public.typed REPLICA IDENTITY FULL;
+         ALTER PUBLICATION aether_realtime ADD TABLE public.typed;",
+    )
+    .await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    // The table was published after start: the catalog is refreshed on the miss.
+    ws.subscribe("t", json!({"table": "typed"})).await;
+    t.exec(
+        r#"INSERT INTO public.typed (b, i2, i4, i8, f4, f8, n_small, n_big, t, v, u, ts, tsn, d, j, jb, ai, at, ajb, by, nul, fnan)
+           VALUES (true, -2, 2147483647, 9007199254740993, 1.5, 2.25, 12.50, 123456789012345678901234.5, 'héllo "q"', 'v',
+                   'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', '2026-11-21 12:34:56.789+02', '2026-11-21 12:34:56', '2026-11-21',
+                   '{"a": [1, 2]}', '{"k": {"n": null}}', '{1,NULL,3}', '{"a b","c,d",NULL}', ARRAY['{"x":1}'::jsonb],
+                   '\x0102ff', NULL, 'NaN')"#,
+    )
+    .await;
+    let c = ws.change().await;
+    let n = &c["new"];
+    assert_eq!(n["b"], true);
+    assert_eq!(n["i2"], -2);
+    assert_eq!(n["i4"], 2147483647);
+    assert_eq!(n["i8"], 9007199254740993i64);
+    assert_eq!(n["f4"], 1.5);
+    assert_eq!(n["f8"], 2.25);
+    assert_eq!(n["n_small"], 12.5);
+    assert_eq!(
+        n["n_big"], "123456789012345678901234.5",
+        "numeric kept exact as a string"
+    );
+    assert_eq!(n["t"], "héllo \"q\"");
+    assert_eq!(n["v"], "v");
+    assert_eq!(n["u"], "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+    assert_eq!(n["ts"], "2026-11-21T10:34:56.789Z");
+    assert_eq!(n["tsn"], "2026-11-21T12:34:56");
+    assert_eq!(n["d"], "2026-11-21");
+    assert_eq!(n["j"], json!({"a": [1, 2]}));
+    assert_eq!(n["jb"], json!({"k": {"n": null}}));
+    assert_eq!(n["ai"], json!([1, null, 3]));
+    assert_eq!(n["at"], json!(["a b", "c,d", null]));
+    assert_eq!(n["ajb"], json!([{"x": 1}]));
+    assert_eq!(n["by"], "\\x0102ff");
+    assert_eq!(n["nul"], Value::Null);
+    assert_eq!(n["fnan"], "NaN");
+    assert_eq!(n["id"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_are_filled_from_the_old_row() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.docs (id int PRIMARY KEY, title text, body text);
+         ALTER TABLE public.docs ALTER COLUMN body SET STORAGE EXTERNAL;
+         ALTER TABLE public.docs REPLICA IDENTITY FULL;
+         ALTER PUBLICATION aether_realtime ADD TABLE public.docs;",
+    )
+    .await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("d", json!({"table": "docs"})).await;
+    // 100 kB, stored out of line: an UPDATE that does not touch it sends 'unchanged TOAST'.
+    t.exec("INSERT INTO public.docs VALUES (1, 'v1', repeat('0123456789', 10000))")
+        .await;
+    let ins = ws.change().await;
+    assert_eq!(ins["new"]["body"].as_str().unwrap().len(), 100_000);
+    t.exec("UPDATE public.docs SET title = 'v2' WHERE id = 1")
+        .await;
+    let upd = ws.change().await;
+    assert_eq!(upd["new"]["title"], "v2");
+    assert_eq!(
+        upd["new"]["body"].as_str().map(str::len),
+        Some(100_000),
+        "TOAST value filled, not null"
+    );
+    assert_eq!(upd["old"]["body"].as_str().map(str::len), Some(100_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_column_is_picked_up_without_a_restart() {
+    let t = TestServer::start().await;
+    bucket(&t.sql, "pub", true).await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("all", json!({"table": "files"})).await;
+    t.exec("INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'a', 'a')")
+        .await;
+    assert!(ws.change().await["new"].get("tag").is_none());
+    t.exec("ALTER TABLE public.files ADD COLUMN tag text DEFAULT 'none'")
+        .await;
+    t.exec("INSERT INTO public.files (bucket_id, path, name, tag) VALUES ('pub', 'b', 'b', 'red')")
+        .await;
+    assert_eq!(ws.change().await["new"]["tag"], "red");
+    // The new column can be filtered on now.
+    ws.subscribe("red", json!({"table": "files", "filter": "tag=eq.red"}))
+        .await;
+    t.exec("UPDATE public.files SET tag = 'red' WHERE name = 'a'")
+        .await;
+    let mut subs = vec![ws.change().await, ws.change().await];
+    subs.sort_by_key(|c| c["subscription"].as_str().unwrap().to_owned());
+    assert_eq!(subs[0]["subscription"], "all");
+    assert_eq!(subs[1]["subscription"], "red");
+    assert_eq!(subs[1]["old"]["tag"], "none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_bad_subscriptions_get_errors_and_the_connection_stays_open() {
+    let t = TestServer::start().await;
+    bucket(&t.sql, "pub", true).await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    let cases = [
+        ("{not json", "invalid_json"),
+        ("[1,2]", "invalid_message"),
+        (r#"{"type":"bogus"}"#, "unknown_type"),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"table":"files"}}"#,
+            "invalid_subscription",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"nope"}}"#,
+            "unknown_table",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","schema":"aether","table":"schema_migrations"}}"#,
+            "unknown_table",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"files","filter":"nope=eq.1"}}"#,
+            "invalid_filter",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"files","filter":"size=like.1"}}"#,
+            "invalid_filter",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"files","filter":"size=eq.big"}}"#,
+            "invalid_filter",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"files","filter":"folder_id=eq.x"}}"#,
+            "invalid_filter",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"files","event":"UPSERT"}}"#,
+            "invalid_event",
+        ),
+        (
+            r#"{"type":"subscription","action":"subscribe","data":{"id":"a","table":"files","since":"yesterday"}}"#,
+            "invalid_since",
+        ),
+        (
+            r#"{"type":"subscription","action":"unsubscribe","data":{"id":"never"}}"#,
+            "unknown_subscription",
+        ),
+    ];
+    for (frame, code) in cases {
+        ws.send_text(frame).await;
+        let e = ws.next().await;
+        assert_eq!(e["type"], "error", "{frame}");
+        assert_eq!(e["code"], code, "{frame} → {e}");
+        assert!(!e["message"].as_str().unwrap().is_empty());
+        assert!(e["details"]["component"].is_string() && e["details"]["reason"].is_string());
+    }
+    // A frame over the size limit closes with 1009 on its own connection only.
+    let mut big = t.ws(Some(&service_token())).await;
+    big.send_text(&"x".repeat(200 * 1024)).await;
+    let (code, _) = big.until_close().await;
+    assert_eq!(code, Some(1009));
+    // Still open and working.
+    ws.subscribe("ok", json!({"table": "files"})).await;
+    ws.subscribe("dup", json!({"table": "files"})).await;
+    ws.send(json!({"type":"subscription","action":"subscribe","data":{"id":"ok","table":"files"}}))
+        .await;
+    assert_eq!(ws.next().await["code"], "duplicate_subscription");
+    t.exec("INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'a', 'a')")
+        .await;
+    assert_eq!(ws.change().await["new"]["name"], "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_expired_tokens_get_an_error_frame_and_close() {
+    let t = TestServer::start().await;
+    for (tok, code) in [
+        (
+            token(
+                Some(&uuid::Uuid::new_v4().to_string()),
+                "authenticated",
+                -10,
+            ),
+            "auth/expired-token",
+        ),
+        ("not-a-jwt".to_owned(), "auth/invalid-token"),
+        (
+            aether::auth::JwtKeys::new(
+                "another-secret-another-secret-another",
+                aether::config::JwtAlgorithm::HS256,
+                60,
+            )
+            .sign(&aether::auth::Claims {
+                sub: None,
+                email: None,
+                role: Some("service_role".into()),
+                exp: chrono::Utc::now().timestamp() + 60,
+                iat: None,
+                session_id: None,
+                aud: None,
+            }),
+            "auth/invalid-token",
+        ),
+    ] {
+        let mut ws = t.ws(Some(&tok)).await;
+        let (close, frames) = ws.until_close().await;
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["type"], "error");
+        assert_eq!(frames[0]["code"], code);
+        assert_eq!(close, Some(4001));
+    }
+    // A token that expires while connected: error frame, then close.
+    let mut ws = t
+        .ws(Some(&token(
+            Some(&uuid::Uuid::new_v4().to_string()),
+            "authenticated",
+            2,
+        )))
+        .await;
+    let (close, frames) = ws.until_close().await;
+    assert_eq!(frames.last().unwrap()["code"], "auth/expired-token");
+    assert_eq!(close, Some(4001));
+}

@@ -74,7 +74,13 @@ async fn websocket(
     Query(q): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let max = state.config.ws_max_frame_bytes;
+    // The session enforces `ws_max_frame_bytes` with an error frame and a 1009 close;
+    // the library's own cap only stops absurd frames before they are buffered.
+    let max = state
+        .config
+        .ws_max_frame_bytes
+        .saturating_mul(16)
+        .max(1 << 20);
     let ws = ws.max_message_size(max).max_frame_size(max);
     let principal = match q.token.as_deref().filter(|t| !t.is_empty()) {
         None => Ok(Principal::anonymous()),

@@ -21,6 +21,7 @@ use crate::server::AppState;
 pub const CLOSE_AUTH: u16 = 4001;
 pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Refuses a connection whose token failed: an error frame, then close.
 pub async fn reject(mut socket: WebSocket, code: &str, message: String) {
@@ -57,6 +58,8 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
     let done = CancellationToken::new();
     let shutdown = state.shutdown.clone();
 
+    // The reader reports an oversize frame here; the writer says why and closes 1009.
+    let (too_big, mut too_big_rx) = tokio::sync::oneshot::channel::<(String, usize)>();
     let writer_done = done.clone();
     let writer = async move {
         let expiry = async {
@@ -88,6 +91,11 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                     CLOSE_AUTH,
                     "auth/expired-token".to_owned(),
                     Some(protocol::error_frame("auth", "auth/expired-token", "the access token has expired", None)),
+                )),
+                Ok((message, _)) = &mut too_big_rx => break Some((
+                    CLOSE_TOO_BIG,
+                    "frame too large".to_owned(),
+                    Some(protocol::error_frame("realtime", "frame_too_large", &message, None)),
                 )),
                 _ = writer_done.cancelled() => break None,
                 out = rx.recv() => {
@@ -129,6 +137,17 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                 msg = stream.next() => msg,
             };
             match msg {
+                Some(Ok(Message::Text(text)))
+                    if text.len() > reader_state.config.ws_max_frame_bytes =>
+                {
+                    let message = format!(
+                        "frame of {} bytes is over the {} byte limit",
+                        text.len(),
+                        reader_state.config.ws_max_frame_bytes
+                    );
+                    let _ = too_big.send((message, reader_state.config.ws_max_frame_bytes));
+                    break;
+                }
                 Some(Ok(Message::Text(text))) => {
                     if let Err(e) = handle_text(&reader_state, session, &text).await {
                         let frame = Outbound::Error {

@@ -118,6 +118,21 @@ impl TestServer {
         Ws::connect(self.addr(), token).await
     }
 
+    /// Waits until the change stream has caught up with everything committed so far
+    /// (a marker row goes through the whole pipeline).
+    pub async fn sync(&self) {
+        let marker = format!("sync-{}", uuid::Uuid::new_v4().simple());
+        let mut ws = self.ws(Some(&service_token())).await;
+        ws.subscribe(
+            "sync",
+            json!({"table": "buckets", "filter": format!("id=eq.{marker}")}),
+        )
+        .await;
+        bucket(&self.sql, &marker, false).await;
+        assert_eq!(ws.change().await["new"]["id"], marker.as_str());
+        ws.close().await;
+    }
+
     pub async fn exec(&self, sql: &str) {
         self.sql
             .batch_execute(sql)
