@@ -47,6 +47,8 @@ pub struct Config {
     /// Outbound frames queued per connection before it counts as too slow.
     pub ws_queue_capacity: usize,
     pub ws_max_frame_bytes: usize,
+    /// A connection that lags and drains nothing for this long is closed.
+    pub ws_stall_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -80,6 +82,7 @@ impl Config {
             resume_retention_events: 100_000,
             ws_queue_capacity: 1024,
             ws_max_frame_bytes: 64 * 1024,
+            ws_stall_timeout: Duration::from_secs(30),
         }
     }
 
@@ -187,6 +190,28 @@ impl Config {
                     return Err(err(
                         "WS_QUEUE_CAPACITY",
                         format!("{v:?}: must be a count of at least 8"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("WS_MAX_FRAME_BYTES") {
+            c.ws_max_frame_bytes = match v.parse::<usize>() {
+                Ok(n) if n >= 1024 => n,
+                _ => {
+                    return Err(err(
+                        "WS_MAX_FRAME_BYTES",
+                        format!("{v:?}: must be a byte count of at least 1024"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("WS_STALL_TIMEOUT_S") {
+            c.ws_stall_timeout = match v.parse::<u64>() {
+                Ok(n) if n > 0 => Duration::from_secs(n),
+                _ => {
+                    return Err(err(
+                        "WS_STALL_TIMEOUT_S",
+                        format!("{v:?} is not a positive number of seconds"),
                     ));
                 }
             };

@@ -174,6 +174,7 @@ impl Server {
         let router = Router::new(
             RouterConfig {
                 confirmed,
+                stall_timeout: config.ws_stall_timeout,
                 retention_events: config.resume_retention_events,
                 retention: config.resume_retention,
                 public_buckets,

@@ -383,7 +383,7 @@ async fn add_column_is_picked_up_without_a_restart() {
         .await;
     t.exec("UPDATE public.files SET tag = 'red' WHERE name = 'a'")
         .await;
-    let mut subs = vec![ws.change().await, ws.change().await];
+    let mut subs = [ws.change().await, ws.change().await];
     subs.sort_by_key(|c| c["subscription"].as_str().unwrap().to_owned());
     assert_eq!(subs[0]["subscription"], "all");
     assert_eq!(subs[1]["subscription"], "red");
@@ -513,4 +513,163 @@ async fn bad_and_expired_tokens_get_an_error_frame_and_close() {
     let (close, frames) = ws.until_close().await;
     assert_eq!(frames.last().unwrap()["code"], "auth/expired-token");
     assert_eq!(close, Some(4001));
+}
+
+async fn insert_files(t: &TestServer, names: &[&str]) {
+    for n in names {
+        t.exec(&format!(
+            "INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', '{n}', '{n}')"
+        ))
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_replays_exactly_the_missed_changes_then_goes_live() {
+    let t = TestServer::start().await;
+    bucket(&t.sql, "pub", true).await;
+    let owner = user(&t.sql, "o@example.com").await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("s", json!({"table": "files"})).await;
+    insert_files(&t, &["a", "b", "c"]).await;
+    let ids: Vec<String> = [ws.change().await, ws.change().await, ws.change().await]
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    ws.close().await;
+
+    // Missed while disconnected: an insert, an update and a delete (and a private
+    // row of someone else, which an anonymous resume must not get).
+    t.exec(&format!(
+        "INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'd', 'd');
+         UPDATE public.files SET size = 7 WHERE name = 'a';
+         DELETE FROM public.files WHERE name = 'b';
+         INSERT INTO public.buckets (id, name) VALUES ('priv', 'priv');
+         INSERT INTO public.files (bucket_id, path, name, owner_id) VALUES ('priv', 'x', 'x', '{owner}');"
+    ))
+    .await;
+    t.sync().await;
+
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("s", json!({"table": "files", "since": ids[2]}))
+        .await;
+    let replay: Vec<(String, String)> = [
+        ws.change().await,
+        ws.change().await,
+        ws.change().await,
+        ws.change().await,
+    ]
+    .iter()
+    .map(|c| {
+        let row = if c["eventType"] == "DELETE" {
+            &c["old"]
+        } else {
+            &c["new"]
+        };
+        (
+            c["eventType"].as_str().unwrap().to_owned(),
+            row["name"].as_str().unwrap().to_owned(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        replay,
+        [
+            ("INSERT".into(), "d".into()),
+            ("UPDATE".into(), "a".into()),
+            ("DELETE".into(), "b".into()),
+            ("INSERT".into(), "x".into())
+        ]
+    );
+    // Then live, with no duplicate of the replayed changes.
+    insert_files(&t, &["e"]).await;
+    assert_eq!(ws.change().await["new"]["name"], "e");
+
+    // An anonymous resume from the first id: replay is filtered and authorized too.
+    let mut anon = t.ws(None).await;
+    anon.subscribe(
+        "s",
+        json!({"table": "files", "event": "INSERT", "since": ids[0]}),
+    )
+    .await;
+    let names: Vec<String> = [
+        anon.change().await,
+        anon.change().await,
+        anon.change().await,
+        anon.change().await,
+    ]
+    .iter()
+    .map(|c| c["new"]["name"].as_str().unwrap().to_owned())
+    .collect();
+    assert_eq!(names, ["b", "c", "d", "e"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_older_than_the_window_gets_an_explicit_gap() {
+    let t = TestServer::start_with(|c| c.resume_retention_events = 3).await;
+    bucket(&t.sql, "pub", true).await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("s", json!({"table": "files"})).await;
+    insert_files(&t, &["a", "b", "c", "d", "e", "f"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(ws.change().await["id"].as_str().unwrap().to_owned());
+    }
+    ws.send(json!({"type":"subscription","action":"subscribe","data":{"id":"old","table":"files","since": ids[0]}})).await;
+    let e = ws.next().await;
+    assert_eq!(
+        (
+            e["type"].as_str(),
+            e["code"].as_str(),
+            e["subscription"].as_str()
+        ),
+        (Some("error"), Some("gap"), Some("old"))
+    );
+    // Inside the window it still works.
+    ws.subscribe("recent", json!({"table": "files", "since": ids[3]}))
+        .await;
+    assert_eq!(ws.change().await["new"]["name"], "e");
+    assert_eq!(ws.change().await["new"]["name"], "f");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
+    // A tiny queue: the fast client overflows it too, and catches up from history.
+    let t = TestServer::start_with(|c| {
+        c.ws_queue_capacity = 8;
+        c.ws_stall_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    t.exec(
+        "CREATE TABLE public.blobs (id serial PRIMARY KEY, body text);
+         ALTER PUBLICATION aether_realtime ADD TABLE public.blobs;",
+    )
+    .await;
+    let mut slow = t.ws(Some(&service_token())).await;
+    let mut fast = t.ws(Some(&service_token())).await;
+    slow.subscribe("s", json!({"table": "blobs"})).await;
+    fast.subscribe("f", json!({"table": "blobs"})).await;
+    // ~25 MB of changes: more than the slow client's socket buffers and queue hold.
+    const N: i64 = 400;
+    t.exec(&format!("INSERT INTO public.blobs (body) SELECT repeat(md5(i::text), 2000) FROM generate_series(1, {N}) i"))
+        .await;
+    for i in 1..=N {
+        assert_eq!(fast.change().await["new"]["id"], i);
+    }
+    // The slow client, reading at last, finds the reason and a 4008 close after what was buffered.
+    let (code, frames) = slow.until_close().await;
+    assert_eq!(code, Some(4008));
+    let last = frames.last().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["code"].as_str()),
+        (Some("error"), Some("slow_consumer"))
+    );
+    assert!(
+        frames.len() < (N as usize) + 1,
+        "the slow client did not get everything"
+    );
+    // The fast client is unaffected and still live.
+    t.exec("INSERT INTO public.blobs (body) VALUES ('after')")
+        .await;
+    assert_eq!(fast.change().await["new"]["body"], "after");
 }

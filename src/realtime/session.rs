@@ -41,9 +41,11 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
     let overflowed = CancellationToken::new();
     let principal = Arc::new(principal);
     let expires_at = principal.expires_at;
+    let lagging = Arc::new(tokio::sync::Notify::new());
     let handle = SessionHandle {
         tx: tx.clone(),
         overflowed: overflowed.clone(),
+        lagging: Arc::clone(&lagging),
         principal,
     };
     if state
@@ -59,9 +61,11 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
     let shutdown = state.shutdown.clone();
 
     // The reader reports an oversize frame here; the writer says why and closes 1009.
-    let (too_big, mut too_big_rx) = tokio::sync::oneshot::channel::<(String, usize)>();
+    let (too_big, mut too_big_rx) = tokio::sync::oneshot::channel::<String>();
     let writer_done = done.clone();
+    let router = state.router.clone();
     let writer = async move {
+        let mut pull_wanted = false;
         let expiry = async {
             match expires_at {
                 Some(exp) => {
@@ -83,7 +87,7 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                     Some(protocol::error_frame(
                         "realtime",
                         "slow_consumer",
-                        "outbound queue full: this connection is closed; reconnect and resubscribe with `since` set to the last change id received",
+                        "this connection could not keep up (its queue stayed full, or it fell behind the resume window) and is closed; reconnect and resubscribe with `since` set to the last change id received",
                         None,
                     )),
                 )),
@@ -92,12 +96,13 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                     "auth/expired-token".to_owned(),
                     Some(protocol::error_frame("auth", "auth/expired-token", "the access token has expired", None)),
                 )),
-                Ok((message, _)) = &mut too_big_rx => break Some((
+                Ok(message) = &mut too_big_rx => break Some((
                     CLOSE_TOO_BIG,
                     "frame too large".to_owned(),
                     Some(protocol::error_frame("realtime", "frame_too_large", &message, None)),
                 )),
                 _ = writer_done.cancelled() => break None,
+                _ = lagging.notified() => pull_wanted = true,
                 out = rx.recv() => {
                     let Some(out) = out else { break None };
                     protocol::encode(out, &mut frames);
@@ -111,6 +116,13 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                     if failed || sink.flush().await.is_err() {
                         break None;
                     }
+                }
+            }
+            // Lagging and drained: ask the router for what was missed.
+            if pull_wanted && rx.is_empty() {
+                pull_wanted = false;
+                if router.send(Command::Pull { session }).await.is_err() {
+                    break None;
                 }
             }
         };
@@ -145,7 +157,7 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                         text.len(),
                         reader_state.config.ws_max_frame_bytes
                     );
-                    let _ = too_big.send((message, reader_state.config.ws_max_frame_bytes));
+                    let _ = too_big.send(message);
                     break;
                 }
                 Some(Ok(Message::Text(text))) => {

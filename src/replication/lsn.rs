@@ -52,6 +52,14 @@ impl Position {
             ordinal,
         }
     }
+
+    /// The greatest position below `self`: "after this" includes `self`.
+    pub fn just_before(self) -> Position {
+        match self.ordinal {
+            0 => Position::new(PgLsn(self.commit_lsn.0.saturating_sub(1)), u32::MAX),
+            n => Position::new(self.commit_lsn, n - 1),
+        }
+    }
 }
 
 impl fmt::Display for Position {

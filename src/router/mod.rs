@@ -7,8 +7,12 @@
 //! from history at the same instant (no gap, no duplicate).
 //!
 //! Delivery never waits on a client: frames go to each connection's bounded queue
-//! with `try_send`; a full queue closes that connection (it can resume with `since`)
-//! and the change still counts as handed on. Routing cost follows the matching
+//! with `try_send`. A full queue puts the connection in the *lagging* state: live
+//! changes stop going to it, and as its writer drains the queue it pulls the missed
+//! changes from the resume history (one shared copy for everyone) until it is back
+//! at the head, then goes live again. A lagging connection that stops draining for
+//! the stall timeout, or falls behind the resume window, is closed with a reason
+//! and can resume with `since`. Either way the change counts as handed on. Routing cost follows the matching
 //! subscriptions: subscriptions with an equality filter are found through a hash
 //! index on (column, value), the rest of a table's subscriptions are scanned.
 
@@ -86,8 +90,11 @@ pub enum Outbound {
 #[derive(Clone)]
 pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
-    /// Cancelled by the router when the queue overflows.
+    /// Cancelled by the router when the connection cannot keep up at all.
     pub overflowed: CancellationToken,
+    /// Signalled when the connection starts lagging: once its queue is empty the
+    /// writer answers with [`Command::Pull`].
+    pub lagging: Arc<tokio::sync::Notify>,
     pub principal: Arc<Principal>,
 }
 
@@ -120,6 +127,10 @@ pub enum Command {
     SetPrincipal {
         session: u64,
         principal: Arc<Principal>,
+    },
+    /// A lagging connection's queue is empty: send it the next missed changes.
+    Pull {
+        session: u64,
     },
 }
 
@@ -159,10 +170,23 @@ impl TableSubs {
 struct SessionEntry {
     handle: SessionHandle,
     subs: HashMap<Arc<str>, u64>,
+    lag: Option<Lag>,
+}
+
+/// Where a lagging connection stands.
+struct Lag {
+    /// The first change it has not fully received.
+    next: Position,
+    /// Subscriptions that did receive `next` already.
+    served: Vec<Arc<str>>,
+    /// Last time it drained its queue (or started lagging).
+    since: Instant,
 }
 
 pub struct RouterConfig {
     pub confirmed: PgLsn,
+    /// A lagging connection that drains nothing for this long is closed.
+    pub stall_timeout: Duration,
     pub retention_events: usize,
     pub retention: Duration,
     pub public_buckets: HashSet<String>,
@@ -182,6 +206,9 @@ pub struct Router {
     catalog: catalog::SharedCatalog,
     progress: watch::Sender<Progress>,
     candidates: Vec<u64>,
+    /// (connection, subscription) pairs the change being routed went to.
+    delivered_now: Vec<(u64, Arc<str>)>,
+    stall_timeout: Duration,
 }
 
 impl Router {
@@ -205,6 +232,8 @@ impl Router {
             catalog,
             progress,
             candidates: Vec::new(),
+            delivered_now: Vec::new(),
+            stall_timeout: cfg.stall_timeout,
         }
     }
 
@@ -242,6 +271,7 @@ impl Router {
                 // 4. Age out the resume window.
                 _ = tick.tick() => {
                     self.history.evict(Instant::now());
+                    self.close_stalled(Instant::now());
                     self.publish();
                 }
             }
@@ -272,6 +302,7 @@ impl Router {
                     SessionEntry {
                         handle,
                         subs: HashMap::new(),
+                        lag: None,
                     },
                 );
             }
@@ -300,6 +331,96 @@ impl Router {
                     s.handle.principal = principal;
                 }
             }
+            Command::Pull { session } => self.pull(session),
+        }
+    }
+
+    /// Closes a connection that cannot keep up at all.
+    fn kick(&mut self, session: u64, why: &str) {
+        if let Some(entry) = self.sessions.get(&session) {
+            tracing::warn!(session, why, "closing a slow connection");
+            entry.handle.overflowed.cancel();
+        }
+        self.detach(session);
+    }
+
+    fn close_stalled(&mut self, now: Instant) {
+        let floor_ok = |next: Position, h: &History| h.since(next.just_before()).is_ok();
+        let stalled: Vec<(u64, &'static str)> = self
+            .sessions
+            .iter()
+            .filter_map(|(id, e)| {
+                let lag = e.lag.as_ref()?;
+                if now.duration_since(lag.since) > self.stall_timeout {
+                    Some((*id, "stalled: its queue stayed full"))
+                } else if !floor_ok(lag.next, &self.history) {
+                    Some((*id, "fell behind the resume window"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, why) in stalled {
+            self.kick(id, why);
+        }
+    }
+
+    /// Sends a lagging connection what it missed, from history, until its queue is
+    /// full again (it stays lagging) or it is back at the head (it goes live).
+    fn pull(&mut self, session: u64) {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(lag) = entry.lag.as_mut() else {
+            return;
+        };
+        lag.since = Instant::now();
+        let (next, mut served) = (lag.next, lag.served.clone());
+        let Ok(held) = self.history.since(next.just_before()) else {
+            return self.kick(session, "fell behind the resume window");
+        };
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let subs: Vec<&Subscription> = entry
+            .subs
+            .values()
+            .filter_map(|uid| self.subs.get(uid))
+            .collect();
+        let principal = &entry.handle.principal;
+        let mut stopped_at = None;
+        'changes: for c in held {
+            if c.position != next {
+                served.clear();
+            }
+            for sub in &subs {
+                if *sub.table != *c.relation.qualified
+                    || !sub.events.contains(c.kind)
+                    || served.iter().any(|s| **s == *sub.id)
+                    || !passes(c, &sub.filter, principal, &self.public_buckets)
+                {
+                    continue;
+                }
+                let out = Outbound::Change {
+                    subscription: Arc::clone(&sub.id),
+                    change: Arc::clone(c),
+                };
+                if entry.handle.tx.try_send(out).is_err() {
+                    stopped_at = Some(c.position);
+                    break 'changes;
+                }
+                served.push(Arc::clone(&sub.id));
+            }
+        }
+        match stopped_at {
+            Some(position) => {
+                if let Some(lag) = entry.lag.as_mut() {
+                    lag.next = position;
+                    lag.served = served;
+                }
+                entry.handle.lagging.notify_one();
+            }
+            None => entry.lag = None,
         }
     }
 
@@ -431,17 +552,49 @@ impl Router {
         }
     }
 
-    /// Queues a frame; a full queue closes the connection.
+    /// Queues a reply. Replies cannot be paged from history, so a connection whose
+    /// queue is full even for them is closed.
     fn send(&mut self, session: u64, out: Outbound) {
         let Some(entry) = self.sessions.get(&session) else {
             return;
         };
         match entry.handle.tx.try_send(out) {
             Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.kick(session, "queue full for a reply"),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),
+        }
+    }
+
+    /// Queues a live change, or starts lagging if the queue is full.
+    fn send_change(&mut self, session: u64, subscription: Arc<str>, change: &Arc<RowChange>) {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if entry.lag.is_some() {
+            // Lagging: this change will come from history when the connection pulls.
+            return;
+        }
+        let out = Outbound::Change {
+            subscription: Arc::clone(&subscription),
+            change: Arc::clone(change),
+        };
+        match entry.handle.tx.try_send(out) {
+            Ok(()) => self.delivered_now.push((session, subscription)),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(session, "outbound queue full: closing the slow connection");
-                entry.handle.overflowed.cancel();
-                self.detach(session);
+                tracing::debug!(session, "outbound queue full: lagging, paging from history");
+                // Subscriptions of this connection that already got this change.
+                let served = self
+                    .delivered_now
+                    .iter()
+                    .filter(|(s, _)| *s == session)
+                    .map(|(_, id)| Arc::clone(id))
+                    .collect();
+                entry.lag = Some(Lag {
+                    next: change.position,
+                    served,
+                    since: Instant::now(),
+                });
+                entry.handle.lagging.notify_one();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),
         }
@@ -499,6 +652,7 @@ impl Router {
         };
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
+        self.delivered_now.clear();
         candidates.extend(t.scan.iter().copied());
         for (col, keys) in &t.by_column {
             let Some(i) = change.relation.column_index(col) else {
@@ -546,13 +700,7 @@ impl Router {
             }
             let session = sub.session;
             let subscription = Arc::clone(&sub.id);
-            self.send(
-                session,
-                Outbound::Change {
-                    subscription,
-                    change: Arc::clone(change),
-                },
-            );
+            self.send_change(session, subscription, change);
         }
         self.candidates = candidates;
     }
