@@ -673,3 +673,38 @@ async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
         .await;
     assert_eq!(fast.change().await["new"]["body"], "after");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_is_confirmed_past_released_changes_and_never_past_retained_ones() {
+    let t = TestServer::start_with(|c| c.resume_retention_events = 1).await;
+    bucket(&t.sql, "pub", true).await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("s", json!({"table": "files"})).await;
+    insert_files(&t, &["a", "b", "c"]).await;
+    let ids: Vec<String> = [ws.change().await, ws.change().await, ws.change().await]
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    let lsn = |id: &str| u64::from_str_radix(id.split('-').next().unwrap(), 16).unwrap();
+    let confirmed = || async {
+        let row = t
+            .sql
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&t.db.name],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) as u64
+    };
+    // Only the last change is retained: the first two transactions get released.
+    tokio::time::timeout(WAIT, async {
+        while confirmed().await <= lsn(&ids[1]) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("slot confirmed past the released transactions");
+    // …but not past the retained one, which a restart must decode again.
+    assert!(confirmed().await <= lsn(&ids[2]), "confirmed past a retained change");
+}
