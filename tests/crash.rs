@@ -33,34 +33,53 @@ impl Aether {
     }
 
     fn sigkill(mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
         self.child.wait().unwrap();
     }
 
     fn sigterm(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         self.child.wait().unwrap()
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn names(frames: &[serde_json::Value]) -> Vec<String> {
     frames
         .iter()
         .map(|c| {
-            let row = if c["eventType"] == "DELETE" { &c["old"] } else { &c["new"] };
-            format!("{} {}", c["eventType"].as_str().unwrap(), row["name"].as_str().unwrap())
+            let row = if c["eventType"] == "DELETE" {
+                &c["old"]
+            } else {
+                &c["new"]
+            };
+            format!(
+                "{} {}",
+                c["eventType"].as_str().unwrap(),
+                row["name"].as_str().unwrap()
+            )
         })
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_then_restart_loses_nothing_and_resume_gets_exactly_the_missed_changes() {
+async fn sigkill_mid_stream_then_restart_loses_nothing_and_resume_gets_exactly_the_missed_changes()
+{
     let db = TestDb::new().await;
     let port = free_port();
     let aether = Aether::spawn(&db, port).await;
@@ -70,9 +89,11 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_resume_gets_exactly_t
     let mut ws = Ws::connect(aether.addr, Some(&service_token())).await;
     ws.subscribe("s", json!({"table": "files"})).await;
     for n in ["a", "b", "c"] {
-        sql.batch_execute(&format!("INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', '{n}', '{n}')"))
-            .await
-            .unwrap();
+        sql.batch_execute(&format!(
+            "INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', '{n}', '{n}')"
+        ))
+        .await
+        .unwrap();
     }
     let seen = [ws.change().await, ws.change().await, ws.change().await];
     assert_eq!(names(&seen), ["INSERT a", "INSERT b", "INSERT c"]);
@@ -80,7 +101,9 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_resume_gets_exactly_t
     let last_id = seen[2]["id"].as_str().unwrap().to_owned();
 
     // Mid-stream: a transaction is committed as Aether dies.
-    sql.batch_execute("INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'd', 'd')").await.unwrap();
+    sql.batch_execute("INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'd', 'd')")
+        .await
+        .unwrap();
     aether.sigkill();
     // While it is down.
     sql.batch_execute(
@@ -93,22 +116,39 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_resume_gets_exactly_t
 
     let aether = Aether::spawn(&db, port).await;
     let mut ws = Ws::connect(aether.addr, Some(&service_token())).await;
-    ws.subscribe("s", json!({"table": "files", "since": last_id})).await;
+    ws.subscribe("s", json!({"table": "files", "since": last_id}))
+        .await;
     let mut missed = Vec::new();
     for _ in 0..6 {
         missed.push(ws.change().await);
     }
-    assert_eq!(names(&missed), ["INSERT d", "UPDATE a", "DELETE b", "INSERT m1", "INSERT m2", "INSERT m3"]);
+    assert_eq!(
+        names(&missed),
+        [
+            "INSERT d",
+            "UPDATE a",
+            "DELETE b",
+            "INSERT m1",
+            "INSERT m2",
+            "INSERT m3"
+        ]
+    );
     assert_eq!(missed[1]["new"]["size"], 42);
     assert_eq!(missed[1]["old"]["size"], 0);
     // Live again, with no duplicate in between.
-    sql.batch_execute("INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'live', 'live')").await.unwrap();
+    sql.batch_execute(
+        "INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', 'live', 'live')",
+    )
+    .await
+    .unwrap();
     assert_eq!(names(&[ws.change().await]), ["INSERT live"]);
 
     // The window survived the restart: resuming from the very first change works too,
     // with the same ids as before the crash (positions are deterministic).
     let mut again = Ws::connect(aether.addr, Some(&service_token())).await;
-    again.subscribe("s", json!({"table": "files", "since": first_id})).await;
+    again
+        .subscribe("s", json!({"table": "files", "since": first_id}))
+        .await;
     let b = again.change().await;
     assert_eq!(names(std::slice::from_ref(&b)), ["INSERT b"]);
     assert_eq!(b["id"], seen[1]["id"]);
@@ -116,4 +156,44 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_resume_gets_exactly_t
 
     // SIGTERM shuts down cleanly.
     assert!(aether.sigterm().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aether_migrate_applies_each_migration_once() {
+    let db = TestDb::new().await;
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_aether"))
+            .arg("migrate")
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(run().starts_with("applied 1 migration(s): 0001_init"));
+    assert!(run().starts_with("applied 0 migration(s)"));
+    let sql = db.client().await;
+    let n: i64 = sql
+        .query_one("SELECT count(*) FROM aether.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_with_a_message_naming_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_aether"))
+        .env("WS_PORT", "eighty")
+        .env("DATA_DIR", std::env::temp_dir().join("aether-bad-setting"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WS_PORT"), "{stderr}");
 }

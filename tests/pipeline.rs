@@ -61,8 +61,13 @@ async fn dba_sql_insert_update_delete_truncate_arrive_live_with_old_and_new_rows
     assert_eq!(del["old"]["name"], "b.txt");
     assert_eq!(del["old"]["bucket_id"], "files");
 
+    // Logical decoding messages and origins in the stream are carried over, not fatal.
     t.exec(&format!(
-        "INSERT INTO public.files (bucket_id, path, name, owner_id) VALUES ('files', 'c', 'c', '{owner}');
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, 'aether-test', 'transactional');
+         INSERT INTO public.files (bucket_id, path, name, owner_id) VALUES ('files', 'c', 'c', '{owner}');
+         COMMIT;
+         SELECT pg_logical_emit_message(false, 'aether-test', 'not transactional');
          TRUNCATE public.files"
     ))
     .await;
@@ -215,6 +220,8 @@ async fn filters_select_rows_and_event_kinds() {
     ws.subscribe("del", json!({"table": "files", "event": "DELETE"}))
         .await;
     ws.subscribe("root", json!({"files": null})).await;
+    ws.subscribe("other-bucket", json!({"storage": "elsewhere"}))
+        .await;
 
     t.exec(&format!(
         "INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type) VALUES
@@ -706,5 +713,8 @@ async fn the_slot_is_confirmed_past_released_changes_and_never_past_retained_one
     .await
     .expect("slot confirmed past the released transactions");
     // …but not past the retained one, which a restart must decode again.
-    assert!(confirmed().await <= lsn(&ids[2]), "confirmed past a retained change");
+    assert!(
+        confirmed().await <= lsn(&ids[2]),
+        "confirmed past a retained change"
+    );
 }

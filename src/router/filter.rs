@@ -122,7 +122,7 @@ impl Filter {
         self.conditions
             .iter()
             .find(|c| c.op == Op::Eq)
-            .and_then(|c| Some((c.column.as_str(), key_of(&c.values[0])?.into_owned())))
+            .and_then(|c| Some((c.column.as_str(), key_of(c.values.first()?)?.into_owned())))
     }
 
     pub fn matches(&self, relation: &Relation, row: &Row) -> bool {
@@ -135,23 +135,24 @@ impl Filter {
                 // Column missing (dropped) or value unknown: it cannot be shown to match.
                 return false;
             };
+            // Every operator but `is` has at least one value (checked when parsed).
+            let Some(first) = c.values.first() else {
+                return matches!(c.op, Op::IsNull | Op::IsNotNull)
+                    && (c.op == Op::IsNull) == value.is_null();
+            };
+            if value.is_null() {
+                return false;
+            }
+            let ord = || compare(c.type_oid, value, first);
             match c.op {
-                Op::IsNull => value.is_null(),
-                Op::IsNotNull => !value.is_null(),
-                _ if value.is_null() => false,
-                Op::Eq => equal(value, &c.values[0]),
-                Op::Neq => !equal(value, &c.values[0]),
+                Op::IsNull | Op::IsNotNull => false,
+                Op::Eq => equal(value, first),
+                Op::Neq => !equal(value, first),
                 Op::In => c.values.iter().any(|v| equal(value, v)),
-                Op::Lt => compare(c.type_oid, value, &c.values[0]) == Some(Ordering::Less),
-                Op::Lte => matches!(
-                    compare(c.type_oid, value, &c.values[0]),
-                    Some(Ordering::Less | Ordering::Equal)
-                ),
-                Op::Gt => compare(c.type_oid, value, &c.values[0]) == Some(Ordering::Greater),
-                Op::Gte => matches!(
-                    compare(c.type_oid, value, &c.values[0]),
-                    Some(Ordering::Greater | Ordering::Equal)
-                ),
+                Op::Lt => ord() == Some(Ordering::Less),
+                Op::Lte => matches!(ord(), Some(Ordering::Less | Ordering::Equal)),
+                Op::Gt => ord() == Some(Ordering::Greater),
+                Op::Gte => matches!(ord(), Some(Ordering::Greater | Ordering::Equal)),
             }
         })
     }
