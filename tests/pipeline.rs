@@ -293,8 +293,9 @@ async fn filters_select_rows_and_event_kinds() {
 async fn every_listed_type_becomes_the_right_json() {
     let t = TestServer::start().await;
     t.exec(
-        "CREATE TABLE public.typed (
-            id serial PRIMARY KEY, b boolean, i2 smallint, i4 integer, i8 bigint, f4 real, f8 double precision,
+        "CREATE TYPE public.mood AS ENUM ('happy', 'sad');
+         CREATE TABLE public.typed (
+            id serial PRIMARY KEY, mood public.mood, b boolean, i2 smallint, i4 integer, i8 bigint, f4 real, f8 double precision,
             n_small numeric, n_big numeric, t text, v varchar(10), u uuid, ts timestamptz, tsn timestamp, d date,
             j json, jb jsonb, ai integer[], at text[], ajb jsonb[], by bytea, nul text, fnan double precision);
          ALTER TABLE public.typed REPLICA IDENTITY FULL;
@@ -305,8 +306,8 @@ async fn every_listed_type_becomes_the_right_json() {
     // The table was published after start: the catalog is refreshed on the miss.
     ws.subscribe("t", json!({"table": "typed"})).await;
     t.exec(
-        r#"INSERT INTO public.typed (b, i2, i4, i8, f4, f8, n_small, n_big, t, v, u, ts, tsn, d, j, jb, ai, at, ajb, by, nul, fnan)
-           VALUES (true, -2, 2147483647, 9007199254740993, 1.5, 2.25, 12.50, 123456789012345678901234.5, 'héllo "q"', 'v',
+        r#"INSERT INTO public.typed (mood, b, i2, i4, i8, f4, f8, n_small, n_big, t, v, u, ts, tsn, d, j, jb, ai, at, ajb, by, nul, fnan)
+           VALUES ('happy', true, -2, 2147483647, 9007199254740993, 1.5, 2.25, 12.50, 123456789012345678901234.5, 'héllo "q"', 'v',
                    'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', '2026-11-21 12:34:56.789+02', '2026-11-21 12:34:56', '2026-11-21',
                    '{"a": [1, 2]}', '{"k": {"n": null}}', '{1,NULL,3}', '{"a b","c,d",NULL}', ARRAY['{"x":1}'::jsonb],
                    '\x0102ff', NULL, 'NaN')"#,
@@ -340,6 +341,10 @@ async fn every_listed_type_becomes_the_right_json() {
     assert_eq!(n["nul"], Value::Null);
     assert_eq!(n["fnan"], "NaN");
     assert_eq!(n["id"], 1);
+    assert_eq!(
+        n["mood"], "happy",
+        "custom types (announced by a Type message) as text"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
