@@ -49,6 +49,20 @@ pub struct Config {
     pub ws_max_frame_bytes: usize,
     /// A connection that lags and drains nothing for this long is closed.
     pub ws_stall_timeout: Duration,
+    /// Concurrent connections per user (anonymous: per client address).
+    pub rate_limit_connections: usize,
+    /// Channel messages per client per channel per window.
+    pub rate_limit_messages: u32,
+    pub rate_limit_window: Duration,
+    /// Concurrent connections in all.
+    pub ws_max_connections: usize,
+    /// WebSocket pings are sent this often; a peer silent for `ws_idle_timeout` is closed.
+    pub ws_ping_interval: Duration,
+    pub ws_idle_timeout: Duration,
+    pub enable_metrics: bool,
+    pub metrics_port: u16,
+    /// Replication further behind than this makes `/ws/status` say `degraded`.
+    pub degraded_lag: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -83,6 +97,15 @@ impl Config {
             ws_queue_capacity: 1024,
             ws_max_frame_bytes: 64 * 1024,
             ws_stall_timeout: Duration::from_secs(30),
+            rate_limit_connections: 100,
+            rate_limit_messages: 50,
+            rate_limit_window: Duration::from_secs(60),
+            ws_max_connections: 10_000,
+            ws_ping_interval: Duration::from_secs(30),
+            ws_idle_timeout: Duration::from_secs(90),
+            enable_metrics: false,
+            metrics_port: 9090,
+            degraded_lag: Duration::from_secs(10),
         }
     }
 
@@ -215,6 +238,46 @@ impl Config {
                     ));
                 }
             };
+        }
+        let count = |name: &'static str, v: String| -> Result<u64, ConfigError> {
+            match v.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(err(name, format!("{v:?} is not a positive whole number"))),
+            }
+        };
+        if let Some(v) = nonempty("RATE_LIMIT_CONNECTIONS") {
+            c.rate_limit_connections = count("RATE_LIMIT_CONNECTIONS", v)? as usize;
+        }
+        if let Some(v) = nonempty("RATE_LIMIT_MESSAGES") {
+            c.rate_limit_messages =
+                u32::try_from(count("RATE_LIMIT_MESSAGES", v)?).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = nonempty("RATE_LIMIT_WINDOW_S") {
+            c.rate_limit_window = Duration::from_secs(count("RATE_LIMIT_WINDOW_S", v)?);
+        }
+        if let Some(v) = nonempty("WS_MAX_CONNECTIONS") {
+            c.ws_max_connections = count("WS_MAX_CONNECTIONS", v)? as usize;
+        }
+        if let Some(v) = nonempty("WS_PING_INTERVAL_S") {
+            c.ws_ping_interval = Duration::from_secs(count("WS_PING_INTERVAL_S", v)?);
+        }
+        if let Some(v) = nonempty("WS_IDLE_TIMEOUT_S") {
+            c.ws_idle_timeout = Duration::from_secs(count("WS_IDLE_TIMEOUT_S", v)?);
+        }
+        if let Some(v) = nonempty("ENABLE_METRICS") {
+            c.enable_metrics = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => return Err(err("ENABLE_METRICS", format!("{v:?} is not true or false"))),
+            };
+        }
+        if let Some(v) = nonempty("METRICS_PORT") {
+            c.metrics_port = v
+                .parse()
+                .map_err(|_| err("METRICS_PORT", format!("{v:?} is not a port number")))?;
+        }
+        if let Some(v) = nonempty("REPLICATION_DEGRADED_LAG_S") {
+            c.degraded_lag = Duration::from_secs(count("REPLICATION_DEGRADED_LAG_S", v)?);
         }
         Ok(c)
     }

@@ -15,6 +15,9 @@ use tracing::Instrument as _;
 
 use crate::auth::JwtKeys;
 use crate::config::Config;
+use crate::realtime::hub::{ChannelConfigs, Hub, HubCommand};
+use crate::realtime::registry::Registry;
+use crate::realtime::stats::Stats;
 use crate::replication::stream::{self, ReplicationStatus, ReplicationTask};
 use crate::router::catalog::{Catalog, SharedCatalog};
 use crate::router::{Command, Progress, Router, RouterConfig};
@@ -31,6 +34,10 @@ pub struct Inner {
     pub pool: deadpool_postgres::Pool,
     pub catalog: SharedCatalog,
     pub router: mpsc::Sender<Command>,
+    pub hub: mpsc::Sender<HubCommand>,
+    pub registry: Registry,
+    pub stats: Stats,
+    pub channels: ChannelConfigs,
     pub replication: watch::Receiver<ReplicationStatus>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
@@ -134,6 +141,26 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prometheus exposition on `METRICS_PORT`. The recorder is process-wide: a second
+/// server in the same process (tests) keeps the first one's.
+fn install_prometheus(config: &Config) {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(([0, 0, 0, 0], config.metrics_port))
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("aether_delivery_latency_seconds".into()),
+            &[
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        );
+    match builder {
+        Ok(b) => match b.install() {
+            Ok(()) => tracing::info!(port = config.metrics_port, "prometheus metrics listening"),
+            Err(e) => tracing::warn!(error = %e, "prometheus exporter not installed"),
+        },
+        Err(e) => tracing::warn!(error = %e, "prometheus exporter not configured"),
+    }
+}
+
 impl Server {
     /// Starts everything and returns once the HTTP listener is bound.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
@@ -153,7 +180,12 @@ impl Server {
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let channels: ChannelConfigs =
+            Arc::new(RwLock::new(crate::api::ops::load_channels(&setup).await?));
         drop(setup);
+        if config.enable_metrics {
+            install_prometheus(&config);
+        }
 
         let jwt = JwtKeys::new(
             &jwt_secret(&config)?,
@@ -171,8 +203,15 @@ impl Server {
         });
         let (status_tx, status_rx) = watch::channel(ReplicationStatus::default());
 
+        let (hub_tx, hub_rx) = mpsc::channel(4096);
+        let hub = Hub::new(
+            Arc::clone(&channels),
+            config.rate_limit_messages,
+            config.rate_limit_window,
+        );
         let router = Router::new(
             RouterConfig {
+                channel_configs: Some(Arc::clone(&channels)),
                 confirmed,
                 stall_timeout: config.ws_stall_timeout,
                 retention_events: config.resume_retention_events,
@@ -182,10 +221,11 @@ impl Server {
             Arc::clone(&catalog),
             progress_tx,
         );
-        let mut tasks = vec![spawn_named(
+        let mut tasks = vec![spawn_named("hub", hub.run(hub_rx, shutdown.clone()))];
+        tasks.push(spawn_named(
             "router",
             router.run(changes_rx, commands_rx, shutdown.clone()),
-        )];
+        ));
         let replication = ReplicationTask {
             pg: pg.clone(),
             slot: config.replication_slot.clone(),
@@ -213,6 +253,10 @@ impl Server {
             pool,
             catalog,
             router: commands_tx,
+            hub: hub_tx,
+            registry: Registry::default(),
+            stats: Stats::default(),
+            channels,
             replication: status_rx,
             next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),

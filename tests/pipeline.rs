@@ -657,7 +657,7 @@ async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
          ALTER PUBLICATION aether_realtime ADD TABLE public.blobs;",
     )
     .await;
-    let mut slow = t.ws(Some(&service_token())).await;
+    let mut slow = Ws::connect_small_buffer(t.addr(), Some(&service_token())).await;
     let mut fast = t.ws(Some(&service_token())).await;
     slow.subscribe("s", json!({"table": "blobs"})).await;
     fast.subscribe("f", json!({"table": "blobs"})).await;
@@ -668,7 +668,17 @@ async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
     for i in 1..=N {
         assert_eq!(fast.change().await["new"]["id"], i);
     }
-    // The slow client, reading at last, finds the reason and a 4008 close after what was buffered.
+    // The slow client drains nothing: the server gives up on it after the stall
+    // timeout (only the fast connection stays registered)…
+    tokio::time::timeout(WAIT, async {
+        while t.server.state.registry.stats().active > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stalled connection is closed");
+    // …and the slow client, reading at last, finds the reason and a 4008 close
+    // after what was buffered.
     let (code, frames) = slow.until_close().await;
     assert_eq!(code, Some(4008));
     let last = frames.last().unwrap();

@@ -2,6 +2,7 @@
 //! what subscribers see comes from the WAL.
 
 pub mod error;
+pub mod ops;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -23,6 +24,12 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route(&ws_path, get(websocket))
+        .route("/ws/status", get(ops::ws_status))
+        .route("/ws/channels", axum::routing::post(ops::create_channel))
+        .route("/metrics/connections", get(ops::metrics_connections))
+        .route("/metrics/messages", get(ops::metrics_messages))
+        .route("/metrics/channels", get(ops::metrics_channels))
+        .route("/metrics/errors", get(ops::metrics_errors))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -67,11 +74,14 @@ async fn health(State(state): State<AppState>) -> Response {
 #[derive(Deserialize)]
 struct WsQuery {
     token: Option<String>,
+    client_id: Option<String>,
+    channel: Option<String>,
 }
 
 async fn websocket(
     State(state): State<AppState>,
     Query(q): Query<WsQuery>,
+    axum::extract::ConnectInfo(addr): axum::extract::ConnectInfo<std::net::SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
     // The session enforces `ws_max_frame_bytes` with an error frame and a 1009 close;
@@ -87,9 +97,20 @@ async fn websocket(
         Some(token) => state.jwt.verify(token),
     };
     match principal {
-        Ok(p) => ws.on_upgrade(move |socket| session::run(socket, state, p)),
+        Ok(p) => {
+            let params = session::ConnectParams {
+                client_id: q.client_id,
+                channel: q.channel,
+                addr: Some(addr),
+            };
+            ws.on_upgrade(move |socket| session::run(socket, state, p, params))
+        }
         Err(e) => {
-            tracing::info!(reason = %e, "websocket token refused");
+            tracing::warn!(event = "token_refused", reason = %e, "websocket token refused");
+            state.stats.error(match e {
+                TokenError::Expired => "auth/expired-token",
+                TokenError::Invalid(_) => "auth/invalid-token",
+            });
             let code = match e {
                 TokenError::Expired => "auth/expired-token",
                 TokenError::Invalid(_) => "auth/invalid-token",

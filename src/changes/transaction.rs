@@ -33,9 +33,16 @@ pub enum ChangeError {
 /// What the router acts on.
 #[derive(Debug)]
 pub enum Output {
-    Begin { commit_lsn: PgLsn },
+    Begin {
+        commit_lsn: PgLsn,
+    },
     Change(Arc<RowChange>),
-    Commit { commit_lsn: PgLsn, end_lsn: PgLsn },
+    Commit {
+        commit_lsn: PgLsn,
+        end_lsn: PgLsn,
+        /// Milliseconds since the Unix epoch.
+        commit_time_ms: i64,
+    },
     Relation(Arc<Relation>),
 }
 
@@ -103,6 +110,7 @@ impl Assembler {
                 out.push(Output::Commit {
                     commit_lsn,
                     end_lsn,
+                    commit_time_ms: tx.commit_time_ms,
                 });
             }
             LogicalMessage::Relation(body) => {

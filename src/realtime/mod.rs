@@ -1,4 +1,7 @@
 //! WebSocket sessions on `WS_PATH`.
 
+pub mod hub;
 pub mod protocol;
+pub mod registry;
 pub mod session;
+pub mod stats;

@@ -9,7 +9,37 @@ use crate::router::Outbound;
 #[derive(Debug, PartialEq)]
 pub enum ClientFrame {
     Subscribe(SubscribeRequest),
-    Unsubscribe { id: String },
+    Unsubscribe {
+        id: String,
+    },
+    /// `connection`/`join`: join a channel.
+    Join {
+        channel: String,
+    },
+    /// `connection`/`leave`: leave a channel.
+    Leave {
+        channel: String,
+    },
+    /// `connection`/`refresh`: renew the token without reconnecting.
+    Refresh {
+        token: String,
+    },
+    /// `message`/`send` and `message`/`retry`.
+    Send {
+        channel: String,
+        content: Value,
+        sequence: Option<i64>,
+        timestamp: Option<String>,
+        retry: bool,
+    },
+    /// `system`/`status`: the client asks how the server is.
+    Status,
+    /// `system`/`broadcast`: an operator's message to everyone or one channel.
+    Broadcast {
+        message: String,
+        severity: String,
+        channel: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,12 +89,18 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         .and_then(Value::as_str)
         .unwrap_or_default();
     let data = obj.get("data").and_then(Value::as_object);
-    if kind != "subscription" {
-        return Err(FrameError::new(
-            "unknown_type",
-            format!("unknown message type {kind:?} (expected \"subscription\")"),
-            None,
-        ));
+    match kind {
+        "subscription" => {}
+        "connection" | "message" | "system" => return api_frame(kind, action, data),
+        _ => {
+            return Err(FrameError::new(
+                "unknown_type",
+                format!(
+                    "unknown message type {kind:?} (expected subscription, connection, message or system)"
+                ),
+                None,
+            ));
+        }
     }
     let data = data.ok_or_else(|| {
         FrameError::new(
@@ -152,6 +188,90 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     }
 }
 
+/// The Aether WebSocket API frames (`connection`, `message`, `system`).
+fn api_frame(
+    kind: &str,
+    action: &str,
+    data: Option<&serde_json::Map<String, Value>>,
+) -> Result<ClientFrame, FrameError> {
+    let bad = |msg: String| FrameError::new("invalid_message", msg, None);
+    let text = |name: &str| -> Result<Option<String>, FrameError> {
+        match data.and_then(|d| d.get(name)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(format!("data.{name} must be a string"))),
+        }
+    };
+    let required = |name: &str| -> Result<String, FrameError> {
+        text(name)?
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad(format!("{kind}/{action} needs data.{name}")))
+    };
+    match (kind, action) {
+        ("connection", "join" | "connect") => Ok(ClientFrame::Join {
+            channel: required("channel")?,
+        }),
+        ("connection", "leave" | "disconnect") => Ok(ClientFrame::Leave {
+            channel: required("channel")?,
+        }),
+        ("connection", "refresh") => Ok(ClientFrame::Refresh {
+            token: required("token")?,
+        }),
+        ("message", "send" | "retry") => {
+            let channel = required("channel")?;
+            let content = data
+                .and_then(|d| d.get("content"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            if content.is_null() {
+                return Err(bad("message frames need data.content".into()));
+            }
+            let metadata = data
+                .and_then(|d| d.get("metadata"))
+                .and_then(Value::as_object);
+            let sequence = match metadata.and_then(|m| m.get("sequence")) {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_i64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        .ok_or_else(|| bad("metadata.sequence must be an integer".into()))?,
+                ),
+            };
+            if action == "retry" && sequence.is_none() {
+                return Err(bad("message/retry needs metadata.sequence".into()));
+            }
+            let timestamp = metadata
+                .and_then(|m| m.get("timestamp"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            Ok(ClientFrame::Send {
+                channel,
+                content,
+                sequence,
+                timestamp,
+                retry: action == "retry",
+            })
+        }
+        ("system", "status") => Ok(ClientFrame::Status),
+        ("system", "broadcast") => {
+            let severity = text("severity")?.unwrap_or_else(|| "info".into());
+            if !matches!(severity.as_str(), "info" | "warning" | "error") {
+                return Err(bad("severity must be info, warning or error".into()));
+            }
+            Ok(ClientFrame::Broadcast {
+                message: required("message")?,
+                severity,
+                channel: text("channel")?,
+            })
+        }
+        _ => Err(FrameError::new(
+            "unknown_action",
+            format!("unknown action {action:?} for type {kind:?}"),
+            None,
+        )),
+    }
+}
+
 /// `{"type":"error","code","message","details":{"component","reason"}}`, plus the
 /// subscription id when the error concerns one.
 pub fn error_frame(
@@ -213,6 +333,7 @@ pub fn encode(out: Outbound, frames: &mut Vec<String>) {
             &message,
             subscription.as_deref(),
         )),
+        Outbound::Frame(f) => frames.push(f.to_string()),
     }
 }
 

@@ -1,27 +1,54 @@
 //! One WebSocket connection: a reader that parses client frames and a writer that
-//! drains the connection's bounded queue. The router never waits on either.
+//! drains the connection's bounded queue. The router and the hub never wait on
+//! either.
+//!
+//! The same connection speaks the change-subscription frames (`subscription`) and
+//! the Aether WebSocket API (`connection`, `message`, `system`); a connection opened
+//! with `client_id` or `channel` in its URL is greeted with `connection`/`connect`.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::hub::{self, HubCommand, HubError, Member, SendOutcome};
 use super::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
-use crate::auth::Principal;
+use super::registry::{ConnEntry, now_ms};
+use crate::auth::{Principal, Role, TokenError};
 use crate::router::catalog::Catalog;
 use crate::router::filter::Filter;
 use crate::router::{Command, EventMask, Outbound, SessionHandle, SubscriptionSpec};
 use crate::server::AppState;
 
 /// Close codes (4000–4999 are application codes).
-pub const CLOSE_AUTH: u16 = 4001;
-pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_IDLE: u16 = 4000;
+pub const CLOSE_AUTH: u16 = 4001;
+pub const CLOSE_FORBIDDEN: u16 = 4003;
+pub const CLOSE_SLOW: u16 = 4008;
+pub const CLOSE_LIMIT: u16 = 4029;
+
+/// What the connection URL asked for.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectParams {
+    pub client_id: Option<String>,
+    pub channel: Option<String>,
+    pub addr: Option<SocketAddr>,
+}
+
+impl ConnectParams {
+    /// Aether WebSocket API clients name themselves or a channel.
+    fn aether_api(&self) -> bool {
+        self.client_id.is_some() || self.channel.is_some()
+    }
+}
 
 /// Refuses a connection whose token failed: an error frame, then close.
 pub async fn reject(mut socket: WebSocket, code: &str, message: String) {
@@ -35,39 +62,202 @@ pub async fn reject(mut socket: WebSocket, code: &str, message: String) {
         .await;
 }
 
-pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
+/// Why a connection is being closed: the first reason given wins.
+#[derive(Default)]
+struct Closer {
+    token: CancellationToken,
+    reason: Mutex<Option<(u16, String, Option<String>)>>,
+}
+
+impl Closer {
+    fn close(&self, code: u16, reason: &str, frame: Option<String>) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some((code, reason.to_owned(), frame));
+        }
+        self.token.cancel();
+    }
+
+    fn take(&self) -> Option<(u16, String, Option<String>)> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// What a connection's reader keeps between frames.
+struct Conn {
+    session: u64,
+    state: AppState,
+    principal: Arc<Principal>,
+    tx: mpsc::Sender<Outbound>,
+    expiry: watch::Sender<Option<i64>>,
+    closer: Arc<Closer>,
+}
+
+pub async fn run(
+    mut socket: WebSocket,
+    state: AppState,
+    principal: Principal,
+    params: ConnectParams,
+) {
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(state.config.ws_queue_capacity);
+    let client_id: Arc<str> = Arc::from(
+        params
+            .client_id
+            .clone()
+            .filter(|c| !c.is_empty() && c.len() <= 128)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+    );
+    let closer = Arc::new(Closer::default());
+    let last_seen = Arc::new(AtomicI64::new(now_ms()));
+    let user_key = match (&principal.user_id, principal.role) {
+        (Some(u), _) => u.clone(),
+        (None, Role::Service) => "service_role".to_owned(),
+        (None, _) => format!(
+            "anon:{}",
+            params.addr.map(|a| a.ip().to_string()).unwrap_or_default()
+        ),
+    };
+    let entry = ConnEntry {
+        user_key,
+        user_id: principal.user_id.clone(),
+        client_id: Arc::clone(&client_id),
+        last_seen: Arc::clone(&last_seen),
+        close: closer.token.clone(),
+    };
+    let cfg = &state.config;
+    if let Err(e) = state.registry.admit(
+        session,
+        entry,
+        cfg.rate_limit_connections,
+        cfg.ws_max_connections,
+    ) {
+        tracing::warn!(event = "connection_limit", reason = %e, "websocket connection refused");
+        state.stats.error("connection_limit");
+        let frame = protocol::error_frame("connection", "connection_limit", &e.to_string(), None);
+        let _ = socket.send(Message::Text(frame.into())).await;
+        let close = CloseFrame {
+            code: CLOSE_LIMIT,
+            reason: "connection_limit".into(),
+        };
+        let _ = socket.send(Message::Close(Some(close))).await;
+        return;
+    }
+    metrics::gauge!("aether_ws_connections").increment(1.0);
+
+    let (tx, rx) = mpsc::channel::<Outbound>(cfg.ws_queue_capacity);
     let overflowed = CancellationToken::new();
-    let principal = Arc::new(principal);
-    let expires_at = principal.expires_at;
     let lagging = Arc::new(tokio::sync::Notify::new());
+    let principal = Arc::new(principal);
     let handle = SessionHandle {
         tx: tx.clone(),
         overflowed: overflowed.clone(),
         lagging: Arc::clone(&lagging),
-        principal,
+        principal: Arc::clone(&principal),
     };
-    if state
+    let member = Member {
+        tx: tx.clone(),
+        overflowed: overflowed.clone(),
+        client_id: Arc::clone(&client_id),
+        user_id: principal.user_id.as_deref().map(Arc::from),
+        authenticated: principal.user_id.is_some() || principal.is_service(),
+    };
+    let attached = state
         .router
         .send(Command::Attach { session, handle })
         .await
-        .is_err()
-    {
-        return;
-    }
-    let (mut sink, mut stream) = socket.split();
-    let done = CancellationToken::new();
-    let shutdown = state.shutdown.clone();
+        .is_ok()
+        && state
+            .hub
+            .send(HubCommand::Attach { session, member })
+            .await
+            .is_ok();
+    let (expiry, expiry_rx) = watch::channel(principal.expires_at);
+    let conn = Conn {
+        session,
+        state: state.clone(),
+        principal,
+        tx,
+        expiry,
+        closer: Arc::clone(&closer),
+    };
 
-    // The reader reports an oversize frame here; the writer says why and closes 1009.
-    let (too_big, mut too_big_rx) = tokio::sync::oneshot::channel::<String>();
-    let writer_done = done.clone();
+    if attached && params.aether_api() {
+        greet(&conn, &client_id, params.channel.as_deref()).await;
+    }
+    if attached {
+        let writer = write_loop(socket, &conn, rx, overflowed, lagging, expiry_rx, last_seen);
+        writer.await;
+    }
+    let _ = state.router.send(Command::Detach { session }).await;
+    let _ = state.hub.send(HubCommand::Detach { session }).await;
+    state.registry.remove(session);
+    metrics::gauge!("aether_ws_connections").decrement(1.0);
+}
+
+/// The `connection`/`connect` confirmation, joining the URL's channel first.
+async fn greet(conn: &Conn, client_id: &str, channel: Option<&str>) {
+    match channel {
+        Some(ch) => {
+            if let Err(e) = join(conn, ch.to_owned()).await {
+                let frame = protocol::error_frame("channel", e.code(), &e.to_string(), None);
+                conn.state.stats.error(e.code());
+                conn.closer.close(CLOSE_FORBIDDEN, e.code(), Some(frame));
+            }
+        }
+        None => {
+            let f = json!({"type": "connection", "action": "connect", "data": {
+                "client_id": client_id, "user_id": conn.principal.user_id, "channel": null,
+            }});
+            let _ = conn
+                .tx
+                .send(Outbound::Frame(Arc::from(f.to_string())))
+                .await;
+        }
+    }
+}
+
+async fn join(conn: &Conn, channel: String) -> Result<(), HubError> {
+    let (reply, rx) = oneshot::channel();
+    conn.state
+        .hub
+        .send(HubCommand::Join {
+            session: conn.session,
+            channel,
+            reply,
+        })
+        .await
+        .map_err(|_| HubError::Unavailable)?;
+    rx.await.map_err(|_| HubError::Unavailable)?
+}
+
+/// Splits the socket and runs reader and writer until either ends.
+#[allow(clippy::too_many_arguments)]
+async fn write_loop(
+    socket: WebSocket,
+    conn: &Conn,
+    mut rx: mpsc::Receiver<Outbound>,
+    overflowed: CancellationToken,
+    lagging: Arc<tokio::sync::Notify>,
+    mut expiry_rx: watch::Receiver<Option<i64>>,
+    last_seen: Arc<AtomicI64>,
+) {
+    let (mut sink, mut stream) = socket.split();
+    let state = &conn.state;
+    let closer = Arc::clone(&conn.closer);
+    let session = conn.session;
+    let shutdown = state.shutdown.clone();
     let router = state.router.clone();
-    let writer = async move {
+    let ping_every = state.config.ws_ping_interval;
+    let idle_ms = i64::try_from(state.config.ws_idle_timeout.as_millis()).unwrap_or(i64::MAX);
+    let reader_done = CancellationToken::new();
+
+    let writer = async {
         let mut pull_wanted = false;
-        let expiry = async {
-            match expires_at {
+        let mut frames = Vec::new();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let sleep_until_expiry = |exp: Option<i64>| async move {
+            match exp {
                 Some(exp) => {
                     let left = exp - chrono::Utc::now().timestamp();
                     tokio::time::sleep(Duration::from_secs(u64::try_from(left).unwrap_or(0))).await
@@ -75,8 +265,8 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                 None => std::future::pending().await,
             }
         };
+        let expiry = sleep_until_expiry(*expiry_rx.borrow_and_update());
         tokio::pin!(expiry);
-        let mut frames = Vec::new();
         let close = loop {
             tokio::select! {
                 biased;
@@ -91,31 +281,58 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                         None,
                     )),
                 )),
+                _ = closer.token.cancelled() => break closer.take(),
+                _ = reader_done.cancelled() => break None,
+                Ok(()) = expiry_rx.changed() => {
+                    // A renewed token moves the deadline.
+                    expiry.set(sleep_until_expiry(*expiry_rx.borrow_and_update()));
+                }
                 _ = &mut expiry => break Some((
                     CLOSE_AUTH,
                     "auth/expired-token".to_owned(),
                     Some(protocol::error_frame("auth", "auth/expired-token", "the access token has expired", None)),
                 )),
-                Ok(message) = &mut too_big_rx => break Some((
-                    CLOSE_TOO_BIG,
-                    "frame too large".to_owned(),
-                    Some(protocol::error_frame("realtime", "frame_too_large", &message, None)),
-                )),
-                _ = writer_done.cancelled() => break None,
+                _ = ping.tick() => {
+                    if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
+                        break Some((CLOSE_IDLE, "idle timeout".to_owned(), None));
+                    }
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        break None;
+                    }
+                }
                 _ = lagging.notified() => pull_wanted = true,
                 out = rx.recv() => {
                     let Some(out) = out else { break None };
-                    protocol::encode(out, &mut frames);
-                    let mut failed = false;
-                    for f in frames.drain(..) {
-                        if sink.feed(Message::Text(f.into())).await.is_err() {
-                            failed = true;
-                            break;
+                    let changes = match &out {
+                        Outbound::Change { change, .. } => {
+                            let ms = (now_ms() - change.commit_time_ms).max(0);
+                            metrics::histogram!("aether_delivery_latency_seconds").record(ms as f64 / 1000.0);
+                            1
                         }
+                        Outbound::Subscribed { replay, .. } => replay.len() as u64,
+                        Outbound::Error { code, .. } => {
+                            state.stats.error(code);
+                            0
+                        }
+                        _ => 0,
+                    };
+                    protocol::encode(out, &mut frames);
+                    let n = frames.len() as u64;
+                    // A peer that stops reading blocks the socket: stay interruptible
+                    // so a close decided meanwhile still happens.
+                    let sent = tokio::select! {
+                        biased;
+                        _ = overflowed.cancelled() => None,
+                        _ = closer.token.cancelled() => None,
+                        _ = shutdown.cancelled() => None,
+                        r = send_all(&mut sink, &mut frames) => Some(r),
+                    };
+                    match sent {
+                        None => continue,
+                        Some(Err(())) => break None,
+                        Some(Ok(())) => {}
                     }
-                    if failed || sink.flush().await.is_err() {
-                        break None;
-                    }
+                    state.stats.frames_out(n, changes);
                 }
             }
             // Lagging and drained: ask the router for what was missed.
@@ -126,74 +343,119 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                 }
             }
         };
+        // The connection is over for everyone else now, even if the peer takes a
+        // while to read the reason.
+        state.registry.remove(session);
         if let Some((code, reason, frame)) = close {
-            if let Some(f) = frame {
-                let _ = sink.send(Message::Text(f.into())).await;
-            }
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
+            let goodbye = async {
+                if let Some(f) = frame {
+                    sink.feed(Message::Text(f.into())).await?;
+                }
+                sink.send(Message::Close(Some(CloseFrame {
                     code,
                     reason: reason.into(),
                 })))
-                .await;
+                .await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), goodbye).await;
         }
-        writer_done.cancel();
+        // Ends the reader too.
+        closer.token.cancel();
     };
 
-    let reader_state = state.clone();
-    let reader_done = done.clone();
-    let reader = async move {
+    let reader = async {
+        let mut principal = Arc::clone(&conn.principal);
         loop {
             let msg = tokio::select! {
-                _ = reader_done.cancelled() => break,
+                _ = closer.token.cancelled() => break,
                 msg = stream.next() => msg,
             };
+            last_seen.store(now_ms(), Ordering::Relaxed);
             match msg {
-                Some(Ok(Message::Text(text)))
-                    if text.len() > reader_state.config.ws_max_frame_bytes =>
-                {
-                    let message = format!(
-                        "frame of {} bytes is over the {} byte limit",
-                        text.len(),
-                        reader_state.config.ws_max_frame_bytes
-                    );
-                    let _ = too_big.send(message);
-                    break;
-                }
                 Some(Ok(Message::Text(text))) => {
-                    if let Err(e) = handle_text(&reader_state, session, &text).await {
-                        let frame = Outbound::Error {
+                    state.stats.frame_in();
+                    if text.len() > state.config.ws_max_frame_bytes {
+                        let message = format!(
+                            "frame of {} bytes is over the {} byte limit",
+                            text.len(),
+                            state.config.ws_max_frame_bytes
+                        );
+                        state.stats.error("frame_too_large");
+                        let frame =
+                            protocol::error_frame("realtime", "frame_too_large", &message, None);
+                        closer.close(CLOSE_TOO_BIG, "frame too large", Some(frame));
+                        break;
+                    }
+                    // The token is checked on every message, not only at connect.
+                    if let Some(exp) = principal.expires_at
+                        && exp <= chrono::Utc::now().timestamp()
+                    {
+                        let frame = protocol::error_frame(
+                            "auth",
+                            "auth/expired-token",
+                            "the access token has expired",
+                            None,
+                        );
+                        state.stats.error("auth/expired-token");
+                        closer.close(CLOSE_AUTH, "auth/expired-token", Some(frame));
+                        break;
+                    }
+                    if let Err(e) = handle_text(conn, &mut principal, &text).await {
+                        let out = Outbound::Error {
                             subscription: e.subscription.map(Arc::from),
                             code: e.code,
                             message: e.message,
                         };
-                        if tx.send(frame).await.is_err() {
+                        if conn.tx.send(out).await.is_err() {
                             break;
                         }
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    let frame = Outbound::Error {
+                    let out = Outbound::Error {
                         subscription: None,
                         code: "invalid_message",
                         message: "binary frames are not supported; send JSON text frames".into(),
                     };
-                    if tx.send(frame).await.is_err() {
+                    if conn.tx.send(out).await.is_err() {
                         break;
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {} // ping/pong are answered by the library
+                Some(Ok(_)) => {} // pings are answered by the library; pongs count as life
             }
         }
         reader_done.cancel();
     };
 
     tokio::join!(writer, reader);
-    let _ = state.router.send(Command::Detach { session }).await;
 }
 
-async fn handle_text(state: &AppState, session: u64, text: &str) -> Result<(), FrameError> {
+async fn send_all<S>(sink: &mut S, frames: &mut Vec<String>) -> Result<(), ()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    for f in frames.drain(..) {
+        sink.feed(Message::Text(f.into())).await.map_err(|_| ())?;
+    }
+    sink.flush().await.map_err(|_| ())
+}
+
+fn frame_error(code: &'static str, message: impl Into<String>) -> FrameError {
+    FrameError {
+        code,
+        message: message.into(),
+        subscription: None,
+    }
+}
+
+async fn handle_text(
+    conn: &Conn,
+    principal: &mut Arc<Principal>,
+    text: &str,
+) -> Result<(), FrameError> {
+    let state = &conn.state;
+    let session = conn.session;
     match protocol::parse(text)? {
         ClientFrame::Subscribe(req) => {
             let spec = resolve(state, &req).await?;
@@ -209,6 +471,150 @@ async fn handle_text(state: &AppState, session: u64, text: &str) -> Result<(), F
                     session,
                     id: Arc::from(id),
                 })
+                .await;
+        }
+        ClientFrame::Join { channel } => {
+            join(conn, channel)
+                .await
+                .map_err(|e| frame_error(e.code(), e.to_string()))?;
+        }
+        ClientFrame::Leave { channel } => {
+            let (reply, rx) = oneshot::channel();
+            let _ = state
+                .hub
+                .send(HubCommand::Leave {
+                    session,
+                    channel,
+                    reply,
+                })
+                .await;
+            rx.await
+                .map_err(|_| frame_error("internal_error", "the channel service is unavailable"))?
+                .map_err(|e| frame_error(e.code(), e.to_string()))?;
+        }
+        ClientFrame::Send {
+            channel,
+            content,
+            sequence,
+            timestamp,
+            retry,
+        } => {
+            let (reply, rx) = oneshot::channel();
+            let message = hub::Message {
+                channel: channel.clone(),
+                content,
+                sequence,
+                timestamp,
+            };
+            let _ = state
+                .hub
+                .send(HubCommand::Send {
+                    session,
+                    message,
+                    reply,
+                })
+                .await;
+            let outcome = rx
+                .await
+                .map_err(|_| frame_error("internal_error", "the channel service is unavailable"))?
+                .map_err(|e| {
+                    if let HubError::RateLimited(..) = e {
+                        tracing::warn!(event = "rate_limited", session, "channel message refused");
+                    }
+                    frame_error(e.code(), e.to_string())
+                })?;
+            if outcome == SendOutcome::Duplicate {
+                let f = json!({"type": "message", "action": "ack", "data": {
+                    "channel": channel, "sequence": sequence, "duplicate": true, "retry": retry,
+                }});
+                let _ = conn
+                    .tx
+                    .send(Outbound::Frame(Arc::from(f.to_string())))
+                    .await;
+            }
+        }
+        ClientFrame::Status => {
+            let status = crate::api::ops::status(state).await;
+            let severity = if status.status == "healthy" {
+                "info"
+            } else {
+                "warning"
+            };
+            let f = json!({"type": "system", "action": "status", "data": {
+                "message": format!("server is {}", status.status),
+                "severity": severity,
+                "status": status,
+            }});
+            let _ = conn
+                .tx
+                .send(Outbound::Frame(Arc::from(f.to_string())))
+                .await;
+        }
+        ClientFrame::Broadcast {
+            message,
+            severity,
+            channel,
+        } => {
+            if !principal.is_service() {
+                tracing::warn!(
+                    event = "forbidden",
+                    session,
+                    "system broadcast refused: not service_role"
+                );
+                return Err(frame_error(
+                    "forbidden",
+                    "only a service_role token may broadcast",
+                ));
+            }
+            let _ = state
+                .hub
+                .send(HubCommand::Broadcast {
+                    channel,
+                    message,
+                    severity,
+                })
+                .await;
+        }
+        ClientFrame::Refresh { token } => {
+            let fresh = state.jwt.verify(&token).map_err(|e| {
+                tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
+                match e {
+                    TokenError::Expired => frame_error("auth/expired-token", e.to_string()),
+                    TokenError::Invalid(_) => frame_error("auth/invalid-token", e.to_string()),
+                }
+            })?;
+            if principal.user_id.is_some() && fresh.user_id != principal.user_id {
+                return Err(frame_error(
+                    "forbidden",
+                    "a renewed token must be for the same user",
+                ));
+            }
+            let fresh = Arc::new(fresh);
+            if let Some(uid) = &fresh.user_id {
+                state.registry.rekey(session, uid);
+                let _ = state
+                    .hub
+                    .send(HubCommand::Authenticated {
+                        session,
+                        user_id: Arc::from(uid.as_str()),
+                    })
+                    .await;
+            }
+            let _ = state
+                .router
+                .send(Command::SetPrincipal {
+                    session,
+                    principal: Arc::clone(&fresh),
+                })
+                .await;
+            let _ = conn.expiry.send(fresh.expires_at);
+            let f = json!({"type": "connection", "action": "refreshed", "data": {
+                "user_id": fresh.user_id, "expires_at": fresh.expires_at,
+            }});
+            *principal = fresh;
+            let _ = conn
+                .tx
+                .send(Outbound::Frame(Arc::from(f.to_string())))
                 .await;
         }
     }

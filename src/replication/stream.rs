@@ -124,8 +124,20 @@ impl ReplicationTask {
                         let msg = pgoutput::decode(data)?;
                         assembler.push(msg, &mut outputs)?;
                         for out in outputs.drain(..) {
-                            if let Output::Commit { end_lsn, .. } = &out {
-                                forwarded_end = forwarded_end.max(*end_lsn);
+                            match &out {
+                                Output::Commit {
+                                    end_lsn,
+                                    commit_time_ms,
+                                    ..
+                                } => {
+                                    forwarded_end = forwarded_end.max(*end_lsn);
+                                    let ms = *commit_time_ms;
+                                    self.status.send_modify(|s| s.last_commit_ms = Some(ms));
+                                }
+                                Output::Change(_) => {
+                                    metrics::counter!("aether_events_decoded_total").increment(1)
+                                }
+                                _ => {}
                             }
                             self.changes
                                 .send(out)

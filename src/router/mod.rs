@@ -84,6 +84,8 @@ pub enum Outbound {
         code: &'static str,
         message: String,
     },
+    /// A frame encoded once by its producer (channel messages, presence, system).
+    Frame(Arc<str>),
 }
 
 /// A connection as the router knows it.
@@ -184,6 +186,7 @@ struct Lag {
 }
 
 pub struct RouterConfig {
+    pub channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
     pub confirmed: PgLsn,
     /// A lagging connection that drains nothing for this long is closed.
     pub stall_timeout: Duration,
@@ -206,6 +209,8 @@ pub struct Router {
     catalog: catalog::SharedCatalog,
     progress: watch::Sender<Progress>,
     candidates: Vec<u64>,
+    /// Channel settings of the WebSocket API, kept current from `aether.channels`.
+    channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
     /// (connection, subscription) pairs the change being routed went to.
     delivered_now: Vec<(u64, Arc<str>)>,
     stall_timeout: Duration,
@@ -232,6 +237,7 @@ impl Router {
             catalog,
             progress,
             candidates: Vec::new(),
+            channel_configs: cfg.channel_configs,
             delivered_now: Vec::new(),
             stall_timeout: cfg.stall_timeout,
         }
@@ -616,6 +622,9 @@ impl Router {
                 }
                 self.high_water = Some(change.position);
                 self.open_tx_last = Some(change.position);
+                if let Some(configs) = &self.channel_configs {
+                    track_channels(&change, configs);
+                }
                 authz::track_buckets(
                     &change.relation,
                     change.new.as_ref(),
@@ -633,6 +642,7 @@ impl Router {
             Output::Commit {
                 commit_lsn,
                 end_lsn,
+                ..
             } => {
                 if commit_lsn <= self.last_commit && self.last_commit != PgLsn::ZERO {
                     self.open_tx_last = None;
@@ -707,6 +717,54 @@ impl Router {
 
     pub fn history_len(&self) -> usize {
         self.history.len()
+    }
+}
+
+/// Applies changes to `aether.channels` to the live channel settings.
+fn track_channels(change: &RowChange, configs: &crate::realtime::hub::ChannelConfigs) {
+    let rel = &change.relation;
+    if rel.schema != "aether" || rel.name != "channels" {
+        return;
+    }
+    let at = |row: &crate::changes::Row, col: &str| {
+        rel.column_index(col)
+            .and_then(|i| row.get(i))
+            .and_then(|v| v.clone())
+    };
+    let Ok(mut map) = configs.write() else { return };
+    match change.kind {
+        ChangeKind::Truncate => map.clear(),
+        ChangeKind::Delete => {
+            if let Some(serde_json::Value::String(name)) =
+                change.old.as_ref().and_then(|o| at(o, "name"))
+            {
+                map.remove(&name);
+            }
+        }
+        ChangeKind::Insert | ChangeKind::Update => {
+            let Some(new) = &change.new else { return };
+            if let Some(serde_json::Value::String(old)) =
+                change.old.as_ref().and_then(|o| at(o, "name"))
+            {
+                map.remove(&old);
+            }
+            let Some(serde_json::Value::String(name)) = at(new, "name") else {
+                return;
+            };
+            let num = |col: &str| {
+                at(new, col)
+                    .and_then(|v| v.as_u64())
+                    .and_then(|n| u32::try_from(n).ok())
+            };
+            let config = crate::realtime::hub::ChannelConfig {
+                max_connections: num("max_connections"),
+                message_rate_limit: num("message_rate_limit"),
+                require_auth: at(new, "require_auth")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+            };
+            map.insert(name, config);
+        }
     }
 }
 

@@ -224,6 +224,23 @@ impl Ws {
         Ws { inner }
     }
 
+    /// A client with a small fixed receive buffer (no autotuning), so that not
+    /// reading makes the server's queue fill up deterministically.
+    pub async fn connect_small_buffer(addr: SocketAddr, token: Option<&str>) -> Ws {
+        let url = match token {
+            Some(t) => format!("ws://{addr}/ws?token={t}"),
+            None => format!("ws://{addr}/ws"),
+        };
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (inner, _) =
+            tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+                .await
+                .expect("websocket connects");
+        Ws { inner }
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.inner.send(Message::Text(text.into())).await.unwrap();
     }

@@ -1,0 +1,295 @@
+//! Operations endpoints of the Aether WebSocket API: status, channel management
+//! and JSON metrics.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{FromRequestParts, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::error::ApiError;
+use crate::auth::{Principal, TokenError};
+use crate::realtime::hub::{ChannelConfig, HubCommand, HubStats, valid_channel_name};
+use crate::server::AppState;
+
+/// A caller with a `service_role` token (`Authorization: Bearer …`).
+pub struct ServiceRole(pub Principal);
+
+impl FromRequestParts<AppState> for ServiceRole {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "auth/missing-token",
+                    "a bearer token is required",
+                )
+            })?;
+        let principal = state.jwt.verify(token).map_err(|e| {
+            tracing::warn!(event = "token_refused", reason = %e, "operations route");
+            match e {
+                TokenError::Expired => ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "auth/expired-token",
+                    "token has expired",
+                ),
+                TokenError::Invalid(_) => ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "auth/invalid-token",
+                    e.to_string(),
+                ),
+            }
+        })?;
+        if !principal.is_service() {
+            tracing::warn!(event = "forbidden", "operations route needs service_role");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "auth/forbidden",
+                "this route needs a service_role token",
+            ));
+        }
+        Ok(ServiceRole(principal))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub status: &'static str,
+    pub connections: Connections,
+    pub channels: Channels,
+    pub replication: Replication,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Connections {
+    pub active: usize,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Channels {
+    pub active: usize,
+    pub messages_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Replication {
+    pub connected: bool,
+    pub slot: String,
+    pub lag_bytes: Option<i64>,
+    pub lag_seconds: f64,
+    pub received_lsn: String,
+    pub flushed_lsn: String,
+}
+
+pub async fn hub_stats(state: &AppState) -> HubStats {
+    let (reply, rx) = oneshot::channel();
+    if state.hub.send(HubCommand::Stats { reply }).await.is_err() {
+        return HubStats::default();
+    }
+    tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
+/// healthy | degraded (replication disconnected or behind) | down (shutting down).
+pub async fn status(state: &AppState) -> Status {
+    let conns = state.registry.stats();
+    let hub = hub_stats(state).await;
+    let repl = state.replication.borrow().clone();
+    let lag_bytes = match state.pool.get().await {
+        Ok(client) => client
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+                &[&repl.received.to_string()],
+            )
+            .await
+            .ok()
+            .map(|r| r.get::<_, i64>(0).max(0)),
+        Err(_) => None,
+    };
+    let lag_seconds = match (lag_bytes, repl.last_commit_ms) {
+        (Some(b), Some(ms)) if b > 0 => {
+            ((chrono::Utc::now().timestamp_millis() - ms).max(0) as f64) / 1000.0
+        }
+        _ => 0.0,
+    };
+    metrics::gauge!("aether_replication_lag_bytes").set(lag_bytes.unwrap_or(0) as f64);
+    metrics::gauge!("aether_replication_lag_seconds").set(lag_seconds);
+    let status = if state.shutdown.is_cancelled() {
+        "down"
+    } else if !repl.connected || lag_seconds > state.config.degraded_lag.as_secs_f64() {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    Status {
+        status,
+        connections: Connections {
+            active: conns.active,
+            total: conns.total,
+        },
+        channels: Channels {
+            active: hub.active,
+            messages_per_second: hub.messages_per_second,
+        },
+        replication: Replication {
+            connected: repl.connected,
+            slot: state.config.replication_slot.clone(),
+            lag_bytes,
+            lag_seconds,
+            received_lsn: repl.received.to_string(),
+            flushed_lsn: repl.flushed.to_string(),
+        },
+    }
+}
+
+pub async fn ws_status(State(state): State<AppState>) -> Json<Status> {
+    Json(status(&state).await)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChannelRequest {
+    pub name: String,
+    pub max_connections: Option<i64>,
+    pub message_rate_limit: Option<i64>,
+    #[serde(default)]
+    pub require_auth: bool,
+}
+
+/// Creates or reconfigures a channel; stored in `aether.channels`.
+pub async fn create_channel(
+    State(state): State<AppState>,
+    _svc: ServiceRole,
+    body: Result<Json<ChannelRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(req) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    if !valid_channel_name(&req.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            "channel name must be 1-128 of letters, digits, ':', '.', '_', '-'",
+        ));
+    }
+    let positive = |v: Option<i64>, field: &str| -> Result<Option<i32>, ApiError> {
+        match v {
+            None => Ok(None),
+            Some(n) if n > 0 && n <= i64::from(i32::MAX) => Ok(Some(n as i32)),
+            Some(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} must be a positive number"),
+            )),
+        }
+    };
+    let max = positive(req.max_connections, "max_connections")?;
+    let rate = positive(req.message_rate_limit, "message_rate_limit")?;
+    let client = state.pool.get().await.map_err(ApiError::internal)?;
+    let row = client
+        .query_one(
+            "INSERT INTO aether.channels (name, max_connections, message_rate_limit, require_auth)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET max_connections = EXCLUDED.max_connections,
+                 message_rate_limit = EXCLUDED.message_rate_limit, require_auth = EXCLUDED.require_auth
+             RETURNING (xmax = 0) AS created, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                       to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+            &[&req.name, &max, &rate, &req.require_auth],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    // The WAL brings the same row to the router; applying it here as well means
+    // the caller's next join already sees it.
+    let config = ChannelConfig {
+        max_connections: max.map(|n| n as u32),
+        message_rate_limit: rate.map(|n| n as u32),
+        require_auth: req.require_auth,
+    };
+    if let Ok(mut c) = state.channels.write() {
+        c.insert(req.name.clone(), config);
+    }
+    let created: bool = row.get(0);
+    let body = json!({
+        "name": req.name, "max_connections": max, "message_rate_limit": rate, "require_auth": req.require_auth,
+        "created_at": row.get::<_, String>(1), "updated_at": row.get::<_, String>(2),
+    });
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(body),
+    ))
+}
+
+pub async fn metrics_connections(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+    Json(json!(state.registry.stats()))
+}
+
+pub async fn metrics_messages(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let hub = hub_stats(&state).await;
+    Json(json!({
+        "frames_in": state.stats.frames_in.load(Relaxed),
+        "frames_out": state.stats.frames_out.load(Relaxed),
+        "changes_delivered": state.stats.changes_delivered.load(Relaxed),
+        "channel_messages_total": hub.messages_total,
+        "channel_messages_per_second": hub.messages_per_second,
+    }))
+}
+
+pub async fn metrics_channels(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+    let hub = hub_stats(&state).await;
+    let configs = state.channels.read().map(|c| c.clone()).unwrap_or_default();
+    Json(json!({
+        "active": hub.active,
+        "messages_per_second": hub.messages_per_second,
+        "members": hub.members,
+        "configured": configs,
+    }))
+}
+
+pub async fn metrics_errors(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+    let errors = state.stats.errors();
+    let total: u64 = errors.values().sum();
+    Json(json!({"total": total, "by_code": errors}))
+}
+
+/// Loads `aether.channels` at start.
+pub async fn load_channels(
+    client: &tokio_postgres::Client,
+) -> Result<std::collections::HashMap<String, ChannelConfig>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT name, max_connections, message_rate_limit, require_auth FROM aether.channels",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let max: Option<i32> = r.get(1);
+            let rate: Option<i32> = r.get(2);
+            (
+                r.get::<_, String>(0),
+                ChannelConfig {
+                    max_connections: max.map(|n| n.max(1) as u32),
+                    message_rate_limit: rate.map(|n| n.max(1) as u32),
+                    require_auth: r.get(3),
+                },
+            )
+        })
+        .collect())
+}

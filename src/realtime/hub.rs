@@ -1,0 +1,514 @@
+//! Channels of the Aether WebSocket API: membership, relay, and per-channel order.
+//!
+//! One task owns every channel, so each channel's messages reach its members in
+//! one order (the `server_sequence` in the relayed metadata). Relays use `try_send`
+//! into the members' bounded queues: a member whose queue is full is closed as a
+//! slow consumer instead of holding up the channel.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::router::Outbound;
+
+/// A channel's settings, from `aether.channels` (absent: defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChannelConfig {
+    pub max_connections: Option<u32>,
+    pub message_rate_limit: Option<u32>,
+    pub require_auth: bool,
+}
+
+pub type ChannelConfigs = Arc<RwLock<HashMap<String, ChannelConfig>>>;
+
+pub fn valid_channel_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
+        && name.len() <= 128
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'_' | b'-'))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error(
+        "channel name must be 1-128 of letters, digits, ':', '.', '_', '-' (starting with a letter or digit)"
+    )]
+    InvalidChannel,
+    #[error("channel {0:?} requires an authenticated connection")]
+    AuthRequired(String),
+    #[error("channel {0:?} is full ({1} connections)")]
+    ChannelFull(String, u32),
+    #[error("not a member of channel {0:?}: join it first")]
+    NotMember(String),
+    #[error("message rate limit for channel {0:?} exceeded ({1} per {2} s)")]
+    RateLimited(String, u32, u64),
+    #[error("the channel service is unavailable")]
+    Unavailable,
+}
+
+impl HubError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            HubError::InvalidChannel => "invalid_channel",
+            HubError::AuthRequired(_) => "auth_required",
+            HubError::ChannelFull(..) => "channel_full",
+            HubError::NotMember(_) => "not_a_member",
+            HubError::RateLimited(..) => "rate_limited",
+            HubError::Unavailable => "internal_error",
+        }
+    }
+}
+
+/// A connection as the hub knows it.
+pub struct Member {
+    pub tx: mpsc::Sender<Outbound>,
+    pub overflowed: CancellationToken,
+    pub client_id: Arc<str>,
+    pub user_id: Option<Arc<str>>,
+    pub authenticated: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    Relayed {
+        server_sequence: u64,
+    },
+    /// Already relayed for this `(client_id, sequence)`: not relayed again.
+    Duplicate,
+}
+
+pub struct Message {
+    pub channel: String,
+    pub content: Value,
+    pub sequence: Option<i64>,
+    pub timestamp: Option<String>,
+}
+
+pub enum HubCommand {
+    Attach {
+        session: u64,
+        member: Member,
+    },
+    Detach {
+        session: u64,
+    },
+    Join {
+        session: u64,
+        channel: String,
+        reply: oneshot::Sender<Result<(), HubError>>,
+    },
+    Leave {
+        session: u64,
+        channel: String,
+        reply: oneshot::Sender<Result<(), HubError>>,
+    },
+    Send {
+        session: u64,
+        message: Message,
+        reply: oneshot::Sender<Result<SendOutcome, HubError>>,
+    },
+    Broadcast {
+        channel: Option<String>,
+        message: String,
+        severity: String,
+    },
+    Authenticated {
+        session: u64,
+        user_id: Arc<str>,
+    },
+    Stats {
+        reply: oneshot::Sender<HubStats>,
+    },
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HubStats {
+    pub active: usize,
+    pub messages_per_second: f64,
+    pub messages_total: u64,
+    pub members: HashMap<String, usize>,
+}
+
+struct Channel {
+    members: HashSet<u64>,
+    next_sequence: u64,
+}
+
+const DEDUP_PER_CLIENT: usize = 1024;
+const DEDUP_CLIENTS: usize = 100_000;
+
+#[derive(Default)]
+struct Dedup {
+    seen: HashSet<i64>,
+    order: VecDeque<i64>,
+}
+
+pub struct Hub {
+    members: HashMap<u64, (Member, HashSet<String>)>,
+    channels: HashMap<String, Channel>,
+    configs: ChannelConfigs,
+    default_rate: u32,
+    window: Duration,
+    limiters: HashMap<String, (u32, DefaultKeyedRateLimiter<Arc<str>>)>,
+    dedup: HashMap<Arc<str>, Dedup>,
+    dedup_order: VecDeque<Arc<str>>,
+    messages_total: u64,
+    rate: f64,
+    last_total: u64,
+}
+
+fn frame(v: Value) -> Outbound {
+    Outbound::Frame(Arc::from(v.to_string()))
+}
+
+fn connection_frame(action: &str, member: &Member, channel: &str) -> Value {
+    json!({"type": "connection", "action": action, "data": {
+        "client_id": &*member.client_id,
+        "user_id": member.user_id.as_deref(),
+        "channel": channel,
+    }})
+}
+
+impl Hub {
+    pub fn new(configs: ChannelConfigs, default_rate: u32, window: Duration) -> Self {
+        Hub {
+            members: HashMap::new(),
+            channels: HashMap::new(),
+            configs,
+            default_rate: default_rate.max(1),
+            window,
+            limiters: HashMap::new(),
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            messages_total: 0,
+            rate: 0.0,
+            last_total: 0,
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<HubCommand>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    // Messages per second, smoothed over about ten seconds.
+                    let delta = (self.messages_total - self.last_total) as f64;
+                    self.last_total = self.messages_total;
+                    self.rate = 0.9 * self.rate + 0.1 * delta;
+                }
+            }
+        }
+    }
+
+    fn config(&self, channel: &str) -> ChannelConfig {
+        self.configs
+            .read()
+            .ok()
+            .and_then(|c| c.get(channel).cloned())
+            .unwrap_or_default()
+    }
+
+    fn command(&mut self, cmd: HubCommand) {
+        match cmd {
+            HubCommand::Attach { session, member } => {
+                self.members.insert(session, (member, HashSet::new()));
+            }
+            HubCommand::Detach { session } => {
+                if let Some((member, channels)) = self.members.remove(&session) {
+                    for ch in channels {
+                        self.remove_member(session, &member, &ch);
+                    }
+                }
+            }
+            HubCommand::Join {
+                session,
+                channel,
+                reply,
+            } => {
+                let _ = reply.send(self.join(session, channel));
+            }
+            HubCommand::Leave {
+                session,
+                channel,
+                reply,
+            } => {
+                let _ = reply.send(self.leave(session, &channel));
+            }
+            HubCommand::Send {
+                session,
+                message,
+                reply,
+            } => {
+                let _ = reply.send(self.relay(session, message));
+            }
+            HubCommand::Broadcast {
+                channel,
+                message,
+                severity,
+            } => {
+                let mut data = json!({"message": message, "severity": severity});
+                if let Some(ch) = &channel {
+                    data["channel"] = json!(ch);
+                }
+                let f: Arc<str> = Arc::from(
+                    json!({"type": "system", "action": "broadcast", "data": data}).to_string(),
+                );
+                let targets: Vec<u64> = match &channel {
+                    Some(ch) => self
+                        .channels
+                        .get(ch)
+                        .map(|c| c.members.iter().copied().collect())
+                        .unwrap_or_default(),
+                    None => self.members.keys().copied().collect(),
+                };
+                for s in targets {
+                    self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+                }
+            }
+            HubCommand::Authenticated { session, user_id } => {
+                if let Some((m, _)) = self.members.get_mut(&session) {
+                    m.user_id = Some(user_id);
+                    m.authenticated = true;
+                }
+            }
+            HubCommand::Stats { reply } => {
+                let _ = reply.send(HubStats {
+                    active: self.channels.len(),
+                    messages_per_second: (self.rate * 100.0).round() / 100.0,
+                    messages_total: self.messages_total,
+                    members: self
+                        .channels
+                        .iter()
+                        .map(|(k, c)| (k.clone(), c.members.len()))
+                        .collect(),
+                });
+            }
+        }
+    }
+
+    fn join(&mut self, session: u64, channel: String) -> Result<(), HubError> {
+        if !valid_channel_name(&channel) {
+            return Err(HubError::InvalidChannel);
+        }
+        let cfg = self.config(&channel);
+        let Some((member, joined)) = self.members.get(&session) else {
+            return Err(HubError::Unavailable);
+        };
+        if joined.contains(&channel) {
+            // Joining twice is harmless: confirm again.
+            let _ = member
+                .tx
+                .try_send(frame(connection_frame("connect", member, &channel)));
+            return Ok(());
+        }
+        if cfg.require_auth && !member.authenticated {
+            return Err(HubError::AuthRequired(channel));
+        }
+        let current = self.channels.get(&channel).map_or(0, |c| c.members.len());
+        if let Some(max) = cfg.max_connections
+            && current >= max as usize
+        {
+            return Err(HubError::ChannelFull(channel, max));
+        }
+        let announce: Arc<str> =
+            Arc::from(connection_frame("connect", member, &channel).to_string());
+        let ch = self
+            .channels
+            .entry(channel.clone())
+            .or_insert_with(|| Channel {
+                members: HashSet::new(),
+                next_sequence: 1,
+            });
+        let others: Vec<u64> = ch.members.iter().copied().collect();
+        ch.members.insert(session);
+        if let Some((_, joined)) = self.members.get_mut(&session) {
+            joined.insert(channel);
+        }
+        // The joiner's confirmation first, then everyone else hears of it.
+        self.deliver(session, Outbound::Frame(Arc::clone(&announce)));
+        for s in others {
+            self.deliver(s, Outbound::Frame(Arc::clone(&announce)));
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, session: u64, channel: &str) -> Result<(), HubError> {
+        let Some((member, joined)) = self.members.get_mut(&session) else {
+            return Err(HubError::Unavailable);
+        };
+        if !joined.remove(channel) {
+            return Err(HubError::NotMember(channel.to_owned()));
+        }
+        let confirm = frame(connection_frame("disconnect", member, channel));
+        let _ = member.tx.try_send(confirm);
+        let member = Member {
+            tx: member.tx.clone(),
+            overflowed: member.overflowed.clone(),
+            client_id: Arc::clone(&member.client_id),
+            user_id: member.user_id.clone(),
+            authenticated: member.authenticated,
+        };
+        self.remove_member(session, &member, channel);
+        Ok(())
+    }
+
+    fn remove_member(&mut self, session: u64, member: &Member, channel: &str) {
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        ch.members.remove(&session);
+        let rest: Vec<u64> = ch.members.iter().copied().collect();
+        if ch.members.is_empty() {
+            self.channels.remove(channel);
+        }
+        let f: Arc<str> = Arc::from(connection_frame("disconnect", member, channel).to_string());
+        for s in rest {
+            self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+        }
+    }
+
+    fn rate_limited(&mut self, channel: &str, client: &Arc<str>) -> Option<HubError> {
+        let limit = self
+            .config(channel)
+            .message_rate_limit
+            .unwrap_or(self.default_rate)
+            .max(1);
+        let window = self.window;
+        let entry = self.limiters.entry(channel.to_owned());
+        let (l, limiter) = entry.or_insert_with(|| (limit, keyed_limiter(limit, window)));
+        if *l != limit {
+            *l = limit;
+            *limiter = keyed_limiter(limit, window);
+        }
+        limiter
+            .check_key(client)
+            .err()
+            .map(|_| HubError::RateLimited(channel.to_owned(), limit, window.as_secs()))
+    }
+
+    fn relay(&mut self, session: u64, m: Message) -> Result<SendOutcome, HubError> {
+        let (client_id, user_id) = match self.members.get(&session) {
+            Some((member, joined)) if joined.contains(&m.channel) => {
+                (Arc::clone(&member.client_id), member.user_id.clone())
+            }
+            Some(_) => return Err(HubError::NotMember(m.channel)),
+            None => return Err(HubError::Unavailable),
+        };
+        if let Some(seq) = m.sequence
+            && self
+                .dedup
+                .get(&client_id)
+                .is_some_and(|d| d.seen.contains(&seq))
+        {
+            return Ok(SendOutcome::Duplicate);
+        }
+        if let Some(e) = self.rate_limited(&m.channel, &client_id) {
+            return Err(e);
+        }
+        if let Some(seq) = m.sequence {
+            self.remember(&client_id, seq);
+        }
+        let Some(ch) = self.channels.get_mut(&m.channel) else {
+            return Err(HubError::NotMember(m.channel));
+        };
+        let server_sequence = ch.next_sequence;
+        ch.next_sequence += 1;
+        let targets: Vec<u64> = ch.members.iter().copied().collect();
+        let timestamp = m.timestamp.unwrap_or_else(|| {
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+        let f: Arc<str> = Arc::from(
+            json!({"type": "message", "action": "send", "data": {
+                "content": m.content,
+                "channel": m.channel,
+                "client_id": &*client_id,
+                "user_id": user_id.as_deref(),
+                "metadata": {"sequence": m.sequence, "timestamp": timestamp, "server_sequence": server_sequence},
+            }})
+            .to_string(),
+        );
+        self.messages_total += 1;
+        metrics::counter!("aether_channel_messages_in_total").increment(1);
+        metrics::counter!("aether_channel_messages_out_total").increment(targets.len() as u64);
+        for s in targets {
+            self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+        }
+        Ok(SendOutcome::Relayed { server_sequence })
+    }
+
+    fn remember(&mut self, client: &Arc<str>, seq: i64) {
+        if !self.dedup.contains_key(client) {
+            if self.dedup.len() >= DEDUP_CLIENTS
+                && let Some(old) = self.dedup_order.pop_front()
+            {
+                self.dedup.remove(&old);
+            }
+            self.dedup_order.push_back(Arc::clone(client));
+        }
+        let d = self.dedup.entry(Arc::clone(client)).or_default();
+        if d.seen.insert(seq) {
+            d.order.push_back(seq);
+            if d.order.len() > DEDUP_PER_CLIENT
+                && let Some(old) = d.order.pop_front()
+            {
+                d.seen.remove(&old);
+            }
+        }
+    }
+
+    /// Queues a frame for one connection; a full queue closes it.
+    fn deliver(&mut self, session: u64, out: Outbound) {
+        let Some((m, _)) = self.members.get(&session) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = m.tx.try_send(out) {
+            tracing::warn!(
+                session,
+                "channel relay: queue full, closing the slow connection"
+            );
+            metrics::counter!("aether_queue_drops_total").increment(1);
+            m.overflowed.cancel();
+        }
+    }
+}
+
+fn keyed_limiter(limit: u32, window: Duration) -> DefaultKeyedRateLimiter<Arc<str>> {
+    let n = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
+    let period = (window / n.get()).max(Duration::from_nanos(1));
+    let quota = Quota::with_period(period)
+        .map(|q| q.allow_burst(n))
+        .unwrap_or_else(|| Quota::per_second(n));
+    RateLimiter::keyed(quota)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert!(valid_channel_name("main"));
+        assert!(valid_channel_name("room:42.a_b-c"));
+        assert!(!valid_channel_name(""));
+        assert!(!valid_channel_name("-x"));
+        assert!(!valid_channel_name("a b"));
+        assert!(!valid_channel_name(&"a".repeat(129)));
+    }
+}
