@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod changes;
 pub mod config;
+pub mod logging;
 pub mod realtime;
 pub mod replication;
 pub mod router;

@@ -25,18 +25,6 @@ enum Cmd {
     Migrate,
 }
 
-fn init_logging() {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if std::io::stderr().is_terminal() {
-        builder.with_writer(std::io::stderr).init();
-    } else {
-        builder.json().with_writer(std::io::stderr).init();
-    }
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -52,7 +40,7 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    aether::logging::init();
     let config = Config::from_env().map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
     match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Migrate => {

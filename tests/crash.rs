@@ -204,3 +204,59 @@ fn a_bad_setting_stops_start_up_with_a_message_naming_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("WS_PORT"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_in_the_documented_format_with_security_events() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await;
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_aether"))
+        .env("DATABASE_URL", &db.url)
+        .env("WS_HOST", "127.0.0.1")
+        .env("WS_PORT", port.to_string())
+        .env("REPLICATION_SLOT", &db.name)
+        .env("JWT_SECRET", SECRET)
+        .env("DATA_DIR", std::env::temp_dir().join(&db.name))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_healthy(addr).await;
+    let secret_token = token(Some(&uuid::Uuid::new_v4().to_string()), "authenticated", -5);
+    let mut ws = Ws::connect(addr, Some(&secret_token)).await;
+    ws.until_close().await;
+    let mut refused = None;
+    tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            for key in ["timestamp", "level", "event"] {
+                assert!(v[key].is_string(), "{key} missing: {line}");
+            }
+            assert!(
+                v["data"]["component"].is_string() && v["data"]["details"].is_object(),
+                "{line}"
+            );
+            assert!(!line.contains(&secret_token), "a token was logged");
+            if v["event"] == "token_refused" {
+                refused = Some(v);
+                break;
+            }
+        }
+    })
+    .await
+    .expect("a token_refused security event is logged");
+    let refused = refused.unwrap();
+    assert_eq!(refused["level"], "warn");
+    assert_eq!(refused["data"]["component"], "api");
+    assert!(
+        refused["data"]["details"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    child.kill().await.unwrap();
+}

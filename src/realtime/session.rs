@@ -250,6 +250,8 @@ async fn write_loop(
     let ping_every = state.config.ws_ping_interval;
     let idle_ms = i64::try_from(state.config.ws_idle_timeout.as_millis()).unwrap_or(i64::MAX);
     let reader_done = CancellationToken::new();
+    // Set by the writer once the closing handshake is over (or timed out).
+    let hard_stop = CancellationToken::new();
 
     let writer = async {
         let mut pull_wanted = false;
@@ -357,20 +359,33 @@ async fn write_loop(
                 })))
                 .await
             };
-            let _ = tokio::time::timeout(Duration::from_secs(5), goodbye).await;
+            if tokio::time::timeout(Duration::from_secs(5), goodbye)
+                .await
+                .is_ok()
+            {
+                // The closing handshake: let the reader see the peer's Close before
+                // the socket goes, so the peer reads our code rather than a reset.
+                let _ = tokio::time::timeout(Duration::from_secs(2), reader_done.cancelled()).await;
+            }
         }
-        // Ends the reader too.
         closer.token.cancel();
+        hard_stop.cancel();
     };
 
     let reader = async {
         let mut principal = Arc::clone(&conn.principal);
         loop {
             let msg = tokio::select! {
-                _ = closer.token.cancelled() => break,
+                _ = hard_stop.cancelled() => break,
                 msg = stream.next() => msg,
             };
             last_seen.store(now_ms(), Ordering::Relaxed);
+            if closer.token.is_cancelled()
+                && !matches!(msg, Some(Ok(Message::Close(_))) | None | Some(Err(_)))
+            {
+                // Closing: frames still in flight from the peer are not acted on.
+                continue;
+            }
             match msg {
                 Some(Ok(Message::Text(text))) => {
                     state.stats.frame_in();
@@ -384,7 +399,7 @@ async fn write_loop(
                         let frame =
                             protocol::error_frame("realtime", "frame_too_large", &message, None);
                         closer.close(CLOSE_TOO_BIG, "frame too large", Some(frame));
-                        break;
+                        continue;
                     }
                     // The token is checked on every message, not only at connect.
                     if let Some(exp) = principal.expires_at
@@ -398,7 +413,7 @@ async fn write_loop(
                         );
                         state.stats.error("auth/expired-token");
                         closer.close(CLOSE_AUTH, "auth/expired-token", Some(frame));
-                        break;
+                        continue;
                     }
                     if let Err(e) = handle_text(conn, &mut principal, &text).await {
                         let out = Outbound::Error {

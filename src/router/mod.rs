@@ -344,7 +344,13 @@ impl Router {
     /// Closes a connection that cannot keep up at all.
     fn kick(&mut self, session: u64, why: &str) {
         if let Some(entry) = self.sessions.get(&session) {
-            tracing::warn!(session, why, "closing a slow connection");
+            tracing::warn!(
+                event = "slow_consumer",
+                session,
+                why,
+                "closing a slow connection"
+            );
+            metrics::counter!("aether_queue_drops_total", "kind" => "closed").increment(1);
             entry.handle.overflowed.cancel();
         }
         self.detach(session);
@@ -588,6 +594,7 @@ impl Router {
             Ok(()) => self.delivered_now.push((session, subscription)),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::debug!(session, "outbound queue full: lagging, paging from history");
+                metrics::counter!("aether_queue_drops_total", "kind" => "lagging").increment(1);
                 // Subscriptions of this connection that already got this change.
                 let served = self
                     .delivered_now

@@ -122,6 +122,15 @@ impl TestServer {
         Ws::connect(self.addr(), token).await
     }
 
+    /// Connects with extra query parameters (`client_id=a&channel=b`).
+    pub async fn ws_query(&self, query: &str) -> Ws {
+        Ws::connect_url(&format!("ws://{}/ws?{query}", self.addr())).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
     /// Waits until the change stream has caught up with everything committed so far
     /// (a marker row goes through the whole pipeline).
     pub async fn sync(&self) {
@@ -222,6 +231,23 @@ impl Ws {
             .await
             .expect("websocket connects");
         Ws { inner }
+    }
+
+    pub async fn connect_url(url: &str) -> Ws {
+        let (inner, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        Ws { inner }
+    }
+
+    /// The next frame whose `type` is `kind` (others are skipped).
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.next().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
     }
 
     /// A client with a small fixed receive buffer (no autotuning), so that not

@@ -1,0 +1,503 @@
+//! The Aether WebSocket API (seed 000, the side after `<<<<<<< HEAD`): connection,
+//! channel messages, system messages, limits and the operations endpoints.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn send(channel: &str, content: &str, sequence: i64) -> Value {
+    json!({"type": "message", "action": "send", "data": {
+        "content": content, "channel": channel,
+        "metadata": {"sequence": sequence, "timestamp": "2026-11-21T00:00:00.000Z"}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_confirms_and_members_hear_of_joins_and_leaves() {
+    let t = TestServer::start().await;
+    let uid = uuid::Uuid::new_v4().to_string();
+    let mut a = t
+        .ws_query(&format!(
+            "token={}&client_id=alpha&channel=main",
+            user_token(&uid)
+        ))
+        .await;
+    assert_eq!(
+        a.next().await,
+        json!({"type":"connection","action":"connect","data":{"client_id":"alpha","user_id":uid,"channel":"main"}})
+    );
+    let mut b = t.ws_query("client_id=beta&channel=main").await;
+    assert_eq!(
+        b.next().await,
+        json!({"type":"connection","action":"connect","data":{"client_id":"beta","user_id":null,"channel":"main"}})
+    );
+    let announced = a.next().await;
+    assert_eq!(
+        (
+            announced["action"].as_str(),
+            announced["data"]["client_id"].as_str()
+        ),
+        (Some("connect"), Some("beta"))
+    );
+
+    // Joining and leaving further channels in-band.
+    b.send(json!({"type":"connection","action":"join","data":{"channel":"side"}}))
+        .await;
+    let j = b.next().await;
+    assert_eq!(
+        (j["action"].as_str(), j["data"]["channel"].as_str()),
+        (Some("connect"), Some("side"))
+    );
+    b.send(json!({"type":"connection","action":"leave","data":{"channel":"side"}}))
+        .await;
+    let l = b.next().await;
+    assert_eq!(
+        (l["action"].as_str(), l["data"]["channel"].as_str()),
+        (Some("disconnect"), Some("side"))
+    );
+    b.send(json!({"type":"connection","action":"leave","data":{"channel":"side"}}))
+        .await;
+    assert_eq!(b.next().await["code"], "not_a_member");
+    b.send(json!({"type":"connection","action":"join","data":{"channel":"bad name"}}))
+        .await;
+    assert_eq!(b.next().await["code"], "invalid_channel");
+
+    // A connection without client_id gets one generated; one without channel is
+    // confirmed with channel null.
+    let mut c = t.ws_query("client_id=gamma").await;
+    assert_eq!(c.next().await["data"]["channel"], Value::Null);
+
+    b.close().await;
+    let gone = a.next().await;
+    assert_eq!(
+        (gone["action"].as_str(), gone["data"]["client_id"].as_str()),
+        (Some("disconnect"), Some("beta"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_receive_a_channels_messages_in_one_order_and_retries_are_delivered_once() {
+    let t = TestServer::start().await;
+    let mut a = t.ws_query("client_id=a&channel=room").await;
+    a.next().await;
+    let mut b = t.ws_query("client_id=b&channel=room").await;
+    b.next().await;
+    a.next().await; // b joined
+    // Both send at once; both see the same single order.
+    let (ra, rb) = tokio::join!(
+        async {
+            for i in 0..20 {
+                a.send(send("room", &format!("a{i}"), i)).await;
+            }
+        },
+        async {
+            for i in 0..20 {
+                b.send(send("room", &format!("b{i}"), i)).await;
+            }
+        }
+    );
+    let _ = (ra, rb);
+    let mut seen_a = Vec::new();
+    let mut seen_b = Vec::new();
+    for _ in 0..40 {
+        seen_a.push(a.next_of("message").await);
+        seen_b.push(b.next_of("message").await);
+    }
+    let order = |v: &[Value]| {
+        v.iter()
+            .map(|m| m["data"]["content"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order(&seen_a), order(&seen_b), "one order for every member");
+    let seqs: Vec<u64> = seen_a
+        .iter()
+        .map(|m| m["data"]["metadata"]["server_sequence"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    let m = &seen_a[0];
+    assert_eq!(m["action"], "send");
+    assert_eq!(m["data"]["channel"], "room");
+    assert!(
+        m["data"]["metadata"]["sequence"].is_i64()
+            && m["data"]["metadata"]["timestamp"].is_string()
+    );
+    // Each sender's own messages keep its order.
+    let mine: Vec<String> = order(&seen_a)
+        .into_iter()
+        .filter(|c| c.starts_with('a'))
+        .collect();
+    assert_eq!(mine, (0..20).map(|i| format!("a{i}")).collect::<Vec<_>>());
+
+    // A retry of a message already relayed is not relayed again: the sender is told.
+    a.send(json!({"type":"message","action":"retry","data":{"content":"a0","channel":"room","metadata":{"sequence":0}}})).await;
+    let ack = a.next().await;
+    assert_eq!(
+        ack,
+        json!({"type":"message","action":"ack","data":{"channel":"room","sequence":0,"duplicate":true,"retry":true}})
+    );
+    // A retry of a message the server never got is relayed, once.
+    a.send(json!({"type":"message","action":"retry","data":{"content":"late","channel":"room","metadata":{"sequence":77}}})).await;
+    a.send(json!({"type":"message","action":"retry","data":{"content":"late","channel":"room","metadata":{"sequence":77}}})).await;
+    assert_eq!(b.next_of("message").await["data"]["content"], "late");
+    a.send(send("room", "after", 78)).await;
+    assert_eq!(
+        b.next_of("message").await["data"]["content"],
+        "after",
+        "the duplicate retry was not relayed"
+    );
+    // Sending to a channel one has not joined is refused.
+    a.send(send("elsewhere", "x", 1)).await;
+    let e = a.next_of("error").await;
+    assert_eq!(e["code"], "not_a_member");
+    assert_eq!(e["details"]["component"], "subscription");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_status_and_operator_broadcasts() {
+    let t = TestServer::start().await;
+    let mut member = t.ws_query("client_id=m&channel=news").await;
+    member.next().await;
+    let mut outsider = t.ws_query("client_id=o").await;
+    outsider.next().await;
+    let mut op = t
+        .ws_query(&format!("token={}&client_id=op", service_token()))
+        .await;
+    op.next().await;
+
+    outsider
+        .send(json!({"type":"system","action":"status"}))
+        .await;
+    let s = outsider.next().await;
+    assert_eq!(
+        (s["type"].as_str(), s["action"].as_str()),
+        (Some("system"), Some("status"))
+    );
+    assert_eq!(s["data"]["severity"], "info");
+    assert_eq!(s["data"]["status"]["status"], "healthy");
+
+    // Only service_role may broadcast.
+    outsider
+        .send(
+            json!({"type":"system","action":"broadcast","data":{"message":"hi","severity":"info"}}),
+        )
+        .await;
+    assert_eq!(outsider.next().await["code"], "forbidden");
+
+    op.send(json!({"type":"system","action":"broadcast","data":{"message":"to news","severity":"warning","channel":"news"}})).await;
+    op.send(json!({"type":"system","action":"broadcast","data":{"message":"to all","severity":"error"}})).await;
+    assert_eq!(
+        member.next().await,
+        json!({"type":"system","action":"broadcast","data":{"message":"to news","severity":"warning","channel":"news"}})
+    );
+    assert_eq!(member.next().await["data"]["message"], "to all");
+    // The outsider only hears the broadcast to everyone.
+    assert_eq!(
+        outsider.next().await,
+        json!({"type":"system","action":"broadcast","data":{"message":"to all","severity":"error"}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_are_configured_over_rest_stored_in_postgres_and_enforced() {
+    let t = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let body =
+        json!({"name": "vip", "max_connections": 1, "message_rate_limit": 2, "require_auth": true});
+    let r = http
+        .post(t.url("/ws/channels"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["status"], 401);
+    let uid = uuid::Uuid::new_v4().to_string();
+    let r = http
+        .post(t.url("/ws/channels"))
+        .bearer_auth(user_token(&uid))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http
+        .post(t.url("/ws/channels"))
+        .bearer_auth(service_token())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let c: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            c["name"].as_str(),
+            c["max_connections"].as_i64(),
+            c["require_auth"].as_bool()
+        ),
+        (Some("vip"), Some(1), Some(true))
+    );
+    let r = http
+        .post(t.url("/ws/channels"))
+        .bearer_auth(service_token())
+        .json(&json!({"name": "bad name"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(t.url("/ws/channels"))
+        .bearer_auth(service_token())
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let row = t
+        .sql
+        .query_one(
+            "SELECT max_connections, require_auth FROM aether.channels WHERE name = 'vip'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, Option<i32>>(0), row.get::<_, bool>(1)),
+        (Some(1), true)
+    );
+
+    // require_auth: an anonymous join is refused (and the connection closed, since
+    // it asked for that channel when connecting).
+    let mut anon = t.ws_query("client_id=anon&channel=vip").await;
+    let (code, frames) = anon.until_close().await;
+    assert_eq!(frames[0]["code"], "auth_required");
+    assert_eq!(code, Some(4003));
+    // max_connections: the second member is refused.
+    let mut first = t
+        .ws_query(&format!(
+            "token={}&client_id=one&channel=vip",
+            user_token(&uid)
+        ))
+        .await;
+    first.next().await;
+    let mut second = t
+        .ws(Some(&user_token(&uuid::Uuid::new_v4().to_string())))
+        .await;
+    second
+        .send(json!({"type":"connection","action":"join","data":{"channel":"vip"}}))
+        .await;
+    assert_eq!(second.next().await["code"], "channel_full");
+    // message_rate_limit: the third message in the window is refused and not relayed.
+    for i in 0..3 {
+        first.send(send("vip", &format!("m{i}"), i)).await;
+    }
+    assert_eq!(first.next().await["data"]["content"], "m0");
+    assert_eq!(first.next().await["data"]["content"], "m1");
+    let e = first.next().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("rate_limited"))
+    );
+
+    // A DBA's UPDATE applies live, through the WAL.
+    t.exec("UPDATE aether.channels SET max_connections = 5 WHERE name = 'vip'")
+        .await;
+    t.sync().await;
+    second
+        .send(json!({"type":"connection","action":"join","data":{"channel":"vip"}}))
+        .await;
+    assert_eq!(second.next().await["action"], "connect");
+    // …and survives a restart: it is read from PostgreSQL at start.
+    let r = http
+        .post(t.url("/ws/channels"))
+        .bearer_auth(service_token())
+        .json(&json!({"name": "vip", "require_auth": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "reconfiguring an existing channel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_message_limits_are_enforced_with_clear_errors() {
+    let t = TestServer::start_with(|c| {
+        c.rate_limit_connections = 2;
+        c.ws_max_connections = 4;
+        c.rate_limit_messages = 3;
+    })
+    .await;
+    let uid = uuid::Uuid::new_v4().to_string();
+    let tok = user_token(&uid);
+    let mut c1 = t
+        .ws_query(&format!("token={tok}&client_id=c1&channel=x"))
+        .await;
+    c1.next().await;
+    let _c2 = t.ws(Some(&tok)).await;
+    let mut c3 = t.ws(Some(&tok)).await;
+    let (code, frames) = c3.until_close().await;
+    assert_eq!(
+        (code, frames[0]["code"].as_str()),
+        (Some(4029), Some("connection_limit"))
+    );
+    assert!(frames[0]["message"].as_str().unwrap().contains("this user"));
+    // The global cap.
+    let _o1 = t.ws(None).await;
+    let _o2 = t.ws(Some(&service_token())).await;
+    let mut over = t
+        .ws(Some(&user_token(&uuid::Uuid::new_v4().to_string())))
+        .await;
+    let (code, frames) = over.until_close().await;
+    assert_eq!(
+        (code, frames[0]["code"].as_str()),
+        (Some(4029), Some("connection_limit"))
+    );
+    // RATE_LIMIT_MESSAGES per window, per client per channel.
+    for i in 0..4 {
+        c1.send(send("x", "m", i)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(c1.next().await["type"], "message");
+    }
+    assert_eq!(c1.next().await["code"], "rate_limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_on_every_message_and_renewed_in_band() {
+    let t = TestServer::start().await;
+    let uid = uuid::Uuid::new_v4().to_string();
+    let mut ws = t
+        .ws_query(&format!(
+            "token={}&client_id=r&channel=c",
+            token(Some(&uid), "authenticated", 2)
+        ))
+        .await;
+    ws.next().await;
+    // Renew before expiry: the connection outlives the first token.
+    ws.send(json!({"type":"connection","action":"refresh","data":{"token": token(Some(&uid), "authenticated", 3600)}})).await;
+    let r = ws.next().await;
+    assert_eq!(
+        (r["action"].as_str(), r["data"]["user_id"].as_str()),
+        (Some("refreshed"), Some(uid.as_str()))
+    );
+    // A token for another user is refused; so is garbage.
+    ws.send(json!({"type":"connection","action":"refresh","data":{"token": user_token(&uuid::Uuid::new_v4().to_string())}})).await;
+    assert_eq!(ws.next().await["code"], "forbidden");
+    ws.send(json!({"type":"connection","action":"refresh","data":{"token": "x.y.z"}}))
+        .await;
+    assert_eq!(ws.next().await["code"], "auth/invalid-token");
+    // Past the first token's expiry, messages still work.
+    let mut other = t.ws_query("client_id=o&channel=c").await;
+    other.next().await;
+    ws.next().await; // o joined
+    // Token expiry is wall-clock: let the first token's two seconds pass.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    ws.send(send("c", "still here", 1)).await;
+    assert_eq!(ws.next_of("message").await["data"]["content"], "still here");
+    ws.send(json!({"type":"system","action":"status"})).await;
+    assert_eq!(ws.next_of("system").await["action"], "status");
+    // Without renewal, the next message after expiry gets an error and a close.
+    let mut short = t.ws(Some(&token(Some(&uid), "authenticated", 1))).await;
+    let (code, frames) = short.until_close().await;
+    assert_eq!(
+        (code, frames.last().unwrap()["code"].as_str()),
+        (Some(4001), Some("auth/expired-token"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_are_reaped_by_the_heartbeat() {
+    let t = TestServer::start_with(|c| {
+        c.ws_ping_interval = Duration::from_millis(300);
+        c.ws_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // A peer that never reads never answers pings.
+    let mut silent = Ws::connect_small_buffer(t.addr(), None).await;
+    // An attentive peer (reading, so its library answers pings) stays.
+    let mut alive = t.ws(None).await;
+    let watch_alive = tokio::spawn(async move {
+        let r = tokio::time::timeout(Duration::from_secs(3), alive.next_message()).await;
+        (r.is_err(), alive)
+    });
+    tokio::time::timeout(WAIT, async {
+        while t.server.state.registry.stats().active > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the silent peer is reaped");
+    let (code, _) = silent.until_close().await;
+    assert_eq!(code, Some(4000));
+    let (timed_out, _alive) = watch_alive.await.unwrap();
+    assert!(timed_out, "the attentive peer got no close");
+    assert_eq!(t.server.state.registry.stats().active, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_endpoints() {
+    let t = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let mut ws = t.ws_query("client_id=s&channel=stats").await;
+    ws.next().await;
+    ws.send_text("{oops").await;
+    assert_eq!(ws.next().await["code"], "invalid_json");
+    ws.send(send("stats", "hello", 1)).await;
+    ws.next_of("message").await;
+
+    let s: Value = http
+        .get(t.url("/ws/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["status"], "healthy");
+    assert_eq!(s["connections"]["active"], 1);
+    assert!(s["connections"]["total"].as_u64().unwrap() >= 1);
+    assert_eq!(s["channels"]["active"], 1);
+    assert!(s["channels"]["messages_per_second"].is_number());
+    assert_eq!(s["replication"]["connected"], true);
+    assert!(s["replication"]["lag_bytes"].is_i64() && s["replication"]["lag_seconds"].is_number());
+
+    let get = |path: &'static str| {
+        let http = http.clone();
+        let url = t.url(path);
+        async move {
+            http.get(url)
+                .bearer_auth(service_token())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let c: Value = get("/metrics/connections").await.json().await.unwrap();
+    assert_eq!(c["active"], 1);
+    let m: Value = get("/metrics/messages").await.json().await.unwrap();
+    assert!(
+        m["frames_in"].as_u64().unwrap() >= 2 && m["channel_messages_total"].as_u64() == Some(1)
+    );
+    let ch: Value = get("/metrics/channels").await.json().await.unwrap();
+    assert_eq!(ch["members"]["stats"], 1);
+    let e: Value = get("/metrics/errors").await.json().await.unwrap();
+    assert_eq!(e["by_code"]["invalid_json"], 1);
+    // Operators only: user ids are in there.
+    let r = http
+        .get(t.url("/metrics/connections"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(t.url("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let r = http.delete(t.url("/ws/status")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["status"], 405);
+}
