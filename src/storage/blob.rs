@@ -35,7 +35,10 @@ impl Blobs {
                     .with_context(|| format!("creating {}", dir.display()))?;
                 let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .with_context(|| format!("opening {}", dir.display()))?
-                    .with_automatic_cleanup(true);
+                    .with_automatic_cleanup(true)
+                    // The row that points to the bytes is committed (and fsynced by
+                    // PostgreSQL) after this returns: the bytes must be as durable.
+                    .with_fsync(true);
                 // No minimum part size on disk: keep little in memory per upload.
                 Ok(Blobs {
                     store: Arc::new(store),

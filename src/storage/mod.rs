@@ -624,12 +624,24 @@ impl StorageService {
                 .ok_or_else(|| StorageError::NotFound(format!("folder {:?} not found", folder.to_string())))?;
             Some(row.get(0))
         };
+        // `= $3` under a folder (served by the parent/folder indexes), `IS NULL` at
+        // the root (served by the (bucket_id, owner_id, path) index prefix).
+        let (parent_cond, folder_cond) = match folder_id {
+            Some(_) => ("parent_id = $3", "folder_id = $3"),
+            None => ("parent_id IS NULL", "folder_id IS NULL"),
+        };
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&bucket, &owner];
+        if let Some(id) = &folder_id {
+            params.push(id);
+        }
         let folders = client
             .query(
-                "SELECT id, parent_id, path, name, created_at FROM public.folders
-                 WHERE bucket_id = $1 AND owner_id = $2 AND parent_id IS NOT DISTINCT FROM $3
-                 ORDER BY name",
-                &[&bucket, &owner, &folder_id],
+                &format!(
+                    "SELECT id, parent_id, path, name, created_at FROM public.folders
+                     WHERE bucket_id = $1 AND owner_id = $2 AND {parent_cond}
+                     ORDER BY name"
+                ),
+                &params,
             )
             .await?
             .iter()
@@ -639,10 +651,10 @@ impl StorageService {
             .query(
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM public.files
-                     WHERE bucket_id = $1 AND owner_id = $2 AND folder_id IS NOT DISTINCT FROM $3
+                     WHERE bucket_id = $1 AND owner_id = $2 AND {folder_cond}
                      ORDER BY name"
                 ),
-                &[&bucket, &owner, &folder_id],
+                &params,
             )
             .await?
             .iter()
