@@ -955,20 +955,30 @@ async fn an_upload_aborted_mid_body_leaves_no_row_and_no_bytes() {
     assert_eq!(count(&t, "SELECT count(*) FROM public.files").await, 0);
     assert_eq!(count(&t, "SELECT count(*) FROM public.folders").await, 0);
 
-    // The server is fine afterwards.
-    json_ok(
+    // The server is fine afterwards, and a file over axum's default 2 MiB body
+    // limit (under MAX_FILE_SIZE) goes through whole.
+    let whole = pattern(3 * 1024 * 1024 + 7);
+    let v = json_ok(
         upload(
             &t,
             &token,
             None,
             Some("big/whole.pdf"),
-            file_part(pattern(100), "w.pdf", "application/pdf"),
+            file_part(whole.clone(), "w.pdf", "application/pdf"),
         )
         .await,
         201,
     )
     .await;
+    assert_eq!(v["size"], whole.len());
     assert_eq!(files_under(&dir).len(), 1);
+    let res = http()
+        .get(t.url(v["url"].as_str().unwrap()))
+        .header(AUTHORIZATION, bearer(&token))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.bytes().await.unwrap() == whole, "bytes read back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
