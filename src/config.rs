@@ -25,6 +25,41 @@ pub enum JwtAlgorithm {
     HS512,
 }
 
+/// Where uploaded bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// `DATA_DIR/storage` on the local file system.
+    Local,
+    /// An S3 (or S3-compatible) bucket.
+    S3(S3Config),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// `None`: AWS itself; set for MinIO, R2, … (`http://` endpoints are allowed).
+    pub endpoint: Option<String>,
+    /// `None` (both): credentials from the rest of the AWS environment (session
+    /// token, web identity, instance metadata).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone)]
 pub struct Config {
     pub ws_host: String,
@@ -63,6 +98,22 @@ pub struct Config {
     pub metrics_port: u16,
     /// Replication further behind than this makes `/ws/status` say `degraded`.
     pub degraded_lag: Duration,
+    /// The bucket uploads go to when none is named; created at start.
+    pub upload_bucket: String,
+    /// Largest accepted upload, in bytes.
+    pub max_file_size: u64,
+    /// `ALLOWED_FILE_TYPES`: `image/*`, `application/pdf`, `.docx`, …
+    pub allowed_file_types: crate::storage::AllowedTypes,
+    /// Bytes each user may store in all buckets together.
+    pub storage_quota_bytes: u64,
+    /// Requests per minute to `/auth/*`, per client address.
+    pub rate_limit_auth_per_min: u32,
+    /// Requests per minute to `/storage/*`, per user (per address when anonymous).
+    pub rate_limit_storage_per_min: u32,
+    pub storage_backend: StorageBackend,
+    /// Origin put in front of returned file URLs (`https://api.example.com`); `None`:
+    /// URLs are path-absolute (`/storage/object/…`).
+    pub public_url: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +126,43 @@ impl std::fmt::Debug for Config {
             .field("replication_slot", &self.replication_slot)
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
+    }
+}
+
+pub const DEFAULT_ALLOWED_FILE_TYPES: &str = "image/*,application/pdf,.doc,.docx";
+
+/// Bucket ids as `public.buckets` accepts them.
+pub fn valid_bucket_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    name: &'static str,
+    v: &str,
+    what: &str,
+) -> Result<T, ConfigError> {
+    match v.trim().parse::<T>() {
+        Ok(n) if n > T::default() => Ok(n),
+        _ => Err(err(name, format!("{v:?} is not a positive {what}"))),
+    }
+}
+
+fn http_url(name: &'static str, v: &str) -> Result<String, ConfigError> {
+    let v = v.trim().trim_end_matches('/');
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => Ok(v.to_owned()),
+        _ => Err(err(
+            name,
+            format!("{v:?} must be an http:// or https:// URL"),
+        )),
     }
 }
 
@@ -106,6 +194,15 @@ impl Config {
             enable_metrics: false,
             metrics_port: 9090,
             degraded_lag: Duration::from_secs(10),
+            upload_bucket: "files".into(),
+            max_file_size: 5 * 1024 * 1024,
+            allowed_file_types: crate::storage::AllowedTypes::parse(DEFAULT_ALLOWED_FILE_TYPES)
+                .expect("default ALLOWED_FILE_TYPES parse"),
+            storage_quota_bytes: 1024 * 1024 * 1024,
+            rate_limit_auth_per_min: 5,
+            rate_limit_storage_per_min: 100,
+            storage_backend: StorageBackend::Local,
+            public_url: None,
         }
     }
 
@@ -279,7 +376,89 @@ impl Config {
         if let Some(v) = nonempty("REPLICATION_DEGRADED_LAG_S") {
             c.degraded_lag = Duration::from_secs(count("REPLICATION_DEGRADED_LAG_S", v)?);
         }
+        c.read_storage(&nonempty)?;
         Ok(c)
+    }
+
+    /// Storage, upload and rate-limit settings.
+    fn read_storage(
+        &mut self,
+        nonempty: &impl Fn(&'static str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = nonempty("UPLOAD_BUCKET") {
+            if !valid_bucket_id(&v) {
+                return Err(err(
+                    "UPLOAD_BUCKET",
+                    format!(
+                        "{v:?}: use 1-63 of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+                    ),
+                ));
+            }
+            self.upload_bucket = v;
+        }
+        if let Some(v) = nonempty("MAX_FILE_SIZE") {
+            self.max_file_size = positive("MAX_FILE_SIZE", &v, "number of bytes")?;
+        }
+        if let Some(v) = nonempty("ALLOWED_FILE_TYPES") {
+            self.allowed_file_types = crate::storage::AllowedTypes::parse(&v)
+                .map_err(|reason| err("ALLOWED_FILE_TYPES", reason))?;
+        }
+        if let Some(v) = nonempty("STORAGE_QUOTA_BYTES") {
+            self.storage_quota_bytes = positive("STORAGE_QUOTA_BYTES", &v, "number of bytes")?;
+        }
+        if let Some(v) = nonempty("RATE_LIMIT_AUTH_PER_MIN") {
+            self.rate_limit_auth_per_min = positive("RATE_LIMIT_AUTH_PER_MIN", &v, "count")?;
+        }
+        if let Some(v) = nonempty("RATE_LIMIT_STORAGE_PER_MIN") {
+            self.rate_limit_storage_per_min = positive("RATE_LIMIT_STORAGE_PER_MIN", &v, "count")?;
+        }
+        if let Some(v) = nonempty("PUBLIC_URL") {
+            self.public_url = Some(http_url("PUBLIC_URL", &v)?);
+        }
+        let backend = nonempty("STORAGE_BACKEND").unwrap_or_else(|| "local".into());
+        self.storage_backend = match backend.trim().to_ascii_lowercase().as_str() {
+            "local" => StorageBackend::Local,
+            "s3" => {
+                let bucket = nonempty("S3_BUCKET")
+                    .ok_or_else(|| err("S3_BUCKET", "must be set when STORAGE_BACKEND=s3"))?;
+                let endpoint = nonempty("S3_ENDPOINT")
+                    .map(|v| http_url("S3_ENDPOINT", &v))
+                    .transpose()?;
+                let access_key_id = nonempty("AWS_ACCESS_KEY_ID");
+                let secret_access_key = nonempty("AWS_SECRET_ACCESS_KEY");
+                match (&access_key_id, &secret_access_key) {
+                    (Some(_), None) => {
+                        return Err(err(
+                            "AWS_SECRET_ACCESS_KEY",
+                            "must be set when AWS_ACCESS_KEY_ID is",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(err(
+                            "AWS_ACCESS_KEY_ID",
+                            "must be set when AWS_SECRET_ACCESS_KEY is",
+                        ));
+                    }
+                    _ => {}
+                }
+                StorageBackend::S3(S3Config {
+                    bucket: bucket.trim().to_owned(),
+                    region: nonempty("S3_REGION")
+                        .or_else(|| nonempty("AWS_REGION"))
+                        .unwrap_or_else(|| "us-east-1".into()),
+                    endpoint,
+                    access_key_id,
+                    secret_access_key,
+                })
+            }
+            _ => {
+                return Err(err(
+                    "STORAGE_BACKEND",
+                    format!("{backend:?} is not supported (local, s3)"),
+                ));
+            }
+        };
+        Ok(())
     }
 }
 
@@ -326,5 +505,91 @@ mod tests {
             cfg(&[("JWT_EXPIRES_S", "0")]).unwrap_err().name,
             "JWT_EXPIRES_S"
         );
+    }
+
+    #[test]
+    fn storage_settings_parse_and_fail_naming_the_variable() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.upload_bucket, "files");
+        assert_eq!(c.max_file_size, 5_242_880);
+        assert_eq!(c.storage_quota_bytes, 1 << 30);
+        assert_eq!(
+            (c.rate_limit_auth_per_min, c.rate_limit_storage_per_min),
+            (5, 100)
+        );
+        assert_eq!(c.storage_backend, StorageBackend::Local);
+        assert!(c.allowed_file_types.allows("image/png", "x.png"));
+        assert!(
+            c.allowed_file_types
+                .allows("application/octet-stream", "a.DOCX")
+        );
+        assert!(!c.allowed_file_types.allows("text/html", "a.html"));
+
+        let c = cfg(&[
+            ("UPLOAD_BUCKET", "media"),
+            ("MAX_FILE_SIZE", "1024"),
+            ("ALLOWED_FILE_TYPES", "text/plain, .md"),
+            ("STORAGE_QUOTA_BYTES", "4096"),
+            ("RATE_LIMIT_AUTH_PER_MIN", "7"),
+            ("RATE_LIMIT_STORAGE_PER_MIN", "9"),
+            ("PUBLIC_URL", "https://api.example.com/"),
+            ("STORAGE_BACKEND", "s3"),
+            ("S3_BUCKET", "blobs"),
+            ("S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+        ])
+        .unwrap();
+        assert_eq!(c.upload_bucket, "media");
+        assert_eq!((c.max_file_size, c.storage_quota_bytes), (1024, 4096));
+        assert_eq!(c.public_url.as_deref(), Some("https://api.example.com"));
+        assert!(c.allowed_file_types.allows("text/plain", "a"));
+        assert!(c.allowed_file_types.allows("", "notes.md"));
+        match &c.storage_backend {
+            StorageBackend::S3(s3) => {
+                assert_eq!(s3.bucket, "blobs");
+                assert_eq!(s3.region, "us-east-1");
+                assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        for (pairs, name) in [
+            (vec![("UPLOAD_BUCKET", "../x")], "UPLOAD_BUCKET"),
+            (vec![("MAX_FILE_SIZE", "0")], "MAX_FILE_SIZE"),
+            (vec![("MAX_FILE_SIZE", "5MB")], "MAX_FILE_SIZE"),
+            (vec![("ALLOWED_FILE_TYPES", "image")], "ALLOWED_FILE_TYPES"),
+            (vec![("ALLOWED_FILE_TYPES", ",")], "ALLOWED_FILE_TYPES"),
+            (vec![("STORAGE_QUOTA_BYTES", "-1")], "STORAGE_QUOTA_BYTES"),
+            (
+                vec![("RATE_LIMIT_AUTH_PER_MIN", "0")],
+                "RATE_LIMIT_AUTH_PER_MIN",
+            ),
+            (
+                vec![("RATE_LIMIT_STORAGE_PER_MIN", "x")],
+                "RATE_LIMIT_STORAGE_PER_MIN",
+            ),
+            (vec![("STORAGE_BACKEND", "gcs")], "STORAGE_BACKEND"),
+            (vec![("STORAGE_BACKEND", "s3")], "S3_BUCKET"),
+            (
+                vec![
+                    ("STORAGE_BACKEND", "s3"),
+                    ("S3_BUCKET", "b"),
+                    ("S3_ENDPOINT", "minio:9000"),
+                ],
+                "S3_ENDPOINT",
+            ),
+            (
+                vec![
+                    ("STORAGE_BACKEND", "s3"),
+                    ("S3_BUCKET", "b"),
+                    ("AWS_ACCESS_KEY_ID", "k"),
+                ],
+                "AWS_SECRET_ACCESS_KEY",
+            ),
+            (vec![("PUBLIC_URL", "example.com")], "PUBLIC_URL"),
+        ] {
+            assert_eq!(cfg(&pairs).unwrap_err().name, name, "{pairs:?}");
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! events) → [`router`] (subscription index, authorization, resume history) →
 //! [`realtime`] (sessions and protocol) → socket. [`api`] serves HTTP beside it and
 //! writes only to PostgreSQL; [`store`] owns the database (embedded cluster, pool,
-//! migrations).
+//! migrations). [`auth`] and [`storage`] are the cores behind the auth and file
+//! routes (users and sessions; buckets, folders, files and their bytes).
 
 pub mod api;
 pub mod auth;
@@ -15,4 +16,5 @@ pub mod realtime;
 pub mod replication;
 pub mod router;
 pub mod server;
+pub mod storage;
 pub mod store;

@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::auth::JwtKeys;
+use crate::api::rate_limit::RateLimits;
+use crate::auth::{AuthService, JwtKeys};
 use crate::config::Config;
 use crate::realtime::hub::{ChannelConfigs, Hub, HubCommand};
 use crate::realtime::registry::Registry;
@@ -21,6 +22,7 @@ use crate::realtime::stats::Stats;
 use crate::replication::stream::{self, ReplicationStatus, ReplicationTask};
 use crate::router::catalog::{Catalog, SharedCatalog};
 use crate::router::{Command, Progress, Router, RouterConfig};
+use crate::storage::{self as file_storage, Blobs, StorageService};
 use crate::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use crate::store::{self, migrate};
 
@@ -41,6 +43,11 @@ pub struct Inner {
     pub replication: watch::Receiver<ReplicationStatus>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
+    /// Sign-up, sign-in, sign-out and token checks (with revocation).
+    pub auth: AuthService,
+    /// Buckets, folders, files and their bytes.
+    pub storage: StorageService,
+    pub limits: RateLimits,
 }
 
 impl Deref for AppState {
@@ -169,6 +176,10 @@ impl Server {
         migrate::migrate(&mut setup)
             .await
             .context("applying migrations")?;
+        file_storage::ensure_bucket(&setup, &config.upload_bucket)
+            .await
+            .with_context(|| format!("creating the UPLOAD_BUCKET {:?}", config.upload_bucket))?;
+        let blobs = Blobs::open(&config.storage_backend, &config.data_dir)?;
         let confirmed = stream::ensure_slot(&setup, &config.replication_slot).await?;
         let timeout = stream::wal_sender_timeout(&setup).await?;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
@@ -247,6 +258,12 @@ impl Server {
                 )
             })?;
         let addr = listener.local_addr()?;
+        let auth = AuthService::new(pool.clone(), jwt.clone());
+        let storage = StorageService::new(pool.clone(), blobs, &config);
+        let limits = RateLimits::new(
+            config.rate_limit_auth_per_min,
+            config.rate_limit_storage_per_min,
+        );
         let state = AppState(Arc::new(Inner {
             config,
             jwt,
@@ -260,6 +277,20 @@ impl Server {
             replication: status_rx,
             next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),
+            auth,
+            storage,
+            limits,
+        }));
+        let janitor_state = state.clone();
+        let janitor_stop = shutdown.clone();
+        tasks.push(spawn_named("rate-limit-janitor", async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = janitor_stop.cancelled() => break,
+                    _ = tick.tick() => janitor_state.limits.retain_recent(),
+                }
+            }
         }));
         let app = crate::api::app(state.clone());
         let http_shutdown = shutdown.clone();

@@ -1,19 +1,35 @@
 //! HTTP routes. They read and write PostgreSQL and never push events themselves:
 //! what subscribers see comes from the WAL.
+//!
+//! Every error, axum's own rejections included, answers
+//! `{"error":{"message","code","status"}}`: handlers use extractors whose
+//! rejections are [`ApiError`]s, and [`json_errors`] rewrites any other error
+//! response (405 from a method router, a panic, …) into that shape.
 
+pub mod auth;
 pub mod error;
+pub mod extract;
+pub mod openapi;
 pub mod ops;
+pub mod rate_limit;
+pub mod storage;
+
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderName, Method, StatusCode, Uri, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::{Principal, TokenError};
+use crate::auth::{AuthError, Principal};
 use crate::realtime::session;
 use crate::server::AppState;
 use error::ApiError;
@@ -21,8 +37,34 @@ use error::ApiError;
 /// The whole HTTP surface; tests build it around their own state.
 pub fn app(state: AppState) -> Router {
     let ws_path = state.config.ws_path.clone();
+    let auth_routes = Router::new()
+        .route("/auth/sign-up", post(auth::sign_up))
+        .route("/auth/sign-in", post(auth::sign_in))
+        .route("/auth/sign-out", post(auth::sign_out))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::auth,
+        ));
+    let storage_routes = Router::new()
+        // Upload size is enforced while streaming (storage/file-too-large), not
+        // by a body limit that would answer first.
+        .route(
+            "/storage/upload",
+            post(storage::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/storage/list", get(storage::list))
+        .route("/storage/delete", delete(storage::delete))
+        .route(
+            "/storage/object/{bucket}/{owner}/{*path}",
+            get(storage::object),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::storage,
+        ));
     Router::new()
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi::serve))
         .route(&ws_path, get(websocket))
         .route("/ws/status", get(ops::ws_status))
         .route("/ws/channels", axum::routing::post(ops::create_channel))
@@ -30,9 +72,92 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics/messages", get(ops::metrics_messages))
         .route("/metrics/channels", get(ops::metrics_channels))
         .route("/metrics/errors", get(ops::metrics_errors))
+        .merge(auth_routes)
+        .merge(storage_routes)
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(json_errors))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("a request handler panicked").into_response()
+        }))
+        .layer(cors())
         .with_state(state)
+}
+
+/// Browsers on other origins (a Vite dev server, …) may call every route.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::RANGE,
+            HeaderName::from_static("x-upsert"),
+        ])
+        .expose_headers([
+            header::CONTENT_RANGE,
+            header::CONTENT_LENGTH,
+            header::ACCEPT_RANGES,
+            header::CONTENT_DISPOSITION,
+            header::RETRY_AFTER,
+        ])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// Rewrites error responses that are not JSON (axum's plain-text rejections, the
+/// empty 405 of a layered route, …) into the JSON error body, keeping headers
+/// such as `Allow`. Server-error text is never shown.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .filter(|t| !t.is_empty());
+    let (code, default) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "method not allowed on this route")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported content type")
+        }
+        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_body", "invalid request body"),
+        StatusCode::TOO_MANY_REQUESTS => ("rate-limit/exceeded", "too many requests"),
+        s if s.is_server_error() => ("internal_error", "internal server error"),
+        _ => ("bad_request", "bad request"),
+    };
+    let message = match text {
+        Some(t) if !status.is_server_error() => t,
+        _ => default.to_owned(),
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    out
 }
 
 async fn fallback(uri: Uri) -> ApiError {
@@ -52,7 +177,14 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// 200 once the replication stream is up and subscriptions are served; 503 before.
-async fn health(State(state): State<AppState>) -> Response {
+#[utoipa::path(
+    get, path = "/health", tag = "system",
+    responses(
+        (status = 200, description = "Replication is connected", body = serde_json::Value),
+        (status = 503, description = "Starting: replication not connected yet", body = serde_json::Value),
+    )
+)]
+pub async fn health(State(state): State<AppState>) -> Response {
     let status = state.replication.borrow().clone();
     let body = json!({
         "status": if status.connected { "ok" } else { "starting" },
@@ -94,7 +226,11 @@ async fn websocket(
     let ws = ws.max_message_size(max).max_frame_size(max);
     let principal = match q.token.as_deref().filter(|t| !t.is_empty()) {
         None => Ok(Principal::anonymous()),
-        Some(token) => state.jwt.verify(token),
+        Some(token) => match state.jwt.verify(token) {
+            // A signed-out session's token is refused like an invalid one.
+            Ok(p) => state.auth.check_session(&p).await.map(|()| p),
+            Err(e) => Err(AuthError::from(e)),
+        },
     };
     match principal {
         Ok(p) => {
@@ -106,16 +242,17 @@ async fn websocket(
             ws.on_upgrade(move |socket| session::run(socket, state, p, params))
         }
         Err(e) => {
-            tracing::warn!(event = "token_refused", reason = %e, "websocket token refused");
-            state.stats.error(match e {
-                TokenError::Expired => "auth/expired-token",
-                TokenError::Invalid(_) => "auth/invalid-token",
-            });
-            let code = match e {
-                TokenError::Expired => "auth/expired-token",
-                TokenError::Invalid(_) => "auth/invalid-token",
+            let (code, message) = match e {
+                AuthError::Internal(cause) => {
+                    tracing::error!(error = %cause, "websocket token check failed");
+                    ("internal_error", "internal server error".to_owned())
+                }
+                e => {
+                    tracing::warn!(event = "token_refused", reason = %e, "websocket token refused");
+                    (e.code(), e.to_string())
+                }
             };
-            let message = e.to_string();
+            state.stats.error(code);
             ws.on_upgrade(move |socket| session::reject(socket, code, message))
         }
     }

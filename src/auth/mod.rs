@@ -1,7 +1,13 @@
-//! Who is asking: JWT verification and the resulting [`Principal`].
+//! Who is asking: JWT verification and the resulting [`Principal`], and the auth
+//! core ([`service`]): sign-up, sign-in, sign-out, revocation.
 //!
 //! Shared by the WebSocket server and the HTTP routes, so one token means the same
 //! thing everywhere.
+
+pub mod password;
+pub mod service;
+
+pub use service::{AuthError, AuthService, ClientMeta, Session, User};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};

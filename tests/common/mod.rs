@@ -72,6 +72,10 @@ impl TestDb {
         c.database_url = Some(self.url.clone());
         c.replication_slot = self.name.clone();
         c.data_dir = std::env::temp_dir().join(&self.name);
+        // Tests share one client address and few users: only the rate-limit test
+        // lowers these.
+        c.rate_limit_auth_per_min = 1_000_000;
+        c.rate_limit_storage_per_min = 1_000_000;
         c
     }
 
@@ -127,6 +131,7 @@ impl TestServer {
         Ws::connect_url(&format!("ws://{}/ws?{query}", self.addr())).await
     }
 
+    /// `http://<addr><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr())
     }
@@ -351,10 +356,13 @@ pub async fn user(sql: &tokio_postgres::Client, email: &str) -> String {
     row.get(0)
 }
 
-/// Creates a bucket.
+/// Creates a bucket (or sets `public` on an existing one, such as the default
+/// `UPLOAD_BUCKET` the server creates at start).
 pub async fn bucket(sql: &tokio_postgres::Client, id: &str, public: bool) {
     sql.execute(
-        "INSERT INTO public.buckets (id, name, public) VALUES ($1, $1, $2)",
+        "INSERT INTO public.buckets (id, name, public) VALUES ($1, $1, $2)
+         ON CONFLICT (id) DO UPDATE SET public = EXCLUDED.public
+         WHERE buckets.public IS DISTINCT FROM EXCLUDED.public",
         &[&id, &public],
     )
     .await

@@ -1,0 +1,140 @@
+//! Extractors whose rejections are [`ApiError`]s, so no plain-text axum rejection
+//! reaches a client, and the auth extractors.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use crate::auth::{ClientMeta, Principal, service::principal_user};
+use crate::server::AppState;
+
+/// `axum::Json` with the JSON error body on rejection.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(v)| ApiJson(v))
+            .map_err(ApiError::from)
+    }
+}
+
+/// `axum::extract::Query` with the JSON error body on rejection.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(ApiError::from)
+    }
+}
+
+/// `axum::extract::Path` with the JSON error body on rejection.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(ApiError::from)
+    }
+}
+
+/// The bearer token of a request: `Ok(None)` without an `Authorization` header.
+pub fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
+    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "auth/invalid-token",
+                "the Authorization header must be `Bearer <access_token>`",
+            )
+        })?;
+    Ok(Some(token))
+}
+
+/// A signed-in user: a valid bearer token (signature, expiry), a live session (not
+/// signed out) and an existing user. Rejects with 401 `auth/missing-token`,
+/// `auth/invalid-token`, `auth/expired-token` or `auth/revoked-token`.
+pub struct AuthUser {
+    pub id: Uuid,
+    pub principal: Principal,
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?.ok_or_else(|| {
+            ApiError::unauthorized(
+                "auth/missing-token",
+                "this route needs `Authorization: Bearer <access_token>`",
+            )
+        })?;
+        let principal = state.auth.authenticate(token).await?;
+        let id = principal_user(&principal)?;
+        Ok(AuthUser { id, principal })
+    }
+}
+
+/// Like [`AuthUser`] when an `Authorization` header is sent; `None` without one.
+pub struct MaybeUser(pub Option<Principal>);
+
+impl FromRequestParts<AppState> for MaybeUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match bearer(parts)? {
+            None => Ok(MaybeUser(None)),
+            Some(token) => Ok(MaybeUser(Some(state.auth.authenticate(token).await?))),
+        }
+    }
+}
+
+/// The peer address (`ConnectInfo`), when the server was built with it.
+pub fn client_addr(parts_ext: &axum::http::Extensions) -> Option<SocketAddr> {
+    parts_ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
+/// The client's address and user agent, for sessions and auth events.
+pub struct Client(pub ClientMeta);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(512).collect());
+        Ok(Client(ClientMeta {
+            ip: client_addr(&parts.extensions).map(|a| a.ip().to_string()),
+            user_agent,
+        }))
+    }
+}

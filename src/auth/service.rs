@@ -1,0 +1,346 @@
+//! The auth core: sign-up, sign-in, sign-out and token checks with revocation.
+//! HTTP shapes live in `api::auth`; this module knows users, sessions and tokens.
+//!
+//! Each sign-up and sign-in opens an `auth.sessions` row named by the token's
+//! `session_id`; sign-out sets its `revoked_at`, after which that token is refused
+//! everywhere (REST and WebSocket) although its signature and `exp` are still good.
+//! Tokens without a `session_id` (minted by an operator with the JWT secret) cannot
+//! be revoked and are accepted until they expire. Every sign-up, sign-in and
+//! sign-out writes a `public.auth_events` row (no secrets), which realtime `auth`
+//! subscribers see through the WAL.
+
+use chrono::{DateTime, TimeZone as _, Utc};
+use uuid::Uuid;
+
+use super::{Claims, JwtKeys, Principal, TokenError, password};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    #[error("an account with this email already exists")]
+    EmailAlreadyExists,
+    #[error("password is too weak: {0}")]
+    WeakPassword(String),
+    #[error("{0}")]
+    InvalidEmail(String),
+    #[error("the access token has expired")]
+    ExpiredToken,
+    #[error("the session of this access token has been signed out")]
+    RevokedToken,
+    #[error("invalid access token: {0}")]
+    InvalidToken(String),
+    #[error("internal auth failure: {0}")]
+    Internal(String),
+}
+
+impl From<TokenError> for AuthError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Expired => AuthError::ExpiredToken,
+            TokenError::Invalid(why) => AuthError::InvalidToken(why),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for AuthError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        AuthError::Internal(format!("database: {e}"))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for AuthError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        AuthError::Internal(format!("database pool: {e}"))
+    }
+}
+
+impl AuthError {
+    /// The error code clients see (`auth/…`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::InvalidCredentials => "auth/invalid-credentials",
+            AuthError::EmailAlreadyExists => "auth/email-already-exists",
+            AuthError::WeakPassword(_) => "auth/weak-password",
+            AuthError::InvalidEmail(_) => "auth/invalid-email",
+            AuthError::ExpiredToken => "auth/expired-token",
+            AuthError::RevokedToken => "auth/revoked-token",
+            AuthError::InvalidToken(_) => "auth/invalid-token",
+            AuthError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: Uuid,
+    pub access_token: String,
+    /// Seconds since the epoch.
+    pub expires_at: i64,
+}
+
+/// Where a request came from, recorded on sessions and auth events.
+#[derive(Debug, Clone, Default)]
+pub struct ClientMeta {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct AuthService {
+    pool: deadpool_postgres::Pool,
+    jwt: JwtKeys,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AuthError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AuthError::Internal(format!("hashing task: {e}")))
+}
+
+impl AuthService {
+    pub fn new(pool: deadpool_postgres::Pool, jwt: JwtKeys) -> Self {
+        AuthService { pool, jwt }
+    }
+
+    /// Creates a user and signs them in.
+    pub async fn sign_up(
+        &self,
+        email: &str,
+        password: &str,
+        meta: &ClientMeta,
+    ) -> Result<(User, Session), AuthError> {
+        let email = password::normalize_email(email).map_err(AuthError::InvalidEmail)?;
+        password::check_strength(password).map_err(AuthError::WeakPassword)?;
+        let pw = password.to_owned();
+        let hash = blocking(move || password::hash(&pw))
+            .await?
+            .map_err(AuthError::Internal)?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "INSERT INTO auth.users (email, encrypted_password, last_sign_in_at)
+                 VALUES ($1, $2, now())
+                 ON CONFLICT (email) DO NOTHING
+                 RETURNING id, email, created_at",
+                &[&email, &hash],
+            )
+            .await?
+            .ok_or(AuthError::EmailAlreadyExists)?;
+        let user = User {
+            id: row.get(0),
+            email: row.get(1),
+            created_at: row.get(2),
+        };
+        let session = self.open_session(&tx, &user, meta).await?;
+        record_event(&tx, user.id, "sign_up", Some(session.id), meta).await?;
+        tx.commit().await?;
+        tracing::info!(user_id = %user.id, "user signed up");
+        Ok((user, session))
+    }
+
+    /// Checks an email and password and opens a session. Unknown emails and wrong
+    /// passwords fail alike, in about the same time.
+    pub async fn sign_in(
+        &self,
+        email: &str,
+        password: &str,
+        meta: &ClientMeta,
+    ) -> Result<(User, Session), AuthError> {
+        let pw = password.to_owned();
+        let Ok(email) = password::normalize_email(email) else {
+            blocking(move || password::dummy_verify(&pw)).await?;
+            return Err(AuthError::InvalidCredentials);
+        };
+        if password.len() > password::MAX_PASSWORD_BYTES {
+            return Err(AuthError::InvalidCredentials);
+        }
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, email, created_at, encrypted_password FROM auth.users WHERE email = $1",
+                &[&email],
+            )
+            .await?;
+        drop(client);
+        let found = row.map(|r| {
+            (
+                User {
+                    id: r.get(0),
+                    email: r.get(1),
+                    created_at: r.get(2),
+                },
+                r.get::<_, Option<String>>(3),
+            )
+        });
+        let (user, ok) = match found {
+            Some((user, Some(hash))) => {
+                let ok = blocking(move || password::verify(&pw, &hash)).await?;
+                (Some(user), ok)
+            }
+            _ => {
+                blocking(move || password::dummy_verify(&pw)).await?;
+                (None, false)
+            }
+        };
+        let user = match (user, ok) {
+            (Some(u), true) => u,
+            _ => return Err(AuthError::InvalidCredentials),
+        };
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE auth.users SET last_sign_in_at = now() WHERE id = $1",
+            &[&user.id],
+        )
+        .await?;
+        let session = self.open_session(&tx, &user, meta).await?;
+        record_event(&tx, user.id, "sign_in", Some(session.id), meta).await?;
+        tx.commit().await?;
+        Ok((user, session))
+    }
+
+    /// Revokes the principal's session (when its token has one) and records the
+    /// sign-out.
+    pub async fn sign_out(
+        &self,
+        principal: &Principal,
+        meta: &ClientMeta,
+    ) -> Result<(), AuthError> {
+        let user_id = principal_user(principal)?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(sid) = principal.session_id {
+            tx.execute(
+                "UPDATE auth.sessions SET revoked_at = now()
+                 WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+                &[&sid, &user_id],
+            )
+            .await?;
+        }
+        record_event(&tx, user_id, "sign_out", principal.session_id, meta).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Verifies a token (signature, expiry) and that its session is live and its
+    /// user exists: what every REST route that needs a user asks.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let p = self.jwt.verify(token)?;
+        self.check(&p, true).await?;
+        Ok(p)
+    }
+
+    /// The revocation check alone, for a principal whose token was verified (the
+    /// WebSocket server's check at connect).
+    pub async fn check_session(&self, p: &Principal) -> Result<(), AuthError> {
+        self.check(p, false).await
+    }
+
+    async fn check(&self, p: &Principal, need_user_row: bool) -> Result<(), AuthError> {
+        let user = p
+            .user_id
+            .as_deref()
+            .map(Uuid::parse_str)
+            .transpose()
+            .map_err(|_| AuthError::InvalidToken("sub is not a UUID".into()))?;
+        if p.session_id.is_some() && user.is_none() {
+            return Err(AuthError::InvalidToken("session_id without sub".into()));
+        }
+        let check_user = need_user_row && user.is_some();
+        if p.session_id.is_none() && !check_user {
+            return Ok(());
+        }
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM auth.users WHERE id = $1),
+                        (SELECT revoked_at IS NULL FROM auth.sessions WHERE id = $2 AND user_id = $1)",
+                &[&user, &p.session_id],
+            )
+            .await?;
+        let (user_exists, live): (bool, Option<bool>) = (row.get(0), row.get(1));
+        if p.session_id.is_some() && live != Some(true) {
+            return Err(AuthError::RevokedToken);
+        }
+        if check_user && !user_exists {
+            return Err(AuthError::InvalidToken("the user no longer exists".into()));
+        }
+        Ok(())
+    }
+
+    async fn open_session(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        user: &User,
+        meta: &ClientMeta,
+    ) -> Result<Session, AuthError> {
+        let now = Utc::now().timestamp();
+        let exp = now + i64::try_from(self.jwt.expires_s).unwrap_or(i64::MAX / 2);
+        let expires = Utc
+            .timestamp_opt(exp, 0)
+            .single()
+            .ok_or_else(|| AuthError::Internal("token expiry out of range".into()))?;
+        let id = Uuid::new_v4();
+        tx.execute(
+            "INSERT INTO auth.sessions (id, user_id, expires_at, user_agent, ip)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&id, &user.id, &expires, &meta.user_agent, &meta.ip],
+        )
+        .await?;
+        let access_token = self.jwt.sign(&Claims {
+            sub: Some(user.id.hyphenated().to_string()),
+            email: Some(user.email.clone()),
+            role: Some("authenticated".into()),
+            exp,
+            iat: Some(now),
+            session_id: Some(id.hyphenated().to_string()),
+            aud: Some("authenticated".into()),
+        });
+        Ok(Session {
+            id,
+            access_token,
+            expires_at: exp,
+        })
+    }
+}
+
+/// The user a principal acts for; service or anonymous tokens without `sub` have none.
+pub fn principal_user(p: &Principal) -> Result<Uuid, AuthError> {
+    p.user_id
+        .as_deref()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| AuthError::InvalidToken("this token names no user".into()))
+}
+
+async fn record_event(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: Uuid,
+    event_type: &str,
+    session_id: Option<Uuid>,
+    meta: &ClientMeta,
+) -> Result<(), AuthError> {
+    tx.execute(
+        "INSERT INTO public.auth_events (user_id, event_type, session_id, ip, user_agent)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &user_id,
+            &event_type,
+            &session_id,
+            &meta.ip,
+            &meta.user_agent,
+        ],
+    )
+    .await?;
+    Ok(())
+}

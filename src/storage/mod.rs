@@ -1,0 +1,882 @@
+//! The storage core: buckets, folders and files in PostgreSQL, bytes in a blob
+//! store. HTTP shapes live in `api::storage`; this module knows owners, paths and
+//! bytes only, so other front ends (a Supabase-style facade) can share it.
+//!
+//! Invariants:
+//! - a row never points to bytes that are not (yet) stored: bytes are completed
+//!   before the transaction that inserts their row commits, and deleted only after
+//!   the transaction that removed their row committed;
+//! - a refused, failed or abandoned upload leaves neither a row nor bytes;
+//! - paths are per owner: users see and change only their own files and folders;
+//!   files in public buckets can be read by anyone.
+//!
+//! Each user's uploads and deletes take a per-user advisory lock for the length of
+//! their transaction, which keeps the quota sum and folder creation race-free.
+
+pub mod blob;
+pub mod path;
+pub mod range;
+pub mod types;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
+use object_store::{GetOptions, GetRange};
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::config::Config;
+pub use blob::{BlobWriter, Blobs};
+pub use path::{ObjectPath, PathError};
+pub use range::ByteRange;
+pub use types::AllowedTypes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("file exceeds the size limit of {limit} bytes")]
+    FileTooLarge { limit: u64 },
+    #[error("file type {mime} is not allowed (allowed: {allowed})")]
+    InvalidType { mime: String, allowed: String },
+    #[error(
+        "storage quota exceeded: {used} of {quota} bytes in use, and this file needs {needed} more"
+    )]
+    QuotaExceeded { quota: u64, used: u64, needed: u64 },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("bucket {0:?} does not exist")]
+    BucketNotFound(String),
+    #[error("invalid path: {0}")]
+    InvalidPath(#[from] PathError),
+    /// A file already exists at the path (and overwriting was not asked for).
+    #[error("a file already exists at {0:?}: delete it first, or ask to overwrite it")]
+    AlreadyExists(String),
+    /// A file where a folder is needed, or a folder where a file would go.
+    #[error("{0}")]
+    PathConflict(String),
+    #[error("folder {0:?} is not empty")]
+    FolderNotEmpty(String),
+    #[error("the requested range is not satisfiable: the file has {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
+    /// Reading a private bucket's file without credentials.
+    #[error("sign in to read files in private buckets")]
+    AuthRequired,
+    #[error("storage backend failure: {0}")]
+    Internal(String),
+}
+
+impl StorageError {
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        StorageError::Internal(cause.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for StorageError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StorageError::internal(format!("database: {e}"))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StorageError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        StorageError::internal(format!("database pool: {e}"))
+    }
+}
+
+impl From<object_store::Error> for StorageError {
+    fn from(e: object_store::Error) -> Self {
+        StorageError::internal(format!("blob store: {e}"))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BucketInfo {
+    pub id: String,
+    pub public: bool,
+    pub file_size_limit: Option<u64>,
+    pub allowed_mime_types: Option<AllowedTypes>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileRecord {
+    pub id: Uuid,
+    pub bucket: String,
+    pub owner_id: Option<Uuid>,
+    pub folder_id: Option<Uuid>,
+    pub path: String,
+    pub name: String,
+    pub size: u64,
+    pub mime_type: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    storage_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FolderRecord {
+    pub id: Uuid,
+    pub parent_id: Option<Uuid>,
+    pub path: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What is directly inside a folder (or a bucket's root) for one owner.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// `None` for the root.
+    pub folder_id: Option<Uuid>,
+    pub folders: Vec<FolderRecord>,
+    pub files: Vec<FileRecord>,
+}
+
+/// What was removed by [`StorageService::delete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    File,
+    Folder,
+}
+
+/// What the client said about the file it is sending.
+#[derive(Debug, Clone, Default)]
+pub struct UploadSource {
+    /// The file's own name (no directories), possibly empty.
+    pub file_name: String,
+    /// The declared `Content-Type`, if any.
+    pub content_type: Option<String>,
+}
+
+/// Where an upload goes.
+#[derive(Debug, Clone)]
+pub struct UploadTarget {
+    pub bucket: String,
+    pub path: ObjectPath,
+    /// Replace a file already at `path` instead of refusing.
+    pub upsert: bool,
+}
+
+/// An upload whose bytes are arriving: size, type and quota are enforced as they
+/// come. Dropping it (or [`PendingUpload::discard`]) removes what was written.
+#[derive(Debug)]
+pub struct PendingUpload {
+    owner: Uuid,
+    blob: BlobWriter,
+    limit: u64,
+    quota: u64,
+    used: u64,
+    mime: String,
+    file_name: String,
+}
+
+impl PendingUpload {
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+
+    pub fn mime_type(&self) -> &str {
+        &self.mime
+    }
+
+    pub fn size(&self) -> u64 {
+        self.blob.written()
+    }
+
+    /// Appends a chunk; refuses (and cleans up) as soon as the file is too large
+    /// or the owner's quota would be exceeded.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        let size = self.blob.written() + chunk.len() as u64;
+        let refusal = if size > self.limit {
+            Some(StorageError::FileTooLarge { limit: self.limit })
+        } else if self.used.saturating_add(size) > self.quota {
+            Some(StorageError::QuotaExceeded {
+                quota: self.quota,
+                used: self.used,
+                needed: size,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            self.discard().await;
+            return Err(e);
+        }
+        if let Err(e) = self.blob.write(chunk).await {
+            self.discard().await;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Removes the bytes written so far.
+    pub async fn discard(&mut self) {
+        self.blob.discard().await;
+    }
+}
+
+/// What a commit records about a completed upload.
+struct Recording {
+    owner: Uuid,
+    size: u64,
+    mime: String,
+    file_name: String,
+    key: String,
+}
+
+/// A file opened for reading.
+pub struct ObjectRead {
+    pub file: FileRecord,
+    pub bucket_public: bool,
+    /// `[start, end)` when a range was asked for.
+    pub span: Option<(u64, u64)>,
+    pub body: BoxStream<'static, Result<Bytes, StorageError>>,
+}
+
+const FILE_COLUMNS: &str = "id, bucket_id, owner_id, folder_id, path, name, size, mime_type, created_at, updated_at, storage_key";
+
+fn file_from_row(r: &tokio_postgres::Row) -> FileRecord {
+    FileRecord {
+        id: r.get("id"),
+        bucket: r.get("bucket_id"),
+        owner_id: r.get("owner_id"),
+        folder_id: r.get("folder_id"),
+        path: r.get("path"),
+        name: r.get("name"),
+        size: u64::try_from(r.get::<_, i64>("size")).unwrap_or(0),
+        mime_type: r
+            .get::<_, Option<String>>("mime_type")
+            .unwrap_or_else(|| "application/octet-stream".into()),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        storage_key: r.get("storage_key"),
+    }
+}
+
+fn folder_from_row(r: &tokio_postgres::Row) -> FolderRecord {
+    FolderRecord {
+        id: r.get("id"),
+        parent_id: r.get("parent_id"),
+        path: r.get("path"),
+        name: r.get("name"),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn as_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The MIME type to record: the declared one, or a guess from the name when the
+/// client sent none (or only `application/octet-stream`).
+pub fn resolve_mime(declared: Option<&str>, file_name: &str) -> String {
+    declared
+        .and_then(types::normalize_mime)
+        .filter(|m| m != "application/octet-stream")
+        .or_else(|| {
+            mime_guess::from_path(file_name)
+                .first_raw()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "application/octet-stream".into())
+}
+
+/// Creates the bucket `id` unless it exists (used at start for `UPLOAD_BUCKET`).
+pub async fn ensure_bucket(
+    client: &tokio_postgres::Client,
+    id: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO public.buckets (id, name) VALUES ($1, $1) ON CONFLICT (id) DO NOTHING",
+            &[&id],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn bucket_in(c: &impl GenericClient, id: &str) -> Result<BucketInfo, StorageError> {
+    let row = c
+        .query_opt(
+            "SELECT public, file_size_limit, allowed_mime_types FROM public.buckets WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| StorageError::BucketNotFound(id.to_owned()))?;
+    let types: Option<Vec<String>> = row.get(2);
+    Ok(BucketInfo {
+        id: id.to_owned(),
+        public: row.get(0),
+        file_size_limit: row
+            .get::<_, Option<i64>>(1)
+            .and_then(|n| u64::try_from(n).ok()),
+        allowed_mime_types: types
+            .filter(|t| !t.is_empty())
+            .and_then(|t| AllowedTypes::from_mime_list(&t)),
+    })
+}
+
+async fn used_bytes(c: &impl GenericClient, owner: Uuid) -> Result<u64, StorageError> {
+    let used: i64 = c
+        .query_one(
+            "SELECT COALESCE(SUM(size), 0)::bigint FROM public.files WHERE owner_id = $1",
+            &[&owner],
+        )
+        .await?
+        .get(0);
+    Ok(u64::try_from(used).unwrap_or(0))
+}
+
+/// Serializes one owner's writes until the transaction ends.
+async fn lock_owner(c: &impl GenericClient, owner: Uuid) -> Result<(), StorageError> {
+    c.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 7489))",
+        &[&owner.to_string()],
+    )
+    .await?;
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct StorageService(Arc<Inner>);
+
+struct Inner {
+    pool: deadpool_postgres::Pool,
+    blobs: Blobs,
+    default_bucket: String,
+    max_file_size: u64,
+    allowed: AllowedTypes,
+    quota: u64,
+}
+
+impl StorageService {
+    pub fn new(pool: deadpool_postgres::Pool, blobs: Blobs, config: &Config) -> Self {
+        StorageService(Arc::new(Inner {
+            pool,
+            blobs,
+            default_bucket: config.upload_bucket.clone(),
+            max_file_size: config.max_file_size,
+            allowed: config.allowed_file_types.clone(),
+            quota: config.storage_quota_bytes,
+        }))
+    }
+
+    pub fn default_bucket(&self) -> &str {
+        &self.0.default_bucket
+    }
+
+    pub async fn bucket(&self, id: &str) -> Result<BucketInfo, StorageError> {
+        let client = self.0.pool.get().await?;
+        bucket_in(&**client, id).await
+    }
+
+    fn check_type(
+        &self,
+        mime: &str,
+        name: &str,
+        bucket: Option<&BucketInfo>,
+    ) -> Result<(), StorageError> {
+        let refuse = |allowed: &AllowedTypes| StorageError::InvalidType {
+            mime: mime.to_owned(),
+            allowed: allowed.to_string(),
+        };
+        if !self.0.allowed.allows(mime, name) {
+            return Err(refuse(&self.0.allowed));
+        }
+        if let Some(types) = bucket.and_then(|b| b.allowed_mime_types.as_ref())
+            && !types.allows(mime, name)
+        {
+            return Err(refuse(types));
+        }
+        Ok(())
+    }
+
+    fn size_limit(&self, bucket: Option<&BucketInfo>) -> u64 {
+        let own = bucket.and_then(|b| b.file_size_limit).unwrap_or(u64::MAX);
+        self.0.max_file_size.min(own)
+    }
+
+    /// Starts an upload for `owner`: checks the type and that some quota is left,
+    /// and opens the blob. `bucket`, when already known, tightens the limits.
+    pub async fn begin_upload(
+        &self,
+        owner: Uuid,
+        source: UploadSource,
+        bucket: Option<&BucketInfo>,
+    ) -> Result<PendingUpload, StorageError> {
+        let mime = resolve_mime(source.content_type.as_deref(), &source.file_name);
+        self.check_type(&mime, &source.file_name, bucket)?;
+        let used = {
+            let client = self.0.pool.get().await?;
+            used_bytes(&**client, owner).await?
+        };
+        if used >= self.0.quota {
+            return Err(StorageError::QuotaExceeded {
+                quota: self.0.quota,
+                used,
+                needed: 1,
+            });
+        }
+        let key = format!("{owner}/{}", Uuid::new_v4().simple());
+        let blob = BlobWriter::start(&self.0.blobs, key).await?;
+        Ok(PendingUpload {
+            owner,
+            blob,
+            limit: self.size_limit(bucket),
+            quota: self.0.quota,
+            used,
+            mime,
+            file_name: source.file_name,
+        })
+    }
+
+    /// Completes the bytes, then records the file (and any missing folders) in one
+    /// transaction. Runs to the end even if the caller goes away, so it never
+    /// leaves bytes and row out of step.
+    pub async fn commit(
+        &self,
+        upload: PendingUpload,
+        target: UploadTarget,
+    ) -> Result<FileRecord, StorageError> {
+        let svc = self.clone();
+        tokio::spawn(async move { svc.commit_owned(upload, target).await })
+            .await
+            .map_err(StorageError::internal)?
+    }
+
+    async fn commit_owned(
+        &self,
+        mut up: PendingUpload,
+        target: UploadTarget,
+    ) -> Result<FileRecord, StorageError> {
+        if let Err(e) = up.blob.finish().await {
+            up.discard().await;
+            return Err(e.into());
+        }
+        let facts = Recording {
+            owner: up.owner,
+            size: up.size(),
+            mime: up.mime.clone(),
+            file_name: up.file_name.clone(),
+            key: up.blob.key().to_owned(),
+        };
+        match self.record(&facts, &target).await {
+            Ok((file, replaced)) => {
+                up.blob.keep();
+                if let Some(old) = replaced {
+                    self.0.blobs.delete_quietly(&old).await;
+                }
+                Ok(file)
+            }
+            Err(e) => {
+                if matches!(e, StorageError::Internal(_)) && self.row_exists(up.blob.key()).await {
+                    // The commit may have gone through after all: keep the bytes.
+                    up.blob.keep();
+                } else {
+                    up.discard().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether a row points to `key`; `true` when that cannot be told.
+    async fn row_exists(&self, key: &str) -> bool {
+        let Ok(client) = self.0.pool.get().await else {
+            return true;
+        };
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM public.files WHERE storage_key = $1)",
+                &[&key],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true)
+    }
+
+    /// The transaction of a commit; returns the file and the blob key it replaced.
+    async fn record(
+        &self,
+        up: &Recording,
+        target: &UploadTarget,
+    ) -> Result<(FileRecord, Option<String>), StorageError> {
+        let owner = up.owner;
+        let size = up.size;
+        let path = target.path.to_string();
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        lock_owner(&*tx, owner).await?;
+        let bucket = bucket_in(&*tx, &target.bucket).await?;
+        if size > self.size_limit(Some(&bucket)) {
+            return Err(StorageError::FileTooLarge {
+                limit: self.size_limit(Some(&bucket)),
+            });
+        }
+        self.check_type(&up.mime, &up.file_name, Some(&bucket))?;
+        let is_folder = tx
+            .query_opt(
+                "SELECT 1 FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                &[&target.bucket, &owner, &path],
+            )
+            .await?
+            .is_some();
+        if is_folder {
+            return Err(StorageError::PathConflict(format!(
+                "{path:?} is a folder; a file cannot take its place"
+            )));
+        }
+        let folder_id = ensure_folders(&*tx, &target.bucket, owner, &target.path.parent()).await?;
+        let existing = tx
+            .query_opt(
+                "SELECT id, size, storage_key FROM public.files
+                 WHERE bucket_id = $1 AND owner_id = $2 AND path = $3 FOR UPDATE",
+                &[&target.bucket, &owner, &path],
+            )
+            .await?;
+        if existing.is_some() && !target.upsert {
+            return Err(StorageError::AlreadyExists(path));
+        }
+        let replaced_size = existing
+            .as_ref()
+            .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
+            .unwrap_or(0);
+        let used = used_bytes(&*tx, owner).await?.saturating_sub(replaced_size);
+        if used.saturating_add(size) > self.0.quota {
+            return Err(StorageError::QuotaExceeded {
+                quota: self.0.quota,
+                used,
+                needed: size,
+            });
+        }
+        let metadata = serde_json::json!({ "original_name": up.file_name });
+        let (row, replaced) = match &existing {
+            Some(old) => {
+                let id: Uuid = old.get(0);
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "UPDATE public.files SET folder_id = $2, name = $3, size = $4, mime_type = $5,
+                                 storage_key = $6, metadata = $7
+                             WHERE id = $1 RETURNING {FILE_COLUMNS}"
+                        ),
+                        &[
+                            &id,
+                            &folder_id,
+                            &target.path.name(),
+                            &as_i64(size),
+                            &up.mime,
+                            &up.key,
+                            &metadata,
+                        ],
+                    )
+                    .await?;
+                (row, old.get::<_, Option<String>>(2))
+            }
+            None => {
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "INSERT INTO public.files
+                                 (bucket_id, folder_id, path, name, size, mime_type, owner_id, storage_key, metadata)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                             RETURNING {FILE_COLUMNS}"
+                        ),
+                        &[
+                            &target.bucket,
+                            &folder_id,
+                            &path,
+                            &target.path.name(),
+                            &as_i64(size),
+                            &up.mime,
+                            &owner,
+                            &up.key,
+                            &metadata,
+                        ],
+                    )
+                    .await?;
+                (row, None)
+            }
+        };
+        tx.commit().await?;
+        Ok((file_from_row(&row), replaced))
+    }
+
+    /// The files and folders directly under `folder` (the root when empty).
+    pub async fn list(
+        &self,
+        owner: Uuid,
+        bucket: &str,
+        folder: &ObjectPath,
+    ) -> Result<Listing, StorageError> {
+        let client = self.0.pool.get().await?;
+        bucket_in(&**client, bucket).await?;
+        let folder_id: Option<Uuid> = if folder.is_root() {
+            None
+        } else {
+            let row = client
+                .query_opt(
+                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                    &[&bucket, &owner, &folder.to_string()],
+                )
+                .await?
+                .ok_or_else(|| StorageError::NotFound(format!("folder {:?} not found", folder.to_string())))?;
+            Some(row.get(0))
+        };
+        // `= $3` under a folder (served by the parent/folder indexes), `IS NULL` at
+        // the root (served by the (bucket_id, owner_id, path) index prefix).
+        let (parent_cond, folder_cond) = match folder_id {
+            Some(_) => ("parent_id = $3", "folder_id = $3"),
+            None => ("parent_id IS NULL", "folder_id IS NULL"),
+        };
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&bucket, &owner];
+        if let Some(id) = &folder_id {
+            params.push(id);
+        }
+        let folders = client
+            .query(
+                &format!(
+                    "SELECT id, parent_id, path, name, created_at FROM public.folders
+                     WHERE bucket_id = $1 AND owner_id = $2 AND {parent_cond}
+                     ORDER BY name"
+                ),
+                &params,
+            )
+            .await?
+            .iter()
+            .map(folder_from_row)
+            .collect();
+        let files = client
+            .query(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM public.files
+                     WHERE bucket_id = $1 AND owner_id = $2 AND {folder_cond}
+                     ORDER BY name"
+                ),
+                &params,
+            )
+            .await?
+            .iter()
+            .map(file_from_row)
+            .collect();
+        Ok(Listing {
+            folder_id,
+            folders,
+            files,
+        })
+    }
+
+    /// Deletes `owner`'s file at `path` (row, then bytes), or an empty folder.
+    pub async fn delete(
+        &self,
+        owner: Uuid,
+        bucket: &str,
+        path: &ObjectPath,
+    ) -> Result<Deleted, StorageError> {
+        let svc = self.clone();
+        let (bucket, path) = (bucket.to_owned(), path.to_string());
+        tokio::spawn(async move { svc.delete_owned(owner, &bucket, &path).await })
+            .await
+            .map_err(StorageError::internal)?
+    }
+
+    async fn delete_owned(
+        &self,
+        owner: Uuid,
+        bucket: &str,
+        path: &str,
+    ) -> Result<Deleted, StorageError> {
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        lock_owner(&*tx, owner).await?;
+        bucket_in(&*tx, bucket).await?;
+        let file = tx
+            .query_opt(
+                "DELETE FROM public.files WHERE bucket_id = $1 AND owner_id = $2 AND path = $3
+                 RETURNING storage_key",
+                &[&bucket, &owner, &path],
+            )
+            .await?;
+        if let Some(row) = file {
+            tx.commit().await?;
+            if let Some(key) = row.get::<_, Option<String>>(0) {
+                self.0.blobs.delete_quietly(&key).await;
+            }
+            return Ok(Deleted::File);
+        }
+        let folder = tx
+            .query_opt(
+                "SELECT id FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3 FOR UPDATE",
+                &[&bucket, &owner, &path],
+            )
+            .await?
+            .ok_or_else(|| StorageError::NotFound(format!("no file or folder at {path:?}")))?;
+        let id: Uuid = folder.get(0);
+        let busy: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM public.folders WHERE parent_id = $1)
+                     OR EXISTS (SELECT 1 FROM public.files WHERE folder_id = $1)",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        if busy {
+            return Err(StorageError::FolderNotEmpty(path.to_owned()));
+        }
+        tx.execute("DELETE FROM public.folders WHERE id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        Ok(Deleted::Folder)
+    }
+
+    /// Opens `owner`'s file at `path` for `viewer` (anyone when the bucket is
+    /// public; otherwise the owner or a service token).
+    pub async fn open(
+        &self,
+        viewer: Option<&Principal>,
+        bucket: &str,
+        owner: Uuid,
+        path: &ObjectPath,
+        range: Option<ByteRange>,
+    ) -> Result<ObjectRead, StorageError> {
+        let not_found = || StorageError::NotFound(format!("no file at {:?}", path.to_string()));
+        let row = {
+            let client = self.0.pool.get().await?;
+            client
+                .query_opt(
+                    &format!(
+                        "SELECT {cols}, b.public AS bucket_public
+                         FROM public.files f JOIN public.buckets b ON b.id = f.bucket_id
+                         WHERE f.bucket_id = $1 AND f.owner_id = $2 AND f.path = $3",
+                        cols = FILE_COLUMNS
+                            .split(", ")
+                            .map(|c| format!("f.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    &[&bucket, &owner, &path.to_string()],
+                )
+                .await?
+                .ok_or_else(not_found)?
+        };
+        let file = file_from_row(&row);
+        let bucket_public: bool = row.get("bucket_public");
+        let owner_text = owner.hyphenated().to_string();
+        let allowed = bucket_public
+            || viewer.is_some_and(|p| {
+                p.is_service() || p.user_id.as_deref() == Some(owner_text.as_str())
+            });
+        if !allowed {
+            return Err(if viewer.is_none() {
+                StorageError::AuthRequired
+            } else {
+                not_found()
+            });
+        }
+        let key = file.storage_key.clone().ok_or_else(not_found)?;
+        let span = range
+            .map(|r| r.resolve(file.size))
+            .transpose()
+            .map_err(|u| StorageError::RangeNotSatisfiable { size: u.size })?;
+        let body = if file.size == 0 {
+            futures_util::stream::empty().boxed()
+        } else {
+            let opts = GetOptions {
+                range: span.map(|(a, b)| GetRange::Bounded(a..b)),
+                ..GetOptions::default()
+            };
+            let got = self
+                .0
+                .blobs
+                .store
+                .get_opts(&object_store::path::Path::from(key.as_str()), opts)
+                .await
+                .map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => {
+                        tracing::error!(key, "a file row points to missing bytes");
+                        not_found()
+                    }
+                    e => e.into(),
+                })?;
+            got.into_stream()
+                .map(|r| r.map_err(StorageError::from))
+                .boxed()
+        };
+        Ok(ObjectRead {
+            file,
+            bucket_public,
+            span,
+            body,
+        })
+    }
+}
+
+/// Creates the folders of `dir` that are missing, parents first; returns the id of
+/// `dir` itself (`None` for the root).
+async fn ensure_folders(
+    tx: &impl GenericClient,
+    bucket: &str,
+    owner: Uuid,
+    dir: &ObjectPath,
+) -> Result<Option<Uuid>, StorageError> {
+    let mut parent: Option<Uuid> = None;
+    for prefix in dir.prefixes() {
+        let p = prefix.to_string();
+        let clash = tx
+            .query_opt(
+                "SELECT 1 FROM public.files WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                &[&bucket, &owner, &p],
+            )
+            .await?
+            .is_some();
+        if clash {
+            return Err(StorageError::PathConflict(format!(
+                "{p:?} is a file, so it cannot be a folder"
+            )));
+        }
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO public.folders (bucket_id, parent_id, path, name, owner_id)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (bucket_id, owner_id, path) DO NOTHING
+                 RETURNING id",
+                &[&bucket, &parent, &p, &prefix.name(), &owner],
+            )
+            .await?;
+        let id: Uuid = match inserted {
+            Some(r) => r.get(0),
+            None => tx
+                .query_one(
+                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                    &[&bucket, &owner, &p],
+                )
+                .await?
+                .get(0),
+        };
+        parent = Some(id);
+    }
+    Ok(parent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mime_is_declared_or_guessed() {
+        assert_eq!(resolve_mime(Some("image/PNG"), "x.bin"), "image/png");
+        assert_eq!(
+            resolve_mime(Some("application/octet-stream"), "a.pdf"),
+            "application/pdf"
+        );
+        assert_eq!(
+            resolve_mime(None, "a.docx"),
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+        );
+        assert_eq!(
+            resolve_mime(Some("garbage"), "noext"),
+            "application/octet-stream"
+        );
+    }
+}

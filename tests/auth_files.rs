@@ -1,0 +1,1156 @@
+//! The Auth & Files API end to end over real sockets: routes and their shapes,
+//! every documented error code, revocation on REST and WebSocket, rate limits,
+//! streaming limits, ranges, and REST writes reaching realtime subscribers
+//! through the WAL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use reqwest::header::{
+    ACCEPT_RANGES, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, RANGE, RETRY_AFTER,
+};
+use reqwest::multipart::{Form, Part};
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const PASSWORD: &str = "correct horse 1";
+
+fn http() -> Client {
+    Client::new()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// Asserts an error answer in the documented shape; returns its message.
+async fn expect_error(res: Response, status: u16, code: &str) -> String {
+    let got = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "status (body {text})");
+    assert!(
+        ct.starts_with("application/json"),
+        "JSON content type, got {ct:?}: {text}"
+    );
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body: {text}"));
+    assert_eq!(v["error"]["code"], code, "code in {v}");
+    assert_eq!(v["error"]["status"], status, "status in {v}");
+    let msg = v["error"]["message"].as_str().expect("message").to_owned();
+    assert!(!msg.is_empty());
+    assert_eq!(v.as_object().unwrap().len(), 1, "only `error` in {v}");
+    msg
+}
+
+async fn json_ok(res: Response, status: u16) -> Value {
+    let got = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "status (body {text})");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn post_auth(t: &TestServer, route: &str, email: &str, password: &str) -> Response {
+    http()
+        .post(t.url(route))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Signs up; returns (user id, access token).
+async fn sign_up(t: &TestServer, email: &str) -> (String, String) {
+    let v = json_ok(post_auth(t, "/auth/sign-up", email, PASSWORD).await, 201).await;
+    (
+        v["user"]["id"].as_str().unwrap().to_owned(),
+        v["session"]["access_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn file_part(bytes: Vec<u8>, name: &str, mime: &str) -> Part {
+    Part::bytes(bytes)
+        .file_name(name.to_owned())
+        .mime_str(mime)
+        .unwrap()
+}
+
+async fn upload(
+    t: &TestServer,
+    token: &str,
+    bucket: Option<&str>,
+    path: Option<&str>,
+    file: Part,
+) -> Response {
+    let mut form = Form::new();
+    if let Some(b) = bucket {
+        form = form.text("bucket", b.to_owned());
+    }
+    if let Some(p) = path {
+        form = form.text("path", p.to_owned());
+    }
+    form = form.part("file", file);
+    http()
+        .post(t.url("/storage/upload"))
+        .header(AUTHORIZATION, bearer(token))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn list(t: &TestServer, token: &str, query: &[(&str, &str)]) -> Response {
+    http()
+        .get(t.url("/storage/list"))
+        .header(AUTHORIZATION, bearer(token))
+        .query(query)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn delete(t: &TestServer, token: &str, body: Value) -> Response {
+    http()
+        .delete(t.url("/storage/delete"))
+        .header(AUTHORIZATION, bearer(token))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+fn storage_dir(t: &TestServer) -> PathBuf {
+    t.server.state.config.data_dir.join("storage")
+}
+
+/// Every regular file under `dir` (blobs and in-progress upload parts).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits (with a timeout) until `cond` holds.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+async fn count(t: &TestServer, sql: &str) -> i64 {
+    t.sql.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The next change frame for which `want` holds. Changes committed just before a
+/// subscription may still reach it (it is live from the moment the router handles
+/// it, and the WAL can lag the REST answer), so earlier rows are skipped.
+async fn change_where(ws: &mut Ws, want: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let c = ws.change().await;
+        if want(&c) {
+            return c;
+        }
+    }
+}
+
+/// Sends raw bytes and reads the status line's code (for URLs a client library
+/// would normalize).
+async fn raw_status(t: &TestServer, request: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_up_sign_in_sign_out_with_their_shapes_and_errors() {
+    let t = TestServer::start().await;
+
+    let before = chrono::Utc::now().timestamp();
+    let res = post_auth(&t, "/auth/sign-up", "  Alice@Example.COM ", PASSWORD).await;
+    let v = json_ok(res, 201).await;
+    let uid = v["user"]["id"].as_str().unwrap().to_owned();
+    uuid::Uuid::parse_str(&uid).unwrap();
+    assert_eq!(v["user"]["email"], "alice@example.com");
+    let created = v["user"]["created_at"].as_str().unwrap();
+    chrono::DateTime::parse_from_rfc3339(created).unwrap();
+    let token_a = v["session"]["access_token"].as_str().unwrap().to_owned();
+    let exp = v["session"]["expires_at"].as_i64().unwrap();
+    assert!(
+        (before + 3590..=before + 3610).contains(&exp),
+        "expires_at {exp}"
+    );
+    assert_eq!(v.as_object().unwrap().len(), 2);
+    assert_eq!(v["user"].as_object().unwrap().len(), 3);
+    assert_eq!(v["session"].as_object().unwrap().len(), 2);
+
+    // The token: sub, email, role, exp, iat, session_id, signed with JWT_SECRET.
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_aud = false;
+    let claims = jsonwebtoken::decode::<Value>(
+        &token_a,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["sub"], uid.as_str());
+    assert_eq!(claims["email"], "alice@example.com");
+    assert_eq!(claims["role"], "authenticated");
+    assert_eq!(claims["exp"], exp);
+    assert!(claims["iat"].as_i64().unwrap() >= before);
+    let sid_a = claims["session_id"].as_str().unwrap().to_owned();
+
+    // Stored: an argon2id hash, a session row, a sign_up event (no secrets).
+    let hash: String = t
+        .sql
+        .query_one("SELECT encrypted_password FROM auth.users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let ev = t
+        .sql
+        .query_one(
+            "SELECT event_type, user_id::text, session_id::text, ip FROM public.auth_events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ev.get::<_, String>(0), "sign_up");
+    assert_eq!(ev.get::<_, String>(1), uid);
+    assert_eq!(ev.get::<_, String>(2), sid_a);
+    assert_eq!(ev.get::<_, Option<String>>(3).as_deref(), Some("127.0.0.1"));
+
+    // Duplicate (case-insensitively), weak password, bad email.
+    let res = post_auth(&t, "/auth/sign-up", "ALICE@example.com", PASSWORD).await;
+    expect_error(res, 409, "auth/email-already-exists").await;
+    let res = post_auth(&t, "/auth/sign-up", "bob@example.com", "password").await;
+    let msg = expect_error(res, 400, "auth/weak-password").await;
+    assert!(msg.contains("digit"), "the reason is given: {msg}");
+    let res = post_auth(&t, "/auth/sign-up", "bob@example.com", "short1").await;
+    let msg = expect_error(res, 400, "auth/weak-password").await;
+    assert!(msg.contains("8 characters"), "{msg}");
+    let res = post_auth(&t, "/auth/sign-up", "not-an-email", PASSWORD).await;
+    expect_error(res, 400, "auth/invalid-email").await;
+
+    // Wrong password and unknown email fail alike.
+    let res = post_auth(&t, "/auth/sign-in", "alice@example.com", "wrong horse 1").await;
+    let m1 = expect_error(res, 401, "auth/invalid-credentials").await;
+    let res = post_auth(&t, "/auth/sign-in", "nobody@example.com", PASSWORD).await;
+    let m2 = expect_error(res, 401, "auth/invalid-credentials").await;
+    assert_eq!(m1, m2, "same message for unknown email and wrong password");
+
+    // Sign in (email compared case-insensitively): a second session.
+    let v = json_ok(
+        post_auth(&t, "/auth/sign-in", "ALICE@example.com", PASSWORD).await,
+        200,
+    )
+    .await;
+    assert_eq!(v["user"]["id"], uid.as_str());
+    assert_eq!(v["user"]["email"], "alice@example.com");
+    let token_b = v["session"]["access_token"].as_str().unwrap().to_owned();
+    assert_ne!(token_a, token_b);
+    assert_eq!(count(&t, "SELECT count(*) FROM auth.sessions").await, 2);
+
+    // Sign out of session A: its token is refused everywhere, B still works.
+    let res = http()
+        .post(t.url("/auth/sign-out"))
+        .header(AUTHORIZATION, bearer(&token_a))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_ok(res, 200).await, json!({"success": true}));
+    let revoked: bool = t
+        .sql
+        .query_one(
+            "SELECT revoked_at IS NOT NULL FROM auth.sessions WHERE id = $1::text::uuid",
+            &[&sid_a],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(revoked);
+    expect_error(list(&t, &token_a, &[]).await, 401, "auth/revoked-token").await;
+    let res = http()
+        .post(t.url("/auth/sign-out"))
+        .header(AUTHORIZATION, bearer(&token_a))
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 401, "auth/revoked-token").await;
+    json_ok(list(&t, &token_b, &[]).await, 200).await;
+
+    let mut ws = t.ws(Some(&token_a)).await;
+    let (close, frames) = ws.until_close().await;
+    assert_eq!(close, Some(4001));
+    assert_eq!(frames[0]["type"], "error");
+    assert_eq!(frames[0]["code"], "auth/revoked-token");
+    let mut ws = t.ws(Some(&token_b)).await;
+    ws.subscribe("mine", json!({"auth": uid})).await;
+    ws.close().await;
+
+    let events: Vec<String> = t
+        .sql
+        .query(
+            "SELECT event_type FROM public.auth_events ORDER BY created_at, event_type",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, ["sign_up", "sign_in", "sign_out"]);
+
+    // Missing, malformed, expired and foreign tokens.
+    let res = http().get(t.url("/storage/list")).send().await.unwrap();
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    expect_error(res, 401, "auth/missing-token").await;
+    expect_error(list(&t, "garbage", &[]).await, 401, "auth/invalid-token").await;
+    let expired = token(Some(&uid), "authenticated", -10);
+    expect_error(list(&t, &expired, &[]).await, 401, "auth/expired-token").await;
+    let res = http()
+        .post(t.url("/auth/sign-out"))
+        .header(AUTHORIZATION, bearer(&expired))
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 401, "auth/expired-token").await;
+    let stranger = user_token(&uuid::Uuid::new_v4().to_string());
+    expect_error(list(&t, &stranger, &[]).await, 401, "auth/invalid-token").await;
+    let res = http()
+        .get(t.url("/storage/list"))
+        .header(AUTHORIZATION, "Basic abc")
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 401, "auth/invalid-token").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_reaches_the_users_auth_subscription_live() {
+    let t = TestServer::start().await;
+    let (uid, token) = sign_up(&t, "carol@example.com").await;
+    let mut ws = t.ws(Some(&token)).await;
+    ws.subscribe("auth", json!({"auth": uid})).await;
+
+    let v = json_ok(
+        post_auth(&t, "/auth/sign-in", "carol@example.com", PASSWORD).await,
+        200,
+    )
+    .await;
+    let second = v["session"]["access_token"].as_str().unwrap().to_owned();
+    let c = change_where(&mut ws, |c| c["new"]["event_type"] != "sign_up").await;
+    assert_eq!(c["subscription"], "auth");
+    assert_eq!(c["eventType"], "INSERT");
+    assert_eq!(
+        (c["schema"].as_str(), c["table"].as_str()),
+        (Some("public"), Some("auth_events"))
+    );
+    assert_eq!(c["new"]["event_type"], "sign_in");
+    assert_eq!(c["new"]["user_id"], uid.as_str());
+    assert!(c["new"]["session_id"].is_string());
+    let text = c.to_string();
+    assert!(
+        !text.contains("argon2") && !text.contains(PASSWORD),
+        "no secrets: {text}"
+    );
+
+    let res = http()
+        .post(t.url("/auth/sign-out"))
+        .header(AUTHORIZATION, bearer(&second))
+        .send()
+        .await
+        .unwrap();
+    json_ok(res, 200).await;
+    let c = change_where(&mut ws, |c| c["new"]["event_type"] != "sign_in").await;
+    assert_eq!(c["new"]["event_type"], "sign_out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_list_read_ranges_overwrite_and_delete() {
+    let t = TestServer::start().await;
+    let (uid, token) = sign_up(&t, "dave@example.com").await;
+    let (_, other) = sign_up(&t, "erin@example.com").await;
+    let data = pattern(1000);
+
+    let res = upload(
+        &t,
+        &token,
+        Some("files"),
+        Some("docs/2024/report.pdf"),
+        file_part(data.clone(), "local-name.pdf", "application/pdf"),
+    )
+    .await;
+    let up = json_ok(res, 201).await;
+    assert_eq!(up["path"], "docs/2024/report.pdf");
+    assert_eq!(up["size"], 1000);
+    assert_eq!(up["mime_type"], "application/pdf");
+    chrono::DateTime::parse_from_rfc3339(up["created_at"].as_str().unwrap()).unwrap();
+    let url = up["url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        url,
+        format!("/storage/object/files/{uid}/docs/2024/report.pdf")
+    );
+
+    // Folders were created parents first; the file points at its folder.
+    let rows = t
+        .sql
+        .query(
+            "SELECT path, name, id::text, parent_id::text FROM public.folders ORDER BY path",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let (docs, y2024) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (docs.get::<_, String>(0), docs.get::<_, String>(1)),
+        ("docs".into(), "docs".into())
+    );
+    assert_eq!(docs.get::<_, Option<String>>(3), None);
+    assert_eq!(y2024.get::<_, String>(0), "docs/2024");
+    assert_eq!(
+        y2024.get::<_, Option<String>>(3),
+        Some(docs.get::<_, String>(2))
+    );
+    assert_eq!(up["folder_id"], y2024.get::<_, String>(2).as_str());
+    let stored = files_under(&storage_dir(&t));
+    assert_eq!(stored.len(), 1, "{stored:?}");
+
+    // Listing: directly under a path, own files only.
+    let root = json_ok(list(&t, &token, &[]).await, 200).await;
+    assert_eq!(root["files"], json!([]));
+    assert_eq!(root["folders"][0]["name"], "docs");
+    assert_eq!(root["folders"][0]["path"], "docs");
+    let docs_listing = json_ok(
+        list(&t, &token, &[("bucket", "files"), ("path", "docs")]).await,
+        200,
+    )
+    .await;
+    assert_eq!(docs_listing["folders"].as_array().unwrap().len(), 1);
+    assert_eq!(docs_listing["folders"][0]["path"], "docs/2024");
+    let inner = json_ok(list(&t, &token, &[("path", "docs/2024/")]).await, 200).await;
+    let f = &inner["files"][0];
+    assert_eq!(f["name"], "report.pdf");
+    assert_eq!(f["path"], "docs/2024/report.pdf");
+    assert_eq!(f["size"], 1000);
+    assert_eq!(f["mime_type"], "application/pdf");
+    assert_eq!(f["url"], url.as_str());
+    assert!(f["created_at"].is_string());
+    let others = json_ok(list(&t, &other, &[]).await, 200).await;
+    assert_eq!(others, json!({"files": [], "folders": []}));
+    expect_error(
+        list(&t, &token, &[("path", "nope")]).await,
+        404,
+        "storage/not-found",
+    )
+    .await;
+    expect_error(
+        list(&t, &token, &[("bucket", "nope")]).await,
+        404,
+        "storage/bucket-not-found",
+    )
+    .await;
+
+    // Reading: the owner, whole and in ranges.
+    let get = |range: Option<&str>, tok: Option<&str>| {
+        let mut req = http().get(t.url(&url));
+        if let Some(r) = range {
+            req = req.header(RANGE, r);
+        }
+        if let Some(tok) = tok {
+            req = req.header(AUTHORIZATION, bearer(tok));
+        }
+        req.send()
+    };
+    let res = get(None, Some(&token)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[CONTENT_TYPE], "application/pdf");
+    assert_eq!(res.headers()[ACCEPT_RANGES], "bytes");
+    assert_eq!(res.bytes().await.unwrap().as_ref(), &data[..]);
+    let res = get(Some("bytes=10-19"), Some(&token)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(res.headers()[CONTENT_RANGE], "bytes 10-19/1000");
+    assert_eq!(res.bytes().await.unwrap().as_ref(), &data[10..20]);
+    let res = get(Some("bytes=-5"), Some(&token)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(res.headers()[CONTENT_RANGE], "bytes 995-999/1000");
+    assert_eq!(res.bytes().await.unwrap().as_ref(), &data[995..]);
+    let res = get(Some("bytes=990-"), Some(&token)).await.unwrap();
+    assert_eq!(res.bytes().await.unwrap().as_ref(), &data[990..]);
+    let res = get(Some("bytes=5000-"), Some(&token)).await.unwrap();
+    assert_eq!(res.headers()[CONTENT_RANGE], "bytes */1000");
+    expect_error(res, 416, "storage/range-not-satisfiable").await;
+    // Private bucket: no token → 401; someone else's token → 404.
+    expect_error(get(None, None).await.unwrap(), 401, "auth/missing-token").await;
+    expect_error(
+        get(None, Some(&other)).await.unwrap(),
+        404,
+        "storage/not-found",
+    )
+    .await;
+    let res = get(None, Some(&service_token())).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "service_role reads everything"
+    );
+
+    // Overwrite: refused unless asked; then the old bytes go.
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("docs/2024/report.pdf"),
+        file_part(pattern(10), "x.pdf", "application/pdf"),
+    )
+    .await;
+    expect_error(res, 409, "storage/already-exists").await;
+    let form = Form::new().text("path", "docs/2024/report.pdf").part(
+        "file",
+        file_part(b"%PDF-new".to_vec(), "x.pdf", "application/pdf"),
+    );
+    let res = http()
+        .post(t.url("/storage/upload"))
+        .header(AUTHORIZATION, bearer(&token))
+        .header("x-upsert", "true")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_ok(res, 201).await["size"], 8);
+    let res = get(None, Some(&token)).await.unwrap();
+    assert_eq!(res.bytes().await.unwrap().as_ref(), b"%PDF-new");
+    wait_for("the replaced bytes to go", || {
+        files_under(&storage_dir(&t)).len() == 1
+            && !files_under(&storage_dir(&t)).contains(&stored[0])
+    })
+    .await;
+
+    // A folder path (trailing '/') or none: the file's own name is used; the type
+    // may come from the extension, the MIME type guessed from the name.
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("docs/"),
+        Part::bytes(b"PK..".to_vec()).file_name("Notes.DOCX"),
+    )
+    .await;
+    let v = json_ok(res, 201).await;
+    assert_eq!(v["path"], "docs/Notes.DOCX");
+    assert_eq!(
+        v["mime_type"],
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+    );
+    let v = json_ok(
+        upload(
+            &t,
+            &token,
+            None,
+            None,
+            file_part(pattern(3), "top.png", "image/png"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    assert_eq!(v["path"], "top.png");
+    assert_eq!(v["folder_id"], Value::Null);
+    // A file where a folder is, or a folder through a file: conflicts.
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("docs"),
+        file_part(pattern(3), "a.png", "image/png"),
+    )
+    .await;
+    expect_error(res, 409, "storage/conflict").await;
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("top.png/x.png"),
+        file_part(pattern(3), "a.png", "image/png"),
+    )
+    .await;
+    expect_error(res, 409, "storage/conflict").await;
+
+    // Public buckets are readable by anyone.
+    bucket(&t.sql, "pub", true).await;
+    let v = json_ok(
+        upload(
+            &t,
+            &token,
+            Some("pub"),
+            Some("cat.png"),
+            file_part(pattern(50), "cat.png", "image/png"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let res = http()
+        .get(t.url(v["url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[CONTENT_TYPE], "image/png");
+    assert_eq!(res.bytes().await.unwrap().len(), 50);
+    let res = upload(
+        &t,
+        &token,
+        Some("nope"),
+        Some("a.png"),
+        file_part(pattern(3), "a.png", "image/png"),
+    )
+    .await;
+    expect_error(res, 404, "storage/bucket-not-found").await;
+
+    // Delete: row and bytes; then not found. Folders: only when empty.
+    let res = delete(
+        &t,
+        &token,
+        json!({"bucket": "files", "path": "docs/2024/report.pdf"}),
+    )
+    .await;
+    assert_eq!(json_ok(res, 200).await, json!({"success": true}));
+    expect_error(
+        delete(
+            &t,
+            &token,
+            json!({"bucket": "files", "path": "docs/2024/report.pdf"}),
+        )
+        .await,
+        404,
+        "storage/not-found",
+    )
+    .await;
+    expect_error(
+        get(None, Some(&token)).await.unwrap(),
+        404,
+        "storage/not-found",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &t,
+            "SELECT count(*) FROM public.files WHERE path = 'docs/2024/report.pdf'"
+        )
+        .await,
+        0
+    );
+    expect_error(
+        delete(&t, &other, json!({"bucket": "files", "path": "top.png"})).await,
+        404,
+        "storage/not-found",
+    )
+    .await;
+    expect_error(
+        delete(&t, &token, json!({"bucket": "files", "path": "docs"})).await,
+        409,
+        "storage/folder-not-empty",
+    )
+    .await;
+    json_ok(
+        delete(&t, &token, json!({"bucket": "files", "path": "docs/2024"})).await,
+        200,
+    )
+    .await;
+    let blobs = count(&t, "SELECT count(*) FROM public.files").await;
+    wait_for("deleted bytes to go", || {
+        files_under(&storage_dir(&t)).len() as i64 == blobs
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_type_quota_and_path_checks_leave_nothing_behind() {
+    let t = TestServer::start_with(|c| {
+        c.max_file_size = 64 * 1024;
+        c.storage_quota_bytes = 100 * 1024;
+    })
+    .await;
+    let (uid, token) = sign_up(&t, "frank@example.com").await;
+
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("big.png"),
+        file_part(pattern(100 * 1024), "big.png", "image/png"),
+    )
+    .await;
+    let msg = expect_error(res, 413, "storage/file-too-large").await;
+    assert!(msg.contains("65536"), "{msg}");
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("x.html"),
+        file_part(b"<script>".to_vec(), "x.html", "text/html"),
+    )
+    .await;
+    expect_error(res, 415, "storage/invalid-type").await;
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("x.bin"),
+        Part::bytes(b"MZ".to_vec()).file_name("x.exe"),
+    )
+    .await;
+    expect_error(res, 415, "storage/invalid-type").await;
+
+    json_ok(
+        upload(
+            &t,
+            &token,
+            None,
+            Some("a.png"),
+            file_part(pattern(60 * 1024), "a.png", "image/png"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("b.png"),
+        file_part(pattern(60 * 1024), "b.png", "image/png"),
+    )
+    .await;
+    expect_error(res, 413, "storage/quota-exceeded").await;
+    // Exactly what is left still fits.
+    json_ok(
+        upload(
+            &t,
+            &token,
+            None,
+            Some("c.png"),
+            file_part(pattern(40 * 1024), "c.png", "image/png"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let res = upload(
+        &t,
+        &token,
+        None,
+        Some("d.png"),
+        file_part(pattern(1), "d.png", "image/png"),
+    )
+    .await;
+    expect_error(res, 413, "storage/quota-exceeded").await;
+
+    for bad in [
+        "../etc/passwd",
+        "/etc/passwd",
+        "a/../../b.png",
+        "./a.png",
+        "a//b.png",
+        "a\\b.png",
+        "a\u{0}.png",
+        "a/\u{7}.png",
+        "..",
+    ] {
+        let res = upload(
+            &t,
+            &token,
+            None,
+            Some(bad),
+            file_part(pattern(3), "x.png", "image/png"),
+        )
+        .await;
+        expect_error(res, 400, "storage/invalid-path").await;
+        expect_error(
+            list(&t, &token, &[("path", bad)]).await,
+            400,
+            "storage/invalid-path",
+        )
+        .await;
+        expect_error(
+            delete(&t, &token, json!({"path": bad})).await,
+            400,
+            "storage/invalid-path",
+        )
+        .await;
+    }
+    // Dot segments a client library would normalize away, sent raw.
+    let (code, body) = raw_status(
+        &t,
+        &format!(
+            "GET /storage/object/files/{uid}/a/../a.png HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("storage/invalid-path"), "{body}");
+    let (code, body) = raw_status(
+        &t,
+        &format!(
+            "GET /storage/object/files/{uid}/%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("storage/invalid-path"), "{body}");
+
+    // Only the two accepted files exist, as rows and as bytes.
+    assert_eq!(count(&t, "SELECT count(*) FROM public.files").await, 2);
+    wait_for("refused uploads' bytes to go", || {
+        files_under(&storage_dir(&t)).len() == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_reaches_files_and_storage_subscribers_live() {
+    let t = TestServer::start().await;
+    let (uid, token) = sign_up(&t, "gina@example.com").await;
+    let mut ws = t.ws(Some(&token)).await;
+    ws.subscribe("bucket", json!({"storage": "files"})).await;
+    let first = json_ok(
+        upload(
+            &t,
+            &token,
+            None,
+            Some("photos/a.png"),
+            file_part(pattern(10), "a.png", "image/png"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let c = ws.change().await;
+    assert_eq!(c["subscription"], "bucket");
+    assert_eq!(c["new"]["id"], first["id"]);
+    // The router has handled a.png, so no change of it can come before the next
+    // subscription's reply.
+    let folder_id = first["folder_id"].as_str().unwrap().to_owned();
+    let listed = json_ok(list(&t, &token, &[]).await, 200).await;
+    assert_eq!(listed["folders"][0]["id"], folder_id.as_str());
+    ws.subscribe("folder", json!({"files": folder_id})).await;
+    let up = json_ok(
+        upload(
+            &t,
+            &token,
+            None,
+            Some("photos/b.png"),
+            file_part(pattern(20), "b.png", "image/png"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let c = ws.change().await;
+        assert_eq!(c["eventType"], "INSERT");
+        assert_eq!(c["table"], "files");
+        assert_eq!(c["new"]["id"], up["id"]);
+        assert_eq!(c["new"]["name"], "b.png");
+        assert_eq!(c["new"]["path"], "photos/b.png");
+        assert_eq!(c["new"]["size"], 20);
+        assert_eq!(c["new"]["folder_id"], folder_id.as_str());
+        assert_eq!(c["new"]["owner_id"], uid.as_str());
+        seen.push(c["subscription"].as_str().unwrap().to_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["bucket", "folder"]);
+
+    json_ok(
+        delete(&t, &token, json!({"path": "photos/b.png"})).await,
+        200,
+    )
+    .await;
+    let c = change_where(&mut ws, |c| c["eventType"] == "DELETE").await;
+    assert_eq!(c["eventType"], "DELETE");
+    assert_eq!(c["old"]["name"], "b.png");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_aborted_mid_body_leaves_no_row_and_no_bytes() {
+    let t = TestServer::start().await;
+    let (_, token) = sign_up(&t, "hank@example.com").await;
+    let dir = storage_dir(&t);
+
+    let boundary = "aetherboundary";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"bucket\"\r\n\r\nfiles\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\nbig/half.pdf\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"half.pdf\"\r\n\
+         Content-Type: application/pdf\r\n\r\n"
+    );
+    let declared = head.len() + 4 * 1024 * 1024;
+    let mut s = tokio::net::TcpStream::connect(t.addr()).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /storage/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\r\n{head}"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Part of the body: enough for parts to be written to the blob store.
+    s.write_all(&pattern(1024 * 1024)).await.unwrap();
+    s.flush().await.unwrap();
+    wait_for("bytes of the upload in progress", || {
+        !files_under(&dir).is_empty()
+    })
+    .await;
+    drop(s);
+
+    wait_for("the aborted upload's bytes to go", || {
+        files_under(&dir).is_empty()
+    })
+    .await;
+    assert_eq!(count(&t, "SELECT count(*) FROM public.files").await, 0);
+    assert_eq!(count(&t, "SELECT count(*) FROM public.folders").await, 0);
+
+    // The server is fine afterwards, and a file over axum's default 2 MiB body
+    // limit (under MAX_FILE_SIZE) goes through whole.
+    let whole = pattern(3 * 1024 * 1024 + 7);
+    let v = json_ok(
+        upload(
+            &t,
+            &token,
+            None,
+            Some("big/whole.pdf"),
+            file_part(whole.clone(), "w.pdf", "application/pdf"),
+        )
+        .await,
+        201,
+    )
+    .await;
+    assert_eq!(v["size"], whole.len());
+    assert_eq!(files_under(&dir).len(), 1);
+    let res = http()
+        .get(t.url(v["url"].as_str().unwrap()))
+        .header(AUTHORIZATION, bearer(&token))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.bytes().await.unwrap() == whole, "bytes read back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_json_and_cors_and_openapi_are_served() {
+    let t = TestServer::start().await;
+    let (_, token) = sign_up(&t, "ivy@example.com").await;
+
+    let res = http().get(t.url("/no/such/route")).send().await.unwrap();
+    expect_error(res, 404, "not_found").await;
+    let res = http().get(t.url("/auth/sign-in")).send().await.unwrap();
+    assert!(res.headers().get("allow").is_some(), "405 keeps Allow");
+    expect_error(res, 405, "method_not_allowed").await;
+    let res = http().put(t.url("/storage/list")).send().await.unwrap();
+    expect_error(res, 405, "method_not_allowed").await;
+    let res = http()
+        .post(t.url("/auth/sign-in"))
+        .header(CONTENT_TYPE, "application/json")
+        .body("{\"email\": ")
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 400, "invalid_json").await;
+    let res = http()
+        .post(t.url("/auth/sign-in"))
+        .header(CONTENT_TYPE, "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 415, "unsupported_media_type").await;
+    let res = http()
+        .post(t.url("/auth/sign-up"))
+        .json(&json!({"email": "x@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    let msg = expect_error(res, 400, "invalid_body").await;
+    assert!(msg.contains("password"), "{msg}");
+    let res = http()
+        .post(t.url("/storage/upload"))
+        .header(AUTHORIZATION, bearer(&token))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 415, "unsupported_media_type").await;
+    let res = http()
+        .post(t.url("/storage/upload"))
+        .header(AUTHORIZATION, bearer(&token))
+        .multipart(Form::new().text("path", "a.png"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 400, "storage/invalid-request").await;
+    let res = http()
+        .delete(t.url("/storage/delete"))
+        .header(AUTHORIZATION, bearer(&token))
+        .header(CONTENT_TYPE, "application/json")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 400, "invalid_body").await;
+    let res = http()
+        .get(t.url("/storage/object/files/not-a-uuid/a.png"))
+        .header(AUTHORIZATION, bearer(&token))
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 404, "storage/not-found").await;
+
+    // CORS for a dev server on another origin: preflight and actual request.
+    let res = http()
+        .request(reqwest::Method::OPTIONS, t.url("/storage/upload"))
+        .header("origin", "http://localhost:5173")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let h: &HeaderMap = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let methods = h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        methods.contains("POST") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    let res = http()
+        .post(t.url("/auth/sign-in"))
+        .header("origin", "http://localhost:5173")
+        .json(&json!({"email": "ivy@example.com", "password": "wrong one 1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+    expect_error(res, 401, "auth/invalid-credentials").await;
+
+    // The OpenAPI document lists every REST route.
+    let doc = json_ok(
+        http().get(t.url("/openapi.json")).send().await.unwrap(),
+        200,
+    )
+    .await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for (path, method) in [
+        ("/auth/sign-up", "post"),
+        ("/auth/sign-in", "post"),
+        ("/auth/sign-out", "post"),
+        ("/storage/upload", "post"),
+        ("/storage/list", "get"),
+        ("/storage/delete", "delete"),
+        ("/storage/object/{bucket}/{owner}/{path}", "get"),
+        ("/health", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} in the OpenAPI document"
+        );
+    }
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    // Budgets refill one request per 30 s and 20 s: far longer than this test.
+    let t = TestServer::start_with(|c| {
+        c.rate_limit_auth_per_min = 2;
+        c.rate_limit_storage_per_min = 3;
+    })
+    .await;
+    let (_, token) = sign_up(&t, "judy@example.com").await;
+    let res = post_auth(&t, "/auth/sign-in", "judy@example.com", "wrong pass 1").await;
+    expect_error(res, 401, "auth/invalid-credentials").await;
+    let res = post_auth(&t, "/auth/sign-in", "judy@example.com", PASSWORD).await;
+    let retry: u64 = res.headers()[RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    expect_error(res, 429, "rate-limit/exceeded").await;
+    let res = http()
+        .post(t.url("/auth/sign-out"))
+        .header(AUTHORIZATION, bearer(&token))
+        .send()
+        .await
+        .unwrap();
+    expect_error(res, 429, "rate-limit/exceeded").await;
+
+    // Storage: per user.
+    for _ in 0..3 {
+        json_ok(list(&t, &token, &[]).await, 200).await;
+    }
+    let res = list(&t, &token, &[]).await;
+    assert!(res.headers().get(RETRY_AFTER).is_some());
+    expect_error(res, 429, "rate-limit/exceeded").await;
+    let other = user(&t.sql, "kim@example.com").await;
+    json_ok(list(&t, &user_token(&other), &[]).await, 200).await;
+}
