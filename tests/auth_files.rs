@@ -1154,3 +1154,35 @@ async fn rate_limits_answer_429_with_retry_after() {
     let other = user(&t.sql, "kim@example.com").await;
     json_ok(list(&t, &user_token(&other), &[]).await, 200).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_out_session_closes_its_live_websockets_whoever_signs_it_out() {
+    let t = TestServer::start().await;
+    let (user_id, token) = sign_up(&t, "revoke@example.com").await;
+    // Sign-out through the API: the open connection is closed at once.
+    let mut ws = t.ws(Some(&token)).await;
+    ws.subscribe("me", serde_json::json!({"auth": user_id}))
+        .await;
+    let res = http()
+        .post(t.url("/auth/sign-out"))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (code, frames) = ws.until_close().await;
+    assert_eq!(code, Some(4001));
+    assert_eq!(frames.last().unwrap()["code"], "auth/revoked-token");
+    // A DBA's UPDATE does the same.
+    let res = post_auth(&t, "/auth/sign-in", "revoke@example.com", PASSWORD).await;
+    let body = json_ok(res, 200).await;
+    let token2 = body["session"]["access_token"].as_str().unwrap().to_owned();
+    let mut ws = t.ws(Some(&token2)).await;
+    ws.subscribe("me", serde_json::json!({"auth": user_id}))
+        .await;
+    t.exec(&format!("UPDATE auth.sessions SET revoked_at = now() WHERE user_id = '{user_id}' AND revoked_at IS NULL"))
+        .await;
+    let (code, frames) = ws.until_close().await;
+    assert_eq!(code, Some(4001));
+    assert_eq!(frames.last().unwrap()["code"], "auth/revoked-token");
+}

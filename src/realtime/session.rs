@@ -147,10 +147,12 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Outbound>(cfg.ws_queue_capacity);
     let overflowed = CancellationToken::new();
     let lagging = Arc::new(tokio::sync::Notify::new());
+    let revoked = CancellationToken::new();
     let principal = Arc::new(principal);
     let handle = SessionHandle {
         tx: tx.clone(),
         overflowed: overflowed.clone(),
+        revoked: revoked.clone(),
         lagging: Arc::clone(&lagging),
         principal: Arc::clone(&principal),
     };
@@ -185,7 +187,9 @@ pub async fn run(
         greet(&conn, &client_id, params.channel.as_deref()).await;
     }
     if attached {
-        let writer = write_loop(socket, &conn, rx, overflowed, lagging, expiry_rx, last_seen);
+        let writer = write_loop(
+            socket, &conn, rx, overflowed, revoked, lagging, expiry_rx, last_seen,
+        );
         writer.await;
     }
     let _ = state.router.send(Command::Detach { session }).await;
@@ -237,6 +241,7 @@ async fn write_loop(
     conn: &Conn,
     mut rx: mpsc::Receiver<Outbound>,
     overflowed: CancellationToken,
+    revoked: CancellationToken,
     lagging: Arc<tokio::sync::Notify>,
     mut expiry_rx: watch::Receiver<Option<i64>>,
     last_seen: Arc<AtomicI64>,
@@ -280,6 +285,16 @@ async fn write_loop(
                         "realtime",
                         "slow_consumer",
                         "this connection could not keep up (its queue stayed full, or it fell behind the resume window) and is closed; reconnect and resubscribe with `since` set to the last change id received",
+                        None,
+                    )),
+                )),
+                _ = revoked.cancelled() => break Some((
+                    CLOSE_AUTH,
+                    "auth/revoked-token".to_owned(),
+                    Some(protocol::error_frame(
+                        "auth",
+                        "auth/revoked-token",
+                        "the session of this access token has been signed out",
                         None,
                     )),
                 )),
@@ -597,6 +612,11 @@ async fn handle_text(
                     TokenError::Expired => frame_error("auth/expired-token", e.to_string()),
                     TokenError::Invalid(_) => frame_error("auth/invalid-token", e.to_string()),
                 }
+            })?;
+            // A signed-out session's token is no renewal.
+            state.auth.check_session(&fresh).await.map_err(|e| {
+                tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
+                frame_error(e.code(), e.to_string())
             })?;
             if principal.user_id.is_some() && fresh.user_id != principal.user_id {
                 return Err(frame_error(

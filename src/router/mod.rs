@@ -94,6 +94,8 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
     /// Cancelled by the router when the connection cannot keep up at all.
     pub overflowed: CancellationToken,
+    /// Cancelled when the auth session of the connection's token is signed out.
+    pub revoked: CancellationToken,
     /// Signalled when the connection starts lagging: once its queue is empty the
     /// writer answers with [`Command::Pull`].
     pub lagging: Arc<tokio::sync::Notify>,
@@ -338,6 +340,51 @@ impl Router {
                 }
             }
             Command::Pull { session } => self.pull(session),
+        }
+    }
+
+    /// A signed-out auth session (`auth.sessions.revoked_at` set, or the row gone):
+    /// its connections are closed now, not when their token expires.
+    fn close_revoked(&mut self, change: &RowChange) {
+        let rel = &change.relation;
+        if rel.schema != "auth" || rel.name != "sessions" {
+            return;
+        }
+        let at = |row: &crate::changes::Row, col: &str| {
+            rel.column_index(col)
+                .and_then(|i| row.get(i))
+                .and_then(|v| v.clone())
+        };
+        let revoked = match (change.kind, &change.new, &change.old) {
+            (ChangeKind::Update | ChangeKind::Insert, Some(new), _) => at(new, "revoked_at")
+                .is_some_and(|v| !v.is_null())
+                .then(|| at(new, "id"))
+                .flatten(),
+            (ChangeKind::Delete, _, Some(old)) => at(old, "id"),
+            _ => None,
+        };
+        let Some(serde_json::Value::String(id)) = revoked else {
+            return;
+        };
+        let Ok(id) = uuid::Uuid::parse_str(&id) else {
+            return;
+        };
+        let hit: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| e.handle.principal.session_id == Some(id))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in hit {
+            if let Some(e) = self.sessions.get(&s) {
+                tracing::info!(
+                    event = "session_revoked",
+                    session = s,
+                    "closing a signed-out connection"
+                );
+                e.handle.revoked.cancel();
+            }
+            self.detach(s);
         }
     }
 
@@ -632,6 +679,7 @@ impl Router {
                 if let Some(configs) = &self.channel_configs {
                     track_channels(&change, configs);
                 }
+                self.close_revoked(&change);
                 authz::track_buckets(
                     &change.relation,
                     change.new.as_ref(),

@@ -11,6 +11,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_ws_channels",
         include_str!("../../migrations/0003_ws_channels.sql"),
     ),
+    (
+        "0004_sessions_realtime",
+        include_str!("../../migrations/0004_sessions_realtime.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x0ae7_4e12;
