@@ -185,7 +185,7 @@ impl Config {
             ws_queue_capacity: 1024,
             ws_max_frame_bytes: 64 * 1024,
             ws_stall_timeout: Duration::from_secs(30),
-            rate_limit_connections: 100,
+            rate_limit_connections: 10,
             rate_limit_messages: 50,
             rate_limit_window: Duration::from_secs(60),
             ws_max_connections: 10_000,
