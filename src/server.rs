@@ -40,6 +40,7 @@ pub struct Inner {
     pub registry: Registry,
     pub stats: Stats,
     pub channels: ChannelConfigs,
+    pub kingshare: Arc<crate::realtime::kingshare::Notifier>,
     pub replication: watch::Receiver<ReplicationStatus>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
@@ -191,6 +192,11 @@ impl Server {
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let kingshare_from: String = setup
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        let kingshare_from: crate::replication::lsn::PgLsn = kingshare_from.parse()?;
         let channels: ChannelConfigs =
             Arc::new(RwLock::new(crate::api::ops::load_channels(&setup).await?));
         drop(setup);
@@ -214,6 +220,7 @@ impl Server {
         });
         let (status_tx, status_rx) = watch::channel(ReplicationStatus::default());
 
+        let kingshare = Arc::new(crate::realtime::kingshare::Notifier::default());
         let (hub_tx, hub_rx) = mpsc::channel(4096);
         let hub = Hub::new(
             Arc::clone(&channels),
@@ -223,6 +230,8 @@ impl Server {
         let router = Router::new(
             RouterConfig {
                 channel_configs: Some(Arc::clone(&channels)),
+                kingshare: Some(Arc::clone(&kingshare)),
+                kingshare_from,
                 confirmed,
                 stall_timeout: config.ws_stall_timeout,
                 retention_events: config.resume_retention_events,
@@ -248,6 +257,10 @@ impl Server {
             shutdown: shutdown.clone(),
         };
         tasks.push(spawn_named("replication", replication.run()));
+        tasks.push(spawn_named(
+            "share-expiry",
+            crate::api::kingshare::expiry_job(pool.clone(), shutdown.clone()),
+        ));
 
         let listener = tokio::net::TcpListener::bind((config.ws_host.as_str(), config.ws_port))
             .await
@@ -274,6 +287,7 @@ impl Server {
             registry: Registry::default(),
             stats: Stats::default(),
             channels,
+            kingshare,
             replication: status_rx,
             next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod kingshare;
 pub mod openapi;
 pub mod ops;
 pub mod rate_limit;
@@ -72,6 +73,15 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics/messages", get(ops::metrics_messages))
         .route("/metrics/channels", get(ops::metrics_channels))
         .route("/metrics/errors", get(ops::metrics_errors))
+        .route("/api/v1/ws/stats", get(kingshare::stats))
+        .route("/api/v1/ws/cleanup", post(kingshare::cleanup))
+        .route("/api/v1/ws/notify", post(kingshare::notify))
+        .route(
+            "/api/v1/shares",
+            post(kingshare::create).get(kingshare::list),
+        )
+        .route("/api/v1/shares/{id}", delete(kingshare::revoke))
+        .route("/share/{token}", get(kingshare::fetch))
         .merge(auth_routes)
         .merge(storage_routes)
         .fallback(fallback)
@@ -208,6 +218,8 @@ struct WsQuery {
     token: Option<String>,
     client_id: Option<String>,
     channel: Option<String>,
+    /// `aether` or `kingshare` forces a dialect (also as a WebSocket subprotocol).
+    protocol: Option<String>,
 }
 
 async fn websocket(
@@ -223,7 +235,19 @@ async fn websocket(
         .ws_max_frame_bytes
         .saturating_mul(16)
         .max(1 << 20);
-    let ws = ws.max_message_size(max).max_frame_size(max);
+    let ws = ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .protocols(["kingshare", "aether"]);
+    let subprotocol = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .map(str::to_owned);
+    let dialect = session::Dialect::detect(
+        q.protocol.as_deref().or(subprotocol.as_deref()),
+        q.client_id.is_some(),
+        q.channel.is_some(),
+    );
     let principal = match q.token.as_deref().filter(|t| !t.is_empty()) {
         None => Ok(Principal::anonymous()),
         Some(token) => match state.jwt.verify(token) {
@@ -238,6 +262,7 @@ async fn websocket(
                 client_id: q.client_id,
                 channel: q.channel,
                 addr: Some(addr),
+                dialect,
             };
             ws.on_upgrade(move |socket| session::run(socket, state, p, params))
         }
@@ -253,7 +278,7 @@ async fn websocket(
                 }
             };
             state.stats.error(code);
-            ws.on_upgrade(move |socket| session::reject(socket, code, message))
+            ws.on_upgrade(move |socket| session::reject(socket, dialect, code, message))
         }
     }
 }

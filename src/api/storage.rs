@@ -181,12 +181,59 @@ struct Form {
     path: Option<String>,
 }
 
+/// KingShare `UploadProgress` for the uploader's connections: at every tenth of
+/// the request's `Content-Length` (every MiB when it is unknown), and at the end.
+struct Progress<'a> {
+    state: &'a AppState,
+    user: Uuid,
+    upload_id: Uuid,
+    /// The request's Content-Length: the file plus a little form overhead.
+    total: Option<u64>,
+    reported: u64,
+}
+
+impl Progress<'_> {
+    fn report(&mut self, uploaded: u64, done: bool) {
+        let step = match self.total {
+            Some(t) => (t / 10).max(64 * 1024),
+            None => 1024 * 1024,
+        };
+        if !done && uploaded < self.reported + step {
+            return;
+        }
+        self.reported = uploaded;
+        let total = if done {
+            uploaded
+        } else {
+            self.total.unwrap_or(0).max(uploaded)
+        };
+        let fraction = if total == 0 {
+            1.0
+        } else {
+            (uploaded as f64 / total as f64).min(1.0)
+        };
+        let frame = crate::realtime::kingshare::message(
+            "UploadProgress",
+            serde_json::json!({
+                "file_id": self.upload_id.hyphenated().to_string(),
+                "progress": (fraction * 1000.0).round() / 1000.0,
+                "bytes_uploaded": uploaded,
+                "total_bytes": total,
+            }),
+        );
+        self.state
+            .kingshare
+            .to_user(&self.user.hyphenated().to_string(), &frame);
+    }
+}
+
 /// Reads the form, streaming `file` into `pending` as it arrives.
 async fn read_form(
     state: &AppState,
     owner: Uuid,
     mp: &mut Multipart,
     pending: &mut Option<PendingUpload>,
+    mut progress: Progress<'_>,
 ) -> Result<Form, ApiError> {
     let mut form = Form::default();
     let mut overhead = 0usize;
@@ -231,9 +278,13 @@ async fn read_form(
                     .begin_upload(owner, source, form.bucket.as_ref())
                     .await?;
                 let up = pending.insert(up);
+                let mut uploaded = 0u64;
                 while let Some(chunk) = field.chunk().await? {
+                    uploaded += chunk.len() as u64;
                     up.write(chunk).await?;
+                    progress.report(uploaded, false);
                 }
+                progress.report(uploaded, true);
             }
             _ => {
                 while let Some(chunk) = field.chunk().await? {
@@ -312,7 +363,20 @@ pub async fn upload(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let mut pending = None;
-    let form = match read_form(&state, user.id, &mut mp, &mut pending).await {
+    // Announced in KingShare UploadProgress; the new row gets this id.
+    let upload_id = Uuid::new_v4();
+    let total = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let progress = Progress {
+        state: &state,
+        user: user.id,
+        upload_id,
+        total,
+        reported: 0,
+    };
+    let form = match read_form(&state, user.id, &mut mp, &mut pending, progress).await {
         Ok(form) => form,
         Err(e) => {
             if let Some(mut p) = pending.take() {
@@ -344,6 +408,7 @@ pub async fn upload(
                 bucket,
                 path,
                 upsert,
+                id: Some(upload_id),
             },
         )
         .await?;
@@ -481,6 +546,9 @@ pub async fn object(
         .open(viewer.as_ref(), &bucket, owner, &object_path, range)
         .await?;
     let f = &read.file;
+    if read.span.is_none_or(|(a, _)| a == 0) {
+        crate::api::kingshare::download_started(&state, f);
+    }
     let disposition = format!(
         "{}; filename*=UTF-8''{}",
         if inline_safe(&f.mime_type) {

@@ -1,6 +1,7 @@
 //! WebSocket sessions on `WS_PATH`.
 
 pub mod hub;
+pub mod kingshare;
 pub mod protocol;
 pub mod registry;
 pub mod session;

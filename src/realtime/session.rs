@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::{self, HubCommand, HubError, Member, SendOutcome};
+use super::kingshare;
 use super::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
 use super::registry::{ConnEntry, now_ms};
 use crate::auth::{Principal, Role, TokenError};
@@ -35,25 +36,73 @@ pub const CLOSE_FORBIDDEN: u16 = 4003;
 pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_LIMIT: u16 = 4029;
 
+/// Which vocabulary a connection speaks (docs/kingshare.md):
+/// - `Aether`: `protocol=aether` (or subprotocol `aether`), or a URL naming
+///   `client_id` or `channel` — change subscriptions and the Aether WebSocket API;
+/// - `KingShare`: `protocol=kingshare` (or subprotocol `kingshare`) — KingShare only;
+/// - `Mixed`: neither (a token-only or anonymous connection) — both vocabularies,
+///   and KingShare events. Errors answer in the vocabulary of the frame that caused
+///   them; connection-level errors come in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    Aether,
+    KingShare,
+    #[default]
+    Mixed,
+}
+
+impl Dialect {
+    pub fn detect(protocol: Option<&str>, client_id: bool, channel: bool) -> Dialect {
+        match protocol {
+            Some("aether") => Dialect::Aether,
+            Some("kingshare") => Dialect::KingShare,
+            _ if client_id || channel => Dialect::Aether,
+            _ => Dialect::Mixed,
+        }
+    }
+
+    fn kingshare_events(self) -> bool {
+        self != Dialect::Aether
+    }
+
+    /// Frames for a connection-level error: the Aether envelope, the KingShare
+    /// `Error`, or both.
+    pub fn error_frames(
+        self,
+        component: &str,
+        code: &str,
+        ks_code: Option<&str>,
+        message: &str,
+    ) -> Vec<String> {
+        let aether = || protocol::error_frame(component, code, message, None);
+        let ks = || ks_code.map(|c| kingshare::error(c, message));
+        match self {
+            Dialect::Aether => vec![aether()],
+            Dialect::KingShare => ks().into_iter().collect(),
+            Dialect::Mixed => std::iter::once(aether()).chain(ks()).collect(),
+        }
+    }
+}
+
 /// What the connection URL asked for.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectParams {
     pub client_id: Option<String>,
     pub channel: Option<String>,
     pub addr: Option<SocketAddr>,
-}
-
-impl ConnectParams {
-    /// Aether WebSocket API clients name themselves or a channel.
-    fn aether_api(&self) -> bool {
-        self.client_id.is_some() || self.channel.is_some()
-    }
+    pub dialect: Dialect,
 }
 
 /// Refuses a connection whose token failed: an error frame, then close.
-pub async fn reject(mut socket: WebSocket, code: &str, message: String) {
-    let frame = protocol::error_frame("auth", code, &message, None);
-    let _ = socket.send(Message::Text(frame.into())).await;
+pub async fn reject(mut socket: WebSocket, dialect: Dialect, code: &str, message: String) {
+    let ks = if code == "internal_error" {
+        kingshare::code::INTERNAL_ERROR
+    } else {
+        kingshare::code::INVALID_TOKEN
+    };
+    for frame in dialect.error_frames("auth", code, Some(ks), &message) {
+        let _ = socket.send(Message::Text(frame.into())).await;
+    }
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code: CLOSE_AUTH,
@@ -66,19 +115,19 @@ pub async fn reject(mut socket: WebSocket, code: &str, message: String) {
 #[derive(Default)]
 struct Closer {
     token: CancellationToken,
-    reason: Mutex<Option<(u16, String, Option<String>)>>,
+    reason: Mutex<Option<(u16, String, Vec<String>)>>,
 }
 
 impl Closer {
-    fn close(&self, code: u16, reason: &str, frame: Option<String>) {
+    fn close(&self, code: u16, reason: &str, frames: Vec<String>) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
-            *r = Some((code, reason.to_owned(), frame));
+            *r = Some((code, reason.to_owned(), frames));
         }
         self.token.cancel();
     }
 
-    fn take(&self) -> Option<(u16, String, Option<String>)> {
+    fn take(&self) -> Option<(u16, String, Vec<String>)> {
         self.reason.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -86,6 +135,7 @@ impl Closer {
 /// What a connection's reader keeps between frames.
 struct Conn {
     session: u64,
+    dialect: Dialect,
     state: AppState,
     principal: Arc<Principal>,
     tx: mpsc::Sender<Outbound>,
@@ -125,16 +175,24 @@ pub async fn run(
         close: closer.token.clone(),
     };
     let cfg = &state.config;
-    if let Err(e) = state.registry.admit(
+    let admitted = state.registry.admit(
         session,
         entry,
         cfg.rate_limit_connections,
         cfg.ws_max_connections,
-    ) {
+    );
+    if let Err(e) = admitted {
         tracing::warn!(event = "connection_limit", reason = %e, "websocket connection refused");
         state.stats.error("connection_limit");
-        let frame = protocol::error_frame("connection", "connection_limit", &e.to_string(), None);
-        let _ = socket.send(Message::Text(frame.into())).await;
+        let frames = params.dialect.error_frames(
+            "connection",
+            "connection_limit",
+            Some(kingshare::code::CONNECTION_LIMIT),
+            &e.to_string(),
+        );
+        for frame in frames {
+            let _ = socket.send(Message::Text(frame.into())).await;
+        }
         let close = CloseFrame {
             code: CLOSE_LIMIT,
             reason: "connection_limit".into(),
@@ -174,8 +232,24 @@ pub async fn run(
             .await
             .is_ok();
     let (expiry, expiry_rx) = watch::channel(principal.expires_at);
+    if params.dialect.kingshare_events() {
+        state.kingshare.register(
+            session,
+            principal.user_id.as_deref(),
+            tx.clone(),
+            overflowed.clone(),
+        );
+    }
+    // Presence: a user's first connection.
+    if let (Ok(1), Some(uid)) = (&admitted, principal.user_id.clone()) {
+        let st = state.clone();
+        crate::server::spawn_named("presence", async move {
+            kingshare::announce_presence(&st, &uid, true).await
+        });
+    }
     let conn = Conn {
         session,
+        dialect: params.dialect,
         state: state.clone(),
         principal,
         tx,
@@ -183,7 +257,7 @@ pub async fn run(
         closer: Arc::clone(&closer),
     };
 
-    if attached && params.aether_api() {
+    if attached && params.dialect == Dialect::Aether {
         greet(&conn, &client_id, params.channel.as_deref()).await;
     }
     if attached {
@@ -194,8 +268,20 @@ pub async fn run(
     }
     let _ = state.router.send(Command::Detach { session }).await;
     let _ = state.hub.send(HubCommand::Detach { session }).await;
-    state.registry.remove(session);
+    state.kingshare.unregister(session);
+    unregister(&state, session);
     metrics::gauge!("aether_ws_connections").decrement(1.0);
+}
+
+/// Removes the connection from the registry (once); a user's last connection going
+/// means UserOffline for the users they share with.
+fn unregister(state: &AppState, session: u64) {
+    if let Some((Some(uid), 0)) = state.registry.remove(session) {
+        let st = state.clone();
+        crate::server::spawn_named("presence", async move {
+            kingshare::announce_presence(&st, &uid, false).await
+        });
+    }
 }
 
 /// The `connection`/`connect` confirmation, joining the URL's channel first.
@@ -205,7 +291,7 @@ async fn greet(conn: &Conn, client_id: &str, channel: Option<&str>) {
             if let Err(e) = join(conn, ch.to_owned()).await {
                 let frame = protocol::error_frame("channel", e.code(), &e.to_string(), None);
                 conn.state.stats.error(e.code());
-                conn.closer.close(CLOSE_FORBIDDEN, e.code(), Some(frame));
+                conn.closer.close(CLOSE_FORBIDDEN, e.code(), vec![frame]);
             }
         }
         None => {
@@ -250,6 +336,7 @@ async fn write_loop(
     let state = &conn.state;
     let closer = Arc::clone(&conn.closer);
     let session = conn.session;
+    let dialect = conn.dialect;
     let shutdown = state.shutdown.clone();
     let router = state.router.clone();
     let ping_every = state.config.ws_ping_interval;
@@ -277,26 +364,26 @@ async fn write_loop(
         let close = loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down".to_owned(), None)),
+                _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down".to_owned(), Vec::new())),
                 _ = overflowed.cancelled() => break Some((
                     CLOSE_SLOW,
                     "slow consumer".to_owned(),
-                    Some(protocol::error_frame(
+                    dialect.error_frames(
                         "realtime",
                         "slow_consumer",
-                        "this connection could not keep up (its queue stayed full, or it fell behind the resume window) and is closed; reconnect and resubscribe with `since` set to the last change id received",
                         None,
-                    )),
+                        "this connection could not keep up (its queue stayed full, or it fell behind the resume window) and is closed; reconnect and resubscribe with `since` set to the last change id received",
+                    ),
                 )),
                 _ = revoked.cancelled() => break Some((
                     CLOSE_AUTH,
                     "auth/revoked-token".to_owned(),
-                    Some(protocol::error_frame(
+                    dialect.error_frames(
                         "auth",
                         "auth/revoked-token",
+                        Some(kingshare::code::INVALID_TOKEN),
                         "the session of this access token has been signed out",
-                        None,
-                    )),
+                    ),
                 )),
                 _ = closer.token.cancelled() => break closer.take(),
                 _ = reader_done.cancelled() => break None,
@@ -307,11 +394,11 @@ async fn write_loop(
                 _ = &mut expiry => break Some((
                     CLOSE_AUTH,
                     "auth/expired-token".to_owned(),
-                    Some(protocol::error_frame("auth", "auth/expired-token", "the access token has expired", None)),
+                    dialect.error_frames("auth", "auth/expired-token", Some(kingshare::code::INVALID_TOKEN), "the access token has expired"),
                 )),
                 _ = ping.tick() => {
                     if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
-                        break Some((CLOSE_IDLE, "idle timeout".to_owned(), None));
+                        break Some((CLOSE_IDLE, "idle timeout".to_owned(), Vec::new()));
                     }
                     if sink.send(Message::Ping(Default::default())).await.is_err() {
                         break None;
@@ -362,10 +449,10 @@ async fn write_loop(
         };
         // The connection is over for everyone else now, even if the peer takes a
         // while to read the reason.
-        state.registry.remove(session);
-        if let Some((code, reason, frame)) = close {
+        unregister(state, session);
+        if let Some((code, reason, frames)) = close {
             let goodbye = async {
-                if let Some(f) = frame {
+                for f in frames {
                     sink.feed(Message::Text(f.into())).await?;
                 }
                 sink.send(Message::Close(Some(CloseFrame {
@@ -411,23 +498,27 @@ async fn write_loop(
                             state.config.ws_max_frame_bytes
                         );
                         state.stats.error("frame_too_large");
-                        let frame =
-                            protocol::error_frame("realtime", "frame_too_large", &message, None);
-                        closer.close(CLOSE_TOO_BIG, "frame too large", Some(frame));
+                        let frames = dialect.error_frames(
+                            "realtime",
+                            "frame_too_large",
+                            Some(kingshare::code::INVALID_MESSAGE),
+                            &message,
+                        );
+                        closer.close(CLOSE_TOO_BIG, "frame too large", frames);
                         continue;
                     }
                     // The token is checked on every message, not only at connect.
                     if let Some(exp) = principal.expires_at
                         && exp <= chrono::Utc::now().timestamp()
                     {
-                        let frame = protocol::error_frame(
+                        let frames = dialect.error_frames(
                             "auth",
                             "auth/expired-token",
+                            Some(kingshare::code::INVALID_TOKEN),
                             "the access token has expired",
-                            None,
                         );
                         state.stats.error("auth/expired-token");
-                        closer.close(CLOSE_AUTH, "auth/expired-token", Some(frame));
+                        closer.close(CLOSE_AUTH, "auth/expired-token", frames);
                         continue;
                     }
                     if let Err(e) = handle_text(conn, &mut principal, &text).await {
@@ -479,7 +570,195 @@ fn frame_error(code: &'static str, message: impl Into<String>) -> FrameError {
     }
 }
 
+/// Sends a prebuilt frame on this connection's queue.
+async fn reply(conn: &Conn, frame: String) {
+    let _ = conn.tx.send(Outbound::Frame(Arc::from(frame))).await;
+}
+
 async fn handle_text(
+    conn: &Conn,
+    principal: &mut Arc<Principal>,
+    text: &str,
+) -> Result<(), FrameError> {
+    // KingShare frames have PascalCase types; the Aether vocabularies do not.
+    let kind = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+    let pascal = kind
+        .as_deref()
+        .is_some_and(|k| k.starts_with(|c: char| c.is_ascii_uppercase()));
+    match conn.dialect {
+        Dialect::KingShare if !pascal => {
+            let msg = match kind {
+                Some(k) => format!("unknown message type {k:?}"),
+                None => "expected a JSON object {\"type\", \"data\"}".to_owned(),
+            };
+            conn.state.stats.error(kingshare::code::INVALID_MESSAGE);
+            reply(
+                conn,
+                kingshare::error(kingshare::code::INVALID_MESSAGE, &msg),
+            )
+            .await;
+            return Ok(());
+        }
+        Dialect::KingShare | Dialect::Mixed if pascal => {
+            return handle_kingshare(conn, principal, text).await;
+        }
+        Dialect::Mixed if kind.is_none() => {
+            // Neither vocabulary can be told: answer in both.
+            reply(
+                conn,
+                kingshare::error(
+                    kingshare::code::INVALID_MESSAGE,
+                    "expected a JSON object with a type",
+                ),
+            )
+            .await;
+        }
+        _ => {}
+    }
+    handle_aether(conn, principal, text).await
+}
+
+/// Applies a new token to this connection (in-band renewal or KingShare
+/// `Authenticate`): same user, or an anonymous connection authenticating.
+async fn apply_token(
+    conn: &Conn,
+    principal: &mut Arc<Principal>,
+    token: &str,
+) -> Result<(), FrameError> {
+    let state = &conn.state;
+    let session = conn.session;
+    let fresh = state.jwt.verify(token).map_err(|e| {
+        tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
+        match e {
+            TokenError::Expired => frame_error("auth/expired-token", e.to_string()),
+            TokenError::Invalid(_) => frame_error("auth/invalid-token", e.to_string()),
+        }
+    })?;
+    // A signed-out session's token is no renewal.
+    state.auth.check_session(&fresh).await.map_err(|e| {
+        tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
+        frame_error(e.code(), e.to_string())
+    })?;
+    if principal.user_id.is_some() && fresh.user_id != principal.user_id {
+        return Err(frame_error(
+            "forbidden",
+            "a renewed token must be for the same user",
+        ));
+    }
+    let fresh = Arc::new(fresh);
+    if let Some(uid) = &fresh.user_id
+        && principal.user_id.is_none()
+    {
+        state.registry.rekey(session, uid);
+        let _ = state
+            .hub
+            .send(HubCommand::Authenticated {
+                session,
+                user_id: Arc::from(uid.as_str()),
+            })
+            .await;
+        if conn.dialect.kingshare_events() {
+            state.kingshare.authenticate(session, uid);
+        }
+        if state.registry.user_connections(uid) == 1 {
+            kingshare::announce_presence(state, uid, true).await;
+        }
+    }
+    let _ = state
+        .router
+        .send(Command::SetPrincipal {
+            session,
+            principal: Arc::clone(&fresh),
+        })
+        .await;
+    let _ = conn.expiry.send(fresh.expires_at);
+    *principal = fresh;
+    Ok(())
+}
+
+async fn handle_kingshare(
+    conn: &Conn,
+    principal: &mut Arc<Principal>,
+    text: &str,
+) -> Result<(), FrameError> {
+    use kingshare::code;
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let kind = v["type"].as_str().unwrap_or_default();
+    let data = &v["data"];
+    let err = |c: &str, m: &str| kingshare::error(c, m);
+    let out = match kind {
+        "Ping" => kingshare::message_without_data("Pong"),
+        "Authenticate" => match data["token"].as_str() {
+            None => err(code::INVALID_MESSAGE, "Authenticate needs data.token"),
+            Some(token) => match apply_token(conn, principal, token).await {
+                Ok(()) => kingshare::message(
+                    "AuthenticationResult",
+                    json!({"success": true, "message": "Authenticated successfully"}),
+                ),
+                Err(e) => kingshare::message(
+                    "AuthenticationResult",
+                    json!({"success": false, "message": e.message}),
+                ),
+            },
+        },
+        "SystemNotification" => {
+            let level = data["level"].as_str().unwrap_or_default();
+            match data["message"].as_str() {
+                _ if !principal.is_service() => {
+                    tracing::warn!(
+                        event = "forbidden",
+                        session = conn.session,
+                        "SystemNotification refused"
+                    );
+                    err(
+                        code::AUTHENTICATION_REQUIRED,
+                        "SystemNotification needs a service_role token",
+                    )
+                }
+                Some(m) if crate::api::kingshare::valid_level(level) => {
+                    let f = kingshare::message(
+                        "SystemNotification",
+                        json!({"message": m, "level": level}),
+                    );
+                    conn.state.kingshare.to_all(&f);
+                    return Ok(());
+                }
+                _ => err(
+                    code::INVALID_MESSAGE,
+                    "SystemNotification needs data.message and a level of Info, Warning, Error or Success",
+                ),
+            }
+        }
+        "AuthenticationResult"
+        | "FileUploaded"
+        | "FileDeleted"
+        | "FileShared"
+        | "ShareAccessed"
+        | "ShareExpired"
+        | "UserOnline"
+        | "UserOffline"
+        | "UploadProgress"
+        | "DownloadStarted"
+        | "Pong"
+        | "Error" => err(
+            code::INVALID_MESSAGE,
+            &format!("{kind} is sent by the server, not to it"),
+        ),
+        other => err(
+            code::INVALID_MESSAGE,
+            &format!("unknown message type {other:?}"),
+        ),
+    };
+    if out.starts_with(r#"{"data":{"code""#) || out.contains(r#""type":"Error""#) {
+        conn.state.stats.error("kingshare");
+    }
+    reply(conn, out).await;
+    Ok(())
+}
+
+async fn handle_aether(
     conn: &Conn,
     principal: &mut Arc<Principal>,
     text: &str,
@@ -606,47 +885,10 @@ async fn handle_text(
                 .await;
         }
         ClientFrame::Refresh { token } => {
-            let fresh = state.jwt.verify(&token).map_err(|e| {
-                tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
-                match e {
-                    TokenError::Expired => frame_error("auth/expired-token", e.to_string()),
-                    TokenError::Invalid(_) => frame_error("auth/invalid-token", e.to_string()),
-                }
-            })?;
-            // A signed-out session's token is no renewal.
-            state.auth.check_session(&fresh).await.map_err(|e| {
-                tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
-                frame_error(e.code(), e.to_string())
-            })?;
-            if principal.user_id.is_some() && fresh.user_id != principal.user_id {
-                return Err(frame_error(
-                    "forbidden",
-                    "a renewed token must be for the same user",
-                ));
-            }
-            let fresh = Arc::new(fresh);
-            if let Some(uid) = &fresh.user_id {
-                state.registry.rekey(session, uid);
-                let _ = state
-                    .hub
-                    .send(HubCommand::Authenticated {
-                        session,
-                        user_id: Arc::from(uid.as_str()),
-                    })
-                    .await;
-            }
-            let _ = state
-                .router
-                .send(Command::SetPrincipal {
-                    session,
-                    principal: Arc::clone(&fresh),
-                })
-                .await;
-            let _ = conn.expiry.send(fresh.expires_at);
+            apply_token(conn, principal, &token).await?;
             let f = json!({"type": "connection", "action": "refreshed", "data": {
-                "user_id": fresh.user_id, "expires_at": fresh.expires_at,
+                "user_id": principal.user_id, "expires_at": principal.expires_at,
             }});
-            *principal = fresh;
             let _ = conn
                 .tx
                 .send(Outbound::Frame(Arc::from(f.to_string())))

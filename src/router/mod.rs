@@ -189,6 +189,11 @@ struct Lag {
 
 pub struct RouterConfig {
     pub channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
+    /// KingShare connections, told of file and share events derived from changes.
+    pub kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
+    /// KingShare events go out only for changes committed from here on: the
+    /// resume window decoded again after a restart must not repeat them.
+    pub kingshare_from: PgLsn,
     pub confirmed: PgLsn,
     /// A lagging connection that drains nothing for this long is closed.
     pub stall_timeout: Duration,
@@ -213,6 +218,8 @@ pub struct Router {
     candidates: Vec<u64>,
     /// Channel settings of the WebSocket API, kept current from `aether.channels`.
     channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
+    kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
+    kingshare_from: PgLsn,
     /// (connection, subscription) pairs the change being routed went to.
     delivered_now: Vec<(u64, Arc<str>)>,
     stall_timeout: Duration,
@@ -240,6 +247,8 @@ impl Router {
             progress,
             candidates: Vec::new(),
             channel_configs: cfg.channel_configs,
+            kingshare: cfg.kingshare,
+            kingshare_from: cfg.kingshare_from,
             delivered_now: Vec::new(),
             stall_timeout: cfg.stall_timeout,
         }
@@ -680,6 +689,13 @@ impl Router {
                     track_channels(&change, configs);
                 }
                 self.close_revoked(&change);
+                if let Some(ks) = &self.kingshare
+                    && change.commit_lsn() >= self.kingshare_from
+                {
+                    for (user, frame) in crate::realtime::kingshare::events_for(&change) {
+                        ks.to_user(&user, &frame);
+                    }
+                }
                 authz::track_buckets(
                     &change.relation,
                     change.new.as_ref(),

@@ -224,6 +224,9 @@ pub struct Ws {
     inner: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    /// Token-only connections also get KingShare (PascalCase) messages; tests of
+    /// the other vocabularies skip them unless they ask for them.
+    pub skip_kingshare: bool,
 }
 
 impl Ws {
@@ -235,14 +238,20 @@ impl Ws {
         let (inner, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket connects");
-        Ws { inner }
+        Ws {
+            inner,
+            skip_kingshare: true,
+        }
     }
 
     pub async fn connect_url(url: &str) -> Ws {
         let (inner, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket connects");
-        Ws { inner }
+        Ws {
+            inner,
+            skip_kingshare: true,
+        }
     }
 
     /// The next frame whose `type` is `kind` (others are skipped).
@@ -269,7 +278,10 @@ impl Ws {
             tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
                 .await
                 .expect("websocket connects");
-        Ws { inner }
+        Ws {
+            inner,
+            skip_kingshare: true,
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -282,9 +294,15 @@ impl Ws {
 
     /// The next JSON text frame; panics on timeout or close.
     pub async fn next(&mut self) -> Value {
-        match self.next_message().await {
-            Message::Text(t) => serde_json::from_str(&t).unwrap(),
-            other => panic!("expected a text frame, got {other:?}"),
+        loop {
+            let v: Value = match self.next_message().await {
+                Message::Text(t) => serde_json::from_str(&t).unwrap(),
+                other => panic!("expected a text frame, got {other:?}"),
+            };
+            if self.skip_kingshare && is_kingshare(&v) {
+                continue;
+            }
+            return v;
         }
     }
 
@@ -310,7 +328,12 @@ impl Ws {
                 .await
                 .expect("close within timeout")
             {
-                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if !(self.skip_kingshare && is_kingshare(&v)) {
+                        frames.push(v);
+                    }
+                }
                 Some(Ok(Message::Close(c))) => return (c.map(|c| u16::from(c.code)), frames),
                 Some(Ok(_)) => {}
                 None | Some(Err(_)) => return (None, frames),
@@ -342,6 +365,13 @@ impl Ws {
     pub async fn close(mut self) {
         let _ = self.inner.close(None).await;
     }
+}
+
+/// A KingShare message: `type` in PascalCase.
+pub fn is_kingshare(v: &Value) -> bool {
+    v["type"]
+        .as_str()
+        .is_some_and(|t| t.starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
 /// Creates a user row and returns its id.

@@ -1,0 +1,256 @@
+//! The KingShare WebSocket API (seed 002): `{"type":"PascalCase","data":{…}}`
+//! messages about a user's files, shares and presence.
+//!
+//! File and share events are derived from the change stream (the WAL), so a row
+//! deleted by plain SQL yields `FileDeleted` like an API delete does:
+//! - `public.files` INSERT → `FileUploaded`, DELETE → `FileDeleted` (to the owner);
+//! - `public.shares` INSERT → `FileShared`, an `access_count` increase →
+//!   `ShareAccessed`, `expired_at` set → `ShareExpired` (to the share's owner).
+//!
+//! `UploadProgress`, `DownloadStarted`, `SystemNotification`, `UserOnline` and
+//! `UserOffline` are notifications about things that are not row changes; they are
+//! sent directly to the connections concerned.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::changes::{ChangeKind, Row, RowChange};
+use crate::router::Outbound;
+
+/// KingShare error codes (seed 002).
+pub mod code {
+    pub const INVALID_MESSAGE: &str = "INVALID_MESSAGE";
+    pub const AUTHENTICATION_REQUIRED: &str = "AUTHENTICATION_REQUIRED";
+    pub const INVALID_TOKEN: &str = "INVALID_TOKEN";
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    pub const CONNECTION_LIMIT: &str = "CONNECTION_LIMIT";
+    pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+}
+
+pub fn message(kind: &str, data: Value) -> String {
+    json!({"type": kind, "data": data}).to_string()
+}
+
+/// `{"type":"Pong"}`: messages the document shows without `data`.
+pub fn message_without_data(kind: &str) -> String {
+    json!({ "type": kind }).to_string()
+}
+
+pub fn error(code: &str, text: &str) -> String {
+    message("Error", json!({"code": code, "message": text}))
+}
+
+struct Target {
+    tx: mpsc::Sender<Outbound>,
+    overflowed: CancellationToken,
+}
+
+/// Connections that receive KingShare messages, by user.
+#[derive(Default)]
+pub struct Notifier {
+    inner: Mutex<NotifierInner>,
+}
+
+#[derive(Default)]
+struct NotifierInner {
+    by_user: HashMap<String, HashMap<u64, Target>>,
+    all: HashMap<u64, Target>,
+}
+
+impl Notifier {
+    fn lock(&self) -> std::sync::MutexGuard<'_, NotifierInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(
+        &self,
+        session: u64,
+        user: Option<&str>,
+        tx: mpsc::Sender<Outbound>,
+        overflowed: CancellationToken,
+    ) {
+        let mut g = self.lock();
+        if let Some(u) = user {
+            g.by_user.entry(u.to_owned()).or_default().insert(
+                session,
+                Target {
+                    tx: tx.clone(),
+                    overflowed: overflowed.clone(),
+                },
+            );
+        }
+        g.all.insert(session, Target { tx, overflowed });
+    }
+
+    /// Moves a connection under a user (after `Authenticate`).
+    pub fn authenticate(&self, session: u64, user: &str) {
+        let mut g = self.lock();
+        let Some(t) = g.all.get(&session).map(|t| Target {
+            tx: t.tx.clone(),
+            overflowed: t.overflowed.clone(),
+        }) else {
+            return;
+        };
+        for sessions in g.by_user.values_mut() {
+            sessions.remove(&session);
+        }
+        g.by_user.retain(|_, s| !s.is_empty());
+        g.by_user
+            .entry(user.to_owned())
+            .or_default()
+            .insert(session, t);
+    }
+
+    pub fn unregister(&self, session: u64) {
+        let mut g = self.lock();
+        g.all.remove(&session);
+        for sessions in g.by_user.values_mut() {
+            sessions.remove(&session);
+        }
+        g.by_user.retain(|_, s| !s.is_empty());
+    }
+
+    /// Sends to every KingShare connection of `user`. A full queue closes that
+    /// connection rather than waiting.
+    pub fn to_user(&self, user: &str, frame: &str) {
+        let g = self.lock();
+        if let Some(sessions) = g.by_user.get(user) {
+            let f: Arc<str> = Arc::from(frame);
+            for t in sessions.values() {
+                deliver(t, &f);
+            }
+        }
+    }
+
+    /// Sends to every KingShare connection.
+    pub fn to_all(&self, frame: &str) {
+        let g = self.lock();
+        let f: Arc<str> = Arc::from(frame);
+        for t in g.all.values() {
+            deliver(t, &f);
+        }
+    }
+}
+
+fn deliver(t: &Target, f: &Arc<str>) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = t.tx.try_send(Outbound::Frame(Arc::clone(f))) {
+        metrics::counter!("aether_queue_drops_total", "kind" => "closed").increment(1);
+        t.overflowed.cancel();
+    }
+}
+
+fn text<'r>(change: &RowChange, row: &'r Row, col: &str) -> Option<&'r Value> {
+    let i = change.relation.column_index(col)?;
+    row.get(i)?.as_ref()
+}
+
+/// The KingShare messages a change yields, with the user each goes to.
+pub fn events_for(change: &RowChange) -> Vec<(String, String)> {
+    let rel = &change.relation;
+    let owner_of = |row: &Row| {
+        text(change, row, "owner_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let field = |row: &Row, col: &str| text(change, row, col).cloned().unwrap_or(Value::Null);
+    let mut out = Vec::new();
+    match (rel.schema.as_str(), rel.name.as_str(), change.kind) {
+        ("public", "files", ChangeKind::Insert) => {
+            if let Some(new) = &change.new
+                && let Some(owner) = owner_of(new)
+            {
+                let data = json!({"file_id": field(new, "id"), "filename": field(new, "name"), "size": field(new, "size")});
+                out.push((owner, message("FileUploaded", data)));
+            }
+        }
+        ("public", "files", ChangeKind::Delete) => {
+            if let Some(old) = &change.old
+                && let Some(owner) = owner_of(old)
+            {
+                let data = json!({"file_id": field(old, "id"), "filename": field(old, "name")});
+                out.push((owner, message("FileDeleted", data)));
+            }
+        }
+        ("public", "shares", ChangeKind::Insert) => {
+            if let Some(new) = &change.new
+                && let Some(owner) = owner_of(new)
+            {
+                let data = json!({"share_id": field(new, "id"), "file_id": field(new, "file_id"), "share_token": field(new, "token")});
+                out.push((owner, message("FileShared", data)));
+            }
+        }
+        ("public", "shares", ChangeKind::Update) => {
+            let (Some(new), Some(old)) = (&change.new, &change.old) else {
+                return out;
+            };
+            let Some(owner) = owner_of(new) else {
+                return out;
+            };
+            let count = |row: &Row| field(row, "access_count").as_i64().unwrap_or(0);
+            if count(new) > count(old) {
+                let data = json!({"share_id": field(new, "id"), "file_id": field(new, "file_id"), "filename": field(new, "filename")});
+                out.push((owner.clone(), message("ShareAccessed", data)));
+            }
+            if field(old, "expired_at").is_null() && !field(new, "expired_at").is_null() {
+                let data = json!({"share_id": field(new, "id"), "file_id": field(new, "file_id")});
+                out.push((owner, message("ShareExpired", data)));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// A user's display name for presence: `user_metadata.username`, else the part of
+/// the email before `@`.
+pub async fn username(client: &tokio_postgres::Client, user_id: &str) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT coalesce(user_metadata->>'username', split_part(email, '@', 1))
+               FROM auth.users WHERE id = $1::text::uuid",
+            &[&user_id],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+/// Who is told when `user_id` comes online or goes offline: the users it shares
+/// files with, in either direction, through a live share. Never everyone.
+pub async fn related_users(client: &tokio_postgres::Client, user_id: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT DISTINCT other::text FROM (
+                 SELECT shared_with AS other FROM public.shares
+                  WHERE owner_id = $1::text::uuid AND shared_with IS NOT NULL
+                    AND revoked_at IS NULL AND expired_at IS NULL
+                 UNION
+                 SELECT owner_id FROM public.shares
+                  WHERE shared_with = $1::text::uuid AND revoked_at IS NULL AND expired_at IS NULL
+             ) r WHERE other <> $1::text::uuid",
+            &[&user_id],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default()
+}
+
+/// Tells the related users that `user_id` came online (`online`) or went offline.
+pub async fn announce_presence(state: &crate::server::AppState, user_id: &str, online: bool) {
+    let Ok(client) = state.pool.get().await else {
+        return;
+    };
+    let name = username(&client, user_id).await;
+    let frame = message(
+        if online { "UserOnline" } else { "UserOffline" },
+        json!({"user_id": user_id, "username": name}),
+    );
+    for other in related_users(&client, user_id).await {
+        state.kingshare.to_user(&other, &frame);
+    }
+}
