@@ -68,7 +68,7 @@ async fn dba_sql_insert_update_delete_truncate_arrive_live_with_old_and_new_rows
          INSERT INTO public.files (bucket_id, path, name, owner_id) VALUES ('files', 'c', 'c', '{owner}');
          COMMIT;
          SELECT pg_logical_emit_message(false, 'aether-test', 'not transactional');
-         TRUNCATE public.files"
+         TRUNCATE public.files CASCADE"
     ))
     .await;
     assert_eq!(ws.change().await["eventType"], "INSERT");

@@ -107,7 +107,7 @@ pub async fn create(
         .query_opt(
             &format!(
                 "INSERT INTO public.shares (file_id, owner_id, shared_with, token, filename, expires_at)
-                 SELECT f.id, f.owner_id, $3, $4, f.name, $5 FROM public.files f
+                 SELECT f.id, f.owner_id, $3::uuid, $4::text, f.name, $5::timestamptz FROM public.files f
                   WHERE f.id = $1 AND f.owner_id = $2
                  RETURNING {SHARE_COLUMNS}"
             ),
@@ -313,7 +313,8 @@ pub async fn expiry_job(
             )
             .await
         {
-            tracing::warn!(error = %e, "share expiry job");
+            let detail = e.as_db_error().map(|d| d.message().to_owned());
+            tracing::warn!(error = %e, detail, "share expiry job");
         }
     }
 }

@@ -216,7 +216,7 @@ impl Progress<'_> {
             "UploadProgress",
             serde_json::json!({
                 "file_id": self.upload_id.hyphenated().to_string(),
-                "progress": (fraction * 1000.0).round() / 1000.0,
+                "progress": fraction,
                 "bytes_uploaded": uploaded,
                 "total_bytes": total,
             }),

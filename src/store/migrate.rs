@@ -4,18 +4,8 @@
 
 use tokio_postgres::Client;
 
-/// (version, SQL). Append only: never edit a released file, add a new one.
-pub const MIGRATIONS: &[(&str, &str)] = &[
-    ("0001_init", include_str!("../../migrations/0001_init.sql")),
-    (
-        "0003_ws_channels",
-        include_str!("../../migrations/0003_ws_channels.sql"),
-    ),
-    (
-        "0004_sessions_realtime",
-        include_str!("../../migrations/0004_sessions_realtime.sql"),
-    ),
-];
+// Append only: never edit a released file, add a new one.
+include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
 const LOCK_KEY: i64 = 0x0ae7_4e12;
 

@@ -97,6 +97,7 @@ pub struct TestServer {
     pub db: TestDb,
     pub server: Server,
     pub sql: tokio_postgres::Client,
+    pub config: Config,
 }
 
 impl TestServer {
@@ -112,10 +113,84 @@ impl TestServer {
         let db = TestDb::new().await;
         let mut config = db.config();
         adjust(&mut config);
-        let server = Server::start(config).await.expect("server starts");
+        let server = Server::start(config.clone()).await.expect("server starts");
         wait_healthy(server.addr).await;
         let sql = db.client().await;
-        TestServer { db, server, sql }
+        TestServer {
+            db,
+            server,
+            sql,
+            config,
+        }
+    }
+
+    /// Stops the server and starts it again on the same database and slot (a new port).
+    pub async fn restart(self) -> TestServer {
+        let TestServer {
+            db,
+            server,
+            sql,
+            config,
+        } = self;
+        server.stop().await;
+        let server = Server::start(config.clone())
+            .await
+            .expect("server restarts");
+        wait_healthy(server.addr).await;
+        TestServer {
+            db,
+            server,
+            sql,
+            config,
+        }
+    }
+
+    /// A KingShare client (`protocol=kingshare`), keeping PascalCase messages.
+    pub async fn kingshare(&self, token: Option<&str>) -> Ws {
+        let mut url = format!("ws://{}/ws?protocol=kingshare", self.addr());
+        if let Some(t) = token {
+            url.push_str(&format!("&token={t}"));
+        }
+        let mut ws = Ws::connect_url(&url).await;
+        ws.skip_kingshare = false;
+        ws
+    }
+
+    /// Signs up through the API; returns (user id, access token).
+    pub async fn sign_up(&self, email: &str) -> (String, String) {
+        let res = reqwest::Client::new()
+            .post(self.url("/auth/sign-up"))
+            .json(&json!({"email": email, "password": "correct horse 1"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "sign-up");
+        let v: Value = res.json().await.unwrap();
+        (
+            v["user"]["id"].as_str().unwrap().to_owned(),
+            v["session"]["access_token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Uploads through the API; returns the response body.
+    pub async fn upload(&self, token: &str, path: &str, bytes: Vec<u8>, mime: &str) -> Value {
+        let name = path.rsplit('/').next().unwrap().to_owned();
+        let part = reqwest::multipart::Part::bytes(bytes)
+            .file_name(name)
+            .mime_str(mime)
+            .unwrap();
+        let form = reqwest::multipart::Form::new()
+            .text("path", path.to_owned())
+            .part("file", part);
+        let res = reqwest::Client::new()
+            .post(self.url("/storage/upload"))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "upload");
+        res.json().await.unwrap()
     }
 
     pub fn addr(&self) -> SocketAddr {
