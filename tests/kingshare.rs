@@ -456,3 +456,20 @@ async fn notifications_stats_cleanup_and_connection_limits() {
     let _ = svc;
     keep.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_messages_are_rate_limited() {
+    let t = TestServer::start_with(|c| c.rate_limit_messages = 3).await;
+    let mut ws = t.kingshare(None).await;
+    for _ in 0..4 {
+        ws.send(json!({"type": "Ping"})).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(ws.next().await, json!({"type": "Pong"}));
+    }
+    let e = ws.next().await;
+    assert_eq!(
+        (e["type"].as_str(), e["data"]["code"].as_str()),
+        (Some("Error"), Some("RATE_LIMITED"))
+    );
+}

@@ -136,6 +136,8 @@ impl Closer {
 struct Conn {
     session: u64,
     dialect: Dialect,
+    /// KingShare frames per connection: `RATE_LIMIT_MESSAGES` per window.
+    ks_limit: governor::DefaultDirectRateLimiter,
     state: AppState,
     principal: Arc<Principal>,
     tx: mpsc::Sender<Outbound>,
@@ -250,6 +252,15 @@ pub async fn run(
     let conn = Conn {
         session,
         dialect: params.dialect,
+        ks_limit: {
+            let n = std::num::NonZeroU32::new(cfg.rate_limit_messages)
+                .unwrap_or(std::num::NonZeroU32::MIN);
+            let period = (cfg.rate_limit_window / n.get()).max(Duration::from_nanos(1));
+            let quota = governor::Quota::with_period(period)
+                .map(|q| q.allow_burst(n))
+                .unwrap_or_else(|| governor::Quota::per_second(n));
+            governor::RateLimiter::direct(quota)
+        },
         state: state.clone(),
         principal,
         tx,
@@ -688,6 +699,20 @@ async fn handle_kingshare(
     let kind = v["type"].as_str().unwrap_or_default();
     let data = &v["data"];
     let err = |c: &str, m: &str| kingshare::error(c, m);
+    if conn.ks_limit.check().is_err() {
+        tracing::warn!(
+            event = "rate_limited",
+            session = conn.session,
+            "KingShare message refused"
+        );
+        conn.state.stats.error(code::RATE_LIMITED);
+        reply(
+            conn,
+            err(code::RATE_LIMITED, "too many messages: slow down"),
+        )
+        .await;
+        return Ok(());
+    }
     let out = match kind {
         "Ping" => kingshare::message_without_data("Pong"),
         "Authenticate" => match data["token"].as_str() {
