@@ -37,7 +37,7 @@ fn share_error(status: StatusCode, code: &'static str, message: &str) -> ApiErro
     ApiError::new(status, code, message)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateShare {
     pub file_id: Uuid,
     /// Seconds from now; or `expires_at`.
@@ -77,6 +77,10 @@ fn share_json(r: &tokio_postgres::Row) -> Value {
 }
 
 /// `POST /api/v1/shares`: share one of your files.
+#[utoipa::path(post, path = "/api/v1/shares", tag = "shares", security(("bearer" = [])), request_body = CreateShare,
+    responses((status = 201, description = "The share, with its token and url", body = serde_json::Value),
+              (status = 400, description = "`share/invalid-expiry`, `share/invalid-user`", body = super::error::ErrorBody),
+              (status = 404, description = "`storage/not-found`: no such file of yours", body = super::error::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     user: AuthUser,
@@ -126,6 +130,8 @@ pub async fn create(
 }
 
 /// `GET /api/v1/shares`: your shares, newest first.
+#[utoipa::path(get, path = "/api/v1/shares", tag = "shares", security(("bearer" = [])),
+    responses((status = 200, description = "Your shares", body = serde_json::Value)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await.map_err(ApiError::internal)?;
     let rows = client
@@ -141,6 +147,10 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<
 }
 
 /// `DELETE /api/v1/shares/{id}`: revoke one of your shares.
+#[utoipa::path(delete, path = "/api/v1/shares/{id}", tag = "shares", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Share id")),
+    responses((status = 200, description = "Revoked", body = serde_json::Value),
+              (status = 404, description = "`share/not-found`", body = super::error::ErrorBody)))]
 pub async fn revoke(
     State(state): State<AppState>,
     user: AuthUser,
@@ -166,6 +176,11 @@ pub async fn revoke(
 
 /// `GET /share/{token}`: the shared file's bytes, no account needed. Counts an
 /// access (which the owner hears of as ShareAccessed).
+#[utoipa::path(get, path = "/share/{token}", tag = "shares",
+    params(("token" = String, Path, description = "Share token")),
+    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 404, description = "`share/not-found`", body = super::error::ErrorBody),
+              (status = 410, description = "`share/expired`, `share/revoked`", body = super::error::ErrorBody)))]
 pub async fn fetch(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,
@@ -236,6 +251,9 @@ pub async fn fetch(
 }
 
 /// `GET /api/v1/ws/stats` (service_role).
+#[utoipa::path(get, path = "/api/v1/ws/stats", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "total_connections, unique_users, connections_by_user", body = serde_json::Value),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let s = state.registry.stats();
     Json(json!({
@@ -247,12 +265,15 @@ pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Val
 
 /// `POST /api/v1/ws/cleanup` (service_role): closes connections that missed their
 /// heartbeats (nothing heard for two ping intervals).
+#[utoipa::path(post, path = "/api/v1/ws/cleanup", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "removed_connections", body = serde_json::Value),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn cleanup(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let removed = state.registry.reap(state.config.ws_ping_interval * 2);
     Json(json!({"removed_connections": removed}))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct Notify {
     pub message: String,
     pub level: String,
@@ -265,6 +286,10 @@ pub fn valid_level(level: &str) -> bool {
 
 /// `POST /api/v1/ws/notify` (service_role): a `SystemNotification` to every KingShare
 /// connection, or to one user's.
+#[utoipa::path(post, path = "/api/v1/ws/notify", tag = "operations", security(("bearer" = [])), request_body = Notify,
+    responses((status = 200, description = "Sent", body = serde_json::Value),
+              (status = 400, description = "`invalid_level`", body = super::error::ErrorBody),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn notify(
     State(state): State<AppState>,
     _svc: ServiceRole,

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{auth, error, storage};
+use super::{auth, error, kingshare, ops, storage};
 
 struct BearerAuth;
 
@@ -22,7 +22,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "Aether",
-        description = "Auth & Files REST API. Every error answers `{\"error\":{\"message\",\"code\",\"status\"}}`. Row changes reach subscribers through the WebSocket server, never from these routes."
+        description = "Aether REST API: Auth & Files, channels, shares, operations. Every error answers `{\"error\":{\"message\",\"code\",\"status\"}}`. Row changes reach subscribers through the WebSocket server, never from these routes."
     ),
     paths(
         super::health,
@@ -33,6 +33,19 @@ impl Modify for BearerAuth {
         storage::list,
         storage::delete,
         storage::object,
+        ops::ws_status,
+        ops::create_channel,
+        ops::metrics_connections,
+        ops::metrics_messages,
+        ops::metrics_channels,
+        ops::metrics_errors,
+        kingshare::create,
+        kingshare::list,
+        kingshare::revoke,
+        kingshare::fetch,
+        kingshare::stats,
+        kingshare::cleanup,
+        kingshare::notify,
     ),
     components(schemas(
         error::ErrorBody,
@@ -48,12 +61,18 @@ impl Modify for BearerAuth {
         storage::ListedFile,
         storage::ListedFolder,
         storage::DeleteRequest,
+        ops::ChannelRequest,
+        kingshare::CreateShare,
+        kingshare::Notify,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "auth", description = "Accounts and sessions"),
         (name = "storage", description = "Buckets, folders and files"),
         (name = "system", description = "Health"),
+        (name = "realtime", description = "WebSocket status and channels (the sockets themselves are documented in docs/)"),
+        (name = "shares", description = "KingShare file shares"),
+        (name = "operations", description = "Metrics and connection management (service_role)"),
     )
 )]
 pub struct ApiDoc;

@@ -156,11 +156,13 @@ pub async fn status(state: &AppState) -> Status {
     }
 }
 
+#[utoipa::path(get, path = "/ws/status", tag = "realtime",
+    responses((status = 200, description = "healthy | degraded | down, connections, channels, replication lag", body = serde_json::Value)))]
 pub async fn ws_status(State(state): State<AppState>) -> Json<Status> {
     Json(status(&state).await)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChannelRequest {
     pub name: String,
     pub max_connections: Option<i64>,
@@ -170,6 +172,15 @@ pub struct ChannelRequest {
 }
 
 /// Creates or reconfigures a channel; stored in `aether.channels`.
+#[utoipa::path(post, path = "/ws/channels", tag = "realtime", security(("bearer" = [])),
+    request_body = ChannelRequest,
+    responses(
+        (status = 201, description = "Created", body = serde_json::Value),
+        (status = 200, description = "Reconfigured", body = serde_json::Value),
+        (status = 400, description = "`invalid_channel`, `invalid_request`", body = super::error::ErrorBody),
+        (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+        (status = 403, description = "Not service_role", body = super::error::ErrorBody),
+    ))]
 pub async fn create_channel(
     State(state): State<AppState>,
     _svc: ServiceRole,
@@ -235,10 +246,18 @@ pub async fn create_channel(
     ))
 }
 
+#[utoipa::path(get, path = "/metrics/connections", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "active, total, unique_users, connections_by_user", body = serde_json::Value),
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn metrics_connections(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     Json(json!(state.registry.stats()))
 }
 
+#[utoipa::path(get, path = "/metrics/messages", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "frames in/out, changes delivered, channel messages", body = serde_json::Value),
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn metrics_messages(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     use std::sync::atomic::Ordering::Relaxed;
     let hub = hub_stats(&state).await;
@@ -251,6 +270,10 @@ pub async fn metrics_messages(State(state): State<AppState>, _svc: ServiceRole) 
     }))
 }
 
+#[utoipa::path(get, path = "/metrics/channels", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "active channels, members, configuration", body = serde_json::Value),
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn metrics_channels(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let hub = hub_stats(&state).await;
     let configs = state.channels.read().map(|c| c.clone()).unwrap_or_default();
@@ -262,6 +285,10 @@ pub async fn metrics_channels(State(state): State<AppState>, _svc: ServiceRole) 
     }))
 }
 
+#[utoipa::path(get, path = "/metrics/errors", tag = "operations", security(("bearer" = [])),
+    responses((status = 200, description = "error counts by code", body = serde_json::Value),
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn metrics_errors(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let errors = state.stats.errors();
     let total: u64 = errors.values().sum();
