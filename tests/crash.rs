@@ -14,15 +14,21 @@ struct Aether {
     addr: std::net::SocketAddr,
 }
 
+/// The `aether` binary configured for `db`, listening on `port`.
+fn aether_command(db: &TestDb, port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aether"));
+    cmd.env("DATABASE_URL", &db.url)
+        .env("WS_HOST", "127.0.0.1")
+        .env("WS_PORT", port.to_string())
+        .env("REPLICATION_SLOT", &db.name)
+        .env("JWT_SECRET", SECRET)
+        .env("DATA_DIR", std::env::temp_dir().join(&db.name));
+    cmd
+}
+
 impl Aether {
     async fn spawn(db: &TestDb, port: u16) -> Aether {
-        let child = Command::new(env!("CARGO_BIN_EXE_aether"))
-            .env("DATABASE_URL", &db.url)
-            .env("WS_HOST", "127.0.0.1")
-            .env("WS_PORT", port.to_string())
-            .env("REPLICATION_SLOT", &db.name)
-            .env("JWT_SECRET", SECRET)
-            .env("DATA_DIR", std::env::temp_dir().join(&db.name))
+        let child = aether_command(db, port)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -210,13 +216,7 @@ async fn logs_are_json_lines_in_the_documented_format_with_security_events() {
     use tokio::io::AsyncBufReadExt;
     let db = TestDb::new().await;
     let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_aether"))
-        .env("DATABASE_URL", &db.url)
-        .env("WS_HOST", "127.0.0.1")
-        .env("WS_PORT", port.to_string())
-        .env("REPLICATION_SLOT", &db.name)
-        .env("JWT_SECRET", SECRET)
-        .env("DATA_DIR", std::env::temp_dir().join(&db.name))
+    let mut child = tokio::process::Command::from(aether_command(&db, port))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
