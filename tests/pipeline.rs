@@ -733,3 +733,32 @@ async fn the_slot_is_confirmed_past_released_changes_and_never_past_retained_one
         "confirmed past a retained change"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_replication_connection_reconnects_without_loss_or_duplicates() {
+    let t = TestServer::start().await;
+    bucket(&t.sql, "pub", true).await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("s", json!({"table": "files"})).await;
+    insert_files(&t, &["before"]).await;
+    assert_eq!(ws.change().await["new"]["name"], "before");
+    // Kill the walsender: PostgreSQL will resend from the confirmed position, which
+    // trails the resume window, so "before" comes again and must be recognized.
+    let killed: bool = t
+        .sql
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&t.db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    insert_files(&t, &["during", "after"]).await;
+    assert_eq!(ws.change().await["new"]["name"], "during");
+    assert_eq!(ws.change().await["new"]["name"], "after");
+    // Health is back to connected.
+    wait_healthy(t.addr()).await;
+    insert_files(&t, &["last"]).await;
+    assert_eq!(ws.change().await["new"]["name"], "last");
+}
