@@ -106,9 +106,10 @@ impl From<AuthError> for ApiError {
             AuthError::EmailAlreadyExists => {
                 ApiError::new(StatusCode::CONFLICT, code, e.to_string())
             }
-            AuthError::WeakPassword(_) | AuthError::InvalidEmail(_) => {
-                ApiError::bad_request(code, e.to_string())
-            }
+            AuthError::WeakPassword(_)
+            | AuthError::InvalidEmail(_)
+            | AuthError::RefreshTokenNotFound
+            | AuthError::RefreshTokenReused => ApiError::bad_request(code, e.to_string()),
         }
     }
 }

@@ -15,6 +15,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_sessions_realtime",
         include_str!("../../migrations/0004_sessions_realtime.sql"),
     ),
+    (
+        "0005_refresh_tokens",
+        include_str!("../../migrations/0005_refresh_tokens.sql"),
+    ),
 ];
 
 const LOCK_KEY: i64 = 0x0ae7_4e12;
