@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod ops;
 pub mod rate_limit;
 pub mod storage;
+pub mod supabase;
 
 use std::time::Duration;
 
@@ -74,6 +75,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics/errors", get(ops::metrics_errors))
         .merge(auth_routes)
         .merge(storage_routes)
+        .merge(supabase::routes(&state))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(json_errors))
@@ -92,14 +94,22 @@ fn cors() -> CorsLayer {
             Method::GET,
             Method::HEAD,
             Method::POST,
+            Method::PUT,
             Method::DELETE,
             Method::OPTIONS,
         ])
+        // `apikey`, `x-client-info`, `x-supabase-api-version`, `cache-control` and
+        // `x-metadata` are what @supabase/supabase-js sends.
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             header::RANGE,
+            header::CACHE_CONTROL,
             HeaderName::from_static("x-upsert"),
+            HeaderName::from_static("apikey"),
+            HeaderName::from_static("x-client-info"),
+            HeaderName::from_static("x-supabase-api-version"),
+            HeaderName::from_static("x-metadata"),
         ])
         .expose_headers([
             header::CONTENT_RANGE,
@@ -107,6 +117,7 @@ fn cors() -> CorsLayer {
             header::ACCEPT_RANGES,
             header::CONTENT_DISPOSITION,
             header::RETRY_AFTER,
+            HeaderName::from_static("x-supabase-api-version"),
         ])
         .max_age(Duration::from_secs(3600))
 }
