@@ -107,3 +107,9 @@ async fn supabase_js_auth() {
     let server = start().await;
     run(&server, "auth.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_storage() {
+    let server = start().await;
+    run(&server, "storage.mjs", &[]).await;
+}

@@ -133,6 +133,9 @@ impl From<StorageError> for ApiError {
             StorageError::AlreadyExists(_) => (StatusCode::CONFLICT, "storage/already-exists"),
             StorageError::PathConflict(_) => (StatusCode::CONFLICT, "storage/conflict"),
             StorageError::FolderNotEmpty(_) => (StatusCode::CONFLICT, "storage/folder-not-empty"),
+            StorageError::BucketAlreadyExists(_) => {
+                (StatusCode::CONFLICT, "storage/bucket-already-exists")
+            }
             StorageError::RangeNotSatisfiable { size } => {
                 return ApiError::new(
                     StatusCode::RANGE_NOT_SATISFIABLE,

@@ -480,6 +480,12 @@ pub async fn object(
         .storage
         .open(viewer.as_ref(), &bucket, owner, &object_path, range)
         .await?;
+    read_response(read)
+}
+
+/// The response for a file opened for reading: its bytes (or range) with
+/// content type, length, disposition and caching headers.
+pub fn read_response(read: crate::storage::ObjectRead) -> Result<Response, ApiError> {
     let f = &read.file;
     let disposition = format!(
         "{}; filename*=UTF-8''{}",

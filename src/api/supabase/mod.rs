@@ -14,8 +14,10 @@
 //! [`JwtKeys::api_key`]: crate::auth::JwtKeys::api_key
 
 pub mod auth;
+pub mod storage;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::middleware;
@@ -38,7 +40,46 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/auth/v1/logout", post(auth::logout))
         .route("/auth/v1/settings", get(auth::settings))
         .merge(limited_auth);
-    Router::new().merge(auth)
+    let storage = Router::new()
+        .route(
+            "/storage/v1/bucket",
+            get(storage::list_buckets).post(storage::create_bucket),
+        )
+        .route("/storage/v1/bucket/{id}", get(storage::get_bucket))
+        .route("/storage/v1/object/list/{bucket}", post(storage::list))
+        .route(
+            "/storage/v1/object/sign/{bucket}/{*path}",
+            post(storage::sign).get(storage::signed_get),
+        )
+        .route(
+            "/storage/v1/object/public/{bucket}/{*path}",
+            get(storage::public_get),
+        )
+        .route(
+            "/storage/v1/object/authenticated/{bucket}/{*path}",
+            get(storage::get_object),
+        )
+        .route(
+            "/storage/v1/object/info/{bucket}/{*path}",
+            get(storage::info),
+        )
+        .route(
+            "/storage/v1/object/{bucket}",
+            axum::routing::delete(storage::remove),
+        )
+        .route(
+            "/storage/v1/object/{bucket}/{*path}",
+            get(storage::get_object)
+                .head(storage::get_object)
+                .post(storage::upload)
+                .put(storage::update)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::rate_limit::storage,
+        ));
+    Router::new().merge(auth).merge(storage)
 }
 
 /// Why an API key was refused.
