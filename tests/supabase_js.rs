@@ -113,3 +113,9 @@ async fn supabase_js_storage() {
     let server = start().await;
     run(&server, "storage.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_realtime() {
+    let server = start().await;
+    run(&server, "realtime.mjs", &[]).await;
+}

@@ -67,6 +67,10 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/openapi.json", get(openapi::serve))
         .route(&ws_path, get(websocket))
+        .route(
+            "/realtime/v1/websocket",
+            get(crate::realtime::phoenix::websocket),
+        )
         .route("/ws/status", get(ops::ws_status))
         .route("/ws/channels", axum::routing::post(ops::create_channel))
         .route("/metrics/connections", get(ops::metrics_connections))

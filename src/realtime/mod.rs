@@ -1,6 +1,7 @@
 //! WebSocket sessions on `WS_PATH`.
 
 pub mod hub;
+pub mod phoenix;
 pub mod protocol;
 pub mod registry;
 pub mod session;

@@ -657,7 +657,10 @@ async fn handle_text(
 }
 
 /// Validates a subscription against the published tables.
-async fn resolve(state: &AppState, req: &SubscribeRequest) -> Result<SubscriptionSpec, FrameError> {
+pub(crate) async fn resolve(
+    state: &AppState,
+    req: &SubscribeRequest,
+) -> Result<SubscriptionSpec, FrameError> {
     let err = |code, message: String| FrameError {
         code,
         message,
