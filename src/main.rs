@@ -62,6 +62,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve => {
             let server = Server::start(config).await?;
             println!("aether listening on {}", server.addr);
+            // Ready-made Supabase keys (`createClient(url, anonKey)`), stable for a
+            // given JWT_SECRET: see docs/supabase.md.
+            println!("anon key: {}", server.state.jwt.api_key("anon"));
+            println!(
+                "service_role key: {}",
+                server.state.jwt.api_key("service_role")
+            );
             let token = server.shutdown_token();
             tokio::spawn(async move {
                 shutdown_signal().await;

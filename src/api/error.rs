@@ -106,9 +106,10 @@ impl From<AuthError> for ApiError {
             AuthError::EmailAlreadyExists => {
                 ApiError::new(StatusCode::CONFLICT, code, e.to_string())
             }
-            AuthError::WeakPassword(_) | AuthError::InvalidEmail(_) => {
-                ApiError::bad_request(code, e.to_string())
-            }
+            AuthError::WeakPassword(_)
+            | AuthError::InvalidEmail(_)
+            | AuthError::RefreshTokenNotFound
+            | AuthError::RefreshTokenReused => ApiError::bad_request(code, e.to_string()),
         }
     }
 }
@@ -132,6 +133,9 @@ impl From<StorageError> for ApiError {
             StorageError::AlreadyExists(_) => (StatusCode::CONFLICT, "storage/already-exists"),
             StorageError::PathConflict(_) => (StatusCode::CONFLICT, "storage/conflict"),
             StorageError::FolderNotEmpty(_) => (StatusCode::CONFLICT, "storage/folder-not-empty"),
+            StorageError::BucketAlreadyExists(_) => {
+                (StatusCode::CONFLICT, "storage/bucket-already-exists")
+            }
             StorageError::RangeNotSatisfiable { size } => {
                 return ApiError::new(
                     StatusCode::RANGE_NOT_SATISFIABLE,

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod ops;
 pub mod rate_limit;
 pub mod storage;
+pub mod supabase;
 
 use std::time::Duration;
 
@@ -67,6 +68,10 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/openapi.json", get(openapi::serve))
         .route(&ws_path, get(websocket))
+        .route(
+            "/realtime/v1/websocket",
+            get(crate::realtime::phoenix::websocket),
+        )
         .route("/ws/status", get(ops::ws_status))
         .route("/ws/channels", axum::routing::post(ops::create_channel))
         .route("/metrics/connections", get(ops::metrics_connections))
@@ -84,6 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/share/{token}", get(kingshare::fetch))
         .merge(auth_routes)
         .merge(storage_routes)
+        .merge(supabase::routes(&state))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(json_errors))
@@ -102,14 +108,22 @@ fn cors() -> CorsLayer {
             Method::GET,
             Method::HEAD,
             Method::POST,
+            Method::PUT,
             Method::DELETE,
             Method::OPTIONS,
         ])
+        // `apikey`, `x-client-info`, `x-supabase-api-version`, `cache-control` and
+        // `x-metadata` are what @supabase/supabase-js sends.
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             header::RANGE,
+            header::CACHE_CONTROL,
             HeaderName::from_static("x-upsert"),
+            HeaderName::from_static("apikey"),
+            HeaderName::from_static("x-client-info"),
+            HeaderName::from_static("x-supabase-api-version"),
+            HeaderName::from_static("x-metadata"),
         ])
         .expose_headers([
             header::CONTENT_RANGE,
@@ -117,6 +131,7 @@ fn cors() -> CorsLayer {
             header::ACCEPT_RANGES,
             header::CONTENT_DISPOSITION,
             header::RETRY_AFTER,
+            HeaderName::from_static("x-supabase-api-version"),
         ])
         .max_age(Duration::from_secs(3600))
 }

@@ -545,10 +545,16 @@ pub async fn object(
         .storage
         .open(viewer.as_ref(), &bucket, owner, &object_path, range)
         .await?;
-    let f = &read.file;
     if read.span.is_none_or(|(a, _)| a == 0) {
-        crate::api::kingshare::download_started(&state, f);
+        crate::api::kingshare::download_started(&state, &read.file);
     }
+    read_response(read)
+}
+
+/// The response for a file opened for reading: its bytes (or range) with
+/// content type, length, disposition and caching headers.
+pub fn read_response(read: crate::storage::ObjectRead) -> Result<Response, ApiError> {
+    let f = &read.file;
     let disposition = format!(
         "{}; filename*=UTF-8''{}",
         if inline_safe(&f.mime_type) {

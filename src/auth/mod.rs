@@ -7,7 +7,7 @@
 pub mod password;
 pub mod service;
 
-pub use service::{AuthError, AuthService, ClientMeta, Session, User};
+pub use service::{AuthError, AuthService, ClientMeta, Session, SignOutScope, User, UserProfile};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -101,6 +101,41 @@ impl JwtKeys {
         // Signing with an HMAC key cannot fail for serializable claims.
         jsonwebtoken::encode(&Header::new(self.algorithm), claims, &self.encoding)
             .unwrap_or_default()
+    }
+
+    /// Signs any claims (signed-URL tokens, API keys) with the same key.
+    pub fn sign_json<T: Serialize>(&self, claims: &T) -> String {
+        jsonwebtoken::encode(&Header::new(self.algorithm), claims, &self.encoding)
+            .unwrap_or_default()
+    }
+
+    /// Verifies signature and `exp` of a token with claims of any shape.
+    pub fn verify_json<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+    ) -> Result<T, TokenError> {
+        let mut v = Validation::new(self.algorithm);
+        v.leeway = 0;
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp"]);
+        jsonwebtoken::decode::<T>(token, &self.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                kind => TokenError::Invalid(format!("{kind:?}")),
+            })
+    }
+
+    /// A Supabase-style API key: a JWT with `role` `anon` or `service_role`, no
+    /// user, valid until 2035. Deterministic for a given secret (fixed `iat` and
+    /// `exp`), so the keys printed at start stay the same across restarts.
+    pub fn api_key(&self, role: &str) -> String {
+        self.sign_json(&serde_json::json!({
+            "iss": "aether",
+            "role": role,
+            "iat": 1_735_689_600_i64,
+            "exp": 2_051_222_400_i64,
+        }))
     }
 
     /// Verifies signature and expiry (no leeway: an expired token is expired).

@@ -30,6 +30,13 @@ pub enum AuthError {
     RevokedToken,
     #[error("invalid access token: {0}")]
     InvalidToken(String),
+    /// A refresh token that does not exist, or whose session was signed out.
+    #[error("Invalid Refresh Token: Refresh Token Not Found")]
+    RefreshTokenNotFound,
+    /// A refresh token presented again after it was rotated: its session is
+    /// signed out (reuse suggests the token was stolen).
+    #[error("Invalid Refresh Token: Already Used")]
+    RefreshTokenReused,
     #[error("internal auth failure: {0}")]
     Internal(String),
 }
@@ -66,6 +73,8 @@ impl AuthError {
             AuthError::ExpiredToken => "auth/expired-token",
             AuthError::RevokedToken => "auth/revoked-token",
             AuthError::InvalidToken(_) => "auth/invalid-token",
+            AuthError::RefreshTokenNotFound => "auth/refresh-token-not-found",
+            AuthError::RefreshTokenReused => "auth/refresh-token-reused",
             AuthError::Internal(_) => "internal_error",
         }
     }
@@ -84,6 +93,44 @@ pub struct Session {
     pub access_token: String,
     /// Seconds since the epoch.
     pub expires_at: i64,
+    /// Opaque, single use: exchanging it (`refresh`) revokes it and returns a new one.
+    pub refresh_token: String,
+}
+
+/// Everything about a user that may be shown to that user (no password hash).
+#[derive(Debug, Clone)]
+pub struct UserProfile {
+    pub id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub user_metadata: serde_json::Value,
+    pub app_metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_sign_in_at: Option<DateTime<Utc>>,
+}
+
+/// Which sessions a sign-out ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignOutScope {
+    /// The token's own session.
+    Local,
+    /// Every session of the user.
+    Global,
+    /// Every session of the user but the token's own.
+    Others,
+}
+
+/// SHA-256, hex: how refresh tokens are stored.
+fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 244 random bits from two v4 UUIDs (the OS generator), URL-safe.
+fn new_refresh_token() -> String {
+    format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }
 
 /// Where a request came from, recorded on sessions and auth events.
@@ -119,6 +166,20 @@ impl AuthService {
         password: &str,
         meta: &ClientMeta,
     ) -> Result<(User, Session), AuthError> {
+        self.sign_up_with_metadata(email, password, None, meta)
+            .await
+    }
+
+    /// [`AuthService::sign_up`] that also stores `user_metadata` (a JSON object).
+    pub async fn sign_up_with_metadata(
+        &self,
+        email: &str,
+        password: &str,
+        user_metadata: Option<&serde_json::Value>,
+        meta: &ClientMeta,
+    ) -> Result<(User, Session), AuthError> {
+        let empty = serde_json::json!({});
+        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
         let email = password::normalize_email(email).map_err(AuthError::InvalidEmail)?;
         password::check_strength(password).map_err(AuthError::WeakPassword)?;
         let pw = password.to_owned();
@@ -129,11 +190,11 @@ impl AuthService {
         let tx = client.transaction().await?;
         let row = tx
             .query_opt(
-                "INSERT INTO auth.users (email, encrypted_password, last_sign_in_at)
-                 VALUES ($1, $2, now())
+                "INSERT INTO auth.users (email, encrypted_password, last_sign_in_at, user_metadata)
+                 VALUES ($1, $2, now(), $3)
                  ON CONFLICT (email) DO NOTHING
                  RETURNING id, email, created_at",
-                &[&email, &hash],
+                &[&email, &hash, user_metadata],
             )
             .await?
             .ok_or(AuthError::EmailAlreadyExists)?;
@@ -217,20 +278,147 @@ impl AuthService {
         principal: &Principal,
         meta: &ClientMeta,
     ) -> Result<(), AuthError> {
+        self.sign_out_scoped(principal, SignOutScope::Local, meta)
+            .await
+    }
+
+    /// Sign-out of the token's session, of all the user's sessions, or of all
+    /// the others. Refresh tokens of revoked sessions stop working with them.
+    pub async fn sign_out_scoped(
+        &self,
+        principal: &Principal,
+        scope: SignOutScope,
+        meta: &ClientMeta,
+    ) -> Result<(), AuthError> {
         let user_id = principal_user(principal)?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if let Some(sid) = principal.session_id {
-            tx.execute(
-                "UPDATE auth.sessions SET revoked_at = now()
-                 WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-                &[&sid, &user_id],
-            )
-            .await?;
+        let sid = principal.session_id;
+        match scope {
+            SignOutScope::Local => {
+                if let Some(sid) = sid {
+                    tx.execute(
+                        "UPDATE auth.sessions SET revoked_at = now()
+                         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+                        &[&sid, &user_id],
+                    )
+                    .await?;
+                }
+            }
+            SignOutScope::Global | SignOutScope::Others => {
+                let keep = if scope == SignOutScope::Others {
+                    sid
+                } else {
+                    None
+                };
+                tx.execute(
+                    "UPDATE auth.sessions SET revoked_at = now()
+                     WHERE user_id = $1 AND revoked_at IS NULL
+                       AND ($2::uuid IS NULL OR id <> $2)",
+                    &[&user_id, &keep],
+                )
+                .await?;
+            }
         }
         record_event(&tx, user_id, "sign_out", principal.session_id, meta).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Exchanges a refresh token for a new access token and a new refresh token
+    /// (rotation). A revoked token presented again signs its session out.
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        meta: &ClientMeta,
+    ) -> Result<(User, Session), AuthError> {
+        let hash = token_hash(refresh_token);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT rt.id, rt.session_id, rt.revoked_at IS NOT NULL, s.revoked_at IS NOT NULL,
+                        u.id, u.email, u.created_at
+                 FROM auth.refresh_tokens rt
+                 JOIN auth.sessions s ON s.id = rt.session_id
+                 JOIN auth.users u ON u.id = rt.user_id
+                 WHERE rt.token_hash = $1
+                 FOR UPDATE OF rt, s",
+                &[&hash],
+            )
+            .await?
+            .ok_or(AuthError::RefreshTokenNotFound)?;
+        let (token_id, session_id): (i64, Uuid) = (row.get(0), row.get(1));
+        let (token_revoked, session_revoked): (bool, bool) = (row.get(2), row.get(3));
+        let user = User {
+            id: row.get(4),
+            email: row.get(5),
+            created_at: row.get(6),
+        };
+        if session_revoked {
+            return Err(AuthError::RefreshTokenNotFound);
+        }
+        if token_revoked {
+            tx.execute(
+                "UPDATE auth.sessions SET revoked_at = now() WHERE id = $1",
+                &[&session_id],
+            )
+            .await?;
+            record_event(&tx, user.id, "sign_out", Some(session_id), meta).await?;
+            tx.commit().await?;
+            tracing::warn!(user_id = %user.id, session_id = %session_id, "refresh token reused: session signed out");
+            return Err(AuthError::RefreshTokenReused);
+        }
+        tx.execute(
+            "UPDATE auth.refresh_tokens SET revoked_at = now() WHERE id = $1",
+            &[&token_id],
+        )
+        .await?;
+        let (access_token, exp) = self.access_token(&user, session_id)?;
+        let expires = Utc
+            .timestamp_opt(exp, 0)
+            .single()
+            .ok_or_else(|| AuthError::Internal("token expiry out of range".into()))?;
+        tx.execute(
+            "UPDATE auth.sessions SET expires_at = $2 WHERE id = $1",
+            &[&session_id, &expires],
+        )
+        .await?;
+        let refresh_token = insert_refresh_token(&tx, user.id, session_id, Some(token_id)).await?;
+        record_event(&tx, user.id, "token_refreshed", Some(session_id), meta).await?;
+        tx.commit().await?;
+        Ok((
+            user,
+            Session {
+                id: session_id,
+                access_token,
+                expires_at: exp,
+                refresh_token,
+            },
+        ))
+    }
+
+    /// The user's profile; `None` when the user no longer exists.
+    pub async fn profile(&self, id: Uuid) -> Result<Option<UserProfile>, AuthError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, email, role, user_metadata, app_metadata, created_at, updated_at,
+                        last_sign_in_at
+                 FROM auth.users WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(row.map(|r| UserProfile {
+            id: r.get(0),
+            email: r.get(1),
+            role: r.get(2),
+            user_metadata: r.get(3),
+            app_metadata: r.get(4),
+            created_at: r.get(5),
+            updated_at: r.get(6),
+            last_sign_in_at: r.get(7),
+        }))
     }
 
     /// Verifies a token (signature, expiry) and that its session is live and its
@@ -285,34 +473,58 @@ impl AuthService {
         user: &User,
         meta: &ClientMeta,
     ) -> Result<Session, AuthError> {
-        let now = Utc::now().timestamp();
-        let exp = now + i64::try_from(self.jwt.expires_s).unwrap_or(i64::MAX / 2);
+        let id = Uuid::new_v4();
+        let (access_token, exp) = self.access_token(user, id)?;
         let expires = Utc
             .timestamp_opt(exp, 0)
             .single()
             .ok_or_else(|| AuthError::Internal("token expiry out of range".into()))?;
-        let id = Uuid::new_v4();
         tx.execute(
             "INSERT INTO auth.sessions (id, user_id, expires_at, user_agent, ip)
              VALUES ($1, $2, $3, $4, $5)",
             &[&id, &user.id, &expires, &meta.user_agent, &meta.ip],
         )
         .await?;
-        let access_token = self.jwt.sign(&Claims {
+        let refresh_token = insert_refresh_token(tx, user.id, id, None).await?;
+        Ok(Session {
+            id,
+            access_token,
+            expires_at: exp,
+            refresh_token,
+        })
+    }
+
+    /// A fresh access token of `session`; returns it with its `exp`.
+    fn access_token(&self, user: &User, session: Uuid) -> Result<(String, i64), AuthError> {
+        let now = Utc::now().timestamp();
+        let exp = now + i64::try_from(self.jwt.expires_s).unwrap_or(i64::MAX / 2);
+        let token = self.jwt.sign(&Claims {
             sub: Some(user.id.hyphenated().to_string()),
             email: Some(user.email.clone()),
             role: Some("authenticated".into()),
             exp,
             iat: Some(now),
-            session_id: Some(id.hyphenated().to_string()),
+            session_id: Some(session.hyphenated().to_string()),
             aud: Some("authenticated".into()),
         });
-        Ok(Session {
-            id,
-            access_token,
-            expires_at: exp,
-        })
+        Ok((token, exp))
     }
+}
+
+async fn insert_refresh_token(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: Uuid,
+    session_id: Uuid,
+    parent: Option<i64>,
+) -> Result<String, AuthError> {
+    let token = new_refresh_token();
+    tx.execute(
+        "INSERT INTO auth.refresh_tokens (token_hash, user_id, session_id, parent_id)
+         VALUES ($1, $2, $3, $4)",
+        &[&token_hash(&token), &user_id, &session_id, &parent],
+    )
+    .await?;
+    Ok(token)
 }
 
 /// The user a principal acts for; service or anonymous tokens without `sub` have none.

@@ -2,6 +2,7 @@
 
 pub mod hub;
 pub mod kingshare;
+pub mod phoenix;
 pub mod protocol;
 pub mod registry;
 pub mod session;

@@ -924,7 +924,10 @@ async fn handle_aether(
 }
 
 /// Validates a subscription against the published tables.
-async fn resolve(state: &AppState, req: &SubscribeRequest) -> Result<SubscriptionSpec, FrameError> {
+pub(crate) async fn resolve(
+    state: &AppState,
+    req: &SubscribeRequest,
+) -> Result<SubscriptionSpec, FrameError> {
     let err = |code, message: String| FrameError {
         code,
         message,

@@ -59,6 +59,8 @@ pub enum StorageError {
     PathConflict(String),
     #[error("folder {0:?} is not empty")]
     FolderNotEmpty(String),
+    #[error("bucket {0:?} already exists")]
+    BucketAlreadyExists(String),
     #[error("the requested range is not satisfiable: the file has {size} bytes")]
     RangeNotSatisfiable { size: u64 },
     /// Reading a private bucket's file without credentials.
@@ -228,6 +230,44 @@ struct Recording {
     key: String,
 }
 
+/// A bucket as listed.
+#[derive(Debug, Clone)]
+pub struct BucketRecord {
+    pub id: String,
+    pub name: String,
+    pub owner_id: Option<Uuid>,
+    pub public: bool,
+    pub file_size_limit: Option<i64>,
+    pub allowed_mime_types: Option<Vec<String>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a new bucket is.
+#[derive(Debug, Clone, Default)]
+pub struct NewBucket {
+    pub id: String,
+    pub public: bool,
+    pub file_size_limit: Option<u64>,
+    pub allowed_mime_types: Option<Vec<String>>,
+}
+
+const BUCKET_COLUMNS: &str =
+    "id, name, owner_id, public, file_size_limit, allowed_mime_types, created_at, updated_at";
+
+fn bucket_from_row(r: &tokio_postgres::Row) -> BucketRecord {
+    BucketRecord {
+        id: r.get(0),
+        name: r.get(1),
+        owner_id: r.get(2),
+        public: r.get(3),
+        file_size_limit: r.get(4),
+        allowed_mime_types: r.get(5),
+        created_at: r.get(6),
+        updated_at: r.get(7),
+    }
+}
+
 /// A file opened for reading.
 pub struct ObjectRead {
     pub file: FileRecord,
@@ -367,6 +407,118 @@ impl StorageService {
 
     pub fn default_bucket(&self) -> &str {
         &self.0.default_bucket
+    }
+
+    /// Creates a bucket owned by `owner` (`None`: by no user, e.g. service role).
+    pub async fn create_bucket(
+        &self,
+        owner: Option<Uuid>,
+        b: &NewBucket,
+    ) -> Result<BucketRecord, StorageError> {
+        if !crate::config::valid_bucket_id(&b.id) {
+            return Err(StorageError::InvalidPath(PathError(format!(
+                "bucket id {:?} must be 1-63 of A-Za-z0-9._- starting with a letter or digit",
+                b.id
+            ))));
+        }
+        if let Some(types) = &b.allowed_mime_types
+            && !types.is_empty()
+            && AllowedTypes::from_mime_list(types).is_none()
+        {
+            return Err(StorageError::InvalidPath(PathError(format!(
+                "allowed_mime_types {types:?} is not a list of MIME types"
+            ))));
+        }
+        let limit = b.file_size_limit.map(as_i64);
+        let client = self.0.pool.get().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "INSERT INTO public.buckets (id, name, owner_id, public, file_size_limit, allowed_mime_types)
+                     VALUES ($1, $1, $2, $3, $4, $5)
+                     ON CONFLICT (id) DO NOTHING
+                     RETURNING {BUCKET_COLUMNS}"
+                ),
+                &[&b.id, &owner, &b.public, &limit, &b.allowed_mime_types],
+            )
+            .await?
+            .ok_or_else(|| StorageError::BucketAlreadyExists(b.id.clone()))?;
+        Ok(bucket_from_row(&row))
+    }
+
+    /// Buckets `viewer` may see: public ones and their own; all for service role.
+    pub async fn list_buckets(
+        &self,
+        viewer: &Principal,
+    ) -> Result<Vec<BucketRecord>, StorageError> {
+        let client = self.0.pool.get().await?;
+        let uid = viewer
+            .user_id
+            .as_deref()
+            .and_then(|u| Uuid::parse_str(u).ok());
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {BUCKET_COLUMNS} FROM public.buckets
+                     WHERE $1 OR public OR owner_id = $2 ORDER BY id"
+                ),
+                &[&viewer.is_service(), &uid],
+            )
+            .await?;
+        Ok(rows.iter().map(bucket_from_row).collect())
+    }
+
+    /// The owners of files at `path` in `bucket`, oldest file first (paths are
+    /// per owner, so there may be several).
+    pub async fn owners_at(
+        &self,
+        bucket: &str,
+        path: &ObjectPath,
+    ) -> Result<Vec<Uuid>, StorageError> {
+        let client = self.0.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT owner_id FROM public.files
+                 WHERE bucket_id = $1 AND path = $2 AND owner_id IS NOT NULL
+                 ORDER BY created_at, id",
+                &[&bucket, &path.to_string()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// `owner`'s file at `path`, if any.
+    pub async fn file_at(
+        &self,
+        bucket: &str,
+        owner: Uuid,
+        path: &ObjectPath,
+    ) -> Result<Option<FileRecord>, StorageError> {
+        let client = self.0.pool.get().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM public.files
+                     WHERE bucket_id = $1 AND owner_id = $2 AND path = $3"
+                ),
+                &[&bucket, &owner, &path.to_string()],
+            )
+            .await?;
+        Ok(row.as_ref().map(file_from_row))
+    }
+
+    /// Every owner with files or folders in `bucket`.
+    pub async fn owners_in(&self, bucket: &str) -> Result<Vec<Uuid>, StorageError> {
+        let client = self.0.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT owner_id FROM public.files WHERE bucket_id = $1 AND owner_id IS NOT NULL
+                 UNION
+                 SELECT owner_id FROM public.folders WHERE bucket_id = $1 AND owner_id IS NOT NULL",
+                &[&bucket],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn bucket(&self, id: &str) -> Result<BucketInfo, StorageError> {

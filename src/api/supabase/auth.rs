@@ -1,0 +1,372 @@
+//! `/auth/v1`: GoTrue's email/password routes over [`crate::auth::AuthService`].
+//!
+//! Errors use GoTrue's 2024-01-01 body `{"code": "<error_code>", "message": …}`
+//! with the `X-Supabase-Api-Version: 2024-01-01` header; auth-js only reads
+//! `code` when that header is present (`handleError` in `lib/fetch.js`).
+
+use axum::Json;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{KeyError, api_key_of, bearer_of, check_api_key, principal_of_token};
+use crate::api::auth::timestamp;
+use crate::api::extract::{ApiQuery, Client};
+use crate::auth::service::principal_user;
+use crate::auth::{AuthError, Principal, Session, SignOutScope, UserProfile};
+use crate::server::AppState;
+
+pub const API_VERSION: &str = "2024-01-01";
+
+/// A GoTrue error: HTTP status, `code` (GoTrue's `ErrorCode`), message.
+#[derive(Debug)]
+pub struct GoTrueError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub weak_password: Option<Vec<&'static str>>,
+}
+
+impl GoTrueError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        GoTrueError {
+            status,
+            code,
+            message: message.into(),
+            weak_password: None,
+        }
+    }
+}
+
+impl IntoResponse for GoTrueError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"code": self.code, "message": self.message});
+        if let Some(reasons) = self.weak_password {
+            body["weak_password"] = json!({ "reasons": reasons });
+        }
+        let mut res = (self.status, Json(body)).into_response();
+        res.headers_mut().insert(
+            "x-supabase-api-version",
+            HeaderValue::from_static(API_VERSION),
+        );
+        res
+    }
+}
+
+impl From<KeyError> for GoTrueError {
+    fn from(e: KeyError) -> Self {
+        GoTrueError::new(StatusCode::UNAUTHORIZED, "no_authorization", e.message())
+    }
+}
+
+impl From<AuthError> for GoTrueError {
+    fn from(e: AuthError) -> Self {
+        let msg = e.to_string();
+        match e {
+            AuthError::InvalidCredentials => GoTrueError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_credentials",
+                "Invalid login credentials",
+            ),
+            AuthError::EmailAlreadyExists => GoTrueError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "user_already_exists",
+                "User already registered",
+            ),
+            AuthError::WeakPassword(why) => {
+                let mut reasons = Vec::new();
+                if why.contains("at least") || why.contains("at most") {
+                    reasons.push("length");
+                }
+                if why.contains("include") {
+                    reasons.push("characters");
+                }
+                GoTrueError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    code: "weak_password",
+                    message: format!("Password is too weak: {why}"),
+                    weak_password: Some(reasons),
+                }
+            }
+            AuthError::InvalidEmail(why) => GoTrueError::new(
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                format!("Unable to validate email address: {why}"),
+            ),
+            AuthError::ExpiredToken => GoTrueError::new(
+                StatusCode::FORBIDDEN,
+                "bad_jwt",
+                "invalid JWT: unable to parse or verify signature, token has invalid claims: token is expired",
+            ),
+            AuthError::InvalidToken(_) => GoTrueError::new(
+                StatusCode::FORBIDDEN,
+                "bad_jwt",
+                format!("invalid JWT: unable to parse or verify signature, {msg}"),
+            ),
+            AuthError::RevokedToken => GoTrueError::new(
+                StatusCode::FORBIDDEN,
+                "session_not_found",
+                "Session from session_id claim in JWT does not exist",
+            ),
+            AuthError::RefreshTokenNotFound => {
+                GoTrueError::new(StatusCode::BAD_REQUEST, "refresh_token_not_found", msg)
+            }
+            AuthError::RefreshTokenReused => {
+                GoTrueError::new(StatusCode::BAD_REQUEST, "refresh_token_already_used", msg)
+            }
+            AuthError::Internal(cause) => {
+                tracing::error!(error = %cause, "internal error");
+                GoTrueError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unexpected_failure",
+                    "Unexpected failure, please check server logs for more information",
+                )
+            }
+        }
+    }
+}
+
+/// A valid `apikey` (anon or service role).
+pub struct ApiKey(pub Principal);
+
+impl FromRequestParts<AppState> for ApiKey {
+    type Rejection = GoTrueError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
+        Ok(ApiKey(check_api_key(state, api_key_of(parts).as_deref())?))
+    }
+}
+
+/// A valid `apikey` and a signed-in user's access token in `Authorization`.
+pub struct SignedIn(pub Principal);
+
+impl FromRequestParts<AppState> for SignedIn {
+    type Rejection = GoTrueError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
+        check_api_key(state, api_key_of(parts).as_deref())?;
+        let token = bearer_of(parts).ok_or_else(|| {
+            GoTrueError::new(
+                StatusCode::UNAUTHORIZED,
+                "no_authorization",
+                "This endpoint requires a valid Bearer token",
+            )
+        })?;
+        let p = principal_of_token(state, &token).await?;
+        if p.user_id.is_none() || p.role != crate::auth::Role::Authenticated {
+            return Err(GoTrueError::new(
+                StatusCode::FORBIDDEN,
+                "bad_jwt",
+                "invalid claim: missing sub claim",
+            ));
+        }
+        Ok(SignedIn(p))
+    }
+}
+
+/// GoTrue's user object.
+pub fn user_json(u: &UserProfile) -> Value {
+    let created = timestamp(&u.created_at);
+    json!({
+        "id": u.id.hyphenated().to_string(),
+        "aud": "authenticated",
+        "role": u.role,
+        "email": u.email,
+        "email_confirmed_at": created,
+        "phone": "",
+        "confirmed_at": created,
+        "last_sign_in_at": u.last_sign_in_at.as_ref().map(timestamp),
+        "app_metadata": u.app_metadata,
+        "user_metadata": u.user_metadata,
+        "identities": [],
+        "created_at": created,
+        "updated_at": timestamp(&u.updated_at),
+        "is_anonymous": false,
+    })
+}
+
+async fn session_json(
+    state: &AppState,
+    user_id: uuid::Uuid,
+    s: &Session,
+) -> Result<Value, GoTrueError> {
+    let profile = state
+        .auth
+        .profile(user_id)
+        .await?
+        .ok_or(AuthError::InvalidCredentials)?;
+    let now = chrono::Utc::now().timestamp();
+    Ok(json!({
+        "access_token": s.access_token,
+        "token_type": "bearer",
+        "expires_in": (s.expires_at - now).max(1),
+        "expires_at": s.expires_at,
+        "refresh_token": s.refresh_token,
+        "user": user_json(&profile),
+    }))
+}
+
+fn invalid_body(message: &str) -> GoTrueError {
+    GoTrueError::new(StatusCode::BAD_REQUEST, "bad_json", message)
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GoTrueError> {
+    serde_json::from_slice(body)
+        .map_err(|e| invalid_body(&format!("Could not parse request body as JSON: {e}")))
+}
+
+#[derive(Deserialize)]
+pub struct SignupBody {
+    email: Option<String>,
+    phone: Option<String>,
+    password: Option<String>,
+    data: Option<Value>,
+}
+
+/// `POST /auth/v1/signup`: creates the user (email counts as confirmed: Aether
+/// sends no mail) and answers with a session, as GoTrue does with autoconfirm.
+pub async fn signup(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Client(meta): Client,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, GoTrueError> {
+    let b: SignupBody = parse_body(&body)?;
+    if b.phone.is_some() && b.email.is_none() {
+        return Err(GoTrueError::new(
+            StatusCode::BAD_REQUEST,
+            "phone_provider_disabled",
+            "Phone signups are disabled",
+        ));
+    }
+    let email = b.email.unwrap_or_default();
+    if email.trim().is_empty() {
+        return Err(GoTrueError::new(
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+            "To signup, please provide your email",
+        ));
+    }
+    let password = b.password.unwrap_or_default();
+    if password.is_empty() {
+        return Err(GoTrueError::new(
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+            "Signup requires a valid password",
+        ));
+    }
+    let (user, session) = state
+        .auth
+        .sign_up_with_metadata(&email, &password, b.data.as_ref(), &meta)
+        .await?;
+    Ok(Json(session_json(&state, user.id, &session).await?))
+}
+
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    grant_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct TokenBody {
+    email: Option<String>,
+    password: Option<String>,
+    refresh_token: Option<String>,
+}
+
+/// `POST /auth/v1/token?grant_type=password|refresh_token`.
+pub async fn token(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Client(meta): Client,
+    query: Result<ApiQuery<TokenQuery>, crate::api::error::ApiError>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, GoTrueError> {
+    let grant = query.ok().and_then(|q| q.0.grant_type).unwrap_or_default();
+    let b: TokenBody = parse_body(&body)?;
+    let (user, session) = match grant.as_str() {
+        "password" => {
+            let email = b.email.unwrap_or_default();
+            let password = b.password.unwrap_or_default();
+            state.auth.sign_in(&email, &password, &meta).await?
+        }
+        "refresh_token" => {
+            let token = b.refresh_token.unwrap_or_default();
+            if token.is_empty() {
+                return Err(GoTrueError::new(
+                    StatusCode::BAD_REQUEST,
+                    "refresh_token_not_found",
+                    "Invalid Refresh Token: Refresh Token Not Found",
+                ));
+            }
+            state.auth.refresh(&token, &meta).await?
+        }
+        other => {
+            return Err(GoTrueError::new(
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                format!("unsupported_grant_type: {other:?} (supported: password, refresh_token)"),
+            ));
+        }
+    };
+    Ok(Json(session_json(&state, user.id, &session).await?))
+}
+
+/// `GET /auth/v1/user`.
+pub async fn user(
+    State(state): State<AppState>,
+    SignedIn(p): SignedIn,
+) -> Result<Json<Value>, GoTrueError> {
+    let id = principal_user(&p)?;
+    let profile = state.auth.profile(id).await?.ok_or_else(|| {
+        GoTrueError::new(
+            StatusCode::NOT_FOUND,
+            "user_not_found",
+            "User from sub claim in JWT does not exist",
+        )
+    })?;
+    Ok(Json(user_json(&profile)))
+}
+
+#[derive(Deserialize)]
+pub struct LogoutQuery {
+    scope: Option<String>,
+}
+
+/// `POST /auth/v1/logout?scope=global|local|others` → 204.
+pub async fn logout(
+    State(state): State<AppState>,
+    Client(meta): Client,
+    query: Result<ApiQuery<LogoutQuery>, crate::api::error::ApiError>,
+    SignedIn(p): SignedIn,
+) -> Result<StatusCode, GoTrueError> {
+    let scope = match query.ok().and_then(|q| q.0.scope).as_deref() {
+        None | Some("global") => SignOutScope::Global,
+        Some("local") => SignOutScope::Local,
+        Some("others") => SignOutScope::Others,
+        Some(other) => {
+            return Err(GoTrueError::new(
+                StatusCode::BAD_REQUEST,
+                "validation_failed",
+                format!("unsupported scope {other:?} (global, local, others)"),
+            ));
+        }
+    };
+    state.auth.sign_out_scoped(&p, scope, &meta).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /auth/v1/settings`: what this server offers.
+pub async fn settings(_key: ApiKey) -> Json<Value> {
+    Json(json!({
+        "external": {"email": true, "phone": false},
+        "disable_signup": false,
+        "mailer_autoconfirm": true,
+        "phone_autoconfirm": false,
+        "sms_provider": "",
+        "saml_enabled": false,
+    }))
+}

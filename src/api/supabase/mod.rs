@@ -1,0 +1,145 @@
+//! A Supabase-compatible facade, so `@supabase/supabase-js` can point
+//! `createClient(url, anonKey)` at Aether: `/auth/v1` (GoTrue's email/password
+//! routes) and `/storage/v1` (the storage API) over the same auth and storage
+//! cores as the seed routes, and `/realtime/v1/websocket` (Phoenix channels,
+//! in `crate::realtime::phoenix`) over the same router.
+//!
+//! Keys work as in Supabase: any JWT signed with `JWT_SECRET` whose `role` is
+//! `anon` or `service_role` is a valid `apikey` ([`JwtKeys::api_key`] mints the
+//! ones printed at start). `Authorization: Bearer` names who acts: a user's
+//! access token, or an API key itself (a `service_role` key bypasses per-user
+//! authorization). Wire shapes are matched against the client's shipped
+//! source; see docs/supabase.md.
+//!
+//! [`JwtKeys::api_key`]: crate::auth::JwtKeys::api_key
+
+pub mod auth;
+pub mod storage;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware;
+use axum::routing::{get, post};
+
+use crate::auth::{AuthError, Principal, Role};
+use crate::server::AppState;
+
+/// The `/auth/v1` and `/storage/v1` routes.
+pub fn routes(state: &AppState) -> Router<AppState> {
+    let limited_auth = Router::new()
+        .route("/auth/v1/signup", post(auth::signup))
+        .route("/auth/v1/token", post(auth::token))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::rate_limit::auth,
+        ));
+    let auth = Router::new()
+        .route("/auth/v1/user", get(auth::user))
+        .route("/auth/v1/logout", post(auth::logout))
+        .route("/auth/v1/settings", get(auth::settings))
+        .merge(limited_auth);
+    let storage = Router::new()
+        .route(
+            "/storage/v1/bucket",
+            get(storage::list_buckets).post(storage::create_bucket),
+        )
+        .route("/storage/v1/bucket/{id}", get(storage::get_bucket))
+        .route("/storage/v1/object/list/{bucket}", post(storage::list))
+        .route(
+            "/storage/v1/object/sign/{bucket}/{*path}",
+            post(storage::sign).get(storage::signed_get),
+        )
+        .route(
+            "/storage/v1/object/public/{bucket}/{*path}",
+            get(storage::public_get),
+        )
+        .route(
+            "/storage/v1/object/authenticated/{bucket}/{*path}",
+            get(storage::get_object),
+        )
+        .route(
+            "/storage/v1/object/info/{bucket}/{*path}",
+            get(storage::info),
+        )
+        .route(
+            "/storage/v1/object/{bucket}",
+            axum::routing::delete(storage::remove),
+        )
+        .route(
+            "/storage/v1/object/{bucket}/{*path}",
+            get(storage::get_object)
+                .head(storage::get_object)
+                .post(storage::upload)
+                .put(storage::update)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::rate_limit::storage,
+        ));
+    Router::new().merge(auth).merge(storage)
+}
+
+/// Why an API key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    Missing,
+    Invalid,
+}
+
+impl KeyError {
+    pub fn message(self) -> &'static str {
+        match self {
+            KeyError::Missing => "No API key found in request",
+            KeyError::Invalid => "Invalid API key",
+        }
+    }
+}
+
+/// Checks an `apikey`: a JWT signed with `JWT_SECRET` whose role is `anon` or
+/// `service_role`.
+pub fn check_api_key(state: &AppState, key: Option<&str>) -> Result<Principal, KeyError> {
+    let key = key.map(str::trim).filter(|k| !k.is_empty());
+    let key = key.ok_or(KeyError::Missing)?;
+    let p = state.jwt.verify(key).map_err(|_| KeyError::Invalid)?;
+    match p.role {
+        Role::Anon | Role::Service => Ok(p),
+        Role::Authenticated => Err(KeyError::Invalid),
+    }
+}
+
+/// The `apikey` header, else the `apikey` query parameter (what browsers use
+/// for WebSockets and `<img src>`).
+pub fn api_key_of(parts: &Parts) -> Option<String> {
+    if let Some(v) = parts.headers.get("apikey").and_then(|v| v.to_str().ok()) {
+        return Some(v.to_owned());
+    }
+    query_param(parts.uri.query().unwrap_or(""), "apikey")
+}
+
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// The bearer token of a request, if it has a well-formed one.
+pub fn bearer_of(parts: &Parts) -> Option<String> {
+    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.trim().split_once(' ')?;
+    let t = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then(|| t.to_owned())
+}
+
+/// Who a bearer token names: an API key (anon or service role, no session) is
+/// taken as is; a user's access token must also have a live session and user.
+pub async fn principal_of_token(state: &AppState, token: &str) -> Result<Principal, AuthError> {
+    state.auth.authenticate(token).await
+}

@@ -1,0 +1,738 @@
+//! `/realtime/v1/websocket`: Supabase Realtime's Phoenix-channel protocol, so
+//! `@supabase/realtime-js` (and supabase-js's `channel().on('postgres_changes')`)
+//! works against Aether.
+//!
+//! Both framings: `vsn=1.0.0` sends JSON objects
+//! `{"topic","event","payload","ref","join_ref"}`, `vsn=2.0.0` (the client's
+//! default) JSON arrays `[join_ref, ref, topic, event, payload]`. Each
+//! `postgres_changes` binding of a `phx_join` becomes a subscription in the same
+//! router as `/ws` (same filters, same authorization, same lagging rules); the
+//! `phx_reply` echoes every binding with a stable non-zero id (a hash of its
+//! event, schema, table and filter), then a `system` message says
+//! "Subscribed to PostgreSQL". Changes arrive as `postgres_changes` with the ids
+//! of the bindings they match and `data{schema,table,commit_timestamp,type,
+//! columns,record,old_record,errors}`.
+//!
+//! One principal per connection: the `access_token` of the latest join or
+//! `access_token` message (supabase-js sends the same token on every channel).
+//! When it expires, every channel gets a `system` error and `phx_close`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::SubscribeRequest;
+use super::session::{CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_SLOW};
+use crate::api::supabase::check_api_key;
+use crate::auth::Principal;
+use crate::changes::{ChangeKind, RowChange, RowJson};
+use crate::router::{Command, Outbound, SessionHandle};
+use crate::server::AppState;
+
+#[derive(Deserialize)]
+pub struct ConnectQuery {
+    apikey: Option<String>,
+    vsn: Option<String>,
+}
+
+/// The two framings of Phoenix messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vsn {
+    V1,
+    V2,
+}
+
+/// A Phoenix message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhxMessage {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: Value,
+}
+
+fn ref_value(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl Vsn {
+    pub fn parse(text: &str) -> Option<PhxMessage> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        match v {
+            Value::Array(a) if a.len() == 5 => Some(PhxMessage {
+                join_ref: ref_value(a.first()),
+                msg_ref: ref_value(a.get(1)),
+                topic: a[2].as_str()?.to_owned(),
+                event: a[3].as_str()?.to_owned(),
+                payload: a[4].clone(),
+            }),
+            Value::Object(o) => Some(PhxMessage {
+                join_ref: ref_value(o.get("join_ref")),
+                msg_ref: ref_value(o.get("ref")),
+                topic: o.get("topic")?.as_str()?.to_owned(),
+                event: o.get("event")?.as_str()?.to_owned(),
+                payload: o.get("payload").cloned().unwrap_or(Value::Null),
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn encode(self, m: &PhxMessage) -> String {
+        match self {
+            Vsn::V1 => json!({
+                "topic": m.topic, "event": m.event, "payload": m.payload,
+                "ref": m.msg_ref, "join_ref": m.join_ref,
+            })
+            .to_string(),
+            Vsn::V2 => json!([m.join_ref, m.msg_ref, m.topic, m.event, m.payload]).to_string(),
+        }
+    }
+}
+
+/// `GET /realtime/v1/websocket?apikey=…&vsn=1.0.0|2.0.0`.
+pub async fn websocket(
+    State(state): State<AppState>,
+    Query(q): Query<ConnectQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let principal = match check_api_key(&state, q.apikey.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"message": e.message()})),
+            )
+                .into_response();
+        }
+    };
+    let vsn = match q.vsn.as_deref() {
+        None | Some("1.0.0") => Vsn::V1,
+        Some("2.0.0") => Vsn::V2,
+        Some(other) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"message": format!("unsupported vsn {other:?} (1.0.0, 2.0.0)")})),
+            )
+                .into_response();
+        }
+    };
+    let max = state
+        .config
+        .ws_max_frame_bytes
+        .saturating_mul(16)
+        .max(1 << 20);
+    ws.max_message_size(max)
+        .on_upgrade(move |socket| run(socket, state, principal, vsn))
+}
+
+/// A `postgres_changes` binding as the client sent it (echoed in the reply).
+#[derive(Debug, Clone)]
+struct Binding {
+    id: u32,
+    event: String,
+    schema: String,
+    table: String,
+    filter: Option<String>,
+}
+
+impl Binding {
+    fn reply(&self) -> Value {
+        let mut v =
+            json!({"id": self.id, "event": self.event, "schema": self.schema, "table": self.table});
+        if let Some(f) = &self.filter {
+            v["filter"] = json!(f);
+        }
+        v
+    }
+}
+
+/// A stable, non-zero id for a binding (FNV-1a over its parameters).
+pub fn binding_id(event: &str, schema: &str, table: &str, filter: Option<&str>) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for part in [event, schema, table, filter.unwrap_or("")] {
+        for b in part.bytes().chain([0u8]) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    (h & 0x7fff_ffff).max(1)
+}
+
+struct Channel {
+    join_ref: Option<String>,
+    /// Router subscription ids of this join.
+    subs: Vec<Arc<str>>,
+    /// Replies still awaited before the join is answered.
+    waiting: usize,
+    join_msg_ref: Option<String>,
+    failed: Option<String>,
+    bindings: Vec<Binding>,
+    joined: bool,
+}
+
+struct Conn {
+    state: AppState,
+    session: u64,
+    vsn: Vsn,
+    principal: Arc<Principal>,
+    channels: HashMap<String, Channel>,
+    /// Router subscription id → (topic, binding id).
+    subs: HashMap<Arc<str>, (String, u32)>,
+    next_join: u64,
+}
+
+fn type_name(oid: u32) -> &'static str {
+    match oid {
+        16 => "bool",
+        17 => "bytea",
+        18 => "char",
+        19 => "name",
+        20 => "int8",
+        21 => "int2",
+        23 => "int4",
+        25 => "text",
+        26 => "oid",
+        114 => "json",
+        700 => "float4",
+        701 => "float8",
+        1000 => "_bool",
+        1005 => "_int2",
+        1007 => "_int4",
+        1009 => "_text",
+        1015 => "_varchar",
+        1016 => "_int8",
+        1021 => "_float4",
+        1022 => "_float8",
+        1042 => "bpchar",
+        1043 => "varchar",
+        1082 => "date",
+        1083 => "time",
+        1114 => "timestamp",
+        1184 => "timestamptz",
+        1186 => "interval",
+        1266 => "timetz",
+        1700 => "numeric",
+        2950 => "uuid",
+        2951 => "_uuid",
+        3802 => "jsonb",
+        3807 => "_jsonb",
+        _ => "unknown",
+    }
+}
+
+/// The `data` of a `postgres_changes` message.
+pub fn change_data(c: &RowChange) -> Value {
+    let rel = &c.relation;
+    let columns: Vec<Value> = rel
+        .columns
+        .iter()
+        .filter(|col| !col.secret)
+        .map(|col| json!({"name": col.name, "type": type_name(col.type_oid)}))
+        .collect();
+    let row = |r: Option<&crate::changes::Row>| match r {
+        Some(values) => serde_json::to_value(RowJson {
+            relation: rel,
+            values,
+        })
+        .unwrap_or(Value::Null),
+        None => json!({}),
+    };
+    let ts = chrono::DateTime::from_timestamp_millis(c.commit_time_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut data = json!({
+        "schema": rel.schema,
+        "table": rel.name,
+        "commit_timestamp": ts,
+        "type": c.kind.as_str(),
+        "columns": columns,
+        "errors": null,
+    });
+    match c.kind {
+        ChangeKind::Insert => data["record"] = row(c.new.as_ref()),
+        ChangeKind::Update => {
+            data["record"] = row(c.new.as_ref());
+            data["old_record"] = row(c.old.as_ref());
+        }
+        ChangeKind::Delete => data["old_record"] = row(c.old.as_ref()),
+        ChangeKind::Truncate => {}
+    }
+    data
+}
+
+impl Conn {
+    fn frame(
+        &self,
+        join_ref: Option<String>,
+        msg_ref: Option<String>,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> Message {
+        let m = PhxMessage {
+            join_ref,
+            msg_ref,
+            topic: topic.to_owned(),
+            event: event.to_owned(),
+            payload,
+        };
+        Message::Text(self.vsn.encode(&m).into())
+    }
+
+    fn reply(&self, m: &PhxMessage, status: &str, response: Value) -> Message {
+        self.frame(
+            m.join_ref.clone(),
+            m.msg_ref.clone(),
+            &m.topic,
+            "phx_reply",
+            json!({"status": status, "response": response}),
+        )
+    }
+
+    /// Sets the connection's principal from a token; `Err` with a reason.
+    async fn set_token(&mut self, token: &str) -> Result<(), String> {
+        let p = self
+            .state
+            .auth
+            .authenticate(token)
+            .await
+            .map_err(|e| e.to_string())?;
+        let p = Arc::new(p);
+        let _ = self
+            .state
+            .router
+            .send(Command::SetPrincipal {
+                session: self.session,
+                principal: Arc::clone(&p),
+            })
+            .await;
+        self.principal = p;
+        Ok(())
+    }
+
+    async fn drop_subs(&mut self, subs: Vec<Arc<str>>) {
+        for id in subs {
+            self.subs.remove(&id);
+            let _ = self
+                .state
+                .router
+                .send(Command::Unsubscribe {
+                    session: self.session,
+                    id,
+                })
+                .await;
+        }
+    }
+
+    async fn leave(&mut self, topic: &str) {
+        if let Some(ch) = self.channels.remove(topic) {
+            self.drop_subs(ch.subs).await;
+        }
+    }
+
+    /// Handles one client message; returns frames to send now.
+    async fn handle(&mut self, m: PhxMessage) -> Vec<Message> {
+        match m.event.as_str() {
+            "heartbeat" if m.topic == "phoenix" => vec![self.reply(&m, "ok", json!({}))],
+            "phx_join" => self.join(m).await,
+            "phx_leave" => {
+                self.leave(&m.topic).await;
+                vec![
+                    self.reply(&m, "ok", json!({})),
+                    self.frame(
+                        m.join_ref.clone(),
+                        m.join_ref.clone(),
+                        &m.topic,
+                        "phx_close",
+                        json!({}),
+                    ),
+                ]
+            }
+            "access_token" => {
+                let token = m
+                    .payload
+                    .get("access_token")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                match self.set_token(token).await {
+                    Ok(()) => vec![self.reply(&m, "ok", json!({}))],
+                    Err(why) => {
+                        let mut out = vec![self.frame(
+                            m.join_ref.clone(),
+                            None,
+                            &m.topic,
+                            "system",
+                            json!({"channel": sub_topic(&m.topic), "extension": "system",
+                                   "message": format!("Invalid token: {why}"), "status": "error"}),
+                        )];
+                        out.push(self.frame(
+                            m.join_ref.clone(),
+                            m.join_ref.clone(),
+                            &m.topic,
+                            "phx_close",
+                            json!({}),
+                        ));
+                        self.leave(&m.topic).await;
+                        out
+                    }
+                }
+            }
+            "broadcast" | "presence" => vec![self.reply(
+                &m,
+                "error",
+                json!({"reason": "broadcast and presence are not supported by Aether yet"}),
+            )],
+            _ => vec![self.reply(
+                &m,
+                "error",
+                json!({"reason": format!("unknown event {:?}", m.event)}),
+            )],
+        }
+    }
+
+    async fn join(&mut self, m: PhxMessage) -> Vec<Message> {
+        if self.channels.contains_key(&m.topic) {
+            self.leave(&m.topic).await;
+        }
+        if let Some(token) = m.payload.get("access_token").and_then(Value::as_str)
+            && let Err(why) = self.set_token(token).await
+        {
+            return vec![self.reply(
+                &m,
+                "error",
+                json!({"reason": format!("Invalid token: {why}")}),
+            )];
+        }
+        let specs = m
+            .payload
+            .pointer("/config/postgres_changes")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        self.next_join += 1;
+        let mut bindings = Vec::new();
+        let mut resolved = Vec::new();
+        for (i, b) in specs.iter().enumerate() {
+            let text = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
+            let event = text("event").unwrap_or_else(|| "*".into());
+            let schema = text("schema").unwrap_or_else(|| "public".into());
+            let filter = text("filter").filter(|f| !f.is_empty());
+            let Some(table) = text("table").filter(|t| t != "*") else {
+                return vec![self.reply(&m, "error", json!({"reason":
+                    "Aether needs a table in every postgres_changes binding (schema or table '*' is not supported)"}))];
+            };
+            let id: Arc<str> = Arc::from(format!("{}\u{1f}{}\u{1f}{i}", m.topic, self.next_join));
+            let req = SubscribeRequest {
+                id: id.to_string(),
+                schema: schema.clone(),
+                table: table.clone(),
+                event: event.to_ascii_uppercase(),
+                filter: filter.clone(),
+                since: None,
+            };
+            match super::session::resolve(&self.state, &req).await {
+                Ok(spec) => resolved.push(spec),
+                Err(e) => {
+                    return vec![self.reply(&m, "error", json!({"reason": e.message}))];
+                }
+            }
+            bindings.push(Binding {
+                id: binding_id(&event, &schema, &table, filter.as_deref()),
+                event,
+                schema,
+                table,
+                filter,
+            });
+        }
+        let mut ch = Channel {
+            join_ref: m.join_ref.clone(),
+            subs: Vec::new(),
+            waiting: resolved.len(),
+            join_msg_ref: m.msg_ref.clone(),
+            failed: None,
+            bindings,
+            joined: false,
+        };
+        for (spec, b) in resolved.into_iter().zip(&ch.bindings) {
+            self.subs
+                .insert(Arc::clone(&spec.id), (m.topic.clone(), b.id));
+            ch.subs.push(Arc::clone(&spec.id));
+            let _ = self
+                .state
+                .router
+                .send(Command::Subscribe {
+                    session: self.session,
+                    spec,
+                })
+                .await;
+        }
+        let done = ch.waiting == 0;
+        self.channels.insert(m.topic.clone(), ch);
+        if done {
+            self.finish_join(&m.topic).await
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Answers a join once every binding is live (or one failed).
+    async fn finish_join(&mut self, topic: &str) -> Vec<Message> {
+        let Some(ch) = self.channels.get_mut(topic) else {
+            return Vec::new();
+        };
+        ch.joined = true;
+        let (join_ref, msg_ref) = (ch.join_ref.clone(), ch.join_msg_ref.clone());
+        if let Some(reason) = ch.failed.clone() {
+            let subs = std::mem::take(&mut ch.subs);
+            self.channels.remove(topic);
+            self.drop_subs(subs).await;
+            return vec![self.frame(
+                join_ref,
+                msg_ref,
+                topic,
+                "phx_reply",
+                json!({"status": "error", "response": {"reason": reason}}),
+            )];
+        }
+        let replies: Vec<Value> = ch.bindings.iter().map(Binding::reply).collect();
+        let has_pg = !replies.is_empty();
+        let mut out = vec![self.frame(
+            join_ref.clone(),
+            msg_ref,
+            topic,
+            "phx_reply",
+            json!({"status": "ok", "response": {"postgres_changes": replies}}),
+        )];
+        if has_pg {
+            out.push(self.frame(
+                join_ref,
+                None,
+                topic,
+                "system",
+                json!({"channel": sub_topic(topic), "extension": "postgres_changes",
+                       "message": "Subscribed to PostgreSQL", "status": "ok"}),
+            ));
+        }
+        out
+    }
+
+    /// A subscription of a pending join is live (or failed).
+    async fn settled(&mut self, sub: &Arc<str>, failure: Option<String>, batch: &mut Vec<Message>) {
+        let Some((topic, _)) = self.subs.get(sub).cloned() else {
+            return;
+        };
+        let Some(ch) = self.channels.get_mut(&topic).filter(|c| !c.joined) else {
+            return;
+        };
+        if failure.is_some() && ch.failed.is_none() {
+            ch.failed = failure;
+        }
+        ch.waiting = ch.waiting.saturating_sub(1);
+        if ch.waiting == 0 {
+            let frames = self.finish_join(&topic).await;
+            batch.extend(frames);
+        }
+    }
+
+    /// Turns router output into frames.
+    async fn outbound(&mut self, out: Outbound, batch: &mut Vec<Message>) {
+        match out {
+            Outbound::Change {
+                subscription,
+                change,
+            } => {
+                let Some((topic, id)) = self.subs.get(&subscription).cloned() else {
+                    return;
+                };
+                let Some(ch) = self.channels.get(&topic).filter(|c| c.joined) else {
+                    return;
+                };
+                batch.push(self.frame(
+                    ch.join_ref.clone(),
+                    None,
+                    &topic,
+                    "postgres_changes",
+                    json!({"ids": [id], "data": change_data(&change)}),
+                ));
+            }
+            Outbound::Subscribed { subscription, .. } => {
+                self.settled(&subscription, None, batch).await;
+            }
+            Outbound::Error {
+                subscription: Some(subscription),
+                message,
+                ..
+            } => {
+                self.settled(&subscription, Some(message), batch).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn sub_topic(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
+async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: Vsn) {
+    let session = state.next_session.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Outbound>(state.config.ws_queue_capacity);
+    let overflowed = CancellationToken::new();
+    let revoked = CancellationToken::new();
+    let lagging = Arc::new(tokio::sync::Notify::new());
+    let principal = Arc::new(principal);
+    let handle = SessionHandle {
+        tx,
+        overflowed: overflowed.clone(),
+        revoked: revoked.clone(),
+        lagging: Arc::clone(&lagging),
+        principal: Arc::clone(&principal),
+    };
+    if state
+        .router
+        .send(Command::Attach { session, handle })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    metrics::gauge!("aether_ws_connections").increment(1.0);
+    let mut conn = Conn {
+        state: state.clone(),
+        session,
+        vsn,
+        principal,
+        channels: HashMap::new(),
+        subs: HashMap::new(),
+        next_join: 0,
+    };
+    let shutdown = state.shutdown.clone();
+    let mut pull_wanted = false;
+    let close: Option<(u16, &str)> = loop {
+        let expiry = conn.principal.expires_at;
+        let until_expiry = async move {
+            match expiry {
+                Some(exp) => {
+                    let left = exp - chrono::Utc::now().timestamp();
+                    tokio::time::sleep(Duration::from_secs(u64::try_from(left).unwrap_or(0))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let mut frames = Vec::new();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            _ = overflowed.cancelled() => break Some((CLOSE_SLOW, "slow consumer")),
+            _ = revoked.cancelled() => break Some((CLOSE_AUTH, "session signed out")),
+            _ = until_expiry => {
+                // Every channel is told, then closed; the socket stays up for
+                // a fresh token and join.
+                let topics: Vec<(String, Option<String>)> = conn.channels.iter().map(|(t, c)| (t.clone(), c.join_ref.clone())).collect();
+                for (topic, join_ref) in topics {
+                    frames.push(conn.frame(join_ref.clone(), None, &topic, "system", json!({
+                        "channel": sub_topic(&topic), "extension": "system",
+                        "message": "Token has expired", "status": "error"})));
+                    frames.push(conn.frame(join_ref.clone(), join_ref, &topic, "phx_close", json!({})));
+                    conn.leave(&topic).await;
+                }
+                let anon = Arc::new(Principal::anonymous());
+                let _ = state.router.send(Command::SetPrincipal { session, principal: Arc::clone(&anon) }).await;
+                conn.principal = anon;
+            }
+            _ = lagging.notified() => pull_wanted = true,
+            out = rx.recv() => {
+                let Some(out) = out else { break None };
+                conn.outbound(out, &mut frames).await;
+                while let Ok(more) = rx.try_recv() {
+                    conn.outbound(more, &mut frames).await;
+                    if frames.len() >= 256 {
+                        break;
+                    }
+                }
+            }
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    if text.len() > state.config.ws_max_frame_bytes {
+                        break Some((1009, "frame too large"));
+                    }
+                    match Vsn::parse(&text) {
+                        Some(m) => frames.extend(conn.handle(m).await),
+                        None => tracing::debug!(session, "unparsable phoenix frame ignored"),
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    tracing::debug!(session, "binary phoenix frame (broadcast) ignored");
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                Some(Ok(_)) => {}
+            },
+        }
+        let mut failed = false;
+        for f in frames {
+            if socket.send(f).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            break None;
+        }
+        if pull_wanted && rx.is_empty() {
+            pull_wanted = false;
+            if state.router.send(Command::Pull { session }).await.is_err() {
+                break None;
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            socket.send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }))),
+        )
+        .await;
+    }
+    let _ = state.router.send(Command::Detach { session }).await;
+    metrics::gauge!("aether_ws_connections").decrement(1.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_framings_round_trip() {
+        let m = PhxMessage {
+            join_ref: Some("1".into()),
+            msg_ref: Some("2".into()),
+            topic: "realtime:x".into(),
+            event: "phx_join".into(),
+            payload: json!({"a": 1}),
+        };
+        for v in [Vsn::V1, Vsn::V2] {
+            assert_eq!(Vsn::parse(&v.encode(&m)), Some(m.clone()));
+        }
+        let id = binding_id("INSERT", "public", "t", None);
+        assert_ne!(id, 0);
+        assert_eq!(id, binding_id("INSERT", "public", "t", None));
+        assert_ne!(id, binding_id("INSERT", "public", "t", Some("a=eq.1")));
+    }
+}
