@@ -22,7 +22,7 @@ fn aether_command(db: &TestDb, port: u16) -> Command {
         .env("WS_PORT", port.to_string())
         .env("REPLICATION_SLOT", &db.name)
         .env("JWT_SECRET", SECRET)
-        .env("DATA_DIR", std::env::temp_dir().join(&db.name));
+        .env("DATA_DIR", &db.data_dir);
     cmd
 }
 
@@ -203,7 +203,10 @@ async fn aether_migrate_applies_each_migration_once() {
 fn a_bad_setting_stops_start_up_with_a_message_naming_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_aether"))
         .env("WS_PORT", "eighty")
-        .env("DATA_DIR", std::env::temp_dir().join("aether-bad-setting"))
+        .env(
+            "DATA_DIR",
+            std::env::temp_dir().join("aether-test-bad-setting"),
+        )
         .output()
         .unwrap();
     assert!(!out.status.success());

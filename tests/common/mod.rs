@@ -22,12 +22,43 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 struct Cluster {
     pg: EmbeddedPostgres,
-    _dir: PathBuf,
+    dir: PathBuf,
+}
+
+/// Test clusters of earlier runs: their postmaster is gone with the process that
+/// started it, the directory is not. Removed when no postmaster lives there and
+/// it is old enough not to be another binary's cluster being created right now.
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().starts_with("aether-test-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(600));
+        let alive = std::fs::read_to_string(path.join("postgres/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+            .is_some_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            });
+        if old && !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
+        remove_stale_clusters();
         let dir =
             std::env::temp_dir().join(format!("aether-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -39,7 +70,7 @@ fn cluster() -> &'static Cluster {
             database: "postgres".into(),
         };
         let pg = EmbeddedPostgres::start(&dir, &opts).expect("embedded PostgreSQL");
-        Cluster { pg, _dir: dir }
+        Cluster { pg, dir }
     })
 }
 
@@ -47,6 +78,8 @@ fn cluster() -> &'static Cluster {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// Inside the cluster's directory, so it goes when the cluster does.
+    pub data_dir: PathBuf,
 }
 
 impl TestDb {
@@ -60,6 +93,7 @@ impl TestDb {
             .unwrap();
         TestDb {
             url: c.pg.connection_string_for(&name),
+            data_dir: c.dir.join(&name),
             name,
         }
     }
@@ -71,7 +105,7 @@ impl TestDb {
         c.jwt_secret = Some(SECRET.into());
         c.database_url = Some(self.url.clone());
         c.replication_slot = self.name.clone();
-        c.data_dir = std::env::temp_dir().join(&self.name);
+        c.data_dir = self.data_dir.clone();
         // Tests share one client address and few users: only the rate-limit test
         // lowers these.
         c.rate_limit_auth_per_min = 1_000_000;
