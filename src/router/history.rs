@@ -107,6 +107,11 @@ impl History {
         Ok(self.changes.range(start..).map(|(_, c)| c))
     }
 
+    /// Every change after this position is held.
+    pub fn floor(&self) -> Position {
+        self.floor
+    }
+
     pub fn len(&self) -> usize {
         self.changes.len()
     }

@@ -72,9 +72,13 @@ pub enum Outbound {
         change: Arc<RowChange>,
     },
     /// The subscription is live; `replay` holds the changes after its `since`.
+    /// `position` is the newest change routed before it was registered: every
+    /// change it is sent live comes after it, so it is where a client that has
+    /// received nothing yet resumes from.
     Subscribed {
         subscription: Arc<str>,
         replay: Vec<Arc<RowChange>>,
+        position: Position,
     },
     Unsubscribed {
         subscription: Arc<str>,
@@ -565,11 +569,13 @@ impl Router {
         if let Some(e) = self.sessions.get_mut(&session) {
             e.subs.insert(Arc::clone(&spec.id), uid);
         }
+        let position = self.high_water.unwrap_or_else(|| self.history.floor());
         self.send(
             session,
             Outbound::Subscribed {
                 subscription: spec.id,
                 replay,
+                position,
             },
         );
     }
