@@ -10,11 +10,11 @@ export class AetherError extends Error {
   /** HTTP status; `0` for network and WebSocket errors. */
   readonly status: number;
   /** `details` of a WebSocket error frame, when any. */
-  readonly details?: unknown;
+  declare readonly details?: unknown;
   /** The subscription an error frame concerns, when any. */
-  readonly subscription?: string;
+  declare readonly subscription?: string;
   /** Seconds to wait, from `Retry-After` (rate limits). */
-  readonly retryAfter?: number;
+  declare readonly retryAfter?: number;
 
   constructor(
     message: string,

@@ -352,9 +352,10 @@ export class RealtimeClient {
 
   private sendSubscribe(sub: Sub, forceLive = false): void {
     // A first subscribe goes live (or resumes at the caller's `since`). A resubscribe
-    // resumes after the last change handled; one that never saw a change resumes
-    // after the newest change seen on any subscription: every change for it up to
-    // there would have arrived before that one.
+    // resumes after the last change handled, or after the position the server gave
+    // when it confirmed the subscription. One that was never confirmed resumes after
+    // the newest change seen on the connection (it may replay a little from before
+    // it was made, never miss anything).
     let since: string | null = null;
     if (!forceLive) since = sub.sent ? sub.lastId ?? this.maxSeen : sub.lastId;
     if (since !== null && (sub.lastId === null || sub.lastId < since)) sub.lastId = since;
@@ -562,7 +563,7 @@ export class RealtimeClient {
         return;
       case 'subscription': {
         const sub = this.subs.get(String(data.id));
-        if (msg.action === 'subscribed' && sub) this.subscribed(sub);
+        if (msg.action === 'subscribed' && sub) this.subscribed(sub, typeof data.position === 'string' ? data.position : null);
         return;
       }
       case 'error':
@@ -590,11 +591,14 @@ export class RealtimeClient {
     for (const l of [...this.messageListeners]) l(msg);
   }
 
-  private subscribed(sub: Sub): void {
+  private subscribed(sub: Sub, position: string | null): void {
     sub.active = true;
     sub.everSubscribed = true;
-    // Live from here: nothing at or before the newest change already seen can be news.
-    if (sub.lastId === null) sub.lastId = this.maxSeen;
+    // Live from here. The server says after which change (`position`: the newest it
+    // had routed when the subscription was registered); every change sent live comes
+    // after it, and so does every change this connection has already seen. That is
+    // where a subscription that receives nothing before a drop resumes from.
+    if (sub.lastId === null) sub.lastId = maxId(position, this.maxSeen);
     call(() => sub.handlers.onSubscribed?.({ resumed: sub.resumed, reconnected: sub.reconnected }), (e) => this.emitError(e));
   }
 
@@ -749,6 +753,12 @@ export class RealtimeClient {
   private emitError(err: AetherError): void {
     for (const l of [...this.errorListeners]) call(() => l(err), () => {});
   }
+}
+
+function maxId(a: string | null, b: string | null): string | null {
+  if (a === null) return b;
+  if (b === null) return a;
+  return a > b ? a : b;
 }
 
 function safeClose(ws: WebSocketLike, code: number, reason: string): void {

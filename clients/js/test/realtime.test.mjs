@@ -168,6 +168,28 @@ test('a subscription that saw no change resumes after the newest change seen on 
   c.close();
 });
 
+test('the position of the subscribed reply is where a subscription that saw nothing resumes', async () => {
+  const c = client();
+  const infos = [];
+  c.realtime.subscribeToFiles('quiet', { onSubscribed: (i) => infos.push(i) });
+  await waitFor('a socket', () => FakeSocket.last);
+  let sock = FakeSocket.last;
+  sock.accept();
+  const id = sock.subscribes()[0].id;
+  sock.receive({ type: 'subscription', action: 'subscribed', data: { id, position: pos(9) } });
+  assert.deepEqual(c.realtime.positions, { [id]: pos(9) });
+  sock.drop(1006);
+  await waitFor('reconnect', () => FakeSocket.instances.length === 2);
+  sock = FakeSocket.last;
+  sock.accept();
+  assert.equal(sock.subscribes()[0].since, pos(9));
+  sock.receive({ type: 'subscription', action: 'subscribed', data: { id, position: pos(12) } });
+  assert.deepEqual(infos.at(-1), { resumed: true, reconnected: true });
+  // The replay after pos(9) is handled; the position of the resubscription does not hide it.
+  sock.receive(change(id, pos(10), 'INSERT', { name: 'missed' }));
+  assert.deepEqual(c.realtime.positions[id], pos(10));
+});
+
 test('a new subscription is live, not a replay, and starts after what the connection has seen', async () => {
   const c = client();
   c.realtime.subscribeToFiles('a', {});
