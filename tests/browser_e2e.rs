@@ -61,7 +61,10 @@ async fn two_browser_sessions_see_uploads_sql_renames_and_deletes_live() {
                     .env("VITE_AETHER_URL", &server_url)
                     .env("VITE_UPLOAD_BUCKET", "files")
                     .env("VITE_MAX_FILE_SIZE", "5242880")
-                    .env("VITE_ALLOWED_FILE_TYPES", "image/*,application/pdf,.doc,.docx")
+                    .env(
+                        "VITE_ALLOWED_FILE_TYPES",
+                        "image/*,application/pdf,.doc,.docx",
+                    )
                     .current_dir(&app),
                 "vite build (files-app)",
             );
@@ -85,11 +88,18 @@ async fn two_browser_sessions_see_uploads_sql_renames_and_deletes_live() {
         ],
     );
     let uploaded = node
-        .event_where("upload seen by both sessions", Duration::from_secs(90), |v| {
-            v["event"] == "uploaded" || v["event"] == "result"
-        })
+        .event_where(
+            "upload seen by both sessions",
+            Duration::from_secs(90),
+            |v| v["event"] == "uploaded" || v["event"] == "result",
+        )
         .await;
-    assert_eq!(uploaded["event"], "uploaded", "{uploaded:#}\n{}", node.log());
+    assert_eq!(
+        uploaded["event"],
+        "uploaded",
+        "{uploaded:#}\n{}",
+        node.log()
+    );
     let id = uploaded["file_id"].as_str().unwrap().to_owned();
 
     // The DBA's rename, as `psql` would send it.

@@ -33,7 +33,10 @@ fn js_unit_tests_pass() {
     tests.sort();
     assert!(tests.len() >= 2, "unit test files: {tests:?}");
     let out = js::run(
-        Command::new("node").arg("--test").args(&tests).current_dir(&dir),
+        Command::new("node")
+            .arg("--test")
+            .args(&tests)
+            .current_dir(&dir),
         "node --test (clients/js)",
     );
     let tap = String::from_utf8_lossy(&out.stdout);
@@ -67,7 +70,9 @@ async fn js_client_loses_nothing_and_duplicates_nothing_across_sigkill_and_resta
         return;
     }
     let started = Instant::now();
-    let dir = tokio::task::spawn_blocking(js::client_package).await.unwrap();
+    let dir = tokio::task::spawn_blocking(js::client_package)
+        .await
+        .unwrap();
     let db = TestDb::new().await;
     let port = js::free_port();
     // Tokens live 6 s, so the client has to renew in-band during the test.
@@ -123,8 +128,14 @@ async fn js_client_loses_nothing_and_duplicates_nothing_across_sigkill_and_resta
         states.iter().filter(|s| **s == "reconnecting").count() >= 2,
         "{states:?}"
     );
-    assert!(result["resumed_after_reconnect"].as_u64().unwrap() >= 2, "{result:#}");
-    assert!(result["in_band_refreshes"].as_u64().unwrap() >= 1, "{result:#}");
+    assert!(
+        result["resumed_after_reconnect"].as_u64().unwrap() >= 2,
+        "{result:#}"
+    );
+    assert!(
+        result["in_band_refreshes"].as_u64().unwrap() >= 1,
+        "{result:#}"
+    );
     // Renewal signs in again, and the auth subscription sees it.
     assert!(
         result["auth_events"]

@@ -739,7 +739,9 @@ async fn the_subscribed_reply_gives_the_position_to_resume_from_before_any_chang
     let t = TestServer::start().await;
     bucket(&t.sql, "pos", true).await;
     let insert = |name: &str| {
-        format!("INSERT INTO public.files (bucket_id, path, name) VALUES ('pos', '{name}', '{name}')")
+        format!(
+            "INSERT INTO public.files (bucket_id, path, name) VALUES ('pos', '{name}', '{name}')"
+        )
     };
     // Something routed before the subscription: its position is the start.
     t.exec(&insert("before")).await;

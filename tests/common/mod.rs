@@ -330,9 +330,13 @@ impl Ws {
             "subscribe reply: {reply}"
         );
         // Where the subscription starts: a position id (resume point before any change).
-        let position = reply["data"]["position"].as_str().expect("subscribed.position");
+        let position = reply["data"]["position"]
+            .as_str()
+            .expect("subscribed.position");
         assert!(
-            position.parse::<aether::replication::lsn::Position>().is_ok(),
+            position
+                .parse::<aether::replication::lsn::Position>()
+                .is_ok(),
             "{reply}"
         );
         reply

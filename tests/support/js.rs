@@ -245,11 +245,7 @@ impl NodeScript {
         .await;
         match found {
             Ok(Some(v)) => v,
-            Ok(None) => panic!(
-                "{}: exited before {what}\n{}",
-                self.what,
-                self.log()
-            ),
+            Ok(None) => panic!("{}: exited before {what}\n{}", self.what, self.log()),
             Err(_) => panic!(
                 "{}: no {what} within {timeout:?}\n{}",
                 self.what,
@@ -282,6 +278,11 @@ impl NodeScript {
             while self.events.recv().await.is_some() {}
         })
         .await;
-        assert!(status.success(), "{} failed ({status})\n{}", self.what, self.log());
+        assert!(
+            status.success(),
+            "{} failed ({status})\n{}",
+            self.what,
+            self.log()
+        );
     }
 }
