@@ -183,6 +183,7 @@ impl Server {
         let blobs = Blobs::open(&config.storage_backend, &config.data_dir)?;
         let confirmed = stream::ensure_slot(&setup, &config.replication_slot).await?;
         let timeout = stream::wal_sender_timeout(&setup).await?;
+        let floor = stream::persisted_floor(&setup, &config.replication_slot).await?;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
             Catalog::load(&setup, &config.publication).await?,
         ));
@@ -214,6 +215,7 @@ impl Server {
         let (changes_tx, changes_rx) = mpsc::channel(8192);
         let (commands_tx, commands_rx) = mpsc::channel(4096);
         let (progress_tx, progress_rx) = watch::channel(Progress {
+            floor,
             released: confirmed,
             handled_end: confirmed,
             all_released: true,
@@ -229,6 +231,7 @@ impl Server {
         );
         let router = Router::new(
             RouterConfig {
+                floor,
                 channel_configs: Some(Arc::clone(&channels)),
                 kingshare: Some(Arc::clone(&kingshare)),
                 kingshare_from,
@@ -248,6 +251,7 @@ impl Server {
         ));
         let replication = ReplicationTask {
             pg: pg.clone(),
+            pool: pool.clone(),
             slot: config.replication_slot.clone(),
             publication: config.publication.clone(),
             status_interval: stream::status_interval(timeout),

@@ -762,3 +762,38 @@ async fn a_dropped_replication_connection_reconnects_without_loss_or_duplicates(
     insert_files(&t, &["last"]).await;
     assert_eq!(ws.change().await["new"]["name"], "last");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscribed_reply_gives_the_position_to_resume_from_before_any_change() {
+    let t = TestServer::start().await;
+    bucket(&t.sql, "pos", true).await;
+    let insert = |name: &str| {
+        format!(
+            "INSERT INTO public.files (bucket_id, path, name) VALUES ('pos', '{name}', '{name}')"
+        )
+    };
+    // Something routed before the subscription: its position is the start.
+    t.exec(&insert("before")).await;
+    t.sync().await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    let reply = ws
+        .subscribe("s", json!({"table": "files", "filter": "bucket_id=eq.pos"}))
+        .await;
+    let start = reply["data"]["position"].as_str().unwrap().to_owned();
+    // The connection drops before the first change reaches it…
+    ws.close().await;
+    t.exec(&insert("missed")).await;
+    // …and resuming from `position` gets exactly what it missed, nothing older.
+    let mut again = t.ws(Some(&service_token())).await;
+    again
+        .subscribe(
+            "s",
+            json!({"table": "files", "filter": "bucket_id=eq.pos", "since": start}),
+        )
+        .await;
+    let c = again.change().await;
+    assert_eq!(c["new"]["name"], "missed");
+    assert!(c["id"].as_str().unwrap() > start.as_str());
+    t.exec(&insert("live")).await;
+    assert_eq!(again.change().await["new"]["name"], "live");
+}

@@ -316,8 +316,14 @@ pub fn encode(out: Outbound, frames: &mut Vec<String>) {
         Outbound::Subscribed {
             subscription,
             replay,
+            position,
         } => {
-            frames.push(subscription_frame("subscribed", &subscription));
+            frames.push(
+                json!({"type": "subscription", "action": "subscribed", "data": {
+                    "id": &*subscription, "position": position.to_string(),
+                }})
+                .to_string(),
+            );
             frames.extend(replay.iter().map(|c| change_frame(&subscription, c)));
         }
         Outbound::Unsubscribed { subscription } => {

@@ -43,6 +43,8 @@ pub struct ReplicationStatus {
 
 pub struct ReplicationTask {
     pub pg: tokio_postgres::Config,
+    /// For persisting the resume floor before acknowledging.
+    pub pool: deadpool_postgres::Pool,
     pub slot: String,
     pub publication: String,
     pub status_interval: Duration,
@@ -101,6 +103,7 @@ impl ReplicationTask {
         let mut keepalive_end = PgLsn::ZERO;
         let mut forwarded_end = PgLsn::ZERO;
         let mut flushed = PgLsn::ZERO;
+        let mut persisted_floor = None;
 
         loop {
             let event = tokio::select! {
@@ -156,7 +159,22 @@ impl ReplicationTask {
                 },
             }
             if reply_now {
-                flushed = self.flush_position(flushed, keepalive_end, forwarded_end, &assembler);
+                let next = self.flush_position(flushed, keepalive_end, forwarded_end, &assembler);
+                // The floor goes to disk before PostgreSQL may forget what is below it.
+                let floor = self.progress.borrow().floor;
+                if next > flushed && floor != persisted_floor {
+                    match self.persist_floor(floor).await {
+                        Ok(()) => {
+                            persisted_floor = floor;
+                            flushed = next;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not persist the resume floor; not acknowledging")
+                        }
+                    }
+                } else {
+                    flushed = next;
+                }
                 conn.send_status(received.max(flushed), flushed, false)
                     .await?;
                 self.status.send_modify(|s| {
@@ -165,6 +183,23 @@ impl ReplicationTask {
                 });
             }
         }
+    }
+
+    async fn persist_floor(
+        &self,
+        floor: Option<crate::replication::lsn::Position>,
+    ) -> Result<(), String> {
+        let Some(floor) = floor else { return Ok(()) };
+        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .execute(
+                "INSERT INTO aether.replication_state (slot, floor) VALUES ($1, $2)
+                 ON CONFLICT (slot) DO UPDATE SET floor = EXCLUDED.floor, updated_at = now()",
+                &[&self.slot, &floor.to_string()],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     fn flush_position(
@@ -258,10 +293,32 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
                 )
                 .await?;
             tracing::info!(slot, "replication slot created");
+            // A new slot starts a new history: an old floor would promise changes
+            // that nobody kept.
+            client
+                .execute(
+                    "DELETE FROM aether.replication_state WHERE slot = $1",
+                    &[&slot],
+                )
+                .await?;
             row.get(0)
         }
     };
     lsn_text.parse().map_err(|_| SlotError::Lsn(lsn_text))
+}
+
+/// The resume floor persisted for `slot` by an earlier run.
+pub async fn persisted_floor(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<crate::replication::lsn::Position>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT floor FROM aether.replication_state WHERE slot = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
 }
 
 /// Reads `wal_sender_timeout`.

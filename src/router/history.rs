@@ -40,13 +40,24 @@ pub struct History {
 impl History {
     /// `confirmed` is the slot's confirmed position when streaming starts: every
     /// transaction that committed before it is gone for good.
-    pub fn new(confirmed: PgLsn, max_events: usize, max_age: Duration) -> Self {
+    ///
+    /// `floor` is the floor persisted before the last acknowledgement, when known:
+    /// exact even when the slot was since confirmed forward on an idle stream.
+    pub fn new(
+        confirmed: PgLsn,
+        floor: Option<Position>,
+        max_events: usize,
+        max_age: Duration,
+    ) -> Self {
         History {
             changes: VecDeque::new(),
             txs: VecDeque::new(),
             // Changes of a transaction committed at `confirmed` itself would still be
-            // re-sent, so the floor is just below it.
-            floor: Position::new(PgLsn(confirmed.0.saturating_sub(1)), u32::MAX),
+            // re-sent, so without a persisted floor it is just below it.
+            floor: floor.unwrap_or(Position::new(
+                PgLsn(confirmed.0.saturating_sub(1)),
+                u32::MAX,
+            )),
             released: confirmed,
             max_events: max_events.max(1),
             max_age,
@@ -107,6 +118,11 @@ impl History {
         Ok(self.changes.range(start..).map(|(_, c)| c))
     }
 
+    /// Every change after this position is held.
+    pub fn floor(&self) -> Position {
+        self.floor
+    }
+
     pub fn len(&self) -> usize {
         self.changes.len()
     }
@@ -143,7 +159,7 @@ mod tests {
     #[test]
     fn release_trails_the_window_and_gaps_are_explicit() {
         let now = Instant::now();
-        let mut h = History::new(PgLsn(100), 2, Duration::from_secs(60));
+        let mut h = History::new(PgLsn(100), None, 2, Duration::from_secs(60));
         assert!(h.since(Position::new(PgLsn(99), 0)).is_err());
         assert_eq!(h.since(Position::new(PgLsn(100), 0)).unwrap().count(), 0);
         h.push(change(100, 0), now);

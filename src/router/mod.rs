@@ -72,9 +72,13 @@ pub enum Outbound {
         change: Arc<RowChange>,
     },
     /// The subscription is live; `replay` holds the changes after its `since`.
+    /// `position` is the newest change routed before it was registered: every
+    /// change it is sent live comes after it, so it is where a client that has
+    /// received nothing yet resumes from.
     Subscribed {
         subscription: Arc<str>,
         replay: Vec<Arc<RowChange>>,
+        position: Position,
     },
     Unsubscribed {
         subscription: Arc<str>,
@@ -147,6 +151,9 @@ pub struct Progress {
     pub handled_end: PgLsn,
     /// Every handled transaction is released (the window holds no change).
     pub all_released: bool,
+    /// Every change after this position is held (persisted before `released` is
+    /// acknowledged, so resumes stay exact across restarts).
+    pub floor: Option<Position>,
 }
 
 struct Subscription {
@@ -188,6 +195,8 @@ struct Lag {
 }
 
 pub struct RouterConfig {
+    /// The resume floor persisted by the previous run, if any.
+    pub floor: Option<Position>,
     pub channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
     /// KingShare connections, told of file and share events derived from changes.
     pub kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
@@ -231,7 +240,12 @@ impl Router {
         catalog: catalog::SharedCatalog,
         progress: watch::Sender<Progress>,
     ) -> Self {
-        let history = History::new(cfg.confirmed, cfg.retention_events, cfg.retention);
+        let history = History::new(
+            cfg.confirmed,
+            cfg.floor,
+            cfg.retention_events,
+            cfg.retention,
+        );
         Router {
             sessions: HashMap::new(),
             subs: HashMap::new(),
@@ -300,6 +314,7 @@ impl Router {
             released: self.history.released(),
             handled_end: self.handled_end,
             all_released: self.history.all_released() && self.open_tx_last.is_none(),
+            floor: Some(self.history.floor()),
         };
         self.progress.send_if_modified(|old| {
             if *old == p {
@@ -574,11 +589,13 @@ impl Router {
         if let Some(e) = self.sessions.get_mut(&session) {
             e.subs.insert(Arc::clone(&spec.id), uid);
         }
+        let position = self.high_water.unwrap_or_else(|| self.history.floor());
         self.send(
             session,
             Outbound::Subscribed {
                 subscription: spec.id,
                 replay,
+                position,
             },
         );
     }

@@ -457,9 +457,19 @@ impl Ws {
             .await;
         let reply = self.next().await;
         assert_eq!(
-            reply,
-            json!({"type": "subscription", "action": "subscribed", "data": {"id": id}}),
-            "subscribe reply"
+            (&reply["type"], &reply["action"], &reply["data"]["id"]),
+            (&json!("subscription"), &json!("subscribed"), &json!(id)),
+            "subscribe reply: {reply}"
+        );
+        // Where the subscription starts: a position id (resume point before any change).
+        let position = reply["data"]["position"]
+            .as_str()
+            .expect("subscribed.position");
+        assert!(
+            position
+                .parse::<aether::replication::lsn::Position>()
+                .is_ok(),
+            "{reply}"
         );
         reply
     }

@@ -1,0 +1,93 @@
+import { AetherError } from './errors.js';
+import { AuthApi, StorageApi, type FetchLike, type HttpContext } from './http.js';
+import { RealtimeClient, type RealtimeOptions } from './realtime.js';
+import { TokenManager, type GetToken } from './token.js';
+
+export { AetherError } from './errors.js';
+export { AuthApi, StorageApi } from './http.js';
+export type { UploadOptions, UploadProgress, FetchLike } from './http.js';
+export { RealtimeClient } from './realtime.js';
+export type {
+  ConnectionState,
+  RealtimeOptions,
+  ShortcutOptions,
+  StateChange,
+  SubscribeInfo,
+  SubscriptionHandlers,
+  SubscriptionSpec,
+  Unsubscribe,
+  WebSocketConstructor,
+  WebSocketLike,
+} from './realtime.js';
+export { TokenManager } from './token.js';
+export type { GetToken } from './token.js';
+export { backoffDelay } from './backoff.js';
+export type { BackoffOptions } from './backoff.js';
+export { decodeToken, tokenExpiresAt, renewalTime } from './jwt.js';
+export type { TokenClaims } from './jwt.js';
+export type * from './types.js';
+
+export interface ClientOptions {
+  /** Access token to start with (e.g. kept from an earlier sign-in). Sign-up and sign-in replace it. */
+  token?: string | null;
+  /**
+   * Renews the token before it expires (see README: Aether has no refresh route,
+   * so this typically signs in again). Without it, an expired token ends the
+   * realtime connection (state `closed`) until a new token is set.
+   */
+  getToken?: GetToken;
+  /** Renew this long before `exp` (ms; at most a quarter of the token's lifetime). Default 60 000. */
+  refreshMarginMs?: number;
+  /** `fetch` implementation; default `globalThis.fetch`. */
+  fetch?: FetchLike;
+  realtime?: RealtimeOptions;
+}
+
+export interface AetherClient {
+  readonly url: string;
+  readonly auth: AuthApi;
+  readonly storage: StorageApi;
+  readonly realtime: RealtimeClient;
+  /** The current access token. */
+  getToken(): string | null;
+  /** Replaces the access token (REST calls and the realtime connection follow). */
+  setToken(token: string | null): void;
+  /** Listens to token changes (sign-in, sign-out, renewals). */
+  onTokenChange(listener: (token: string | null) => void): () => void;
+  /** Closes the realtime connection and stops token renewal. */
+  close(): void;
+}
+
+/**
+ * `createClient('http://localhost:8080', { token })`: one client per server and
+ * user. `url` is the HTTP origin of Aether (the WebSocket URL is derived from it).
+ */
+export function createClient(url: string, options: ClientOptions = {}): AetherClient {
+  if (!/^https?:\/\//i.test(url)) {
+    throw new AetherError(`the client URL must be http(s)://…, got ${JSON.stringify(url)}`, 'invalid_url');
+  }
+  const baseUrl = url.replace(/\/+$/, '') + '/';
+  let realtime: RealtimeClient | null = null;
+  const tokens = new TokenManager(options.token ?? null, {
+    getToken: options.getToken,
+    refreshMarginMs: options.refreshMarginMs,
+    onError: (e) => realtime?.reportError(e),
+  });
+  const fetchImpl: FetchLike = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
+  const ctx: HttpContext = { baseUrl, tokens, fetch: fetchImpl };
+  realtime = new RealtimeClient(baseUrl, tokens, options.realtime);
+  const rt = realtime;
+  return {
+    url: baseUrl,
+    auth: new AuthApi(ctx),
+    storage: new StorageApi(ctx),
+    realtime: rt,
+    getToken: () => tokens.get(),
+    setToken: (token) => tokens.set(token),
+    onTokenChange: (listener) => tokens.onChange((t) => listener(t)),
+    close: () => {
+      tokens.stop();
+      rt.disconnect();
+    },
+  };
+}
