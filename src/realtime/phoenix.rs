@@ -24,8 +24,9 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -141,6 +142,123 @@ pub async fn websocket(
         .max(1 << 20);
     ws.max_message_size(max)
         .on_upgrade(move |socket| run(socket, state, principal, vsn))
+}
+
+fn rest_error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": message, "message": message})),
+    )
+        .into_response()
+}
+
+/// The `apikey` (header or query) and, when given, the bearer token of a REST
+/// broadcast: a bad bearer token is refused like a bad key.
+async fn rest_caller(state: &AppState, headers: &HeaderMap, query: &str) -> Result<(), Response> {
+    let key = headers
+        .get("apikey")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| crate::api::supabase::query_param(query, "apikey"));
+    check_api_key(state, key.as_deref())
+        .map_err(|e| rest_error(StatusCode::UNAUTHORIZED, e.message()))?;
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if let Some(token) = bearer
+        && Some(token) != key.as_deref().map(str::trim)
+        && let Err(e) = state.auth.authenticate(token).await
+    {
+        return Err(rest_error(StatusCode::UNAUTHORIZED, &e.to_string()));
+    }
+    Ok(())
+}
+
+async fn rest_relay(state: &AppState, sub_topic: &str, event: String, payload: BroadcastPayload) {
+    let _ = state
+        .phoenix
+        .send(PhxCommand::Broadcast {
+            from: None,
+            topic: format!("realtime:{sub_topic}"),
+            event,
+            payload,
+        })
+        .await;
+}
+
+/// `POST /realtime/v1/api/broadcast` `{"messages":[{topic, event, payload,
+/// private}]}` (what `channel.send` falls back to when not joined): 202.
+/// `topic` is the channel name without `realtime:`.
+pub async fn http_broadcast(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = rest_caller(&state, &headers, uri.query().unwrap_or("")).await {
+        return r;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return rest_error(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let Some(messages) = v.get("messages").and_then(Value::as_array) else {
+        return rest_error(StatusCode::BAD_REQUEST, "expected {\"messages\": [...]}");
+    };
+    let mut relays = Vec::with_capacity(messages.len());
+    for m in messages {
+        let (Some(topic), Some(event)) = (
+            m.get("topic").and_then(Value::as_str),
+            m.get("event").and_then(Value::as_str),
+        ) else {
+            return rest_error(
+                StatusCode::BAD_REQUEST,
+                "every message needs a topic and an event",
+            );
+        };
+        if m.get("private").and_then(Value::as_bool) == Some(true) {
+            return rest_error(StatusCode::FORBIDDEN, PRIVATE);
+        }
+        let payload = m.get("payload").cloned().unwrap_or(json!({}));
+        relays.push((topic.to_owned(), event.to_owned(), payload));
+    }
+    for (topic, event, payload) in relays {
+        rest_relay(&state, &topic, event, BroadcastPayload::Json(payload)).await;
+    }
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// `POST /realtime/v1/api/broadcast/{topic}/events/{event}` (`channel.httpSend`):
+/// the body is the payload, JSON or (`application/octet-stream`) bytes. 202.
+pub async fn http_send(
+    State(state): State<AppState>,
+    axum::extract::Path((topic, event)): axum::extract::Path<(String, String)>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query = uri.query().unwrap_or("");
+    if let Err(r) = rest_caller(&state, &headers, query).await {
+        return r;
+    }
+    if crate::api::supabase::query_param(query, "private").as_deref() == Some("true") {
+        return rest_error(StatusCode::FORBIDDEN, PRIVATE);
+    }
+    let binary = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let payload = if binary {
+        BroadcastPayload::Binary(body)
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => BroadcastPayload::Json(v),
+            Err(_) => return rest_error(StatusCode::BAD_REQUEST, "the body is not JSON"),
+        }
+    };
+    rest_relay(&state, &topic, event, payload).await;
+    StatusCode::ACCEPTED.into_response()
 }
 
 /// A `postgres_changes` binding as the client sent it (echoed in the reply).

@@ -3,14 +3,14 @@
 // realtime-js's binary frames for broadcast) and the two mixed.
 import { assert, client, main } from './lib.mjs'
 
-function waitUntil(cond, what, ms = 5000) {
+function waitUntil(cond, what, dump, ms = 5000) {
   return new Promise((resolve, reject) => {
     const started = Date.now()
     const tick = () => {
       let v
       try { v = cond() } catch (e) { v = false }
       if (v) return resolve(v)
-      if (Date.now() - started > ms) return reject(new Error(`timed out waiting for ${what}`))
+      if (Date.now() - started > ms) return reject(new Error(`timed out waiting for ${what}${dump ? `: ${JSON.stringify(dump())}` : ''}`))
       setTimeout(tick, 10)
     }
     tick()
@@ -82,7 +82,7 @@ async function round(vsnA, vsnB) {
 
   // Track again: the key keeps one meta, with the new state.
   assert.equal(await a.ch.track({ status: 'busy', name: 'Alice' }), 'ok')
-  await waitUntil(() => b.ch.presenceState().alice?.[0]?.status === 'busy', 'alice busy').catch((e) => { throw new Error(`${e.message}: ${JSON.stringify(b.ch.presenceState())} ${JSON.stringify(b.heard)}`) })
+  await waitUntil(() => b.ch.presenceState().alice?.[0]?.status === 'busy', 'alice busy')
   assert.equal(b.ch.presenceState().alice.length, 1)
 
   // Untrack → leave.
@@ -121,5 +121,29 @@ await main('broadcast', async () => {
   await waitUntil(() => b.heard.msgs.length === 1, 'binary broadcast')
   assert.deepEqual([...new Uint8Array(b.heard.msgs[0].payload)], [...bytes])
   a.sb.realtime.disconnect()
+
+  // REST: httpSend, and send() on a channel not joined (its fallback to
+  // POST /realtime/v1/api/broadcast), reach the subscribed client.
+  const rest = client()
+  const rch = rest.channel(topic)
+  assert.deepEqual(await rch.httpSend('msg', { via: 'httpSend' }), { success: true })
+  assert.deepEqual(await rch.httpSend('msg', new Uint8Array([7, 8]).buffer), { success: true })
+  const warn = console.warn
+  console.warn = () => {}
+  try {
+    assert.equal(await rch.send({ type: 'broadcast', event: 'msg', payload: { via: 'fallback' } }), 'ok')
+  } finally {
+    console.warn = warn
+  }
+  await waitUntil(() => b.heard.msgs.length === 4, 'REST broadcasts')
+  assert.deepEqual(b.heard.msgs[1].payload, { via: 'httpSend' })
+  assert.deepEqual([...new Uint8Array(b.heard.msgs[2].payload)], [7, 8])
+  assert.deepEqual(b.heard.msgs[3].payload, { via: 'fallback' })
+  const bad = await fetch(`${process.env.SUPABASE_URL}/realtime/v1/api/broadcast`, {
+    method: 'POST', headers: { 'content-type': 'application/json', apikey: 'nope' },
+    body: JSON.stringify({ messages: [{ topic, event: 'msg', payload: {} }] }),
+  })
+  assert.equal(bad.status, 401)
+  await assert.rejects(client(undefined).channel(topic, { config: { private: true } }).httpSend('msg', {}), /private/)
   b.sb.realtime.disconnect()
 })
