@@ -13,6 +13,11 @@
 //! of the bindings they match and `data{schema,table,commit_timestamp,type,
 //! columns,record,old_record,errors}`.
 //!
+//! `broadcast` (JSON, or realtime-js's binary push under vsn 2.0.0) and
+//! `presence` (`track`/`untrack`) go to [`super::phoenix_hub`], which relays to
+//! the topic's members; `POST /realtime/v1/api/broadcast[/{topic}/events/{event}]`
+//! broadcast without a socket.
+//!
 //! One principal per connection: the `access_token` of the latest join or
 //! `access_token` message (supabase-js sends the same token on every channel).
 //! When it expires, every channel gets a `system` error and `phx_close`.

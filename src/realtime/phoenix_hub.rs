@@ -494,6 +494,49 @@ mod tests {
         rx
     }
 
+    #[test]
+    fn a_full_queue_closes_only_that_member() {
+        let mut hub = PhxHub::default();
+        let (tx, _slow_rx) = mpsc::channel(1);
+        let slow = CancellationToken::new();
+        hub.command(PhxCommand::Attach {
+            session: 1,
+            member: PhxMember {
+                tx,
+                overflowed: slow.clone(),
+                vsn: Vsn::V2,
+            },
+        });
+        let mut fast = member(&mut hub, 2, Vsn::V2);
+        for s in [1, 2] {
+            let options = JoinOptions {
+                join_ref: None,
+                self_broadcast: false,
+                presence: false,
+                presence_key: s.to_string(),
+            };
+            hub.command(PhxCommand::Join {
+                session: s,
+                topic: "t".into(),
+                options,
+            });
+        }
+        for n in 0..3 {
+            hub.command(PhxCommand::Broadcast {
+                from: None,
+                topic: "t".into(),
+                event: "e".into(),
+                payload: BroadcastPayload::Json(json!(n)),
+            });
+        }
+        assert!(slow.is_cancelled());
+        let mut got = 0;
+        while let Ok(Message::Binary(_)) = fast.try_recv() {
+            got += 1;
+        }
+        assert_eq!(got, 3);
+    }
+
     fn texts(rx: &mut mpsc::Receiver<Message>) -> Vec<Value> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
