@@ -37,6 +37,8 @@ pub struct Inner {
     pub catalog: SharedCatalog,
     pub router: mpsc::Sender<Command>,
     pub hub: mpsc::Sender<HubCommand>,
+    /// Broadcast and presence of `/realtime/v1` (Supabase Realtime).
+    pub phoenix: mpsc::Sender<crate::realtime::phoenix_hub::PhxCommand>,
     pub registry: Registry,
     pub stats: Stats,
     pub channels: ChannelConfigs,
@@ -245,6 +247,11 @@ impl Server {
             progress_tx,
         );
         let mut tasks = vec![spawn_named("hub", hub.run(hub_rx, shutdown.clone()))];
+        let (phoenix_tx, phoenix_rx) = mpsc::channel(4096);
+        tasks.push(spawn_named(
+            "phoenix-hub",
+            crate::realtime::phoenix_hub::PhxHub::default().run(phoenix_rx, shutdown.clone()),
+        ));
         tasks.push(spawn_named(
             "router",
             router.run(changes_rx, commands_rx, shutdown.clone()),
@@ -288,6 +295,7 @@ impl Server {
             catalog,
             router: commands_tx,
             hub: hub_tx,
+            phoenix: phoenix_tx,
             registry: Registry::default(),
             stats: Stats::default(),
             channels,

@@ -119,3 +119,9 @@ async fn supabase_js_realtime() {
     let server = start().await;
     run(&server, "realtime.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_broadcast_presence() {
+    let server = start().await;
+    run(&server, "broadcast.mjs", &[]).await;
+}

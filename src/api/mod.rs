@@ -72,6 +72,14 @@ pub fn app(state: AppState) -> Router {
             "/realtime/v1/websocket",
             get(crate::realtime::phoenix::websocket),
         )
+        .route(
+            "/realtime/v1/api/broadcast",
+            post(crate::realtime::phoenix::http_broadcast),
+        )
+        .route(
+            "/realtime/v1/api/broadcast/{topic}/events/{event}",
+            post(crate::realtime::phoenix::http_send),
+        )
         .route("/ws/status", get(ops::ws_status))
         .route("/ws/channels", axum::routing::post(ops::create_channel))
         .route("/metrics/connections", get(ops::metrics_connections))

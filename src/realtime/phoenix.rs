@@ -13,6 +13,11 @@
 //! of the bindings they match and `data{schema,table,commit_timestamp,type,
 //! columns,record,old_record,errors}`.
 //!
+//! `broadcast` (JSON, or realtime-js's binary push under vsn 2.0.0) and
+//! `presence` (`track`/`untrack`) go to [`super::phoenix_hub`], which relays to
+//! the topic's members; `POST /realtime/v1/api/broadcast[/{topic}/events/{event}]`
+//! broadcast without a socket.
+//!
 //! One principal per connection: the `access_token` of the latest join or
 //! `access_token` message (supabase-js sends the same token on every channel).
 //! When it expires, every channel gets a `system` error and `phx_close`.
@@ -24,13 +29,17 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::phoenix_hub::{
+    BroadcastPayload, JoinOptions, PhxCommand, PhxMember, decode_user_broadcast_push,
+};
 use super::protocol::SubscribeRequest;
 use super::session::{CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_SLOW};
 use crate::api::supabase::check_api_key;
@@ -140,6 +149,123 @@ pub async fn websocket(
         .on_upgrade(move |socket| run(socket, state, principal, vsn))
 }
 
+fn rest_error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": message, "message": message})),
+    )
+        .into_response()
+}
+
+/// The `apikey` (header or query) and, when given, the bearer token of a REST
+/// broadcast: a bad bearer token is refused like a bad key.
+async fn rest_caller(state: &AppState, headers: &HeaderMap, query: &str) -> Result<(), Response> {
+    let key = headers
+        .get("apikey")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| crate::api::supabase::query_param(query, "apikey"));
+    check_api_key(state, key.as_deref())
+        .map_err(|e| rest_error(StatusCode::UNAUTHORIZED, e.message()))?;
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if let Some(token) = bearer
+        && Some(token) != key.as_deref().map(str::trim)
+        && let Err(e) = state.auth.authenticate(token).await
+    {
+        return Err(rest_error(StatusCode::UNAUTHORIZED, &e.to_string()));
+    }
+    Ok(())
+}
+
+async fn rest_relay(state: &AppState, sub_topic: &str, event: String, payload: BroadcastPayload) {
+    let _ = state
+        .phoenix
+        .send(PhxCommand::Broadcast {
+            from: None,
+            topic: format!("realtime:{sub_topic}"),
+            event,
+            payload,
+        })
+        .await;
+}
+
+/// `POST /realtime/v1/api/broadcast` `{"messages":[{topic, event, payload,
+/// private}]}` (what `channel.send` falls back to when not joined): 202.
+/// `topic` is the channel name without `realtime:`.
+pub async fn http_broadcast(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = rest_caller(&state, &headers, uri.query().unwrap_or("")).await {
+        return r;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return rest_error(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let Some(messages) = v.get("messages").and_then(Value::as_array) else {
+        return rest_error(StatusCode::BAD_REQUEST, "expected {\"messages\": [...]}");
+    };
+    let mut relays = Vec::with_capacity(messages.len());
+    for m in messages {
+        let (Some(topic), Some(event)) = (
+            m.get("topic").and_then(Value::as_str),
+            m.get("event").and_then(Value::as_str),
+        ) else {
+            return rest_error(
+                StatusCode::BAD_REQUEST,
+                "every message needs a topic and an event",
+            );
+        };
+        if m.get("private").and_then(Value::as_bool) == Some(true) {
+            return rest_error(StatusCode::FORBIDDEN, PRIVATE);
+        }
+        let payload = m.get("payload").cloned().unwrap_or(json!({}));
+        relays.push((topic.to_owned(), event.to_owned(), payload));
+    }
+    for (topic, event, payload) in relays {
+        rest_relay(&state, &topic, event, BroadcastPayload::Json(payload)).await;
+    }
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// `POST /realtime/v1/api/broadcast/{topic}/events/{event}` (`channel.httpSend`):
+/// the body is the payload, JSON or (`application/octet-stream`) bytes. 202.
+pub async fn http_send(
+    State(state): State<AppState>,
+    axum::extract::Path((topic, event)): axum::extract::Path<(String, String)>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query = uri.query().unwrap_or("");
+    if let Err(r) = rest_caller(&state, &headers, query).await {
+        return r;
+    }
+    if crate::api::supabase::query_param(query, "private").as_deref() == Some("true") {
+        return rest_error(StatusCode::FORBIDDEN, PRIVATE);
+    }
+    let binary = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let payload = if binary {
+        BroadcastPayload::Binary(body)
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => BroadcastPayload::Json(v),
+            Err(_) => return rest_error(StatusCode::BAD_REQUEST, "the body is not JSON"),
+        }
+    };
+    rest_relay(&state, &topic, event, payload).await;
+    StatusCode::ACCEPTED.into_response()
+}
+
 /// A `postgres_changes` binding as the client sent it (echoed in the reply).
 #[derive(Debug, Clone)]
 struct Binding {
@@ -183,6 +309,13 @@ struct Channel {
     failed: Option<String>,
     bindings: Vec<Binding>,
     joined: bool,
+    /// `config.broadcast.ack`: a broadcast gets a `phx_reply`.
+    ack: bool,
+    /// `config.private`: broadcast and presence are refused (Aether has no
+    /// `realtime.messages` policies to authorize them).
+    private: bool,
+    /// Broadcast and presence membership, taken once the join is answered.
+    hub: Option<JoinOptions>,
 }
 
 struct Conn {
@@ -341,8 +474,80 @@ impl Conn {
 
     async fn leave(&mut self, topic: &str) {
         if let Some(ch) = self.channels.remove(topic) {
+            if ch.joined {
+                let _ = self
+                    .state
+                    .phoenix
+                    .send(PhxCommand::Leave {
+                        session: self.session,
+                        topic: topic.to_owned(),
+                    })
+                    .await;
+            }
             self.drop_subs(ch.subs).await;
         }
+    }
+
+    /// A user broadcast from this connection (JSON or binary frame).
+    async fn broadcast(
+        &mut self,
+        m: &PhxMessage,
+        event: Option<String>,
+        payload: BroadcastPayload,
+    ) -> Vec<Message> {
+        let Some(ch) = self.channels.get(&m.topic).filter(|c| c.joined) else {
+            return vec![self.reply(m, "error", json!({"reason": "unmatched topic"}))];
+        };
+        if ch.private {
+            return vec![self.reply(m, "error", json!({"reason": PRIVATE}))];
+        }
+        let Some(event) = event else {
+            return vec![self.reply(m, "error", json!({"reason": "a broadcast needs an event"}))];
+        };
+        let ack = ch.ack;
+        let _ = self
+            .state
+            .phoenix
+            .send(PhxCommand::Broadcast {
+                from: Some(self.session),
+                topic: m.topic.clone(),
+                event,
+                payload,
+            })
+            .await;
+        if ack {
+            vec![self.reply(m, "ok", json!({}))]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `presence` `{type, event: track|untrack, payload}`.
+    async fn presence(&mut self, m: &PhxMessage) -> Vec<Message> {
+        let Some(ch) = self.channels.get(&m.topic).filter(|c| c.joined) else {
+            return vec![self.reply(m, "error", json!({"reason": "unmatched topic"}))];
+        };
+        if ch.private {
+            return vec![self.reply(m, "error", json!({"reason": PRIVATE}))];
+        }
+        let (session, topic) = (self.session, m.topic.clone());
+        let cmd = match m.payload.get("event").and_then(Value::as_str) {
+            Some("track") => PhxCommand::Track {
+                session,
+                topic,
+                meta: m.payload.get("payload").cloned().unwrap_or(Value::Null),
+            },
+            Some("untrack") => PhxCommand::Untrack { session, topic },
+            other => {
+                return vec![self.reply(
+                    m,
+                    "error",
+                    json!({"reason": format!("unknown presence event {other:?} (track, untrack)")}),
+                )];
+            }
+        };
+        let _ = self.state.phoenix.send(cmd).await;
+        vec![self.reply(m, "ok", json!({}))]
     }
 
     /// Handles one client message; returns frames to send now.
@@ -392,11 +597,17 @@ impl Conn {
                     }
                 }
             }
-            "broadcast" | "presence" => vec![self.reply(
-                &m,
-                "error",
-                json!({"reason": "broadcast and presence are not supported by Aether yet"}),
-            )],
+            "broadcast" => {
+                let event = m
+                    .payload
+                    .get("event")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let payload = m.payload.get("payload").cloned().unwrap_or(json!({}));
+                self.broadcast(&m, event, BroadcastPayload::Json(payload))
+                    .await
+            }
+            "presence" => self.presence(&m).await,
             _ => vec![self.reply(
                 &m,
                 "error",
@@ -459,6 +670,17 @@ impl Conn {
                 filter,
             });
         }
+        let config = m.payload.get("config");
+        let flag = |path: &str| {
+            config
+                .and_then(|c| c.pointer(path))
+                .and_then(Value::as_bool)
+        };
+        let presence_key = config
+            .and_then(|c| c.pointer("/presence/key"))
+            .and_then(Value::as_str)
+            .filter(|k| !k.is_empty())
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
         let mut ch = Channel {
             join_ref: m.join_ref.clone(),
             subs: Vec::new(),
@@ -467,6 +689,14 @@ impl Conn {
             failed: None,
             bindings,
             joined: false,
+            ack: flag("/broadcast/ack").unwrap_or(false),
+            private: flag("/private").unwrap_or(false),
+            hub: Some(JoinOptions {
+                join_ref: m.join_ref.clone(),
+                self_broadcast: flag("/broadcast/self").unwrap_or(false),
+                presence: flag("/presence/enabled").unwrap_or(true),
+                presence_key,
+            }),
         };
         for (spec, b) in resolved.into_iter().zip(&ch.bindings) {
             self.subs
@@ -511,6 +741,7 @@ impl Conn {
         }
         let replies: Vec<Value> = ch.bindings.iter().map(Binding::reply).collect();
         let has_pg = !replies.is_empty();
+        let hub = ch.hub.take().filter(|_| !ch.private);
         let mut out = vec![self.frame(
             join_ref.clone(),
             msg_ref,
@@ -527,6 +758,19 @@ impl Conn {
                 json!({"channel": sub_topic(topic), "extension": "postgres_changes",
                        "message": "Subscribed to PostgreSQL", "status": "ok"}),
             ));
+        }
+        // After the reply is queued for the socket: the hub's presence_state
+        // goes through the connection's queue, read only once these are sent.
+        if let Some(options) = hub {
+            let _ = self
+                .state
+                .phoenix
+                .send(PhxCommand::Join {
+                    session: self.session,
+                    topic: topic.to_owned(),
+                    options,
+                })
+                .await;
         }
         out
     }
@@ -585,6 +829,9 @@ impl Conn {
     }
 }
 
+const PRIVATE: &str =
+    "Aether does not support broadcast or presence on private channels (config.private)";
+
 fn sub_topic(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
 }
@@ -609,6 +856,21 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
         .await
         .is_err()
     {
+        return;
+    }
+    let (phx_tx, mut phx_rx) = mpsc::channel::<Message>(state.config.ws_queue_capacity);
+    let member = PhxMember {
+        tx: phx_tx,
+        overflowed: overflowed.clone(),
+        vsn,
+    };
+    if state
+        .phoenix
+        .send(PhxCommand::Attach { session, member })
+        .await
+        .is_err()
+    {
+        let _ = state.router.send(Command::Detach { session }).await;
         return;
     }
     metrics::gauge!("aether_ws_connections").increment(1.0);
@@ -656,6 +918,15 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
                 conn.principal = anon;
             }
             _ = lagging.notified() => pull_wanted = true,
+            Some(f) = phx_rx.recv() => {
+                frames.push(f);
+                while let Ok(more) = phx_rx.try_recv() {
+                    frames.push(more);
+                    if frames.len() >= 256 {
+                        break;
+                    }
+                }
+            }
             out = rx.recv() => {
                 let Some(out) = out else { break None };
                 conn.outbound(out, &mut frames).await;
@@ -676,8 +947,23 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
                         None => tracing::debug!(session, "unparsable phoenix frame ignored"),
                     }
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    tracing::debug!(session, "binary phoenix frame (broadcast) ignored");
+                Some(Ok(Message::Binary(bytes))) => {
+                    if bytes.len() > state.config.ws_max_frame_bytes {
+                        break Some((1009, "frame too large"));
+                    }
+                    match decode_user_broadcast_push(&bytes) {
+                        Some(p) => {
+                            let m = PhxMessage {
+                                join_ref: p.join_ref,
+                                msg_ref: p.msg_ref,
+                                topic: p.topic,
+                                event: "broadcast".into(),
+                                payload: Value::Null,
+                            };
+                            frames.extend(conn.broadcast(&m, Some(p.event), p.payload).await);
+                        }
+                        None => tracing::debug!(session, "unknown binary phoenix frame ignored"),
+                    }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
                 Some(Ok(_)) => {}
@@ -710,6 +996,7 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
         )
         .await;
     }
+    let _ = state.phoenix.send(PhxCommand::Detach { session }).await;
     let _ = state.router.send(Command::Detach { session }).await;
     metrics::gauge!("aether_ws_connections").decrement(1.0);
 }
