@@ -525,10 +525,10 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         "INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
          SELECT 'bench', '{folder}', 'b' || i, 'file-' || i || '.txt', i, 'text/plain', '{owner}',
                 '{{\"source\":\"bench\"}}'::jsonb
-           FROM generate_series(1, {rows}) i;
-         VACUUM ANALYZE public.files"
+           FROM generate_series(1, {rows}) i"
     ))
     .await?;
+    sql.batch_execute("VACUUM ANALYZE public.files").await?;
     let aether = started_aether(env, &[queue]).await?;
     let mut load = LoadProc::spawn(&json!({
         "mode": "big-tx",
