@@ -64,6 +64,9 @@ async fn health(State(state): State<AppState>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// Initial read buffer of a WebSocket connection.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 #[derive(Deserialize)]
 struct WsQuery {
     token: Option<String>,
@@ -75,7 +78,13 @@ async fn websocket(
     ws: WebSocketUpgrade,
 ) -> Response {
     let max = state.config.ws_max_frame_bytes;
-    let ws = ws.max_message_size(max).max_frame_size(max);
+    // Client frames are small (subscribe, unsubscribe); tungstenite's default 128 KiB
+    // read buffer is allocated and touched per connection, which made it most of a
+    // connection's memory. The buffer still grows for a larger frame (up to `max`).
+    let ws = ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES);
     let principal = match q.token.as_deref().filter(|t| !t.is_empty()) {
         None => Ok(Principal::anonymous()),
         Some(token) => state.jwt.verify(token),
