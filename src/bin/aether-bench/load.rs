@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -197,12 +197,12 @@ impl Tracker {
 
 #[derive(Default)]
 struct Shared {
+    /// Positions of every change frame, when asked for (catch-up diagnostics).
+    positions: Option<Mutex<Vec<(u64, u32)>>>,
     tracker: RwLock<Option<Arc<Tracker>>>,
     changes: AtomicU64,
     first_us: AtomicI64,
     last_us: AtomicI64,
-    expected: AtomicU64,
-    done: Notify,
     subscribed: AtomicU64,
     errors: AtomicU64,
     closed: AtomicU64,
@@ -218,6 +218,54 @@ fn field_i64(text: &str, key: &str) -> Option<i64> {
     text[start..start + digits].parse().ok()
 }
 
+/// The change id `"id":"<16 hex commit LSN>-<8 hex ordinal>"` of a frame.
+fn position(text: &str) -> Option<(u64, u32)> {
+    let start = text.find("\"id\":\"")? + 6;
+    let id = text.get(start..start + 25)?;
+    let (lsn, ord) = id.split_once('-')?;
+    Some((
+        u64::from_str_radix(lsn, 16).ok()?,
+        u32::from_str_radix(ord, 16).ok()?,
+    ))
+}
+
+/// What is wrong with a received stream: duplicates, out-of-order frames, and
+/// transactions whose ordinals have holes.
+fn diagnose(mut v: Vec<(u64, u32)>) -> Value {
+    let out_of_order = v.windows(2).filter(|w| w[1] <= w[0]).count();
+    v.sort_unstable();
+    let before = v.len();
+    v.dedup();
+    let duplicates = before - v.len();
+    let mut txs = 0;
+    let mut holed = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let lsn = v[i].0;
+        let mut j = i;
+        while j < v.len() && v[j].0 == lsn {
+            j += 1;
+        }
+        txs += 1;
+        let (first, last, n) = (v[i].1, v[j - 1].1, j - i);
+        if first != 0 || last as usize + 1 != n {
+            holed.push(
+                json!({"commit_lsn": format!("{lsn:X}"), "first": first, "last": last, "count": n}),
+            );
+        }
+        i = j;
+    }
+    holed.truncate(20);
+    json!({
+        "out_of_order": out_of_order,
+        "duplicates": duplicates,
+        "transactions": txs,
+        "first": v.first().map(|p| format!("{:X}-{}", p.0, p.1)),
+        "last": v.last().map(|p| format!("{:X}-{}", p.0, p.1)),
+        "holed_transactions": holed,
+    })
+}
+
 impl Shared {
     fn on_text(&self, text: &str) {
         if text.starts_with("{\"type\":\"change\"") {
@@ -227,8 +275,11 @@ impl Shared {
                 self.first_us.store(recv, Ordering::Relaxed);
             }
             self.last_us.fetch_max(recv, Ordering::Relaxed);
-            if n == self.expected.load(Ordering::Relaxed) {
-                self.done.notify_one();
+            if let Some(p) = &self.positions
+                && let Some(pos) = position(text)
+                && let Ok(mut v) = p.lock()
+            {
+                v.push(pos);
             }
             if let Some(t) = self.tracker.read().ok().and_then(|t| t.clone())
                 && let Some(seq) = field_i64(text, "\"path\":\"s")
@@ -289,8 +340,6 @@ async fn open(
             }
         }
         shared.closed.fetch_add(1, Ordering::Relaxed);
-        // A waiter for "every event" would otherwise wait for its timeout.
-        shared.done.notify_one();
     });
     Ok(sink)
 }
@@ -493,17 +542,25 @@ async fn catch_up(
     expected: u64,
     timeout_s: u64,
 ) -> anyhow::Result<Value> {
-    let shared = Arc::new(Shared::default());
-    shared.expected.store(expected, Ordering::Relaxed);
+    let shared = Arc::new(Shared {
+        positions: Some(Mutex::new(Vec::with_capacity(expected as usize))),
+        ..Shared::default()
+    });
     let mut sink = open(server, token, None, &shared).await?;
     sink.send(subscribe_frame("all", None)).await?;
     wait_subscribed(&shared, 1, Duration::from_secs(30)).await?;
     say("READY");
-    let _ = tokio::time::timeout(Duration::from_secs(timeout_s), shared.done.notified()).await;
+    wait_all(&shared, expected, timeout_s).await;
     let finished = shared.changes.load(Ordering::Relaxed) >= expected;
     let last = shared.last_us.load(Ordering::Relaxed);
     say(&format!("DONE {last}"));
+    let positions = shared
+        .positions
+        .as_ref()
+        .and_then(|p| p.lock().ok().map(|mut v| std::mem::take(&mut *v)))
+        .unwrap_or_default();
     Ok(json!({
+        "stream": diagnose(positions),
         "complete": finished,
         "received": shared.changes.load(Ordering::Relaxed),
         "expected": expected,
@@ -512,6 +569,33 @@ async fn catch_up(
         "closed": shared.closed.load(Ordering::Relaxed),
         "error": shared.error_text(),
     }))
+}
+
+/// Waits for `expected` change frames, the connection's end, `timeout_s`, or 30 s
+/// without a new frame; logs progress every 5 s.
+async fn wait_all(shared: &Shared, expected: u64, timeout_s: u64) {
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let mut last_count = 0;
+    let mut last_change = Instant::now();
+    let mut last_log = Instant::now();
+    loop {
+        let n = shared.changes.load(Ordering::Relaxed);
+        if n >= expected || shared.closed.load(Ordering::Relaxed) > 0 || Instant::now() > deadline {
+            return;
+        }
+        if n != last_count {
+            last_count = n;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_secs(30) {
+            log(format!("stalled at {n} of {expected} change frames"));
+            return;
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            last_log = Instant::now();
+            log(format!("{n} of {expected} change frames"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 async fn big_tx(
@@ -524,7 +608,6 @@ async fn big_tx(
     timeout_s: u64,
 ) -> anyhow::Result<Value> {
     let shared = Arc::new(Shared::default());
-    shared.expected.store(expected, Ordering::Relaxed);
     let mut sink = open(server, token, None, &shared).await?;
     sink.send(subscribe_frame("all", None)).await?;
     wait_subscribed(&shared, 1, Duration::from_secs(30)).await?;
@@ -540,7 +623,7 @@ async fn big_tx(
         "committed after {:.1} s; waiting for {expected} events",
         (committed - start) as f64 / 1e6
     ));
-    let _ = tokio::time::timeout(Duration::from_secs(timeout_s), shared.done.notified()).await;
+    wait_all(&shared, expected, timeout_s).await;
     let finished = shared.changes.load(Ordering::Relaxed) >= expected;
     let peak = sampler.stop();
     let cpu1 = cpu_seconds(pid).unwrap_or(0.0);
