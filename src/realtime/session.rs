@@ -22,6 +22,9 @@ pub const CLOSE_AUTH: u16 = 4001;
 pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// Frames written before one flush when the queue holds a burst.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
+
 /// Refuses a connection whose token failed: an error frame, then close.
 pub async fn reject(mut socket: WebSocket, code: &str, message: String) {
     let frame = protocol::error_frame("auth", code, &message, None);
@@ -93,6 +96,14 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal) {
                 out = rx.recv() => {
                     let Some(out) = out else { break None };
                     protocol::encode(out, &mut frames);
+                    // What is already queued goes out in the same write: one flush
+                    // (one syscall) per burst instead of one per frame.
+                    while frames.len() < MAX_FRAMES_PER_FLUSH {
+                        match rx.try_recv() {
+                            Ok(more) => protocol::encode(more, &mut frames),
+                            Err(_) => break,
+                        }
+                    }
                     let mut failed = false;
                     for f in frames.drain(..) {
                         if sink.feed(Message::Text(f.into())).await.is_err() {
