@@ -76,6 +76,7 @@ fn latency(area: &Area, doc: &Value) -> anyhow::Result<()> {
         .x_labels(rows.len().max(1))
         .x_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
         .x_desc("subscribers @ commits/s")
+        .y_label_formatter(&|v| format!("{v}"))
         .y_desc("ms")
         .draw()?;
     for (k, (key, name)) in PCTS.iter().enumerate() {
@@ -128,6 +129,8 @@ fn fan_out(area: &Area, doc: &Value) -> anyhow::Result<()> {
         .build_cartesian_2d((0.8f64..maxx * 1.3).log_scale(), 0f64..maxy * 1.2)?;
     chart
         .configure_mesh()
+        .x_labels(8)
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .x_desc("changes per second (log)")
         .y_desc("ms")
         .draw()?;
@@ -180,6 +183,8 @@ fn routing(area: &Area, doc: &Value) -> anyhow::Result<()> {
         .build_cartesian_2d((5f64..maxx * 2.0).log_scale(), 0f64..maxy * 1.3)?;
     chart
         .configure_mesh()
+        .x_labels(6)
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .x_desc("subscriptions (log; 10 = none)")
         .y_desc("CPU µs / change")
         .draw()?;

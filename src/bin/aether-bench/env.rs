@@ -119,7 +119,29 @@ impl Env {
             std::fs::write(&hba, format!("{GATE}{text}"))?;
         }
         self.reload().await?;
+        // The reload is asynchronous: wait until a replication connection is refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.replication_allowed()? {
+            if Instant::now() > deadline {
+                bail!("pg_hba.conf gate did not close within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(())
+    }
+
+    /// Whether a `replication=database` connection is accepted now.
+    fn replication_allowed(&self) -> anyhow::Result<bool> {
+        let out = Command::new(Self::bin_dir()?.join("psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname={DATABASE} replication=database",
+                self.pg.port()
+            ))
+            .args(["-X", "-q", "-c", "IDENTIFY_SYSTEM"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        Ok(out.success())
     }
 
     pub async fn open_gate(&self) -> anyhow::Result<()> {

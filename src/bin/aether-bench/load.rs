@@ -755,6 +755,8 @@ struct FanOutRow {
     incomplete_changes: usize,
     deliveries: u64,
     aether_cpu_s_per_s: f64,
+    /// The load process's own CPU: it reads every one of the frames.
+    load_cpu_s_per_s: f64,
     closed_connections: u64,
 }
 
@@ -794,6 +796,8 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
             "fan-out: {connections} subscribers, {rate} changes/s"
         ));
         let cpu0 = cpu_seconds(aether_pid).unwrap_or(0.0);
+        let me = std::process::id();
+        let load0 = cpu_seconds(me).unwrap_or(0.0);
         let t = Instant::now();
         let (tracker, write) = writer.run(&shared, rate, seconds, |_| folder).await?;
         drain(
@@ -803,6 +807,7 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         )
         .await;
         let cpu = cpu_seconds(aether_pid).unwrap_or(0.0) - cpu0;
+        let load_cpu = cpu_seconds(me).unwrap_or(0.0) - load0;
         let (mut last, mut first, short) =
             tracker.latencies(write.sent as usize, 0, connections as u32);
         let row = FanOutRow {
@@ -812,6 +817,7 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
             incomplete_changes: short,
             deliveries: tracker.deliveries.load(Ordering::Relaxed),
             aether_cpu_s_per_s: cpu / t.elapsed().as_secs_f64(),
+            load_cpu_s_per_s: load_cpu / t.elapsed().as_secs_f64(),
             closed_connections: shared.closed.load(Ordering::Relaxed),
             write,
         };

@@ -46,6 +46,9 @@ pub struct RunArgs {
     /// which closes a lone subscriber that cannot keep pace with a backlog).
     #[arg(long, default_value_t = 65_536)]
     pub ws_queue_capacity: usize,
+    /// catch-up: number of 1,000-row transactions (default 1,000; 100 with --quick).
+    #[arg(long)]
+    pub catch_up_txs: Option<u64>,
 }
 
 #[derive(Subcommand)]

@@ -122,15 +122,19 @@ END $$;
 }
 
 struct Recv {
+    /// Spawn to the last byte of output: when the client had the last message.
     wall_s: f64,
+    /// Spawn to exit (includes noticing `--endpos` and closing).
+    exit_s: f64,
     cpu_s: f64,
 }
 
-/// Drains `slot` with pg_recvlogical up to `endpos`; wall time and its own CPU.
+/// Drains `slot` with pg_recvlogical up to `endpos`, its output read from a pipe.
 fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
+    use std::io::Read as _;
     let bin = Env::bin_dir()?.join("pg_recvlogical");
     let start = Instant::now();
-    let child = std::process::Command::new(&bin)
+    let mut child = std::process::Command::new(&bin)
         .args(["-h", "127.0.0.1", "-p", &env.pg.port().to_string()])
         .args([
             "-U",
@@ -147,15 +151,29 @@ fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
             "-o",
             "publication_names=aether_realtime",
         ])
-        .args(["--endpos", endpos, "--no-loop", "-f", "/dev/null"])
+        .args(["--endpos", endpos, "--no-loop", "-f", "-"])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", bin.display()))?;
+    let mut out = child.stdout.take().context("pg_recvlogical stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut last = start;
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            last = Instant::now();
+        }
+        last
+    });
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 reaps our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let wall_s = start.elapsed().as_secs_f64();
+    let exit_s = start.elapsed().as_secs_f64();
+    let last = reader.join().unwrap_or(start);
     anyhow::ensure!(r == pid, "wait4 failed");
     anyhow::ensure!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
@@ -163,7 +181,8 @@ fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
     );
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(Recv {
-        wall_s,
+        wall_s: last.duration_since(start).as_secs_f64(),
+        exit_s,
         cpu_s: tv(usage.ru_utime) + tv(usage.ru_stime),
     })
 }
@@ -176,6 +195,7 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     } else {
         (1_000, 100_000)
     };
+    let txs = args.catch_up_txs.unwrap_or(txs);
     let expected = txs * 1_000 + singles;
     let owner = env::seed(&env.db_url, 1, "c").await?;
     let sql = env::connect(&env.db_url).await?;
@@ -196,7 +216,10 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         "committing the backlog: {txs} x 1,000-row transactions + {singles} one-row transactions (70/20/10 insert/update/delete)"
     );
     let t = Instant::now();
-    sql.batch_execute("SET synchronous_commit = off").await?;
+    // PL/pgSQL keeps the first plan of each statement, made while the table was
+    // empty (a sequential scan): make the UPDATE/DELETE of the backlog use the index.
+    sql.batch_execute("SET synchronous_commit = off; SET enable_seqscan = off")
+        .await?;
     sql.batch_execute(&backlog_sql(&owner, &folder, txs, singles))
         .await?;
     let endpos: String = sql
@@ -235,6 +258,17 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         "timeout_s": 900,
     }))?;
     load.expect("READY").await?;
+    let early: bool = sql
+        .query_one(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env::SLOT],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        !early,
+        "Aether is reading the slot before the gate opened: the measurement would miss its start"
+    );
     let cpu0 = cpu_seconds(aether.pid).unwrap_or(0.0);
     env.open_gate().await?;
     let t0 = loop {
@@ -318,6 +352,7 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
             "events_per_s": recv_rate,
             "cpu_s": recv_cpu,
             "runs_s": [recv.wall_s, recv2.wall_s],
+            "runs_exit_s": [recv.exit_s, recv2.exit_s],
         },
         "aether": {
             "seconds": aether_s,
@@ -448,6 +483,7 @@ async fn fan_out(env: &Env, quick: bool) -> anyhow::Result<Value> {
                 f(&r["last_subscriber_ms"]["max"], 1),
                 int(&r["incomplete_changes"]),
                 f(&r["aether_cpu_s_per_s"], 2),
+                f(&r["load_cpu_s_per_s"], 2),
                 int(&r["closed_connections"]),
             ]
         })
@@ -463,6 +499,7 @@ async fn fan_out(env: &Env, quick: bool) -> anyhow::Result<Value> {
             "last max",
             "incomplete",
             "aether cores",
+            "load cores",
             "closed",
         ],
         &rows,
@@ -615,6 +652,7 @@ async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
     )
     .await?;
     let (txs, singles) = (100, 10_000);
+    sql.batch_execute("SET enable_seqscan = off").await?;
     sql.batch_execute(&backlog_sql(&owner, &folder, txs, singles))
         .await?;
     let endpos: String = sql
@@ -694,6 +732,7 @@ async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
         "decode_assemble_encode_events_per_s": encode_rate,
         "pg_recvlogical_events_per_s": recv_rate,
         "pg_recvlogical_s": recv.wall_s,
+        "pg_recvlogical_exit_s": recv.exit_s,
     }))
 }
 
