@@ -54,10 +54,6 @@ impl Env {
         })
     }
 
-    pub fn pgdata(&self) -> PathBuf {
-        self.dir.join("postgres")
-    }
-
     pub fn bin_dir() -> anyhow::Result<PathBuf> {
         Ok(aether::store::embedded::find_bin_dir()?)
     }
@@ -110,56 +106,29 @@ impl Env {
         Ok(a)
     }
 
-    /// Refuses replication connections (pg_hba), so a restarted Aether can take its
-    /// subscribers before it reads the slot.
-    pub async fn close_gate(&self) -> anyhow::Result<()> {
-        let hba = self.pgdata().join("pg_hba.conf");
-        let text = std::fs::read_to_string(&hba)?;
-        if !text.starts_with(GATE) {
-            std::fs::write(&hba, format!("{GATE}{text}"))?;
-        }
-        self.reload().await?;
-        // The reload is asynchronous: wait until a replication connection is refused.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.replication_allowed()? {
-            if Instant::now() > deadline {
-                bail!("pg_hba.conf gate did not close within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    /// Whether a `replication=database` connection is accepted now.
-    fn replication_allowed(&self) -> anyhow::Result<bool> {
-        let out = Command::new(Self::bin_dir()?.join("psql"))
-            .arg(format!(
-                "host=127.0.0.1 port={} user=postgres dbname={DATABASE} replication=database",
-                self.pg.port()
-            ))
-            .args(["-X", "-q", "-c", "IDENTIFY_SYSTEM"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        Ok(out.success())
-    }
-
-    pub async fn open_gate(&self) -> anyhow::Result<()> {
-        let hba = self.pgdata().join("pg_hba.conf");
-        let text = std::fs::read_to_string(&hba)?;
-        if let Some(rest) = text.strip_prefix(GATE) {
-            std::fs::write(&hba, rest)?;
-        }
-        self.reload().await?;
-        Ok(())
-    }
-
-    async fn reload(&self) -> anyhow::Result<()> {
+    /// Holds `slot` with a replication connection that never reads, so a restarted
+    /// Aether (retrying with backoff) can take its subscribers before it reads the
+    /// slot. The holder sends no feedback: the slot's position does not move.
+    /// (A pg_hba `replication` line cannot do this: it matches physical replication
+    /// only, not the `replication=database` connections of logical decoding.)
+    pub async fn hold_slot(&self, slot: &str) -> anyhow::Result<SlotHold> {
+        let config: tokio_postgres::Config = self.db_url.parse()?;
+        let mut conn = aether::replication::conn::ReplicationConn::connect(&config).await?;
+        conn.start_replication(
+            slot,
+            "aether_realtime",
+            aether::replication::lsn::PgLsn::ZERO,
+        )
+        .await?;
         let c = connect(&self.db_url).await?;
-        c.batch_execute("SELECT pg_reload_conf()").await?;
-        // The postmaster re-reads pg_hba.conf on SIGHUP, asynchronously.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Ok(())
+        let pid: i32 = c
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        Ok(SlotHold { _conn: conn, pid })
     }
 
     pub fn service_token() -> String {
@@ -177,7 +146,12 @@ impl Env {
     }
 }
 
-const GATE: &str = "host replication all all reject # aether-bench gate\n";
+/// A replication connection holding a slot; dropping it releases the slot.
+pub struct SlotHold {
+    _conn: aether::replication::conn::ReplicationConn,
+    /// The walsender serving the hold.
+    pub pid: i32,
+}
 
 impl Drop for Env {
     fn drop(&mut self) {

@@ -247,8 +247,8 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         group((expected as f64 / recv.wall_s) as i64)
     );
 
-    // Aether: restart with replication refused, subscribe, then let it read the slot.
-    env.close_gate().await?;
+    // Aether: restart while the slot is held, subscribe, then let it read the slot.
+    let hold = env.hold_slot(env::SLOT).await?;
     let aether = env.start_aether(&[queue])?;
     let mut load = LoadProc::spawn(&json!({
         "mode": "catch-up",
@@ -258,28 +258,19 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         "timeout_s": 900,
     }))?;
     load.expect("READY").await?;
-    let early: bool = sql
-        .query_one(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-            &[&env::SLOT],
-        )
-        .await?
-        .get(0);
-    anyhow::ensure!(
-        !early,
-        "Aether is reading the slot before the gate opened: the measurement would miss its start"
-    );
     let cpu0 = cpu_seconds(aether.pid).unwrap_or(0.0);
-    env.open_gate().await?;
+    let holder = hold.pid;
+    drop(hold);
+    // Aether retries with backoff; its walsender taking the slot starts the clock.
     let t0 = loop {
-        let active: bool = sql
+        let row = sql
             .query_one(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
                 &[&env::SLOT],
             )
-            .await?
-            .get(0);
-        if active {
+            .await?;
+        let pid: Option<i32> = row.get(0);
+        if pid.is_some_and(|p| p != holder) {
             break now_us();
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
