@@ -321,6 +321,15 @@ impl Server {
         let app = crate::api::app(state.clone());
         let http_shutdown = shutdown.clone();
         tasks.push(spawn_named("http", async move {
+            use axum::serve::ListenerExt as _;
+            // Change frames are small and a connection may get many in a row: without
+            // TCP_NODELAY, Nagle holds each frame until the client's (delayed, up to
+            // 40 ms) ACK of the previous one.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY");
+                }
+            });
             let serve = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -258,9 +258,12 @@ async fn websocket(
         .ws_max_frame_bytes
         .saturating_mul(16)
         .max(1 << 20);
+    // Client frames are small; tungstenite's default 128 KiB read buffer was most of
+    // a connection's memory (aether-bench fan-out). It still grows for a larger frame.
     let ws = ws
         .max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(4 * 1024)
         .protocols(["kingshare", "aether"]);
     let subprotocol = ws
         .selected_protocol()

@@ -1,0 +1,122 @@
+//! `aether-bench`: the benchmark instrument (issue 7).
+//!
+//! `cargo run --release --bin aether-bench -- <scenario> [--quick]` starts its own
+//! PostgreSQL (the embedded launcher, `fsync=off`), runs the release `aether` binary as
+//! a separate process (so its CPU and RSS are read from `/proc/<pid>` apart from the
+//! load), and drives the workload from a third process: this binary re-executed with
+//! the hidden `load` subcommand. Each scenario prints a table and a JSON document;
+//! the reference of a scenario (pg_recvlogical for catch-up) is measured in the same run.
+//!
+//! This is an instrument, not a test: nothing here asserts on timings.
+
+mod chart;
+mod env;
+mod load;
+mod proc;
+mod report;
+mod scenarios;
+mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Aether benchmarks: see BENCHMARKS.md")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Small sizes: each scenario finishes in about a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the scenario's JSON result to this file (merged by scenario name).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where clusters and logs go (must be reachable by the postgres account).
+    #[arg(long, default_value = "/tmp")]
+    pub work_dir: PathBuf,
+    /// Keep the cluster directory and logs after the run.
+    #[arg(long)]
+    pub keep: bool,
+    /// WS_QUEUE_CAPACITY for the catch-up and big-tx runs (Aether's default is 1024,
+    /// which closes a lone subscriber that cannot keep pace with a backlog).
+    #[arg(long, default_value_t = 65_536)]
+    pub ws_queue_capacity: usize,
+    /// catch-up: number of 1,000-row transactions (default 1,000; 100 with --quick).
+    #[arg(long)]
+    pub catch_up_txs: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Backlog committed while Aether is stopped, then drained: Aether vs pg_recvlogical.
+    CatchUp(RunArgs),
+    /// One-row commits at fixed rates; latency from send time to receipt.
+    LiveLatency(RunArgs),
+    /// Many connections on one table; one change per second, then rising.
+    FanOut(RunArgs),
+    /// 100 to 100,000 subscriptions on distinct equality filters; CPU per change.
+    FilteredRouting(RunArgs),
+    /// One big UPDATE; time to first and last event and peak RSS.
+    BigTx(RunArgs),
+    /// REST throughput (sign-in, upload): needs the REST routes.
+    Rest(RunArgs),
+    /// In-process: pgoutput decode + Assembler on real pgoutput messages.
+    Decode(RunArgs),
+    /// Every scenario in turn, results merged into one JSON file.
+    All(RunArgs),
+    /// Draws the PNG chart from a results JSON file.
+    Chart {
+        #[arg(long, default_value = "docs/bench/results.json")]
+        input: PathBuf,
+        #[arg(long, default_value = "docs/bench/latency.png")]
+        output: PathBuf,
+    },
+    /// The load process (internal).
+    #[command(hide = true)]
+    Load {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BENCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    proc::raise_nofile();
+    match cli.command {
+        Cmd::Load { spec } => load::main(&spec),
+        Cmd::Chart { input, output } => chart::draw(&input, &output),
+        Cmd::CatchUp(a) => scenarios::run("catch-up", &a),
+        Cmd::LiveLatency(a) => scenarios::run("live-latency", &a),
+        Cmd::FanOut(a) => scenarios::run("fan-out", &a),
+        Cmd::FilteredRouting(a) => scenarios::run("filtered-routing", &a),
+        Cmd::BigTx(a) => scenarios::run("big-tx", &a),
+        Cmd::Rest(a) => scenarios::run("rest", &a),
+        Cmd::Decode(a) => scenarios::run("decode", &a),
+        Cmd::All(a) => {
+            for name in [
+                "decode",
+                "catch-up",
+                "live-latency",
+                "filtered-routing",
+                "big-tx",
+                "fan-out",
+                "rest",
+            ] {
+                scenarios::run(name, &a)?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,739 @@
+//! The scenarios, orchestrated: cluster, Aether process, reference, load process.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use crate::RunArgs;
+use crate::env::{self, Aether, Env, LoadProc};
+use crate::proc::{cpu_seconds, now_us};
+use crate::report::{f, group, int, merge_json, table};
+
+pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
+    println!("== {name}{} ==", if args.quick { " (--quick)" } else { "" });
+    let started = Instant::now();
+    let result = if name == "rest" {
+        rest()
+    } else {
+        let env = Env::new(args, name)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            match name {
+                "catch-up" => catch_up(&env, args).await,
+                "live-latency" => live_latency(&env, args.quick).await,
+                "fan-out" => fan_out(&env, args.quick).await,
+                "filtered-routing" => filtered_routing(&env, args.quick).await,
+                "big-tx" => big_tx(&env, args).await,
+                "decode" => decode(&env, args.quick).await,
+                other => anyhow::bail!("unknown scenario {other}"),
+            }
+        })
+    };
+    let mut result = result?;
+    result["quick"] = json!(args.quick);
+    result["wall_s"] = json!(started.elapsed().as_secs_f64());
+    result["machine"] = machine();
+    println!("json: {}", serde_json::to_string(&result)?);
+    if let Some(path) = &args.json {
+        merge_json(path, name, &result)?;
+    }
+    println!();
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "mem_gib": (mem_kib as f64 / 1048576.0).round(),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+async fn started_aether(env: &Env, extra: &[(&str, String)]) -> anyhow::Result<Aether> {
+    let a = env.start_aether(extra)?;
+    a.wait_healthy().await?;
+    Ok(a)
+}
+
+// ---------------------------------------------------------------------------
+// catch-up
+
+/// The backlog: `txs` transactions of 1,000 rows, then `singles` one-row
+/// transactions; both 70% INSERT, 20% UPDATE, 10% DELETE of `public.files` rows.
+fn backlog_sql(owner: &uuid::Uuid, folder: &uuid::Uuid, txs: u64, singles: u64) -> String {
+    format!(
+        r#"
+DO $$
+DECLARE n bigint := 0; d bigint := 0;
+BEGIN
+  FOR t IN 1..{txs} LOOP
+    INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
+      SELECT 'bench', '{folder}', 'a' || i, 'file-' || i || '.txt', i, 'text/plain', '{owner}',
+             '{{"source":"bench","tags":["a","b"]}}'::jsonb
+        FROM generate_series(n, n + 699) i;
+    DELETE FROM public.files WHERE bucket_id = 'bench' AND owner_id = '{owner}'
+       AND path = ANY (ARRAY(SELECT 'a' || i FROM generate_series(d, d + 99) i));
+    UPDATE public.files SET size = size + 1 WHERE bucket_id = 'bench' AND owner_id = '{owner}'
+       AND path = ANY (ARRAY(SELECT 'a' || i FROM generate_series(d + 100, d + 299) i));
+    n := n + 700; d := d + 100;
+    COMMIT;
+  END LOOP;
+  FOR t IN 0..{singles} - 1 LOOP
+    IF t % 10 < 7 THEN
+      INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
+        VALUES ('bench', '{folder}', 'a' || n, 'file-' || n || '.txt', n, 'text/plain', '{owner}',
+                '{{"source":"bench","tags":["a","b"]}}'::jsonb);
+      n := n + 1;
+    ELSIF t % 10 < 9 THEN
+      UPDATE public.files SET size = size + 1
+       WHERE bucket_id = 'bench' AND owner_id = '{owner}' AND path = 'a' || (d + 1 + t % 10 - 7);
+    ELSE
+      DELETE FROM public.files WHERE bucket_id = 'bench' AND owner_id = '{owner}' AND path = 'a' || d;
+      d := d + 1;
+    END IF;
+    COMMIT;
+  END LOOP;
+END $$;
+"#
+    )
+}
+
+struct Recv {
+    /// Spawn to the last byte of output: when the client had the last message.
+    wall_s: f64,
+    /// Spawn to exit (includes noticing `--endpos` and closing).
+    exit_s: f64,
+    cpu_s: f64,
+}
+
+/// Drains `slot` with pg_recvlogical up to `endpos`, its output read from a pipe.
+fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
+    use std::io::Read as _;
+    let bin = Env::bin_dir()?.join("pg_recvlogical");
+    let start = Instant::now();
+    let mut child = std::process::Command::new(&bin)
+        .args(["-h", "127.0.0.1", "-p", &env.pg.port().to_string()])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            env::DATABASE,
+            "--slot",
+            slot,
+            "--start",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=aether_realtime",
+        ])
+        .args(["--endpos", endpos, "--no-loop", "-f", "-"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let mut out = child.stdout.take().context("pg_recvlogical stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut last = start;
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            last = Instant::now();
+        }
+        last
+    });
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 reaps our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let exit_s = start.elapsed().as_secs_f64();
+    let last = reader.join().unwrap_or(start);
+    anyhow::ensure!(r == pid, "wait4 failed");
+    anyhow::ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "pg_recvlogical failed (status {status})"
+    );
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Recv {
+        wall_s: last.duration_since(start).as_secs_f64(),
+        exit_s,
+        cpu_s: tv(usage.ru_utime) + tv(usage.ru_stime),
+    })
+}
+
+async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
+    let quick = args.quick;
+    let queue = ("WS_QUEUE_CAPACITY", args.ws_queue_capacity.to_string());
+    let (txs, singles) = if quick {
+        (100, 10_000)
+    } else {
+        (1_000, 100_000)
+    };
+    let txs = args.catch_up_txs.unwrap_or(txs);
+    let expected = txs * 1_000 + singles;
+    let owner = env::seed(&env.db_url, 1, "c").await?;
+    let sql = env::connect(&env.db_url).await?;
+    let folder = env::folder_ids(&sql, "c", 1).await?[0];
+    // First start: migrations and the slot; the twin slot at the same point.
+    let mut aether = started_aether(env, &[]).await?;
+    // Twin slots at the same point: pg_recvlogical drains one before Aether runs and
+    // the other after, so a drift of the machine during the run shows.
+    sql.batch_execute(
+        "SELECT pg_create_logical_replication_slot('twin', 'pgoutput');
+         SELECT pg_create_logical_replication_slot('twin_after', 'pgoutput')",
+    )
+    .await?;
+    aether.stop();
+    drop(aether);
+
+    println!(
+        "committing the backlog: {txs} x 1,000-row transactions + {singles} one-row transactions (70/20/10 insert/update/delete)"
+    );
+    let t = Instant::now();
+    // PL/pgSQL keeps the first plan of each statement, made while the table was
+    // empty (a sequential scan): make the UPDATE/DELETE of the backlog use the index.
+    sql.batch_execute("SET synchronous_commit = off; SET enable_seqscan = off")
+        .await?;
+    sql.batch_execute(&backlog_sql(&owner, &folder, txs, singles))
+        .await?;
+    let endpos: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let wal_mb: f64 = sql
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 / 1048576
+               FROM pg_replication_slots WHERE slot_name = 'twin'",
+            &[],
+        )
+        .await?
+        .get(0);
+    println!(
+        "  committed in {:.1} s, {wal_mb:.0} MiB of WAL",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Reference: pg_recvlogical with pgoutput, twin slot.
+    let recv = pg_recvlogical(env, "twin", &endpos)?;
+    println!(
+        "  pg_recvlogical (before): {:.2} s, {} events/s",
+        recv.wall_s,
+        group((expected as f64 / recv.wall_s) as i64)
+    );
+
+    // Aether: restart while the slot is held, subscribe, then let it read the slot.
+    let hold = env.hold_slot(env::SLOT).await?;
+    let aether = env.start_aether(&[queue])?;
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "catch-up",
+        "server": aether.addr,
+        "token": Env::service_token(),
+        "expected": expected,
+        "timeout_s": 900,
+    }))?;
+    load.expect("READY").await?;
+    let cpu0 = cpu_seconds(aether.pid).unwrap_or(0.0);
+    let holder = hold.pid;
+    drop(hold);
+    // Aether retries with backoff; its walsender taking the slot starts the clock.
+    let t0 = loop {
+        let row = sql
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&env::SLOT],
+            )
+            .await?;
+        let pid: Option<i32> = row.get(0);
+        if pid.is_some_and(|p| p != holder) {
+            break now_us();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let done: i64 = load.expect("DONE").await?.parse()?;
+    let cpu1 = cpu_seconds(aether.pid).unwrap_or(0.0);
+    let res = load.result().await?;
+    let rss = crate::proc::hwm_kib(aether.pid).unwrap_or(0) as f64 / 1024.0;
+    drop(aether);
+    let recv2 = pg_recvlogical(env, "twin_after", &endpos)?;
+    println!(
+        "  pg_recvlogical (after): {:.2} s, {} events/s",
+        recv2.wall_s,
+        group((expected as f64 / recv2.wall_s) as i64)
+    );
+    // The reference: the mean of the two drains' times.
+    let recv_s = (recv.wall_s + recv2.wall_s) / 2.0;
+    let recv_cpu = (recv.cpu_s + recv2.cpu_s) / 2.0;
+    let recv_rate = expected as f64 / recv_s;
+    let aether_s = (done - t0) as f64 / 1e6;
+    let received = res["received"].as_u64().unwrap_or(0);
+    let complete = res["complete"].as_bool().unwrap_or(false);
+    let aether_rate = received as f64 / aether_s;
+    let cpu = cpu1 - cpu0;
+    let ratio = aether_rate / recv_rate;
+    table(
+        &[
+            "client",
+            "events",
+            "seconds",
+            "events/s",
+            "client CPU s",
+            "CPU s / M events",
+        ],
+        &[
+            vec![
+                "pg_recvlogical (mean of 2)".into(),
+                group(expected as i64),
+                format!("{recv_s:.2}"),
+                group(recv_rate as i64),
+                format!("{recv_cpu:.2}"),
+                format!("{:.2}", recv_cpu * 1e6 / expected as f64),
+            ],
+            vec![
+                "aether -> 1 subscriber".into(),
+                group(received as i64),
+                format!("{aether_s:.2}"),
+                group(aether_rate as i64),
+                format!("{cpu:.2}"),
+                format!("{:.2}", cpu * 1e6 / received.max(1) as f64),
+            ],
+        ],
+    );
+    if !complete {
+        println!(
+            "  INCOMPLETE: {received} of {expected} events ({}); stream: {}; Aether log {}",
+            res["error"],
+            res["stream"],
+            env.dir.join("aether.log").display()
+        );
+    }
+    println!("ratio: {ratio:.3}");
+    Ok(json!({
+        "transactions_1000_rows": txs,
+        "one_row_transactions": singles,
+        "events": expected,
+        "wal_mib": wal_mb,
+        "pg_recvlogical": {
+            "seconds": recv_s,
+            "events_per_s": recv_rate,
+            "cpu_s": recv_cpu,
+            "runs_s": [recv.wall_s, recv2.wall_s],
+            "runs_exit_s": [recv.exit_s, recv2.exit_s],
+        },
+        "aether": {
+            "seconds": aether_s,
+            "events_per_s": aether_rate,
+            "received": received,
+            "complete": complete,
+            "cpu_s": cpu,
+            "cpu_s_per_million": cpu * 1e6 / received.max(1) as f64,
+            "peak_rss_mib": rss,
+            "error": res["error"],
+            "stream": res["stream"],
+        },
+        "ratio": ratio,
+        "ws_queue_capacity": args.ws_queue_capacity,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// live-latency
+
+async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
+    let owner = env::seed(&env.db_url, 1000, "l").await?;
+    let aether = started_aether(env, &[]).await?;
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "latency",
+        "server": aether.addr,
+        "token": Env::service_token(),
+        "db": env.db_url,
+        "aether_pid": aether.pid,
+        "owner": owner.to_string(),
+        "subscribers": [1, 100, 1000],
+        "rates": [1000.0, 5000.0],
+        "extra_rates": if quick { json!([]) } else { json!([7500.0, 10000.0, 15000.0, 20000.0]) },
+        "seconds": if quick { 4.0 } else { 10.0 },
+        "warmup_s": 1.0,
+        "p99_limit_ms": 50.0,
+    }))?;
+    let res = load.result().await?;
+    let rows: Vec<Vec<String>> = res["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let l = &r["latency_ms"];
+            vec![
+                int(&r["subscribers"]),
+                int(&r["write"]["target_rate"]),
+                int(&r["write"]["achieved_rate"]),
+                f(&l["p50"], 2),
+                f(&l["p95"], 2),
+                f(&l["p99"], 2),
+                f(&l["p999"], 2),
+                f(&l["max"], 2),
+                int(&r["lost"]),
+                f(&r["aether_cpu_us_per_change"], 1),
+            ]
+        })
+        .collect();
+    println!("latency = receive time - send time written by the load process (µs clock), ms:");
+    table(
+        &[
+            "subscribers",
+            "target/s",
+            "commits/s",
+            "p50",
+            "p95",
+            "p99",
+            "p99.9",
+            "max",
+            "lost",
+            "aether CPU µs/change",
+        ],
+        &rows,
+    );
+    for h in res["held"].as_array().into_iter().flatten() {
+        println!(
+            "  {} subscribers: highest commit rate held with p99 < 50 ms: {}",
+            h["subscribers"],
+            match h["max_rate_p99_under_limit"].as_f64() {
+                Some(r) => format!("{}/s (highest tried that held)", group(r as i64)),
+                None => "none of the rates tried".into(),
+            }
+        );
+    }
+    drop(aether);
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------
+// fan-out
+
+async fn fan_out(env: &Env, quick: bool) -> anyhow::Result<Value> {
+    let owner = env::seed(&env.db_url, 1, "f").await?;
+    let aether = started_aether(env, &[]).await?;
+    let connections = if quick { 2_000 } else { 10_000 };
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "fan-out",
+        "server": aether.addr,
+        "token": Env::service_token(),
+        "db": env.db_url,
+        "aether_pid": aether.pid,
+        "owner": owner.to_string(),
+        "connections": connections,
+        "source_ips": 10,
+        "rates": if quick { json!([1.0, 5.0, 20.0]) } else { json!([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]) },
+        "seconds": if quick { 4.0 } else { 10.0 },
+    }))?;
+    let res = load.result().await?;
+    println!(
+        "{} connections from {} source addresses; Aether RSS {} MiB idle -> {} MiB subscribed: {} KiB per connection",
+        res["connections"],
+        res["source_ips"],
+        f(&res["rss_idle_mib"], 1),
+        f(&res["rss_connected_mib"], 1),
+        f(&res["kib_per_connection"], 1)
+    );
+    let rows: Vec<Vec<String>> = res["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                f(&r["rate"], 0),
+                int(&r["write"]["sent"]),
+                f(&r["first_subscriber_ms"]["p50"], 1),
+                f(&r["last_subscriber_ms"]["p50"], 1),
+                f(&r["last_subscriber_ms"]["p99"], 1),
+                f(&r["last_subscriber_ms"]["max"], 1),
+                int(&r["incomplete_changes"]),
+                f(&r["aether_cpu_s_per_s"], 2),
+                f(&r["load_cpu_s_per_s"], 2),
+                int(&r["closed_connections"]),
+            ]
+        })
+        .collect();
+    println!("time until the last subscriber has each change (ms):");
+    table(
+        &[
+            "changes/s",
+            "changes",
+            "first p50",
+            "last p50",
+            "last p99",
+            "last max",
+            "incomplete",
+            "aether cores",
+            "load cores",
+            "closed",
+        ],
+        &rows,
+    );
+    drop(aether);
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------
+// filtered-routing
+
+async fn filtered_routing(env: &Env, quick: bool) -> anyhow::Result<Value> {
+    let steps: Vec<usize> = if quick {
+        vec![0, 100, 1_000, 10_000]
+    } else {
+        vec![0, 100, 1_000, 10_000, 100_000]
+    };
+    let max = *steps.iter().max().unwrap_or(&1);
+    let owner = env::seed(&env.db_url, max, "r").await?;
+    let aether = started_aether(env, &[]).await?;
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "routing",
+        "server": aether.addr,
+        "token": Env::service_token(),
+        "db": env.db_url,
+        "aether_pid": aether.pid,
+        "owner": owner.to_string(),
+        "steps": steps,
+        "connections": 100,
+        "rate": 5000.0,
+        "seconds": if quick { 4.0 } else { 10.0 },
+    }))?;
+    let res = load.result().await?;
+    let rows: Vec<Vec<String>> = res["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                int(&r["subscriptions"]),
+                int(&r["write"]["achieved_rate"]),
+                int(&r["delivered"]),
+                f(&r["aether_cpu_us_per_change"], 1),
+                f(&r["latency_ms"]["p50"], 2),
+                f(&r["latency_ms"]["p99"], 2),
+                f(&r["aether_rss_mib"], 1),
+            ]
+        })
+        .collect();
+    println!("5k one-row commits/s, each to a random subscribed folder, over 100 connections:");
+    table(
+        &[
+            "subscriptions",
+            "commits/s",
+            "delivered",
+            "aether CPU µs/change",
+            "p50 ms",
+            "p99 ms",
+            "RSS MiB",
+        ],
+        &rows,
+    );
+    drop(aether);
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------
+// big-tx
+
+async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
+    let quick = args.quick;
+    let queue = ("WS_QUEUE_CAPACITY", args.ws_queue_capacity.to_string());
+    let rows: u64 = if quick { 100_000 } else { 1_000_000 };
+    let owner = env::seed(&env.db_url, 1, "b").await?;
+    let sql = env::connect(&env.db_url).await?;
+    let folder = env::folder_ids(&sql, "b", 1).await?[0];
+    println!(
+        "loading {} rows (before Aether's slot exists)",
+        group(rows as i64)
+    );
+    sql.batch_execute(&format!(
+        "INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
+         SELECT 'bench', '{folder}', 'b' || i, 'file-' || i || '.txt', i, 'text/plain', '{owner}',
+                '{{\"source\":\"bench\"}}'::jsonb
+           FROM generate_series(1, {rows}) i"
+    ))
+    .await?;
+    sql.batch_execute("VACUUM ANALYZE public.files").await?;
+    let aether = started_aether(env, &[queue]).await?;
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "big-tx",
+        "server": aether.addr,
+        "token": Env::service_token(),
+        "db": env.db_url,
+        "aether_pid": aether.pid,
+        "expected": rows,
+        "sql": "SET synchronous_commit = off; UPDATE public.files SET size = size + 1",
+        "timeout_s": 900,
+    }))?;
+    let mut res = load.result().await?;
+    res["rows"] = json!(rows);
+    res["ws_queue_capacity"] = json!(args.ws_queue_capacity);
+    table(
+        &[
+            "rows",
+            "UPDATE s",
+            "first event s",
+            "last event s",
+            "events/s",
+            "RSS before MiB",
+            "peak RSS MiB",
+            "RSS after MiB",
+            "complete",
+        ],
+        &[vec![
+            group(rows as i64),
+            f(&res["update_s"], 2),
+            f(&res["first_after_commit_s"], 2),
+            f(&res["last_after_commit_s"], 2),
+            int(&res["events_per_s_after_first"]),
+            f(&res["rss_before_mib"], 1),
+            f(&res["rss_peak_mib"], 1),
+            f(&res["rss_after_mib"], 1),
+            res["complete"].to_string(),
+        ]],
+    );
+    println!("  (event times are measured from the UPDATE's commit as the client saw it)");
+    if res["complete"] != json!(true) {
+        println!(
+            "  INCOMPLETE: {} of {rows} events ({})",
+            res["received"], res["error"]
+        );
+    }
+    drop(aether);
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------
+// decode
+
+async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
+    use aether::changes::{Assembler, Output};
+    use aether::replication::pgoutput;
+    let owner = env::seed(&env.db_url, 1, "d").await?;
+    let sql = env::connect(&env.db_url).await?;
+    let folder = env::folder_ids(&sql, "d", 1).await?[0];
+    sql.batch_execute(
+        "SELECT pg_create_logical_replication_slot('dec', 'pgoutput');
+         SELECT pg_create_logical_replication_slot('dec_recv', 'pgoutput')",
+    )
+    .await?;
+    let (txs, singles) = (100, 10_000);
+    sql.batch_execute("SET enable_seqscan = off").await?;
+    sql.batch_execute(&backlog_sql(&owner, &folder, txs, singles))
+        .await?;
+    let endpos: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let rows = sql
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes('dec', NULL, NULL,
+                 'proto_version', '1', 'publication_names', 'aether_realtime')",
+            &[],
+        )
+        .await?;
+    let msgs: Vec<bytes::Bytes> = rows
+        .iter()
+        .map(|r| bytes::Bytes::from(r.get::<_, Vec<u8>>(0)))
+        .collect();
+    let bytes_total: usize = msgs.iter().map(|m| m.len()).sum();
+    let events_per_pass = txs * 1000 + singles;
+    let budget = Duration::from_secs_f64(if quick { 1.5 } else { 5.0 });
+
+    let mut out = Vec::with_capacity(16);
+    let mut measure = |encode: bool| -> anyhow::Result<(f64, u64)> {
+        let start = Instant::now();
+        let mut events = 0u64;
+        while start.elapsed() < budget {
+            let mut asm = Assembler::new();
+            for m in &msgs {
+                asm.push(pgoutput::decode(m.clone())?, &mut out)?;
+                for o in out.drain(..) {
+                    if let Output::Change(c) = o {
+                        events += 1;
+                        if encode {
+                            std::hint::black_box(c.encoded_tail());
+                        }
+                    }
+                }
+            }
+        }
+        Ok((events as f64 / start.elapsed().as_secs_f64(), events))
+    };
+    let (decode_rate, _) = measure(false)?;
+    let (encode_rate, _) = measure(true)?;
+    let recv = pg_recvlogical(env, "dec_recv", &endpos)?;
+    let recv_rate = events_per_pass as f64 / recv.wall_s;
+    table(
+        &["stage", "events/s", "per event µs"],
+        &[
+            vec![
+                "aether decode + Assembler::push".into(),
+                group(decode_rate as i64),
+                format!("{:.2}", 1e6 / decode_rate),
+            ],
+            vec![
+                "  + frame JSON (encoded_tail)".into(),
+                group(encode_rate as i64),
+                format!("{:.2}", 1e6 / encode_rate),
+            ],
+            vec![
+                "pg_recvlogical drain, same WAL".into(),
+                group(recv_rate as i64),
+                format!("{:.2}", 1e6 / recv_rate),
+            ],
+        ],
+    );
+    println!(
+        "  ({} pgoutput messages, {:.1} MiB, {} events per pass; one core)",
+        group(msgs.len() as i64),
+        bytes_total as f64 / 1048576.0,
+        group(events_per_pass as i64)
+    );
+    Ok(json!({
+        "messages": msgs.len(),
+        "bytes": bytes_total,
+        "events_per_pass": events_per_pass,
+        "decode_assemble_events_per_s": decode_rate,
+        "decode_assemble_encode_events_per_s": encode_rate,
+        "pg_recvlogical_events_per_s": recv_rate,
+        "pg_recvlogical_s": recv.wall_s,
+        "pg_recvlogical_exit_s": recv.exit_s,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// rest
+
+fn rest() -> anyhow::Result<Value> {
+    println!(
+        "rest: not available yet: this tree has no `POST /auth/sign-in` (nor upload) route; \
+         the REST routes are being built on another branch. Nothing measured."
+    );
+    Ok(json!({"available": false, "reason": "POST /auth/sign-in does not exist in this tree"}))
+}
