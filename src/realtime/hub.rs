@@ -212,6 +212,7 @@ impl Hub {
                     let delta = (self.messages_total - self.last_total) as f64;
                     self.last_total = self.messages_total;
                     self.rate = 0.9 * self.rate + 0.1 * delta;
+                    self.prune_limiters();
                 }
             }
         }
@@ -384,6 +385,17 @@ impl Hub {
         }
     }
 
+    /// Channel names and client ids are chosen by clients: forget limiter state
+    /// that no longer limits anything, so it cannot grow without bound.
+    fn prune_limiters(&mut self) {
+        let channels = &self.channels;
+        self.limiters.retain(|name, (_, limiter)| {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            channels.contains_key(name) || !limiter.is_empty()
+        });
+    }
+
     fn rate_limited(&mut self, channel: &str, client: &Arc<str>) -> Option<HubError> {
         let limit = self
             .config(channel)
@@ -501,6 +513,22 @@ fn keyed_limiter(limit: u32, window: Duration) -> DefaultKeyedRateLimiter<Arc<st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limiter_state_of_gone_channels_is_forgotten() {
+        let configs: ChannelConfigs = Arc::default();
+        let mut hub = Hub::new(configs, 5, Duration::from_millis(50));
+        let client: Arc<str> = Arc::from("c");
+        assert!(hub.rate_limited("gone", &client).is_none());
+        hub.prune_limiters();
+        // Still limiting (the burst is not refilled yet): kept.
+        assert_eq!(hub.limiters.len(), 1);
+        // Refill is wall-clock: once the window passes, the state is indistinguishable
+        // from fresh and the channel is gone, so it is dropped.
+        std::thread::sleep(Duration::from_millis(60));
+        hub.prune_limiters();
+        assert!(hub.limiters.is_empty());
+    }
 
     #[test]
     fn channel_names() {

@@ -104,6 +104,7 @@ impl ReplicationTask {
         let mut forwarded_end = PgLsn::ZERO;
         let mut flushed = PgLsn::ZERO;
         let mut persisted_floor = None;
+        let mut last_commit_ms: Option<i64> = None;
 
         loop {
             let event = tokio::select! {
@@ -134,8 +135,8 @@ impl ReplicationTask {
                                     ..
                                 } => {
                                     forwarded_end = forwarded_end.max(*end_lsn);
-                                    let ms = *commit_time_ms;
-                                    self.status.send_modify(|s| s.last_commit_ms = Some(ms));
+                                    // Published with the next status update, not per commit.
+                                    last_commit_ms = Some(*commit_time_ms);
                                 }
                                 Output::Change(_) => {
                                     metrics::counter!("aether_events_decoded_total").increment(1)
@@ -180,6 +181,9 @@ impl ReplicationTask {
                 self.status.send_modify(|s| {
                     s.received = received;
                     s.flushed = flushed;
+                    if last_commit_ms.is_some() {
+                        s.last_commit_ms = last_commit_ms;
+                    }
                 });
             }
         }
