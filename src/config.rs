@@ -84,6 +84,9 @@ pub struct Config {
     pub ws_max_frame_bytes: usize,
     /// A connection that lags and drains nothing for this long is closed.
     pub ws_stall_timeout: Duration,
+    /// How long, in all, one draining connection may pace the stream so that it
+    /// does not fall out of the resume window (zero: never).
+    pub ws_catchup_hold: Duration,
     /// Concurrent connections per user (anonymous: per client address).
     pub rate_limit_connections: usize,
     /// Channel messages per client per channel per window.
@@ -185,6 +188,7 @@ impl Config {
             ws_queue_capacity: 1024,
             ws_max_frame_bytes: 64 * 1024,
             ws_stall_timeout: Duration::from_secs(30),
+            ws_catchup_hold: Duration::from_secs(30),
             rate_limit_connections: 10,
             rate_limit_messages: 50,
             rate_limit_window: Duration::from_secs(60),
@@ -332,6 +336,17 @@ impl Config {
                     return Err(err(
                         "WS_STALL_TIMEOUT_S",
                         format!("{v:?} is not a positive number of seconds"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("WS_CATCHUP_HOLD_S") {
+            c.ws_catchup_hold = match v.parse::<u64>() {
+                Ok(n) => Duration::from_secs(n),
+                _ => {
+                    return Err(err(
+                        "WS_CATCHUP_HOLD_S",
+                        format!("{v:?} is not a number of seconds"),
                     ));
                 }
             };
@@ -504,6 +519,19 @@ mod tests {
         assert_eq!(
             cfg(&[("JWT_EXPIRES_S", "0")]).unwrap_err().name,
             "JWT_EXPIRES_S"
+        );
+    }
+
+    #[test]
+    fn catchup_hold_parses_zero_and_refuses_garbage() {
+        assert_eq!(cfg(&[]).unwrap().ws_catchup_hold, Duration::from_secs(30));
+        assert_eq!(
+            cfg(&[("WS_CATCHUP_HOLD_S", "0")]).unwrap().ws_catchup_hold,
+            Duration::ZERO
+        );
+        assert_eq!(
+            cfg(&[("WS_CATCHUP_HOLD_S", "-1")]).unwrap_err().name,
+            "WS_CATCHUP_HOLD_S"
         );
     }
 

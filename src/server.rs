@@ -239,6 +239,7 @@ impl Server {
                 kingshare_from,
                 confirmed,
                 stall_timeout: config.ws_stall_timeout,
+                catchup_hold: config.ws_catchup_hold,
                 retention_events: config.resume_retention_events,
                 retention: config.resume_retention,
                 public_buckets,

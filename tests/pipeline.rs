@@ -696,6 +696,97 @@ async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
     assert_eq!(fast.change().await["new"]["body"], "after");
 }
 
+/// A client that reads steadily but slower than the stream is produced, through a
+/// backlog larger than the resume window, next to a client that reads at full speed.
+/// Returns the ids the steady reader received in order, how its connection ended
+/// (`None`: it got everything and is still open) and the ids the fast client got.
+async fn paced_reader(hold: bool) -> (Vec<i64>, Option<(Option<u16>, Value)>, Vec<i64>) {
+    const N: i64 = 1500;
+    let t = TestServer::start_with(|c| {
+        c.ws_queue_capacity = 8;
+        c.resume_retention_events = 100;
+        c.ws_catchup_hold = std::time::Duration::from_secs(if hold { 120 } else { 0 });
+    })
+    .await;
+    t.exec(
+        "CREATE TABLE public.blobs (id serial PRIMARY KEY, body text);
+         ALTER PUBLICATION aether_realtime ADD TABLE public.blobs;",
+    )
+    .await;
+    let mut reader = Ws::connect_small_buffer(t.addr(), Some(&service_token())).await;
+    reader.subscribe("r", json!({"table": "blobs"})).await;
+    let mut fast = t.ws(Some(&service_token())).await;
+    fast.subscribe("f", json!({"table": "blobs"})).await;
+    // ~24 MB of changes, committed faster than the reader takes them.
+    t.exec(&format!(
+        "INSERT INTO public.blobs (body) SELECT repeat(md5(i::text), 500) FROM generate_series(1, {N}) i"
+    ))
+    .await;
+    let fast_reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while ids.len() < N as usize {
+            match fast.next_or_close().await {
+                Ok(v) if v["type"] == "change" => ids.push(v["new"]["id"].as_i64().unwrap()),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        ids
+    });
+    let mut ids = Vec::new();
+    let mut ended = None;
+    let mut last = Value::Null;
+    while ids.len() < N as usize {
+        match reader.next_or_close().await {
+            Ok(v) if v["type"] == "change" => {
+                ids.push(v["new"]["id"].as_i64().unwrap());
+                // A steady reader, a few times slower than the server decodes.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Ok(v) => last = v,
+            Err(code) => {
+                ended = Some((code, last));
+                break;
+            }
+        }
+    }
+    let fast_ids = tokio::time::timeout(WAIT * 2, fast_reader)
+        .await
+        .expect("the fast client finishes")
+        .unwrap();
+    (ids, ended, fast_ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_reader_catching_up_paces_the_stream_and_misses_nothing() {
+    let (ids, ended, fast) = paced_reader(true).await;
+    assert_eq!(
+        ended,
+        None,
+        "the reader was cut off after {} changes",
+        ids.len()
+    );
+    assert_eq!(ids, (1..=1500).collect::<Vec<_>>());
+    // The stream waited for the slow reader; the fast one lost nothing either.
+    assert_eq!(fast, (1..=1500).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_hold_time_a_steady_reader_falls_out_of_the_window_and_is_told() {
+    // The same reader with WS_CATCHUP_HOLD_S=0: the router outruns it.
+    let (ids, ended, _) = paced_reader(false).await;
+    let (code, frame) = ended.expect("the reader is closed");
+    assert_eq!(code, Some(4008), "{frame}");
+    assert_eq!(
+        (frame["type"].as_str(), frame["code"].as_str()),
+        (Some("error"), Some("slow_consumer")),
+        "{frame}"
+    );
+    assert!(ids.len() < 1500);
+    // What it got before the close is in order, without holes.
+    assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slot_is_confirmed_past_released_changes_and_never_past_retained_ones() {
     let t = TestServer::start_with(|c| c.resume_retention_events = 1).await;

@@ -143,10 +143,22 @@ impl ReplicationTask {
                                 }
                                 _ => {}
                             }
-                            self.changes
-                                .send(out)
-                                .await
-                                .map_err(|_| StreamError::RouterGone)?;
+                            // The router may hold the stream back for a catching-up
+                            // client: keep telling the server we are alive meanwhile.
+                            let permit = loop {
+                                tokio::select! {
+                                    biased;
+                                    _ = self.shutdown.cancelled() => return Ok(()),
+                                    permit = self.changes.reserve() => {
+                                        break permit.map_err(|_| StreamError::RouterGone)?;
+                                    }
+                                    _ = tick.tick() => {
+                                        conn.send_status(received.max(flushed), flushed, false)
+                                            .await?;
+                                    }
+                                }
+                            };
+                            permit.send(out);
                         }
                     }
                     ReplicationFrame::Keepalive {

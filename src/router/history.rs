@@ -123,6 +123,16 @@ impl History {
         self.floor
     }
 
+    /// The next change pushed evicts the oldest.
+    pub fn is_full(&self) -> bool {
+        self.changes.len() >= self.max_events
+    }
+
+    /// The oldest change held.
+    pub fn front(&self) -> Option<Position> {
+        self.changes.front().map(|(_, c)| c.position)
+    }
+
     pub fn len(&self) -> usize {
         self.changes.len()
     }

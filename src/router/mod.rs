@@ -182,6 +182,8 @@ struct SessionEntry {
     handle: SessionHandle,
     subs: HashMap<Arc<str>, u64>,
     lag: Option<Lag>,
+    /// Time this connection has held the stream back so far (see [`Router::holder`]).
+    held: Duration,
 }
 
 /// Where a lagging connection stands.
@@ -193,6 +195,10 @@ struct Lag {
     /// Last time it drained its queue (or started lagging).
     since: Instant,
 }
+
+/// A lagging connection may hold the stream back only while it keeps emptying its
+/// queue at least this often.
+const HOLD_DRAIN_WITHIN: Duration = Duration::from_secs(1);
 
 pub struct RouterConfig {
     /// The resume floor persisted by the previous run, if any.
@@ -206,6 +212,8 @@ pub struct RouterConfig {
     pub confirmed: PgLsn,
     /// A lagging connection that drains nothing for this long is closed.
     pub stall_timeout: Duration,
+    /// How long, in all, one draining connection may hold the stream back.
+    pub catchup_hold: Duration,
     pub retention_events: usize,
     pub retention: Duration,
     pub public_buckets: HashSet<String>,
@@ -232,6 +240,11 @@ pub struct Router {
     /// (connection, subscription) pairs the change being routed went to.
     delivered_now: Vec<(u64, Arc<str>)>,
     stall_timeout: Duration,
+    catchup_hold: Duration,
+    /// Connections in the lagging state (usually none), so the hold check is cheap.
+    lagging: HashSet<u64>,
+    /// The connection the stream is held for, and since when.
+    holding: Option<(u64, Instant)>,
 }
 
 impl Router {
@@ -265,6 +278,9 @@ impl Router {
             kingshare_from: cfg.kingshare_from,
             delivered_now: Vec::new(),
             stall_timeout: cfg.stall_timeout,
+            catchup_hold: cfg.catchup_hold,
+            lagging: HashSet::new(),
+            holding: None,
         }
     }
 
@@ -278,6 +294,7 @@ impl Router {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let held = self.update_hold(Instant::now());
             tokio::select! {
                 biased;
                 // 1. Shutdown.
@@ -287,12 +304,14 @@ impl Router {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                // 3. Changes from the replication stream.
-                out = changes.recv() => match out {
+                // 3. Changes from the replication stream, unless a catching-up
+                //    connection holds it back.
+                out = changes.recv(), if !held => match out {
                     Some(out) => {
                         self.output(out);
                         // Drain what is already queued before publishing progress.
-                        while let Ok(out) = changes.try_recv() {
+                        while self.holder(Instant::now()).is_none() {
+                            let Ok(out) = changes.try_recv() else { break };
                             self.output(out);
                         }
                         self.publish();
@@ -307,6 +326,46 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// The connection the stream must wait for, if any: a lagging connection that
+    /// would fall out of the resume window with the next change, is still draining
+    /// (it emptied its queue within the last second) and has hold time left.
+    ///
+    /// Without this a lone client catching up on a backlog larger than the window
+    /// is outrun by the router and closed however fast it reads. With it the stream
+    /// is paced to that client for at most `catchup_hold` in all per connection;
+    /// a client that drains nothing never holds anything back.
+    fn holder(&self, now: Instant) -> Option<u64> {
+        if self.lagging.is_empty() || !self.history.is_full() {
+            return None;
+        }
+        let front = self.history.front()?;
+        self.lagging.iter().copied().find(|id| {
+            self.sessions.get(id).is_some_and(|e| {
+                e.lag.as_ref().is_some_and(|lag| {
+                    lag.next <= front
+                        && now.duration_since(lag.since) < HOLD_DRAIN_WITHIN
+                        && e.held < self.catchup_hold
+                })
+            })
+        })
+    }
+
+    /// Accounts hold time to the connection the stream was held for and says
+    /// whether the stream is held now.
+    fn update_hold(&mut self, now: Instant) -> bool {
+        if let Some((id, last)) = self.holding.take() {
+            let spent = now.duration_since(last);
+            metrics::counter!("aether_stream_held_milliseconds_total")
+                .increment(spent.as_millis() as u64);
+            if let Some(e) = self.sessions.get_mut(&id) {
+                e.held += spent;
+            }
+        }
+        let holder = self.holder(now);
+        self.holding = holder.map(|id| (id, now));
+        holder.is_some()
     }
 
     fn publish(&self) {
@@ -335,6 +394,7 @@ impl Router {
                         handle,
                         subs: HashMap::new(),
                         lag: None,
+                        held: Duration::ZERO,
                     },
                 );
             }
@@ -503,7 +563,10 @@ impl Router {
                 }
                 entry.handle.lagging.notify_one();
             }
-            None => entry.lag = None,
+            None => {
+                entry.lag = None;
+                self.lagging.remove(&session);
+            }
         }
     }
 
@@ -630,6 +693,7 @@ impl Router {
     }
 
     fn detach(&mut self, session: u64) {
+        self.lagging.remove(&session);
         if let Some(entry) = self.sessions.remove(&session) {
             for uid in entry.subs.into_values() {
                 self.remove_sub(uid);
@@ -680,6 +744,7 @@ impl Router {
                     served,
                     since: Instant::now(),
                 });
+                self.lagging.insert(session);
                 entry.handle.lagging.notify_one();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),

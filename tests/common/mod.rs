@@ -429,6 +429,26 @@ impl Ws {
         }
     }
 
+    /// The next text frame, or the close code once the connection ends.
+    pub async fn next_or_close(&mut self) -> Result<Value, Option<u16>> {
+        loop {
+            match tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("a frame or a close within the timeout")
+            {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if !(self.skip_kingshare && is_kingshare(&v)) {
+                        return Ok(v);
+                    }
+                }
+                Some(Ok(Message::Close(c))) => return Err(c.map(|c| u16::from(c.code))),
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return Err(None),
+            }
+        }
+    }
+
     /// Reads until the server closes; returns the close code and the text frames before it.
     pub async fn until_close(&mut self) -> (Option<u16>, Vec<Value>) {
         let mut frames = Vec::new();

@@ -42,9 +42,8 @@ pub struct RunArgs {
     /// Keep the cluster directory and logs after the run.
     #[arg(long)]
     pub keep: bool,
-    /// WS_QUEUE_CAPACITY for the catch-up and big-tx runs (Aether's default is 1024,
-    /// which closes a lone subscriber that cannot keep pace with a backlog).
-    #[arg(long, default_value_t = 65_536)]
+    /// WS_QUEUE_CAPACITY for the catch-up and big-tx runs (Aether's default).
+    #[arg(long, default_value_t = 1024)]
     pub ws_queue_capacity: usize,
     /// catch-up: number of 1,000-row transactions (default 1,000; 100 with --quick).
     #[arg(long)]
