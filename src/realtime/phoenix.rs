@@ -979,7 +979,7 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
         if failed {
             break None;
         }
-        if pull_wanted && rx.is_empty() {
+        if pull_wanted && crate::router::low_water(&rx) {
             pull_wanted = false;
             if state.router.send(Command::Pull { session }).await.is_err() {
                 break None;

@@ -469,8 +469,8 @@ async fn write_loop(
                     state.stats.frames_out(n, changes);
                 }
             }
-            // Lagging and drained: ask the router for what was missed.
-            if pull_wanted && rx.is_empty() {
+            // Lagging and half drained: ask the router for what was missed.
+            if pull_wanted && crate::router::low_water(&rx) {
                 pull_wanted = false;
                 if router.send(Command::Pull { session }).await.is_err() {
                     break None;

@@ -100,7 +100,7 @@ pub struct SessionHandle {
     pub overflowed: CancellationToken,
     /// Cancelled when the auth session of the connection's token is signed out.
     pub revoked: CancellationToken,
-    /// Signalled when the connection starts lagging: once its queue is empty the
+    /// Signalled when the connection starts lagging: once its queue is half empty the
     /// writer answers with [`Command::Pull`].
     pub lagging: Arc<tokio::sync::Notify>,
     pub principal: Arc<Principal>,
@@ -136,7 +136,7 @@ pub enum Command {
         session: u64,
         principal: Arc<Principal>,
     },
-    /// A lagging connection's queue is empty: send it the next missed changes.
+    /// A lagging connection's queue is half empty: send it the next missed changes.
     Pull {
         session: u64,
     },
@@ -192,8 +192,15 @@ struct Lag {
     next: Position,
     /// Subscriptions that did receive `next` already.
     served: Vec<Arc<str>>,
-    /// Last time it drained its queue (or started lagging).
+    /// Last time it asked for more (or started lagging).
     since: Instant,
+}
+
+/// A lagging connection asks for the next missed changes once its queue is down to
+/// half: the router refills it while the writer still has frames to send, so the
+/// socket never idles waiting for a page.
+pub fn low_water(rx: &mpsc::Receiver<Outbound>) -> bool {
+    rx.len() <= rx.max_capacity() / 2
 }
 
 /// A lagging connection may hold the stream back only while it keeps emptying its
@@ -330,7 +337,7 @@ impl Router {
 
     /// The connection the stream must wait for, if any: a lagging connection that
     /// would fall out of the resume window with the next change, is still draining
-    /// (it emptied its queue within the last second) and has hold time left.
+    /// (it asked for more within the last second) and has hold time left.
     ///
     /// Without this a lone client catching up on a backlog larger than the window
     /// is outrun by the router and closed however fast it reads. With it the stream

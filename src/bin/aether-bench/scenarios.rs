@@ -85,38 +85,39 @@ async fn started_aether(env: &Env, extra: &[(&str, String)]) -> anyhow::Result<A
 /// transactions; both 70% INSERT, 20% UPDATE, 10% DELETE of `public.files` rows.
 /// A big transaction updates and deletes rows it inserted itself; the one-row
 /// transactions update and delete rows inserted by earlier one-row transactions.
-/// Committing it slows down as the table grows: the full size takes tens of minutes
-/// on a small machine.
+/// Rows are found by primary key (the ids the INSERTs returned): an earlier version
+/// looked them up by path and slowed down as the table grew.
 fn backlog_sql(owner: &uuid::Uuid, folder: &uuid::Uuid, txs: u64, singles: u64) -> String {
     format!(
         r#"
 DO $$
-DECLARE n bigint := 0; d bigint := 0;
+DECLARE n bigint := 0; ids uuid[]; live uuid[] := '{{}}'; d int := 1; v uuid;
 BEGIN
   FOR t IN 1..{txs} LOOP
-    INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
-      SELECT 'bench', '{folder}', 'a' || i, 'file-' || i || '.txt', i, 'text/plain', '{owner}',
-             '{{"source":"bench","tags":["a","b"]}}'::jsonb
-        FROM generate_series(n, n + 699) i;
-    DELETE FROM public.files WHERE bucket_id = 'bench' AND owner_id = '{owner}'
-       AND path = ANY (ARRAY(SELECT 'a' || i FROM generate_series(n, n + 99) i));
-    UPDATE public.files SET size = size + 1 WHERE bucket_id = 'bench' AND owner_id = '{owner}'
-       AND path = ANY (ARRAY(SELECT 'a' || i FROM generate_series(n + 100, n + 299) i));
+    WITH ins AS (
+      INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
+        SELECT 'bench', '{folder}', 'a' || i, 'file-' || i || '.txt', i, 'text/plain', '{owner}',
+               '{{"source":"bench","tags":["a","b"]}}'::jsonb
+          FROM generate_series(n, n + 699) i
+        RETURNING id)
+    SELECT array_agg(id) INTO ids FROM ins;
+    DELETE FROM public.files WHERE id = ANY (ids[1:100]);
+    UPDATE public.files SET size = size + 1 WHERE id = ANY (ids[101:300]);
     n := n + 700;
     COMMIT;
   END LOOP;
-  d := n;
   FOR t IN 0..{singles} - 1 LOOP
     IF t % 10 < 7 THEN
       INSERT INTO public.files (bucket_id, folder_id, path, name, size, mime_type, owner_id, metadata)
         VALUES ('bench', '{folder}', 'a' || n, 'file-' || n || '.txt', n, 'text/plain', '{owner}',
-                '{{"source":"bench","tags":["a","b"]}}'::jsonb);
+                '{{"source":"bench","tags":["a","b"]}}'::jsonb)
+        RETURNING id INTO v;
+      live := live || v;
       n := n + 1;
     ELSIF t % 10 < 9 THEN
-      UPDATE public.files SET size = size + 1
-       WHERE bucket_id = 'bench' AND owner_id = '{owner}' AND path = 'a' || (d + 1 + t % 10 - 7);
+      UPDATE public.files SET size = size + 1 WHERE id = live[d + 1 + t % 10 - 7];
     ELSE
-      DELETE FROM public.files WHERE bucket_id = 'bench' AND owner_id = '{owner}' AND path = 'a' || d;
+      DELETE FROM public.files WHERE id = live[d];
       d := d + 1;
     END IF;
     COMMIT;
