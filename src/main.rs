@@ -5,6 +5,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use aether::config::Config;
+
+/// mimalloc instead of glibc malloc: the resume window frees and reallocates
+/// changes from many threads, which glibc's per-thread arenas turn into memory
+/// that is never returned (see BENCHMARKS.md, big-tx).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use aether::server::{self, Server};
 
 #[derive(Parser)]
