@@ -80,6 +80,11 @@ impl Env {
             .env("JWT_SECRET", SECRET)
             .env("DATA_DIR", self.dir.join("aether-data"))
             .env("RUST_LOG", "warn")
+            // The load process opens up to 10,000 connections with one token from
+            // one host: the per-user and total connection limits are not what is
+            // measured.
+            .env("RATE_LIMIT_CONNECTIONS", "1000000")
+            .env("WS_MAX_CONNECTIONS", "100000")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

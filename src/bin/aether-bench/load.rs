@@ -7,7 +7,8 @@
 //! row it inserts carries its send time (µs since the Unix epoch, the same clock the
 //! receivers read) in `files.size`, and its sequence number in `files.path` (`s<seq>`).
 //! A receiver takes `now − size` when the change frame arrives. The frame's own
-//! `timestamp` (the Commit message's time) has only millisecond resolution and is not used.
+//! `timestamp` (the Commit message's time) has only millisecond resolution; live-latency
+//! also reports receive time minus it, which is the issue's definition at that resolution.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -143,6 +144,8 @@ pub struct Tracker {
     count: Vec<AtomicU32>,
     first: Vec<AtomicI64>,
     last: Vec<AtomicI64>,
+    /// The frame's `timestamp`: the Commit message's commit time, in ms.
+    commit_ms: Vec<AtomicI64>,
     deliveries: AtomicU64,
 }
 
@@ -154,11 +157,12 @@ impl Tracker {
             count: (0..cap).map(|_| AtomicU32::new(0)).collect(),
             first: (0..cap).map(|_| AtomicI64::new(i64::MAX)).collect(),
             last: (0..cap).map(|_| AtomicI64::new(0)).collect(),
+            commit_ms: (0..cap).map(|_| AtomicI64::new(0)).collect(),
             deliveries: AtomicU64::new(0),
         })
     }
 
-    fn record(&self, seq: u64, recv: i64) {
+    fn record(&self, seq: u64, recv: i64, commit_ms: Option<i64>) {
         let Some(i) = seq.checked_sub(self.base).map(|i| i as usize) else {
             return;
         };
@@ -168,7 +172,27 @@ impl Tracker {
         self.count[i].fetch_add(1, Ordering::Relaxed);
         self.first[i].fetch_min(recv, Ordering::Relaxed);
         self.last[i].fetch_max(recv, Ordering::Relaxed);
+        if let Some(ms) = commit_ms {
+            self.commit_ms[i].store(ms, Ordering::Relaxed);
+        }
         self.deliveries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Last-subscriber receive time minus the commit time of the Commit message
+    /// (the frame's `timestamp`, whole milliseconds: each value is up to 1 ms more
+    /// than the true one), µs, over changes `from..n` sent.
+    fn since_commit(&self, n: usize, from_us: i64) -> Vec<i64> {
+        (0..n.min(self.count.len()))
+            .filter(|&i| {
+                self.sent[i].load(Ordering::Relaxed) >= from_us
+                    && self.count[i].load(Ordering::Relaxed) > 0
+                    && self.commit_ms[i].load(Ordering::Relaxed) > 0
+            })
+            .map(|i| {
+                self.last[i].load(Ordering::Relaxed)
+                    - self.commit_ms[i].load(Ordering::Relaxed) * 1000
+            })
+            .collect()
     }
 
     /// (last-subscriber latencies µs, first-subscriber latencies µs, changes with
@@ -284,7 +308,7 @@ impl Shared {
             if let Some(t) = self.tracker.read().ok().and_then(|t| t.clone())
                 && let Some(seq) = field_i64(text, "\"path\":\"s")
             {
-                t.record(seq as u64, recv);
+                t.record(seq as u64, recv, field_i64(text, "\"timestamp\":"));
             }
         } else if text.contains("\"action\":\"subscribed\"") {
             self.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -660,6 +684,8 @@ struct LatencyRow {
     subscribers: usize,
     write: WriteStats,
     latency_ms: Summary,
+    /// Receive time minus the Commit message's time (ms resolution).
+    since_commit_ms: Summary,
     lost: usize,
     aether_cpu_us_per_change: f64,
     aether_rss_mib: f64,
@@ -718,6 +744,7 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
             let cpu1 = cpu_seconds(aether_pid).unwrap_or(0.0);
             let (mut lat, _, lost) = tracker.latencies(write.sent as usize, from, 1);
             let summary = summarize_us(&mut lat);
+            let since_commit = summarize_us(&mut tracker.since_commit(write.sent as usize, from));
             let ok = summary.p99 < p99_limit_ms
                 && lost == 0
                 && write.achieved_rate >= 0.95 * rate
@@ -731,6 +758,7 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
                 aether_rss_mib: rss_kib(aether_pid).unwrap_or(0) as f64 / 1024.0,
                 write,
                 latency_ms: summary,
+                since_commit_ms: since_commit,
                 lost,
             });
             if !ok && extra {

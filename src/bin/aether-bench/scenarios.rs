@@ -403,12 +403,17 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
                 f(&l["p99"], 2),
                 f(&l["p999"], 2),
                 f(&l["max"], 2),
+                f(&r["since_commit_ms"]["p50"], 1),
+                f(&r["since_commit_ms"]["p99"], 1),
                 int(&r["lost"]),
                 f(&r["aether_cpu_us_per_change"], 1),
             ]
         })
         .collect();
-    println!("latency = receive time - send time written by the load process (µs clock), ms:");
+    println!("latency = receive time - send time written by the load process (µs clock), ms;");
+    println!(
+        "'commit p50/p99' = receive time - the Commit message's time (frame `timestamp`, whole ms), ms:"
+    );
     table(
         &[
             "subscribers",
@@ -419,6 +424,8 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
             "p99",
             "p99.9",
             "max",
+            "commit p50",
+            "commit p99",
             "lost",
             "aether CPU µs/change",
         ],
