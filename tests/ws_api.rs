@@ -322,6 +322,17 @@ async fn channels_are_configured_over_rest_stored_in_postgres_and_enforced() {
     assert_eq!(r.status(), 200, "reconfiguring an existing channel");
 }
 
+/// Waits until the server has admitted `n` connections.
+async fn wait_active(t: &TestServer, n: usize) {
+    tokio::time::timeout(WAIT, async {
+        while t.server.state.registry.stats().active != n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("connections admitted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_and_message_limits_are_enforced_with_clear_errors() {
     let t = TestServer::start_with(|c| {
@@ -337,6 +348,8 @@ async fn connection_and_message_limits_are_enforced_with_clear_errors() {
         .await;
     c1.next().await;
     let _c2 = t.ws(Some(&tok)).await;
+    // Admission runs after the handshake: count c2 before c3 tries.
+    wait_active(&t, 2).await;
     let mut c3 = t.ws(Some(&tok)).await;
     let (code, frames) = c3.until_close().await;
     assert_eq!(
@@ -347,6 +360,7 @@ async fn connection_and_message_limits_are_enforced_with_clear_errors() {
     // The global cap.
     let _o1 = t.ws(None).await;
     let _o2 = t.ws(Some(&service_token())).await;
+    wait_active(&t, 4).await;
     let mut over = t
         .ws(Some(&user_token(&uuid::Uuid::new_v4().to_string())))
         .await;
