@@ -82,6 +82,8 @@ pub enum Spec {
     SignIn {
         server: SocketAddr,
         aether_pid: u32,
+        /// The postmaster, for PostgreSQL's CPU.
+        pg_pid: Option<u32>,
         users: usize,
         signup_concurrency: usize,
         steps: Vec<usize>,
@@ -152,6 +154,7 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
         Spec::SignIn {
             server,
             aether_pid,
+            pg_pid,
             users,
             signup_concurrency,
             steps,
@@ -161,6 +164,7 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
             crate::rest::sign_in(
                 server,
                 aether_pid,
+                pg_pid,
                 users,
                 signup_concurrency,
                 &steps,

@@ -39,6 +39,38 @@ pub fn cpu_user_system(pid: u32) -> Option<(f64, f64)> {
     Some((utime / clk_tck(), stime / clk_tck()))
 }
 
+/// CPU seconds of `root` and its live children, plus what `root` reaped: a
+/// PostgreSQL postmaster and its backends.
+pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
+    let fields = |pid: &str| -> Option<Vec<f64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = stat.rsplit_once(')')?.1.to_owned();
+        // From field 3 (state): ppid is field 4, utime 14, stime 15, cutime 16, cstime 17.
+        Some(
+            rest.split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let own = fields(&root.to_string())?;
+    let mut ticks = own.get(11..15)?.iter().sum::<f64>();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = fields(pid)
+            && f.get(1) == Some(&(root as f64))
+        {
+            ticks += f.get(11..13).map_or(0.0, |t| t.iter().sum());
+        }
+    }
+    Some(ticks / clk_tck())
+}
+
 /// CPU seconds the whole machine spent busy (all cores: /proc/stat's first line,
 /// user + nice + system + irq + softirq), for telling what else ran during a step.
 pub fn machine_busy_seconds() -> Option<f64> {

@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 
 use crate::http::Http;
 use crate::load::log;
-use crate::proc::{RssSampler, cpu_seconds, cpu_user_system, machine_busy_seconds, rss_kib};
+use crate::proc::{
+    RssSampler, cpu_seconds, cpu_user_system, machine_busy_seconds, rss_kib, tree_cpu_seconds,
+};
 use crate::stats::{Summary, summarize_us};
 
 pub const PASSWORD: &str = "bench-password-1";
@@ -67,8 +69,12 @@ struct SignInRow {
     /// Of `aether_cores`, kernel time (page faults, syscalls).
     aether_system_cores: f64,
     load_cores: f64,
+    /// The cluster's postmaster and backends.
+    postgres_cores: f64,
     /// The whole machine's busy cores: Aether, PostgreSQL, the load, anything else.
     machine_cores: f64,
+    /// `machine_cores` less Aether, PostgreSQL and the load: other work on the box.
+    other_cores: f64,
     aether_rss_peak_mib: f64,
     aether_rss_after_mib: f64,
 }
@@ -146,9 +152,11 @@ async fn sign_in_worker(
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn sign_in(
     server: SocketAddr,
     aether_pid: u32,
+    pg_pid: Option<u32>,
     users: usize,
     signup_concurrency: usize,
     steps: &[usize],
@@ -197,6 +205,7 @@ pub async fn sign_in(
         let (user0, sys0) = cpu_user_system(aether_pid).unwrap_or_default();
         let load0 = cpu_seconds(me).unwrap_or(0.0);
         let busy0 = machine_busy_seconds().unwrap_or(0.0);
+        let pg0 = pg_pid.and_then(tree_cpu_seconds).unwrap_or(0.0);
         let sampler = RssSampler::start(aether_pid, Duration::from_millis(50));
         let mut all = WorkerOut::default();
         for h in handles {
@@ -216,6 +225,7 @@ pub async fn sign_in(
         let (cpu, sys) = (user1 + sys1 - user0 - sys0, sys1 - sys0);
         let load_cpu = cpu_seconds(me).unwrap_or(0.0) - load0;
         let busy = machine_busy_seconds().unwrap_or(0.0) - busy0;
+        let pg = pg_pid.and_then(tree_cpu_seconds).unwrap_or(0.0) - pg0;
         let peak = sampler.stop();
         // The window: from `measure` to the last recorded completion.
         let window = all
@@ -247,7 +257,9 @@ pub async fn sign_in(
             aether_cores: cpu / wall,
             aether_system_cores: sys / wall,
             load_cores: load_cpu / wall,
+            postgres_cores: pg / wall,
             machine_cores: busy / wall,
+            other_cores: ((busy - cpu - pg - load_cpu) / wall).max(0.0),
             aether_rss_peak_mib: peak as f64 / 1024.0,
             aether_rss_after_mib: rss_kib(aether_pid).unwrap_or(0) as f64 / 1024.0,
         });
