@@ -1,4 +1,5 @@
-//! The load process: WebSocket subscribers (tokio-tungstenite) and SQL writers.
+//! The load process: WebSocket subscribers (tokio-tungstenite), SQL writers, and the
+//! HTTP clients of the `rest` scenario (`rest.rs`).
 //!
 //! It talks to the orchestrator on stdout (`LOG …`, `READY`, `DONE …`, `RESULT <json>`,
 //! `FAIL …`) and reads `GO` on stdin where a scenario needs a go-ahead.
