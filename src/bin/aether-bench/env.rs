@@ -54,6 +54,17 @@ impl Env {
         })
     }
 
+    /// The postmaster's pid (from `postmaster.pid`).
+    pub fn pg_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("postgres").join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub fn bin_dir() -> anyhow::Result<PathBuf> {
         Ok(aether::store::embedded::find_bin_dir()?)
     }

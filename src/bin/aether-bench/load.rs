@@ -1,4 +1,5 @@
-//! The load process: WebSocket subscribers (tokio-tungstenite) and SQL writers.
+//! The load process: WebSocket subscribers (tokio-tungstenite), SQL writers, and the
+//! HTTP clients of the `rest` scenario (`rest.rs`).
 //!
 //! It talks to the orchestrator on stdout (`LOG …`, `READY`, `DONE …`, `RESULT <json>`,
 //! `FAIL …`) and reads `GO` on stdin where a scenario needs a go-ahead.
@@ -79,6 +80,28 @@ pub enum Spec {
         rate: f64,
         seconds: f64,
     },
+    /// `rest`: sign up `users`, then sign in at each concurrency of `steps`.
+    SignIn {
+        server: SocketAddr,
+        aether_pid: u32,
+        /// The postmaster, for PostgreSQL's CPU.
+        pg_pid: Option<u32>,
+        users: usize,
+        signup_concurrency: usize,
+        steps: Vec<usize>,
+        seconds: f64,
+        warmup_s: f64,
+    },
+    /// `rest`: sign up one user, upload `bytes` to `bucket`/`path`, download it back.
+    Upload {
+        server: SocketAddr,
+        aether_pid: u32,
+        bytes: u64,
+        bucket: String,
+        path: String,
+        content_type: String,
+        download: bool,
+    },
 }
 
 fn say(line: &str) {
@@ -88,7 +111,7 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-fn log(msg: impl AsRef<str>) {
+pub fn log(msg: impl AsRef<str>) {
     say(&format!("LOG {}", msg.as_ref()));
 }
 
@@ -130,6 +153,48 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
         Spec::Latency { .. } => latency(spec).await,
         Spec::FanOut { .. } => fan_out(spec).await,
         Spec::Routing { .. } => routing(spec).await,
+        Spec::SignIn {
+            server,
+            aether_pid,
+            pg_pid,
+            users,
+            signup_concurrency,
+            steps,
+            seconds,
+            warmup_s,
+        } => {
+            crate::rest::sign_in(
+                server,
+                aether_pid,
+                pg_pid,
+                users,
+                signup_concurrency,
+                &steps,
+                seconds,
+                warmup_s,
+            )
+            .await
+        }
+        Spec::Upload {
+            server,
+            aether_pid,
+            bytes,
+            bucket,
+            path,
+            content_type,
+            download,
+        } => {
+            crate::rest::upload(
+                server,
+                aether_pid,
+                bytes,
+                &bucket,
+                &path,
+                &content_type,
+                download,
+            )
+            .await
+        }
     }
 }
 

@@ -11,9 +11,11 @@
 
 mod chart;
 mod env;
+mod http;
 mod load;
 mod proc;
 mod report;
+mod rest;
 mod scenarios;
 mod stats;
 
@@ -62,7 +64,7 @@ enum Cmd {
     FilteredRouting(RunArgs),
     /// One big UPDATE; time to first and last event and peak RSS.
     BigTx(RunArgs),
-    /// REST throughput (sign-in, upload): needs the REST routes.
+    /// Sign-ins per second (argon2-bound) and a 1 GiB upload and download.
     Rest(RunArgs),
     /// In-process: pgoutput decode + Assembler on real pgoutput messages.
     Decode(RunArgs),

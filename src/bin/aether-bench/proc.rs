@@ -25,13 +25,64 @@ fn clk_tck() -> f64 {
 
 /// User + system CPU seconds of the whole process (all threads, dead ones included).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_user_system(pid).map(|(u, s)| u + s)
+}
+
+/// User and system CPU seconds of the whole process, apart.
+pub fn cpu_user_system(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state); utime is field 14, stime field 15.
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / clk_tck())
+    Some((utime / clk_tck(), stime / clk_tck()))
+}
+
+/// CPU seconds of `root` and its live children, plus what `root` reaped: a
+/// PostgreSQL postmaster and its backends.
+pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
+    let fields = |pid: &str| -> Option<Vec<f64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = stat.rsplit_once(')')?.1.to_owned();
+        // From field 3 (state): ppid is field 4, utime 14, stime 15, cutime 16, cstime 17.
+        Some(
+            rest.split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let own = fields(&root.to_string())?;
+    let mut ticks = own.get(11..15)?.iter().sum::<f64>();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = fields(pid)
+            && f.get(1) == Some(&(root as f64))
+        {
+            ticks += f.get(11..13).map_or(0.0, |t| t.iter().sum());
+        }
+    }
+    Some(ticks / clk_tck())
+}
+
+/// CPU seconds the whole machine spent busy (all cores: /proc/stat's first line,
+/// user + nice + system + irq + softirq), for telling what else ran during a step.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal … (guest time is inside user).
+    let busy = v.get(..3)?.iter().sum::<f64>() + v.get(5)? + v.get(6)?;
+    Some(busy / clk_tck())
 }
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {

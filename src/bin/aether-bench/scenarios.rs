@@ -13,9 +13,7 @@ use crate::report::{f, group, int, merge_json, table};
 pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
     println!("== {name}{} ==", if args.quick { " (--quick)" } else { "" });
     let started = Instant::now();
-    let result = if name == "rest" {
-        rest()
-    } else {
+    let result = {
         let env = Env::new(args, name)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -29,6 +27,7 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
                 "filtered-routing" => filtered_routing(&env, args.quick).await,
                 "big-tx" => big_tx(&env, args).await,
                 "decode" => decode(&env, args.quick).await,
+                "rest" => rest(&env, args.quick).await,
                 other => anyhow::bail!("unknown scenario {other}"),
             }
         })
@@ -743,10 +742,296 @@ async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
 // ---------------------------------------------------------------------------
 // rest
 
-fn rest() -> anyhow::Result<Value> {
+/// The parameters of an argon2 PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`).
+fn argon2_params(phc: &str) -> Value {
+    let parts: Vec<&str> = phc.split('$').collect();
+    let mut v = json!({
+        "algorithm": parts.get(1),
+        "version": parts.get(2).and_then(|p| p.strip_prefix("v=")).and_then(|x| x.parse::<u32>().ok()),
+    });
+    for kv in parts.get(3).unwrap_or(&"").split(',') {
+        if let Some((k, n)) = kv.split_once('=')
+            && let Ok(n) = n.parse::<u64>()
+        {
+            let key = match k {
+                "m" => "m_cost_kib",
+                "t" => "t_cost",
+                "p" => "p_cost",
+                other => other,
+            };
+            v[key] = json!(n);
+        }
+    }
+    v
+}
+
+/// Calls `f` on this thread for `budget` (3 calls at least); µs per call and calls.
+fn time_per_call(budget: Duration, mut f: impl FnMut()) -> (f64, u64) {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < 3 || start.elapsed() < budget {
+        f();
+        n += 1;
+    }
+    (start.elapsed().as_secs_f64() * 1e6 / n as f64, n)
+}
+
+async fn rest(env: &Env, quick: bool) -> anyhow::Result<Value> {
+    use aether::auth::password;
+    const AUTH_LIMIT: u32 = 1_000_000;
+    let bytes: u64 = if quick { 128 << 20 } else { 1 << 30 };
+    let users = if quick { 16 } else { 64 };
+    let steps = [1, 2, 4, 8];
+    let seconds = if quick { 3.0 } else { 10.0 };
+    let warmup_s = if quick { 0.5 } else { 1.0 };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // The hash cost: the server's own function, timed here on one core.
+    let budget = Duration::from_secs_f64(if quick { 1.0 } else { 3.0 });
+    let phc = password::hash(crate::rest::PASSWORD).map_err(anyhow::Error::msg)?;
+    let params = argon2_params(&phc);
+    let busy0 = crate::proc::machine_busy_seconds().unwrap_or(0.0);
+    let own0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let timing = Instant::now();
+    let (hash_us, hashes) = time_per_call(budget, || {
+        std::hint::black_box(password::hash(crate::rest::PASSWORD).ok());
+    });
+    let (verify_us, verifies) = time_per_call(budget, || {
+        std::hint::black_box(password::verify(crate::rest::PASSWORD, &phc));
+    });
+    // Other work on the machine while timing (this process excluded).
+    let timing_other_cores = (crate::proc::machine_busy_seconds().unwrap_or(0.0)
+        - busy0
+        - (cpu_seconds(std::process::id()).unwrap_or(0.0) - own0))
+        / timing.elapsed().as_secs_f64();
+
+    let limits: Vec<(&str, String)> = vec![
+        ("RATE_LIMIT_AUTH_PER_MIN", AUTH_LIMIT.to_string()),
+        ("RATE_LIMIT_STORAGE_PER_MIN", AUTH_LIMIT.to_string()),
+        ("MAX_FILE_SIZE", (2 * bytes).to_string()),
+        ("STORAGE_QUOTA_BYTES", (4 * bytes).to_string()),
+        ("ALLOWED_FILE_TYPES", "application/octet-stream".into()),
+    ];
+
+    let settings = limits
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    // Sign-in: its own Aether process.
+    let aether = started_aether(env, &limits).await?;
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "sign-in",
+        "server": aether.addr,
+        "aether_pid": aether.pid,
+        "pg_pid": env.pg_pid(),
+        "users": users,
+        "signup_concurrency": 2,
+        "steps": steps,
+        "seconds": seconds,
+        "warmup_s": warmup_s,
+    }))?;
+    let mut sign_in = load.result().await?;
+    drop(aether);
+    for r in sign_in["rows"].as_array_mut().into_iter().flatten() {
+        let per_s = r["per_s"].as_f64().unwrap_or(0.0);
+        r["argon2_cores"] = json!(per_s * verify_us / 1e6);
+    }
+
     println!(
-        "rest: not available yet: this tree has no `POST /auth/sign-in` (nor upload) route; \
-         the REST routes are being built on another branch. Nothing measured."
+        "password hash: {} v={}, m_cost {} KiB, t_cost {}, p_cost {} (parameters read from the PHC string of aether::auth::password::hash)",
+        params["algorithm"].as_str().unwrap_or("?"),
+        params["version"],
+        params["m_cost_kib"],
+        params["t_cost"],
+        params["p_cost"]
     );
-    Ok(json!({"available": false, "reason": "POST /auth/sign-in does not exist in this tree"}))
+    println!(
+        "  one core, in-process, same functions as the server: hash {:.0} µs, verify {:.0} µs \
+         ({} and {} calls; other work on the box meanwhile: {:.2} cores) -> at most {:.0} sign-ins/s per core, {:.0} on {cores} cores",
+        hash_us,
+        verify_us,
+        hashes,
+        verifies,
+        timing_other_cores.max(0.0),
+        1e6 / verify_us,
+        cores as f64 * 1e6 / verify_us
+    );
+    println!(
+        "  RATE_LIMIT_AUTH_PER_MIN={} for this run (default 5 per address): the limiter is not what is measured",
+        group(AUTH_LIMIT as i64)
+    );
+    println!(
+        "  {} users signed up first over 2 connections: {} s, {}/s; Aether RSS {} MiB idle, {} MiB after the sign-ups",
+        users,
+        f(&sign_in["sign_up"]["seconds"], 1),
+        f(&sign_in["sign_up"]["per_s"], 1),
+        f(&sign_in["aether_rss_idle_mib"], 1),
+        f(&sign_in["aether_rss_after_sign_up_mib"], 1)
+    );
+    let rows: Vec<Vec<String>> = sign_in["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                int(&r["concurrency"]),
+                int(&r["requests"]),
+                f(&r["per_s"], 1),
+                f(&r["latency_ms"]["p50"], 1),
+                f(&r["latency_ms"]["p99"], 1),
+                int(&r["non_200"]),
+                int(&r["errors"]),
+                f(&r["aether_cores"], 2),
+                f(&r["aether_system_cores"], 2),
+                f(&r["argon2_cores"], 2),
+                f(&r["postgres_cores"], 2),
+                f(&r["other_cores"], 2),
+                f(&r["aether_rss_peak_mib"], 0),
+                f(&r["aether_rss_after_mib"], 0),
+            ]
+        })
+        .collect();
+    println!(
+        "POST /auth/sign-in, one keep-alive connection per client, {seconds} s per step after {warmup_s} s of warm-up:"
+    );
+    table(
+        &[
+            "clients",
+            "sign-ins",
+            "sign-ins/s",
+            "p50 ms",
+            "p99 ms",
+            "non-200",
+            "errors",
+            "aether cores",
+            "of which sys",
+            "argon2 cores",
+            "postgres cores",
+            "other cores",
+            "peak RSS MiB",
+            "RSS after MiB",
+        ],
+        &rows,
+    );
+    println!(
+        "  (argon2 cores = sign-ins/s x one verify's time on one core; other cores = the machine's busy CPU \
+         less Aether, PostgreSQL and the load: work of others on the shared box; errors = requests with no response)"
+    );
+    if !sign_in["first_error"].is_null() {
+        println!("  first failure: {}", sign_in["first_error"]);
+    }
+
+    // Upload and download: a fresh Aether process.
+    let aether = started_aether(env, &limits).await?;
+    let mut load = LoadProc::spawn(&json!({
+        "mode": "upload",
+        "server": aether.addr,
+        "aether_pid": aether.pid,
+        "bytes": bytes,
+        "bucket": "files",
+        "path": "bench/big.bin",
+        "content_type": "application/octet-stream",
+        "download": true,
+    }))?;
+    let mut upload = load.result().await?;
+    drop(aether);
+    // The stored object: the response, the row, the bytes on disk.
+    let id: uuid::Uuid = upload["response"]["id"]
+        .as_str()
+        .context("upload response without id")?
+        .parse()?;
+    let sql = env::connect(&env.db_url).await?;
+    let row = sql
+        .query_one(
+            "SELECT size, storage_key FROM public.files WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    let row_size: i64 = row.get(0);
+    let key: String = row.get(1);
+    let disk = std::fs::metadata(env.dir.join("aether-data").join("storage").join(&key))
+        .map(|m| m.len())
+        .ok();
+    let response_size = upload["response"]["size"].as_u64();
+    let stored_ok = response_size == Some(bytes) && row_size as u64 == bytes && disk == Some(bytes);
+    upload["stored"] = json!({
+        "response_size": response_size,
+        "row_size": row_size,
+        "disk_size": disk,
+        "ok": stored_ok,
+    });
+    let d = &upload["download"];
+    let mib = bytes as f64 / 1048576.0;
+    println!(
+        "POST /storage/upload (multipart, streamed, Content-Length known) of {mib:.0} MiB, then GET of the same object; \
+         Aether RSS sampled every 50 ms; a fresh Aether with {}:",
+        settings
+    );
+    table(
+        &[
+            "transfer",
+            "MiB",
+            "seconds",
+            "MiB/s",
+            "RSS before MiB",
+            "peak RSS MiB",
+            "RSS after MiB",
+            "aether CPU s",
+            "checked",
+        ],
+        &[
+            vec![
+                "upload".into(),
+                format!("{mib:.0}"),
+                f(&upload["seconds"], 2),
+                f(&upload["mib_per_s"], 0),
+                f(&upload["rss_before_mib"], 1),
+                f(&upload["rss_peak_mib"], 1),
+                f(&upload["rss_after_mib"], 1),
+                f(&upload["aether_cpu_s"], 2),
+                if stored_ok { "size ok" } else { "SIZE WRONG" }.into(),
+            ],
+            vec![
+                "download".into(),
+                format!("{:.0}", d["bytes"].as_f64().unwrap_or(0.0) / 1048576.0),
+                f(&d["seconds"], 2),
+                f(&d["mib_per_s"], 0),
+                f(&d["rss_before_mib"], 1),
+                f(&d["rss_peak_mib"], 1),
+                f(&d["rss_after_mib"], 1),
+                f(&d["aether_cpu_s"], 2),
+                if d["verified"] == json!(true) {
+                    "bytes ok"
+                } else {
+                    "BYTES WRONG"
+                }
+                .into(),
+            ],
+        ],
+    );
+    println!(
+        "  upload: last byte sent at {} s, response {} s later (blob completion with fsync, row commit); \
+         stored size: response {}, row {}, file on disk {}",
+        f(&upload["last_byte_sent_s"], 2),
+        f(&upload["response_after_last_byte_s"], 2),
+        upload["stored"]["response_size"],
+        row_size,
+        upload["stored"]["disk_size"]
+    );
+    Ok(json!({
+        "argon2": {
+            "params": params,
+            "hash_us_one_core": hash_us,
+            "verify_us_one_core": verify_us,
+            "hash_calls": hashes,
+            "verify_calls": verifies,
+            "other_cores_while_timing": timing_other_cores.max(0.0),
+        },
+        "rate_limit_auth_per_min": AUTH_LIMIT,
+        "aether_settings": settings,
+        "sign_in": sign_in,
+        "upload": upload,
+    }))
 }
