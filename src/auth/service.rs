@@ -146,9 +146,22 @@ pub struct AuthService {
     jwt: JwtKeys,
 }
 
+/// Runs password hashing on the blocking pool, at most one hash per core at a time.
+///
+/// Each argon2 call allocates its whole memory cost (19 MiB). Unbounded, N
+/// concurrent sign-ins held N × 19 MiB (1.5 GiB at 8 clients in aether-bench rest)
+/// and were no faster: the cores were already busy. Callers wait their turn here.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, AuthError> {
+    static HASHING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let slots = HASHING.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    });
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|e| AuthError::Internal(format!("hashing slots: {e}")))?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| AuthError::Internal(format!("hashing task: {e}")))
@@ -555,4 +568,30 @@ async fn record_event(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hashing_runs_at_most_one_job_per_core() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NOW: AtomicUsize = AtomicUsize::new(0);
+        static PEAK: AtomicUsize = AtomicUsize::new(0);
+        let jobs: Vec<_> = (0..16)
+            .map(|_| {
+                tokio::spawn(super::blocking(|| {
+                    let n = NOW.fetch_add(1, Ordering::SeqCst) + 1;
+                    PEAK.fetch_max(n, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    NOW.fetch_sub(1, Ordering::SeqCst);
+                }))
+            })
+            .collect();
+        for j in jobs {
+            j.await.unwrap().unwrap();
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let peak = PEAK.load(Ordering::SeqCst);
+        assert!(peak >= 1 && peak <= cores, "peak {peak} > {cores} cores");
+    }
 }
