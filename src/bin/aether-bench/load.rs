@@ -498,6 +498,8 @@ struct Writer {
     stmts: Vec<tokio_postgres::Statement>,
     owner: uuid::Uuid,
     next_seq: u64,
+    /// PostgreSQL's own delivery of the same commits, when measured (see [`Reference`]).
+    reference: Option<Arc<Shared>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -533,6 +535,7 @@ impl Writer {
             stmts,
             owner: owner.parse()?,
             next_seq: 1,
+            reference: None,
         })
     }
 
@@ -550,6 +553,11 @@ impl Writer {
         self.next_seq += total;
         let tracker = Tracker::new(base, total as usize);
         *shared.tracker.write().unwrap() = Some(Arc::clone(&tracker));
+        let ref_tracker = self.reference.as_ref().map(|r| {
+            let t = Tracker::new(base, total as usize);
+            *r.tracker.write().unwrap() = Some(Arc::clone(&t));
+            t
+        });
         const INFLIGHT: u32 = 512;
         let sem = Arc::new(Semaphore::new(INFLIGHT as usize));
         let errors = Arc::new(AtomicU64::new(0));
@@ -571,10 +579,14 @@ impl Writer {
                 let owner = self.owner;
                 let path = format!("s{}", base + i);
                 let tracker = Arc::clone(&tracker);
+                let ref_tracker = ref_tracker.clone();
                 let errors = Arc::clone(&errors);
                 tokio::spawn(async move {
                     let sent = now_us();
                     tracker.sent[i as usize].store(sent, Ordering::Relaxed);
+                    if let Some(r) = &ref_tracker {
+                        r.sent[i as usize].store(sent, Ordering::Relaxed);
+                    }
                     if client
                         .execute(&stmt, &[&folder_id, &path, &sent, &owner])
                         .await
@@ -597,6 +609,67 @@ impl Writer {
                 errors: errors.load(Ordering::Relaxed),
             },
         ))
+    }
+}
+
+/// PostgreSQL's own limit for live delivery: `pg_recvlogical` on a `test_decoding`
+/// slot of its own, streaming the same commits as Aether's slot, its text output read
+/// by this process. Its receive times go to the writer's reference tracker, so each
+/// step has the walsender-to-plain-client latency of the very same changes.
+struct Reference {
+    child: tokio::process::Child,
+    shared: Arc<Shared>,
+}
+
+impl Reference {
+    const SLOT: &'static str = "bench_reference";
+
+    async fn start(db: &str) -> anyhow::Result<Reference> {
+        use anyhow::Context as _;
+        let sql = crate::env::connect(db).await?;
+        sql.batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{s}';
+             SELECT pg_create_logical_replication_slot('{s}', 'test_decoding')",
+            s = Self::SLOT
+        ))
+        .await?;
+        let bin = aether::store::embedded::find_bin_dir()?.join("pg_recvlogical");
+        let mut child = tokio::process::Command::new(&bin)
+            .args(["-d", db, "--slot", Self::SLOT, "--start", "-f", "-"])
+            .args(["-o", "skip-empty-xacts=1", "-o", "include-xids=0"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let out = child.stdout.take().context("pg_recvlogical stdout")?;
+        let shared = Arc::new(Shared::default());
+        let reader = Arc::clone(&shared);
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                // table public.files: INSERT: … path[text]:'s123' …
+                if let Some(seq) = field_i64(&line, "path[text]:'s") {
+                    let recv = now_us();
+                    if let Some(t) = reader.tracker.read().ok().and_then(|t| t.clone()) {
+                        t.record(seq as u64, recv, None);
+                    }
+                }
+            }
+        });
+        Ok(Reference { child, shared })
+    }
+
+    async fn stop(mut self, db: &str) {
+        let _ = self.child.kill().await;
+        if let Ok(sql) = crate::env::connect(db).await {
+            let _ = sql
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot('{}')",
+                    Self::SLOT
+                ))
+                .await;
+        }
     }
 }
 
@@ -751,6 +824,10 @@ struct LatencyRow {
     latency_ms: Summary,
     /// Receive time minus the Commit message's time (ms resolution).
     since_commit_ms: Summary,
+    /// The same commits through pg_recvlogical on a test_decoding slot (send time to
+    /// receive time, like `latency_ms`): PostgreSQL's own limit.
+    postgres_reference_ms: Summary,
+    postgres_reference_lost: usize,
     lost: usize,
     aether_cpu_us_per_change: f64,
     aether_rss_mib: f64,
@@ -776,6 +853,8 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
     let max_subs = subscribers.iter().copied().max().unwrap_or(1);
     let folder_ids = folders(&db, "l", max_subs).await?;
     let mut writer = Writer::new(&db, 4, &owner).await?;
+    let reference = Reference::start(&db).await?;
+    writer.reference = Some(Arc::clone(&reference.shared));
     let mut rows = Vec::new();
     let mut held = Vec::new();
     for &n in &subscribers {
@@ -807,6 +886,15 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
                 .await?;
             drain(&tracker, write.sent, Duration::from_secs(5)).await;
             let cpu1 = cpu_seconds(aether_pid).unwrap_or(0.0);
+            let ref_tracker = reference.shared.tracker.read().ok().and_then(|t| t.clone());
+            let (mut ref_lat, ref_lost) = match &ref_tracker {
+                Some(t) => {
+                    drain(t, write.sent, Duration::from_secs(5)).await;
+                    let (l, _, lost) = t.latencies(write.sent as usize, from, 1);
+                    (l, lost)
+                }
+                None => (Vec::new(), 0),
+            };
             let (mut lat, _, lost) = tracker.latencies(write.sent as usize, from, 1);
             let summary = summarize_us(&mut lat);
             let since_commit = summarize_us(&mut tracker.since_commit(write.sent as usize, from));
@@ -824,6 +912,8 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
                 write,
                 latency_ms: summary,
                 since_commit_ms: since_commit,
+                postgres_reference_ms: summarize_us(&mut ref_lat),
+                postgres_reference_lost: ref_lost,
                 lost,
             });
             if !ok && extra {
@@ -836,6 +926,7 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    reference.stop(&db).await;
     Ok(json!({"p99_limit_ms": p99_limit_ms, "rows": rows, "held": held}))
 }
 
@@ -845,6 +936,9 @@ struct FanOutRow {
     write: WriteStats,
     last_subscriber_ms: Summary,
     first_subscriber_ms: Summary,
+    /// The same changes to pg_recvlogical on a test_decoding slot: PostgreSQL's own
+    /// delivery to one plain client.
+    postgres_reference_ms: Summary,
     incomplete_changes: usize,
     deliveries: u64,
     aether_cpu_s_per_s: f64,
@@ -870,6 +964,8 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
     };
     let folder = folders(&db, "f", 1).await?[0];
     let mut writer = Writer::new(&db, 2, &owner).await?;
+    let reference = Reference::start(&db).await?;
+    writer.reference = Some(Arc::clone(&reference.shared));
     let shared = Arc::new(Shared::default());
     let rss0 = rss_kib(aether_pid).unwrap_or(0);
     let t0 = Instant::now();
@@ -903,10 +999,18 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         let load_cpu = cpu_seconds(me).unwrap_or(0.0) - load0;
         let (mut last, mut first, short) =
             tracker.latencies(write.sent as usize, 0, connections as u32);
+        let mut ref_lat = match reference.shared.tracker.read().ok().and_then(|t| t.clone()) {
+            Some(t) => {
+                drain(&t, write.sent, Duration::from_secs(5)).await;
+                t.latencies(write.sent as usize, 0, 1).0
+            }
+            None => Vec::new(),
+        };
         let row = FanOutRow {
             rate,
             last_subscriber_ms: summarize_us(&mut last),
             first_subscriber_ms: summarize_us(&mut first),
+            postgres_reference_ms: summarize_us(&mut ref_lat),
             incomplete_changes: short,
             deliveries: tracker.deliveries.load(Ordering::Relaxed),
             aether_cpu_s_per_s: cpu / t.elapsed().as_secs_f64(),
@@ -924,6 +1028,7 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
     for mut s in sinks.drain(..) {
         let _ = s.close().await;
     }
+    reference.stop(&db).await;
     Ok(json!({
         "connections": connections,
         "source_ips": source_ips,

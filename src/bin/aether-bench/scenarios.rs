@@ -127,6 +127,8 @@ END $$;
 }
 
 struct Recv {
+    /// Spawn to the first byte of output.
+    first_s: f64,
     /// Spawn to the last byte of output: when the client had the last message.
     wall_s: f64,
     /// Spawn to exit (includes noticing `--endpos` and closing).
@@ -163,14 +165,15 @@ fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
     let mut out = child.stdout.take().context("pg_recvlogical stdout")?;
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
-        let mut last = start;
+        let (mut first, mut last) = (None, start);
         while let Ok(n) = out.read(&mut buf) {
             if n == 0 {
                 break;
             }
             last = Instant::now();
+            first.get_or_insert(last);
         }
-        last
+        (first.unwrap_or(start), last)
     });
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
@@ -178,7 +181,7 @@ fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let exit_s = start.elapsed().as_secs_f64();
-    let last = reader.join().unwrap_or(start);
+    let (first, last) = reader.join().unwrap_or((start, start));
     anyhow::ensure!(r == pid, "wait4 failed");
     anyhow::ensure!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
@@ -186,6 +189,7 @@ fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
     );
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(Recv {
+        first_s: first.duration_since(start).as_secs_f64(),
         wall_s: last.duration_since(start).as_secs_f64(),
         exit_s,
         cpu_s: tv(usage.ru_utime) + tv(usage.ru_stime),
@@ -404,6 +408,8 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
                 f(&l["max"], 2),
                 f(&r["since_commit_ms"]["p50"], 1),
                 f(&r["since_commit_ms"]["p99"], 1),
+                f(&r["postgres_reference_ms"]["p50"], 2),
+                f(&r["postgres_reference_ms"]["p99"], 2),
                 int(&r["lost"]),
                 f(&r["aether_cpu_us_per_change"], 1),
             ]
@@ -411,7 +417,10 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
         .collect();
     println!("latency = receive time - send time written by the load process (µs clock), ms;");
     println!(
-        "'commit p50/p99' = receive time - the Commit message's time (frame `timestamp`, whole ms), ms:"
+        "'commit p50/p99' = receive time - the Commit message's time (frame `timestamp`, whole ms);"
+    );
+    println!(
+        "'pg p50/p99' = the same commits to pg_recvlogical on a test_decoding slot (send to receive): PostgreSQL's own limit, ms:"
     );
     table(
         &[
@@ -425,6 +434,8 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
             "max",
             "commit p50",
             "commit p99",
+            "pg p50",
+            "pg p99",
             "lost",
             "aether CPU µs/change",
         ],
@@ -480,6 +491,7 @@ async fn fan_out(env: &Env, quick: bool) -> anyhow::Result<Value> {
             vec![
                 f(&r["rate"], 0),
                 int(&r["write"]["sent"]),
+                f(&r["postgres_reference_ms"]["p50"], 1),
                 f(&r["first_subscriber_ms"]["p50"], 1),
                 f(&r["last_subscriber_ms"]["p50"], 1),
                 f(&r["last_subscriber_ms"]["p99"], 1),
@@ -491,11 +503,14 @@ async fn fan_out(env: &Env, quick: bool) -> anyhow::Result<Value> {
             ]
         })
         .collect();
-    println!("time until the last subscriber has each change (ms):");
+    println!(
+        "time until the last subscriber has each change (ms); 'pg p50' = the same changes to pg_recvlogical on a test_decoding slot:"
+    );
     table(
         &[
             "changes/s",
             "changes",
+            "pg p50",
             "first p50",
             "last p50",
             "last p99",
@@ -592,6 +607,9 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     .await?;
     sql.batch_execute("VACUUM ANALYZE public.files").await?;
     let aether = started_aether(env, &[queue]).await?;
+    // The reference: a twin slot at the same point, drained after Aether's run.
+    sql.batch_execute("SELECT pg_create_logical_replication_slot('bt_twin', 'pgoutput')")
+        .await?;
     let mut load = LoadProc::spawn(&json!({
         "mode": "big-tx",
         "server": aether.addr,
@@ -605,6 +623,23 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     let mut res = load.result().await?;
     res["rows"] = json!(rows);
     res["ws_queue_capacity"] = json!(args.ws_queue_capacity);
+    drop(aether);
+    let endpos: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let recv = pg_recvlogical(env, "bt_twin", &endpos)?;
+    // pg_recvlogical starts after the commit: its walsender first reads the whole
+    // transaction's WAL, then sends it. Its sending rate is first to last byte.
+    let send_s = (recv.wall_s - recv.first_s).max(1e-9);
+    res["pg_recvlogical"] = json!({
+        "first_byte_s": recv.first_s,
+        "last_byte_s": recv.wall_s,
+        "events_per_s_after_first": rows as f64 / send_s,
+        "cpu_s": recv.cpu_s,
+    });
+    let aether_rate = res["events_per_s_after_first"].as_f64().unwrap_or(0.0);
+    res["ratio_after_first"] = json!(aether_rate / (rows as f64 / send_s));
     table(
         &[
             "rows",
@@ -630,13 +665,19 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         ]],
     );
     println!("  (event times are measured from the UPDATE's commit as the client saw it)");
+    println!(
+        "  reference: pg_recvlogical on a twin slot, started after Aether's run: first byte after {:.2} s (its walsender reads the transaction's WAL first), last after {:.2} s: {} events/s from first to last byte; Aether / pg_recvlogical events/s: {:.2}",
+        recv.first_s,
+        recv.wall_s,
+        group((rows as f64 / send_s) as i64),
+        res["ratio_after_first"].as_f64().unwrap_or(0.0)
+    );
     if res["complete"] != json!(true) {
         println!(
             "  INCOMPLETE: {} of {rows} events ({})",
             res["received"], res["error"]
         );
     }
-    drop(aether);
     Ok(res)
 }
 
