@@ -158,13 +158,18 @@ async fn blocking<T: Send + 'static>(
     let slots = HASHING.get_or_init(|| {
         tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
     });
-    let _slot = slots
+    let slot = slots
         .acquire()
         .await
         .map_err(|e| AuthError::Internal(format!("hashing slots: {e}")))?;
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AuthError::Internal(format!("hashing task: {e}")))
+    // The slot goes with the job: a caller that gives up (the client hung up) does
+    // not free it while the hash still runs.
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f()
+    })
+    .await
+    .map_err(|e| AuthError::Internal(format!("hashing task: {e}")))
 }
 
 impl AuthService {
@@ -573,11 +578,12 @@ async fn record_event(
 #[cfg(test)]
 mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn hashing_runs_at_most_one_job_per_core() {
+    async fn hashing_runs_at_most_one_job_per_core_even_for_callers_that_give_up() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static NOW: AtomicUsize = AtomicUsize::new(0);
         static PEAK: AtomicUsize = AtomicUsize::new(0);
-        let jobs: Vec<_> = (0..16)
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let jobs: Vec<_> = (0..4 * cores)
             .map(|_| {
                 tokio::spawn(super::blocking(|| {
                     let n = NOW.fetch_add(1, Ordering::SeqCst) + 1;
@@ -587,10 +593,21 @@ mod tests {
                 }))
             })
             .collect();
-        for j in jobs {
-            j.await.unwrap().unwrap();
+        // Half the callers give up at once: their jobs still hold their slots.
+        for (i, j) in jobs.into_iter().enumerate() {
+            if i % 2 == 0 {
+                j.abort();
+            } else {
+                j.await.unwrap().unwrap();
+            }
         }
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // Wait for the abandoned jobs too.
+        let _all = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while NOW.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
         let peak = PEAK.load(Ordering::SeqCst);
         assert!(peak >= 1 && peak <= cores, "peak {peak} > {cores} cores");
     }

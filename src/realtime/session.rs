@@ -1,6 +1,7 @@
 //! One WebSocket connection: a reader that parses client frames and a writer that
 //! drains the connection's bounded queue. The router and the hub never wait on
-//! either.
+//! either's socket (the router's one wait is the bounded catch-up hold, see
+//! `router`).
 //!
 //! The same connection speaks the change-subscription frames (`subscription`) and
 //! the Aether WebSocket API (`connection`, `message`, `system`); a connection opened

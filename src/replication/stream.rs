@@ -148,7 +148,18 @@ impl ReplicationTask {
                             let permit = loop {
                                 tokio::select! {
                                     biased;
-                                    _ = self.shutdown.cancelled() => return Ok(()),
+                                    _ = self.shutdown.cancelled() => {
+                                        let flush = self.flush_position(
+                                            flushed,
+                                            keepalive_end,
+                                            forwarded_end,
+                                            &assembler,
+                                        );
+                                        let _ = conn
+                                            .send_status(received.max(flush), flush, false)
+                                            .await;
+                                        return Ok(());
+                                    }
                                     permit = self.changes.reserve() => {
                                         break permit.map_err(|_| StreamError::RouterGone)?;
                                     }

@@ -12,16 +12,22 @@
 //! changes from the resume history (one shared copy for everyone) until it is back
 //! at the head, then goes live again. A lagging connection that stops draining for
 //! the stall timeout, or falls behind the resume window, is closed with a reason
-//! and can resume with `since`. Either way the change counts as handed on. Routing cost follows the matching
-//! subscriptions: subscriptions with an equality filter are found through a hash
-//! index on (column, value), the rest of a table's subscriptions are scanned.
+//! and can resume with `since`. Either way the change counts as handed on.
+//!
+//! The one wait: a lagging connection that is still draining and would fall out of
+//! the window with the next change holds the replication stream until it pulls,
+//! within per-connection and shared time budgets (see [`Router::holder`]).
+//!
+//! Routing cost follows the matching subscriptions: subscriptions with an equality
+//! filter are found through a hash index on (column, value), the rest of a table's
+//! subscriptions are scanned.
 
 pub mod authz;
 pub mod catalog;
 pub mod filter;
 pub mod history;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -164,6 +170,9 @@ struct Subscription {
     filter: Filter,
     /// (column, key) under which it is indexed, if any.
     index: Option<(String, String)>,
+    /// The last change handled when it was made: a lagging connection's pages skip
+    /// what came before (a `since` replay already had it).
+    from: Option<Position>,
 }
 
 #[derive(Default)]
@@ -207,6 +216,9 @@ pub fn low_water(rx: &mpsc::Receiver<Outbound>) -> bool {
 /// queue at least this often.
 const HOLD_DRAIN_WITHIN: Duration = Duration::from_secs(1);
 
+/// The shared hold credit refills at 1/HOLD_SHARE of wall time.
+const HOLD_SHARE: u32 = 4;
+
 pub struct RouterConfig {
     /// The resume floor persisted by the previous run, if any.
     pub floor: Option<Position>,
@@ -248,10 +260,16 @@ pub struct Router {
     delivered_now: Vec<(u64, Arc<str>)>,
     stall_timeout: Duration,
     catchup_hold: Duration,
-    /// Connections in the lagging state (usually none), so the hold check is cheap.
-    lagging: HashSet<u64>,
+    /// Lagging connections by the position they need next (usually none), so the
+    /// hold check looks only at those the next eviction would cut off.
+    lag_index: BTreeSet<(Position, u64)>,
     /// The connection the stream is held for, and since when.
     holding: Option<(u64, Instant)>,
+    /// Hold time left for everyone together: refilled at a quarter of wall time,
+    /// at most `catchup_hold`, so reconnecting for a fresh per-connection budget
+    /// cannot hold the stream more than a quarter of the time.
+    hold_credit: Duration,
+    hold_credit_at: Instant,
 }
 
 impl Router {
@@ -286,8 +304,10 @@ impl Router {
             delivered_now: Vec::new(),
             stall_timeout: cfg.stall_timeout,
             catchup_hold: cfg.catchup_hold,
-            lagging: HashSet::new(),
+            lag_index: BTreeSet::new(),
             holding: None,
+            hold_credit: cfg.catchup_hold,
+            hold_credit_at: Instant::now(),
         }
     }
 
@@ -301,7 +321,11 @@ impl Router {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let held = self.update_hold(Instant::now());
+            let hold_until = self.update_hold(Instant::now(), !changes.is_empty());
+            let held = hold_until.is_some();
+            let recheck = tokio::time::Instant::from_std(
+                hold_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            );
             tokio::select! {
                 biased;
                 // 1. Shutdown.
@@ -317,7 +341,7 @@ impl Router {
                     Some(out) => {
                         self.output(out);
                         // Drain what is already queued before publishing progress.
-                        while self.holder(Instant::now()).is_none() {
+                        while !(self.may_hold() && self.holder(Instant::now()).is_some()) {
                             let Ok(out) = changes.try_recv() else { break };
                             self.output(out);
                         }
@@ -325,6 +349,8 @@ impl Router {
                     }
                     None => break,
                 },
+                // The holder stops counting as draining: look again.
+                _ = tokio::time::sleep_until(recheck), if held => {}
                 // 4. Age out the resume window.
                 _ = tick.tick() => {
                     self.history.evict(Instant::now());
@@ -335,44 +361,57 @@ impl Router {
         }
     }
 
-    /// The connection the stream must wait for, if any: a lagging connection that
-    /// would fall out of the resume window with the next change, is still draining
-    /// (it asked for more within the last second) and has hold time left.
+    /// Cheap test before [`Router::holder`]: someone lags and the window is full.
+    fn may_hold(&self) -> bool {
+        !self.lag_index.is_empty() && self.history.is_full()
+    }
+
+    /// The connection the stream must wait for, if any, and until when it counts as
+    /// draining: a lagging connection that would fall out of the resume window with
+    /// the next change, asked for more within the last second, and has hold time
+    /// left (its own, and everyone's together).
     ///
     /// Without this a lone client catching up on a backlog larger than the window
     /// is outrun by the router and closed however fast it reads. With it the stream
-    /// is paced to that client for at most `catchup_hold` in all per connection;
-    /// a client that drains nothing never holds anything back.
-    fn holder(&self, now: Instant) -> Option<u64> {
-        if self.lagging.is_empty() || !self.history.is_full() {
+    /// is paced to that client for at most `catchup_hold` in all per connection, and
+    /// at most a quarter of the time overall; a client that drains nothing never
+    /// holds anything back for longer than a second.
+    fn holder(&self, now: Instant) -> Option<(u64, Instant)> {
+        if !self.may_hold() || self.hold_credit.is_zero() {
             return None;
         }
         let front = self.history.front()?;
-        self.lagging.iter().copied().find(|id| {
-            self.sessions.get(id).is_some_and(|e| {
-                e.lag.as_ref().is_some_and(|lag| {
-                    lag.next <= front
-                        && now.duration_since(lag.since) < HOLD_DRAIN_WITHIN
-                        && e.held < self.catchup_hold
-                })
+        self.lag_index
+            .range(..=(front, u64::MAX))
+            .find_map(|&(_, id)| {
+                let e = self.sessions.get(&id)?;
+                let lag = e.lag.as_ref()?;
+                let draining_until = lag.since + HOLD_DRAIN_WITHIN;
+                (now < draining_until && e.held < self.catchup_hold).then_some((id, draining_until))
             })
-        })
     }
 
-    /// Accounts hold time to the connection the stream was held for and says
-    /// whether the stream is held now.
-    fn update_hold(&mut self, now: Instant) -> bool {
-        if let Some((id, last)) = self.holding.take() {
+    /// Charges the hold time since the last call to the connection it was for and
+    /// to the shared credit (only while changes were waiting: holding an idle
+    /// stream costs no one anything), then says until when the stream is held now.
+    fn update_hold(&mut self, now: Instant, pending: bool) -> Option<Instant> {
+        let elapsed = now.duration_since(self.hold_credit_at);
+        self.hold_credit_at = now;
+        self.hold_credit = (self.hold_credit + elapsed / HOLD_SHARE).min(self.catchup_hold);
+        if let Some((id, last)) = self.holding.take()
+            && pending
+        {
             let spent = now.duration_since(last);
-            metrics::counter!("aether_stream_held_milliseconds_total")
-                .increment(spent.as_millis() as u64);
+            metrics::counter!("aether_stream_held_microseconds_total")
+                .increment(spent.as_micros() as u64);
+            self.hold_credit = self.hold_credit.saturating_sub(spent);
             if let Some(e) = self.sessions.get_mut(&id) {
                 e.held += spent;
             }
         }
         let holder = self.holder(now);
-        self.holding = holder.map(|id| (id, now));
-        holder.is_some()
+        self.holding = holder.map(|(id, _)| (id, now));
+        holder.map(|(_, until)| until)
     }
 
     fn publish(&self) {
@@ -546,6 +585,7 @@ impl Router {
             for sub in &subs {
                 if *sub.table != *c.relation.qualified
                     || !sub.events.contains(c.kind)
+                    || sub.from.is_some_and(|from| c.position <= from)
                     || served.iter().any(|s| **s == *sub.id)
                     || !passes(c, &sub.filter, principal, &self.public_buckets)
                 {
@@ -569,10 +609,12 @@ impl Router {
                     lag.served = served;
                 }
                 entry.handle.lagging.notify_one();
+                self.lag_index.remove(&(next, session));
+                self.lag_index.insert((position, session));
             }
             None => {
                 entry.lag = None;
-                self.lagging.remove(&session);
+                self.lag_index.remove(&(next, session));
             }
         }
     }
@@ -654,6 +696,7 @@ impl Router {
                 events: spec.events,
                 filter: spec.filter,
                 index,
+                from: self.high_water,
             },
         );
         if let Some(e) = self.sessions.get_mut(&session) {
@@ -700,8 +743,10 @@ impl Router {
     }
 
     fn detach(&mut self, session: u64) {
-        self.lagging.remove(&session);
         if let Some(entry) = self.sessions.remove(&session) {
+            if let Some(lag) = &entry.lag {
+                self.lag_index.remove(&(lag.next, session));
+            }
             for uid in entry.subs.into_values() {
                 self.remove_sub(uid);
             }
@@ -751,7 +796,7 @@ impl Router {
                     served,
                     since: Instant::now(),
                 });
-                self.lagging.insert(session);
+                self.lag_index.insert((change.position, session));
                 entry.handle.lagging.notify_one();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),
@@ -950,4 +995,204 @@ fn passes(
         && change
             .visible_row()
             .is_some_and(|row| authz::visible(principal, rel, row, public_buckets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::changes::TableId;
+
+    fn relation() -> Arc<Relation> {
+        Arc::new(Relation {
+            id: TableId(1),
+            schema: "public".into(),
+            name: "t".into(),
+            qualified: Arc::from("public.t"),
+            replica_identity: b'f',
+            columns: vec![],
+        })
+    }
+
+    /// A router holding at most `window` changes, one service connection (id 1)
+    /// with a queue of `queue` frames, and the receiving end of that queue.
+    fn router(window: usize, queue: usize, hold: Duration) -> (Router, mpsc::Receiver<Outbound>) {
+        let (progress, _) = watch::channel(Progress::default());
+        let mut r = Router::new(
+            RouterConfig {
+                floor: None,
+                channel_configs: None,
+                kingshare: None,
+                kingshare_from: PgLsn::ZERO,
+                confirmed: PgLsn(1),
+                stall_timeout: Duration::from_secs(30),
+                catchup_hold: hold,
+                retention_events: window,
+                retention: Duration::from_secs(3600),
+                public_buckets: HashSet::new(),
+            },
+            catalog::SharedCatalog::default(),
+            progress,
+        );
+        let (tx, rx) = mpsc::channel(queue);
+        let principal = Principal {
+            role: Role::Service,
+            user_id: None,
+            session_id: None,
+            email: None,
+            expires_at: None,
+        };
+        r.command(Command::Attach {
+            session: 1,
+            handle: SessionHandle {
+                tx,
+                overflowed: CancellationToken::new(),
+                revoked: CancellationToken::new(),
+                lagging: Arc::new(tokio::sync::Notify::new()),
+                principal: Arc::new(principal),
+            },
+        });
+        (r, rx)
+    }
+
+    fn subscribe(r: &mut Router, id: &str) {
+        r.command(Command::Subscribe {
+            session: 1,
+            spec: SubscriptionSpec {
+                id: Arc::from(id),
+                table: Arc::from("public.t"),
+                events: EventMask::ALL,
+                filter: Filter { conditions: vec![] },
+                since: None,
+            },
+        });
+    }
+
+    /// One-change transactions at LSNs 100·i.
+    fn commit(r: &mut Router, i: u64) {
+        let lsn = PgLsn(100 * i);
+        r.output(Output::Change(Arc::new(RowChange::new(
+            Position::new(lsn, 0),
+            ChangeKind::Insert,
+            relation(),
+            Some(vec![]),
+            None,
+            0,
+        ))));
+        r.output(Output::Commit {
+            commit_lsn: lsn,
+            end_lsn: PgLsn(100 * i + 50),
+            commit_time_ms: 0,
+        });
+    }
+
+    /// (subscription, commit number) of the changes queued, and whether replies came.
+    fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
+        let mut got = Vec::new();
+        while let Ok(out) = rx.try_recv() {
+            if let Outbound::Change {
+                subscription,
+                change,
+            } = out
+            {
+                got.push((subscription.to_string(), change.position.commit_lsn.0 / 100));
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_subscription_made_while_lagging_gets_only_later_changes() {
+        let (mut r, mut rx) = router(1000, 4, Duration::from_secs(30));
+        subscribe(&mut r, "a");
+        drain(&mut rx);
+        for i in 1..=6 {
+            commit(&mut r, i);
+        }
+        // Four fit; the connection lags from change 5 on.
+        assert_eq!(drain(&mut rx).len(), 4);
+        subscribe(&mut r, "b");
+        commit(&mut r, 7);
+        drain(&mut rx);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            r.command(Command::Pull { session: 1 });
+            got.extend(drain(&mut rx));
+        }
+        let of = |s: &str| -> Vec<u64> {
+            got.iter()
+                .filter(|(id, _)| id == s)
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        assert_eq!(of("a"), vec![5, 6, 7]);
+        assert_eq!(of("b"), vec![7], "b was made after change 6");
+    }
+
+    #[test]
+    fn a_draining_connection_at_the_window_edge_holds_the_stream_within_its_budgets() {
+        let (mut r, mut rx) = router(4, 2, Duration::from_secs(30));
+        subscribe(&mut r, "a");
+        drain(&mut rx);
+        for i in 1..=3 {
+            commit(&mut r, i);
+        }
+        // Two queued, lagging from 3; the window (1..3) is not full yet.
+        assert!(r.holder(Instant::now()).is_none());
+        commit(&mut r, 4);
+        // Full, and the next change would evict 1 only: 3 is still held.
+        assert!(r.holder(Instant::now()).is_none());
+        commit(&mut r, 5);
+        commit(&mut r, 6);
+        // Now the front is 3: one more change and the connection falls out.
+        let now = Instant::now();
+        let (id, until) = r.holder(now).expect("held for the connection");
+        assert_eq!(id, 1);
+        // A second later without a pull it no longer counts as draining.
+        assert!(r.holder(until).is_none());
+        // Nothing waiting: holding costs no budget.
+        assert!(r.update_hold(now, false).is_some());
+        assert!(
+            r.update_hold(now + Duration::from_millis(500), false)
+                .is_some()
+        );
+        assert_eq!(r.sessions[&1].held, Duration::ZERO);
+        // Changes waiting: the time is charged to the connection and the shared credit.
+        r.update_hold(now + Duration::from_millis(900), true);
+        assert_eq!(r.sessions[&1].held, Duration::from_millis(400));
+        assert!(r.hold_credit < Duration::from_secs(30));
+        // A pull moves it past the front: no longer held.
+        drain(&mut rx);
+        r.command(Command::Pull { session: 1 });
+        assert!(r.holder(Instant::now()).is_none());
+        // It leaves: the index forgets it.
+        r.command(Command::Detach { session: 1 });
+        assert!(r.lag_index.is_empty());
+    }
+
+    #[test]
+    fn no_hold_time_means_no_hold_and_an_exhausted_budget_ends_the_hold() {
+        let (mut r, mut rx) = router(2, 2, Duration::ZERO);
+        subscribe(&mut r, "a");
+        drain(&mut rx);
+        for i in 1..=4 {
+            commit(&mut r, i);
+        }
+        assert!(r.may_hold());
+        assert!(r.holder(Instant::now()).is_none());
+
+        let (mut r, mut rx) = router(2, 2, Duration::from_secs(1));
+        subscribe(&mut r, "a");
+        drain(&mut rx);
+        for i in 1..=4 {
+            commit(&mut r, i);
+        }
+        let now = Instant::now();
+        assert!(r.update_hold(now, true).is_some());
+        r.sessions.get_mut(&1).unwrap().held = Duration::from_secs(1);
+        assert!(
+            r.update_hold(now, true).is_none(),
+            "its own budget is spent"
+        );
+    }
 }
