@@ -824,10 +824,9 @@ struct LatencyRow {
     latency_ms: Summary,
     /// Receive time minus the Commit message's time (ms resolution).
     since_commit_ms: Summary,
-    /// The same commits through pg_recvlogical on a test_decoding slot (send time to
-    /// receive time, like `latency_ms`): PostgreSQL's own limit.
-    postgres_reference_ms: Summary,
-    postgres_reference_lost: usize,
+    /// The reference step at the same rate: pg_recvlogical on a test_decoding slot
+    /// (send time to receive time, like `latency_ms`): PostgreSQL's own limit.
+    postgres_reference_ms: Option<Summary>,
     lost: usize,
     aether_cpu_us_per_change: f64,
     aether_rss_mib: f64,
@@ -853,8 +852,48 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
     let max_subs = subscribers.iter().copied().max().unwrap_or(1);
     let folder_ids = folders(&db, "l", max_subs).await?;
     let mut writer = Writer::new(&db, 4, &owner).await?;
-    let reference = Reference::start(&db).await?;
-    writer.reference = Some(Arc::clone(&reference.shared));
+    // PostgreSQL's own limit, in steps of its own at each base rate: run next to
+    // Aether's steps, the reference's second walsender and client would share the
+    // two cores with them (at 5k/s that alone pushed Aether's p99 from 3 to 260 ms).
+    // Aether stays connected (its walsender decodes too) but has no subscriber.
+    let mut reference_rows = Vec::new();
+    {
+        let reference = Reference::start(&db).await?;
+        writer.reference = Some(Arc::clone(&reference.shared));
+        let nobody = Arc::new(Shared::default());
+        for &rate in &rates {
+            log(format!("live-latency: reference (pg_recvlogical), {rate}/s"));
+            let from = now_us() + (warmup_s * 1e6) as i64;
+            let (_, write) = writer
+                .run(&nobody, rate, seconds + warmup_s, |i| {
+                    folder_ids[(i as usize) % max_subs]
+                })
+                .await?;
+            let t = reference.shared.tracker.read().ok().and_then(|t| t.clone());
+            let (mut lat, lost) = match &t {
+                Some(t) => {
+                    drain(t, write.sent, Duration::from_secs(5)).await;
+                    let (l, _, lost) = t.latencies(write.sent as usize, from, 1);
+                    (l, lost)
+                }
+                None => (Vec::new(), 0),
+            };
+            reference_rows.push(json!({
+                "rate": rate,
+                "write": write,
+                "latency_ms": summarize_us(&mut lat),
+                "lost": lost,
+            }));
+        }
+        writer.reference = None;
+        reference.stop(&db).await;
+    }
+    let reference_at = |rate: f64| -> Option<Summary> {
+        reference_rows
+            .iter()
+            .find(|r| r["rate"].as_f64() == Some(rate))
+            .and_then(|r| serde_json::from_value(r["latency_ms"].clone()).ok())
+    };
     let mut rows = Vec::new();
     let mut held = Vec::new();
     for &n in &subscribers {
@@ -886,15 +925,6 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
                 .await?;
             drain(&tracker, write.sent, Duration::from_secs(5)).await;
             let cpu1 = cpu_seconds(aether_pid).unwrap_or(0.0);
-            let ref_tracker = reference.shared.tracker.read().ok().and_then(|t| t.clone());
-            let (mut ref_lat, ref_lost) = match &ref_tracker {
-                Some(t) => {
-                    drain(t, write.sent, Duration::from_secs(5)).await;
-                    let (l, _, lost) = t.latencies(write.sent as usize, from, 1);
-                    (l, lost)
-                }
-                None => (Vec::new(), 0),
-            };
             let (mut lat, _, lost) = tracker.latencies(write.sent as usize, from, 1);
             let summary = summarize_us(&mut lat);
             let since_commit = summarize_us(&mut tracker.since_commit(write.sent as usize, from));
@@ -912,8 +942,7 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
                 write,
                 latency_ms: summary,
                 since_commit_ms: since_commit,
-                postgres_reference_ms: summarize_us(&mut ref_lat),
-                postgres_reference_lost: ref_lost,
+                postgres_reference_ms: reference_at(rate),
                 lost,
             });
             if !ok && extra {
@@ -926,8 +955,7 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    reference.stop(&db).await;
-    Ok(json!({"p99_limit_ms": p99_limit_ms, "rows": rows, "held": held}))
+    Ok(json!({"p99_limit_ms": p99_limit_ms, "rows": rows, "held": held, "reference": reference_rows}))
 }
 
 #[derive(Serialize)]

@@ -420,7 +420,7 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
         "'commit p50/p99' = receive time - the Commit message's time (frame `timestamp`, whole ms);"
     );
     println!(
-        "'pg p50/p99' = the same commits to pg_recvlogical on a test_decoding slot (send to receive): PostgreSQL's own limit, ms:"
+        "'pg p50/p99' = the reference step at that rate: the same kind of commits to pg_recvlogical on a test_decoding slot, no Aether subscriber (send to receive): PostgreSQL's own limit, ms:"
     );
     table(
         &[
