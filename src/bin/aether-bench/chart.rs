@@ -94,6 +94,29 @@ fn latency(area: &Area, doc: &Value) -> anyhow::Result<()> {
             });
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
+    // PostgreSQL's own limit at the same rate (pg_recvlogical reference steps): crosses.
+    for (key, name, k) in [
+        ("p50", "pg_recvlogical p50", 0),
+        ("p99", "pg_recvlogical p99", 2),
+    ] {
+        let color = Palette99::pick(k).to_rgba();
+        let pts: Vec<(usize, f64)> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                r["postgres_reference_ms"][key]
+                    .as_f64()
+                    .map(|v| (i, v.max(0.1)))
+            })
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(pts.iter().map(|&p| Cross::new(p, 7, color.stroke_width(2))))?
+            .label(name)
+            .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))

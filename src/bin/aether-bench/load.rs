@@ -862,7 +862,9 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
         writer.reference = Some(Arc::clone(&reference.shared));
         let nobody = Arc::new(Shared::default());
         for &rate in &rates {
-            log(format!("live-latency: reference (pg_recvlogical), {rate}/s"));
+            log(format!(
+                "live-latency: reference (pg_recvlogical), {rate}/s"
+            ));
             let from = now_us() + (warmup_s * 1e6) as i64;
             let (_, write) = writer
                 .run(&nobody, rate, seconds + warmup_s, |i| {
@@ -955,7 +957,9 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(json!({"p99_limit_ms": p99_limit_ms, "rows": rows, "held": held, "reference": reference_rows}))
+    Ok(
+        json!({"p99_limit_ms": p99_limit_ms, "rows": rows, "held": held, "reference": reference_rows}),
+    )
 }
 
 #[derive(Serialize)]
