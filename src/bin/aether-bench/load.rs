@@ -660,6 +660,17 @@ impl Reference {
         Ok(Reference { child, shared })
     }
 
+    /// The step's latencies (µs) for changes sent from `from_us` on, once all `sent`
+    /// arrived or 5 s passed, and how many did not arrive.
+    async fn latencies(&self, sent: u64, from_us: i64) -> (Vec<i64>, usize) {
+        let Some(t) = self.shared.tracker.read().ok().and_then(|t| t.clone()) else {
+            return (Vec::new(), 0);
+        };
+        drain(&t, sent, Duration::from_secs(5)).await;
+        let (lat, _, lost) = t.latencies(sent as usize, from_us, 1);
+        (lat, lost)
+    }
+
     async fn stop(mut self, db: &str) {
         let _ = self.child.kill().await;
         if let Ok(sql) = crate::env::connect(db).await {
@@ -871,15 +882,7 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
                     folder_ids[(i as usize) % max_subs]
                 })
                 .await?;
-            let t = reference.shared.tracker.read().ok().and_then(|t| t.clone());
-            let (mut lat, lost) = match &t {
-                Some(t) => {
-                    drain(t, write.sent, Duration::from_secs(5)).await;
-                    let (l, _, lost) = t.latencies(write.sent as usize, from, 1);
-                    (l, lost)
-                }
-                None => (Vec::new(), 0),
-            };
+            let (mut lat, lost) = reference.latencies(write.sent, from).await;
             reference_rows.push(json!({
                 "rate": rate,
                 "write": write,
@@ -1031,13 +1034,7 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         let load_cpu = cpu_seconds(me).unwrap_or(0.0) - load0;
         let (mut last, mut first, short) =
             tracker.latencies(write.sent as usize, 0, connections as u32);
-        let mut ref_lat = match reference.shared.tracker.read().ok().and_then(|t| t.clone()) {
-            Some(t) => {
-                drain(&t, write.sent, Duration::from_secs(5)).await;
-                t.latencies(write.sent as usize, 0, 1).0
-            }
-            None => Vec::new(),
-        };
+        let (mut ref_lat, _) = reference.latencies(write.sent, 0).await;
         let row = FanOutRow {
             rate,
             last_subscriber_ms: summarize_us(&mut last),
