@@ -82,6 +82,8 @@ pub struct Config {
     /// Outbound frames queued per connection before it counts as too slow.
     pub ws_queue_capacity: usize,
     pub ws_max_frame_bytes: usize,
+    /// Subscriptions (and channels, topics) one connection may hold at once.
+    pub ws_max_subscriptions: usize,
     /// A connection that lags and drains nothing for this long is closed.
     pub ws_stall_timeout: Duration,
     /// How long, in all, one draining connection may pace the stream so that it
@@ -187,6 +189,7 @@ impl Config {
             resume_retention_events: 100_000,
             ws_queue_capacity: 1024,
             ws_max_frame_bytes: 64 * 1024,
+            ws_max_subscriptions: 1000,
             ws_stall_timeout: Duration::from_secs(30),
             ws_catchup_hold: Duration::from_secs(30),
             rate_limit_connections: 10,
@@ -314,6 +317,17 @@ impl Config {
                     return Err(err(
                         "WS_QUEUE_CAPACITY",
                         format!("{v:?}: must be a count of at least 8"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("WS_MAX_SUBSCRIPTIONS") {
+            c.ws_max_subscriptions = match v.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(err(
+                        "WS_MAX_SUBSCRIPTIONS",
+                        format!("{v:?} is not a positive count"),
                     ));
                 }
             };

@@ -230,7 +230,8 @@ impl Server {
             Arc::clone(&channels),
             config.rate_limit_messages,
             config.rate_limit_window,
-        );
+        )
+        .max_channels(config.ws_max_subscriptions);
         let router = Router::new(
             RouterConfig {
                 floor,
@@ -240,6 +241,7 @@ impl Server {
                 confirmed,
                 stall_timeout: config.ws_stall_timeout,
                 catchup_hold: config.ws_catchup_hold,
+                max_subscriptions: config.ws_max_subscriptions,
                 retention_events: config.resume_retention_events,
                 retention: config.resume_retention,
                 public_buckets,

@@ -303,7 +303,7 @@ async fn read_form(
 
 /// After a refusal, reads (and drops) what the client is still sending, up to a
 /// bound, so it gets to read the answer instead of a reset connection.
-async fn drain(mp: &mut Multipart, budget: u64) {
+pub(crate) async fn drain(mp: &mut Multipart, budget: u64) {
     let work = async {
         let mut left = budget;
         while let Ok(Some(mut f)) = mp.next_field().await {

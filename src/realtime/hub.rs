@@ -48,6 +48,8 @@ pub enum HubError {
     NotMember(String),
     #[error("message rate limit for channel {0:?} exceeded ({1} per {2} s)")]
     RateLimited(String, u32, u64),
+    #[error("this connection is already in {0} channels, the most allowed; leave one first")]
+    TooManyChannels(usize),
     #[error("the channel service is unavailable")]
     Unavailable,
 }
@@ -60,6 +62,7 @@ impl HubError {
             HubError::ChannelFull(..) => "channel_full",
             HubError::NotMember(_) => "not_a_member",
             HubError::RateLimited(..) => "rate_limited",
+            HubError::TooManyChannels(_) => "too_many_channels",
             HubError::Unavailable => "internal_error",
         }
     }
@@ -161,6 +164,8 @@ pub struct Hub {
     messages_total: u64,
     rate: f64,
     last_total: u64,
+    /// Channels one connection may be in at once.
+    max_channels: usize,
 }
 
 fn frame(v: Value) -> Outbound {
@@ -189,7 +194,14 @@ impl Hub {
             messages_total: 0,
             rate: 0.0,
             last_total: 0,
+            max_channels: usize::MAX,
         }
+    }
+
+    /// Caps the channels one connection may be in at once (`WS_MAX_SUBSCRIPTIONS`).
+    pub fn max_channels(mut self, n: usize) -> Self {
+        self.max_channels = n.max(1);
+        self
     }
 
     pub async fn run(
@@ -321,6 +333,9 @@ impl Hub {
         }
         if cfg.require_auth && !member.authenticated {
             return Err(HubError::AuthRequired(channel));
+        }
+        if joined.len() >= self.max_channels {
+            return Err(HubError::TooManyChannels(self.max_channels));
         }
         let current = self.channels.get(&channel).map_or(0, |c| c.members.len());
         if let Some(max) = cfg.max_connections
@@ -528,6 +543,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         hub.prune_limiters();
         assert!(hub.limiters.is_empty());
+    }
+
+    #[test]
+    fn a_connection_cannot_join_more_channels_than_allowed() {
+        let mut hub = Hub::new(Arc::default(), 5, Duration::from_secs(1)).max_channels(2);
+        let (tx, _rx) = mpsc::channel(64);
+        hub.members.insert(
+            1,
+            (
+                Member {
+                    tx,
+                    overflowed: CancellationToken::new(),
+                    client_id: Arc::from("c"),
+                    user_id: None,
+                    authenticated: true,
+                },
+                HashSet::new(),
+            ),
+        );
+        assert!(hub.join(1, "a".into()).is_ok());
+        assert!(hub.join(1, "b".into()).is_ok());
+        // Joining again is not a new channel.
+        assert!(hub.join(1, "a".into()).is_ok());
+        assert!(matches!(
+            hub.join(1, "c".into()),
+            Err(HubError::TooManyChannels(2))
+        ));
+        assert!(hub.leave(1, "a").is_ok());
+        assert!(hub.join(1, "c".into()).is_ok());
     }
 
     #[test]

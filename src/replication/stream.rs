@@ -217,16 +217,23 @@ impl ReplicationTask {
         floor: Option<crate::replication::lsn::Position>,
     ) -> Result<(), String> {
         let Some(floor) = floor else { return Ok(()) };
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
-        client
-            .execute(
-                "INSERT INTO aether.replication_state (slot, floor) VALUES ($1, $2)
-                 ON CONFLICT (slot) DO UPDATE SET floor = EXCLUDED.floor, updated_at = now()",
-                &[&self.slot, &floor.to_string()],
-            )
+        // Bounded: a pool exhausted by HTTP traffic must not stall the stream past
+        // wal_sender_timeout. Not persisting only means not acknowledging yet.
+        let write = async {
+            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .execute(
+                    "INSERT INTO aether.replication_state (slot, floor) VALUES ($1, $2)
+                     ON CONFLICT (slot) DO UPDATE SET floor = EXCLUDED.floor, updated_at = now()",
+                    &[&self.slot, &floor.to_string()],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        tokio::time::timeout(self.status_interval, write)
             .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
+            .map_err(|_| "timed out".to_owned())?
     }
 
     fn flush_position(

@@ -233,6 +233,8 @@ pub struct RouterConfig {
     pub stall_timeout: Duration,
     /// How long, in all, one draining connection may hold the stream back.
     pub catchup_hold: Duration,
+    /// Subscriptions one connection may hold: each costs memory and routing work.
+    pub max_subscriptions: usize,
     pub retention_events: usize,
     pub retention: Duration,
     pub public_buckets: HashSet<String>,
@@ -260,6 +262,7 @@ pub struct Router {
     delivered_now: Vec<(u64, Arc<str>)>,
     stall_timeout: Duration,
     catchup_hold: Duration,
+    max_subscriptions: usize,
     /// Lagging connections by the position they need next (usually none), so the
     /// hold check looks only at those the next eviction would cut off.
     lag_index: BTreeSet<(Position, u64)>,
@@ -304,6 +307,7 @@ impl Router {
             delivered_now: Vec::new(),
             stall_timeout: cfg.stall_timeout,
             catchup_hold: cfg.catchup_hold,
+            max_subscriptions: cfg.max_subscriptions,
             lag_index: BTreeSet::new(),
             holding: None,
             hold_credit: cfg.catchup_hold,
@@ -321,11 +325,13 @@ impl Router {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let hold_until = self.update_hold(Instant::now(), !changes.is_empty());
+            // Nobody lagging and nothing being held: the common case costs nothing.
+            let hold_until = if self.holding.is_some() || self.may_hold() {
+                self.update_hold(Instant::now(), !changes.is_empty())
+            } else {
+                None
+            };
             let held = hold_until.is_some();
-            let recheck = tokio::time::Instant::from_std(
-                hold_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
-            );
             tokio::select! {
                 biased;
                 // 1. Shutdown.
@@ -350,7 +356,12 @@ impl Router {
                     None => break,
                 },
                 // The holder stops counting as draining: look again.
-                _ = tokio::time::sleep_until(recheck), if held => {}
+                _ = async {
+                    match hold_until {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                }, if held => {}
                 // 4. Age out the resume window.
                 _ = tick.tick() => {
                     self.history.evict(Instant::now());
@@ -638,6 +649,21 @@ impl Router {
             );
             return;
         }
+        if entry.subs.len() >= self.max_subscriptions {
+            let message = format!(
+                "this connection already holds {} subscriptions, the most allowed (WS_MAX_SUBSCRIPTIONS); unsubscribe first",
+                entry.subs.len()
+            );
+            self.send(
+                session,
+                Outbound::Error {
+                    subscription: Some(spec.id),
+                    code: "too_many_subscriptions",
+                    message,
+                },
+            );
+            return;
+        }
         let principal = Arc::clone(&entry.handle.principal);
         let mut replay = Vec::new();
         if let Some(since) = spec.since {
@@ -905,12 +931,15 @@ impl Router {
             let Some(entry) = self.sessions.get(&sub.session) else {
                 continue;
             };
-            if !passes(
-                change,
-                &sub.filter,
-                &entry.handle.principal,
-                &self.public_buckets,
-            ) {
+            // A lagging connection gets this change from history when it pulls.
+            if entry.lag.is_some()
+                || !passes(
+                    change,
+                    &sub.filter,
+                    &entry.handle.principal,
+                    &self.public_buckets,
+                )
+            {
                 continue;
             }
             let session = sub.session;
@@ -1027,6 +1056,7 @@ mod tests {
                 confirmed: PgLsn(1),
                 stall_timeout: Duration::from_secs(30),
                 catchup_hold: hold,
+                max_subscriptions: 2,
                 retention_events: window,
                 retention: Duration::from_secs(3600),
                 public_buckets: HashSet::new(),
@@ -1194,5 +1224,23 @@ mod tests {
             r.update_hold(now, true).is_none(),
             "its own budget is spent"
         );
+    }
+
+    #[test]
+    fn a_connection_cannot_hold_more_subscriptions_than_allowed() {
+        let (mut r, mut rx) = router(100, 16, Duration::ZERO);
+        subscribe(&mut r, "a");
+        subscribe(&mut r, "b");
+        subscribe(&mut r, "c");
+        let mut codes = Vec::new();
+        while let Ok(out) = rx.try_recv() {
+            match out {
+                Outbound::Subscribed { subscription, .. } => codes.push(subscription.to_string()),
+                Outbound::Error { code, .. } => codes.push(code.to_owned()),
+                _ => {}
+            }
+        }
+        assert_eq!(codes, ["a", "b", "too_many_subscriptions"]);
+        assert_eq!(r.sessions[&1].subs.len(), 2);
     }
 }

@@ -530,7 +530,7 @@ async fn do_upload(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let budget = state.config.max_file_size + (1 << 20);
+    let budget = state.config.max_file_size.saturating_add(1 << 20);
     let is_form = content_type
         .as_deref()
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("multipart/form-data"));
@@ -542,6 +542,9 @@ async fn do_upload(
             .await
             .map_err(|e| StorageApiError::invalid(e.body_text()))?;
         let mut r = Ok(());
+        // Fields other than the file (and any second file) are skipped, but count
+        // against the same bound as the file.
+        let mut skipped = 0u64;
         loop {
             let field = match mp.next_field().await {
                 Ok(Some(f)) => f,
@@ -555,7 +558,21 @@ async fn do_upload(
             let is_file = field.file_name().is_some() || name.is_empty() || name == "file";
             if !is_file || pending.is_some() {
                 let mut field = field;
-                while let Ok(Some(_)) = field.chunk().await {}
+                while let Ok(Some(c)) = field.chunk().await {
+                    skipped += c.len() as u64;
+                    if skipped > budget {
+                        break;
+                    }
+                }
+                if skipped > budget {
+                    r = Err(StorageError::FileTooLarge {
+                        limit: state.config.max_file_size,
+                    }
+                    .into());
+                    drop(field);
+                    crate::api::storage::drain(&mut mp, budget).await;
+                    break;
+                }
                 continue;
             }
             let source = UploadSource {
@@ -586,9 +603,7 @@ async fn do_upload(
             }
             if r.is_err() {
                 drop(field);
-                while let Ok(Some(mut f)) = mp.next_field().await {
-                    while let Ok(Some(_)) = f.chunk().await {}
-                }
+                crate::api::storage::drain(&mut mp, budget).await;
                 break;
             }
         }
