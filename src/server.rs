@@ -35,6 +35,11 @@ pub struct Inner {
     pub jwt: JwtKeys,
     pub pool: deadpool_postgres::Pool,
     pub catalog: SharedCatalog,
+    /// When the catalog was last reloaded for an unknown table (ms since the epoch):
+    /// at most once a second, so clients naming bogus tables cannot load the database.
+    pub catalog_reloaded_ms: std::sync::atomic::AtomicI64,
+    /// The last status a WebSocket client asked for (see `ops::status_cached`).
+    pub status_cache: std::sync::Mutex<Option<(std::time::Instant, crate::api::ops::Status)>>,
     pub router: mpsc::Sender<Command>,
     pub hub: mpsc::Sender<HubCommand>,
     /// Broadcast and presence of `/realtime/v1` (Supabase Realtime).
@@ -296,6 +301,8 @@ impl Server {
             jwt,
             pool,
             catalog,
+            catalog_reloaded_ms: std::sync::atomic::AtomicI64::new(0),
+            status_cache: std::sync::Mutex::new(None),
             router: commands_tx,
             hub: hub_tx,
             phoenix: phoenix_tx,

@@ -105,6 +105,22 @@ pub async fn hub_stats(state: &AppState) -> HubStats {
 }
 
 /// healthy | degraded (replication disconnected or behind) | down (shutting down).
+/// [`status`], reused for a second: what a WebSocket client's `system/status`
+/// frame gets, so a client sending them in a loop costs no query per frame.
+pub async fn status_cached(state: &AppState) -> Status {
+    if let Ok(c) = state.status_cache.lock()
+        && let Some((at, s)) = c.as_ref()
+        && at.elapsed() < std::time::Duration::from_secs(1)
+    {
+        return s.clone();
+    }
+    let s = status(state).await;
+    if let Ok(mut c) = state.status_cache.lock() {
+        *c = Some((std::time::Instant::now(), s.clone()));
+    }
+    s
+}
+
 pub async fn status(state: &AppState) -> Status {
     let conns = state.registry.stats();
     let hub = hub_stats(state).await;

@@ -888,7 +888,7 @@ async fn handle_aether(
             }
         }
         ClientFrame::Status => {
-            let status = crate::api::ops::status(state).await;
+            let status = crate::api::ops::status_cached(state).await;
             let severity = if status.status == "healthy" {
                 "info"
             } else {
@@ -974,7 +974,7 @@ pub(crate) async fn resolve(
         .transpose()?;
     let lookup = |c: &Catalog| c.get(&req.schema, &req.table);
     let mut table = state.catalog.read().ok().and_then(|c| lookup(&c));
-    if table.is_none() {
+    if table.is_none() && catalog_reload_due(state) {
         // A DBA may have added the table to the publication since we last looked.
         if let Ok(client) = state.pool.get().await
             && let Ok(fresh) = Catalog::load(&client, &state.config.publication).await
@@ -1004,4 +1004,15 @@ pub(crate) async fn resolve(
         filter,
         since,
     })
+}
+
+/// Claims the (at most once a second) catalog reload for a table not known yet.
+fn catalog_reload_due(state: &AppState) -> bool {
+    let now = now_ms();
+    let last = state.catalog_reloaded_ms.load(Ordering::Relaxed);
+    now - last >= 1000
+        && state
+            .catalog_reloaded_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
