@@ -407,6 +407,15 @@ async fn notifications_stats_cleanup_and_connection_limits() {
     assert_eq!(stats["total_connections"], 2);
     assert_eq!(stats["unique_users"], 1);
     assert_eq!(stats["connections_by_user"][&u], 1);
+    // The scheme is case-insensitive here as on every route; a signed-out
+    // user's token is refused like on the others.
+    let res = http
+        .get(t.url("/api/v1/ws/stats"))
+        .header("authorization", format!("bearer {}", service_token()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 
     // Per-user limit (10): the eleventh gets CONNECTION_LIMIT in KingShare's format.
     let mut more = Vec::new();

@@ -55,26 +55,26 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme in any case),
+/// if there is a well-formed one. The one parser every route uses.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.trim().split_once(' ')?;
+    let t = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then_some(t)
+}
+
 /// The bearer token of a request: `Ok(None)` without an `Authorization` header.
 pub fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
-    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+    if !parts.headers.contains_key(header::AUTHORIZATION) {
         return Ok(None);
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::unauthorized(
-                "auth/invalid-token",
-                "the Authorization header must be `Bearer <access_token>`",
-            )
-        })?;
-    Ok(Some(token))
+    }
+    bearer_token(&parts.headers).map(Some).ok_or_else(|| {
+        ApiError::unauthorized(
+            "auth/invalid-token",
+            "the Authorization header must be `Bearer <access_token>`",
+        )
+    })
 }
 
 /// A signed-in user: a valid bearer token (signature, expiry), a live session (not

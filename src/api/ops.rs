@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::error::ApiError;
-use crate::auth::{Principal, TokenError};
+use crate::auth::Principal;
 use crate::realtime::hub::{ChannelConfig, HubCommand, HubStats, valid_channel_name};
 use crate::server::AppState;
 
@@ -23,32 +23,16 @@ impl FromRequestParts<AppState> for ServiceRole {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "auth/missing-token",
-                    "a bearer token is required",
-                )
-            })?;
-        let principal = state.jwt.verify(token).map_err(|e| {
+        let token = super::extract::bearer(parts)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "auth/missing-token",
+                "a bearer token is required",
+            )
+        })?;
+        let principal = state.auth.authenticate(token).await.map_err(|e| {
             tracing::warn!(event = "token_refused", reason = %e, "operations route");
-            match e {
-                TokenError::Expired => ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "auth/expired-token",
-                    "token has expired",
-                ),
-                TokenError::Invalid(_) => ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "auth/invalid-token",
-                    e.to_string(),
-                ),
-            }
+            ApiError::from(e)
         })?;
         if !principal.is_service() {
             tracing::warn!(event = "forbidden", "operations route needs service_role");

@@ -95,13 +95,8 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
 /// Middleware for `/storage/*`: keyed by the token's user (signature checked, no
 /// database query), else by address.
 pub async fn storage(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let user = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .and_then(|(_, token)| state.jwt.verify(token.trim()).ok())
+    let user = super::extract::bearer_token(req.headers())
+        .and_then(|token| state.jwt.verify(token).ok())
         .and_then(|p| p.user_id);
     let key = match user {
         Some(u) => StorageKey::User(u),

@@ -12,8 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{KeyError, api_key_of, bearer_of, check_api_key, principal_of_token};
+use super::{KeyError, api_key_of, check_api_key};
 use crate::api::auth::timestamp;
+use crate::api::extract::bearer_token;
 use crate::api::extract::{ApiQuery, Client};
 use crate::auth::service::principal_user;
 use crate::auth::{AuthError, Principal, Session, SignOutScope, UserProfile};
@@ -148,14 +149,14 @@ impl FromRequestParts<AppState> for SignedIn {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
         check_api_key(state, api_key_of(parts).as_deref())?;
-        let token = bearer_of(parts).ok_or_else(|| {
+        let token = bearer_token(&parts.headers).ok_or_else(|| {
             GoTrueError::new(
                 StatusCode::UNAUTHORIZED,
                 "no_authorization",
                 "This endpoint requires a valid Bearer token",
             )
         })?;
-        let p = principal_of_token(state, &token).await?;
+        let p = state.auth.authenticate(token).await?;
         if p.user_id.is_none() || p.role != crate::auth::Role::Authenticated {
             return Err(GoTrueError::new(
                 StatusCode::FORBIDDEN,

@@ -18,12 +18,11 @@ pub mod storage;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::header;
 use axum::http::request::Parts;
 use axum::middleware;
 use axum::routing::{get, post};
 
-use crate::auth::{AuthError, Principal, Role};
+use crate::auth::{Principal, Role};
 use crate::server::AppState;
 
 /// The `/auth/v1` and `/storage/v1` routes.
@@ -128,18 +127,4 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
                 .into_owned()
         })
     })
-}
-
-/// The bearer token of a request, if it has a well-formed one.
-pub fn bearer_of(parts: &Parts) -> Option<String> {
-    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = v.trim().split_once(' ')?;
-    let t = rest.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then(|| t.to_owned())
-}
-
-/// Who a bearer token names: an API key (anon or service role, no session) is
-/// taken as is; a user's access token must also have a live session and user.
-pub async fn principal_of_token(state: &AppState, token: &str) -> Result<Principal, AuthError> {
-    state.auth.authenticate(token).await
 }

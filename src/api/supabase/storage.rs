@@ -20,9 +20,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{KeyError, api_key_of, bearer_of, check_api_key, principal_of_token, query_param};
+use super::{KeyError, api_key_of, check_api_key, query_param};
 use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
+use crate::api::extract::bearer_token;
 use crate::api::storage::read_response;
 use crate::auth::{AuthError, Principal, Role};
 use crate::server::AppState;
@@ -200,9 +201,9 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, StorageApiError> {
         let key = check_api_key(state, api_key_of(parts).as_deref())?;
-        match bearer_of(parts) {
+        match bearer_token(&parts.headers) {
             None => Ok(Caller(key)),
-            Some(t) => Ok(Caller(principal_of_token(state, &t).await?)),
+            Some(t) => Ok(Caller(state.auth.authenticate(t).await?)),
         }
     }
 }
