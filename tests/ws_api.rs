@@ -379,6 +379,32 @@ async fn connection_and_message_limits_are_enforced_with_clear_errors() {
     assert_eq!(c1.next().await["code"], "rate_limited");
 }
 
+/// `/realtime/v1/websocket` (Phoenix) counts against the same limits as `/ws`, is
+/// pinged, closed when idle and released from the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phoenix_sockets_are_admitted_pinged_and_released() {
+    let t = TestServer::start_with(|c| {
+        c.rate_limit_connections = 1;
+        c.ws_ping_interval = Duration::from_millis(100);
+        c.ws_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        t.addr(),
+        t.server.state.jwt.api_key("anon")
+    );
+    let mut first = Ws::connect_url(&url).await;
+    wait_active(&t, 1).await;
+    // The same anonymous address, over RATE_LIMIT_CONNECTIONS.
+    let mut second = Ws::connect_url(&url).await;
+    assert_eq!(second.until_close().await.0, Some(4029));
+    // A peer that neither sends nor answers pings (it is not read) is closed as idle.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(first.until_close().await.0, Some(4000));
+    wait_active(&t, 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_on_every_message_and_renewed_in_band() {
     let t = TestServer::start().await;

@@ -24,11 +24,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -41,7 +41,10 @@ use super::phoenix_hub::{
     BroadcastPayload, JoinOptions, PhxCommand, PhxMember, decode_user_broadcast_push,
 };
 use super::protocol::SubscribeRequest;
-use super::session::{CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_SLOW};
+use super::registry::{ConnEntry, now_ms};
+use super::session::{
+    self, CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_LIMIT, CLOSE_SLOW, CLOSE_TOO_BIG,
+};
 use crate::api::supabase::check_api_key;
 use crate::auth::Principal;
 use crate::changes::{ChangeKind, RowChange, RowJson};
@@ -117,6 +120,7 @@ impl Vsn {
 pub async fn websocket(
     State(state): State<AppState>,
     Query(q): Query<ConnectQuery>,
+    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let principal = match check_api_key(&state, q.apikey.as_deref()) {
@@ -146,7 +150,7 @@ pub async fn websocket(
         .saturating_mul(16)
         .max(1 << 20);
     ws.max_message_size(max)
-        .on_upgrade(move |socket| run(socket, state, principal, vsn))
+        .on_upgrade(move |socket| run(socket, state, principal, vsn, addr))
 }
 
 fn rest_error(status: StatusCode, message: &str) -> Response {
@@ -836,8 +840,60 @@ fn sub_topic(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
 }
 
-async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: Vsn) {
+async fn run(
+    mut socket: WebSocket,
+    state: AppState,
+    principal: Principal,
+    vsn: Vsn,
+    addr: std::net::SocketAddr,
+) {
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
+    // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
+    // stats and cleanup.
+    let last_seen = Arc::new(AtomicI64::new(now_ms()));
+    let reaped = CancellationToken::new();
+    let entry = ConnEntry {
+        user_key: session::user_key(&principal, Some(addr)),
+        user_id: principal.user_id.clone(),
+        client_id: Arc::from(format!("phoenix-{session}")),
+        last_seen: Arc::clone(&last_seen),
+        close: reaped.clone(),
+    };
+    if session::admit(&state, session, entry).is_err() {
+        let close = CloseFrame {
+            code: CLOSE_LIMIT,
+            reason: "connection_limit".into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            socket.send(Message::Close(Some(close))),
+        )
+        .await;
+        return;
+    }
+    run_admitted(
+        socket,
+        state.clone(),
+        principal,
+        vsn,
+        session,
+        last_seen,
+        reaped,
+    )
+    .await;
+    // Already done unless the session failed to attach; removal happens once.
+    session::unregister(&state, session);
+}
+
+async fn run_admitted(
+    mut socket: WebSocket,
+    state: AppState,
+    principal: Principal,
+    vsn: Vsn,
+    session: u64,
+    last_seen: Arc<AtomicI64>,
+    reaped: CancellationToken,
+) {
     let (tx, mut rx) = mpsc::channel::<Outbound>(state.config.ws_queue_capacity);
     let overflowed = CancellationToken::new();
     let revoked = CancellationToken::new();
@@ -885,6 +941,9 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
     };
     let shutdown = state.shutdown.clone();
     let mut pull_wanted = false;
+    let ping_every = state.config.ws_ping_interval;
+    let idle_ms = i64::try_from(state.config.ws_idle_timeout.as_millis()).unwrap_or(i64::MAX);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let close: Option<(u16, &str)> = loop {
         let expiry = conn.principal.expires_at;
         let until_expiry = async move {
@@ -902,6 +961,7 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
             _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
             _ = overflowed.cancelled() => break Some((CLOSE_SLOW, "slow consumer")),
             _ = revoked.cancelled() => break Some((CLOSE_AUTH, "session signed out")),
+            _ = reaped.cancelled() => break Some((CLOSE_IDLE, "idle timeout")),
             _ = until_expiry => {
                 // Every channel is told, then closed; the socket stays up for
                 // a fresh token and join.
@@ -916,6 +976,12 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
                 let anon = Arc::new(Principal::anonymous());
                 let _ = state.router.send(Command::SetPrincipal { session, principal: Arc::clone(&anon) }).await;
                 conn.principal = anon;
+            }
+            _ = ping.tick() => {
+                if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
+                    break Some((CLOSE_IDLE, "idle timeout"));
+                }
+                frames.push(Message::Ping(Bytes::new()));
             }
             _ = lagging.notified() => pull_wanted = true,
             Some(f) = phx_rx.recv() => {
@@ -937,47 +1003,57 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
                     }
                 }
             }
-            msg = socket.recv() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    if text.len() > state.config.ws_max_frame_bytes {
-                        break Some((1009, "frame too large"));
-                    }
-                    match Vsn::parse(&text) {
-                        Some(m) => frames.extend(conn.handle(m).await),
-                        None => tracing::debug!(session, "unparsable phoenix frame ignored"),
-                    }
-                }
-                Some(Ok(Message::Binary(bytes))) => {
-                    if bytes.len() > state.config.ws_max_frame_bytes {
-                        break Some((1009, "frame too large"));
-                    }
-                    match decode_user_broadcast_push(&bytes) {
-                        Some(p) => {
-                            let m = PhxMessage {
-                                join_ref: p.join_ref,
-                                msg_ref: p.msg_ref,
-                                topic: p.topic,
-                                event: "broadcast".into(),
-                                payload: Value::Null,
-                            };
-                            frames.extend(conn.broadcast(&m, Some(p.event), p.payload).await);
+            msg = socket.recv() => {
+                // Any frame, pongs included, counts as life.
+                last_seen.store(now_ms(), Ordering::Relaxed);
+                match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        if text.len() > state.config.ws_max_frame_bytes {
+                            break Some((CLOSE_TOO_BIG, "frame too large"));
                         }
-                        None => tracing::debug!(session, "unknown binary phoenix frame ignored"),
+                        match Vsn::parse(&text) {
+                            Some(m) => frames.extend(conn.handle(m).await),
+                            None => tracing::debug!(session, "unparsable phoenix frame ignored"),
+                        }
                     }
+                    Some(Ok(Message::Binary(bytes))) => {
+                        if bytes.len() > state.config.ws_max_frame_bytes {
+                            break Some((CLOSE_TOO_BIG, "frame too large"));
+                        }
+                        match decode_user_broadcast_push(&bytes) {
+                            Some(p) => {
+                                let m = PhxMessage {
+                                    join_ref: p.join_ref,
+                                    msg_ref: p.msg_ref,
+                                    topic: p.topic,
+                                    event: "broadcast".into(),
+                                    payload: Value::Null,
+                                };
+                                frames.extend(conn.broadcast(&m, Some(p.event), p.payload).await);
+                            }
+                            None => tracing::debug!(session, "unknown binary phoenix frame ignored"),
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                    Some(Ok(_)) => {}
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
-                Some(Ok(_)) => {}
-            },
-        }
-        let mut failed = false;
-        for f in frames {
-            if socket.send(f).await.is_err() {
-                failed = true;
-                break;
             }
         }
-        if failed {
-            break None;
+        if !frames.is_empty() {
+            // One flush per burst; a peer that stops reading blocks the socket, so
+            // stay interruptible and let a close decided meanwhile happen.
+            let sent = tokio::select! {
+                biased;
+                _ = overflowed.cancelled() => None,
+                _ = reaped.cancelled() => None,
+                _ = shutdown.cancelled() => None,
+                r = session::send_all(&mut socket, &mut frames) => Some(r),
+            };
+            match sent {
+                None => continue,
+                Some(Err(())) => break None,
+                Some(Ok(())) => {}
+            }
         }
         if pull_wanted && crate::router::low_water(&rx) {
             pull_wanted = false;
@@ -986,19 +1062,30 @@ async fn run(mut socket: WebSocket, state: AppState, principal: Principal, vsn: 
             }
         }
     };
-    if let Some((code, reason)) = close {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            socket.send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }))),
-        )
-        .await;
-    }
+    // The connection is over for everyone else now, even if the peer takes a
+    // while to read the reason.
     let _ = state.phoenix.send(PhxCommand::Detach { session }).await;
     let _ = state.router.send(Command::Detach { session }).await;
+    session::unregister(&state, session);
     metrics::gauge!("aether_ws_connections").decrement(1.0);
+    if let Some((code, reason)) = close {
+        let goodbye = socket.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })));
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), goodbye).await {
+            // The closing handshake: wait for the peer's Close before the socket
+            // goes, so the peer reads our code rather than a reset.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(Ok(m)) = socket.recv().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
 }
 
 #[cfg(test)]

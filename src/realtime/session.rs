@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::hub::{self, HubCommand, HubError, Member, SendOutcome};
 use super::kingshare;
 use super::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
-use super::registry::{ConnEntry, now_ms};
+use super::registry::{ConnEntry, LimitError, now_ms};
 use crate::auth::{Principal, Role, TokenError};
 use crate::router::catalog::Catalog;
 use crate::router::filter::Filter;
@@ -182,31 +182,16 @@ pub async fn run(
     );
     let closer = Arc::new(Closer::default());
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
-    let user_key = match (&principal.user_id, principal.role) {
-        (Some(u), _) => u.clone(),
-        (None, Role::Service) => "service_role".to_owned(),
-        (None, _) => format!(
-            "anon:{}",
-            params.addr.map(|a| a.ip().to_string()).unwrap_or_default()
-        ),
-    };
     let entry = ConnEntry {
-        user_key,
+        user_key: user_key(&principal, params.addr),
         user_id: principal.user_id.clone(),
         client_id: Arc::clone(&client_id),
         last_seen: Arc::clone(&last_seen),
         close: closer.token.clone(),
     };
     let cfg = &state.config;
-    let admitted = state.registry.admit(
-        session,
-        entry,
-        cfg.rate_limit_connections,
-        cfg.ws_max_connections,
-    );
+    let admitted = admit(&state, session, entry);
     if let Err(e) = admitted {
-        tracing::warn!(event = "connection_limit", reason = %e, "websocket connection refused");
-        state.stats.error("connection_limit");
         let frames = params.dialect.error_frames(
             "connection",
             "connection_limit",
@@ -305,9 +290,39 @@ pub async fn run(
     metrics::gauge!("aether_ws_connections").decrement(1.0);
 }
 
+/// What a connection counts against for `RATE_LIMIT_CONNECTIONS`: its user, the
+/// service role, or `anon:<address>`.
+pub(crate) fn user_key(principal: &Principal, addr: Option<SocketAddr>) -> String {
+    match (&principal.user_id, principal.role) {
+        (Some(u), _) => u.clone(),
+        (None, Role::Service) => "service_role".to_owned(),
+        (None, _) => format!(
+            "anon:{}",
+            addr.map(|a| a.ip().to_string()).unwrap_or_default()
+        ),
+    }
+}
+
+/// Registers a connection under `WS_MAX_CONNECTIONS` and `RATE_LIMIT_CONNECTIONS`;
+/// a refusal is logged and counted. `Ok` is the user's number of connections.
+pub(crate) fn admit(state: &AppState, session: u64, entry: ConnEntry) -> Result<usize, LimitError> {
+    let cfg = &state.config;
+    let admitted = state.registry.admit(
+        session,
+        entry,
+        cfg.rate_limit_connections,
+        cfg.ws_max_connections,
+    );
+    if let Err(e) = &admitted {
+        tracing::warn!(event = "connection_limit", reason = %e, "websocket connection refused");
+        state.stats.error("connection_limit");
+    }
+    admitted
+}
+
 /// Removes the connection from the registry (once); a user's last connection going
 /// means UserOffline for the users they share with.
-fn unregister(state: &AppState, session: u64) {
+pub(crate) fn unregister(state: &AppState, session: u64) {
     if let Some((Some(uid), 0)) = state.registry.remove(session) {
         let st = state.clone();
         crate::server::spawn_named("presence", async move {
@@ -583,12 +598,14 @@ async fn write_loop(
     tokio::join!(writer, reader);
 }
 
-async fn send_all<S>(sink: &mut S, frames: &mut Vec<String>) -> Result<(), ()>
+/// Writes `frames` (drained) with one flush at the end.
+pub(crate) async fn send_all<S, F>(sink: &mut S, frames: &mut Vec<F>) -> Result<(), ()>
 where
     S: futures_util::Sink<Message> + Unpin,
+    F: Into<Message>,
 {
     for f in frames.drain(..) {
-        sink.feed(Message::Text(f.into())).await.map_err(|_| ())?;
+        sink.feed(f.into()).await.map_err(|_| ())?;
     }
     sink.flush().await.map_err(|_| ())
 }
