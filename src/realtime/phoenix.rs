@@ -171,12 +171,7 @@ async fn rest_caller(state: &AppState, headers: &HeaderMap, query: &str) -> Resu
         .or_else(|| crate::api::supabase::query_param(query, "apikey"));
     check_api_key(state, key.as_deref())
         .map_err(|e| rest_error(StatusCode::UNAUTHORIZED, e.message()))?;
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if let Some(token) = bearer
+    if let Some(token) = crate::api::extract::bearer_token(headers)
         && Some(token) != key.as_deref().map(str::trim)
         && let Err(e) = state.auth.authenticate(token).await
     {
@@ -450,6 +445,12 @@ impl Conn {
             .await
             .map_err(|e| e.to_string())?;
         let p = Arc::new(p);
+        // Counted under the user from now on, as on `/ws`.
+        if let Some(uid) = &p.user_id
+            && self.principal.user_id.as_deref() != Some(uid.as_str())
+        {
+            self.state.registry.rekey(self.session, uid);
+        }
         let _ = self
             .state
             .router
