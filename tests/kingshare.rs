@@ -178,6 +178,18 @@ async fn shares_are_created_fetched_without_an_account_counted_and_revoked() {
         next_ks(&mut ks, "FileShared").await,
         json!({"type":"FileShared","data":{"share_id": share_id, "file_id": file_id, "share_token": token}})
     );
+    // A HEAD of the object (storage-js `exists`) is not a download: the next
+    // KingShare frame is the answer to a ping.
+    let res = http
+        .head(t.url("/storage/v1/object/files/pic.png"))
+        .header("apikey", common::token(None, "anon", 3600))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    ks.send(json!({"type": "Ping"})).await;
+    assert_eq!(ks.next().await, json!({"type": "Pong"}));
     // No account needed to fetch it.
     let res = http
         .get(t.url(&format!("/share/{token}")))

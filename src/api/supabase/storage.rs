@@ -704,6 +704,7 @@ async fn serve(
     owner: Uuid,
     path: &ObjectPath,
     headers: &HeaderMap,
+    head_only: bool,
 ) -> Result<Response, StorageApiError> {
     let range = headers
         .get(header::RANGE)
@@ -713,7 +714,8 @@ async fn serve(
         .storage
         .open(Some(viewer), bucket, owner, path, range)
         .await?;
-    if read.span.is_none_or(|(a, _)| a == 0) {
+    // A HEAD is not a download: KingShare owners are told of GETs only.
+    if !head_only && read.span.is_none_or(|(a, _)| a == 0) {
         crate::api::kingshare::download_started(state, &read.file);
     }
     read_response(read).map_err(StorageApiError::from)
@@ -724,11 +726,13 @@ pub async fn get_object(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, StorageApiError> {
     let path = object_path(&path)?;
     let owner = read_owner(&state, &p, &bucket, &path).await?;
-    serve(&state, &p, &bucket, owner, &path, &headers).await
+    let head_only = method == axum::http::Method::HEAD;
+    serve(&state, &p, &bucket, owner, &path, &headers, head_only).await
 }
 
 /// `GET /storage/v1/object/info/{bucket}/{path}`.
@@ -758,6 +762,7 @@ pub async fn info(
 pub async fn public_get(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, StorageApiError> {
     let path = object_path(&path)?;
@@ -766,7 +771,8 @@ pub async fn public_get(
         return Err(StorageApiError::no_such_key());
     }
     let owner = read_owner(&state, &anon, &bucket, &path).await?;
-    serve(&state, &anon, &bucket, owner, &path, &headers).await
+    let head_only = method == axum::http::Method::HEAD;
+    serve(&state, &anon, &bucket, owner, &path, &headers, head_only).await
 }
 
 #[derive(Serialize, Deserialize)]
@@ -821,6 +827,7 @@ pub async fn signed_get(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, StorageApiError> {
     let token = query_param(uri.query().unwrap_or(""), "token").unwrap_or_default();
@@ -847,7 +854,17 @@ pub async fn signed_get(
         email: None,
         expires_at: Some(claims.exp),
     };
-    serve(&state, &service, &bucket, claims.owner, &path, &headers).await
+    let head_only = method == axum::http::Method::HEAD;
+    serve(
+        &state,
+        &service,
+        &bucket,
+        claims.owner,
+        &path,
+        &headers,
+        head_only,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
