@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, AuthUser};
 use super::ops::ServiceRole;
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 use crate::realtime::kingshare;
 use crate::server::AppState;
 use crate::storage::FileRecord;
@@ -44,13 +44,6 @@ pub struct CreateShare {
     pub expires_in: Option<i64>,
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     pub shared_with: Option<Uuid>,
-}
-
-/// 256 random bits, URL-safe: unguessable.
-fn new_token() -> String {
-    let a = Uuid::new_v4().simple().to_string();
-    let b = Uuid::new_v4().simple().to_string();
-    format!("{a}{b}")
 }
 
 const SHARE_COLUMNS: &str = "id::text, file_id::text, token, filename, shared_with::text,
@@ -115,7 +108,7 @@ pub async fn create(
                   WHERE f.id = $1 AND f.owner_id = $2
                  RETURNING {SHARE_COLUMNS}"
             ),
-            &[&req.file_id, &user.id, &req.shared_with, &new_token(), &expires_at],
+            &[&req.file_id, &user.id, &req.shared_with, &crate::auth::service::new_refresh_token(), &expires_at],
         )
         .await
         .map_err(|e| {
@@ -219,13 +212,7 @@ pub async fn fetch(
     let (bucket, owner, path): (String, Uuid, String) = (row.get(0), row.get(1), row.get(2));
     let path = ObjectPath::parse(&path).map_err(ApiError::internal)?;
     // The share is the permission: read as the service.
-    let service = Principal {
-        role: Role::Service,
-        user_id: None,
-        session_id: None,
-        email: None,
-        expires_at: None,
-    };
+    let service = Principal::service();
     let read = state
         .storage
         .open(Some(&service), &bucket, owner, &path, None)

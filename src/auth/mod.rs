@@ -44,6 +44,14 @@ impl Principal {
         }
     }
 
+    /// The service itself (`service_role`, no user): what server-side work acts as.
+    pub fn service() -> Self {
+        Principal {
+            role: Role::Service,
+            ..Principal::anonymous()
+        }
+    }
+
     pub fn is_service(&self) -> bool {
         self.role == Role::Service
     }

@@ -129,7 +129,8 @@ fn token_hash(token: &str) -> String {
 }
 
 /// 244 random bits from two v4 UUIDs (the OS generator), URL-safe.
-fn new_refresh_token() -> String {
+/// 256 random bits as 64 hex digits: refresh tokens and share tokens.
+pub(crate) fn new_refresh_token() -> String {
     format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }
 

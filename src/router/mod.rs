@@ -1029,7 +1029,6 @@ fn passes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Role;
     use crate::changes::TableId;
 
     fn relation() -> Arc<Relation> {
@@ -1065,13 +1064,7 @@ mod tests {
             progress,
         );
         let (tx, rx) = mpsc::channel(queue);
-        let principal = Principal {
-            role: Role::Service,
-            user_id: None,
-            session_id: None,
-            email: None,
-            expires_at: None,
-        };
+        let principal = Principal::service();
         r.command(Command::Attach {
             session: 1,
             handle: SessionHandle {

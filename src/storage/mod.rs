@@ -182,10 +182,6 @@ impl PendingUpload {
         &self.file_name
     }
 
-    pub fn mime_type(&self) -> &str {
-        &self.mime
-    }
-
     pub fn size(&self) -> u64 {
         self.blob.written()
     }

@@ -131,10 +131,6 @@ impl ObjectPath {
             segments: self.segments[..n].to_vec(),
         })
     }
-
-    pub fn segments(&self) -> &[String] {
-        &self.segments
-    }
 }
 
 impl fmt::Display for ObjectPath {

@@ -848,11 +848,8 @@ pub async fn signed_get(
         return Err(invalid("The URL does not match the signature"));
     }
     let service = Principal {
-        role: Role::Service,
-        user_id: None,
-        session_id: None,
-        email: None,
         expires_at: Some(claims.exp),
+        ..Principal::service()
     };
     let head_only = method == axum::http::Method::HEAD;
     serve(
