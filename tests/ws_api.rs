@@ -147,6 +147,18 @@ async fn members_receive_a_channels_messages_in_one_order_and_retries_are_delive
         "after",
         "the duplicate retry was not relayed"
     );
+    // Another user naming the same client id is another sender: its sequence 78
+    // is not a duplicate of a's.
+    let other = user_token(&uuid::Uuid::new_v4().to_string());
+    let mut m = t
+        .ws_query(&format!("token={other}&client_id=a&channel=room"))
+        .await;
+    m.next().await;
+    m.send(send("room", "not a duplicate", 78)).await;
+    assert_eq!(
+        b.next_of("message").await["data"]["content"],
+        "not a duplicate"
+    );
     // Sending to a channel one has not joined is refused.
     a.send(send("elsewhere", "x", 1)).await;
     let e = a.next_of("error").await;

@@ -69,10 +69,15 @@ impl HubError {
 }
 
 /// A connection as the hub knows it.
+#[derive(Clone)]
 pub struct Member {
     pub tx: mpsc::Sender<Outbound>,
     pub overflowed: CancellationToken,
     pub client_id: Arc<str>,
+    /// Whose retries and rate budget this is: the connection's user key (user id,
+    /// `service_role`, or `anon:<address>`) with the client id, so another user
+    /// naming the same client id cannot suppress or throttle this one's messages.
+    pub sender_key: Arc<str>,
     pub user_id: Option<Arc<str>>,
     pub authenticated: bool,
 }
@@ -374,13 +379,7 @@ impl Hub {
         }
         let confirm = frame(connection_frame("disconnect", member, channel));
         let _ = member.tx.try_send(confirm);
-        let member = Member {
-            tx: member.tx.clone(),
-            overflowed: member.overflowed.clone(),
-            client_id: Arc::clone(&member.client_id),
-            user_id: member.user_id.clone(),
-            authenticated: member.authenticated,
-        };
+        let member = member.clone();
         self.remove_member(session, &member, channel);
         Ok(())
     }
@@ -431,26 +430,28 @@ impl Hub {
     }
 
     fn relay(&mut self, session: u64, m: Message) -> Result<SendOutcome, HubError> {
-        let (client_id, user_id) = match self.members.get(&session) {
-            Some((member, joined)) if joined.contains(&m.channel) => {
-                (Arc::clone(&member.client_id), member.user_id.clone())
-            }
+        let (client_id, sender, user_id) = match self.members.get(&session) {
+            Some((member, joined)) if joined.contains(&m.channel) => (
+                Arc::clone(&member.client_id),
+                Arc::clone(&member.sender_key),
+                member.user_id.clone(),
+            ),
             Some(_) => return Err(HubError::NotMember(m.channel)),
             None => return Err(HubError::Unavailable),
         };
         if let Some(seq) = m.sequence
             && self
                 .dedup
-                .get(&client_id)
+                .get(&sender)
                 .is_some_and(|d| d.seen.contains(&seq))
         {
             return Ok(SendOutcome::Duplicate);
         }
-        if let Some(e) = self.rate_limited(&m.channel, &client_id) {
+        if let Some(e) = self.rate_limited(&m.channel, &sender) {
             return Err(e);
         }
         if let Some(seq) = m.sequence {
-            self.remember(&client_id, seq);
+            self.remember(&sender, seq);
         }
         let Some(ch) = self.channels.get_mut(&m.channel) else {
             return Err(HubError::NotMember(m.channel));
@@ -556,6 +557,7 @@ mod tests {
                     tx,
                     overflowed: CancellationToken::new(),
                     client_id: Arc::from("c"),
+                    sender_key: Arc::from("u/c"),
                     user_id: None,
                     authenticated: true,
                 },

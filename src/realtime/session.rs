@@ -226,6 +226,7 @@ pub async fn run(
         tx: tx.clone(),
         overflowed: overflowed.clone(),
         client_id: Arc::clone(&client_id),
+        sender_key: Arc::from(format!("{}/{client_id}", user_key(&principal, params.addr))),
         user_id: principal.user_id.as_deref().map(Arc::from),
         authenticated: principal.user_id.is_some() || principal.is_service(),
     };
