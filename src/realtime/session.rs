@@ -89,11 +89,13 @@ impl Dialect {
 const MAX_FRAMES_PER_FLUSH: usize = 64;
 
 /// Counts a queued item for metrics; returns how many changes it delivers.
-fn account(state: &AppState, out: &Outbound) -> u64 {
+/// Counts what a frame delivers; `now` is read once per written burst and
+/// `latency` is the histogram handle, looked up once per connection.
+fn account(state: &AppState, out: &Outbound, now: i64, latency: &metrics::Histogram) -> u64 {
     match out {
         Outbound::Change { change, .. } => {
-            let ms = (now_ms() - change.commit_time_ms).max(0);
-            metrics::histogram!("aether_delivery_latency_seconds").record(ms as f64 / 1000.0);
+            let ms = (now - change.commit_time_ms).max(0);
+            latency.record(ms as f64 / 1000.0);
             1
         }
         Outbound::Subscribed { replay, .. } => replay.len() as u64,
@@ -394,6 +396,7 @@ async fn write_loop(
     let hard_stop = CancellationToken::new();
 
     let writer = async {
+        let latency = metrics::histogram!("aether_delivery_latency_seconds");
         let mut pull_wanted = false;
         let mut frames = Vec::new();
         let mut ping =
@@ -455,14 +458,15 @@ async fn write_loop(
                 _ = lagging.notified() => pull_wanted = true,
                 out = rx.recv() => {
                     let Some(out) = out else { break None };
-                    let mut changes = account(state, &out);
+                    let now = now_ms();
+                    let mut changes = account(state, &out, now, &latency);
                     protocol::encode(out, &mut frames);
                     // What is already queued goes out in the same write: one flush
                     // (one syscall) per burst instead of one per frame.
                     while frames.len() < MAX_FRAMES_PER_FLUSH {
                         match rx.try_recv() {
                             Ok(more) => {
-                                changes += account(state, &more);
+                                changes += account(state, &more, now, &latency);
                                 protocol::encode(more, &mut frames);
                             }
                             Err(_) => break,
