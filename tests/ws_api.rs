@@ -553,3 +553,23 @@ async fn status_and_metrics_endpoints() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["status"], 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flooding_frames_is_told_to_slow_down() {
+    let t = TestServer::start().await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    // Each of these costs the router a lookup; past the burst they are refused.
+    let frame = json!({"type":"subscription","action":"unsubscribe","data":{"id":"nope"}});
+    for _ in 0..1100 {
+        ws.send(frame.clone()).await;
+    }
+    let mut codes = std::collections::HashMap::new();
+    for _ in 0..1100 {
+        let v = ws.next().await;
+        *codes
+            .entry(v["code"].as_str().unwrap_or_default().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert!(codes.get("rate_limited").copied().unwrap_or(0) >= 50, "{codes:?}");
+    assert!(codes.get("unknown_subscription").copied().unwrap_or(0) >= 1000, "{codes:?}");
+}

@@ -88,7 +88,11 @@ impl Dialect {
 /// Frames written before one flush when the queue holds a burst.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
 
-/// Counts a queued item for metrics; returns how many changes it delivers.
+/// Client frames one connection may send: a burst of this many, refilled at a
+/// tenth of it per second. Subscribes, status requests and tokens each cost the
+/// server work (history scans, queries); nothing legitimate sends more.
+const FRAMES_BURST: u32 = 1000;
+
 /// Counts what a frame delivers; `now` is read once per written burst and
 /// `latency` is the histogram handle, looked up once per connection.
 fn account(state: &AppState, out: &Outbound, now: i64, latency: &metrics::Histogram) -> u64 {
@@ -161,6 +165,8 @@ struct Conn {
     dialect: Dialect,
     /// KingShare frames per connection: `RATE_LIMIT_MESSAGES` per window.
     ks_limit: governor::DefaultDirectRateLimiter,
+    /// Every client frame, whatever the vocabulary (see [`FRAMES_BURST`]).
+    frame_limit: governor::DefaultDirectRateLimiter,
     state: AppState,
     principal: Arc<Principal>,
     tx: mpsc::Sender<Outbound>,
@@ -270,6 +276,14 @@ pub async fn run(
                 .unwrap_or_else(|| governor::Quota::per_second(n));
             governor::RateLimiter::direct(quota)
         },
+        frame_limit: governor::RateLimiter::direct(
+            governor::Quota::per_second(
+                std::num::NonZeroU32::new(FRAMES_BURST / 10).unwrap_or(std::num::NonZeroU32::MIN),
+            )
+            .allow_burst(
+                std::num::NonZeroU32::new(FRAMES_BURST).unwrap_or(std::num::NonZeroU32::MIN),
+            ),
+        ),
         state: state.clone(),
         principal,
         tx,
@@ -633,6 +647,18 @@ async fn handle_text(
     principal: &mut Arc<Principal>,
     text: &str,
 ) -> Result<(), FrameError> {
+    if conn.frame_limit.check().is_err() {
+        conn.state.stats.error("rate_limited");
+        for f in conn.dialect.error_frames(
+            "connection",
+            "rate_limited",
+            Some(kingshare::code::RATE_LIMITED),
+            "too many frames on this connection: slow down",
+        ) {
+            reply(conn, f).await;
+        }
+        return Ok(());
+    }
     // KingShare frames have PascalCase types; the Aether vocabularies do not.
     let kind = serde_json::from_str::<serde_json::Value>(text)
         .ok()
