@@ -570,6 +570,12 @@ async fn a_connection_flooding_frames_is_told_to_slow_down() {
             .entry(v["code"].as_str().unwrap_or_default().to_owned())
             .or_insert(0) += 1;
     }
-    assert!(codes.get("rate_limited").copied().unwrap_or(0) >= 50, "{codes:?}");
-    assert!(codes.get("unknown_subscription").copied().unwrap_or(0) >= 1000, "{codes:?}");
+    assert!(
+        codes.get("rate_limited").copied().unwrap_or(0) >= 50,
+        "{codes:?}"
+    );
+    assert!(
+        codes.get("unknown_subscription").copied().unwrap_or(0) >= 1000,
+        "{codes:?}"
+    );
 }

@@ -546,11 +546,12 @@ impl Router {
 
     fn close_stalled(&mut self, now: Instant) {
         let floor_ok = |next: Position, h: &History| h.since(next.just_before()).is_ok();
+        // Only lagging connections can stall: the index lists them.
         let stalled: Vec<(u64, &'static str)> = self
-            .sessions
+            .lag_index
             .iter()
-            .filter_map(|(id, e)| {
-                let lag = e.lag.as_ref()?;
+            .filter_map(|(_, id)| {
+                let lag = self.sessions.get(id)?.lag.as_ref()?;
                 if now.duration_since(lag.since) > self.stall_timeout {
                     Some((*id, "stalled: its queue stayed full"))
                 } else if !floor_ok(lag.next, &self.history) {
