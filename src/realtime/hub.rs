@@ -506,14 +506,7 @@ impl Hub {
         let Some((m, _)) = self.members.get(&session) else {
             return;
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = m.tx.try_send(out) {
-            tracing::warn!(
-                session,
-                "channel relay: queue full, closing the slow connection"
-            );
-            metrics::counter!("aether_queue_drops_total").increment(1);
-            m.overflowed.cancel();
-        }
+        super::offer(&m.tx, &m.overflowed, out, "channel");
     }
 }
 

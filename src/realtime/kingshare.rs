@@ -137,10 +137,12 @@ impl Notifier {
 }
 
 fn deliver(t: &Target, f: &Arc<str>) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = t.tx.try_send(Outbound::Frame(Arc::clone(f))) {
-        metrics::counter!("aether_queue_drops_total", "kind" => "closed").increment(1);
-        t.overflowed.cancel();
-    }
+    super::offer(
+        &t.tx,
+        &t.overflowed,
+        Outbound::Frame(Arc::clone(f)),
+        "kingshare",
+    );
 }
 
 fn text<'r>(change: &RowChange, row: &'r Row, col: &str) -> Option<&'r Value> {

@@ -445,14 +445,7 @@ impl PhxHub {
         let Some((m, _)) = self.conns.get(&session) else {
             return;
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = m.tx.try_send(frame) {
-            tracing::warn!(
-                session,
-                "phoenix relay: queue full, closing the slow connection"
-            );
-            metrics::counter!("aether_queue_drops_total").increment(1);
-            m.overflowed.cancel();
-        }
+        super::offer(&m.tx, &m.overflowed, frame, "phoenix");
     }
 }
 
