@@ -75,10 +75,16 @@ pub struct Config {
     pub replication_slot: String,
     pub publication: String,
     pub data_dir: PathBuf,
-    /// How long decoded changes stay available to `since` resumes.
+    /// How long logged changes stay available to `since` resumes.
     pub resume_retention: Duration,
-    /// At most this many changes are held for resumes, whatever their age.
-    pub resume_retention_events: usize,
+    /// The change log is cut to this many bytes, oldest segments first.
+    pub resume_retention_bytes: u64,
+    /// Bytes of the newest changes kept in memory (older reads page from disk).
+    pub resume_memory_bytes: usize,
+    /// The slot retaining more WAL than this is a warning and a `degraded` status.
+    pub wal_retained_warn_bytes: u64,
+    /// Settings given that no longer exist, warned about at start.
+    pub obsolete: Vec<&'static str>,
     /// Outbound frames queued per connection before it counts as too slow.
     pub ws_queue_capacity: usize,
     pub ws_max_frame_bytes: usize,
@@ -86,9 +92,6 @@ pub struct Config {
     pub ws_max_subscriptions: usize,
     /// A connection that lags and drains nothing for this long is closed.
     pub ws_stall_timeout: Duration,
-    /// How long, in all, one draining connection may pace the stream so that it
-    /// does not fall out of the resume window (zero: never).
-    pub ws_catchup_hold: Duration,
     /// Concurrent connections per user (anonymous: per client address).
     pub rate_limit_connections: usize,
     /// Channel messages per client per channel per window.
@@ -185,13 +188,15 @@ impl Config {
             replication_slot: "aether".into(),
             publication: "aether_realtime".into(),
             data_dir: PathBuf::from("./data"),
-            resume_retention: Duration::from_secs(300),
-            resume_retention_events: 100_000,
+            resume_retention: Duration::from_secs(86_400),
+            resume_retention_bytes: 1 << 30,
+            resume_memory_bytes: 64 << 20,
+            wal_retained_warn_bytes: 1 << 30,
+            obsolete: Vec::new(),
             ws_queue_capacity: 1024,
             ws_max_frame_bytes: 64 * 1024,
             ws_max_subscriptions: 1000,
             ws_stall_timeout: Duration::from_secs(30),
-            ws_catchup_hold: Duration::from_secs(30),
             rate_limit_connections: 10,
             rate_limit_messages: 50,
             rate_limit_window: Duration::from_secs(60),
@@ -299,16 +304,21 @@ impl Config {
                 )
             })?);
         }
-        if let Some(v) = nonempty("RESUME_RETENTION_EVENTS") {
-            c.resume_retention_events = match v.parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    return Err(err(
-                        "RESUME_RETENTION_EVENTS",
-                        format!("{v:?} is not a positive count"),
-                    ));
-                }
-            };
+        if let Some(v) = nonempty("RESUME_RETENTION_BYTES") {
+            c.resume_retention_bytes = positive("RESUME_RETENTION_BYTES", &v, "number of bytes")?;
+        }
+        if let Some(v) = nonempty("RESUME_MEMORY_BYTES") {
+            c.resume_memory_bytes = positive("RESUME_MEMORY_BYTES", &v, "number of bytes")?;
+        }
+        if let Some(v) = nonempty("WAL_RETAINED_WARN_BYTES") {
+            c.wal_retained_warn_bytes = positive("WAL_RETAINED_WARN_BYTES", &v, "number of bytes")?;
+        }
+        // Gone with the change log: the log has no event count, and nobody paces
+        // the stream any more.
+        for gone in ["RESUME_RETENTION_EVENTS", "WS_CATCHUP_HOLD_S"] {
+            if get(gone).is_some() {
+                c.obsolete.push(gone);
+            }
         }
         if let Some(v) = nonempty("WS_QUEUE_CAPACITY") {
             c.ws_queue_capacity = match v.parse::<usize>() {
@@ -350,17 +360,6 @@ impl Config {
                     return Err(err(
                         "WS_STALL_TIMEOUT_S",
                         format!("{v:?} is not a positive number of seconds"),
-                    ));
-                }
-            };
-        }
-        if let Some(v) = nonempty("WS_CATCHUP_HOLD_S") {
-            c.ws_catchup_hold = match v.parse::<u64>() {
-                Ok(n) => Duration::from_secs(n),
-                _ => {
-                    return Err(err(
-                        "WS_CATCHUP_HOLD_S",
-                        format!("{v:?} is not a number of seconds"),
                     ));
                 }
             };
@@ -537,15 +536,21 @@ mod tests {
     }
 
     #[test]
-    fn catchup_hold_parses_zero_and_refuses_garbage() {
-        assert_eq!(cfg(&[]).unwrap().ws_catchup_hold, Duration::from_secs(30));
+    fn log_settings_parse_and_obsolete_ones_are_named() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.resume_retention, Duration::from_secs(86_400));
+        assert_eq!(c.resume_retention_bytes, 1 << 30);
+        assert_eq!(c.resume_memory_bytes, 64 << 20);
+        assert!(c.obsolete.is_empty());
+        let c = cfg(&[
+            ("WS_CATCHUP_HOLD_S", "30"),
+            ("RESUME_RETENTION_EVENTS", "5"),
+        ])
+        .unwrap();
+        assert_eq!(c.obsolete, ["RESUME_RETENTION_EVENTS", "WS_CATCHUP_HOLD_S"]);
         assert_eq!(
-            cfg(&[("WS_CATCHUP_HOLD_S", "0")]).unwrap().ws_catchup_hold,
-            Duration::ZERO
-        );
-        assert_eq!(
-            cfg(&[("WS_CATCHUP_HOLD_S", "-1")]).unwrap_err().name,
-            "WS_CATCHUP_HOLD_S"
+            cfg(&[("RESUME_RETENTION_BYTES", "-1")]).unwrap_err().name,
+            "RESUME_RETENTION_BYTES"
         );
     }
 

@@ -15,13 +15,17 @@ use tracing::Instrument as _;
 
 use crate::api::rate_limit::RateLimits;
 use crate::auth::{AuthService, JwtKeys};
+use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot};
+use crate::changelog::pump::{self, Durable, LogStatus};
+use crate::changelog::{ChangeLog as _, SharedLog};
 use crate::config::Config;
 use crate::realtime::hub::{ChannelConfigs, Hub, HubCommand};
 use crate::realtime::registry::Registry;
 use crate::realtime::stats::Stats;
+use crate::replication::monitor::SlotHealth;
 use crate::replication::stream::{self, ReplicationStatus, ReplicationTask};
 use crate::router::catalog::{Catalog, SharedCatalog};
-use crate::router::{Command, Progress, Router, RouterConfig};
+use crate::router::{Command, Router, RouterConfig};
 use crate::storage::{self as file_storage, Blobs, StorageService};
 use crate::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use crate::store::{self, migrate};
@@ -49,6 +53,11 @@ pub struct Inner {
     pub channels: ChannelConfigs,
     pub kingshare: Arc<crate::realtime::kingshare::Notifier>,
     pub replication: watch::Receiver<ReplicationStatus>,
+    /// The durable change log (bounds for status; reads happen in the router).
+    pub log: SharedLog,
+    pub log_status: watch::Receiver<LogStatus>,
+    /// Database reachability and the WAL the slot retains.
+    pub slot_health: watch::Receiver<SlotHealth>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
     /// Sign-up, sign-in, sign-out and token checks (with revocation).
@@ -80,6 +89,7 @@ pub struct Server {
     pub state: AppState,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    pump: Option<pump::Pump>,
     embedded: Option<EmbeddedPostgres>,
 }
 
@@ -176,6 +186,38 @@ fn install_prometheus(config: &Config) {
     }
 }
 
+/// Opens the change log under `DATA_DIR/changelog` (recovering a torn tail). A
+/// slot created just now starts a new history: a log from before it is reset.
+async fn open_log(
+    config: &Config,
+    confirmed: crate::replication::lsn::PgLsn,
+    slot_created: bool,
+) -> anyhow::Result<SharedLog> {
+    let dir = config.data_dir.join("changelog");
+    let opts = LogOptions {
+        // Retention drops whole segments: an eighth of the budget each keeps the
+        // log within 1/8 of RESUME_RETENTION_BYTES.
+        segment_bytes: (config.resume_retention_bytes / 8).clamp(256, 16 << 20),
+        retention_bytes: config.resume_retention_bytes,
+        retention_age: config.resume_retention,
+    };
+    let floor = floor_for_slot(confirmed);
+    let log = tokio::task::spawn_blocking(move || -> anyhow::Result<LocalLog> {
+        let (log, created) = LocalLog::open(&dir, opts, floor)
+            .with_context(|| format!("opening the change log in {}", dir.display()))?;
+        if slot_created && !created {
+            let epoch = log.reset(floor)?;
+            tracing::warn!(%epoch, "the replication slot was created anew: the change log starts a new epoch; older positions are answered with gap");
+        }
+        Ok(log)
+    })
+    .await
+    .context("change log")??;
+    let b = log.bounds();
+    tracing::info!(epoch = %b.epoch, floor = %b.floor, newest = ?b.newest.map(|p| p.to_string()), bytes = b.bytes, "change log open");
+    Ok(Arc::new(log))
+}
+
 impl Server {
     /// Starts everything and returns once the HTTP listener is bound.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
@@ -188,9 +230,16 @@ impl Server {
             .await
             .with_context(|| format!("creating the UPLOAD_BUCKET {:?}", config.upload_bucket))?;
         let blobs = Blobs::open(&config.storage_backend, &config.data_dir)?;
-        let confirmed = stream::ensure_slot(&setup, &config.replication_slot).await?;
+        for name in &config.obsolete {
+            tracing::warn!(
+                setting = name,
+                "this setting no longer exists and is ignored (see README.md: the change log)"
+            );
+        }
+        let (confirmed, slot_created) =
+            stream::ensure_slot(&setup, &config.replication_slot).await?;
         let timeout = stream::wal_sender_timeout(&setup).await?;
-        let floor = stream::persisted_floor(&setup, &config.replication_slot).await?;
+        let log = open_log(&config, confirmed, slot_created).await?;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
             Catalog::load(&setup, &config.publication).await?,
         ));
@@ -200,11 +249,6 @@ impl Server {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let kingshare_from: String = setup
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await?
-            .get(0);
-        let kingshare_from: crate::replication::lsn::PgLsn = kingshare_from.parse()?;
         let channels: ChannelConfigs =
             Arc::new(RwLock::new(crate::api::ops::load_channels(&setup).await?));
         drop(setup);
@@ -219,15 +263,16 @@ impl Server {
         );
         let pool = store::pool(&pg, 16).context("connection pool")?;
         let shutdown = CancellationToken::new();
-        let (changes_tx, changes_rx) = mpsc::channel(8192);
+        let (log_tx, log_rx) = mpsc::channel(8192);
+        let (feed_tx, feed_rx) = mpsc::channel(8192);
         let (commands_tx, commands_rx) = mpsc::channel(4096);
-        let (progress_tx, progress_rx) = watch::channel(Progress {
-            floor,
-            released: confirmed,
-            handled_end: confirmed,
-            all_released: true,
-        });
+        let (durable_tx, durable_rx) = watch::channel(Durable::default());
+        let (log_status_tx, log_status_rx) = watch::channel(LogStatus::default());
         let (status_tx, status_rx) = watch::channel(ReplicationStatus::default());
+        let (slot_health_tx, slot_health_rx) = watch::channel(SlotHealth::default());
+        let epoch = log.bounds().epoch;
+        let pump = pump::start(Arc::clone(&log), log_rx, feed_tx, durable_tx, log_status_tx)
+            .context("starting the change log threads")?;
 
         let kingshare = Arc::new(crate::realtime::kingshare::Notifier::default());
         let (hub_tx, hub_rx) = mpsc::channel(4096);
@@ -239,20 +284,15 @@ impl Server {
         .max_channels(config.ws_max_subscriptions);
         let router = Router::new(
             RouterConfig {
-                floor,
+                log: Arc::clone(&log),
                 channel_configs: Some(Arc::clone(&channels)),
                 kingshare: Some(Arc::clone(&kingshare)),
-                kingshare_from,
-                confirmed,
                 stall_timeout: config.ws_stall_timeout,
-                catchup_hold: config.ws_catchup_hold,
                 max_subscriptions: config.ws_max_subscriptions,
-                retention_events: config.resume_retention_events,
-                retention: config.resume_retention,
+                memory_bytes: config.resume_memory_bytes,
                 public_buckets,
             },
             Arc::clone(&catalog),
-            progress_tx,
         );
         let mut tasks = vec![spawn_named("hub", hub.run(hub_rx, shutdown.clone()))];
         let (phoenix_tx, phoenix_rx) = mpsc::channel(4096);
@@ -262,20 +302,30 @@ impl Server {
         ));
         tasks.push(spawn_named(
             "router",
-            router.run(changes_rx, commands_rx, shutdown.clone()),
+            router.run(feed_rx, commands_rx, shutdown.clone()),
         ));
         let replication = ReplicationTask {
             pg: pg.clone(),
-            pool: pool.clone(),
             slot: config.replication_slot.clone(),
             publication: config.publication.clone(),
             status_interval: stream::status_interval(timeout),
-            changes: changes_tx,
-            progress: progress_rx,
+            log: log_tx,
+            durable: durable_rx,
+            epoch,
             status: status_tx,
             shutdown: shutdown.clone(),
         };
         tasks.push(spawn_named("replication", replication.run()));
+        tasks.push(spawn_named(
+            "slot-monitor",
+            crate::replication::monitor::run(
+                pool.clone(),
+                config.replication_slot.clone(),
+                config.wal_retained_warn_bytes,
+                slot_health_tx,
+                shutdown.clone(),
+            ),
+        ));
         tasks.push(spawn_named(
             "share-expiry",
             crate::api::kingshare::expiry_job(pool.clone(), shutdown.clone()),
@@ -311,6 +361,9 @@ impl Server {
             channels,
             kingshare,
             replication: status_rx,
+            log,
+            log_status: log_status_rx,
+            slot_health: slot_health_rx,
             next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),
             auth,
@@ -355,6 +408,7 @@ impl Server {
             state,
             shutdown,
             tasks,
+            pump: Some(pump),
             embedded,
         })
     }
@@ -369,6 +423,15 @@ impl Server {
         self.shutdown.cancel();
         for t in self.tasks.drain(..) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+        }
+        // The replication task is gone, so the log's input is closed: the writer
+        // drains it, and the syncer makes it durable before it ends.
+        if let Some(p) = self.pump.take() {
+            let join = tokio::task::spawn_blocking(move || {
+                let _ = p.writer.join();
+                let _ = p.syncer.join();
+            });
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), join).await;
         }
         if let Some(mut pg) = self.embedded.take() {
             let _ = tokio::task::spawn_blocking(move || pg.stop()).await;

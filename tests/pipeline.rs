@@ -617,8 +617,9 @@ async fn since_replays_exactly_the_missed_changes_then_goes_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_position_older_than_the_window_gets_an_explicit_gap() {
-    let t = TestServer::start_with(|c| c.resume_retention_events = 3).await;
+async fn a_position_older_than_the_log_gets_an_explicit_gap() {
+    // A log of a few changes (a segment is an eighth of the budget, at least 256 B).
+    let t = TestServer::start_with(|c| c.resume_retention_bytes = 600).await;
     bucket(&t.sql, "pub", true).await;
     let mut ws = t.ws(Some(&service_token())).await;
     ws.subscribe("s", json!({"table": "files"})).await;
@@ -627,6 +628,20 @@ async fn a_position_older_than_the_window_gets_an_explicit_gap() {
     for _ in 0..6 {
         ids.push(ws.change().await["id"].as_str().unwrap().to_owned());
     }
+    // Retention runs after each fsync: wait until the oldest change is gone.
+    let floor = || t.server.state.log.bounds().floor.to_string();
+    tokio::time::timeout(WAIT, async {
+        while floor().as_str() < ids[0].split('.').next().unwrap() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "retention drops the oldest segments: {:?} {ids:?}",
+            t.server.state.log.bounds()
+        )
+    });
     ws.send(json!({"type":"subscription","action":"subscribe","data":{"id":"old","table":"files","since": ids[0]}})).await;
     let e = ws.next().await;
     assert_eq!(
@@ -637,11 +652,18 @@ async fn a_position_older_than_the_window_gets_an_explicit_gap() {
         ),
         (Some("error"), Some("gap"), Some("old"))
     );
-    // Inside the window it still works.
-    ws.subscribe("recent", json!({"table": "files", "since": ids[3]}))
+    // Inside the log it still works: from the oldest position it holds on.
+    let floor = floor();
+    let k = ids
+        .iter()
+        .position(|id| id.split('.').next().unwrap() >= floor.as_str())
+        .unwrap();
+    assert!(k < 5, "the log keeps a few changes: floor {floor}, {ids:?}");
+    ws.subscribe("recent", json!({"table": "files", "since": ids[k]}))
         .await;
-    assert_eq!(ws.change().await["new"]["name"], "e");
-    assert_eq!(ws.change().await["new"]["name"], "f");
+    for name in ["a", "b", "c", "d", "e", "f"].iter().skip(k + 1) {
+        assert_eq!(ws.change().await["new"]["name"], *name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -696,16 +718,15 @@ async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
     assert_eq!(fast.change().await["new"]["body"], "after");
 }
 
-/// A client that reads steadily but slower than the stream is produced, through a
-/// backlog larger than the resume window, next to a client that reads at full speed.
-/// Returns the ids the steady reader received in order, how its connection ended
-/// (`None`: it got everything and is still open) and the ids the fast client got.
-async fn paced_reader(hold: bool) -> (Vec<i64>, Option<(Option<u16>, Value)>, Vec<i64>) {
+/// A client that reads steadily but slower than the stream is produced, next to
+/// a client that reads at full speed, with only about one change held in memory:
+/// the slow one catches up from the change log on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_reader_catches_up_from_the_log_and_never_holds_the_stream_back() {
     const N: i64 = 1500;
     let t = TestServer::start_with(|c| {
         c.ws_queue_capacity = 8;
-        c.resume_retention_events = 100;
-        c.ws_catchup_hold = std::time::Duration::from_secs(if hold { 120 } else { 0 });
+        c.resume_memory_bytes = 1;
     })
     .await;
     t.exec(
@@ -722,74 +743,41 @@ async fn paced_reader(hold: bool) -> (Vec<i64>, Option<(Option<u16>, Value)>, Ve
         "INSERT INTO public.blobs (body) SELECT repeat(md5(i::text), 500) FROM generate_series(1, {N}) i"
     ))
     .await;
-    let fast_reader = tokio::spawn(async move {
-        let mut ids = Vec::new();
-        while ids.len() < N as usize {
-            match fast.next_or_close().await {
-                Ok(v) if v["type"] == "change" => ids.push(v["new"]["id"].as_i64().unwrap()),
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        ids
-    });
+    // The fast client has everything while the slow one is still far behind.
+    let mut fast_ids = Vec::new();
+    while fast_ids.len() < N as usize {
+        let v = fast.change().await;
+        fast_ids.push(v["new"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(fast_ids, (1..=N).collect::<Vec<_>>());
     let mut ids = Vec::new();
-    let mut ended = None;
-    let mut last = Value::Null;
     while ids.len() < N as usize {
         match reader.next_or_close().await {
             Ok(v) if v["type"] == "change" => {
                 ids.push(v["new"]["id"].as_i64().unwrap());
                 // A steady reader, a few times slower than the server decodes.
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                if ids.len() % 4 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
             }
-            Ok(v) => last = v,
-            Err(code) => {
-                ended = Some((code, last));
-                break;
-            }
+            Ok(_) => {}
+            Err(code) => panic!(
+                "the reader was closed ({code:?}) after {} changes",
+                ids.len()
+            ),
         }
     }
-    let fast_ids = tokio::time::timeout(WAIT * 2, fast_reader)
-        .await
-        .expect("the fast client finishes")
-        .unwrap();
-    (ids, ended, fast_ids)
+    assert_eq!(ids, (1..=N).collect::<Vec<_>>());
+    // Live again afterwards.
+    t.exec("INSERT INTO public.blobs (body) VALUES ('after')")
+        .await;
+    assert_eq!(reader.change().await["new"]["body"], "after");
+    assert_eq!(fast.change().await["new"]["body"], "after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_steady_reader_catching_up_paces_the_stream_and_misses_nothing() {
-    let (ids, ended, fast) = paced_reader(true).await;
-    assert_eq!(
-        ended,
-        None,
-        "the reader was cut off after {} changes",
-        ids.len()
-    );
-    assert_eq!(ids, (1..=1500).collect::<Vec<_>>());
-    // The stream waited for the slow reader; the fast one lost nothing either.
-    assert_eq!(fast, (1..=1500).collect::<Vec<_>>());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_hold_time_a_steady_reader_falls_out_of_the_window_and_is_told() {
-    // The same reader with WS_CATCHUP_HOLD_S=0: the router outruns it.
-    let (ids, ended, _) = paced_reader(false).await;
-    let (code, frame) = ended.expect("the reader is closed");
-    assert_eq!(code, Some(4008), "{frame}");
-    assert_eq!(
-        (frame["type"].as_str(), frame["code"].as_str()),
-        (Some("error"), Some("slow_consumer")),
-        "{frame}"
-    );
-    assert!(ids.len() < 1500);
-    // What it got before the close is in order, without holes.
-    assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_slot_is_confirmed_past_released_changes_and_never_past_retained_ones() {
-    let t = TestServer::start_with(|c| c.resume_retention_events = 1).await;
+async fn the_slot_is_confirmed_within_seconds_of_a_change_being_logged() {
+    let t = TestServer::start().await;
     bucket(&t.sql, "pub", true).await;
     let mut ws = t.ws(Some(&service_token())).await;
     ws.subscribe("s", json!({"table": "files"})).await;
@@ -810,19 +798,15 @@ async fn the_slot_is_confirmed_past_released_changes_and_never_past_retained_one
             .unwrap();
         row.get::<_, i64>(0) as u64
     };
-    // Only the last change is retained: the first two transactions get released.
-    tokio::time::timeout(WAIT, async {
-        while confirmed().await <= lsn(&ids[1]) {
+    // The last transaction is logged: the slot follows within seconds, however
+    // long the log keeps it for resumes.
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while confirmed().await <= lsn(&ids[2]) {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("slot confirmed past the released transactions");
-    // …but not past the retained one, which a restart must decode again.
-    assert!(
-        confirmed().await <= lsn(&ids[2]),
-        "confirmed past a retained change"
-    );
+    .expect("slot confirmed past the last logged transaction");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

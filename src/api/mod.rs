@@ -219,16 +219,44 @@ async fn method_not_allowed() -> ApiError {
 )]
 pub async fn health(State(state): State<AppState>) -> Response {
     let status = state.replication.borrow().clone();
+    let slot = state.slot_health.borrow().clone();
+    let log = state.log_status.borrow().clone();
+    // Every reason subscriptions cannot be served as promised right now.
+    let mut reasons: Vec<String> = Vec::new();
+    if state.shutdown.is_cancelled() {
+        reasons.push("shutting down".into());
+    }
+    if !status.connected {
+        reasons.push(match (&status.last_error, &status.advice) {
+            (Some(e), Some(a)) => format!("replication is not streaming: {e} ({a})"),
+            (Some(e), None) => format!("replication is not streaming: {e}"),
+            _ => "replication is not streaming yet".into(),
+        });
+    }
+    if let Some(e) = &slot.db_error {
+        reasons.push(format!("the database does not answer queries: {e}"));
+    }
+    if let Some(e) = &log.error {
+        reasons.push(format!("the change log is not writable: {e}"));
+    }
+    let bounds = state.log.bounds();
     let body = json!({
-        "status": if status.connected { "ok" } else { "starting" },
+        "status": if reasons.is_empty() { "ok" } else { "unavailable" },
+        "reasons": reasons,
         "replication": {
             "connected": status.connected,
             "received_lsn": status.received.to_string(),
             "flushed_lsn": status.flushed.to_string(),
             "last_error": status.last_error,
+            "advice": status.advice,
+            "wal_retained_bytes": slot.wal_retained,
+        },
+        "changelog": {
+            "epoch": bounds.epoch.to_string(),
+            "newest": bounds.newest.map(|p| p.to_string()),
         },
     });
-    let code = if status.connected {
+    let code = if reasons.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

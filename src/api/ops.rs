@@ -54,6 +54,23 @@ pub struct Status {
     pub connections: Connections,
     pub channels: Channels,
     pub replication: Replication,
+    pub changelog: ChangeLogStatus,
+}
+
+/// The durable change log, for operators: how far back `since` can go, how big
+/// it is, how fast it appends.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeLogStatus {
+    pub epoch: String,
+    /// Every change after this position is held.
+    pub floor: String,
+    pub oldest: Option<String>,
+    pub newest: Option<String>,
+    pub bytes: u64,
+    pub records: u64,
+    pub append_us: u64,
+    pub fsync_us: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +93,13 @@ pub struct Replication {
     pub lag_seconds: f64,
     pub received_lsn: String,
     pub flushed_lsn: String,
+    /// WAL the slot makes PostgreSQL keep (from `pg_replication_slots`).
+    pub wal_retained_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+    /// Over `WAL_RETAINED_WARN_BYTES`.
+    pub wal_warning: bool,
+    pub last_error: Option<String>,
+    pub advice: Option<String>,
 }
 
 pub async fn hub_stats(state: &AppState) -> HubStats {
@@ -130,9 +154,19 @@ pub async fn status(state: &AppState) -> Status {
     };
     metrics::gauge!("aether_replication_lag_bytes").set(lag_bytes.unwrap_or(0) as f64);
     metrics::gauge!("aether_replication_lag_seconds").set(lag_seconds);
+    let slot = state.slot_health.borrow().clone();
+    let log = state.log_status.borrow().clone();
+    let bounds = state.log.bounds();
+    metrics::gauge!("aether_changelog_bytes").set(bounds.bytes as f64);
+    metrics::gauge!("aether_changelog_records").set(bounds.records as f64);
     let status = if state.shutdown.is_cancelled() {
         "down"
-    } else if !repl.connected || lag_seconds > state.config.degraded_lag.as_secs_f64() {
+    } else if !repl.connected
+        || lag_seconds > state.config.degraded_lag.as_secs_f64()
+        || slot.wal_warning
+        || slot.db_error.is_some()
+        || log.error.is_some()
+    {
         "degraded"
     } else {
         "healthy"
@@ -154,6 +188,22 @@ pub async fn status(state: &AppState) -> Status {
             lag_seconds,
             received_lsn: repl.received.to_string(),
             flushed_lsn: repl.flushed.to_string(),
+            wal_retained_bytes: slot.wal_retained,
+            wal_status: slot.wal_status,
+            wal_warning: slot.wal_warning,
+            last_error: repl.last_error,
+            advice: repl.advice,
+        },
+        changelog: ChangeLogStatus {
+            epoch: bounds.epoch.to_string(),
+            floor: bounds.floor.to_string(),
+            oldest: bounds.oldest.map(|p| p.to_string()),
+            newest: bounds.newest.map(|p| p.to_string()),
+            bytes: bounds.bytes,
+            records: bounds.records,
+            append_us: log.append_us,
+            fsync_us: log.sync_us,
+            error: log.error,
         },
     }
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 pub use relations::RelationCache;
 pub use transaction::{Assembler, ChangeError, Output};
 
-use crate::replication::lsn::{PgLsn, Position};
+use crate::replication::lsn::{Epoch, PgLsn, Position, StreamId};
 
 /// A table's OID as sent in Relation messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,6 +92,8 @@ pub struct RowChange {
     pub old: Option<Row>,
     /// Commit time, milliseconds since the Unix epoch.
     pub commit_time_ms: i64,
+    /// The change log this change's position belongs to.
+    pub epoch: Epoch,
     encoded: OnceLock<Arc<str>>,
 }
 
@@ -111,8 +113,38 @@ impl RowChange {
             new,
             old,
             commit_time_ms,
+            epoch: Epoch::default(),
             encoded: OnceLock::new(),
         }
+    }
+
+    /// The same change, stamped with the epoch of the log it goes into.
+    pub fn in_epoch(mut self, epoch: Epoch) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// The id clients see and resume from.
+    pub fn id(&self) -> StreamId {
+        StreamId {
+            position: self.position,
+            epoch: self.epoch,
+        }
+    }
+
+    /// A rough count of the heap bytes this change holds (values, the cached
+    /// frame), for byte-bounded caches.
+    pub fn approx_bytes(&self) -> usize {
+        let row = |r: &Option<Row>| {
+            r.as_ref().map_or(0, |r| {
+                r.iter()
+                    .map(|v| 16 + v.as_ref().map_or(0, value_bytes))
+                    .sum::<usize>()
+            })
+        };
+        // The struct, its Arc, and the encoded frame (about the JSON size of the rows).
+        let values = row(&self.new) + row(&self.old);
+        160 + values + values / 2
     }
 
     pub fn commit_lsn(&self) -> PgLsn {
@@ -127,7 +159,7 @@ impl RowChange {
             let _ = write!(
                 s,
                 "\"id\":\"{}\",\"eventType\":\"{}\",\"schema\":",
-                self.position,
+                self.id(),
                 self.kind.as_str()
             );
             push_json(&mut s, &self.relation.schema);
@@ -149,6 +181,16 @@ impl RowChange {
             ChangeKind::Delete => self.old.as_ref(),
             ChangeKind::Truncate => None,
         }
+    }
+}
+
+/// Heap bytes of a JSON value, roughly (what `serde_json::Value` allocates).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(|v| 32 + value_bytes(v)).sum(),
+        Value::Object(o) => o.iter().map(|(k, v)| 64 + k.len() + value_bytes(v)).sum(),
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::value::text_to_json;
 use super::{ChangeKind, Relation, RelationCache, Row, RowChange, TableId};
-use crate::replication::lsn::{PgLsn, Position};
+use crate::replication::lsn::{Epoch, PgLsn, Position};
 use crate::replication::pgoutput::{LogicalMessage, PG_EPOCH_OFFSET_US, TupleValue};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,11 +57,21 @@ struct OpenTx {
 pub struct Assembler {
     relations: RelationCache,
     tx: Option<OpenTx>,
+    /// Stamped on every change: the epoch of the log they go into.
+    epoch: Epoch,
 }
 
 impl Assembler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler whose changes belong to the log of `epoch`.
+    pub fn in_epoch(epoch: Epoch) -> Self {
+        Assembler {
+            epoch,
+            ..Self::default()
+        }
     }
 
     /// Forgets any half-received transaction: after a reconnect the server resends it whole.
@@ -169,14 +179,10 @@ impl Assembler {
             .ok_or(ChangeError::OutsideTransaction(kind.as_str()))?;
         let position = Position::new(tx.final_lsn, tx.next_ordinal);
         tx.next_ordinal = tx.next_ordinal.saturating_add(1);
-        out.push(Output::Change(Arc::new(RowChange::new(
-            position,
-            kind,
-            relation,
-            new,
-            old,
-            tx.commit_time_ms,
-        ))));
+        out.push(Output::Change(Arc::new(
+            RowChange::new(position, kind, relation, new, old, tx.commit_time_ms)
+                .in_epoch(self.epoch),
+        )));
         Ok(())
     }
 }

@@ -315,7 +315,6 @@ pub fn encode(out: Outbound, frames: &mut Vec<String>) {
         } => frames.push(change_frame(&subscription, &change)),
         Outbound::Subscribed {
             subscription,
-            replay,
             position,
         } => {
             frames.push(
@@ -324,7 +323,6 @@ pub fn encode(out: Outbound, frames: &mut Vec<String>) {
                 }})
                 .to_string(),
             );
-            frames.extend(replay.iter().map(|c| change_frame(&subscription, c)));
         }
         Outbound::Unsubscribed { subscription } => {
             frames.push(subscription_frame("unsubscribed", &subscription))

@@ -102,7 +102,6 @@ fn account(state: &AppState, out: &Outbound, now: i64, latency: &metrics::Histog
             latency.record(ms as f64 / 1000.0);
             1
         }
-        Outbound::Subscribed { replay, .. } => replay.len() as u64,
         Outbound::Error { code, .. } => {
             state.stats.error(code);
             0
@@ -1014,10 +1013,8 @@ pub(crate) async fn resolve(
         .since
         .as_deref()
         .map(|s| {
-            s.parse()
-                .map_err(|e: crate::replication::lsn::ParsePositionError| {
-                    err("invalid_since", e.to_string())
-                })
+            s.parse::<crate::replication::lsn::SinceId>()
+                .map_err(|e| err("invalid_since", e.to_string()))
         })
         .transpose()?;
     let lookup = |c: &Catalog| c.get(&req.schema, &req.table);

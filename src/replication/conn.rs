@@ -19,8 +19,8 @@ use super::lsn::PgLsn;
 pub enum ConnError {
     #[error("replication connection i/o: {0}")]
     Io(#[from] std::io::Error),
-    #[error("server error: {0}")]
-    Server(String),
+    #[error("server error: {message} (SQLSTATE {code})")]
+    Server { code: String, message: String },
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("connection closed by the server")]
@@ -363,7 +363,7 @@ fn server_error(body: &backend::ErrorResponseBody) -> ConnError {
             _ => {}
         }
     }
-    ConnError::Server(format!("{message} (SQLSTATE {code})"))
+    ConnError::Server { code, message }
 }
 
 pub fn quote_ident(s: &str) -> String {

@@ -86,9 +86,94 @@ impl FromStr for Position {
     }
 }
 
+/// The identity of one change log, created with it. A position means something
+/// only in the log that handed it out: a wiped `DATA_DIR` or a recreated slot
+/// starts a new epoch, and a `since` from another epoch is answered with `gap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Epoch(pub u32);
+
+impl Epoch {
+    /// A fresh random epoch.
+    pub fn generate() -> Epoch {
+        let id = uuid::Uuid::new_v4();
+        let b = id.as_bytes();
+        Epoch(u32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(1))
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08X}", self.0)
+    }
+}
+
+/// A position as clients see it: the position and the epoch of the log it is in.
+/// Text form `<position>.<epoch>`, e.g. `00000000019653D0-00000003.5A1F09C2`; within
+/// one epoch the strings still sort like the positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamId {
+    pub position: Position,
+    pub epoch: Epoch,
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.position, self.epoch)
+    }
+}
+
+/// A `since` as a client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinceId {
+    /// `<position>.<epoch>`.
+    Stream(StreamId),
+    /// A bare position, from before positions carried their log's epoch: which log
+    /// it came from is unknowable, so it is answered with `gap`.
+    Bare(Position),
+}
+
+impl FromStr for SinceId {
+    type Err = ParsePositionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('.') {
+            None => Ok(SinceId::Bare(s.parse()?)),
+            Some((pos, epoch)) => {
+                if epoch.is_empty() || epoch.len() > 8 {
+                    return Err(ParsePositionError(s.to_owned()));
+                }
+                let epoch =
+                    u32::from_str_radix(epoch, 16).map_err(|_| ParsePositionError(s.to_owned()))?;
+                Ok(SinceId::Stream(StreamId {
+                    position: pos.parse()?,
+                    epoch: Epoch(epoch),
+                }))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_ids_carry_the_epoch() {
+        let id = StreamId {
+            position: Position::new(PgLsn(0x0196_53D0), 3),
+            epoch: Epoch(0x5A1F_09C2),
+        };
+        assert_eq!(id.to_string(), "00000000019653D0-00000003.5A1F09C2");
+        assert_eq!(
+            id.to_string().parse::<SinceId>().unwrap(),
+            SinceId::Stream(id)
+        );
+        assert_eq!(
+            "00000000019653D0-00000003".parse::<SinceId>().unwrap(),
+            SinceId::Bare(id.position)
+        );
+        assert!("00000000019653D0-00000003.".parse::<SinceId>().is_err());
+        assert!("00000000019653D0-00000003.xyz".parse::<SinceId>().is_err());
+    }
 
     #[test]
     fn lsn_round_trip() {

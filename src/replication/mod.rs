@@ -2,5 +2,6 @@
 
 pub mod conn;
 pub mod lsn;
+pub mod monitor;
 pub mod pgoutput;
 pub mod stream;

@@ -1,33 +1,110 @@
-//! The replication task: reads the slot, decodes, hands changes to the router, and
-//! tells PostgreSQL how far it may forget.
+//! The replication task: reads the slot, decodes, hands changes to the change
+//! log, and tells PostgreSQL how far it may forget.
 //!
-//! Acknowledgement rule: the flush position sent to PostgreSQL is what the router
-//! has released (changes handed to every subscriber queue and out of the resume
-//! window). Keepalive positions are acknowledged only when nothing is pending, so a
-//! change can never be confirmed before it was handed on. The status interval is
-//! derived from the server's `wal_sender_timeout`.
+//! Acknowledgement rule: the flush position sent to PostgreSQL is the end of the
+//! last transaction the log holds durably, or, when everything received before a
+//! keepalive is durable and no transaction was open then, that keepalive's WAL end
+//! (so an idle slot follows the server, and a fast shutdown, which waits for the
+//! client to confirm everything including the shutdown checkpoint, finishes at
+//! once). Confirming never needs a database query. The status interval is derived
+//! from the server's `wal_sender_timeout`.
+//!
+//! Errors are classified: transient ones (connection lost, server shutting down)
+//! are retried with backoff; a missing or invalidated slot is recreated and the log
+//! reset (a new epoch: what happened in between is unknowable); definite ones (no
+//! publication, no permission, a change that cannot be decoded) are reported as
+//! such on `/health` and retried slowly.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ConnError, ReplicationConn, ReplicationFrame, quote_literal};
-use super::lsn::PgLsn;
+use super::lsn::{Epoch, PgLsn};
 use super::pgoutput::{self, DecodeError};
+use crate::changelog::local::floor_for_slot;
+use crate::changelog::pump::{Durable, LogInput};
 use crate::changes::{Assembler, ChangeError, Output};
-use crate::router::Progress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error(transparent)]
     Conn(#[from] ConnError),
-    #[error("pgoutput decode: {0}")]
-    Decode(#[from] DecodeError),
-    #[error("change stream: {0}")]
-    Change(#[from] ChangeError),
-    #[error("the router has stopped")]
-    RouterGone,
+    #[error("pgoutput decode at {lsn}: {source}")]
+    Decode {
+        lsn: PgLsn,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("change stream at {lsn}: {source}")]
+    Change {
+        lsn: PgLsn,
+        #[source]
+        source: ChangeError,
+    },
+    #[error("the change log has stopped")]
+    LogGone,
+}
+
+/// What a failure calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry soon, with backoff.
+    Transient,
+    /// The slot is gone or invalidated: recreate it and reset the log.
+    SlotLost,
+    /// A retry cannot fix it: someone must act. Retried slowly.
+    Definite,
+}
+
+impl StreamError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StreamError::Conn(ConnError::Server { code, message }) => {
+                classify_sqlstate(code, message)
+            }
+            StreamError::Conn(_) | StreamError::LogGone => ErrorClass::Transient,
+            StreamError::Decode { .. } | StreamError::Change { .. } => ErrorClass::Definite,
+        }
+    }
+
+    /// What an operator should do about a definite error.
+    pub fn advice(&self) -> Option<&'static str> {
+        let StreamError::Conn(ConnError::Server { code, message }) = self else {
+            return match self {
+                StreamError::Decode { .. } | StreamError::Change { .. } => Some(
+                    "a change could not be decoded: report it with the log line; the slot is not confirmed past it",
+                ),
+                _ => None,
+            };
+        };
+        Some(match code.as_str() {
+            "42704" if message.contains("publication") => {
+                "the publication is missing: restart Aether to recreate it (migrations create it)"
+            }
+            "42501" => "the database user lacks the REPLICATION attribute or a privilege: grant it",
+            c if c.starts_with("28") => "authentication failed: check DATABASE_URL",
+            "3D000" => "the database does not exist: check DATABASE_URL",
+            _ => return None,
+        })
+    }
+}
+
+/// SQLSTATE → what to do. Unknown codes are taken as transient: retrying is safe.
+fn classify_sqlstate(code: &str, message: &str) -> ErrorClass {
+    match code {
+        // undefined_object: the slot (or the publication) does not exist.
+        "42704" if message.contains("replication slot") => ErrorClass::SlotLost,
+        // object_not_in_prerequisite_state: "can no longer get changes from
+        // replication slot" (invalidated by max_slot_wal_keep_size).
+        "55000" if message.contains("replication slot") => ErrorClass::SlotLost,
+        "42704" | "42501" | "3D000" => ErrorClass::Definite,
+        c if c.starts_with("28") => ErrorClass::Definite,
+        // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+        // connection exceptions, object_in_use (the old walsender still holds the slot).
+        _ => ErrorClass::Transient,
+    }
 }
 
 /// Health of the stream, for `/health` and status endpoints.
@@ -39,17 +116,21 @@ pub struct ReplicationStatus {
     /// Commit time (ms since epoch) of the last transaction received.
     pub last_commit_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// The last error cannot be fixed by retrying: what to do.
+    pub advice: Option<String>,
 }
 
 pub struct ReplicationTask {
     pub pg: tokio_postgres::Config,
-    /// For persisting the resume floor before acknowledging.
-    pub pool: deadpool_postgres::Pool,
     pub slot: String,
     pub publication: String,
     pub status_interval: Duration,
-    pub changes: mpsc::Sender<Output>,
-    pub progress: watch::Receiver<Progress>,
+    /// Into the change log.
+    pub log: mpsc::Sender<LogInput>,
+    /// How far the log is durable.
+    pub durable: watch::Receiver<Durable>,
+    /// The log's epoch, stamped on every change.
+    pub epoch: Epoch,
     pub status: watch::Sender<ReplicationStatus>,
     pub shutdown: CancellationToken,
 }
@@ -57,36 +138,114 @@ pub struct ReplicationTask {
 enum Event {
     Shutdown,
     Frame(Result<ReplicationFrame, ConnError>),
+    Durable,
     Tick,
 }
 
+/// Per-session acknowledgement state.
+struct Ack {
+    /// Inputs handed to the log since the task started.
+    sent: u64,
+    received: PgLsn,
+    /// The last flush position sent.
+    flushed: PgLsn,
+    /// A keepalive's WAL end and the inputs sent before it: confirmable once those
+    /// are durable.
+    keepalive: Option<(PgLsn, u64)>,
+    last_sent: Instant,
+}
+
+impl Ack {
+    fn flush(&self, d: Durable) -> PgLsn {
+        let mut f = d.end_lsn;
+        if let Some((end, n)) = self.keepalive
+            && d.inputs >= n
+        {
+            f = f.max(end);
+        }
+        f.max(self.flushed)
+    }
+}
+
+/// Slow retries for errors a retry cannot fix.
+const DEFINITE_RETRY: Duration = Duration::from_secs(30);
+
 impl ReplicationTask {
-    /// Streams until shutdown, reconnecting with backoff after errors. A reconnect
-    /// restarts from the slot's confirmed position; the router drops what it has
-    /// already handled (positions are deterministic).
+    /// Streams until shutdown, reconnecting after errors as their class says. A
+    /// reconnect restarts from the slot's confirmed position; the log drops what it
+    /// already holds (positions are deterministic).
     pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
+        let mut sent = 0u64;
         loop {
-            match self.session().await {
-                Ok(()) => return,
-                Err(StreamError::RouterGone) => return,
-                Err(e) => {
+            let e = match self.session(&mut sent).await {
+                Ok(()) | Err(StreamError::LogGone) => return,
+                Err(e) => e,
+            };
+            let class = e.class();
+            let advice = e.advice().map(str::to_owned);
+            self.status.send_modify(|s| {
+                s.connected = false;
+                s.last_error = Some(e.to_string());
+                s.advice = advice.clone();
+            });
+            let wait = match class {
+                ErrorClass::Transient => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
-                    self.status.send_modify(|s| {
-                        s.connected = false;
-                        s.last_error = Some(e.to_string());
-                    });
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    w
                 }
-            }
+                ErrorClass::SlotLost => {
+                    tracing::error!(error = %e, slot = %self.slot, "the replication slot is gone or invalidated: recreating it; changes committed meanwhile are lost to Aether and every subscriber is told `gap`");
+                    match self.recreate_slot(&mut sent).await {
+                        Ok(()) => Duration::ZERO,
+                        Err(e) => {
+                            tracing::error!(error = %e, "recreating the replication slot failed");
+                            self.status.send_modify(|s| {
+                                s.last_error = Some(format!("recreating the slot: {e}"))
+                            });
+                            Duration::from_secs(5)
+                        }
+                    }
+                }
+                ErrorClass::Definite => {
+                    tracing::error!(error = %e, advice = advice.as_deref().unwrap_or(""), retry_in_s = DEFINITE_RETRY.as_secs(), "replication cannot continue until this is fixed");
+                    DEFINITE_RETRY
+                }
+            };
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    async fn session(&mut self) -> Result<(), StreamError> {
+    /// Drops what is left of the slot, creates it anew and resets the log.
+    async fn recreate_slot(&mut self, sent: &mut u64) -> Result<(), anyhow::Error> {
+        let client = crate::server::connect(&self.pg).await?;
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await?;
+        let (confirmed, _) = ensure_slot(&client, &self.slot).await?;
+        let (done, epoch) = oneshot::channel();
+        self.log
+            .send(LogInput::Reset {
+                floor: floor_for_slot(confirmed),
+                done,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the change log has stopped"))?;
+        *sent += 1;
+        self.epoch = epoch.await?;
+        Ok(())
+    }
+
+    async fn session(&mut self, sent: &mut u64) -> Result<(), StreamError> {
         let mut conn = ReplicationConn::connect(&self.pg).await?;
         conn.start_replication(&self.slot, &self.publication, PgLsn::ZERO)
             .await?;
@@ -94,162 +253,152 @@ impl ReplicationTask {
         self.status.send_modify(|s| {
             s.connected = true;
             s.last_error = None;
+            s.advice = None;
         });
-        let mut assembler = Assembler::new();
+        let mut assembler = Assembler::in_epoch(self.epoch);
         // Looked up once, not per change.
         let decoded = metrics::counter!("aether_events_decoded_total");
         let mut outputs = Vec::with_capacity(4);
         let mut tick = tokio::time::interval(self.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut received = PgLsn::ZERO;
-        let mut keepalive_end = PgLsn::ZERO;
-        let mut forwarded_end = PgLsn::ZERO;
-        let mut flushed = PgLsn::ZERO;
-        let mut persisted_floor = None;
+        let mut durable = self.durable.clone();
+        let mut ack = Ack {
+            sent: *sent,
+            received: PgLsn::ZERO,
+            flushed: PgLsn::ZERO,
+            keepalive: None,
+            last_sent: Instant::now(),
+        };
+        // A reply PostgreSQL asked for and that did not yet confirm its WAL end.
+        let mut owed: Option<PgLsn> = None;
         let mut last_commit_ms: Option<i64> = None;
 
-        loop {
+        let result = loop {
             let event = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => Event::Shutdown,
                 frame = conn.next_frame() => Event::Frame(frame),
+                r = durable.changed() => match r {
+                    Ok(()) => Event::Durable,
+                    Err(_) => break Err(StreamError::LogGone),
+                },
                 _ = tick.tick() => Event::Tick,
             };
             let mut reply_now = false;
             match event {
                 Event::Shutdown => {
-                    let flush =
-                        self.flush_position(flushed, keepalive_end, forwarded_end, &assembler);
-                    let _ = conn.send_status(received.max(flush), flush, false).await;
-                    return Ok(());
+                    // Give the last batch a moment to become durable, so the slot
+                    // is confirmed as far as it can be.
+                    let want = ack.sent;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        durable.wait_for(|d| d.inputs >= want),
+                    )
+                    .await;
+                    let flush = ack.flush(*durable.borrow());
+                    let _ = conn
+                        .send_status(ack.received.max(flush), flush, false)
+                        .await;
+                    break Ok(());
                 }
                 Event::Tick => reply_now = true,
+                Event::Durable => {
+                    let flush = ack.flush(*durable.borrow_and_update());
+                    // Confirm promptly when PostgreSQL waits for it (a fast shutdown
+                    // does), otherwise at most every 100 ms between ticks.
+                    reply_now = flush > ack.flushed
+                        && (owed.is_some_and(|w| flush >= w)
+                            || ack.last_sent.elapsed() >= Duration::from_millis(100));
+                }
                 Event::Frame(frame) => match frame? {
-                    ReplicationFrame::XLogData { wal_end, data, .. } => {
-                        received = received.max(wal_end);
-                        let msg = pgoutput::decode(data)?;
-                        assembler.push(msg, &mut outputs)?;
+                    ReplicationFrame::XLogData {
+                        wal_end,
+                        data,
+                        wal_start,
+                    } => {
+                        ack.received = ack.received.max(wal_end);
+                        let msg = pgoutput::decode(data).map_err(|source| StreamError::Decode {
+                            lsn: wal_start,
+                            source,
+                        })?;
+                        assembler.push(msg, &mut outputs).map_err(|source| {
+                            StreamError::Change {
+                                lsn: wal_start,
+                                source,
+                            }
+                        })?;
                         for out in outputs.drain(..) {
                             match &out {
-                                Output::Commit {
-                                    end_lsn,
-                                    commit_time_ms,
-                                    ..
-                                } => {
-                                    forwarded_end = forwarded_end.max(*end_lsn);
+                                Output::Commit { commit_time_ms, .. } => {
                                     // Published with the next status update, not per commit.
                                     last_commit_ms = Some(*commit_time_ms);
                                 }
                                 Output::Change(_) => decoded.increment(1),
                                 _ => {}
                             }
-                            // The router may hold the stream back for a catching-up
-                            // client: keep telling the server we are alive meanwhile.
+                            // The log may be slow (a failing disk): keep telling the
+                            // server we are alive meanwhile.
                             let permit = loop {
                                 tokio::select! {
                                     biased;
                                     _ = self.shutdown.cancelled() => {
-                                        let flush = self.flush_position(
-                                            flushed,
-                                            keepalive_end,
-                                            forwarded_end,
-                                            &assembler,
-                                        );
-                                        let _ = conn
-                                            .send_status(received.max(flush), flush, false)
-                                            .await;
+                                        let flush = ack.flush(*durable.borrow());
+                                        let _ = conn.send_status(ack.received.max(flush), flush, false).await;
+                                        *sent = ack.sent;
                                         return Ok(());
                                     }
-                                    permit = self.changes.reserve() => {
-                                        break permit.map_err(|_| StreamError::RouterGone)?;
+                                    permit = self.log.reserve() => {
+                                        break permit.map_err(|_| StreamError::LogGone)?;
                                     }
                                     _ = tick.tick() => {
-                                        conn.send_status(received.max(flushed), flushed, false)
-                                            .await?;
+                                        let flush = ack.flush(*durable.borrow());
+                                        conn.send_status(ack.received.max(flush), flush, false).await?;
+                                        ack.flushed = flush;
                                     }
                                 }
                             };
-                            permit.send(out);
+                            permit.send(LogInput::Output(out));
+                            ack.sent += 1;
                         }
                     }
                     ReplicationFrame::Keepalive {
                         wal_end,
                         reply_requested,
                     } => {
-                        received = received.max(wal_end);
-                        keepalive_end = keepalive_end.max(wal_end);
-                        reply_now = reply_requested;
+                        ack.received = ack.received.max(wal_end);
+                        // Everything before this keepalive was sent already; outside
+                        // a transaction its end is confirmable once that is durable.
+                        if !assembler.in_transaction() {
+                            ack.keepalive = Some((wal_end, ack.sent));
+                        }
+                        if reply_requested {
+                            owed = Some(wal_end);
+                            reply_now = true;
+                        }
                     }
                 },
             }
             if reply_now {
-                let next = self.flush_position(flushed, keepalive_end, forwarded_end, &assembler);
-                // The floor goes to disk before PostgreSQL may forget what is below it.
-                let floor = self.progress.borrow().floor;
-                if next > flushed && floor != persisted_floor {
-                    match self.persist_floor(floor).await {
-                        Ok(()) => {
-                            persisted_floor = floor;
-                            flushed = next;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not persist the resume floor; not acknowledging")
-                        }
-                    }
-                } else {
-                    flushed = next;
-                }
-                conn.send_status(received.max(flushed), flushed, false)
+                let flush = ack.flush(*durable.borrow());
+                conn.send_status(ack.received.max(flush), flush, false)
                     .await?;
+                ack.flushed = flush;
+                ack.last_sent = Instant::now();
+                if owed.is_some_and(|w| flush >= w) {
+                    owed = None;
+                }
+                let received = ack.received;
                 self.status.send_modify(|s| {
                     s.received = received;
-                    s.flushed = flushed;
+                    s.flushed = flush;
                     if last_commit_ms.is_some() {
                         s.last_commit_ms = last_commit_ms;
                     }
                 });
             }
-        }
-    }
-
-    async fn persist_floor(
-        &self,
-        floor: Option<crate::replication::lsn::Position>,
-    ) -> Result<(), String> {
-        let Some(floor) = floor else { return Ok(()) };
-        // Bounded: a pool exhausted by HTTP traffic must not stall the stream past
-        // wal_sender_timeout. Not persisting only means not acknowledging yet.
-        let write = async {
-            let client = self.pool.get().await.map_err(|e| e.to_string())?;
-            client
-                .execute(
-                    "INSERT INTO aether.replication_state (slot, floor) VALUES ($1, $2)
-                     ON CONFLICT (slot) DO UPDATE SET floor = EXCLUDED.floor, updated_at = now()",
-                    &[&self.slot, &floor.to_string()],
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
         };
-        tokio::time::timeout(self.status_interval, write)
-            .await
-            .map_err(|_| "timed out".to_owned())?
-    }
-
-    fn flush_position(
-        &self,
-        flushed: PgLsn,
-        keepalive_end: PgLsn,
-        forwarded_end: PgLsn,
-        assembler: &Assembler,
-    ) -> PgLsn {
-        let p = *self.progress.borrow();
-        let mut flush = p.released;
-        // Nothing in flight and nothing retained: the server's own position is safe.
-        if p.all_released && p.handled_end >= forwarded_end && !assembler.in_transaction() {
-            flush = flush.max(keepalive_end);
-        }
-        flush.max(flushed)
+        *sent = ack.sent;
+        result
     }
 }
 
@@ -283,8 +432,12 @@ pub enum SlotError {
     Lsn(String),
 }
 
-/// Checks `wal_level`, creates the slot if needed, and returns its confirmed position.
-pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<PgLsn, SlotError> {
+/// Checks `wal_level`, creates the slot if needed, and returns its confirmed
+/// position and whether it was created just now.
+pub async fn ensure_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(PgLsn, bool), SlotError> {
     let level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if level != "logical" {
         return Err(SlotError::WalLevel(level));
@@ -296,7 +449,7 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
             &[&slot],
         )
         .await?;
-    let lsn_text: String = match row {
+    let (lsn_text, created): (String, bool) = match row {
         Some(row) => {
             let plugin: Option<String> = row.get(0);
             let database: Option<String> = row.get(1);
@@ -314,7 +467,7 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
                 });
             }
             let lsn: Option<String> = row.get(2);
-            lsn.unwrap_or_else(|| "0/0".into())
+            (lsn.unwrap_or_else(|| "0/0".into()), false)
         }
         None => {
             let row = client
@@ -327,32 +480,11 @@ pub async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<
                 )
                 .await?;
             tracing::info!(slot, "replication slot created");
-            // A new slot starts a new history: an old floor would promise changes
-            // that nobody kept.
-            client
-                .execute(
-                    "DELETE FROM aether.replication_state WHERE slot = $1",
-                    &[&slot],
-                )
-                .await?;
-            row.get(0)
+            (row.get(0), true)
         }
     };
-    lsn_text.parse().map_err(|_| SlotError::Lsn(lsn_text))
-}
-
-/// The resume floor persisted for `slot` by an earlier run.
-pub async fn persisted_floor(
-    client: &tokio_postgres::Client,
-    slot: &str,
-) -> Result<Option<crate::replication::lsn::Position>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT floor FROM aether.replication_state WHERE slot = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+    let lsn = lsn_text.parse().map_err(|_| SlotError::Lsn(lsn_text))?;
+    Ok((lsn, created))
 }
 
 /// Reads `wal_sender_timeout`.
@@ -372,6 +504,64 @@ pub async fn wal_sender_timeout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_are_classified_by_sqlstate() {
+        let server = |code: &str, message: &str| {
+            StreamError::Conn(ConnError::Server {
+                code: code.into(),
+                message: message.into(),
+            })
+        };
+        let missing = server("42704", "replication slot \"x\" does not exist");
+        assert_eq!(missing.class(), ErrorClass::SlotLost);
+        let lost = server(
+            "55000",
+            "can no longer get changes from replication slot \"x\"",
+        );
+        assert_eq!(lost.class(), ErrorClass::SlotLost);
+        let publication = server("42704", "publication \"aether\" does not exist");
+        assert_eq!(publication.class(), ErrorClass::Definite);
+        assert!(publication.advice().is_some());
+        assert_eq!(
+            server("42501", "permission denied").class(),
+            ErrorClass::Definite
+        );
+        assert_eq!(
+            server(
+                "57P01",
+                "terminating connection due to administrator command"
+            )
+            .class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            server("55006", "replication slot \"x\" is active for PID 7").class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            StreamError::Conn(ConnError::Closed).class(),
+            ErrorClass::Transient
+        );
+    }
+
+    #[test]
+    fn a_keepalive_is_confirmed_only_once_what_came_before_it_is_durable() {
+        let ack = Ack {
+            sent: 10,
+            received: PgLsn(500),
+            flushed: PgLsn(100),
+            keepalive: Some((PgLsn(500), 10)),
+            last_sent: Instant::now(),
+        };
+        let d = |inputs, end| Durable {
+            inputs,
+            end_lsn: PgLsn(end),
+        };
+        assert_eq!(ack.flush(d(9, 300)), PgLsn(300));
+        assert_eq!(ack.flush(d(10, 300)), PgLsn(500));
+        assert_eq!(ack.flush(d(0, 0)), PgLsn(100), "never backwards");
+    }
 
     #[test]
     fn interval_follows_the_timeout() {

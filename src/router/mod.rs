@@ -1,22 +1,23 @@
-//! The router: one task that owns the subscription index, the resume history and
-//! the acknowledgement position.
+//! The router: one task that owns the subscription index, the hot tail of the
+//! change log and the lag state of every connection.
 //!
-//! Changes and subscription commands arrive on bounded channels and are handled in
-//! one order, so "subscribed" means live: every change the router handles after a
-//! subscription was registered is checked against it, and a `since` replay is cut
-//! from history at the same instant (no gap, no duplicate).
+//! It consumes a [`Feed`] of logged changes (it does not care where the log is)
+//! and subscription commands on bounded channels, handled in one order, so
+//! "subscribed" means live: every change the router handles after a subscription
+//! was registered is checked against it.
 //!
 //! Delivery never waits on a client: frames go to each connection's bounded queue
 //! with `try_send`. A full queue puts the connection in the *lagging* state: live
 //! changes stop going to it, and as its writer drains the queue it pulls the missed
-//! changes from the resume history (one shared copy for everyone) until it is back
-//! at the head, then goes live again. A lagging connection that stops draining for
-//! the stall timeout, or falls behind the resume window, is closed with a reason
-//! and can resume with `since`. Either way the change counts as handed on.
+//! changes, from the hot tail in memory or, when it is further behind, in pages
+//! read from the change log off this task. A `since` resume is the same thing: the
+//! subscription starts lagging at `since`. Nobody ever holds the stream back. A
+//! lagging connection that stops draining for the stall timeout, or falls behind
+//! what the log retains, is closed with a reason and can resume with `since`.
 //!
-//! The one wait: a lagging connection that is still draining and would fall out of
-//! the window with the next change holds the replication stream until it pulls,
-//! within per-connection and shared time budgets (see [`Router::holder`]).
+//! Each subscription remembers the newest change it was offered (`seen`), so a
+//! connection whose queue filled in the middle of fanning one change out to its
+//! subscriptions gets the rest of it, and nothing twice.
 //!
 //! Routing cost follows the matching subscriptions: subscriptions with an equality
 //! filter are found through a hash index on (column, value), the rest of a table's
@@ -25,20 +26,22 @@
 pub mod authz;
 pub mod catalog;
 pub mod filter;
-pub mod history;
+pub mod tail;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
-use crate::changes::{ChangeKind, Output, Relation, RowChange};
-use crate::replication::lsn::{PgLsn, Position};
+use crate::changelog::pump::Feed;
+use crate::changelog::{LogError, Page, ReadHint, SharedLog};
+use crate::changes::{ChangeKind, Relation, RowChange};
+use crate::replication::lsn::{Epoch, Position, SinceId, StreamId};
 use filter::{Filter, key_of};
-use history::History;
+use tail::Tail;
 
 /// Which kinds of change a subscription wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,14 +80,13 @@ pub enum Outbound {
         subscription: Arc<str>,
         change: Arc<RowChange>,
     },
-    /// The subscription is live; `replay` holds the changes after its `since`.
-    /// `position` is the newest change routed before it was registered: every
-    /// change it is sent live comes after it, so it is where a client that has
-    /// received nothing yet resumes from.
+    /// The subscription is live. `position` is the newest change routed before it
+    /// was registered: every change it is sent live comes after it, so it is where
+    /// a client that has received nothing yet resumes from. With `since`, the
+    /// changes after `since` follow this reply, then live ones.
     Subscribed {
         subscription: Arc<str>,
-        replay: Vec<Arc<RowChange>>,
-        position: Position,
+        position: StreamId,
     },
     Unsubscribed {
         subscription: Arc<str>,
@@ -118,7 +120,7 @@ pub struct SubscriptionSpec {
     pub table: Arc<str>,
     pub events: EventMask,
     pub filter: Filter,
-    pub since: Option<Position>,
+    pub since: Option<SinceId>,
 }
 
 pub enum Command {
@@ -148,20 +150,6 @@ pub enum Command {
     },
 }
 
-/// What the replication side learns back from the router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Progress {
-    /// PostgreSQL may forget WAL up to here.
-    pub released: PgLsn,
-    /// End LSN of the last transaction the router has handled.
-    pub handled_end: PgLsn,
-    /// Every handled transaction is released (the window holds no change).
-    pub all_released: bool,
-    /// Every change after this position is held (persisted before `released` is
-    /// acknowledged, so resumes stay exact across restarts).
-    pub floor: Option<Position>,
-}
-
 struct Subscription {
     session: u64,
     id: Arc<str>,
@@ -170,9 +158,9 @@ struct Subscription {
     filter: Filter,
     /// (column, key) under which it is indexed, if any.
     index: Option<(String, String)>,
-    /// The last change handled when it was made: a lagging connection's pages skip
-    /// what came before (a `since` replay already had it).
-    from: Option<Position>,
+    /// The newest change this subscription was offered (sent, or judged not for
+    /// it): a catching-up connection skips what it already had.
+    seen: Position,
 }
 
 #[derive(Default)]
@@ -191,18 +179,21 @@ struct SessionEntry {
     handle: SessionHandle,
     subs: HashMap<Arc<str>, u64>,
     lag: Option<Lag>,
-    /// Time this connection has held the stream back so far (see [`Router::holder`]).
-    held: Duration,
 }
 
 /// Where a lagging connection stands.
 struct Lag {
-    /// The first change it has not fully received.
-    next: Position,
-    /// Subscriptions that did receive `next` already.
-    served: Vec<Arc<str>>,
+    /// Every change up to here was offered to all its subscriptions.
+    after: Position,
     /// Last time it asked for more (or started lagging).
     since: Instant,
+    /// A page is being read from the log for it.
+    paging: bool,
+    /// Where the last page ended in the log.
+    hint: Option<ReadHint>,
+    /// Bumped when `after` moves back (a `since` subscription on a lagging
+    /// connection): a page read for the old position is discarded.
+    generation: u64,
 }
 
 /// A lagging connection asks for the next missed changes once its queue is down to
@@ -212,32 +203,30 @@ pub fn low_water(rx: &mpsc::Receiver<Outbound>) -> bool {
     rx.len() <= rx.max_capacity() / 2
 }
 
-/// A lagging connection may hold the stream back only while it keeps emptying its
-/// queue at least this often.
-const HOLD_DRAIN_WITHIN: Duration = Duration::from_secs(1);
-
-/// The shared hold credit refills at 1/HOLD_SHARE of wall time.
-const HOLD_SHARE: u32 = 4;
+/// Bytes of log records read per page.
+const PAGE_BYTES: usize = 512 << 10;
+/// Pages being read at once, for all connections: what paging holds in memory is
+/// bounded by this times a page.
+const PAGES_IN_FLIGHT: usize = 4;
 
 pub struct RouterConfig {
-    /// The resume floor persisted by the previous run, if any.
-    pub floor: Option<Position>,
+    pub log: SharedLog,
     pub channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
     /// KingShare connections, told of file and share events derived from changes.
     pub kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
-    /// KingShare events go out only for changes committed from here on: the
-    /// resume window decoded again after a restart must not repeat them.
-    pub kingshare_from: PgLsn,
-    pub confirmed: PgLsn,
     /// A lagging connection that drains nothing for this long is closed.
     pub stall_timeout: Duration,
-    /// How long, in all, one draining connection may hold the stream back.
-    pub catchup_hold: Duration,
     /// Subscriptions one connection may hold: each costs memory and routing work.
     pub max_subscriptions: usize,
-    pub retention_events: usize,
-    pub retention: Duration,
+    /// Bytes of recent changes kept in memory.
+    pub memory_bytes: usize,
     pub public_buckets: HashSet<String>,
+}
+
+struct PageDone {
+    session: u64,
+    generation: u64,
+    result: Result<Page, LogError>,
 }
 
 pub struct Router {
@@ -245,93 +234,71 @@ pub struct Router {
     subs: HashMap<u64, Subscription>,
     tables: HashMap<Arc<str>, TableSubs>,
     next_uid: u64,
-    history: History,
+    log: SharedLog,
+    epoch: Epoch,
+    /// The newest change routed.
+    high_water: Position,
+    tail: Tail,
     public_buckets: HashSet<String>,
-    high_water: Option<Position>,
-    last_commit: PgLsn,
-    open_tx_last: Option<Position>,
-    handled_end: PgLsn,
     catalog: catalog::SharedCatalog,
-    progress: watch::Sender<Progress>,
     candidates: Vec<u64>,
     /// Channel settings of the WebSocket API, kept current from `aether.channels`.
     channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
     kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
-    kingshare_from: PgLsn,
-    /// (connection, subscription) pairs the change being routed went to.
-    delivered_now: Vec<(u64, Arc<str>)>,
     stall_timeout: Duration,
-    catchup_hold: Duration,
     max_subscriptions: usize,
-    /// Lagging connections by the position they need next (usually none), so the
-    /// hold check looks only at those the next eviction would cut off.
-    lag_index: BTreeSet<(Position, u64)>,
-    /// The connection the stream is held for, and since when.
-    holding: Option<(u64, Instant)>,
-    /// Hold time left for everyone together: refilled at a quarter of wall time,
-    /// at most `catchup_hold`, so reconnecting for a fresh per-connection budget
-    /// cannot hold the stream more than a quarter of the time.
-    hold_credit: Duration,
-    hold_credit_at: Instant,
+    /// Connections lagging (usually none): the stall check looks only at these.
+    lagging: HashSet<u64>,
+    pages_tx: mpsc::UnboundedSender<PageDone>,
+    pages_rx: Option<mpsc::UnboundedReceiver<PageDone>>,
+    pages_in_flight: usize,
+    /// Connections waiting for a page read slot, in order.
+    page_queue: VecDeque<u64>,
 }
 
 impl Router {
-    pub fn new(
-        cfg: RouterConfig,
-        catalog: catalog::SharedCatalog,
-        progress: watch::Sender<Progress>,
-    ) -> Self {
-        let history = History::new(
-            cfg.confirmed,
-            cfg.floor,
-            cfg.retention_events,
-            cfg.retention,
-        );
+    pub fn new(cfg: RouterConfig, catalog: catalog::SharedCatalog) -> Self {
+        let bounds = cfg.log.bounds();
+        let high_water = bounds.newest.unwrap_or(bounds.floor);
+        let (pages_tx, pages_rx) = mpsc::unbounded_channel();
         Router {
             sessions: HashMap::new(),
             subs: HashMap::new(),
             tables: HashMap::new(),
             next_uid: 1,
-            history,
+            epoch: bounds.epoch,
+            high_water,
+            tail: Tail::new(high_water, cfg.memory_bytes),
+            log: cfg.log,
             public_buckets: cfg.public_buckets,
-            high_water: None,
-            last_commit: PgLsn::ZERO,
-            open_tx_last: None,
-            handled_end: cfg.confirmed,
             catalog,
-            progress,
             candidates: Vec::new(),
             channel_configs: cfg.channel_configs,
             kingshare: cfg.kingshare,
-            kingshare_from: cfg.kingshare_from,
-            delivered_now: Vec::new(),
             stall_timeout: cfg.stall_timeout,
-            catchup_hold: cfg.catchup_hold,
             max_subscriptions: cfg.max_subscriptions,
-            lag_index: BTreeSet::new(),
-            holding: None,
-            hold_credit: cfg.catchup_hold,
-            hold_credit_at: Instant::now(),
+            lagging: HashSet::new(),
+            pages_tx,
+            pages_rx: Some(pages_rx),
+            pages_in_flight: 0,
+            page_queue: VecDeque::new(),
         }
     }
 
     /// Runs until shutdown or until both inputs close.
     pub async fn run(
         mut self,
-        mut changes: mpsc::Receiver<Output>,
+        mut feed: mpsc::Receiver<Feed>,
         mut commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Some(mut pages) = self.pages_rx.take() else {
+            return;
+        };
+        let tail_bytes = metrics::gauge!("aether_router_tail_bytes");
         loop {
-            // Nobody lagging and nothing being held: the common case costs nothing.
-            let hold_until = if self.holding.is_some() || self.may_hold() {
-                self.update_hold(Instant::now(), !changes.is_empty())
-            } else {
-                None
-            };
-            let held = hold_until.is_some();
             tokio::select! {
                 biased;
                 // 1. Shutdown.
@@ -341,105 +308,27 @@ impl Router {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                // 3. Changes from the replication stream, unless a catching-up
-                //    connection holds it back.
-                out = changes.recv(), if !held => match out {
-                    Some(out) => {
-                        self.output(out);
-                        // Drain what is already queued before publishing progress.
-                        while !(self.may_hold() && self.holder(Instant::now()).is_some()) {
-                            let Ok(out) = changes.try_recv() else { break };
-                            self.output(out);
+                // 3. Pages read from the log for catching-up connections.
+                Some(done) = pages.recv() => self.page_done(done),
+                // 4. Logged changes.
+                f = feed.recv() => match f {
+                    Some(f) => {
+                        self.feed(f);
+                        // Drain what is already queued, a bounded amount at a time.
+                        for _ in 0..256 {
+                            let Ok(f) = feed.try_recv() else { break };
+                            self.feed(f);
                         }
-                        self.publish();
                     }
                     None => break,
                 },
-                // The holder stops counting as draining: look again.
-                _ = async {
-                    match hold_until {
-                        Some(t) => tokio::time::sleep_until(t.into()).await,
-                        None => std::future::pending().await,
-                    }
-                }, if held => {}
-                // 4. Age out the resume window.
+                // 5. Close connections that stalled or fell out of the log.
                 _ = tick.tick() => {
-                    self.history.evict(Instant::now());
                     self.close_stalled(Instant::now());
-                    self.publish();
+                    tail_bytes.set(self.tail.bytes() as f64);
                 }
             }
         }
-    }
-
-    /// Cheap test before [`Router::holder`]: someone lags and the window is full.
-    fn may_hold(&self) -> bool {
-        !self.lag_index.is_empty() && self.history.is_full()
-    }
-
-    /// The connection the stream must wait for, if any, and until when it counts as
-    /// draining: a lagging connection that would fall out of the resume window with
-    /// the next change, asked for more within the last second, and has hold time
-    /// left (its own, and everyone's together).
-    ///
-    /// Without this a lone client catching up on a backlog larger than the window
-    /// is outrun by the router and closed however fast it reads. With it the stream
-    /// is paced to that client for at most `catchup_hold` in all per connection, and
-    /// at most a quarter of the time overall; a client that drains nothing never
-    /// holds anything back for longer than a second.
-    fn holder(&self, now: Instant) -> Option<(u64, Instant)> {
-        if !self.may_hold() || self.hold_credit.is_zero() {
-            return None;
-        }
-        let front = self.history.front()?;
-        self.lag_index
-            .range(..=(front, u64::MAX))
-            .find_map(|&(_, id)| {
-                let e = self.sessions.get(&id)?;
-                let lag = e.lag.as_ref()?;
-                let draining_until = lag.since + HOLD_DRAIN_WITHIN;
-                (now < draining_until && e.held < self.catchup_hold).then_some((id, draining_until))
-            })
-    }
-
-    /// Charges the hold time since the last call to the connection it was for and
-    /// to the shared credit (only while changes were waiting: holding an idle
-    /// stream costs no one anything), then says until when the stream is held now.
-    fn update_hold(&mut self, now: Instant, pending: bool) -> Option<Instant> {
-        let elapsed = now.duration_since(self.hold_credit_at);
-        self.hold_credit_at = now;
-        self.hold_credit = (self.hold_credit + elapsed / HOLD_SHARE).min(self.catchup_hold);
-        if let Some((id, last)) = self.holding.take()
-            && pending
-        {
-            let spent = now.duration_since(last);
-            metrics::counter!("aether_stream_held_microseconds_total")
-                .increment(spent.as_micros() as u64);
-            self.hold_credit = self.hold_credit.saturating_sub(spent);
-            if let Some(e) = self.sessions.get_mut(&id) {
-                e.held += spent;
-            }
-        }
-        let holder = self.holder(now);
-        self.holding = holder.map(|(id, _)| (id, now));
-        holder.map(|(_, until)| until)
-    }
-
-    fn publish(&self) {
-        let p = Progress {
-            released: self.history.released(),
-            handled_end: self.handled_end,
-            all_released: self.history.all_released() && self.open_tx_last.is_none(),
-            floor: Some(self.history.floor()),
-        };
-        self.progress.send_if_modified(|old| {
-            if *old == p {
-                false
-            } else {
-                *old = p;
-                true
-            }
-        });
     }
 
     pub fn command(&mut self, cmd: Command) {
@@ -451,7 +340,6 @@ impl Router {
                         handle,
                         subs: HashMap::new(),
                         lag: None,
-                        held: Duration::ZERO,
                     },
                 );
             }
@@ -480,8 +368,87 @@ impl Router {
                     s.handle.principal = principal;
                 }
             }
-            Command::Pull { session } => self.pull(session),
+            Command::Pull { session } => self.advance(session),
         }
+    }
+
+    /// One item of the log's feed.
+    pub fn feed(&mut self, f: Feed) {
+        match f {
+            Feed::Relation(rel) => {
+                if let Ok(mut c) = self.catalog.write() {
+                    c.update_from_relation(&rel);
+                }
+            }
+            Feed::Change(change) => {
+                // The log drops what it already held; this guards the invariant.
+                if change.position <= self.high_water {
+                    return;
+                }
+                self.high_water = change.position;
+                if let Some(configs) = &self.channel_configs {
+                    track_channels(&change, configs);
+                }
+                self.close_revoked(&change);
+                if let Some(ks) = &self.kingshare {
+                    for (user, frame) in crate::realtime::kingshare::events_for(&change) {
+                        ks.to_user(&user, &frame);
+                    }
+                }
+                authz::track_buckets(
+                    &change.relation,
+                    change.new.as_ref(),
+                    change.old.as_ref(),
+                    &mut self.public_buckets,
+                );
+                if change.kind == ChangeKind::Truncate
+                    && *change.relation.qualified == *"public.buckets"
+                {
+                    self.public_buckets.clear();
+                }
+                self.route(&change);
+                self.tail.push(change);
+            }
+            Feed::Reset { epoch, floor } => self.reset(epoch, floor),
+        }
+    }
+
+    /// The log started a new epoch: every subscription is told `gap` and dropped
+    /// (its client must reload), and positions start over after `floor`.
+    fn reset(&mut self, epoch: Epoch, floor: Position) {
+        let ids: Vec<(u64, Arc<str>)> = self
+            .sessions
+            .iter()
+            .flat_map(|(s, e)| e.subs.keys().map(|id| (*s, Arc::clone(id))))
+            .collect();
+        for (session, id) in ids {
+            if let Some(uid) = self
+                .sessions
+                .get_mut(&session)
+                .and_then(|e| e.subs.remove(&id))
+            {
+                self.remove_sub(uid);
+            }
+            self.send(
+                session,
+                Outbound::Error {
+                    subscription: Some(id),
+                    code: "gap",
+                    message:
+                        "the change log was reset (the replication slot was recreated): changes \
+                              may have been missed; reload the data and subscribe again"
+                            .into(),
+                },
+            );
+        }
+        for e in self.sessions.values_mut() {
+            e.lag = None;
+        }
+        self.lagging.clear();
+        self.page_queue.clear();
+        self.tail.clear(floor);
+        self.epoch = epoch;
+        self.high_water = floor;
     }
 
     /// A signed-out auth session (`auth.sessions.revoked_at` set, or the row gone):
@@ -545,17 +512,19 @@ impl Router {
     }
 
     fn close_stalled(&mut self, now: Instant) {
-        let floor_ok = |next: Position, h: &History| h.since(next.just_before()).is_ok();
-        // Only lagging connections can stall: the index lists them.
+        if self.lagging.is_empty() {
+            return;
+        }
+        let floor = self.log.bounds().floor;
         let stalled: Vec<(u64, &'static str)> = self
-            .lag_index
+            .lagging
             .iter()
-            .filter_map(|(_, id)| {
+            .filter_map(|id| {
                 let lag = self.sessions.get(id)?.lag.as_ref()?;
-                if now.duration_since(lag.since) > self.stall_timeout {
+                if lag.after < floor {
+                    Some((*id, "fell behind what the change log retains"))
+                } else if !lag.paging && now.duration_since(lag.since) > self.stall_timeout {
                     Some((*id, "stalled: its queue stayed full"))
-                } else if !floor_ok(lag.next, &self.history) {
-                    Some((*id, "fell behind the resume window"))
                 } else {
                     None
                 }
@@ -566,9 +535,10 @@ impl Router {
         }
     }
 
-    /// Sends a lagging connection what it missed, from history, until its queue is
-    /// full again (it stays lagging) or it is back at the head (it goes live).
-    fn pull(&mut self, session: u64) {
+    /// Sends a lagging connection what it missed, from the tail or (further back)
+    /// a page of the log, until its queue is full again (it stays lagging) or it is
+    /// back at the head (it goes live).
+    fn advance(&mut self, session: u64) {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -576,59 +546,115 @@ impl Router {
             return;
         };
         lag.since = Instant::now();
-        let (next, mut served) = (lag.next, lag.served.clone());
-        let Ok(held) = self.history.since(next.just_before()) else {
-            return self.kick(session, "fell behind the resume window");
+        if lag.paging {
+            return;
+        }
+        let after = lag.after;
+        if !self.tail.covers(after) {
+            self.request_page(session);
+            return;
+        }
+        let full = deliver(
+            entry,
+            &mut self.subs,
+            &self.public_buckets,
+            self.tail.after(after),
+        );
+        if !full {
+            entry.lag = None;
+            self.lagging.remove(&session);
+        }
+    }
+
+    /// Queues a page read for a connection further behind than the tail.
+    fn request_page(&mut self, session: u64) {
+        let Some(lag) = self.sessions.get_mut(&session).and_then(|e| e.lag.as_mut()) else {
+            return;
         };
+        lag.paging = true;
+        if self.pages_in_flight >= PAGES_IN_FLIGHT {
+            self.page_queue.push_back(session);
+            return;
+        }
+        self.pages_in_flight += 1;
+        let (after, hint, generation) = (lag.after, lag.hint.clone(), lag.generation);
+        let log = Arc::clone(&self.log);
+        let tx = self.pages_tx.clone();
+        // File i/o: off the router task.
+        tokio::task::spawn_blocking(move || {
+            let result = log.read_after(after, PAGE_BYTES, hint.as_ref());
+            let _ = tx.send(PageDone {
+                session,
+                generation,
+                result,
+            });
+        });
+    }
+
+    fn page_done(&mut self, done: PageDone) {
+        self.pages_in_flight = self.pages_in_flight.saturating_sub(1);
+        while self.pages_in_flight < PAGES_IN_FLIGHT {
+            let Some(next) = self.page_queue.pop_front() else {
+                break;
+            };
+            if let Some(lag) = self.sessions.get_mut(&next).and_then(|e| e.lag.as_mut()) {
+                lag.paging = false;
+                self.request_page(next);
+            }
+        }
+        let PageDone {
+            session,
+            generation,
+            result,
+        } = done;
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        let subs: Vec<&Subscription> = entry
-            .subs
-            .values()
-            .filter_map(|uid| self.subs.get(uid))
-            .collect();
-        let principal = &entry.handle.principal;
-        let mut stopped_at = None;
-        'changes: for c in held {
-            if c.position != next {
-                served.clear();
-            }
-            for sub in &subs {
-                if *sub.table != *c.relation.qualified
-                    || !sub.events.contains(c.kind)
-                    || sub.from.is_some_and(|from| c.position <= from)
-                    || served.iter().any(|s| **s == *sub.id)
-                    || !passes(c, &sub.filter, principal, &self.public_buckets)
-                {
-                    continue;
-                }
-                let out = Outbound::Change {
-                    subscription: Arc::clone(&sub.id),
-                    change: Arc::clone(c),
-                };
-                if entry.handle.tx.try_send(out).is_err() {
-                    stopped_at = Some(c.position);
-                    break 'changes;
-                }
-                served.push(Arc::clone(&sub.id));
-            }
+        let Some(lag) = entry.lag.as_mut() else {
+            return;
+        };
+        lag.paging = false;
+        if lag.generation != generation {
+            return self.advance(session);
         }
-        match stopped_at {
-            Some(position) => {
-                if let Some(lag) = entry.lag.as_mut() {
-                    lag.next = position;
-                    lag.served = served;
-                }
-                entry.handle.lagging.notify_one();
-                self.lag_index.remove(&(next, session));
-                self.lag_index.insert((position, session));
+        let page = match result {
+            Ok(page) => page,
+            Err(LogError::Gap { .. }) => {
+                return self.kick(session, "fell behind what the change log retains");
             }
-            None => {
-                entry.lag = None;
-                self.lag_index.remove(&(next, session));
+            Err(e) => {
+                tracing::error!(error = %e, session, "reading the change log for a catching-up connection");
+                return self.kick(session, "the change log could not be read");
             }
+        };
+        if page.changes.is_empty() && !self.tail.covers(lag.after) {
+            tracing::error!(after = %lag.after, "the change log has nothing where the tail starts");
+            return self.kick(session, "the change log could not be read");
         }
+        // The log is written before the router is fed: what it holds past the
+        // newest change routed comes through the feed (and the tail), not from here.
+        let high_water = self.high_water;
+        let routed = page.changes.iter().take_while(|c| c.position <= high_water);
+        lag.hint = if page.changes.last().is_some_and(|c| c.position > high_water) {
+            None
+        } else {
+            page.hint
+        };
+        let full = deliver(entry, &mut self.subs, &self.public_buckets, routed);
+        if !full {
+            self.advance(session);
+        }
+    }
+
+    fn gap(&mut self, session: u64, id: Arc<str>, message: String) {
+        self.send(
+            session,
+            Outbound::Error {
+                subscription: Some(id),
+                code: "gap",
+                message,
+            },
+        );
     }
 
     fn subscribe(&mut self, session: u64, spec: SubscriptionSpec) {
@@ -665,38 +691,51 @@ impl Router {
             );
             return;
         }
-        let principal = Arc::clone(&entry.handle.principal);
-        let mut replay = Vec::new();
-        if let Some(since) = spec.since {
-            let held = self.history.since(since).map(|iter| {
-                iter.filter(|c| {
-                    *c.relation.qualified == *spec.table
-                        && spec.events.contains(c.kind)
-                        && passes(c, &spec.filter, &principal, &self.public_buckets)
-                })
-                .cloned()
-                .collect::<Vec<_>>()
-            });
-            match held {
-                Ok(changes) => replay = changes,
-                Err(gap) => {
-                    let message = format!(
-                        "position {since} is older than the changes Aether still holds (from {} on); \
-                         reload the data and subscribe without `since`",
-                        gap.floor
-                    );
-                    self.send(
-                        session,
-                        Outbound::Error {
-                            subscription: Some(spec.id),
-                            code: "gap",
-                            message,
-                        },
-                    );
-                    return;
-                }
+        // Where the subscription starts: `since`, checked against this log.
+        let start = match spec.since {
+            None => self.high_water,
+            Some(SinceId::Bare(p)) => {
+                let message = format!(
+                    "position {p} names no change log (it has no epoch; it is from an older Aether): \
+                     reload the data and subscribe without `since`"
+                );
+                return self.gap(session, spec.id, message);
             }
-        }
+            Some(SinceId::Stream(id)) if id.epoch != self.epoch => {
+                let message = format!(
+                    "position {id} is from another change log (epoch {}; this one is {}): the log was \
+                     reset or replaced, changes may have been missed; reload the data and subscribe without `since`",
+                    id.epoch, self.epoch
+                );
+                return self.gap(session, spec.id, message);
+            }
+            Some(SinceId::Stream(id)) if id.position > self.high_water => {
+                let message = format!(
+                    "position {id} is ahead of the newest change ({}): it was not handed out by this log; \
+                     reload the data and subscribe without `since`",
+                    StreamId {
+                        position: self.high_water,
+                        epoch: self.epoch
+                    }
+                );
+                return self.gap(session, spec.id, message);
+            }
+            Some(SinceId::Stream(id)) => {
+                let floor = self.log.bounds().floor;
+                if id.position < floor {
+                    let message = format!(
+                        "position {id} is older than the changes Aether still holds (from {} on); \
+                         reload the data and subscribe without `since`",
+                        StreamId {
+                            position: floor,
+                            epoch: self.epoch
+                        }
+                    );
+                    return self.gap(session, spec.id, message);
+                }
+                id.position
+            }
+        };
         let uid = self.next_uid;
         self.next_uid += 1;
         let index = spec.filter.index_key().map(|(c, k)| (c.to_owned(), k));
@@ -723,21 +762,57 @@ impl Router {
                 events: spec.events,
                 filter: spec.filter,
                 index,
-                from: self.high_water,
+                seen: start,
             },
         );
-        if let Some(e) = self.sessions.get_mut(&session) {
-            e.subs.insert(Arc::clone(&spec.id), uid);
+        let position = StreamId {
+            position: self.high_water,
+            epoch: self.epoch,
+        };
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        entry.subs.insert(Arc::clone(&spec.id), uid);
+        let replay = start < self.high_water;
+        if replay {
+            // The connection (re)starts catching up at `start`. Its other
+            // subscriptions were offered everything up to where it stood.
+            let stood = entry.lag.as_ref().map_or(self.high_water, |l| l.after);
+            if start < stood {
+                for other in entry.subs.values().filter(|u| **u != uid) {
+                    if let Some(s) = self.subs.get_mut(other) {
+                        s.seen = s.seen.max(stood);
+                    }
+                }
+                match entry.lag.as_mut() {
+                    Some(lag) => {
+                        lag.after = start;
+                        lag.hint = None;
+                        lag.generation += 1;
+                    }
+                    None => {
+                        entry.lag = Some(Lag {
+                            after: start,
+                            since: Instant::now(),
+                            paging: false,
+                            hint: None,
+                            generation: 0,
+                        });
+                        self.lagging.insert(session);
+                    }
+                }
+            }
         }
-        let position = self.high_water.unwrap_or_else(|| self.history.floor());
         self.send(
             session,
             Outbound::Subscribed {
                 subscription: spec.id,
-                replay,
                 position,
             },
         );
+        if replay {
+            self.advance(session);
+        }
     }
 
     fn remove_sub(&mut self, uid: u64) {
@@ -771,16 +846,14 @@ impl Router {
 
     fn detach(&mut self, session: u64) {
         if let Some(entry) = self.sessions.remove(&session) {
-            if let Some(lag) = &entry.lag {
-                self.lag_index.remove(&(lag.next, session));
-            }
+            self.lagging.remove(&session);
             for uid in entry.subs.into_values() {
                 self.remove_sub(uid);
             }
         }
     }
 
-    /// Queues a reply. Replies cannot be paged from history, so a connection whose
+    /// Queues a reply. Replies cannot be paged from the log, so a connection whose
     /// queue is full even for them is closed.
     fn send(&mut self, session: u64, out: Outbound) {
         let Some(entry) = self.sessions.get(&session) else {
@@ -793,108 +866,12 @@ impl Router {
         }
     }
 
-    /// Queues a live change, or starts lagging if the queue is full.
-    fn send_change(&mut self, session: u64, subscription: Arc<str>, change: &Arc<RowChange>) {
-        let Some(entry) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        if entry.lag.is_some() {
-            // Lagging: this change will come from history when the connection pulls.
-            return;
-        }
-        let out = Outbound::Change {
-            subscription: Arc::clone(&subscription),
-            change: Arc::clone(change),
-        };
-        match entry.handle.tx.try_send(out) {
-            Ok(()) => self.delivered_now.push((session, subscription)),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::debug!(session, "outbound queue full: lagging, paging from history");
-                metrics::counter!("aether_queue_drops_total", "kind" => "lagging").increment(1);
-                // Subscriptions of this connection that already got this change.
-                let served = self
-                    .delivered_now
-                    .iter()
-                    .filter(|(s, _)| *s == session)
-                    .map(|(_, id)| Arc::clone(id))
-                    .collect();
-                entry.lag = Some(Lag {
-                    next: change.position,
-                    served,
-                    since: Instant::now(),
-                });
-                self.lag_index.insert((change.position, session));
-                entry.handle.lagging.notify_one();
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),
-        }
-    }
-
-    pub fn output(&mut self, out: Output) {
-        match out {
-            Output::Begin { .. } => {}
-            Output::Relation(rel) => {
-                if let Ok(mut c) = self.catalog.write() {
-                    c.update_from_relation(&rel);
-                }
-            }
-            Output::Change(change) => {
-                // After a reconnect the server re-sends from the confirmed position:
-                // positions are deterministic, so what was handled is recognized.
-                if self.high_water.is_some_and(|hw| change.position <= hw) {
-                    return;
-                }
-                self.high_water = Some(change.position);
-                self.open_tx_last = Some(change.position);
-                if let Some(configs) = &self.channel_configs {
-                    track_channels(&change, configs);
-                }
-                self.close_revoked(&change);
-                if let Some(ks) = &self.kingshare
-                    && change.commit_lsn() >= self.kingshare_from
-                {
-                    for (user, frame) in crate::realtime::kingshare::events_for(&change) {
-                        ks.to_user(&user, &frame);
-                    }
-                }
-                authz::track_buckets(
-                    &change.relation,
-                    change.new.as_ref(),
-                    change.old.as_ref(),
-                    &mut self.public_buckets,
-                );
-                if change.kind == ChangeKind::Truncate
-                    && *change.relation.qualified == *"public.buckets"
-                {
-                    self.public_buckets.clear();
-                }
-                self.route(&change);
-                self.history.push(change, Instant::now());
-            }
-            Output::Commit {
-                commit_lsn,
-                end_lsn,
-                ..
-            } => {
-                if commit_lsn <= self.last_commit && self.last_commit != PgLsn::ZERO {
-                    self.open_tx_last = None;
-                    return;
-                }
-                self.last_commit = commit_lsn;
-                self.handled_end = self.handled_end.max(end_lsn);
-                let last = self.open_tx_last.take();
-                self.history.commit(last, end_lsn, Instant::now());
-            }
-        }
-    }
-
     fn route(&mut self, change: &Arc<RowChange>) {
         let Some(t) = self.tables.get(&change.relation.qualified) else {
             return;
         };
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
-        self.delivered_now.clear();
         candidates.extend(t.scan.iter().copied());
         for (col, keys) in &t.by_column {
             let Some(i) = change.relation.column_index(col) else {
@@ -922,17 +899,18 @@ impl Router {
         }
         candidates.sort_unstable();
         candidates.dedup();
+        let mut closed = Vec::new();
         for &uid in &candidates {
-            let Some(sub) = self.subs.get(&uid) else {
+            let Some(sub) = self.subs.get_mut(&uid) else {
                 continue;
             };
             if !sub.events.contains(change.kind) {
                 continue;
             }
-            let Some(entry) = self.sessions.get(&sub.session) else {
+            let Some(entry) = self.sessions.get_mut(&sub.session) else {
                 continue;
             };
-            // A lagging connection gets this change from history when it pulls.
+            // A lagging connection gets this change from the tail when it pulls.
             if entry.lag.is_some()
                 || !passes(
                     change,
@@ -943,16 +921,87 @@ impl Router {
             {
                 continue;
             }
-            let session = sub.session;
-            let subscription = Arc::clone(&sub.id);
-            self.send_change(session, subscription, change);
+            let out = Outbound::Change {
+                subscription: Arc::clone(&sub.id),
+                change: Arc::clone(change),
+            };
+            match entry.handle.tx.try_send(out) {
+                Ok(()) => sub.seen = change.position,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::debug!(
+                        session = sub.session,
+                        "outbound queue full: lagging, catching up from the log"
+                    );
+                    metrics::counter!("aether_queue_drops_total", "kind" => "lagging").increment(1);
+                    // Subscriptions that got this change already have it as `seen`.
+                    entry.lag = Some(Lag {
+                        after: change.position.just_before(),
+                        since: Instant::now(),
+                        paging: false,
+                        hint: None,
+                        generation: 0,
+                    });
+                    self.lagging.insert(sub.session);
+                    entry.handle.lagging.notify_one();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => closed.push(sub.session),
+            }
         }
         self.candidates = candidates;
+        for s in closed {
+            self.detach(s);
+        }
     }
 
-    pub fn history_len(&self) -> usize {
-        self.history.len()
+    /// Bytes and changes of the hot tail.
+    pub fn tail_size(&self) -> (usize, usize) {
+        (self.tail.bytes(), self.tail.len())
     }
+}
+
+/// Offers `changes` (after the connection's `after`, oldest first) to its
+/// subscriptions; `true` if its queue filled (it stays lagging from there).
+fn deliver<'a>(
+    entry: &mut SessionEntry,
+    subs: &mut HashMap<u64, Subscription>,
+    public_buckets: &HashSet<String>,
+    changes: impl Iterator<Item = &'a Arc<RowChange>>,
+) -> bool {
+    let Some(lag) = entry.lag.as_mut() else {
+        return false;
+    };
+    let mut uids: Vec<u64> = entry.subs.values().copied().collect();
+    uids.sort_unstable();
+    let principal = &entry.handle.principal;
+    for c in changes {
+        if c.position <= lag.after {
+            continue;
+        }
+        for uid in &uids {
+            let Some(sub) = subs.get_mut(uid) else {
+                continue;
+            };
+            if c.position <= sub.seen
+                || *sub.table != *c.relation.qualified
+                || !sub.events.contains(c.kind)
+                || !passes(c, &sub.filter, principal, public_buckets)
+            {
+                continue;
+            }
+            let out = Outbound::Change {
+                subscription: Arc::clone(&sub.id),
+                change: Arc::clone(c),
+            };
+            if entry.handle.tx.try_send(out).is_err() {
+                lag.after = c.position.just_before();
+                entry.handle.lagging.notify_one();
+                return true;
+            }
+            sub.seen = c.position;
+        }
+        lag.after = c.position;
+    }
+    false
 }
 
 /// Applies changes to `aether.channels` to the live channel settings.
@@ -1028,213 +1077,4 @@ fn passes(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::changes::TableId;
-
-    fn relation() -> Arc<Relation> {
-        Arc::new(Relation {
-            id: TableId(1),
-            schema: "public".into(),
-            name: "t".into(),
-            qualified: Arc::from("public.t"),
-            replica_identity: b'f',
-            columns: vec![],
-        })
-    }
-
-    /// A router holding at most `window` changes, one service connection (id 1)
-    /// with a queue of `queue` frames, and the receiving end of that queue.
-    fn router(window: usize, queue: usize, hold: Duration) -> (Router, mpsc::Receiver<Outbound>) {
-        let (progress, _) = watch::channel(Progress::default());
-        let mut r = Router::new(
-            RouterConfig {
-                floor: None,
-                channel_configs: None,
-                kingshare: None,
-                kingshare_from: PgLsn::ZERO,
-                confirmed: PgLsn(1),
-                stall_timeout: Duration::from_secs(30),
-                catchup_hold: hold,
-                max_subscriptions: 2,
-                retention_events: window,
-                retention: Duration::from_secs(3600),
-                public_buckets: HashSet::new(),
-            },
-            catalog::SharedCatalog::default(),
-            progress,
-        );
-        let (tx, rx) = mpsc::channel(queue);
-        let principal = Principal::service();
-        r.command(Command::Attach {
-            session: 1,
-            handle: SessionHandle {
-                tx,
-                overflowed: CancellationToken::new(),
-                revoked: CancellationToken::new(),
-                lagging: Arc::new(tokio::sync::Notify::new()),
-                principal: Arc::new(principal),
-            },
-        });
-        (r, rx)
-    }
-
-    fn subscribe(r: &mut Router, id: &str) {
-        r.command(Command::Subscribe {
-            session: 1,
-            spec: SubscriptionSpec {
-                id: Arc::from(id),
-                table: Arc::from("public.t"),
-                events: EventMask::ALL,
-                filter: Filter { conditions: vec![] },
-                since: None,
-            },
-        });
-    }
-
-    /// One-change transactions at LSNs 100·i.
-    fn commit(r: &mut Router, i: u64) {
-        let lsn = PgLsn(100 * i);
-        r.output(Output::Change(Arc::new(RowChange::new(
-            Position::new(lsn, 0),
-            ChangeKind::Insert,
-            relation(),
-            Some(vec![]),
-            None,
-            0,
-        ))));
-        r.output(Output::Commit {
-            commit_lsn: lsn,
-            end_lsn: PgLsn(100 * i + 50),
-            commit_time_ms: 0,
-        });
-    }
-
-    /// (subscription, commit number) of the changes queued, and whether replies came.
-    fn drain(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
-        let mut got = Vec::new();
-        while let Ok(out) = rx.try_recv() {
-            if let Outbound::Change {
-                subscription,
-                change,
-            } = out
-            {
-                got.push((subscription.to_string(), change.position.commit_lsn.0 / 100));
-            }
-        }
-        got
-    }
-
-    #[test]
-    fn a_subscription_made_while_lagging_gets_only_later_changes() {
-        let (mut r, mut rx) = router(1000, 4, Duration::from_secs(30));
-        subscribe(&mut r, "a");
-        drain(&mut rx);
-        for i in 1..=6 {
-            commit(&mut r, i);
-        }
-        // Four fit; the connection lags from change 5 on.
-        assert_eq!(drain(&mut rx).len(), 4);
-        subscribe(&mut r, "b");
-        commit(&mut r, 7);
-        drain(&mut rx);
-        let mut got = Vec::new();
-        for _ in 0..4 {
-            r.command(Command::Pull { session: 1 });
-            got.extend(drain(&mut rx));
-        }
-        let of = |s: &str| -> Vec<u64> {
-            got.iter()
-                .filter(|(id, _)| id == s)
-                .map(|(_, n)| *n)
-                .collect()
-        };
-        assert_eq!(of("a"), vec![5, 6, 7]);
-        assert_eq!(of("b"), vec![7], "b was made after change 6");
-    }
-
-    #[test]
-    fn a_draining_connection_at_the_window_edge_holds_the_stream_within_its_budgets() {
-        let (mut r, mut rx) = router(4, 2, Duration::from_secs(30));
-        subscribe(&mut r, "a");
-        drain(&mut rx);
-        for i in 1..=3 {
-            commit(&mut r, i);
-        }
-        // Two queued, lagging from 3; the window (1..3) is not full yet.
-        assert!(r.holder(Instant::now()).is_none());
-        commit(&mut r, 4);
-        // Full, and the next change would evict 1 only: 3 is still held.
-        assert!(r.holder(Instant::now()).is_none());
-        commit(&mut r, 5);
-        commit(&mut r, 6);
-        // Now the front is 3: one more change and the connection falls out.
-        let now = Instant::now();
-        let (id, until) = r.holder(now).expect("held for the connection");
-        assert_eq!(id, 1);
-        // A second later without a pull it no longer counts as draining.
-        assert!(r.holder(until).is_none());
-        // Nothing waiting: holding costs no budget.
-        assert!(r.update_hold(now, false).is_some());
-        assert!(
-            r.update_hold(now + Duration::from_millis(500), false)
-                .is_some()
-        );
-        assert_eq!(r.sessions[&1].held, Duration::ZERO);
-        // Changes waiting: the time is charged to the connection and the shared credit.
-        r.update_hold(now + Duration::from_millis(900), true);
-        assert_eq!(r.sessions[&1].held, Duration::from_millis(400));
-        assert!(r.hold_credit < Duration::from_secs(30));
-        // A pull moves it past the front: no longer held.
-        drain(&mut rx);
-        r.command(Command::Pull { session: 1 });
-        assert!(r.holder(Instant::now()).is_none());
-        // It leaves: the index forgets it.
-        r.command(Command::Detach { session: 1 });
-        assert!(r.lag_index.is_empty());
-    }
-
-    #[test]
-    fn no_hold_time_means_no_hold_and_an_exhausted_budget_ends_the_hold() {
-        let (mut r, mut rx) = router(2, 2, Duration::ZERO);
-        subscribe(&mut r, "a");
-        drain(&mut rx);
-        for i in 1..=4 {
-            commit(&mut r, i);
-        }
-        assert!(r.may_hold());
-        assert!(r.holder(Instant::now()).is_none());
-
-        let (mut r, mut rx) = router(2, 2, Duration::from_secs(1));
-        subscribe(&mut r, "a");
-        drain(&mut rx);
-        for i in 1..=4 {
-            commit(&mut r, i);
-        }
-        let now = Instant::now();
-        assert!(r.update_hold(now, true).is_some());
-        r.sessions.get_mut(&1).unwrap().held = Duration::from_secs(1);
-        assert!(
-            r.update_hold(now, true).is_none(),
-            "its own budget is spent"
-        );
-    }
-
-    #[test]
-    fn a_connection_cannot_hold_more_subscriptions_than_allowed() {
-        let (mut r, mut rx) = router(100, 16, Duration::ZERO);
-        subscribe(&mut r, "a");
-        subscribe(&mut r, "b");
-        subscribe(&mut r, "c");
-        let mut codes = Vec::new();
-        while let Ok(out) = rx.try_recv() {
-            match out {
-                Outbound::Subscribed { subscription, .. } => codes.push(subscription.to_string()),
-                Outbound::Error { code, .. } => codes.push(code.to_owned()),
-                _ => {}
-            }
-        }
-        assert_eq!(codes, ["a", "b", "too_many_subscriptions"]);
-        assert_eq!(r.sessions[&1].subs.len(), 2);
-    }
-}
+mod tests;

@@ -486,9 +486,10 @@ impl Ws {
             .as_str()
             .expect("subscribed.position");
         assert!(
-            position
-                .parse::<aether::replication::lsn::Position>()
-                .is_ok(),
+            matches!(
+                position.parse::<aether::replication::lsn::SinceId>(),
+                Ok(aether::replication::lsn::SinceId::Stream(_))
+            ),
             "{reply}"
         );
         reply

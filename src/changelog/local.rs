@@ -1,0 +1,957 @@
+//! The local change log: append-only segment files under one directory.
+//!
+//! Layout:
+//! - `meta`: `epoch floor` as text, replaced atomically (write, fsync, rename).
+//! - `relations`: one record per relation version (table definition) ever logged.
+//! - `<first position>.seg`: a 16-byte header (magic, epoch) then records, each
+//!   `[body length u32][CRC-32 of body u32][body]`, positions strictly increasing.
+//!
+//! Recovery (at open): the last segment and the relations file are read to the end
+//! and cut at the first record that is short, fails its CRC, or names a relation
+//! that is not logged: a torn tail is truncated, never served. Sealed segments were
+//! fsynced before the next one was created.
+//!
+//! Why plain segment files and not an embedded database: the log is written in
+//! position order and read as ranges, never updated in place; a B-tree or LSM
+//! would add write amplification and a second journal for nothing. See
+//! docs/decisions.md for the measurements.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime};
+
+use super::codec::{self, CodecError};
+use super::{Bounds, ChangeLog, LogError, Page, ReadHint};
+use crate::changes::{Relation, RowChange, TableId};
+use crate::replication::lsn::{Epoch, PgLsn, Position};
+
+const MAGIC: &[u8; 8] = b"AETHLOG\x01";
+const HEADER: u64 = 16;
+/// A record larger than this is refused at append and taken for corruption when read.
+const MAX_RECORD: usize = 256 << 20;
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// A segment is sealed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Oldest segments are dropped while the log is larger than this.
+    pub retention_bytes: u64,
+    /// Segments whose newest change was logged longer ago than this are dropped.
+    pub retention_age: Duration,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_bytes: 16 << 20,
+            retention_bytes: 1 << 30,
+            retention_age: Duration::from_secs(86_400),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    first: Position,
+    path: PathBuf,
+    bytes: u64,
+    /// When its last record was written (for age retention, without a syscall).
+    sealed_at: SystemTime,
+}
+
+struct Active {
+    first: Position,
+    file: Arc<File>,
+    out: BufWriter<SharedFile>,
+    bytes: u64,
+}
+
+/// A file written through a buffer on one thread and fsynced on another.
+struct SharedFile(Arc<File>);
+
+impl Write for SharedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+struct State {
+    epoch: Epoch,
+    floor: Position,
+    newest: Option<Position>,
+    /// Sealed segments, oldest first (the active one is not in here).
+    sealed: Vec<Segment>,
+    active: Option<Active>,
+    records: u64,
+    relations_out: BufWriter<SharedFile>,
+    relations_file: Arc<File>,
+    /// The latest logged version of each table's definition.
+    latest: HashMap<TableId, (Arc<Relation>, u32)>,
+    scratch: Vec<u8>,
+}
+
+pub struct LocalLog {
+    dir: PathBuf,
+    opts: LogOptions,
+    state: Mutex<State>,
+    /// Relation versions, readable without the writer's lock.
+    relations: RwLock<Vec<Option<Arc<Relation>>>>,
+}
+
+fn segment_name(first: Position) -> String {
+    format!("{first}.seg")
+}
+
+fn crc(body: &[u8]) -> u32 {
+    crc32fast::hash(body)
+}
+
+fn write_record(out: &mut impl Write, body: &[u8]) -> std::io::Result<u64> {
+    out.write_all(&(body.len() as u32).to_le_bytes())?;
+    out.write_all(&crc(body).to_le_bytes())?;
+    out.write_all(body)?;
+    Ok(8 + body.len() as u64)
+}
+
+/// Reads the next record into `body`: `Ok(false)` at a clean end or a torn tail
+/// (short header or body, bad CRC, absurd length).
+fn read_record(r: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut head = [0u8; 8];
+    if !read_full(r, &mut head)? {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let sum = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len > MAX_RECORD {
+        return Ok(false);
+    }
+    body.clear();
+    body.resize(len, 0);
+    if !read_full(r, body)? {
+        return Ok(false);
+    }
+    Ok(crc(body) == sum)
+}
+
+/// Fills `buf`; `Ok(false)` if the reader ends first.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut at = 0;
+    while at < buf.len() {
+        match r.read(&mut buf[at..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(LogError::io(format!("fsync {}", dir.display())))
+}
+
+fn write_meta(dir: &Path, epoch: Epoch, floor: Position) -> Result<(), LogError> {
+    let tmp = dir.join("meta.tmp");
+    let text = format!("{} {}\n", epoch, floor);
+    let mut f = File::create(&tmp).map_err(LogError::io("writing meta"))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(LogError::io("writing meta"))?;
+    fs::rename(&tmp, dir.join("meta")).map_err(LogError::io("replacing meta"))?;
+    sync_dir(dir)
+}
+
+fn read_meta(dir: &Path) -> Result<Option<(Epoch, Position)>, LogError> {
+    let text = match fs::read_to_string(dir.join("meta")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io("reading meta")(e)),
+    };
+    let bad = || LogError::Corrupt {
+        segment: "meta".into(),
+        offset: 0,
+        why: format!("unreadable: {text:?}"),
+    };
+    let (epoch, floor) = text.trim().split_once(' ').ok_or_else(bad)?;
+    let epoch = u32::from_str_radix(epoch, 16).map_err(|_| bad())?;
+    let floor = floor.parse().map_err(|_| bad())?;
+    Ok(Some((Epoch(epoch), floor)))
+}
+
+fn open_append(path: &Path) -> Result<File, LogError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .map_err(LogError::io(format!("opening {}", path.display())))
+}
+
+/// Reads a segment's header; `Ok(false)` if it is short (a segment created as the
+/// process died).
+fn check_header(r: &mut impl Read, epoch: Epoch, path: &Path) -> Result<bool, LogError> {
+    let mut head = [0u8; HEADER as usize];
+    if !read_full(r, &mut head).map_err(LogError::io(format!("reading {}", path.display())))? {
+        return Ok(false);
+    }
+    if &head[..8] != MAGIC || head[8..12] != epoch.0.to_le_bytes() {
+        return Err(LogError::Corrupt {
+            segment: path.display().to_string(),
+            offset: 0,
+            why: "not a segment of this log (magic or epoch)".into(),
+        });
+    }
+    Ok(true)
+}
+
+fn header(epoch: Epoch) -> [u8; HEADER as usize] {
+    let mut h = [0u8; HEADER as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&epoch.0.to_le_bytes());
+    h
+}
+
+impl LocalLog {
+    /// Opens (recovering a torn tail) or creates the log in `dir`. A new log starts
+    /// a new epoch whose history begins after `new_floor`. Returns whether it was
+    /// created.
+    pub fn open(
+        dir: &Path,
+        opts: LogOptions,
+        new_floor: Position,
+    ) -> Result<(LocalLog, bool), LogError> {
+        fs::create_dir_all(dir).map_err(LogError::io(format!("creating {}", dir.display())))?;
+        let (meta, created) = match read_meta(dir)? {
+            Some(m) => (m, false),
+            None => {
+                // Leftovers of a log whose meta never got written belong to no epoch.
+                remove_segments(dir)?;
+                let _ = fs::remove_file(dir.join("relations"));
+                let m = (Epoch::generate(), new_floor);
+                write_meta(dir, m.0, m.1)?;
+                (m, true)
+            }
+        };
+        let (epoch, floor) = meta;
+
+        // Relations first: the last segment's recovery checks records against them.
+        let rel_path = dir.join("relations");
+        let mut versions: Vec<Option<Arc<Relation>>> = Vec::new();
+        let mut latest = HashMap::new();
+        let rel_file = open_append(&rel_path)?;
+        let mut good = 0u64;
+        {
+            let mut r = BufReader::new(&rel_file);
+            let mut body = Vec::new();
+            while read_record(&mut r, &mut body).map_err(LogError::io("reading relations"))? {
+                let Ok((v, rel)) = codec::decode_relation(&body) else {
+                    break;
+                };
+                let rel = Arc::new(rel);
+                let i = v as usize;
+                if versions.len() <= i {
+                    versions.resize(i + 1, None);
+                }
+                versions[i] = Some(Arc::clone(&rel));
+                latest.insert(rel.id, (rel, v));
+                good += 8 + body.len() as u64;
+            }
+        }
+        rel_file
+            .set_len(good)
+            .and_then(|()| rel_file.sync_all())
+            .map_err(LogError::io("truncating relations"))?;
+
+        let mut names: Vec<(Position, PathBuf)> = fs::read_dir(dir)
+            .map_err(LogError::io("listing the log"))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let first = name.strip_suffix(".seg")?.parse().ok()?;
+                Some((first, e.path()))
+            })
+            .collect();
+        names.sort_by_key(|(p, _)| *p);
+
+        let mut sealed = Vec::new();
+        for (first, path) in &names {
+            let meta =
+                fs::metadata(path).map_err(LogError::io(format!("reading {}", path.display())))?;
+            sealed.push(Segment {
+                first: *first,
+                path: path.clone(),
+                bytes: meta.len(),
+                sealed_at: meta.modified().unwrap_or_else(|_| SystemTime::now()),
+            });
+        }
+        // The last segment may end in a torn record: scan and cut it there.
+        let mut newest = None;
+        let mut records = 0u64;
+        let mut active = None;
+        if let Some(last) = sealed.pop() {
+            let file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&last.path)
+                .map_err(LogError::io(format!("opening {}", last.path.display())))?;
+            let (end, count, last_pos) = scan_tail(&file, epoch, &last.path, |v| {
+                versions.get(v as usize).is_some_and(|r| r.is_some())
+            })?;
+            file.set_len(end)
+                .and_then(|()| file.sync_all())
+                .map_err(LogError::io(format!("truncating {}", last.path.display())))?;
+            if end < HEADER {
+                (&file)
+                    .write_all(&header(epoch))
+                    .and_then(|()| file.sync_all())
+                    .map_err(LogError::io("rewriting a segment header"))?;
+            }
+            records += count;
+            newest = last_pos;
+            let file = Arc::new(file);
+            active = Some(Active {
+                first: last.first,
+                out: BufWriter::with_capacity(256 << 10, SharedFile(Arc::clone(&file))),
+                file,
+                bytes: end.max(HEADER),
+            });
+        }
+        if newest.is_none() {
+            // The active segment is empty: the newest change is in the one before.
+            if let Some(prev) = sealed.last() {
+                let file = File::open(&prev.path)
+                    .map_err(LogError::io(format!("opening {}", prev.path.display())))?;
+                let (_, _, last_pos) = scan_tail(&file, epoch, &prev.path, |_| true)?;
+                newest = last_pos;
+            }
+        }
+        sync_dir(dir)?;
+        let log = LocalLog {
+            dir: dir.to_owned(),
+            opts,
+            relations: RwLock::new(versions),
+            state: Mutex::new(State {
+                epoch,
+                floor,
+                newest,
+                sealed,
+                active,
+                records,
+                relations_out: BufWriter::new(SharedFile(Arc::new(
+                    rel_file.try_clone().map_err(LogError::io("relations"))?,
+                ))),
+                relations_file: Arc::new(rel_file),
+                latest,
+                scratch: Vec::with_capacity(4096),
+            }),
+        };
+        Ok((log, created))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent files behind (records
+        // are appended whole or cut at recovery); keep going with the state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The logged version of `rel`, logging it first if it is new.
+    fn relation_version(&self, st: &mut State, rel: &Arc<Relation>) -> Result<u32, LogError> {
+        if let Some((known, v)) = st.latest.get(&rel.id)
+            && (Arc::ptr_eq(known, rel) || **known == **rel)
+        {
+            let v = *v;
+            st.latest.insert(rel.id, (Arc::clone(rel), v));
+            return Ok(v);
+        }
+        let mut versions = self.relations.write().unwrap_or_else(|e| e.into_inner());
+        let v = versions.len() as u32;
+        let mut body = Vec::new();
+        codec::encode_relation(v, rel, &mut body);
+        write_record(&mut st.relations_out, &body)
+            .and_then(|_| st.relations_out.flush())
+            .and_then(|()| st.relations_file.sync_data())
+            .map_err(LogError::io("appending a relation"))?;
+        versions.push(Some(Arc::clone(rel)));
+        st.latest.insert(rel.id, (Arc::clone(rel), v));
+        Ok(v)
+    }
+
+    /// Seals the active segment (fsynced) and starts one whose first change is `first`.
+    fn rotate(&self, st: &mut State, first: Position) -> Result<(), LogError> {
+        if let Some(mut a) = st.active.take() {
+            a.out
+                .flush()
+                .and_then(|()| a.file.sync_data())
+                .map_err(LogError::io("sealing a segment"))?;
+            st.sealed.push(Segment {
+                first: a.first,
+                path: self.dir.join(segment_name(a.first)),
+                bytes: a.bytes,
+                sealed_at: SystemTime::now(),
+            });
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .read(true)
+            .open(&path)
+            .map_err(LogError::io(format!("creating {}", path.display())))?;
+        (&file)
+            .write_all(&header(st.epoch))
+            .map_err(LogError::io("writing a segment header"))?;
+        sync_dir(&self.dir)?;
+        let file = Arc::new(file);
+        st.active = Some(Active {
+            first,
+            out: BufWriter::with_capacity(256 << 10, SharedFile(Arc::clone(&file))),
+            file,
+            bytes: HEADER,
+        });
+        Ok(())
+    }
+
+    fn snapshot(&self) -> (Epoch, Position, Option<Position>, Vec<(Position, PathBuf)>) {
+        let st = self.state();
+        let mut segs: Vec<(Position, PathBuf)> = st
+            .sealed
+            .iter()
+            .map(|s| (s.first, s.path.clone()))
+            .collect();
+        if let Some(a) = &st.active {
+            segs.push((a.first, self.dir.join(segment_name(a.first))));
+        }
+        (st.epoch, st.floor, st.newest, segs)
+    }
+}
+
+/// Scans a segment to its end: (end of the last good record, records, last
+/// position). Stops at a torn or corrupt record, or one whose relation is unknown.
+fn scan_tail(
+    file: &File,
+    epoch: Epoch,
+    path: &Path,
+    known_relation: impl Fn(u32) -> bool,
+) -> Result<(u64, u64, Option<Position>), LogError> {
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    r.seek(SeekFrom::Start(0))
+        .map_err(LogError::io(format!("reading {}", path.display())))?;
+    if !check_header(&mut r, epoch, path)? {
+        return Ok((0, 0, None));
+    }
+    let mut end = HEADER;
+    let mut count = 0;
+    let mut last = None;
+    let mut body = Vec::new();
+    while read_record(&mut r, &mut body)
+        .map_err(LogError::io(format!("reading {}", path.display())))?
+    {
+        let Ok(pos) = codec::change_position(&body) else {
+            break;
+        };
+        let version = body
+            .get(codec::POSITION_AT + 20..codec::POSITION_AT + 24)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if !version.is_some_and(&known_relation) || last.is_some_and(|l| pos <= l) {
+            break;
+        }
+        last = Some(pos);
+        count += 1;
+        end += 8 + body.len() as u64;
+    }
+    Ok((end, count, last))
+}
+
+fn remove_segments(dir: &Path) -> Result<(), LogError> {
+    for e in fs::read_dir(dir)
+        .map_err(LogError::io("listing the log"))?
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().ends_with(".seg") {
+            fs::remove_file(e.path()).map_err(LogError::io("removing a segment"))?;
+        }
+    }
+    Ok(())
+}
+
+impl ChangeLog for LocalLog {
+    fn bounds(&self) -> Bounds {
+        let st = self.state();
+        let bytes = st.sealed.iter().map(|s| s.bytes).sum::<u64>()
+            + st.active.as_ref().map_or(0, |a| a.bytes);
+        let oldest = st.newest.map(|_| {
+            st.sealed
+                .first()
+                .map(|s| s.first)
+                .or(st.active.as_ref().map(|a| a.first))
+                .unwrap_or(st.floor)
+        });
+        Bounds {
+            epoch: st.epoch,
+            floor: st.floor,
+            newest: st.newest,
+            oldest,
+            bytes,
+            records: st.records,
+        }
+    }
+
+    fn append(&self, changes: &[Arc<RowChange>]) -> Result<(), LogError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.state();
+        for c in changes {
+            if let Some(newest) = st.newest
+                && c.position <= newest
+            {
+                return Err(LogError::OutOfOrder {
+                    position: c.position,
+                    newest,
+                });
+            }
+            let version = self.relation_version(&mut st, &c.relation)?;
+            let mut body = std::mem::take(&mut st.scratch);
+            body.clear();
+            codec::encode_change(c, version, &mut body);
+            if body.len() > MAX_RECORD {
+                let n = body.len();
+                st.scratch = body;
+                return Err(LogError::TooLarge(n));
+            }
+            let full = st
+                .active
+                .as_ref()
+                .is_none_or(|a| a.bytes >= self.opts.segment_bytes);
+            if full {
+                self.rotate(&mut st, c.position)?;
+            }
+            let Some(active) = st.active.as_mut() else {
+                st.scratch = body;
+                continue;
+            };
+            let n = write_record(&mut active.out, &body).map_err(LogError::io("appending"))?;
+            active.bytes += n;
+            st.scratch = body;
+            st.newest = Some(c.position);
+            st.records += 1;
+        }
+        // In the operating system from here on: a killed process loses nothing.
+        if let Some(a) = st.active.as_mut() {
+            a.out.flush().map_err(LogError::io("appending"))?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), LogError> {
+        let file = self.state().active.as_ref().map(|a| Arc::clone(&a.file));
+        // Outside the lock: appends go on while the disk catches up.
+        if let Some(f) = file {
+            f.sync_data().map_err(LogError::io("fsync"))?;
+        }
+        Ok(())
+    }
+
+    fn read_after(
+        &self,
+        after: Position,
+        max_bytes: usize,
+        hint: Option<&ReadHint>,
+    ) -> Result<Page, LogError> {
+        let (epoch, floor, newest, segs) = self.snapshot();
+        if after < floor {
+            return Err(LogError::Gap {
+                since: after,
+                floor,
+            });
+        }
+        let Some(newest) = newest else {
+            return Ok(Page {
+                end: true,
+                ..Page::default()
+            });
+        };
+        if after >= newest {
+            return Ok(Page {
+                end: true,
+                ..Page::default()
+            });
+        }
+        // The segment holding the first change after `after`.
+        let mut i = segs
+            .partition_point(|(first, _)| *first <= after)
+            .saturating_sub(1);
+        let mut offset = HEADER;
+        if let Some(h) = hint
+            && h.last <= after
+            && let Some(j) = segs.iter().position(|(first, _)| *first == h.segment)
+            && j >= i
+        {
+            i = j;
+            offset = h.offset;
+        }
+        let relations = self
+            .relations
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut page = Page::default();
+        let mut read = 0usize;
+        let mut body = Vec::new();
+        while i < segs.len() {
+            let (first, path) = &segs[i];
+            let file = match File::open(path) {
+                Ok(f) => f,
+                // Dropped by retention since the snapshot.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(LogError::Gap {
+                        since: after,
+                        floor: self.bounds().floor,
+                    });
+                }
+                Err(e) => return Err(LogError::io(format!("reading {}", path.display()))(e)),
+            };
+            let mut r = BufReader::with_capacity(256 << 10, file);
+            if offset == HEADER {
+                if !check_header(&mut r, epoch, path)? {
+                    i += 1;
+                    continue;
+                }
+            } else {
+                r.seek(SeekFrom::Start(offset))
+                    .map_err(LogError::io(format!("reading {}", path.display())))?;
+            }
+            loop {
+                let ok = read_record(&mut r, &mut body)
+                    .map_err(LogError::io(format!("reading {}", path.display())))?;
+                if !ok {
+                    break;
+                }
+                offset += 8 + body.len() as u64;
+                let pos = codec::change_position(&body).map_err(|e| corrupt(path, offset, e))?;
+                if pos <= after {
+                    continue;
+                }
+                if pos > newest {
+                    // Appended after the snapshot: the next page gets it.
+                    break;
+                }
+                let change = codec::decode_change(&body, epoch, |v| {
+                    relations.get(v as usize).cloned().flatten()
+                })
+                .map_err(|e| corrupt(path, offset, e))?;
+                read += body.len();
+                page.changes.push(Arc::new(change));
+                page.hint = Some(ReadHint {
+                    segment: *first,
+                    offset,
+                    last: pos,
+                });
+                if pos == newest {
+                    page.end = true;
+                    return Ok(page);
+                }
+                if read >= max_bytes {
+                    return Ok(page);
+                }
+            }
+            i += 1;
+            offset = HEADER;
+        }
+        page.end = true;
+        Ok(page)
+    }
+
+    fn enforce_retention(&self, now: SystemTime) -> Result<(), LogError> {
+        // Decide under the lock (no i/o): only this call removes segments, and
+        // only from the front, so the plan stays valid once the lock is dropped.
+        let (gone_last, dropped, epoch) = {
+            let st = self.state();
+            let mut total = st.sealed.iter().map(|s| s.bytes).sum::<u64>()
+                + st.active.as_ref().map_or(0, |a| a.bytes);
+            let mut dropped = 0;
+            for s in &st.sealed {
+                let old = now
+                    .duration_since(s.sealed_at)
+                    .is_ok_and(|age| age > self.opts.retention_age);
+                if !(old || total > self.opts.retention_bytes) {
+                    break;
+                }
+                total -= s.bytes;
+                dropped += 1;
+            }
+            if dropped == 0 {
+                return Ok(());
+            }
+            (st.sealed[dropped - 1].path.clone(), dropped, st.epoch)
+        };
+        // The floor is exactly the last change dropped: a client that saw it
+        // resumes without a gap.
+        let file = File::open(&gone_last)
+            .map_err(LogError::io(format!("reading {}", gone_last.display())))?;
+        let (_, _, last) = scan_tail(&file, epoch, &gone_last, |_| true)?;
+        let mut st = self.state();
+        let floor = match last {
+            Some(last) => st.floor.max(last),
+            None => st.floor,
+        };
+        write_meta(&self.dir, st.epoch, floor)?;
+        st.floor = floor;
+        let gone: Vec<Segment> = st.sealed.drain(..dropped).collect();
+        drop(st);
+        for s in gone {
+            tracing::info!(segment = %s.path.display(), bytes = s.bytes, "change log: segment past retention dropped");
+            fs::remove_file(&s.path).map_err(LogError::io("removing a segment"))?;
+        }
+        Ok(())
+    }
+
+    fn reset(&self, floor: Position) -> Result<Epoch, LogError> {
+        let mut st = self.state();
+        let epoch = Epoch::generate();
+        write_meta(&self.dir, epoch, floor)?;
+        st.active = None;
+        st.sealed.clear();
+        remove_segments(&self.dir)?;
+        sync_dir(&self.dir)?;
+        st.epoch = epoch;
+        st.floor = floor;
+        st.newest = None;
+        st.records = 0;
+        Ok(epoch)
+    }
+}
+
+fn corrupt(path: &Path, offset: u64, e: CodecError) -> LogError {
+    LogError::Corrupt {
+        segment: path.display().to_string(),
+        offset,
+        why: e.to_string(),
+    }
+}
+
+/// The first position a new log's history may start after, given the slot's
+/// confirmed position: a transaction committed at `confirmed` itself is still
+/// re-sent, so the floor is just below it.
+pub fn floor_for_slot(confirmed: PgLsn) -> Position {
+    Position::new(PgLsn(confirmed.0.saturating_sub(1)), u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changes::{ChangeKind, Column};
+    use serde_json::json;
+
+    fn rel() -> Arc<Relation> {
+        Arc::new(Relation {
+            id: TableId(1),
+            schema: "public".into(),
+            name: "t".into(),
+            qualified: Arc::from("public.t"),
+            replica_identity: b'f',
+            columns: vec![Column {
+                name: "v".into(),
+                type_oid: 25,
+                is_key: true,
+                secret: false,
+            }],
+        })
+    }
+
+    fn change(rel: &Arc<Relation>, lsn: u64, ord: u32) -> Arc<RowChange> {
+        Arc::new(RowChange::new(
+            Position::new(PgLsn(lsn), ord),
+            ChangeKind::Insert,
+            Arc::clone(rel),
+            Some(vec![Some(json!(format!(
+                "value {lsn}/{ord} {}",
+                "x".repeat(50)
+            )))]),
+            None,
+            0,
+        ))
+    }
+
+    fn small() -> LogOptions {
+        LogOptions {
+            segment_bytes: 1024,
+            retention_bytes: 1 << 30,
+            retention_age: Duration::from_secs(3600),
+        }
+    }
+
+    fn all_after(log: &LocalLog, after: Position) -> Vec<Position> {
+        let mut out = Vec::new();
+        let mut hint = None;
+        let mut at = after;
+        loop {
+            let page = log.read_after(at, 300, hint.as_ref()).unwrap();
+            out.extend(page.changes.iter().map(|c| c.position));
+            if let Some(last) = page.changes.last() {
+                at = last.position;
+            }
+            hint = page.hint;
+            if page.end {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn appends_read_back_across_segments_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_for_slot(PgLsn(100));
+        let (log, created) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        assert!(created);
+        let r = rel();
+        let changes: Vec<_> = (1..=60)
+            .map(|i| change(&r, 100 * i, (i % 3) as u32))
+            .collect();
+        log.append(&changes[..30]).unwrap();
+        log.append(&changes[30..]).unwrap();
+        log.sync().unwrap();
+        assert!(log.state().sealed.len() > 3, "small segments rotate");
+        let want: Vec<_> = changes.iter().map(|c| c.position).collect();
+        assert_eq!(all_after(&log, floor), want);
+        assert_eq!(all_after(&log, want[41]), want[42..]);
+        // Out of order is refused; older is a gap.
+        assert!(log.append(&changes[..1]).is_err());
+        assert!(matches!(
+            log.read_after(Position::new(PgLsn(5), 0), 100, None),
+            Err(LogError::Gap { .. })
+        ));
+        let epoch = log.bounds().epoch;
+        drop(log);
+
+        let (log, created) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        assert!(!created);
+        let b = log.bounds();
+        assert_eq!(b.epoch, epoch);
+        assert_eq!(b.newest, Some(want[59]));
+        assert_eq!(all_after(&log, want[9]), want[10..]);
+        let back = log.read_after(want[0], 1, None).unwrap();
+        assert_eq!(back.changes[0].new, changes[1].new);
+        assert_eq!(back.changes[0].epoch, epoch);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_recovery_and_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_for_slot(PgLsn(1));
+        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        let r = rel();
+        let changes: Vec<_> = (1..=5).map(|i| change(&r, i * 10, 0)).collect();
+        log.append(&changes).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        // The process died in the middle of writing the last record.
+        let seg = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .unwrap()
+            .path();
+        let len = fs::metadata(&seg).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 7).unwrap();
+        drop(f);
+        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        assert_eq!(log.bounds().newest, Some(changes[3].position));
+        assert_eq!(
+            all_after(&log, floor),
+            changes[..4].iter().map(|c| c.position).collect::<Vec<_>>()
+        );
+        // The same change logged again, as PostgreSQL re-sends it.
+        log.append(&changes[4..]).unwrap();
+        assert_eq!(
+            all_after(&log, changes[3].position),
+            vec![changes[4].position]
+        );
+        drop(log);
+
+        // A flipped byte in the middle of the last record: cut there too.
+        let len = fs::metadata(&seg).unwrap().len();
+        let mut bytes = fs::read(&seg).unwrap();
+        let at = (len - 10) as usize;
+        bytes[at] ^= 0xFF;
+        fs::write(&seg, &bytes).unwrap();
+        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        assert_eq!(log.bounds().newest, Some(changes[3].position));
+    }
+
+    #[test]
+    fn retention_drops_oldest_segments_and_raises_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_for_slot(PgLsn(1));
+        let opts = LogOptions {
+            segment_bytes: 1024,
+            retention_bytes: 4096,
+            retention_age: Duration::from_secs(3600),
+        };
+        let (log, _) = LocalLog::open(dir.path(), opts, floor).unwrap();
+        let r = rel();
+        let changes: Vec<_> = (1..=200).map(|i| change(&r, i * 10, 0)).collect();
+        log.append(&changes).unwrap();
+        log.enforce_retention(SystemTime::now()).unwrap();
+        let b = log.bounds();
+        assert!(b.bytes <= 4096 + 1024, "{b:?}");
+        assert!(b.floor > floor);
+        assert!(matches!(
+            log.read_after(changes[0].position, 100, None),
+            Err(LogError::Gap { .. })
+        ));
+        let kept = all_after(&log, b.floor);
+        assert_eq!(kept.last(), Some(&changes[199].position));
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        // Everything after the floor is there, and the floor is the last change
+        // dropped, exactly.
+        let first_kept = changes.iter().position(|c| c.position > b.floor).unwrap();
+        assert_eq!(kept.len(), 200 - first_kept);
+        assert_eq!(changes[first_kept - 1].position, b.floor);
+        // Age: everything sealed is old a day later.
+        log.enforce_retention(SystemTime::now() + Duration::from_secs(7200))
+            .unwrap();
+        assert_eq!(log.state().sealed.len(), 0);
+        drop(log);
+        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        assert!(log.bounds().floor > b.floor);
+    }
+
+    #[test]
+    fn reset_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_for_slot(PgLsn(1));
+        let (log, _) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        let r = rel();
+        log.append(&[change(&r, 10, 0), change(&r, 20, 0)]).unwrap();
+        let old = log.bounds().epoch;
+        let new_floor = floor_for_slot(PgLsn(500));
+        let epoch = log.reset(new_floor).unwrap();
+        assert_ne!(epoch, old);
+        let b = log.bounds();
+        assert_eq!((b.newest, b.floor), (None, new_floor));
+        log.append(&[change(&r, 600, 0)]).unwrap();
+        drop(log);
+        let (log, _) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        assert_eq!(log.bounds().epoch, epoch);
+        assert_eq!(
+            all_after(&log, new_floor),
+            vec![Position::new(PgLsn(600), 0)]
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! The durable change log: every decoded change, in commit order, kept for `since`
+//! resumes and for clients catching up.
+//!
+//! The log splits *delivery history* from the *replication slot*: the slot is
+//! confirmed as soon as the log holds a transaction durably, so PostgreSQL keeps
+//! only the WAL Aether has not logged yet, however long clients may resume. The
+//! log's own retention (age and bytes) decides how far back a `since` can go.
+//!
+//! Appends are idempotent by position: after a crash PostgreSQL re-sends what was
+//! not confirmed, positions are deterministic, and what the log already holds is
+//! recognized and dropped before anyone sees it again.
+//!
+//! [`ChangeLog`] is the seam: [`local::LocalLog`] (segment files under
+//! `DATA_DIR/changelog`) is the first backend; a distributed one plugs in behind
+//! the same trait and the same conformance tests.
+
+pub mod codec;
+pub mod local;
+pub mod pump;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::changes::RowChange;
+use crate::replication::lsn::{Epoch, Position};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("change log i/o ({what}): {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("change log is corrupt in {segment} at byte {offset}: {why}")]
+    Corrupt {
+        segment: String,
+        offset: u64,
+        why: String,
+    },
+    /// The position is older than what the log holds.
+    #[error("position {since} is older than the change log (it holds what follows {floor})")]
+    Gap { since: Position, floor: Position },
+    #[error("append out of order: {position} after {newest}")]
+    OutOfOrder {
+        position: Position,
+        newest: Position,
+    },
+    #[error("a change of {0} bytes is larger than a log record may be")]
+    TooLarge(usize),
+}
+
+impl LogError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LogError {
+        let what = what.into();
+        move |source| LogError::Io { what, source }
+    }
+}
+
+/// What the log holds right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub epoch: Epoch,
+    /// Every change after this position is held.
+    pub floor: Position,
+    /// The newest change held, if any.
+    pub newest: Option<Position>,
+    /// The oldest change held, if any.
+    pub oldest: Option<Position>,
+    /// Bytes on disk.
+    pub bytes: u64,
+    pub records: u64,
+}
+
+/// Where a reader stopped, so the next page starts there instead of searching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadHint {
+    pub(crate) segment: Position,
+    pub(crate) offset: u64,
+    /// The last position before `offset`.
+    pub(crate) last: Position,
+}
+
+/// A page of changes read from the log.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub changes: Vec<Arc<RowChange>>,
+    /// Where to continue.
+    pub hint: Option<ReadHint>,
+    /// The page reaches the newest change the log held when it was read.
+    pub end: bool,
+}
+
+/// A change log backend. Calls block (file or network i/o): callers run them on
+/// threads of their own or `spawn_blocking`, never on the router task.
+pub trait ChangeLog: Send + Sync + 'static {
+    fn bounds(&self) -> Bounds;
+
+    /// Appends changes whose positions are above the newest held, in order, and
+    /// hands them to the operating system: they survive the process being killed,
+    /// and are durable once [`ChangeLog::sync`] returns.
+    fn append(&self, changes: &[Arc<RowChange>]) -> Result<(), LogError>;
+
+    /// Makes everything appended so far durable.
+    fn sync(&self) -> Result<(), LogError>;
+
+    /// Changes after `after`, oldest first, up to about `max_bytes` of records.
+    fn read_after(
+        &self,
+        after: Position,
+        max_bytes: usize,
+        hint: Option<&ReadHint>,
+    ) -> Result<Page, LogError>;
+
+    /// Drops the oldest changes beyond the retention limits.
+    fn enforce_retention(&self, now: SystemTime) -> Result<(), LogError>;
+
+    /// Forgets everything and starts a new epoch whose history begins after
+    /// `floor` (the slot was recreated: what came before is unknowable).
+    fn reset(&self, floor: Position) -> Result<Epoch, LogError>;
+}
+
+pub type SharedLog = Arc<dyn ChangeLog>;

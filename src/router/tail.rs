@@ -1,0 +1,116 @@
+//! The hot tail: the newest logged changes, in memory, bounded in bytes.
+//!
+//! Connections catching up near the head read from here with no i/o; anything
+//! older is paged from the change log on disk. Evicting from the tail loses
+//! nothing: the log still holds it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::changes::RowChange;
+use crate::replication::lsn::Position;
+
+pub struct Tail {
+    changes: VecDeque<Arc<RowChange>>,
+    bytes: usize,
+    max_bytes: usize,
+    /// Every change after this position (up to the newest routed) is held.
+    floor: Position,
+}
+
+impl Tail {
+    /// An empty tail: nothing after `floor` has been routed yet.
+    pub fn new(floor: Position, max_bytes: usize) -> Self {
+        Tail {
+            changes: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+            floor,
+        }
+    }
+
+    pub fn push(&mut self, change: Arc<RowChange>) {
+        self.bytes += change.approx_bytes();
+        self.changes.push_back(change);
+        while self.bytes > self.max_bytes && self.changes.len() > 1 {
+            if let Some(old) = self.changes.pop_front() {
+                self.bytes -= old.approx_bytes();
+                self.floor = old.position;
+            }
+        }
+    }
+
+    /// Whether every change after `after` is here.
+    pub fn covers(&self, after: Position) -> bool {
+        after >= self.floor
+    }
+
+    /// The changes after `after`, oldest first.
+    pub fn after(&self, after: Position) -> impl Iterator<Item = &Arc<RowChange>> {
+        let start = self.changes.partition_point(|c| c.position <= after);
+        self.changes.range(start..)
+    }
+
+    /// Forgets everything (the log was reset).
+    pub fn clear(&mut self, floor: Position) {
+        self.changes.clear();
+        self.bytes = 0;
+        self.floor = floor;
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changes::{ChangeKind, Relation, TableId};
+    use crate::replication::lsn::PgLsn;
+
+    fn change(lsn: u64) -> Arc<RowChange> {
+        let rel = Arc::new(Relation {
+            id: TableId(1),
+            schema: "public".into(),
+            name: "t".into(),
+            qualified: Arc::from("public.t"),
+            replica_identity: b'f',
+            columns: vec![],
+        });
+        Arc::new(RowChange::new(
+            Position::new(PgLsn(lsn), 0),
+            ChangeKind::Insert,
+            rel,
+            Some(vec![Some(serde_json::json!("x".repeat(100)))]),
+            None,
+            0,
+        ))
+    }
+
+    #[test]
+    fn the_tail_is_bounded_in_bytes_and_knows_what_it_covers() {
+        let one = change(1).approx_bytes();
+        let mut t = Tail::new(Position::new(PgLsn(0), 0), one * 3);
+        for i in 1..=10 {
+            t.push(change(i));
+        }
+        assert_eq!(t.len(), 3);
+        assert!(t.bytes() <= one * 3);
+        assert!(!t.covers(Position::new(PgLsn(6), 0)));
+        assert!(t.covers(Position::new(PgLsn(7), 0)));
+        let after: Vec<u64> = t
+            .after(Position::new(PgLsn(8), 0))
+            .map(|c| c.position.commit_lsn.0)
+            .collect();
+        assert_eq!(after, [9, 10]);
+    }
+}
