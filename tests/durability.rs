@@ -601,3 +601,97 @@ async fn a_fast_postgres_restart_is_not_held_up_and_nothing_is_lost() {
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_recreated_and_every_subscriber_is_told_gap() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.seq (n int8 PRIMARY KEY);
+         ALTER PUBLICATION aether_realtime ADD TABLE public.seq;",
+    )
+    .await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("s", json!({"table": "seq"})).await;
+    t.exec("INSERT INTO public.seq VALUES (1)").await;
+    let old_id = ws.change().await["id"].as_str().unwrap().to_owned();
+    let old_epoch = t.server.state.log.bounds().epoch;
+    // Someone drops the slot: its walsender first, then the slot, before Aether
+    // reconnects to it.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let r = t
+                .sql
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                      WHERE slot_name = '{0}' AND active_pid IS NOT NULL;
+                     SELECT pg_drop_replication_slot('{0}');",
+                    t.db.name
+                ))
+                .await;
+            if r.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the slot is dropped");
+    // Changes committed now are unknowable to Aether.
+    t.exec("INSERT INTO public.seq VALUES (2)").await;
+    let e = ws.next().await;
+    assert_eq!(
+        (
+            e["type"].as_str(),
+            e["code"].as_str(),
+            e["subscription"].as_str()
+        ),
+        (Some("error"), Some("gap"), Some("s")),
+        "{e}"
+    );
+    assert_ne!(t.server.state.log.bounds().epoch, old_epoch);
+    // An id from before is a gap; a new subscription is live in the new epoch.
+    wait_healthy(t.addr()).await;
+    let mut again = t.ws(Some(&service_token())).await;
+    again
+        .send(json!({"type":"subscription","action":"subscribe","data":{"id":"r","table":"seq","since": old_id}}))
+        .await;
+    assert_eq!(again.next().await["code"], "gap");
+    again.subscribe("live", json!({"table": "seq"})).await;
+    t.exec("INSERT INTO public.seq VALUES (3)").await;
+    let c = again.change().await;
+    assert_eq!(c["new"]["n"], 3);
+    assert!(
+        c["id"]
+            .as_str()
+            .unwrap()
+            .ends_with(&t.server.state.log.bounds().epoch.to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_publication_is_a_definite_error_on_health_with_advice() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.seq (n int8 PRIMARY KEY);
+         ALTER PUBLICATION aether_realtime ADD TABLE public.seq;
+         DROP PUBLICATION aether_realtime;
+         INSERT INTO public.seq VALUES (1);",
+    )
+    .await;
+    let url = format!("http://{}/health", t.addr());
+    let body = tokio::time::timeout(WAIT, async {
+        loop {
+            let r = reqwest::get(&url).await.unwrap();
+            if r.status() == 503 {
+                return r.json::<Value>().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("/health turns 503");
+    let reasons = body["reasons"].to_string();
+    assert!(reasons.contains("publication"), "{body}");
+    assert_eq!(body["status"], "unavailable");
+    assert!(body["replication"]["advice"].is_string(), "{body}");
+}

@@ -812,6 +812,25 @@ mod tests {
         }
     }
 
+    fn fresh(opts: LogOptions) -> (tempfile::TempDir, LocalLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = LocalLog::open(dir.path(), opts, floor_for_slot(PgLsn(100))).unwrap();
+        (dir, log)
+    }
+
+    #[test]
+    fn conformance() {
+        use crate::changelog::conformance::*;
+        for opts in [small(), LogOptions::default()] {
+            let (_d, log) = fresh(opts.clone());
+            appends_read_back_in_order_with_their_values(&log);
+            let (_d, log) = fresh(opts.clone());
+            appends_are_refused_out_of_order_and_old_positions_are_gaps(&log);
+            let (_d, log) = fresh(opts);
+            a_reset_starts_a_new_epoch_after_its_floor(&log);
+        }
+    }
+
     #[test]
     fn appends_read_back_across_segments_and_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,8 @@
 //! the same trait and the same conformance tests.
 
 pub mod codec;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod local;
 pub mod pump;
 
