@@ -81,8 +81,11 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!("shutdown signal received");
                 token.cancel();
             });
-            server.run_until_stopped().await;
-            Ok(())
+            match server.run_until_stopped().await {
+                None => Ok(()),
+                // Non-zero, so a supervisor restarts it.
+                Some(why) => Err(anyhow::anyhow!("stopped because {why}")),
+            }
         }
     }
 }

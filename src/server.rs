@@ -58,6 +58,8 @@ pub struct Inner {
     pub log_status: watch::Receiver<LogStatus>,
     /// Database reachability and the WAL the slot retains.
     pub slot_health: watch::Receiver<SlotHealth>,
+    /// Set when a critical task stopped: the server is shutting down because of it.
+    pub failed: Arc<std::sync::Mutex<Option<String>>>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
     /// Sign-up, sign-in, sign-out and token checks (with revocation).
@@ -74,6 +76,8 @@ impl Deref for AppState {
     }
 }
 
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Spawns a task inside a span carrying its name, so its logs say who they are.
 pub fn spawn_named<F>(name: &'static str, fut: F) -> JoinHandle<F::Output>
 where
@@ -81,6 +85,36 @@ where
     F::Output: Send + 'static,
 {
     tokio::spawn(fut.instrument(tracing::info_span!("task", name)))
+}
+
+/// Runs a task the server cannot do without: if it ends (returns or panics)
+/// before shutdown, the server says why on `/health` and shuts down, so the
+/// process exits non-zero and a supervisor restarts it.
+fn spawn_critical<F>(
+    name: &'static str,
+    fut: F,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let inner = spawn_named(name, fut);
+    tokio::spawn(async move {
+        let ended = inner.await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let why = match ended {
+            Ok(()) => format!("the {name} task ended unexpectedly"),
+            Err(e) => format!("the {name} task failed: {e}"),
+        };
+        tracing::error!(task = name, reason = %why, "a critical task stopped: shutting down");
+        if let Ok(mut f) = failed.lock() {
+            f.get_or_insert(why);
+        }
+        shutdown.cancel();
+    })
 }
 
 /// A running Aether.
@@ -294,15 +328,22 @@ impl Server {
             },
             Arc::clone(&catalog),
         );
-        let mut tasks = vec![spawn_named("hub", hub.run(hub_rx, shutdown.clone()))];
+        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let critical = |name, fut| spawn_critical(name, fut, Arc::clone(&failed), shutdown.clone());
+        let mut tasks = vec![critical(
+            "hub",
+            Box::pin(hub.run(hub_rx, shutdown.clone())) as Task,
+        )];
         let (phoenix_tx, phoenix_rx) = mpsc::channel(4096);
-        tasks.push(spawn_named(
+        tasks.push(critical(
             "phoenix-hub",
-            crate::realtime::phoenix_hub::PhxHub::default().run(phoenix_rx, shutdown.clone()),
+            Box::pin(
+                crate::realtime::phoenix_hub::PhxHub::default().run(phoenix_rx, shutdown.clone()),
+            ),
         ));
-        tasks.push(spawn_named(
+        tasks.push(critical(
             "router",
-            router.run(feed_rx, commands_rx, shutdown.clone()),
+            Box::pin(router.run(feed_rx, commands_rx, shutdown.clone())),
         ));
         let replication = ReplicationTask {
             pg: pg.clone(),
@@ -315,16 +356,17 @@ impl Server {
             status: status_tx,
             shutdown: shutdown.clone(),
         };
-        tasks.push(spawn_named("replication", replication.run()));
-        tasks.push(spawn_named(
+        // The replication task ends only at shutdown or when the log stops.
+        tasks.push(critical("replication", Box::pin(replication.run())));
+        tasks.push(critical(
             "slot-monitor",
-            crate::replication::monitor::run(
+            Box::pin(crate::replication::monitor::run(
                 pool.clone(),
                 config.replication_slot.clone(),
                 config.wal_retained_warn_bytes,
                 slot_health_tx,
                 shutdown.clone(),
-            ),
+            )),
         ));
         tasks.push(spawn_named(
             "share-expiry",
@@ -364,6 +406,7 @@ impl Server {
             log,
             log_status: log_status_rx,
             slot_health: slot_health_rx,
+            failed: Arc::clone(&failed),
             next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),
             auth,
@@ -383,25 +426,28 @@ impl Server {
         }));
         let app = crate::api::app(state.clone());
         let http_shutdown = shutdown.clone();
-        tasks.push(spawn_named("http", async move {
-            use axum::serve::ListenerExt as _;
-            // Change frames are small and a connection may get many in a row: without
-            // TCP_NODELAY, Nagle holds each frame until the client's (delayed, up to
-            // 40 ms) ACK of the previous one.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY");
+        tasks.push(critical(
+            "http",
+            Box::pin(async move {
+                use axum::serve::ListenerExt as _;
+                // Change frames are small and a connection may get many in a row: without
+                // TCP_NODELAY, Nagle holds each frame until the client's (delayed, up to
+                // 40 ms) ACK of the previous one.
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY");
+                    }
+                });
+                let serve = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(http_shutdown.cancelled_owned());
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "http server failed");
                 }
-            });
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(http_shutdown.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "http server failed");
-            }
-        }));
+            }),
+        ));
         tracing::info!(%addr, ws_path = %state.config.ws_path, "Aether listening");
         Ok(Server {
             addr,
@@ -438,9 +484,47 @@ impl Server {
         }
     }
 
-    /// Runs until `shutdown` is cancelled, then stops.
-    pub async fn run_until_stopped(self) {
+    /// Runs until `shutdown` is cancelled, then stops. Returns why, if a critical
+    /// task stopping was the reason.
+    pub async fn run_until_stopped(self) -> Option<String> {
         self.shutdown.cancelled().await;
+        let failed = Arc::clone(&self.state.failed);
         self.stop().await;
+        failed.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_critical_task_that_ends_or_panics_shuts_the_server_down_and_says_why() {
+        for panics in [false, true] {
+            let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+            let shutdown = CancellationToken::new();
+            let h = spawn_critical(
+                "router",
+                async move {
+                    if panics {
+                        panic!("boom");
+                    }
+                },
+                Arc::clone(&failed),
+                shutdown.clone(),
+            );
+            h.await.unwrap();
+            assert!(shutdown.is_cancelled());
+            let why = failed.lock().unwrap().clone().unwrap();
+            assert!(why.contains("router"), "{why}");
+        }
+        // Ending because of a shutdown is no failure.
+        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        spawn_critical("hub", async {}, Arc::clone(&failed), shutdown.clone())
+            .await
+            .unwrap();
+        assert!(failed.lock().unwrap().is_none());
     }
 }

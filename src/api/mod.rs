@@ -223,6 +223,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let log = state.log_status.borrow().clone();
     // Every reason subscriptions cannot be served as promised right now.
     let mut reasons: Vec<String> = Vec::new();
+    if let Some(why) = state.failed.lock().ok().and_then(|f| f.clone()) {
+        reasons.push(why);
+    }
     if state.shutdown.is_cancelled() {
         reasons.push("shutting down".into());
     }
