@@ -221,12 +221,8 @@ fn install_prometheus(config: &Config) {
 }
 
 /// Opens the change log under `DATA_DIR/changelog` (recovering a torn tail). A
-/// slot created just now starts a new history: a log from before it is reset.
-async fn open_log(
-    config: &Config,
-    confirmed: crate::replication::lsn::PgLsn,
-    slot_created: bool,
-) -> anyhow::Result<SharedLog> {
+/// new log waits to be reset to the slot's position.
+async fn open_log(config: &Config) -> anyhow::Result<SharedLog> {
     let dir = config.data_dir.join("changelog");
     let opts = LogOptions {
         // Retention drops whole segments: an eighth of the budget each keeps the
@@ -235,15 +231,14 @@ async fn open_log(
         retention_bytes: config.resume_retention_bytes,
         retention_age: config.resume_retention,
     };
-    let floor = floor_for_slot(confirmed);
-    let log = tokio::task::spawn_blocking(move || -> anyhow::Result<LocalLog> {
-        let (log, created) = LocalLog::open(&dir, opts, floor)
-            .with_context(|| format!("opening the change log in {}", dir.display()))?;
-        if slot_created && !created {
-            let epoch = log.reset(floor)?;
-            tracing::warn!(%epoch, "the replication slot was created anew: the change log starts a new epoch; older positions are answered with gap");
-        }
-        Ok(log)
+    let log = tokio::task::spawn_blocking(move || {
+        LocalLog::open(
+            &dir,
+            opts,
+            floor_for_slot(crate::replication::lsn::PgLsn::ZERO),
+        )
+        .map(|(log, _)| log)
+        .with_context(|| format!("opening the change log in {}", dir.display()))
     })
     .await
     .context("change log")??;
@@ -270,10 +265,24 @@ impl Server {
                 "this setting no longer exists and is ignored (see README.md: the change log)"
             );
         }
-        let (confirmed, slot_created) =
-            stream::ensure_slot(&setup, &config.replication_slot).await?;
+        let log = open_log(&config).await?;
+        // A slot about to be created starts a new history: say so in the log
+        // first, so a crash between the two still resets it at the next start.
+        if !stream::slot_exists(&setup, &config.replication_slot).await? {
+            let l = Arc::clone(&log);
+            tokio::task::spawn_blocking(move || l.mark_reset_pending())
+                .await
+                .context("change log")??;
+        }
+        let (confirmed, _) = stream::ensure_slot(&setup, &config.replication_slot).await?;
+        if log.bounds().reset_pending {
+            let (l, floor) = (Arc::clone(&log), floor_for_slot(confirmed));
+            let epoch = tokio::task::spawn_blocking(move || l.reset(floor))
+                .await
+                .context("change log")??;
+            tracing::warn!(%epoch, %floor, "the change log starts a new epoch for a new replication slot; older positions are answered with gap");
+        }
         let timeout = stream::wal_sender_timeout(&setup).await?;
-        let log = open_log(&config, confirmed, slot_created).await?;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
             Catalog::load(&setup, &config.publication).await?,
         ));
@@ -353,6 +362,7 @@ impl Server {
             log: log_tx,
             durable: durable_rx,
             epoch,
+            changelog: Arc::clone(&log),
             status: status_tx,
             shutdown: shutdown.clone(),
         };

@@ -1,15 +1,25 @@
 //! The local change log: append-only segment files under one directory.
 //!
 //! Layout:
-//! - `meta`: `epoch floor` as text, replaced atomically (write, fsync, rename).
+//! - `meta`: `epoch floor [reset-pending]` as text, replaced atomically (write,
+//!   fsync, rename). `reset-pending` is written before the replication slot is
+//!   (re)created, so a crash between the two still resets the log at the next start.
 //! - `relations`: one record per relation version (table definition) ever logged.
 //! - `<first position>.seg`: a 16-byte header (magic, epoch) then records, each
 //!   `[body length u32][CRC-32 of body u32][body]`, positions strictly increasing.
 //!
 //! Recovery (at open): the last segment and the relations file are read to the end
-//! and cut at the first record that is short, fails its CRC, or names a relation
-//! that is not logged: a torn tail is truncated, never served. Sealed segments were
-//! fsynced before the next one was created.
+//! and cut at the first record that is short or fails its CRC: a torn tail is
+//! truncated, never served. A whole record naming a relation that was never
+//! logged is corruption (relations are fsynced before any change uses them), and
+//! so is a bad record anywhere a reader meets it before the newest change: both
+//! are errors, not silently skipped. Segments of another epoch are leftovers of
+//! an interrupted reset and are removed. Sealed segments were fsynced before the
+//! next one was created.
+//!
+//! Failures: an append that fails is rolled back (the file cut to where the batch
+//! began) and may be retried; a failed fsync is not retried (the kernel may have
+//! dropped the dirty pages), the caller stops and recovery starts over.
 //!
 //! Why plain segment files and not an embedded database: the log is written in
 //! position order and read as ranges, never updated in place; a B-tree or LSM
@@ -30,8 +40,9 @@ use crate::replication::lsn::{Epoch, PgLsn, Position};
 
 const MAGIC: &[u8; 8] = b"AETHLOG\x01";
 const HEADER: u64 = 16;
-/// A record larger than this is refused at append and taken for corruption when read.
-const MAX_RECORD: usize = 256 << 20;
+/// The length field is 32 bits; a length beyond what is left of the file is a
+/// torn or corrupt record (never a huge allocation).
+const MAX_RECORD: usize = u32::MAX as usize;
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -83,6 +94,8 @@ impl Write for SharedFile {
 
 struct State {
     epoch: Epoch,
+    /// The slot is being (re)created: the log must be reset before it is used.
+    pending: bool,
     floor: Position,
     newest: Option<Position>,
     /// Sealed segments, oldest first (the active one is not in here).
@@ -100,6 +113,9 @@ pub struct LocalLog {
     dir: PathBuf,
     opts: LogOptions,
     state: Mutex<State>,
+    /// What `bounds()` answers, updated under `state` and read without it: the
+    /// router asks often and must never wait behind an fsync.
+    snapshot: RwLock<Bounds>,
     /// Relation versions, readable without the writer's lock.
     relations: RwLock<Vec<Option<Arc<Relation>>>>,
 }
@@ -119,38 +135,53 @@ fn write_record(out: &mut impl Write, body: &[u8]) -> std::io::Result<u64> {
     Ok(8 + body.len() as u64)
 }
 
-/// Reads the next record into `body`: `Ok(false)` at a clean end or a torn tail
-/// (short header or body, bad CRC, absurd length).
-fn read_record(r: &mut impl Read, body: &mut Vec<u8>) -> std::io::Result<bool> {
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Record,
+    /// A clean end, at a record boundary.
+    End,
+    /// A short header or body, a bad CRC, a length past the end of the file.
+    Torn,
+}
+
+/// Reads the next record into `body`; `left` is what remains of the file.
+fn read_record(r: &mut impl Read, body: &mut Vec<u8>, left: u64) -> std::io::Result<Next> {
     let mut head = [0u8; 8];
-    if !read_full(r, &mut head)? {
-        return Ok(false);
+    match read_some(r, &mut head)? {
+        0 => return Ok(Next::End),
+        8 => {}
+        _ => return Ok(Next::Torn),
     }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let sum = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if len > MAX_RECORD {
-        return Ok(false);
+    if len > MAX_RECORD || len as u64 > left.saturating_sub(8) {
+        return Ok(Next::Torn);
     }
     body.clear();
     body.resize(len, 0);
-    if !read_full(r, body)? {
-        return Ok(false);
+    if !read_full(r, body)? || crc(body) != sum {
+        return Ok(Next::Torn);
     }
-    Ok(crc(body) == sum)
+    Ok(Next::Record)
 }
 
-/// Fills `buf`; `Ok(false)` if the reader ends first.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+/// Reads until `buf` is full or the reader ends; how many bytes were read.
+fn read_some(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
     while at < buf.len() {
         match r.read(&mut buf[at..]) {
-            Ok(0) => return Ok(false),
+            Ok(0) => break,
             Ok(n) => at += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(true)
+    Ok(at)
+}
+
+/// Fills `buf`; `Ok(false)` if the reader ends first.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    Ok(read_some(r, buf)? == buf.len())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -159,9 +190,14 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(LogError::io(format!("fsync {}", dir.display())))
 }
 
-fn write_meta(dir: &Path, epoch: Epoch, floor: Position) -> Result<(), LogError> {
+fn write_meta(dir: &Path, epoch: Epoch, floor: Position, pending: bool) -> Result<(), LogError> {
     let tmp = dir.join("meta.tmp");
-    let text = format!("{} {}\n", epoch, floor);
+    let text = format!(
+        "{} {}{}\n",
+        epoch,
+        floor,
+        if pending { " reset-pending" } else { "" }
+    );
     let mut f = File::create(&tmp).map_err(LogError::io("writing meta"))?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
@@ -170,7 +206,7 @@ fn write_meta(dir: &Path, epoch: Epoch, floor: Position) -> Result<(), LogError>
     sync_dir(dir)
 }
 
-fn read_meta(dir: &Path) -> Result<Option<(Epoch, Position)>, LogError> {
+fn read_meta(dir: &Path) -> Result<Option<(Epoch, Position, bool)>, LogError> {
     let text = match fs::read_to_string(dir.join("meta")) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -181,10 +217,17 @@ fn read_meta(dir: &Path) -> Result<Option<(Epoch, Position)>, LogError> {
         offset: 0,
         why: format!("unreadable: {text:?}"),
     };
-    let (epoch, floor) = text.trim().split_once(' ').ok_or_else(bad)?;
+    let mut words = text.split_whitespace();
+    let epoch = words.next().ok_or_else(bad)?;
+    let floor = words.next().ok_or_else(bad)?;
+    let pending = match words.next() {
+        None => false,
+        Some("reset-pending") => true,
+        Some(_) => return Err(bad()),
+    };
     let epoch = u32::from_str_radix(epoch, 16).map_err(|_| bad())?;
     let floor = floor.parse().map_err(|_| bad())?;
-    Ok(Some((Epoch(epoch), floor)))
+    Ok(Some((Epoch(epoch), floor, pending)))
 }
 
 fn open_append(path: &Path) -> Result<File, LogError> {
@@ -196,21 +239,46 @@ fn open_append(path: &Path) -> Result<File, LogError> {
         .map_err(LogError::io(format!("opening {}", path.display())))
 }
 
-/// Reads a segment's header; `Ok(false)` if it is short (a segment created as the
-/// process died).
-fn check_header(r: &mut impl Read, epoch: Epoch, path: &Path) -> Result<bool, LogError> {
+#[derive(Debug, PartialEq, Eq)]
+enum Header {
+    Ok,
+    /// Short or zeroed: a segment created as the process or the host died.
+    Torn,
+    /// A segment of another epoch: a leftover of an interrupted reset.
+    OtherEpoch,
+}
+
+fn read_header(r: &mut impl Read, epoch: Epoch, path: &Path) -> Result<Header, LogError> {
     let mut head = [0u8; HEADER as usize];
     if !read_full(r, &mut head).map_err(LogError::io(format!("reading {}", path.display())))? {
-        return Ok(false);
+        return Ok(Header::Torn);
     }
-    if &head[..8] != MAGIC || head[8..12] != epoch.0.to_le_bytes() {
+    if head.iter().all(|b| *b == 0) {
+        return Ok(Header::Torn);
+    }
+    if &head[..8] != MAGIC {
         return Err(LogError::Corrupt {
             segment: path.display().to_string(),
             offset: 0,
-            why: "not a segment of this log (magic or epoch)".into(),
+            why: "not a change log segment".into(),
         });
     }
-    Ok(true)
+    if head[8..12] != epoch.0.to_le_bytes() {
+        return Ok(Header::OtherEpoch);
+    }
+    Ok(Header::Ok)
+}
+
+/// A reader's check: anything but a good header of this epoch is an error.
+fn check_header(r: &mut impl Read, epoch: Epoch, path: &Path) -> Result<(), LogError> {
+    match read_header(r, epoch, path)? {
+        Header::Ok => Ok(()),
+        h => Err(LogError::Corrupt {
+            segment: path.display().to_string(),
+            offset: 0,
+            why: format!("bad segment header ({h:?})"),
+        }),
+    }
 }
 
 fn header(epoch: Epoch) -> [u8; HEADER as usize] {
@@ -221,9 +289,9 @@ fn header(epoch: Epoch) -> [u8; HEADER as usize] {
 }
 
 impl LocalLog {
-    /// Opens (recovering a torn tail) or creates the log in `dir`. A new log starts
-    /// a new epoch whose history begins after `new_floor`. Returns whether it was
-    /// created.
+    /// Opens (recovering a torn tail) or creates the log in `dir`. A new log is
+    /// created reset-pending: the caller resets it once the slot's position is
+    /// known ([`ChangeLog::reset`]). Returns whether it was created.
     pub fn open(
         dir: &Path,
         opts: LogOptions,
@@ -234,28 +302,35 @@ impl LocalLog {
             Some(m) => (m, false),
             None => {
                 // Leftovers of a log whose meta never got written belong to no epoch.
-                remove_segments(dir)?;
+                remove_segments(dir, None)?;
                 let _ = fs::remove_file(dir.join("relations"));
-                let m = (Epoch::generate(), new_floor);
-                write_meta(dir, m.0, m.1)?;
+                let m = (Epoch::generate(), new_floor, true);
+                write_meta(dir, m.0, m.1, m.2)?;
                 (m, true)
             }
         };
-        let (epoch, floor) = meta;
+        let (epoch, floor, pending) = meta;
 
         // Relations first: the last segment's recovery checks records against them.
         let rel_path = dir.join("relations");
         let mut versions: Vec<Option<Arc<Relation>>> = Vec::new();
         let mut latest = HashMap::new();
         let rel_file = open_append(&rel_path)?;
+        let rel_len = rel_file
+            .metadata()
+            .map_err(LogError::io("reading relations"))?
+            .len();
         let mut good = 0u64;
         {
             let mut r = BufReader::new(&rel_file);
             let mut body = Vec::new();
-            while read_record(&mut r, &mut body).map_err(LogError::io("reading relations"))? {
-                let Ok((v, rel)) = codec::decode_relation(&body) else {
-                    break;
-                };
+            // A torn tail is a relation write cut by a crash: no change uses it.
+            while read_record(&mut r, &mut body, rel_len - good)
+                .map_err(LogError::io("reading relations"))?
+                == Next::Record
+            {
+                let (v, rel) =
+                    codec::decode_relation(&body).map_err(|e| corrupt(&rel_path, good, e))?;
                 let rel = Arc::new(rel);
                 let i = v as usize;
                 if versions.len() <= i {
@@ -271,6 +346,8 @@ impl LocalLog {
             .and_then(|()| rel_file.sync_all())
             .map_err(LogError::io("truncating relations"))?;
 
+        // Segments of another epoch are what an interrupted reset left behind.
+        remove_segments(dir, Some(epoch))?;
         let mut names: Vec<(Position, PathBuf)> = fs::read_dir(dir)
             .map_err(LogError::io("listing the log"))?
             .flatten()
@@ -330,29 +407,39 @@ impl LocalLog {
             if let Some(prev) = sealed.last() {
                 let file = File::open(&prev.path)
                     .map_err(LogError::io(format!("opening {}", prev.path.display())))?;
-                let (_, _, last_pos) = scan_tail(&file, epoch, &prev.path, |_| true)?;
+                let (end, _, last_pos) = scan_tail(&file, epoch, &prev.path, |_| true)?;
+                if end < prev.bytes {
+                    return Err(LogError::Corrupt {
+                        segment: prev.path.display().to_string(),
+                        offset: end,
+                        why: "a sealed segment ends in a bad record".into(),
+                    });
+                }
                 newest = last_pos;
             }
         }
         sync_dir(dir)?;
+        let state = State {
+            epoch,
+            pending,
+            floor,
+            newest,
+            sealed,
+            active,
+            records,
+            relations_out: BufWriter::new(SharedFile(Arc::new(
+                rel_file.try_clone().map_err(LogError::io("relations"))?,
+            ))),
+            relations_file: Arc::new(rel_file),
+            latest,
+            scratch: Vec::with_capacity(4096),
+        };
         let log = LocalLog {
             dir: dir.to_owned(),
             opts,
+            snapshot: RwLock::new(bounds_of(&state)),
             relations: RwLock::new(versions),
-            state: Mutex::new(State {
-                epoch,
-                floor,
-                newest,
-                sealed,
-                active,
-                records,
-                relations_out: BufWriter::new(SharedFile(Arc::new(
-                    rel_file.try_clone().map_err(LogError::io("relations"))?,
-                ))),
-                relations_file: Arc::new(rel_file),
-                latest,
-                scratch: Vec::with_capacity(4096),
-            }),
+            state: Mutex::new(state),
         };
         Ok((log, created))
     }
@@ -363,11 +450,17 @@ impl LocalLog {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Publishes what `bounds()` answers; called with the state locked.
+    fn publish(&self, st: &State) {
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = bounds_of(st);
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The logged version of `rel`, logging it first if it is new.
+    /// The logged version of `rel`, logging it first if it is new. Rare (once per
+    /// table definition), so its fsync under the lock is accepted.
     fn relation_version(&self, st: &mut State, rel: &Arc<Relation>) -> Result<u32, LogError> {
         if let Some((known, v)) = st.latest.get(&rel.id)
             && (Arc::ptr_eq(known, rel) || **known == **rel)
@@ -391,11 +484,13 @@ impl LocalLog {
 
     /// Seals the active segment (fsynced) and starts one whose first change is `first`.
     fn rotate(&self, st: &mut State, first: Position) -> Result<(), LogError> {
-        if let Some(mut a) = st.active.take() {
-            a.out
-                .flush()
-                .and_then(|()| a.file.sync_data())
-                .map_err(LogError::io("sealing a segment"))?;
+        if let Some(a) = st.active.as_mut() {
+            a.out.flush().map_err(LogError::io("sealing a segment"))?;
+            a.file
+                .sync_data()
+                .map_err(|e| LogError::Fsync(e.to_string()))?;
+        }
+        if let Some(a) = st.active.take() {
             st.sealed.push(Segment {
                 first: a.first,
                 path: self.dir.join(segment_name(a.first)),
@@ -425,7 +520,88 @@ impl LocalLog {
         Ok(())
     }
 
-    fn snapshot(&self) -> (Epoch, Position, Option<Position>, Vec<(Position, PathBuf)>) {
+    /// Writes `changes`, rotating segments as they fill. `mark` is where an
+    /// undo goes back to: moved forward at each rotation (a sealed segment is
+    /// fsynced and whole), so a failure keeps what was sealed and cuts the rest.
+    fn write_batch(
+        &self,
+        st: &mut State,
+        changes: &[Arc<RowChange>],
+        mark: &mut (Option<Position>, u64, u64),
+    ) -> Result<(), LogError> {
+        for c in changes {
+            if let Some(newest) = st.newest
+                && c.position <= newest
+            {
+                return Err(LogError::OutOfOrder {
+                    position: c.position,
+                    newest,
+                });
+            }
+            let full = st
+                .active
+                .as_ref()
+                .is_none_or(|a| a.bytes >= self.opts.segment_bytes);
+            if full {
+                self.rotate(st, c.position)?;
+                *mark = (st.newest, st.records, HEADER);
+            }
+            let version = self.relation_version(st, &c.relation)?;
+            let mut body = std::mem::take(&mut st.scratch);
+            body.clear();
+            codec::encode_change(c, version, &mut body);
+            let n = body.len();
+            let written = match st.active.as_mut() {
+                Some(active) if n <= MAX_RECORD => {
+                    let w = write_record(&mut active.out, &body).map_err(LogError::io("appending"));
+                    if let Ok(w) = w {
+                        active.bytes += w;
+                    }
+                    w.map(|_| ())
+                }
+                Some(_) => Err(LogError::TooLarge(n)),
+                None => Err(LogError::Corrupt {
+                    segment: "active".into(),
+                    offset: 0,
+                    why: "no active segment".into(),
+                }),
+            };
+            // A huge record's buffer is not kept for the next.
+            if body.capacity() <= 1 << 20 {
+                st.scratch = body;
+            }
+            written?;
+            st.newest = Some(c.position);
+            st.records += 1;
+        }
+        // In the operating system from here on: a killed process loses nothing.
+        if let Some(a) = st.active.as_mut() {
+            a.out.flush().map_err(LogError::io("appending"))?;
+        }
+        Ok(())
+    }
+
+    /// Goes back to `mark` after a failed append: what is buffered is dropped and
+    /// the active segment cut to where it stood.
+    fn undo(&self, st: &mut State, mark: (Option<Position>, u64, u64)) -> Result<(), LogError> {
+        let (newest, records, bytes) = mark;
+        st.newest = newest;
+        st.records = records;
+        if let Some(a) = st.active.as_mut() {
+            let file = Arc::clone(&a.file);
+            let _ = std::mem::replace(
+                &mut a.out,
+                BufWriter::with_capacity(256 << 10, SharedFile(Arc::clone(&file))),
+            )
+            .into_parts();
+            file.set_len(bytes)
+                .map_err(|e| LogError::Fsync(format!("undoing a failed append: {e}")))?;
+            a.bytes = bytes;
+        }
+        Ok(())
+    }
+
+    fn snapshot_segments(&self) -> (Epoch, Position, Option<Position>, Vec<(Position, PathBuf)>) {
         let st = self.state();
         let mut segs: Vec<(Position, PathBuf)> = st
             .sealed
@@ -439,35 +615,79 @@ impl LocalLog {
     }
 }
 
+fn bounds_of(st: &State) -> Bounds {
+    let bytes =
+        st.sealed.iter().map(|s| s.bytes).sum::<u64>() + st.active.as_ref().map_or(0, |a| a.bytes);
+    let oldest = st.newest.map(|_| {
+        st.sealed
+            .first()
+            .map(|s| s.first)
+            .or(st.active.as_ref().map(|a| a.first))
+            .unwrap_or(st.floor)
+    });
+    Bounds {
+        epoch: st.epoch,
+        floor: st.floor,
+        newest: st.newest,
+        oldest,
+        bytes,
+        records: st.records,
+        reset_pending: st.pending,
+    }
+}
+
 /// Scans a segment to its end: (end of the last good record, records, last
-/// position). Stops at a torn or corrupt record, or one whose relation is unknown.
+/// position). Stops at a torn record; a whole record naming a relation that was
+/// never logged, or out of order, is corruption.
 fn scan_tail(
     file: &File,
     epoch: Epoch,
     path: &Path,
     known_relation: impl Fn(u32) -> bool,
 ) -> Result<(u64, u64, Option<Position>), LogError> {
+    let len = file
+        .metadata()
+        .map_err(LogError::io(format!("reading {}", path.display())))?
+        .len();
     let mut r = BufReader::with_capacity(1 << 20, file);
     r.seek(SeekFrom::Start(0))
         .map_err(LogError::io(format!("reading {}", path.display())))?;
-    if !check_header(&mut r, epoch, path)? {
-        return Ok((0, 0, None));
+    match read_header(&mut r, epoch, path)? {
+        Header::Ok => {}
+        Header::Torn => return Ok((0, 0, None)),
+        Header::OtherEpoch => {
+            return Err(LogError::Corrupt {
+                segment: path.display().to_string(),
+                offset: 0,
+                why: "a segment of another epoch".into(),
+            });
+        }
     }
     let mut end = HEADER;
     let mut count = 0;
     let mut last = None;
     let mut body = Vec::new();
-    while read_record(&mut r, &mut body)
+    while read_record(&mut r, &mut body, len - end)
         .map_err(LogError::io(format!("reading {}", path.display())))?
+        == Next::Record
     {
-        let Ok(pos) = codec::change_position(&body) else {
-            break;
-        };
+        let pos = codec::change_position(&body).map_err(|e| corrupt(path, end, e))?;
         let version = body
             .get(codec::POSITION_AT + 20..codec::POSITION_AT + 24)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        if !version.is_some_and(&known_relation) || last.is_some_and(|l| pos <= l) {
-            break;
+        if !version.is_some_and(&known_relation) {
+            return Err(LogError::Corrupt {
+                segment: path.display().to_string(),
+                offset: end,
+                why: format!("a change names relation version {version:?}, which is not logged"),
+            });
+        }
+        if last.is_some_and(|l| pos <= l) {
+            return Err(LogError::Corrupt {
+                segment: path.display().to_string(),
+                offset: end,
+                why: format!("position {pos} out of order"),
+            });
         }
         last = Some(pos);
         count += 1;
@@ -476,38 +696,32 @@ fn scan_tail(
     Ok((end, count, last))
 }
 
-fn remove_segments(dir: &Path) -> Result<(), LogError> {
+/// Removes segments: all of them, or (`keep`) those not of that epoch.
+fn remove_segments(dir: &Path, keep: Option<Epoch>) -> Result<(), LogError> {
     for e in fs::read_dir(dir)
         .map_err(LogError::io("listing the log"))?
         .flatten()
     {
-        if e.file_name().to_string_lossy().ends_with(".seg") {
-            fs::remove_file(e.path()).map_err(LogError::io("removing a segment"))?;
+        if !e.file_name().to_string_lossy().ends_with(".seg") {
+            continue;
         }
+        if let Some(epoch) = keep {
+            let Ok(mut f) = File::open(e.path()) else {
+                continue;
+            };
+            if read_header(&mut f, epoch, &e.path())? != Header::OtherEpoch {
+                continue;
+            }
+            tracing::warn!(segment = %e.path().display(), "change log: removing a segment of an earlier epoch (an interrupted reset)");
+        }
+        fs::remove_file(e.path()).map_err(LogError::io("removing a segment"))?;
     }
-    Ok(())
+    sync_dir(dir)
 }
 
 impl ChangeLog for LocalLog {
     fn bounds(&self) -> Bounds {
-        let st = self.state();
-        let bytes = st.sealed.iter().map(|s| s.bytes).sum::<u64>()
-            + st.active.as_ref().map_or(0, |a| a.bytes);
-        let oldest = st.newest.map(|_| {
-            st.sealed
-                .first()
-                .map(|s| s.first)
-                .or(st.active.as_ref().map(|a| a.first))
-                .unwrap_or(st.floor)
-        });
-        Bounds {
-            epoch: st.epoch,
-            floor: st.floor,
-            newest: st.newest,
-            oldest,
-            bytes,
-            records: st.records,
-        }
+        *self.snapshot.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn append(&self, changes: &[Arc<RowChange>]) -> Result<(), LogError> {
@@ -515,53 +729,32 @@ impl ChangeLog for LocalLog {
             return Ok(());
         }
         let mut st = self.state();
-        for c in changes {
-            if let Some(newest) = st.newest
-                && c.position <= newest
-            {
-                return Err(LogError::OutOfOrder {
-                    position: c.position,
-                    newest,
-                });
-            }
-            let version = self.relation_version(&mut st, &c.relation)?;
-            let mut body = std::mem::take(&mut st.scratch);
-            body.clear();
-            codec::encode_change(c, version, &mut body);
-            if body.len() > MAX_RECORD {
-                let n = body.len();
-                st.scratch = body;
-                return Err(LogError::TooLarge(n));
-            }
-            let full = st
-                .active
-                .as_ref()
-                .is_none_or(|a| a.bytes >= self.opts.segment_bytes);
-            if full {
-                self.rotate(&mut st, c.position)?;
-            }
-            let Some(active) = st.active.as_mut() else {
-                st.scratch = body;
-                continue;
-            };
-            let n = write_record(&mut active.out, &body).map_err(LogError::io("appending"))?;
-            active.bytes += n;
-            st.scratch = body;
-            st.newest = Some(c.position);
-            st.records += 1;
+        if st.pending {
+            return Err(LogError::ResetPending);
         }
-        // In the operating system from here on: a killed process loses nothing.
-        if let Some(a) = st.active.as_mut() {
-            a.out.flush().map_err(LogError::io("appending"))?;
+        let mut mark = (
+            st.newest,
+            st.records,
+            st.active.as_ref().map_or(HEADER, |a| a.bytes),
+        );
+        let result = self.write_batch(&mut st, changes, &mut mark);
+        if let Err(e) = result {
+            // What was sealed in this batch stays (whole and fsynced); the caller
+            // retries what is above `newest`.
+            self.undo(&mut st, mark)?;
+            self.publish(&st);
+            return Err(e);
         }
+        self.publish(&st);
         Ok(())
     }
 
     fn sync(&self) -> Result<(), LogError> {
         let file = self.state().active.as_ref().map(|a| Arc::clone(&a.file));
-        // Outside the lock: appends go on while the disk catches up.
+        // Outside the lock: appends go on while the disk catches up. A failure is
+        // not retried: the kernel may have dropped the pages it could not write.
         if let Some(f) = file {
-            f.sync_data().map_err(LogError::io("fsync"))?;
+            f.sync_data().map_err(|e| LogError::Fsync(e.to_string()))?;
         }
         Ok(())
     }
@@ -572,7 +765,7 @@ impl ChangeLog for LocalLog {
         max_bytes: usize,
         hint: Option<&ReadHint>,
     ) -> Result<Page, LogError> {
-        let (epoch, floor, newest, segs) = self.snapshot();
+        let (epoch, floor, newest, segs) = self.snapshot_segments();
         if after < floor {
             return Err(LogError::Gap {
                 since: after,
@@ -625,21 +818,32 @@ impl ChangeLog for LocalLog {
                 }
                 Err(e) => return Err(LogError::io(format!("reading {}", path.display()))(e)),
             };
+            let len = file
+                .metadata()
+                .map_err(LogError::io(format!("reading {}", path.display())))?
+                .len();
             let mut r = BufReader::with_capacity(256 << 10, file);
             if offset == HEADER {
-                if !check_header(&mut r, epoch, path)? {
-                    i += 1;
-                    continue;
-                }
+                check_header(&mut r, epoch, path)?;
             } else {
                 r.seek(SeekFrom::Start(offset))
                     .map_err(LogError::io(format!("reading {}", path.display())))?;
             }
             loop {
-                let ok = read_record(&mut r, &mut body)
+                let next = read_record(&mut r, &mut body, len.saturating_sub(offset))
                     .map_err(LogError::io(format!("reading {}", path.display())))?;
-                if !ok {
-                    break;
+                match next {
+                    Next::Record => {}
+                    Next::End => break,
+                    // Everything up to `newest` was whole when the snapshot was
+                    // taken: a bad record here is corruption, never skipped.
+                    Next::Torn => {
+                        return Err(LogError::Corrupt {
+                            segment: path.display().to_string(),
+                            offset,
+                            why: "a bad record before the newest change".into(),
+                        });
+                    }
                 }
                 offset += 8 + body.len() as u64;
                 let pos = codec::change_position(&body).map_err(|e| corrupt(path, offset, e))?;
@@ -677,8 +881,8 @@ impl ChangeLog for LocalLog {
     }
 
     fn enforce_retention(&self, now: SystemTime) -> Result<(), LogError> {
-        // Decide under the lock (no i/o): only this call removes segments, and
-        // only from the front, so the plan stays valid once the lock is dropped.
+        // Decide under the lock (no i/o). Segments are removed only here, from
+        // the front; the plan is checked again once the lock is taken back.
         let (gone_last, dropped, epoch) = {
             let st = self.state();
             let mut total = st.sealed.iter().map(|s| s.bytes).sum::<u64>()
@@ -705,13 +909,18 @@ impl ChangeLog for LocalLog {
             .map_err(LogError::io(format!("reading {}", gone_last.display())))?;
         let (_, _, last) = scan_tail(&file, epoch, &gone_last, |_| true)?;
         let mut st = self.state();
+        // A reset in between: the plan no longer applies.
+        if st.epoch != epoch || st.sealed.get(dropped - 1).map(|s| &s.path) != Some(&gone_last) {
+            return Ok(());
+        }
         let floor = match last {
             Some(last) => st.floor.max(last),
             None => st.floor,
         };
-        write_meta(&self.dir, st.epoch, floor)?;
+        write_meta(&self.dir, st.epoch, floor, st.pending)?;
         st.floor = floor;
         let gone: Vec<Segment> = st.sealed.drain(..dropped).collect();
+        self.publish(&st);
         drop(st);
         for s in gone {
             tracing::info!(segment = %s.path.display(), bytes = s.bytes, "change log: segment past retention dropped");
@@ -720,18 +929,29 @@ impl ChangeLog for LocalLog {
         Ok(())
     }
 
+    fn mark_reset_pending(&self) -> Result<(), LogError> {
+        let mut st = self.state();
+        write_meta(&self.dir, st.epoch, st.floor, true)?;
+        st.pending = true;
+        self.publish(&st);
+        Ok(())
+    }
+
     fn reset(&self, floor: Position) -> Result<Epoch, LogError> {
         let mut st = self.state();
         let epoch = Epoch::generate();
-        write_meta(&self.dir, epoch, floor)?;
+        // The new epoch first: segments of the old one left by a crash here are
+        // removed at the next open.
+        write_meta(&self.dir, epoch, floor, false)?;
         st.active = None;
         st.sealed.clear();
-        remove_segments(&self.dir)?;
-        sync_dir(&self.dir)?;
         st.epoch = epoch;
+        st.pending = false;
         st.floor = floor;
         st.newest = None;
         st.records = 0;
+        self.publish(&st);
+        remove_segments(&self.dir, None)?;
         Ok(epoch)
     }
 }
@@ -749,6 +969,20 @@ fn corrupt(path: &Path, offset: u64, e: CodecError) -> LogError {
 /// re-sent, so the floor is just below it.
 pub fn floor_for_slot(confirmed: PgLsn) -> Position {
     Position::new(PgLsn(confirmed.0.saturating_sub(1)), u32::MAX)
+}
+
+/// Opens the log and, if it is new, resets it to start after `floor` at once
+/// (tests and benchmarks, which have no slot to wait for).
+pub fn open_ready(
+    dir: &Path,
+    opts: LogOptions,
+    floor: Position,
+) -> Result<(LocalLog, bool), LogError> {
+    let (log, created) = LocalLog::open(dir, opts, floor)?;
+    if log.bounds().reset_pending {
+        log.reset(floor)?;
+    }
+    Ok((log, created))
 }
 
 #[cfg(test)]
@@ -814,7 +1048,7 @@ mod tests {
 
     fn fresh(opts: LogOptions) -> (tempfile::TempDir, LocalLog) {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = LocalLog::open(dir.path(), opts, floor_for_slot(PgLsn(100))).unwrap();
+        let (log, _) = open_ready(dir.path(), opts, floor_for_slot(PgLsn(100))).unwrap();
         (dir, log)
     }
 
@@ -835,7 +1069,7 @@ mod tests {
     fn appends_read_back_across_segments_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let floor = floor_for_slot(PgLsn(100));
-        let (log, created) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        let (log, created) = open_ready(dir.path(), small(), floor).unwrap();
         assert!(created);
         let r = rel();
         let changes: Vec<_> = (1..=60)
@@ -857,7 +1091,7 @@ mod tests {
         let epoch = log.bounds().epoch;
         drop(log);
 
-        let (log, created) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        let (log, created) = open_ready(dir.path(), small(), floor).unwrap();
         assert!(!created);
         let b = log.bounds();
         assert_eq!(b.epoch, epoch);
@@ -872,7 +1106,7 @@ mod tests {
     fn a_torn_tail_is_cut_at_recovery_and_never_served() {
         let dir = tempfile::tempdir().unwrap();
         let floor = floor_for_slot(PgLsn(1));
-        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        let (log, _) = open_ready(dir.path(), LogOptions::default(), floor).unwrap();
         let r = rel();
         let changes: Vec<_> = (1..=5).map(|i| change(&r, i * 10, 0)).collect();
         log.append(&changes).unwrap();
@@ -889,7 +1123,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         f.set_len(len - 7).unwrap();
         drop(f);
-        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        let (log, _) = open_ready(dir.path(), LogOptions::default(), floor).unwrap();
         assert_eq!(log.bounds().newest, Some(changes[3].position));
         assert_eq!(
             all_after(&log, floor),
@@ -909,7 +1143,7 @@ mod tests {
         let at = (len - 10) as usize;
         bytes[at] ^= 0xFF;
         fs::write(&seg, &bytes).unwrap();
-        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        let (log, _) = open_ready(dir.path(), LogOptions::default(), floor).unwrap();
         assert_eq!(log.bounds().newest, Some(changes[3].position));
     }
 
@@ -922,7 +1156,7 @@ mod tests {
             retention_bytes: 4096,
             retention_age: Duration::from_secs(3600),
         };
-        let (log, _) = LocalLog::open(dir.path(), opts, floor).unwrap();
+        let (log, _) = open_ready(dir.path(), opts, floor).unwrap();
         let r = rel();
         let changes: Vec<_> = (1..=200).map(|i| change(&r, i * 10, 0)).collect();
         log.append(&changes).unwrap();
@@ -947,15 +1181,47 @@ mod tests {
             .unwrap();
         assert_eq!(log.state().sealed.len(), 0);
         drop(log);
-        let (log, _) = LocalLog::open(dir.path(), LogOptions::default(), floor).unwrap();
+        let (log, _) = open_ready(dir.path(), LogOptions::default(), floor).unwrap();
         assert!(log.bounds().floor > b.floor);
+    }
+
+    #[test]
+    fn a_reset_pending_survives_a_restart_and_leftovers_of_a_reset_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_for_slot(PgLsn(1));
+        let (log, created) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        assert!(
+            created && log.bounds().reset_pending,
+            "a new log waits for its slot"
+        );
+        log.reset(floor).unwrap();
+        let r = rel();
+        log.append(&[change(&r, 10, 0), change(&r, 20, 0)]).unwrap();
+        log.mark_reset_pending().unwrap();
+        assert!(matches!(
+            log.append(&[change(&r, 30, 0)]),
+            Err(LogError::ResetPending)
+        ));
+        drop(log);
+        // The process died before the slot was recreated and the log reset.
+        let (log, _) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        assert!(log.bounds().reset_pending);
+        // A reset whose meta was written but whose segments were not removed.
+        let epoch = Epoch(log.bounds().epoch.0 ^ 0xFFFF);
+        drop(log);
+        write_meta(dir.path(), epoch, floor_for_slot(PgLsn(500)), false).unwrap();
+        let (log, _) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        let b = log.bounds();
+        assert_eq!((b.epoch, b.newest, b.reset_pending), (epoch, None, false));
+        log.append(&[change(&r, 600, 0)]).unwrap();
+        assert_eq!(all_after(&log, b.floor), vec![Position::new(PgLsn(600), 0)]);
     }
 
     #[test]
     fn reset_starts_a_new_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let floor = floor_for_slot(PgLsn(1));
-        let (log, _) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        let (log, _) = open_ready(dir.path(), small(), floor).unwrap();
         let r = rel();
         log.append(&[change(&r, 10, 0), change(&r, 20, 0)]).unwrap();
         let old = log.bounds().epoch;
@@ -966,7 +1232,7 @@ mod tests {
         assert_eq!((b.newest, b.floor), (None, new_floor));
         log.append(&[change(&r, 600, 0)]).unwrap();
         drop(log);
-        let (log, _) = LocalLog::open(dir.path(), small(), floor).unwrap();
+        let (log, _) = open_ready(dir.path(), small(), floor).unwrap();
         assert_eq!(log.bounds().epoch, epoch);
         assert_eq!(
             all_after(&log, new_floor),

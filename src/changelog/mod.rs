@@ -50,6 +50,11 @@ pub enum LogError {
     },
     #[error("a change of {0} bytes is larger than a log record may be")]
     TooLarge(usize),
+    /// Not retried: after a failed fsync the kernel may have dropped the pages.
+    #[error("change log fsync failed: {0}")]
+    Fsync(String),
+    #[error("the change log is waiting to be reset (the replication slot is being recreated)")]
+    ResetPending,
 }
 
 impl LogError {
@@ -71,7 +76,11 @@ pub struct Bounds {
     pub oldest: Option<Position>,
     /// Bytes on disk.
     pub bytes: u64,
+    /// Records appended by this process plus those of the last segment when it
+    /// opened (for tests and benchmarks: older segments are not counted).
     pub records: u64,
+    /// The slot is being (re)created: the log is reset before it takes changes.
+    pub reset_pending: bool,
 }
 
 /// Where a reader stopped, so the next page starts there instead of searching.
@@ -116,6 +125,11 @@ pub trait ChangeLog: Send + Sync + 'static {
 
     /// Drops the oldest changes beyond the retention limits.
     fn enforce_retention(&self, now: SystemTime) -> Result<(), LogError>;
+
+    /// Records, durably, that the slot is about to be (re)created: until
+    /// [`ChangeLog::reset`] the log takes no change, and a crash before the reset
+    /// still resets it at the next start.
+    fn mark_reset_pending(&self) -> Result<(), LogError>;
 
     /// Forgets everything and starts a new epoch whose history begins after
     /// `floor` (the slot was recreated: what came before is unknowable).

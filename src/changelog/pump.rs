@@ -170,6 +170,8 @@ fn write_loop(
                     };
                     tracing::error!(%epoch, %floor, "change log reset: a new epoch starts; positions from before are answered with gap");
                     newest = None;
+                    // Positions of the old slot mean nothing to the new one.
+                    end_lsn = PgLsn::ZERO;
                     to_feed.push(Feed::Reset { epoch, floor });
                     let _ = done.send(epoch);
                 }
@@ -206,8 +208,26 @@ fn flush(
         // A failing disk stops the stream here (PostgreSQL keeps the WAL) until it
         // works again; nothing unlogged is delivered.
         while let Err(e) = log.append(to_log) {
+            if matches!(e, LogError::ResetPending) {
+                // The slot is being recreated and the log reset: changes still
+                // queued from the old slot belong to a history being discarded.
+                to_log.clear();
+                to_feed.retain(|f| !matches!(f, Feed::Change(_)));
+                break;
+            }
+            if matches!(e, LogError::Fsync(_) | LogError::TooLarge(_)) {
+                tracing::error!(error = %e, "change log append failed for good: stopping");
+                status.send_modify(|s| s.error = Some(e.to_string()));
+                return false;
+            }
             if !retry_pause(status, &e, feed) {
                 return false;
+            }
+            // Part of the batch may have been sealed before the failure: retry the rest.
+            let newest = log.bounds().newest;
+            to_log.retain(|c| newest.is_none_or(|n| c.position > n));
+            if to_log.is_empty() {
+                break;
             }
         }
         let took = t.elapsed();
@@ -241,6 +261,7 @@ fn sync_loop(
     status: Arc<watch::Sender<LogStatus>>,
 ) {
     let sync_seconds = metrics::histogram!("aether_changelog_fsync_seconds");
+    let bytes_gauge = metrics::gauge!("aether_changelog_bytes");
     let mut retention_at = Instant::now();
     loop {
         let (next, closed) = {
@@ -259,15 +280,14 @@ fn sync_loop(
         };
         if let Some(d) = next {
             let t = Instant::now();
-            loop {
-                match log.sync() {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "change log fsync failed; retrying");
-                        status.send_modify(|s| s.error = Some(e.to_string()));
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                }
+            if let Err(e) = log.sync() {
+                // Not retried: after a failed fsync the kernel may have marked the
+                // unwritten pages clean, and a retry would report them durable.
+                // Ending here stops the slot's confirmation (the replication task
+                // sees the log gone) and the process restarts from what is on disk.
+                tracing::error!(error = %e, "change log fsync failed: stopping");
+                status.send_modify(|s| s.error = Some(e.to_string()));
+                return;
             }
             let took = t.elapsed();
             sync_seconds.record(took.as_secs_f64());
@@ -277,6 +297,7 @@ fn sync_loop(
                 *old = d;
                 changed
             });
+            bytes_gauge.set(log.bounds().bytes as f64);
         }
         // Cheap when nothing is due (no i/o); at least every few seconds for age.
         if next.is_some() || retention_at.elapsed() >= RETENTION_EVERY {
@@ -294,7 +315,7 @@ fn sync_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot};
+    use crate::changelog::local::{LogOptions, floor_for_slot, open_ready};
     use crate::changes::{ChangeKind, TableId};
 
     fn change(lsn: u64) -> Output {
@@ -328,7 +349,7 @@ mod tests {
     async fn re_sent_changes_are_dropped_and_durable_follows_commits() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) =
-            LocalLog::open(dir.path(), LogOptions::default(), floor_for_slot(PgLsn(1))).unwrap();
+            open_ready(dir.path(), LogOptions::default(), floor_for_slot(PgLsn(1))).unwrap();
         let log: SharedLog = Arc::new(log);
         let run = |log: SharedLog, inputs: Vec<Output>| async move {
             let (in_tx, in_rx) = mpsc::channel(16);

@@ -138,7 +138,7 @@ impl RowChange {
         let row = |r: &Option<Row>| {
             r.as_ref().map_or(0, |r| {
                 r.iter()
-                    .map(|v| 16 + v.as_ref().map_or(0, value_bytes))
+                    .map(|v| 32 + v.as_ref().map_or(0, value_bytes))
                     .sum::<usize>()
             })
         };

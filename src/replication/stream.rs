@@ -98,7 +98,7 @@ fn classify_sqlstate(code: &str, message: &str) -> ErrorClass {
         "42704" if message.contains("replication slot") => ErrorClass::SlotLost,
         // object_not_in_prerequisite_state: "can no longer get changes from
         // replication slot" (invalidated by max_slot_wal_keep_size).
-        "55000" if message.contains("replication slot") => ErrorClass::SlotLost,
+        "55000" if message.contains("can no longer get changes") => ErrorClass::SlotLost,
         "42704" | "42501" | "3D000" => ErrorClass::Definite,
         c if c.starts_with("28") => ErrorClass::Definite,
         // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
@@ -131,6 +131,8 @@ pub struct ReplicationTask {
     pub durable: watch::Receiver<Durable>,
     /// The log's epoch, stamped on every change.
     pub epoch: Epoch,
+    /// The log itself, to mark a reset pending before the slot is recreated.
+    pub changelog: crate::changelog::SharedLog,
     pub status: watch::Sender<ReplicationStatus>,
     pub shutdown: CancellationToken,
 }
@@ -144,8 +146,6 @@ enum Event {
 
 /// Per-session acknowledgement state.
 struct Ack {
-    /// Inputs handed to the log since the task started.
-    sent: u64,
     received: PgLsn,
     /// The last flush position sent.
     flushed: PgLsn,
@@ -179,7 +179,14 @@ impl ReplicationTask {
         let mut sent = 0u64;
         loop {
             let e = match self.session(&mut sent).await {
-                Ok(()) | Err(StreamError::LogGone) => return,
+                Ok(()) => return,
+                Err(StreamError::LogGone) => {
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.last_error = Some("the change log has stopped".into());
+                    });
+                    return;
+                }
                 Err(e) => e,
             };
             let class = e.class();
@@ -225,9 +232,14 @@ impl ReplicationTask {
     /// Drops what is left of the slot, creates it anew and resets the log.
     async fn recreate_slot(&mut self, sent: &mut u64) -> Result<(), anyhow::Error> {
         let client = crate::server::connect(&self.pg).await?;
+        // Durably first: a crash between the new slot and the reset below must
+        // still reset the log at the next start.
+        let log = std::sync::Arc::clone(&self.changelog);
+        tokio::task::spawn_blocking(move || log.mark_reset_pending()).await??;
         client
             .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE slot_name = $1 AND database = current_database()",
                 &[&self.slot],
             )
             .await?;
@@ -262,8 +274,9 @@ impl ReplicationTask {
         let mut tick = tokio::time::interval(self.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut durable = self.durable.clone();
+        // `sent` counts inputs handed to the log since the task started, like
+        // `Durable::inputs`: it is the caller's, so no early return loses a count.
         let mut ack = Ack {
-            sent: *sent,
             received: PgLsn::ZERO,
             flushed: PgLsn::ZERO,
             keepalive: None,
@@ -273,23 +286,25 @@ impl ReplicationTask {
         let mut owed: Option<PgLsn> = None;
         let mut last_commit_ms: Option<i64> = None;
 
-        let result = loop {
+        loop {
+            // Status events before frames: under a sustained stream a frame is
+            // always ready, and confirmations must still go out.
             let event = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => Event::Shutdown,
-                frame = conn.next_frame() => Event::Frame(frame),
+                _ = tick.tick() => Event::Tick,
                 r = durable.changed() => match r {
                     Ok(()) => Event::Durable,
                     Err(_) => break Err(StreamError::LogGone),
                 },
-                _ = tick.tick() => Event::Tick,
+                frame = conn.next_frame() => Event::Frame(frame),
             };
             let mut reply_now = false;
             match event {
                 Event::Shutdown => {
                     // Give the last batch a moment to become durable, so the slot
                     // is confirmed as far as it can be.
-                    let want = ack.sent;
+                    let want = *sent;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(1),
                         durable.wait_for(|d| d.inputs >= want),
@@ -344,7 +359,6 @@ impl ReplicationTask {
                                     _ = self.shutdown.cancelled() => {
                                         let flush = ack.flush(*durable.borrow());
                                         let _ = conn.send_status(ack.received.max(flush), flush, false).await;
-                                        *sent = ack.sent;
                                         return Ok(());
                                     }
                                     permit = self.log.reserve() => {
@@ -358,7 +372,7 @@ impl ReplicationTask {
                                 }
                             };
                             permit.send(LogInput::Output(out));
-                            ack.sent += 1;
+                            *sent += 1;
                         }
                     }
                     ReplicationFrame::Keepalive {
@@ -369,7 +383,7 @@ impl ReplicationTask {
                         // Everything before this keepalive was sent already; outside
                         // a transaction its end is confirmable once that is durable.
                         if !assembler.in_transaction() {
-                            ack.keepalive = Some((wal_end, ack.sent));
+                            ack.keepalive = Some((wal_end, *sent));
                         }
                         if reply_requested {
                             owed = Some(wal_end);
@@ -396,9 +410,7 @@ impl ReplicationTask {
                     }
                 });
             }
-        };
-        *sent = ack.sent;
-        result
+        }
     }
 }
 
@@ -487,6 +499,20 @@ pub async fn ensure_slot(
     Ok((lsn, created))
 }
 
+/// Whether `slot` exists.
+pub async fn slot_exists(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .is_some())
+}
+
 /// Reads `wal_sender_timeout`.
 pub async fn wal_sender_timeout(
     client: &tokio_postgres::Client,
@@ -548,7 +574,6 @@ mod tests {
     #[test]
     fn a_keepalive_is_confirmed_only_once_what_came_before_it_is_durable() {
         let ack = Ack {
-            sent: 10,
             received: PgLsn(500),
             flushed: PgLsn(100),
             keepalive: Some((PgLsn(500), 10)),

@@ -254,6 +254,9 @@ pub struct Router {
     pages_in_flight: usize,
     /// Connections waiting for a page read slot, in order.
     page_queue: VecDeque<u64>,
+    /// Lag generations, unique for the router's life: a page read for a lag
+    /// state that was replaced (rewound, reset, ended) is recognized as stale.
+    generations: u64,
 }
 
 impl Router {
@@ -282,6 +285,7 @@ impl Router {
             pages_rx: Some(pages_rx),
             pages_in_flight: 0,
             page_queue: VecDeque::new(),
+            generations: 0,
         }
     }
 
@@ -784,11 +788,12 @@ impl Router {
                         s.seen = s.seen.max(stood);
                     }
                 }
+                self.generations += 1;
                 match entry.lag.as_mut() {
                     Some(lag) => {
                         lag.after = start;
                         lag.hint = None;
-                        lag.generation += 1;
+                        lag.generation = self.generations;
                     }
                     None => {
                         entry.lag = Some(Lag {
@@ -796,7 +801,7 @@ impl Router {
                             since: Instant::now(),
                             paging: false,
                             hint: None,
-                            generation: 0,
+                            generation: self.generations,
                         });
                         self.lagging.insert(session);
                     }
@@ -934,12 +939,13 @@ impl Router {
                     );
                     metrics::counter!("aether_queue_drops_total", "kind" => "lagging").increment(1);
                     // Subscriptions that got this change already have it as `seen`.
+                    self.generations += 1;
                     entry.lag = Some(Lag {
                         after: change.position.just_before(),
                         since: Instant::now(),
                         paging: false,
                         hint: None,
-                        generation: 0,
+                        generation: self.generations,
                     });
                     self.lagging.insert(sub.session);
                     entry.handle.lagging.notify_one();

@@ -1,6 +1,6 @@
 use super::*;
 use crate::changelog::ChangeLog;
-use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot};
+use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot, open_ready};
 use crate::changes::TableId;
 use crate::replication::lsn::PgLsn;
 
@@ -27,8 +27,7 @@ struct Fixture {
 /// connection (id 1) whose queue holds `queue` frames.
 fn fixture(memory: usize, queue: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let (log, _) =
-        LocalLog::open(dir.path(), LogOptions::default(), floor_for_slot(PgLsn(1))).unwrap();
+    let (log, _) = open_ready(dir.path(), LogOptions::default(), floor_for_slot(PgLsn(1))).unwrap();
     let log = Arc::new(log);
     let mut r = Router::new(
         RouterConfig {

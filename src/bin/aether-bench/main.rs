@@ -13,6 +13,7 @@ mod chart;
 mod env;
 mod http;
 mod load;
+mod logbench;
 mod proc;
 mod report;
 mod rest;
@@ -68,6 +69,8 @@ enum Cmd {
     Rest(RunArgs),
     /// In-process: pgoutput decode + Assembler on real pgoutput messages.
     Decode(RunArgs),
+    /// In-process: the local change log alone (append + fsync, recovery, reads).
+    Changelog(RunArgs),
     /// Every scenario in turn, results merged into one JSON file.
     All(RunArgs),
     /// Draws the PNG chart from a results JSON file.
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BigTx(a) => scenarios::run("big-tx", &a),
         Cmd::Rest(a) => scenarios::run("rest", &a),
         Cmd::Decode(a) => scenarios::run("decode", &a),
+        Cmd::Changelog(a) => logbench::run(&a),
         Cmd::All(a) => {
             for name in [
                 "decode",
