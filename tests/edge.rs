@@ -1,0 +1,449 @@
+//! The HTTP edge over real sockets: slowloris connections are timed out while
+//! other addresses are served, idle keep-alive connections close but WebSockets
+//! do not, per-address connection caps, and `accept` running out of
+//! descriptors. Client addresses are loopback aliases (127.0.0.2) of the same
+//! machine.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A connection to `addr` from the loopback address `src`.
+async fn connect_from(src: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((src, 0)))?;
+    socket.connect(addr).await
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// Lower-case names.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("JSON body: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Reads one response: its head, then a `Content-Length` body.
+async fn read_answer(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Answer> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = r.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = r.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    body.truncate(len);
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends `request` from `src` and reads the answer.
+async fn request_from(src: [u8; 4], addr: SocketAddr, request: &str) -> Answer {
+    let mut s = connect_from(src, addr).await.expect("connects");
+    s.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, read_answer(&mut s))
+        .await
+        .expect("an answer within the timeout")
+        .expect("an answer")
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: aether\r\nConnection: close\r\n\r\n")
+}
+
+/// Waits until the server ends the connection (EOF or reset); returns when.
+async fn until_closed(s: &mut TcpStream) -> Instant {
+    let mut tmp = [0u8; 4096];
+    tokio::time::timeout(WAIT * 2, async {
+        loop {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closes the connection within the timeout")
+}
+
+/// Waits (with a timeout) until the server counts `cond` of its open connections.
+async fn wait_open(t: &TestServer, what: &str, cond: impl Fn(usize) -> bool) -> usize {
+    tokio::time::timeout(WAIT * 2, async {
+        loop {
+            let n = t.server.state.http_connections.open();
+            if cond(n) {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "timed out waiting for {what} ({} open)",
+            t.server.state.http_connections.open()
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_timed_out_while_other_addresses_are_served() {
+    const CONNECTIONS: usize = 4000;
+    // Long enough for this shared 2-core machine to open all 4,000 before the
+    // first one times out (it takes about 2 s in a debug build).
+    let header_timeout = Duration::from_secs(4);
+    let t = TestServer::start_with(|c| {
+        c.http_header_timeout = Some(header_timeout);
+        // The per-address cap would refuse most of them at once: what is tested
+        // here is that the ones let in do not stay.
+        c.http_max_connections_per_addr = 0;
+    })
+    .await;
+    let addr = t.addr();
+
+    // 4,000 connections from 127.0.0.1, each stopping in the middle of a head.
+    let opened = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(500));
+    for _ in 0..CONNECTIONS {
+        let gate = Arc::clone(&gate);
+        tasks.spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            let mut s = connect_from([127, 0, 0, 1], addr).await.expect("connects");
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: aether\r\nX-Slow: ")
+                .await
+                .unwrap();
+            (Instant::now(), s)
+        });
+    }
+    let mut socks = Vec::with_capacity(CONNECTIONS);
+    while let Some(r) = tasks.join_next().await {
+        socks.push(r.unwrap());
+    }
+    let open_took = opened.elapsed();
+    // All of them are open on the server at once...
+    let peak = wait_open(&t, "the half-open connections", |n| n >= CONNECTIONS).await;
+
+    // ...and another address is served meanwhile.
+    let health = request_from([127, 0, 0, 2], addr, &get("/health")).await;
+    assert_eq!(health.status, 200, "{health:?}");
+    let health_at = opened.elapsed();
+    assert!(
+        t.server.state.http_connections.open() >= CONNECTIONS - 1,
+        "they were still open while /health was answered"
+    );
+
+    // Every one of them is closed by the server, not before the header timeout.
+    let mut waits = tokio::task::JoinSet::new();
+    for (connected, mut s) in socks {
+        waits.spawn(async move { until_closed(&mut s).await.duration_since(connected) });
+    }
+    let mut lived = Vec::with_capacity(CONNECTIONS);
+    while let Some(r) = waits.join_next().await {
+        lived.push(r.unwrap());
+    }
+    lived.sort();
+    eprintln!(
+        "opened {CONNECTIONS} in {open_took:?} ({peak} open on the server); /health answered \
+         at {health_at:?}; closed after {:?} (first) to {:?} (last)",
+        lived[0],
+        lived[CONNECTIONS - 1]
+    );
+    assert!(
+        lived[0] >= header_timeout / 2,
+        "closed early: {:?}",
+        lived[0]
+    );
+    wait_open(&t, "the server to count them closed", |n| n == 0).await;
+    // And the first address is served again.
+    let again = request_from([127, 0, 0, 1], addr, &get("/health")).await;
+    assert_eq!(again.status, 200);
+    t.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_but_websockets_stay() {
+    let t = TestServer::start_with(|c| {
+        c.http_header_timeout = Some(Duration::from_secs(1));
+        c.http_idle_timeout = Some(Duration::from_secs(3));
+        c.ws_ping_interval = Duration::from_secs(1);
+    })
+    .await;
+    let addr = t.addr();
+
+    // A keep-alive connection that answered once is closed after the idle
+    // timeout (not the shorter header timeout: no request was under way).
+    let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: aether\r\n\r\n")
+        .await
+        .unwrap();
+    let a = tokio::time::timeout(WAIT, read_answer(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.status, 200);
+    let answered = Instant::now();
+    let idle = until_closed(&mut s).await.duration_since(answered);
+    assert!(idle >= Duration::from_secs(2), "closed after {idle:?}");
+
+    // A connection that starts a head and stops gets the header timeout.
+    let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let waited = until_closed(&mut s).await.duration_since(started);
+    assert!(
+        waited >= Duration::from_millis(500),
+        "closed after {waited:?}"
+    );
+
+    // An upgraded WebSocket outlives both timeouts: five server pings a second
+    // apart, then it still answers a frame.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("websocket connects");
+    let opened = Instant::now();
+    let mut pings = 0;
+    while pings < 5 {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame")
+        {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(_)) => {}
+            other => panic!("websocket ended: {other:?}"),
+        }
+    }
+    assert!(opened.elapsed() > Duration::from_secs(3));
+    ws.send(Message::Text("not json".into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a reply")
+        {
+            Some(Ok(Message::Text(_))) => break,
+            Some(Ok(_)) => {}
+            other => panic!("websocket ended: {other:?}"),
+        }
+    }
+    t.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_cap_are_refused_while_others_are_served() {
+    const CAP: usize = 20;
+    let t = TestServer::start_with(|c| {
+        c.http_max_connections_per_addr = CAP;
+        c.http_header_timeout = Some(Duration::from_secs(60));
+    })
+    .await;
+    let addr = t.addr();
+
+    // CAP keep-alive connections from 127.0.0.1, each served once (so admitted).
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: aether\r\n\r\n")
+            .await
+            .unwrap();
+        let a = tokio::time::timeout(WAIT, read_answer(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.status, 200);
+        held.push(s);
+    }
+
+    // One more from the same address is answered 429 without being read, and closed.
+    let mut over = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    let a = tokio::time::timeout(WAIT, read_answer(&mut over))
+        .await
+        .unwrap()
+        .expect("the refusal");
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(a.json()["error"]["code"], "rate-limit/connections");
+    assert_eq!(a.json()["error"]["status"], 429);
+    assert_eq!(a.header("connection"), Some("close"));
+    until_closed(&mut over).await;
+
+    // Another address is served.
+    let a = request_from([127, 0, 0, 2], addr, &get("/health")).await;
+    assert_eq!(a.status, 200);
+
+    // A place given back is usable again (once the server has seen the close).
+    drop(held.pop());
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+            s.write_all(get("/health").as_bytes()).await.unwrap();
+            if let Ok(a) = read_answer(&mut s).await
+                && a.status == 200
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a connection from the first address again");
+    t.server.stop().await;
+}
+
+/// `accept` failing with EMFILE: the server (a child process with a small
+/// open-files limit and no connection cap) backs off, logs at most about once a
+/// second, and serves again once the header timeout frees descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_accept_backs_off_and_recovers() {
+    use std::os::unix::process::CommandExt as _;
+    use tokio::io::AsyncBufReadExt as _;
+
+    let db = TestDb::new().await;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aether"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("REPLICATION_SLOT", &db.name)
+        .env("DATA_DIR", &db.data_dir)
+        .env("JWT_SECRET", SECRET)
+        .env("WS_HOST", "127.0.0.1")
+        .env("WS_PORT", "0")
+        .env("RUST_LOG", "warn")
+        .env("HTTP_MAX_CONNECTIONS", "0")
+        .env("HTTP_MAX_CONNECTIONS_PER_ADDR", "0")
+        .env("HTTP_HEADER_TIMEOUT_S", "2");
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("aether starts");
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr: SocketAddr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if let Some(a) = line.strip_prefix("aether listening on ") {
+                return a.trim().parse().unwrap();
+            }
+        }
+        panic!("aether exited before listening");
+    })
+    .await
+    .expect("aether listens");
+    let stderr = child.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut accept_failures = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("accept failed") {
+                accept_failures.push(Instant::now());
+            }
+        }
+        accept_failures
+    });
+    wait_healthy(addr).await;
+
+    // More half-open connections than the server has descriptors.
+    let flood_started = Instant::now();
+    let mut socks = Vec::new();
+    for _ in 0..400 {
+        let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+        socks.push(s);
+    }
+    // Another address is served again once the timed-out ones free descriptors.
+    let a = request_from([127, 0, 0, 2], addr, &get("/health")).await;
+    assert_eq!(a.status, 200);
+    let recovered = flood_started.elapsed();
+    // SIGTERM: a graceful stop.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("aether stops on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let failures = log.await.unwrap();
+    let span = failures
+        .last()
+        .map(|l| l.duration_since(failures[0]))
+        .unwrap_or_default();
+    eprintln!(
+        "{} accept-failure log lines over {span:?}; /health served after {recovered:?}",
+        failures.len()
+    );
+    assert!(!failures.is_empty(), "the server ran out of descriptors");
+    assert!(
+        failures.len() as u64 <= span.as_secs() + 2,
+        "at most about one log line a second: {} in {span:?}",
+        failures.len()
+    );
+    drop(socks);
+}
