@@ -128,6 +128,8 @@ pub struct Config {
     pub http_max_connections: usize,
     /// Open HTTP connections per client address (`0`: no cap).
     pub http_max_connections_per_addr: usize,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers).
+    pub trusted_proxies: crate::http::TrustedProxies,
 }
 
 impl std::fmt::Debug for Config {
@@ -223,6 +225,7 @@ impl Config {
             http_idle_timeout: Some(Duration::from_secs(75)),
             http_max_connections: crate::http::auto_max_connections(),
             http_max_connections_per_addr: 256,
+            trusted_proxies: crate::http::TrustedProxies::default(),
         }
     }
 
@@ -423,7 +426,7 @@ impl Config {
         Ok(c)
     }
 
-    /// The HTTP edge: timeouts and connection caps.
+    /// The HTTP edge: timeouts, connection caps, trusted proxies.
     fn read_http(
         &mut self,
         nonempty: &impl Fn(&'static str) -> Option<String>,
@@ -453,6 +456,10 @@ impl Config {
         if let Some(v) = nonempty("HTTP_MAX_CONNECTIONS_PER_ADDR") {
             self.http_max_connections_per_addr =
                 usize::try_from(whole("HTTP_MAX_CONNECTIONS_PER_ADDR", &v)?).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = nonempty("TRUSTED_PROXIES") {
+            self.trusted_proxies = crate::http::TrustedProxies::parse(&v)
+                .map_err(|reason| err("TRUSTED_PROXIES", reason))?;
         }
         Ok(())
     }
@@ -690,12 +697,14 @@ mod tests {
         assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(75)));
         assert_eq!(c.http_max_connections_per_addr, 256);
         assert_eq!(c.http_max_connections, crate::http::auto_max_connections());
+        assert!(c.trusted_proxies.is_empty());
 
         let c = cfg(&[
             ("HTTP_HEADER_TIMEOUT_S", "0"),
             ("HTTP_IDLE_TIMEOUT_S", "5"),
             ("HTTP_MAX_CONNECTIONS", "0"),
             ("HTTP_MAX_CONNECTIONS_PER_ADDR", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, ::1"),
         ])
         .unwrap();
         assert_eq!(c.http_header_timeout, None);
@@ -704,6 +713,7 @@ mod tests {
             (c.http_max_connections, c.http_max_connections_per_addr),
             (0, 0)
         );
+        assert!(c.trusted_proxies.contains("10.2.3.4".parse().unwrap()));
         let c = cfg(&[("HTTP_MAX_CONNECTIONS", "auto")]).unwrap();
         assert_eq!(c.http_max_connections, crate::http::auto_max_connections());
 
@@ -712,6 +722,7 @@ mod tests {
             ("HTTP_IDLE_TIMEOUT_S", "1.5"),
             ("HTTP_MAX_CONNECTIONS", "lots"),
             ("HTTP_MAX_CONNECTIONS_PER_ADDR", "x"),
+            ("TRUSTED_PROXIES", "10.0.0.0/40"),
         ] {
             assert_eq!(cfg(&[(k, v)]).unwrap_err().name, k, "{k}={v}");
         }

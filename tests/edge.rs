@@ -1,8 +1,8 @@
 //! The HTTP edge over real sockets: slowloris connections are timed out while
 //! other addresses are served, idle keep-alive connections close but WebSockets
-//! do not, per-address connection caps, and `accept` running out of
-//! descriptors. Client addresses are loopback aliases (127.0.0.2) of the same
-//! machine.
+//! do not, per-address connection caps and trusted proxies, and `accept` running
+//! out of descriptors. Client addresses are loopback aliases (127.0.0.2,
+//! 127.0.0.3) of the same machine.
 
 mod common;
 
@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// A connection to `addr` from the loopback address `src`.
 async fn connect_from(src: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -339,6 +340,105 @@ async fn connections_over_the_per_address_cap_are_refused_while_others_are_serve
     })
     .await
     .expect("a connection from the first address again");
+    t.server.stop().await;
+}
+
+fn sign_in_request(forwarded_for: &str) -> String {
+    let body = json!({"email": "nobody@example.com", "password": "wrong password 1"}).to_string();
+    format!(
+        "POST /auth/sign-in HTTP/1.1\r\nHost: aether\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nX-Forwarded-For: {forwarded_for}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A WebSocket to `/ws` from `src`, claiming `forwarded_for`; the close code it
+/// ends with, or `None` if it is still open after the first frame.
+async fn ws_from(src: [u8; 4], addr: SocketAddr, forwarded_for: &str) -> Option<u16> {
+    let stream = connect_from(src, addr).await.unwrap();
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", forwarded_for.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("websocket connects");
+    // Refused connections get an error frame and a close; admitted ones answer.
+    ws.send(Message::Text("not json".into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame")
+        {
+            Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+            Some(Ok(Message::Text(t))) if !t.to_ascii_lowercase().contains("connection_limit") => {
+                // Keep it open for the rest of the test.
+                tokio::spawn(async move { while ws.next().await.is_some() {} });
+                return None;
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => return Some(0),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
+    let proxy = [127, 0, 0, 3];
+    let t = TestServer::start_with(|c| {
+        c.trusted_proxies = aether::http::TrustedProxies::parse("127.0.0.3").unwrap();
+        c.http_max_connections_per_addr = 5;
+        c.http_header_timeout = Some(Duration::from_secs(60));
+        c.rate_limit_auth_per_min = 2;
+        c.rate_limit_connections = 1;
+    })
+    .await;
+    let addr = t.addr();
+
+    // The proxy is not capped per address: it carries many clients.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect_from(proxy, addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: aether\r\n\r\n")
+            .await
+            .unwrap();
+        let a = tokio::time::timeout(WAIT, read_answer(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.status, 200);
+        held.push(s);
+    }
+
+    // Auth rate limit: per forwarded client behind the proxy.
+    let status = |a: Answer| a.status;
+    for _ in 0..2 {
+        let a = request_from(proxy, addr, &sign_in_request("198.51.100.7, 203.0.113.1")).await;
+        assert_eq!(status(a), 401);
+    }
+    let a = request_from(proxy, addr, &sign_in_request("203.0.113.1")).await;
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(a.json()["error"]["code"], "rate-limit/exceeded");
+    let a = request_from(proxy, addr, &sign_in_request("203.0.113.2")).await;
+    assert_eq!(
+        a.status, 401,
+        "another client behind the proxy has its own budget"
+    );
+    // From an untrusted peer the header is ignored: it spends 127.0.0.1's budget,
+    // not 203.0.113.2's.
+    for _ in 0..2 {
+        let a = request_from([127, 0, 0, 1], addr, &sign_in_request("203.0.113.2")).await;
+        assert_eq!(a.status, 401);
+    }
+    let a = request_from([127, 0, 0, 1], addr, &sign_in_request("203.0.113.2")).await;
+    assert_eq!(a.status, 429);
+    let a = request_from(proxy, addr, &sign_in_request("203.0.113.2")).await;
+    assert_eq!(a.status, 401, "203.0.113.2 still had one left");
+
+    // Anonymous WebSockets are counted per forwarded client too
+    // (RATE_LIMIT_CONNECTIONS = 1).
+    assert_eq!(ws_from(proxy, addr, "198.51.100.1").await, None);
+    assert_eq!(ws_from(proxy, addr, "198.51.100.1").await, Some(4029));
+    assert_eq!(ws_from(proxy, addr, "198.51.100.2").await, None);
     t.server.stop().await;
 }
 

@@ -7,8 +7,11 @@
 //! - a header timeout and an idle keep-alive timeout ([`conn::Activity`]);
 //! - a bounded lingering close after a request body was left unread (refused
 //!   uploads), so the client reads the answer instead of a reset;
-//! - `accept` errors (out of descriptors) back off instead of spinning.
+//! - `accept` errors (out of descriptors) back off instead of spinning;
+//! - the client address ([`ClientIp`]), from `X-Forwarded-For` only behind a
+//!   trusted proxy.
 
+pub mod client_ip;
 pub mod conn;
 pub mod limits;
 
@@ -29,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+pub use client_ip::{ClientIp, TrustedProxies};
 use conn::{Activity, EdgeIo, RequestBody, ResponseBody};
 pub use limits::ConnLimits;
 use limits::Refusal;
@@ -54,8 +58,9 @@ pub struct EdgeSettings {
     pub idle_timeout: Option<Duration>,
     /// `0`: no cap.
     pub max_connections: usize,
-    /// `0`: no cap.
+    /// `0`: no cap. Trusted proxies are not capped per address.
     pub max_connections_per_addr: usize,
+    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl EdgeSettings {
@@ -65,6 +70,7 @@ impl EdgeSettings {
             idle_timeout: c.http_idle_timeout,
             max_connections: c.http_max_connections,
             max_connections_per_addr: c.http_max_connections_per_addr,
+            trusted_proxies: Arc::new(c.trusted_proxies.clone()),
         }
     }
 }
@@ -208,7 +214,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
         let ip = peer.ip().to_canonical();
-        let place = match limits.admit(ip, false) {
+        let place = match limits.admit(ip, edge.trusted_proxies.contains(ip)) {
             Ok(p) => p,
             Err(r) => {
                 let reason = match r {
@@ -228,13 +234,16 @@ pub async fn serve(
         let io = TokioIo::new(EdgeIo::new(tcp, Arc::clone(&activity), place));
         let service = {
             let activity = Arc::clone(&activity);
+            let trusted = Arc::clone(&edge.trusted_proxies);
             let app = app.clone();
             hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let in_flight = activity.start_request(!req.body().is_end_stream());
                 let body_activity = Arc::clone(&activity);
                 let mut req =
                     req.map(|b| axum::body::Body::new(RequestBody::new(b, body_activity)));
+                let client = trusted.client_ip(peer.ip(), req.headers());
                 req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(ClientIp(client));
                 let app = app.clone();
                 async move {
                     let res = match app.oneshot(req).await {
