@@ -1,13 +1,15 @@
 //! The HTTP edge over real sockets: slowloris connections are timed out while
 //! other addresses are served, idle keep-alive connections close but WebSockets
-//! do not, per-address connection caps and trusted proxies, and `accept` running
-//! out of descriptors. Client addresses are loopback aliases (127.0.0.2,
-//! 127.0.0.3) of the same machine.
+//! do not, per-address connection caps and trusted proxies, `accept` running out
+//! of descriptors, and over-limit uploads answered at once instead of read to
+//! their end. Client addresses are loopback aliases (127.0.0.2, 127.0.0.3) of
+//! the same machine.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+const MIB: u64 = 1024 * 1024;
 
 /// A connection to `addr` from the loopback address `src`.
 async fn connect_from(src: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -439,6 +443,238 @@ async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
     assert_eq!(ws_from(proxy, addr, "198.51.100.1").await, None);
     assert_eq!(ws_from(proxy, addr, "198.51.100.1").await, Some(4029));
     assert_eq!(ws_from(proxy, addr, "198.51.100.2").await, None);
+    t.server.stop().await;
+}
+
+/// A client that sends `head` and `prefix`, then 1 MiB every 100 ms up to
+/// `total` body bytes in all (chunked: it does not say how much in advance),
+/// while reading the answer.
+struct SlowUpload {
+    answer: Answer,
+    /// Body bytes the client had sent when the answer arrived.
+    sent_at_answer: u64,
+    answered_after: Duration,
+}
+
+async fn slow_upload(addr: SocketAddr, head: String, prefix: Vec<u8>, total: u64) -> SlowUpload {
+    let stream = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let writer = {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            wr.write_all(head.as_bytes()).await?;
+            if !prefix.is_empty() {
+                wr.write_all(format!("{:x}\r\n", prefix.len()).as_bytes())
+                    .await?;
+                wr.write_all(&prefix).await?;
+                wr.write_all(b"\r\n").await?;
+            }
+            sent.store(prefix.len() as u64, Ordering::SeqCst);
+            let chunk = vec![0x5a_u8; MIB as usize];
+            let mut pace = tokio::time::interval(Duration::from_millis(100));
+            let mut done = prefix.len() as u64;
+            while done < total {
+                pace.tick().await;
+                let n = (total - done).min(MIB) as usize;
+                wr.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+                wr.write_all(&chunk[..n]).await?;
+                wr.write_all(b"\r\n").await?;
+                done += n as u64;
+                sent.store(done, Ordering::SeqCst);
+            }
+            wr.write_all(b"0\r\n\r\n").await?;
+            std::io::Result::Ok(())
+        })
+    };
+    let answer = tokio::time::timeout(WAIT, read_answer(&mut rd))
+        .await
+        .expect("answered long before the body would end")
+        .expect("an answer, not a reset");
+    let sent_at_answer = sent.load(Ordering::SeqCst);
+    let answered_after = started.elapsed();
+    // The server then closes the connection: reads end, and the client's writes
+    // fail long before its body would have ended (10 s per 100 MiB).
+    let mut tmp = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while let Ok(n) = rd.read(&mut tmp).await
+            && n > 0
+        {}
+    })
+    .await
+    .expect("the server closes after answering");
+    let written = tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("the client's writes stop")
+        .unwrap();
+    assert!(
+        written.is_err(),
+        "the server read the whole body: {} bytes",
+        sent.load(Ordering::SeqCst)
+    );
+    eprintln!(
+        "answered {} after {answered_after:?}, {} MiB sent",
+        answer.status,
+        sent_at_answer as f64 / MIB as f64
+    );
+    SlowUpload {
+        answer,
+        sent_at_answer,
+        answered_after,
+    }
+}
+
+/// A multipart upload of `file_bytes`: (head, the form up to the file's bytes,
+/// body size). `chunked`: the head says `Transfer-Encoding: chunked` instead of
+/// a `Content-Length`.
+fn multipart_upload(
+    token: &str,
+    mime: &str,
+    file_bytes: u64,
+    chunked: bool,
+) -> (String, Vec<u8>, u64) {
+    let boundary = "aetheredgeboundary";
+    let prefix = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\nslow/big.png\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n\
+         Content-Type: {mime}\r\n\r\n"
+    );
+    let tail = format!("\r\n--{boundary}--\r\n");
+    let declared = prefix.len() as u64 + file_bytes + tail.len() as u64;
+    let length = if chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {declared}")
+    };
+    let head = format!(
+        "POST /storage/upload HTTP/1.1\r\nHost: aether\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\n{length}\r\n\r\n"
+    );
+    (head, prefix.into_bytes(), declared)
+}
+
+/// A raw-body upload through the Supabase facade; `declared: None` is chunked.
+fn supabase_upload(anon_key: &str, token: &str, declared: Option<u64>) -> String {
+    let length = match declared {
+        Some(n) => format!("Content-Length: {n}"),
+        None => "Transfer-Encoding: chunked".to_owned(),
+    };
+    format!(
+        "POST /storage/v1/object/files/slow/big.png HTTP/1.1\r\nHost: aether\r\napikey: {anon_key}\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: image/png\r\n{length}\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_over_limit_uploads_are_answered_when_they_cross_the_limit() {
+    const LIMIT: u64 = 8 * MIB;
+    let t = TestServer::start_with(|c| c.max_file_size = LIMIT).await;
+    let (_, token) = t.sign_up("slow@example.com").await;
+    let anon = t.server.state.jwt.api_key("anon");
+    let addr = t.addr();
+
+    // Native multipart upload of a 200 MiB file (20 s at this pace).
+    let (head, prefix, total) = multipart_upload(&token, "image/png", 200 * MIB, true);
+    let up = slow_upload(addr, head, prefix, total).await;
+    assert_eq!(up.answer.status, 413, "{:?}", up.answer);
+    let v = up.answer.json();
+    assert_eq!(v["error"]["code"], "storage/file-too-large");
+    assert_eq!(v["error"]["status"], 413);
+    assert_eq!(up.answer.header("connection"), Some("close"));
+    // Right after crossing the limit (the old drain read up to LIMIT + 1 MiB more,
+    // and past the current field to the end of the body).
+    assert!(
+        up.sent_at_answer <= LIMIT + 4 * MIB,
+        "{} bytes sent before the answer",
+        up.sent_at_answer
+    );
+    assert!(up.answered_after < Duration::from_secs(8));
+
+    // A wrong type is answered before the file's bytes matter.
+    let (head, prefix, total) = multipart_upload(&token, "text/html", 200 * MIB, true);
+    let up = slow_upload(addr, head, prefix, total).await;
+    assert_eq!(up.answer.status, 415, "{:?}", up.answer);
+    assert_eq!(up.answer.json()["error"]["code"], "storage/invalid-type");
+    assert!(up.sent_at_answer <= 4 * MIB, "{}", up.sent_at_answer);
+
+    // The Supabase facade, raw body.
+    let head = supabase_upload(&anon, &token, None);
+    let up = slow_upload(addr, head, Vec::new(), 200 * MIB).await;
+    assert_eq!(up.answer.status, 413, "{:?}", up.answer);
+    assert_eq!(up.answer.json()["code"], "EntityTooLarge");
+    assert_eq!(up.answer.header("connection"), Some("close"));
+    assert!(
+        up.sent_at_answer <= LIMIT + 4 * MIB,
+        "{} bytes sent before the answer",
+        up.sent_at_answer
+    );
+
+    // Nothing was stored, and the server serves on.
+    let files: i64 = t
+        .sql
+        .query_one("SELECT count(*) FROM public.files", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(files, 0);
+    let a = request_from([127, 0, 0, 1], addr, &get("/health")).await;
+    assert_eq!(a.status, 200);
+    t.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_declaring_too_much_are_refused_before_their_body() {
+    const LIMIT: u64 = MIB;
+    let t = TestServer::start_with(|c| c.max_file_size = LIMIT).await;
+    let (_, token) = t.sign_up("declared@example.com").await;
+    let anon = t.server.state.jwt.api_key("anon");
+    let addr = t.addr();
+
+    // Only the head is sent; no body byte.
+    let (head, _, _) = multipart_upload(&token, "image/png", 100 * MIB, false);
+    let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let a = tokio::time::timeout(WAIT, read_answer(&mut s))
+        .await
+        .expect("answered without a body")
+        .unwrap();
+    assert_eq!(a.status, 413, "{a:?}");
+    assert_eq!(a.json()["error"]["code"], "storage/file-too-large");
+    assert_eq!(a.json()["error"]["status"], 413);
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&LIMIT.to_string())
+    );
+    assert_eq!(a.header("connection"), Some("close"));
+    until_closed(&mut s).await;
+
+    // The Supabase facade: a raw body one byte over the limit.
+    let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    s.write_all(supabase_upload(&anon, &token, Some(LIMIT + 1)).as_bytes())
+        .await
+        .unwrap();
+    let a = tokio::time::timeout(WAIT, read_answer(&mut s))
+        .await
+        .expect("answered without a body")
+        .unwrap();
+    assert_eq!(a.status, 413, "{a:?}");
+    assert_eq!(a.json()["code"], "EntityTooLarge");
+    until_closed(&mut s).await;
+
+    // Exactly the limit is not refused up front (it is read, and stored).
+    let mut s = connect_from([127, 0, 0, 1], addr).await.unwrap();
+    s.write_all(supabase_upload(&anon, &token, Some(LIMIT)).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&vec![0x89; LIMIT as usize]).await.unwrap();
+    let a = tokio::time::timeout(WAIT, read_answer(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
     t.server.stop().await;
 }
 
