@@ -122,6 +122,17 @@ pub struct Config {
     /// Origin put in front of returned file URLs (`https://api.example.com`); `None`:
     /// URLs are path-absolute (`/storage/object/…`).
     pub public_url: Option<String>,
+    /// A request head must arrive in full within this long (`None`: no limit).
+    pub http_header_timeout: Option<Duration>,
+    /// A connection with no request in flight is closed after this long (`None`:
+    /// never). Upgraded (WebSocket) connections have their own pings instead.
+    pub http_idle_timeout: Option<Duration>,
+    /// Open HTTP connections in all (`0`: no cap); `auto` is ¾ of the open-files limit.
+    pub http_max_connections: usize,
+    /// Open HTTP connections per client address (`0`: no cap).
+    pub http_max_connections_per_addr: usize,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers).
+    pub trusted_proxies: crate::http::TrustedProxies,
 }
 
 impl std::fmt::Debug for Config {
@@ -215,6 +226,11 @@ impl Config {
             rate_limit_storage_per_min: 100,
             storage_backend: StorageBackend::Local,
             public_url: None,
+            http_header_timeout: Some(Duration::from_secs(10)),
+            http_idle_timeout: Some(Duration::from_secs(75)),
+            http_max_connections: crate::http::auto_max_connections(),
+            http_max_connections_per_addr: 256,
+            trusted_proxies: crate::http::TrustedProxies::default(),
         }
     }
 
@@ -405,7 +421,46 @@ impl Config {
             c.degraded_lag = Duration::from_secs(count("REPLICATION_DEGRADED_LAG_S", v)?);
         }
         c.read_storage(&nonempty)?;
+        c.read_http(&nonempty)?;
         Ok(c)
+    }
+
+    /// The HTTP edge: timeouts, connection caps, trusted proxies.
+    fn read_http(
+        &mut self,
+        nonempty: &impl Fn(&'static str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let whole = |name: &'static str, v: &str| -> Result<u64, ConfigError> {
+            v.trim().parse::<u64>().map_err(|_| {
+                err(
+                    name,
+                    format!("{v:?} is not a whole number (0 turns it off)"),
+                )
+            })
+        };
+        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
+        if let Some(v) = nonempty("HTTP_HEADER_TIMEOUT_S") {
+            self.http_header_timeout = secs(whole("HTTP_HEADER_TIMEOUT_S", &v)?);
+        }
+        if let Some(v) = nonempty("HTTP_IDLE_TIMEOUT_S") {
+            self.http_idle_timeout = secs(whole("HTTP_IDLE_TIMEOUT_S", &v)?);
+        }
+        if let Some(v) = nonempty("HTTP_MAX_CONNECTIONS") {
+            self.http_max_connections = if v.trim().eq_ignore_ascii_case("auto") {
+                crate::http::auto_max_connections()
+            } else {
+                usize::try_from(whole("HTTP_MAX_CONNECTIONS", &v)?).unwrap_or(usize::MAX)
+            };
+        }
+        if let Some(v) = nonempty("HTTP_MAX_CONNECTIONS_PER_ADDR") {
+            self.http_max_connections_per_addr =
+                usize::try_from(whole("HTTP_MAX_CONNECTIONS_PER_ADDR", &v)?).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = nonempty("TRUSTED_PROXIES") {
+            self.trusted_proxies = crate::http::TrustedProxies::parse(&v)
+                .map_err(|reason| err("TRUSTED_PROXIES", reason))?;
+        }
+        Ok(())
     }
 
     /// Storage, upload and rate-limit settings.
@@ -637,6 +692,44 @@ mod tests {
             (vec![("PUBLIC_URL", "example.com")], "PUBLIC_URL"),
         ] {
             assert_eq!(cfg(&pairs).unwrap_err().name, name, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn http_edge_settings_parse_with_zero_as_off() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.http_header_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(75)));
+        assert_eq!(c.http_max_connections_per_addr, 256);
+        assert_eq!(c.http_max_connections, crate::http::auto_max_connections());
+        assert!(c.trusted_proxies.is_empty());
+
+        let c = cfg(&[
+            ("HTTP_HEADER_TIMEOUT_S", "0"),
+            ("HTTP_IDLE_TIMEOUT_S", "5"),
+            ("HTTP_MAX_CONNECTIONS", "0"),
+            ("HTTP_MAX_CONNECTIONS_PER_ADDR", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, ::1"),
+        ])
+        .unwrap();
+        assert_eq!(c.http_header_timeout, None);
+        assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(
+            (c.http_max_connections, c.http_max_connections_per_addr),
+            (0, 0)
+        );
+        assert!(c.trusted_proxies.contains("10.2.3.4".parse().unwrap()));
+        let c = cfg(&[("HTTP_MAX_CONNECTIONS", "auto")]).unwrap();
+        assert_eq!(c.http_max_connections, crate::http::auto_max_connections());
+
+        for (k, v) in [
+            ("HTTP_HEADER_TIMEOUT_S", "-1"),
+            ("HTTP_IDLE_TIMEOUT_S", "1.5"),
+            ("HTTP_MAX_CONNECTIONS", "lots"),
+            ("HTTP_MAX_CONNECTIONS_PER_ADDR", "x"),
+            ("TRUSTED_PROXIES", "10.0.0.0/40"),
+        ] {
+            assert_eq!(cfg(&[(k, v)]).unwrap_err().name, k, "{k}={v}");
         }
     }
 }

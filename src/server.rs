@@ -67,6 +67,8 @@ pub struct Inner {
     /// Buckets, folders, files and their bytes.
     pub storage: StorageService,
     pub limits: RateLimits,
+    /// Open HTTP connections (and their caps), counted by the HTTP edge.
+    pub http_connections: Arc<crate::http::ConnLimits>,
 }
 
 impl Deref for AppState {
@@ -398,6 +400,7 @@ impl Server {
             config.rate_limit_auth_per_min,
             config.rate_limit_storage_per_min,
         );
+        let edge = crate::http::EdgeSettings::from_config(&config);
         let state = AppState(Arc::new(Inner {
             config,
             jwt,
@@ -422,6 +425,10 @@ impl Server {
             auth,
             storage,
             limits,
+            http_connections: crate::http::ConnLimits::new(
+                edge.max_connections,
+                edge.max_connections_per_addr,
+            ),
         }));
         let janitor_state = state.clone();
         let janitor_stop = shutdown.clone();
@@ -435,28 +442,15 @@ impl Server {
             }
         }));
         let app = crate::api::app(state.clone());
-        let http_shutdown = shutdown.clone();
         tasks.push(critical(
             "http",
-            Box::pin(async move {
-                use axum::serve::ListenerExt as _;
-                // Change frames are small and a connection may get many in a row: without
-                // TCP_NODELAY, Nagle holds each frame until the client's (delayed, up to
-                // 40 ms) ACK of the previous one.
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY");
-                    }
-                });
-                let serve = axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(http_shutdown.cancelled_owned());
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "http server failed");
-                }
-            }),
+            Box::pin(crate::http::serve(
+                listener,
+                app,
+                edge,
+                Arc::clone(&state.http_connections),
+                shutdown.clone(),
+            )),
         ));
         tracing::info!(%addr, ws_path = %state.config.ws_path, "Aether listening");
         Ok(Server {

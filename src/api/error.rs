@@ -72,6 +72,13 @@ impl ApiError {
         self
     }
 
+    /// With `Connection: close`: for answers given while the request body is still
+    /// arriving (refused uploads). The edge then reads a bounded rest and closes
+    /// (see `crate::http::conn::EdgeIo`) instead of reading the body to its end.
+    pub fn closing(self) -> Self {
+        self.with_header(header::CONNECTION, "close")
+    }
+
     /// 401 with `WWW-Authenticate: Bearer`.
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)

@@ -1,7 +1,7 @@
 //! Extractors whose rejections are [`ApiError`]s, so no plain-text axum rejection
 //! reaches a client, and the auth extractors.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::header;
@@ -115,9 +115,24 @@ impl FromRequestParts<AppState> for MaybeUser {
     }
 }
 
-/// The peer address (`ConnectInfo`), when the server was built with it.
-pub fn client_addr(parts_ext: &axum::http::Extensions) -> Option<SocketAddr> {
-    parts_ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+/// The client's address, the one every per-address limit counts: what the HTTP
+/// edge decided ([`crate::http::ClientIp`]: the peer, or `X-Forwarded-For` behind
+/// a trusted proxy), else the peer (`ConnectInfo`, a router served elsewhere).
+pub fn client_ip(ext: &axum::http::Extensions) -> Option<IpAddr> {
+    ext.get::<crate::http::ClientIp>()
+        .map(|c| c.0)
+        .or_else(|| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
+}
+
+/// [`client_ip`] as an extractor (never refuses).
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(client_ip(&parts.extensions)))
+    }
 }
 
 /// The client's address and user agent, for sessions and auth events.
@@ -133,7 +148,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Client {
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(512).collect());
         Ok(Client(ClientMeta {
-            ip: client_addr(&parts.extensions).map(|a| a.ip().to_string()),
+            ip: client_ip(&parts.extensions).map(|a| a.to_string()),
             user_agent,
         }))
     }

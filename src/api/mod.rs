@@ -279,7 +279,7 @@ struct WsQuery {
 async fn websocket(
     State(state): State<AppState>,
     Query(q): Query<WsQuery>,
-    axum::extract::ConnectInfo(addr): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    extract::ClientAddr(addr): extract::ClientAddr,
     ws: WebSocketUpgrade,
 ) -> Response {
     // The session enforces `ws_max_frame_bytes` with an error frame and a 1009 close;
@@ -318,7 +318,7 @@ async fn websocket(
             let params = session::ConnectParams {
                 client_id: q.client_id,
                 channel: q.channel,
-                addr: Some(addr),
+                addr,
                 dialect,
             };
             ws.on_upgrade(move |socket| session::run(socket, state, p, params))

@@ -2,8 +2,8 @@
 //! `/storage/*` per user (per address for requests without a valid token).
 //! Over the limit: 429 `rate-limit/exceeded` with `Retry-After` (seconds).
 //!
-//! The client address is the TCP peer: behind a reverse proxy every client shares
-//! the proxy's address (forwarded headers are not trusted).
+//! The client address is [`client_ip`]: the TCP peer, or behind one of
+//! `TRUSTED_PROXIES` the client its `X-Forwarded-For` names.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
@@ -17,7 +17,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::error::ApiError;
-use super::extract::client_addr;
+use super::extract::client_ip;
 use crate::server::AppState;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -79,9 +79,7 @@ fn too_many(wait: Duration) -> Response {
 }
 
 fn peer_ip(req: &Request) -> IpAddr {
-    client_addr(req.extensions())
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    client_ip(req.extensions()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
 /// Middleware for `/auth/*`.

@@ -3,8 +3,6 @@
 //! File URLs are `/storage/object/{bucket}/{owner_id}/{path}` (prefixed with
 //! `PUBLIC_URL` when set): paths are per owner, so the owner is part of the name.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
@@ -47,6 +45,19 @@ const SEGMENT: &AsciiSet = &CONTROLS
 
 /// Bytes of form fields other than `file` accepted per upload.
 const FORM_OVERHEAD: usize = 16 * 1024;
+
+/// What a multipart body may hold besides the file's bytes: the other fields
+/// (`FORM_OVERHEAD`, `bucket`, `path`), part headers and boundaries. A
+/// `Content-Length` above the size limit plus this is refused before reading.
+pub(crate) const MULTIPART_SLACK: u64 = 64 * 1024;
+
+/// The request's `Content-Length`, when it sent a valid one.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
 
 /// The URL at which a file can be read.
 pub fn object_url(public_url: Option<&str>, bucket: &str, owner: Uuid, path: &str) -> String {
@@ -301,23 +312,6 @@ async fn read_form(
     Ok(form)
 }
 
-/// After a refusal, reads (and drops) what the client is still sending, up to a
-/// bound, so it gets to read the answer instead of a reset connection.
-pub(crate) async fn drain(mp: &mut Multipart, budget: u64) {
-    let work = async {
-        let mut left = budget;
-        while let Ok(Some(mut f)) = mp.next_field().await {
-            while let Ok(Some(c)) = f.chunk().await {
-                left = left.saturating_sub(c.len() as u64);
-                if left == 0 {
-                    return;
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(30), work).await;
-}
-
 fn target_path(raw: Option<&str>, file_name: &str) -> Result<ObjectPath, ApiError> {
     let raw = raw.unwrap_or("");
     if raw.is_empty() || raw.ends_with('/') {
@@ -358,6 +352,11 @@ pub async fn upload(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     let mut mp = multipart?;
+    // Too large by its own account: refused before a byte of the body is read.
+    let limit = state.storage.size_limit(None);
+    if content_length(&headers).is_some_and(|n| n > limit.saturating_add(MULTIPART_SLACK)) {
+        return Err(ApiError::from(StorageError::FileTooLarge { limit }).closing());
+    }
     let upsert = headers
         .get("x-upsert")
         .and_then(|v| v.to_str().ok())
@@ -365,10 +364,7 @@ pub async fn upload(
     let mut pending = None;
     // Announced in KingShare UploadProgress; the new row gets this id.
     let upload_id = Uuid::new_v4();
-    let total = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let total = content_length(&headers);
     let progress = Progress {
         state: &state,
         user: user.id,
@@ -382,8 +378,9 @@ pub async fn upload(
             if let Some(mut p) = pending.take() {
                 p.discard().await;
             }
-            drain(&mut mp, state.config.max_file_size + 1024 * 1024).await;
-            return Err(e);
+            // Answered now, while the body may still be arriving: the rest is
+            // not read (the edge lingers briefly, then closes).
+            return Err(e.closing());
         }
     };
     let Some(mut up) = pending else {

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -45,6 +45,7 @@ use super::registry::{ConnEntry, now_ms};
 use super::session::{
     self, CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_LIMIT, CLOSE_SLOW, CLOSE_TOO_BIG,
 };
+use crate::api::extract::ClientAddr;
 use crate::api::supabase::check_api_key;
 use crate::auth::Principal;
 use crate::changes::{ChangeKind, RowChange, RowJson};
@@ -120,7 +121,7 @@ impl Vsn {
 pub async fn websocket(
     State(state): State<AppState>,
     Query(q): Query<ConnectQuery>,
-    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
+    ClientAddr(addr): ClientAddr,
     ws: WebSocketUpgrade,
 ) -> Response {
     let principal = match check_api_key(&state, q.apikey.as_deref()) {
@@ -846,7 +847,7 @@ async fn run(
     state: AppState,
     principal: Principal,
     vsn: Vsn,
-    addr: std::net::SocketAddr,
+    addr: Option<std::net::IpAddr>,
 ) {
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
     // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
@@ -854,7 +855,7 @@ async fn run(
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
     let reaped = CancellationToken::new();
     let entry = ConnEntry {
-        user_key: session::user_key(&principal, Some(addr)),
+        user_key: session::user_key(&principal, addr),
         user_id: principal.user_id.clone(),
         client_id: Arc::from(format!("phoenix-{session}")),
         last_seen: Arc::clone(&last_seen),

@@ -7,7 +7,7 @@
 //! the Aether WebSocket API (`connection`, `message`, `system`); a connection opened
 //! with `client_id` or `channel` in its URL is greeted with `connection`/`connect`.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,7 +115,8 @@ fn account(state: &AppState, out: &Outbound, now: i64, latency: &metrics::Histog
 pub struct ConnectParams {
     pub client_id: Option<String>,
     pub channel: Option<String>,
-    pub addr: Option<SocketAddr>,
+    /// The client's address ([`crate::api::extract::client_ip`]).
+    pub addr: Option<IpAddr>,
     pub dialect: Dialect,
 }
 
@@ -308,14 +309,11 @@ pub async fn run(
 
 /// What a connection counts against for `RATE_LIMIT_CONNECTIONS`: its user, the
 /// service role, or `anon:<address>`.
-pub(crate) fn user_key(principal: &Principal, addr: Option<SocketAddr>) -> String {
+pub(crate) fn user_key(principal: &Principal, addr: Option<IpAddr>) -> String {
     match (&principal.user_id, principal.role) {
         (Some(u), _) => u.clone(),
         (None, Role::Service) => "service_role".to_owned(),
-        (None, _) => format!(
-            "anon:{}",
-            addr.map(|a| a.ip().to_string()).unwrap_or_default()
-        ),
+        (None, _) => format!("anon:{}", addr.map(|a| a.to_string()).unwrap_or_default()),
     }
 }
 

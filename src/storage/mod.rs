@@ -544,7 +544,9 @@ impl StorageService {
         Ok(())
     }
 
-    fn size_limit(&self, bucket: Option<&BucketInfo>) -> u64 {
+    /// The largest file an upload may have: `MAX_FILE_SIZE`, or the bucket's
+    /// `file_size_limit` when smaller.
+    pub fn size_limit(&self, bucket: Option<&BucketInfo>) -> u64 {
         let own = bucket.and_then(|b| b.file_size_limit).unwrap_or(u64::MAX);
         self.0.max_file_size.min(own)
     }

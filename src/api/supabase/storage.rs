@@ -7,8 +7,6 @@
 //! `{"statusCode": "404", "code": "NoSuchKey", "error": "not_found", "message": …}`
 //! (storage-js reads `statusCode`, then `code`, and `message`).
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::extract::multipart::Multipart;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -24,7 +22,7 @@ use super::{KeyError, api_key_of, check_api_key, query_param};
 use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::extract::bearer_token;
-use crate::api::storage::read_response;
+use crate::api::storage::{MULTIPART_SLACK, content_length, read_response};
 use crate::auth::{AuthError, Principal, Role};
 use crate::server::AppState;
 use crate::storage::{
@@ -39,6 +37,8 @@ pub struct StorageApiError {
     pub code: &'static str,
     pub error: &'static str,
     pub message: String,
+    /// Answer with `Connection: close` (see [`StorageApiError::closing`]).
+    pub close: bool,
 }
 
 impl StorageApiError {
@@ -53,7 +53,15 @@ impl StorageApiError {
             code,
             error,
             message: message.into(),
+            close: false,
         }
+    }
+
+    /// For answers given while the request body is still arriving: the rest is
+    /// not read (the HTTP edge lingers briefly, then closes the connection).
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     fn no_such_key() -> Self {
@@ -92,7 +100,14 @@ impl IntoResponse for StorageApiError {
             "error": self.error,
             "message": self.message,
         });
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if self.close {
+            res.headers_mut().insert(
+                header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        res
     }
 }
 
@@ -500,21 +515,6 @@ pub struct UploadAnswer {
     id: String,
 }
 
-/// Reads (and drops) what the client is still sending after a refusal, within
-/// bounds, so it can read the answer.
-async fn drain(mut stream: axum::body::BodyDataStream, budget: u64) {
-    let work = async {
-        let mut left = budget;
-        while let Some(Ok(c)) = stream.next().await {
-            left = left.saturating_sub(c.len() as u64);
-            if left == 0 {
-                return;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(30), work).await;
-}
-
 async fn do_upload(
     state: AppState,
     p: Principal,
@@ -531,11 +531,19 @@ async fn do_upload(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let budget = state.config.max_file_size.saturating_add(1 << 20);
     let is_form = content_type
         .as_deref()
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("multipart/form-data"));
+    let limit = state.storage.size_limit(Some(&info));
+    let too_large = || StorageApiError::from(StorageError::FileTooLarge { limit }).closing();
+    // Too large by its own account: refused before a byte of the body is read.
+    let slack = if is_form { MULTIPART_SLACK } else { 0 };
+    if content_length(req.headers()).is_some_and(|n| n > limit.saturating_add(slack)) {
+        return Err(too_large());
+    }
     let mut pending: Option<PendingUpload> = None;
+    // Every refusal below is answered at once, while the body may still be
+    // arriving: what is left of it is not read.
     let result: Result<(), StorageApiError> = if is_form {
         // storage-js sends a Blob as the form part named "" (plus `cacheControl`
         // and `metadata` fields).
@@ -557,21 +565,16 @@ async fn do_upload(
             };
             let name = field.name().unwrap_or("").to_owned();
             let is_file = field.file_name().is_some() || name.is_empty() || name == "file";
+            let mut field = field;
             if !is_file || pending.is_some() {
-                let mut field = field;
                 while let Ok(Some(c)) = field.chunk().await {
                     skipped += c.len() as u64;
-                    if skipped > budget {
+                    if skipped > limit.saturating_add(MULTIPART_SLACK) {
+                        r = Err(too_large());
                         break;
                     }
                 }
-                if skipped > budget {
-                    r = Err(StorageError::FileTooLarge {
-                        limit: state.config.max_file_size,
-                    }
-                    .into());
-                    drop(field);
-                    crate::api::storage::drain(&mut mp, budget).await;
+                if r.is_err() {
                     break;
                 }
                 continue;
@@ -580,7 +583,6 @@ async fn do_upload(
                 file_name: path.name().to_owned(),
                 content_type: field.content_type().map(str::to_owned),
             };
-            let mut field = field;
             match state.storage.begin_upload(owner, source, Some(&info)).await {
                 Ok(up) => {
                     let up = pending.insert(up);
@@ -603,8 +605,6 @@ async fn do_upload(
                 Err(e) => r = Err(e.into()),
             }
             if r.is_err() {
-                drop(field);
-                crate::api::storage::drain(&mut mp, budget).await;
                 break;
             }
         }
@@ -633,22 +633,16 @@ async fn do_upload(
                         }
                     }
                 }
-                if r.is_err() {
-                    drain(stream, budget).await;
-                }
                 r
             }
-            Err(e) => {
-                drain(stream, budget).await;
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     };
     if let Err(e) = result {
         if let Some(mut up) = pending {
             up.discard().await;
         }
-        return Err(e);
+        return Err(e.closing());
     }
     let up = pending.ok_or_else(|| StorageApiError::invalid("the form has no file"))?;
     let file = state

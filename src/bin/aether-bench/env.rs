@@ -96,6 +96,10 @@ impl Env {
             // measured.
             .env("RATE_LIMIT_CONNECTIONS", "1000000")
             .env("WS_MAX_CONNECTIONS", "100000")
+            // Nor are the HTTP connection caps (up to ~1,000 sockets per source
+            // address, 127.0.0.2-11): off.
+            .env("HTTP_MAX_CONNECTIONS", "0")
+            .env("HTTP_MAX_CONNECTIONS_PER_ADDR", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
