@@ -20,6 +20,8 @@ pub struct Credentials {
     pub password: String,
 }
 
+impl super::validate::Validate for Credentials {}
+
 #[derive(Serialize, ToSchema)]
 pub struct UserBody {
     #[schema(format = Uuid)]

@@ -46,6 +46,8 @@ pub struct CreateShare {
     pub shared_with: Option<Uuid>,
 }
 
+impl super::validate::Validate for CreateShare {}
+
 const SHARE_COLUMNS: &str = "id::text, file_id::text, token, filename, shared_with::text,
     to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
     expired_at IS NOT NULL, revoked_at IS NOT NULL, access_count,
@@ -266,6 +268,8 @@ pub struct Notify {
     pub level: String,
     pub user_id: Option<Uuid>,
 }
+
+impl super::validate::Validate for Notify {}
 
 pub fn valid_level(level: &str) -> bool {
     matches!(level, "Info" | "Warning" | "Error" | "Success")

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::auth::{SuccessBody, timestamp};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, AuthUser, MaybeUser};
+use super::validate::{self, Invalid, Validate};
 use crate::server::AppState;
 use crate::storage::path::{MAX_PATH_BYTES, base_name};
 use crate::storage::{
@@ -114,6 +115,24 @@ pub struct ListQuery {
     pub path: Option<String>,
 }
 
+impl Validate for ListQuery {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_bucket_and_path(self.bucket.as_deref(), self.path.as_deref())
+    }
+}
+
+/// A bucket names an identifier and a path an object path: their own codes
+/// (`storage/invalid-bucket`, `storage/invalid-path`) before the generic check.
+fn check_bucket_and_path(bucket: Option<&str>, path: Option<&str>) -> Result<(), Invalid> {
+    if let Some(b) = bucket {
+        validate::bucket("bucket", b)?;
+    }
+    if let Some(p) = path {
+        validate::path("path", p)?;
+    }
+    Ok(())
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct ListedFile {
     pub name: String,
@@ -148,6 +167,12 @@ pub struct DeleteRequest {
     pub bucket: Option<String>,
     /// A file, or an empty folder.
     pub path: String,
+}
+
+impl Validate for DeleteRequest {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_bucket_and_path(self.bucket.as_deref(), Some(&self.path))
+    }
 }
 
 fn bucket_or_default<'a>(state: &'a AppState, bucket: &'a Option<String>) -> &'a str {
@@ -245,6 +270,7 @@ async fn read_form(
                     return Err(invalid_form("send one `bucket` field"));
                 }
                 let v = small_text(&mut field, "bucket", 256).await?;
+                validate::bucket("bucket", &v)?;
                 let id = match v.trim() {
                     "" => state.storage.default_bucket().to_owned(),
                     v => v.to_owned(),

@@ -25,6 +25,7 @@ use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::extract::bearer_token;
 use crate::api::storage::read_response;
+use crate::api::validate::{self, Validate};
 use crate::auth::{AuthError, Principal, Role};
 use crate::server::AppState;
 use crate::storage::{
@@ -185,7 +186,41 @@ impl From<KeyError> for StorageApiError {
 
 impl From<crate::api::error::ApiError> for StorageApiError {
     fn from(e: crate::api::error::ApiError) -> Self {
-        Self::new(e.status, "InvalidRequest", "invalid_request", e.message)
+        // The extractors' checks (`api::validate`) keep their meaning here.
+        let (code, error) = code_for_native(e.status, e.code);
+        Self::new(e.status, code, error, e.message)
+    }
+}
+
+impl From<validate::Invalid> for StorageApiError {
+    fn from(e: validate::Invalid) -> Self {
+        crate::api::error::ApiError::from(e).into()
+    }
+}
+
+/// Parses a JSON body: the type's own checks ([`Validate`]), then no NUL in any
+/// string or key (`InvalidRequest`), before any value reaches SQL.
+fn json_body<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T, StorageApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let t = T::deserialize(&v)
+        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    t.validate()?;
+    validate::json(&v)?;
+    Ok(t)
+}
+
+/// The storage API's code (and `error`) for an error that a shared layer
+/// answered in Aether's own shape (rate limits, extractors, unknown routes):
+/// the storage API's own codes only.
+pub fn code_for_native(status: StatusCode, native: &str) -> (&'static str, &'static str) {
+    match native {
+        validate::CODE_BUCKET => ("InvalidBucketName", "Invalid Input"),
+        "storage/invalid-path" => ("InvalidKey", "Invalid Input"),
+        "rate-limit/exceeded" => ("SlowDown", "Too Many Requests"),
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => ("EntityTooLarge", "Payload too large"),
+        _ if status.is_server_error() => ("InternalError", "internal"),
+        _ => ("InvalidRequest", "invalid_request"),
     }
 }
 
@@ -315,6 +350,17 @@ pub struct CreateBucket {
     allowed_mime_types: Option<Vec<String>>,
 }
 
+impl Validate for CreateBucket {
+    fn validate(&self) -> Result<(), validate::Invalid> {
+        for (field, v) in [("id", &self.id), ("name", &self.name)] {
+            if let Some(v) = v {
+                validate::bucket(field, v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `1048576`, `"1048576"`, `"1MB"`, `"500 KB"`, `"2GB"`.
 fn size_limit(v: &Value) -> Result<Option<u64>, StorageApiError> {
     let bad = || StorageApiError::invalid(format!("file_size_limit {v} is not a size"));
@@ -345,8 +391,7 @@ pub async fn create_bucket(
     Caller(p): Caller,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: CreateBucket = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: CreateBucket = json_body(&body)?;
     if p.role == Role::Anon {
         return Err(StorageApiError::denied(
             "new row violates row-level security policy",
@@ -402,6 +447,15 @@ pub struct ListBody {
     search: Option<String>,
 }
 
+impl Validate for ListBody {
+    fn validate(&self) -> Result<(), validate::Invalid> {
+        match &self.prefix {
+            Some(p) => validate::path("prefix", p.trim_matches('/')),
+            None => Ok(()),
+        }
+    }
+}
+
 /// `POST /storage/v1/object/list/{bucket}`: the folders (entries with a null
 /// `id`) and files directly under `prefix`.
 pub async fn list(
@@ -410,8 +464,7 @@ pub async fn list(
     ApiPath(bucket): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: ListBody = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: ListBody = json_body(&body)?;
     state.storage.bucket(&bucket).await?;
     let prefix = b.prefix.unwrap_or_default();
     let folder = ObjectPath::parse_any(prefix.trim_matches('/')).map_err(StorageError::from)?;
@@ -791,6 +844,8 @@ pub struct SignBody {
     expires_in: Option<i64>,
 }
 
+impl Validate for SignBody {}
+
 /// `POST /storage/v1/object/sign/{bucket}/{path}` → `{"signedURL": "/object/sign/…?token=…"}`.
 pub async fn sign(
     State(state): State<AppState>,
@@ -798,8 +853,7 @@ pub async fn sign(
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: SignBody = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: SignBody = json_body(&body)?;
     let expires_in = b.expires_in.unwrap_or(60);
     if expires_in <= 0 {
         return Err(StorageApiError::invalid(
@@ -869,6 +923,8 @@ pub struct RemoveBody {
     prefixes: Vec<String>,
 }
 
+impl Validate for RemoveBody {}
+
 /// `DELETE /storage/v1/object/{bucket}` with `{"prefixes": [paths]}`: removes
 /// the caller's objects at those paths (any owner's for the service role) and
 /// returns them; folders left empty go too (Supabase folders are implicit).
@@ -878,8 +934,7 @@ pub async fn remove(
     ApiPath(bucket): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: RemoveBody = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: RemoveBody = json_body(&body)?;
     state.storage.bucket(&bucket).await?;
     let mut removed = Vec::new();
     for raw in &b.prefixes {
