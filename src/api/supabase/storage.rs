@@ -351,13 +351,26 @@ pub struct CreateBucket {
 }
 
 impl Validate for CreateBucket {
+    /// A new bucket's id follows the rule for `UPLOAD_BUCKET`; its own code
+    /// (`InvalidBucketName`), not the path's.
     fn validate(&self) -> Result<(), validate::Invalid> {
         for (field, v) in [("id", &self.id), ("name", &self.name)] {
             if let Some(v) = v {
                 validate::bucket(field, v)?;
             }
         }
-        Ok(())
+        let id = self.id.as_ref().or(self.name.as_ref());
+        match id {
+            Some(id) if crate::config::valid_bucket_id(id) => Ok(()),
+            _ => Err(validate::Invalid {
+                kind: validate::Kind::Bucket,
+                field: "id".into(),
+                reason: format!(
+                    "bucket id {:?} must be 1-63 of A-Za-z0-9._- starting with a letter or digit",
+                    id.map(String::as_str).unwrap_or("")
+                ),
+            }),
+        }
     }
 }
 
