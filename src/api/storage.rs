@@ -368,7 +368,7 @@ fn target_path(raw: Option<&str>, file_name: &str) -> Result<ObjectPath, ApiErro
     params(("x-upsert" = Option<String>, Header, description = "`true` replaces a file already at the path (otherwise 409 `storage/already-exists`)")),
     responses(
         (status = 201, description = "Stored", body = UploadResponse),
-        (status = 400, description = "`storage/invalid-path`, `storage/invalid-request`, `invalid_body`", body = ErrorBody),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `storage/invalid-request`, `invalid_body`", body = ErrorBody),
         (status = 401, description = "`auth/*` token errors", body = ErrorBody),
         (status = 404, description = "`storage/bucket-not-found`", body = ErrorBody),
         (status = 409, description = "`storage/already-exists`, `storage/conflict`", body = ErrorBody),
@@ -458,7 +458,7 @@ pub async fn upload(
     params(ListQuery),
     responses(
         (status = 200, description = "The folder's content (yours only)", body = ListResponse),
-        (status = 400, description = "`storage/invalid-path`", body = ErrorBody),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `invalid_characters`, `invalid_query`", body = ErrorBody),
         (status = 401, description = "`auth/*` token errors", body = ErrorBody),
         (status = 404, description = "`storage/not-found` (no such folder), `storage/bucket-not-found`", body = ErrorBody),
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
@@ -506,10 +506,12 @@ pub async fn list(
     request_body = DeleteRequest,
     responses(
         (status = 200, description = "Deleted", body = SuccessBody),
-        (status = 400, description = "`storage/invalid-path`, `invalid_json`, `invalid_body`", body = ErrorBody),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `invalid_json`, `invalid_body`, `invalid_characters`", body = ErrorBody),
         (status = 401, description = "`auth/*` token errors", body = ErrorBody),
         (status = 404, description = "`storage/not-found`, `storage/bucket-not-found`", body = ErrorBody),
         (status = 409, description = "`storage/folder-not-empty`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 2 MB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
@@ -546,8 +548,9 @@ fn inline_safe(mime: &str) -> bool {
     ),
     security((), ("bearer" = [])),
     responses(
-        (status = 200, description = "The bytes, with their content type", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The bytes, with their stored content type", content_type = "*/*", body = inline(super::openapi::FileBytes)),
+        (status = 206, description = "The requested range, with the stored content type", content_type = "*/*", body = inline(super::openapi::FileBytes)),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `invalid_characters`", body = ErrorBody),
         (status = 401, description = "`auth/missing-token` (private bucket) or a token error", body = ErrorBody),
         (status = 404, description = "`storage/not-found`", body = ErrorBody),
         (status = 416, description = "`storage/range-not-satisfiable`", body = ErrorBody),
