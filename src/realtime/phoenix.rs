@@ -132,7 +132,11 @@ impl Vsn {
         Err(Garbage {
             join_ref,
             msg_ref,
-            topic: topic.unwrap_or("phoenix").to_owned(),
+            // An empty topic is no address: the reply goes to `phoenix` then.
+            topic: topic
+                .filter(|t| !t.is_empty())
+                .unwrap_or("phoenix")
+                .to_owned(),
             reason,
         })
     }
