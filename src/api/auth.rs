@@ -20,6 +20,8 @@ pub struct Credentials {
     pub password: String,
 }
 
+impl super::validate::Validate for Credentials {}
+
 #[derive(Serialize, ToSchema)]
 pub struct UserBody {
     #[schema(format = Uuid)]
@@ -73,8 +75,9 @@ fn auth_response(user: User, session: Session) -> AuthResponse {
     request_body = Credentials,
     responses(
         (status = 201, description = "Account created, session opened", body = AuthResponse),
-        (status = 400, description = "`auth/weak-password`, `auth/invalid-email`, `invalid_json`, `invalid_body`", body = ErrorBody),
+        (status = 400, description = "`auth/weak-password`, `auth/invalid-email`, `invalid_json`, `invalid_body`, `invalid_characters`", body = ErrorBody),
         (status = 409, description = "`auth/email-already-exists`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 2 MB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
@@ -97,8 +100,9 @@ pub async fn sign_up(
     request_body = Credentials,
     responses(
         (status = 200, description = "Session opened", body = AuthResponse),
-        (status = 400, description = "`invalid_json`, `invalid_body`", body = ErrorBody),
+        (status = 400, description = "`invalid_json`, `invalid_body`, `invalid_characters`", body = ErrorBody),
         (status = 401, description = "`auth/invalid-credentials`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 2 MB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )

@@ -10,48 +10,71 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::validate::{self, Validate};
 use crate::auth::{ClientMeta, Principal, service::principal_user};
 use crate::server::AppState;
 
-/// `axum::Json` with the JSON error body on rejection.
+/// `axum::Json` with the JSON error body on rejection. The body is checked
+/// before a handler sees it: the type's own field checks ([`Validate`]), then
+/// no NUL in any string or key (PostgreSQL text cannot hold one).
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned + Validate, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        axum::Json::<T>::from_request(req, state)
+        let axum::Json(v) = axum::Json::<serde_json::Value>::from_request(req, state)
             .await
-            .map(|axum::Json(v)| ApiJson(v))
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        let t = T::deserialize(&v).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        })?;
+        t.validate()?;
+        validate::json(&v)?;
+        Ok(ApiJson(t))
     }
 }
 
-/// `axum::extract::Query` with the JSON error body on rejection.
+/// `axum::extract::Query` with the JSON error body on rejection; checked like
+/// [`ApiJson`] (field checks, then no NUL in any parameter).
 pub struct ApiQuery<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+impl<T: DeserializeOwned + Validate, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
+        let q = axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        q.0.validate()?;
+        if let Ok(axum::extract::Query(pairs)) =
+            axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+        {
+            validate::pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        }
+        Ok(ApiQuery(q.0))
     }
 }
 
-/// `axum::extract::Path` with the JSON error body on rejection.
+/// `axum::extract::Path` with the JSON error body on rejection. Segments are
+/// checked by name ([`validate::path_params`]): `bucket` as an identifier, a NUL
+/// in `path` as a bad path, any other NUL as `invalid_characters`.
 pub struct ApiPath<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
+        let p = axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
-            .map(|p| ApiPath(p.0))
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        if let Ok(raw) = axum::extract::RawPathParams::from_request_parts(parts, state).await {
+            validate::path_params(raw.iter())?;
+        }
+        Ok(ApiPath(p.0))
     }
 }
 

@@ -46,6 +46,8 @@ pub struct CreateShare {
     pub shared_with: Option<Uuid>,
 }
 
+impl super::validate::Validate for CreateShare {}
+
 const SHARE_COLUMNS: &str = "id::text, file_id::text, token, filename, shared_with::text,
     to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
     expired_at IS NOT NULL, revoked_at IS NOT NULL, access_count,
@@ -72,8 +74,11 @@ fn share_json(r: &tokio_postgres::Row) -> Value {
 /// `POST /api/v1/shares`: share one of your files.
 #[utoipa::path(post, path = "/api/v1/shares", tag = "shares", security(("bearer" = [])), request_body = CreateShare,
     responses((status = 201, description = "The share, with its token and url", body = serde_json::Value),
-              (status = 400, description = "`share/invalid-expiry`, `share/invalid-user`", body = super::error::ErrorBody),
-              (status = 404, description = "`storage/not-found`: no such file of yours", body = super::error::ErrorBody)))]
+              (status = 400, description = "`share/invalid-expiry`, `share/invalid-user`, `invalid_json`, `invalid_body`, `invalid_characters`", body = super::error::ErrorBody),
+              (status = 401, description = "`auth/*` token errors", body = super::error::ErrorBody),
+              (status = 404, description = "`storage/not-found`: no such file of yours", body = super::error::ErrorBody),
+              (status = 413, description = "`payload_too_large`: a body over 2 MB", body = super::error::ErrorBody),
+              (status = 415, description = "`unsupported_media_type`: not JSON", body = super::error::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     user: AuthUser,
@@ -124,7 +129,8 @@ pub async fn create(
 
 /// `GET /api/v1/shares`: your shares, newest first.
 #[utoipa::path(get, path = "/api/v1/shares", tag = "shares", security(("bearer" = [])),
-    responses((status = 200, description = "Your shares", body = serde_json::Value)))]
+    responses((status = 200, description = "Your shares", body = serde_json::Value),
+              (status = 401, description = "`auth/*` token errors", body = super::error::ErrorBody)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await.map_err(ApiError::internal)?;
     let rows = client
@@ -143,6 +149,8 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<
 #[utoipa::path(delete, path = "/api/v1/shares/{id}", tag = "shares", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Share id")),
     responses((status = 200, description = "Revoked", body = serde_json::Value),
+              (status = 400, description = "`invalid_path`: not a share id", body = super::error::ErrorBody),
+              (status = 401, description = "`auth/*` token errors", body = super::error::ErrorBody),
               (status = 404, description = "`share/not-found`", body = super::error::ErrorBody)))]
 pub async fn revoke(
     State(state): State<AppState>,
@@ -171,7 +179,8 @@ pub async fn revoke(
 /// access (which the owner hears of as ShareAccessed).
 #[utoipa::path(get, path = "/share/{token}", tag = "shares",
     params(("token" = String, Path, description = "Share token")),
-    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+    responses((status = 200, description = "The file's bytes, with their stored content type", content_type = "*/*", body = inline(super::openapi::FileBytes)),
+              (status = 400, description = "`invalid_characters`: a NUL in the token", body = super::error::ErrorBody),
               (status = 404, description = "`share/not-found`", body = super::error::ErrorBody),
               (status = 410, description = "`share/expired`, `share/revoked`", body = super::error::ErrorBody)))]
 pub async fn fetch(
@@ -240,7 +249,8 @@ pub async fn fetch(
 /// `GET /api/v1/ws/stats` (service_role).
 #[utoipa::path(get, path = "/api/v1/ws/stats", tag = "operations", security(("bearer" = [])),
     responses((status = 200, description = "total_connections, unique_users, connections_by_user", body = serde_json::Value),
-              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody)))]
 pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let s = state.registry.stats();
     Json(json!({
@@ -254,7 +264,8 @@ pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Val
 /// heartbeats (nothing heard for two ping intervals).
 #[utoipa::path(post, path = "/api/v1/ws/cleanup", tag = "operations", security(("bearer" = [])),
     responses((status = 200, description = "removed_connections", body = serde_json::Value),
-              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody)))]
 pub async fn cleanup(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let removed = state.registry.reap(state.config.ws_ping_interval * 2);
     Json(json!({"removed_connections": removed}))
@@ -267,6 +278,8 @@ pub struct Notify {
     pub user_id: Option<Uuid>,
 }
 
+impl super::validate::Validate for Notify {}
+
 pub fn valid_level(level: &str) -> bool {
     matches!(level, "Info" | "Warning" | "Error" | "Success")
 }
@@ -275,8 +288,11 @@ pub fn valid_level(level: &str) -> bool {
 /// connection, or to one user's.
 #[utoipa::path(post, path = "/api/v1/ws/notify", tag = "operations", security(("bearer" = [])), request_body = Notify,
     responses((status = 200, description = "Sent", body = serde_json::Value),
-              (status = 400, description = "`invalid_level`", body = super::error::ErrorBody),
-              (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
+              (status = 400, description = "`invalid_level`, `invalid_json`, `invalid_body`, `invalid_characters`", body = super::error::ErrorBody),
+              (status = 401, description = "No or bad token", body = super::error::ErrorBody),
+              (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody),
+              (status = 413, description = "`payload_too_large`: a body over 2 MB", body = super::error::ErrorBody),
+              (status = 415, description = "`unsupported_media_type`: not JSON", body = super::error::ErrorBody)))]
 pub async fn notify(
     State(state): State<AppState>,
     _svc: ServiceRole,

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod rate_limit;
 pub mod storage;
 pub mod supabase;
+pub mod validate;
 
 use std::time::Duration;
 
@@ -100,7 +101,7 @@ pub fn app(state: AppState) -> Router {
         .merge(supabase::routes(&state))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(json_errors))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("a request handler panicked").into_response()
         }))
@@ -144,10 +145,39 @@ fn cors() -> CorsLayer {
         .max_age(Duration::from_secs(3600))
 }
 
-/// Rewrites error responses that are not JSON (axum's plain-text rejections, the
-/// empty 405 of a layered route, …) into the JSON error body, keeping headers
-/// such as `Allow`. Server-error text is never shown.
-async fn json_errors(res: Response) -> Response {
+/// Which error format a route family answers in: Aether's own, GoTrue's under
+/// `/auth/v1`, the storage API's under `/storage/v1` (docs/supabase.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Native,
+    GoTrue,
+    Storage,
+}
+
+impl Family {
+    fn of(path: &str) -> Family {
+        let under = |prefix: &str| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        if under("/auth/v1") {
+            Family::GoTrue
+        } else if under("/storage/v1") {
+            Family::Storage
+        } else {
+            Family::Native
+        }
+    }
+}
+
+/// Rewrites error responses into the route family's error body: axum's
+/// plain-text rejections, the empty 405 of a layered route, and (under the
+/// Supabase facades) Aether-shaped errors from shared layers such as the rate
+/// limits or the extractors, keeping headers such as `Allow` and `Retry-After`.
+/// Server-error text is never shown.
+async fn json_errors(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let family = Family::of(req.uri().path());
+    let res = next.run(req).await;
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return res;
@@ -157,16 +187,74 @@ async fn json_errors(res: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if is_json {
+    if is_json && family == Family::Native {
         return res;
     }
     let (parts, body) = res.into_parts();
-    let text = axum::body::to_bytes(body, 4096)
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
         .await
-        .ok()
-        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-        .filter(|t| !t.is_empty());
-    let (code, default) = match status {
+        .unwrap_or_default();
+    let native = if is_json {
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            // Already in the family's own shape.
+            Ok(v) if !v["error"].is_object() => {
+                return Response::from_parts(parts, axum::body::Body::from(bytes));
+            }
+            Ok(v) => Some(v),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let (code, message) = match &native {
+        Some(v) => (
+            v["error"]["code"]
+                .as_str()
+                .unwrap_or("bad_request")
+                .to_owned(),
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        None => {
+            let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+            let (code, default) = generic_error(status);
+            let message = if text.is_empty() || status.is_server_error() {
+                default.to_owned()
+            } else {
+                text
+            };
+            (code.to_owned(), message)
+        }
+    };
+    let mut out = match family {
+        Family::Native => ApiError::new(status, generic_error(status).0, message).into_response(),
+        Family::GoTrue => supabase::auth::GoTrueError::new(
+            status,
+            supabase::auth::code_for_native(status, &code),
+            message,
+        )
+        .into_response(),
+        Family::Storage => {
+            let (code, error) = supabase::storage::code_for_native(status, &code);
+            supabase::storage::StorageApiError::new(status, code, error, message).into_response()
+        }
+    };
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE
+            && name != header::CONTENT_LENGTH
+            && !out.headers().contains_key(name)
+        {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    out
+}
+
+/// The code and message of an error response that has no body of its own.
+fn generic_error(status: StatusCode) -> (&'static str, &'static str) {
+    match status {
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => {
             ("method_not_allowed", "method not allowed on this route")
@@ -179,18 +267,7 @@ async fn json_errors(res: Response) -> Response {
         StatusCode::TOO_MANY_REQUESTS => ("rate-limit/exceeded", "too many requests"),
         s if s.is_server_error() => ("internal_error", "internal server error"),
         _ => ("bad_request", "bad request"),
-    };
-    let message = match text {
-        Some(t) if !status.is_server_error() => t,
-        _ => default.to_owned(),
-    };
-    let mut out = ApiError::new(status, code, message).into_response();
-    for (name, value) in &parts.headers {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            out.headers_mut().append(name, value.clone());
-        }
     }
-    out
 }
 
 async fn fallback(uri: Uri) -> ApiError {

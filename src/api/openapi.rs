@@ -7,6 +7,13 @@ use utoipa::{Modify, OpenApi};
 
 use super::{auth, error, kingshare, ops, storage};
 
+/// A file's bytes, for responses served with the file's stored content type
+/// (described as `*/*`: any type may come back).
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct FileBytes(Vec<u8>);
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::auth::{SuccessBody, timestamp};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, AuthUser, MaybeUser};
+use super::validate::{self, Invalid, Validate};
 use crate::server::AppState;
 use crate::storage::path::{MAX_PATH_BYTES, base_name};
 use crate::storage::{
@@ -125,6 +126,24 @@ pub struct ListQuery {
     pub path: Option<String>,
 }
 
+impl Validate for ListQuery {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_bucket_and_path(self.bucket.as_deref(), self.path.as_deref())
+    }
+}
+
+/// A bucket names an identifier and a path an object path: their own codes
+/// (`storage/invalid-bucket`, `storage/invalid-path`) before the generic check.
+fn check_bucket_and_path(bucket: Option<&str>, path: Option<&str>) -> Result<(), Invalid> {
+    if let Some(b) = bucket {
+        validate::bucket("bucket", b)?;
+    }
+    if let Some(p) = path {
+        validate::path("path", p)?;
+    }
+    Ok(())
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct ListedFile {
     pub name: String,
@@ -159,6 +178,12 @@ pub struct DeleteRequest {
     pub bucket: Option<String>,
     /// A file, or an empty folder.
     pub path: String,
+}
+
+impl Validate for DeleteRequest {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_bucket_and_path(self.bucket.as_deref(), Some(&self.path))
+    }
 }
 
 fn bucket_or_default<'a>(state: &'a AppState, bucket: &'a Option<String>) -> &'a str {
@@ -256,6 +281,7 @@ async fn read_form(
                     return Err(invalid_form("send one `bucket` field"));
                 }
                 let v = small_text(&mut field, "bucket", 256).await?;
+                validate::bucket("bucket", &v)?;
                 let id = match v.trim() {
                     "" => state.storage.default_bucket().to_owned(),
                     v => v.to_owned(),
@@ -336,7 +362,7 @@ fn target_path(raw: Option<&str>, file_name: &str) -> Result<ObjectPath, ApiErro
     params(("x-upsert" = Option<String>, Header, description = "`true` replaces a file already at the path (otherwise 409 `storage/already-exists`)")),
     responses(
         (status = 201, description = "Stored", body = UploadResponse),
-        (status = 400, description = "`storage/invalid-path`, `storage/invalid-request`, `invalid_body`", body = ErrorBody),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `storage/invalid-request`, `invalid_body`", body = ErrorBody),
         (status = 401, description = "`auth/*` token errors", body = ErrorBody),
         (status = 404, description = "`storage/bucket-not-found`", body = ErrorBody),
         (status = 409, description = "`storage/already-exists`, `storage/conflict`", body = ErrorBody),
@@ -429,7 +455,7 @@ pub async fn upload(
     params(ListQuery),
     responses(
         (status = 200, description = "The folder's content (yours only)", body = ListResponse),
-        (status = 400, description = "`storage/invalid-path`", body = ErrorBody),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `invalid_characters`, `invalid_query`", body = ErrorBody),
         (status = 401, description = "`auth/*` token errors", body = ErrorBody),
         (status = 404, description = "`storage/not-found` (no such folder), `storage/bucket-not-found`", body = ErrorBody),
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
@@ -477,10 +503,12 @@ pub async fn list(
     request_body = DeleteRequest,
     responses(
         (status = 200, description = "Deleted", body = SuccessBody),
-        (status = 400, description = "`storage/invalid-path`, `invalid_json`, `invalid_body`", body = ErrorBody),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `invalid_json`, `invalid_body`, `invalid_characters`", body = ErrorBody),
         (status = 401, description = "`auth/*` token errors", body = ErrorBody),
         (status = 404, description = "`storage/not-found`, `storage/bucket-not-found`", body = ErrorBody),
         (status = 409, description = "`storage/folder-not-empty`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a body over 2 MB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not JSON", body = ErrorBody),
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
@@ -517,8 +545,9 @@ fn inline_safe(mime: &str) -> bool {
     ),
     security((), ("bearer" = [])),
     responses(
-        (status = 200, description = "The bytes, with their content type", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The bytes, with their stored content type", content_type = "*/*", body = inline(super::openapi::FileBytes)),
+        (status = 206, description = "The requested range, with the stored content type", content_type = "*/*", body = inline(super::openapi::FileBytes)),
+        (status = 400, description = "`storage/invalid-path`, `storage/invalid-bucket`, `invalid_characters`", body = ErrorBody),
         (status = 401, description = "`auth/missing-token` (private bucket) or a token error", body = ErrorBody),
         (status = 404, description = "`storage/not-found`", body = ErrorBody),
         (status = 416, description = "`storage/range-not-satisfiable`", body = ErrorBody),

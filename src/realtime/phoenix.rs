@@ -83,7 +83,65 @@ fn ref_value(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// A client frame that is not a Phoenix message: what of its address could be
+/// read (so the error reply reaches the right push), and why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Garbage {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    /// `phoenix` when no topic could be read.
+    pub topic: String,
+    pub reason: String,
+}
+
 impl Vsn {
+    /// Parses a frame, or says what of it could be read and why it is refused.
+    pub fn parse_or_garbage(text: &str) -> Result<PhxMessage, Garbage> {
+        if let Some(m) = Self::parse(text) {
+            return Ok(m);
+        }
+        let v: Option<Value> = serde_json::from_str(text).ok();
+        let (join_ref, msg_ref, topic, event) = match &v {
+            Some(Value::Array(a)) => (
+                ref_value(a.first()),
+                ref_value(a.get(1)),
+                a.get(2).and_then(Value::as_str),
+                a.get(3).and_then(Value::as_str),
+            ),
+            Some(Value::Object(o)) => (
+                ref_value(o.get("join_ref")),
+                ref_value(o.get("ref")),
+                o.get("topic").and_then(Value::as_str),
+                o.get("event").and_then(Value::as_str),
+            ),
+            _ => (None, None, None, None),
+        };
+        let reason = match (&v, topic, event) {
+            (None, ..) => "malformed message: not JSON".to_owned(),
+            (Some(Value::Array(a)), ..) if a.len() != 5 => format!(
+                "malformed message: an array needs 5 elements [join_ref, ref, topic, event, payload], not {}",
+                a.len()
+            ),
+            (Some(Value::Array(_) | Value::Object(_)), None, _) => {
+                "malformed message: topic must be a string".to_owned()
+            }
+            (Some(Value::Array(_) | Value::Object(_)), _, None) => {
+                "malformed message: event must be a string".to_owned()
+            }
+            _ => "malformed message: expected a JSON object or a 5-element array".to_owned(),
+        };
+        Err(Garbage {
+            join_ref,
+            msg_ref,
+            // An empty topic is no address: the reply goes to `phoenix` then.
+            topic: topic
+                .filter(|t| !t.is_empty())
+                .unwrap_or("phoenix")
+                .to_owned(),
+            reason,
+        })
+    }
+
     pub fn parse(text: &str) -> Option<PhxMessage> {
         let v: Value = serde_json::from_str(text).ok()?;
         match v {
@@ -151,6 +209,7 @@ pub async fn websocket(
         .saturating_mul(16)
         .max(1 << 20);
     ws.max_message_size(max)
+        .max_frame_size(max)
         .on_upgrade(move |socket| run(socket, state, principal, vsn, addr))
 }
 
@@ -425,6 +484,17 @@ impl Conn {
             payload,
         };
         Message::Text(self.vsn.encode(&m).into())
+    }
+
+    /// The `phx_reply` error to a frame that is not a Phoenix message.
+    fn garbage_reply(&self, g: Garbage) -> Message {
+        self.frame(
+            g.join_ref,
+            g.msg_ref,
+            &g.topic,
+            "phx_reply",
+            json!({"status": "error", "response": {"reason": g.reason}}),
+        )
     }
 
     fn reply(&self, m: &PhxMessage, status: &str, response: Value) -> Message {
@@ -946,6 +1016,9 @@ async fn run_admitted(
     let ping_every = state.config.ws_ping_interval;
     let idle_ms = i64::try_from(state.config.ws_idle_timeout.as_millis()).unwrap_or(i64::MAX);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    // Cleared after a frame header over the size cap: reading on would buffer
+    // the payload it claims, so the closing handshake does not wait for the peer.
+    let mut drain = true;
     let close: Option<(u16, &str)> = loop {
         let expiry = conn.principal.expires_at;
         let until_expiry = async move {
@@ -1013,9 +1086,12 @@ async fn run_admitted(
                         if text.len() > state.config.ws_max_frame_bytes {
                             break Some((CLOSE_TOO_BIG, "frame too large"));
                         }
-                        match Vsn::parse(&text) {
-                            Some(m) => frames.extend(conn.handle(m).await),
-                            None => tracing::debug!(session, "unparsable phoenix frame ignored"),
+                        match Vsn::parse_or_garbage(&text) {
+                            Ok(m) => frames.extend(conn.handle(m).await),
+                            Err(g) => {
+                                state.stats.error("invalid_message");
+                                frames.push(conn.garbage_reply(g));
+                            }
                         }
                     }
                     Some(Ok(Message::Binary(bytes))) => {
@@ -1033,10 +1109,25 @@ async fn run_admitted(
                                 };
                                 frames.extend(conn.broadcast(&m, Some(p.event), p.payload).await);
                             }
-                            None => tracing::debug!(session, "unknown binary phoenix frame ignored"),
+                            None => {
+                                state.stats.error("invalid_message");
+                                frames.push(conn.garbage_reply(Garbage {
+                                    join_ref: None,
+                                    msg_ref: None,
+                                    topic: "phoenix".into(),
+                                    reason: "malformed message: a binary frame must be a broadcast push (kind 3)".into(),
+                                }));
+                            }
                         }
                     }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                    Some(Err(e)) => match session::protocol_close(e) {
+                        Some(pc) => {
+                            drain = pc.drain;
+                            break Some((pc.code, pc.reason));
+                        }
+                        None => break None,
+                    },
+                    Some(Ok(Message::Close(_))) | None => break None,
                     Some(Ok(_)) => {}
                 }
             }
@@ -1075,7 +1166,9 @@ async fn run_admitted(
             code,
             reason: reason.into(),
         })));
-        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), goodbye).await {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), goodbye).await
+            && drain
+        {
             // The closing handshake: wait for the peer's Close before the socket
             // goes, so the peer reads our code rather than a reset.
             let _ = tokio::time::timeout(Duration::from_secs(2), async {

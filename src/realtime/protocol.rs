@@ -92,6 +92,10 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     match kind {
         "subscription" => {}
         "connection" | "message" | "system" => return api_frame(kind, action, data),
+        // No type, and an action no vocabulary has: the action is what is wrong.
+        "" if !action.is_empty() && !KNOWN_ACTIONS.contains(&action) => {
+            return Err(unknown_action(action, None));
+        }
         _ => {
             return Err(FrameError::new(
                 "unknown_type",
@@ -102,6 +106,12 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             ));
         }
     }
+    // The action is judged before the data: `{"type":"subscription","action":"explode"}`
+    // is an unknown action whatever else it lacks.
+    if action != "subscribe" && action != "unsubscribe" {
+        let id = data.and_then(|d| d.get("id")).and_then(Value::as_str);
+        return Err(unknown_action(action, id));
+    }
     let data = data.ok_or_else(|| {
         FrameError::new(
             "invalid_message",
@@ -110,11 +120,15 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         )
     })?;
     let id = match data.get("id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.to_owned(),
+        Some(id) if !id.is_empty() && id.len() <= MAX_ID_LEN && !id.contains(char::is_control) => {
+            id.to_owned()
+        }
         _ => {
             return Err(FrameError::new(
                 "invalid_subscription",
-                format!("data.id must be a non-empty string of at most {MAX_ID_LEN} characters"),
+                format!(
+                    "data.id must be a non-empty string of at most {MAX_ID_LEN} characters, without control characters"
+                ),
                 None,
             ));
         }
@@ -180,12 +194,87 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
                 id,
             }))
         }
-        other => Err(FrameError::new(
-            "unknown_action",
-            format!("unknown subscription action {other:?} (expected subscribe or unsubscribe)"),
-            Some(&id),
-        )),
+        other => Err(unknown_action(other, Some(&id))),
     }
+}
+
+/// Every action of the Aether vocabularies (subscriptions and the API).
+const KNOWN_ACTIONS: &[&str] = &[
+    "subscribe",
+    "unsubscribe",
+    "join",
+    "connect",
+    "leave",
+    "disconnect",
+    "refresh",
+    "send",
+    "retry",
+    "status",
+    "broadcast",
+];
+
+fn unknown_action(action: &str, subscription: Option<&str>) -> FrameError {
+    FrameError::new(
+        "unknown_action",
+        format!("unknown action {action:?} (expected subscribe or unsubscribe)"),
+        subscription.filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN),
+    )
+}
+
+/// Checks a subscription's text before it is resolved against the catalog
+/// (shared by `/ws` and the Phoenix endpoint): names hold no control
+/// characters, and a filter holds no NUL or control character other than
+/// tab, newline and carriage return (legal in values), and no empty condition
+/// (`"&&&"` is refused, not read as "no filter").
+pub fn check_subscription(req: &SubscribeRequest) -> Result<(), FrameError> {
+    let sub = Some(req.id.as_str());
+    // The id is checked where a client chose it (`parse`): the Phoenix
+    // endpoint makes its own, with separators.
+    for (field, v) in [
+        ("schema", &req.schema),
+        ("table", &req.table),
+        ("event", &req.event),
+    ] {
+        if v.chars().any(char::is_control) {
+            return Err(FrameError::new(
+                "invalid_subscription",
+                format!("data.{field} cannot contain NUL or control characters"),
+                sub,
+            ));
+        }
+    }
+    if let Some(since) = &req.since
+        && since.chars().any(char::is_control)
+    {
+        return Err(FrameError::new(
+            "invalid_since",
+            "data.since cannot contain NUL or control characters",
+            sub,
+        ));
+    }
+    if let Some(f) = &req.filter {
+        filter_text(f).map_err(|why| FrameError::new("invalid_filter", why, sub))?;
+    }
+    Ok(())
+}
+
+/// The filter checks of [`check_subscription`], on the text alone.
+pub fn filter_text(f: &str) -> Result<(), String> {
+    if let Some(c) = f
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(format!(
+            "filter cannot contain U+{:04X} (NUL and control characters other than tab and newline)",
+            c as u32
+        ));
+    }
+    if f.split('&').any(str::is_empty) {
+        return Err(format!(
+            "filter {f:?} has an empty condition: use column=op.value joined by a single '&'"
+        ));
+    }
+    Ok(())
 }
 
 /// The Aether WebSocket API frames (`connection`, `message`, `system`).

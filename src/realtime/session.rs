@@ -30,6 +30,8 @@ use crate::server::AppState;
 
 /// Close codes (4000–4999 are application codes).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_IDLE: u16 = 4000;
 pub const CLOSE_AUTH: u16 = 4001;
@@ -82,6 +84,39 @@ impl Dialect {
             Dialect::KingShare => ks().into_iter().collect(),
             Dialect::Mixed => std::iter::once(aether()).chain(ks()).collect(),
         }
+    }
+}
+
+/// How a broken client frame closes the connection (RFC 6455 §7.4.1): the
+/// close code and reason, and whether the socket may still be read while
+/// waiting for the peer's Close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtocolClose {
+    pub code: u16,
+    pub reason: &'static str,
+    /// `false` after a frame header over the size cap: reading on would buffer
+    /// that frame's payload, whatever length it claims.
+    pub drain: bool,
+}
+
+/// The close for an error reading a client's frames, from the library's error
+/// kind; `None` when the peer is just gone (reset, end of stream, I/O).
+pub fn protocol_close(e: axum::Error) -> Option<ProtocolClose> {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    let inner = e.into_inner();
+    let close = |code, reason, drain| {
+        Some(ProtocolClose {
+            code,
+            reason,
+            drain,
+        })
+    };
+    match inner.downcast_ref::<WsError>()? {
+        WsError::Capacity(_) => close(CLOSE_TOO_BIG, "frame too large", false),
+        WsError::Utf8(_) => close(CLOSE_INVALID_DATA, "invalid UTF-8 in a text frame", true),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => close(CLOSE_PROTOCOL, "protocol error", true),
+        _ => None,
     }
 }
 
@@ -538,6 +573,21 @@ async fn write_loop(
 
     let reader = async {
         let mut principal = Arc::clone(&conn.principal);
+        // A frame over `WS_MAX_FRAME_BYTES`: an error frame, then close 1009.
+        let too_big = |len: usize| {
+            let message = format!(
+                "frame of {len} bytes or more is over the {} byte limit",
+                state.config.ws_max_frame_bytes
+            );
+            state.stats.error("frame_too_large");
+            let frames = dialect.error_frames(
+                "realtime",
+                "frame_too_large",
+                Some(kingshare::code::INVALID_MESSAGE),
+                &message,
+            );
+            closer.close(CLOSE_TOO_BIG, "frame too large", frames);
+        };
         loop {
             let msg = tokio::select! {
                 _ = hard_stop.cancelled() => break,
@@ -554,19 +604,7 @@ async fn write_loop(
                 Some(Ok(Message::Text(text))) => {
                     state.stats.frame_in();
                     if text.len() > state.config.ws_max_frame_bytes {
-                        let message = format!(
-                            "frame of {} bytes is over the {} byte limit",
-                            text.len(),
-                            state.config.ws_max_frame_bytes
-                        );
-                        state.stats.error("frame_too_large");
-                        let frames = dialect.error_frames(
-                            "realtime",
-                            "frame_too_large",
-                            Some(kingshare::code::INVALID_MESSAGE),
-                            &message,
-                        );
-                        closer.close(CLOSE_TOO_BIG, "frame too large", frames);
+                        too_big(text.len());
                         continue;
                     }
                     // The token is checked on every message, not only at connect.
@@ -594,6 +632,12 @@ async fn write_loop(
                         }
                     }
                 }
+                Some(Ok(Message::Binary(bytes)))
+                    if bytes.len() > state.config.ws_max_frame_bytes =>
+                {
+                    too_big(bytes.len());
+                    continue;
+                }
                 Some(Ok(Message::Binary(_))) => {
                     let out = Outbound::Error {
                         subscription: None,
@@ -604,7 +648,24 @@ async fn write_loop(
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Err(e)) => {
+                    // A protocol violation is answered with its close code before the
+                    // socket goes; while closing, any error just ends the reading.
+                    let Some(pc) = protocol_close(e).filter(|_| !closer.token.is_cancelled())
+                    else {
+                        break;
+                    };
+                    if pc.code == CLOSE_TOO_BIG {
+                        too_big(state.config.ws_max_frame_bytes.saturating_add(1));
+                    } else {
+                        state.stats.error("invalid_message");
+                        closer.close(pc.code, pc.reason, Vec::new());
+                    }
+                    if !pc.drain {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break,
                 Some(Ok(_)) => {} // pings are answered by the library; pongs count as life
             }
         }
@@ -993,6 +1054,7 @@ pub(crate) async fn resolve(
     state: &AppState,
     req: &SubscribeRequest,
 ) -> Result<SubscriptionSpec, FrameError> {
+    protocol::check_subscription(req)?;
     let err = |code, message: String| FrameError {
         code,
         message,

@@ -57,6 +57,17 @@ impl IntoResponse for GoTrueError {
     }
 }
 
+/// GoTrue's code for an error that a shared layer answered in Aether's own
+/// shape (rate limits, extractors, unknown routes): GoTrue's own codes only.
+pub fn code_for_native(status: StatusCode, native: &str) -> &'static str {
+    match native {
+        "rate-limit/exceeded" => "over_request_rate_limit",
+        "invalid_json" => "bad_json",
+        _ if status.is_server_error() => "unexpected_failure",
+        _ => "validation_failed",
+    }
+}
+
 impl From<KeyError> for GoTrueError {
     fn from(e: KeyError) -> Self {
         GoTrueError::new(StatusCode::UNAUTHORIZED, "no_authorization", e.message())
@@ -214,9 +225,18 @@ fn invalid_body(message: &str) -> GoTrueError {
     GoTrueError::new(StatusCode::BAD_REQUEST, "bad_json", message)
 }
 
+/// Parses a JSON body; a NUL anywhere in it (which PostgreSQL text and jsonb
+/// cannot hold) is GoTrue's `validation_failed`.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GoTrueError> {
-    serde_json::from_slice(body)
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid_body(&format!("Could not parse request body as JSON: {e}")))?;
+    crate::api::validate::json(&v).map_err(validation_failed)?;
+    T::deserialize(&v)
         .map_err(|e| invalid_body(&format!("Could not parse request body as JSON: {e}")))
+}
+
+fn validation_failed(e: impl std::fmt::Display) -> GoTrueError {
+    GoTrueError::new(StatusCode::BAD_REQUEST, "validation_failed", e.to_string())
 }
 
 #[derive(Deserialize)]
@@ -271,6 +291,8 @@ pub struct TokenQuery {
     grant_type: Option<String>,
 }
 
+impl crate::api::validate::Validate for TokenQuery {}
+
 #[derive(Deserialize)]
 pub struct TokenBody {
     email: Option<String>,
@@ -286,7 +308,11 @@ pub async fn token(
     query: Result<ApiQuery<TokenQuery>, crate::api::error::ApiError>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, GoTrueError> {
-    let grant = query.ok().and_then(|q| q.0.grant_type).unwrap_or_default();
+    let grant = query
+        .map_err(|e| validation_failed(e.message))?
+        .0
+        .grant_type
+        .unwrap_or_default();
     let b: TokenBody = parse_body(&body)?;
     let (user, session) = match grant.as_str() {
         "password" => {
@@ -337,6 +363,8 @@ pub struct LogoutQuery {
     scope: Option<String>,
 }
 
+impl crate::api::validate::Validate for LogoutQuery {}
+
 /// `POST /auth/v1/logout?scope=global|local|others` → 204.
 pub async fn logout(
     State(state): State<AppState>,
@@ -344,7 +372,12 @@ pub async fn logout(
     query: Result<ApiQuery<LogoutQuery>, crate::api::error::ApiError>,
     SignedIn(p): SignedIn,
 ) -> Result<StatusCode, GoTrueError> {
-    let scope = match query.ok().and_then(|q| q.0.scope).as_deref() {
+    let scope = match query
+        .map_err(|e| validation_failed(e.message))?
+        .0
+        .scope
+        .as_deref()
+    {
         None | Some("global") => SignOutScope::Global,
         Some("local") => SignOutScope::Local,
         Some("others") => SignOutScope::Others,

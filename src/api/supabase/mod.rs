@@ -44,7 +44,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             "/storage/v1/bucket",
             get(storage::list_buckets).post(storage::create_bucket),
         )
-        .route("/storage/v1/bucket/{id}", get(storage::get_bucket))
+        .route("/storage/v1/bucket/{bucket}", get(storage::get_bucket))
         .route("/storage/v1/object/list/{bucket}", post(storage::list))
         .route(
             "/storage/v1/object/sign/{bucket}/{*path}",

@@ -23,6 +23,7 @@ use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::extract::bearer_token;
 use crate::api::storage::{MULTIPART_SLACK, content_length, read_response};
+use crate::api::validate::{self, Validate};
 use crate::auth::{AuthError, Principal, Role};
 use crate::server::AppState;
 use crate::storage::{
@@ -200,7 +201,41 @@ impl From<KeyError> for StorageApiError {
 
 impl From<crate::api::error::ApiError> for StorageApiError {
     fn from(e: crate::api::error::ApiError) -> Self {
-        Self::new(e.status, "InvalidRequest", "invalid_request", e.message)
+        // The extractors' checks (`api::validate`) keep their meaning here.
+        let (code, error) = code_for_native(e.status, e.code);
+        Self::new(e.status, code, error, e.message)
+    }
+}
+
+impl From<validate::Invalid> for StorageApiError {
+    fn from(e: validate::Invalid) -> Self {
+        crate::api::error::ApiError::from(e).into()
+    }
+}
+
+/// Parses a JSON body: the type's own checks ([`Validate`]), then no NUL in any
+/// string or key (`InvalidRequest`), before any value reaches SQL.
+fn json_body<T: serde::de::DeserializeOwned + Validate>(body: &[u8]) -> Result<T, StorageApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let t = T::deserialize(&v)
+        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    t.validate()?;
+    validate::json(&v)?;
+    Ok(t)
+}
+
+/// The storage API's code (and `error`) for an error that a shared layer
+/// answered in Aether's own shape (rate limits, extractors, unknown routes):
+/// the storage API's own codes only.
+pub fn code_for_native(status: StatusCode, native: &str) -> (&'static str, &'static str) {
+    match native {
+        validate::CODE_BUCKET => ("InvalidBucketName", "Invalid Input"),
+        "storage/invalid-path" => ("InvalidKey", "Invalid Input"),
+        "rate-limit/exceeded" => ("SlowDown", "Too Many Requests"),
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => ("EntityTooLarge", "Payload too large"),
+        _ if status.is_server_error() => ("InternalError", "internal"),
+        _ => ("InvalidRequest", "invalid_request"),
     }
 }
 
@@ -330,6 +365,30 @@ pub struct CreateBucket {
     allowed_mime_types: Option<Vec<String>>,
 }
 
+impl Validate for CreateBucket {
+    /// A new bucket's id follows the rule for `UPLOAD_BUCKET`; its own code
+    /// (`InvalidBucketName`), not the path's.
+    fn validate(&self) -> Result<(), validate::Invalid> {
+        for (field, v) in [("id", &self.id), ("name", &self.name)] {
+            if let Some(v) = v {
+                validate::bucket(field, v)?;
+            }
+        }
+        let id = self.id.as_ref().or(self.name.as_ref());
+        match id {
+            Some(id) if crate::config::valid_bucket_id(id) => Ok(()),
+            _ => Err(validate::Invalid {
+                kind: validate::Kind::Bucket,
+                field: "id".into(),
+                reason: format!(
+                    "bucket id {:?} must be 1-63 of A-Za-z0-9._- starting with a letter or digit",
+                    id.map(String::as_str).unwrap_or("")
+                ),
+            }),
+        }
+    }
+}
+
 /// `1048576`, `"1048576"`, `"1MB"`, `"500 KB"`, `"2GB"`.
 fn size_limit(v: &Value) -> Result<Option<u64>, StorageApiError> {
     let bad = || StorageApiError::invalid(format!("file_size_limit {v} is not a size"));
@@ -360,8 +419,7 @@ pub async fn create_bucket(
     Caller(p): Caller,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: CreateBucket = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: CreateBucket = json_body(&body)?;
     if p.role == Role::Anon {
         return Err(StorageApiError::denied(
             "new row violates row-level security policy",
@@ -417,6 +475,15 @@ pub struct ListBody {
     search: Option<String>,
 }
 
+impl Validate for ListBody {
+    fn validate(&self) -> Result<(), validate::Invalid> {
+        match &self.prefix {
+            Some(p) => validate::path("prefix", p.trim_matches('/')),
+            None => Ok(()),
+        }
+    }
+}
+
 /// `POST /storage/v1/object/list/{bucket}`: the folders (entries with a null
 /// `id`) and files directly under `prefix`.
 pub async fn list(
@@ -425,8 +492,7 @@ pub async fn list(
     ApiPath(bucket): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: ListBody = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: ListBody = json_body(&body)?;
     state.storage.bucket(&bucket).await?;
     let prefix = b.prefix.unwrap_or_default();
     let folder = ObjectPath::parse_any(prefix.trim_matches('/')).map_err(StorageError::from)?;
@@ -785,6 +851,8 @@ pub struct SignBody {
     expires_in: Option<i64>,
 }
 
+impl Validate for SignBody {}
+
 /// `POST /storage/v1/object/sign/{bucket}/{path}` → `{"signedURL": "/object/sign/…?token=…"}`.
 pub async fn sign(
     State(state): State<AppState>,
@@ -792,8 +860,7 @@ pub async fn sign(
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: SignBody = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: SignBody = json_body(&body)?;
     let expires_in = b.expires_in.unwrap_or(60);
     if expires_in <= 0 {
         return Err(StorageApiError::invalid(
@@ -863,6 +930,8 @@ pub struct RemoveBody {
     prefixes: Vec<String>,
 }
 
+impl Validate for RemoveBody {}
+
 /// `DELETE /storage/v1/object/{bucket}` with `{"prefixes": [paths]}`: removes
 /// the caller's objects at those paths (any owner's for the service role) and
 /// returns them; folders left empty go too (Supabase folders are implicit).
@@ -872,8 +941,7 @@ pub async fn remove(
     ApiPath(bucket): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
-    let b: RemoveBody = serde_json::from_slice(&body)
-        .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let b: RemoveBody = json_body(&body)?;
     state.storage.bucket(&bucket).await?;
     let mut removed = Vec::new();
     for raw in &b.prefixes {
