@@ -57,14 +57,6 @@ impl Aether {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn names(frames: &[serde_json::Value]) -> Vec<String> {
     frames
         .iter()

@@ -316,17 +316,10 @@ fn sync_loop(
 mod tests {
     use super::*;
     use crate::changelog::local::{LogOptions, floor_for_slot, open_ready};
-    use crate::changes::{ChangeKind, TableId};
+    use crate::changes::ChangeKind;
 
     fn change(lsn: u64) -> Output {
-        let rel = Arc::new(Relation {
-            id: TableId(1),
-            schema: "public".into(),
-            name: "t".into(),
-            qualified: Arc::from("public.t"),
-            replica_identity: b'f',
-            columns: vec![],
-        });
+        let rel = crate::changes::test_relation();
         Output::Change(Arc::new(RowChange::new(
             Position::new(PgLsn(lsn), 0),
             ChangeKind::Insert,

@@ -212,6 +212,19 @@ fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>
     }
 }
 
+/// `public.t` with no columns: the relation unit tests route and log changes of.
+#[cfg(test)]
+pub(crate) fn test_relation() -> Arc<Relation> {
+    Arc::new(Relation {
+        id: TableId(1),
+        schema: "public".into(),
+        name: "t".into(),
+        qualified: Arc::from("public.t"),
+        replica_identity: b'f',
+        columns: vec![],
+    })
+}
+
 /// Serializes a row as an object in column order, without secret columns.
 pub struct RowJson<'a> {
     pub relation: &'a Relation,

@@ -74,18 +74,11 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::{ChangeKind, Relation, TableId};
+    use crate::changes::ChangeKind;
     use crate::replication::lsn::PgLsn;
 
     fn change(lsn: u64) -> Arc<RowChange> {
-        let rel = Arc::new(Relation {
-            id: TableId(1),
-            schema: "public".into(),
-            name: "t".into(),
-            qualified: Arc::from("public.t"),
-            replica_identity: b'f',
-            columns: vec![],
-        });
+        let rel = crate::changes::test_relation();
         Arc::new(RowChange::new(
             Position::new(PgLsn(lsn), 0),
             ChangeKind::Insert,

@@ -1,19 +1,9 @@
 use super::*;
 use crate::changelog::ChangeLog;
 use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot, open_ready};
-use crate::changes::TableId;
 use crate::replication::lsn::PgLsn;
 
-fn relation() -> Arc<Relation> {
-    Arc::new(Relation {
-        id: TableId(1),
-        schema: "public".into(),
-        name: "t".into(),
-        qualified: Arc::from("public.t"),
-        replica_identity: b'f',
-        columns: vec![],
-    })
-}
+use crate::changes::test_relation as relation;
 
 struct Fixture {
     r: Router,

@@ -268,6 +268,15 @@ impl TestServer {
     }
 }
 
+/// A port free right now on 127.0.0.1, for a server started as its own process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub async fn wait_healthy(addr: SocketAddr) {
     let url = format!("http://{addr}/health");
     tokio::time::timeout(WAIT, async {
