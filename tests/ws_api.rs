@@ -579,3 +579,67 @@ async fn a_connection_flooding_frames_is_told_to_slow_down() {
         "{codes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phoenix_sockets_have_the_same_frame_budget_and_message_rate_limit_as_ws() {
+    let t = TestServer::start_with(|c| c.rate_limit_messages = 3).await;
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        t.addr(),
+        t.server.state.jwt.api_key("anon")
+    );
+    let reason = |v: &Value| {
+        v["payload"]["response"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Frames past the burst are refused with a reply, as on /ws.
+    let mut ws = Ws::connect_url(&url).await;
+    let beat = json!({"topic":"phoenix","event":"heartbeat","payload":{},"ref":"1"});
+    for _ in 0..1100 {
+        ws.send(beat.clone()).await;
+    }
+    let mut limited = 0;
+    for _ in 0..1100 {
+        let v = ws.next().await;
+        if reason(&v).starts_with("rate_limited") {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 50, "{limited} frames refused");
+    ws.close().await;
+
+    // Broadcasts: RATE_LIMIT_MESSAGES per window on a topic.
+    let mut ws = Ws::connect_url(&url).await;
+    ws.send(json!({"topic":"realtime:room","event":"phx_join","ref":"1","join_ref":"1",
+        "payload":{"config":{"broadcast":{"ack":true,"self":false},"presence":{"key":""},"postgres_changes":[]}}}))
+        .await;
+    let joined = ws.next().await;
+    assert_eq!(joined["payload"]["status"], "ok", "{joined}");
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        ws.send(json!({"topic":"realtime:room","event":"broadcast","ref": format!("b{i}"),"join_ref":"1",
+            "payload":{"type":"broadcast","event":"e","payload":{"i": i}}}))
+            .await;
+        loop {
+            let v = ws.next().await;
+            if v["event"] == "phx_reply" && v["ref"] == format!("b{i}") {
+                statuses.push((
+                    v["payload"]["status"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    reason(&v),
+                ));
+                break;
+            }
+        }
+    }
+    let ok = statuses.iter().filter(|(s, _)| s == "ok").count();
+    let limited = statuses
+        .iter()
+        .filter(|(s, r)| s == "error" && r.starts_with("rate_limited"))
+        .count();
+    assert_eq!((ok, limited), (3, 2), "{statuses:?}");
+}

@@ -375,6 +375,9 @@ struct Channel {
     private: bool,
     /// Broadcast and presence membership, taken once the join is answered.
     hub: Option<JoinOptions>,
+    /// Broadcasts this connection may send on this topic (`RATE_LIMIT_MESSAGES`
+    /// per `RATE_LIMIT_WINDOW_S`, as on `/ws` channels).
+    messages: governor::DefaultDirectRateLimiter,
 }
 
 struct Conn {
@@ -386,6 +389,8 @@ struct Conn {
     /// Router subscription id → (topic, binding id).
     subs: HashMap<Arc<str>, (String, u32)>,
     next_join: u64,
+    /// Client frames, the same budget as `/ws`.
+    frame_limit: governor::DefaultDirectRateLimiter,
 }
 
 fn type_name(oid: u32) -> &'static str {
@@ -580,6 +585,19 @@ impl Conn {
         let Some(event) = event else {
             return vec![self.reply(m, "error", json!({"reason": "a broadcast needs an event"}))];
         };
+        if ch.messages.check().is_err() {
+            self.state.stats.error("rate_limited");
+            tracing::warn!(
+                event = "rate_limited",
+                session = self.session,
+                "broadcast refused"
+            );
+            return vec![self.reply(
+                m,
+                "error",
+                json!({"reason": "rate_limited: too many broadcasts on this topic (RATE_LIMIT_MESSAGES per RATE_LIMIT_WINDOW_S)"}),
+            )];
+        }
         let ack = ch.ack;
         let _ = self
             .state
@@ -773,6 +791,7 @@ impl Conn {
                 presence: flag("/presence/enabled").unwrap_or(true),
                 presence_key,
             }),
+            messages: session::message_budget(&self.state.config),
         };
         for (spec, b) in resolved.into_iter().zip(&ch.bindings) {
             self.subs
@@ -1010,6 +1029,7 @@ async fn run_admitted(
         channels: HashMap::new(),
         subs: HashMap::new(),
         next_join: 0,
+        frame_limit: session::frame_budget(),
     };
     let shutdown = state.shutdown.clone();
     let mut pull_wanted = false;
@@ -1082,6 +1102,15 @@ async fn run_admitted(
                 // Any frame, pongs included, counts as life.
                 last_seen.store(now_ms(), Ordering::Relaxed);
                 match msg {
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if conn.frame_limit.check().is_err() => {
+                        state.stats.error("rate_limited");
+                        frames.push(conn.garbage_reply(Garbage {
+                            join_ref: None,
+                            msg_ref: None,
+                            topic: "phoenix".into(),
+                            reason: "rate_limited: too many frames on this connection: slow down".into(),
+                        }));
+                    }
                     Some(Ok(Message::Text(text))) => {
                         if text.len() > state.config.ws_max_frame_bytes {
                             break Some((CLOSE_TOO_BIG, "frame too large"));

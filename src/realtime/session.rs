@@ -128,6 +128,27 @@ const MAX_FRAMES_PER_FLUSH: usize = 64;
 /// server work (history scans, queries); nothing legitimate sends more.
 const FRAMES_BURST: u32 = 1000;
 
+/// The budget of client frames one connection may send, whatever its dialect.
+pub(crate) fn frame_budget() -> governor::DefaultDirectRateLimiter {
+    governor::RateLimiter::direct(
+        governor::Quota::per_second(
+            std::num::NonZeroU32::new(FRAMES_BURST / 10).unwrap_or(std::num::NonZeroU32::MIN),
+        )
+        .allow_burst(std::num::NonZeroU32::new(FRAMES_BURST).unwrap_or(std::num::NonZeroU32::MIN)),
+    )
+}
+
+/// `RATE_LIMIT_MESSAGES` per `RATE_LIMIT_WINDOW_S`, as a burst refilled at that
+/// rate: the budget of messages one client sends to one channel.
+pub(crate) fn message_budget(cfg: &crate::config::Config) -> governor::DefaultDirectRateLimiter {
+    let n = std::num::NonZeroU32::new(cfg.rate_limit_messages).unwrap_or(std::num::NonZeroU32::MIN);
+    let period = (cfg.rate_limit_window / n.get()).max(Duration::from_nanos(1));
+    let quota = governor::Quota::with_period(period)
+        .map(|q| q.allow_burst(n))
+        .unwrap_or_else(|| governor::Quota::per_second(n));
+    governor::RateLimiter::direct(quota)
+}
+
 /// Counts what a frame delivers; `now` is read once per written burst and
 /// `latency` is the histogram handle, looked up once per connection.
 fn account(state: &AppState, out: &Outbound, now: i64, latency: &metrics::Histogram) -> u64 {
@@ -302,23 +323,8 @@ pub async fn run(
     let conn = Conn {
         session,
         dialect: params.dialect,
-        ks_limit: {
-            let n = std::num::NonZeroU32::new(cfg.rate_limit_messages)
-                .unwrap_or(std::num::NonZeroU32::MIN);
-            let period = (cfg.rate_limit_window / n.get()).max(Duration::from_nanos(1));
-            let quota = governor::Quota::with_period(period)
-                .map(|q| q.allow_burst(n))
-                .unwrap_or_else(|| governor::Quota::per_second(n));
-            governor::RateLimiter::direct(quota)
-        },
-        frame_limit: governor::RateLimiter::direct(
-            governor::Quota::per_second(
-                std::num::NonZeroU32::new(FRAMES_BURST / 10).unwrap_or(std::num::NonZeroU32::MIN),
-            )
-            .allow_burst(
-                std::num::NonZeroU32::new(FRAMES_BURST).unwrap_or(std::num::NonZeroU32::MIN),
-            ),
-        ),
+        ks_limit: message_budget(cfg),
+        frame_limit: frame_budget(),
         state: state.clone(),
         principal,
         tx,
