@@ -43,6 +43,12 @@ const HEADER: u64 = 16;
 /// The length field is 32 bits; a length beyond what is left of the file is a
 /// torn or corrupt record (never a huge allocation).
 const MAX_RECORD: usize = u32::MAX as usize;
+/// A segment's sparse index has an entry every this many bytes: a `since`
+/// lookup scans at most this much of its segment.
+const INDEX_EVERY: u64 = 64 << 10;
+
+/// (position of the record at `offset`, `offset`), in order.
+type SparseIndex = Vec<(Position, u64)>;
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -71,6 +77,8 @@ struct Segment {
     bytes: u64,
     /// When its last record was written (for age retention, without a syscall).
     sealed_at: SystemTime,
+    /// Built while it was written, or at its first lookup after a restart.
+    index: Option<Arc<SparseIndex>>,
 }
 
 struct Active {
@@ -78,6 +86,31 @@ struct Active {
     file: Arc<File>,
     out: BufWriter<SharedFile>,
     bytes: u64,
+    index: SparseIndex,
+}
+
+impl Active {
+    fn new(first: Position, file: File, bytes: u64, index: SparseIndex) -> Active {
+        let file = Arc::new(file);
+        Active {
+            first,
+            out: BufWriter::with_capacity(256 << 10, SharedFile(Arc::clone(&file))),
+            file,
+            bytes,
+            index,
+        }
+    }
+
+    /// Notes a record about to be written at the end, if the index is due one.
+    fn index_next(&mut self, position: Position) {
+        let due = self
+            .index
+            .last()
+            .is_none_or(|(_, at)| self.bytes >= at + INDEX_EVERY);
+        if due {
+            self.index.push((position, self.bytes));
+        }
+    }
 }
 
 /// A file written through a buffer on one thread and fsynced on another.
@@ -368,6 +401,7 @@ impl LocalLog {
                 path: path.clone(),
                 bytes: meta.len(),
                 sealed_at: meta.modified().unwrap_or_else(|_| SystemTime::now()),
+                index: None,
             });
         }
         // The last segment may end in a torn record: scan and cut it there.
@@ -380,7 +414,7 @@ impl LocalLog {
                 .append(true)
                 .open(&last.path)
                 .map_err(LogError::io(format!("opening {}", last.path.display())))?;
-            let (end, count, last_pos) = scan_tail(&file, epoch, &last.path, |v| {
+            let (end, count, last_pos, index) = scan_tail(&file, epoch, &last.path, |v| {
                 versions.get(v as usize).is_some_and(|r| r.is_some())
             })?;
             file.set_len(end)
@@ -394,20 +428,14 @@ impl LocalLog {
             }
             records += count;
             newest = last_pos;
-            let file = Arc::new(file);
-            active = Some(Active {
-                first: last.first,
-                out: BufWriter::with_capacity(256 << 10, SharedFile(Arc::clone(&file))),
-                file,
-                bytes: end.max(HEADER),
-            });
+            active = Some(Active::new(last.first, file, end.max(HEADER), index));
         }
         if newest.is_none() {
             // The active segment is empty: the newest change is in the one before.
             if let Some(prev) = sealed.last() {
                 let file = File::open(&prev.path)
                     .map_err(LogError::io(format!("opening {}", prev.path.display())))?;
-                let (end, _, last_pos) = scan_tail(&file, epoch, &prev.path, |_| true)?;
+                let (end, _, last_pos, _) = scan_tail(&file, epoch, &prev.path, |_| true)?;
                 if end < prev.bytes {
                     return Err(LogError::Corrupt {
                         segment: prev.path.display().to_string(),
@@ -496,6 +524,7 @@ impl LocalLog {
                 path: self.dir.join(segment_name(a.first)),
                 bytes: a.bytes,
                 sealed_at: SystemTime::now(),
+                index: Some(Arc::new(a.index)),
             });
         }
         let path = self.dir.join(segment_name(first));
@@ -510,13 +539,7 @@ impl LocalLog {
             .write_all(&header(st.epoch))
             .map_err(LogError::io("writing a segment header"))?;
         sync_dir(&self.dir)?;
-        let file = Arc::new(file);
-        st.active = Some(Active {
-            first,
-            out: BufWriter::with_capacity(256 << 10, SharedFile(Arc::clone(&file))),
-            file,
-            bytes: HEADER,
-        });
+        st.active = Some(Active::new(first, file, HEADER, Vec::new()));
         Ok(())
     }
 
@@ -553,6 +576,7 @@ impl LocalLog {
             let n = body.len();
             let written = match st.active.as_mut() {
                 Some(active) if n <= MAX_RECORD => {
+                    active.index_next(c.position);
                     let w = write_record(&mut active.out, &body).map_err(LogError::io("appending"));
                     if let Ok(w) = w {
                         active.bytes += w;
@@ -597,21 +621,52 @@ impl LocalLog {
             file.set_len(bytes)
                 .map_err(|e| LogError::Fsync(format!("undoing a failed append: {e}")))?;
             a.bytes = bytes;
+            a.index.retain(|(_, at)| *at < bytes);
         }
         Ok(())
     }
 
-    fn snapshot_segments(&self) -> (Epoch, Position, Option<Position>, Vec<(Position, PathBuf)>) {
+    #[allow(clippy::type_complexity)]
+    fn snapshot_segments(
+        &self,
+    ) -> (
+        Epoch,
+        Position,
+        Option<Position>,
+        Vec<(Position, PathBuf, Option<Arc<SparseIndex>>)>,
+    ) {
         let st = self.state();
-        let mut segs: Vec<(Position, PathBuf)> = st
+        let mut segs: Vec<_> = st
             .sealed
             .iter()
-            .map(|s| (s.first, s.path.clone()))
+            .map(|s| (s.first, s.path.clone(), s.index.clone()))
             .collect();
         if let Some(a) = &st.active {
-            segs.push((a.first, self.dir.join(segment_name(a.first))));
+            segs.push((
+                a.first,
+                self.dir.join(segment_name(a.first)),
+                Some(Arc::new(a.index.clone())),
+            ));
         }
         (st.epoch, st.floor, st.newest, segs)
+    }
+
+    /// The sparse index of a sealed segment written before this process started:
+    /// built by one scan at its first lookup, then kept.
+    fn index_of(
+        &self,
+        first: Position,
+        path: &Path,
+        epoch: Epoch,
+    ) -> Result<Arc<SparseIndex>, LogError> {
+        let file = File::open(path).map_err(LogError::io(format!("reading {}", path.display())))?;
+        let (_, _, _, index) = scan_tail(&file, epoch, path, |_| true)?;
+        let index = Arc::new(index);
+        let mut st = self.state();
+        if let Some(s) = st.sealed.iter_mut().find(|s| s.first == first) {
+            s.index = Some(Arc::clone(&index));
+        }
+        Ok(index)
     }
 }
 
@@ -637,14 +692,14 @@ fn bounds_of(st: &State) -> Bounds {
 }
 
 /// Scans a segment to its end: (end of the last good record, records, last
-/// position). Stops at a torn record; a whole record naming a relation that was
-/// never logged, or out of order, is corruption.
+/// position, sparse index). Stops at a torn record; a whole record naming a
+/// relation that was never logged, or out of order, is corruption.
 fn scan_tail(
     file: &File,
     epoch: Epoch,
     path: &Path,
     known_relation: impl Fn(u32) -> bool,
-) -> Result<(u64, u64, Option<Position>), LogError> {
+) -> Result<(u64, u64, Option<Position>, SparseIndex), LogError> {
     let len = file
         .metadata()
         .map_err(LogError::io(format!("reading {}", path.display())))?
@@ -654,7 +709,7 @@ fn scan_tail(
         .map_err(LogError::io(format!("reading {}", path.display())))?;
     match read_header(&mut r, epoch, path)? {
         Header::Ok => {}
-        Header::Torn => return Ok((0, 0, None)),
+        Header::Torn => return Ok((0, 0, None, Vec::new())),
         Header::OtherEpoch => {
             return Err(LogError::Corrupt {
                 segment: path.display().to_string(),
@@ -666,6 +721,7 @@ fn scan_tail(
     let mut end = HEADER;
     let mut count = 0;
     let mut last = None;
+    let mut index: SparseIndex = Vec::new();
     let mut body = Vec::new();
     while read_record(&mut r, &mut body, len - end)
         .map_err(LogError::io(format!("reading {}", path.display())))?
@@ -689,11 +745,14 @@ fn scan_tail(
                 why: format!("position {pos} out of order"),
             });
         }
+        if index.last().is_none_or(|(_, at)| end >= at + INDEX_EVERY) {
+            index.push((pos, end));
+        }
         last = Some(pos);
         count += 1;
         end += 8 + body.len() as u64;
     }
-    Ok((end, count, last))
+    Ok((end, count, last, index))
 }
 
 /// Removes segments: all of them, or (`keep`) those not of that epoch.
@@ -786,16 +845,38 @@ impl ChangeLog for LocalLog {
         }
         // The segment holding the first change after `after`.
         let mut i = segs
-            .partition_point(|(first, _)| *first <= after)
+            .partition_point(|(first, _, _)| *first <= after)
             .saturating_sub(1);
         let mut offset = HEADER;
         if let Some(h) = hint
             && h.last <= after
-            && let Some(j) = segs.iter().position(|(first, _)| *first == h.segment)
+            && let Some(j) = segs.iter().position(|(first, _, _)| *first == h.segment)
             && j >= i
         {
             i = j;
             offset = h.offset;
+        } else if let Some((first, path, index)) = segs.get(i) {
+            // No hint: start at the last indexed record at or before `after`.
+            let index = match index {
+                Some(index) => Arc::clone(index),
+                None => match self.index_of(*first, path, epoch) {
+                    Ok(index) => index,
+                    // Dropped by retention since the snapshot.
+                    Err(LogError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        return Err(LogError::Gap {
+                            since: after,
+                            floor: self.bounds().floor,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            let k = index.partition_point(|(p, _)| *p <= after);
+            if k > 0 {
+                offset = index[k - 1].1;
+            }
         }
         let relations = self
             .relations
@@ -806,7 +887,7 @@ impl ChangeLog for LocalLog {
         let mut read = 0usize;
         let mut body = Vec::new();
         while i < segs.len() {
-            let (first, path) = &segs[i];
+            let (first, path, _) = &segs[i];
             let file = match File::open(path) {
                 Ok(f) => f,
                 // Dropped by retention since the snapshot.
@@ -907,7 +988,7 @@ impl ChangeLog for LocalLog {
         // resumes without a gap.
         let file = File::open(&gone_last)
             .map_err(LogError::io(format!("reading {}", gone_last.display())))?;
-        let (_, _, last) = scan_tail(&file, epoch, &gone_last, |_| true)?;
+        let (_, _, last, _) = scan_tail(&file, epoch, &gone_last, |_| true)?;
         let mut st = self.state();
         // A reset in between: the plan no longer applies.
         if st.epoch != epoch || st.sealed.get(dropped - 1).map(|s| &s.path) != Some(&gone_last) {
@@ -1100,6 +1181,45 @@ mod tests {
         let back = log.read_after(want[0], 1, None).unwrap();
         assert_eq!(back.changes[0].new, changes[1].new);
         assert_eq!(back.changes[0].epoch, epoch);
+    }
+
+    #[test]
+    fn lookups_by_position_use_the_sparse_index_before_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = floor_for_slot(PgLsn(1));
+        let opts = LogOptions {
+            segment_bytes: 1 << 20,
+            ..LogOptions::default()
+        };
+        let (log, _) = open_ready(dir.path(), opts.clone(), floor).unwrap();
+        let r = rel();
+        let changes: Vec<_> = (1..=12_000).map(|i| change(&r, i * 10, 0)).collect();
+        for chunk in changes.chunks(1000) {
+            log.append(chunk).unwrap();
+        }
+        {
+            let st = log.state();
+            assert!(!st.sealed.is_empty());
+            assert!(st.sealed[0].index.as_ref().is_some_and(|i| i.len() > 8));
+        }
+        let check = |log: &LocalLog| {
+            for k in [0usize, 1, 997, 5_432, 6_001, 11_998] {
+                let p = log.read_after(changes[k].position, 100, None).unwrap();
+                assert_eq!(p.changes[0].position, changes[k + 1].position, "after {k}");
+            }
+            assert!(
+                log.read_after(changes[11_999].position, 100, None)
+                    .unwrap()
+                    .end
+            );
+        };
+        check(&log);
+        drop(log);
+        // Sealed segments of an earlier run get their index at the first lookup.
+        let (log, _) = open_ready(dir.path(), opts, floor).unwrap();
+        assert!(log.state().sealed[0].index.is_none());
+        check(&log);
+        assert!(log.state().sealed[0].index.is_some());
     }
 
     #[test]
