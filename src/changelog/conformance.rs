@@ -47,7 +47,7 @@ pub fn read_all(log: &dyn ChangeLog, after: Position, page: usize) -> Vec<Arc<Ro
     let mut hint = None;
     let mut at = after;
     loop {
-        let p = log.read_after(at, page, hint.as_ref()).unwrap();
+        let p = log.read_after(at, page, usize::MAX, hint.as_ref()).unwrap();
         if let Some(last) = p.changes.last() {
             at = last.position;
         }
@@ -86,6 +86,9 @@ pub fn appends_read_back_in_order_with_their_values(log: &dyn ChangeLog) {
             assert_eq!(a.relation.qualified, b.relation.qualified);
         }
     }
+    let five = log.read_after(floor, usize::MAX, 5, None).unwrap();
+    assert_eq!(five.changes.len(), 5);
+    assert!(!five.end);
     let from = changes[57].position;
     let rest: Vec<_> = read_all(log, from, 300)
         .iter()
@@ -96,7 +99,7 @@ pub fn appends_read_back_in_order_with_their_values(log: &dyn ChangeLog) {
         changes[58..].iter().map(|c| c.position).collect::<Vec<_>>()
     );
     assert!(
-        log.read_after(changes[119].position, 100, None)
+        log.read_after(changes[119].position, 100, usize::MAX, None)
             .unwrap()
             .end
     );
@@ -118,7 +121,7 @@ pub fn appends_are_refused_out_of_order_and_old_positions_are_gaps(log: &dyn Cha
     let below = Position::new(PgLsn(0), 0);
     if below < log.bounds().floor {
         assert!(matches!(
-            log.read_after(below, 100, None),
+            log.read_after(below, 100, usize::MAX, None),
             Err(LogError::Gap { .. })
         ));
     }

@@ -822,6 +822,7 @@ impl ChangeLog for LocalLog {
         &self,
         after: Position,
         max_bytes: usize,
+        max_changes: usize,
         hint: Option<&ReadHint>,
     ) -> Result<Page, LogError> {
         let (epoch, floor, newest, segs) = self.snapshot_segments();
@@ -950,7 +951,7 @@ impl ChangeLog for LocalLog {
                     page.end = true;
                     return Ok(page);
                 }
-                if read >= max_bytes {
+                if read >= max_bytes || page.changes.len() >= max_changes.max(1) {
                     return Ok(page);
                 }
             }
@@ -1115,7 +1116,7 @@ mod tests {
         let mut hint = None;
         let mut at = after;
         loop {
-            let page = log.read_after(at, 300, hint.as_ref()).unwrap();
+            let page = log.read_after(at, 300, usize::MAX, hint.as_ref()).unwrap();
             out.extend(page.changes.iter().map(|c| c.position));
             if let Some(last) = page.changes.last() {
                 at = last.position;
@@ -1166,7 +1167,7 @@ mod tests {
         // Out of order is refused; older is a gap.
         assert!(log.append(&changes[..1]).is_err());
         assert!(matches!(
-            log.read_after(Position::new(PgLsn(5), 0), 100, None),
+            log.read_after(Position::new(PgLsn(5), 0), 100, usize::MAX, None),
             Err(LogError::Gap { .. })
         ));
         let epoch = log.bounds().epoch;
@@ -1178,7 +1179,7 @@ mod tests {
         assert_eq!(b.epoch, epoch);
         assert_eq!(b.newest, Some(want[59]));
         assert_eq!(all_after(&log, want[9]), want[10..]);
-        let back = log.read_after(want[0], 1, None).unwrap();
+        let back = log.read_after(want[0], 1, usize::MAX, None).unwrap();
         assert_eq!(back.changes[0].new, changes[1].new);
         assert_eq!(back.changes[0].epoch, epoch);
     }
@@ -1204,11 +1205,13 @@ mod tests {
         }
         let check = |log: &LocalLog| {
             for k in [0usize, 1, 997, 5_432, 6_001, 11_998] {
-                let p = log.read_after(changes[k].position, 100, None).unwrap();
+                let p = log
+                    .read_after(changes[k].position, 100, usize::MAX, None)
+                    .unwrap();
                 assert_eq!(p.changes[0].position, changes[k + 1].position, "after {k}");
             }
             assert!(
-                log.read_after(changes[11_999].position, 100, None)
+                log.read_after(changes[11_999].position, 100, usize::MAX, None)
                     .unwrap()
                     .end
             );
@@ -1285,7 +1288,7 @@ mod tests {
         assert!(b.bytes <= 4096 + 1024, "{b:?}");
         assert!(b.floor > floor);
         assert!(matches!(
-            log.read_after(changes[0].position, 100, None),
+            log.read_after(changes[0].position, 100, usize::MAX, None),
             Err(LogError::Gap { .. })
         ));
         let kept = all_after(&log, b.floor);

@@ -115,11 +115,14 @@ pub trait ChangeLog: Send + Sync + 'static {
     /// Makes everything appended so far durable.
     fn sync(&self) -> Result<(), LogError>;
 
-    /// Changes after `after`, oldest first, up to about `max_bytes` of records.
+    /// Changes after `after`, oldest first, up to about `max_bytes` of records
+    /// and at most `max_changes` changes (what the reader can take: reading more
+    /// is work thrown away).
     fn read_after(
         &self,
         after: Position,
         max_bytes: usize,
+        max_changes: usize,
         hint: Option<&ReadHint>,
     ) -> Result<Page, LogError>;
 

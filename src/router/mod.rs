@@ -582,11 +582,16 @@ impl Router {
         }
         self.pages_in_flight += 1;
         let (after, hint, generation) = (lag.after, lag.hint.clone(), lag.generation);
+        // No more than its queue can take now: the rest would be read again.
+        let room = self
+            .sessions
+            .get(&session)
+            .map_or(1, |e| e.handle.tx.capacity().max(1));
         let log = Arc::clone(&self.log);
         let tx = self.pages_tx.clone();
         // File i/o: off the router task.
         tokio::task::spawn_blocking(move || {
-            let result = log.read_after(after, PAGE_BYTES, hint.as_ref());
+            let result = log.read_after(after, PAGE_BYTES, room, hint.as_ref());
             let _ = tx.send(PageDone {
                 session,
                 generation,

@@ -129,7 +129,7 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
         x ^= x >> 7;
         x ^= x << 17;
         let i = 1 + x % (n - 2);
-        let p = log.read_after(change(&rel, i).position, 64 << 10, None)?;
+        let p = log.read_after(change(&rel, i).position, 64 << 10, usize::MAX, None)?;
         anyhow::ensure!(
             p.changes.first().map(|c| c.position) == Some(change(&rel, i + 1).position)
         );
@@ -142,7 +142,7 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
     let mut hint = None;
     let mut read = 0u64;
     loop {
-        let p = log.read_after(at, 512 << 10, hint.as_ref())?;
+        let p = log.read_after(at, 512 << 10, usize::MAX, hint.as_ref())?;
         read += p.changes.len() as u64;
         if let Some(c) = p.changes.last() {
             at = c.position;
