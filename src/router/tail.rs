@@ -11,7 +11,9 @@ use crate::changes::RowChange;
 use crate::replication::lsn::Position;
 
 pub struct Tail {
-    changes: VecDeque<Arc<RowChange>>,
+    /// With each change, its weight as counted when it came in (computed once:
+    /// it walks every value).
+    changes: VecDeque<(usize, Arc<RowChange>)>,
     bytes: usize,
     max_bytes: usize,
     /// Every change after this position (up to the newest routed) is held.
@@ -30,11 +32,12 @@ impl Tail {
     }
 
     pub fn push(&mut self, change: Arc<RowChange>) {
-        self.bytes += change.approx_bytes();
-        self.changes.push_back(change);
+        let weight = change.approx_bytes();
+        self.bytes += weight;
+        self.changes.push_back((weight, change));
         while self.bytes > self.max_bytes && self.changes.len() > 1 {
-            if let Some(old) = self.changes.pop_front() {
-                self.bytes -= old.approx_bytes();
+            if let Some((weight, old)) = self.changes.pop_front() {
+                self.bytes -= weight;
                 self.floor = old.position;
             }
         }
@@ -47,8 +50,8 @@ impl Tail {
 
     /// The changes after `after`, oldest first.
     pub fn after(&self, after: Position) -> impl Iterator<Item = &Arc<RowChange>> {
-        let start = self.changes.partition_point(|c| c.position <= after);
-        self.changes.range(start..)
+        let start = self.changes.partition_point(|(_, c)| c.position <= after);
+        self.changes.range(start..).map(|(_, c)| c)
     }
 
     /// Forgets everything (the log was reset).
