@@ -17,6 +17,7 @@ mod proc;
 mod report;
 mod rest;
 mod scenarios;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -67,6 +68,12 @@ pub struct RunArgs {
     /// `--aether-env RESUME_MEMORY_BYTES=4294967296`.
     #[arg(long = "aether-env", value_parser = key_value)]
     pub aether_env: Vec<(String, String)>,
+    /// soak: the seed of the kill schedule (default: from the clock; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// soak: number of kills (default 40; 8 with --quick).
+    #[arg(long)]
+    pub kills: Option<usize>,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -108,6 +115,9 @@ enum Cmd {
     Rest(RunArgs),
     /// In-process: pgoutput decode + Assembler on real pgoutput messages.
     Decode(RunArgs),
+    /// Aether killed (SIGKILL, SIGTERM) and restarted under a steady writer; a
+    /// resuming follower must get every row exactly once, in order.
+    Soak(RunArgs),
     /// Every scenario in turn, results merged into one JSON file.
     All(RunArgs),
     /// Draws the PNG chart from a results JSON file.
@@ -145,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BigTx(a) => scenarios::run("big-tx", &a),
         Cmd::Rest(a) => scenarios::run("rest", &a),
         Cmd::Decode(a) => scenarios::run("decode", &a),
+        Cmd::Soak(a) => scenarios::run("soak", &a),
         Cmd::All(a) => {
             for name in [
                 "decode",
@@ -154,6 +165,7 @@ fn main() -> anyhow::Result<()> {
                 "big-tx",
                 "fan-out",
                 "rest",
+                "soak",
             ] {
                 scenarios::run(name, &a)?;
             }

@@ -28,6 +28,7 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
                 "big-tx" => big_tx(&env, args).await,
                 "decode" => decode(&env, args.quick).await,
                 "rest" => rest(&env, args.quick).await,
+                "soak" => crate::soak::run(&env, args).await,
                 other => anyhow::bail!("unknown scenario {other}"),
             }
         })
