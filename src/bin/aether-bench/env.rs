@@ -24,6 +24,10 @@ pub struct Env {
     pub dir: PathBuf,
     pub pg: EmbeddedPostgres,
     pub db_url: String,
+    /// Aether's `DATA_DIR` (its change log is `changelog/` in it).
+    pub aether_data: PathBuf,
+    /// `--aether-bin`, if given.
+    aether_bin: Option<PathBuf>,
     keep: bool,
 }
 
@@ -46,10 +50,16 @@ impl Env {
         )
         .context("starting PostgreSQL")?;
         let db_url = pg.connection_string_for(DATABASE);
+        let aether_data = match &args.aether_data_dir {
+            Some(base) => base.join(dir.file_name().context("cluster directory name")?),
+            None => dir.join("aether-data"),
+        };
         Ok(Env {
             dir,
             pg,
             db_url,
+            aether_data,
+            aether_bin: args.aether_bin.clone(),
             keep: args.keep,
         })
     }
@@ -71,13 +81,23 @@ impl Env {
 
     /// Starts `aether` with this cluster's URL; waits for the listener only.
     pub fn start_aether(&self, extra: &[(&str, String)]) -> anyhow::Result<Aether> {
+        let a = self.spawn_aether(free_port()?, extra)?;
+        a.wait_listening(Duration::from_secs(60))?;
+        Ok(a)
+    }
+
+    /// Starts `aether` on `port` and returns at once (the soak kills it while it
+    /// starts, and restarts it on the same port).
+    pub fn spawn_aether(&self, port: u16, extra: &[(&str, String)]) -> anyhow::Result<Aether> {
         let exe = std::env::current_exe()?;
-        let bin = exe
-            .parent()
-            .map(|d| d.join("aether"))
-            .filter(|p| p.is_file())
-            .context("target/<profile>/aether not found next to aether-bench: run `cargo build --release --bins`")?;
-        let port = free_port()?;
+        let bin = match &self.aether_bin {
+            Some(b) => b.clone(),
+            None => exe
+                .parent()
+                .map(|d| d.join("aether"))
+                .filter(|p| p.is_file())
+                .context("target/<profile>/aether not found next to aether-bench: run `cargo build --release --bins`")?,
+        };
         let log_path = self.dir.join("aether.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -89,7 +109,7 @@ impl Env {
             .env("WS_PORT", port.to_string())
             .env("REPLICATION_SLOT", SLOT)
             .env("JWT_SECRET", SECRET)
-            .env("DATA_DIR", self.dir.join("aether-data"))
+            .env("DATA_DIR", &self.aether_data)
             .env("RUST_LOG", "warn")
             // The load process opens up to 10,000 connections with one token from
             // one host: the per-user and total connection limits are not what is
@@ -110,20 +130,12 @@ impl Env {
         let child = cmd.spawn().context("starting aether")?;
         let pid = child.id();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let a = Aether {
+        Ok(Aether {
             child,
             pid,
             addr,
             log: log_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if Instant::now() > deadline {
-                bail!("aether did not listen within 60 s; see {}", a.log.display());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(a)
+        })
     }
 
     /// Holds `slot` with a replication connection that never reads, so a restarted
@@ -178,6 +190,7 @@ impl Drop for Env {
         self.pg.stop();
         if !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.aether_data);
         }
     }
 }
@@ -190,6 +203,43 @@ pub struct Aether {
 }
 
 impl Aether {
+    /// Waits until the listener accepts connections.
+    pub fn wait_listening(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "aether did not listen within {within:?}; see {}",
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Sends `sig` and waits for the process to end (SIGKILL after `within`);
+    /// returns how long it took and whether it ended by itself.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+        within: Duration,
+    ) -> (Duration, bool) {
+        let t = Instant::now();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return (t.elapsed(), true);
+            }
+            if t.elapsed() > within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return (t.elapsed(), false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits for `/health` to answer 200 (replication streaming).
     pub async fn wait_healthy(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -206,6 +256,10 @@ impl Aether {
 
     /// SIGTERM, then SIGKILL after 20 s.
     pub fn stop(&mut self) {
+        // Already ended and reaped (the soak kills it): its pid may be reused.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(self.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -264,6 +318,161 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0))
+}
+
+/// The body of a `GET` (Connection: close), `None` unless the status is 200.
+pub async fn http_get_body(addr: SocketAddr, path: &str) -> std::io::Result<Option<String>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Ok(None);
+    };
+    if head.split_whitespace().nth(1) != Some("200") {
+        return Ok(None);
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // Chunked: concatenate the chunks.
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || after.len() < n {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = after[n..].trim_start_matches("\r\n");
+        }
+        return Ok(Some(out));
+    }
+    Ok(Some(body.to_owned()))
+}
+
+/// `GET /ws/status` as JSON (`Value::Null` if unavailable).
+pub async fn ws_status(addr: SocketAddr) -> serde_json::Value {
+    match http_get_body(addr, "/ws/status").await {
+        Ok(Some(b)) => serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// The change log's size from `/ws/status`: bytes, records, bytes per record.
+pub async fn changelog_size(addr: SocketAddr) -> serde_json::Value {
+    let s = ws_status(addr).await;
+    let c = &s["changelog"];
+    let bytes = c["bytes"].as_f64();
+    let records = c["records"].as_f64();
+    serde_json::json!({
+        "bytes": bytes,
+        "records": records,
+        "bytes_per_record": match (bytes, records) {
+            (Some(b), Some(r)) if r > 0.0 => Some(b / r),
+            _ => None,
+        },
+        "append_us_last": c["append_us"],
+        "fsync_us_last": c["fsync_us"],
+    })
+}
+
+/// Bytes of the change log's segment files under `data_dir/changelog` (the
+/// relations file and meta are left out: they do not grow with changes).
+pub fn segment_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("changelog"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Settings that turn on Aether's Prometheus exposition on a free port.
+pub fn metrics_settings() -> anyhow::Result<(u16, Vec<(&'static str, String)>)> {
+    let port = free_port()?;
+    Ok((
+        port,
+        vec![
+            ("ENABLE_METRICS", "true".into()),
+            ("METRICS_PORT", port.to_string()),
+        ],
+    ))
+}
+
+/// The change log's histograms (summaries: quantiles, sum, count) and the router's
+/// hot-tail gauge from Aether's Prometheus exposition.
+pub async fn scrape_log_metrics(port: u16) -> serde_json::Value {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let Ok(Some(text)) = http_get_body(addr, "/metrics").await else {
+        return serde_json::Value::Null;
+    };
+    let mut out = serde_json::Map::new();
+    for (metric, key) in [
+        ("aether_changelog_fsync_seconds", "fsync"),
+        ("aether_changelog_append_seconds", "append"),
+    ] {
+        let mut m = serde_json::Map::new();
+        for line in text.lines().filter(|l| l.starts_with(metric)) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            if let Some(q) = name
+                .strip_prefix(metric)
+                .and_then(|r| r.strip_prefix("{quantile=\""))
+                .and_then(|r| r.strip_suffix("\"}"))
+            {
+                // Seconds -> µs, keyed like the other summaries.
+                let k = match q {
+                    "0" => "min_us".to_owned(),
+                    "1" => "max_us".to_owned(),
+                    q => format!("p{}_us", q.trim_start_matches("0.").trim_end_matches('0')),
+                };
+                m.insert(k, serde_json::json!(v * 1e6));
+            } else if name == format!("{metric}_sum") {
+                m.insert("sum_s".into(), serde_json::json!(v));
+            } else if name == format!("{metric}_count") {
+                m.insert("count".into(), serde_json::json!(v));
+            }
+        }
+        if let (Some(s), Some(c)) = (
+            m.get("sum_s").and_then(|v| v.as_f64()),
+            m.get("count").and_then(|v| v.as_f64()),
+        ) && c > 0.0
+        {
+            m.insert("mean_us".into(), serde_json::json!(s / c * 1e6));
+        }
+        out.insert(key.into(), serde_json::Value::Object(m));
+    }
+    for (metric, key) in [
+        ("aether_router_tail_bytes", "tail_bytes"),
+        ("aether_changelog_appended_total", "appended"),
+        ("aether_changelog_duplicates_total", "duplicates"),
+        ("aether_changelog_bytes", "log_bytes"),
+        ("aether_changelog_records", "log_records"),
+    ] {
+        if let Some(v) = text
+            .lines()
+            .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+        {
+            out.insert(key.into(), serde_json::json!(v));
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -328,6 +537,7 @@ pub async fn folder_ids(
 pub struct LoadProc {
     child: tokio::process::Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stdin: Option<tokio::process::ChildStdin>,
 }
 
 impl LoadProc {
@@ -339,17 +549,27 @@ impl LoadProc {
             .arg("load")
             .arg("--spec")
             .arg(spec.to_string())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .context("starting the load process")?;
         let stdout = child.stdout.take().context("load stdout")?;
+        let stdin = child.stdin.take();
         Ok(LoadProc {
             child,
             lines: BufReader::new(stdout).lines(),
+            stdin,
         })
+    }
+
+    /// Sends one line to the load process (a scenario's go-ahead or stop).
+    pub async fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        let stdin = self.stdin.as_mut().context("load stdin closed")?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        Ok(())
     }
 
     /// Reads lines until one starts with `word`; returns the rest of it. `LOG` lines

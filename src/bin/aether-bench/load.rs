@@ -92,6 +92,13 @@ pub enum Spec {
         seconds: f64,
         warmup_s: f64,
     },
+    /// `soak`: a writer of numbered rows and a follower that resumes with `since`.
+    Soak {
+        server: SocketAddr,
+        token: String,
+        db: String,
+        rate: f64,
+    },
     /// `rest`: sign up one user, upload `bytes` to `bucket`/`path`, download it back.
     Upload {
         server: SocketAddr,
@@ -104,7 +111,7 @@ pub enum Spec {
     },
 }
 
-fn say(line: &str) {
+pub fn say(line: &str) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -151,6 +158,12 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
             timeout_s,
         } => big_tx(server, &token, &db, aether_pid, expected, &sql, timeout_s).await,
         Spec::Latency { .. } => latency(spec).await,
+        Spec::Soak {
+            server,
+            token,
+            db,
+            rate,
+        } => crate::soak::load(server, token, db, rate).await,
         Spec::FanOut { .. } => fan_out(spec).await,
         Spec::Routing { .. } => routing(spec).await,
         Spec::SignIn {

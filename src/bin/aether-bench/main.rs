@@ -18,6 +18,7 @@ mod proc;
 mod report;
 mod rest;
 mod scenarios;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -51,6 +52,53 @@ pub struct RunArgs {
     /// catch-up: number of 1,000-row transactions (default 1,000; 100 with --quick).
     #[arg(long)]
     pub catch_up_txs: Option<u64>,
+    /// Put Aether's DATA_DIR (and so its change log) under this directory instead of
+    /// next to the cluster: e.g. /dev/shm, where fsync costs nothing, to isolate the
+    /// log's disk cost.
+    #[arg(long)]
+    pub aether_data_dir: Option<PathBuf>,
+    /// The `aether` binary to measure (default: the one next to aether-bench), e.g.
+    /// an older build for before/after numbers on the same machine.
+    #[arg(long)]
+    pub aether_bin: Option<PathBuf>,
+    /// catch-up, big-tx: run Aether with ENABLE_METRICS and report the change log's
+    /// append and fsync histograms and the hot tail's bytes (Prometheus).
+    #[arg(long)]
+    pub metrics: bool,
+    /// catch-up, big-tx: an extra Aether setting, `KEY=VALUE` (repeatable), e.g.
+    /// `--aether-env RESUME_MEMORY_BYTES=4294967296`.
+    #[arg(long = "aether-env", value_parser = key_value)]
+    pub aether_env: Vec<(String, String)>,
+    /// soak: the seed of the kill schedule (default: from the clock; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// soak: number of kills (default 40; 8 with --quick).
+    #[arg(long)]
+    pub kills: Option<usize>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+impl RunArgs {
+    /// Aether settings for the catch-up and big-tx runs: the queue capacity, the
+    /// `--aether-env` ones, and the metrics port with `--metrics`.
+    #[allow(clippy::type_complexity)]
+    pub fn aether_settings(&self) -> anyhow::Result<(Option<u16>, Vec<(&str, String)>)> {
+        let mut v: Vec<(&str, String)> =
+            vec![("WS_QUEUE_CAPACITY", self.ws_queue_capacity.to_string())];
+        v.extend(self.aether_env.iter().map(|(k, x)| (k.as_str(), x.clone())));
+        let mut port = None;
+        if self.metrics {
+            let (p, m) = env::metrics_settings()?;
+            port = Some(p);
+            v.extend(m);
+        }
+        Ok((port, v))
+    }
 }
 
 #[derive(Subcommand)]
@@ -71,6 +119,9 @@ enum Cmd {
     Decode(RunArgs),
     /// In-process: the local change log alone (append + fsync, recovery, reads).
     Changelog(RunArgs),
+    /// Aether killed (SIGKILL, SIGTERM) and restarted under a steady writer; a
+    /// resuming follower must get every row exactly once, in order.
+    Soak(RunArgs),
     /// Every scenario in turn, results merged into one JSON file.
     All(RunArgs),
     /// Draws the PNG chart from a results JSON file.
@@ -109,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Rest(a) => scenarios::run("rest", &a),
         Cmd::Decode(a) => scenarios::run("decode", &a),
         Cmd::Changelog(a) => logbench::run(&a),
+        Cmd::Soak(a) => scenarios::run("soak", &a),
         Cmd::All(a) => {
             for name in [
                 "decode",
@@ -118,6 +170,7 @@ fn main() -> anyhow::Result<()> {
                 "big-tx",
                 "fan-out",
                 "rest",
+                "soak",
             ] {
                 scenarios::run(name, &a)?;
             }

@@ -28,6 +28,7 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
                 "big-tx" => big_tx(&env, args).await,
                 "decode" => decode(&env, args.quick).await,
                 "rest" => rest(&env, args.quick).await,
+                "soak" => crate::soak::run(&env, args).await,
                 other => anyhow::bail!("unknown scenario {other}"),
             }
         })
@@ -36,12 +37,37 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
     result["quick"] = json!(args.quick);
     result["wall_s"] = json!(started.elapsed().as_secs_f64());
     result["machine"] = machine();
+    result["commit"] = commit();
+    if let Some(b) = &args.aether_bin {
+        result["aether_bin"] = json!(b);
+    }
     println!("json: {}", serde_json::to_string(&result)?);
     if let Some(path) = &args.json {
         merge_json(path, name, &result)?;
     }
     println!();
     Ok(())
+}
+
+/// The commit of the working tree the bench runs in (`-dirty` with local changes
+/// to tracked files).
+fn commit() -> Value {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(c) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            json!(if dirty { format!("{c}-dirty") } else { c })
+        }
+        None => Value::Null,
+    }
 }
 
 fn machine() -> Value {
@@ -198,7 +224,7 @@ fn pg_recvlogical(env: &Env, slot: &str, endpos: &str) -> anyhow::Result<Recv> {
 
 async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     let quick = args.quick;
-    let queue = ("WS_QUEUE_CAPACITY", args.ws_queue_capacity.to_string());
+    let (metrics_port, settings) = args.aether_settings()?;
     let (txs, singles) = if quick {
         (100, 10_000)
     } else {
@@ -258,7 +284,8 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
 
     // Aether: restart while the slot is held, subscribe, then let it read the slot.
     let hold = env.hold_slot(env::SLOT).await?;
-    let aether = env.start_aether(&[queue])?;
+    let aether = env.start_aether(&settings)?;
+    let rss_start = crate::proc::rss_kib(aether.pid).unwrap_or(0) as f64 / 1024.0;
     let mut load = LoadProc::spawn(&json!({
         "mode": "catch-up",
         "server": aether.addr,
@@ -288,6 +315,19 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     let cpu1 = cpu_seconds(aether.pid).unwrap_or(0.0);
     let res = load.result().await?;
     let rss = crate::proc::hwm_kib(aether.pid).unwrap_or(0) as f64 / 1024.0;
+    let rss_end = crate::proc::rss_kib(aether.pid).unwrap_or(0) as f64 / 1024.0;
+    let mut log_size = env::changelog_size(aether.addr).await;
+    let seg = env::segment_bytes(&env.aether_data);
+    log_size["segment_file_bytes"] = json!(seg);
+    log_size["segment_bytes_per_event"] = json!(seg as f64 / expected as f64);
+    let metrics = match metrics_port {
+        Some(p) => {
+            // The tail gauge is set on the router's 500 ms tick.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            env::scrape_log_metrics(p).await
+        }
+        None => Value::Null,
+    };
     drop(aether);
     let recv2 = pg_recvlogical(env, "twin_after", &endpos)?;
     println!(
@@ -342,6 +382,7 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         );
     }
     println!("ratio: {ratio:.3}");
+    print_log_costs(&log_size, &metrics, aether_s, received, rss_start, rss_end);
     Ok(json!({
         "transactions_1000_rows": txs,
         "one_row_transactions": singles,
@@ -362,12 +403,75 @@ async fn catch_up(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
             "cpu_s": cpu,
             "cpu_s_per_million": cpu * 1e6 / received.max(1) as f64,
             "peak_rss_mib": rss,
+            "rss_start_mib": rss_start,
+            "rss_end_mib": rss_end,
             "error": res["error"],
             "stream": res["stream"],
         },
         "ratio": ratio,
         "ws_queue_capacity": args.ws_queue_capacity,
+        "aether_settings": settings_json(&settings),
+        "aether_data_dir": env.aether_data,
+        "changelog": log_size,
+        "metrics": metrics,
     }))
+}
+
+fn settings_json(settings: &[(&str, String)]) -> Value {
+    Value::Object(
+        settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect(),
+    )
+}
+
+/// The change log's size on disk and, with `--metrics`, its append and fsync
+/// costs and the hot tail's size.
+fn print_log_costs(
+    log_size: &Value,
+    metrics: &Value,
+    run_s: f64,
+    events: u64,
+    rss_start: f64,
+    rss_end: f64,
+) {
+    println!(
+        "  change log (/ws/status): {} bytes, {} records: {} bytes on disk per change; segment files {} bytes / {} events = {} bytes per event",
+        int(&log_size["bytes"]),
+        int(&log_size["records"]),
+        f(&log_size["bytes_per_record"], 0),
+        int(&log_size["segment_file_bytes"]),
+        group(events as i64),
+        f(&log_size["segment_bytes_per_event"], 0)
+    );
+    if metrics.is_null() {
+        return;
+    }
+    for (k, name) in [
+        ("append", "append (write into the page cache)"),
+        ("fsync", "fsync"),
+    ] {
+        let m = &metrics[k];
+        println!(
+            "  {name}: {} calls, {} s in all ({:.1}% of the run, {:.2} s per million events); per call p50 {} µs, p99 {} µs, max {} µs, mean {} µs",
+            int(&m["count"]),
+            f(&m["sum_s"], 3),
+            m["sum_s"].as_f64().unwrap_or(0.0) / run_s.max(1e-9) * 100.0,
+            m["sum_s"].as_f64().unwrap_or(0.0) * 1e6 / events.max(1) as f64,
+            f(&m["p50_us"], 0),
+            f(&m["p99_us"], 0),
+            f(&m["max_us"], 0),
+            f(&m["mean_us"], 0),
+        );
+    }
+    println!(
+        "  hot tail: {} MiB (aether_router_tail_bytes, the router's estimate); Aether RSS {rss_start:.1} MiB at start, {rss_end:.1} MiB at the end",
+        f(
+            &json!(metrics["tail_bytes"].as_f64().unwrap_or(0.0) / 1048576.0),
+            1
+        )
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -589,7 +693,7 @@ async fn filtered_routing(env: &Env, quick: bool) -> anyhow::Result<Value> {
 
 async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     let quick = args.quick;
-    let queue = ("WS_QUEUE_CAPACITY", args.ws_queue_capacity.to_string());
+    let (metrics_port, settings) = args.aether_settings()?;
     let rows: u64 = if quick { 100_000 } else { 1_000_000 };
     let owner = env::seed(&env.db_url, 1, "b").await?;
     let sql = env::connect(&env.db_url).await?;
@@ -606,7 +710,7 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     ))
     .await?;
     sql.batch_execute("VACUUM ANALYZE public.files").await?;
-    let aether = started_aether(env, &[queue]).await?;
+    let aether = started_aether(env, &settings).await?;
     // The reference: a twin slot at the same point, drained after Aether's run.
     sql.batch_execute("SELECT pg_create_logical_replication_slot('bt_twin', 'pgoutput')")
         .await?;
@@ -623,6 +727,19 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
     let mut res = load.result().await?;
     res["rows"] = json!(rows);
     res["ws_queue_capacity"] = json!(args.ws_queue_capacity);
+    res["aether_settings"] = settings_json(&settings);
+    res["aether_data_dir"] = json!(env.aether_data);
+    res["changelog"] = env::changelog_size(aether.addr).await;
+    let seg = env::segment_bytes(&env.aether_data);
+    res["changelog"]["segment_file_bytes"] = json!(seg);
+    res["changelog"]["segment_bytes_per_event"] = json!(seg as f64 / rows as f64);
+    res["metrics"] = match metrics_port {
+        Some(p) => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            env::scrape_log_metrics(p).await
+        }
+        None => Value::Null,
+    };
     drop(aether);
     let endpos: String = sql
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -665,6 +782,15 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
         ]],
     );
     println!("  (event times are measured from the UPDATE's commit as the client saw it)");
+    let run_s = res["last_after_commit_s"].as_f64().unwrap_or(0.0);
+    print_log_costs(
+        &res["changelog"],
+        &res["metrics"],
+        run_s,
+        rows,
+        res["rss_before_mib"].as_f64().unwrap_or(0.0),
+        res["rss_after_mib"].as_f64().unwrap_or(0.0),
+    );
     println!(
         "  reference: pg_recvlogical on a twin slot, started after Aether's run: first byte after {:.2} s (its walsender reads the transaction's WAL first), last after {:.2} s: {} events/s from first to last byte; Aether / pg_recvlogical events/s: {:.2}",
         recv.first_s,
@@ -992,7 +1118,7 @@ async fn rest(env: &Env, quick: bool) -> anyhow::Result<Value> {
         .await?;
     let row_size: i64 = row.get(0);
     let key: String = row.get(1);
-    let disk = std::fs::metadata(env.dir.join("aether-data").join("storage").join(&key))
+    let disk = std::fs::metadata(env.aether_data.join("storage").join(&key))
         .map(|m| m.len())
         .ok();
     let response_size = upload["response"]["size"].as_u64();
