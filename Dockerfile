@@ -2,8 +2,9 @@
 # named by DATABASE_URL (see docker-compose.yml).
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
 COPY migrations ./migrations
 RUN cargo build --release --locked --bin aether
 

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             let mut client = server::connect(&pg)
                 .await
                 .context("connecting to PostgreSQL")?;
-            let applied = aether::store::migrate::migrate(&mut client)
+            let applied = aether_postgres::store::migrate::migrate(&mut client)
                 .await
                 .context("applying migrations")?;
             println!(

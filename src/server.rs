@@ -11,24 +11,23 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use crate::api::rate_limit::RateLimits;
 use crate::auth::{AuthService, JwtKeys};
-use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot};
-use crate::changelog::pump::{self, Durable, LogStatus};
-use crate::changelog::{ChangeLog as _, SharedLog};
 use crate::config::Config;
 use crate::realtime::hub::{ChannelConfigs, Hub, HubCommand};
 use crate::realtime::registry::Registry;
 use crate::realtime::stats::Stats;
-use crate::replication::monitor::SlotHealth;
-use crate::replication::stream::{self, ReplicationStatus, ReplicationTask};
 use crate::router::catalog::{Catalog, SharedCatalog};
 use crate::router::{Command, Router, RouterConfig};
 use crate::storage::{self as file_storage, Blobs, StorageService};
-use crate::store::embedded::{EmbeddedPostgres, LaunchOptions};
-use crate::store::{self, migrate};
+use aether_changelog::ingest::{self, ReplicationStatus, ReplicationTask};
+use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot};
+use aether_changelog::monitor::SlotHealth;
+use aether_changelog::pump::{self, Durable, LogStatus};
+use aether_changelog::{ChangeLog as _, SharedLog};
+use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
+use aether_postgres::store::{self, migrate};
 
 /// State shared by every route and session.
 #[derive(Clone)]
@@ -86,7 +85,7 @@ where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    tokio::spawn(fut.instrument(tracing::info_span!("task", name)))
+    aether_core::task::spawn_named(name, fut)
 }
 
 /// Runs a task the server cannot do without: if it ends (returns or panics)
@@ -234,13 +233,9 @@ async fn open_log(config: &Config) -> anyhow::Result<SharedLog> {
         retention_age: config.resume_retention,
     };
     let log = tokio::task::spawn_blocking(move || {
-        LocalLog::open(
-            &dir,
-            opts,
-            floor_for_slot(crate::replication::lsn::PgLsn::ZERO),
-        )
-        .map(|(log, _)| log)
-        .with_context(|| format!("opening the change log in {}", dir.display()))
+        LocalLog::open(&dir, opts, floor_for_slot(aether_core::lsn::PgLsn::ZERO))
+            .map(|(log, _)| log)
+            .with_context(|| format!("opening the change log in {}", dir.display()))
     })
     .await
     .context("change log")??;
@@ -270,13 +265,13 @@ impl Server {
         let log = open_log(&config).await?;
         // A slot about to be created starts a new history: say so in the log
         // first, so a crash between the two still resets it at the next start.
-        if !stream::slot_exists(&setup, &config.replication_slot).await? {
+        if !ingest::slot_exists(&setup, &config.replication_slot).await? {
             let l = Arc::clone(&log);
             tokio::task::spawn_blocking(move || l.mark_reset_pending())
                 .await
                 .context("change log")??;
         }
-        let (confirmed, _) = stream::ensure_slot(&setup, &config.replication_slot).await?;
+        let (confirmed, _) = ingest::ensure_slot(&setup, &config.replication_slot).await?;
         if log.bounds().reset_pending {
             let (l, floor) = (Arc::clone(&log), floor_for_slot(confirmed));
             let epoch = tokio::task::spawn_blocking(move || l.reset(floor))
@@ -284,7 +279,7 @@ impl Server {
                 .context("change log")??;
             tracing::warn!(%epoch, %floor, "the change log starts a new epoch for a new replication slot; older positions are answered with gap");
         }
-        let timeout = stream::wal_sender_timeout(&setup).await?;
+        let timeout = ingest::wal_sender_timeout(&setup).await?;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
             Catalog::load(&setup, &config.publication).await?,
         ));
@@ -360,7 +355,7 @@ impl Server {
             pg: pg.clone(),
             slot: config.replication_slot.clone(),
             publication: config.publication.clone(),
-            status_interval: stream::status_interval(timeout),
+            status_interval: ingest::status_interval(timeout),
             log: log_tx,
             durable: durable_rx,
             epoch,
@@ -372,7 +367,7 @@ impl Server {
         tasks.push(critical("replication", Box::pin(replication.run())));
         tasks.push(critical(
             "slot-monitor",
-            Box::pin(crate::replication::monitor::run(
+            Box::pin(aether_changelog::monitor::run(
                 pool.clone(),
                 config.replication_slot.clone(),
                 config.wal_retained_warn_bytes,

@@ -177,7 +177,7 @@ async fn aether_migrate_applies_each_migration_once() {
     assert!(
         first.starts_with(&format!(
             "applied {} migration(s): 0001_init",
-            aether::store::migrate::MIGRATIONS.len()
+            aether_postgres::store::migrate::MIGRATIONS.len()
         )),
         "{first}"
     );
@@ -188,7 +188,10 @@ async fn aether_migrate_applies_each_migration_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n as usize, aether::store::migrate::MIGRATIONS.len());
+    assert_eq!(
+        n as usize,
+        aether_postgres::store::migrate::MIGRATIONS.len()
+    );
 }
 
 #[test]

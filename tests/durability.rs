@@ -467,7 +467,7 @@ async fn a_client_away_for_150k_changes_and_a_restart_resumes_without_a_gap() {
 /// `pg_ctl` as the account the embedded cluster runs under.
 fn pg_ctl(pgdata: &std::path::Path, args: &[&str]) -> std::process::Output {
     use std::os::unix::process::CommandExt as _;
-    let bin = aether::store::embedded::find_bin_dir().unwrap();
+    let bin = aether_postgres::store::embedded::find_bin_dir().unwrap();
     let mut cmd = Command::new(bin.join("pg_ctl"));
     cmd.args(["-D", pgdata.to_str().unwrap()]).args(args);
     if nix::unistd::geteuid().is_root() {
@@ -489,9 +489,9 @@ async fn a_fast_postgres_restart_is_not_held_up_and_nothing_is_lost() {
     let pg = {
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || {
-            aether::store::embedded::EmbeddedPostgres::start(
+            aether_postgres::store::embedded::EmbeddedPostgres::start(
                 &dir,
-                &aether::store::embedded::LaunchOptions {
+                &aether_postgres::store::embedded::LaunchOptions {
                     fsync: false,
                     database: "postgres".into(),
                 },
@@ -527,7 +527,7 @@ async fn a_fast_postgres_restart_is_not_held_up_and_nothing_is_lost() {
             // From the very start of the log.
             {
                 let b = server.state.log.bounds();
-                aether::replication::lsn::StreamId {
+                aether_core::lsn::StreamId {
                     position: b.floor,
                     epoch: b.epoch,
                 }

@@ -179,12 +179,8 @@ fn sources() -> Vec<(String, String)> {
     files(&root().join("src"), "rs", &mut paths);
     paths
         .into_iter()
-        // The benchmark and the settings (whose errors name variables) answer
-        // no client.
-        .filter(|p| {
-            let p = p.to_string_lossy();
-            !p.contains("aether-bench") && !p.ends_with("src/config.rs")
-        })
+        // The settings (whose errors name variables) answer no client.
+        .filter(|p| !p.to_string_lossy().ends_with("src/config.rs"))
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
             // Unit tests name codes to check them, not to emit them.

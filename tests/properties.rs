@@ -6,19 +6,19 @@
 //! Arbitrary input never panics; where an encoder exists (here or in `src/`)
 //! values round-trip through it.
 
-use aether::changes::{Column, Relation, TableId};
 use aether::realtime::phoenix::{PhxMessage, Vsn};
 use aether::realtime::phoenix_hub::{
     BroadcastPayload, decode_user_broadcast_push, encode_user_broadcast,
 };
 use aether::realtime::protocol::{self, ClientFrame, SubscribeRequest};
-use aether::replication::lsn::PgLsn;
-use aether::replication::pgoutput::{
-    LogicalMessage, RelationBody, RelationColumn, TupleValue, decode,
-};
 use aether::router::catalog::{ColumnInfo, TableInfo};
 use aether::router::filter::{Filter, Op};
 use aether::storage::path::{MAX_DEPTH, MAX_PATH_BYTES, ObjectPath};
+use aether_core::changes::{Column, Relation, TableId};
+use aether_core::lsn::PgLsn;
+use aether_postgres::replication::pgoutput::{
+    LogicalMessage, RelationBody, RelationColumn, TupleValue, decode,
+};
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Value, json};

@@ -48,9 +48,9 @@ use super::session::{
 use crate::api::extract::ClientAddr;
 use crate::api::supabase::check_api_key;
 use crate::auth::Principal;
-use crate::changes::{ChangeKind, RowChange, RowJson};
 use crate::router::{Command, Outbound, SessionHandle};
 use crate::server::AppState;
+use aether_core::changes::{ChangeKind, RowChange, RowJson};
 
 #[derive(Deserialize)]
 pub struct ConnectQuery {
@@ -441,7 +441,7 @@ pub fn change_data(c: &RowChange) -> Value {
         .filter(|col| !col.secret)
         .map(|col| json!({"name": col.name, "type": type_name(col.type_oid)}))
         .collect();
-    let row = |r: Option<&crate::changes::Row>| match r {
+    let row = |r: Option<&aether_core::changes::Row>| match r {
         Some(values) => serde_json::to_value(RowJson {
             relation: rel,
             values,

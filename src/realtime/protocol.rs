@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::changes::RowChange;
 use crate::router::Outbound;
+use aether_core::changes::RowChange;
 
 /// A parsed client frame.
 #[derive(Debug, PartialEq)]

@@ -1079,7 +1079,7 @@ pub(crate) async fn resolve(
         .since
         .as_deref()
         .map(|s| {
-            s.parse::<crate::replication::lsn::SinceId>()
+            s.parse::<aether_core::lsn::SinceId>()
                 .map_err(|e| err("invalid_since", e.to_string()))
         })
         .transpose()?;

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use serde_json::Value;
 
 use crate::auth::Principal;
-use crate::changes::{Relation, Row};
+use aether_core::changes::{Relation, Row};
 
 fn text_at<'r>(relation: &Relation, row: &'r Row, column: &str) -> Option<&'r str> {
     let i = relation.column_index(column)?;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use crate::changes::{Relation, is_secret_column};
+use aether_core::changes::{Relation, is_secret_column};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnInfo {

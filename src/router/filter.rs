@@ -11,8 +11,8 @@ use std::cmp::Ordering;
 use serde_json::Value;
 
 use super::catalog::TableInfo;
-use crate::changes::value::{oid, text_to_json};
-use crate::changes::{Relation, Row};
+use aether_core::changes::value::{oid, text_to_json};
+use aether_core::changes::{Relation, Row};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FilterError {
@@ -246,8 +246,8 @@ fn typed_literal(column: &str, type_oid: u32, literal: &str) -> Result<Value, Fi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::{Column, TableId};
     use crate::router::catalog::ColumnInfo;
+    use aether_core::changes::{Column, TableId};
     use serde_json::json;
     use std::sync::Arc;
 

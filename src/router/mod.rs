@@ -36,10 +36,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
-use crate::changelog::pump::Feed;
-use crate::changelog::{LogError, Page, ReadHint, SharedLog};
-use crate::changes::{ChangeKind, Relation, RowChange};
-use crate::replication::lsn::{Epoch, Position, SinceId, StreamId};
+use aether_changelog::pump::Feed;
+use aether_changelog::{LogError, Page, ReadHint, SharedLog};
+use aether_core::changes::{ChangeKind, Relation, RowChange};
+use aether_core::lsn::{Epoch, Position, SinceId, StreamId};
 use filter::{Filter, key_of};
 use tail::Tail;
 
@@ -462,7 +462,7 @@ impl Router {
         if rel.schema != "auth" || rel.name != "sessions" {
             return;
         }
-        let at = |row: &crate::changes::Row, col: &str| {
+        let at = |row: &aether_core::changes::Row, col: &str| {
             rel.column_index(col)
                 .and_then(|i| row.get(i))
                 .and_then(|v| v.clone())
@@ -1021,7 +1021,7 @@ fn track_channels(change: &RowChange, configs: &crate::realtime::hub::ChannelCon
     if rel.schema != "aether" || rel.name != "channels" {
         return;
     }
-    let at = |row: &crate::changes::Row, col: &str| {
+    let at = |row: &aether_core::changes::Row, col: &str| {
         rel.column_index(col)
             .and_then(|i| row.get(i))
             .and_then(|v| v.clone())
@@ -1074,7 +1074,8 @@ fn passes(
     if change.kind == ChangeKind::Truncate {
         return true;
     }
-    let filter_ok = |row: Option<&crate::changes::Row>| row.is_some_and(|r| filter.matches(rel, r));
+    let filter_ok =
+        |row: Option<&aether_core::changes::Row>| row.is_some_and(|r| filter.matches(rel, r));
     // An UPDATE that moves a row out of a filter's range is still news to its
     // subscribers: match on the new or the old row.
     let matched = match change.kind {

@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::changes::RowChange;
-use crate::replication::lsn::Position;
+use aether_core::changes::RowChange;
+use aether_core::lsn::Position;
 
 pub struct Tail {
     /// With each change, its weight as counted when it came in (computed once:
@@ -77,11 +77,11 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::ChangeKind;
-    use crate::replication::lsn::PgLsn;
+    use aether_core::changes::ChangeKind;
+    use aether_core::lsn::PgLsn;
 
     fn change(lsn: u64) -> Arc<RowChange> {
-        let rel = crate::changes::test_relation();
+        let rel = aether_core::changes::test_relation();
         Arc::new(RowChange::new(
             Position::new(PgLsn(lsn), 0),
             ChangeKind::Insert,

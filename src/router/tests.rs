@@ -1,9 +1,9 @@
 use super::*;
-use crate::changelog::ChangeLog;
-use crate::changelog::local::{LocalLog, LogOptions, floor_for_slot, open_ready};
-use crate::replication::lsn::PgLsn;
+use aether_changelog::ChangeLog;
+use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot, open_ready};
+use aether_core::lsn::PgLsn;
 
-use crate::changes::test_relation as relation;
+use aether_core::changes::test_relation as relation;
 
 struct Fixture {
     r: Router,

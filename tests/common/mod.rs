@@ -12,7 +12,7 @@ use std::time::Duration;
 use aether::auth::{Claims, JwtKeys};
 use aether::config::{Config, JwtAlgorithm};
 use aether::server::Server;
-use aether::store::embedded::{EmbeddedPostgres, LaunchOptions};
+use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -496,8 +496,8 @@ impl Ws {
             .expect("subscribed.position");
         assert!(
             matches!(
-                position.parse::<aether::replication::lsn::SinceId>(),
-                Ok(aether::replication::lsn::SinceId::Stream(_))
+                position.parse::<aether_core::lsn::SinceId>(),
+                Ok(aether_core::lsn::SinceId::Stream(_))
             ),
             "{reply}"
         );

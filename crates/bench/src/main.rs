@@ -1,6 +1,6 @@
 //! `aether-bench`: the benchmark instrument (issue 7).
 //!
-//! `cargo run --release --bin aether-bench -- <scenario> [--quick]` starts its own
+//! `cargo run --release -p aether-bench -- <scenario> [--quick]` starts its own
 //! PostgreSQL (the embedded launcher, `fsync=off`), runs the release `aether` binary as
 //! a separate process (so its CPU and RSS are read from `/proc/<pid>` apart from the
 //! load), and drives the workload from a third process: this binary re-executed with

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use serde_json::{Map, Number, Value};
 
-use crate::changes::{ChangeKind, Column, Relation, Row, RowChange, TableId, is_secret_column};
-use crate::replication::lsn::{Epoch, PgLsn, Position};
+use aether_core::changes::{
+    ChangeKind, Column, Relation, Row, RowChange, TableId, is_secret_column,
+};
+use aether_core::lsn::{Epoch, PgLsn, Position};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {

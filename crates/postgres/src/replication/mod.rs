@@ -1,7 +1,4 @@
 //! The source: a logical replication slot read over the streaming protocol.
 
 pub mod conn;
-pub mod lsn;
-pub mod monitor;
 pub mod pgoutput;
-pub mod stream;

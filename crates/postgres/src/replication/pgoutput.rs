@@ -7,8 +7,8 @@
 
 use bytes::Bytes;
 
-use super::lsn::PgLsn;
-use crate::changes::TableId;
+use aether_core::changes::TableId;
+use aether_core::lsn::PgLsn;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;

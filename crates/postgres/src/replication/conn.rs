@@ -13,7 +13,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
 
-use super::lsn::PgLsn;
+use aether_core::lsn::PgLsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {

@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Column, Relation, TableId, is_secret_column};
 use crate::replication::pgoutput::RelationBody;
+use aether_core::changes::{Column, Relation, TableId, is_secret_column};
 
 #[derive(Debug, Default)]
 pub struct RelationCache {

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::value::text_to_json;
-use super::{ChangeKind, Relation, RelationCache, Row, RowChange, TableId};
-use crate::replication::lsn::{Epoch, PgLsn, Position};
+use super::RelationCache;
 use crate::replication::pgoutput::{LogicalMessage, PG_EPOCH_OFFSET_US, TupleValue};
+use aether_core::changes::value::text_to_json;
+use aether_core::changes::{ChangeKind, Relation, Row, RowChange, TableId};
+use aether_core::lsn::{Epoch, PgLsn, Position};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChangeError {

@@ -17,14 +17,16 @@
 pub mod codec;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod ingest;
 pub mod local;
+pub mod monitor;
 pub mod pump;
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::changes::RowChange;
-use crate::replication::lsn::{Epoch, Position};
+use aether_core::changes::RowChange;
+use aether_core::lsn::{Epoch, Position};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {

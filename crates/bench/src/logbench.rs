@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aether::changelog::ChangeLog;
-use aether::changelog::local::{LogOptions, floor_for_slot, open_ready};
-use aether::changes::{ChangeKind, Column, Relation, RowChange, TableId};
-use aether::replication::lsn::{PgLsn, Position};
+use aether_changelog::ChangeLog;
+use aether_changelog::local::{LogOptions, floor_for_slot, open_ready};
+use aether_core::changes::{ChangeKind, Column, Relation, RowChange, TableId};
+use aether_core::lsn::{PgLsn, Position};
 use serde_json::json;
 
 use crate::RunArgs;

@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=../../migrations");
     let dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-            .join("migrations");
+            .join("../../migrations");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("migrations/ is readable")
         .filter_map(Result::ok)

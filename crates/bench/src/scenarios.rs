@@ -811,8 +811,8 @@ async fn big_tx(env: &Env, args: &RunArgs) -> anyhow::Result<Value> {
 // decode
 
 async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
-    use aether::changes::{Assembler, Output};
-    use aether::replication::pgoutput;
+    use aether_postgres::decode::{Assembler, Output};
+    use aether_postgres::replication::pgoutput;
     let owner = env::seed(&env.db_url, 1, "d").await?;
     let sql = env::connect(&env.db_url).await?;
     let folder = env::folder_ids(&sql, "d", 1).await?[0];

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{LogError, SharedLog};
-use crate::changes::{Output, Relation, RowChange};
-use crate::replication::lsn::{Epoch, PgLsn, Position};
+use aether_core::changes::{Relation, RowChange};
+use aether_core::lsn::{Epoch, PgLsn, Position};
+use aether_postgres::decode::Output;
 
 /// What the replication task hands the log.
 #[derive(Debug)]
@@ -315,11 +316,11 @@ fn sync_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::local::{LogOptions, floor_for_slot, open_ready};
-    use crate::changes::ChangeKind;
+    use crate::local::{LogOptions, floor_for_slot, open_ready};
+    use aether_core::changes::ChangeKind;
 
     fn change(lsn: u64) -> Output {
-        let rel = crate::changes::test_relation();
+        let rel = aether_core::changes::test_relation();
         Output::Change(Arc::new(RowChange::new(
             Position::new(PgLsn(lsn), 0),
             ChangeKind::Insert,

@@ -646,7 +646,7 @@ impl Reference {
             s = Self::SLOT
         ))
         .await?;
-        let bin = aether::store::embedded::find_bin_dir()?.join("pg_recvlogical");
+        let bin = aether_postgres::store::embedded::find_bin_dir()?.join("pg_recvlogical");
         let mut child = tokio::process::Command::new(&bin)
             .args(["-d", db, "--slot", Self::SLOT, "--start", "-f", "-"])
             .args(["-o", "skip-empty-xacts=1", "-o", "include-xids=0"])

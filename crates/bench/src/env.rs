@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use aether::auth::{Claims, JwtKeys};
 use aether::config::JwtAlgorithm;
-use aether::store::embedded::{EmbeddedPostgres, LaunchOptions};
+use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 
 use crate::RunArgs;
 
@@ -76,7 +76,7 @@ impl Env {
     }
 
     pub fn bin_dir() -> anyhow::Result<PathBuf> {
-        Ok(aether::store::embedded::find_bin_dir()?)
+        Ok(aether_postgres::store::embedded::find_bin_dir()?)
     }
 
     /// Starts `aether` with this cluster's URL; waits for the listener only.
@@ -145,13 +145,10 @@ impl Env {
     /// only, not the `replication=database` connections of logical decoding.)
     pub async fn hold_slot(&self, slot: &str) -> anyhow::Result<SlotHold> {
         let config: tokio_postgres::Config = self.db_url.parse()?;
-        let mut conn = aether::replication::conn::ReplicationConn::connect(&config).await?;
-        conn.start_replication(
-            slot,
-            "aether_realtime",
-            aether::replication::lsn::PgLsn::ZERO,
-        )
-        .await?;
+        let mut conn =
+            aether_postgres::replication::conn::ReplicationConn::connect(&config).await?;
+        conn.start_replication(slot, "aether_realtime", aether_core::lsn::PgLsn::ZERO)
+            .await?;
         let c = connect(&self.db_url).await?;
         let pid: i32 = c
             .query_one(
@@ -180,7 +177,7 @@ impl Env {
 
 /// A replication connection holding a slot; dropping it releases the slot.
 pub struct SlotHold {
-    _conn: aether::replication::conn::ReplicationConn,
+    _conn: aether_postgres::replication::conn::ReplicationConn,
     /// The walsender serving the hold.
     pub pid: i32,
 }
@@ -489,7 +486,7 @@ pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 /// folders named `<prefix><i>`. Returns the owner id.
 pub async fn seed(url: &str, folders: usize, prefix: &str) -> anyhow::Result<uuid::Uuid> {
     let mut c = connect(url).await?;
-    aether::store::migrate::migrate(&mut c).await?;
+    aether_postgres::store::migrate::migrate(&mut c).await?;
     let owner: uuid::Uuid = c
         .query_one(
             "INSERT INTO auth.users (email) VALUES ('bench@example.com')

@@ -35,8 +35,8 @@ use std::time::{Duration, SystemTime};
 
 use super::codec::{self, CodecError};
 use super::{Bounds, ChangeLog, LogError, Page, ReadHint};
-use crate::changes::{Relation, RowChange, TableId};
-use crate::replication::lsn::{Epoch, PgLsn, Position};
+use aether_core::changes::{Relation, RowChange, TableId};
+use aether_core::lsn::{Epoch, PgLsn, Position};
 
 const MAGIC: &[u8; 8] = b"AETHLOG\x01";
 const HEADER: u64 = 16;
@@ -1070,7 +1070,7 @@ pub fn open_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::{ChangeKind, Column};
+    use aether_core::changes::{ChangeKind, Column};
     use serde_json::json;
 
     fn rel() -> Arc<Relation> {
@@ -1136,7 +1136,7 @@ mod tests {
 
     #[test]
     fn conformance() {
-        use crate::changelog::conformance::*;
+        use crate::conformance::*;
         for opts in [small(), LogOptions::default()] {
             let (_d, log) = fresh(opts.clone());
             appends_read_back_in_order_with_their_values(&log);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::{ChangeLog, LogError};
-use crate::changes::{ChangeKind, Column, Relation, RowChange, TableId};
-use crate::replication::lsn::{PgLsn, Position};
+use aether_core::changes::{ChangeKind, Column, Relation, RowChange, TableId};
+use aether_core::lsn::{PgLsn, Position};
 
 fn relation(columns: usize) -> Arc<Relation> {
     Arc::new(Relation {

@@ -1,12 +1,5 @@
-//! Typed change events, built from decoded pgoutput messages.
-//!
-//! `replication` hands raw [`LogicalMessage`](crate::replication::pgoutput::LogicalMessage)s
-//! to the [`Assembler`], which checks transaction framing, resolves relations, converts
-//! values to JSON and fills unchanged TOAST values from the old row. The router sees
-//! only [`Output`]s.
+//! Typed change events: what the log stores and the router routes.
 
-mod relations;
-mod transaction;
 pub mod value;
 
 use std::fmt::Write as _;
@@ -15,10 +8,7 @@ use std::sync::{Arc, OnceLock};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
 
-pub use relations::RelationCache;
-pub use transaction::{Assembler, ChangeError, Output};
-
-use crate::replication::lsn::{Epoch, PgLsn, Position, StreamId};
+use crate::lsn::{Epoch, PgLsn, Position, StreamId};
 
 /// A table's OID as sent in Relation messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -213,8 +203,8 @@ fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>
 }
 
 /// `public.t` with no columns: the relation unit tests route and log changes of.
-#[cfg(test)]
-pub(crate) fn test_relation() -> Arc<Relation> {
+#[cfg(any(test, feature = "testing"))]
+pub fn test_relation() -> Arc<Relation> {
     Arc::new(Relation {
         id: TableId(1),
         schema: "public".into(),

@@ -20,12 +20,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{ConnError, ReplicationConn, ReplicationFrame, quote_literal};
-use super::lsn::{Epoch, PgLsn};
-use super::pgoutput::{self, DecodeError};
-use crate::changelog::local::floor_for_slot;
-use crate::changelog::pump::{Durable, LogInput};
-use crate::changes::{Assembler, ChangeError, Output};
+use crate::local::floor_for_slot;
+use crate::pump::{Durable, LogInput};
+use aether_core::lsn::{Epoch, PgLsn};
+use aether_postgres::decode::{Assembler, ChangeError, Output};
+use aether_postgres::replication::conn::{
+    ConnError, ReplicationConn, ReplicationFrame, quote_literal,
+};
+use aether_postgres::replication::pgoutput::{self, DecodeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -132,7 +134,7 @@ pub struct ReplicationTask {
     /// The log's epoch, stamped on every change.
     pub epoch: Epoch,
     /// The log itself, to mark a reset pending before the slot is recreated.
-    pub changelog: crate::changelog::SharedLog,
+    pub changelog: crate::SharedLog,
     pub status: watch::Sender<ReplicationStatus>,
     pub shutdown: CancellationToken,
 }
@@ -231,7 +233,7 @@ impl ReplicationTask {
 
     /// Drops what is left of the slot, creates it anew and resets the log.
     async fn recreate_slot(&mut self, sent: &mut u64) -> Result<(), anyhow::Error> {
-        let client = crate::server::connect(&self.pg).await?;
+        let client = aether_postgres::connect(&self.pg).await?;
         // Durably first: a crash between the new slot and the reset below must
         // still reset the log at the next start.
         let log = std::sync::Arc::clone(&self.changelog);
