@@ -3,8 +3,10 @@
 //! Data flows one way, and the crates enforce it: `aether_core` (positions, row
 //! changes, principals) ← `aether_postgres` (replication client, decoder, embedded
 //! cluster, migrations) ← `aether_changelog` (the durable log and the replication
-//! task that fills it) ← this crate: [`router`] (subscription index,
-//! authorization, hot tail) → [`realtime`] (sessions and protocol) → socket.
+//! task that fills it) ← `aether_router` (subscription index, authorization
+//! policy, hot tail; it knows no table name) ← this crate: [`rules`] (the
+//! application's table rules, plugged into the router as a policy and taps) and
+//! [`realtime`] (sessions and protocol) → socket.
 //! [`api`] serves HTTP beside it (on the [`http`] edge: accept loop, connection
 //! caps and timeouts) and writes only to PostgreSQL. [`auth`] and [`storage`] are
 //! the cores behind the auth and file routes (users and sessions; buckets,
@@ -16,6 +18,6 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod realtime;
-pub mod router;
+pub mod rules;
 pub mod server;
 pub mod storage;

@@ -18,8 +18,6 @@ use crate::config::Config;
 use crate::realtime::hub::{ChannelConfigs, Hub, HubCommand};
 use crate::realtime::registry::Registry;
 use crate::realtime::stats::Stats;
-use crate::router::catalog::{Catalog, SharedCatalog};
-use crate::router::{Command, Router, RouterConfig};
 use crate::storage::{self as file_storage, Blobs, StorageService};
 use aether_changelog::ingest::{self, ReplicationStatus, ReplicationTask};
 use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot};
@@ -28,6 +26,8 @@ use aether_changelog::pump::{self, Durable, LogStatus};
 use aether_changelog::{ChangeLog as _, SharedLog};
 use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use aether_postgres::store::{self, migrate};
+use aether_router::catalog::{Catalog, SharedCatalog};
+use aether_router::{Command, Router, RouterConfig};
 
 /// State shared by every route and session.
 #[derive(Clone)]
@@ -325,12 +325,16 @@ impl Server {
         let router = Router::new(
             RouterConfig {
                 log: Arc::clone(&log),
-                channel_configs: Some(Arc::clone(&channels)),
-                kingshare: Some(Arc::clone(&kingshare)),
+                policy: Box::new(crate::rules::visibility::TableRules::new(public_buckets)),
+                // In the order the router ran them before they were taps.
+                taps: vec![
+                    Box::new(crate::rules::ChannelSettings(Arc::clone(&channels))),
+                    Box::new(crate::rules::SessionRevocation),
+                    Box::new(crate::rules::KingShareEvents(Arc::clone(&kingshare))),
+                ],
                 stall_timeout: config.ws_stall_timeout,
                 max_subscriptions: config.ws_max_subscriptions,
                 memory_bytes: config.resume_memory_bytes,
-                public_buckets,
             },
             Arc::clone(&catalog),
         );

@@ -11,14 +11,14 @@ use aether::realtime::phoenix_hub::{
     BroadcastPayload, decode_user_broadcast_push, encode_user_broadcast,
 };
 use aether::realtime::protocol::{self, ClientFrame, SubscribeRequest};
-use aether::router::catalog::{ColumnInfo, TableInfo};
-use aether::router::filter::{Filter, Op};
 use aether::storage::path::{MAX_DEPTH, MAX_PATH_BYTES, ObjectPath};
 use aether_core::changes::{Column, Relation, TableId};
 use aether_core::lsn::PgLsn;
 use aether_postgres::replication::pgoutput::{
     LogicalMessage, RelationBody, RelationColumn, TupleValue, decode,
 };
+use aether_router::catalog::{ColumnInfo, TableInfo};
+use aether_router::filter::{Filter, Op};
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Value, json};

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::router::Outbound;
+use aether_router::Outbound;
 
 /// A channel's settings, from `aether.channels` (absent: defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::router::Outbound;
 use aether_core::changes::{ChangeKind, Row, RowChange};
+use aether_router::Outbound;
 
 /// KingShare error codes (seed 002).
 pub mod code {

@@ -48,9 +48,9 @@ use super::session::{
 use crate::api::extract::ClientAddr;
 use crate::api::supabase::check_api_key;
 use crate::auth::Principal;
-use crate::router::{Command, Outbound, SessionHandle};
 use crate::server::AppState;
 use aether_core::changes::{ChangeKind, RowChange, RowJson};
+use aether_router::{Command, Outbound, SessionHandle};
 
 #[derive(Deserialize)]
 pub struct ConnectQuery {
@@ -1177,7 +1177,7 @@ async fn run_admitted(
                 Some(Ok(())) => {}
             }
         }
-        if pull_wanted && crate::router::low_water(&rx) {
+        if pull_wanted && aether_router::low_water(&rx) {
             pull_wanted = false;
             if state.router.send(Command::Pull { session }).await.is_err() {
                 break None;

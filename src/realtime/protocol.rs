@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::router::Outbound;
 use aether_core::changes::RowChange;
+use aether_router::Outbound;
 
 /// A parsed client frame.
 #[derive(Debug, PartialEq)]

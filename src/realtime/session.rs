@@ -23,10 +23,10 @@ use super::kingshare;
 use super::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
 use super::registry::{ConnEntry, LimitError, now_ms};
 use crate::auth::{Principal, Role, TokenError};
-use crate::router::catalog::Catalog;
-use crate::router::filter::Filter;
-use crate::router::{Command, EventMask, Outbound, SessionHandle, SubscriptionSpec};
 use crate::server::AppState;
+use aether_router::catalog::Catalog;
+use aether_router::filter::Filter;
+use aether_router::{Command, EventMask, Outbound, SessionHandle, SubscriptionSpec};
 
 /// Close codes (4000–4999 are application codes).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -543,7 +543,7 @@ async fn write_loop(
                 }
             }
             // Lagging and half drained: ask the router for what was missed.
-            if pull_wanted && crate::router::low_water(&rx) {
+            if pull_wanted && aether_router::low_water(&rx) {
                 pull_wanted = false;
                 if router.send(Command::Pull { session }).await.is_err() {
                     break None;

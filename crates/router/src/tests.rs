@@ -16,18 +16,26 @@ struct Fixture {
 /// A router over a fresh log, holding `memory` bytes of tail, with one service
 /// connection (id 1) whose queue holds `queue` frames.
 fn fixture(memory: usize, queue: usize) -> Fixture {
+    fixture_with(memory, queue, Box::new(policy::AllowAll), vec![])
+}
+
+fn fixture_with(
+    memory: usize,
+    queue: usize,
+    policy: Box<dyn Policy>,
+    taps: Vec<Box<dyn Tap>>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = open_ready(dir.path(), LogOptions::default(), floor_for_slot(PgLsn(1))).unwrap();
     let log = Arc::new(log);
     let mut r = Router::new(
         RouterConfig {
             log: Arc::clone(&log) as SharedLog,
-            channel_configs: None,
-            kingshare: None,
+            policy,
+            taps,
             stall_timeout: Duration::from_secs(30),
             max_subscriptions: 2,
             memory_bytes: memory,
-            public_buckets: HashSet::new(),
         },
         catalog::SharedCatalog::default(),
     );
@@ -252,4 +260,121 @@ async fn a_connection_cannot_hold_more_subscriptions_than_allowed() {
     }
     assert_eq!(codes, ["a", "b", "too_many_subscriptions"]);
     assert_eq!(f.r.sessions[&1].subs.len(), 2);
+}
+
+/// Holds connection 1 at one position until released, lets everything else by.
+#[derive(Clone, Default)]
+struct Gate(Arc<std::sync::Mutex<(Option<Position>, Option<PolicyWaker>)>>);
+
+impl Policy for Gate {
+    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision {
+        let held = self.0.lock().unwrap().0;
+        if viewer.connection == 1 && held == Some(change.position) {
+            Decision::Pending
+        } else {
+            Decision::Allow
+        }
+    }
+
+    fn attach(&mut self, waker: PolicyWaker) {
+        self.0.lock().unwrap().1 = Some(waker);
+    }
+}
+
+#[tokio::test]
+async fn a_pending_decision_holds_back_only_its_connection_which_then_gets_everything_in_order() {
+    let gate = Gate::default();
+    let mut f = fixture_with(1 << 20, 16, Box::new(gate.clone()), vec![]);
+    let (tx2, mut rx2) = mpsc::channel(16);
+    f.r.command(Command::Attach {
+        session: 2,
+        handle: SessionHandle {
+            tx: tx2,
+            overflowed: CancellationToken::new(),
+            revoked: CancellationToken::new(),
+            lagging: Arc::new(tokio::sync::Notify::new()),
+            principal: Arc::new(Principal::service()),
+        },
+    });
+    f.subscribe("a", None);
+    f.r.command(Command::Subscribe {
+        session: 2,
+        spec: SubscriptionSpec {
+            id: Arc::from("b"),
+            table: Arc::from("public.t"),
+            events: EventMask::ALL,
+            filter: Filter { conditions: vec![] },
+            since: None,
+        },
+    });
+    gate.0.lock().unwrap().0 = Some(Position::new(PgLsn(200), 0));
+    for i in 1..=3 {
+        f.commit(i);
+    }
+    assert_eq!(of(&f.drain(), "a"), [1]);
+    let mut other = Vec::new();
+    while let Ok(out) = rx2.try_recv() {
+        if let Outbound::Change { change, .. } = out {
+            other.push(change.position.commit_lsn.0 / 100);
+        }
+    }
+    assert_eq!(other, [1, 2, 3], "the other connection is not held back");
+    // Pulling does not get around a pending decision.
+    f.r.command(Command::Pull { session: 1 });
+    assert!(f.drain().is_empty());
+    assert!(f.r.sessions[&1].lag.as_ref().unwrap().awaiting);
+
+    let waker = {
+        let mut g = gate.0.lock().unwrap();
+        g.0 = None;
+        g.1.clone().unwrap()
+    };
+    waker.wake(1);
+    let woken = tokio::time::timeout(Duration::from_secs(5), waker.woken())
+        .await
+        .expect("the wake-up reaches the router");
+    f.r.policy_decided(woken);
+    assert_eq!(of(&f.drain(), "a"), [2, 3]);
+    assert!(f.r.sessions[&1].lag.is_none(), "live again");
+    f.commit(4);
+    assert_eq!(of(&f.drain(), "a"), [4]);
+}
+
+/// Revokes one auth session on every change.
+struct Revoker(uuid::Uuid);
+
+impl Tap for Revoker {
+    fn change(&mut self, _: &RowChange, effects: &mut Effects) {
+        effects.revoke_session(self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_tap_can_close_the_connections_of_a_revoked_session() {
+    let id = uuid::Uuid::new_v4();
+    let mut f = fixture_with(
+        1 << 20,
+        16,
+        Box::new(policy::AllowAll),
+        vec![Box::new(Revoker(id))],
+    );
+    let revoked = CancellationToken::new();
+    let (tx2, _rx2) = mpsc::channel(16);
+    f.r.command(Command::Attach {
+        session: 2,
+        handle: SessionHandle {
+            tx: tx2,
+            overflowed: CancellationToken::new(),
+            revoked: revoked.clone(),
+            lagging: Arc::new(tokio::sync::Notify::new()),
+            principal: Arc::new(Principal {
+                session_id: Some(id),
+                ..Principal::service()
+            }),
+        },
+    });
+    f.commit(1);
+    assert!(revoked.is_cancelled());
+    assert!(!f.r.sessions.contains_key(&2));
+    assert!(f.r.sessions.contains_key(&1), "other sessions stay");
 }

@@ -14,10 +14,55 @@
 
 use std::collections::HashSet;
 
-use serde_json::Value;
+use aether_core::changes::{ChangeKind, Relation, Row, RowChange};
+use aether_core::principal::Principal;
 
-use crate::auth::Principal;
-use aether_core::changes::{Relation, Row};
+use aether_router::policy::{Decision, Policy, Viewer};
+
+/// The rules above as the router's policy, with the set of public buckets it
+/// keeps current from `public.buckets` changes.
+pub struct TableRules {
+    public_buckets: HashSet<String>,
+}
+
+impl TableRules {
+    /// `public_buckets`: the public buckets when the log's feed starts.
+    pub fn new(public_buckets: HashSet<String>) -> Self {
+        TableRules { public_buckets }
+    }
+}
+
+impl Policy for TableRules {
+    fn observe(&mut self, change: &RowChange) {
+        let rel = &change.relation;
+        if change.kind == ChangeKind::Truncate && *rel.qualified == *"public.buckets" {
+            self.public_buckets.clear();
+            return;
+        }
+        track_buckets(
+            rel,
+            change.new.as_ref(),
+            change.old.as_ref(),
+            &mut self.public_buckets,
+        );
+    }
+
+    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision {
+        let seen = change.visible_row().is_some_and(|row| {
+            visible(
+                viewer.principal,
+                &change.relation,
+                row,
+                &self.public_buckets,
+            )
+        });
+        if seen {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        }
+    }
+}
 
 fn text_at<'r>(relation: &Relation, row: &'r Row, column: &str) -> Option<&'r str> {
     let i = relation.column_index(column)?;
@@ -29,7 +74,7 @@ fn bool_at(relation: &Relation, row: &Row, column: &str) -> Option<bool> {
     row.get(i)?.as_ref()?.as_bool()
 }
 
-pub fn visible(
+fn visible(
     principal: &Principal,
     relation: &Relation,
     row: &Row,
@@ -60,7 +105,7 @@ pub fn visible(
 }
 
 /// Keeps the set of public buckets current from changes to `public.buckets`.
-pub fn track_buckets(
+fn track_buckets(
     relation: &Relation,
     new: Option<&Row>,
     old: Option<&Row>,
@@ -83,9 +128,4 @@ pub fn track_buckets(
             set.remove(id);
         }
     }
-}
-
-/// `true` when `v` is JSON null or absent.
-pub fn is_null(v: Option<&Option<Value>>) -> bool {
-    matches!(v, None | Some(None) | Some(Some(Value::Null)))
 }

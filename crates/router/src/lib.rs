@@ -23,10 +23,11 @@
 //! filter are found through a hash index on (column, value), the rest of a table's
 //! subscriptions are scanned.
 
-pub mod authz;
 pub mod catalog;
 pub mod filter;
+pub mod policy;
 pub mod tail;
+pub mod tap;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -35,13 +36,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Principal;
 use aether_changelog::pump::Feed;
 use aether_changelog::{LogError, Page, ReadHint, SharedLog};
 use aether_core::changes::{ChangeKind, Relation, RowChange};
 use aether_core::lsn::{Epoch, Position, SinceId, StreamId};
+use aether_core::principal::Principal;
 use filter::{Filter, key_of};
+use policy::{Decision, Policy, PolicyWaker, Viewer};
 use tail::Tail;
+use tap::{Effects, Tap};
 
 /// Which kinds of change a subscription wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +192,8 @@ struct Lag {
     since: Instant,
     /// A page is being read from the log for it.
     paging: bool,
+    /// The policy is deciding on its next change ([`Decision::Pending`]).
+    awaiting: bool,
     /// Where the last page ended in the log.
     hint: Option<ReadHint>,
     /// Bumped when `after` moves back (a `since` subscription on a lagging
@@ -211,16 +216,16 @@ const PAGES_IN_FLIGHT: usize = 4;
 
 pub struct RouterConfig {
     pub log: SharedLog,
-    pub channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
-    /// KingShare connections, told of file and share events derived from changes.
-    pub kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
+    /// Who may see which change.
+    pub policy: Box<dyn Policy>,
+    /// Told of every change before it is routed.
+    pub taps: Vec<Box<dyn Tap>>,
     /// A lagging connection that drains nothing for this long is closed.
     pub stall_timeout: Duration,
     /// Subscriptions one connection may hold: each costs memory and routing work.
     pub max_subscriptions: usize,
     /// Bytes of recent changes kept in memory.
     pub memory_bytes: usize,
-    pub public_buckets: HashSet<String>,
 }
 
 struct PageDone {
@@ -239,12 +244,11 @@ pub struct Router {
     /// The newest change routed.
     high_water: Position,
     tail: Tail,
-    public_buckets: HashSet<String>,
+    policy: Box<dyn Policy>,
+    waker: PolicyWaker,
+    taps: Vec<Box<dyn Tap>>,
     catalog: catalog::SharedCatalog,
     candidates: Vec<u64>,
-    /// Channel settings of the WebSocket API, kept current from `aether.channels`.
-    channel_configs: Option<crate::realtime::hub::ChannelConfigs>,
-    kingshare: Option<Arc<crate::realtime::kingshare::Notifier>>,
     stall_timeout: Duration,
     max_subscriptions: usize,
     /// Connections lagging (usually none): the stall check looks only at these.
@@ -260,8 +264,10 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(cfg: RouterConfig, catalog: catalog::SharedCatalog) -> Self {
+    pub fn new(mut cfg: RouterConfig, catalog: catalog::SharedCatalog) -> Self {
         let bounds = cfg.log.bounds();
+        let waker = PolicyWaker::default();
+        cfg.policy.attach(waker.clone());
         let high_water = bounds.newest.unwrap_or(bounds.floor);
         let (pages_tx, pages_rx) = mpsc::unbounded_channel();
         Router {
@@ -273,11 +279,11 @@ impl Router {
             high_water,
             tail: Tail::new(high_water, cfg.memory_bytes),
             log: cfg.log,
-            public_buckets: cfg.public_buckets,
+            policy: cfg.policy,
+            waker,
+            taps: cfg.taps,
             catalog,
             candidates: Vec::new(),
-            channel_configs: cfg.channel_configs,
-            kingshare: cfg.kingshare,
             stall_timeout: cfg.stall_timeout,
             max_subscriptions: cfg.max_subscriptions,
             lagging: HashSet::new(),
@@ -302,6 +308,7 @@ impl Router {
             return;
         };
         let tail_bytes = metrics::gauge!("aether_router_tail_bytes");
+        let waker = self.waker.clone();
         loop {
             tokio::select! {
                 biased;
@@ -312,8 +319,10 @@ impl Router {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                // 3. Pages read from the log for catching-up connections.
+                // 3. Pages read from the log for catching-up connections, and
+                //    connections a pending policy decision was made for.
                 Some(done) = pages.recv() => self.page_done(done),
+                woken = waker.woken() => self.policy_decided(woken),
                 // 4. Logged changes.
                 f = feed.recv() => match f {
                     Some(f) => {
@@ -390,26 +399,14 @@ impl Router {
                     return;
                 }
                 self.high_water = change.position;
-                if let Some(configs) = &self.channel_configs {
-                    track_channels(&change, configs);
+                let mut effects = Effects::default();
+                for tap in &mut self.taps {
+                    tap.change(&change, &mut effects);
                 }
-                self.close_revoked(&change);
-                if let Some(ks) = &self.kingshare {
-                    for (user, frame) in crate::realtime::kingshare::events_for(&change) {
-                        ks.to_user(&user, &frame);
-                    }
+                for id in effects.revoked_sessions {
+                    self.revoke(id);
                 }
-                authz::track_buckets(
-                    &change.relation,
-                    change.new.as_ref(),
-                    change.old.as_ref(),
-                    &mut self.public_buckets,
-                );
-                if change.kind == ChangeKind::Truncate
-                    && *change.relation.qualified == *"public.buckets"
-                {
-                    self.public_buckets.clear();
-                }
+                self.policy.observe(&change);
                 self.route(&change);
                 self.tail.push(change);
             }
@@ -455,32 +452,9 @@ impl Router {
         self.high_water = floor;
     }
 
-    /// A signed-out auth session (`auth.sessions.revoked_at` set, or the row gone):
-    /// its connections are closed now, not when their token expires.
-    fn close_revoked(&mut self, change: &RowChange) {
-        let rel = &change.relation;
-        if rel.schema != "auth" || rel.name != "sessions" {
-            return;
-        }
-        let at = |row: &aether_core::changes::Row, col: &str| {
-            rel.column_index(col)
-                .and_then(|i| row.get(i))
-                .and_then(|v| v.clone())
-        };
-        let revoked = match (change.kind, &change.new, &change.old) {
-            (ChangeKind::Update | ChangeKind::Insert, Some(new), _) => at(new, "revoked_at")
-                .is_some_and(|v| !v.is_null())
-                .then(|| at(new, "id"))
-                .flatten(),
-            (ChangeKind::Delete, _, Some(old)) => at(old, "id"),
-            _ => None,
-        };
-        let Some(serde_json::Value::String(id)) = revoked else {
-            return;
-        };
-        let Ok(id) = uuid::Uuid::parse_str(&id) else {
-            return;
-        };
+    /// A signed-out auth session (a tap said so): its connections are closed
+    /// now, not when their token expires.
+    fn revoke(&mut self, id: uuid::Uuid) {
         let hit: Vec<u64> = self
             .sessions
             .iter()
@@ -528,7 +502,14 @@ impl Router {
                 if lag.after < floor {
                     Some((*id, "fell behind what the change log retains"))
                 } else if !lag.paging && now.duration_since(lag.since) > self.stall_timeout {
-                    Some((*id, "stalled: its queue stayed full"))
+                    Some((
+                        *id,
+                        if lag.awaiting {
+                            "stalled: the authorization of its next change did not come"
+                        } else {
+                            "stalled: its queue stayed full"
+                        },
+                    ))
                 } else {
                     None
                 }
@@ -550,7 +531,7 @@ impl Router {
             return;
         };
         lag.since = Instant::now();
-        if lag.paging {
+        if lag.paging || lag.awaiting {
             return;
         }
         let after = lag.after;
@@ -559,14 +540,29 @@ impl Router {
             return;
         }
         let full = deliver(
+            session,
             entry,
             &mut self.subs,
-            &self.public_buckets,
+            &mut *self.policy,
             self.tail.after(after),
         );
         if !full {
             entry.lag = None;
             self.lagging.remove(&session);
+        }
+    }
+
+    /// The policy decided for connections it had left pending: they go on from
+    /// the change it was asked about.
+    fn policy_decided(&mut self, woken: Vec<u64>) {
+        for session in woken {
+            let Some(lag) = self.sessions.get_mut(&session).and_then(|e| e.lag.as_mut()) else {
+                continue;
+            };
+            if lag.awaiting {
+                lag.awaiting = false;
+                self.advance(session);
+            }
         }
     }
 
@@ -649,7 +645,7 @@ impl Router {
         } else {
             page.hint
         };
-        let full = deliver(entry, &mut self.subs, &self.public_buckets, routed);
+        let full = deliver(session, entry, &mut self.subs, &mut *self.policy, routed);
         if !full {
             self.advance(session);
         }
@@ -805,6 +801,7 @@ impl Router {
                             after: start,
                             since: Instant::now(),
                             paging: false,
+                            awaiting: false,
                             hint: None,
                             generation: self.generations,
                         });
@@ -921,15 +918,35 @@ impl Router {
                 continue;
             };
             // A lagging connection gets this change from the tail when it pulls.
-            if entry.lag.is_some()
-                || !passes(
-                    change,
-                    &sub.filter,
-                    &entry.handle.principal,
-                    &self.public_buckets,
-                )
-            {
+            if entry.lag.is_some() || !matches(change, &sub.filter) {
                 continue;
+            }
+            match decide(
+                &mut *self.policy,
+                sub.session,
+                &entry.handle.principal,
+                change,
+            ) {
+                Decision::Allow => {}
+                Decision::Deny => {
+                    sub.seen = change.position;
+                    continue;
+                }
+                Decision::Pending => {
+                    // Like a full queue, but nothing to pull until the policy
+                    // wakes it.
+                    self.generations += 1;
+                    entry.lag = Some(Lag {
+                        after: change.position.just_before(),
+                        since: Instant::now(),
+                        paging: false,
+                        awaiting: true,
+                        hint: None,
+                        generation: self.generations,
+                    });
+                    self.lagging.insert(sub.session);
+                    continue;
+                }
             }
             let out = Outbound::Change {
                 subscription: Arc::clone(&sub.id),
@@ -949,6 +966,7 @@ impl Router {
                         after: change.position.just_before(),
                         since: Instant::now(),
                         paging: false,
+                        awaiting: false,
                         hint: None,
                         generation: self.generations,
                     });
@@ -973,9 +991,10 @@ impl Router {
 /// Offers `changes` (after the connection's `after`, oldest first) to its
 /// subscriptions; `true` if its queue filled (it stays lagging from there).
 fn deliver<'a>(
+    session: u64,
     entry: &mut SessionEntry,
     subs: &mut HashMap<u64, Subscription>,
-    public_buckets: &HashSet<String>,
+    policy: &mut dyn Policy,
     changes: impl Iterator<Item = &'a Arc<RowChange>>,
 ) -> bool {
     let Some(lag) = entry.lag.as_mut() else {
@@ -995,9 +1014,21 @@ fn deliver<'a>(
             if c.position <= sub.seen
                 || *sub.table != *c.relation.qualified
                 || !sub.events.contains(c.kind)
-                || !passes(c, &sub.filter, principal, public_buckets)
+                || !matches(c, &sub.filter)
             {
                 continue;
+            }
+            match decide(policy, session, principal, c) {
+                Decision::Allow => {}
+                Decision::Deny => {
+                    sub.seen = c.position;
+                    continue;
+                }
+                Decision::Pending => {
+                    lag.after = c.position.just_before();
+                    lag.awaiting = true;
+                    return true;
+                }
             }
             let out = Outbound::Change {
                 subscription: Arc::clone(&sub.id),
@@ -1015,61 +1046,8 @@ fn deliver<'a>(
     false
 }
 
-/// Applies changes to `aether.channels` to the live channel settings.
-fn track_channels(change: &RowChange, configs: &crate::realtime::hub::ChannelConfigs) {
-    let rel = &change.relation;
-    if rel.schema != "aether" || rel.name != "channels" {
-        return;
-    }
-    let at = |row: &aether_core::changes::Row, col: &str| {
-        rel.column_index(col)
-            .and_then(|i| row.get(i))
-            .and_then(|v| v.clone())
-    };
-    let Ok(mut map) = configs.write() else { return };
-    match change.kind {
-        ChangeKind::Truncate => map.clear(),
-        ChangeKind::Delete => {
-            if let Some(serde_json::Value::String(name)) =
-                change.old.as_ref().and_then(|o| at(o, "name"))
-            {
-                map.remove(&name);
-            }
-        }
-        ChangeKind::Insert | ChangeKind::Update => {
-            let Some(new) = &change.new else { return };
-            if let Some(serde_json::Value::String(old)) =
-                change.old.as_ref().and_then(|o| at(o, "name"))
-            {
-                map.remove(&old);
-            }
-            let Some(serde_json::Value::String(name)) = at(new, "name") else {
-                return;
-            };
-            let num = |col: &str| {
-                at(new, col)
-                    .and_then(|v| v.as_u64())
-                    .and_then(|n| u32::try_from(n).ok())
-            };
-            let config = crate::realtime::hub::ChannelConfig {
-                max_connections: num("max_connections"),
-                message_rate_limit: num("message_rate_limit"),
-                require_auth: at(new, "require_auth")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false),
-            };
-            map.insert(name, config);
-        }
-    }
-}
-
-/// Filter and authorization for one change and one subscriber.
-fn passes(
-    change: &RowChange,
-    filter: &Filter,
-    principal: &Principal,
-    public_buckets: &HashSet<String>,
-) -> bool {
+/// Does the change match the subscription's filter?
+fn matches(change: &RowChange, filter: &Filter) -> bool {
     let rel: &Relation = &change.relation;
     if change.kind == ChangeKind::Truncate {
         return true;
@@ -1078,14 +1056,30 @@ fn passes(
         |row: Option<&aether_core::changes::Row>| row.is_some_and(|r| filter.matches(rel, r));
     // An UPDATE that moves a row out of a filter's range is still news to its
     // subscribers: match on the new or the old row.
-    let matched = match change.kind {
+    match change.kind {
         ChangeKind::Update => filter_ok(change.new.as_ref()) || filter_ok(change.old.as_ref()),
         _ => filter_ok(change.visible_row()),
-    };
-    matched
-        && change
-            .visible_row()
-            .is_some_and(|row| authz::visible(principal, rel, row, public_buckets))
+    }
+}
+
+/// The policy's word on one change for one connection. A TRUNCATE names no row
+/// and goes to every subscription of its table.
+fn decide(
+    policy: &mut dyn Policy,
+    connection: u64,
+    principal: &Principal,
+    change: &RowChange,
+) -> Decision {
+    if change.kind == ChangeKind::Truncate {
+        return Decision::Allow;
+    }
+    policy.decide(
+        Viewer {
+            connection,
+            principal,
+        },
+        change,
+    )
 }
 
 #[cfg(test)]

@@ -246,7 +246,7 @@ fn typed_literal(column: &str, type_oid: u32, literal: &str) -> Result<Value, Fi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::catalog::ColumnInfo;
+    use crate::catalog::ColumnInfo;
     use aether_core::changes::{Column, TableId};
     use serde_json::json;
     use std::sync::Arc;
