@@ -358,6 +358,12 @@ async fn sign_up_sign_in_sign_out_with_their_shapes_and_errors() {
     expect_error(res, 401, "auth/expired-token").await;
     let stranger = user_token(&uuid::Uuid::new_v4().to_string());
     expect_error(list(&t, &stranger, &[]).await, 401, "auth/invalid-token").await;
+    // One token check for routes and sockets: a well-signed token for a user who
+    // does not exist (no session id) is refused on /ws too.
+    let mut ws = t.ws(Some(&stranger)).await;
+    let (close, frames) = ws.until_close().await;
+    assert_eq!(close, Some(4001));
+    assert_eq!(frames[0]["code"], "auth/invalid-token");
     let res = http()
         .get(t.url("/storage/list"))
         .header(AUTHORIZATION, "Basic abc")

@@ -225,7 +225,10 @@ fn every_documented_error_code_is_produced_by_the_code() {
 fn every_error_code_the_code_emits_is_documented() {
     let docs: BTreeSet<String> = documented().into_keys().collect();
     let emitted = emitted(&sources());
-    assert!(emitted.len() > 50, "few codes found in the sources: {emitted:?}");
+    assert!(
+        emitted.len() > 50,
+        "few codes found in the sources: {emitted:?}"
+    );
     let undocumented: Vec<_> = emitted
         .iter()
         .filter(|(code, _)| !docs.contains(*code))

@@ -516,11 +516,7 @@ async fn bad_and_expired_tokens_get_an_error_frame_and_close() {
     }
     // A token that expires while connected: error frame, then close.
     let mut ws = t
-        .ws(Some(&token(
-            Some(&uuid::Uuid::new_v4().to_string()),
-            "authenticated",
-            2,
-        )))
+        .ws(Some(&token(Some(&t.new_user().await), "authenticated", 2)))
         .await;
     let (close, frames) = ws.until_close().await;
     assert_eq!(frames.last().unwrap()["code"], "auth/expired-token");

@@ -17,7 +17,7 @@ fn send(channel: &str, content: &str, sequence: i64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_confirms_and_members_hear_of_joins_and_leaves() {
     let t = TestServer::start().await;
-    let uid = uuid::Uuid::new_v4().to_string();
+    let uid = t.new_user().await;
     let mut a = t
         .ws_query(&format!(
             "token={}&client_id=alpha&channel=main",
@@ -149,7 +149,7 @@ async fn members_receive_a_channels_messages_in_one_order_and_retries_are_delive
     );
     // Another user naming the same client id is another sender: its sequence 78
     // is not a duplicate of a's.
-    let other = user_token(&uuid::Uuid::new_v4().to_string());
+    let other = user_token(&t.new_user().await);
     let mut m = t
         .ws_query(&format!("token={other}&client_id=a&channel=room"))
         .await;
@@ -226,7 +226,7 @@ async fn channels_are_configured_over_rest_stored_in_postgres_and_enforced() {
     assert_eq!(r.status(), 401);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["status"], 401);
-    let uid = uuid::Uuid::new_v4().to_string();
+    let uid = t.new_user().await;
     let r = http
         .post(t.url("/ws/channels"))
         .bearer_auth(user_token(&uid))
@@ -296,9 +296,7 @@ async fn channels_are_configured_over_rest_stored_in_postgres_and_enforced() {
         ))
         .await;
     first.next().await;
-    let mut second = t
-        .ws(Some(&user_token(&uuid::Uuid::new_v4().to_string())))
-        .await;
+    let mut second = t.ws(Some(&user_token(&t.new_user().await))).await;
     second
         .send(json!({"type":"connection","action":"join","data":{"channel":"vip"}}))
         .await;
@@ -353,7 +351,7 @@ async fn connection_and_message_limits_are_enforced_with_clear_errors() {
         c.rate_limit_messages = 3;
     })
     .await;
-    let uid = uuid::Uuid::new_v4().to_string();
+    let uid = t.new_user().await;
     let tok = user_token(&uid);
     let mut c1 = t
         .ws_query(&format!("token={tok}&client_id=c1&channel=x"))
@@ -373,9 +371,7 @@ async fn connection_and_message_limits_are_enforced_with_clear_errors() {
     let _o1 = t.ws(None).await;
     let _o2 = t.ws(Some(&service_token())).await;
     wait_active(&t, 4).await;
-    let mut over = t
-        .ws(Some(&user_token(&uuid::Uuid::new_v4().to_string())))
-        .await;
+    let mut over = t.ws(Some(&user_token(&t.new_user().await))).await;
     let (code, frames) = over.until_close().await;
     assert_eq!(
         (code, frames[0]["code"].as_str()),
@@ -420,7 +416,7 @@ async fn phoenix_sockets_are_admitted_pinged_and_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_on_every_message_and_renewed_in_band() {
     let t = TestServer::start().await;
-    let uid = uuid::Uuid::new_v4().to_string();
+    let uid = t.new_user().await;
     let mut ws = t
         .ws_query(&format!(
             "token={}&client_id=r&channel=c",
@@ -436,7 +432,7 @@ async fn tokens_are_checked_on_every_message_and_renewed_in_band() {
         (Some("refreshed"), Some(uid.as_str()))
     );
     // A token for another user is refused; so is garbage.
-    ws.send(json!({"type":"connection","action":"refresh","data":{"token": user_token(&uuid::Uuid::new_v4().to_string())}})).await;
+    ws.send(json!({"type":"connection","action":"refresh","data":{"token": user_token(&t.new_user().await)}})).await;
     assert_eq!(ws.next().await["code"], "forbidden");
     ws.send(json!({"type":"connection","action":"refresh","data":{"token": "x.y.z"}}))
         .await;

@@ -384,11 +384,9 @@ async fn websocket(
     );
     let principal = match q.token.as_deref().filter(|t| !t.is_empty()) {
         None => Ok(Principal::anonymous()),
-        Some(token) => match state.jwt.verify(token) {
-            // A signed-out session's token is refused like an invalid one.
-            Ok(p) => state.auth.check_session(&p).await.map(|()| p),
-            Err(e) => Err(AuthError::from(e)),
-        },
+        // A signed-out session's token, or a deleted user's, is refused like an
+        // invalid one.
+        Some(token) => state.auth.authenticate(token).await,
     };
     match principal {
         Ok(p) => {

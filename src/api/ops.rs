@@ -30,11 +30,11 @@ impl FromRequestParts<AppState> for ServiceRole {
                 "a bearer token is required",
             )
         })?;
-        // Only service_role passes, and its tokens name no session to check: the
-        // signature and expiry are the whole check.
-        let principal = state.jwt.verify(token).map_err(|e| {
+        // Only service_role passes (its tokens name no session or user, so this
+        // makes no query), checked by the one token function all routes use.
+        let principal = state.auth.authenticate(token).await.map_err(|e| {
             tracing::warn!(event = "token_refused", reason = %e, "operations route");
-            ApiError::from(crate::auth::AuthError::from(e))
+            ApiError::from(e)
         })?;
         if !principal.is_service() {
             tracing::warn!(event = "forbidden", "operations route needs service_role");

@@ -440,21 +440,18 @@ impl AuthService {
         }))
     }
 
-    /// Verifies a token (signature, expiry) and that its session is live and its
-    /// user exists: what every REST route that needs a user asks.
+    /// The one way a token becomes a principal, for every route and socket:
+    /// signature and expiry always; for a token that names a session, that
+    /// session is live; for a user token, the user exists. API-key tokens (anon,
+    /// service_role) carry no user and need no query. Sockets call it again for
+    /// an in-band renewal.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let p = self.jwt.verify(token)?;
-        self.check(&p, true).await?;
+        self.check(&p).await?;
         Ok(p)
     }
 
-    /// The revocation check alone, for a principal whose token was verified (the
-    /// WebSocket server's check at connect).
-    pub async fn check_session(&self, p: &Principal) -> Result<(), AuthError> {
-        self.check(p, false).await
-    }
-
-    async fn check(&self, p: &Principal, need_user_row: bool) -> Result<(), AuthError> {
+    async fn check(&self, p: &Principal) -> Result<(), AuthError> {
         let user = p
             .user_id
             .as_deref()
@@ -464,7 +461,7 @@ impl AuthService {
         if p.session_id.is_some() && user.is_none() {
             return Err(AuthError::InvalidToken("session_id without sub".into()));
         }
-        let check_user = need_user_row && user.is_some();
+        let check_user = user.is_some();
         if p.session_id.is_none() && !check_user {
             return Ok(());
         }

@@ -22,7 +22,7 @@ use super::hub::{self, HubCommand, HubError, Member, SendOutcome};
 use super::kingshare;
 use super::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
 use super::registry::{ConnEntry, LimitError, now_ms};
-use crate::auth::{Principal, Role, TokenError};
+use crate::auth::{Principal, Role};
 use crate::server::AppState;
 use aether_router::catalog::Catalog;
 use aether_router::filter::Filter;
@@ -772,15 +772,9 @@ async fn apply_token(
 ) -> Result<(), FrameError> {
     let state = &conn.state;
     let session = conn.session;
-    let fresh = state.jwt.verify(token).map_err(|e| {
-        tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
-        match e {
-            TokenError::Expired => frame_error("auth/expired-token", e.to_string()),
-            TokenError::Invalid(_) => frame_error("auth/invalid-token", e.to_string()),
-        }
-    })?;
-    // A signed-out session's token is no renewal.
-    state.auth.check_session(&fresh).await.map_err(|e| {
+    // The same check as at connect: a signed-out session's token, or a deleted
+    // user's, is no renewal.
+    let fresh = state.auth.authenticate(token).await.map_err(|e| {
         tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
         frame_error(e.code(), e.to_string())
     })?;

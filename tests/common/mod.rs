@@ -227,6 +227,12 @@ impl TestServer {
         res.json().await.unwrap()
     }
 
+    /// A user row with a fresh email: tokens name users that exist (every route
+    /// and socket checks it).
+    pub async fn new_user(&self) -> String {
+        user(&self.sql, &format!("{}@example.com", uuid::Uuid::new_v4())).await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.server.addr
     }
