@@ -187,6 +187,8 @@ fn http_url(name: &'static str, v: &str) -> Result<String, ConfigError> {
 
 impl Config {
     /// Defaults for everything; used by tests that then set what they need.
+    // The one `expect` is on a constant list; `config::tests` parse it too.
+    #[allow(clippy::expect_used)]
     pub fn defaults() -> Self {
         Config {
             ws_host: "0.0.0.0".into(),

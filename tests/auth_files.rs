@@ -2,6 +2,7 @@
 //! every documented error code, revocation on REST and WebSocket, rate limits,
 //! streaming limits, ranges, and REST writes reaching realtime subscribers
 //! through the WAL.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

@@ -7,6 +7,7 @@
 //!
 //! Needs Node.js 18+, npm and Chromium (`apt-get install chromium`; `.ci/run`
 //! installs them). `CHROMIUM` points at another binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 #[path = "support/js.rs"]

@@ -1,6 +1,7 @@
 //! Aether killed with SIGKILL mid-stream: changes committed while it was down are
 //! decoded when it comes back, and a client resuming with `since` gets exactly the
 //! changes it missed.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

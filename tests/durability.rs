@@ -1,6 +1,7 @@
 //! The change log's promise, tested by killing real processes: no change lost,
 //! doubled or reordered across SIGKILL and SIGTERM of Aether, a fast restart of
 //! PostgreSQL, and a client away for a long time.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

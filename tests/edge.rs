@@ -4,6 +4,7 @@
 //! of descriptors, and over-limit uploads answered at once instead of read to
 //! their end. Client addresses are loopback aliases (127.0.0.2, 127.0.0.3) of
 //! the same machine.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! violations close with their RFC 6455 code; garbage on the Phoenix endpoint
 //! gets a Phoenix error reply; frames with unknown actions and empty filter
 //! conditions get their documented codes.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! What `src/` emits is found by the shapes the code uses to make errors (listed
 //! in [`EMITTERS`]); each shape must still find something, so a refactor that
 //! renames a constructor makes this test fail instead of silently passing.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 //! error must have the facade's shape: GoTrue's `{code, message}` with
 //! `X-Supabase-Api-Version`, the storage API's `{statusCode, code, error,
 //! message}`.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

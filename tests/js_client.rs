@@ -6,6 +6,7 @@
 //! Needs Node.js 18+ and npm (`.ci/run` installs them); the first run does
 //! `npm ci` in `clients/js` (later runs reuse `node_modules` while the lockfile
 //! is unchanged).
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 #[path = "support/js.rs"]

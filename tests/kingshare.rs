@@ -1,6 +1,7 @@
 //! The KingShare WebSocket API (seed 002) on the same server as the other
 //! vocabularies: file and share events from the WAL, shares, presence, progress,
 //! notifications, statistics and limits.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

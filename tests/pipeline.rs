@@ -1,5 +1,6 @@
 //! The change pipeline end to end: SQL typed into PostgreSQL reaches WebSocket
 //! subscribers through the WAL, with the right rows, to the right people.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

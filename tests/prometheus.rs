@@ -1,5 +1,6 @@
 //! Prometheus exposition on METRICS_PORT when ENABLE_METRICS=true. Its own test
 //! binary: the metrics recorder is process-wide.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

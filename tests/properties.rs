@@ -5,6 +5,7 @@
 //!
 //! Arbitrary input never panics; where an encoder exists (here or in `src/`)
 //! values round-trip through it.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 use aether::realtime::phoenix::{PhxMessage, Vsn};
 use aether::realtime::phoenix_hub::{

@@ -7,6 +7,7 @@
 //! directory (`target/tmp/schemathesis-venv`, pinned version) and reused while
 //! the pin is unchanged. `AETHER_SKIP_PY_TESTS=1` skips this test (with a
 //! message); otherwise it needs `python3 -m venv` and PyPI.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! Scripts ask for plain SQL (changes made outside the client) with a line on
 //! stdout, `@@sql {"sql": "…"}`; the answer comes back on stdin as one JSON line
 //! (`{"ok":true}` or `{"error":"…"}`).
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

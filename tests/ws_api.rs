@@ -1,5 +1,6 @@
 //! The Aether WebSocket API (seed 000, the side after `<<<<<<< HEAD`): connection,
 //! channel messages, system messages, limits and the operations endpoints.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
 mod common;
 

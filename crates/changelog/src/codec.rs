@@ -33,16 +33,16 @@ pub enum CodecError {
 const MAX_DEPTH: usize = 512;
 
 mod tag {
-    pub const ABSENT: u8 = 0;
-    pub const NULL: u8 = 1;
-    pub const FALSE: u8 = 2;
-    pub const TRUE: u8 = 3;
-    pub const U64: u8 = 4;
-    pub const I64: u8 = 5;
-    pub const F64: u8 = 6;
-    pub const STRING: u8 = 7;
-    pub const ARRAY: u8 = 8;
-    pub const OBJECT: u8 = 9;
+    pub(super) const ABSENT: u8 = 0;
+    pub(super) const NULL: u8 = 1;
+    pub(super) const FALSE: u8 = 2;
+    pub(super) const TRUE: u8 = 3;
+    pub(super) const U64: u8 = 4;
+    pub(super) const I64: u8 = 5;
+    pub(super) const F64: u8 = 6;
+    pub(super) const STRING: u8 = 7;
+    pub(super) const ARRAY: u8 = 8;
+    pub(super) const OBJECT: u8 = 9;
 }
 
 fn kind_byte(k: ChangeKind) -> u8 {

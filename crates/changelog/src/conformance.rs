@@ -42,7 +42,7 @@ fn change(rel: &Arc<Relation>, lsn: u64, ord: u32) -> Arc<RowChange> {
 }
 
 /// Everything after `after`, page by page.
-pub fn read_all(log: &dyn ChangeLog, after: Position, page: usize) -> Vec<Arc<RowChange>> {
+pub(crate) fn read_all(log: &dyn ChangeLog, after: Position, page: usize) -> Vec<Arc<RowChange>> {
     let mut out: Vec<Arc<RowChange>> = Vec::new();
     let mut hint = None;
     let mut at = after;
@@ -60,7 +60,7 @@ pub fn read_all(log: &dyn ChangeLog, after: Position, page: usize) -> Vec<Arc<Ro
 }
 
 /// `log` is new and empty, its floor below LSN 100.
-pub fn appends_read_back_in_order_with_their_values(log: &dyn ChangeLog) {
+pub(crate) fn appends_read_back_in_order_with_their_values(log: &dyn ChangeLog) {
     let floor = log.bounds().floor;
     let rel = relation(3);
     let changes: Vec<_> = (1..=40)
@@ -106,7 +106,7 @@ pub fn appends_read_back_in_order_with_their_values(log: &dyn ChangeLog) {
 }
 
 /// `log` is new and empty, its floor below LSN 100.
-pub fn appends_are_refused_out_of_order_and_old_positions_are_gaps(log: &dyn ChangeLog) {
+pub(crate) fn appends_are_refused_out_of_order_and_old_positions_are_gaps(log: &dyn ChangeLog) {
     let rel = relation(1);
     log.append(&[change(&rel, 200, 0), change(&rel, 200, 1)])
         .unwrap();
@@ -128,7 +128,7 @@ pub fn appends_are_refused_out_of_order_and_old_positions_are_gaps(log: &dyn Cha
 }
 
 /// `log` holds anything; after a reset it holds nothing, in a new epoch.
-pub fn a_reset_starts_a_new_epoch_after_its_floor(log: &dyn ChangeLog) {
+pub(crate) fn a_reset_starts_a_new_epoch_after_its_floor(log: &dyn ChangeLog) {
     let rel = relation(2);
     log.append(&[change(&rel, 1_000, 0)]).unwrap();
     let before = log.bounds().epoch;
