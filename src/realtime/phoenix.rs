@@ -66,6 +66,9 @@ pub enum Vsn {
 }
 
 /// A Phoenix message.
+/// Where a change's Phoenix `data` encoding is kept beside it.
+const PHOENIX_DATA: aether_router::routed::FrameSlot = aether_router::routed::FrameSlot::new(1);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PhxMessage {
     pub join_ref: Option<String>,
@@ -160,6 +163,20 @@ impl Vsn {
                 payload: o.get("payload").cloned().unwrap_or(Value::Null),
             }),
             _ => None,
+        }
+    }
+
+    /// A `postgres_changes` push with a `data` payload already encoded.
+    fn change_frame(self, join_ref: Option<&str>, topic: &str, id: u32, data: &str) -> String {
+        let join_ref = serde_json::to_string(&join_ref).unwrap_or_else(|_| "null".into());
+        let topic = serde_json::to_string(topic).unwrap_or_else(|_| "\"\"".into());
+        match self {
+            Vsn::V1 => format!(
+                "{{\"topic\":{topic},\"event\":\"postgres_changes\",\"payload\":{{\"ids\":[{id}],\"data\":{data}}},\"ref\":null,\"join_ref\":{join_ref}}}"
+            ),
+            Vsn::V2 => format!(
+                "[{join_ref},null,{topic},\"postgres_changes\",{{\"ids\":[{id}],\"data\":{data}}}]"
+            ),
         }
     }
 
@@ -901,12 +918,12 @@ impl Conn {
                 let Some(ch) = self.channels.get(&topic).filter(|c| c.joined) else {
                     return;
                 };
-                batch.push(self.frame(
-                    ch.join_ref.clone(),
-                    None,
-                    &topic,
-                    "postgres_changes",
-                    json!({"ids": [id], "data": change_data(&change)}),
+                // `data` is encoded once per change for every Phoenix socket.
+                let data = change.frame(PHOENIX_DATA, |c| change_data(c).to_string());
+                batch.push(Message::Text(
+                    self.vsn
+                        .change_frame(ch.join_ref.as_deref(), &topic, id, data)
+                        .into(),
                 ));
             }
             Outbound::Subscribed { subscription, .. } => {
@@ -1215,6 +1232,25 @@ async fn run_admitted(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_frame_spliced_from_its_shared_data_is_the_generic_encoding() {
+        let data = json!({"schema": "public", "table": "t", "record": {"a": "x\"y"}});
+        for vsn in [Vsn::V1, Vsn::V2] {
+            for join_ref in [None, Some("3")] {
+                let spliced = vsn.change_frame(join_ref, "realtime:ro\"om", 7, &data.to_string());
+                let generic = vsn.encode(&PhxMessage {
+                    join_ref: join_ref.map(str::to_owned),
+                    msg_ref: None,
+                    topic: "realtime:ro\"om".into(),
+                    event: "postgres_changes".into(),
+                    payload: json!({"ids": [7], "data": data}),
+                });
+                let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+                assert_eq!(parse(&spliced), parse(&generic), "{vsn:?} {join_ref:?}");
+            }
+        }
+    }
 
     #[test]
     fn both_framings_round_trip() {

@@ -2,8 +2,14 @@
 
 use serde_json::{Value, json};
 
-use aether_core::changes::RowChange;
+use std::fmt::Write as _;
+
+use aether_core::changes::{Relation, RowChange, RowJson};
 use aether_router::Outbound;
+use aether_router::routed::{FrameSlot, Routed};
+
+/// Where a change's Aether-API encoding is kept beside it.
+const AETHER_FRAME: FrameSlot = FrameSlot::new(0);
 
 /// A parsed client frame.
 #[derive(Debug, PartialEq)]
@@ -381,8 +387,49 @@ pub fn error_frame(
     v.to_string()
 }
 
-pub fn change_frame(subscription: &str, change: &RowChange) -> String {
-    let tail = change.encoded_tail();
+/// The subscriber-independent tail of a change frame:
+/// `"id":…,"eventType":…,"schema":…,"table":…,"new":…,"old":…,"timestamp":…}`.
+fn change_tail(change: &RowChange) -> String {
+    let mut s = String::with_capacity(256);
+    let _ = write!(
+        s,
+        "\"id\":\"{}\",\"eventType\":\"{}\",\"schema\":",
+        change.id(),
+        change.kind.as_str()
+    );
+    push_json(&mut s, &change.relation.schema);
+    s.push_str(",\"table\":");
+    push_json(&mut s, &change.relation.name);
+    s.push_str(",\"new\":");
+    push_row(&mut s, &change.relation, change.new.as_deref());
+    s.push_str(",\"old\":");
+    push_row(&mut s, &change.relation, change.old.as_deref());
+    let _ = write!(s, ",\"timestamp\":{}}}", change.commit_time_ms);
+    s
+}
+
+fn push_json(out: &mut String, s: &str) {
+    // Serializing a &str into a String cannot fail.
+    if let Ok(v) = serde_json::to_string(s) {
+        out.push_str(&v);
+    }
+}
+
+fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>) {
+    match row {
+        None => out.push_str("null"),
+        Some(values) => {
+            if let Ok(v) = serde_json::to_string(&RowJson { relation, values }) {
+                out.push_str(&v);
+            }
+        }
+    }
+}
+
+/// A `change` frame. Its tail is encoded once per change and shared by every
+/// subscriber of this vocabulary; only the subscription id is per frame.
+pub fn change_frame(subscription: &str, change: &Routed) -> String {
+    let tail = change.frame(AETHER_FRAME, change_tail);
     let mut s = String::with_capacity(48 + subscription.len() + tail.len());
     s.push_str("{\"type\":\"change\",\"subscription\":");
     s.push_str(&Value::String(subscription.to_owned()).to_string());

@@ -856,7 +856,10 @@ async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
                     if let Output::Change(c) = o {
                         events += 1;
                         if encode {
-                            std::hint::black_box(c.encoded_tail());
+                            let routed = aether_router::routed::Routed::new(c);
+                            std::hint::black_box(aether::realtime::protocol::change_frame(
+                                "s", &routed,
+                            ));
                         }
                     }
                 }

@@ -26,6 +26,7 @@
 pub mod catalog;
 pub mod filter;
 pub mod policy;
+pub mod routed;
 pub mod tail;
 pub mod tap;
 
@@ -43,6 +44,7 @@ use aether_core::lsn::{Epoch, Position, SinceId, StreamId};
 use aether_core::principal::Principal;
 use filter::{Filter, key_of};
 use policy::{Decision, Policy, PolicyWaker, Viewer};
+use routed::Routed;
 use tail::Tail;
 use tap::{Effects, Tap};
 
@@ -81,7 +83,7 @@ impl EventMask {
 pub enum Outbound {
     Change {
         subscription: Arc<str>,
-        change: Arc<RowChange>,
+        change: Arc<Routed>,
     },
     /// The subscription is live. `position` is the newest change routed before it
     /// was registered: every change it is sent live comes after it, so it is where
@@ -394,6 +396,7 @@ impl Router {
                 }
             }
             Feed::Change(change) => {
+                let change = Arc::new(Routed::new(change));
                 // The log drops what it already held; this guards the invariant.
                 if change.position <= self.high_water {
                     return;
@@ -639,13 +642,25 @@ impl Router {
         // The log is written before the router is fed: what it holds past the
         // newest change routed comes through the feed (and the tail), not from here.
         let high_water = self.high_water;
-        let routed = page.changes.iter().take_while(|c| c.position <= high_water);
+        // Wrapped for this connection: its subscriptions share the encodings.
+        let routed: Vec<Arc<Routed>> = page
+            .changes
+            .iter()
+            .take_while(|c| c.position <= high_water)
+            .map(|c| Arc::new(Routed::new(Arc::clone(c))))
+            .collect();
         lag.hint = if page.changes.last().is_some_and(|c| c.position > high_water) {
             None
         } else {
             page.hint
         };
-        let full = deliver(session, entry, &mut self.subs, &mut *self.policy, routed);
+        let full = deliver(
+            session,
+            entry,
+            &mut self.subs,
+            &mut *self.policy,
+            routed.iter(),
+        );
         if !full {
             self.advance(session);
         }
@@ -873,7 +888,7 @@ impl Router {
         }
     }
 
-    fn route(&mut self, change: &Arc<RowChange>) {
+    fn route(&mut self, change: &Arc<Routed>) {
         let Some(t) = self.tables.get(&change.relation.qualified) else {
             return;
         };
@@ -995,7 +1010,7 @@ fn deliver<'a>(
     entry: &mut SessionEntry,
     subs: &mut HashMap<u64, Subscription>,
     policy: &mut dyn Policy,
-    changes: impl Iterator<Item = &'a Arc<RowChange>>,
+    changes: impl Iterator<Item = &'a Arc<Routed>>,
 ) -> bool {
     let Some(lag) = entry.lag.as_mut() else {
         return false;

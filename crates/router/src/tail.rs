@@ -7,13 +7,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use aether_core::changes::RowChange;
 use aether_core::lsn::Position;
+
+use crate::routed::Routed;
 
 pub struct Tail {
     /// With each change, its weight as counted when it came in (computed once:
     /// it walks every value).
-    changes: VecDeque<(usize, Arc<RowChange>)>,
+    changes: VecDeque<(usize, Arc<Routed>)>,
     bytes: usize,
     max_bytes: usize,
     /// Every change after this position (up to the newest routed) is held.
@@ -31,7 +32,7 @@ impl Tail {
         }
     }
 
-    pub fn push(&mut self, change: Arc<RowChange>) {
+    pub fn push(&mut self, change: Arc<Routed>) {
         let weight = change.approx_bytes();
         self.bytes += weight;
         self.changes.push_back((weight, change));
@@ -49,7 +50,7 @@ impl Tail {
     }
 
     /// The changes after `after`, oldest first.
-    pub fn after(&self, after: Position) -> impl Iterator<Item = &Arc<RowChange>> {
+    pub fn after(&self, after: Position) -> impl Iterator<Item = &Arc<Routed>> {
         let start = self.changes.partition_point(|(_, c)| c.position <= after);
         self.changes.range(start..).map(|(_, c)| c)
     }
@@ -80,16 +81,16 @@ mod tests {
     use aether_core::changes::ChangeKind;
     use aether_core::lsn::PgLsn;
 
-    fn change(lsn: u64) -> Arc<RowChange> {
+    fn change(lsn: u64) -> Arc<Routed> {
         let rel = aether_core::changes::test_relation();
-        Arc::new(RowChange::new(
+        Arc::new(Routed::new(Arc::new(aether_core::changes::RowChange::new(
             Position::new(PgLsn(lsn), 0),
             ChangeKind::Insert,
             rel,
             Some(vec![Some(serde_json::json!("x".repeat(100)))]),
             None,
             0,
-        ))
+        ))))
     }
 
     #[test]

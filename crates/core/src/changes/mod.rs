@@ -2,8 +2,7 @@
 
 pub mod value;
 
-use std::fmt::Write as _;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
@@ -84,7 +83,6 @@ pub struct RowChange {
     pub commit_time_ms: i64,
     /// The change log this change's position belongs to.
     pub epoch: Epoch,
-    encoded: OnceLock<Arc<str>>,
 }
 
 impl RowChange {
@@ -104,7 +102,6 @@ impl RowChange {
             old,
             commit_time_ms,
             epoch: Epoch::default(),
-            encoded: OnceLock::new(),
         }
     }
 
@@ -122,8 +119,8 @@ impl RowChange {
         }
     }
 
-    /// A rough count of the heap bytes this change holds (values, the cached
-    /// frame), for byte-bounded caches.
+    /// A rough count of the heap bytes this change holds, with the frames the
+    /// edge encodes from it, for byte-bounded caches.
     pub fn approx_bytes(&self) -> usize {
         let row = |r: &Option<Row>| {
             r.as_ref().map_or(0, |r| {
@@ -139,29 +136,6 @@ impl RowChange {
 
     pub fn commit_lsn(&self) -> PgLsn {
         self.position.commit_lsn
-    }
-
-    /// The subscriber-independent tail of a change frame, encoded once and shared:
-    /// `"id":…,"eventType":…,"schema":…,"table":…,"new":…,"old":…,"timestamp":…}`.
-    pub fn encoded_tail(&self) -> &Arc<str> {
-        self.encoded.get_or_init(|| {
-            let mut s = String::with_capacity(256);
-            let _ = write!(
-                s,
-                "\"id\":\"{}\",\"eventType\":\"{}\",\"schema\":",
-                self.id(),
-                self.kind.as_str()
-            );
-            push_json(&mut s, &self.relation.schema);
-            s.push_str(",\"table\":");
-            push_json(&mut s, &self.relation.name);
-            s.push_str(",\"new\":");
-            push_row(&mut s, &self.relation, self.new.as_deref());
-            s.push_str(",\"old\":");
-            push_row(&mut s, &self.relation, self.old.as_deref());
-            let _ = write!(s, ",\"timestamp\":{}}}", self.commit_time_ms);
-            Arc::from(s)
-        })
     }
 
     /// The row a filter or policy should look at for this kind of change.
@@ -181,24 +155,6 @@ fn value_bytes(v: &Value) -> usize {
         Value::String(s) => s.len(),
         Value::Array(a) => a.iter().map(|v| 32 + value_bytes(v)).sum(),
         Value::Object(o) => o.iter().map(|(k, v)| 64 + k.len() + value_bytes(v)).sum(),
-    }
-}
-
-fn push_json(out: &mut String, s: &str) {
-    // Serializing a &str into a String cannot fail.
-    if let Ok(v) = serde_json::to_string(s) {
-        out.push_str(&v);
-    }
-}
-
-fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>) {
-    match row {
-        None => out.push_str("null"),
-        Some(values) => {
-            if let Ok(v) = serde_json::to_string(&RowJson { relation, values }) {
-                out.push_str(&v);
-            }
-        }
     }
 }
 
