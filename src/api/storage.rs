@@ -21,8 +21,8 @@ use super::validate::{self, Invalid, Validate};
 use crate::server::AppState;
 use crate::storage::path::{MAX_PATH_BYTES, base_name};
 use crate::storage::{
-    BucketInfo, ByteRange, FileRecord, ObjectPath, PendingUpload, StorageError, UploadSource,
-    UploadTarget,
+    BucketInfo, ByteRange, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError,
+    UploadSource, UploadTarget,
 };
 
 /// Everything but unreserved characters and sub-delims is escaped in a segment.
@@ -315,13 +315,13 @@ async fn read_form(
                     .begin_upload(owner, source, form.bucket.as_ref())
                     .await?;
                 let up = pending.insert(up);
-                let mut uploaded = 0u64;
-                while let Some(chunk) = field.chunk().await? {
-                    uploaded += chunk.len() as u64;
-                    up.write(chunk).await?;
-                    progress.report(uploaded, false);
-                }
-                progress.report(uploaded, true);
+                up.pump(&mut field, |n| progress.report(n, false))
+                    .await
+                    .map_err(|e| match e {
+                        PumpError::Storage(e) => ApiError::from(e),
+                        PumpError::Body(e) => ApiError::from(e),
+                    })?;
+                progress.report(up.size(), true);
             }
             _ => {
                 while let Some(chunk) = field.chunk().await? {

@@ -225,8 +225,12 @@ pub async fn websocket(
         .ws_max_frame_bytes
         .saturating_mul(16)
         .max(1 << 20);
+    // The same caps as `/ws`: frames past `ws_max_frame_bytes` get an error and
+    // a 1009 close from the session; a 4 KiB read buffer (it grows for a larger
+    // frame) instead of tungstenite's 128 KiB, most of an idle socket's memory.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| run(socket, state, principal, vsn, addr))
 }
 

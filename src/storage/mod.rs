@@ -212,10 +212,40 @@ impl PendingUpload {
         Ok(())
     }
 
+    /// The one upload pump, for every route: writes `body` chunk by chunk until
+    /// it ends, telling `progress` the bytes written after each chunk. A refusal
+    /// (size, quota, storage) cleans up as [`write`](Self::write) does; an error
+    /// reading the body is the caller's to describe.
+    pub async fn pump<S, E>(
+        &mut self,
+        mut body: S,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(), PumpError<E>>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+    {
+        use futures_util::StreamExt as _;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(PumpError::Body)?;
+            self.write(chunk).await.map_err(PumpError::Storage)?;
+            progress(self.size());
+        }
+        Ok(())
+    }
+
     /// Removes the bytes written so far.
     pub async fn discard(&mut self) {
         self.blob.discard().await;
     }
+}
+
+/// Why [`PendingUpload::pump`] stopped.
+#[derive(Debug)]
+pub enum PumpError<E> {
+    /// The upload was refused (too large, over quota) or could not be stored.
+    Storage(StorageError),
+    /// The request body could not be read.
+    Body(E),
 }
 
 /// What a commit records about a completed upload.

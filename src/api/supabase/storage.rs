@@ -13,7 +13,6 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -27,7 +26,7 @@ use crate::api::validate::{self, Validate};
 use crate::auth::{AuthError, Principal, Role};
 use crate::server::AppState;
 use crate::storage::{
-    ByteRange, Deleted, FileRecord, NewBucket, ObjectPath, PendingUpload, StorageError,
+    ByteRange, Deleted, FileRecord, NewBucket, ObjectPath, PendingUpload, PumpError, StorageError,
     UploadSource, UploadTarget,
 };
 
@@ -652,20 +651,11 @@ async fn do_upload(
             match state.storage.begin_upload(owner, source, Some(&info)).await {
                 Ok(up) => {
                     let up = pending.insert(up);
-                    loop {
-                        match field.chunk().await {
-                            Ok(Some(c)) => {
-                                if let Err(e) = up.write(c).await {
-                                    r = Err(e.into());
-                                    break;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                r = Err(StorageApiError::invalid(e.body_text()));
-                                break;
-                            }
-                        }
+                    if let Err(e) = up.pump(&mut field, |_| {}).await {
+                        r = Err(match e {
+                            PumpError::Storage(e) => e.into(),
+                            PumpError::Body(e) => StorageApiError::invalid(e.body_text()),
+                        });
                     }
                 }
                 Err(e) => r = Err(e.into()),
@@ -680,27 +670,18 @@ async fn do_upload(
             file_name: path.name().to_owned(),
             content_type,
         };
-        let mut stream = req.into_body().into_data_stream();
+        let stream = req.into_body().into_data_stream();
         match state.storage.begin_upload(owner, source, Some(&info)).await {
-            Ok(up) => {
-                let up = pending.insert(up);
-                let mut r = Ok(());
-                while let Some(chunk) = stream.next().await {
-                    match chunk {
-                        Ok(c) => {
-                            if let Err(e) = up.write(c).await {
-                                r = Err(e.into());
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            r = Err(StorageApiError::invalid(format!("reading the body: {e}")));
-                            break;
-                        }
+            Ok(up) => pending
+                .insert(up)
+                .pump(stream, |_| {})
+                .await
+                .map_err(|e| match e {
+                    PumpError::Storage(e) => e.into(),
+                    PumpError::Body(e) => {
+                        StorageApiError::invalid(format!("reading the body: {e}"))
                     }
-                }
-                r
-            }
+                }),
             Err(e) => Err(e.into()),
         }
     };
