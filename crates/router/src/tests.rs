@@ -1,6 +1,8 @@
 use super::*;
+use crate::policy::{Decision, Viewer};
 use aether_changelog::ChangeLog;
 use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot, open_ready};
+use aether_core::changes::RowChange;
 use aether_core::lsn::PgLsn;
 
 use aether_core::changes::test_relation as relation;

@@ -1,0 +1,390 @@
+//! The subscription index and live routing: which subscriptions a change may
+//! concern (a hash index on equality filters, a scan for the rest), the filter,
+//! then the policy; and subscribing, with `since` checked against the log.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use aether_core::changes::{ChangeKind, Relation, RowChange};
+use aether_core::lsn::{Position, SinceId, StreamId};
+use aether_core::principal::Principal;
+use tokio::sync::mpsc;
+
+use crate::catchup::Lag;
+use crate::filter::{Filter, key_of};
+use crate::policy::{Decision, Policy, Viewer};
+use crate::routed::Routed;
+use crate::{EventMask, Outbound, Router, SubscriptionSpec};
+
+pub(crate) struct Subscription {
+    pub(crate) session: u64,
+    pub(crate) id: Arc<str>,
+    pub(crate) table: Arc<str>,
+    pub(crate) events: EventMask,
+    pub(crate) filter: Filter,
+    /// (column, key) under which it is indexed, if any.
+    pub(crate) index: Option<(String, String)>,
+    /// The newest change this subscription was offered (sent, or judged not for
+    /// it): a catching-up connection skips what it already had.
+    pub(crate) seen: Position,
+}
+
+#[derive(Default)]
+pub(crate) struct TableSubs {
+    scan: HashSet<u64>,
+    by_column: HashMap<String, HashMap<String, HashSet<u64>>>,
+}
+
+impl TableSubs {
+    fn is_empty(&self) -> bool {
+        self.scan.is_empty() && self.by_column.is_empty()
+    }
+}
+
+impl Router {
+    pub(crate) fn gap(&mut self, session: u64, id: Arc<str>, message: String) {
+        self.send(
+            session,
+            Outbound::Error {
+                subscription: Some(id),
+                code: "gap",
+                message,
+            },
+        );
+    }
+
+    pub(crate) fn subscribe(&mut self, session: u64, spec: SubscriptionSpec) {
+        let Some(entry) = self.sessions.get(&session) else {
+            return;
+        };
+        if entry.subs.contains_key(&spec.id) {
+            let msg = format!(
+                "subscription id {:?} is already in use on this connection",
+                spec.id
+            );
+            self.send(
+                session,
+                Outbound::Error {
+                    subscription: Some(spec.id),
+                    code: "duplicate_subscription",
+                    message: msg,
+                },
+            );
+            return;
+        }
+        if entry.subs.len() >= self.max_subscriptions {
+            let message = format!(
+                "this connection already holds {} subscriptions, the most allowed (WS_MAX_SUBSCRIPTIONS); unsubscribe first",
+                entry.subs.len()
+            );
+            self.send(
+                session,
+                Outbound::Error {
+                    subscription: Some(spec.id),
+                    code: "too_many_subscriptions",
+                    message,
+                },
+            );
+            return;
+        }
+        // Where the subscription starts: `since`, checked against this log.
+        let start = match spec.since {
+            None => self.high_water,
+            Some(SinceId::Bare(p)) => {
+                let message = format!(
+                    "position {p} names no change log (it has no epoch; it is from an older Aether): \
+                     reload the data and subscribe without `since`"
+                );
+                return self.gap(session, spec.id, message);
+            }
+            Some(SinceId::Stream(id)) if id.epoch != self.epoch => {
+                let message = format!(
+                    "position {id} is from another change log (epoch {}; this one is {}): the log was \
+                     reset or replaced, changes may have been missed; reload the data and subscribe without `since`",
+                    id.epoch, self.epoch
+                );
+                return self.gap(session, spec.id, message);
+            }
+            Some(SinceId::Stream(id)) if id.position > self.high_water => {
+                let message = format!(
+                    "position {id} is ahead of the newest change ({}): it was not handed out by this log; \
+                     reload the data and subscribe without `since`",
+                    StreamId {
+                        position: self.high_water,
+                        epoch: self.epoch
+                    }
+                );
+                return self.gap(session, spec.id, message);
+            }
+            Some(SinceId::Stream(id)) => {
+                let floor = self.log.bounds().floor;
+                if id.position < floor {
+                    let message = format!(
+                        "position {id} is older than the changes Aether still holds (from {} on); \
+                         reload the data and subscribe without `since`",
+                        StreamId {
+                            position: floor,
+                            epoch: self.epoch
+                        }
+                    );
+                    return self.gap(session, spec.id, message);
+                }
+                id.position
+            }
+        };
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        let index = spec.filter.index_key().map(|(c, k)| (c.to_owned(), k));
+        let t = self.tables.entry(Arc::clone(&spec.table)).or_default();
+        match &index {
+            Some((col, key)) => {
+                t.by_column
+                    .entry(col.clone())
+                    .or_default()
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(uid);
+            }
+            None => {
+                t.scan.insert(uid);
+            }
+        }
+        self.subs.insert(
+            uid,
+            Subscription {
+                session,
+                id: Arc::clone(&spec.id),
+                table: spec.table,
+                events: spec.events,
+                filter: spec.filter,
+                index,
+                seen: start,
+            },
+        );
+        let position = StreamId {
+            position: self.high_water,
+            epoch: self.epoch,
+        };
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        entry.subs.insert(Arc::clone(&spec.id), uid);
+        let replay = start < self.high_water;
+        if replay {
+            // The connection (re)starts catching up at `start`. Its other
+            // subscriptions were offered everything up to where it stood.
+            let stood = entry.lag.as_ref().map_or(self.high_water, |l| l.after);
+            if start < stood {
+                for other in entry.subs.values().filter(|u| **u != uid) {
+                    if let Some(s) = self.subs.get_mut(other) {
+                        s.seen = s.seen.max(stood);
+                    }
+                }
+                self.generations += 1;
+                match entry.lag.as_mut() {
+                    Some(lag) => {
+                        lag.after = start;
+                        lag.hint = None;
+                        lag.generation = self.generations;
+                    }
+                    None => {
+                        entry.lag = Some(Lag {
+                            after: start,
+                            since: Instant::now(),
+                            paging: false,
+                            awaiting: false,
+                            hint: None,
+                            generation: self.generations,
+                        });
+                        self.lagging.insert(session);
+                    }
+                }
+            }
+        }
+        self.send(
+            session,
+            Outbound::Subscribed {
+                subscription: spec.id,
+                position,
+            },
+        );
+        if replay {
+            self.advance(session);
+        }
+    }
+
+    pub(crate) fn remove_sub(&mut self, uid: u64) {
+        let Some(sub) = self.subs.remove(&uid) else {
+            return;
+        };
+        if let Some(t) = self.tables.get_mut(&sub.table) {
+            match &sub.index {
+                Some((col, key)) => {
+                    if let Some(keys) = t.by_column.get_mut(col) {
+                        if let Some(set) = keys.get_mut(key) {
+                            set.remove(&uid);
+                            if set.is_empty() {
+                                keys.remove(key);
+                            }
+                        }
+                        if keys.is_empty() {
+                            t.by_column.remove(col);
+                        }
+                    }
+                }
+                None => {
+                    t.scan.remove(&uid);
+                }
+            }
+            if t.is_empty() {
+                self.tables.remove(&sub.table);
+            }
+        }
+    }
+
+    pub(crate) fn route(&mut self, change: &Arc<Routed>) {
+        let Some(t) = self.tables.get(&change.relation.qualified) else {
+            return;
+        };
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        candidates.extend(t.scan.iter().copied());
+        for (col, keys) in &t.by_column {
+            let Some(i) = change.relation.column_index(col) else {
+                continue;
+            };
+            for row in [change.new.as_ref(), change.old.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(Some(v)) = row.get(i)
+                    && let Some(k) = key_of(v)
+                    && let Some(set) = keys.get(k.as_ref())
+                {
+                    candidates.extend(set.iter().copied());
+                }
+            }
+        }
+        if change.kind == ChangeKind::Truncate {
+            // A truncate names no row: every subscription of the table hears of it.
+            for keys in t.by_column.values() {
+                for set in keys.values() {
+                    candidates.extend(set.iter().copied());
+                }
+            }
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut closed = Vec::new();
+        for &uid in &candidates {
+            let Some(sub) = self.subs.get_mut(&uid) else {
+                continue;
+            };
+            if !sub.events.contains(change.kind) {
+                continue;
+            }
+            let Some(entry) = self.sessions.get_mut(&sub.session) else {
+                continue;
+            };
+            // A lagging connection gets this change from the tail when it pulls.
+            if entry.lag.is_some() || !matches(change, &sub.filter) {
+                continue;
+            }
+            match decide(
+                &mut *self.policy,
+                sub.session,
+                &entry.handle.principal,
+                change,
+            ) {
+                Decision::Allow => {}
+                Decision::Deny => {
+                    sub.seen = change.position;
+                    continue;
+                }
+                Decision::Pending => {
+                    // Like a full queue, but nothing to pull until the policy
+                    // wakes it.
+                    self.generations += 1;
+                    entry.lag = Some(Lag {
+                        after: change.position.just_before(),
+                        since: Instant::now(),
+                        paging: false,
+                        awaiting: true,
+                        hint: None,
+                        generation: self.generations,
+                    });
+                    self.lagging.insert(sub.session);
+                    continue;
+                }
+            }
+            let out = Outbound::Change {
+                subscription: Arc::clone(&sub.id),
+                change: Arc::clone(change),
+            };
+            match entry.handle.tx.try_send(out) {
+                Ok(()) => sub.seen = change.position,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::debug!(
+                        session = sub.session,
+                        "outbound queue full: lagging, catching up from the log"
+                    );
+                    metrics::counter!("aether_queue_drops_total", "kind" => "lagging").increment(1);
+                    // Subscriptions that got this change already have it as `seen`.
+                    self.generations += 1;
+                    entry.lag = Some(Lag {
+                        after: change.position.just_before(),
+                        since: Instant::now(),
+                        paging: false,
+                        awaiting: false,
+                        hint: None,
+                        generation: self.generations,
+                    });
+                    self.lagging.insert(sub.session);
+                    entry.handle.lagging.notify_one();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => closed.push(sub.session),
+            }
+        }
+        self.candidates = candidates;
+        for s in closed {
+            self.detach(s);
+        }
+    }
+}
+
+/// Does the change match the subscription's filter?
+pub(crate) fn matches(change: &RowChange, filter: &Filter) -> bool {
+    let rel: &Relation = &change.relation;
+    if change.kind == ChangeKind::Truncate {
+        return true;
+    }
+    let filter_ok =
+        |row: Option<&aether_core::changes::Row>| row.is_some_and(|r| filter.matches(rel, r));
+    // An UPDATE that moves a row out of a filter's range is still news to its
+    // subscribers: match on the new or the old row.
+    match change.kind {
+        ChangeKind::Update => filter_ok(change.new.as_ref()) || filter_ok(change.old.as_ref()),
+        _ => filter_ok(change.visible_row()),
+    }
+}
+
+/// The policy's word on one change for one connection. A TRUNCATE names no row
+/// and goes to every subscription of its table.
+pub(crate) fn decide(
+    policy: &mut dyn Policy,
+    connection: u64,
+    principal: &Principal,
+    change: &RowChange,
+) -> Decision {
+    if change.kind == ChangeKind::Truncate {
+        return Decision::Allow;
+    }
+    policy.decide(
+        Viewer {
+            connection,
+            principal,
+        },
+        change,
+    )
+}
