@@ -1137,7 +1137,9 @@ async fn run_admitted(
                             break Some((CLOSE_TOO_BIG, "frame too large"));
                         }
                         match Vsn::parse_or_garbage(&text) {
-                            Ok(m) => frames.extend(conn.handle(m).await),
+                            // Boxed: the handlers' futures (joins with database
+                            // checks) would otherwise size every idle socket's task.
+                            Ok(m) => frames.extend(Box::pin(conn.handle(m)).await),
                             Err(g) => {
                                 state.stats.error("invalid_message");
                                 frames.push(conn.garbage_reply(g));

@@ -627,7 +627,10 @@ async fn write_loop(
                         closer.close(CLOSE_AUTH, "auth/expired-token", frames);
                         continue;
                     }
-                    if let Err(e) = handle_text(conn, &mut principal, &text).await {
+                    // Boxed: the handlers' futures (database checks, the hub) are
+                    // large, and inline they would make every idle connection's
+                    // task that much larger; a message pays one allocation instead.
+                    if let Err(e) = Box::pin(handle_text(conn, &mut principal, &text)).await {
                         let out = Outbound::Error {
                             subscription: e.subscription.map(Arc::from),
                             code: e.code,
