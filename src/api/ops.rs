@@ -30,12 +30,22 @@ impl FromRequestParts<AppState> for ServiceRole {
                 "a bearer token is required",
             )
         })?;
-        // Only service_role passes (its tokens name no session or user, so this
-        // makes no query), checked by the one token function all routes use.
-        let principal = state.auth.authenticate(token).await.map_err(|e| {
+        let refused = |e: crate::auth::AuthError| {
             tracing::warn!(event = "token_refused", reason = %e, "operations route");
             ApiError::from(e)
-        })?;
+        };
+        // The role first, from the signature alone: a user token is 403 here
+        // without a query. A service_role token then takes the check every route
+        // uses (no query unless it names a user or session).
+        let role = state
+            .jwt
+            .verify(token)
+            .map_err(|e| refused(crate::auth::AuthError::from(e)))?;
+        let principal = if role.is_service() {
+            state.auth.authenticate(token).await.map_err(refused)?
+        } else {
+            role
+        };
         if !principal.is_service() {
             tracing::warn!(event = "forbidden", "operations route needs service_role");
             return Err(ApiError::new(

@@ -65,10 +65,10 @@ pub enum Vsn {
     V2,
 }
 
-/// A Phoenix message.
 /// Where a change's Phoenix `data` encoding is kept beside it.
 const PHOENIX_DATA: aether_router::routed::FrameSlot = aether_router::routed::FrameSlot::new(1);
 
+/// A Phoenix message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PhxMessage {
     pub join_ref: Option<String>,

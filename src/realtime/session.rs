@@ -777,9 +777,16 @@ async fn apply_token(
     let session = conn.session;
     // The same check as at connect: a signed-out session's token, or a deleted
     // user's, is no renewal.
-    let fresh = state.auth.authenticate(token).await.map_err(|e| {
-        tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
-        frame_error(e.code(), e.to_string())
+    let fresh = state.auth.authenticate(token).await.map_err(|e| match e {
+        // As at connect: the cause is logged, not sent.
+        crate::auth::AuthError::Internal(cause) => {
+            tracing::error!(error = %cause, session, "token renewal check failed");
+            frame_error("internal_error", "internal server error")
+        }
+        e => {
+            tracing::warn!(event = "token_refused", session, reason = %e, "token renewal refused");
+            frame_error(e.code(), e.to_string())
+        }
     })?;
     if principal.user_id.is_some() && fresh.user_id != principal.user_id {
         return Err(frame_error(

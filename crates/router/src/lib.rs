@@ -326,6 +326,12 @@ impl Router {
             Command::SetPrincipal { session, principal } => {
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.handle.principal = principal;
+                    self.policy.forget(session);
+                    // A decision pending for the old principal is asked again.
+                    if let Some(lag) = s.lag.as_mut().filter(|l| l.awaiting) {
+                        lag.awaiting = false;
+                        self.advance(session);
+                    }
                 }
             }
             Command::Pull { session } => self.advance(session),
@@ -439,6 +445,7 @@ impl Router {
 
     fn detach(&mut self, session: u64) {
         if let Some(entry) = self.sessions.remove(&session) {
+            self.policy.forget(session);
             self.lagging.remove(&session);
             for uid in entry.subs.into_values() {
                 self.remove_sub(uid);

@@ -46,6 +46,12 @@ pub trait Policy: Send {
     /// May `viewer` see `change`? TRUNCATE is not asked about: it names no row.
     fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision;
 
+    /// The connection closed, or acts as another principal now (token
+    /// renewal): what was decided or is pending for it no longer holds.
+    fn forget(&mut self, connection: u64) {
+        let _ = connection;
+    }
+
     /// Called once with the handle that wakes connections left pending.
     fn attach(&mut self, waker: PolicyWaker) {
         let _ = waker;

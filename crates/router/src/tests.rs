@@ -380,3 +380,40 @@ async fn a_tap_can_close_the_connections_of_a_revoked_session() {
     assert!(!f.r.sessions.contains_key(&2));
     assert!(f.r.sessions.contains_key(&1), "other sessions stay");
 }
+
+/// Records the connections it was told to forget.
+#[derive(Clone, Default)]
+struct Forgetful(Gate, Arc<std::sync::Mutex<Vec<u64>>>);
+
+impl Policy for Forgetful {
+    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision {
+        self.0.decide(viewer, change)
+    }
+
+    fn forget(&mut self, connection: u64) {
+        self.1.lock().unwrap().push(connection);
+    }
+}
+
+#[tokio::test]
+async fn a_new_principal_is_asked_again_and_the_policy_forgets_closed_connections() {
+    let policy = Forgetful::default();
+    let mut f = fixture_with(1 << 20, 16, Box::new(policy.clone()), vec![]);
+    f.subscribe("a", None);
+    policy.0.0.lock().unwrap().0 = Some(Position::new(PgLsn(200), 0));
+    for i in 1..=3 {
+        f.commit(i);
+    }
+    assert_eq!(of(&f.drain(), "a"), [1]);
+    // The decision for the old principal no longer holds: renewal asks again,
+    // without a wake from the policy.
+    policy.0.0.lock().unwrap().0 = None;
+    f.r.command(Command::SetPrincipal {
+        session: 1,
+        principal: Arc::new(Principal::service()),
+    });
+    assert_eq!(of(&f.drain(), "a"), [2, 3]);
+    assert!(f.r.sessions[&1].lag.is_none());
+    f.r.command(Command::Detach { session: 1 });
+    assert_eq!(*policy.1.lock().unwrap(), [1, 1]);
+}

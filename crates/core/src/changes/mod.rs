@@ -129,9 +129,10 @@ impl RowChange {
                     .sum::<usize>()
             })
         };
-        // The struct, its Arc, and the encoded frame (about the JSON size of the rows).
+        // The struct, its Arc, and the frames the edge may keep beside it (two
+        // dialects' encodings, each about the JSON size of the rows).
         let values = row(&self.new) + row(&self.old);
-        160 + values + values / 2
+        160 + values + values
     }
 
     pub fn commit_lsn(&self) -> PgLsn {
