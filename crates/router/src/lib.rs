@@ -347,7 +347,7 @@ impl Router {
                 }
             }
             Feed::Change(change) => {
-                let change = Arc::new(Routed::new(change));
+                let change = Arc::new(Routed::counted(change, self.tail.counter()));
                 // The log drops what it already held; this guards the invariant.
                 if change.position <= self.high_water {
                     return;

@@ -1,6 +1,7 @@
 //! A change as the router hands it to connections.
 
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use aether_core::changes::RowChange;
@@ -28,6 +29,11 @@ impl FrameSlot {
 pub struct Routed {
     change: Arc<RowChange>,
     frames: [OnceLock<Arc<str>>; FRAME_SLOTS],
+    /// The hot tail's count of frame bytes beyond the first slot, while this
+    /// change is in the tail ([`RowChange::approx_bytes`] counts one frame).
+    counter: Option<Arc<AtomicUsize>>,
+    extra: AtomicUsize,
+    evicted: AtomicBool,
 }
 
 impl Routed {
@@ -35,7 +41,27 @@ impl Routed {
         Routed {
             change,
             frames: Default::default(),
+            counter: None,
+            extra: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
         }
+    }
+
+    /// A change held by the hot tail: frames made beyond the first slot are
+    /// added to `counter` until [`evict`](Self::evict).
+    pub(crate) fn counted(change: Arc<RowChange>, counter: Arc<AtomicUsize>) -> Self {
+        Routed {
+            counter: Some(counter),
+            ..Routed::new(change)
+        }
+    }
+
+    /// Leaves the tail: returns the extra bytes it had added to the counter.
+    /// A frame made concurrently may still add itself once (over-counting,
+    /// never under-counting).
+    pub(crate) fn evict(&self) -> usize {
+        self.evicted.store(true, Ordering::Release);
+        self.extra.swap(0, Ordering::AcqRel)
     }
 
     pub fn change(&self) -> &Arc<RowChange> {
@@ -44,7 +70,17 @@ impl Routed {
 
     /// The encoding in `slot`, made by `encode` the first time it is asked for.
     pub fn frame(&self, slot: FrameSlot, encode: impl FnOnce(&RowChange) -> String) -> &Arc<str> {
-        self.frames[slot.0].get_or_init(|| Arc::from(encode(&self.change)))
+        self.frames[slot.0].get_or_init(|| {
+            let frame: Arc<str> = Arc::from(encode(&self.change));
+            if slot.0 > 0
+                && let Some(counter) = &self.counter
+                && !self.evicted.load(Ordering::Acquire)
+            {
+                self.extra.fetch_add(frame.len(), Ordering::AcqRel);
+                counter.fetch_add(frame.len(), Ordering::AcqRel);
+            }
+            frame
+        })
     }
 }
 

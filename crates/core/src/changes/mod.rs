@@ -129,10 +129,11 @@ impl RowChange {
                     .sum::<usize>()
             })
         };
-        // The struct, its Arc, and the frames the edge may keep beside it (two
-        // dialects' encodings, each about the JSON size of the rows).
+        // The struct, its Arc, and one frame the edge keeps beside it (about
+        // the JSON size of the rows); the router's tail counts further frames
+        // as they are made.
         let values = row(&self.new) + row(&self.old);
-        160 + values + values
+        160 + values + values / 2
     }
 
     pub fn commit_lsn(&self) -> PgLsn {
