@@ -625,10 +625,11 @@ async fn a_position_older_than_the_log_gets_an_explicit_gap() {
     for _ in 0..6 {
         ids.push(ws.change().await["id"].as_str().unwrap().to_owned());
     }
-    // Retention runs after each fsync: wait until the oldest change is gone.
+    // Retention runs after each fsync: wait until the change after the oldest
+    // is gone too (a floor equal to `ids[0]` still answers `since = ids[0]`).
     let floor = || t.server.state.log.bounds().floor.to_string();
     tokio::time::timeout(WAIT, async {
-        while floor().as_str() < ids[0].split('.').next().unwrap() {
+        while floor().as_str() <= ids[0].split('.').next().unwrap() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })
