@@ -146,8 +146,7 @@ fn deliver(t: &Target, f: &Arc<str>) {
 }
 
 fn text<'r>(change: &RowChange, row: &'r Row, col: &str) -> Option<&'r Value> {
-    let i = change.relation.column_index(col)?;
-    row.get(i)?.as_ref()
+    change.relation.value(row, col)
 }
 
 /// The KingShare messages a change yields, with the user each goes to.

@@ -20,12 +20,8 @@ use crate::realtime::kingshare::{self, Notifier};
 use aether_router::tap::{Effects, Tap};
 
 /// The value of `col` in `row`, if the relation has that column.
-fn at(change: &RowChange, row: &Row, col: &str) -> Option<Value> {
-    change
-        .relation
-        .column_index(col)
-        .and_then(|i| row.get(i))
-        .and_then(|v| v.clone())
+fn at<'r>(change: &RowChange, row: &'r Row, col: &str) -> Option<&'r Value> {
+    change.relation.value(row, col)
 }
 
 /// Keeps the WebSocket API's channel settings current from `aether.channels`.
@@ -44,7 +40,7 @@ impl Tap for ChannelSettings {
                 if let Some(Value::String(name)) =
                     change.old.as_ref().and_then(|o| at(change, o, "name"))
                 {
-                    map.remove(&name);
+                    map.remove(name);
                 }
             }
             ChangeKind::Insert | ChangeKind::Update => {
@@ -52,7 +48,7 @@ impl Tap for ChannelSettings {
                 if let Some(Value::String(old)) =
                     change.old.as_ref().and_then(|o| at(change, o, "name"))
                 {
-                    map.remove(&old);
+                    map.remove(old);
                 }
                 let Some(Value::String(name)) = at(change, new, "name") else {
                     return;
@@ -69,7 +65,7 @@ impl Tap for ChannelSettings {
                         .and_then(|v| v.as_bool())
                         .unwrap_or(false),
                 };
-                map.insert(name, config);
+                map.insert(name.clone(), config);
             }
         }
     }
@@ -96,7 +92,7 @@ impl Tap for SessionRevocation {
             _ => None,
         };
         if let Some(Value::String(id)) = revoked
-            && let Ok(id) = uuid::Uuid::parse_str(&id)
+            && let Ok(id) = uuid::Uuid::parse_str(id)
         {
             effects.revoke_session(id);
         }

@@ -65,13 +65,11 @@ impl Policy for TableRules {
 }
 
 fn text_at<'r>(relation: &Relation, row: &'r Row, column: &str) -> Option<&'r str> {
-    let i = relation.column_index(column)?;
-    row.get(i)?.as_ref()?.as_str()
+    relation.value(row, column)?.as_str()
 }
 
 fn bool_at(relation: &Relation, row: &Row, column: &str) -> Option<bool> {
-    let i = relation.column_index(column)?;
-    row.get(i)?.as_ref()?.as_bool()
+    relation.value(row, column)?.as_bool()
 }
 
 fn visible(

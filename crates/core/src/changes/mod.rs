@@ -45,6 +45,12 @@ impl Relation {
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }
+
+    /// The value of column `name` in `row` (a row of this relation), if the
+    /// relation has that column and the value is not SQL NULL.
+    pub fn value<'r>(&self, row: &'r Row, name: &str) -> Option<&'r Value> {
+        row.get(self.column_index(name)?)?.as_ref()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
