@@ -377,7 +377,7 @@ async fn websocket(
         .selected_protocol()
         .and_then(|p| p.to_str().ok())
         .map(str::to_owned);
-    let dialect = session::Dialect::detect(
+    let vocabulary = session::Vocabulary::detect(
         q.protocol.as_deref().or(subprotocol.as_deref()),
         q.client_id.is_some(),
         q.channel.is_some(),
@@ -394,7 +394,7 @@ async fn websocket(
                 client_id: q.client_id,
                 channel: q.channel,
                 addr,
-                dialect,
+                vocabulary,
             };
             ws.on_upgrade(move |socket| session::run(socket, state, p, params))
         }
@@ -410,7 +410,7 @@ async fn websocket(
                 }
             };
             state.stats.error(code);
-            ws.on_upgrade(move |socket| session::reject(socket, dialect, code, message))
+            ws.on_upgrade(move |socket| session::reject(socket, vocabulary, code, message))
         }
     }
 }

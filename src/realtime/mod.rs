@@ -1,5 +1,6 @@
 //! WebSocket sessions on `WS_PATH`.
 
+pub(crate) mod engine;
 pub mod hub;
 pub mod kingshare;
 pub mod phoenix;

@@ -25,9 +25,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -37,14 +36,16 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::engine::{
+    self, CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_LIMIT, CLOSE_SLOW, CLOSE_TOO_BIG, Close,
+    Dialect, Ending, Frames, Inbound,
+};
 use super::phoenix_hub::{
     BroadcastPayload, JoinOptions, PhxCommand, PhxMember, decode_user_broadcast_push,
 };
 use super::protocol::SubscribeRequest;
 use super::registry::{ConnEntry, now_ms};
-use super::session::{
-    self, CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_LIMIT, CLOSE_SLOW, CLOSE_TOO_BIG,
-};
+use super::session;
 use crate::api::extract::ClientAddr;
 use crate::api::supabase::check_api_key;
 use crate::auth::Principal;
@@ -410,8 +411,6 @@ struct Conn {
     /// Router subscription id → (topic, binding id).
     subs: HashMap<Arc<str>, (String, u32)>,
     next_join: u64,
-    /// Client frames, the same budget as `/ws`.
-    frame_limit: governor::DefaultDirectRateLimiter,
 }
 
 fn type_name(oid: u32) -> &'static str {
@@ -812,7 +811,7 @@ impl Conn {
                 presence: flag("/presence/enabled").unwrap_or(true),
                 presence_key,
             }),
-            messages: session::message_budget(&self.state.config),
+            messages: engine::message_budget(&self.state.config),
         };
         for (spec, b) in resolved.into_iter().zip(&ch.bindings) {
             self.subs
@@ -909,8 +908,8 @@ impl Conn {
         }
     }
 
-    /// Turns router output into frames.
-    async fn outbound(&mut self, out: Outbound, batch: &mut Vec<Message>) {
+    /// Turns an item of the connection's queue into frames.
+    async fn queued(&mut self, out: Outbound, batch: &mut Vec<Message>) {
         match out {
             Outbound::Change {
                 subscription,
@@ -940,7 +939,9 @@ impl Conn {
             } => {
                 self.settled(&subscription, Some(message), batch).await;
             }
-            _ => {}
+            Outbound::Frame(text) => batch.push(Message::Text(text.as_ref().into())),
+            Outbound::Binary(bytes) => batch.push(Message::Binary(bytes)),
+            Outbound::Unsubscribed { .. } | Outbound::Error { .. } => {}
         }
     }
 }
@@ -953,12 +954,13 @@ fn sub_topic(topic: &str) -> &str {
 }
 
 async fn run(
-    mut socket: WebSocket,
+    socket: WebSocket,
     state: AppState,
     principal: Principal,
     vsn: Vsn,
     addr: Option<std::net::IpAddr>,
 ) {
+    let mut socket = engine::classified(socket);
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
     // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
     // stats and cleanup.
@@ -972,76 +974,26 @@ async fn run(
         close: reaped.clone(),
     };
     if session::admit(&state, session, entry).is_err() {
-        let close = CloseFrame {
-            code: CLOSE_LIMIT,
-            reason: "connection_limit".into(),
-        };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            socket.send(Message::Close(Some(close))),
-        )
-        .await;
+        engine::refuse(&mut socket, Close::new(CLOSE_LIMIT, "connection_limit")).await;
         return;
     }
-    run_admitted(
-        socket,
-        state.clone(),
-        principal,
-        vsn,
-        session,
-        last_seen,
-        reaped,
-    )
-    .await;
-    // Already done unless the session failed to attach; removal happens once.
-    session::unregister(&state, session);
-}
-
-async fn run_admitted(
-    mut socket: WebSocket,
-    state: AppState,
-    principal: Principal,
-    vsn: Vsn,
-    session: u64,
-    last_seen: Arc<AtomicI64>,
-    reaped: CancellationToken,
-) {
-    let (tx, mut rx) = mpsc::channel::<Outbound>(state.config.ws_queue_capacity);
+    let (tx, rx) = mpsc::channel::<Outbound>(state.config.ws_queue_capacity);
     let overflowed = CancellationToken::new();
     let revoked = CancellationToken::new();
     let lagging = Arc::new(tokio::sync::Notify::new());
     let principal = Arc::new(principal);
     let handle = SessionHandle {
-        tx,
+        tx: tx.clone(),
         overflowed: overflowed.clone(),
         revoked: revoked.clone(),
         lagging: Arc::clone(&lagging),
         principal: Arc::clone(&principal),
     };
-    if state
-        .router
-        .send(Command::Attach { session, handle })
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let (phx_tx, mut phx_rx) = mpsc::channel::<Message>(state.config.ws_queue_capacity);
     let member = PhxMember {
-        tx: phx_tx,
+        tx,
         overflowed: overflowed.clone(),
         vsn,
     };
-    if state
-        .phoenix
-        .send(PhxCommand::Attach { session, member })
-        .await
-        .is_err()
-    {
-        let _ = state.router.send(Command::Detach { session }).await;
-        return;
-    }
-    metrics::gauge!("aether_ws_connections").increment(1.0);
     let mut conn = Conn {
         state: state.clone(),
         session,
@@ -1050,188 +1002,145 @@ async fn run_admitted(
         channels: HashMap::new(),
         subs: HashMap::new(),
         next_join: 0,
-        frame_limit: session::frame_budget(),
     };
-    let shutdown = state.shutdown.clone();
-    let mut pull_wanted = false;
-    let ping_every = state.config.ws_ping_interval;
-    let idle_ms = i64::try_from(state.config.ws_idle_timeout.as_millis()).unwrap_or(i64::MAX);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    // Cleared after a frame header over the size cap: reading on would buffer
-    // the payload it claims, so the closing handshake does not wait for the peer.
-    let mut drain = true;
-    let close: Option<(u16, &str)> = loop {
-        let expiry = conn.principal.expires_at;
-        let until_expiry = async move {
-            match expiry {
-                Some(exp) => {
-                    let left = exp - chrono::Utc::now().timestamp();
-                    tokio::time::sleep(Duration::from_secs(u64::try_from(left).unwrap_or(0))).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let mut frames = Vec::new();
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-            _ = overflowed.cancelled() => break Some((CLOSE_SLOW, "slow consumer")),
-            _ = revoked.cancelled() => break Some((CLOSE_AUTH, "session signed out")),
-            _ = reaped.cancelled() => break Some((CLOSE_IDLE, "idle timeout")),
-            _ = until_expiry => {
-                // Every channel is told, then closed; the socket stays up for
-                // a fresh token and join.
-                let topics: Vec<(String, Option<String>)> = conn.channels.iter().map(|(t, c)| (t.clone(), c.join_ref.clone())).collect();
-                for (topic, join_ref) in topics {
-                    frames.push(conn.frame(join_ref.clone(), None, &topic, "system", json!({
-                        "channel": sub_topic(&topic), "extension": "system",
-                        "message": "Token has expired", "status": "error"})));
-                    frames.push(conn.frame(join_ref.clone(), join_ref, &topic, "phx_close", json!({})));
-                    conn.leave(&topic).await;
-                }
-                let anon = Arc::new(Principal::anonymous());
-                let _ = state.router.send(Command::SetPrincipal { session, principal: Arc::clone(&anon) }).await;
-                conn.principal = anon;
-            }
-            _ = ping.tick() => {
-                if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
-                    break Some((CLOSE_IDLE, "idle timeout"));
-                }
-                frames.push(Message::Ping(Bytes::new()));
-            }
-            _ = lagging.notified() => pull_wanted = true,
-            Some(f) = phx_rx.recv() => {
-                frames.push(f);
-                while let Ok(more) = phx_rx.try_recv() {
-                    frames.push(more);
-                    if frames.len() >= 256 {
-                        break;
-                    }
-                }
-            }
-            out = rx.recv() => {
-                let Some(out) = out else { break None };
-                conn.outbound(out, &mut frames).await;
-                while let Ok(more) = rx.try_recv() {
-                    conn.outbound(more, &mut frames).await;
-                    if frames.len() >= 256 {
-                        break;
-                    }
-                }
-            }
-            msg = socket.recv() => {
-                // Any frame, pongs included, counts as life.
-                last_seen.store(now_ms(), Ordering::Relaxed);
-                match msg {
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) if conn.frame_limit.check().is_err() => {
-                        state.stats.error("rate_limited");
-                        frames.push(conn.garbage_reply(Garbage {
-                            join_ref: None,
-                            msg_ref: None,
-                            topic: "phoenix".into(),
-                            reason: "rate_limited: too many frames on this connection: slow down".into(),
-                        }));
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        if text.len() > state.config.ws_max_frame_bytes {
-                            break Some((CLOSE_TOO_BIG, "frame too large"));
-                        }
-                        match Vsn::parse_or_garbage(&text) {
-                            // Boxed: the handlers' futures (joins with database
-                            // checks) would otherwise size every idle socket's task.
-                            Ok(m) => frames.extend(Box::pin(conn.handle(m)).await),
-                            Err(g) => {
-                                state.stats.error("invalid_message");
-                                frames.push(conn.garbage_reply(g));
-                            }
-                        }
-                    }
-                    Some(Ok(Message::Binary(bytes))) => {
-                        if bytes.len() > state.config.ws_max_frame_bytes {
-                            break Some((CLOSE_TOO_BIG, "frame too large"));
-                        }
-                        match decode_user_broadcast_push(&bytes) {
-                            Some(p) => {
-                                let m = PhxMessage {
-                                    join_ref: p.join_ref,
-                                    msg_ref: p.msg_ref,
-                                    topic: p.topic,
-                                    event: "broadcast".into(),
-                                    payload: Value::Null,
-                                };
-                                frames.extend(conn.broadcast(&m, Some(p.event), p.payload).await);
-                            }
-                            None => {
-                                state.stats.error("invalid_message");
-                                frames.push(conn.garbage_reply(Garbage {
-                                    join_ref: None,
-                                    msg_ref: None,
-                                    topic: "phoenix".into(),
-                                    reason: "malformed message: a binary frame must be a broadcast push (kind 3)".into(),
-                                }));
-                            }
-                        }
-                    }
-                    Some(Err(e)) => match session::protocol_close(e) {
-                        Some(pc) => {
-                            drain = pc.drain;
-                            break Some((pc.code, pc.reason));
-                        }
-                        None => break None,
-                    },
-                    Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Ok(_)) => {}
-                }
-            }
-        }
-        if !frames.is_empty() {
-            // One flush per burst; a peer that stops reading blocks the socket, so
-            // stay interruptible and let a close decided meanwhile happen.
-            let sent = tokio::select! {
-                biased;
-                _ = overflowed.cancelled() => None,
-                _ = reaped.cancelled() => None,
-                _ = shutdown.cancelled() => None,
-                r = session::send_all(&mut socket, &mut frames) => Some(r),
-            };
-            match sent {
-                None => continue,
-                Some(Err(())) => break None,
-                Some(Ok(())) => {}
-            }
-        }
-        if pull_wanted && aether_router::low_water(&rx) {
-            pull_wanted = false;
-            if state.router.send(Command::Pull { session }).await.is_err() {
-                break None;
-            }
-        }
+    let attached = state
+        .router
+        .send(Command::Attach { session, handle })
+        .await
+        .is_ok()
+        && state
+            .phoenix
+            .send(PhxCommand::Attach { session, member })
+            .await
+            .is_ok();
+    if !attached {
+        conn.detach().await;
+        return;
+    }
+    metrics::gauge!("aether_ws_connections").increment(1.0);
+    let link = engine::Link {
+        session,
+        rx,
+        overflowed,
+        revoked,
+        lagging,
+        reaped,
+        last_seen,
+        router: state.router.clone(),
+        shutdown: state.shutdown.clone(),
     };
-    // The connection is over for everyone else now, even if the peer takes a
-    // while to read the reason.
-    let _ = state.phoenix.send(PhxCommand::Detach { session }).await;
-    let _ = state.router.send(Command::Detach { session }).await;
-    session::unregister(&state, session);
+    let limits = engine::Limits::from_config(&state.config);
+    engine::run(socket, &mut conn, link, limits, &state.stats).await;
     metrics::gauge!("aether_ws_connections").decrement(1.0);
-    if let Some((code, reason)) = close {
-        let goodbye = socket.send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })));
-        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), goodbye).await
-            && drain
-        {
-            // The closing handshake: wait for the peer's Close before the socket
-            // goes, so the peer reads our code rather than a reset.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Some(Ok(m)) = socket.recv().await {
-                    if matches!(m, Message::Close(_)) {
-                        break;
-                    }
+}
+
+impl Dialect for Conn {
+    async fn outbound(&mut self, out: Outbound, frames: &mut Frames) {
+        self.queued(out, frames).await;
+    }
+
+    async fn inbound(&mut self, msg: Inbound, frames: &mut Frames) -> Result<(), Close> {
+        match msg {
+            Inbound::Text(text) => match Vsn::parse_or_garbage(&text) {
+                Ok(m) => frames.extend(self.handle(m).await),
+                Err(g) => {
+                    self.state.stats.error("invalid_message");
+                    frames.push(self.garbage_reply(g));
                 }
+            },
+            Inbound::Binary(bytes) => match decode_user_broadcast_push(&bytes) {
+                Some(p) => {
+                    let m = PhxMessage {
+                        join_ref: p.join_ref,
+                        msg_ref: p.msg_ref,
+                        topic: p.topic,
+                        event: "broadcast".into(),
+                        payload: Value::Null,
+                    };
+                    frames.extend(self.broadcast(&m, Some(p.event), p.payload).await);
+                }
+                None => {
+                    self.state.stats.error("invalid_message");
+                    frames.push(self.garbage_reply(Garbage {
+                        join_ref: None,
+                        msg_ref: None,
+                        topic: "phoenix".into(),
+                        reason:
+                            "malformed message: a binary frame must be a broadcast push (kind 3)"
+                                .into(),
+                    }));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn expires_at(&self) -> Option<i64> {
+        self.principal.expires_at
+    }
+
+    /// Every channel is told, then closed; the socket stays up for a fresh
+    /// token and join.
+    async fn expired(&mut self, frames: &mut Frames) -> Result<(), Close> {
+        let topics: Vec<(String, Option<String>)> = self
+            .channels
+            .iter()
+            .map(|(t, c)| (t.clone(), c.join_ref.clone()))
+            .collect();
+        for (topic, join_ref) in topics {
+            frames.push(self.frame(
+                join_ref.clone(),
+                None,
+                &topic,
+                "system",
+                json!({"channel": sub_topic(&topic), "extension": "system",
+                       "message": "Token has expired", "status": "error"}),
+            ));
+            frames.push(self.frame(join_ref.clone(), join_ref, &topic, "phx_close", json!({})));
+            self.leave(&topic).await;
+        }
+        let anon = Arc::new(Principal::anonymous());
+        let _ = self
+            .state
+            .router
+            .send(Command::SetPrincipal {
+                session: self.session,
+                principal: Arc::clone(&anon),
             })
             .await;
+        self.principal = anon;
+        Ok(())
+    }
+
+    fn rate_limited(&mut self, frames: &mut Frames) {
+        frames.push(self.garbage_reply(Garbage {
+            join_ref: None,
+            msg_ref: None,
+            topic: "phoenix".into(),
+            reason: "rate_limited: too many frames on this connection: slow down".into(),
+        }));
+    }
+
+    fn ending(&self, why: Ending) -> Close {
+        match why {
+            Ending::Shutdown => Close::new(CLOSE_GOING_AWAY, "server shutting down"),
+            Ending::Slow => Close::new(CLOSE_SLOW, "slow consumer"),
+            Ending::Revoked => Close::new(CLOSE_AUTH, "session signed out"),
+            Ending::Idle => Close::new(CLOSE_IDLE, "idle timeout"),
+            Ending::TooBig(_) => Close::new(CLOSE_TOO_BIG, "frame too large"),
+            Ending::Protocol(pc) => Close::new(pc.code, pc.reason),
         }
+    }
+
+    async fn detach(&mut self) {
+        let session = self.session;
+        let _ = self
+            .state
+            .phoenix
+            .send(PhxCommand::Detach { session })
+            .await;
+        let _ = self.state.router.send(Command::Detach { session }).await;
+        session::unregister(&self.state, session);
     }
 }
 

@@ -12,8 +12,9 @@
 //! client drops a diff meant for an earlier join of the same topic).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
-use axum::extract::ws::Message;
+use aether_router::Outbound;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -30,7 +31,8 @@ pub enum BroadcastPayload {
 
 /// A connection as this hub knows it.
 pub struct PhxMember {
-    pub tx: mpsc::Sender<Message>,
+    /// The connection's one queue, shared with the router.
+    pub tx: mpsc::Sender<Outbound>,
     pub overflowed: CancellationToken,
     pub vsn: Vsn,
 }
@@ -166,7 +168,7 @@ pub fn decode_user_broadcast_push(frame: &[u8]) -> Option<BinaryPush> {
     })
 }
 
-fn text(vsn: Vsn, join_ref: Option<String>, topic: &str, event: &str, payload: Value) -> Message {
+fn text(vsn: Vsn, join_ref: Option<String>, topic: &str, event: &str, payload: Value) -> Outbound {
     let m = PhxMessage {
         join_ref,
         msg_ref: None,
@@ -174,7 +176,7 @@ fn text(vsn: Vsn, join_ref: Option<String>, topic: &str, event: &str, payload: V
         event: event.to_owned(),
         payload,
     };
-    Message::Text(vsn.encode(&m).into())
+    Outbound::Frame(Arc::from(vsn.encode(&m)))
 }
 
 /// `{key: {metas: [meta, …]}}` of one topic, from its members' tracked metas.
@@ -327,8 +329,8 @@ impl PhxHub {
             .filter(|(s, m)| Some(**s) != from || m.options.self_broadcast)
             .map(|(s, _)| *s)
             .collect();
-        let mut v1: Option<Option<Message>> = None;
-        let mut v2: Option<Option<Message>> = None;
+        let mut v1: Option<Option<Outbound>> = None;
+        let mut v2: Option<Option<Outbound>> = None;
         let json_frame = |vsn: Vsn| match payload {
             BroadcastPayload::Json(p) => Some(text(
                 vsn,
@@ -350,7 +352,7 @@ impl PhxHub {
                 Vsn::V2 => v2
                     .get_or_insert_with(|| {
                         encode_user_broadcast(topic, event, payload)
-                            .map(Message::Binary)
+                            .map(Outbound::Binary)
                             .or_else(|| json_frame(Vsn::V2))
                     })
                     .clone(),
@@ -441,7 +443,7 @@ impl PhxHub {
     }
 
     /// Queues a frame for one connection; a full queue closes it.
-    fn deliver(&mut self, session: u64, frame: Message) {
+    fn deliver(&mut self, session: u64, frame: Outbound) {
         let Some((m, _)) = self.conns.get(&session) else {
             return;
         };
@@ -474,7 +476,7 @@ mod tests {
         assert!(encode_user_broadcast(&"t".repeat(256), "ev", &p.payload).is_none());
     }
 
-    fn member(hub: &mut PhxHub, session: u64, vsn: Vsn) -> mpsc::Receiver<Message> {
+    fn member(hub: &mut PhxHub, session: u64, vsn: Vsn) -> mpsc::Receiver<Outbound> {
         let (tx, rx) = mpsc::channel(16);
         hub.command(PhxCommand::Attach {
             session,
@@ -524,16 +526,16 @@ mod tests {
         }
         assert!(slow.is_cancelled());
         let mut got = 0;
-        while let Ok(Message::Binary(_)) = fast.try_recv() {
+        while let Ok(Outbound::Binary(_)) = fast.try_recv() {
             got += 1;
         }
         assert_eq!(got, 3);
     }
 
-    fn texts(rx: &mut mpsc::Receiver<Message>) -> Vec<Value> {
+    fn texts(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Value> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
-            if let Message::Text(t) = m {
+            if let Outbound::Frame(t) = m {
                 out.push(serde_json::from_str(&t).unwrap());
             }
         }

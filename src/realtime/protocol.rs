@@ -1,5 +1,6 @@
 //! The change-subscription vocabulary on `WS_PATH`: client frames in, server frames out.
 
+use axum::extract::ws::Message;
 use serde_json::{Value, json};
 
 use std::fmt::Write as _;
@@ -79,13 +80,22 @@ impl FrameError {
 const MAX_ID_LEN: usize = 128;
 
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| {
+    parse_value(&json(text)?)
+}
+
+/// A client frame's JSON, or the `invalid_json` error.
+pub fn json(text: &str) -> Result<Value, FrameError> {
+    serde_json::from_str(text).map_err(|e| {
         FrameError::new(
             "invalid_json",
             format!("frame is not valid JSON: {e}"),
             None,
         )
-    })?;
+    })
+}
+
+/// A client frame from its parsed JSON.
+pub fn parse_value(v: &Value) -> Result<ClientFrame, FrameError> {
     let obj = v
         .as_object()
         .ok_or_else(|| FrameError::new("invalid_message", "frame must be a JSON object", None))?;
@@ -443,38 +453,31 @@ fn subscription_frame(action: &str, id: &str) -> String {
 }
 
 /// Encodes a queued item as the frames to send, in order.
-pub fn encode(out: Outbound, frames: &mut Vec<String>) {
-    match out {
+pub(crate) fn encode(out: Outbound, frames: &mut Vec<Message>) {
+    let text = match out {
         Outbound::Change {
             subscription,
             change,
-        } => frames.push(change_frame(&subscription, &change)),
+        } => change_frame(&subscription, &change),
         Outbound::Subscribed {
             subscription,
             position,
-        } => {
-            frames.push(
-                json!({"type": "subscription", "action": "subscribed", "data": {
-                    "id": &*subscription, "position": position.to_string(),
-                }})
-                .to_string(),
-            );
-        }
+        } => json!({"type": "subscription", "action": "subscribed", "data": {
+            "id": &*subscription, "position": position.to_string(),
+        }})
+        .to_string(),
         Outbound::Unsubscribed { subscription } => {
-            frames.push(subscription_frame("unsubscribed", &subscription))
+            subscription_frame("unsubscribed", &subscription)
         }
         Outbound::Error {
             subscription,
             code,
             message,
-        } => frames.push(error_frame(
-            "subscription",
-            code,
-            &message,
-            subscription.as_deref(),
-        )),
-        Outbound::Frame(f) => frames.push(f.to_string()),
-    }
+        } => error_frame("subscription", code, &message, subscription.as_deref()),
+        Outbound::Frame(f) => f.as_ref().to_owned(),
+        Outbound::Binary(b) => return frames.push(Message::Binary(b)),
+    };
+    frames.push(Message::Text(text.into()));
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ impl EventMask {
 }
 
 /// What the router puts on a connection's queue.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Outbound {
     Change {
         subscription: Arc<str>,
@@ -107,8 +107,11 @@ pub enum Outbound {
         code: &'static str,
         message: String,
     },
-    /// A frame encoded once by its producer (channel messages, presence, system).
+    /// A text frame encoded once by its producer at the edge (channel messages,
+    /// presence, system); the router carries these but never makes them.
     Frame(Arc<str>),
+    /// A binary frame, likewise (Phoenix `vsn=2.0.0` user broadcasts).
+    Binary(bytes::Bytes),
 }
 
 /// A connection as the router knows it.

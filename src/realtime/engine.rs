@@ -1,0 +1,858 @@
+//! One connection engine for every WebSocket dialect.
+//!
+//! The engine owns what every socket needs whatever it speaks: the frame-size
+//! cap, the client frame budget, ping and idle timeout, token expiry, revocation,
+//! the bounded queue with lag and pull, interruptible flushes, the slow-consumer
+//! close, shutdown and the closing handshake. A [`Dialect`] turns queue items into
+//! frames and client frames into actions; it decides no limit. So every dialect
+//! gets the same limits, and the engine, generic over the socket, is unit tested
+//! over in-memory channels.
+//!
+//! One loop per connection, not a reader and a writer: a dialect's handler
+//! writes its replies into the batch the loop flushes next, never into the
+//! connection's own queue (which only this loop drains).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::registry::now_ms;
+use super::stats::Stats;
+use aether_router::{Command, Outbound};
+
+/// Close codes (4000–4999 are application codes).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_IDLE: u16 = 4000;
+pub const CLOSE_AUTH: u16 = 4001;
+pub const CLOSE_FORBIDDEN: u16 = 4003;
+pub const CLOSE_SLOW: u16 = 4008;
+pub const CLOSE_LIMIT: u16 = 4029;
+
+/// Frames written before one flush when the queue holds a burst.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
+
+/// Client frames one connection may send: a burst of this many, refilled at a
+/// tenth of it per second. Subscribes, joins, status requests and tokens each
+/// cost the server work (history scans, queries); nothing legitimate sends more.
+const FRAMES_BURST: u32 = 1000;
+
+/// How long the goodbye (last frames and the Close) may take to write, and then
+/// how long the peer has to answer the Close.
+const GOODBYE: Duration = Duration::from_secs(5);
+const CLOSE_ANSWER: Duration = Duration::from_secs(2);
+
+/// Frames a dialect hands the engine to write, in order.
+pub(crate) type Frames = Vec<Message>;
+
+/// How a broken client frame closes the connection (RFC 6455 §7.4.1): the
+/// close code and reason, and whether the socket may still be read while
+/// waiting for the peer's Close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProtocolClose {
+    pub code: u16,
+    pub reason: &'static str,
+    /// `false` after a frame header over the size cap: reading on would buffer
+    /// that frame's payload, whatever length it claims.
+    pub drain: bool,
+}
+
+/// The close for an error reading a client's frames, from the library's error
+/// kind; `None` when the peer is just gone (reset, end of stream, I/O).
+pub(crate) fn protocol_close(e: axum::Error) -> Option<ProtocolClose> {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    let inner = e.into_inner();
+    let close = |code, reason, drain| {
+        Some(ProtocolClose {
+            code,
+            reason,
+            drain,
+        })
+    };
+    match inner.downcast_ref::<WsError>()? {
+        WsError::Capacity(_) => close(CLOSE_TOO_BIG, "frame too large", false),
+        WsError::Utf8(_) => close(CLOSE_INVALID_DATA, "invalid UTF-8 in a text frame", true),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => close(CLOSE_PROTOCOL, "protocol error", true),
+        _ => None,
+    }
+}
+
+/// An axum socket as the engine reads it: errors classified once.
+pub(crate) fn classified(
+    socket: axum::extract::ws::WebSocket,
+) -> impl Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send {
+    socket.map(|r| r.map_err(protocol_close))
+}
+
+/// The budget of client frames one connection may send, whatever its dialect.
+fn frame_budget() -> governor::DefaultDirectRateLimiter {
+    let burst = std::num::NonZeroU32::new(FRAMES_BURST).unwrap_or(std::num::NonZeroU32::MIN);
+    let rate = std::num::NonZeroU32::new(FRAMES_BURST / 10).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
+/// `RATE_LIMIT_MESSAGES` per `RATE_LIMIT_WINDOW_S`, as a burst refilled at that
+/// rate: the budget of messages one client sends to one channel, in any dialect.
+pub(crate) fn message_budget(cfg: &crate::config::Config) -> governor::DefaultDirectRateLimiter {
+    let n = std::num::NonZeroU32::new(cfg.rate_limit_messages).unwrap_or(std::num::NonZeroU32::MIN);
+    let period = (cfg.rate_limit_window / n.get()).max(Duration::from_nanos(1));
+    let quota = governor::Quota::with_period(period)
+        .map(|q| q.allow_burst(n))
+        .unwrap_or_else(|| governor::Quota::per_second(n));
+    governor::RateLimiter::direct(quota)
+}
+
+/// Why the engine ends a connection. The dialect says how ([`Dialect::ending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    Shutdown,
+    /// The queue stayed full, or the connection fell behind what can be paged.
+    Slow,
+    /// The auth session of the connection's token was signed out.
+    Revoked,
+    /// Silent for longer than `WS_IDLE_TIMEOUT_S`.
+    Idle,
+    /// A client frame of at least this many bytes, over `WS_MAX_FRAME_BYTES`.
+    TooBig(usize),
+    /// A frame that breaks the WebSocket protocol.
+    Protocol(ProtocolClose),
+}
+
+/// A close: `frames` are written first, then the Close frame.
+#[derive(Debug)]
+pub(crate) struct Close {
+    pub code: u16,
+    pub reason: String,
+    pub frames: Frames,
+}
+
+impl Close {
+    pub(crate) fn new(code: u16, reason: impl Into<String>) -> Close {
+        Close {
+            code,
+            reason: reason.into(),
+            frames: Frames::new(),
+        }
+    }
+
+    pub(crate) fn with_texts(mut self, texts: impl IntoIterator<Item = String>) -> Close {
+        self.frames
+            .extend(texts.into_iter().map(|t| Message::Text(t.into())));
+        self
+    }
+}
+
+/// A client frame the engine has admitted (within the size cap and the budget,
+/// token not expired).
+pub(crate) enum Inbound {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+}
+
+/// What a WebSocket vocabulary adds to the engine: codecs and a message handler.
+pub(crate) trait Dialect: Send {
+    /// Runs once before anything else (a greeting, the URL's channel).
+    fn open(&mut self, _frames: &mut Frames) -> impl Future<Output = Result<(), Close>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Frames for one item of the connection's queue.
+    fn outbound(&mut self, out: Outbound, frames: &mut Frames) -> impl Future<Output = ()> + Send;
+
+    /// Acts on one client frame; replies go into `frames`. `Err` closes.
+    fn inbound(
+        &mut self,
+        msg: Inbound,
+        frames: &mut Frames,
+    ) -> impl Future<Output = Result<(), Close>> + Send;
+
+    /// When the connection's token expires (Unix seconds).
+    fn expires_at(&self) -> Option<i64>;
+
+    /// The token expired: `Err` closes; `Ok` keeps the socket open, having
+    /// dropped to a principal that does not expire then.
+    fn expired(&mut self, frames: &mut Frames) -> impl Future<Output = Result<(), Close>> + Send;
+
+    /// The reply to a frame past the connection's frame budget.
+    fn rate_limited(&mut self, frames: &mut Frames);
+
+    /// How to close for `why`.
+    fn ending(&self, why: Ending) -> Close;
+
+    /// The connection is over for everyone else (router, hubs, registry); runs
+    /// before the goodbye, which a slow peer may take a while to read.
+    fn detach(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Where a connection is wired: its queue and the router's signals on it.
+pub(crate) struct Link {
+    pub session: u64,
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Cancelled when the connection cannot keep up at all.
+    pub overflowed: CancellationToken,
+    /// Cancelled when the auth session of its token is signed out.
+    pub revoked: CancellationToken,
+    /// Signalled when the connection starts lagging: once its queue is half
+    /// empty the engine answers with [`Command::Pull`].
+    pub lagging: Arc<Notify>,
+    /// Cancelled by the registry's idle reaper.
+    pub reaped: CancellationToken,
+    /// When the peer was last heard from (the registry reads it).
+    pub last_seen: Arc<AtomicI64>,
+    pub router: mpsc::Sender<Command>,
+    pub shutdown: CancellationToken,
+}
+
+/// The limits every dialect gets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub ping_every: Duration,
+    pub idle: Duration,
+    pub max_frame_bytes: usize,
+}
+
+impl Limits {
+    pub(crate) fn from_config(cfg: &crate::config::Config) -> Limits {
+        Limits {
+            ping_every: cfg.ws_ping_interval,
+            idle: cfg.ws_idle_timeout,
+            max_frame_bytes: cfg.ws_max_frame_bytes,
+        }
+    }
+}
+
+/// When a token expiring at `exp` (Unix seconds) is over; at most a year
+/// ahead, so a token claiming to live for ever cannot overflow the clock.
+fn deadline(exp: Option<i64>) -> tokio::time::Instant {
+    const YEAR: u64 = 86_400 * 365;
+    let left = match exp {
+        Some(exp) => u64::try_from(exp.saturating_sub(chrono::Utc::now().timestamp())).unwrap_or(0),
+        None => YEAR,
+    };
+    tokio::time::Instant::now() + Duration::from_secs(left.min(YEAR))
+}
+
+/// Counts what a queue item delivers.
+fn account(stats: &Stats, out: &Outbound, now: i64, latency: &metrics::Histogram) -> u64 {
+    match out {
+        Outbound::Change { change, .. } => {
+            let ms = (now - change.commit_time_ms).max(0);
+            latency.record(ms as f64 / 1000.0);
+            1
+        }
+        Outbound::Error { code, .. } => {
+            stats.error(code);
+            0
+        }
+        _ => 0,
+    }
+}
+
+/// Writes `frames` (drained) with one flush at the end.
+async fn send_all<S: Sink<Message> + Unpin>(sink: &mut S, frames: &mut Frames) -> Result<(), ()> {
+    for f in frames.drain(..) {
+        sink.feed(f).await.map_err(|_| ())?;
+    }
+    sink.flush().await.map_err(|_| ())
+}
+
+/// Refuses a connection before it runs: `close.frames`, then the Close.
+pub(crate) async fn refuse<S: Sink<Message> + Unpin>(socket: &mut S, close: Close) {
+    let goodbye = async {
+        for f in close.frames {
+            socket.feed(f).await.map_err(|_| ())?;
+        }
+        let frame = CloseFrame {
+            code: close.code,
+            reason: close.reason.into(),
+        };
+        socket
+            .send(Message::Close(Some(frame)))
+            .await
+            .map_err(|_| ())
+    };
+    let _ = tokio::time::timeout(GOODBYE, goodbye).await;
+}
+
+/// Hands a client frame to the dialect once it is within the size cap and the
+/// frame budget, with an unexpired token. Boxed by the caller: the handlers'
+/// futures (database checks, the hubs) are large, and inline they would make
+/// every idle connection's task that much larger; a frame pays one allocation.
+async fn admit<D: Dialect>(
+    dialect: &mut D,
+    inbound: Inbound,
+    frames: &mut Frames,
+    budget: &governor::DefaultDirectRateLimiter,
+    limits: Limits,
+    stats: &Stats,
+) -> Result<(), Close> {
+    stats.frame_in();
+    let len = match &inbound {
+        Inbound::Text(t) => t.len(),
+        Inbound::Binary(b) => b.len(),
+    };
+    if len > limits.max_frame_bytes {
+        stats.error("frame_too_large");
+        return Err(dialect.ending(Ending::TooBig(len)));
+    }
+    if budget.check().is_err() {
+        stats.error("rate_limited");
+        dialect.rate_limited(frames);
+        return Ok(());
+    }
+    // The token is checked on every frame, not only by the timer.
+    if dialect
+        .expires_at()
+        .is_some_and(|exp| exp <= chrono::Utc::now().timestamp())
+    {
+        dialect.expired(frames).await?;
+    }
+    dialect.inbound(inbound, frames).await
+}
+
+/// Runs one connection until it ends, then closes it with the reason.
+pub(crate) async fn run<S, D>(
+    mut socket: S,
+    dialect: &mut D,
+    mut link: Link,
+    limits: Limits,
+    stats: &Stats,
+) where
+    S: Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send,
+    D: Dialect,
+{
+    let latency = metrics::histogram!("aether_delivery_latency_seconds");
+    let budget = frame_budget();
+    let idle_ms = i64::try_from(limits.idle.as_millis()).unwrap_or(i64::MAX);
+    let mut frames = Frames::new();
+    // Cleared after a frame header over the size cap: reading on would buffer
+    // the payload it claims, so the closing handshake does not wait for the peer.
+    let mut drain = true;
+    let ending = 'conn: {
+        if let Err(close) = dialect.open(&mut frames).await {
+            break 'conn Some(close);
+        }
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + limits.ping_every,
+            limits.ping_every,
+        );
+        let mut expires = dialect.expires_at();
+        let expiry = tokio::time::sleep_until(deadline(expires));
+        tokio::pin!(expiry);
+        let mut pull_wanted = false;
+        loop {
+            if !frames.is_empty() {
+                // A peer that stops reading blocks the socket: stay interruptible
+                // so a close decided meanwhile still happens.
+                let sent = tokio::select! {
+                    biased;
+                    _ = link.shutdown.cancelled() => None,
+                    _ = link.overflowed.cancelled() => None,
+                    _ = link.revoked.cancelled() => None,
+                    _ = link.reaped.cancelled() => None,
+                    r = send_all(&mut socket, &mut frames) => Some(r),
+                };
+                match sent {
+                    // The select below closes with the reason.
+                    None => {}
+                    Some(Err(())) => break None,
+                    Some(Ok(())) => {}
+                }
+            }
+            // Lagging and half drained: ask the router for what was missed.
+            if pull_wanted && aether_router::low_water(&link.rx) {
+                pull_wanted = false;
+                let pull = Command::Pull {
+                    session: link.session,
+                };
+                if link.router.send(pull).await.is_err() {
+                    break None;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = link.shutdown.cancelled() => break Some(dialect.ending(Ending::Shutdown)),
+                _ = link.overflowed.cancelled() => break Some(dialect.ending(Ending::Slow)),
+                _ = link.revoked.cancelled() => break Some(dialect.ending(Ending::Revoked)),
+                _ = link.reaped.cancelled() => break Some(dialect.ending(Ending::Idle)),
+                _ = &mut expiry, if expires.is_some() => {
+                    if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
+                        break Some(close);
+                    }
+                }
+                _ = ping.tick() => {
+                    if now_ms() - link.last_seen.load(Ordering::Relaxed) > idle_ms {
+                        break Some(dialect.ending(Ending::Idle));
+                    }
+                    frames.push(Message::Ping(Bytes::new()));
+                }
+                _ = link.lagging.notified() => pull_wanted = true,
+                out = link.rx.recv() => {
+                    let Some(out) = out else { break None };
+                    let now = now_ms();
+                    let mut changes = account(stats, &out, now, &latency);
+                    dialect.outbound(out, &mut frames).await;
+                    // What is already queued goes out in the same write: one flush
+                    // (one syscall) per burst instead of one per frame.
+                    while frames.len() < MAX_FRAMES_PER_FLUSH {
+                        let Ok(more) = link.rx.try_recv() else { break };
+                        changes += account(stats, &more, now, &latency);
+                        dialect.outbound(more, &mut frames).await;
+                    }
+                    stats.frames_out(frames.len() as u64, changes);
+                }
+                msg = socket.next() => {
+                    // Any frame, pongs included, counts as life.
+                    link.last_seen.store(now_ms(), Ordering::Relaxed);
+                    let inbound = match msg {
+                        Some(Ok(Message::Text(text))) => Some(Inbound::Text(text)),
+                        Some(Ok(Message::Binary(bytes))) => Some(Inbound::Binary(bytes)),
+                        Some(Ok(Message::Close(_))) | Some(Err(None)) | None => break None,
+                        Some(Ok(_)) => None, // pings are answered by the library
+                        Some(Err(Some(pc))) => {
+                            drain = pc.drain;
+                            let why = if pc.code == CLOSE_TOO_BIG {
+                                stats.error("frame_too_large");
+                                Ending::TooBig(limits.max_frame_bytes.saturating_add(1))
+                            } else {
+                                stats.error("invalid_message");
+                                Ending::Protocol(pc)
+                            };
+                            break Some(dialect.ending(why));
+                        }
+                    };
+                    if let Some(inbound) = inbound
+                        && let Err(close) =
+                            Box::pin(admit(dialect, inbound, &mut frames, &budget, limits, stats)).await
+                    {
+                        break Some(close);
+                    }
+                }
+            }
+            if dialect.expires_at() != expires {
+                // A renewed (or dropped) token moves the deadline.
+                expires = dialect.expires_at();
+                expiry.as_mut().reset(deadline(expires));
+            }
+        }
+    };
+    dialect.detach().await;
+    let Some(close) = ending else { return };
+    let goodbye = async {
+        // Replies not yet written (a refusal's reason among them), then the close.
+        for f in frames.drain(..).chain(close.frames) {
+            socket.feed(f).await.map_err(|_| ())?;
+        }
+        let frame = CloseFrame {
+            code: close.code,
+            reason: close.reason.into(),
+        };
+        socket
+            .send(Message::Close(Some(frame)))
+            .await
+            .map_err(|_| ())
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(GOODBYE, goodbye).await
+        && drain
+    {
+        // The closing handshake: wait for the peer's Close before the socket
+        // goes, so the peer reads our code rather than a reset.
+        let _ = tokio::time::timeout(CLOSE_ANSWER, async {
+            while let Some(Ok(m)) = socket.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine over in-memory channels: a test dialect echoes text frames and
+    //! sends its queue's `Frame`s as they are; the assertions are the engine's.
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Poll};
+
+    type Read = Result<Message, Option<ProtocolClose>>;
+
+    /// One end of an in-memory socket; `stuck` never accepts a frame, like a
+    /// peer that stopped reading.
+    struct Pipe {
+        from_peer: mpsc::UnboundedReceiver<Read>,
+        to_peer: mpsc::UnboundedSender<Message>,
+        stuck: bool,
+    }
+
+    impl Stream for Pipe {
+        type Item = Read;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Read>> {
+            self.from_peer.poll_recv(cx)
+        }
+    }
+
+    impl Sink<Message> for Pipe {
+        type Error = ();
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            if self.stuck {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+        fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), ()> {
+            self.to_peer.send(m).map_err(|_| ())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Echo {
+        expires: Option<i64>,
+        detached: Arc<AtomicBool>,
+    }
+
+    impl Dialect for Echo {
+        /// Greets only when the token claims to live for ever: the test of
+        /// greetings says so, the others need no extra frame.
+        async fn open(&mut self, frames: &mut Frames) -> Result<(), Close> {
+            if self.expires == Some(i64::MAX) {
+                frames.push(Message::Text("hello".into()));
+            }
+            Ok(())
+        }
+
+        async fn outbound(&mut self, out: Outbound, frames: &mut Frames) {
+            if let Outbound::Frame(t) = out {
+                frames.push(Message::Text(t.as_ref().into()));
+            }
+        }
+        async fn inbound(&mut self, msg: Inbound, frames: &mut Frames) -> Result<(), Close> {
+            match msg {
+                Inbound::Text(t) if t.as_str() == "bye" => Err(Close::new(4100, "asked")),
+                Inbound::Text(t) => {
+                    frames.push(Message::Text(format!("echo {}", t.as_str()).into()));
+                    Ok(())
+                }
+                Inbound::Binary(_) => Ok(()),
+            }
+        }
+        fn expires_at(&self) -> Option<i64> {
+            self.expires
+        }
+        async fn expired(&mut self, _frames: &mut Frames) -> Result<(), Close> {
+            Err(Close::new(CLOSE_AUTH, "expired").with_texts(["token expired".to_owned()]))
+        }
+        fn rate_limited(&mut self, frames: &mut Frames) {
+            frames.push(Message::Text("limited".into()));
+        }
+        fn ending(&self, why: Ending) -> Close {
+            let code = match why {
+                Ending::Shutdown => CLOSE_GOING_AWAY,
+                Ending::Slow => CLOSE_SLOW,
+                Ending::Revoked => CLOSE_AUTH,
+                Ending::Idle => CLOSE_IDLE,
+                Ending::TooBig(_) => CLOSE_TOO_BIG,
+                Ending::Protocol(pc) => pc.code,
+            };
+            Close::new(code, format!("{why:?}")).with_texts([format!("ending {why:?}")])
+        }
+        async fn detach(&mut self) {
+            self.detached.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A running connection: the peer's ends, the queue, the router's end and
+    /// the link's signals.
+    struct Harness {
+        peer_tx: mpsc::UnboundedSender<Read>,
+        peer_rx: mpsc::UnboundedReceiver<Message>,
+        queue: mpsc::Sender<Outbound>,
+        router: mpsc::Receiver<Command>,
+        overflowed: CancellationToken,
+        revoked: CancellationToken,
+        reaped: CancellationToken,
+        shutdown: CancellationToken,
+        lagging: Arc<Notify>,
+        detached: Arc<AtomicBool>,
+        done: tokio::task::JoinHandle<()>,
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn limits() -> Limits {
+        Limits {
+            ping_every: Duration::from_secs(60),
+            idle: Duration::from_secs(120),
+            max_frame_bytes: 100,
+        }
+    }
+
+    fn start(limits: Limits, expires: Option<i64>, stuck: bool, queue: usize) -> Harness {
+        let (peer_tx, from_peer) = mpsc::unbounded_channel();
+        let (to_peer, peer_rx) = mpsc::unbounded_channel();
+        let (queue_tx, rx) = mpsc::channel(queue);
+        let (router_tx, router) = mpsc::channel(16);
+        let detached = Arc::new(AtomicBool::new(false));
+        let link = Link {
+            session: 7,
+            rx,
+            overflowed: CancellationToken::new(),
+            revoked: CancellationToken::new(),
+            lagging: Arc::new(Notify::new()),
+            reaped: CancellationToken::new(),
+            last_seen: Arc::new(AtomicI64::new(now_ms())),
+            router: router_tx,
+            shutdown: CancellationToken::new(),
+        };
+        Harness {
+            peer_tx,
+            peer_rx,
+            queue: queue_tx,
+            router,
+            overflowed: link.overflowed.clone(),
+            revoked: link.revoked.clone(),
+            reaped: link.reaped.clone(),
+            shutdown: link.shutdown.clone(),
+            lagging: Arc::clone(&link.lagging),
+            detached: Arc::clone(&detached),
+            done: tokio::spawn(async move {
+                let pipe = Pipe {
+                    from_peer,
+                    to_peer,
+                    stuck,
+                };
+                let mut dialect = Echo { expires, detached };
+                run(pipe, &mut dialect, link, limits, &Stats::default()).await;
+            }),
+        }
+    }
+
+    impl Harness {
+        fn send(&self, text: &str) {
+            self.peer_tx
+                .send(Ok(Message::Text(text.to_owned().into())))
+                .unwrap();
+        }
+
+        async fn next(&mut self) -> Message {
+            tokio::time::timeout(WAIT, self.peer_rx.recv())
+                .await
+                .expect("a frame in time")
+                .expect("the socket open")
+        }
+
+        async fn next_text(&mut self) -> String {
+            loop {
+                match self.next().await {
+                    Message::Text(t) => return t.as_str().to_owned(),
+                    Message::Ping(_) => continue,
+                    other => panic!("expected text, got {other:?}"),
+                }
+            }
+        }
+
+        /// Reads to the Close frame; returns the texts before it and the code.
+        async fn close(&mut self) -> (Vec<String>, u16) {
+            let mut texts = Vec::new();
+            loop {
+                match self.next().await {
+                    Message::Text(t) => texts.push(t.as_str().to_owned()),
+                    Message::Close(Some(c)) => return (texts, c.code),
+                    Message::Ping(_) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+
+        /// The peer answers the close; the engine ends and has detached.
+        async fn ended(self) {
+            let _ = self.peer_tx.send(Ok(Message::Close(None)));
+            tokio::time::timeout(WAIT, self.done)
+                .await
+                .expect("the connection ends")
+                .unwrap();
+            assert!(self.detached.load(Ordering::SeqCst));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_queue_and_replies_go_out_in_order() {
+        let mut h = start(limits(), None, false, 16);
+        for t in ["a", "b", "c"] {
+            h.queue.send(Outbound::Frame(Arc::from(t))).await.unwrap();
+        }
+        assert_eq!(h.next_text().await, "a");
+        assert_eq!(h.next_text().await, "b");
+        assert_eq!(h.next_text().await, "c");
+        h.send("hi");
+        assert_eq!(h.next_text().await, "echo hi");
+        h.send("bye");
+        let (texts, code) = h.close().await;
+        assert_eq!((texts, code), (vec![], 4100));
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn what_the_dialect_says_on_opening_goes_out_at_once() {
+        // A token that claims to live for ever, too: its deadline is capped.
+        let mut h = start(limits(), Some(i64::MAX), false, 16);
+        assert_eq!(h.next_text().await, "hello");
+        h.shutdown.cancel();
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_GOING_AWAY);
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_cap_closes_with_1009_after_the_reason() {
+        let mut h = start(limits(), None, false, 16);
+        h.send(&"x".repeat(101));
+        let (texts, code) = h.close().await;
+        assert_eq!(code, CLOSE_TOO_BIG);
+        assert_eq!(texts, vec!["ending TooBig(101)".to_owned()]);
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_frame_header_over_the_cap_closes_without_waiting_for_the_peer() {
+        let mut h = start(limits(), None, false, 16);
+        let pc = ProtocolClose {
+            code: CLOSE_TOO_BIG,
+            reason: "frame too large",
+            drain: false,
+        };
+        h.peer_tx.send(Err(Some(pc))).unwrap();
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_TOO_BIG);
+        // No Close from the peer is awaited: the engine is already done.
+        tokio::time::timeout(Duration::from_millis(500), h.done)
+            .await
+            .expect("ended without the peer's Close")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn frames_past_the_budget_get_the_dialects_reply_and_the_socket_stays_open() {
+        let mut h = start(limits(), None, false, 16);
+        for i in 0..1100 {
+            h.send(&i.to_string());
+        }
+        let (mut echoed, mut limited) = (0, 0);
+        for _ in 0..1100 {
+            match h.next_text().await.as_str() {
+                "limited" => limited += 1,
+                _ => echoed += 1,
+            }
+        }
+        assert!(echoed >= 1000 && limited >= 50, "{echoed} {limited}");
+        h.reaped.cancel();
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_IDLE);
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_pinged_then_closed_as_idle() {
+        let l = Limits {
+            ping_every: Duration::from_millis(20),
+            idle: Duration::from_millis(150),
+            max_frame_bytes: 100,
+        };
+        let mut h = start(l, None, false, 16);
+        assert!(matches!(h.next().await, Message::Ping(_)));
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_IDLE);
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn an_expiring_token_closes_with_the_dialects_frames() {
+        let now = chrono::Utc::now().timestamp();
+        let mut h = start(limits(), Some(now + 1), false, 16);
+        let (texts, code) = h.close().await;
+        assert_eq!(
+            (texts, code),
+            (vec!["token expired".to_owned()], CLOSE_AUTH)
+        );
+        h.ended().await;
+
+        // An expired token is also caught on the next frame, before the handler.
+        let mut h = start(limits(), Some(now - 1), false, 16);
+        h.send("hi");
+        let (texts, code) = h.close().await;
+        assert_eq!(
+            (texts, code),
+            (vec!["token expired".to_owned()], CLOSE_AUTH)
+        );
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_overflow_revocation_and_reaping_close_with_their_codes() {
+        type Token = fn(&Harness) -> &CancellationToken;
+        let cases: [(Token, u16); 4] = [
+            (|h| &h.shutdown, CLOSE_GOING_AWAY),
+            (|h| &h.overflowed, CLOSE_SLOW),
+            (|h| &h.revoked, CLOSE_AUTH),
+            (|h| &h.reaped, CLOSE_IDLE),
+        ];
+        for (token, expected) in cases {
+            let mut h = start(limits(), None, false, 16);
+            token(&h).cancel();
+            let (texts, code) = h.close().await;
+            assert_eq!(code, expected);
+            assert_eq!(texts.len(), 1, "{texts:?}");
+            h.ended().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_still_closed() {
+        let h = start(limits(), None, true, 16);
+        h.queue.send(Outbound::Frame(Arc::from("a"))).await.unwrap();
+        h.overflowed.cancel();
+        tokio::time::timeout(GOODBYE + WAIT, h.done)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        assert!(h.detached.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_lagging_connection_pulls_once_its_queue_is_half_drained() {
+        let mut h = start(limits(), None, false, 4);
+        for t in ["a", "b", "c", "d"] {
+            h.queue.send(Outbound::Frame(Arc::from(t))).await.unwrap();
+        }
+        h.lagging.notify_one();
+        let pull = tokio::time::timeout(WAIT, h.router.recv()).await.unwrap();
+        assert!(matches!(pull, Some(Command::Pull { session: 7 })));
+        // Everything queued was written before the pull was asked for.
+        for t in ["a", "b", "c", "d"] {
+            assert_eq!(h.next_text().await, t);
+        }
+        assert!(h.router.try_recv().is_err(), "one pull per lag");
+        h.shutdown.cancel();
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_GOING_AWAY);
+        h.ended().await;
+    }
+}
