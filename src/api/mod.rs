@@ -366,12 +366,11 @@ async fn websocket(
         .ws_max_frame_bytes
         .saturating_mul(16)
         .max(1 << 20);
-    // Client frames are small; tungstenite's default 128 KiB read buffer was most of
-    // a connection's memory (aether-bench fan-out). It still grows for a larger frame.
+    // Client frames are small: see `engine::READ_BUFFER_BYTES`.
     let ws = ws
         .max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(crate::realtime::engine::READ_BUFFER_BYTES)
         .protocols(["kingshare", "aether"]);
     let subprotocol = ws
         .selected_protocol()

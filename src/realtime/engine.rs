@@ -38,6 +38,13 @@ pub const CLOSE_FORBIDDEN: u16 = 4003;
 pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_LIMIT: u16 = 4029;
 
+/// How much the WebSocket library reads at once. Client frames are small, and
+/// this buffer is filled (so committed) on the first read and kept for the
+/// socket's life: tungstenite's default of 128 KiB, then 4 KiB, were most of an
+/// idle connection's memory (aether-bench fan-out, heaptrack). A larger frame
+/// still arrives whole: the library reserves its full length.
+pub(crate) const READ_BUFFER_BYTES: usize = 1024;
+
 /// Frames written before one flush when the queue holds a burst.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
 
@@ -197,7 +204,7 @@ pub(crate) trait Dialect: Send {
 /// Where a connection is wired: its queue and the router's signals on it.
 pub(crate) struct Link {
     pub session: u64,
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: aether_router::queue::QueueRx<Outbound>,
     /// Cancelled when the connection cannot keep up at all.
     pub overflowed: CancellationToken,
     /// Cancelled when the auth session of its token is signed out.
@@ -339,7 +346,7 @@ pub(crate) async fn run<S, D>(
     // the payload it claims, so the closing handshake does not wait for the peer.
     let mut drain = true;
     let ending = 'conn: {
-        if let Err(close) = dialect.open(&mut frames).await {
+        if let Err(close) = Box::pin(dialect.open(&mut frames)).await {
             break 'conn Some(close);
         }
         let mut ping = tokio::time::interval_at(
@@ -446,8 +453,17 @@ pub(crate) async fn run<S, D>(
             }
         }
     };
-    dialect.detach().await;
+    // Boxed, as the goodbye below: cold paths need not size every idle task.
+    Box::pin(dialect.detach()).await;
     let Some(close) = ending else { return };
+    Box::pin(goodbye(socket, frames, close, drain)).await;
+}
+
+/// Writes what is left and the Close, then waits briefly for the peer's Close.
+async fn goodbye<S>(mut socket: S, mut frames: Frames, close: Close, drain: bool)
+where
+    S: Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send,
+{
     let goodbye = async {
         // Replies not yet written (a refusal's reason among them), then the close.
         for f in frames.drain(..).chain(close.frames) {
@@ -584,7 +600,7 @@ mod tests {
     struct Harness {
         peer_tx: mpsc::UnboundedSender<Read>,
         peer_rx: mpsc::UnboundedReceiver<Message>,
-        queue: mpsc::Sender<Outbound>,
+        queue: aether_router::queue::QueueTx<Outbound>,
         router: mpsc::Receiver<Command>,
         overflowed: CancellationToken,
         revoked: CancellationToken,
@@ -608,7 +624,7 @@ mod tests {
     fn start(limits: Limits, expires: Option<i64>, stuck: bool, queue: usize) -> Harness {
         let (peer_tx, from_peer) = mpsc::unbounded_channel();
         let (to_peer, peer_rx) = mpsc::unbounded_channel();
-        let (queue_tx, rx) = mpsc::channel(queue);
+        let (queue_tx, rx) = aether_router::queue::channel(queue);
         let (router_tx, router) = mpsc::channel(16);
         let detached = Arc::new(AtomicBool::new(false));
         let link = Link {
@@ -697,7 +713,7 @@ mod tests {
     async fn the_queue_and_replies_go_out_in_order() {
         let mut h = start(limits(), None, false, 16);
         for t in ["a", "b", "c"] {
-            h.queue.send(Outbound::Frame(Arc::from(t))).await.unwrap();
+            h.queue.try_send(Outbound::Frame(Arc::from(t))).unwrap();
         }
         assert_eq!(h.next_text().await, "a");
         assert_eq!(h.next_text().await, "b");
@@ -827,7 +843,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_stops_reading_is_still_closed() {
         let h = start(limits(), None, true, 16);
-        h.queue.send(Outbound::Frame(Arc::from("a"))).await.unwrap();
+        h.queue.try_send(Outbound::Frame(Arc::from("a"))).unwrap();
         h.overflowed.cancel();
         tokio::time::timeout(GOODBYE + WAIT, h.done)
             .await
@@ -840,7 +856,7 @@ mod tests {
     async fn a_lagging_connection_pulls_once_its_queue_is_half_drained() {
         let mut h = start(limits(), None, false, 4);
         for t in ["a", "b", "c", "d"] {
-            h.queue.send(Outbound::Frame(Arc::from(t))).await.unwrap();
+            h.queue.try_send(Outbound::Frame(Arc::from(t))).unwrap();
         }
         h.lagging.notify_one();
         let pull = tokio::time::timeout(WAIT, h.router.recv()).await.unwrap();

@@ -71,7 +71,7 @@ impl HubError {
 /// A connection as the hub knows it.
 #[derive(Clone)]
 pub struct Member {
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: aether_router::queue::QueueTx<Outbound>,
     pub overflowed: CancellationToken,
     pub client_id: Arc<str>,
     /// Whose retries and rate budget this is: the connection's user key (user id,
@@ -542,7 +542,7 @@ mod tests {
     #[test]
     fn a_connection_cannot_join_more_channels_than_allowed() {
         let mut hub = Hub::new(Arc::default(), 5, Duration::from_secs(1)).max_channels(2);
-        let (tx, _rx) = mpsc::channel(64);
+        let (tx, _rx) = aether_router::queue::channel(64);
         hub.members.insert(
             1,
             (

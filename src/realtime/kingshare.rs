@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use aether_core::changes::{ChangeKind, Row, RowChange};
@@ -45,7 +44,7 @@ pub fn error(code: &str, text: &str) -> String {
 }
 
 struct Target {
-    tx: mpsc::Sender<Outbound>,
+    tx: aether_router::queue::QueueTx<Outbound>,
     overflowed: CancellationToken,
 }
 
@@ -70,7 +69,7 @@ impl Notifier {
         &self,
         session: u64,
         user: Option<&str>,
-        tx: mpsc::Sender<Outbound>,
+        tx: aether_router::queue::QueueTx<Outbound>,
         overflowed: CancellationToken,
     ) {
         let mut g = self.lock();

@@ -14,12 +14,12 @@ pub mod stats;
 /// connection (its writer sees `overflowed`), as frames that are not row changes
 /// cannot be paged from history. The hubs' and KingShare's one delivery rule.
 pub(crate) fn offer<T>(
-    tx: &tokio::sync::mpsc::Sender<T>,
+    tx: &aether_router::queue::QueueTx<T>,
     overflowed: &tokio_util::sync::CancellationToken,
     item: T,
     relay: &'static str,
 ) {
-    if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(item) {
+    if let Err(aether_router::queue::TrySendError::Full(_)) = tx.try_send(item) {
         tracing::warn!(relay, "queue full, closing the slow connection");
         metrics::counter!("aether_queue_drops_total", "kind" => "closed").increment(1);
         overflowed.cancel();

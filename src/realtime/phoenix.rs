@@ -33,7 +33,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{
@@ -226,12 +225,11 @@ pub async fn websocket(
         .ws_max_frame_bytes
         .saturating_mul(16)
         .max(1 << 20);
-    // The same caps as `/ws`: frames past `ws_max_frame_bytes` get an error and
-    // a 1009 close from the session; a 4 KiB read buffer (it grows for a larger
-    // frame) instead of tungstenite's 128 KiB, most of an idle socket's memory.
+    // The same caps as `/ws`: frames past `ws_max_frame_bytes` get a 1009 close
+    // from the engine, and the same small read buffer.
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(engine::READ_BUFFER_BYTES)
         .on_upgrade(move |socket| run(socket, state, principal, vsn, addr))
 }
 
@@ -953,7 +951,7 @@ fn sub_topic(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
 }
 
-async fn run(
+pub(crate) async fn run(
     socket: WebSocket,
     state: AppState,
     principal: Principal,
@@ -977,7 +975,7 @@ async fn run(
         engine::refuse(&mut socket, Close::new(CLOSE_LIMIT, "connection_limit")).await;
         return;
     }
-    let (tx, rx) = mpsc::channel::<Outbound>(state.config.ws_queue_capacity);
+    let (tx, rx) = aether_router::queue::channel::<Outbound>(state.config.ws_queue_capacity);
     let overflowed = CancellationToken::new();
     let revoked = CancellationToken::new();
     let lagging = Arc::new(tokio::sync::Notify::new());

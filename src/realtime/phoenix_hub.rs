@@ -32,7 +32,7 @@ pub enum BroadcastPayload {
 /// A connection as this hub knows it.
 pub struct PhxMember {
     /// The connection's one queue, shared with the router.
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: aether_router::queue::QueueTx<Outbound>,
     pub overflowed: CancellationToken,
     pub vsn: Vsn,
 }
@@ -476,8 +476,8 @@ mod tests {
         assert!(encode_user_broadcast(&"t".repeat(256), "ev", &p.payload).is_none());
     }
 
-    fn member(hub: &mut PhxHub, session: u64, vsn: Vsn) -> mpsc::Receiver<Outbound> {
-        let (tx, rx) = mpsc::channel(16);
+    fn member(hub: &mut PhxHub, session: u64, vsn: Vsn) -> aether_router::queue::QueueRx<Outbound> {
+        let (tx, rx) = aether_router::queue::channel(16);
         hub.command(PhxCommand::Attach {
             session,
             member: PhxMember {
@@ -492,7 +492,7 @@ mod tests {
     #[test]
     fn a_full_queue_closes_only_that_member() {
         let mut hub = PhxHub::default();
-        let (tx, _slow_rx) = mpsc::channel(1);
+        let (tx, _slow_rx) = aether_router::queue::channel(1);
         let slow = CancellationToken::new();
         hub.command(PhxCommand::Attach {
             session: 1,
@@ -532,7 +532,7 @@ mod tests {
         assert_eq!(got, 3);
     }
 
-    fn texts(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Value> {
+    fn texts(rx: &mut aether_router::queue::QueueRx<Outbound>) -> Vec<Value> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
             if let Outbound::Frame(t) = m {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use axum::extract::ws::{Message, WebSocket};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{self, Close, Dialect, Ending, Frames, Inbound};
@@ -150,7 +150,7 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal, param
     };
     metrics::gauge!("aether_ws_connections").increment(1.0);
 
-    let (tx, rx) = mpsc::channel::<Outbound>(cfg.ws_queue_capacity);
+    let (tx, rx) = aether_router::queue::channel::<Outbound>(cfg.ws_queue_capacity);
     let overflowed = CancellationToken::new();
     let lagging = Arc::new(tokio::sync::Notify::new());
     let revoked = CancellationToken::new();
@@ -798,4 +798,26 @@ fn catalog_reload_due(state: &AppState) -> bool {
             .catalog_reloaded_ms
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future an async fn returns, from the fn item alone.
+    fn future_size<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    fn future_size5<A, B, C, D, E, F: std::future::Future>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_idle_connections_task_stays_small() {
+        let ws = future_size(super::run);
+        let phx = future_size5(super::super::phoenix::run);
+        eprintln!(
+            "task futures: /ws {ws} B, phoenix {phx} B, Outbound {} B",
+            std::mem::size_of::<aether_router::Outbound>()
+        );
+        assert!(ws <= 4096, "{ws}");
+    }
 }

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use aether_changelog::{LogError, Page, ReadHint};
 use aether_core::lsn::Position;
-use tokio::sync::mpsc;
 
 use crate::policy::{Decision, Policy};
 use crate::routed::Routed;
@@ -35,7 +34,7 @@ pub(crate) struct Lag {
 /// A lagging connection asks for the next missed changes once its queue is down to
 /// half: the router refills it while the writer still has frames to send, so the
 /// socket never idles waiting for a page.
-pub fn low_water(rx: &mpsc::Receiver<Outbound>) -> bool {
+pub fn low_water(rx: &crate::queue::QueueRx<Outbound>) -> bool {
     rx.len() <= rx.max_capacity() / 2
 }
 

@@ -27,6 +27,7 @@ pub mod catalog;
 mod catchup;
 pub mod filter;
 pub mod policy;
+pub mod queue;
 pub mod routed;
 mod subscriptions;
 pub mod tail;
@@ -117,7 +118,7 @@ pub enum Outbound {
 /// A connection as the router knows it.
 #[derive(Clone)]
 pub struct SessionHandle {
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: queue::QueueTx<Outbound>,
     /// Cancelled by the router when the connection cannot keep up at all.
     pub overflowed: CancellationToken,
     /// Cancelled when the auth session of the connection's token is signed out.
@@ -464,8 +465,8 @@ impl Router {
         };
         match entry.handle.tx.try_send(out) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.kick(session, "queue full for a reply"),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.detach(session),
+            Err(queue::TrySendError::Full(_)) => self.kick(session, "queue full for a reply"),
+            Err(queue::TrySendError::Closed(_)) => self.detach(session),
         }
     }
 

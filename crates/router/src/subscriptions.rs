@@ -9,7 +9,6 @@ use std::time::Instant;
 use aether_core::changes::{ChangeKind, Relation, RowChange};
 use aether_core::lsn::{Position, SinceId, StreamId};
 use aether_core::principal::Principal;
-use tokio::sync::mpsc;
 
 use crate::catchup::Lag;
 use crate::filter::{Filter, key_of};
@@ -324,7 +323,7 @@ impl Router {
             };
             match entry.handle.tx.try_send(out) {
                 Ok(()) => sub.seen = change.position,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(crate::queue::TrySendError::Full(_)) => {
                     tracing::debug!(
                         session = sub.session,
                         "outbound queue full: lagging, catching up from the log"
@@ -343,7 +342,7 @@ impl Router {
                     self.lagging.insert(sub.session);
                     entry.handle.lagging.notify_one();
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => closed.push(sub.session),
+                Err(crate::queue::TrySendError::Closed(_)) => closed.push(sub.session),
             }
         }
         self.candidates = candidates;

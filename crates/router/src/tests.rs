@@ -9,7 +9,7 @@ use aether_core::changes::test_relation as relation;
 
 struct Fixture {
     r: Router,
-    rx: mpsc::Receiver<Outbound>,
+    rx: crate::queue::QueueRx<Outbound>,
     log: Arc<LocalLog>,
     pages: mpsc::UnboundedReceiver<PageDone>,
     _dir: tempfile::TempDir,
@@ -42,7 +42,7 @@ fn fixture_with(
         catalog::SharedCatalog::default(),
     );
     let pages = r.pages_rx.take().unwrap();
-    let (tx, rx) = mpsc::channel(queue);
+    let (tx, rx) = crate::queue::channel(queue);
     r.command(Command::Attach {
         session: 1,
         handle: SessionHandle {
@@ -287,7 +287,7 @@ impl Policy for Gate {
 async fn a_pending_decision_holds_back_only_its_connection_which_then_gets_everything_in_order() {
     let gate = Gate::default();
     let mut f = fixture_with(1 << 20, 16, Box::new(gate.clone()), vec![]);
-    let (tx2, mut rx2) = mpsc::channel(16);
+    let (tx2, mut rx2) = crate::queue::channel(16);
     f.r.command(Command::Attach {
         session: 2,
         handle: SessionHandle {
@@ -361,7 +361,7 @@ async fn a_tap_can_close_the_connections_of_a_revoked_session() {
         vec![Box::new(Revoker(id))],
     );
     let revoked = CancellationToken::new();
-    let (tx2, _rx2) = mpsc::channel(16);
+    let (tx2, _rx2) = crate::queue::channel(16);
     f.r.command(Command::Attach {
         session: 2,
         handle: SessionHandle {
