@@ -331,7 +331,7 @@ async fn admit<D: Dialect>(
 pub(crate) async fn run<S, D>(
     mut socket: S,
     dialect: &mut D,
-    mut link: Link,
+    link: Link,
     limits: Limits,
     stats: &Stats,
 ) where
@@ -357,16 +357,38 @@ pub(crate) async fn run<S, D>(
         let expiry = tokio::time::sleep_until(deadline(expires));
         tokio::pin!(expiry);
         let mut pull_wanted = false;
+        let Link {
+            session,
+            mut rx,
+            overflowed,
+            revoked,
+            lagging,
+            reaped,
+            last_seen,
+            router,
+            shutdown,
+        } = link;
+        // The signals' futures are made once and polled in place: made anew on
+        // every turn, each would register with its token and deregister again,
+        // under the token's lock, for every frame delivered. Shutdown is one
+        // token for every connection, so each watches a child of its own.
+        let shutdown = shutdown.child_token();
+        let shutdown = shutdown.cancelled();
+        let overflowed = overflowed.cancelled();
+        let revoked = revoked.cancelled();
+        let reaped = reaped.cancelled();
+        let lag = lagging.notified();
+        tokio::pin!(shutdown, overflowed, revoked, reaped, lag);
         loop {
             if !frames.is_empty() {
                 // A peer that stops reading blocks the socket: stay interruptible
                 // so a close decided meanwhile still happens.
                 let sent = tokio::select! {
                     biased;
-                    _ = link.shutdown.cancelled() => None,
-                    _ = link.overflowed.cancelled() => None,
-                    _ = link.revoked.cancelled() => None,
-                    _ = link.reaped.cancelled() => None,
+                    _ = &mut shutdown => None,
+                    _ = &mut overflowed => None,
+                    _ = &mut revoked => None,
+                    _ = &mut reaped => None,
                     r = send_all(&mut socket, &mut frames) => Some(r),
                 };
                 match sent {
@@ -377,34 +399,35 @@ pub(crate) async fn run<S, D>(
                 }
             }
             // Lagging and half drained: ask the router for what was missed.
-            if pull_wanted && aether_router::low_water(&link.rx) {
+            if pull_wanted && aether_router::low_water(&rx) {
                 pull_wanted = false;
-                let pull = Command::Pull {
-                    session: link.session,
-                };
-                if link.router.send(pull).await.is_err() {
+                let pull = Command::Pull { session };
+                if router.send(pull).await.is_err() {
                     break None;
                 }
             }
             tokio::select! {
                 biased;
-                _ = link.shutdown.cancelled() => break Some(dialect.ending(Ending::Shutdown)),
-                _ = link.overflowed.cancelled() => break Some(dialect.ending(Ending::Slow)),
-                _ = link.revoked.cancelled() => break Some(dialect.ending(Ending::Revoked)),
-                _ = link.reaped.cancelled() => break Some(dialect.ending(Ending::Idle)),
+                _ = &mut shutdown => break Some(dialect.ending(Ending::Shutdown)),
+                _ = &mut overflowed => break Some(dialect.ending(Ending::Slow)),
+                _ = &mut revoked => break Some(dialect.ending(Ending::Revoked)),
+                _ = &mut reaped => break Some(dialect.ending(Ending::Idle)),
                 _ = &mut expiry, if expires.is_some() => {
                     if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
                         break Some(close);
                     }
                 }
                 _ = ping.tick() => {
-                    if now_ms() - link.last_seen.load(Ordering::Relaxed) > idle_ms {
+                    if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
                         break Some(dialect.ending(Ending::Idle));
                     }
                     frames.push(Message::Ping(Bytes::new()));
                 }
-                _ = link.lagging.notified() => pull_wanted = true,
-                out = link.rx.recv() => {
+                _ = &mut lag => {
+                    pull_wanted = true;
+                    lag.set(lagging.notified());
+                }
+                out = rx.recv() => {
                     let Some(out) = out else { break None };
                     let now = now_ms();
                     let mut changes = account(stats, &out, now, &latency);
@@ -412,7 +435,7 @@ pub(crate) async fn run<S, D>(
                     // What is already queued goes out in the same write: one flush
                     // (one syscall) per burst instead of one per frame.
                     while frames.len() < MAX_FRAMES_PER_FLUSH {
-                        let Ok(more) = link.rx.try_recv() else { break };
+                        let Ok(more) = rx.try_recv() else { break };
                         changes += account(stats, &more, now, &latency);
                         dialect.outbound(more, &mut frames).await;
                     }
@@ -420,7 +443,7 @@ pub(crate) async fn run<S, D>(
                 }
                 msg = socket.next() => {
                     // Any frame, pongs included, counts as life.
-                    link.last_seen.store(now_ms(), Ordering::Relaxed);
+                    last_seen.store(now_ms(), Ordering::Relaxed);
                     let inbound = match msg {
                         Some(Ok(Message::Text(text))) => Some(Inbound::Text(text)),
                         Some(Ok(Message::Binary(bytes))) => Some(Inbound::Binary(bytes)),
