@@ -74,6 +74,8 @@ pub struct Config {
     pub database_url: Option<String>,
     pub replication_slot: String,
     pub publication: String,
+    /// Schemas `/rest/v1` exposes (`REST_SCHEMAS`), the first the default.
+    pub rest_schemas: Vec<String>,
     pub data_dir: PathBuf,
     /// How long logged changes stay available to `since` resumes.
     pub resume_retention: Duration,
@@ -200,6 +202,7 @@ impl Config {
             database_url: None,
             replication_slot: "aether".into(),
             publication: "aether_realtime".into(),
+            rest_schemas: vec!["public".into()],
             data_dir: PathBuf::from("./data"),
             resume_retention: Duration::from_secs(86_400),
             resume_retention_bytes: 1 << 30,
@@ -461,6 +464,21 @@ impl Config {
         if let Some(v) = nonempty("TRUSTED_PROXIES") {
             self.trusted_proxies = crate::http::TrustedProxies::parse(&v)
                 .map_err(|reason| err("TRUSTED_PROXIES", reason))?;
+        }
+        if let Some(v) = nonempty("REST_SCHEMAS") {
+            let names: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).collect();
+            let ok = |n: &String| {
+                !n.is_empty()
+                    && n.len() <= 63
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            };
+            if !names.iter().all(ok) {
+                return Err(err(
+                    "REST_SCHEMAS",
+                    "a comma-separated list of schema names (letters, digits, _)",
+                ));
+            }
+            self.rest_schemas = names;
         }
         Ok(())
     }

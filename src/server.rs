@@ -41,6 +41,8 @@ pub struct Inner {
     /// When the catalog was last reloaded for an unknown table (ms since the epoch):
     /// at most once a second, so clients naming bogus tables cannot load the database.
     pub catalog_reloaded_ms: std::sync::atomic::AtomicI64,
+    /// What `/rest/v1` knows of the exposed schemas.
+    pub(crate) rest_schema: crate::api::supabase::rest::SchemaCache,
     /// The last status a WebSocket client asked for (see `ops::status_cached`).
     pub status_cache: std::sync::Mutex<Option<(std::time::Instant, crate::api::ops::Status)>>,
     pub router: mpsc::Sender<Command>,
@@ -406,6 +408,7 @@ impl Server {
             pool,
             catalog,
             catalog_reloaded_ms: std::sync::atomic::AtomicI64::new(0),
+            rest_schema: Default::default(),
             status_cache: std::sync::Mutex::new(None),
             router: commands_tx,
             hub: hub_tx,

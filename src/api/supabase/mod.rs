@@ -14,6 +14,7 @@
 //! [`JwtKeys::api_key`]: crate::auth::JwtKeys::api_key
 
 pub mod auth;
+pub(crate) mod rest;
 pub mod storage;
 
 use axum::Router;
@@ -78,7 +79,10 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             state.clone(),
             crate::api::rate_limit::storage,
         ));
-    Router::new().merge(auth).merge(storage)
+    Router::new()
+        .merge(auth)
+        .merge(storage)
+        .merge(rest::routes())
 }
 
 /// Why an API key was refused.

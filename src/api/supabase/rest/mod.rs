@@ -1,0 +1,669 @@
+//! `/rest/v1`: the PostgREST subset supabase-js's query builder uses.
+//!
+//! PostgreSQL decides who sees what, as with Supabase: each request runs in one
+//! transaction as the role its token names (`anon`, `authenticated`,
+//! `service_role`, see migrations/0009_rest_roles.sql) with the token's claims in
+//! `request.jwt.claims`, so `auth.uid()` and RLS policies written for Supabase
+//! work unchanged. Unlike Supabase, nothing is granted on a new table: a DBA
+//! grants what the API should expose. Errors are PostgREST's body
+//! `{code, message, details, hint}` with PostgreSQL's SQLSTATE.
+
+mod query;
+mod schema;
+mod sql;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{api_key_of, check_api_key};
+use crate::api::extract::bearer_token;
+use crate::auth::{Principal, Role};
+use crate::server::AppState;
+pub(crate) use schema::SchemaCache;
+use sql::{Conflict, PlanError, Sql, Text};
+
+/// Statements of one request may run this long.
+const STATEMENT_TIMEOUT: &str = "8s";
+
+/// A PostgREST error response.
+#[derive(Debug)]
+pub(crate) struct RestError {
+    status: StatusCode,
+    code: String,
+    message: String,
+    details: Option<String>,
+    hint: Option<String>,
+}
+
+impl RestError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> RestError {
+        RestError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+            details: None,
+            hint: None,
+        }
+    }
+
+    fn details(mut self, d: impl Into<String>) -> RestError {
+        self.details = Some(d.into());
+        self
+    }
+
+    /// A database error as PostgREST maps it; `anon` decides 401 against 403.
+    fn db(e: tokio_postgres::Error, anon: bool) -> RestError {
+        let Some(db) = e.as_db_error() else {
+            tracing::error!(error = %e, "rest: database unavailable");
+            return RestError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PGRST000",
+                "Database connection error",
+            );
+        };
+        let code = db.code().code();
+        let status = match code {
+            "42501" if anon => StatusCode::UNAUTHORIZED,
+            "42501" => StatusCode::FORBIDDEN,
+            "42P01" | "42883" => StatusCode::NOT_FOUND,
+            "23505" | "23503" => StatusCode::CONFLICT,
+            "57014" => StatusCode::INTERNAL_SERVER_ERROR,
+            c if c.starts_with("22") || c.starts_with("23") || c.starts_with("42") => {
+                StatusCode::BAD_REQUEST
+            }
+            "P0001" => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        RestError {
+            status,
+            code: code.to_owned(),
+            message: db.message().to_owned(),
+            details: db.detail().map(str::to_owned),
+            hint: db.hint().map(str::to_owned),
+        }
+    }
+}
+
+impl IntoResponse for RestError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "code": self.code, "message": self.message,
+            "details": self.details, "hint": self.hint,
+        });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<query::ParseError> for RestError {
+    fn from(e: query::ParseError) -> RestError {
+        RestError::new(StatusCode::BAD_REQUEST, "PGRST100", e.message).details(e.details)
+    }
+}
+
+impl From<PlanError> for RestError {
+    fn from(e: PlanError) -> RestError {
+        match e {
+            PlanError::NoRelationship(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST200", m),
+            PlanError::Ambiguous(m) => RestError::new(StatusCode::MULTIPLE_CHOICES, "PGRST201", m),
+        }
+    }
+}
+
+/// Who a request acts as: its bearer token (a user's, or an API key), else its
+/// `apikey`. A valid bearer token is enough without an `apikey`, as on Supabase.
+pub(crate) struct RestCaller(Principal);
+
+impl FromRequestParts<AppState> for RestCaller {
+    type Rejection = RestError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, RestError> {
+        let unauthorized =
+            |m: &str| RestError::new(StatusCode::UNAUTHORIZED, "PGRST301", m.to_owned());
+        if let Some(token) = bearer_token(&parts.headers) {
+            // An API key as the bearer (supabase-js sends the anon key when no
+            // one is signed in), else a user's token with its live session.
+            if let Ok(key) = check_api_key(state, Some(token)) {
+                return Ok(RestCaller(key));
+            }
+            return match state.auth.authenticate(token).await {
+                Ok(p) => Ok(RestCaller(p)),
+                Err(crate::auth::AuthError::Internal(cause)) => {
+                    tracing::error!(error = %cause, "rest: token check failed");
+                    Err(RestError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "PGRST000",
+                        "Database connection error",
+                    ))
+                }
+                Err(e) => Err(unauthorized(&e.to_string())),
+            };
+        }
+        check_api_key(state, api_key_of(parts).as_deref())
+            .map(RestCaller)
+            .map_err(|e| unauthorized(e.message()))
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Anon => "anon",
+        Role::Authenticated => "authenticated",
+        Role::Service => "service_role",
+    }
+}
+
+/// The claims `auth.uid()`, `auth.role()` and `auth.jwt()` read.
+fn claims(p: &Principal) -> String {
+    let mut c = json!({"role": role_name(p.role)});
+    if let Some(u) = &p.user_id {
+        c["sub"] = json!(u);
+        c["aud"] = json!("authenticated");
+    }
+    if let Some(e) = &p.email {
+        c["email"] = json!(e);
+    }
+    if let Some(s) = p.session_id {
+        c["session_id"] = json!(s.to_string());
+    }
+    if let Some(x) = p.expires_at {
+        c["exp"] = json!(x);
+    }
+    c.to_string()
+}
+
+/// `Prefer:` as PostgREST reads it.
+#[derive(Debug, Default)]
+struct Prefer {
+    count: bool,
+    representation: bool,
+    merge: bool,
+    ignore: bool,
+}
+
+fn prefer(headers: &HeaderMap) -> Prefer {
+    let mut p = Prefer::default();
+    for v in headers.get_all("prefer") {
+        for item in v.to_str().unwrap_or_default().split(',') {
+            match item.trim() {
+                "count=exact" | "count=planned" | "count=estimated" => p.count = true,
+                "return=representation" => p.representation = true,
+                "resolution=merge-duplicates" => p.merge = true,
+                "resolution=ignore-duplicates" => p.ignore = true,
+                _ => {}
+            }
+        }
+    }
+    p
+}
+
+/// The schema a request names (`Accept-Profile` to read, `Content-Profile` to
+/// write), or the first exposed one.
+fn profile(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<String, RestError> {
+    let exposed = &state.config.rest_schemas;
+    let name = if method == Method::GET || method == Method::HEAD {
+        "accept-profile"
+    } else {
+        "content-profile"
+    };
+    match headers.get(name).and_then(|v| v.to_str().ok()) {
+        None => exposed.first().cloned().ok_or_else(|| {
+            RestError::new(StatusCode::NOT_FOUND, "PGRST106", "No schema is exposed")
+        }),
+        Some(s) if exposed.iter().any(|e| e == s) => Ok(s.to_owned()),
+        Some(s) => Err(RestError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "PGRST106",
+            format!(
+                "The schema must be one of the following: {}",
+                exposed.join(", ")
+            ),
+        )
+        .details(format!("{s} is not exposed (REST_SCHEMAS)"))),
+    }
+}
+
+/// Runs `f` in one transaction as the caller's role, with its claims set.
+async fn as_caller<T>(
+    state: &AppState,
+    caller: &Principal,
+    f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
+) -> Result<T, RestError> {
+    let anon = caller.role == Role::Anon;
+    let mut client = state.pool.get().await.map_err(|e| {
+        tracing::error!(error = %e, "rest: no database connection");
+        RestError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PGRST000",
+            "Database connection error",
+        )
+    })?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    let setup = format!(
+        "SET LOCAL ROLE {}; SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'",
+        role_name(caller.role)
+    );
+    tx.batch_execute(&setup)
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    let sub = Text(caller.user_id.clone());
+    tx.execute(
+        "SELECT set_config('request.jwt.claims', $1, true), set_config('request.jwt.claim.sub', coalesce($2, ''), true), set_config('request.jwt.claim.role', $3, true)",
+        &[&claims(caller), &sub, &role_name(caller.role)],
+    )
+    .await
+    .map_err(|e| RestError::db(e, anon))?;
+    let out = f(&tx).await?;
+    tx.commit().await.map_err(|e| RestError::db(e, anon))?;
+    Ok(out)
+}
+
+/// Runs a statement that yields `json, count`.
+async fn rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &Sql,
+    anon: bool,
+) -> Result<(String, i64), RestError> {
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        sql.params.iter().map(|p| p as _).collect();
+    let row = tx
+        .query_one(sql.text.as_str(), &params)
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Finds a table of the exposed schema, reloading the cache once on a miss.
+async fn table(
+    state: &AppState,
+    schema: &str,
+    name: &str,
+) -> Result<(std::sync::Arc<schema::Schema>, (String, String)), RestError> {
+    let key = (schema.to_owned(), name.to_owned());
+    let cache = &state.rest_schema;
+    if !cache.get().tables.contains_key(&key) {
+        let client = state.pool.get().await.map_err(|_| {
+            RestError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PGRST000",
+                "Database connection error",
+            )
+        })?;
+        cache
+            .reload(&client, &state.config.rest_schemas)
+            .await
+            .map_err(|e| RestError::db(e, false))?;
+    }
+    let s = cache.get();
+    if !s.tables.contains_key(&key) {
+        return Err(RestError::new(
+            StatusCode::NOT_FOUND,
+            "PGRST205",
+            format!("Could not find the table '{schema}.{name}' in the schema cache"),
+        ));
+    }
+    Ok((s, key))
+}
+
+/// `Accept: application/vnd.pgrst.object+json`: exactly one row, as an object.
+fn wants_object(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/vnd.pgrst.object+json"))
+}
+
+/// `Range: a-b` as offset and limit.
+fn range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
+    let v = headers.get(header::RANGE)?.to_str().ok()?;
+    let v = v.strip_prefix("items=").unwrap_or(v);
+    let (a, b) = v.split_once('-')?;
+    let a: u64 = a.trim().parse().ok()?;
+    let b: Option<u64> = b.trim().parse().ok();
+    Some((a, b.map(|b| b.saturating_sub(a) + 1)))
+}
+
+/// The response body: the rows, or the one row for an object request.
+fn body(json: String, n: i64, object: bool) -> Result<String, RestError> {
+    if !object {
+        return Ok(json);
+    }
+    if n != 1 {
+        return Err(RestError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "PGRST116",
+            "JSON object requested, multiple (or no) rows returned",
+        )
+        .details(format!("The result contains {n} rows")));
+    }
+    let mut rows: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
+    Ok(rows.pop().unwrap_or(Value::Null).to_string())
+}
+
+fn json_response(status: StatusCode, body: String, content_range: Option<String>) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(header::CONTENT_RANGE, cr);
+    }
+    r
+}
+
+fn content_range(offset: u64, n: i64, total: Option<i64>) -> String {
+    let total = total.map_or("*".to_owned(), |t| t.to_string());
+    if n <= 0 {
+        format!("*/{total}")
+    } else {
+        format!("{offset}-{}/{total}", offset + n as u64 - 1)
+    }
+}
+
+/// `GET|HEAD|POST|PATCH|DELETE /rest/v1/{table}`.
+pub(crate) async fn table_route(
+    State(state): State<AppState>,
+    RestCaller(caller): RestCaller,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    payload: Bytes,
+) -> Result<Response, RestError> {
+    let schema_name = profile(&state, &method, &headers)?;
+    let mut q = query::parse(uri.query().unwrap_or(""))?;
+    let (schema, key) = table(&state, &schema_name, &name).await?;
+    let t = schema.tables.get(&key).cloned().unwrap_or_default();
+    let pref = prefer(&headers);
+    let object = wants_object(&headers);
+    let anon = caller.role == Role::Anon;
+    let role = caller.role;
+    if method == Method::GET || method == Method::HEAD {
+        if let Some((offset, limit)) = range(&headers) {
+            q.offset = q.offset.or(Some(offset));
+            q.limit = q.limit.or(limit);
+        }
+        let read = sql::read(&schema, &key, &t, &q, role)?;
+        let count = pref.count.then(|| sql::count(&key, &q));
+        let (json, n, total) = as_caller(&state, &caller, async |tx| {
+            let (json, n) = rows(tx, &read, anon).await?;
+            let total = match &count {
+                Some(c) => {
+                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        c.params.iter().map(|p| p as _).collect();
+                    let row = tx
+                        .query_one(c.text.as_str(), &params)
+                        .await
+                        .map_err(|e| RestError::db(e, anon))?;
+                    Some(row.get::<_, i64>(0))
+                }
+                None => None,
+            };
+            Ok((json, n, total))
+        })
+        .await?;
+        let offset = q.offset.unwrap_or(0);
+        let partial = total.is_some_and(|t| t > n) && headers.contains_key(header::RANGE);
+        let status = if partial {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        let body = body(json, n, object)?;
+        let body = if method == Method::HEAD {
+            String::new()
+        } else {
+            body
+        };
+        return Ok(json_response(
+            status,
+            body,
+            Some(content_range(offset, n, total)),
+        ));
+    }
+    if method == Method::DELETE {
+        let (sql, stmt) = sql::delete(&key, &q);
+        let sql = sql::returning(&schema, &key, &t, &q, role, sql, &stmt)?;
+        let (json, n) = as_caller(&state, &caller, async |tx| rows(tx, &sql, anon).await).await?;
+        return written(pref.representation, StatusCode::OK, json, n, object);
+    }
+    // POST and PATCH carry rows.
+    let value: Value = serde_json::from_slice(&payload).map_err(|e| {
+        RestError::new(StatusCode::BAD_REQUEST, "PGRST102", "Empty or invalid json")
+            .details(e.to_string())
+    })?;
+    let rows_in: Vec<&serde_json::Map<String, Value>> = match &value {
+        Value::Object(o) => vec![o],
+        Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
+        _ => Vec::new(),
+    };
+    if rows_in.is_empty() && !matches!(&value, Value::Array(a) if a.is_empty()) {
+        return Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "PGRST102",
+            "Empty or invalid json",
+        ));
+    }
+    let columns: Vec<String> = match &q.columns {
+        Some(c) => c.clone(),
+        None => {
+            let mut cols: Vec<String> = Vec::new();
+            for r in &rows_in {
+                for k in r.keys() {
+                    if !cols.contains(k) {
+                        cols.push(k.clone());
+                    }
+                }
+            }
+            cols
+        }
+    };
+    if let Some(bad) = columns
+        .iter()
+        .find(|c| !t.columns.iter().any(|tc| &tc.name == *c))
+    {
+        return Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "PGRST204",
+            format!(
+                "Could not find the '{bad}' column of '{}' in the schema cache",
+                key.1
+            ),
+        ));
+    }
+    if method == Method::PATCH {
+        let one = match &value {
+            Value::Object(_) => value.to_string(),
+            _ => {
+                return Err(RestError::new(
+                    StatusCode::BAD_REQUEST,
+                    "PGRST102",
+                    "An update takes one JSON object",
+                ));
+            }
+        };
+        if columns.is_empty() {
+            return written(pref.representation, StatusCode::OK, "[]".into(), 0, object);
+        }
+        let (sql, stmt) = sql::update(&key, &columns, one, &q);
+        let sql = sql::returning(&schema, &key, &t, &q, role, sql, &stmt)?;
+        let (json, n) = as_caller(&state, &caller, async |tx| rows(tx, &sql, anon).await).await?;
+        return written(pref.representation, StatusCode::OK, json, n, object);
+    }
+    if method != Method::POST {
+        return Err(RestError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "PGRST117",
+            format!("Unsupported HTTP method: {method}"),
+        ));
+    }
+    let array = match &value {
+        Value::Array(_) => value.to_string(),
+        other => format!("[{other}]"),
+    };
+    let conflict = if pref.merge || pref.ignore {
+        let on = q
+            .on_conflict
+            .clone()
+            .unwrap_or_else(|| t.primary_key.clone());
+        if on.is_empty() {
+            return Err(RestError::new(
+                StatusCode::BAD_REQUEST,
+                "PGRST100",
+                "An upsert needs on_conflict or a primary key",
+            ));
+        }
+        if pref.merge {
+            Conflict::Merge(on)
+        } else {
+            Conflict::Ignore(on)
+        }
+    } else {
+        Conflict::None
+    };
+    let (sql, stmt) = if columns.is_empty() {
+        let mut s = Sql::default();
+        let n = rows_in.len();
+        let _ = s.param_opt(None);
+        let stmt = format!(
+            "INSERT INTO {} AS _t SELECT FROM generate_series(1, {n}) WHERE $1::text IS NULL",
+            sql::table_name(&key.0, &key.1)
+        );
+        (s, stmt)
+    } else {
+        sql::insert(&key, &columns, array, &conflict)
+    };
+    let sql = sql::returning(&schema, &key, &t, &q, role, sql, &stmt)?;
+    let (json, n) = as_caller(&state, &caller, async |tx| rows(tx, &sql, anon).await).await?;
+    written(pref.representation, StatusCode::CREATED, json, n, object)
+}
+
+/// The answer to a write: the rows with `return=representation`, else nothing.
+fn written(
+    representation: bool,
+    status: StatusCode,
+    json: String,
+    n: i64,
+    object: bool,
+) -> Result<Response, RestError> {
+    let range = content_range(0, n, None);
+    if !representation {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        if status == StatusCode::CREATED {
+            *r.status_mut() = StatusCode::CREATED;
+        }
+        if let Ok(v) = HeaderValue::from_str(&range) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        return Ok(r);
+    }
+    Ok(json_response(status, body(json, n, object)?, Some(range)))
+}
+
+/// `POST|GET /rest/v1/rpc/{function}`: named arguments from the JSON body or
+/// the query string.
+pub(crate) async fn rpc(
+    State(state): State<AppState>,
+    RestCaller(caller): RestCaller,
+    Path(function): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    payload: Bytes,
+) -> Result<Response, RestError> {
+    let schema_name = profile(&state, &method, &headers)?;
+    let args: Vec<(String, Option<String>)> = if method == Method::GET {
+        uri.query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                let d = |s: &str| {
+                    percent_encoding::percent_decode_str(&s.replace('+', " "))
+                        .decode_utf8_lossy()
+                        .into_owned()
+                };
+                (d(k), Some(d(v)))
+            })
+            .collect()
+    } else if payload.is_empty() {
+        Vec::new()
+    } else {
+        let v: Value = serde_json::from_slice(&payload).map_err(|e| {
+            RestError::new(StatusCode::BAD_REQUEST, "PGRST102", "Empty or invalid json")
+                .details(e.to_string())
+        })?;
+        let Value::Object(o) = v else {
+            return Err(RestError::new(
+                StatusCode::BAD_REQUEST,
+                "PGRST102",
+                "rpc arguments must be a JSON object",
+            ));
+        };
+        o.into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::Null => None,
+                    Value::String(s) => Some(s),
+                    other => Some(other.to_string()),
+                };
+                (k, text)
+            })
+            .collect()
+    };
+    let anon = caller.role == Role::Anon;
+    let object = wants_object(&headers);
+    let fname = sql::table_name(&schema_name, &function);
+    let (json, n) = as_caller(&state, &caller, async |tx| {
+        let found = tx
+            .query_opt(
+                "SELECT p.proretset, p.prorettype = 'void'::regtype
+                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                  WHERE n.nspname = $1 AND p.proname = $2 LIMIT 1",
+                &[&schema_name, &function],
+            )
+            .await
+            .map_err(|e| RestError::db(e, anon))?;
+        let Some(found) = found else {
+            return Err(RestError::new(
+                StatusCode::NOT_FOUND,
+                "PGRST202",
+                format!("Could not find the function {schema_name}.{function} in the schema cache"),
+            ));
+        };
+        let (set, void): (bool, bool) = (found.get(0), found.get(1));
+        let mut s = Sql::default();
+        let named: Vec<String> = args
+            .iter()
+            .map(|(k, v)| format!("{} => {}", sql::quote(k), s.param_opt(v.clone())))
+            .collect();
+        let call = format!("{fname}({})", named.join(", "));
+        s.text = if set {
+            format!("SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM {call} _r")
+        } else if void {
+            format!("SELECT 'null'::text, 1::bigint FROM (SELECT {call}) _r")
+        } else {
+            format!("SELECT to_json({call})::text, 1::bigint")
+        };
+        rows(tx, &s, anon).await
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, body(json, n, object)?, None))
+}
+
+/// The `/rest/v1` routes.
+pub(crate) fn routes() -> axum::Router<AppState> {
+    use axum::routing::{any, get};
+    axum::Router::new()
+        .route("/rest/v1/rpc/{function}", get(rpc).post(rpc))
+        .route("/rest/v1/{table}", any(table_route))
+}

@@ -1,0 +1,447 @@
+//! Renders a parsed request as SQL: identifiers quoted, type names checked by the
+//! parser, every value a bound parameter sent as text of unknown type, so
+//! PostgreSQL reads it as the column's own type (as PostgREST does).
+
+use std::error::Error;
+
+use bytes::BytesMut;
+use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
+
+use super::query::{Cond, IsValue, Item, Op, Operand, Order, Query};
+use super::schema::{Schema, Table};
+use crate::auth::Role;
+
+/// A value PostgreSQL parses as whatever type its place in the query has.
+#[derive(Debug)]
+pub(crate) struct Text(pub Option<String>);
+
+impl ToSql for Text {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        match &self.0 {
+            Some(s) => {
+                out.extend_from_slice(s.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// A quoted identifier. The parser lets no `"` through; doubling it anyway
+/// keeps this safe on its own.
+pub(crate) fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub(crate) fn table_name(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote(schema), quote(table))
+}
+
+/// SQL text and its parameters, built together.
+#[derive(Debug, Default)]
+pub(crate) struct Sql {
+    pub text: String,
+    pub params: Vec<Text>,
+}
+
+impl Sql {
+    fn param(&mut self, v: impl Into<String>) -> String {
+        self.params.push(Text(Some(v.into())));
+        format!("${}", self.params.len())
+    }
+
+    pub(crate) fn param_opt(&mut self, v: Option<String>) -> String {
+        self.params.push(Text(v));
+        format!("${}", self.params.len())
+    }
+}
+
+/// Why a plan cannot be rendered (a name the schema does not have).
+#[derive(Debug)]
+pub(crate) enum PlanError {
+    /// `PGRST200`: no foreign key relates the two tables (or the hint matches none).
+    NoRelationship(String),
+    /// `PGRST201`: more than one does; a `!hint` must choose.
+    Ambiguous(String),
+}
+
+/// A PostgreSQL array literal of `items`, each quoted.
+fn array_literal(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|i| format!("\"{}\"", i.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
+fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
+    match c {
+        Cond::Filter {
+            column,
+            negated,
+            op,
+            operand,
+        } => {
+            let col = format!("{alias}.{}", quote(column));
+            let expr = match (op, operand) {
+                (Op::Is, Operand::Is(v)) => {
+                    let v = match v {
+                        IsValue::Null => "NULL",
+                        IsValue::True => "TRUE",
+                        IsValue::False => "FALSE",
+                        IsValue::Unknown => "UNKNOWN",
+                    };
+                    format!("{col} IS {v}")
+                }
+                (Op::In, Operand::List(items)) if items.is_empty() => "FALSE".to_owned(),
+                (Op::In, Operand::List(items)) => {
+                    format!("{col} = ANY({})", sql.param(array_literal(items)))
+                }
+                (op, Operand::One(v)) => {
+                    let sym = match op {
+                        Op::Eq => "=",
+                        Op::Neq => "<>",
+                        Op::Gt => ">",
+                        Op::Gte => ">=",
+                        Op::Lt => "<",
+                        Op::Lte => "<=",
+                        Op::Like => "LIKE",
+                        Op::Ilike => "ILIKE",
+                        Op::Cs => "@>",
+                        Op::Cd => "<@",
+                        Op::Is | Op::In => "=",
+                    };
+                    format!("{col} {sym} {}", sql.param(v.clone()))
+                }
+                // The parser pairs each operator with its operand.
+                _ => "FALSE".to_owned(),
+            };
+            if *negated {
+                format!("NOT ({expr})")
+            } else {
+                expr
+            }
+        }
+        Cond::And(items, negated) | Cond::Or(items, negated) => {
+            let (joiner, empty) = match c {
+                Cond::And(..) => (" AND ", "TRUE"),
+                _ => (" OR ", "FALSE"),
+            };
+            let parts: Vec<String> = items.iter().map(|i| cond(sql, i, alias)).collect();
+            let expr = if parts.is_empty() {
+                empty.to_owned()
+            } else {
+                format!("({})", parts.join(joiner))
+            };
+            if *negated {
+                format!("NOT {expr}")
+            } else {
+                expr
+            }
+        }
+    }
+}
+
+/// `WHERE …` for the request's filters ("" when there are none).
+pub(crate) fn where_clause(sql: &mut Sql, q: &Query, alias: &str) -> String {
+    if q.filters.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = q.filters.iter().map(|c| cond(sql, c, alias)).collect();
+    format!(" WHERE {}", parts.join(" AND "))
+}
+
+fn order_clause(order: &[Order], alias: &str) -> String {
+    if order.is_empty() {
+        return String::new();
+    }
+    let terms: Vec<String> = order
+        .iter()
+        .map(|o| {
+            let mut t = format!("{alias}.{}", quote(&o.column));
+            t.push_str(if o.desc { " DESC" } else { " ASC" });
+            match o.nulls_first {
+                Some(true) => t.push_str(" NULLS FIRST"),
+                Some(false) => t.push_str(" NULLS LAST"),
+                None => {}
+            }
+            t
+        })
+        .collect();
+    format!(" ORDER BY {}", terms.join(", "))
+}
+
+/// The select list for `items` on the table `key` seen through `alias`.
+pub(crate) fn select_list(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    items: &[Item],
+    alias: &str,
+    role: Role,
+    depth: usize,
+) -> Result<String, PlanError> {
+    let mut out = Vec::new();
+    let star = items.is_empty() || items.iter().any(|i| matches!(i, Item::Star));
+    if star {
+        let cols: Vec<&str> = table.readable(role).collect();
+        // No column readable: name them all and let PostgreSQL refuse.
+        let cols: Vec<&str> = if cols.is_empty() {
+            table.columns.iter().map(|c| c.name.as_str()).collect()
+        } else {
+            cols
+        };
+        out.extend(cols.iter().map(|c| format!("{alias}.{}", quote(c))));
+    }
+    for item in items {
+        match item {
+            Item::Star => {}
+            Item::Column {
+                name,
+                alias: a,
+                cast,
+            } => {
+                let mut e = format!("{alias}.{}", quote(name));
+                if let Some(t) = cast {
+                    e = format!("{e}::{t}");
+                }
+                out.push(format!("{e} AS {}", quote(a.as_deref().unwrap_or(name))));
+            }
+            Item::Embed {
+                table: target,
+                alias: a,
+                hint,
+                items,
+            } => {
+                let sub = embed(
+                    schema,
+                    key,
+                    alias,
+                    target,
+                    hint.as_deref(),
+                    items,
+                    role,
+                    depth,
+                )?;
+                out.push(format!(
+                    "{sub} AS {}",
+                    quote(a.as_deref().unwrap_or(target))
+                ));
+            }
+        }
+    }
+    Ok(out.join(", "))
+}
+
+/// One level of embedding through a foreign key, in either direction.
+#[allow(clippy::too_many_arguments)]
+fn embed(
+    schema: &Schema,
+    from: &(String, String),
+    from_alias: &str,
+    target: &str,
+    hint: Option<&str>,
+    items: &[Item],
+    role: Role,
+    depth: usize,
+) -> Result<String, PlanError> {
+    let target_key = (from.0.clone(), target.to_owned());
+    let no_rel = || {
+        PlanError::NoRelationship(format!(
+            "Could not find a relationship between '{}' and '{}' in the schema cache",
+            from.1, target
+        ))
+    };
+    let t = schema.tables.get(&target_key).ok_or_else(no_rel)?;
+    let hinted = |fk: &&super::schema::ForeignKey| {
+        hint.is_none_or(|h| fk.name == h || fk.columns.iter().any(|c| c == h))
+    };
+    // Many-to-one: this table's key points at the target (an object).
+    let to_one: Vec<_> = schema
+        .foreign_keys
+        .iter()
+        .filter(|fk| &fk.table == from && fk.target == target_key)
+        .filter(hinted)
+        .collect();
+    // One-to-many: the target's key points at this table (an array).
+    let to_many: Vec<_> = schema
+        .foreign_keys
+        .iter()
+        .filter(|fk| fk.table == target_key && &fk.target == from)
+        .filter(hinted)
+        .collect();
+    let alias = format!("_e{depth}");
+    let list = select_list(schema, &target_key, t, items, &alias, role, depth + 1)?;
+    let table = table_name(&target_key.0, &target_key.1);
+    match (to_one.as_slice(), to_many.as_slice()) {
+        ([fk], []) => {
+            let on: Vec<String> = fk
+                .columns
+                .iter()
+                .zip(&fk.references)
+                .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(r), quote(c)))
+                .collect();
+            Ok(format!(
+                "(SELECT row_to_json(_x) FROM (SELECT {list} FROM {table} {alias} WHERE {}) _x)",
+                on.join(" AND ")
+            ))
+        }
+        ([], [fk]) => {
+            let on: Vec<String> = fk
+                .columns
+                .iter()
+                .zip(&fk.references)
+                .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(c), quote(r)))
+                .collect();
+            Ok(format!(
+                "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {list} FROM {table} {alias} WHERE {}) _x)",
+                on.join(" AND ")
+            ))
+        }
+        ([], []) => Err(no_rel()),
+        _ => Err(PlanError::Ambiguous(format!(
+            "Could not embed because more than one relationship was found for '{}' and '{}'; add !<foreign key or column> to choose",
+            from.1, target
+        ))),
+    }
+}
+
+/// `SELECT json, count` of the rows the request reads.
+pub(crate) fn read(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+) -> Result<Sql, PlanError> {
+    let mut sql = Sql::default();
+    let list = select_list(schema, key, table, &q.select, "_t", role, 0)?;
+    let filter = where_clause(&mut sql, q, "_t");
+    let mut tail = order_clause(&q.order, "_t");
+    if let Some(l) = q.limit {
+        let p = sql.param(l.to_string());
+        tail.push_str(&format!(" LIMIT {p}"));
+    }
+    if let Some(o) = q.offset {
+        let p = sql.param(o.to_string());
+        tail.push_str(&format!(" OFFSET {p}"));
+    }
+    sql.text = format!(
+        "SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT {list} FROM {} _t{filter}{tail}) _r",
+        table_name(&key.0, &key.1)
+    );
+    Ok(sql)
+}
+
+/// `SELECT count(*)` of every row the filters match (`Prefer: count=exact`).
+pub(crate) fn count(key: &(String, String), q: &Query) -> Sql {
+    let mut sql = Sql::default();
+    let filter = where_clause(&mut sql, q, "_t");
+    sql.text = format!(
+        "SELECT count(*) FROM {} _t{filter}",
+        table_name(&key.0, &key.1)
+    );
+    sql
+}
+
+/// Wraps a data-changing statement that returns `_t.*` so it yields `json, count`.
+pub(crate) fn returning(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+    mut sql: Sql,
+    statement: &str,
+) -> Result<Sql, PlanError> {
+    let list = select_list(schema, key, table, &q.select, "_t", role, 0)?;
+    sql.text = format!(
+        "WITH _m AS ({statement} RETURNING _t.*) SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT {list} FROM _m _t) _r"
+    );
+    Ok(sql)
+}
+
+pub(crate) enum Conflict {
+    None,
+    Merge(Vec<String>),
+    Ignore(Vec<String>),
+}
+
+/// `INSERT … SELECT … FROM json_populate_recordset(…)` of `columns`.
+pub(crate) fn insert(
+    key: &(String, String),
+    columns: &[String],
+    body: String,
+    conflict: &Conflict,
+) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let name = table_name(&key.0, &key.1);
+    let p = sql.param(body);
+    let cols: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+    let cols = cols.join(", ");
+    let mut stmt = format!(
+        "INSERT INTO {name} AS _t ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{name}, {p}::json)"
+    );
+    match conflict {
+        Conflict::None => {}
+        Conflict::Ignore(on) => {
+            let on: Vec<String> = on.iter().map(|c| quote(c)).collect();
+            stmt.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", on.join(", ")));
+        }
+        Conflict::Merge(on) => {
+            let on_q: Vec<String> = on.iter().map(|c| quote(c)).collect();
+            let set: Vec<String> = columns
+                .iter()
+                .filter(|c| !on.contains(c))
+                .map(|c| format!("{} = EXCLUDED.{}", quote(c), quote(c)))
+                .collect();
+            if set.is_empty() {
+                stmt.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", on_q.join(", ")));
+            } else {
+                stmt.push_str(&format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    on_q.join(", "),
+                    set.join(", ")
+                ));
+            }
+        }
+    }
+    (sql, stmt)
+}
+
+/// `UPDATE … SET (columns) = (…)` of the rows the filters match.
+pub(crate) fn update(
+    key: &(String, String),
+    columns: &[String],
+    body: String,
+    q: &Query,
+) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let name = table_name(&key.0, &key.1);
+    let p = sql.param(body);
+    let cols: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+    let cols = cols.join(", ");
+    let filter = where_clause(&mut sql, q, "_t");
+    let stmt = format!(
+        "UPDATE {name} AS _t SET ({cols}) = (SELECT {cols} FROM json_populate_record(NULL::{name}, {p}::json)){filter}"
+    );
+    (sql, stmt)
+}
+
+/// `DELETE` of the rows the filters match.
+pub(crate) fn delete(key: &(String, String), q: &Query) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let filter = where_clause(&mut sql, q, "_t");
+    let stmt = format!("DELETE FROM {} AS _t{filter}", table_name(&key.0, &key.1));
+    (sql, stmt)
+}

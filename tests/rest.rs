@@ -1,0 +1,418 @@
+//! `/rest/v1` end to end: a `todos` table with Supabase-style RLS policies
+//! (`auth.uid() = user_id`), two users and the service role, through the
+//! PostgREST calls supabase-js's query builder makes, errors included.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
+
+mod common;
+
+use common::*;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+
+struct Rest<'a> {
+    t: &'a TestServer,
+    http: Client,
+    anon: String,
+}
+
+impl<'a> Rest<'a> {
+    fn new(t: &'a TestServer) -> Rest<'a> {
+        Rest {
+            t,
+            http: Client::new(),
+            anon: t.server.state.jwt.api_key("anon"),
+        }
+    }
+
+    /// A request as `token` (the anon key when `None`), with the anon `apikey`.
+    fn req(&self, method: Method, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.t.url(&format!("/rest/v1/{path}")))
+            .header("apikey", &self.anon)
+            .bearer_auth(token.unwrap_or(&self.anon))
+    }
+
+    async fn send(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let res = rb.send().await.unwrap();
+        let (status, headers) = (res.status(), res.headers().clone());
+        let text = res.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, headers, body)
+    }
+}
+
+async fn schema(t: &TestServer) {
+    t.exec(
+        "CREATE TABLE public.lists (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE public.todos (
+             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             user_id uuid NOT NULL DEFAULT auth.uid(),
+             list_id bigint REFERENCES public.lists (id),
+             title text NOT NULL,
+             done boolean NOT NULL DEFAULT false,
+             rank int);
+         ALTER TABLE public.todos ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_read ON public.todos FOR SELECT TO authenticated USING (auth.uid() = user_id);
+         CREATE POLICY own_write ON public.todos FOR INSERT TO authenticated WITH CHECK (auth.uid() = user_id);
+         CREATE POLICY own_update ON public.todos FOR UPDATE TO authenticated USING (auth.uid() = user_id);
+         CREATE POLICY own_delete ON public.todos FOR DELETE TO authenticated USING (auth.uid() = user_id);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON public.todos TO authenticated;
+         GRANT SELECT ON public.lists TO authenticated, anon;
+         INSERT INTO public.lists (name) VALUES ('home'), ('work');
+         CREATE FUNCTION public.add(a int, b int) RETURNS int LANGUAGE sql AS $$ SELECT a + b $$;
+         CREATE FUNCTION public.my_todos() RETURNS SETOF public.todos LANGUAGE sql STABLE
+             AS $$ SELECT * FROM public.todos WHERE user_id = auth.uid() $$;
+         GRANT EXECUTE ON FUNCTION public.add(int, int), public.my_todos() TO authenticated;",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rls_decides_what_each_caller_reads_and_writes() {
+    let t = TestServer::start().await;
+    schema(&t).await;
+    let r = Rest::new(&t);
+    let (_, alice) = t.sign_up("alice@example.com").await;
+    let (_, bob) = t.sign_up("bob@example.com").await;
+    let service = service_token();
+
+    // Insert one and many, with the representation back.
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos", Some(&alice))
+                .header("Prefer", "return=representation")
+                .json(&json!({"title": "milk", "list_id": 1, "rank": 2})),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body[0]["title"], "milk");
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos?select=title", Some(&alice))
+                .header("Prefer", "return=representation")
+                .json(&json!([{"title": "eggs", "rank": 1}, {"title": "tea", "rank": null}])),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body, json!([{"title": "eggs"}, {"title": "tea"}]));
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos", Some(&bob))
+                .json(&json!({"title": "bob's"})),
+        )
+        .await;
+    assert_eq!((s, body), (StatusCode::CREATED, Value::Null));
+
+    // Each user reads their own rows only; the service role reads all.
+    let (s, headers, body) = r
+        .send(r.req(
+            Method::GET,
+            "todos?select=title,done&order=rank.asc.nullslast",
+            Some(&alice),
+        ))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body,
+        json!([{"title":"eggs","done":false},{"title":"milk","done":false},{"title":"tea","done":false}])
+    );
+    assert_eq!(headers["content-range"], "0-2/*");
+    let (_, _, body) = r.send(r.req(Method::GET, "todos", Some(&bob))).await;
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    let (_, headers, body) = r
+        .send(
+            r.req(Method::GET, "todos?select=id", Some(&service))
+                .header("Prefer", "count=exact"),
+        )
+        .await;
+    assert_eq!(body.as_array().unwrap().len(), 4);
+    assert_eq!(headers["content-range"], "0-3/4");
+    // Anonymous callers were granted nothing on todos.
+    let (s, _, body) = r.send(r.req(Method::GET, "todos", None)).await;
+    assert_eq!(s, 401, "{body}");
+    assert_eq!(body["code"], "42501");
+
+    // Filters, logic trees, renames, casts, ranges.
+    let (_, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "todos?select=name:title,rank::text&or=(rank.eq.1,title.like.m*)&order=title",
+            Some(&alice),
+        ))
+        .await;
+    assert_eq!(
+        body,
+        json!([{"name":"eggs","rank":"1"},{"name":"milk","rank":"2"}])
+    );
+    let (_, _, body) = r
+        .send(r.req(Method::GET, "todos?select=title&rank=is.null", Some(&alice)))
+        .await;
+    assert_eq!(body, json!([{"title":"tea"}]));
+    let (_, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "todos?select=title&title=in.(tea,eggs)&rank=not.is.null",
+            Some(&alice),
+        ))
+        .await;
+    assert_eq!(body, json!([{"title":"eggs"}]));
+    let (s, headers, body) = r
+        .send(
+            r.req(Method::GET, "todos?select=title&order=id", Some(&alice))
+                .header("Range", "1-1")
+                .header("Prefer", "count=exact"),
+        )
+        .await;
+    assert_eq!(
+        (s, body),
+        (StatusCode::PARTIAL_CONTENT, json!([{"title":"eggs"}]))
+    );
+    assert_eq!(headers["content-range"], "1-1/3");
+
+    // Embedding through the foreign key, both ways.
+    let (s, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "todos?select=title,lists(name)&title=eq.milk",
+            Some(&alice),
+        ))
+        .await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::OK,
+            json!([{"title":"milk","lists":{"name":"home"}}])
+        )
+    );
+    let (_, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "lists?select=name,todos(title)&id=eq.1",
+            Some(&alice),
+        ))
+        .await;
+    assert_eq!(body, json!([{"name":"home","todos":[{"title":"milk"}]}]));
+
+    // single(): exactly one row, as an object; otherwise 406.
+    let object = "application/vnd.pgrst.object+json";
+    let (s, _, body) = r
+        .send(
+            r.req(Method::GET, "todos?select=title&title=eq.tea", Some(&alice))
+                .header("Accept", object),
+        )
+        .await;
+    assert_eq!((s, body), (StatusCode::OK, json!({"title":"tea"})));
+    let (s, _, body) = r
+        .send(
+            r.req(Method::GET, "todos?select=title", Some(&alice))
+                .header("Accept", object),
+        )
+        .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::NOT_ACCEPTABLE, Some("PGRST116"))
+    );
+
+    // Update and delete touch the caller's rows only.
+    let (s, _, body) = r
+        .send(
+            r.req(Method::PATCH, "todos?title=eq.bob's", Some(&alice))
+                .header("Prefer", "return=representation")
+                .json(&json!({"done": true})),
+        )
+        .await;
+    assert_eq!((s, body), (StatusCode::OK, json!([])));
+    let (s, _, body) = r
+        .send(
+            r.req(
+                Method::PATCH,
+                "todos?title=eq.milk&select=title,done",
+                Some(&alice),
+            )
+            .header("Prefer", "return=representation")
+            .json(&json!({"done": true})),
+        )
+        .await;
+    assert_eq!(
+        (s, body),
+        (StatusCode::OK, json!([{"title":"milk","done":true}]))
+    );
+    let (s, _, _) = r
+        .send(r.req(Method::DELETE, "todos?title=eq.tea", Some(&alice)))
+        .await;
+    assert_eq!(s, 204);
+    let (_, _, body) = r
+        .send(r.req(Method::GET, "todos?select=title&order=title", Some(&alice)))
+        .await;
+    assert_eq!(body, json!([{"title":"eggs"},{"title":"milk"}]));
+
+    // A row for someone else is refused by the policy.
+    let bob_id = {
+        let (_, _, b) = r
+            .send(r.req(Method::GET, "todos?select=user_id", Some(&bob)))
+            .await;
+        b[0]["user_id"].as_str().unwrap().to_owned()
+    };
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos", Some(&alice))
+                .json(&json!({"title":"x","user_id": bob_id})),
+        )
+        .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("42501")),
+        "{body}"
+    );
+
+    // Upsert on the primary key.
+    let (_, _, rows) = r
+        .send(r.req(
+            Method::GET,
+            "todos?select=id,title&title=eq.eggs",
+            Some(&alice),
+        ))
+        .await;
+    let id = rows[0]["id"].clone();
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos?select=title", Some(&alice))
+                .header(
+                    "Prefer",
+                    "resolution=merge-duplicates,return=representation",
+                )
+                .json(&json!([{"id": id, "title": "eggs (6)"}])),
+        )
+        .await;
+    // `id` is GENERATED ALWAYS: PostgreSQL refuses to write it, as PostgREST would.
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("428C9")),
+        "{body}"
+    );
+
+    // rpc, POST and GET, scalar and set-returning.
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "rpc/add", Some(&alice))
+                .json(&json!({"a": 2, "b": 3})),
+        )
+        .await;
+    assert_eq!((s, body), (StatusCode::OK, json!(5)));
+    let (s, _, body) = r
+        .send(r.req(Method::GET, "rpc/add?a=4&b=5", Some(&alice)))
+        .await;
+    assert_eq!((s, body), (StatusCode::OK, json!(9)));
+    let (_, _, body) = r
+        .send(r.req(Method::POST, "rpc/my_todos", Some(&bob)))
+        .await;
+    assert_eq!(body.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_postgrest_shaped_and_aethers_secrets_stay_hidden() {
+    let t = TestServer::start().await;
+    schema(&t).await;
+    let r = Rest::new(&t);
+    let (_, alice) = t.sign_up("carol@example.com").await;
+    let cases: &[(Method, &str, u16, &str)] = &[
+        (Method::GET, "nope", 404, "PGRST205"),
+        (Method::GET, "todos?title=between.1", 400, "PGRST100"),
+        (Method::GET, "todos?select=nope", 400, "42703"),
+        (Method::GET, "todos?rank=eq.notanumber", 400, "22P02"),
+        (Method::GET, "todos?select=title,users(id)", 400, "PGRST200"),
+        (Method::POST, "rpc/nope", 404, "PGRST202"),
+    ];
+    for (m, path, status, code) in cases {
+        let (s, _, body) = r.send(r.req(m.clone(), path, Some(&alice))).await;
+        assert_eq!(
+            (s.as_u16(), body["code"].as_str()),
+            (*status, Some(*code)),
+            "{path}: {body}"
+        );
+        assert!(
+            body.get("message").is_some() && body.get("hint").is_some(),
+            "{body}"
+        );
+    }
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos", Some(&alice))
+                .json(&json!({"nope": 1})),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (400, Some("PGRST204")),
+        "{body}"
+    );
+    let (s, _, body) = r
+        .send(r.req(Method::POST, "todos", Some(&alice)).body("{not json"))
+        .await;
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (400, Some("PGRST102")),
+        "{body}"
+    );
+
+    // No key at all; a valid bearer token alone is enough.
+    let res = Client::new()
+        .get(t.url("/rest/v1/lists"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = Client::new()
+        .get(t.url("/rest/v1/lists?select=name&order=id"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!([{"name":"home"},{"name":"work"}])
+    );
+
+    // Aether's own tables: nothing for users, and no secret column even for the
+    // service role; no writes through /rest/v1.
+    let service = service_token();
+    let (s, _, _) = r.send(r.req(Method::GET, "shares", Some(&alice))).await;
+    assert_eq!(s, 403);
+    let (s, _, body) = r.send(r.req(Method::GET, "shares", Some(&service))).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, _) = r
+        .send(r.req(Method::GET, "shares?select=token", Some(&service)))
+        .await;
+    assert_eq!(s, 403);
+    let (s, _, body) = r
+        .send(r.req(Method::GET, "auth_events?select=*", Some(&service)))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        body.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e.get("ip").is_none()),
+        "{body}"
+    );
+    let (s, _, _) = r
+        .send(r.req(Method::DELETE, "files?id=not.is.null", Some(&service)))
+        .await;
+    assert_eq!(s, 403);
+    // A schema that is not exposed.
+    let (s, _, body) = r
+        .send(
+            r.req(Method::GET, "users", Some(&service))
+                .header("Accept-Profile", "auth"),
+        )
+        .await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (406, Some("PGRST106")));
+}
