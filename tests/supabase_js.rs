@@ -126,3 +126,9 @@ async fn supabase_js_broadcast_presence() {
     let server = start().await;
     run(&server, "broadcast.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_rest() {
+    let server = start().await;
+    run(&server, "rest.mjs", &[]).await;
+}

@@ -203,10 +203,19 @@ fn ident(s: &str) -> Result<&str, ParseError> {
     Ok(s)
 }
 
+/// A name as the client wrote it: bare, or in double quotes (postgrest-js
+/// quotes the `columns` of a bulk insert).
+fn name(s: &str) -> Result<String, ParseError> {
+    let s = s.trim();
+    let bare = s
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(s);
+    ident(bare).map(str::to_owned)
+}
+
 fn names(v: &str) -> Result<Vec<String>, ParseError> {
-    v.split(',')
-        .map(|c| ident(c.trim()).map(str::to_owned))
-        .collect()
+    v.split(',').map(name).collect()
 }
 
 /// A type name for `::cast`: one word (with `[]`), or a few known multi-word ones.
@@ -300,7 +309,7 @@ fn parse_item(t: &str) -> Result<Item, ParseError> {
         None => (rest, None),
     };
     Ok(Item::Column {
-        name: ident(name.trim())?.to_owned(),
+        name: self::name(name)?,
         alias,
         cast,
     })
@@ -449,6 +458,9 @@ mod tests {
         assert!(parse("select=n::text;drop").is_err());
         assert!(parse("select=n::text union select 1").is_err());
         assert!(parse("select=n::double precision").is_ok());
+        let q = parse("columns=%22title%22,%22rank%22&select=%22title%22").unwrap();
+        assert_eq!(q.columns, Some(vec!["title".to_owned(), "rank".to_owned()]));
+        assert_eq!(q.select, vec![col("title")]);
     }
 
     #[test]
