@@ -70,6 +70,9 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     pub jwt_algorithm: JwtAlgorithm,
     pub jwt_expires_s: u64,
+    /// The password rule of both APIs (`PASSWORD_MIN_LENGTH`,
+    /// `PASSWORD_REQUIRE_LETTER_AND_DIGIT`).
+    pub password_policy: crate::auth::password::PasswordPolicy,
     /// `None`: run the embedded PostgreSQL under `data_dir`.
     pub database_url: Option<String>,
     pub replication_slot: String,
@@ -199,6 +202,7 @@ impl Config {
             jwt_secret: None,
             jwt_algorithm: JwtAlgorithm::HS256,
             jwt_expires_s: 3600,
+            password_policy: Default::default(),
             database_url: None,
             replication_slot: "aether".into(),
             publication: "aether_realtime".into(),
@@ -289,6 +293,29 @@ impl Config {
                     return Err(err(
                         "JWT_EXPIRES_S",
                         format!("{v:?} is not a positive number of seconds"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("PASSWORD_MIN_LENGTH") {
+            c.password_policy.min_chars = match v.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => {
+                    return Err(err(
+                        "PASSWORD_MIN_LENGTH",
+                        format!("{v:?} is not a number of characters from 1 to 1024"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = nonempty("PASSWORD_REQUIRE_LETTER_AND_DIGIT") {
+            c.password_policy.letter_and_digit = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(err(
+                        "PASSWORD_REQUIRE_LETTER_AND_DIGIT",
+                        format!("{v:?} is not true or false"),
                     ));
                 }
             };

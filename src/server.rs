@@ -395,7 +395,7 @@ impl Server {
                 )
             })?;
         let addr = listener.local_addr()?;
-        let auth = AuthService::new(pool.clone(), jwt.clone());
+        let auth = AuthService::new(pool.clone(), jwt.clone(), config.password_policy);
         let storage = StorageService::new(pool.clone(), blobs, &config);
         let limits = RateLimits::new(
             config.rate_limit_auth_per_min,

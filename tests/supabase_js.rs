@@ -132,3 +132,9 @@ async fn supabase_js_rest() {
     let server = start().await;
     run(&server, "rest.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_auth_admin() {
+    let server = start().await;
+    run(&server, "auth_admin.mjs", &[]).await;
+}

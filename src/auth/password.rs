@@ -7,24 +7,43 @@ use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
 
-pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Longer input is refused before hashing so nobody can make us hash megabytes.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 
-/// The password rule: at least 8 characters, at most 1024 bytes, with a letter and
-/// a digit. `Err` carries every reason the password fails, for the client to show.
-pub fn check_strength(password: &str) -> Result<(), String> {
+/// The one password rule of both APIs (`PASSWORD_MIN_LENGTH`,
+/// `PASSWORD_REQUIRE_LETTER_AND_DIGIT`). By default a length only, as current
+/// NIST guidance advises; GoTrue's default minimum is 6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasswordPolicy {
+    pub min_chars: usize,
+    pub letter_and_digit: bool,
+}
+
+impl Default for PasswordPolicy {
+    fn default() -> Self {
+        PasswordPolicy {
+            min_chars: 8,
+            letter_and_digit: false,
+        }
+    }
+}
+
+/// The password rule: at least `min_chars` characters, at most 1024 bytes, and a
+/// letter and a digit if the policy asks. `Err` carries every reason the
+/// password fails, for the client to show.
+pub fn check_strength(password: &str, policy: PasswordPolicy) -> Result<(), String> {
     let mut reasons = Vec::new();
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        reasons.push(format!("use at least {MIN_PASSWORD_CHARS} characters"));
+    let min = policy.min_chars;
+    if password.chars().count() < min {
+        reasons.push(format!("use at least {min} characters"));
     }
     if password.len() > MAX_PASSWORD_BYTES {
         reasons.push(format!("use at most {MAX_PASSWORD_BYTES} bytes"));
     }
-    if !password.chars().any(char::is_alphabetic) {
+    if policy.letter_and_digit && !password.chars().any(char::is_alphabetic) {
         reasons.push("include a letter".to_owned());
     }
-    if !password.chars().any(|c| c.is_ascii_digit()) {
+    if policy.letter_and_digit && !password.chars().any(|c| c.is_ascii_digit()) {
         reasons.push("include a digit".to_owned());
     }
     if reasons.is_empty() {
@@ -101,13 +120,35 @@ mod tests {
 
     #[test]
     fn strength_rule_gives_reasons() {
-        assert!(check_strength("abcdefg1").is_ok());
-        assert!(check_strength("pässwörd9").is_ok());
-        let e = check_strength("short").unwrap_err();
+        let classes = PasswordPolicy {
+            min_chars: 8,
+            letter_and_digit: true,
+        };
+        assert!(check_strength("abcdefg1", classes).is_ok());
+        assert!(check_strength("pässwörd9", classes).is_ok());
+        let e = check_strength("short", classes).unwrap_err();
         assert!(e.contains("8 characters") && e.contains("digit"), "{e}");
-        assert_eq!(check_strength("12345678").unwrap_err(), "include a letter");
-        assert_eq!(check_strength("abcdefgh").unwrap_err(), "include a digit");
-        assert!(check_strength(&format!("a1{}", "x".repeat(2000))).is_err());
+        assert_eq!(
+            check_strength("12345678", classes).unwrap_err(),
+            "include a letter"
+        );
+        assert_eq!(
+            check_strength("abcdefgh", classes).unwrap_err(),
+            "include a digit"
+        );
+        assert!(check_strength(&format!("a1{}", "x".repeat(2000)), classes).is_err());
+        // The default: a length only.
+        let default = PasswordPolicy::default();
+        assert!(check_strength("abcdefgh", default).is_ok());
+        assert_eq!(
+            check_strength("abcdefg", default).unwrap_err(),
+            "use at least 8 characters"
+        );
+        let six = PasswordPolicy {
+            min_chars: 6,
+            ..default
+        };
+        assert!(check_strength("abcdef", six).is_ok());
     }
 
     #[test]

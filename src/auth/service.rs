@@ -145,6 +145,7 @@ pub struct ClientMeta {
 pub struct AuthService {
     pool: deadpool_postgres::Pool,
     jwt: JwtKeys,
+    policy: password::PasswordPolicy,
 }
 
 /// Runs password hashing on the blocking pool, at most one hash per core at a time.
@@ -174,8 +175,150 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl AuthService {
-    pub fn new(pool: deadpool_postgres::Pool, jwt: JwtKeys) -> Self {
-        AuthService { pool, jwt }
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        jwt: JwtKeys,
+        policy: password::PasswordPolicy,
+    ) -> Self {
+        AuthService { pool, jwt, policy }
+    }
+
+    /// Changes a user's email, password and `user_metadata` (merged key by key,
+    /// as GoTrue does); a changed password ends no session. `None` when the user
+    /// no longer exists.
+    pub async fn update_user(
+        &self,
+        id: Uuid,
+        email: Option<&str>,
+        new_password: Option<&str>,
+        user_metadata: Option<&serde_json::Value>,
+        app_metadata: Option<&serde_json::Value>,
+        meta: &ClientMeta,
+    ) -> Result<Option<UserProfile>, AuthError> {
+        let email = email
+            .map(password::normalize_email)
+            .transpose()
+            .map_err(AuthError::InvalidEmail)?;
+        let hash = match new_password {
+            Some(p) => {
+                password::check_strength(p, self.policy).map_err(AuthError::WeakPassword)?;
+                let pw = p.to_owned();
+                Some(
+                    blocking(move || password::hash(&pw))
+                        .await?
+                        .map_err(AuthError::Internal)?,
+                )
+            }
+            None => None,
+        };
+        let empty = serde_json::json!({});
+        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let app_metadata = app_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let updated = tx
+            .execute(
+                "UPDATE auth.users SET
+                     email = coalesce($2, email),
+                     encrypted_password = coalesce($3, encrypted_password),
+                     user_metadata = user_metadata || $4,
+                     app_metadata = app_metadata || $5
+                 WHERE id = $1",
+                &[&id, &email, &hash, user_metadata, app_metadata],
+            )
+            .await;
+        match updated {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                return Err(AuthError::EmailAlreadyExists);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        record_event(&tx, id, "user_updated", None, meta).await?;
+        tx.commit().await?;
+        self.profile(id).await
+    }
+
+    /// Creates a user without signing them in (the admin API).
+    pub async fn create_user(
+        &self,
+        email: &str,
+        new_password: Option<&str>,
+        user_metadata: Option<&serde_json::Value>,
+        app_metadata: Option<&serde_json::Value>,
+    ) -> Result<UserProfile, AuthError> {
+        let email = password::normalize_email(email).map_err(AuthError::InvalidEmail)?;
+        let hash = match new_password {
+            Some(p) => {
+                password::check_strength(p, self.policy).map_err(AuthError::WeakPassword)?;
+                let pw = p.to_owned();
+                Some(
+                    blocking(move || password::hash(&pw))
+                        .await?
+                        .map_err(AuthError::Internal)?,
+                )
+            }
+            None => None,
+        };
+        let empty = serde_json::json!({});
+        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let app_metadata = app_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "INSERT INTO auth.users (email, encrypted_password, user_metadata, app_metadata)
+                 VALUES ($1, $2, $3, '{\"provider\":\"email\",\"providers\":[\"email\"]}'::jsonb || $4)
+                 ON CONFLICT (email) DO NOTHING
+                 RETURNING id",
+                &[&email, &hash, user_metadata, app_metadata],
+            )
+            .await?
+            .ok_or(AuthError::EmailAlreadyExists)?;
+        let id: Uuid = row.get(0);
+        drop(client);
+        self.profile(id)
+            .await?
+            .ok_or_else(|| AuthError::Internal("a created user vanished".into()))
+    }
+
+    /// A page of users, oldest first, and how many there are (the admin API).
+    pub async fn list_users(
+        &self,
+        page: i64,
+        per_page: i64,
+    ) -> Result<(Vec<UserProfile>, i64), AuthError> {
+        let client = self.pool.get().await?;
+        let total: i64 = client
+            .query_one("SELECT count(*) FROM auth.users", &[])
+            .await?
+            .get(0);
+        let rows = client
+            .query(
+                "SELECT id FROM auth.users ORDER BY created_at, id LIMIT $1 OFFSET $2",
+                &[&per_page, &((page - 1).max(0) * per_page)],
+            )
+            .await?;
+        drop(client);
+        let mut users = Vec::with_capacity(rows.len());
+        for r in rows {
+            if let Some(u) = self.profile(r.get(0)).await? {
+                users.push(u);
+            }
+        }
+        Ok((users, total))
+    }
+
+    /// Deletes a user: sessions, refresh tokens, files and shares go with the
+    /// row (foreign keys), and the sessions' deletion reaches the realtime
+    /// router through the WAL, which closes the user's sockets. `false` when
+    /// there was no such user.
+    pub async fn delete_user(&self, id: Uuid) -> Result<bool, AuthError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute("DELETE FROM auth.users WHERE id = $1", &[&id])
+            .await?
+            == 1)
     }
 
     /// Creates a user and signs them in.
@@ -200,7 +343,7 @@ impl AuthService {
         let empty = serde_json::json!({});
         let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
         let email = password::normalize_email(email).map_err(AuthError::InvalidEmail)?;
-        password::check_strength(password).map_err(AuthError::WeakPassword)?;
+        password::check_strength(password, self.policy).map_err(AuthError::WeakPassword)?;
         let pw = password.to_owned();
         let hash = blocking(move || password::hash(&pw))
             .await?

@@ -852,6 +852,30 @@ impl StorageService {
         })
     }
 
+    /// Deletes every file and folder of `owner` (rows, then bytes): a user being
+    /// deleted. Returns how many files went.
+    pub async fn remove_owner(&self, owner: Uuid) -> Result<usize, StorageError> {
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        lock_owner(&*tx, owner).await?;
+        let keys: Vec<String> = tx
+            .query(
+                "DELETE FROM public.files WHERE owner_id = $1 RETURNING storage_key",
+                &[&owner],
+            )
+            .await?
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .collect();
+        tx.execute("DELETE FROM public.folders WHERE owner_id = $1", &[&owner])
+            .await?;
+        tx.commit().await?;
+        for key in &keys {
+            self.0.blobs.delete_quietly(key).await;
+        }
+        Ok(keys.len())
+    }
+
     /// Deletes `owner`'s file at `path` (row, then bytes), or an empty folder.
     pub async fn delete(
         &self,

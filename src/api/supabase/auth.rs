@@ -404,3 +404,218 @@ pub async fn settings(_key: ApiKey) -> Json<Value> {
         "saml_enabled": false,
     }))
 }
+
+fn user_not_found() -> GoTrueError {
+    GoTrueError::new(StatusCode::NOT_FOUND, "user_not_found", "User not found")
+}
+
+#[derive(Deserialize)]
+pub struct UpdateUserBody {
+    email: Option<String>,
+    password: Option<String>,
+    data: Option<Value>,
+}
+
+/// `PUT /auth/v1/user` (`auth.updateUser`): email, password, `data` (merged
+/// into `user_metadata`).
+pub async fn update_user(
+    State(state): State<AppState>,
+    Client(meta): Client,
+    SignedIn(p): SignedIn,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, GoTrueError> {
+    let b: UpdateUserBody = parse_body(&body)?;
+    let id = principal_user(&p)?;
+    let profile = state
+        .auth
+        .update_user(
+            id,
+            b.email.as_deref(),
+            b.password.as_deref(),
+            b.data.as_ref(),
+            None,
+            &meta,
+        )
+        .await?
+        .ok_or_else(user_not_found)?;
+    Ok(Json(user_json(&profile)))
+}
+
+/// A service-role key as `apikey` and as the bearer token: the admin API.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = GoTrueError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
+        check_api_key(state, api_key_of(parts).as_deref())?;
+        let token = bearer_token(&parts.headers).unwrap_or_default();
+        match check_api_key(state, Some(token)) {
+            Ok(p) if p.is_service() => Ok(Admin),
+            _ => Err(GoTrueError::new(
+                StatusCode::FORBIDDEN,
+                "not_admin",
+                "User not allowed: the admin API needs a service_role key",
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct AdminUserBody {
+    email: Option<String>,
+    password: Option<String>,
+    user_metadata: Option<Value>,
+    app_metadata: Option<Value>,
+}
+
+/// `POST /auth/v1/admin/users` (`auth.admin.createUser`).
+pub async fn admin_create_user(
+    State(state): State<AppState>,
+    _admin: Admin,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, GoTrueError> {
+    let b: AdminUserBody = parse_body(&body)?;
+    let email = b.email.filter(|e| !e.trim().is_empty()).ok_or_else(|| {
+        GoTrueError::new(
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+            "To create a user, please provide an email",
+        )
+    })?;
+    let profile = state
+        .auth
+        .create_user(
+            &email,
+            b.password.as_deref(),
+            b.user_metadata.as_ref(),
+            b.app_metadata.as_ref(),
+        )
+        .await
+        .map_err(|e| match e {
+            AuthError::EmailAlreadyExists => GoTrueError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "email_exists",
+                "A user with this email address has already been registered",
+            ),
+            e => e.into(),
+        })?;
+    Ok(Json(user_json(&profile)))
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    page: Option<i64>,
+    per_page: Option<i64>,
+}
+
+impl crate::api::validate::Validate for PageQuery {}
+
+/// `GET /auth/v1/admin/users?page=&per_page=` (`auth.admin.listUsers`).
+pub async fn admin_list_users(
+    State(state): State<AppState>,
+    _admin: Admin,
+    query: Result<ApiQuery<PageQuery>, crate::api::error::ApiError>,
+) -> Result<Response, GoTrueError> {
+    let q = query.map_err(|e| validation_failed(e.message))?.0;
+    let page = q.page.unwrap_or(1).max(1);
+    let per_page = q.per_page.unwrap_or(50).clamp(1, 1000);
+    let (users, total) = state.auth.list_users(page, per_page).await?;
+    let body = json!({
+        "users": users.iter().map(user_json).collect::<Vec<_>>(),
+        "aud": "authenticated",
+    });
+    let mut res = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&total.to_string()) {
+        res.headers_mut().insert("x-total-count", v);
+    }
+    // GoTrue's pagination links; auth-js reads the total only beside them.
+    let last = ((total + per_page - 1) / per_page).max(1);
+    let link =
+        |p: i64, rel: &str| format!("</admin/users?page={p}&per_page={per_page}>; rel=\"{rel}\"");
+    let mut links = Vec::new();
+    if page < last {
+        links.push(link(page + 1, "next"));
+    }
+    links.push(link(last, "last"));
+    if let Ok(v) = HeaderValue::from_str(&links.join(", ")) {
+        res.headers_mut().insert("link", v);
+    }
+    Ok(res)
+}
+
+fn user_id(raw: &str) -> Result<uuid::Uuid, GoTrueError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| {
+        GoTrueError::new(
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+            "user id must be a UUID",
+        )
+    })
+}
+
+/// `GET /auth/v1/admin/users/{id}` (`auth.admin.getUserById`).
+pub async fn admin_get_user(
+    State(state): State<AppState>,
+    _admin: Admin,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, GoTrueError> {
+    let profile = state
+        .auth
+        .profile(user_id(&id)?)
+        .await?
+        .ok_or_else(user_not_found)?;
+    Ok(Json(user_json(&profile)))
+}
+
+/// `PUT /auth/v1/admin/users/{id}` (`auth.admin.updateUserById`).
+pub async fn admin_update_user(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Client(meta): Client,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, GoTrueError> {
+    let b: AdminUserBody = parse_body(&body)?;
+    let profile = state
+        .auth
+        .update_user(
+            user_id(&id)?,
+            b.email.as_deref(),
+            b.password.as_deref(),
+            b.user_metadata.as_ref(),
+            b.app_metadata.as_ref(),
+            &meta,
+        )
+        .await?
+        .ok_or_else(user_not_found)?;
+    Ok(Json(user_json(&profile)))
+}
+
+/// `DELETE /auth/v1/admin/users/{id}` (`auth.admin.deleteUser`): answers with
+/// the user as it was.
+pub async fn admin_delete_user(
+    State(state): State<AppState>,
+    _admin: Admin,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, GoTrueError> {
+    let id = user_id(&id)?;
+    let profile = state.auth.profile(id).await?.ok_or_else(user_not_found)?;
+    state.storage.remove_owner(id).await.map_err(|e| {
+        tracing::error!(error = %e, "removing a deleted user's files");
+        GoTrueError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected_failure",
+            "Unexpected failure, please check server logs for more information",
+        )
+    })?;
+    if !state.auth.delete_user(id).await? {
+        return Err(user_not_found());
+    }
+    Ok(Json(user_json(&profile)))
+}
+
+/// Any other `/auth/v1` path, in GoTrue's error format.
+pub async fn not_found() -> GoTrueError {
+    GoTrueError::new(StatusCode::NOT_FOUND, "not_found", "Not found")
+}

@@ -36,7 +36,18 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             crate::api::rate_limit::auth,
         ));
     let auth = Router::new()
-        .route("/auth/v1/user", get(auth::user))
+        .route("/auth/v1/user", get(auth::user).put(auth::update_user))
+        .route(
+            "/auth/v1/admin/users",
+            get(auth::admin_list_users).post(auth::admin_create_user),
+        )
+        .route(
+            "/auth/v1/admin/users/{id}",
+            get(auth::admin_get_user)
+                .put(auth::admin_update_user)
+                .delete(auth::admin_delete_user),
+        )
+        .route("/auth/v1/{*rest}", axum::routing::any(auth::not_found))
         .route("/auth/v1/logout", post(auth::logout))
         .route("/auth/v1/settings", get(auth::settings))
         .merge(limited_auth);
