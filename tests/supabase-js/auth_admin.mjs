@@ -55,6 +55,14 @@ await main('auth-admin', async () => {
   const notAdmin = await supabase.auth.admin.listUsers()
   assert.equal(notAdmin.error?.status, 403, JSON.stringify(notAdmin.error))
 
+  // A valid bearer token is enough without an apikey, as on Supabase.
+  const session = ok(await client().auth.signInWithPassword({ email: moved, password: 'a much longer passphrase' }), 'signIn for bearer').session
+  const bearer = { Authorization: `Bearer ${session.access_token}` }
+  assert.equal((await fetch(`${url}/auth/v1/user`, { headers: bearer })).status, 200)
+  assert.equal((await fetch(`${url}/storage/v1/bucket`, { headers: bearer })).status, 200)
+  assert.equal((await fetch(`${url}/rest/v1/nope`, { headers: bearer })).status, 404)
+  assert.equal((await fetch(`${url}/auth/v1/user`, { headers: { Authorization: 'Bearer nonsense' } })).status, 401)
+
   // Unknown paths answer in GoTrue's format.
   const res = await fetch(`${url}/auth/v1/nope`, { headers: { apikey: anonKey } })
   assert.equal(res.status, 404)

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{KeyError, api_key_of, check_api_key};
+use super::{KeyError, check_api_key, request_key};
 use crate::api::auth::timestamp;
 use crate::api::extract::bearer_token;
 use crate::api::extract::{ApiQuery, Client};
@@ -148,7 +148,7 @@ impl FromRequestParts<AppState> for ApiKey {
     type Rejection = GoTrueError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
-        Ok(ApiKey(check_api_key(state, api_key_of(parts).as_deref())?))
+        Ok(ApiKey(request_key(state, parts)?))
     }
 }
 
@@ -159,7 +159,7 @@ impl FromRequestParts<AppState> for SignedIn {
     type Rejection = GoTrueError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
-        check_api_key(state, api_key_of(parts).as_deref())?;
+        request_key(state, parts)?;
         let token = bearer_token(&parts.headers).ok_or_else(|| {
             GoTrueError::new(
                 StatusCode::UNAUTHORIZED,
@@ -448,7 +448,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = GoTrueError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
-        check_api_key(state, api_key_of(parts).as_deref())?;
+        request_key(state, parts)?;
         let token = bearer_token(&parts.headers).unwrap_or_default();
         match check_api_key(state, Some(token)) {
             Ok(p) if p.is_service() => Ok(Admin),

@@ -124,6 +124,24 @@ pub fn check_api_key(state: &AppState, key: Option<&str>) -> Result<Principal, K
     }
 }
 
+/// The request's key: its `apikey`, or, when it has none, a valid bearer token
+/// (Supabase's own services accept the bearer token alone). A user's token
+/// stands for the anon key here; who acts is decided from the bearer token.
+pub fn request_key(state: &AppState, parts: &Parts) -> Result<Principal, KeyError> {
+    match api_key_of(parts) {
+        Some(key) => check_api_key(state, Some(&key)),
+        None => {
+            let token =
+                crate::api::extract::bearer_token(&parts.headers).ok_or(KeyError::Missing)?;
+            let p = state.jwt.verify(token).map_err(|_| KeyError::Invalid)?;
+            Ok(match p.role {
+                Role::Anon | Role::Service => p,
+                Role::Authenticated => Principal::anonymous(),
+            })
+        }
+    }
+}
+
 /// The `apikey` header, else the `apikey` query parameter (what browsers use
 /// for WebSockets and `<img src>`).
 pub fn api_key_of(parts: &Parts) -> Option<String> {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{KeyError, api_key_of, check_api_key, query_param};
+use super::{KeyError, query_param};
 use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::extract::bearer_token;
@@ -249,7 +249,7 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, StorageApiError> {
-        let key = check_api_key(state, api_key_of(parts).as_deref())?;
+        let key = super::request_key(state, parts)?;
         match bearer_token(&parts.headers) {
             None => Ok(Caller(key)),
             Some(t) => Ok(Caller(state.auth.authenticate(t).await?)),
