@@ -108,6 +108,8 @@ pub struct UserProfile {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_sign_in_at: Option<DateTime<Utc>>,
+    /// Signed in anonymously and not given an email yet (`email` is empty).
+    pub is_anonymous: bool,
 }
 
 /// Which sessions a sign-out ends.
@@ -220,6 +222,7 @@ impl AuthService {
             .execute(
                 "UPDATE auth.users SET
                      email = coalesce($2, email),
+                     is_anonymous = is_anonymous AND $2::text IS NULL,
                      encrypted_password = coalesce($3, encrypted_password),
                      user_metadata = user_metadata || $4,
                      app_metadata = app_metadata || $5
@@ -238,6 +241,36 @@ impl AuthService {
         record_event(&tx, id, "user_updated", None, meta).await?;
         tx.commit().await?;
         self.profile(id).await
+    }
+
+    /// Creates an anonymous user (no email, no password) and signs them in.
+    pub async fn sign_up_anonymously(
+        &self,
+        user_metadata: Option<&serde_json::Value>,
+        meta: &ClientMeta,
+    ) -> Result<(User, Session), AuthError> {
+        let empty = serde_json::json!({});
+        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_one(
+                "INSERT INTO auth.users (email, is_anonymous, last_sign_in_at, user_metadata, app_metadata)
+                 VALUES (NULL, true, now(), $1, '{\"provider\":\"anonymous\",\"providers\":[\"anonymous\"]}')
+                 RETURNING id, created_at",
+                &[user_metadata],
+            )
+            .await?;
+        let user = User {
+            id: row.get(0),
+            email: String::new(),
+            created_at: row.get(1),
+        };
+        let session = self.open_session(&tx, &user, meta).await?;
+        record_event(&tx, user.id, "sign_up", Some(session.id), meta).await?;
+        tx.commit().await?;
+        tracing::info!(user_id = %user.id, "anonymous user signed up");
+        Ok((user, session))
     }
 
     /// Creates a user without signing them in (the admin API).
@@ -565,8 +598,8 @@ impl AuthService {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "SELECT id, email, role, user_metadata, app_metadata, created_at, updated_at,
-                        last_sign_in_at
+                "SELECT id, coalesce(email, ''), role, user_metadata, app_metadata, created_at,
+                        updated_at, last_sign_in_at, is_anonymous
                  FROM auth.users WHERE id = $1",
                 &[&id],
             )
@@ -580,6 +613,7 @@ impl AuthService {
             created_at: r.get(5),
             updated_at: r.get(6),
             last_sign_in_at: r.get(7),
+            is_anonymous: r.get(8),
         }))
     }
 

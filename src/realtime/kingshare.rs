@@ -210,7 +210,7 @@ pub fn events_for(change: &RowChange) -> Vec<(String, String)> {
 pub async fn username(client: &tokio_postgres::Client, user_id: &str) -> Option<String> {
     client
         .query_opt(
-            "SELECT coalesce(user_metadata->>'username', split_part(email, '@', 1))
+            "SELECT coalesce(user_metadata->>'username', split_part(email, '@', 1), 'anonymous')
                FROM auth.users WHERE id = $1::text::uuid",
             &[&user_id],
         )

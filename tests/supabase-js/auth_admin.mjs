@@ -55,6 +55,21 @@ await main('auth-admin', async () => {
   const notAdmin = await supabase.auth.admin.listUsers()
   assert.equal(notAdmin.error?.status, 403, JSON.stringify(notAdmin.error))
 
+  // Anonymous sign-in: a session, no email; updateUser gives one, and the user
+  // is no longer anonymous. Seed sign-in (by email) never finds such a user.
+  const guest = client()
+  const anonUp = ok(await guest.auth.signInAnonymously({ options: { data: { nick: 'g' } } }), 'signInAnonymously')
+  assert.equal(anonUp.user.is_anonymous, true)
+  assert.equal(anonUp.user.email, '')
+  assert.deepEqual(anonUp.user.user_metadata, { nick: 'g' })
+  assert.ok(anonUp.session.access_token)
+  assert.equal(ok(await guest.auth.getUser(), 'getUser anonymous').user.is_anonymous, true)
+  const claimed = email('claimed')
+  const converted = ok(await guest.auth.updateUser({ email: claimed, password: 'guest passphrase' }), 'updateUser anonymous').user
+  assert.equal(converted.email, claimed)
+  assert.equal(converted.is_anonymous, false)
+  ok(await client().auth.signInWithPassword({ email: claimed, password: 'guest passphrase' }), 'converted user signs in')
+
   // A valid bearer token is enough without an apikey, as on Supabase.
   const session = ok(await client().auth.signInWithPassword({ email: moved, password: 'a much longer passphrase' }), 'signIn for bearer').session
   const bearer = { Authorization: `Bearer ${session.access_token}` }

@@ -196,7 +196,7 @@ pub fn user_json(u: &UserProfile) -> Value {
         "identities": [],
         "created_at": created,
         "updated_at": timestamp(&u.updated_at),
-        "is_anonymous": false,
+        "is_anonymous": u.is_anonymous,
     })
 }
 
@@ -264,6 +264,15 @@ pub async fn signup(
         ));
     }
     let email = b.email.unwrap_or_default();
+    let password = b.password.unwrap_or_default();
+    // `signInAnonymously`: neither an email nor a password.
+    if email.trim().is_empty() && password.is_empty() {
+        let (user, session) = state
+            .auth
+            .sign_up_anonymously(b.data.as_ref(), &meta)
+            .await?;
+        return Ok(Json(session_json(&state, user.id, &session).await?));
+    }
     if email.trim().is_empty() {
         return Err(GoTrueError::new(
             StatusCode::BAD_REQUEST,
@@ -271,7 +280,6 @@ pub async fn signup(
             "To signup, please provide your email",
         ));
     }
-    let password = b.password.unwrap_or_default();
     if password.is_empty() {
         return Err(GoTrueError::new(
             StatusCode::BAD_REQUEST,
