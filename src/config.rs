@@ -499,6 +499,19 @@ impl Config {
                     && n.len() <= 63
                     && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             };
+            // Never the catalogs or Aether's own schemas: `rpc` there could
+            // change settings of pooled connections, or read secrets.
+            let internal = |n: &String| {
+                let n = n.to_ascii_lowercase();
+                n.starts_with("pg_")
+                    || matches!(n.as_str(), "information_schema" | "auth" | "aether")
+            };
+            if names.iter().any(internal) {
+                return Err(err(
+                    "REST_SCHEMAS",
+                    "pg_catalog, pg_*, information_schema, auth and aether cannot be exposed",
+                ));
+            }
             if !names.iter().all(ok) {
                 return Err(err(
                     "REST_SCHEMAS",
@@ -630,6 +643,24 @@ mod tests {
                 .unwrap_err()
                 .name,
             "DATABASE_URL"
+        );
+        for schemas in [
+            "pg_catalog",
+            "public,auth",
+            "aether",
+            "information_schema",
+            "x;y",
+        ] {
+            assert_eq!(
+                cfg(&[("REST_SCHEMAS", schemas)]).unwrap_err().name,
+                "REST_SCHEMAS"
+            );
+        }
+        assert_eq!(
+            cfg(&[("REST_SCHEMAS", "public, api")])
+                .unwrap()
+                .rest_schemas,
+            vec!["public".to_owned(), "api".to_owned()]
         );
         assert_eq!(
             cfg(&[("JWT_EXPIRES_S", "0")]).unwrap_err().name,

@@ -416,3 +416,99 @@ async fn errors_are_postgrest_shaped_and_aethers_secrets_stay_hidden() {
         .await;
     assert_eq!((s.as_u16(), body["code"].as_str()), (406, Some("PGRST106")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_return_rows_only_when_asked_and_refusals_roll_back() {
+    let t = TestServer::start().await;
+    schema(&t).await;
+    t.exec(
+        "CREATE TABLE public.contact (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message text NOT NULL);
+         GRANT INSERT ON public.contact TO anon;
+         CREATE FUNCTION public.nothing() RETURNS text LANGUAGE sql AS $$ SELECT NULL::text $$;
+         GRANT EXECUTE ON FUNCTION public.nothing() TO anon;",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let (_, alice) = t.sign_up("dora@example.com").await;
+
+    // An insert-only table: a plain insert works, asking for the row is refused.
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "contact", None)
+                .json(&json!({"message": "hi"})),
+        )
+        .await;
+    assert_eq!((s, body), (StatusCode::CREATED, Value::Null));
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "contact", None)
+                .header("Prefer", "return=representation")
+                .json(&json!({"message": "hi"})),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (401, Some("42501")),
+        "{body}"
+    );
+
+    // An object request touching two rows is refused and changes nothing.
+    for title in ["a", "b"] {
+        let (s, _, _) = r
+            .send(
+                r.req(Method::POST, "todos", Some(&alice))
+                    .json(&json!({"title": title})),
+            )
+            .await;
+        assert_eq!(s, 201);
+    }
+    let (s, _, body) = r
+        .send(
+            r.req(Method::PATCH, "todos", Some(&alice))
+                .header("Accept", "application/vnd.pgrst.object+json")
+                .header("Prefer", "return=representation")
+                .json(&json!({"done": true})),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (406, Some("PGRST116")),
+        "{body}"
+    );
+    let (_, _, body) = r
+        .send(r.req(Method::GET, "todos?select=done&done=is.true", Some(&alice)))
+        .await;
+    assert_eq!(body, json!([]), "the update was rolled back");
+
+    // rpc returning NULL; a backwards Range; a body of unknown keys; deep nesting.
+    let (s, _, body) = r.send(r.req(Method::POST, "rpc/nothing", None)).await;
+    assert_eq!((s, body), (StatusCode::OK, Value::Null));
+    let (s, _, body) = r
+        .send(
+            r.req(Method::GET, "todos", Some(&alice))
+                .header("Range", "5-2"),
+        )
+        .await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (416, Some("PGRST103")));
+    let wide: serde_json::Map<String, Value> =
+        (0..50_000).map(|i| (format!("k{i}"), json!(1))).collect();
+    let (s, _, body) = r
+        .send(
+            r.req(Method::POST, "todos", Some(&alice))
+                .json(&Value::Object(wide)),
+        )
+        .await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("PGRST204")));
+    let deep = format!(
+        "todos?select={}id{}",
+        "todos(".repeat(2000),
+        ")".repeat(2000)
+    );
+    let (s, _, body) = r.send(r.req(Method::GET, &deep, Some(&alice))).await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("PGRST100")));
+    // A name PostgreSQL would read as a function of the row is no column.
+    let (s, _, body) = r
+        .send(r.req(Method::GET, "todos?select=to_json", Some(&alice)))
+        .await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("42703")));
+}

@@ -276,7 +276,50 @@ async fn rows(
         .query_one(sql.text.as_str(), &params)
         .await
         .map_err(|e| RestError::db(e, anon))?;
-    Ok((row.get(0), row.get(1)))
+    let json: Option<String> = row.try_get(0).map_err(|e| RestError::db(e, anon))?;
+    let n: i64 = row.try_get(1).map_err(|e| RestError::db(e, anon))?;
+    Ok((json.unwrap_or_else(|| "null".to_owned()), n))
+}
+
+/// 42703 for a column the table does not have, before any SQL is made: a name
+/// PostgreSQL would otherwise read as a function of the whole row
+/// (`_t."to_json"`) never reaches it.
+fn check_columns(q: &query::Query, t: &schema::Table, table: &str) -> Result<(), RestError> {
+    fn conds<'a>(c: &'a query::Cond, out: &mut Vec<&'a str>) {
+        match c {
+            query::Cond::Filter { column, .. } => out.push(column),
+            query::Cond::And(v, _) | query::Cond::Or(v, _) => v.iter().for_each(|c| conds(c, out)),
+        }
+    }
+    let mut names: Vec<&str> = Vec::new();
+    q.filters.iter().for_each(|c| conds(c, &mut names));
+    names.extend(q.order.iter().map(|o| o.column.as_str()));
+    names.extend(q.on_conflict.iter().flatten().map(String::as_str));
+    names.extend(q.columns.iter().flatten().map(String::as_str));
+    names.extend(q.select.iter().filter_map(|i| match i {
+        query::Item::Column { name, .. } => Some(name.as_str()),
+        _ => None,
+    }));
+    match names
+        .into_iter()
+        .find(|c| !t.columns.iter().any(|k| k.name == *c))
+    {
+        Some(c) => Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "42703",
+            format!("column {table}.{c} does not exist"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn not_one(n: i64) -> RestError {
+    RestError::new(
+        StatusCode::NOT_ACCEPTABLE,
+        "PGRST116",
+        "JSON object requested, multiple (or no) rows returned",
+    )
+    .details(format!("The result contains {n} rows"))
 }
 
 /// Finds a table of the exposed schema, reloading the cache once on a miss.
@@ -320,13 +363,26 @@ fn wants_object(headers: &HeaderMap) -> bool {
 }
 
 /// `Range: a-b` as offset and limit.
-fn range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
-    let v = headers.get(header::RANGE)?.to_str().ok()?;
+fn range(headers: &HeaderMap) -> Result<Option<(u64, Option<u64>)>, RestError> {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
     let v = v.strip_prefix("items=").unwrap_or(v);
-    let (a, b) = v.split_once('-')?;
-    let a: u64 = a.trim().parse().ok()?;
+    let Some((a, b)) = v.split_once('-') else {
+        return Ok(None);
+    };
+    let Ok(a) = a.trim().parse::<u64>() else {
+        return Ok(None);
+    };
     let b: Option<u64> = b.trim().parse().ok();
-    Some((a, b.map(|b| b.saturating_sub(a) + 1)))
+    if b.is_some_and(|b| b < a) {
+        return Err(RestError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "PGRST103",
+            "Requested range not satisfiable",
+        ));
+    }
+    Ok(Some((a, b.map(|b| (b - a).saturating_add(1)))))
 }
 
 /// The response body: the rows, or the one row for an object request.
@@ -335,12 +391,7 @@ fn body(json: String, n: i64, object: bool) -> Result<String, RestError> {
         return Ok(json);
     }
     if n != 1 {
-        return Err(RestError::new(
-            StatusCode::NOT_ACCEPTABLE,
-            "PGRST116",
-            "JSON object requested, multiple (or no) rows returned",
-        )
-        .details(format!("The result contains {n} rows")));
+        return Err(not_one(n));
     }
     let mut rows: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
     Ok(rows.pop().unwrap_or(Value::Null).to_string())
@@ -382,14 +433,19 @@ pub(crate) async fn table_route(
     let mut q = query::parse(uri.query().unwrap_or(""))?;
     let (schema, key) = table(&state, &schema_name, &name).await?;
     let t = schema.tables.get(&key).cloned().unwrap_or_default();
+    check_columns(&q, &t, &key.1)?;
     let pref = prefer(&headers);
     let object = wants_object(&headers);
     let anon = caller.role == Role::Anon;
     let role = caller.role;
     if method == Method::GET || method == Method::HEAD {
-        if let Some((offset, limit)) = range(&headers) {
+        if let Some((offset, limit)) = range(&headers)? {
             q.offset = q.offset.or(Some(offset));
-            q.limit = q.limit.or(limit);
+            // The smaller of the two, as PostgREST.
+            q.limit = match (q.limit, limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         let read = sql::read(&schema, &key, &t, &q, role)?;
         let count = pref.count.then(|| sql::count(&key, &q));
@@ -429,11 +485,19 @@ pub(crate) async fn table_route(
             Some(content_range(offset, n, total)),
         ));
     }
+    let w = Write {
+        state: &state,
+        caller: &caller,
+        schema: &schema,
+        key: &key,
+        table: &t,
+        q: &q,
+        representation: pref.representation,
+        object,
+    };
     if method == Method::DELETE {
         let (sql, stmt) = sql::delete(&key, &q);
-        let sql = sql::returning(&schema, &key, &t, &q, role, sql, &stmt)?;
-        let (json, n) = as_caller(&state, &caller, async |tx| rows(tx, &sql, anon).await).await?;
-        return written(pref.representation, StatusCode::OK, json, n, object);
+        return w.run(sql, stmt, StatusCode::OK).await;
     }
     // POST and PATCH carry rows.
     let value: Value = serde_json::from_slice(&payload).map_err(|e| {
@@ -452,13 +516,28 @@ pub(crate) async fn table_route(
             "Empty or invalid json",
         ));
     }
+    // Each key is checked as it is read, so a body of many keys costs one
+    // lookup each and fails at the first the table does not have.
+    let known: std::collections::HashSet<&str> =
+        t.columns.iter().map(|c| c.name.as_str()).collect();
     let columns: Vec<String> = match &q.columns {
         Some(c) => c.clone(),
         None => {
+            let mut seen = std::collections::HashSet::new();
             let mut cols: Vec<String> = Vec::new();
             for r in &rows_in {
                 for k in r.keys() {
-                    if !cols.contains(k) {
+                    if !known.contains(k.as_str()) {
+                        return Err(RestError::new(
+                            StatusCode::BAD_REQUEST,
+                            "PGRST204",
+                            format!(
+                                "Could not find the '{k}' column of '{}' in the schema cache",
+                                key.1
+                            ),
+                        ));
+                    }
+                    if seen.insert(k.as_str()) {
                         cols.push(k.clone());
                     }
                 }
@@ -466,19 +545,6 @@ pub(crate) async fn table_route(
             cols
         }
     };
-    if let Some(bad) = columns
-        .iter()
-        .find(|c| !t.columns.iter().any(|tc| &tc.name == *c))
-    {
-        return Err(RestError::new(
-            StatusCode::BAD_REQUEST,
-            "PGRST204",
-            format!(
-                "Could not find the '{bad}' column of '{}' in the schema cache",
-                key.1
-            ),
-        ));
-    }
     if method == Method::PATCH {
         let one = match &value {
             Value::Object(_) => value.to_string(),
@@ -494,9 +560,7 @@ pub(crate) async fn table_route(
             return written(pref.representation, StatusCode::OK, "[]".into(), 0, object);
         }
         let (sql, stmt) = sql::update(&key, &columns, one, &q);
-        let sql = sql::returning(&schema, &key, &t, &q, role, sql, &stmt)?;
-        let (json, n) = as_caller(&state, &caller, async |tx| rows(tx, &sql, anon).await).await?;
-        return written(pref.representation, StatusCode::OK, json, n, object);
+        return w.run(sql, stmt, StatusCode::OK).await;
     }
     if method != Method::POST {
         return Err(RestError::new(
@@ -541,9 +605,61 @@ pub(crate) async fn table_route(
     } else {
         sql::insert(&key, &columns, array, &conflict)
     };
-    let sql = sql::returning(&schema, &key, &t, &q, role, sql, &stmt)?;
-    let (json, n) = as_caller(&state, &caller, async |tx| rows(tx, &sql, anon).await).await?;
-    written(pref.representation, StatusCode::CREATED, json, n, object)
+    w.run(sql, stmt, StatusCode::CREATED).await
+}
+
+/// One data-changing request.
+struct Write<'a> {
+    state: &'a AppState,
+    caller: &'a Principal,
+    schema: &'a schema::Schema,
+    key: &'a (String, String),
+    table: &'a schema::Table,
+    q: &'a query::Query,
+    representation: bool,
+    object: bool,
+}
+
+impl Write<'_> {
+    /// Runs `stmt` as the caller. Rows come back (`RETURNING`) only when the
+    /// client asked for them, so a table the caller may write but not read
+    /// takes `return=minimal` writes, as on PostgREST. An object request that
+    /// does not touch exactly one row is refused before the commit.
+    async fn run(&self, sql: Sql, stmt: String, status: StatusCode) -> Result<Response, RestError> {
+        let anon = self.caller.role == Role::Anon;
+        let object = self.object;
+        let wants_rows = self.representation || object;
+        let (json, n) = if wants_rows {
+            let sql = sql::returning(
+                self.schema,
+                self.key,
+                self.table,
+                self.q,
+                self.caller.role,
+                sql,
+                &stmt,
+            )?;
+            as_caller(self.state, self.caller, async |tx| {
+                let (json, n) = rows(tx, &sql, anon).await?;
+                if object && n != 1 {
+                    return Err(not_one(n));
+                }
+                Ok((json, n))
+            })
+            .await?
+        } else {
+            let n = as_caller(self.state, self.caller, async |tx| {
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    sql.params.iter().map(|p| p as _).collect();
+                tx.execute(stmt.as_str(), &params)
+                    .await
+                    .map_err(|e| RestError::db(e, anon))
+            })
+            .await?;
+            ("[]".to_owned(), i64::try_from(n).unwrap_or(i64::MAX))
+        };
+        written(wants_rows, status, json, n, object)
+    }
 }
 
 /// The answer to a write: the rows with `return=representation`, else nothing.
@@ -585,6 +701,13 @@ pub(crate) async fn rpc(
             .unwrap_or("")
             .split('&')
             .filter(|p| !p.is_empty())
+            .filter(|p| {
+                let k = p.split_once('=').map_or(*p, |(k, _)| k);
+                !matches!(
+                    k,
+                    "select" | "order" | "limit" | "offset" | "apikey" | "columns"
+                )
+            })
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap_or((p, ""));
                 let d = |s: &str| {

@@ -151,7 +151,7 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
         let k = decode(k);
         let v = decode(v);
         match k.as_str() {
-            "select" => q.select = parse_select(&v)?,
+            "select" => q.select = parse_select(&v, 0)?,
             "order" => q.order = parse_order(&v)?,
             "limit" => q.limit = Some(number("limit", &v)?),
             "offset" => q.offset = Some(number("offset", &v)?),
@@ -166,7 +166,7 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
                     .ok_or_else(|| fail("failed to parse logic tree", format!("{k}={v}")))?;
                 let conds = split_top(inner)?
                     .iter()
-                    .map(|t| parse_tree_term(t))
+                    .map(|t| parse_tree_term(t, 0))
                     .collect::<Result<Vec<_>, _>>()?;
                 q.filters.push(if k.ends_with("or") {
                     Cond::Or(conds, negated)
@@ -271,14 +271,32 @@ fn split_top(s: &str) -> Result<Vec<String>, ParseError> {
     Ok(out)
 }
 
-fn parse_select(v: &str) -> Result<Vec<Item>, ParseError> {
+/// How deep `select` embeds and `or`/`and` trees may nest: parsing recurses, and
+/// a URL of a few kilobytes could otherwise overflow the stack.
+const MAX_DEPTH: usize = 16;
+
+fn too_deep(depth: usize, what: &str) -> Result<(), ParseError> {
+    if depth > MAX_DEPTH {
+        return Err(fail(
+            &format!("{what} nests too deeply"),
+            format!("at most {MAX_DEPTH} levels"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_select(v: &str, depth: usize) -> Result<Vec<Item>, ParseError> {
+    too_deep(depth, "select")?;
     if v.trim().is_empty() {
         return Ok(vec![Item::Star]);
     }
-    split_top(v)?.iter().map(|t| parse_item(t.trim())).collect()
+    split_top(v)?
+        .iter()
+        .map(|t| parse_item(t.trim(), depth))
+        .collect()
 }
 
-fn parse_item(t: &str) -> Result<Item, ParseError> {
+fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
     if t == "*" {
         return Ok(Item::Star);
     }
@@ -301,7 +319,7 @@ fn parse_item(t: &str) -> Result<Item, ParseError> {
             table: ident(table.trim())?.to_owned(),
             alias,
             hint,
-            items: parse_select(inner)?,
+            items: parse_select(inner, depth + 1)?,
         });
     }
     let (name, cast) = match rest.split_once("::") {
@@ -390,7 +408,8 @@ fn unquote(s: String) -> String {
 }
 
 /// A term inside `or=(…)`: `column.op.value`, or a nested `and(…)`/`or(…)`.
-fn parse_tree_term(t: &str) -> Result<Cond, ParseError> {
+fn parse_tree_term(t: &str, depth: usize) -> Result<Cond, ParseError> {
+    too_deep(depth, "logic tree")?;
     let t = t.trim();
     for (prefix, or, negated) in [
         ("or(", true, false),
@@ -401,7 +420,7 @@ fn parse_tree_term(t: &str) -> Result<Cond, ParseError> {
         if let Some(inner) = t.strip_prefix(prefix).and_then(|r| r.strip_suffix(')')) {
             let conds = split_top(inner)?
                 .iter()
-                .map(|x| parse_tree_term(x))
+                .map(|x| parse_tree_term(x, depth + 1))
                 .collect::<Result<Vec<_>, _>>()?;
             return Ok(if or {
                 Cond::Or(conds, negated)
@@ -499,6 +518,12 @@ mod tests {
         assert!(parse("age=between.1").is_err());
         assert!(parse("or=(a.eq.1").is_err());
         assert!(parse("limit=ten").is_err());
+        // Deep nesting is refused, not recursed into.
+        let deep = format!("select={}a{}", "a(".repeat(5000), ")".repeat(5000));
+        assert!(parse(&deep).is_err());
+        let deep = format!("or=({}a.eq.1{})", "or(".repeat(5000), ")".repeat(5000));
+        assert!(parse(&deep).is_err());
+        assert!(parse(&format!("select={}a{}", "a(".repeat(10), ")".repeat(10))).is_ok());
     }
 
     proptest::proptest! {
