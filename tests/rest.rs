@@ -506,6 +506,24 @@ async fn writes_return_rows_only_when_asked_and_refusals_roll_back() {
     );
     let (s, _, body) = r.send(r.req(Method::GET, &deep, Some(&alice))).await;
     assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("PGRST100")));
+    // A column added after the cache was loaded is found (the cache reloads on
+    // a miss, at most once a second).
+    t.exec("ALTER TABLE public.todos ADD COLUMN note text")
+        .await;
+    let found = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let (s, _, _) = r
+                .send(r.req(Method::GET, "todos?select=note", Some(&alice)))
+                .await;
+            if s == 200 {
+                return;
+            }
+            // The reload is rate-limited to once a second: ask again.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "the new column was never found");
     // A name PostgreSQL would read as a function of the row is no column.
     let (s, _, body) = r
         .send(r.req(Method::GET, "todos?select=to_json", Some(&alice)))

@@ -322,6 +322,23 @@ fn not_one(n: i64) -> RestError {
     .details(format!("The result contains {n} rows"))
 }
 
+/// Reloads the schema cache, unless it was reloaded less than a second ago.
+async fn reload(state: &AppState) -> Result<(), RestError> {
+    let client = state.pool.get().await.map_err(|_| {
+        RestError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PGRST000",
+            "Database connection error",
+        )
+    })?;
+    state
+        .rest_schema
+        .reload(&client, &state.config.rest_schemas)
+        .await
+        .map_err(|e| RestError::db(e, false))?;
+    Ok(())
+}
+
 /// Finds a table of the exposed schema, reloading the cache once on a miss.
 async fn table(
     state: &AppState,
@@ -331,17 +348,7 @@ async fn table(
     let key = (schema.to_owned(), name.to_owned());
     let cache = &state.rest_schema;
     if !cache.get().tables.contains_key(&key) {
-        let client = state.pool.get().await.map_err(|_| {
-            RestError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "PGRST000",
-                "Database connection error",
-            )
-        })?;
-        cache
-            .reload(&client, &state.config.rest_schemas)
-            .await
-            .map_err(|e| RestError::db(e, false))?;
+        reload(state).await?;
     }
     let s = cache.get();
     if !s.tables.contains_key(&key) {
@@ -431,9 +438,15 @@ pub(crate) async fn table_route(
 ) -> Result<Response, RestError> {
     let schema_name = profile(&state, &method, &headers)?;
     let mut q = query::parse(uri.query().unwrap_or(""))?;
-    let (schema, key) = table(&state, &schema_name, &name).await?;
-    let t = schema.tables.get(&key).cloned().unwrap_or_default();
-    check_columns(&q, &t, &key.1)?;
+    let (mut schema, key) = table(&state, &schema_name, &name).await?;
+    let mut t = schema.tables.get(&key).cloned().unwrap_or_default();
+    if check_columns(&q, &t, &key.1).is_err() {
+        // A column a DBA just added: look again (at most once a second).
+        reload(&state).await?;
+        schema = state.rest_schema.get();
+        t = schema.tables.get(&key).cloned().unwrap_or_default();
+        check_columns(&q, &t, &key.1)?;
+    }
     let pref = prefer(&headers);
     let object = wants_object(&headers);
     let anon = caller.role == Role::Anon;
