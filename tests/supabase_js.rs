@@ -138,3 +138,9 @@ async fn supabase_js_auth_admin() {
     let server = start().await;
     run(&server, "auth_admin.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_storage_buckets() {
+    let server = start().await;
+    run(&server, "storage_buckets.mjs", &[]).await;
+}

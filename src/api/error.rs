@@ -136,6 +136,7 @@ impl From<StorageError> for ApiError {
             StorageError::AlreadyExists(_) => (StatusCode::CONFLICT, "storage/already-exists"),
             StorageError::PathConflict(_) => (StatusCode::CONFLICT, "storage/conflict"),
             StorageError::FolderNotEmpty(_) => (StatusCode::CONFLICT, "storage/folder-not-empty"),
+            StorageError::Forbidden(_) => (StatusCode::FORBIDDEN, "auth/forbidden"),
             StorageError::BucketAlreadyExists(_) => {
                 (StatusCode::CONFLICT, "storage/bucket-already-exists")
             }

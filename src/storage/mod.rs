@@ -67,6 +67,10 @@ pub enum StorageError {
     /// Reading a private bucket's file without credentials.
     #[error("sign in to read files in private buckets")]
     AuthRequired,
+    /// Changing a bucket that is neither the caller's nor asked for by the
+    /// service role.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("storage backend failure: {0}")]
     Internal(String),
 }
@@ -471,6 +475,128 @@ impl StorageService {
             .await?
             .ok_or_else(|| StorageError::BucketAlreadyExists(b.id.clone()))?;
         Ok(bucket_from_row(&row))
+    }
+
+    /// Locks bucket `id` for a change only its owner or the service role may make.
+    async fn bucket_for_change(
+        tx: &tokio_postgres::Transaction<'_>,
+        viewer: &Principal,
+        id: &str,
+    ) -> Result<(), StorageError> {
+        let row = tx
+            .query_opt(
+                "SELECT owner_id FROM public.buckets WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
+            .ok_or_else(|| StorageError::BucketNotFound(id.to_owned()))?;
+        let owner: Option<Uuid> = row.get(0);
+        let uid = viewer
+            .user_id
+            .as_deref()
+            .and_then(|u| Uuid::parse_str(u).ok());
+        if viewer.is_service() || (owner.is_some() && owner == uid) {
+            Ok(())
+        } else {
+            Err(StorageError::Forbidden(format!(
+                "only the owner of bucket {id:?} or the service role may change it"
+            )))
+        }
+    }
+
+    /// Changes a bucket's settings (`None`: leave as is; `Some(None)`: clear).
+    pub async fn update_bucket(
+        &self,
+        viewer: &Principal,
+        id: &str,
+        public: Option<bool>,
+        file_size_limit: Option<Option<u64>>,
+        allowed_mime_types: Option<Option<Vec<String>>>,
+    ) -> Result<(), StorageError> {
+        if let Some(Some(types)) = &allowed_mime_types
+            && !types.is_empty()
+            && AllowedTypes::from_mime_list(types).is_none()
+        {
+            return Err(StorageError::InvalidPath(PathError(format!(
+                "allowed_mime_types {types:?} is not a list of MIME types"
+            ))));
+        }
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        Self::bucket_for_change(&tx, viewer, id).await?;
+        let limit = file_size_limit.map(|l| l.map(as_i64));
+        tx.execute(
+            "UPDATE public.buckets SET
+                 public = coalesce($2, public),
+                 file_size_limit = CASE WHEN $3 THEN $4 ELSE file_size_limit END,
+                 allowed_mime_types = CASE WHEN $5 THEN $6 ELSE allowed_mime_types END,
+                 updated_at = now()
+             WHERE id = $1",
+            &[
+                &id,
+                &public,
+                &limit.is_some(),
+                &limit.flatten(),
+                &allowed_mime_types.is_some(),
+                &allowed_mime_types.flatten(),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes an empty bucket (never the seed routes' `UPLOAD_BUCKET`).
+    pub async fn delete_bucket(&self, viewer: &Principal, id: &str) -> Result<(), StorageError> {
+        if id == self.0.default_bucket {
+            return Err(StorageError::Forbidden(format!(
+                "bucket {id:?} is UPLOAD_BUCKET, which the seed routes need"
+            )));
+        }
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        Self::bucket_for_change(&tx, viewer, id).await?;
+        let busy: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM public.files WHERE bucket_id = $1)
+                     OR EXISTS (SELECT 1 FROM public.folders WHERE bucket_id = $1)",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        if busy {
+            return Err(StorageError::PathConflict(format!(
+                "bucket {id:?} is not empty: empty it first"
+            )));
+        }
+        tx.execute("DELETE FROM public.buckets WHERE id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes every file and folder in a bucket (rows, then bytes); returns
+    /// how many files went.
+    pub async fn empty_bucket(&self, viewer: &Principal, id: &str) -> Result<usize, StorageError> {
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        Self::bucket_for_change(&tx, viewer, id).await?;
+        let keys: Vec<String> = tx
+            .query(
+                "DELETE FROM public.files WHERE bucket_id = $1 RETURNING storage_key",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .collect();
+        tx.execute("DELETE FROM public.folders WHERE bucket_id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        for key in &keys {
+            self.0.blobs.delete_quietly(key).await;
+        }
+        Ok(keys.len())
     }
 
     /// Buckets `viewer` may see: public ones and their own; all for service role.

@@ -56,7 +56,17 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             "/storage/v1/bucket",
             get(storage::list_buckets).post(storage::create_bucket),
         )
-        .route("/storage/v1/bucket/{bucket}", get(storage::get_bucket))
+        .route(
+            "/storage/v1/bucket/{bucket}",
+            get(storage::get_bucket)
+                .put(storage::update_bucket)
+                .delete(storage::delete_bucket),
+        )
+        .route(
+            "/storage/v1/bucket/{bucket}/empty",
+            post(storage::empty_bucket),
+        )
+        .route("/storage/v1/object/sign/{bucket}", post(storage::sign_many))
         .route("/storage/v1/object/list/{bucket}", post(storage::list))
         .route(
             "/storage/v1/object/sign/{bucket}/{*path}",

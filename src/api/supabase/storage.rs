@@ -154,6 +154,7 @@ impl From<StorageError> for StorageApiError {
                 msg,
             ),
             StorageError::AuthRequired => Self::no_such_key(),
+            StorageError::Forbidden(m) => Self::denied(&m),
             StorageError::Internal(cause) => {
                 tracing::error!(error = %cause, "internal error");
                 Self::new(
@@ -976,4 +977,118 @@ mod tests {
         assert!(size_limit(&json!("lots")).is_err());
         assert_eq!(size_limit(&Value::Null).unwrap(), None);
     }
+}
+
+#[derive(Deserialize)]
+pub struct UpdateBucket {
+    public: Option<bool>,
+    /// Absent: unchanged; `null`: no limit.
+    #[serde(default, deserialize_with = "present")]
+    file_size_limit: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    allowed_mime_types: Option<Value>,
+}
+
+/// Tells a field sent as `null` (`Some(Null)`) from one not sent (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl Validate for UpdateBucket {}
+
+/// `PUT /storage/v1/bucket/{id}` (`updateBucket`): its owner or the service role.
+pub async fn update_bucket(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: UpdateBucket = json_body(&body)?;
+    let limit = match &b.file_size_limit {
+        None => None,
+        Some(v) => Some(size_limit(v)?),
+    };
+    let types = match b.allowed_mime_types {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(v) => Some(Some(serde_json::from_value::<Vec<String>>(v).map_err(
+            |_| StorageApiError::invalid("allowed_mime_types must be a list of MIME types"),
+        )?)),
+    };
+    state
+        .storage
+        .update_bucket(&p, &id, b.public, limit, types)
+        .await?;
+    Ok(Json(json!({ "message": "Successfully updated" })))
+}
+
+/// `DELETE /storage/v1/bucket/{id}` (`deleteBucket`): an empty bucket.
+pub async fn delete_bucket(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, StorageApiError> {
+    state.storage.delete_bucket(&p, &id).await?;
+    Ok(Json(json!({ "message": "Successfully deleted" })))
+}
+
+/// `POST /storage/v1/bucket/{id}/empty` (`emptyBucket`).
+pub async fn empty_bucket(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, StorageApiError> {
+    state.storage.empty_bucket(&p, &id).await?;
+    Ok(Json(json!({ "message": "Successfully emptied" })))
+}
+
+#[derive(Deserialize)]
+pub struct SignManyBody {
+    #[serde(rename = "expiresIn")]
+    expires_in: Option<i64>,
+    paths: Vec<String>,
+}
+
+impl Validate for SignManyBody {}
+
+/// `POST /storage/v1/object/sign/{bucket}` (`createSignedUrls`): one entry per
+/// path, with its own error when that path cannot be signed.
+pub async fn sign_many(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(bucket): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: SignManyBody = json_body(&body)?;
+    let expires_in = b.expires_in.unwrap_or(60);
+    if expires_in <= 0 {
+        return Err(StorageApiError::invalid(
+            "expiresIn must be a positive number of seconds",
+        ));
+    }
+    if b.paths.len() > 1000 {
+        return Err(StorageApiError::invalid("at most 1000 paths at once"));
+    }
+    let now = chrono::Utc::now().timestamp();
+    let mut out = Vec::with_capacity(b.paths.len());
+    for raw in b.paths {
+        let signed = async {
+            let path = object_path(&raw)?;
+            let owner = read_owner(&state, &p, &bucket, &path).await?;
+            let url = format!("{bucket}/{path}");
+            let token = state.jwt.sign_json(&SignedClaims {
+                url: url.clone(),
+                owner,
+                iat: now,
+                exp: now.saturating_add(expires_in),
+            });
+            Ok::<_, StorageApiError>(format!("/object/sign/{url}?token={token}"))
+        }
+        .await;
+        out.push(match signed {
+            Ok(u) => json!({"error": null, "path": raw, "signedURL": u}),
+            Err(e) => json!({"error": e.message, "path": raw, "signedURL": null}),
+        });
+    }
+    Ok(Json(Value::Array(out)))
 }
