@@ -185,6 +185,15 @@ impl AuthService {
         AuthService { pool, jwt, policy }
     }
 
+    /// The hash of a new password that passes the policy.
+    async fn checked_hash(&self, new_password: &str) -> Result<String, AuthError> {
+        password::check_strength(new_password, self.policy).map_err(AuthError::WeakPassword)?;
+        let pw = new_password.to_owned();
+        blocking(move || password::hash(&pw))
+            .await?
+            .map_err(AuthError::Internal)
+    }
+
     /// Changes a user's email, password and `user_metadata` (merged key by key,
     /// as GoTrue does); a changed password ends no session. `None` when the user
     /// no longer exists.
@@ -202,15 +211,7 @@ impl AuthService {
             .transpose()
             .map_err(AuthError::InvalidEmail)?;
         let hash = match new_password {
-            Some(p) => {
-                password::check_strength(p, self.policy).map_err(AuthError::WeakPassword)?;
-                let pw = p.to_owned();
-                Some(
-                    blocking(move || password::hash(&pw))
-                        .await?
-                        .map_err(AuthError::Internal)?,
-                )
-            }
+            Some(p) => Some(self.checked_hash(p).await?),
             None => None,
         };
         let empty = serde_json::json!({});
@@ -283,15 +284,7 @@ impl AuthService {
     ) -> Result<UserProfile, AuthError> {
         let email = password::normalize_email(email).map_err(AuthError::InvalidEmail)?;
         let hash = match new_password {
-            Some(p) => {
-                password::check_strength(p, self.policy).map_err(AuthError::WeakPassword)?;
-                let pw = p.to_owned();
-                Some(
-                    blocking(move || password::hash(&pw))
-                        .await?
-                        .map_err(AuthError::Internal)?,
-                )
-            }
+            Some(p) => Some(self.checked_hash(p).await?),
             None => None,
         };
         let empty = serde_json::json!({});

@@ -275,8 +275,18 @@ async fn send_all<S: Sink<Message> + Unpin>(sink: &mut S, frames: &mut Frames) -
 
 /// Refuses a connection before it runs: `close.frames`, then the Close.
 pub(crate) async fn refuse<S: Sink<Message> + Unpin>(socket: &mut S, close: Close) {
-    let goodbye = async {
-        for f in close.frames {
+    let _ = write_close(socket, Frames::new(), close).await;
+}
+
+/// Writes `frames`, then `close.frames` and the Close frame, within
+/// [`GOODBYE`]; `true` when all of it went out.
+async fn write_close<S: Sink<Message> + Unpin>(
+    socket: &mut S,
+    frames: Frames,
+    close: Close,
+) -> bool {
+    let write = async {
+        for f in frames.into_iter().chain(close.frames) {
             socket.feed(f).await.map_err(|_| ())?;
         }
         let frame = CloseFrame {
@@ -288,7 +298,7 @@ pub(crate) async fn refuse<S: Sink<Message> + Unpin>(socket: &mut S, close: Clos
             .await
             .map_err(|_| ())
     };
-    let _ = tokio::time::timeout(GOODBYE, goodbye).await;
+    matches!(tokio::time::timeout(GOODBYE, write).await, Ok(Ok(())))
 }
 
 /// Hands a client frame to the dialect once it is within the size cap and the
@@ -483,27 +493,12 @@ pub(crate) async fn run<S, D>(
 }
 
 /// Writes what is left and the Close, then waits briefly for the peer's Close.
-async fn goodbye<S>(mut socket: S, mut frames: Frames, close: Close, drain: bool)
+async fn goodbye<S>(mut socket: S, frames: Frames, close: Close, drain: bool)
 where
     S: Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send,
 {
-    let goodbye = async {
-        // Replies not yet written (a refusal's reason among them), then the close.
-        for f in frames.drain(..).chain(close.frames) {
-            socket.feed(f).await.map_err(|_| ())?;
-        }
-        let frame = CloseFrame {
-            code: close.code,
-            reason: close.reason.into(),
-        };
-        socket
-            .send(Message::Close(Some(frame)))
-            .await
-            .map_err(|_| ())
-    };
-    if let Ok(Ok(())) = tokio::time::timeout(GOODBYE, goodbye).await
-        && drain
-    {
+    // Replies not yet written (a refusal's reason among them), then the close.
+    if write_close(&mut socket, frames, close).await && drain {
         // The closing handshake: wait for the peer's Close before the socket
         // goes, so the peer reads our code rather than a reset.
         let _ = tokio::time::timeout(CLOSE_ANSWER, async {

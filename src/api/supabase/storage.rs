@@ -843,14 +843,32 @@ pub async fn sign(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
     let b: SignBody = json_body(&body)?;
-    let expires_in = b.expires_in.unwrap_or(60);
-    if expires_in <= 0 {
-        return Err(StorageApiError::invalid(
+    let expires_in = expires_in(b.expires_in)?;
+    let url = signed_url(&state, &p, &bucket, &path, expires_in).await?;
+    // Not percent-encoded: storage-js runs `encodeURI` over it.
+    Ok(Json(json!({ "signedURL": url })))
+}
+
+/// `expiresIn` (default 60 s), which must be positive.
+fn expires_in(v: Option<i64>) -> Result<i64, StorageApiError> {
+    match v.unwrap_or(60) {
+        s if s > 0 => Ok(s),
+        _ => Err(StorageApiError::invalid(
             "expiresIn must be a positive number of seconds",
-        ));
+        )),
     }
-    let path = object_path(&path)?;
-    let owner = read_owner(&state, &p, &bucket, &path).await?;
+}
+
+/// `/object/sign/{bucket}/{path}?token=…` for the object `viewer` reads there.
+async fn signed_url(
+    state: &AppState,
+    viewer: &Principal,
+    bucket: &str,
+    raw: &str,
+    expires_in: i64,
+) -> Result<String, StorageApiError> {
+    let path = object_path(raw)?;
+    let owner = read_owner(state, viewer, bucket, &path).await?;
     let now = chrono::Utc::now().timestamp();
     let url = format!("{bucket}/{path}");
     let token = state.jwt.sign_json(&SignedClaims {
@@ -859,10 +877,7 @@ pub async fn sign(
         iat: now,
         exp: now.saturating_add(expires_in),
     });
-    // Not percent-encoded: storage-js runs `encodeURI` over it.
-    Ok(Json(
-        json!({ "signedURL": format!("/object/sign/{url}?token={token}") }),
-    ))
+    Ok(format!("/object/sign/{url}?token={token}"))
 }
 
 /// `GET /storage/v1/object/sign/{bucket}/{path}?token=…`: no key needed.
@@ -1060,31 +1075,13 @@ pub async fn sign_many(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, StorageApiError> {
     let b: SignManyBody = json_body(&body)?;
-    let expires_in = b.expires_in.unwrap_or(60);
-    if expires_in <= 0 {
-        return Err(StorageApiError::invalid(
-            "expiresIn must be a positive number of seconds",
-        ));
-    }
+    let expires_in = expires_in(b.expires_in)?;
     if b.paths.len() > 1000 {
         return Err(StorageApiError::invalid("at most 1000 paths at once"));
     }
-    let now = chrono::Utc::now().timestamp();
     let mut out = Vec::with_capacity(b.paths.len());
     for raw in b.paths {
-        let signed = async {
-            let path = object_path(&raw)?;
-            let owner = read_owner(&state, &p, &bucket, &path).await?;
-            let url = format!("{bucket}/{path}");
-            let token = state.jwt.sign_json(&SignedClaims {
-                url: url.clone(),
-                owner,
-                iat: now,
-                exp: now.saturating_add(expires_in),
-            });
-            Ok::<_, StorageApiError>(format!("/object/sign/{url}?token={token}"))
-        }
-        .await;
+        let signed = signed_url(&state, &p, &bucket, &raw, expires_in).await;
         out.push(match signed {
             Ok(u) => json!({"error": null, "path": raw, "signedURL": u}),
             Err(e) => json!({"error": e.message, "path": raw, "signedURL": null}),

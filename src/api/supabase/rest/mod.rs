@@ -59,11 +59,7 @@ impl RestError {
     fn db(e: tokio_postgres::Error, anon: bool) -> RestError {
         let Some(db) = e.as_db_error() else {
             tracing::error!(error = %e, "rest: database unavailable");
-            return RestError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "PGRST000",
-                "Database connection error",
-            );
+            return unavailable();
         };
         let code = db.code().code();
         let status = match code {
@@ -86,6 +82,15 @@ impl RestError {
             hint: db.hint().map(str::to_owned),
         }
     }
+}
+
+/// The database cannot be reached: PostgREST's `PGRST000`.
+fn unavailable() -> RestError {
+    RestError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "PGRST000",
+        "Database connection error",
+    )
 }
 
 impl IntoResponse for RestError {
@@ -133,11 +138,7 @@ impl FromRequestParts<AppState> for RestCaller {
                 Ok(p) => Ok(RestCaller(p)),
                 Err(crate::auth::AuthError::Internal(cause)) => {
                     tracing::error!(error = %cause, "rest: token check failed");
-                    Err(RestError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "PGRST000",
-                        "Database connection error",
-                    ))
+                    Err(unavailable())
                 }
                 Err(e) => Err(unauthorized(&e.to_string())),
             };
@@ -235,11 +236,7 @@ async fn as_caller<T>(
     let anon = caller.role == Role::Anon;
     let mut client = state.pool.get().await.map_err(|e| {
         tracing::error!(error = %e, "rest: no database connection");
-        RestError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "PGRST000",
-            "Database connection error",
-        )
+        unavailable()
     })?;
     let tx = client
         .transaction()
@@ -324,13 +321,7 @@ fn not_one(n: i64) -> RestError {
 
 /// Reloads the schema cache, unless it was reloaded less than a second ago.
 async fn reload(state: &AppState) -> Result<(), RestError> {
-    let client = state.pool.get().await.map_err(|_| {
-        RestError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "PGRST000",
-            "Database connection error",
-        )
-    })?;
+    let client = state.pool.get().await.map_err(|_| unavailable())?;
     state
         .rest_schema
         .reload(&client, &state.config.rest_schemas)

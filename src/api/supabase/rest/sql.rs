@@ -377,6 +377,12 @@ pub(crate) enum Conflict {
     Ignore(Vec<String>),
 }
 
+/// `"a", "b"`.
+fn quoted_list(columns: &[String]) -> String {
+    let quoted: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+    quoted.join(", ")
+}
+
 /// `INSERT … SELECT … FROM json_populate_recordset(…)` of `columns`.
 pub(crate) fn insert(
     key: &(String, String),
@@ -387,8 +393,7 @@ pub(crate) fn insert(
     let mut sql = Sql::default();
     let name = table_name(&key.0, &key.1);
     let p = sql.param(body);
-    let cols: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-    let cols = cols.join(", ");
+    let cols = quoted_list(columns);
     let mut stmt = format!(
         "INSERT INTO {name} AS _t ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{name}, {p}::json)"
     );
@@ -429,8 +434,7 @@ pub(crate) fn update(
     let mut sql = Sql::default();
     let name = table_name(&key.0, &key.1);
     let p = sql.param(body);
-    let cols: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-    let cols = cols.join(", ");
+    let cols = quoted_list(columns);
     let filter = where_clause(&mut sql, q, "_t");
     let stmt = format!(
         "UPDATE {name} AS _t SET ({cols}) = (SELECT {cols} FROM json_populate_record(NULL::{name}, {p}::json)){filter}"
