@@ -266,9 +266,12 @@ fn account(stats: &Stats, out: &Outbound, now: i64, latency: &metrics::Histogram
 }
 
 /// Writes `frames` (drained) with one flush at the end.
+/// A frame leaves `frames` only once the sink has taken it, so a flush that a
+/// close interrupts leaves the rest for the goodbye.
 async fn send_all<S: Sink<Message> + Unpin>(sink: &mut S, frames: &mut Frames) -> Result<(), ()> {
-    for f in frames.drain(..) {
-        sink.feed(f).await.map_err(|_| ())?;
+    while let Some(f) = frames.first() {
+        sink.feed(f.clone()).await.map_err(|_| ())?;
+        frames.remove(0);
     }
     sink.flush().await.map_err(|_| ())
 }
@@ -437,27 +440,22 @@ pub(crate) async fn run<S, D>(
                     pull_wanted = true;
                     lag.set(lagging.notified());
                 }
-                out = rx.recv() => {
-                    let Some(out) = out else { break None };
-                    let now = now_ms();
-                    let mut changes = account(stats, &out, now, &latency);
-                    dialect.outbound(out, &mut frames).await;
-                    // What is already queued goes out in the same write: one flush
-                    // (one syscall) per burst instead of one per frame.
-                    while frames.len() < MAX_FRAMES_PER_FLUSH {
-                        let Ok(more) = rx.try_recv() else { break };
-                        changes += account(stats, &more, now, &latency);
-                        dialect.outbound(more, &mut frames).await;
-                    }
-                    stats.frames_out(frames.len() as u64, changes);
-                }
+                // Before the queue: a queue that never empties (a catch-up
+                // paced to keep it full) must not stop the peer's frames, pongs
+                // among them, from being read.
                 msg = socket.next() => {
                     // Any frame, pongs included, counts as life.
                     last_seen.store(now_ms(), Ordering::Relaxed);
                     let inbound = match msg {
                         Some(Ok(Message::Text(text))) => Some(Inbound::Text(text)),
                         Some(Ok(Message::Binary(bytes))) => Some(Inbound::Binary(bytes)),
-                        Some(Ok(Message::Close(_))) | Some(Err(None)) | None => break None,
+                        Some(Ok(Message::Close(_))) => {
+                            // The library queued its answering Close; a flush
+                            // sends it, so the peer sees a clean close.
+                            let _ = tokio::time::timeout(CLOSE_ANSWER, socket.flush()).await;
+                            break None;
+                        }
+                        Some(Err(None)) | None => break None,
                         Some(Ok(_)) => None, // pings are answered by the library
                         Some(Err(Some(pc))) => {
                             drain = pc.drain;
@@ -471,12 +469,41 @@ pub(crate) async fn run<S, D>(
                             break Some(dialect.ending(why));
                         }
                     };
-                    if let Some(inbound) = inbound
-                        && let Err(close) =
-                            Box::pin(admit(dialect, inbound, &mut frames, &budget, limits, stats)).await
-                    {
-                        break Some(close);
+                    if let Some(inbound) = inbound {
+                        let mut replies = Frames::new();
+                        let handled =
+                            Box::pin(admit(dialect, inbound, &mut replies, &budget, limits, stats)).await;
+                        // What was queued while the frame was handled (a hub's
+                        // relay of an earlier message, say) goes out before the
+                        // replies, as when replies went through the queue. At
+                        // most one queue's worth, so this ends.
+                        let now = now_ms();
+                        let mut changes = 0;
+                        for _ in 0..rx.max_capacity() {
+                            let Ok(out) = rx.try_recv() else { break };
+                            changes += account(stats, &out, now, &latency);
+                            dialect.outbound(out, &mut frames).await;
+                        }
+                        stats.frames_out(frames.len() as u64, changes);
+                        frames.append(&mut replies);
+                        if let Err(close) = handled {
+                            break Some(close);
+                        }
                     }
+                }
+                out = rx.recv() => {
+                    let Some(out) = out else { break None };
+                    let now = now_ms();
+                    let mut changes = account(stats, &out, now, &latency);
+                    dialect.outbound(out, &mut frames).await;
+                    // What is already queued goes out in the same write: one flush
+                    // (one syscall) per burst instead of one per frame.
+                    while frames.len() < MAX_FRAMES_PER_FLUSH {
+                        let Ok(more) = rx.try_recv() else { break };
+                        changes += account(stats, &more, now, &latency);
+                        dialect.outbound(more, &mut frames).await;
+                    }
+                    stats.frames_out(frames.len() as u64, changes);
                 }
             }
             if dialect.expires_at() != expires {
@@ -529,6 +556,8 @@ mod tests {
         from_peer: mpsc::UnboundedReceiver<Read>,
         to_peer: mpsc::UnboundedSender<Message>,
         stuck: bool,
+        /// Frames written so far.
+        written: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Stream for Pipe {
@@ -548,6 +577,7 @@ mod tests {
             }
         }
         fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), ()> {
+            self.written.fetch_add(1, Ordering::SeqCst);
             self.to_peer.send(m).map_err(|_| ())
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
@@ -561,6 +591,9 @@ mod tests {
     struct Echo {
         expires: Option<i64>,
         detached: Arc<AtomicBool>,
+        /// The socket's frames written when a text frame was last handled.
+        written: Arc<std::sync::atomic::AtomicUsize>,
+        heard_at: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Dialect for Echo {
@@ -582,6 +615,8 @@ mod tests {
             match msg {
                 Inbound::Text(t) if t.as_str() == "bye" => Err(Close::new(4100, "asked")),
                 Inbound::Text(t) => {
+                    let written = self.written.load(Ordering::SeqCst);
+                    self.heard_at.store(written, Ordering::SeqCst);
                     frames.push(Message::Text(format!("echo {}", t.as_str()).into()));
                     Ok(())
                 }
@@ -626,6 +661,8 @@ mod tests {
         shutdown: CancellationToken,
         lagging: Arc<Notify>,
         detached: Arc<AtomicBool>,
+        /// Frames written to the socket when the dialect last handled a text frame.
+        heard_at: Arc<std::sync::atomic::AtomicUsize>,
         done: tokio::task::JoinHandle<()>,
     }
 
@@ -645,6 +682,8 @@ mod tests {
         let (queue_tx, rx) = aether_router::queue::channel(queue);
         let (router_tx, router) = mpsc::channel(16);
         let detached = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let heard_at = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
         let link = Link {
             session: 7,
             rx,
@@ -667,13 +706,20 @@ mod tests {
             shutdown: link.shutdown.clone(),
             lagging: Arc::clone(&link.lagging),
             detached: Arc::clone(&detached),
+            heard_at: Arc::clone(&heard_at),
             done: tokio::spawn(async move {
                 let pipe = Pipe {
                     from_peer,
                     to_peer,
                     stuck,
+                    written: Arc::clone(&written),
                 };
-                let mut dialect = Echo { expires, detached };
+                let mut dialect = Echo {
+                    expires,
+                    detached,
+                    written,
+                    heard_at,
+                };
                 run(pipe, &mut dialect, link, limits, &Stats::default()).await;
             }),
         }
@@ -800,6 +846,39 @@ mod tests {
         h.reaped.cancel();
         let (_, code) = h.close().await;
         assert_eq!(code, CLOSE_IDLE);
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_does_not_stop_the_peer_being_heard() {
+        // A catch-up keeps a connection's queue from emptying; the peer's
+        // frames (pongs, heartbeats) must still be read meanwhile, or a healthy
+        // client is closed as idle. Before the engine first runs, 50,000 items
+        // are queued and the peer has sent one frame: it is read and handled
+        // before the backlog is written. Its answer follows what was queued
+        // when it was handled, as replies did when they went through the queue.
+        let mut h = start(limits(), None, false, 100_000);
+        for _ in 0..50_000 {
+            h.queue.try_send(Outbound::Frame(Arc::from("q"))).unwrap();
+        }
+        h.send("hi");
+        let mut before = 0;
+        loop {
+            match h.next().await {
+                Message::Text(t) if t.as_str() == "echo hi" => break,
+                Message::Text(_) => before += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let heard_at = h.heard_at.load(Ordering::SeqCst);
+        assert!(
+            heard_at < 1_000,
+            "read after {heard_at} frames were written"
+        );
+        assert_eq!(before, 50_000, "the queued frames come before the reply");
+        h.shutdown.cancel();
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_GOING_AWAY);
         h.ended().await;
     }
 

@@ -68,11 +68,13 @@ impl<T> Drop for QueueTx<T> {
 impl<T> QueueTx<T> {
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        if self.0.reader_gone.load(Ordering::Acquire) {
-            return Err(TrySendError::Closed(item));
-        }
         {
+            // The flag is read under the lock the reader sets it under, so no
+            // item lands after the reader emptied the queue on its way out.
             let mut q = self.0.lock();
+            if self.0.reader_gone.load(Ordering::Acquire) {
+                return Err(TrySendError::Closed(item));
+            }
             if q.len() >= self.0.cap {
                 return Err(TrySendError::Full(item));
             }
@@ -93,9 +95,13 @@ pub struct QueueRx<T>(Arc<Shared<T>>);
 
 impl<T> Drop for QueueRx<T> {
     fn drop(&mut self) {
-        self.0.reader_gone.store(true, Ordering::Release);
         // Items still queued go now, not when the last writer does.
-        drop(std::mem::take(&mut *self.0.lock()));
+        let items = {
+            let mut q = self.0.lock();
+            self.0.reader_gone.store(true, Ordering::Release);
+            std::mem::take(&mut *q)
+        };
+        drop(items);
     }
 }
 
