@@ -280,10 +280,6 @@ pub struct Notify {
 
 impl super::validate::Validate for Notify {}
 
-pub fn valid_level(level: &str) -> bool {
-    matches!(level, "Info" | "Warning" | "Error" | "Success")
-}
-
 /// `POST /api/v1/ws/notify` (service_role): a `SystemNotification` to every KingShare
 /// connection, or to one user's.
 #[utoipa::path(post, path = "/api/v1/ws/notify", tag = "operations", security(("bearer" = [])), request_body = Notify,
@@ -298,7 +294,7 @@ pub async fn notify(
     _svc: ServiceRole,
     ApiJson(req): ApiJson<Notify>,
 ) -> Result<Json<Value>, ApiError> {
-    if !valid_level(&req.level) {
+    if !crate::realtime::kingshare::valid_level(&req.level) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_level",

@@ -71,15 +71,15 @@ pub fn app(state: AppState) -> Router {
         .route(&ws_path, get(websocket))
         .route(
             "/realtime/v1/websocket",
-            get(crate::realtime::phoenix::websocket),
+            get(crate::api::supabase::realtime::websocket),
         )
         .route(
             "/realtime/v1/api/broadcast",
-            post(crate::realtime::phoenix::http_broadcast),
+            post(crate::api::supabase::realtime::http_broadcast),
         )
         .route(
             "/realtime/v1/api/broadcast/{topic}/events/{event}",
-            post(crate::realtime::phoenix::http_send),
+            post(crate::api::supabase::realtime::http_send),
         )
         .route("/ws/status", get(ops::ws_status))
         .route("/ws/channels", axum::routing::post(ops::create_channel))

@@ -254,3 +254,8 @@ pub async fn announce_presence(state: &crate::server::AppState, user_id: &str, o
         state.kingshare.to_user(&other, &frame);
     }
 }
+
+/// A `SystemNotification` level KingShare knows (docs/kingshare.md).
+pub fn valid_level(level: &str) -> bool {
+    matches!(level, "Info" | "Warning" | "Error" | "Success")
+}

@@ -550,7 +550,7 @@ impl AetherSocket {
                             "SystemNotification needs a service_role token",
                         )
                     }
-                    Some(m) if crate::api::kingshare::valid_level(level) => {
+                    Some(m) if kingshare::valid_level(level) => {
                         let f = kingshare::message(
                             "SystemNotification",
                             json!({"message": m, "level": level}),

@@ -14,6 +14,7 @@
 //! [`JwtKeys::api_key`]: crate::auth::JwtKeys::api_key
 
 pub mod auth;
+pub mod realtime;
 pub(crate) mod rest;
 pub mod storage;
 
