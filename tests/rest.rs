@@ -407,6 +407,18 @@ async fn errors_are_postgrest_shaped_and_aethers_secrets_stay_hidden() {
         .send(r.req(Method::DELETE, "files?id=not.is.null", Some(&service)))
         .await;
     assert_eq!(s, 403);
+    // A read answers at most 1,000 rows; Content-Range says how many there are.
+    t.exec("INSERT INTO public.lists (name) SELECT 'l' || i FROM generate_series(1, 1001) i")
+        .await;
+    let (s, headers, body) = r
+        .send(
+            r.req(Method::GET, "lists?select=id", None)
+                .header("Prefer", "count=exact"),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(body.as_array().unwrap().len(), 1000);
+    assert_eq!(headers["content-range"], "0-999/1003");
     // A schema that is not exposed.
     let (s, _, body) = r
         .send(

@@ -214,9 +214,8 @@ impl AuthService {
             Some(p) => Some(self.checked_hash(p).await?),
             None => None,
         };
-        let empty = serde_json::json!({});
-        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
-        let app_metadata = app_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let user_metadata = &json_object(user_metadata);
+        let app_metadata = &json_object(app_metadata);
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let updated = tx
@@ -250,8 +249,7 @@ impl AuthService {
         user_metadata: Option<&serde_json::Value>,
         meta: &ClientMeta,
     ) -> Result<(User, Session), AuthError> {
-        let empty = serde_json::json!({});
-        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let user_metadata = &json_object(user_metadata);
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
@@ -287,9 +285,8 @@ impl AuthService {
             Some(p) => Some(self.checked_hash(p).await?),
             None => None,
         };
-        let empty = serde_json::json!({});
-        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
-        let app_metadata = app_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let user_metadata = &json_object(user_metadata);
+        let app_metadata = &json_object(app_metadata);
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
@@ -321,18 +318,14 @@ impl AuthService {
             .get(0);
         let rows = client
             .query(
-                "SELECT id FROM auth.users ORDER BY created_at, id LIMIT $1 OFFSET $2",
+                &format!(
+                    "SELECT {PROFILE_COLUMNS} FROM auth.users
+                     ORDER BY created_at, id LIMIT $1 OFFSET $2"
+                ),
                 &[&per_page, &((page - 1).max(0) * per_page)],
             )
             .await?;
-        drop(client);
-        let mut users = Vec::with_capacity(rows.len());
-        for r in rows {
-            if let Some(u) = self.profile(r.get(0)).await? {
-                users.push(u);
-            }
-        }
-        Ok((users, total))
+        Ok((rows.iter().map(profile_from_row).collect(), total))
     }
 
     /// Deletes a user: sessions, refresh tokens, files and shares go with the
@@ -366,8 +359,7 @@ impl AuthService {
         user_metadata: Option<&serde_json::Value>,
         meta: &ClientMeta,
     ) -> Result<(User, Session), AuthError> {
-        let empty = serde_json::json!({});
-        let user_metadata = user_metadata.filter(|m| m.is_object()).unwrap_or(&empty);
+        let user_metadata = &json_object(user_metadata);
         let email = password::normalize_email(email).map_err(AuthError::InvalidEmail)?;
         password::check_strength(password, self.policy).map_err(AuthError::WeakPassword)?;
         let pw = password.to_owned();
@@ -591,23 +583,11 @@ impl AuthService {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "SELECT id, coalesce(email, ''), role, user_metadata, app_metadata, created_at,
-                        updated_at, last_sign_in_at, is_anonymous
-                 FROM auth.users WHERE id = $1",
+                &format!("SELECT {PROFILE_COLUMNS} FROM auth.users WHERE id = $1"),
                 &[&id],
             )
             .await?;
-        Ok(row.map(|r| UserProfile {
-            id: r.get(0),
-            email: r.get(1),
-            role: r.get(2),
-            user_metadata: r.get(3),
-            app_metadata: r.get(4),
-            created_at: r.get(5),
-            updated_at: r.get(6),
-            last_sign_in_at: r.get(7),
-            is_anonymous: r.get(8),
-        }))
+        Ok(row.as_ref().map(profile_from_row))
     }
 
     /// The one way a token becomes a principal, for every route and socket:
@@ -719,6 +699,31 @@ pub fn principal_user(p: &Principal) -> Result<Uuid, AuthError> {
         .as_deref()
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| AuthError::InvalidToken("this token names no user".into()))
+}
+
+/// What a [`UserProfile`] is read from, in [`profile_from_row`]'s order.
+const PROFILE_COLUMNS: &str = "id, coalesce(email, ''), role, user_metadata, app_metadata, \
+     created_at, updated_at, last_sign_in_at, is_anonymous";
+
+fn profile_from_row(r: &tokio_postgres::Row) -> UserProfile {
+    UserProfile {
+        id: r.get(0),
+        email: r.get(1),
+        role: r.get(2),
+        user_metadata: r.get(3),
+        app_metadata: r.get(4),
+        created_at: r.get(5),
+        updated_at: r.get(6),
+        last_sign_in_at: r.get(7),
+        is_anonymous: r.get(8),
+    }
+}
+
+/// A JSON object given by a client for metadata, or `{}`.
+fn json_object(v: Option<&serde_json::Value>) -> serde_json::Value {
+    v.filter(|m| m.is_object())
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}))
 }
 
 async fn record_event(

@@ -340,6 +340,30 @@ async fn admit<D: Dialect>(
     dialect.inbound(inbound, frames).await
 }
 
+/// Encodes `first` and then what is queued, at most `most` items in all, into
+/// `frames`, counting what they deliver.
+async fn encode_queued<D: Dialect>(
+    dialect: &mut D,
+    rx: &mut aether_router::queue::QueueRx<Outbound>,
+    first: Option<Outbound>,
+    most: usize,
+    frames: &mut Frames,
+    stats: &Stats,
+    latency: &metrics::Histogram,
+) {
+    let now = now_ms();
+    let mut changes = 0;
+    let mut next = first;
+    for _ in 0..most {
+        let Some(out) = next.take().or_else(|| rx.try_recv().ok()) else {
+            break;
+        };
+        changes += account(stats, &out, now, latency);
+        dialect.outbound(out, frames).await;
+    }
+    stats.frames_out(frames.len() as u64, changes);
+}
+
 /// Runs one connection until it ends, then closes it with the reason.
 pub(crate) async fn run<S, D>(
     mut socket: S,
@@ -477,14 +501,8 @@ pub(crate) async fn run<S, D>(
                         // relay of an earlier message, say) goes out before the
                         // replies, as when replies went through the queue. At
                         // most one queue's worth, so this ends.
-                        let now = now_ms();
-                        let mut changes = 0;
-                        for _ in 0..rx.max_capacity() {
-                            let Ok(out) = rx.try_recv() else { break };
-                            changes += account(stats, &out, now, &latency);
-                            dialect.outbound(out, &mut frames).await;
-                        }
-                        stats.frames_out(frames.len() as u64, changes);
+                        let most = rx.max_capacity();
+                        encode_queued(dialect, &mut rx, None, most, &mut frames, stats, &latency).await;
                         frames.append(&mut replies);
                         if let Err(close) = handled {
                             break Some(close);
@@ -493,17 +511,10 @@ pub(crate) async fn run<S, D>(
                 }
                 out = rx.recv() => {
                     let Some(out) = out else { break None };
-                    let now = now_ms();
-                    let mut changes = account(stats, &out, now, &latency);
-                    dialect.outbound(out, &mut frames).await;
                     // What is already queued goes out in the same write: one flush
                     // (one syscall) per burst instead of one per frame.
-                    while frames.len() < MAX_FRAMES_PER_FLUSH {
-                        let Ok(more) = rx.try_recv() else { break };
-                        changes += account(stats, &more, now, &latency);
-                        dialect.outbound(more, &mut frames).await;
-                    }
-                    stats.frames_out(frames.len() as u64, changes);
+                    encode_queued(dialect, &mut rx, Some(out), MAX_FRAMES_PER_FLUSH, &mut frames, stats, &latency)
+                        .await;
                 }
             }
             if dialect.expires_at() != expires {

@@ -424,6 +424,12 @@ struct Inner {
     quota: u64,
 }
 
+/// Whose files [`StorageService::delete_all`] deletes.
+enum Of<'a> {
+    Owner(Uuid),
+    Bucket(&'a str),
+}
+
 impl StorageService {
     pub fn new(pool: deadpool_postgres::Pool, blobs: Blobs, config: &Config) -> Self {
         StorageService(Arc::new(Inner {
@@ -581,22 +587,7 @@ impl StorageService {
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
         Self::bucket_for_change(&tx, viewer, id).await?;
-        let keys: Vec<String> = tx
-            .query(
-                "DELETE FROM public.files WHERE bucket_id = $1 RETURNING storage_key",
-                &[&id],
-            )
-            .await?
-            .iter()
-            .filter_map(|r| r.get::<_, Option<String>>(0))
-            .collect();
-        tx.execute("DELETE FROM public.folders WHERE bucket_id = $1", &[&id])
-            .await?;
-        tx.commit().await?;
-        for key in &keys {
-            self.0.blobs.delete_quietly(key).await;
-        }
-        Ok(keys.len())
+        self.delete_all(tx, Of::Bucket(id)).await
     }
 
     /// Buckets `viewer` may see: public ones and their own; all for service role.
@@ -978,28 +969,47 @@ impl StorageService {
         })
     }
 
+    /// Deletes every file and folder `of` selects in `tx`, commits, then deletes
+    /// the files' bytes; returns how many files went.
+    async fn delete_all(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        of: Of<'_>,
+    ) -> Result<usize, StorageError> {
+        let (files, folders, arg): (&str, &str, &(dyn tokio_postgres::types::ToSql + Sync)) =
+            match &of {
+                Of::Owner(o) => (
+                    "DELETE FROM public.files WHERE owner_id = $1 RETURNING storage_key",
+                    "DELETE FROM public.folders WHERE owner_id = $1",
+                    o,
+                ),
+                Of::Bucket(b) => (
+                    "DELETE FROM public.files WHERE bucket_id = $1 RETURNING storage_key",
+                    "DELETE FROM public.folders WHERE bucket_id = $1",
+                    b,
+                ),
+            };
+        let keys: Vec<String> = tx
+            .query(files, &[arg])
+            .await?
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(0))
+            .collect();
+        tx.execute(folders, &[arg]).await?;
+        tx.commit().await?;
+        for key in &keys {
+            self.0.blobs.delete_quietly(key).await;
+        }
+        Ok(keys.len())
+    }
+
     /// Deletes every file and folder of `owner` (rows, then bytes): a user being
     /// deleted. Returns how many files went.
     pub async fn remove_owner(&self, owner: Uuid) -> Result<usize, StorageError> {
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
         lock_owner(&*tx, owner).await?;
-        let keys: Vec<String> = tx
-            .query(
-                "DELETE FROM public.files WHERE owner_id = $1 RETURNING storage_key",
-                &[&owner],
-            )
-            .await?
-            .iter()
-            .filter_map(|r| r.get::<_, Option<String>>(0))
-            .collect();
-        tx.execute("DELETE FROM public.folders WHERE owner_id = $1", &[&owner])
-            .await?;
-        tx.commit().await?;
-        for key in &keys {
-            self.0.blobs.delete_quietly(key).await;
-        }
-        Ok(keys.len())
+        self.delete_all(tx, Of::Owner(owner)).await
     }
 
     /// Deletes `owner`'s file at `path` (row, then bytes), or an empty folder.

@@ -165,10 +165,13 @@ pub fn api_key_of(parts: &Parts) -> Option<String> {
 pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| {
-            percent_encoding::percent_decode_str(&v.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        (k == name).then(|| decode_component(v))
     })
+}
+
+/// One percent-encoded query component (`+` is a space).
+pub(crate) fn decode_component(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }

@@ -26,6 +26,12 @@ use crate::server::AppState;
 pub(crate) use schema::SchemaCache;
 use sql::{Conflict, PlanError, Sql, Text};
 
+/// The most rows one read answers (as Supabase's default "max rows"): a
+/// response is built whole, so an unbounded `select` on a large table would be
+/// unbounded memory. `Content-Range` with `Prefer: count=exact` says how many
+/// there are; `offset`/`Range` page through them.
+const MAX_ROWS: u64 = 1000;
+
 /// Statements of one request may run this long.
 const STATEMENT_TIMEOUT: &str = "8s";
 
@@ -242,17 +248,19 @@ async fn as_caller<T>(
         .transaction()
         .await
         .map_err(|e| RestError::db(e, anon))?;
-    let setup = format!(
-        "SET LOCAL ROLE {}; SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'",
-        role_name(caller.role)
-    );
-    tx.batch_execute(&setup)
-        .await
-        .map_err(|e| RestError::db(e, anon))?;
+    // One round trip: `set_config('role', …, true)` is `SET LOCAL ROLE`.
     let sub = Text(caller.user_id.clone());
     tx.execute(
-        "SELECT set_config('request.jwt.claims', $1, true), set_config('request.jwt.claim.sub', coalesce($2, ''), true), set_config('request.jwt.claim.role', $3, true)",
-        &[&claims(caller), &sub, &role_name(caller.role)],
+        "SELECT set_config('role', $3, true), set_config('statement_timeout', $4, true),
+                set_config('request.jwt.claims', $1, true),
+                set_config('request.jwt.claim.sub', coalesce($2, ''), true),
+                set_config('request.jwt.claim.role', $3, true)",
+        &[
+            &claims(caller),
+            &sub,
+            &role_name(caller.role),
+            &STATEMENT_TIMEOUT,
+        ],
     )
     .await
     .map_err(|e| RestError::db(e, anon))?;
@@ -267,10 +275,8 @@ async fn rows(
     sql: &Sql,
     anon: bool,
 ) -> Result<(String, i64), RestError> {
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        sql.params.iter().map(|p| p as _).collect();
     let row = tx
-        .query_one(sql.text.as_str(), &params)
+        .query_one(sql.text.as_str(), &sql.refs())
         .await
         .map_err(|e| RestError::db(e, anon))?;
     let json: Option<String> = row.try_get(0).map_err(|e| RestError::db(e, anon))?;
@@ -413,7 +419,8 @@ fn content_range(offset: u64, n: i64, total: Option<i64>) -> String {
     if n <= 0 {
         format!("*/{total}")
     } else {
-        format!("{offset}-{}/{total}", offset + n as u64 - 1)
+        let last = offset.saturating_add(u64::try_from(n - 1).unwrap_or(0));
+        format!("{offset}-{last}/{total}")
     }
 }
 
@@ -451,16 +458,15 @@ pub(crate) async fn table_route(
                 (a, b) => a.or(b),
             };
         }
+        q.limit = Some(q.limit.map_or(MAX_ROWS, |l| l.min(MAX_ROWS)));
         let read = sql::read(&schema, &key, &t, &q, role)?;
         let count = pref.count.then(|| sql::count(&key, &q));
         let (json, n, total) = as_caller(&state, &caller, async |tx| {
             let (json, n) = rows(tx, &read, anon).await?;
             let total = match &count {
                 Some(c) => {
-                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                        c.params.iter().map(|p| p as _).collect();
                     let row = tx
-                        .query_one(c.text.as_str(), &params)
+                        .query_one(c.text.as_str(), &c.refs())
                         .await
                         .map_err(|e| RestError::db(e, anon))?;
                     Some(row.get::<_, i64>(0))
@@ -653,9 +659,7 @@ impl Write<'_> {
             .await?
         } else {
             let n = as_caller(self.state, self.caller, async |tx| {
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    sql.params.iter().map(|p| p as _).collect();
-                tx.execute(stmt.as_str(), &params)
+                tx.execute(stmt.as_str(), &sql.refs())
                     .await
                     .map_err(|e| RestError::db(e, anon))
             })
@@ -714,12 +718,7 @@ pub(crate) async fn rpc(
             })
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                let d = |s: &str| {
-                    percent_encoding::percent_decode_str(&s.replace('+', " "))
-                        .decode_utf8_lossy()
-                        .into_owned()
-                };
-                (d(k), Some(d(v)))
+                (super::decode_component(k), Some(super::decode_component(v)))
             })
             .collect()
     } else if payload.is_empty() {
@@ -775,7 +774,9 @@ pub(crate) async fn rpc(
             .collect();
         let call = format!("{fname}({})", named.join(", "));
         s.text = if set {
-            format!("SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM {call} _r")
+            format!(
+                "SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT * FROM {call} LIMIT {MAX_ROWS}) _r"
+            )
         } else if void {
             format!("SELECT 'null'::text, 1::bigint FROM (SELECT {call}) _r")
         } else {

@@ -148,8 +148,8 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
     let mut q = Query::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = decode(k);
-        let v = decode(v);
+        let k = super::super::decode_component(k);
+        let v = super::super::decode_component(v);
         match k.as_str() {
             "select" => q.select = parse_select(&v, 0)?,
             "order" => q.order = parse_order(&v)?,
@@ -181,12 +181,6 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
         }
     }
     Ok(q)
-}
-
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(&s.replace('+', " "))
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 fn number(name: &str, v: &str) -> Result<u64, ParseError> {

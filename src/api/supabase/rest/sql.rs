@@ -60,6 +60,11 @@ impl Sql {
         format!("${}", self.params.len())
     }
 
+    /// The parameters as tokio-postgres takes them.
+    pub(crate) fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| p as _).collect()
+    }
+
     pub(crate) fn param_opt(&mut self, v: Option<String>) -> String {
         self.params.push(Text(v));
         format!("${}", self.params.len())
