@@ -468,6 +468,15 @@ async fn silent_peers_are_reaped_by_the_heartbeat() {
     let mut silent = Ws::connect_small_buffer(t.addr(), None).await;
     // An attentive peer (reading, so its library answers pings) stays.
     let mut alive = t.ws(None).await;
+    // Both are admitted before the wait below: counting one not yet admitted
+    // would end it at once, and a silent peer that then reads answers pings.
+    tokio::time::timeout(WAIT, async {
+        while t.server.state.registry.stats().active < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("both peers are admitted");
     let watch_alive = tokio::spawn(async move {
         let r = tokio::time::timeout(Duration::from_secs(3), alive.next_message()).await;
         (r.is_err(), alive)

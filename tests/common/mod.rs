@@ -55,9 +55,28 @@ fn remove_stale_clusters() {
     }
 }
 
+/// The longest one test binary may run. Each takes well under a minute; one
+/// that hangs fails here, with what it was running, instead of holding CI
+/// until its own limit.
+const BINARY_LIMIT: Duration = Duration::from_secs(300);
+
+fn watchdog() {
+    let _ = std::thread::Builder::new()
+        .name("test-watchdog".into())
+        .spawn(|| {
+            std::thread::sleep(BINARY_LIMIT);
+            eprintln!(
+                "test binary {:?} ran for over {BINARY_LIMIT:?}: aborting (a test is hung)",
+                std::env::args().next()
+            );
+            std::process::abort();
+        });
+}
+
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
+        watchdog();
         remove_stale_clusters();
         let dir =
             std::env::temp_dir().join(format!("aether-test-{}", uuid::Uuid::new_v4().simple()));
@@ -359,8 +378,9 @@ impl Ws {
             Some(t) => format!("ws://{addr}/ws?token={t}"),
             None => format!("ws://{addr}/ws"),
         };
-        let (inner, _) = tokio_tungstenite::connect_async(url)
+        let (inner, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
             .await
+            .expect("websocket handshake within the timeout")
             .expect("websocket connects");
         Ws {
             inner,
@@ -369,8 +389,9 @@ impl Ws {
     }
 
     pub async fn connect_url(url: &str) -> Ws {
-        let (inner, _) = tokio_tungstenite::connect_async(url)
+        let (inner, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
             .await
+            .expect("websocket handshake within the timeout")
             .expect("websocket connects");
         Ws {
             inner,
@@ -430,9 +451,12 @@ impl Ws {
         }
     }
 
+    /// The next frame but pings and pongs; panics unless it comes within
+    /// [`WAIT`] (pings included: a server pinging for ever ends this too).
     pub async fn next_message(&mut self) -> Message {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let msg = tokio::time::timeout(WAIT, self.inner.next())
+            let msg = tokio::time::timeout_at(deadline, self.inner.next())
                 .await
                 .expect("frame within timeout")
                 .expect("connection open")
@@ -446,8 +470,9 @@ impl Ws {
 
     /// The next text frame, or the close code once the connection ends.
     pub async fn next_or_close(&mut self) -> Result<Value, Option<u16>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match tokio::time::timeout(WAIT, self.inner.next())
+            match tokio::time::timeout_at(deadline, self.inner.next())
                 .await
                 .expect("a frame or a close within the timeout")
             {
@@ -467,8 +492,9 @@ impl Ws {
     /// Reads until the server closes; returns the close code and the text frames before it.
     pub async fn until_close(&mut self) -> (Option<u16>, Vec<Value>) {
         let mut frames = Vec::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match tokio::time::timeout(WAIT, self.inner.next())
+            match tokio::time::timeout_at(deadline, self.inner.next())
                 .await
                 .expect("close within timeout")
             {
