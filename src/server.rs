@@ -15,9 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::api::rate_limit::RateLimits;
 use crate::auth::{AuthService, JwtKeys};
 use crate::config::Config;
-use crate::realtime::hub::{ChannelConfigs, Hub, HubCommand};
-use crate::realtime::registry::Registry;
-use crate::realtime::stats::Stats;
 use crate::storage::{self as file_storage, Blobs, StorageService};
 use aether_changelog::ingest::{self, ReplicationStatus, ReplicationTask};
 use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot};
@@ -26,8 +23,12 @@ use aether_changelog::pump::{self, Durable, LogStatus};
 use aether_changelog::{ChangeLog as _, SharedLog};
 use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use aether_postgres::store::{self, migrate};
+use aether_realtime::Realtime;
+use aether_realtime::hub::{ChannelConfigs, Hub};
+use aether_realtime::registry::Registry;
+use aether_realtime::stats::Stats;
 use aether_router::catalog::{Catalog, SharedCatalog};
-use aether_router::{Command, Router, RouterConfig};
+use aether_router::{Router, RouterConfig};
 
 /// State shared by every route and session.
 #[derive(Clone)]
@@ -37,22 +38,13 @@ pub struct Inner {
     pub config: Config,
     pub jwt: JwtKeys,
     pub pool: deadpool_postgres::Pool,
-    pub catalog: SharedCatalog,
-    /// When the catalog was last reloaded for an unknown table (ms since the epoch):
-    /// at most once a second, so clients naming bogus tables cannot load the database.
-    pub catalog_reloaded_ms: std::sync::atomic::AtomicI64,
     /// What `/rest/v1` knows of the exposed schemas.
     pub(crate) rest_schema: crate::api::supabase::rest::SchemaCache,
     /// The last status a WebSocket client asked for (see `ops::status_cached`).
     pub status_cache: std::sync::Mutex<Option<(std::time::Instant, crate::api::ops::Status)>>,
-    pub router: mpsc::Sender<Command>,
-    pub hub: mpsc::Sender<HubCommand>,
-    /// Broadcast and presence of `/realtime/v1` (Supabase Realtime).
-    pub phoenix: mpsc::Sender<crate::realtime::phoenix_hub::PhxCommand>,
-    pub registry: Registry,
-    pub stats: Stats,
+    /// The WebSocket side: sockets, hubs, the connection registry and stats.
+    pub realtime: Realtime,
     pub channels: ChannelConfigs,
-    pub kingshare: Arc<crate::realtime::kingshare::Notifier>,
     pub replication: watch::Receiver<ReplicationStatus>,
     /// The durable change log (bounds for status; reads happen in the router).
     pub log: SharedLog,
@@ -61,7 +53,6 @@ pub struct Inner {
     pub slot_health: watch::Receiver<SlotHealth>,
     /// Set when a critical task stopped: the server is shutting down because of it.
     pub failed: Arc<std::sync::Mutex<Option<String>>>,
-    pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
     /// Sign-up, sign-in, sign-out and token checks (with revocation).
     pub auth: AuthService,
@@ -70,6 +61,13 @@ pub struct Inner {
     pub limits: RateLimits,
     /// Open HTTP connections (and their caps), counted by the HTTP edge.
     pub http_connections: Arc<crate::http::ConnLimits>,
+}
+
+impl AppState {
+    /// The server behind a weak handle, while it lives.
+    pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<AppState> {
+        weak.upgrade().map(AppState)
+    }
 }
 
 impl Deref for AppState {
@@ -316,7 +314,7 @@ impl Server {
         let pump = pump::start(Arc::clone(&log), log_rx, feed_tx, durable_tx, log_status_tx)
             .context("starting the change log threads")?;
 
-        let kingshare = Arc::new(crate::realtime::kingshare::Notifier::default());
+        let kingshare = Arc::new(aether_realtime::kingshare::Notifier::default());
         let (hub_tx, hub_rx) = mpsc::channel(4096);
         let hub = Hub::new(
             Arc::clone(&channels),
@@ -350,7 +348,7 @@ impl Server {
         tasks.push(critical(
             "phoenix-hub",
             Box::pin(
-                crate::realtime::phoenix_hub::PhxHub::default().run(phoenix_rx, shutdown.clone()),
+                aether_realtime::phoenix_hub::PhxHub::default().run(phoenix_rx, shutdown.clone()),
             ),
         ));
         tasks.push(critical(
@@ -402,27 +400,48 @@ impl Server {
             config.rate_limit_storage_per_min,
         );
         let edge = crate::http::EdgeSettings::from_config(&config);
-        let state = AppState(Arc::new(Inner {
+        let settings = aether_realtime::Settings {
+            publication: config.publication.clone(),
+            ws_queue_capacity: config.ws_queue_capacity,
+            ws_max_frame_bytes: config.ws_max_frame_bytes,
+            ws_ping_interval: config.ws_ping_interval,
+            ws_idle_timeout: config.ws_idle_timeout,
+            ws_max_connections: config.ws_max_connections,
+            rate_limit_connections: config.rate_limit_connections,
+            rate_limit_messages: config.rate_limit_messages,
+            rate_limit_window: config.rate_limit_window,
+        };
+        // The status a socket asks for is the server's, which holds the
+        // realtime side: it sees the server through a weak handle.
+        let state = AppState(Arc::new_cyclic(|server| Inner {
+            realtime: Realtime::new(aether_realtime::service::Inner {
+                settings,
+                pool: pool.clone(),
+                catalog,
+                catalog_reloaded_ms: std::sync::atomic::AtomicI64::new(0),
+                router: commands_tx,
+                hub: hub_tx,
+                phoenix: phoenix_tx,
+                registry: Registry::default(),
+                stats: Stats::default(),
+                kingshare,
+                next_session: AtomicU64::new(1),
+                shutdown: shutdown.clone(),
+                auth: Arc::new(auth.clone()),
+                directory: Arc::new(crate::rules::presence::SharesDirectory(pool.clone())),
+                status: Arc::new(crate::api::ops::ServerStatusReport(server.clone())),
+            }),
             config,
             jwt,
             pool,
-            catalog,
-            catalog_reloaded_ms: std::sync::atomic::AtomicI64::new(0),
             rest_schema: Default::default(),
             status_cache: std::sync::Mutex::new(None),
-            router: commands_tx,
-            hub: hub_tx,
-            phoenix: phoenix_tx,
-            registry: Registry::default(),
-            stats: Stats::default(),
             channels,
-            kingshare,
             replication: status_rx,
             log,
             log_status: log_status_rx,
             slot_health: slot_health_rx,
             failed: Arc::clone(&failed),
-            next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),
             auth,
             storage,

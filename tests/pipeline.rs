@@ -691,7 +691,7 @@ async fn a_slow_consumer_is_closed_and_does_not_delay_a_fast_one() {
     // The slow client drains nothing: the server gives up on it after the stall
     // timeout (only the fast connection stays registered)…
     tokio::time::timeout(WAIT, async {
-        while t.server.state.registry.stats().active > 1 {
+        while t.server.state.realtime.registry.stats().active > 1 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })

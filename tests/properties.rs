@@ -7,17 +7,17 @@
 //! values round-trip through it.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
-use aether::realtime::phoenix::{PhxMessage, Vsn};
-use aether::realtime::phoenix_hub::{
-    BroadcastPayload, decode_user_broadcast_push, encode_user_broadcast,
-};
-use aether::realtime::protocol::{self, ClientFrame, SubscribeRequest};
 use aether::storage::path::{MAX_DEPTH, MAX_PATH_BYTES, ObjectPath};
 use aether_core::changes::{Column, Relation, TableId};
 use aether_core::lsn::PgLsn;
 use aether_postgres::replication::pgoutput::{
     LogicalMessage, RelationBody, RelationColumn, TupleValue, decode,
 };
+use aether_realtime::phoenix::{PhxMessage, Vsn};
+use aether_realtime::phoenix_hub::{
+    BroadcastPayload, decode_user_broadcast_push, encode_user_broadcast,
+};
+use aether_realtime::protocol::{self, ClientFrame, SubscribeRequest};
 use aether_router::catalog::{ColumnInfo, TableInfo};
 use aether_router::filter::{Filter, Op};
 use bytes::Bytes;

@@ -336,7 +336,7 @@ async fn channels_are_configured_over_rest_stored_in_postgres_and_enforced() {
 /// Waits until the server has admitted `n` connections.
 async fn wait_active(t: &TestServer, n: usize) {
     tokio::time::timeout(WAIT, async {
-        while t.server.state.registry.stats().active != n {
+        while t.server.state.realtime.registry.stats().active != n {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -471,7 +471,7 @@ async fn silent_peers_are_reaped_by_the_heartbeat() {
     // Both are admitted before the wait below: counting one not yet admitted
     // would end it at once, and a silent peer that then reads answers pings.
     tokio::time::timeout(WAIT, async {
-        while t.server.state.registry.stats().active < 2 {
+        while t.server.state.realtime.registry.stats().active < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
@@ -482,7 +482,7 @@ async fn silent_peers_are_reaped_by_the_heartbeat() {
         (r.is_err(), alive)
     });
     tokio::time::timeout(WAIT, async {
-        while t.server.state.registry.stats().active > 1 {
+        while t.server.state.realtime.registry.stats().active > 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -492,7 +492,7 @@ async fn silent_peers_are_reaped_by_the_heartbeat() {
     assert_eq!(code, Some(4000));
     let (timed_out, _alive) = watch_alive.await.unwrap();
     assert!(timed_out, "the attentive peer got no close");
-    assert_eq!(t.server.state.registry.stats().active, 1);
+    assert_eq!(t.server.state.realtime.registry.stats().active, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,10 +15,10 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, AuthUser};
 use super::ops::ServiceRole;
 use crate::auth::Principal;
-use crate::realtime::kingshare;
 use crate::server::AppState;
 use crate::storage::FileRecord;
 use crate::storage::path::ObjectPath;
+use aether_realtime::kingshare;
 
 /// Tells a file's owner that a download of it began.
 pub fn download_started(state: &AppState, f: &FileRecord) {
@@ -28,6 +28,7 @@ pub fn download_started(state: &AppState, f: &FileRecord) {
             json!({"file_id": f.id.hyphenated().to_string(), "filename": f.name}),
         );
         state
+            .realtime
             .kingshare
             .to_user(&owner.hyphenated().to_string(), &frame);
     }
@@ -252,7 +253,7 @@ pub async fn fetch(
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody)))]
 pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
-    let s = state.registry.stats();
+    let s = state.realtime.registry.stats();
     Json(json!({
         "total_connections": s.active,
         "unique_users": s.unique_users,
@@ -267,7 +268,10 @@ pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Val
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody)))]
 pub async fn cleanup(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
-    let removed = state.registry.reap(state.config.ws_ping_interval * 2);
+    let removed = state
+        .realtime
+        .registry
+        .reap(state.config.ws_ping_interval * 2);
     Json(json!({"removed_connections": removed}))
 }
 
@@ -294,7 +298,7 @@ pub async fn notify(
     _svc: ServiceRole,
     ApiJson(req): ApiJson<Notify>,
 ) -> Result<Json<Value>, ApiError> {
-    if !crate::realtime::kingshare::valid_level(&req.level) {
+    if !aether_realtime::kingshare::valid_level(&req.level) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_level",
@@ -306,8 +310,11 @@ pub async fn notify(
         json!({"message": req.message, "level": req.level}),
     );
     match req.user_id {
-        Some(u) => state.kingshare.to_user(&u.hyphenated().to_string(), &frame),
-        None => state.kingshare.to_all(&frame),
+        Some(u) => state
+            .realtime
+            .kingshare
+            .to_user(&u.hyphenated().to_string(), &frame),
+        None => state.realtime.kingshare.to_all(&frame),
     }
     Ok(Json(json!({"success": true})))
 }

@@ -33,8 +33,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::{AuthError, Principal};
-use crate::realtime::session;
 use crate::server::AppState;
+use aether_realtime::session;
 use error::ApiError;
 
 /// The whole HTTP surface; tests build it around their own state.
@@ -370,7 +370,7 @@ async fn websocket(
     let ws = ws
         .max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(crate::realtime::engine::READ_BUFFER_BYTES)
+        .read_buffer_size(aether_realtime::engine::READ_BUFFER_BYTES)
         .protocols(["kingshare", "aether"]);
     let subprotocol = ws
         .selected_protocol()
@@ -395,7 +395,7 @@ async fn websocket(
                 addr,
                 vocabulary,
             };
-            ws.on_upgrade(move |socket| session::run(socket, state, p, params))
+            ws.on_upgrade(move |socket| session::run(socket, state.realtime.clone(), p, params))
         }
         Err(e) => {
             let (code, message) = match e {
@@ -408,7 +408,7 @@ async fn websocket(
                     (e.code(), e.to_string())
                 }
             };
-            state.stats.error(code);
+            state.realtime.stats.error(code);
             ws.on_upgrade(move |socket| session::reject(socket, vocabulary, code, message))
         }
     }

@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 
 use super::error::ApiError;
 use crate::auth::Principal;
-use crate::realtime::hub::{ChannelConfig, HubCommand, HubStats, valid_channel_name};
 use crate::server::AppState;
+use aether_realtime::hub::{ChannelConfig, HubCommand, HubStats, valid_channel_name};
 
 /// A caller with a `service_role` token (`Authorization: Bearer …`).
 pub struct ServiceRole(pub Principal);
@@ -114,7 +114,13 @@ pub struct Replication {
 
 pub async fn hub_stats(state: &AppState) -> HubStats {
     let (reply, rx) = oneshot::channel();
-    if state.hub.send(HubCommand::Stats { reply }).await.is_err() {
+    if state
+        .realtime
+        .hub
+        .send(HubCommand::Stats { reply })
+        .await
+        .is_err()
+    {
         return HubStats::default();
     }
     tokio::time::timeout(Duration::from_secs(2), rx)
@@ -141,8 +147,30 @@ pub async fn status_cached(state: &AppState) -> Status {
     s
 }
 
+/// The status a socket's `system`/`status` request gets: the server's, through
+/// a weak handle (the server holds the realtime side that asks).
+pub(crate) struct ServerStatusReport(pub(crate) std::sync::Weak<crate::server::Inner>);
+
+impl aether_realtime::StatusReport for ServerStatusReport {
+    fn status(&self) -> aether_realtime::BoxFuture<'_, aether_realtime::ServerStatus> {
+        Box::pin(async move {
+            let Some(state) = AppState::upgrade(&self.0) else {
+                return aether_realtime::ServerStatus {
+                    status: "down".into(),
+                    report: json!({"status": "down"}),
+                };
+            };
+            let s = status_cached(&state).await;
+            aether_realtime::ServerStatus {
+                status: s.status.into(),
+                report: serde_json::to_value(&s).unwrap_or(Value::Null),
+            }
+        })
+    }
+}
+
 pub async fn status(state: &AppState) -> Status {
-    let conns = state.registry.stats();
+    let conns = state.realtime.registry.stats();
     let hub = hub_stats(state).await;
     let repl = state.replication.borrow().clone();
     let lag_bytes = match state.pool.get().await {
@@ -313,7 +341,7 @@ pub async fn create_channel(
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn metrics_connections(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
-    Json(json!(state.registry.stats()))
+    Json(json!(state.realtime.registry.stats()))
 }
 
 #[utoipa::path(get, path = "/metrics/messages", tag = "operations", security(("bearer" = [])),
@@ -324,9 +352,9 @@ pub async fn metrics_messages(State(state): State<AppState>, _svc: ServiceRole) 
     use std::sync::atomic::Ordering::Relaxed;
     let hub = hub_stats(&state).await;
     Json(json!({
-        "frames_in": state.stats.frames_in.load(Relaxed),
-        "frames_out": state.stats.frames_out.load(Relaxed),
-        "changes_delivered": state.stats.changes_delivered.load(Relaxed),
+        "frames_in": state.realtime.stats.frames_in.load(Relaxed),
+        "frames_out": state.realtime.stats.frames_out.load(Relaxed),
+        "changes_delivered": state.realtime.stats.changes_delivered.load(Relaxed),
         "channel_messages_total": hub.messages_total,
         "channel_messages_per_second": hub.messages_per_second,
     }))
@@ -352,7 +380,7 @@ pub async fn metrics_channels(State(state): State<AppState>, _svc: ServiceRole) 
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
 pub async fn metrics_errors(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
-    let errors = state.stats.errors();
+    let errors = state.realtime.stats.errors();
     let total: u64 = errors.values().sum();
     Json(json!({"total": total, "by_code": errors}))
 }

@@ -248,7 +248,7 @@ impl Progress<'_> {
         } else {
             (uploaded as f64 / total as f64).min(1.0)
         };
-        let frame = crate::realtime::kingshare::message(
+        let frame = aether_realtime::kingshare::message(
             "UploadProgress",
             serde_json::json!({
                 "file_id": self.upload_id.hyphenated().to_string(),
@@ -258,6 +258,7 @@ impl Progress<'_> {
             }),
         );
         self.state
+            .realtime
             .kingshare
             .to_user(&self.user.hyphenated().to_string(), &frame);
     }

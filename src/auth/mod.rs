@@ -154,6 +154,26 @@ fn principal_from_claims(c: Claims) -> Result<Principal, TokenError> {
     })
 }
 
+/// Sockets check tokens as every route does: through the auth core.
+impl aether_realtime::Authenticator for AuthService {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> aether_realtime::BoxFuture<'a, Result<Principal, aether_realtime::TokenRefused>> {
+        Box::pin(async move {
+            AuthService::authenticate(self, token)
+                .await
+                .map_err(|e| match e {
+                    AuthError::Internal(cause) => aether_realtime::TokenRefused::Internal(cause),
+                    e => aether_realtime::TokenRefused::Definite {
+                        code: e.code(),
+                        message: e.to_string(),
+                    },
+                })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

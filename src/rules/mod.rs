@@ -7,7 +7,9 @@
 //! - [`SessionRevocation`]: a signed-out `auth.sessions` row → its connections close.
 //! - [`KingShareEvents`]: file and share changes → KingShare notifications to
 //!   the users concerned.
+//! - [`presence::SharesDirectory`]: who hears of a user's presence.
 
+pub mod presence;
 pub mod visibility;
 
 use std::sync::Arc;
@@ -15,8 +17,8 @@ use std::sync::Arc;
 use aether_core::changes::{ChangeKind, Row, RowChange};
 use serde_json::Value;
 
-use crate::realtime::hub::{ChannelConfig, ChannelConfigs};
-use crate::realtime::kingshare::{self, Notifier};
+use aether_realtime::hub::{ChannelConfig, ChannelConfigs};
+use aether_realtime::kingshare::{self, Notifier};
 use aether_router::tap::{Effects, Tap};
 
 /// The value of `col` in `row`, if the relation has that column.

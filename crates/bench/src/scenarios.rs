@@ -857,7 +857,7 @@ async fn decode(env: &Env, quick: bool) -> anyhow::Result<Value> {
                         events += 1;
                         if encode {
                             let routed = aether_router::routed::Routed::new(c);
-                            std::hint::black_box(aether::realtime::protocol::change_frame(
+                            std::hint::black_box(aether_realtime::protocol::change_frame(
                                 "s", &routed,
                             ));
                         }

@@ -2,7 +2,7 @@
 //! `createClient(url, anonKey)` at Aether: `/auth/v1` (GoTrue's email/password
 //! routes) and `/storage/v1` (the storage API) over the same auth and storage
 //! cores as the seed routes, and `/realtime/v1/websocket` (Phoenix channels,
-//! in `crate::realtime::phoenix`) over the same router.
+//! in `aether_realtime::phoenix`) over the same router.
 //!
 //! Keys work as in Supabase: any JWT signed with `JWT_SECRET` whose `role` is
 //! `anon` or `service_role` is a valid `apikey` ([`JwtKeys::api_key`] mints the

@@ -1,5 +1,5 @@
 //! The HTTP side of Supabase Realtime (`/realtime/v1`): the WebSocket upgrade
-//! (the socket itself is `crate::realtime::phoenix`) and REST broadcast.
+//! (the socket itself is `aether_realtime::phoenix`) and REST broadcast.
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 
 use super::check_api_key;
 use crate::api::extract::ClientAddr;
-use crate::realtime::engine;
-use crate::realtime::phoenix::{self, PRIVATE, Vsn};
-use crate::realtime::phoenix_hub::{BroadcastPayload, PhxCommand};
 use crate::server::AppState;
+use aether_realtime::engine;
+use aether_realtime::phoenix::{self, PRIVATE, Vsn};
+use aether_realtime::phoenix_hub::{BroadcastPayload, PhxCommand};
 
 #[derive(Deserialize)]
 pub struct ConnectQuery {
@@ -60,7 +60,9 @@ pub async fn websocket(
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(engine::READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| phoenix::run(socket, state, principal, vsn, addr))
+        .on_upgrade(move |socket| {
+            phoenix::run(socket, state.realtime.clone(), principal, vsn, addr)
+        })
 }
 
 fn rest_error(status: StatusCode, message: &str) -> Response {
@@ -92,6 +94,7 @@ async fn rest_caller(state: &AppState, headers: &HeaderMap, query: &str) -> Resu
 
 async fn rest_relay(state: &AppState, sub_topic: &str, event: String, payload: BroadcastPayload) {
     let _ = state
+        .realtime
         .phoenix
         .send(PhxCommand::Broadcast {
             from: None,

@@ -1,14 +1,25 @@
-//! WebSocket sessions on `WS_PATH`.
+//! Aether's WebSocket side: one connection engine ([`engine`]) and the
+//! dialects it runs (`/ws`: [`session`], Aether and KingShare; `/realtime/v1`:
+//! [`phoenix`]), the channel and presence hubs, and the registry of open
+//! connections. It sits on the router (`aether_router`) and below the HTTP
+//! layer, which upgrades sockets and hands them here; what it needs of the
+//! application comes in a [`Realtime`] ([`service`]).
 
-pub(crate) mod engine;
+pub mod engine;
 pub mod hub;
 pub mod kingshare;
 pub mod phoenix;
 pub mod phoenix_hub;
 pub mod protocol;
 pub mod registry;
+pub mod service;
 pub mod session;
 pub mod stats;
+
+pub use service::{
+    Authenticator, BoxFuture, Directory, Realtime, ServerStatus, Settings, StatusReport,
+    TokenRefused,
+};
 
 /// Queues an item for one connection without waiting: a full queue closes the
 /// connection (its writer sees `overflowed`), as frames that are not row changes

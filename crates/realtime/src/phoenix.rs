@@ -14,9 +14,9 @@
 //! columns,record,old_record,errors}`.
 //!
 //! `broadcast` (JSON, or realtime-js's binary push under vsn 2.0.0) and
-//! `presence` (`track`/`untrack`) go to [`super::phoenix_hub`], which relays to
+//! `presence` (`track`/`untrack`) go to [`crate::phoenix_hub`], which relays to
 //! the topic's members; `POST /realtime/v1/api/broadcast[/{topic}/events/{event}]`
-//! (in `crate::api::supabase::realtime`, with the WebSocket upgrade) broadcast
+//! (in the HTTP layer, with the WebSocket upgrade) broadcast
 //! without a socket.
 //!
 //! One principal per connection: the `access_token` of the latest join or
@@ -31,19 +31,19 @@ use axum::extract::ws::{Message, WebSocket};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{
+use crate::Realtime;
+use crate::engine::{
     self, CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_LIMIT, CLOSE_SLOW, CLOSE_TOO_BIG, Close,
     Dialect, Ending, Frames, Inbound,
 };
-use super::phoenix_hub::{
+use crate::phoenix_hub::{
     BroadcastPayload, JoinOptions, PhxCommand, PhxMember, decode_user_broadcast_push,
 };
-use super::protocol::SubscribeRequest;
-use super::registry::{ConnEntry, now_ms};
-use super::session;
-use crate::auth::Principal;
-use crate::server::AppState;
+use crate::protocol::SubscribeRequest;
+use crate::registry::{ConnEntry, now_ms};
+use crate::session;
 use aether_core::changes::{ChangeKind, RowChange, RowJson};
+use aether_core::principal::Principal;
 use aether_router::{Command, Outbound, SessionHandle};
 
 /// The two framings of Phoenix messages.
@@ -236,7 +236,7 @@ struct Channel {
 }
 
 struct Conn {
-    state: AppState,
+    state: Realtime,
     session: u64,
     vsn: Vsn,
     principal: Arc<Principal>,
@@ -603,7 +603,7 @@ impl Conn {
                 filter: filter.clone(),
                 since: None,
             };
-            match super::session::resolve(&self.state, &req).await {
+            match crate::session::resolve(&self.state, &req).await {
                 Ok(spec) => resolved.push(spec),
                 Err(e) => {
                     return vec![self.reply(&m, "error", json!({"reason": e.message}))];
@@ -644,7 +644,7 @@ impl Conn {
                 presence: flag("/presence/enabled").unwrap_or(true),
                 presence_key,
             }),
-            messages: engine::message_budget(&self.state.config),
+            messages: engine::message_budget(&self.state.settings),
         };
         for (spec, b) in resolved.into_iter().zip(&ch.bindings) {
             self.subs
@@ -779,16 +779,16 @@ impl Conn {
     }
 }
 
-pub(crate) const PRIVATE: &str =
+pub const PRIVATE: &str =
     "Aether does not support broadcast or presence on private channels (config.private)";
 
 fn sub_topic(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
 }
 
-pub(crate) async fn run(
+pub async fn run(
     socket: WebSocket,
-    state: AppState,
+    state: Realtime,
     principal: Principal,
     vsn: Vsn,
     addr: Option<std::net::IpAddr>,
@@ -810,7 +810,7 @@ pub(crate) async fn run(
         engine::refuse(&mut socket, Close::new(CLOSE_LIMIT, "connection_limit")).await;
         return;
     }
-    let (tx, rx) = aether_router::queue::channel::<Outbound>(state.config.ws_queue_capacity);
+    let (tx, rx) = aether_router::queue::channel::<Outbound>(state.settings.ws_queue_capacity);
     let overflowed = CancellationToken::new();
     let revoked = CancellationToken::new();
     let lagging = Arc::new(tokio::sync::Notify::new());
@@ -862,7 +862,7 @@ pub(crate) async fn run(
         router: state.router.clone(),
         shutdown: state.shutdown.clone(),
     };
-    let limits = engine::Limits::from_config(&state.config);
+    let limits = engine::Limits::from_settings(&state.settings);
     engine::run(socket, &mut conn, link, limits, &state.stats).await;
     metrics::gauge!("aether_ws_connections").decrement(1.0);
 }

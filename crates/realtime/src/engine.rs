@@ -43,7 +43,7 @@ pub const CLOSE_LIMIT: u16 = 4029;
 /// socket's life: tungstenite's default of 128 KiB, then 4 KiB, were most of an
 /// idle connection's memory (aether-bench fan-out, heaptrack). A larger frame
 /// still arrives whole: the library reserves its full length.
-pub(crate) const READ_BUFFER_BYTES: usize = 1024;
+pub const READ_BUFFER_BYTES: usize = 1024;
 
 /// Frames written before one flush when the queue holds a burst.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
@@ -110,7 +110,7 @@ fn frame_budget() -> governor::DefaultDirectRateLimiter {
 
 /// `RATE_LIMIT_MESSAGES` per `RATE_LIMIT_WINDOW_S`, as a burst refilled at that
 /// rate: the budget of messages one client sends to one channel, in any dialect.
-pub(crate) fn message_budget(cfg: &crate::config::Config) -> governor::DefaultDirectRateLimiter {
+pub(crate) fn message_budget(cfg: &crate::Settings) -> governor::DefaultDirectRateLimiter {
     let n = std::num::NonZeroU32::new(cfg.rate_limit_messages).unwrap_or(std::num::NonZeroU32::MIN);
     let period = (cfg.rate_limit_window / n.get()).max(Duration::from_nanos(1));
     let quota = governor::Quota::with_period(period)
@@ -229,7 +229,7 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    pub(crate) fn from_config(cfg: &crate::config::Config) -> Limits {
+    pub(crate) fn from_settings(cfg: &crate::Settings) -> Limits {
         Limits {
             ping_every: cfg.ws_ping_interval,
             idle: cfg.ws_idle_timeout,

@@ -1,4 +1,4 @@
-//! The `/ws` dialects on the connection engine ([`super::engine`]): change
+//! The `/ws` dialects on the connection engine ([`crate::engine`]): change
 //! subscriptions and the Aether WebSocket API (`connection`, `message`,
 //! `system`), and KingShare; which of them a socket speaks is fixed when it opens
 //! ([`Vocabulary`]). A connection opened with `client_id` or `channel` in its URL
@@ -13,17 +13,17 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{self, Close, Dialect, Ending, Frames, Inbound};
-pub use super::engine::{
+use crate::Realtime;
+use crate::engine::{self, Close, Dialect, Ending, Frames, Inbound};
+pub use crate::engine::{
     CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_INVALID_DATA, CLOSE_LIMIT,
     CLOSE_PROTOCOL, CLOSE_SLOW, CLOSE_TOO_BIG,
 };
-use super::hub::{self, HubCommand, HubError, Member, SendOutcome};
-use super::kingshare;
-use super::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
-use super::registry::{ConnEntry, LimitError, now_ms};
-use crate::auth::{Principal, Role};
-use crate::server::AppState;
+use crate::hub::{self, HubCommand, HubError, Member, SendOutcome};
+use crate::kingshare;
+use crate::protocol::{self, ClientFrame, FrameError, SubscribeRequest};
+use crate::registry::{ConnEntry, LimitError, now_ms};
+use aether_core::principal::{Principal, Role};
 use aether_router::catalog::Catalog;
 use aether_router::filter::Filter;
 use aether_router::{Command, EventMask, Outbound, SessionHandle, SubscriptionSpec};
@@ -83,7 +83,7 @@ impl Vocabulary {
 pub struct ConnectParams {
     pub client_id: Option<String>,
     pub channel: Option<String>,
-    /// The client's address ([`crate::api::extract::client_ip`]).
+    /// The client's address (as the HTTP layer found it behind proxies).
     pub addr: Option<IpAddr>,
     pub vocabulary: Vocabulary,
 }
@@ -109,11 +109,11 @@ struct AetherSocket {
     channel: Option<String>,
     /// KingShare frames per connection: `RATE_LIMIT_MESSAGES` per window.
     ks_limit: governor::DefaultDirectRateLimiter,
-    state: AppState,
+    state: Realtime,
     principal: Arc<Principal>,
 }
 
-pub async fn run(socket: WebSocket, state: AppState, principal: Principal, params: ConnectParams) {
+pub async fn run(socket: WebSocket, state: Realtime, principal: Principal, params: ConnectParams) {
     let mut socket = engine::classified(socket);
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
     let vocabulary = params.vocabulary;
@@ -133,7 +133,7 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal, param
         last_seen: Arc::clone(&last_seen),
         close: reaped.clone(),
     };
-    let cfg = &state.config;
+    let cfg = &state.settings;
     let admitted = match admit(&state, session, entry) {
         Ok(n) => n,
         Err(e) => {
@@ -192,7 +192,7 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal, param
     // Presence: a user's first connection.
     if let (1, Some(uid)) = (admitted, principal.user_id.clone()) {
         let st = state.clone();
-        crate::server::spawn_named("presence", async move {
+        aether_core::task::spawn_named("presence", async move {
             kingshare::announce_presence(&st, &uid, true).await
         });
     }
@@ -217,7 +217,7 @@ pub async fn run(socket: WebSocket, state: AppState, principal: Principal, param
             router: state.router.clone(),
             shutdown: state.shutdown.clone(),
         };
-        let limits = engine::Limits::from_config(cfg);
+        let limits = engine::Limits::from_settings(cfg);
         engine::run(socket, &mut conn, link, limits, &state.stats).await;
     } else {
         conn.detach().await;
@@ -237,8 +237,8 @@ pub(crate) fn user_key(principal: &Principal, addr: Option<IpAddr>) -> String {
 
 /// Registers a connection under `WS_MAX_CONNECTIONS` and `RATE_LIMIT_CONNECTIONS`;
 /// a refusal is logged and counted. `Ok` is the user's number of connections.
-pub(crate) fn admit(state: &AppState, session: u64, entry: ConnEntry) -> Result<usize, LimitError> {
-    let cfg = &state.config;
+pub(crate) fn admit(state: &Realtime, session: u64, entry: ConnEntry) -> Result<usize, LimitError> {
+    let cfg = &state.settings;
     let admitted = state.registry.admit(
         session,
         entry,
@@ -254,10 +254,10 @@ pub(crate) fn admit(state: &AppState, session: u64, entry: ConnEntry) -> Result<
 
 /// Removes the connection from the registry (once); a user's last connection going
 /// means UserOffline for the users they share with.
-pub(crate) fn unregister(state: &AppState, session: u64) {
+pub(crate) fn unregister(state: &Realtime, session: u64) {
     if let Some((Some(uid), 0)) = state.registry.remove(session) {
         let st = state.clone();
-        crate::server::spawn_named("presence", async move {
+        aether_core::task::spawn_named("presence", async move {
             kingshare::announce_presence(&st, &uid, false).await
         });
     }
@@ -371,7 +371,7 @@ impl Dialect for AetherSocket {
             Ending::TooBig(len) => {
                 let message = format!(
                     "frame of {len} bytes or more is over the {} byte limit",
-                    self.state.config.ws_max_frame_bytes
+                    self.state.settings.ws_max_frame_bytes
                 );
                 Close::new(CLOSE_TOO_BIG, "frame too large").with_texts(v.error_frames(
                     "realtime",
@@ -458,7 +458,7 @@ impl AetherSocket {
         // user's, is no renewal.
         let fresh = state.auth.authenticate(token).await.map_err(|e| match e {
             // As at connect: the cause is logged, not sent.
-            crate::auth::AuthError::Internal(cause) => {
+            crate::TokenRefused::Internal(cause) => {
                 tracing::error!(error = %cause, session, "token renewal check failed");
                 frame_error("internal_error", "internal server error")
             }
@@ -677,7 +677,7 @@ impl AetherSocket {
                 }
             }
             ClientFrame::Status => {
-                let status = crate::api::ops::status_cached(state).await;
+                let status = state.status.status().await;
                 let severity = if status.status == "healthy" {
                     "info"
                 } else {
@@ -686,7 +686,7 @@ impl AetherSocket {
                 let f = json!({"type": "system", "action": "status", "data": {
                     "message": format!("server is {}", status.status),
                     "severity": severity,
-                    "status": status,
+                    "status": status.report,
                 }});
                 text(frames, f.to_string());
             }
@@ -729,7 +729,7 @@ impl AetherSocket {
 
 /// Validates a subscription against the published tables.
 pub(crate) async fn resolve(
-    state: &AppState,
+    state: &Realtime,
     req: &SubscribeRequest,
 ) -> Result<SubscriptionSpec, FrameError> {
     protocol::check_subscription(req)?;
@@ -760,7 +760,7 @@ pub(crate) async fn resolve(
     if table.is_none() && catalog_reload_due(state) {
         // A DBA may have added the table to the publication since we last looked.
         if let Ok(client) = state.pool.get().await
-            && let Ok(fresh) = Catalog::load(&client, &state.config.publication).await
+            && let Ok(fresh) = Catalog::load(&client, &state.settings.publication).await
             && let Ok(mut c) = state.catalog.write()
         {
             c.replace_with(fresh);
@@ -790,7 +790,7 @@ pub(crate) async fn resolve(
 }
 
 /// Claims the (at most once a second) catalog reload for a table not known yet.
-fn catalog_reload_due(state: &AppState) -> bool {
+fn catalog_reload_due(state: &Realtime) -> bool {
     let now = now_ms();
     let last = state.catalog_reloaded_ms.load(Ordering::Relaxed);
     now - last >= 1000
@@ -813,7 +813,7 @@ mod tests {
     #[test]
     fn an_idle_connections_task_stays_small() {
         let ws = future_size(super::run);
-        let phx = future_size5(super::super::phoenix::run);
+        let phx = future_size5(crate::phoenix::run);
         eprintln!(
             "task futures: /ws {ws} B, phoenix {phx} B, Outbound {} B",
             std::mem::size_of::<aether_router::Outbound>()

@@ -205,52 +205,14 @@ pub fn events_for(change: &RowChange) -> Vec<(String, String)> {
     out
 }
 
-/// A user's display name for presence: `user_metadata.username`, else the part of
-/// the email before `@`.
-pub async fn username(client: &tokio_postgres::Client, user_id: &str) -> Option<String> {
-    client
-        .query_opt(
-            "SELECT coalesce(user_metadata->>'username', split_part(email, '@', 1), 'anonymous')
-               FROM auth.users WHERE id = $1::text::uuid",
-            &[&user_id],
-        )
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.get(0))
-}
-
-/// Who is told when `user_id` comes online or goes offline: the users it shares
-/// files with, in either direction, through a live share. Never everyone.
-pub async fn related_users(client: &tokio_postgres::Client, user_id: &str) -> Vec<String> {
-    client
-        .query(
-            "SELECT DISTINCT other::text FROM (
-                 SELECT shared_with AS other FROM public.shares
-                  WHERE owner_id = $1::text::uuid AND shared_with IS NOT NULL
-                    AND revoked_at IS NULL AND expired_at IS NULL
-                 UNION
-                 SELECT owner_id FROM public.shares
-                  WHERE shared_with = $1::text::uuid AND revoked_at IS NULL AND expired_at IS NULL
-             ) r WHERE other <> $1::text::uuid",
-            &[&user_id],
-        )
-        .await
-        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-        .unwrap_or_default()
-}
-
 /// Tells the related users that `user_id` came online (`online`) or went offline.
-pub async fn announce_presence(state: &crate::server::AppState, user_id: &str, online: bool) {
-    let Ok(client) = state.pool.get().await else {
-        return;
-    };
-    let name = username(&client, user_id).await;
+pub async fn announce_presence(state: &crate::Realtime, user_id: &str, online: bool) {
+    let (name, related) = state.directory.presence(user_id).await;
     let frame = message(
         if online { "UserOnline" } else { "UserOffline" },
         json!({"user_id": user_id, "username": name}),
     );
-    for other in related_users(&client, user_id).await {
+    for other in related {
         state.kingshare.to_user(&other, &frame);
     }
 }

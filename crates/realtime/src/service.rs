@@ -1,0 +1,133 @@
+//! What the realtime side is given by the application, and nothing more: its
+//! settings, the router and hubs it talks to, and three questions it asks the
+//! application through traits (is this token good, who hears of a user's
+//! presence, how is the server). The binary builds one [`Realtime`] and hands it
+//! to every socket; the HTTP layer reads its registry and stats.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use aether_core::principal::Principal;
+use aether_router::Command;
+use aether_router::catalog::SharedCatalog;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::HubCommand;
+use crate::kingshare::Notifier;
+use crate::phoenix_hub::PhxCommand;
+use crate::registry::Registry;
+use crate::stats::Stats;
+
+/// A boxed future: the traits below are called through `dyn`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The limits and names every socket works under (from the server's config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The publication whose tables may be subscribed to.
+    pub publication: String,
+    /// Items one connection's queue holds.
+    pub ws_queue_capacity: usize,
+    /// The largest client frame.
+    pub ws_max_frame_bytes: usize,
+    pub ws_ping_interval: Duration,
+    pub ws_idle_timeout: Duration,
+    /// Open sockets in all.
+    pub ws_max_connections: usize,
+    /// Open sockets per user (or per address for anonymous ones).
+    pub rate_limit_connections: usize,
+    /// Messages one client may send to one channel per window.
+    pub rate_limit_messages: u32,
+    pub rate_limit_window: Duration,
+}
+
+/// Why a token gives no principal.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenRefused {
+    /// The token is bad, expired, revoked, or its user is gone: said to the client.
+    #[error("{message}")]
+    Definite { code: &'static str, message: String },
+    /// The check itself failed (database down): logged, not said.
+    #[error("token check failed: {0}")]
+    Internal(String),
+}
+
+impl TokenRefused {
+    /// The error code a client is told.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenRefused::Definite { code, .. } => code,
+            TokenRefused::Internal(_) => "internal_error",
+        }
+    }
+}
+
+/// Turns a token into a principal, with the same rules as every HTTP route.
+pub trait Authenticator: Send + Sync {
+    fn authenticate<'a>(&'a self, token: &'a str)
+    -> BoxFuture<'a, Result<Principal, TokenRefused>>;
+}
+
+/// Who hears of a user coming online or going offline (KingShare presence).
+pub trait Directory: Send + Sync {
+    /// The user's display name and the users told of its presence.
+    fn presence<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, (Option<String>, Vec<String>)>;
+}
+
+/// The server's health, for a socket's `system`/`status` request.
+#[derive(Debug, Clone)]
+pub struct ServerStatus {
+    /// `healthy`, `degraded` or `down`.
+    pub status: String,
+    /// The whole report, as `GET /ws/status` gives it.
+    pub report: serde_json::Value,
+}
+
+pub trait StatusReport: Send + Sync {
+    fn status(&self) -> BoxFuture<'_, ServerStatus>;
+}
+
+/// The realtime side of one server; cheap to clone.
+#[derive(Clone)]
+pub struct Realtime(Arc<Inner>);
+
+pub struct Inner {
+    pub settings: Settings,
+    /// For reloading the catalog when a subscription names a new table.
+    pub pool: deadpool_postgres::Pool,
+    pub catalog: SharedCatalog,
+    /// When the catalog was last reloaded for an unknown table (ms since the
+    /// epoch): at most once a second, so clients naming bogus tables cannot load
+    /// the database.
+    pub catalog_reloaded_ms: AtomicI64,
+    pub router: mpsc::Sender<Command>,
+    /// Aether channels (`/ws`).
+    pub hub: mpsc::Sender<HubCommand>,
+    /// Broadcast and presence of `/realtime/v1`.
+    pub phoenix: mpsc::Sender<PhxCommand>,
+    pub registry: Registry,
+    pub stats: Stats,
+    pub kingshare: Arc<Notifier>,
+    pub next_session: AtomicU64,
+    pub shutdown: CancellationToken,
+    pub auth: Arc<dyn Authenticator>,
+    pub directory: Arc<dyn Directory>,
+    pub status: Arc<dyn StatusReport>,
+}
+
+impl Realtime {
+    pub fn new(inner: Inner) -> Realtime {
+        Realtime(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for Realtime {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
