@@ -173,7 +173,16 @@ pub(crate) trait Dialect: Send {
         async { Ok(()) }
     }
 
-    /// Frames for one item of the connection's queue.
+    /// Frames for one item of the connection's queue when that needs no
+    /// waiting (row changes and ready frames: the hot path); `Err` hands the
+    /// item back for [`Dialect::outbound`]. Synchronous so that delivering a
+    /// change keeps no future in every idle connection's task.
+    fn encode(&mut self, out: Outbound, _frames: &mut Frames) -> Result<(), Outbound> {
+        Err(out)
+    }
+
+    /// Frames for one item of the connection's queue that [`Dialect::encode`]
+    /// handed back.
     fn outbound(&mut self, out: Outbound, frames: &mut Frames) -> impl Future<Output = ()> + Send;
 
     /// Acts on one client frame; replies go into `frames`. `Err` closes.
@@ -341,8 +350,10 @@ async fn admit<D: Dialect>(
 }
 
 /// Encodes `first` and then what is queued, at most `most` items in all, into
-/// `frames`, counting what they deliver.
-async fn encode_queued<D: Dialect>(
+/// `frames`, counting what they deliver. Synchronous up to an item the dialect
+/// must await ([`Dialect::encode`] handed it back): that one and the rest go
+/// through [`encode_awaited`], boxed, so the hot path keeps no future.
+fn encode_ready<D: Dialect>(
     dialect: &mut D,
     rx: &mut aether_router::queue::QueueRx<Outbound>,
     first: Option<Outbound>,
@@ -350,193 +361,237 @@ async fn encode_queued<D: Dialect>(
     frames: &mut Frames,
     stats: &Stats,
     latency: &metrics::Histogram,
-) {
+) -> Option<(Outbound, usize)> {
     let now = now_ms();
+    let before = frames.len();
     let mut changes = 0;
     let mut next = first;
-    for _ in 0..most {
+    let mut waiting = None;
+    for i in 0..most {
         let Some(out) = next.take().or_else(|| rx.try_recv().ok()) else {
             break;
         };
         changes += account(stats, &out, now, latency);
-        dialect.outbound(out, frames).await;
+        if let Err(out) = dialect.encode(out, frames) {
+            waiting = Some((out, most - i - 1));
+            break;
+        }
     }
-    stats.frames_out(frames.len() as u64, changes);
+    stats.frames_out((frames.len() - before) as u64, changes);
+    waiting
+}
+
+/// The rest of [`encode_ready`]'s work from an item the dialect must await.
+async fn encode_awaited<D: Dialect>(
+    dialect: &mut D,
+    rx: &mut aether_router::queue::QueueRx<Outbound>,
+    mut waiting: Option<(Outbound, usize)>,
+    frames: &mut Frames,
+    stats: &Stats,
+    latency: &metrics::Histogram,
+) {
+    while let Some((out, left)) = waiting {
+        let before = frames.len();
+        dialect.outbound(out, frames).await;
+        stats.frames_out((frames.len() - before) as u64, 0);
+        waiting = encode_ready(dialect, rx, None, left, frames, stats, latency);
+    }
+}
+
+/// [`encode_ready`], then [`encode_awaited`] if an item needs it.
+macro_rules! encode_queued {
+    ($dialect:expr, $rx:expr, $first:expr, $most:expr, $frames:expr, $stats:expr, $latency:expr) => {
+        if let Some(waiting) = encode_ready($dialect, $rx, $first, $most, $frames, $stats, $latency)
+        {
+            Box::pin(encode_awaited(
+                $dialect,
+                $rx,
+                Some(waiting),
+                $frames,
+                $stats,
+                $latency,
+            ))
+            .await;
+        }
+    };
 }
 
 /// Runs one connection until it ends, then closes it with the reason.
-pub(crate) async fn run<S, D>(
-    mut socket: S,
-    dialect: &mut D,
-    link: Link,
+///
+/// A plain function returning an `async move` block, not an `async fn`: an
+/// `async fn` moves its arguments into locals and keeps both copies in the
+/// task, and every idle connection pays for the task's size. The socket is
+/// borrowed (368 bytes): the caller's task holds it once.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice in every connection's task"
+)]
+pub(crate) fn run<'a, S, D>(
+    socket: &'a mut S,
+    dialect: &'a mut D,
+    mut link: Link,
     limits: Limits,
-    stats: &Stats,
-) where
-    S: Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send,
+    stats: &'a Stats,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    S: Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send + 'a,
     D: Dialect,
 {
-    let latency = metrics::histogram!("aether_delivery_latency_seconds");
-    let budget = frame_budget();
-    let idle_ms = i64::try_from(limits.idle.as_millis()).unwrap_or(i64::MAX);
-    let mut frames = Frames::new();
-    // Cleared after a frame header over the size cap: reading on would buffer
-    // the payload it claims, so the closing handshake does not wait for the peer.
-    let mut drain = true;
-    let ending = 'conn: {
-        if let Err(close) = Box::pin(dialect.open(&mut frames)).await {
-            break 'conn Some(close);
-        }
-        let mut ping = tokio::time::interval_at(
-            tokio::time::Instant::now() + limits.ping_every,
-            limits.ping_every,
-        );
-        let mut expires = dialect.expires_at();
-        let expiry = tokio::time::sleep_until(deadline(expires));
-        tokio::pin!(expiry);
-        let mut pull_wanted = false;
-        let Link {
-            session,
-            mut rx,
-            overflowed,
-            revoked,
-            lagging,
-            reaped,
-            last_seen,
-            router,
-            shutdown,
-        } = link;
-        // The signals' futures are made once and polled in place: made anew on
-        // every turn, each would register with its token and deregister again,
-        // under the token's lock, for every frame delivered. Shutdown is one
-        // token for every connection, so each watches a child of its own.
-        let shutdown = shutdown.child_token();
-        let shutdown = shutdown.cancelled();
-        let overflowed = overflowed.cancelled();
-        let revoked = revoked.cancelled();
-        let reaped = reaped.cancelled();
-        let lag = lagging.notified();
-        tokio::pin!(shutdown, overflowed, revoked, reaped, lag);
-        loop {
-            if !frames.is_empty() {
-                // A peer that stops reading blocks the socket: stay interruptible
-                // so a close decided meanwhile still happens.
-                let sent = tokio::select! {
-                    biased;
-                    _ = &mut shutdown => None,
-                    _ = &mut overflowed => None,
-                    _ = &mut revoked => None,
-                    _ = &mut reaped => None,
-                    r = send_all(&mut socket, &mut frames) => Some(r),
-                };
-                match sent {
-                    // The select below closes with the reason.
-                    None => {}
-                    Some(Err(())) => break None,
-                    Some(Ok(())) => {}
-                }
+    async move {
+        let latency = metrics::histogram!("aether_delivery_latency_seconds");
+        let budget = frame_budget();
+        let idle_ms = i64::try_from(limits.idle.as_millis()).unwrap_or(i64::MAX);
+        let mut frames = Frames::new();
+        // Cleared after a frame header over the size cap: reading on would buffer
+        // the payload it claims, so the closing handshake does not wait for the peer.
+        let mut drain = true;
+        let ending = 'conn: {
+            if let Err(close) = Box::pin(dialect.open(&mut frames)).await {
+                break 'conn Some(close);
             }
-            // Lagging and half drained: ask the router for what was missed.
-            if pull_wanted && aether_router::low_water(&rx) {
-                pull_wanted = false;
-                let pull = Command::Pull { session };
-                if router.send(pull).await.is_err() {
-                    break None;
-                }
-            }
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break Some(dialect.ending(Ending::Shutdown)),
-                _ = &mut overflowed => break Some(dialect.ending(Ending::Slow)),
-                _ = &mut revoked => break Some(dialect.ending(Ending::Revoked)),
-                _ = &mut reaped => break Some(dialect.ending(Ending::Idle)),
-                _ = &mut expiry, if expires.is_some() => {
-                    if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
-                        break Some(close);
-                    }
-                }
-                _ = ping.tick() => {
-                    if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
-                        break Some(dialect.ending(Ending::Idle));
-                    }
-                    frames.push(Message::Ping(Bytes::new()));
-                }
-                _ = &mut lag => {
-                    pull_wanted = true;
-                    lag.set(lagging.notified());
-                }
-                // Before the queue: a queue that never empties (a catch-up
-                // paced to keep it full) must not stop the peer's frames, pongs
-                // among them, from being read.
-                msg = socket.next() => {
-                    // Any frame, pongs included, counts as life.
-                    last_seen.store(now_ms(), Ordering::Relaxed);
-                    let inbound = match msg {
-                        Some(Ok(Message::Text(text))) => Some(Inbound::Text(text)),
-                        Some(Ok(Message::Binary(bytes))) => Some(Inbound::Binary(bytes)),
-                        Some(Ok(Message::Close(_))) => {
-                            // The library queued its answering Close; a flush
-                            // sends it, so the peer sees a clean close.
-                            let _ = tokio::time::timeout(CLOSE_ANSWER, socket.flush()).await;
-                            break None;
-                        }
-                        Some(Err(None)) | None => break None,
-                        Some(Ok(_)) => None, // pings are answered by the library
-                        Some(Err(Some(pc))) => {
-                            drain = pc.drain;
-                            let why = if pc.code == CLOSE_TOO_BIG {
-                                stats.error("frame_too_large");
-                                Ending::TooBig(limits.max_frame_bytes.saturating_add(1))
-                            } else {
-                                stats.error("invalid_message");
-                                Ending::Protocol(pc)
-                            };
-                            break Some(dialect.ending(why));
-                        }
+            let mut ping = tokio::time::interval_at(
+                tokio::time::Instant::now() + limits.ping_every,
+                limits.ping_every,
+            );
+            let mut expires = dialect.expires_at();
+            let expiry = tokio::time::sleep_until(deadline(expires));
+            tokio::pin!(expiry);
+            let mut pull_wanted = false;
+            let session = link.session;
+            let rx = &mut link.rx;
+            let (lagging, last_seen, router) = (&link.lagging, &link.last_seen, &link.router);
+            // The signals' futures are made once and polled in place: made anew on
+            // every turn, each would register with its token and deregister again,
+            // under the token's lock, for every frame delivered. Shutdown is one
+            // token for every connection, so each watches a child of its own.
+            let shutdown = link.shutdown.child_token();
+            let shutdown = shutdown.cancelled();
+            let overflowed = link.overflowed.cancelled();
+            let revoked = link.revoked.cancelled();
+            let reaped = link.reaped.cancelled();
+            let lag = lagging.notified();
+            tokio::pin!(shutdown, overflowed, revoked, reaped, lag);
+            loop {
+                if !frames.is_empty() {
+                    // A peer that stops reading blocks the socket: stay interruptible
+                    // so a close decided meanwhile still happens.
+                    let sent = tokio::select! {
+                        biased;
+                        _ = &mut shutdown => None,
+                        _ = &mut overflowed => None,
+                        _ = &mut revoked => None,
+                        _ = &mut reaped => None,
+                        r = send_all(socket, &mut frames) => Some(r),
                     };
-                    if let Some(inbound) = inbound {
-                        let mut replies = Frames::new();
-                        let handled =
-                            Box::pin(admit(dialect, inbound, &mut replies, &budget, limits, stats)).await;
-                        // What was queued while the frame was handled (a hub's
-                        // relay of an earlier message, say) goes out before the
-                        // replies, as when replies went through the queue. At
-                        // most one queue's worth, so this ends.
-                        let most = rx.max_capacity();
-                        encode_queued(dialect, &mut rx, None, most, &mut frames, stats, &latency).await;
-                        frames.append(&mut replies);
-                        if let Err(close) = handled {
+                    match sent {
+                        // The select below closes with the reason.
+                        None => {}
+                        Some(Err(())) => break None,
+                        Some(Ok(())) => {}
+                    }
+                }
+                // Lagging and half drained: ask the router for what was missed.
+                if pull_wanted && aether_router::low_water(rx) {
+                    pull_wanted = false;
+                    let pull = Command::Pull { session };
+                    if Box::pin(router.send(pull)).await.is_err() {
+                        break None;
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break Some(dialect.ending(Ending::Shutdown)),
+                    _ = &mut overflowed => break Some(dialect.ending(Ending::Slow)),
+                    _ = &mut revoked => break Some(dialect.ending(Ending::Revoked)),
+                    _ = &mut reaped => break Some(dialect.ending(Ending::Idle)),
+                    _ = &mut expiry, if expires.is_some() => {
+                        if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
                             break Some(close);
                         }
                     }
+                    _ = ping.tick() => {
+                        if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
+                            break Some(dialect.ending(Ending::Idle));
+                        }
+                        frames.push(Message::Ping(Bytes::new()));
+                    }
+                    _ = &mut lag => {
+                        pull_wanted = true;
+                        lag.set(lagging.notified());
+                    }
+                    // Before the queue: a queue that never empties (a catch-up
+                    // paced to keep it full) must not stop the peer's frames, pongs
+                    // among them, from being read.
+                    msg = socket.next() => {
+                        // Any frame, pongs included, counts as life.
+                        last_seen.store(now_ms(), Ordering::Relaxed);
+                        let inbound = match msg {
+                            Some(Ok(Message::Text(text))) => Some(Inbound::Text(text)),
+                            Some(Ok(Message::Binary(bytes))) => Some(Inbound::Binary(bytes)),
+                            Some(Ok(Message::Close(_))) => {
+                                // The library queued its answering Close; a flush
+                                // sends it, so the peer sees a clean close.
+                                let _ = Box::pin(tokio::time::timeout(CLOSE_ANSWER, socket.flush())).await;
+                                break None;
+                            }
+                            Some(Err(None)) | None => break None,
+                            Some(Ok(_)) => None, // pings are answered by the library
+                            Some(Err(Some(pc))) => {
+                                drain = pc.drain;
+                                let why = if pc.code == CLOSE_TOO_BIG {
+                                    stats.error("frame_too_large");
+                                    Ending::TooBig(limits.max_frame_bytes.saturating_add(1))
+                                } else {
+                                    stats.error("invalid_message");
+                                    Ending::Protocol(pc)
+                                };
+                                break Some(dialect.ending(why));
+                            }
+                        };
+                        if let Some(inbound) = inbound {
+                            let mut replies = Frames::new();
+                            let handled =
+                                Box::pin(admit(dialect, inbound, &mut replies, &budget, limits, stats)).await;
+                            // What was queued while the frame was handled (a hub's
+                            // relay of an earlier message, say) goes out before the
+                            // replies, as when replies went through the queue. At
+                            // most one queue's worth, so this ends.
+                            let most = rx.max_capacity();
+                            encode_queued!(dialect, rx, None, most, &mut frames, stats, &latency);
+                            frames.append(&mut replies);
+                            if let Err(close) = handled {
+                                break Some(close);
+                            }
+                        }
+                    }
+                    out = rx.recv() => {
+                        let Some(out) = out else { break None };
+                        // What is already queued goes out in the same write: one flush
+                        // (one syscall) per burst instead of one per frame.
+                        encode_queued!(dialect, rx, Some(out), MAX_FRAMES_PER_FLUSH, &mut frames, stats, &latency);
+                    }
                 }
-                out = rx.recv() => {
-                    let Some(out) = out else { break None };
-                    // What is already queued goes out in the same write: one flush
-                    // (one syscall) per burst instead of one per frame.
-                    encode_queued(dialect, &mut rx, Some(out), MAX_FRAMES_PER_FLUSH, &mut frames, stats, &latency)
-                        .await;
+                if dialect.expires_at() != expires {
+                    // A renewed (or dropped) token moves the deadline.
+                    expires = dialect.expires_at();
+                    expiry.as_mut().reset(deadline(expires));
                 }
             }
-            if dialect.expires_at() != expires {
-                // A renewed (or dropped) token moves the deadline.
-                expires = dialect.expires_at();
-                expiry.as_mut().reset(deadline(expires));
-            }
-        }
-    };
-    // Boxed, as the goodbye below: cold paths need not size every idle task.
-    Box::pin(dialect.detach()).await;
-    let Some(close) = ending else { return };
-    Box::pin(goodbye(socket, frames, close, drain)).await;
+        };
+        // Boxed, as the goodbye below: cold paths need not size every idle task.
+        Box::pin(dialect.detach()).await;
+        let Some(close) = ending else { return };
+        Box::pin(goodbye(socket, frames, close, drain)).await;
+    }
 }
 
 /// Writes what is left and the Close, then waits briefly for the peer's Close.
-async fn goodbye<S>(mut socket: S, frames: Frames, close: Close, drain: bool)
+async fn goodbye<S>(socket: &mut S, frames: Frames, close: Close, drain: bool)
 where
     S: Sink<Message> + Stream<Item = Result<Message, Option<ProtocolClose>>> + Unpin + Send,
 {
     // Replies not yet written (a refusal's reason among them), then the close.
-    if write_close(&mut socket, frames, close).await && drain {
+    if write_close(socket, frames, close).await && drain {
         // The closing handshake: wait for the peer's Close before the socket
         // goes, so the peer reads our code rather than a reset.
         let _ = tokio::time::timeout(CLOSE_ANSWER, async {
@@ -731,7 +786,8 @@ mod tests {
                     written,
                     heard_at,
                 };
-                run(pipe, &mut dialect, link, limits, &Stats::default()).await;
+                let mut pipe = pipe;
+                run(&mut pipe, &mut dialect, link, limits, &Stats::default()).await;
             }),
         }
     }

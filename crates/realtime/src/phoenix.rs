@@ -741,18 +741,19 @@ impl Conn {
         }
     }
 
-    /// Turns an item of the connection's queue into frames.
-    async fn queued(&mut self, out: Outbound, batch: &mut Vec<Message>) {
+    /// Turns an item of the connection's queue into frames without waiting;
+    /// `Err` hands back a subscription's answer, which [`Conn::queued`] awaits.
+    fn encoded(&mut self, out: Outbound, batch: &mut Vec<Message>) -> Result<(), Outbound> {
         match out {
             Outbound::Change {
                 subscription,
                 change,
             } => {
                 let Some((topic, id)) = self.subs.get(&subscription).cloned() else {
-                    return;
+                    return Ok(());
                 };
                 let Some(ch) = self.channels.get(&topic).filter(|c| c.joined) else {
-                    return;
+                    return Ok(());
                 };
                 // `data` is encoded once per change for every Phoenix socket.
                 let data = change.frame(PHOENIX_DATA, |c| change_data(c).to_string());
@@ -762,19 +763,33 @@ impl Conn {
                         .into(),
                 ));
             }
-            Outbound::Subscribed { subscription, .. } => {
-                self.settled(&subscription, None, batch).await;
-            }
-            Outbound::Error {
-                subscription: Some(subscription),
-                message,
+            Outbound::Subscribed { .. }
+            | Outbound::Error {
+                subscription: Some(_),
                 ..
-            } => {
-                self.settled(&subscription, Some(message), batch).await;
-            }
+            } => return Err(out),
             Outbound::Frame(text) => batch.push(Message::Text(text.as_ref().into())),
             Outbound::Binary(bytes) => batch.push(Message::Binary(bytes)),
             Outbound::Unsubscribed { .. } | Outbound::Error { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Turns an item of the connection's queue into frames.
+    async fn queued(&mut self, out: Outbound, batch: &mut Vec<Message>) {
+        match self.encoded(out, batch) {
+            Ok(()) => {}
+            Err(Outbound::Subscribed { subscription, .. }) => {
+                self.settled(&subscription, None, batch).await;
+            }
+            Err(Outbound::Error {
+                subscription: Some(subscription),
+                message,
+                ..
+            }) => {
+                self.settled(&subscription, Some(message), batch).await;
+            }
+            Err(_) => {}
         }
     }
 }
@@ -786,88 +801,100 @@ fn sub_topic(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)
 }
 
-pub async fn run(
+/// A plain function returning an `async move` block (see [`engine::run`]): the
+/// connection's task holds each argument once.
+pub fn run(
     socket: WebSocket,
     state: Realtime,
     principal: Principal,
     vsn: Vsn,
     addr: Option<std::net::IpAddr>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let mut socket = engine::classified(socket);
-    let session = state.next_session.fetch_add(1, Ordering::Relaxed);
-    // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
-    // stats and cleanup.
-    let last_seen = Arc::new(AtomicI64::new(now_ms()));
-    let reaped = CancellationToken::new();
-    let entry = ConnEntry {
-        user_key: session::user_key(&principal, addr),
-        user_id: principal.user_id.clone(),
-        client_id: Arc::from(format!("phoenix-{session}")),
-        last_seen: Arc::clone(&last_seen),
-        close: reaped.clone(),
-    };
-    if session::admit(&state, session, entry).is_err() {
-        engine::refuse(&mut socket, Close::new(CLOSE_LIMIT, "connection_limit")).await;
-        return;
-    }
-    let (tx, rx) = aether_router::queue::channel::<Outbound>(state.settings.ws_queue_capacity);
-    let overflowed = CancellationToken::new();
-    let revoked = CancellationToken::new();
-    let lagging = Arc::new(tokio::sync::Notify::new());
-    let principal = Arc::new(principal);
-    let handle = SessionHandle {
-        tx: tx.clone(),
-        overflowed: overflowed.clone(),
-        revoked: revoked.clone(),
-        lagging: Arc::clone(&lagging),
-        principal: Arc::clone(&principal),
-    };
-    let member = PhxMember {
-        tx,
-        overflowed: overflowed.clone(),
-        vsn,
-    };
-    let mut conn = Conn {
-        state: state.clone(),
-        session,
-        vsn,
-        principal,
-        channels: HashMap::new(),
-        subs: HashMap::new(),
-        next_join: 0,
-    };
-    let attached = state
-        .router
-        .send(Command::Attach { session, handle })
-        .await
-        .is_ok()
-        && state
-            .phoenix
-            .send(PhxCommand::Attach { session, member })
+    async move {
+        let session = state.next_session.fetch_add(1, Ordering::Relaxed);
+        // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
+        // stats and cleanup.
+        let last_seen = Arc::new(AtomicI64::new(now_ms()));
+        let reaped = CancellationToken::new();
+        let entry = ConnEntry {
+            user_key: session::user_key(&principal, addr),
+            user_id: principal.user_id.clone(),
+            client_id: Arc::from(format!("phoenix-{session}")),
+            last_seen: Arc::clone(&last_seen),
+            close: reaped.clone(),
+        };
+        if session::admit(&state, session, entry).is_err() {
+            Box::pin(engine::refuse(
+                &mut socket,
+                Close::new(CLOSE_LIMIT, "connection_limit"),
+            ))
+            .await;
+            return;
+        }
+        let (tx, rx) = aether_router::queue::channel::<Outbound>(state.settings.ws_queue_capacity);
+        let overflowed = CancellationToken::new();
+        let revoked = CancellationToken::new();
+        let lagging = Arc::new(tokio::sync::Notify::new());
+        let principal = Arc::new(principal);
+        let handle = SessionHandle {
+            tx: tx.clone(),
+            overflowed: overflowed.clone(),
+            revoked: revoked.clone(),
+            lagging: Arc::clone(&lagging),
+            principal: Arc::clone(&principal),
+        };
+        let member = PhxMember {
+            tx,
+            overflowed: overflowed.clone(),
+            vsn,
+        };
+        let mut conn = Conn {
+            state: state.clone(),
+            session,
+            vsn,
+            principal,
+            channels: HashMap::new(),
+            subs: HashMap::new(),
+            next_join: 0,
+        };
+        let attached = state
+            .router
+            .send(Command::Attach { session, handle })
             .await
-            .is_ok();
-    if !attached {
-        conn.detach().await;
-        return;
+            .is_ok()
+            && state
+                .phoenix
+                .send(PhxCommand::Attach { session, member })
+                .await
+                .is_ok();
+        if !attached {
+            conn.detach().await;
+            return;
+        }
+        metrics::gauge!("aether_ws_connections").increment(1.0);
+        let link = engine::Link {
+            session,
+            rx,
+            overflowed,
+            revoked,
+            lagging,
+            reaped,
+            last_seen,
+            router: state.router.clone(),
+            shutdown: state.shutdown.clone(),
+        };
+        let limits = engine::Limits::from_settings(&state.settings);
+        engine::run(&mut socket, &mut conn, link, limits, &state.stats).await;
+        metrics::gauge!("aether_ws_connections").decrement(1.0);
     }
-    metrics::gauge!("aether_ws_connections").increment(1.0);
-    let link = engine::Link {
-        session,
-        rx,
-        overflowed,
-        revoked,
-        lagging,
-        reaped,
-        last_seen,
-        router: state.router.clone(),
-        shutdown: state.shutdown.clone(),
-    };
-    let limits = engine::Limits::from_settings(&state.settings);
-    engine::run(socket, &mut conn, link, limits, &state.stats).await;
-    metrics::gauge!("aether_ws_connections").decrement(1.0);
 }
 
 impl Dialect for Conn {
+    fn encode(&mut self, out: Outbound, frames: &mut Frames) -> Result<(), Outbound> {
+        self.encoded(out, frames)
+    }
+
     async fn outbound(&mut self, out: Outbound, frames: &mut Frames) {
         self.queued(out, frames).await;
     }
