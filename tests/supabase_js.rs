@@ -48,12 +48,11 @@ fn npm_ci() {
     });
 }
 
+/// The default settings: `ALLOWED_FILE_TYPES` (images, PDF, Word by default)
+/// is the seed route's rule, so `/storage/v1` accepts any type, as Supabase
+/// does, unless a bucket says otherwise.
 async fn start() -> TestServer {
-    TestServer::start_with(|c| {
-        // Supabase accepts any file type unless a bucket says otherwise.
-        c.allowed_file_types = aether::storage::AllowedTypes::parse("*").unwrap();
-    })
-    .await
+    TestServer::start_with(|_| {}).await
 }
 
 /// Runs `script` (in tests/supabase-js) against `server`; panics unless it exits 0.
@@ -143,4 +142,11 @@ async fn supabase_js_auth_admin() {
 async fn supabase_js_storage_buckets() {
     let server = start().await;
     run(&server, "storage_buckets.mjs", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_storage_objects() {
+    // A 1 MB quota, so the script can see a copy counted against it.
+    let server = TestServer::start_with(|c| c.storage_quota_bytes = 1_000_000).await;
+    run(&server, "storage_objects.mjs", &[]).await;
 }

@@ -22,7 +22,7 @@ use crate::server::AppState;
 use crate::storage::path::{MAX_PATH_BYTES, base_name};
 use crate::storage::{
     BucketInfo, ByteRange, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError,
-    UploadSource, UploadTarget,
+    TypeRules, UploadSource, UploadTarget,
 };
 
 /// Everything but unreserved characters and sub-delims is escaped in a segment.
@@ -310,6 +310,8 @@ async fn read_form(
                 let source = UploadSource {
                     file_name,
                     content_type: field.content_type().map(str::to_owned),
+                    // The seed route answers to ALLOWED_FILE_TYPES too.
+                    types: TypeRules::Server,
                 };
                 let up = state
                     .storage
@@ -433,6 +435,7 @@ pub async fn upload(
                 path,
                 upsert,
                 id: Some(upload_id),
+                user_metadata: None,
             },
         )
         .await?;

@@ -67,6 +67,20 @@ impl Blobs {
         }
     }
 
+    /// Copies the blob at `from` to the fresh key `to` (`None`: creates an
+    /// empty blob there). The bytes at `to` are complete when this returns.
+    pub async fn copy(&self, from: Option<&str>, to: &str) -> object_store::Result<()> {
+        let to = Path::from(to);
+        match from {
+            Some(from) => self.store.copy(&Path::from(from), &to).await,
+            None => self
+                .store
+                .put(&to, object_store::PutPayload::default())
+                .await
+                .map(|_| ()),
+        }
+    }
+
     /// Deletes a blob, logging (not returning) failures: used after the row that
     /// pointed to it is gone, so a failure leaves unreferenced bytes, never a
     /// dangling row.

@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::request::Parts;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 
 use crate::auth::{Principal, Role};
 use crate::server::AppState;
@@ -69,6 +69,17 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         )
         .route("/storage/v1/object/sign/{bucket}", post(storage::sign_many))
         .route("/storage/v1/object/list/{bucket}", post(storage::list))
+        .route(
+            "/storage/v1/object/list-v2/{bucket}",
+            post(storage::list_v2),
+        )
+        .route("/storage/v1/object/move", post(storage::move_object))
+        .route("/storage/v1/object/copy", post(storage::copy_object))
+        .route(
+            "/storage/v1/object/upload/sign/{bucket}/{*path}",
+            post(storage::sign_upload)
+                .merge(put(storage::upload_signed).layer(DefaultBodyLimit::disable())),
+        )
         .route(
             "/storage/v1/object/sign/{bucket}/{*path}",
             post(storage::sign).get(storage::signed_get),

@@ -25,9 +25,10 @@ use crate::api::storage::{MULTIPART_SLACK, content_length, read_response};
 use crate::api::validate::{self, Validate};
 use crate::auth::{AuthError, Principal, Role};
 use crate::server::AppState;
+use crate::storage::path::MAX_PATH_BYTES;
 use crate::storage::{
-    ByteRange, Deleted, FileRecord, NewBucket, ObjectPath, PendingUpload, PumpError, StorageError,
-    UploadSource, UploadTarget,
+    ByteRange, Deleted, FileCursor, FileRecord, FileSort, NewBucket, ObjectPath, PendingUpload,
+    PumpError, SortColumn, StorageError, TypeRules, UploadSource, UploadTarget,
 };
 
 /// An error in the storage API's shape.
@@ -456,6 +457,7 @@ fn file_json(f: &FileRecord) -> Value {
             "contentLength": f.size,
             "httpStatusCode": 200,
         },
+        "user_metadata": f.user_metadata,
     })
 }
 
@@ -581,16 +583,56 @@ pub struct UploadAnswer {
     id: String,
 }
 
+/// Custom metadata (`metadata` of `upload`) is a JSON object of at most this
+/// many bytes.
+const MAX_METADATA_BYTES: usize = 8 * 1024;
+
+/// A JSON object of custom metadata, checked like any JSON body.
+fn parse_metadata(text: &[u8]) -> Result<Value, StorageApiError> {
+    if text.len() > MAX_METADATA_BYTES {
+        return Err(StorageApiError::invalid(format!(
+            "metadata is larger than {MAX_METADATA_BYTES} bytes"
+        )));
+    }
+    let v: Value = serde_json::from_slice(text)
+        .map_err(|e| StorageApiError::invalid(format!("metadata is not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(StorageApiError::invalid("metadata must be a JSON object"));
+    }
+    validate::json(&v)?;
+    Ok(v)
+}
+
+/// `x-metadata`: base64 of the metadata's JSON (storage-js, raw bodies).
+fn header_metadata(headers: &HeaderMap) -> Result<Option<Value>, StorageApiError> {
+    use base64::Engine as _;
+    let Some(raw) = headers.get("x-metadata") else {
+        return Ok(None);
+    };
+    let bad = || StorageApiError::invalid("x-metadata must be base64 of a JSON object");
+    let text = raw.to_str().map_err(|_| bad())?.trim();
+    if text.len() > MAX_METADATA_BYTES.div_ceil(3) * 4 {
+        return Err(StorageApiError::invalid(format!(
+            "metadata is larger than {MAX_METADATA_BYTES} bytes"
+        )));
+    }
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| bad())?;
+    parse_metadata(&json).map(Some)
+}
+
+/// Stores the body of `req` (raw, or the file part of a form) as `owner`'s
+/// object at `bucket/path`, under the bucket's own rules (any type unless
+/// the bucket lists some), with the custom metadata sent along.
 async fn do_upload(
     state: AppState,
-    p: Principal,
+    owner: Uuid,
     bucket: String,
-    raw_path: String,
+    path: ObjectPath,
     upsert: bool,
     req: Request,
-) -> Result<Json<UploadAnswer>, StorageApiError> {
-    let path = object_path(&raw_path)?;
-    let owner = write_owner(&state, &p, &bucket, &path).await?;
+) -> Result<FileRecord, StorageApiError> {
     let info = state.storage.bucket(&bucket).await?;
     let content_type = req
         .headers()
@@ -607,6 +649,7 @@ async fn do_upload(
     if content_length(req.headers()).is_some_and(|n| n > limit.saturating_add(slack)) {
         return Err(too_large());
     }
+    let mut metadata = header_metadata(req.headers()).map_err(StorageApiError::closing)?;
     let mut pending: Option<PendingUpload> = None;
     // Every refusal below is answered at once, while the body may still be
     // arriving: what is left of it is not read.
@@ -632,6 +675,23 @@ async fn do_upload(
             let name = field.name().unwrap_or("").to_owned();
             let is_file = field.file_name().is_some() || name.is_empty() || name == "file";
             let mut field = field;
+            if !is_file && name == "metadata" {
+                let mut text = Vec::new();
+                while let Ok(Some(c)) = field.chunk().await {
+                    text.extend_from_slice(&c);
+                    if text.len() > MAX_METADATA_BYTES {
+                        break;
+                    }
+                }
+                match parse_metadata(&text) {
+                    Ok(v) => metadata = Some(v),
+                    Err(e) => {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                continue;
+            }
             if !is_file || pending.is_some() {
                 while let Ok(Some(c)) = field.chunk().await {
                     skipped += c.len() as u64;
@@ -648,6 +708,7 @@ async fn do_upload(
             let source = UploadSource {
                 file_name: path.name().to_owned(),
                 content_type: field.content_type().map(str::to_owned),
+                types: TypeRules::BucketOnly,
             };
             match state.storage.begin_upload(owner, source, Some(&info)).await {
                 Ok(up) => {
@@ -670,6 +731,7 @@ async fn do_upload(
         let source = UploadSource {
             file_name: path.name().to_owned(),
             content_type,
+            types: TypeRules::BucketOnly,
         };
         let stream = req.into_body().into_data_stream();
         match state.storage.begin_upload(owner, source, Some(&info)).await {
@@ -698,17 +760,22 @@ async fn do_upload(
         .commit(
             up,
             UploadTarget {
-                bucket: bucket.clone(),
-                path: path.clone(),
+                bucket,
+                path,
                 upsert,
                 id: None,
+                user_metadata: metadata,
             },
         )
         .await?;
-    Ok(Json(UploadAnswer {
-        key: format!("{bucket}/{path}"),
-        id: file.id.hyphenated().to_string(),
-    }))
+    Ok(file)
+}
+
+fn upload_answer(bucket: &str, f: &FileRecord) -> Json<UploadAnswer> {
+    Json(UploadAnswer {
+        key: format!("{bucket}/{}", f.path),
+        id: f.id.hyphenated().to_string(),
+    })
 }
 
 fn upsert_header(headers: &HeaderMap) -> bool {
@@ -726,7 +793,10 @@ pub async fn upload(
     req: Request,
 ) -> Result<Json<UploadAnswer>, StorageApiError> {
     let upsert = upsert_header(req.headers());
-    do_upload(state, p, bucket, path, upsert, req).await
+    let path = object_path(&path)?;
+    let owner = write_owner(&state, &p, &bucket, &path).await?;
+    let f = do_upload(state, owner, bucket.clone(), path, upsert, req).await?;
+    Ok(upload_answer(&bucket, &f))
 }
 
 /// `PUT /storage/v1/object/{bucket}/{path}`: replaces the object.
@@ -736,7 +806,10 @@ pub async fn update(
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     req: Request,
 ) -> Result<Json<UploadAnswer>, StorageApiError> {
-    do_upload(state, p, bucket, path, true, req).await
+    let path = object_path(&path)?;
+    let owner = write_owner(&state, &p, &bucket, &path).await?;
+    let f = do_upload(state, owner, bucket.clone(), path, true, req).await?;
+    Ok(upload_answer(&bucket, &f))
 }
 
 async fn serve(
@@ -777,7 +850,8 @@ pub async fn get_object(
     serve(&state, &p, &bucket, owner, &path, &headers, head_only).await
 }
 
-/// `GET /storage/v1/object/info/{bucket}/{path}`.
+/// `GET /storage/v1/object/info/{bucket}/{path}` (`info`): Supabase's shape,
+/// whose `metadata` is the custom metadata given at upload.
 pub async fn info(
     State(state): State<AppState>,
     Caller(p): Caller,
@@ -790,14 +864,19 @@ pub async fn info(
         .file_at(&bucket, owner, &path)
         .await?
         .ok_or_else(StorageApiError::no_such_key)?;
-    let mut v = file_json(&f);
-    v["bucket_id"] = json!(bucket);
-    v["name"] = json!(f.path);
-    v["size"] = json!(f.size);
-    v["content_type"] = json!(f.mime_type);
-    v["last_modified"] = v["updated_at"].clone();
-    v["etag"] = v["metadata"]["eTag"].clone();
-    Ok(Json(v))
+    Ok(Json(json!({
+        "id": f.id.hyphenated().to_string(),
+        "name": f.path,
+        "version": f.version(),
+        "bucket_id": bucket,
+        "size": f.size,
+        "content_type": f.mime_type,
+        "cache_control": "max-age=3600",
+        "etag": format!("\"{}\"", f.id.simple()),
+        "metadata": f.user_metadata,
+        "last_modified": timestamp(&f.updated_at),
+        "created_at": timestamp(&f.created_at),
+    })))
 }
 
 /// `GET /storage/v1/object/public/{bucket}/{path}`: public buckets, no key needed.
@@ -817,12 +896,20 @@ pub async fn public_get(
     serve(&state, &anon, &bucket, owner, &path, &headers, head_only).await
 }
 
+/// What a signed-URL token allows: download tokens say [`DOWNLOAD`] (or,
+/// made before tokens had a scope, nothing), upload tokens [`UPLOAD`]; each
+/// route takes its own kind only.
+const DOWNLOAD: &str = "download";
+const UPLOAD: &str = "upload";
+
 #[derive(Serialize, Deserialize)]
 struct SignedClaims {
     /// `bucket/path`, as in Supabase's signed URLs.
     url: String,
     /// Whose file (paths are per owner in Aether).
     owner: Uuid,
+    #[serde(default)]
+    scope: Option<String>,
     iat: i64,
     exp: i64,
 }
@@ -874,10 +961,32 @@ async fn signed_url(
     let token = state.jwt.sign_json(&SignedClaims {
         url: url.clone(),
         owner,
+        scope: Some(DOWNLOAD.into()),
         iat: now,
         exp: now.saturating_add(expires_in),
     });
     Ok(format!("/object/sign/{url}?token={token}"))
+}
+
+fn bad_signature(m: &str) -> StorageApiError {
+    StorageApiError::new(
+        StatusCode::BAD_REQUEST,
+        "InvalidSignature",
+        "InvalidSignature",
+        m,
+    )
+}
+
+/// The claims of the `token` query parameter: signed by us, not expired.
+fn verify_signed<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    uri: &axum::http::Uri,
+) -> Result<T, StorageApiError> {
+    let token = query_param(uri.query().unwrap_or(""), "token").unwrap_or_default();
+    state.jwt.verify_json(&token).map_err(|e| match e {
+        crate::auth::TokenError::Expired => bad_signature("jwt expired"),
+        crate::auth::TokenError::Invalid(_) => bad_signature("The signature is invalid"),
+    })
 }
 
 /// `GET /storage/v1/object/sign/{bucket}/{path}?token=…`: no key needed.
@@ -888,22 +997,13 @@ pub async fn signed_get(
     method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, StorageApiError> {
-    let token = query_param(uri.query().unwrap_or(""), "token").unwrap_or_default();
-    let invalid = |m: &str| {
-        StorageApiError::new(
-            StatusCode::BAD_REQUEST,
-            "InvalidSignature",
-            "InvalidSignature",
-            m,
-        )
-    };
-    let claims: SignedClaims = state.jwt.verify_json(&token).map_err(|e| match e {
-        crate::auth::TokenError::Expired => invalid("jwt expired"),
-        crate::auth::TokenError::Invalid(_) => invalid("The signature is invalid"),
-    })?;
+    let claims: SignedClaims = verify_signed(&state, &uri)?;
+    if claims.scope.as_deref().is_some_and(|s| s != DOWNLOAD) {
+        return Err(bad_signature("The token is not for downloads"));
+    }
     let path = object_path(&path)?;
     if claims.url != format!("{bucket}/{path}") {
-        return Err(invalid("The URL does not match the signature"));
+        return Err(bad_signature("The URL does not match the signature"));
     }
     let service = Principal {
         expires_at: Some(claims.exp),
@@ -991,6 +1091,53 @@ mod tests {
         assert_eq!(size_limit(&json!("500 kb")).unwrap(), Some(500 << 10));
         assert!(size_limit(&json!("lots")).is_err());
         assert_eq!(size_limit(&Value::Null).unwrap(), None);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_junk() {
+        let c = FileCursor {
+            time: chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456),
+            path: "a/b ü.txt".into(),
+            id: Uuid::new_v4(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&c)).unwrap(), c);
+        for junk in ["", "nope", "e30", "!!!"] {
+            assert!(decode_cursor(junk).is_err(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_a_small_json_object() {
+        use base64::Engine as _;
+        let mut h = HeaderMap::new();
+        assert_eq!(header_metadata(&h).unwrap(), None);
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        h.insert("x-metadata", b64(r#"{"a":1}"#).parse().unwrap());
+        assert_eq!(header_metadata(&h).unwrap(), Some(json!({"a": 1})));
+        for bad in [b64("[1]"), b64("{"), "***".into(), b64(r#"{"a":"\u0000"}"#)] {
+            h.insert("x-metadata", bad.parse().unwrap());
+            assert!(header_metadata(&h).is_err(), "{bad}");
+        }
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES));
+        assert!(parse_metadata(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn list_v2_sorts() {
+        assert_eq!(sort_v2(None).unwrap(), FileSort::default());
+        let s = sort_v2(Some(SortBy {
+            column: Some("created_at".into()),
+            order: Some("DESC".into()),
+        }))
+        .unwrap();
+        assert_eq!((s.column, s.desc), (SortColumn::CreatedAt, true));
+        assert!(
+            sort_v2(Some(SortBy {
+                column: Some("size".into()),
+                order: None
+            }))
+            .is_err()
+        );
     }
 }
 
@@ -1088,4 +1235,463 @@ pub async fn sign_many(
         });
     }
     Ok(Json(Value::Array(out)))
+}
+
+#[derive(Deserialize)]
+pub struct MoveBody {
+    #[serde(rename = "bucketId")]
+    bucket_id: String,
+    #[serde(rename = "sourceKey")]
+    source_key: String,
+    #[serde(rename = "destinationKey")]
+    destination_key: String,
+    #[serde(rename = "destinationBucket")]
+    destination_bucket: Option<String>,
+}
+
+impl Validate for MoveBody {
+    fn validate(&self) -> Result<(), validate::Invalid> {
+        validate::bucket("bucketId", &self.bucket_id)?;
+        if let Some(b) = &self.destination_bucket {
+            validate::bucket("destinationBucket", b)?;
+        }
+        Ok(())
+    }
+}
+
+/// A bucket and a path in it.
+type Place<'a> = (&'a str, ObjectPath);
+
+impl MoveBody {
+    /// Source and destination.
+    fn ends(&self) -> Result<(Place<'_>, Place<'_>), StorageApiError> {
+        let to_bucket = self
+            .destination_bucket
+            .as_deref()
+            .unwrap_or(&self.bucket_id);
+        Ok((
+            (&self.bucket_id, object_path(&self.source_key)?),
+            (to_bucket, object_path(&self.destination_key)?),
+        ))
+    }
+}
+
+/// Whose object at `bucket/path` a move or copy takes: the signed-in user's
+/// own; for the service role, the one owner's there (refused when several
+/// users have an object at that path: Aether's paths are per owner).
+async fn source_owner(
+    state: &AppState,
+    caller: &Principal,
+    bucket: &str,
+    path: &ObjectPath,
+) -> Result<Uuid, StorageApiError> {
+    if let Some(uid) = user_of(caller) {
+        return Ok(uid);
+    }
+    if !caller.is_service() {
+        return Err(StorageApiError::no_such_key());
+    }
+    state.storage.bucket(bucket).await?;
+    match state.storage.owners_at(bucket, path).await?.as_slice() {
+        [] => Err(StorageApiError::no_such_key()),
+        [one] => Ok(*one),
+        _ => Err(StorageApiError::invalid(format!(
+            "several users have an object at {bucket}/{path}: move or copy it with its owner's access token"
+        ))),
+    }
+}
+
+/// `POST /storage/v1/object/move` (`move`): renames the caller's object (the
+/// service role: its owner's), into another bucket with `destinationBucket`.
+/// The row keeps its id, owner and bytes; a taken destination is refused (409).
+pub async fn move_object(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: MoveBody = json_body(&body)?;
+    let ((from_bucket, from), (to_bucket, to)) = b.ends()?;
+    let owner = source_owner(&state, &p, from_bucket, &from).await?;
+    let f = state
+        .storage
+        .move_file(owner, from_bucket, &from, to_bucket, &to)
+        .await?;
+    if (from_bucket, &from) != (to_bucket, &to) {
+        prune_folders(&state, owner, from_bucket, &from).await;
+    }
+    Ok(Json(json!({
+        "message": "Successfully moved",
+        "Id": f.id.hyphenated().to_string(),
+        "Key": f.path,
+    })))
+}
+
+/// `POST /storage/v1/object/copy` (`copy`): a new object for the same owner,
+/// with a copy of the bytes and the custom metadata; `x-upsert: true`
+/// replaces a destination object. Counts against the owner's quota.
+pub async fn copy_object(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: MoveBody = json_body(&body)?;
+    let ((from_bucket, from), (to_bucket, to)) = b.ends()?;
+    let owner = source_owner(&state, &p, from_bucket, &from).await?;
+    let f = state
+        .storage
+        .copy_file(
+            owner,
+            from_bucket,
+            &from,
+            to_bucket,
+            &to,
+            upsert_header(&headers),
+        )
+        .await?;
+    Ok(Json(json!({
+        "Id": f.id.hyphenated().to_string(),
+        "Key": format!("{to_bucket}/{}", f.path),
+        "id": f.id.hyphenated().to_string(),
+        "name": f.path,
+        "bucket_id": to_bucket,
+    })))
+}
+
+/// How long a signed upload URL lasts (Supabase's default).
+const SIGNED_UPLOAD_SECS: i64 = 2 * 60 * 60;
+
+#[derive(Serialize, Deserialize)]
+struct UploadClaims {
+    /// `bucket/path`: the one object this token may write.
+    url: String,
+    /// Who signed: the upload is theirs.
+    owner: Uuid,
+    /// Whether it may replace an object there.
+    upsert: bool,
+    /// [`UPLOAD`].
+    scope: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// `POST /storage/v1/object/upload/sign/{bucket}/{path}` (`createSignedUploadUrl`,
+/// `x-upsert` for `{upsert: true}`) → `{"url": "/object/upload/sign/…?token=…",
+/// "token"}`: anyone holding the URL may upload that one object, as the
+/// signer, for two hours.
+pub async fn sign_upload(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    // storage-js sends `{}`; nothing in it is used.
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+        validate::json(&v)?;
+    }
+    let path = object_path(&path)?;
+    let owner = write_owner(&state, &p, &bucket, &path).await?;
+    state.storage.bucket(&bucket).await?;
+    let upsert = upsert_header(&headers);
+    if !upsert
+        && state
+            .storage
+            .file_at(&bucket, owner, &path)
+            .await?
+            .is_some()
+    {
+        return Err(StorageError::AlreadyExists(path.to_string()).into());
+    }
+    let now = chrono::Utc::now().timestamp();
+    let url = format!("{bucket}/{path}");
+    let token = state.jwt.sign_json(&UploadClaims {
+        url: url.clone(),
+        owner,
+        upsert,
+        scope: UPLOAD.into(),
+        iat: now,
+        exp: now.saturating_add(SIGNED_UPLOAD_SECS),
+    });
+    // Not percent-encoded, as for `createSignedUrl`.
+    Ok(Json(json!({
+        "url": format!("/object/upload/sign/{url}?token={token}"),
+        "token": token,
+    })))
+}
+
+/// `PUT /storage/v1/object/upload/sign/{bucket}/{path}?token=…`
+/// (`uploadToSignedUrl`): no key needed; the token names the object, its
+/// owner and whether it may be replaced.
+pub async fn upload_signed(
+    State(state): State<AppState>,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    uri: axum::http::Uri,
+    req: Request,
+) -> Result<Json<UploadAnswer>, StorageApiError> {
+    let claims: UploadClaims = verify_signed(&state, &uri)?;
+    if claims.scope != UPLOAD {
+        return Err(bad_signature("The token is not for uploads"));
+    }
+    let path = object_path(&path)?;
+    if claims.url != format!("{bucket}/{path}") {
+        return Err(bad_signature("The URL does not match the signature"));
+    }
+    let f = do_upload(
+        state,
+        claims.owner,
+        bucket.clone(),
+        path,
+        claims.upsert,
+        req,
+    )
+    .await?;
+    Ok(upload_answer(&bucket, &f))
+}
+
+#[derive(Deserialize)]
+pub struct ListV2Body {
+    prefix: Option<String>,
+    cursor: Option<String>,
+    limit: Option<i64>,
+    with_delimiter: Option<bool>,
+    #[serde(rename = "sortBy")]
+    sort_by: Option<SortBy>,
+}
+
+impl Validate for ListV2Body {
+    fn validate(&self) -> Result<(), validate::Invalid> {
+        let too_long = |field: &str, max: usize| validate::Invalid {
+            kind: validate::Kind::Text,
+            field: field.into(),
+            reason: format!("longer than {max} bytes"),
+        };
+        if self
+            .prefix
+            .as_ref()
+            .is_some_and(|p| p.len() > MAX_PATH_BYTES)
+        {
+            return Err(too_long("prefix", MAX_PATH_BYTES));
+        }
+        if self
+            .cursor
+            .as_ref()
+            .is_some_and(|c| c.len() > 4 * MAX_PATH_BYTES)
+        {
+            return Err(too_long("cursor", 4 * MAX_PATH_BYTES));
+        }
+        Ok(())
+    }
+}
+
+/// A list-v2 cursor as sent: base64url of `{"t": µs since the epoch (time
+/// sorts), "p": path, "i": id}` of the last entry of the page.
+#[derive(Serialize, Deserialize)]
+struct CursorText {
+    t: Option<i64>,
+    p: String,
+    i: Uuid,
+}
+
+fn encode_cursor(c: &FileCursor) -> String {
+    use base64::Engine as _;
+    let text = CursorText {
+        t: c.time.map(|t| t.timestamp_micros()),
+        p: c.path.clone(),
+        i: c.id,
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&text).unwrap_or_default())
+}
+
+fn decode_cursor(s: &str) -> Result<FileCursor, StorageApiError> {
+    use base64::Engine as _;
+    let bad = || StorageApiError::invalid("cursor is not one this server gave");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim())
+        .map_err(|_| bad())?;
+    let c: CursorText = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let time = match c.t {
+        Some(t) => Some(chrono::DateTime::from_timestamp_micros(t).ok_or_else(bad)?),
+        None => None,
+    };
+    Ok(FileCursor {
+        time,
+        path: c.p,
+        id: c.i,
+    })
+}
+
+fn sort_v2(s: Option<SortBy>) -> Result<FileSort, StorageApiError> {
+    let s = s.unwrap_or_default();
+    let column = match s.column.as_deref().unwrap_or("name") {
+        "name" => SortColumn::Name,
+        "created_at" => SortColumn::CreatedAt,
+        "updated_at" => SortColumn::UpdatedAt,
+        c => {
+            return Err(StorageApiError::invalid(format!(
+                "sortBy.column {c:?} is not name, created_at or updated_at"
+            )));
+        }
+    };
+    let desc = match s.order.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => {
+            return Err(StorageApiError::invalid(format!(
+                "sortBy.order {o:?} is not asc or desc"
+            )));
+        }
+    };
+    Ok(FileSort { column, desc })
+}
+
+/// One entry of a list-v2 page, with its place in the order.
+struct V2Entry {
+    key: FileCursor,
+    folder: bool,
+    json: Value,
+}
+
+fn v2_object(f: &FileRecord, sort: FileSort) -> V2Entry {
+    let mut json = file_json(f);
+    json["name"] = json!(f.path);
+    json["key"] = json!(f.path);
+    V2Entry {
+        key: FileCursor {
+            time: match sort.column {
+                SortColumn::Name => None,
+                SortColumn::CreatedAt => Some(f.created_at),
+                SortColumn::UpdatedAt => Some(f.updated_at),
+            },
+            path: f.path.clone(),
+            id: f.id,
+        },
+        folder: false,
+        json,
+    }
+}
+
+/// `(time, path, id)`, folders (no time) first when sorting by time.
+fn v2_order(a: &FileCursor, b: &FileCursor) -> std::cmp::Ordering {
+    (a.time, &a.path, a.id).cmp(&(b.time, &b.path, b.id))
+}
+
+/// `POST /storage/v1/object/list-v2/{bucket}` (`listV2`): `{prefix, cursor,
+/// limit, with_delimiter, sortBy}` → `{hasNext, nextCursor, folders, objects}`.
+/// Names are full paths (folders end in `/`); `prefix` is a string prefix.
+/// Flat (every object under the prefix) unless `with_delimiter`, which lists
+/// one level, as `list` does. Pages of at most 1,000.
+pub async fn list_v2(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(bucket): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: ListV2Body = json_body(&body)?;
+    state.storage.bucket(&bucket).await?;
+    let limit = usize::try_from(b.limit.unwrap_or(1000).clamp(1, 1000)).unwrap_or(1000);
+    let sort = sort_v2(b.sort_by)?;
+    let after = b.cursor.as_deref().map(decode_cursor).transpose()?;
+    let prefix = b.prefix.unwrap_or_default();
+    let owners: Option<Vec<Uuid>> = match (user_of(&p), p.is_service()) {
+        (_, true) => None,
+        (Some(uid), false) => Some(vec![uid]),
+        (None, false) => Some(Vec::new()),
+    };
+    let mut entries: Vec<V2Entry> = if b.with_delimiter.unwrap_or(false) {
+        // One level: the folder the prefix is in, through the same listing as
+        // `list`, keeping the names that start with the prefix.
+        let dir_text = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+        let dir = ObjectPath::parse_any(dir_text).map_err(StorageError::from)?;
+        let base = if dir.is_root() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let owners = match owners {
+            Some(o) => o,
+            None => state.storage.owners_in(&bucket).await?,
+        };
+        let mut folders: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for owner in owners {
+            match state.storage.list(owner, &bucket, &dir).await {
+                Ok(l) => {
+                    folders.extend(l.folders.into_iter().map(|f| format!("{base}{}/", f.name)));
+                    out.extend(
+                        l.files
+                            .iter()
+                            .filter(|f| f.path.starts_with(&prefix))
+                            .map(|f| v2_object(f, sort)),
+                    );
+                }
+                Err(StorageError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        folders.sort();
+        folders.dedup();
+        out.extend(
+            folders
+                .into_iter()
+                .filter(|f| f.starts_with(&prefix))
+                .map(|name| V2Entry {
+                    key: FileCursor {
+                        time: None,
+                        path: name.clone(),
+                        id: Uuid::nil(),
+                    },
+                    folder: true,
+                    json: json!({ "name": name, "key": name }),
+                }),
+        );
+        out.sort_by(|a, b| {
+            let o = v2_order(&a.key, &b.key);
+            if sort.desc { o.reverse() } else { o }
+        });
+        if let Some(c) = &after {
+            out.retain(|e| {
+                let o = v2_order(&e.key, c);
+                if sort.desc { o.is_lt() } else { o.is_gt() }
+            });
+        }
+        out.truncate(limit + 1);
+        out
+    } else {
+        state
+            .storage
+            .files_under(
+                &bucket,
+                owners.as_deref(),
+                &prefix,
+                sort,
+                after.as_ref(),
+                limit + 1,
+            )
+            .await?
+            .iter()
+            .map(|f| v2_object(f, sort))
+            .collect()
+    };
+    let has_next = entries.len() > limit;
+    entries.truncate(limit);
+    let next = if has_next {
+        entries.last().map(|e| encode_cursor(&e.key))
+    } else {
+        None
+    };
+    let (folders, objects): (Vec<V2Entry>, Vec<V2Entry>) =
+        entries.into_iter().partition(|e| e.folder);
+    let mut out = json!({
+        "hasNext": has_next,
+        "folders": folders.into_iter().map(|e| e.json).collect::<Vec<_>>(),
+        "objects": objects.into_iter().map(|e| e.json).collect::<Vec<_>>(),
+    });
+    if let Some(c) = next {
+        out["nextCursor"] = json!(c);
+    }
+    Ok(Json(out))
 }
