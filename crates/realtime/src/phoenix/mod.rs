@@ -42,143 +42,15 @@ use crate::phoenix_hub::{
 use crate::protocol::SubscribeRequest;
 use crate::registry::{ConnEntry, now_ms};
 use crate::session;
-use aether_core::changes::{ChangeKind, RowChange, RowJson};
 use aether_core::principal::Principal;
 use aether_router::{Command, Outbound, SessionHandle};
 
-/// The two framings of Phoenix messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Vsn {
-    V1,
-    V2,
-}
+mod changes;
+mod wire;
 
-/// Where a change's Phoenix `data` encoding is kept beside it.
-const PHOENIX_DATA: aether_router::routed::FrameSlot = aether_router::routed::FrameSlot::new(1);
-
-/// A Phoenix message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PhxMessage {
-    pub join_ref: Option<String>,
-    pub msg_ref: Option<String>,
-    pub topic: String,
-    pub event: String,
-    pub payload: Value,
-}
-
-fn ref_value(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// A client frame that is not a Phoenix message: what of its address could be
-/// read (so the error reply reaches the right push), and why it was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Garbage {
-    pub join_ref: Option<String>,
-    pub msg_ref: Option<String>,
-    /// `phoenix` when no topic could be read.
-    pub topic: String,
-    pub reason: String,
-}
-
-impl Vsn {
-    /// Parses a frame, or says what of it could be read and why it is refused.
-    pub fn parse_or_garbage(text: &str) -> Result<PhxMessage, Garbage> {
-        if let Some(m) = Self::parse(text) {
-            return Ok(m);
-        }
-        let v: Option<Value> = serde_json::from_str(text).ok();
-        let (join_ref, msg_ref, topic, event) = match &v {
-            Some(Value::Array(a)) => (
-                ref_value(a.first()),
-                ref_value(a.get(1)),
-                a.get(2).and_then(Value::as_str),
-                a.get(3).and_then(Value::as_str),
-            ),
-            Some(Value::Object(o)) => (
-                ref_value(o.get("join_ref")),
-                ref_value(o.get("ref")),
-                o.get("topic").and_then(Value::as_str),
-                o.get("event").and_then(Value::as_str),
-            ),
-            _ => (None, None, None, None),
-        };
-        let reason = match (&v, topic, event) {
-            (None, ..) => "malformed message: not JSON".to_owned(),
-            (Some(Value::Array(a)), ..) if a.len() != 5 => format!(
-                "malformed message: an array needs 5 elements [join_ref, ref, topic, event, payload], not {}",
-                a.len()
-            ),
-            (Some(Value::Array(_) | Value::Object(_)), None, _) => {
-                "malformed message: topic must be a string".to_owned()
-            }
-            (Some(Value::Array(_) | Value::Object(_)), _, None) => {
-                "malformed message: event must be a string".to_owned()
-            }
-            _ => "malformed message: expected a JSON object or a 5-element array".to_owned(),
-        };
-        Err(Garbage {
-            join_ref,
-            msg_ref,
-            // An empty topic is no address: the reply goes to `phoenix` then.
-            topic: topic
-                .filter(|t| !t.is_empty())
-                .unwrap_or("phoenix")
-                .to_owned(),
-            reason,
-        })
-    }
-
-    pub fn parse(text: &str) -> Option<PhxMessage> {
-        let v: Value = serde_json::from_str(text).ok()?;
-        match v {
-            Value::Array(a) if a.len() == 5 => Some(PhxMessage {
-                join_ref: ref_value(a.first()),
-                msg_ref: ref_value(a.get(1)),
-                topic: a[2].as_str()?.to_owned(),
-                event: a[3].as_str()?.to_owned(),
-                payload: a[4].clone(),
-            }),
-            Value::Object(o) => Some(PhxMessage {
-                join_ref: ref_value(o.get("join_ref")),
-                msg_ref: ref_value(o.get("ref")),
-                topic: o.get("topic")?.as_str()?.to_owned(),
-                event: o.get("event")?.as_str()?.to_owned(),
-                payload: o.get("payload").cloned().unwrap_or(Value::Null),
-            }),
-            _ => None,
-        }
-    }
-
-    /// A `postgres_changes` push with a `data` payload already encoded.
-    fn change_frame(self, join_ref: Option<&str>, topic: &str, id: u32, data: &str) -> String {
-        let join_ref = serde_json::to_string(&join_ref).unwrap_or_else(|_| "null".into());
-        let topic = serde_json::to_string(topic).unwrap_or_else(|_| "\"\"".into());
-        match self {
-            Vsn::V1 => format!(
-                "{{\"topic\":{topic},\"event\":\"postgres_changes\",\"payload\":{{\"ids\":[{id}],\"data\":{data}}},\"ref\":null,\"join_ref\":{join_ref}}}"
-            ),
-            Vsn::V2 => format!(
-                "[{join_ref},null,{topic},\"postgres_changes\",{{\"ids\":[{id}],\"data\":{data}}}]"
-            ),
-        }
-    }
-
-    pub fn encode(self, m: &PhxMessage) -> String {
-        match self {
-            Vsn::V1 => json!({
-                "topic": m.topic, "event": m.event, "payload": m.payload,
-                "ref": m.msg_ref, "join_ref": m.join_ref,
-            })
-            .to_string(),
-            Vsn::V2 => json!([m.join_ref, m.msg_ref, m.topic, m.event, m.payload]).to_string(),
-        }
-    }
-}
+use changes::PHOENIX_DATA;
+pub use changes::{binding_id, change_data};
+pub use wire::{Garbage, PhxMessage, Vsn};
 
 /// A `postgres_changes` binding as the client sent it (echoed in the reply).
 #[derive(Debug, Clone)]
@@ -199,18 +71,6 @@ impl Binding {
         }
         v
     }
-}
-
-/// A stable, non-zero id for a binding (FNV-1a over its parameters).
-pub fn binding_id(event: &str, schema: &str, table: &str, filter: Option<&str>) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for part in [event, schema, table, filter.unwrap_or("")] {
-        for b in part.bytes().chain([0u8]) {
-            h ^= u32::from(b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-    }
-    (h & 0x7fff_ffff).max(1)
 }
 
 struct Channel {
@@ -244,85 +104,6 @@ struct Conn {
     /// Router subscription id → (topic, binding id).
     subs: HashMap<Arc<str>, (String, u32)>,
     next_join: u64,
-}
-
-fn type_name(oid: u32) -> &'static str {
-    match oid {
-        16 => "bool",
-        17 => "bytea",
-        18 => "char",
-        19 => "name",
-        20 => "int8",
-        21 => "int2",
-        23 => "int4",
-        25 => "text",
-        26 => "oid",
-        114 => "json",
-        700 => "float4",
-        701 => "float8",
-        1000 => "_bool",
-        1005 => "_int2",
-        1007 => "_int4",
-        1009 => "_text",
-        1015 => "_varchar",
-        1016 => "_int8",
-        1021 => "_float4",
-        1022 => "_float8",
-        1042 => "bpchar",
-        1043 => "varchar",
-        1082 => "date",
-        1083 => "time",
-        1114 => "timestamp",
-        1184 => "timestamptz",
-        1186 => "interval",
-        1266 => "timetz",
-        1700 => "numeric",
-        2950 => "uuid",
-        2951 => "_uuid",
-        3802 => "jsonb",
-        3807 => "_jsonb",
-        _ => "unknown",
-    }
-}
-
-/// The `data` of a `postgres_changes` message.
-pub fn change_data(c: &RowChange) -> Value {
-    let rel = &c.relation;
-    let columns: Vec<Value> = rel
-        .columns
-        .iter()
-        .filter(|col| !col.secret)
-        .map(|col| json!({"name": col.name, "type": type_name(col.type_oid)}))
-        .collect();
-    let row = |r: Option<&aether_core::changes::Row>| match r {
-        Some(values) => serde_json::to_value(RowJson {
-            relation: rel,
-            values,
-        })
-        .unwrap_or(Value::Null),
-        None => json!({}),
-    };
-    let ts = chrono::DateTime::from_timestamp_millis(c.commit_time_ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let mut data = json!({
-        "schema": rel.schema,
-        "table": rel.name,
-        "commit_timestamp": ts,
-        "type": c.kind.as_str(),
-        "columns": columns,
-        "errors": null,
-    });
-    match c.kind {
-        ChangeKind::Insert => data["record"] = row(c.new.as_ref()),
-        ChangeKind::Update => {
-            data["record"] = row(c.new.as_ref());
-            data["old_record"] = row(c.old.as_ref());
-        }
-        ChangeKind::Delete => data["old_record"] = row(c.old.as_ref()),
-        ChangeKind::Truncate => {}
-    }
-    data
 }
 
 impl Conn {
