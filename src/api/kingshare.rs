@@ -219,7 +219,8 @@ pub async fn fetch(
         });
     };
     drop(client);
-    let (bucket, owner, path): (String, Uuid, String) = (row.get(0), row.get(1), row.get(2));
+    let (bucket, owner, path): (String, Option<Uuid>, String) =
+        (row.get(0), row.get(1), row.get(2));
     let path = ObjectPath::parse(&path).map_err(ApiError::internal)?;
     // The share is the permission: read as the service.
     let service = Principal::service();

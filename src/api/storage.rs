@@ -315,7 +315,7 @@ async fn read_form(
                 };
                 let up = state
                     .storage
-                    .begin_upload(owner, source, form.bucket.as_ref())
+                    .begin_upload(Some(owner), source, form.bucket.as_ref())
                     .await?;
                 let up = pending.insert(up);
                 up.pump(&mut field, |n| progress.report(n, false))
@@ -473,7 +473,7 @@ pub async fn list(
     let bucket = bucket_or_default(&state, &q.bucket);
     let folder =
         ObjectPath::parse_any(q.path.as_deref().unwrap_or("")).map_err(StorageError::from)?;
-    let listing = state.storage.list(user.id, bucket, &folder).await?;
+    let listing = state.storage.list(Some(user.id), bucket, &folder).await?;
     Ok(Json(ListResponse {
         files: listing
             .files
@@ -523,7 +523,7 @@ pub async fn delete(
 ) -> Result<Json<SuccessBody>, ApiError> {
     let bucket = bucket_or_default(&state, &body.bucket);
     let path = ObjectPath::parse(&body.path).map_err(StorageError::from)?;
-    state.storage.delete(user.id, bucket, &path).await?;
+    state.storage.delete(Some(user.id), bucket, &path).await?;
     Ok(Json(SuccessBody { success: true }))
 }
 
@@ -573,7 +573,7 @@ pub async fn object(
         .and_then(ByteRange::parse);
     let read = state
         .storage
-        .open(viewer.as_ref(), &bucket, owner, &object_path, range)
+        .open(viewer.as_ref(), &bucket, Some(owner), &object_path, range)
         .await?;
     if read.span.is_none_or(|(a, _)| a == 0) {
         crate::api::kingshare::download_started(&state, &read.file);

@@ -5,7 +5,8 @@
 //! - `service_role` sees every row of every published table.
 //! - `auth.users`: a user sees their own row (`id`); password hashes never leave.
 //! - Tables with `owner_id` (files, folders, …): the owner; plus everyone, anonymous
-//!   included, when the row's `bucket_id` names a public bucket.
+//!   included, when the row's `bucket_id` names a public bucket. A NULL
+//!   `owner_id` (an owner-less, service-role object) is nobody's own row.
 //! - `public.buckets`: public buckets are seen by all; private ones by their owner.
 //! - Tables with `user_id` (auth_events, …): that user.
 //! - Any other published table: `service_role` only.

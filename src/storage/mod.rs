@@ -8,10 +8,14 @@
 //!   the transaction that removed their row committed;
 //! - a refused, failed or abandoned upload leaves neither a row nor bytes;
 //! - paths are per owner: users see and change only their own files and folders;
-//!   files in public buckets can be read by anyone.
+//!   files in public buckets can be read by anyone;
+//! - the owner is `Option<Uuid>`: `None` is the service role's owner-less
+//!   objects (`owner_id` NULL), which count against no quota and whose bytes
+//!   live under the blob prefix `service/`.
 //!
-//! Each user's uploads and deletes take a per-user advisory lock for the length of
-//! their transaction, which keeps the quota sum and folder creation race-free.
+//! Each owner's uploads and deletes take a per-owner advisory lock (one for all
+//! owner-less objects) for the length of their transaction, which keeps the
+//! quota sum and folder creation race-free.
 
 pub mod blob;
 pub mod path;
@@ -225,7 +229,7 @@ pub struct UploadTarget {
 /// come. Dropping it (or [`PendingUpload::discard`]) removes what was written.
 #[derive(Debug)]
 pub struct PendingUpload {
-    owner: Uuid,
+    owner: Option<Uuid>,
     blob: BlobWriter,
     limit: u64,
     quota: u64,
@@ -308,7 +312,7 @@ pub enum PumpError<E> {
 
 /// What a commit records about a completed upload (or a copy).
 struct Recording {
-    owner: Uuid,
+    owner: Option<Uuid>,
     size: u64,
     mime: String,
     file_name: String,
@@ -470,11 +474,38 @@ async fn used_bytes(c: &impl GenericClient, owner: Uuid) -> Result<u64, StorageE
     Ok(u64::try_from(used).unwrap_or(0))
 }
 
-/// Serializes one owner's writes until the transaction ends.
-async fn lock_owner(c: &impl GenericClient, owner: Uuid) -> Result<(), StorageError> {
+/// The first segment of the blob keys of owner-less (service-role) objects;
+/// a user's keys start with their id.
+const SERVICE_PREFIX: &str = "service";
+
+/// A fresh blob key for `owner`'s bytes: `<owner>/<uuid>`, or
+/// `service/<uuid>` for an owner-less object.
+fn blob_key(owner: Option<Uuid>) -> String {
+    let id = Uuid::new_v4().simple();
+    match owner {
+        Some(o) => format!("{o}/{id}"),
+        None => format!("{SERVICE_PREFIX}/{id}"),
+    }
+}
+
+/// The SQL test that column `col` (an `owner_id`) is `owner`, given as
+/// parameter `$n`: `=` for a user, `IS NULL` for the owner-less (which keeps
+/// the `(bucket_id, owner_id, path)` index usable, as `IS NOT DISTINCT FROM`
+/// would not; `$n` is still mentioned so that its type is known).
+fn owner_is(col: &str, owner: Option<Uuid>, n: u8) -> String {
+    match owner {
+        Some(_) => format!("{col} = ${n}"),
+        None => format!("({col} IS NULL AND ${n}::uuid IS NULL)"),
+    }
+}
+
+/// Serializes one owner's writes (all owner-less ones together) until the
+/// transaction ends.
+async fn lock_owner(c: &impl GenericClient, owner: Option<Uuid>) -> Result<(), StorageError> {
+    let key = owner.map_or_else(|| SERVICE_PREFIX.to_owned(), |o| o.to_string());
     c.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended($1, 7489))",
-        &[&owner.to_string()],
+        &[&key],
     )
     .await?;
     Ok(())
@@ -681,17 +712,17 @@ impl StorageService {
     }
 
     /// The owners of files at `path` in `bucket`, oldest file first (paths are
-    /// per owner, so there may be several).
+    /// per owner, so there may be several; `None`: the owner-less file).
     pub async fn owners_at(
         &self,
         bucket: &str,
         path: &ObjectPath,
-    ) -> Result<Vec<Uuid>, StorageError> {
+    ) -> Result<Vec<Option<Uuid>>, StorageError> {
         let client = self.0.pool.get().await?;
         let rows = client
             .query(
                 "SELECT owner_id FROM public.files
-                 WHERE bucket_id = $1 AND path = $2 AND owner_id IS NOT NULL
+                 WHERE bucket_id = $1 AND path = $2
                  ORDER BY created_at, id",
                 &[&bucket, &path.to_string()],
             )
@@ -699,11 +730,11 @@ impl StorageService {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// `owner`'s file at `path`, if any.
+    /// `owner`'s file at `path`, if any (`None`: the owner-less one).
     pub async fn file_at(
         &self,
         bucket: &str,
-        owner: Uuid,
+        owner: Option<Uuid>,
         path: &ObjectPath,
     ) -> Result<Option<FileRecord>, StorageError> {
         let client = self.0.pool.get().await?;
@@ -711,7 +742,8 @@ impl StorageService {
             .query_opt(
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM public.files
-                     WHERE bucket_id = $1 AND owner_id = $2 AND path = $3"
+                     WHERE bucket_id = $1 AND {} AND path = $3",
+                    owner_is("owner_id", owner, 2)
                 ),
                 &[&bucket, &owner, &path.to_string()],
             )
@@ -719,14 +751,14 @@ impl StorageService {
         Ok(row.as_ref().map(file_from_row))
     }
 
-    /// Every owner with files or folders in `bucket`.
-    pub async fn owners_in(&self, bucket: &str) -> Result<Vec<Uuid>, StorageError> {
+    /// Every owner with files or folders in `bucket` (`None`: owner-less ones).
+    pub async fn owners_in(&self, bucket: &str) -> Result<Vec<Option<Uuid>>, StorageError> {
         let client = self.0.pool.get().await?;
         let rows = client
             .query(
-                "SELECT owner_id FROM public.files WHERE bucket_id = $1 AND owner_id IS NOT NULL
+                "SELECT owner_id FROM public.files WHERE bucket_id = $1
                  UNION
-                 SELECT owner_id FROM public.folders WHERE bucket_id = $1 AND owner_id IS NOT NULL",
+                 SELECT owner_id FROM public.folders WHERE bucket_id = $1",
                 &[&bucket],
             )
             .await?;
@@ -769,32 +801,35 @@ impl StorageService {
 
     /// Starts an upload for `owner`: checks the type and that some quota is left,
     /// and opens the blob. `bucket`, when already known, tightens the limits.
+    /// An owner-less upload (`None`, the service role's) has no quota.
     pub async fn begin_upload(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         source: UploadSource,
         bucket: Option<&BucketInfo>,
     ) -> Result<PendingUpload, StorageError> {
         let mime = resolve_mime(source.content_type.as_deref(), &source.file_name);
         self.check_type(&mime, &source.file_name, bucket, source.types)?;
-        let used = {
-            let client = self.0.pool.get().await?;
-            used_bytes(&**client, owner).await?
+        let (used, quota) = match owner {
+            Some(o) => {
+                let client = self.0.pool.get().await?;
+                (used_bytes(&**client, o).await?, self.0.quota)
+            }
+            None => (0, u64::MAX),
         };
-        if used >= self.0.quota {
+        if used >= quota {
             return Err(StorageError::QuotaExceeded {
-                quota: self.0.quota,
+                quota,
                 used,
                 needed: 1,
             });
         }
-        let key = format!("{owner}/{}", Uuid::new_v4().simple());
-        let blob = BlobWriter::start(&self.0.blobs, key).await?;
+        let blob = BlobWriter::start(&self.0.blobs, blob_key(owner)).await?;
         Ok(PendingUpload {
             owner,
             blob,
             limit: self.size_limit(bucket),
-            quota: self.0.quota,
+            quota,
             used,
             mime,
             file_name: source.file_name,
@@ -887,9 +922,12 @@ impl StorageService {
             });
         }
         self.check_type(&up.mime, &up.file_name, Some(&bucket), up.types)?;
+        let owned = owner_is("owner_id", owner, 2);
         let is_folder = tx
             .query_opt(
-                "SELECT 1 FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                &format!(
+                    "SELECT 1 FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"
+                ),
                 &[&target.bucket, &owner, &path],
             )
             .await?
@@ -902,8 +940,10 @@ impl StorageService {
         let folder_id = ensure_folders(&*tx, &target.bucket, owner, &target.path.parent()).await?;
         let existing = tx
             .query_opt(
-                "SELECT id, size, storage_key FROM public.files
-                 WHERE bucket_id = $1 AND owner_id = $2 AND path = $3 FOR UPDATE",
+                &format!(
+                    "SELECT id, size, storage_key FROM public.files
+                     WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
+                ),
                 &[&target.bucket, &owner, &path],
             )
             .await?;
@@ -914,13 +954,16 @@ impl StorageService {
             .as_ref()
             .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
             .unwrap_or(0);
-        let used = used_bytes(&*tx, owner).await?.saturating_sub(replaced_size);
-        if used.saturating_add(size) > self.0.quota {
-            return Err(StorageError::QuotaExceeded {
-                quota: self.0.quota,
-                used,
-                needed: size,
-            });
+        // Owner-less (service-role) objects count against no quota.
+        if let Some(user) = owner {
+            let used = used_bytes(&*tx, user).await?.saturating_sub(replaced_size);
+            if used.saturating_add(size) > self.0.quota {
+                return Err(StorageError::QuotaExceeded {
+                    quota: self.0.quota,
+                    used,
+                    needed: size,
+                });
+            }
         }
         let metadata = file_metadata(&up.file_name, target.user_metadata.as_ref());
         let (row, replaced) = match &existing {
@@ -976,21 +1019,23 @@ impl StorageService {
         Ok((file_from_row(&row), replaced))
     }
 
-    /// The files and folders directly under `folder` (the root when empty).
+    /// `owner`'s files and folders directly under `folder` (the root when
+    /// empty; `None`: the owner-less ones).
     pub async fn list(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         bucket: &str,
         folder: &ObjectPath,
     ) -> Result<Listing, StorageError> {
         let client = self.0.pool.get().await?;
         bucket_in(&**client, bucket).await?;
+        let owned = owner_is("owner_id", owner, 2);
         let folder_id: Option<Uuid> = if folder.is_root() {
             None
         } else {
             let row = client
                 .query_opt(
-                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                    &format!("SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"),
                     &[&bucket, &owner, &folder.to_string()],
                 )
                 .await?
@@ -1011,7 +1056,7 @@ impl StorageService {
             .query(
                 &format!(
                     "SELECT id, parent_id, path, name, created_at FROM public.folders
-                     WHERE bucket_id = $1 AND owner_id = $2 AND {parent_cond}
+                     WHERE bucket_id = $1 AND {owned} AND {parent_cond}
                      ORDER BY name"
                 ),
                 &params,
@@ -1024,7 +1069,7 @@ impl StorageService {
             .query(
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM public.files
-                     WHERE bucket_id = $1 AND owner_id = $2 AND {folder_cond}
+                     WHERE bucket_id = $1 AND {owned} AND {folder_cond}
                      ORDER BY name"
                 ),
                 &params,
@@ -1046,7 +1091,7 @@ impl StorageService {
     /// into another bucket, that bucket's size limit and types apply.
     pub async fn move_file(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         from_bucket: &str,
         from: &ObjectPath,
         to_bucket: &str,
@@ -1058,11 +1103,12 @@ impl StorageService {
         lock_owner(&*tx, owner).await?;
         bucket_in(&*tx, from_bucket).await?;
         let bucket = bucket_in(&*tx, to_bucket).await?;
+        let owned = owner_is("owner_id", owner, 2);
         let row = tx
             .query_opt(
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM public.files
-                     WHERE bucket_id = $1 AND owner_id = $2 AND path = $3 FOR UPDATE"
+                     WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
                 ),
                 &[&from_bucket, &owner, &src],
             )
@@ -1086,10 +1132,12 @@ impl StorageService {
         }
         let taken = tx
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM public.folders
-                                WHERE bucket_id = $1 AND owner_id = $2 AND path = $3),
-                        EXISTS (SELECT 1 FROM public.files
-                                WHERE bucket_id = $1 AND owner_id = $2 AND path = $3)",
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM public.folders
+                                    WHERE bucket_id = $1 AND {owned} AND path = $3),
+                            EXISTS (SELECT 1 FROM public.files
+                                    WHERE bucket_id = $1 AND {owned} AND path = $3)"
+                ),
                 &[&to_bucket, &owner, &dst],
             )
             .await?;
@@ -1123,7 +1171,7 @@ impl StorageService {
     /// goes away.
     pub async fn copy_file(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         from_bucket: &str,
         from: &ObjectPath,
         to_bucket: &str,
@@ -1147,7 +1195,7 @@ impl StorageService {
 
     async fn copy_owned(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         from_bucket: &str,
         from: &ObjectPath,
         to_bucket: &str,
@@ -1163,7 +1211,7 @@ impl StorageService {
             return Ok(src);
         }
         let src_key = src.storage_key.clone().ok_or_else(not_found)?;
-        let key = format!("{owner}/{}", Uuid::new_v4().simple());
+        let key = blob_key(owner);
         // An empty file's blob may not exist: it is never read.
         let from_key = (src.size > 0).then_some(src_key.as_str());
         let copied = self.0.blobs.copy(from_key, &key).await;
@@ -1301,14 +1349,15 @@ impl StorageService {
     pub async fn remove_owner(&self, owner: Uuid) -> Result<usize, StorageError> {
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
-        lock_owner(&*tx, owner).await?;
+        lock_owner(&*tx, Some(owner)).await?;
         self.delete_all(tx, Of::Owner(owner)).await
     }
 
-    /// Deletes `owner`'s file at `path` (row, then bytes), or an empty folder.
+    /// Deletes `owner`'s file at `path` (row, then bytes), or an empty folder
+    /// (`None`: the owner-less ones).
     pub async fn delete(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         bucket: &str,
         path: &ObjectPath,
     ) -> Result<Deleted, StorageError> {
@@ -1321,7 +1370,7 @@ impl StorageService {
 
     async fn delete_owned(
         &self,
-        owner: Uuid,
+        owner: Option<Uuid>,
         bucket: &str,
         path: &str,
     ) -> Result<Deleted, StorageError> {
@@ -1329,10 +1378,13 @@ impl StorageService {
         let tx = client.transaction().await?;
         lock_owner(&*tx, owner).await?;
         bucket_in(&*tx, bucket).await?;
+        let owned = owner_is("owner_id", owner, 2);
         let file = tx
             .query_opt(
-                "DELETE FROM public.files WHERE bucket_id = $1 AND owner_id = $2 AND path = $3
-                 RETURNING storage_key",
+                &format!(
+                    "DELETE FROM public.files WHERE bucket_id = $1 AND {owned} AND path = $3
+                     RETURNING storage_key"
+                ),
                 &[&bucket, &owner, &path],
             )
             .await?;
@@ -1345,7 +1397,9 @@ impl StorageService {
         }
         let folder = tx
             .query_opt(
-                "SELECT id FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3 FOR UPDATE",
+                &format!(
+                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
+                ),
                 &[&bucket, &owner, &path],
             )
             .await?
@@ -1369,12 +1423,13 @@ impl StorageService {
     }
 
     /// Opens `owner`'s file at `path` for `viewer` (anyone when the bucket is
-    /// public; otherwise the owner or a service token).
+    /// public; otherwise the owner or a service token; an owner-less file
+    /// (`None`): a service token only).
     pub async fn open(
         &self,
         viewer: Option<&Principal>,
         bucket: &str,
-        owner: Uuid,
+        owner: Option<Uuid>,
         path: &ObjectPath,
         range: Option<ByteRange>,
     ) -> Result<ObjectRead, StorageError> {
@@ -1386,7 +1441,8 @@ impl StorageService {
                     &format!(
                         "SELECT {cols}, b.public AS bucket_public
                          FROM public.files f JOIN public.buckets b ON b.id = f.bucket_id
-                         WHERE f.bucket_id = $1 AND f.owner_id = $2 AND f.path = $3",
+                         WHERE f.bucket_id = $1 AND {owned} AND f.path = $3",
+                        owned = owner_is("f.owner_id", owner, 2),
                         cols = FILE_COLUMNS
                             .split(", ")
                             .map(|c| format!("f.{c}"))
@@ -1400,10 +1456,10 @@ impl StorageService {
         };
         let file = file_from_row(&row);
         let bucket_public: bool = row.get("bucket_public");
-        let owner_text = owner.hyphenated().to_string();
+        let owner_text = owner.map(|o| o.hyphenated().to_string());
         let allowed = bucket_public
             || viewer.is_some_and(|p| {
-                p.is_service() || p.user_id.as_deref() == Some(owner_text.as_str())
+                p.is_service() || (owner_text.is_some() && p.user_id == owner_text)
             });
         if !allowed {
             return Err(if viewer.is_none() {
@@ -1479,15 +1535,18 @@ fn read_stream(got: object_store::GetResult) -> BoxStream<'static, Result<Bytes,
 async fn ensure_folders(
     tx: &impl GenericClient,
     bucket: &str,
-    owner: Uuid,
+    owner: Option<Uuid>,
     dir: &ObjectPath,
 ) -> Result<Option<Uuid>, StorageError> {
     let mut parent: Option<Uuid> = None;
+    let owned = owner_is("owner_id", owner, 2);
     for prefix in dir.prefixes() {
         let p = prefix.to_string();
         let clash = tx
             .query_opt(
-                "SELECT 1 FROM public.files WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                &format!(
+                    "SELECT 1 FROM public.files WHERE bucket_id = $1 AND {owned} AND path = $3"
+                ),
                 &[&bucket, &owner, &p],
             )
             .await?
@@ -1510,7 +1569,7 @@ async fn ensure_folders(
             Some(r) => r.get(0),
             None => tx
                 .query_one(
-                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND owner_id = $2 AND path = $3",
+                    &format!("SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"),
                     &[&bucket, &owner, &p],
                 )
                 .await?
@@ -1524,6 +1583,18 @@ async fn ensure_folders(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_less_objects_have_their_own_sql_and_keys() {
+        let uid = Uuid::new_v4();
+        assert_eq!(owner_is("owner_id", Some(uid), 2), "owner_id = $2");
+        assert_eq!(
+            owner_is("f.owner_id", None, 2),
+            "(f.owner_id IS NULL AND $2::uuid IS NULL)"
+        );
+        assert!(blob_key(None).starts_with("service/"));
+        assert!(blob_key(Some(uid)).starts_with(&format!("{uid}/")));
+    }
 
     #[test]
     fn mime_is_declared_or_guessed() {

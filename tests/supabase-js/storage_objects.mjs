@@ -1,7 +1,8 @@
 // The object calls beyond upload/download against Aether's /storage/v1: bucket
 // rules (any type by default), custom metadata, info/exists, move, copy,
-// signed upload URLs and listV2. The server runs with the default
-// ALLOWED_FILE_TYPES (no text/plain) and a 1 MB quota (tests/supabase_js.rs).
+// signed upload URLs, listV2 and service-role (owner-less) objects. The
+// server runs with the default ALLOWED_FILE_TYPES (no text/plain) and a 1 MB
+// quota (tests/supabase_js.rs).
 import { assert, client, email, main, ok, password, serviceKey, url, anonKey } from './lib.mjs'
 
 await main('storage-objects', async () => {
@@ -178,4 +179,71 @@ await main('storage-objects', async () => {
   assert.equal(ok(await service.storage.from(bucket).listV2({ prefix: 'v2/' }), 'service listV2').objects.length, 4)
   const badCursor = await files.listV2({ cursor: 'nope' })
   assert.equal(badCursor.error?.statusCode, '400')
+
+  // 8. Service-role uploads: owner-less objects, which no user owns and whose
+  // bytes count against no quota.
+  const svcFiles = service.storage.from(bucket)
+  const bobFiles = bob.storage.from(bucket)
+  const q1 = ok(await svcFiles.upload('reports/q1.txt', Buffer.from('quarter one'), { contentType: 'text/plain', metadata: { by: 'server' } }), 'service upload')
+  assert.equal(q1.fullPath, `${bucket}/reports/q1.txt`)
+  assert.equal(await text(svcFiles.download('reports/q1.txt'), 'service download'), 'quarter one')
+  const q1Info = ok(await svcFiles.info('reports/q1.txt'), 'service info')
+  assert.equal(q1Info.size, 11)
+  assert.deepEqual(q1Info.metadata, { by: 'server' })
+  // Only the service role wrote it: the row has no owner.
+  const rows = ok(await service.from('files').select('owner_id, storage_key').eq('id', q1Info.id), 'files row')
+  assert.equal(rows.length, 1)
+  assert.equal(rows[0].owner_id, null)
+  assert.match(rows[0].storage_key, /^service\//)
+  // The bucket is private: users cannot read, info or list it...
+  assert.equal((await bobFiles.download('reports/q1.txt')).error?.statusCode, '404', 'bob cannot download it')
+  assert.equal((await files.download('reports/q1.txt')).error?.statusCode, '404', 'nor can the bucket\'s owner')
+  assert.equal((await bobFiles.info('reports/q1.txt')).error?.statusCode, '404')
+  assert.deepEqual(ok(await bobFiles.list('reports'), 'bob list'), [])
+  assert.equal((await bobFiles.createSignedUrl('reports/q1.txt', 60)).error?.statusCode, '404', 'bob cannot sign it')
+  // ...but a signed URL the service role made works for anyone holding it.
+  const signed = ok(await svcFiles.createSignedUrl('reports/q1.txt', 60), 'service createSignedUrl')
+  res = await fetch(signed.signedUrl)
+  assert.equal(res.status, 200)
+  assert.equal(await res.text(), 'quarter one')
+  const many = ok(await svcFiles.createSignedUrls(['reports/q1.txt'], 60), 'service createSignedUrls')
+  assert.equal(many[0].error, null)
+  // Users cannot replace, move or remove it.
+  assert.equal((await bobFiles.move('reports/q1.txt', 'mine.txt')).error?.statusCode, '404')
+  assert.equal((await bobFiles.copy('reports/q1.txt', 'mine.txt')).error?.statusCode, '404')
+  assert.deepEqual(ok(await bobFiles.remove(['reports/q1.txt']), 'bob remove'), [])
+  // A user's upload at that path is the user's own object, which they read
+  // from then on; the service role still reads its own.
+  ok(await bobFiles.upload('reports/q1.txt', Buffer.from('bob\'s own'), { contentType: 'text/plain' }), 'bob upload at the same path')
+  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob reads his own'), 'bob\'s own')
+  assert.equal(await text(svcFiles.download('reports/q1.txt'), 'the service role reads its own'), 'quarter one')
+  // x-upsert replaces the service role's object (not bob's); without it, 409.
+  assert.equal((await svcFiles.upload('reports/q1.txt', Buffer.from('x'))).error?.statusCode, '409')
+  ok(await svcFiles.upload('reports/q1.txt', Buffer.from('quarter one, v2'), { contentType: 'text/plain', upsert: true }), 'service upsert')
+  assert.equal(await text(svcFiles.download('reports/q1.txt'), 'replaced'), 'quarter one, v2')
+  assert.equal(ok(await svcFiles.info('reports/q1.txt'), 'info after upsert').id, q1Info.id)
+  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s untouched'), 'bob\'s own')
+  // The service role lists it (with bob's) and moves and copies it; both stay owner-less.
+  assert.deepEqual(ok(await svcFiles.list('reports'), 'service list').map((e) => e.name), ['q1.txt', 'q1.txt'])
+  assert.ok(ok(await svcFiles.listV2({ prefix: 'reports/' }), 'service listV2').objects.some((o) => o.id === q1Info.id))
+  ok(await svcFiles.move('reports/q1.txt', 'archive/q1.txt'), 'service move')
+  ok(await svcFiles.copy('archive/q1.txt', 'reports/q1-copy.txt'), 'service copy')
+  const moved = ok(await service.from('files').select('owner_id, path').in('path', ['archive/q1.txt', 'reports/q1-copy.txt']).eq('bucket_id', bucket), 'moved rows')
+  assert.equal(moved.length, 2)
+  assert.ok(moved.every((r) => r.owner_id === null), JSON.stringify(moved))
+  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s stays'), 'bob\'s own')
+  // No quota: the server's is 1 MB, the service role stores more, and bob can
+  // still upload (his own quota is untouched).
+  ok(await svcFiles.upload('reports/big.bin', Buffer.alloc(1_200_000)), 'service upload over 1 MB')
+  ok(await svcFiles.copy('reports/big.bin', 'reports/big2.bin'), 'service copy over 1 MB')
+  ok(await bobFiles.upload('reports/bob-big.bin', Buffer.alloc(500_000)), 'bob still has his quota')
+  // The service role removes what it stored; bob's object stays.
+  const removed = ok(await svcFiles.remove(['archive/q1.txt', 'reports/q1-copy.txt', 'reports/big.bin', 'reports/big2.bin']), 'service remove')
+  assert.equal(removed.length, 4)
+  assert.equal((await svcFiles.info('archive/q1.txt')).error?.statusCode, '404')
+  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s remains'), 'bob\'s own')
+  // With one user's object there (and none of its own), the service role acts
+  // on that user's object, as before.
+  ok(await svcFiles.upload('reports/q1.txt', Buffer.from('for bob'), { upsert: true }), 'service upsert of bob\'s object')
+  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s replaced'), 'for bob')
 })

@@ -1,7 +1,8 @@
 //! `/storage/v1`: the Supabase storage API over [`crate::storage::StorageService`].
 //!
 //! Aether's paths are per owner; Supabase's are per bucket. The facade writes
-//! under the caller's own user id, and resolves a read of `bucket/path` to the
+//! under the caller's own user id (the service role: owner-less objects,
+//! `owner_id` NULL, see [`Owner`]), and resolves a read of `bucket/path` to the
 //! caller's own file, else (public bucket, signed URL or service role) to the
 //! oldest file at that path. Errors use the storage API's body
 //! `{"statusCode": "404", "code": "NoSuchKey", "error": "not_found", "message": …}`
@@ -263,22 +264,37 @@ fn user_of(p: &Principal) -> Option<Uuid> {
     p.user_id.as_deref().and_then(|u| Uuid::parse_str(u).ok())
 }
 
+/// Whose object: a user's (`Some`), or no user's (`None`): the service
+/// role's own objects, which count against no quota.
+type Owner = Option<Uuid>;
+
+/// The object a caller addresses at a path first: a user's own, the service
+/// role's owner-less one; `None` for the anon key.
+fn own_owner(p: &Principal) -> Option<Owner> {
+    match user_of(p) {
+        Some(uid) => Some(Some(uid)),
+        None if p.is_service() => Some(None),
+        None => None,
+    }
+}
+
 fn object_path(raw: &str) -> Result<ObjectPath, StorageApiError> {
     Ok(ObjectPath::parse(raw.trim_start_matches('/')).map_err(StorageError::from)?)
 }
 
-/// The owner whose file at `path` `viewer` reads: their own, else (service
-/// role, or a public bucket) the oldest one there.
+/// The owner whose file at `path` `viewer` reads: their own (the service
+/// role's: the owner-less one), else (service role, or a public bucket) the
+/// oldest one there, owner-less ones included.
 async fn read_owner(
     state: &AppState,
     viewer: &Principal,
     bucket: &str,
     path: &ObjectPath,
-) -> Result<Uuid, StorageApiError> {
-    if let Some(uid) = user_of(viewer)
-        && state.storage.file_at(bucket, uid, path).await?.is_some()
+) -> Result<Owner, StorageApiError> {
+    if let Some(own) = own_owner(viewer)
+        && state.storage.file_at(bucket, own, path).await?.is_some()
     {
-        return Ok(uid);
+        return Ok(own);
     }
     let info = state.storage.bucket(bucket).await?;
     if !(viewer.is_service() || info.public) {
@@ -294,28 +310,48 @@ async fn read_owner(
 }
 
 /// The owner a write of `path` goes to: the signed-in user; for the service
-/// role, the one owner already at that path.
+/// role, its own owner-less object there if there is one, else the one user
+/// with an object there, else (a new path) no user: an owner-less object.
+/// Refused (400) when several users have an object there and the service
+/// role none.
 async fn write_owner(
     state: &AppState,
     caller: &Principal,
     bucket: &str,
     path: &ObjectPath,
-) -> Result<Uuid, StorageApiError> {
+) -> Result<Owner, StorageApiError> {
     if let Some(uid) = user_of(caller) {
-        return Ok(uid);
+        return Ok(Some(uid));
     }
     if caller.is_service() {
-        let owners = state.storage.owners_at(bucket, path).await?;
-        if let [one] = owners.as_slice() {
-            return Ok(*one);
-        }
-        return Err(StorageApiError::invalid(
-            "Aether stores every object under a user: upload new objects with a user's access token",
-        ));
+        return service_owner(state, bucket, path, None).await;
     }
     Err(StorageApiError::denied(
         "new row violates row-level security policy",
     ))
+}
+
+/// Whose object at `bucket/path` the service role acts on: its own
+/// owner-less one, else the one user's there; with none there, `absent`
+/// (`None`: a new owner-less object; or an error). Several users' objects
+/// (and no owner-less one) are ambiguous: 400.
+async fn service_owner(
+    state: &AppState,
+    bucket: &str,
+    path: &ObjectPath,
+    absent: Option<StorageApiError>,
+) -> Result<Owner, StorageApiError> {
+    let owners = state.storage.owners_at(bucket, path).await?;
+    if owners.contains(&None) {
+        return Ok(None);
+    }
+    match owners.as_slice() {
+        [] => absent.map_or(Ok(None), Err),
+        [one] => Ok(*one),
+        _ => Err(StorageApiError::invalid(format!(
+            "several users have an object at {bucket}/{path}: act on it with its owner's access token"
+        ))),
+    }
 }
 
 fn bucket_json(b: &crate::storage::BucketRecord) -> Value {
@@ -498,9 +534,9 @@ pub async fn list(
     state.storage.bucket(&bucket).await?;
     let prefix = b.prefix.unwrap_or_default();
     let folder = ObjectPath::parse_any(prefix.trim_matches('/')).map_err(StorageError::from)?;
-    let owners = match (user_of(&p), p.is_service()) {
+    let owners: Vec<Owner> = match (user_of(&p), p.is_service()) {
         (_, true) => state.storage.owners_in(&bucket).await?,
-        (Some(uid), false) => vec![uid],
+        (Some(uid), false) => vec![Some(uid)],
         (None, false) => Vec::new(),
     };
     // (name, is_folder, created, updated, json)
@@ -627,7 +663,7 @@ fn header_metadata(headers: &HeaderMap) -> Result<Option<Value>, StorageApiError
 /// the bucket lists some), with the custom metadata sent along.
 async fn do_upload(
     state: AppState,
-    owner: Uuid,
+    owner: Owner,
     bucket: String,
     path: ObjectPath,
     upsert: bool,
@@ -816,7 +852,7 @@ async fn serve(
     state: &AppState,
     viewer: &Principal,
     bucket: &str,
-    owner: Uuid,
+    owner: Owner,
     path: &ObjectPath,
     headers: &HeaderMap,
     head_only: bool,
@@ -906,8 +942,11 @@ const UPLOAD: &str = "upload";
 struct SignedClaims {
     /// `bucket/path`, as in Supabase's signed URLs.
     url: String,
-    /// Whose file (paths are per owner in Aether).
-    owner: Uuid,
+    /// Whose file (paths are per owner in Aether); `None` (`null`): the
+    /// owner-less one. Tokens made before owner-less objects existed carry a
+    /// user's id and verify as before.
+    #[serde(default)]
+    owner: Owner,
     #[serde(default)]
     scope: Option<String>,
     iat: i64,
@@ -1043,9 +1082,9 @@ pub async fn remove(
     let mut removed = Vec::new();
     for raw in &b.prefixes {
         let Ok(path) = object_path(raw) else { continue };
-        let owners = match (user_of(&p), p.is_service()) {
+        let owners: Vec<Owner> = match (user_of(&p), p.is_service()) {
             (_, true) => state.storage.owners_at(&bucket, &path).await?,
-            (Some(uid), false) => vec![uid],
+            (Some(uid), false) => vec![Some(uid)],
             (None, false) => Vec::new(),
         };
         for owner in owners {
@@ -1057,7 +1096,7 @@ pub async fn remove(
                     let mut v = file_json(&f);
                     v["name"] = json!(f.path);
                     v["bucket_id"] = json!(bucket);
-                    v["owner"] = json!(owner.hyphenated().to_string());
+                    v["owner"] = json!(owner.map(|o| o.hyphenated().to_string()));
                     removed.push(v);
                     prune_folders(&state, owner, &bucket, &path).await;
                 }
@@ -1070,7 +1109,7 @@ pub async fn remove(
 }
 
 /// Removes the now-empty folders above a deleted object, deepest first.
-async fn prune_folders(state: &AppState, owner: Uuid, bucket: &str, path: &ObjectPath) {
+async fn prune_folders(state: &AppState, owner: Owner, bucket: &str, path: &ObjectPath) {
     let mut dir = path.parent();
     while !dir.is_root() {
         if state.storage.delete(owner, bucket, &dir).await.is_err() {
@@ -1120,6 +1159,32 @@ mod tests {
         }
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES));
         assert!(parse_metadata(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn signed_tokens_name_an_owner_or_none() {
+        // A token made before owner-less objects existed still reads as its user's.
+        let uid = Uuid::new_v4();
+        let old: SignedClaims = serde_json::from_value(
+            json!({"url": "b/p", "owner": uid, "scope": "download", "iat": 1, "exp": 2}),
+        )
+        .unwrap();
+        assert_eq!(old.owner, Some(uid));
+        let none = SignedClaims {
+            url: "b/p".into(),
+            owner: None,
+            scope: Some(DOWNLOAD.into()),
+            iat: 1,
+            exp: 2,
+        };
+        let back: SignedClaims =
+            serde_json::from_value(serde_json::to_value(&none).unwrap()).unwrap();
+        assert_eq!(back.owner, None);
+        let up: UploadClaims = serde_json::from_value(
+            json!({"url": "b/p", "owner": null, "upsert": false, "scope": "upload", "iat": 1, "exp": 2}),
+        )
+        .unwrap();
+        assert_eq!(up.owner, None);
     }
 
     #[test]
@@ -1277,28 +1342,23 @@ impl MoveBody {
 }
 
 /// Whose object at `bucket/path` a move or copy takes: the signed-in user's
-/// own; for the service role, the one owner's there (refused when several
-/// users have an object at that path: Aether's paths are per owner).
+/// own; for the service role, its owner-less one there, else the one user's
+/// (refused when several users have an object at that path and the service
+/// role none: Aether's paths are per owner).
 async fn source_owner(
     state: &AppState,
     caller: &Principal,
     bucket: &str,
     path: &ObjectPath,
-) -> Result<Uuid, StorageApiError> {
+) -> Result<Owner, StorageApiError> {
     if let Some(uid) = user_of(caller) {
-        return Ok(uid);
+        return Ok(Some(uid));
     }
     if !caller.is_service() {
         return Err(StorageApiError::no_such_key());
     }
     state.storage.bucket(bucket).await?;
-    match state.storage.owners_at(bucket, path).await?.as_slice() {
-        [] => Err(StorageApiError::no_such_key()),
-        [one] => Ok(*one),
-        _ => Err(StorageApiError::invalid(format!(
-            "several users have an object at {bucket}/{path}: move or copy it with its owner's access token"
-        ))),
-    }
+    service_owner(state, bucket, path, Some(StorageApiError::no_such_key())).await
 }
 
 /// `POST /storage/v1/object/move` (`move`): renames the caller's object (the
@@ -1365,8 +1425,10 @@ const SIGNED_UPLOAD_SECS: i64 = 2 * 60 * 60;
 struct UploadClaims {
     /// `bucket/path`: the one object this token may write.
     url: String,
-    /// Who signed: the upload is theirs.
-    owner: Uuid,
+    /// Who signed: the upload is theirs (`None`: the service role's, an
+    /// owner-less object).
+    #[serde(default)]
+    owner: Owner,
     /// Whether it may replace an object there.
     upsert: bool,
     /// [`UPLOAD`].
@@ -1611,8 +1673,8 @@ pub async fn list_v2(
         } else {
             format!("{dir}/")
         };
-        let owners = match owners {
-            Some(o) => o,
+        let owners: Vec<Owner> = match owners {
+            Some(o) => o.into_iter().map(Some).collect(),
             None => state.storage.owners_in(&bucket).await?,
         };
         let mut folders: Vec<String> = Vec::new();
