@@ -504,12 +504,15 @@ impl Config {
             let internal = |n: &String| {
                 let n = n.to_ascii_lowercase();
                 n.starts_with("pg_")
-                    || matches!(n.as_str(), "information_schema" | "auth" | "aether")
+                    || matches!(
+                        n.as_str(),
+                        "information_schema" | "auth" | "aether" | "realtime"
+                    )
             };
             if names.iter().any(internal) {
                 return Err(err(
                     "REST_SCHEMAS",
-                    "pg_catalog, pg_*, information_schema, auth and aether cannot be exposed",
+                    "pg_catalog, pg_*, information_schema, auth, aether and realtime cannot be exposed",
                 ));
             }
             if !names.iter().all(ok) {
@@ -649,6 +652,7 @@ mod tests {
             "public,auth",
             "aether",
             "information_schema",
+            "realtime",
             "x;y",
         ] {
             assert_eq!(

@@ -322,6 +322,8 @@ impl Server {
             config.rate_limit_window,
         )
         .max_channels(config.ws_max_subscriptions);
+        let (phoenix_tx, phoenix_rx) = mpsc::channel(4096);
+        let broadcasts_relayed = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let router = Router::new(
             RouterConfig {
                 log: Arc::clone(&log),
@@ -331,6 +333,10 @@ impl Server {
                     Box::new(crate::rules::ChannelSettings(Arc::clone(&channels))),
                     Box::new(crate::rules::SessionRevocation),
                     Box::new(crate::rules::KingShareEvents(Arc::clone(&kingshare))),
+                    Box::new(crate::rules::DatabaseBroadcast {
+                        phoenix: phoenix_tx.clone(),
+                        relayed: Arc::clone(&broadcasts_relayed),
+                    }),
                 ],
                 stall_timeout: config.ws_stall_timeout,
                 max_subscriptions: config.ws_max_subscriptions,
@@ -344,7 +350,6 @@ impl Server {
             "hub",
             Box::pin(hub.run(hub_rx, shutdown.clone())) as Task,
         )];
-        let (phoenix_tx, phoenix_rx) = mpsc::channel(4096);
         tasks.push(critical(
             "phoenix-hub",
             Box::pin(
@@ -378,6 +383,10 @@ impl Server {
                 slot_health_tx,
                 shutdown.clone(),
             )),
+        ));
+        tasks.push(spawn_named(
+            "broadcast-pruner",
+            crate::rules::prune_broadcasts(pool.clone(), broadcasts_relayed, shutdown.clone()),
         ));
         tasks.push(spawn_named(
             "share-expiry",

@@ -127,6 +127,12 @@ async fn supabase_js_broadcast_presence() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_database_broadcast() {
+    let server = start().await;
+    run(&server, "db_broadcast.mjs", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supabase_js_rest() {
     let server = start().await;
     run(&server, "rest.mjs", &[]).await;

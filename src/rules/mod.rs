@@ -7,18 +7,22 @@
 //! - [`SessionRevocation`]: a signed-out `auth.sessions` row → its connections close.
 //! - [`KingShareEvents`]: file and share changes → KingShare notifications to
 //!   the users concerned.
+//! - [`DatabaseBroadcast`]: `realtime.messages` rows (`realtime.send`,
+//!   `realtime.broadcast_changes`) → broadcasts on `/realtime/v1`.
 //! - [`presence::SharesDirectory`]: who hears of a user's presence.
 
 pub mod presence;
 pub mod visibility;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use aether_core::changes::{ChangeKind, Row, RowChange};
 use serde_json::Value;
 
 use aether_realtime::hub::{ChannelConfig, ChannelConfigs};
 use aether_realtime::kingshare::{self, Notifier};
+use aether_realtime::phoenix_hub::{BroadcastPayload, PhxCommand};
 use aether_router::tap::{Effects, Tap};
 
 /// The value of `col` in `row`, if the relation has that column.
@@ -108,6 +112,89 @@ impl Tap for KingShareEvents {
     fn change(&mut self, change: &RowChange, _: &mut Effects) {
         for (user, frame) in kingshare::events_for(change) {
             self.0.to_user(&user, &frame);
+        }
+    }
+}
+
+/// Broadcast from the database: a `realtime.messages` row (written by
+/// `realtime.send` or `realtime.broadcast_changes`) goes to its topic's members
+/// on `/realtime/v1`, as a `broadcast` with the row's event and payload. Private
+/// messages reach no one yet: no one may join a private topic until Realtime
+/// Authorization decides who may.
+pub struct DatabaseBroadcast {
+    pub phoenix: tokio::sync::mpsc::Sender<PhxCommand>,
+    /// The newest message relayed: rows up to it are in the change log, so
+    /// [`prune_broadcasts`] may delete them.
+    pub relayed: Arc<AtomicI64>,
+}
+
+impl Tap for DatabaseBroadcast {
+    fn change(&mut self, change: &RowChange, _: &mut Effects) {
+        let rel = &change.relation;
+        if rel.schema != "realtime" || rel.name != "messages" || change.kind != ChangeKind::Insert {
+            return;
+        }
+        let Some(row) = change.new.as_ref() else {
+            return;
+        };
+        if let Some(id) = at(change, row, "id").and_then(Value::as_i64) {
+            self.relayed.fetch_max(id, Ordering::Relaxed);
+        }
+        let text = |col| at(change, row, col).and_then(Value::as_str);
+        if at(change, row, "private") != Some(&Value::Bool(false))
+            || text("extension") != Some("broadcast")
+        {
+            return;
+        }
+        let Some(topic) = text("topic") else { return };
+        let payload = match at(change, row, "payload") {
+            Some(Value::Null) | None => Value::Object(Default::default()),
+            Some(v) => v.clone(),
+        };
+        let cmd = PhxCommand::Broadcast {
+            from: None,
+            topic: format!("realtime:{topic}"),
+            event: text("event").unwrap_or_default().to_owned(),
+            payload: BroadcastPayload::Json(payload),
+        };
+        if self.phoenix.try_send(cmd).is_err() {
+            // As a client's broadcast to a hub that cannot keep up: dropped,
+            // counted, never waited for on the router task.
+            tracing::warn!(topic, "phoenix hub busy: database broadcast dropped");
+            metrics::counter!("aether_database_broadcasts_dropped_total").increment(1);
+        }
+    }
+}
+
+/// Deletes the `realtime.messages` rows the change log already holds, every
+/// few seconds, so the table stays small. The WAL keeps what the slot has not
+/// confirmed, so a deleted row is still decoded after a crash.
+pub async fn prune_broadcasts(
+    pool: deadpool_postgres::Pool,
+    relayed: Arc<AtomicI64>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut pruned = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let upto = relayed.load(Ordering::Relaxed);
+        if upto <= pruned {
+            continue;
+        }
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        match client
+            .execute("DELETE FROM realtime.messages WHERE id <= $1", &[&upto])
+            .await
+        {
+            Ok(_) => pruned = upto,
+            Err(e) => tracing::warn!(error = %e, "pruning realtime.messages failed; retrying"),
         }
     }
 }
