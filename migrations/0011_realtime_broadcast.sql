@@ -5,7 +5,9 @@
 -- once the change log holds them, so the table stays small.
 CREATE SCHEMA IF NOT EXISTS realtime;
 
-CREATE TABLE realtime.messages (
+-- IF NOT EXISTS: a database restored from Supabase has its own (same columns
+-- for what Aether reads: topic, extension, event, payload, private).
+CREATE TABLE IF NOT EXISTS realtime.messages (
     id          bigserial PRIMARY KEY,
     topic       text NOT NULL,
     extension   text NOT NULL DEFAULT 'broadcast',
@@ -18,7 +20,7 @@ CREATE TABLE realtime.messages (
 -- Supabase's signature: `private` defaults to true (a private channel).
 -- SECURITY DEFINER, so a trigger fired by any role's write (a `/rest/v1` insert
 -- as `authenticated`, say) can broadcast without rights on the table.
-CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
+CREATE OR REPLACE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
 RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = '' AS $$
     INSERT INTO realtime.messages (topic, extension, event, payload, private)
@@ -28,7 +30,7 @@ $$;
 -- For a trigger: `PERFORM realtime.broadcast_changes('room:' || NEW.room_id,
 -- TG_OP, TG_OP, TG_TABLE_NAME, TG_TABLE_SCHEMA, NEW, OLD)`. As on Supabase, the
 -- message goes to a private channel.
-CREATE FUNCTION realtime.broadcast_changes(
+CREATE OR REPLACE FUNCTION realtime.broadcast_changes(
     topic_name text, event_name text, operation text, table_name text, table_schema text,
     new record, old record, level text DEFAULT 'ROW'
 ) RETURNS void
@@ -53,9 +55,20 @@ END $$;
 REVOKE ALL ON SCHEMA realtime FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.send(jsonb, text, text, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION realtime.broadcast_changes(text, text, text, text, text, record, record, text) FROM PUBLIC;
-GRANT USAGE ON SCHEMA realtime TO anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION realtime.send(jsonb, text, text, boolean) TO anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION realtime.broadcast_changes(text, text, text, text, text, record, record, text)
-    TO anon, authenticated, service_role;
+-- The roles exist only where 0009 could create them (see docs/supabase.md).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role')
+       AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated')
+       AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN
+        GRANT USAGE ON SCHEMA realtime TO anon, authenticated, service_role;
+        GRANT EXECUTE ON FUNCTION realtime.send(jsonb, text, text, boolean)
+            TO anon, authenticated, service_role;
+        GRANT EXECUTE ON FUNCTION
+            realtime.broadcast_changes(text, text, text, text, text, record, record, text)
+            TO anon, authenticated, service_role;
+    END IF;
+END
+$$;
 
 ALTER PUBLICATION aether_realtime ADD TABLE realtime.messages;
