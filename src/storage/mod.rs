@@ -711,8 +711,11 @@ impl StorageService {
         Ok(rows.iter().map(bucket_from_row).collect())
     }
 
-    /// The owners of files at `path` in `bucket`, oldest file first (paths are
-    /// per owner, so there may be several; `None`: the owner-less file).
+    /// The owners of files at `path` in `bucket`: the owner-less file (`None`,
+    /// the service role's) first, then the oldest first (paths are per owner,
+    /// so there may be several). Owner-less first so that a user who uploads at
+    /// a path before the service role publishes there cannot take over what
+    /// anonymous readers of a public bucket get.
     pub async fn owners_at(
         &self,
         bucket: &str,
@@ -723,7 +726,7 @@ impl StorageService {
             .query(
                 "SELECT owner_id FROM public.files
                  WHERE bucket_id = $1 AND path = $2
-                 ORDER BY created_at, id",
+                 ORDER BY owner_id IS NOT NULL, created_at, id",
                 &[&bucket, &path.to_string()],
             )
             .await?;

@@ -55,18 +55,25 @@ fn remove_stale_clusters() {
     }
 }
 
-/// The longest one test binary may run. Each takes well under a minute; one
-/// that hangs fails here, with what it was running, instead of holding CI
-/// until its own limit.
-const BINARY_LIMIT: Duration = Duration::from_secs(300);
+/// The longest one test binary may run (`AETHER_TEST_BINARY_LIMIT_S`, default
+/// 300 s). Each takes well under a minute; one that hangs fails here, with what
+/// it was running, instead of holding CI until its own limit.
+fn binary_limit() -> Duration {
+    let secs = std::env::var("AETHER_TEST_BINARY_LIMIT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
 
 fn watchdog() {
+    let limit = binary_limit();
     let _ = std::thread::Builder::new()
         .name("test-watchdog".into())
-        .spawn(|| {
-            std::thread::sleep(BINARY_LIMIT);
+        .spawn(move || {
+            std::thread::sleep(limit);
             eprintln!(
-                "test binary {:?} ran for over {BINARY_LIMIT:?}: aborting (a test is hung)",
+                "test binary {:?} ran for over {limit:?}: aborting (a test is hung)",
                 std::env::args().next()
             );
             std::process::abort();
@@ -418,11 +425,15 @@ impl Ws {
         };
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(64 * 1024).unwrap();
-        let stream = socket.connect(addr).await.unwrap();
-        let (inner, _) =
+        let handshake = async {
+            let stream = socket.connect(addr).await.unwrap();
             tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
                 .await
-                .expect("websocket connects");
+        };
+        let (inner, _) = tokio::time::timeout(WAIT, handshake)
+            .await
+            .expect("websocket handshake within the timeout")
+            .expect("websocket connects");
         Ws {
             inner,
             skip_kingshare: true,

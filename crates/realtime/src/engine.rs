@@ -578,6 +578,10 @@ where
                 }
             }
         };
+        // The queue and the signals go now, not after the goodbye: a slow
+        // peer's goodbye may take seconds, and what is still queued for it
+        // would be held (and writers would see the queue open) until then.
+        drop(link);
         // Boxed, as the goodbye below: cold paths need not size every idle task.
         Box::pin(dialect.detach()).await;
         let Some(close) = ending else { return };

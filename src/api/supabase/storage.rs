@@ -712,6 +712,11 @@ async fn do_upload(
             let is_file = field.file_name().is_some() || name.is_empty() || name == "file";
             let mut field = field;
             if !is_file && name == "metadata" {
+                if metadata.is_some() {
+                    // One is all storage-js sends; more would be read for ever.
+                    r = Err(StorageApiError::invalid("more than one metadata field"));
+                    break;
+                }
                 let mut text = Vec::new();
                 while let Ok(Some(c)) = field.chunk().await {
                     text.extend_from_slice(&c);

@@ -153,7 +153,14 @@ impl Conn {
             .auth
             .authenticate(token)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                // As on `/ws`: the cause is logged, not sent.
+                crate::TokenRefused::Internal(cause) => {
+                    tracing::error!(error = %cause, session = self.session, "token check failed");
+                    "internal server error".to_owned()
+                }
+                e => e.to_string(),
+            })?;
         let p = Arc::new(p);
         // Counted under the user from now on, as on `/ws`.
         if let Some(uid) = &p.user_id
