@@ -1214,6 +1214,10 @@ impl StorageService {
             return Ok(src);
         }
         let src_key = src.storage_key.clone().ok_or_else(not_found)?;
+        // What `record` refuses, refused before the bytes are copied: a copy
+        // that cannot be kept must not cost a full read and write.
+        self.copy_allowed(owner, &src, to_bucket, to, upsert)
+            .await?;
         let key = blob_key(owner);
         // An empty file's blob may not exist: it is never read.
         let from_key = (src.size > 0).then_some(src_key.as_str());
@@ -1251,6 +1255,46 @@ impl StorageService {
                 Err(e)
             }
         }
+    }
+
+    /// The checks `record` makes of a copy of `src` to `to`, made before any
+    /// byte is copied (`record` makes them again, in its transaction).
+    async fn copy_allowed(
+        &self,
+        owner: Option<Uuid>,
+        src: &FileRecord,
+        to_bucket: &str,
+        to: &ObjectPath,
+        upsert: bool,
+    ) -> Result<(), StorageError> {
+        let bucket = self.bucket(to_bucket).await?;
+        self.check_type(
+            &src.mime_type,
+            to.name(),
+            Some(&bucket),
+            TypeRules::BucketOnly,
+        )?;
+        let limit = self.size_limit(Some(&bucket));
+        if src.size > limit {
+            return Err(StorageError::FileTooLarge { limit });
+        }
+        let replaced = match self.file_at(to_bucket, owner, to).await? {
+            Some(_) if !upsert => return Err(StorageError::AlreadyExists(to.to_string())),
+            Some(f) => f.size,
+            None => 0,
+        };
+        if let Some(owner) = owner {
+            let client = self.0.pool.get().await?;
+            let used = used_bytes(&**client, owner).await?.saturating_sub(replaced);
+            if used.saturating_add(src.size) > self.0.quota {
+                return Err(StorageError::QuotaExceeded {
+                    quota: self.0.quota,
+                    used,
+                    needed: src.size,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Files of `owners` (`None`: every owner's) in `bucket` whose path starts
