@@ -1,30 +1,7 @@
 // Broadcast and presence on /realtime/v1 with the real client: two (or three)
 // clients on one topic, under vsn 1.0.0 (JSON objects), 2.0.0 (arrays, and
 // realtime-js's binary frames for broadcast) and the two mixed.
-import { assert, client, main } from './lib.mjs'
-
-function waitUntil(cond, what, dump, ms = 5000) {
-  return new Promise((resolve, reject) => {
-    const started = Date.now()
-    const tick = () => {
-      let v
-      try { v = cond() } catch (e) { v = false }
-      if (v) return resolve(v)
-      if (Date.now() - started > ms) return reject(new Error(`timed out waiting for ${what}${dump ? `: ${JSON.stringify(dump())}` : ''}`))
-      setTimeout(tick, 10)
-    }
-    tick()
-  })
-}
-
-function subscribed(channel) {
-  return new Promise((resolve, reject) => {
-    channel.subscribe((status, err) => {
-      if (status === 'SUBSCRIBED') resolve()
-      else if (status !== 'CLOSED') reject(new Error(`subscribe: ${status} ${err?.message ?? ''}`))
-    })
-  })
-}
+import { assert, client, main, subscribed, waitUntil } from './lib.mjs'
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 

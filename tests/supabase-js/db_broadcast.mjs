@@ -2,28 +2,7 @@
 // trigger calling it reach a channel's members through the WAL; private
 // messages (Supabase's default) reach no one while private channels are not
 // authorized; delivered rows are pruned from `realtime.messages`.
-import { assert, client, main, sql } from './lib.mjs'
-
-function waitUntil(cond, what, ms = 10000) {
-  return new Promise((resolve, reject) => {
-    const started = Date.now()
-    const tick = () => {
-      if (cond()) return resolve()
-      if (Date.now() - started > ms) return reject(new Error(`timed out waiting for ${what}`))
-      setTimeout(tick, 10)
-    }
-    tick()
-  })
-}
-
-function subscribed(channel) {
-  return new Promise((resolve, reject) => {
-    channel.subscribe((status, err) => {
-      if (status === 'SUBSCRIBED') resolve()
-      else if (status !== 'CLOSED') reject(new Error(`subscribe: ${status} ${err?.message ?? ''}`))
-    })
-  })
-}
+import { assert, client, main, sql, subscribed, waitUntil } from './lib.mjs'
 
 // Retries `statement` (which raises until its condition holds) for up to 15 s.
 async function eventually(statement, what) {

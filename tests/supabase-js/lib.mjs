@@ -60,4 +60,30 @@ export async function main(name, fn) {
   }
 }
 
+// Resolves once `cond()` is truthy (polled every 10 ms); rejects after `ms`,
+// with `dump()` in the message when given.
+export function waitUntil(cond, what, dump, ms = 10000) {
+  return new Promise((resolve, reject) => {
+    const started = Date.now()
+    const tick = () => {
+      let v
+      try { v = cond() } catch (e) { v = false }
+      if (v) return resolve(v)
+      if (Date.now() - started > ms) return reject(new Error(`timed out waiting for ${what}${dump ? `: ${JSON.stringify(dump())}` : ''}`))
+      setTimeout(tick, 10)
+    }
+    tick()
+  })
+}
+
+// Subscribes `channel`; resolves on SUBSCRIBED, rejects on an error status.
+export function subscribed(channel) {
+  return new Promise((resolve, reject) => {
+    channel.subscribe((status, err) => {
+      if (status === 'SUBSCRIBED') resolve()
+      else if (status !== 'CLOSED') reject(new Error(`subscribe: ${status} ${err?.message ?? ''}`))
+    })
+  })
+}
+
 export { assert }

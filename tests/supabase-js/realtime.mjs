@@ -4,7 +4,7 @@
 // plain SQL, with and without filters, INSERT/UPDATE/DELETE, heartbeats, and a
 // second user who must not see the first user's private rows.
 import crypto from 'node:crypto'
-import { assert, client, email, main, ok, password, sql } from './lib.mjs'
+import { assert, client, email, main, ok, password, sql, subscribed } from './lib.mjs'
 
 function waitFor(list, n, what, ms = 10000) {
   return new Promise((resolve, reject) => {
@@ -18,14 +18,6 @@ function waitFor(list, n, what, ms = 10000) {
   })
 }
 
-function subscribed(channel) {
-  return new Promise((resolve, reject) => {
-    channel.subscribe((status, err) => {
-      if (status === 'SUBSCRIBED') resolve()
-      else if (status !== 'CLOSED') reject(new Error(`subscribe: ${status} ${err?.message ?? ''}`))
-    })
-  })
-}
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
