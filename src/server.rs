@@ -335,6 +335,7 @@ impl Server {
                     Box::new(crate::rules::KingShareEvents(Arc::clone(&kingshare))),
                     Box::new(crate::rules::DatabaseBroadcast {
                         phoenix: phoenix_tx.clone(),
+                        hub: hub_tx.clone(),
                         relayed: Arc::clone(&broadcasts_relayed),
                     }),
                 ],

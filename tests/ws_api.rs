@@ -649,3 +649,40 @@ async fn phoenix_sockets_have_the_same_frame_budget_and_message_rate_limit_as_ws
         .count();
     assert_eq!((ok, limited), (3, 2), "{statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_from_the_database_reach_the_channels_members_in_its_order() {
+    let t = TestServer::start().await;
+    let mut a = t.ws_query("client_id=a&channel=dbroom").await;
+    a.next().await;
+    let mut other = t.ws_query("client_id=o&channel=elsewhere").await;
+    other.next().await;
+    // A client's message and the database's share the channel's one order.
+    a.send(send("dbroom", "from a", 1)).await;
+    let first = a.next_of("message").await;
+    t.exec(
+        "SELECT realtime.send('{\"n\": 1}'::jsonb, 'note', 'dbroom', false);
+         SELECT realtime.send('{\"n\": 2}'::jsonb, 'note', 'dbroom');
+         SELECT realtime.send('{\"n\": 3}'::jsonb, 'note', 'dbroom', false);",
+    )
+    .await;
+    let m = a.next_of("message").await;
+    assert_eq!(m["action"], "send");
+    assert_eq!(m["data"]["content"], json!({"n": 1}));
+    assert_eq!(m["data"]["channel"], "dbroom");
+    assert_eq!(m["data"]["client_id"], Value::Null);
+    assert_eq!(m["data"]["metadata"]["event"], "note");
+    assert_eq!(
+        m["data"]["metadata"]["server_sequence"].as_u64(),
+        first["data"]["metadata"]["server_sequence"]
+            .as_u64()
+            .map(|s| s + 1)
+    );
+    // The private one (the default) reaches no one: the next is n = 3.
+    let m = a.next_of("message").await;
+    assert_eq!(m["data"]["content"], json!({"n": 3}));
+    // Another channel's member heard none of it.
+    other.send(send("elsewhere", "ping", 1)).await;
+    let own = other.next_of("message").await;
+    assert_eq!(own["data"]["content"], "ping");
+}

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use aether_core::changes::{ChangeKind, Row, RowChange};
 use serde_json::Value;
 
-use aether_realtime::hub::{ChannelConfig, ChannelConfigs};
+use aether_realtime::hub::{ChannelConfig, ChannelConfigs, HubCommand};
 use aether_realtime::kingshare::{self, Notifier};
 use aether_realtime::phoenix_hub::{BroadcastPayload, PhxCommand};
 use aether_router::tap::{Effects, Tap};
@@ -118,11 +118,15 @@ impl Tap for KingShareEvents {
 
 /// Broadcast from the database: a `realtime.messages` row (written by
 /// `realtime.send` or `realtime.broadcast_changes`) goes to its topic's members
-/// on `/realtime/v1`, as a `broadcast` with the row's event and payload. Private
+/// on `/realtime/v1`, as a `broadcast` with the row's event and payload, and to
+/// the members of the Aether channel of that name on `/ws`. Private
 /// messages reach no one yet: no one may join a private topic until Realtime
 /// Authorization decides who may.
 pub struct DatabaseBroadcast {
     pub phoenix: tokio::sync::mpsc::Sender<PhxCommand>,
+    /// The Aether channels of `/ws`: a message to topic `x` also reaches the
+    /// members of channel `x`.
+    pub hub: tokio::sync::mpsc::Sender<HubCommand>,
     /// The newest message relayed: rows up to it are in the change log, so
     /// [`prune_broadcasts`] may delete them.
     pub relayed: Arc<AtomicI64>,
@@ -151,13 +155,23 @@ impl Tap for DatabaseBroadcast {
             Some(Value::Null) | None => Value::Object(Default::default()),
             Some(v) => v.clone(),
         };
-        let cmd = PhxCommand::Broadcast {
+        let event = text("event").unwrap_or_default().to_owned();
+        let to_ws = HubCommand::FromDatabase {
+            channel: topic.to_owned(),
+            event: event.clone(),
+            content: payload.clone(),
+        };
+        let to_phoenix = PhxCommand::Broadcast {
             from: None,
             topic: format!("realtime:{topic}"),
-            event: text("event").unwrap_or_default().to_owned(),
+            event,
             payload: BroadcastPayload::Json(payload),
         };
-        if self.phoenix.try_send(cmd).is_err() {
+        if self.hub.try_send(to_ws).is_err() {
+            tracing::warn!(topic, "channel hub busy: database broadcast dropped");
+            metrics::counter!("aether_database_broadcasts_dropped_total").increment(1);
+        }
+        if self.phoenix.try_send(to_phoenix).is_err() {
             // As a client's broadcast to a hub that cannot keep up: dropped,
             // counted, never waited for on the router task.
             tracing::warn!(topic, "phoenix hub busy: database broadcast dropped");

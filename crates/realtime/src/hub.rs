@@ -130,6 +130,13 @@ pub enum HubCommand {
         session: u64,
         user_id: Arc<str>,
     },
+    /// A message from the database (`realtime.send`): relayed to the
+    /// channel's members like a client's, from no client.
+    FromDatabase {
+        channel: String,
+        event: String,
+        content: Value,
+    },
     Stats {
         reply: oneshot::Sender<HubStats>,
     },
@@ -269,6 +276,11 @@ impl Hub {
             } => {
                 let _ = reply.send(self.leave(session, &channel));
             }
+            HubCommand::FromDatabase {
+                channel,
+                event,
+                content,
+            } => self.relay_from_database(&channel, &event, content),
             HubCommand::Send {
                 session,
                 message,
@@ -479,6 +491,34 @@ impl Hub {
             self.deliver(s, Outbound::Frame(Arc::clone(&f)));
         }
         Ok(SendOutcome::Relayed { server_sequence })
+    }
+
+    /// Relays a database message to `channel`'s members, in the channel's one
+    /// order; a channel no one has joined has no one to tell.
+    fn relay_from_database(&mut self, channel: &str, event: &str, content: Value) {
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let server_sequence = ch.next_sequence;
+        ch.next_sequence += 1;
+        let targets: Vec<u64> = ch.members.iter().copied().collect();
+        let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let f: Arc<str> = Arc::from(
+            json!({"type": "message", "action": "send", "data": {
+                "content": content,
+                "channel": channel,
+                "client_id": null,
+                "user_id": null,
+                "metadata": {"sequence": null, "timestamp": timestamp,
+                             "server_sequence": server_sequence, "event": event},
+            }})
+            .to_string(),
+        );
+        self.messages_total += 1;
+        metrics::counter!("aether_channel_messages_out_total").increment(targets.len() as u64);
+        for s in targets {
+            self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+        }
     }
 
     fn remember(&mut self, client: &Arc<str>, seq: i64) {
