@@ -1,0 +1,100 @@
+//! Serving objects: authenticated and public downloads, and `info`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::errors::StorageApiError;
+use super::owners::{Caller, Owner, object_path, read_owner};
+use crate::api::auth::timestamp;
+use crate::api::extract::ApiPath;
+use crate::api::storage::read_response;
+use crate::auth::Principal;
+use crate::server::AppState;
+use crate::storage::{ByteRange, ObjectPath};
+
+pub(super) async fn serve(
+    state: &AppState,
+    viewer: &Principal,
+    bucket: &str,
+    owner: Owner,
+    path: &ObjectPath,
+    headers: &HeaderMap,
+    head_only: bool,
+) -> Result<Response, StorageApiError> {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ByteRange::parse);
+    let read = state
+        .storage
+        .open(Some(viewer), bucket, owner, path, range)
+        .await?;
+    // A HEAD is not a download: KingShare owners are told of GETs only.
+    if !head_only && read.span.is_none_or(|(a, _)| a == 0) {
+        crate::api::kingshare::download_started(state, &read.file);
+    }
+    read_response(read).map_err(StorageApiError::from)
+}
+
+/// `GET /storage/v1/object/{bucket}/{path}` (and `/object/authenticated/…`).
+pub async fn get_object(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Result<Response, StorageApiError> {
+    let path = object_path(&path)?;
+    let owner = read_owner(&state, &p, &bucket, &path).await?;
+    let head_only = method == axum::http::Method::HEAD;
+    serve(&state, &p, &bucket, owner, &path, &headers, head_only).await
+}
+
+/// `GET /storage/v1/object/info/{bucket}/{path}` (`info`): Supabase's shape,
+/// whose `metadata` is the custom metadata given at upload.
+pub async fn info(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+) -> Result<Json<Value>, StorageApiError> {
+    let path = object_path(&path)?;
+    let owner = read_owner(&state, &p, &bucket, &path).await?;
+    let f = state
+        .storage
+        .file_at(&bucket, owner, &path)
+        .await?
+        .ok_or_else(StorageApiError::no_such_key)?;
+    Ok(Json(json!({
+        "id": f.id.hyphenated().to_string(),
+        "name": f.path,
+        "version": f.version(),
+        "bucket_id": bucket,
+        "size": f.size,
+        "content_type": f.mime_type,
+        "cache_control": "max-age=3600",
+        "etag": format!("\"{}\"", f.id.simple()),
+        "metadata": f.user_metadata,
+        "last_modified": timestamp(&f.updated_at),
+        "created_at": timestamp(&f.created_at),
+    })))
+}
+
+/// `GET /storage/v1/object/public/{bucket}/{path}`: public buckets, no key needed.
+pub async fn public_get(
+    State(state): State<AppState>,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Result<Response, StorageApiError> {
+    let path = object_path(&path)?;
+    let anon = Principal::anonymous();
+    if !state.storage.bucket(&bucket).await?.public {
+        return Err(StorageApiError::no_such_key());
+    }
+    let owner = read_owner(&state, &anon, &bucket, &path).await?;
+    let head_only = method == axum::http::Method::HEAD;
+    serve(&state, &anon, &bucket, owner, &path, &headers, head_only).await
+}

@@ -1,0 +1,311 @@
+//! Signed URLs: download tokens (`sign`, `createSignedUrls`, their `GET`)
+//! and upload tokens (`createSignedUploadUrl`, `uploadToSignedUrl`).
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::download::serve;
+use super::errors::StorageApiError;
+use super::json_body;
+use super::owners::{Caller, Owner, object_path, read_owner, write_owner};
+use super::upload::{UploadAnswer, do_upload, upload_answer, upsert_header};
+use crate::api::extract::ApiPath;
+use crate::api::supabase::query_param;
+use crate::api::validate::{self, Validate};
+use crate::auth::Principal;
+use crate::server::AppState;
+use crate::storage::StorageError;
+
+/// What a signed-URL token allows: download tokens say [`DOWNLOAD`] (or,
+/// made before tokens had a scope, nothing), upload tokens [`UPLOAD`]; each
+/// route takes its own kind only.
+const DOWNLOAD: &str = "download";
+const UPLOAD: &str = "upload";
+
+#[derive(Serialize, Deserialize)]
+struct SignedClaims {
+    /// `bucket/path`, as in Supabase's signed URLs.
+    url: String,
+    /// Whose file (paths are per owner in Aether); `None` (`null`): the
+    /// owner-less one. Tokens made before owner-less objects existed carry a
+    /// user's id and verify as before.
+    #[serde(default)]
+    owner: Owner,
+    #[serde(default)]
+    scope: Option<String>,
+    iat: i64,
+    exp: i64,
+}
+
+#[derive(Deserialize)]
+pub struct SignBody {
+    #[serde(rename = "expiresIn")]
+    expires_in: Option<i64>,
+}
+
+impl Validate for SignBody {}
+
+/// `POST /storage/v1/object/sign/{bucket}/{path}` → `{"signedURL": "/object/sign/…?token=…"}`.
+pub async fn sign(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: SignBody = json_body(&body)?;
+    let expires_in = expires_in(b.expires_in)?;
+    let url = signed_url(&state, &p, &bucket, &path, expires_in).await?;
+    // Not percent-encoded: storage-js runs `encodeURI` over it.
+    Ok(Json(json!({ "signedURL": url })))
+}
+
+/// `expiresIn` (default 60 s), which must be positive.
+fn expires_in(v: Option<i64>) -> Result<i64, StorageApiError> {
+    match v.unwrap_or(60) {
+        s if s > 0 => Ok(s),
+        _ => Err(StorageApiError::invalid(
+            "expiresIn must be a positive number of seconds",
+        )),
+    }
+}
+
+/// `/object/sign/{bucket}/{path}?token=…` for the object `viewer` reads there.
+async fn signed_url(
+    state: &AppState,
+    viewer: &Principal,
+    bucket: &str,
+    raw: &str,
+    expires_in: i64,
+) -> Result<String, StorageApiError> {
+    let path = object_path(raw)?;
+    let owner = read_owner(state, viewer, bucket, &path).await?;
+    let now = chrono::Utc::now().timestamp();
+    let url = format!("{bucket}/{path}");
+    let token = state.jwt.sign_json(&SignedClaims {
+        url: url.clone(),
+        owner,
+        scope: Some(DOWNLOAD.into()),
+        iat: now,
+        exp: now.saturating_add(expires_in),
+    });
+    Ok(format!("/object/sign/{url}?token={token}"))
+}
+
+fn bad_signature(m: &str) -> StorageApiError {
+    StorageApiError::new(
+        StatusCode::BAD_REQUEST,
+        "InvalidSignature",
+        "InvalidSignature",
+        m,
+    )
+}
+
+/// The claims of the `token` query parameter: signed by us, not expired.
+fn verify_signed<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    uri: &axum::http::Uri,
+) -> Result<T, StorageApiError> {
+    let token = query_param(uri.query().unwrap_or(""), "token").unwrap_or_default();
+    state.jwt.verify_json(&token).map_err(|e| match e {
+        crate::auth::TokenError::Expired => bad_signature("jwt expired"),
+        crate::auth::TokenError::Invalid(_) => bad_signature("The signature is invalid"),
+    })
+}
+
+/// `GET /storage/v1/object/sign/{bucket}/{path}?token=…`: no key needed.
+pub async fn signed_get(
+    State(state): State<AppState>,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    uri: axum::http::Uri,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Result<Response, StorageApiError> {
+    let claims: SignedClaims = verify_signed(&state, &uri)?;
+    if claims.scope.as_deref().is_some_and(|s| s != DOWNLOAD) {
+        return Err(bad_signature("The token is not for downloads"));
+    }
+    let path = object_path(&path)?;
+    if claims.url != format!("{bucket}/{path}") {
+        return Err(bad_signature("The URL does not match the signature"));
+    }
+    let service = Principal {
+        expires_at: Some(claims.exp),
+        ..Principal::service()
+    };
+    let head_only = method == axum::http::Method::HEAD;
+    serve(
+        &state,
+        &service,
+        &bucket,
+        claims.owner,
+        &path,
+        &headers,
+        head_only,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct SignManyBody {
+    #[serde(rename = "expiresIn")]
+    expires_in: Option<i64>,
+    paths: Vec<String>,
+}
+
+impl Validate for SignManyBody {}
+
+/// `POST /storage/v1/object/sign/{bucket}` (`createSignedUrls`): one entry per
+/// path, with its own error when that path cannot be signed.
+pub async fn sign_many(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath(bucket): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    let b: SignManyBody = json_body(&body)?;
+    let expires_in = expires_in(b.expires_in)?;
+    if b.paths.len() > 1000 {
+        return Err(StorageApiError::invalid("at most 1000 paths at once"));
+    }
+    let mut out = Vec::with_capacity(b.paths.len());
+    for raw in b.paths {
+        let signed = signed_url(&state, &p, &bucket, &raw, expires_in).await;
+        out.push(match signed {
+            Ok(u) => json!({"error": null, "path": raw, "signedURL": u}),
+            Err(e) => json!({"error": e.message, "path": raw, "signedURL": null}),
+        });
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// How long a signed upload URL lasts (Supabase's default).
+const SIGNED_UPLOAD_SECS: i64 = 2 * 60 * 60;
+
+#[derive(Serialize, Deserialize)]
+struct UploadClaims {
+    /// `bucket/path`: the one object this token may write.
+    url: String,
+    /// Who signed: the upload is theirs (`None`: the service role's, an
+    /// owner-less object).
+    #[serde(default)]
+    owner: Owner,
+    /// Whether it may replace an object there.
+    upsert: bool,
+    /// [`UPLOAD`].
+    scope: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// `POST /storage/v1/object/upload/sign/{bucket}/{path}` (`createSignedUploadUrl`,
+/// `x-upsert` for `{upsert: true}`) → `{"url": "/object/upload/sign/…?token=…",
+/// "token"}`: anyone holding the URL may upload that one object, as the
+/// signer, for two hours.
+pub async fn sign_upload(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, StorageApiError> {
+    // storage-js sends `{}`; nothing in it is used.
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| StorageApiError::invalid(format!("invalid JSON body: {e}")))?;
+        validate::json(&v)?;
+    }
+    let path = object_path(&path)?;
+    let owner = write_owner(&state, &p, &bucket, &path).await?;
+    state.storage.bucket(&bucket).await?;
+    let upsert = upsert_header(&headers);
+    if !upsert
+        && state
+            .storage
+            .file_at(&bucket, owner, &path)
+            .await?
+            .is_some()
+    {
+        return Err(StorageError::AlreadyExists(path.to_string()).into());
+    }
+    let now = chrono::Utc::now().timestamp();
+    let url = format!("{bucket}/{path}");
+    let token = state.jwt.sign_json(&UploadClaims {
+        url: url.clone(),
+        owner,
+        upsert,
+        scope: UPLOAD.into(),
+        iat: now,
+        exp: now.saturating_add(SIGNED_UPLOAD_SECS),
+    });
+    // Not percent-encoded, as for `createSignedUrl`.
+    Ok(Json(json!({
+        "url": format!("/object/upload/sign/{url}?token={token}"),
+        "token": token,
+    })))
+}
+
+/// `PUT /storage/v1/object/upload/sign/{bucket}/{path}?token=…`
+/// (`uploadToSignedUrl`): no key needed; the token names the object, its
+/// owner and whether it may be replaced.
+pub async fn upload_signed(
+    State(state): State<AppState>,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    uri: axum::http::Uri,
+    req: Request,
+) -> Result<Json<UploadAnswer>, StorageApiError> {
+    let claims: UploadClaims = verify_signed(&state, &uri)?;
+    if claims.scope != UPLOAD {
+        return Err(bad_signature("The token is not for uploads"));
+    }
+    let path = object_path(&path)?;
+    if claims.url != format!("{bucket}/{path}") {
+        return Err(bad_signature("The URL does not match the signature"));
+    }
+    let f = do_upload(
+        state,
+        claims.owner,
+        bucket.clone(),
+        path,
+        claims.upsert,
+        req,
+    )
+    .await?;
+    Ok(upload_answer(&bucket, &f))
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[test]
+    fn signed_tokens_name_an_owner_or_none() {
+        // A token made before owner-less objects existed still reads as its user's.
+        let uid = Uuid::new_v4();
+        let old: SignedClaims = serde_json::from_value(
+            json!({"url": "b/p", "owner": uid, "scope": "download", "iat": 1, "exp": 2}),
+        )
+        .unwrap();
+        assert_eq!(old.owner, Some(uid));
+        let none = SignedClaims {
+            url: "b/p".into(),
+            owner: None,
+            scope: Some(DOWNLOAD.into()),
+            iat: 1,
+            exp: 2,
+        };
+        let back: SignedClaims =
+            serde_json::from_value(serde_json::to_value(&none).unwrap()).unwrap();
+        assert_eq!(back.owner, None);
+        let up: UploadClaims = serde_json::from_value(
+            json!({"url": "b/p", "owner": null, "upsert": false, "scope": "upload", "iat": 1, "exp": 2}),
+        )
+        .unwrap();
+        assert_eq!(up.owner, None);
+    }
+}
