@@ -1,0 +1,171 @@
+//! Listing: a folder's contents, and pages of files under a prefix.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::buckets::bucket_in;
+use super::errors::StorageError;
+use super::files::{FILE_COLUMNS, FileRecord, FolderRecord, file_from_row, folder_from_row};
+use super::owners::owner_is;
+use super::{ObjectPath, StorageService};
+
+/// What is directly inside a folder (or a bucket's root) for one owner.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// `None` for the root.
+    pub folder_id: Option<Uuid>,
+    pub folders: Vec<FolderRecord>,
+    pub files: Vec<FileRecord>,
+}
+
+/// The order of [`StorageService::files_under`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SortColumn {
+    #[default]
+    Name,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileSort {
+    pub column: SortColumn,
+    pub desc: bool,
+}
+
+/// Where a page of [`StorageService::files_under`] ended: the last file's
+/// sort time (when sorting by time), path and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileCursor {
+    pub time: Option<DateTime<Utc>>,
+    pub path: String,
+    pub id: Uuid,
+}
+
+impl StorageService {
+    /// `owner`'s files and folders directly under `folder` (the root when
+    /// empty; `None`: the owner-less ones).
+    pub async fn list(
+        &self,
+        owner: Option<Uuid>,
+        bucket: &str,
+        folder: &ObjectPath,
+    ) -> Result<Listing, StorageError> {
+        let client = self.0.pool.get().await?;
+        bucket_in(&**client, bucket).await?;
+        let owned = owner_is("owner_id", owner, 2);
+        let folder_id: Option<Uuid> = if folder.is_root() {
+            None
+        } else {
+            let row = client
+                .query_opt(
+                    &format!("SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"),
+                    &[&bucket, &owner, &folder.to_string()],
+                )
+                .await?
+                .ok_or_else(|| StorageError::NotFound(format!("folder {:?} not found", folder.to_string())))?;
+            Some(row.get(0))
+        };
+        // `= $3` under a folder (served by the parent/folder indexes), `IS NULL` at
+        // the root (served by the (bucket_id, owner_id, path) index prefix).
+        let (parent_cond, folder_cond) = match folder_id {
+            Some(_) => ("parent_id = $3", "folder_id = $3"),
+            None => ("parent_id IS NULL", "folder_id IS NULL"),
+        };
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&bucket, &owner];
+        if let Some(id) = &folder_id {
+            params.push(id);
+        }
+        let folders = client
+            .query(
+                &format!(
+                    "SELECT id, parent_id, path, name, created_at FROM public.folders
+                     WHERE bucket_id = $1 AND {owned} AND {parent_cond}
+                     ORDER BY name"
+                ),
+                &params,
+            )
+            .await?
+            .iter()
+            .map(folder_from_row)
+            .collect();
+        let files = client
+            .query(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM public.files
+                     WHERE bucket_id = $1 AND {owned} AND {folder_cond}
+                     ORDER BY name"
+                ),
+                &params,
+            )
+            .await?
+            .iter()
+            .map(file_from_row)
+            .collect();
+        Ok(Listing {
+            folder_id,
+            folders,
+            files,
+        })
+    }
+
+    /// Files of `owners` (`None`: every owner's) in `bucket` whose path starts
+    /// with `prefix` (a plain string prefix, not only a folder), in `sort`
+    /// order, after `after` when given; at most `limit`. Paths compare
+    /// bytewise (`COLLATE "C"`), as Rust strings do.
+    pub async fn files_under(
+        &self,
+        bucket: &str,
+        owners: Option<&[Uuid]>,
+        prefix: &str,
+        sort: FileSort,
+        after: Option<&FileCursor>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>, StorageError> {
+        let client = self.0.pool.get().await?;
+        bucket_in(&**client, bucket).await?;
+        let owners: Option<Vec<Uuid>> = owners.map(<[Uuid]>::to_vec);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (dir, op) = if sort.desc {
+            ("DESC", "<")
+        } else {
+            ("ASC", ">")
+        };
+        let time = match sort.column {
+            SortColumn::Name => None,
+            SortColumn::CreatedAt => Some("created_at"),
+            SortColumn::UpdatedAt => Some("updated_at"),
+        };
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&bucket, &owners, &prefix, &limit];
+        let mut keyset = String::new();
+        let after_time = after.and_then(|c| c.time);
+        if let Some(c) = after {
+            params.push(&c.path);
+            params.push(&c.id);
+            keyset = match time {
+                None => format!("AND (path COLLATE \"C\", id) {op} ($5 COLLATE \"C\", $6)"),
+                Some(col) => {
+                    params.push(&after_time);
+                    format!("AND ({col}, path COLLATE \"C\", id) {op} ($7, $5 COLLATE \"C\", $6)")
+                }
+            };
+        }
+        let order = match time {
+            None => format!("path COLLATE \"C\" {dir}, id {dir}"),
+            Some(col) => format!("{col} {dir}, path COLLATE \"C\" {dir}, id {dir}"),
+        };
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM public.files
+                     WHERE bucket_id = $1 AND ($2::uuid[] IS NULL OR owner_id = ANY($2))
+                       AND starts_with(path, $3) {keyset}
+                     ORDER BY {order} LIMIT $4"
+                ),
+                &params,
+            )
+            .await?;
+        Ok(rows.iter().map(file_from_row).collect())
+    }
+}

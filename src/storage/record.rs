@@ -1,0 +1,256 @@
+//! Recording a file: a completed upload's (or copy's) bytes and row, with
+//! any missing folders, in one transaction.
+
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use super::buckets::bucket_in;
+use super::errors::StorageError;
+use super::files::{FILE_COLUMNS, FileRecord, file_from_row, file_metadata};
+use super::owners::{lock_owner, owner_is, used_bytes};
+use super::upload::{PendingUpload, TypeRules, UploadTarget};
+use super::{ObjectPath, StorageService, as_i64};
+
+/// What a commit records about a completed upload (or a copy).
+pub(super) struct Recording {
+    pub(super) owner: Option<Uuid>,
+    pub(super) size: u64,
+    pub(super) mime: String,
+    pub(super) file_name: String,
+    pub(super) key: String,
+    pub(super) types: TypeRules,
+}
+
+impl StorageService {
+    /// Completes the bytes, then records the file (and any missing folders) in one
+    /// transaction. Runs to the end even if the caller goes away, so it never
+    /// leaves bytes and row out of step.
+    pub async fn commit(
+        &self,
+        upload: PendingUpload,
+        target: UploadTarget,
+    ) -> Result<FileRecord, StorageError> {
+        let svc = self.clone();
+        tokio::spawn(async move { svc.commit_owned(upload, target).await })
+            .await
+            .map_err(StorageError::internal)?
+    }
+
+    async fn commit_owned(
+        &self,
+        mut up: PendingUpload,
+        target: UploadTarget,
+    ) -> Result<FileRecord, StorageError> {
+        if let Err(e) = up.blob.finish().await {
+            up.discard().await;
+            return Err(e.into());
+        }
+        let facts = Recording {
+            owner: up.owner,
+            size: up.size(),
+            mime: up.mime.clone(),
+            file_name: up.file_name.clone(),
+            key: up.blob.key().to_owned(),
+            types: up.types,
+        };
+        match self.record(&facts, &target).await {
+            Ok((file, replaced)) => {
+                up.blob.keep();
+                if let Some(old) = replaced {
+                    self.0.blobs.delete_quietly(&old).await;
+                }
+                Ok(file)
+            }
+            Err(e) => {
+                if matches!(e, StorageError::Internal(_)) && self.row_exists(up.blob.key()).await {
+                    // The commit may have gone through after all: keep the bytes.
+                    up.blob.keep();
+                } else {
+                    up.discard().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether a row points to `key`; `true` when that cannot be told.
+    pub(super) async fn row_exists(&self, key: &str) -> bool {
+        let Ok(client) = self.0.pool.get().await else {
+            return true;
+        };
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM public.files WHERE storage_key = $1)",
+                &[&key],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true)
+    }
+
+    /// The transaction of a commit; returns the file and the blob key it replaced.
+    pub(super) async fn record(
+        &self,
+        up: &Recording,
+        target: &UploadTarget,
+    ) -> Result<(FileRecord, Option<String>), StorageError> {
+        let owner = up.owner;
+        let size = up.size;
+        let path = target.path.to_string();
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        lock_owner(&*tx, owner).await?;
+        let bucket = bucket_in(&*tx, &target.bucket).await?;
+        if size > self.size_limit(Some(&bucket)) {
+            return Err(StorageError::FileTooLarge {
+                limit: self.size_limit(Some(&bucket)),
+            });
+        }
+        self.check_type(&up.mime, &up.file_name, Some(&bucket), up.types)?;
+        let owned = owner_is("owner_id", owner, 2);
+        let is_folder = tx
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"
+                ),
+                &[&target.bucket, &owner, &path],
+            )
+            .await?
+            .is_some();
+        if is_folder {
+            return Err(StorageError::PathConflict(format!(
+                "{path:?} is a folder; a file cannot take its place"
+            )));
+        }
+        let folder_id = ensure_folders(&*tx, &target.bucket, owner, &target.path.parent()).await?;
+        let existing = tx
+            .query_opt(
+                &format!(
+                    "SELECT id, size, storage_key FROM public.files
+                     WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
+                ),
+                &[&target.bucket, &owner, &path],
+            )
+            .await?;
+        if existing.is_some() && !target.upsert {
+            return Err(StorageError::AlreadyExists(path));
+        }
+        let replaced_size = existing
+            .as_ref()
+            .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
+            .unwrap_or(0);
+        // Owner-less (service-role) objects count against no quota.
+        if let Some(user) = owner {
+            let used = used_bytes(&*tx, user).await?.saturating_sub(replaced_size);
+            if used.saturating_add(size) > self.0.quota {
+                return Err(StorageError::QuotaExceeded {
+                    quota: self.0.quota,
+                    used,
+                    needed: size,
+                });
+            }
+        }
+        let metadata = file_metadata(&up.file_name, target.user_metadata.as_ref());
+        let (row, replaced) = match &existing {
+            Some(old) => {
+                let id: Uuid = old.get(0);
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "UPDATE public.files SET folder_id = $2, name = $3, size = $4, mime_type = $5,
+                                 storage_key = $6, metadata = $7
+                             WHERE id = $1 RETURNING {FILE_COLUMNS}"
+                        ),
+                        &[
+                            &id,
+                            &folder_id,
+                            &target.path.name(),
+                            &as_i64(size),
+                            &up.mime,
+                            &up.key,
+                            &metadata,
+                        ],
+                    )
+                    .await?;
+                (row, old.get::<_, Option<String>>(2))
+            }
+            None => {
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "INSERT INTO public.files
+                                 (id, bucket_id, folder_id, path, name, size, mime_type, owner_id, storage_key, metadata)
+                             VALUES (coalesce($10, gen_random_uuid()), $1, $2, $3, $4, $5, $6, $7, $8, $9)
+                             RETURNING {FILE_COLUMNS}"
+                        ),
+                        &[
+                            &target.bucket,
+                            &folder_id,
+                            &path,
+                            &target.path.name(),
+                            &as_i64(size),
+                            &up.mime,
+                            &owner,
+                            &up.key,
+                            &metadata,
+                            &target.id,
+                        ],
+                    )
+                    .await?;
+                (row, None)
+            }
+        };
+        tx.commit().await?;
+        Ok((file_from_row(&row), replaced))
+    }
+}
+
+/// Creates the folders of `dir` that are missing, parents first; returns the id of
+/// `dir` itself (`None` for the root).
+pub(super) async fn ensure_folders(
+    tx: &impl GenericClient,
+    bucket: &str,
+    owner: Option<Uuid>,
+    dir: &ObjectPath,
+) -> Result<Option<Uuid>, StorageError> {
+    let mut parent: Option<Uuid> = None;
+    let owned = owner_is("owner_id", owner, 2);
+    for prefix in dir.prefixes() {
+        let p = prefix.to_string();
+        let clash = tx
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM public.files WHERE bucket_id = $1 AND {owned} AND path = $3"
+                ),
+                &[&bucket, &owner, &p],
+            )
+            .await?
+            .is_some();
+        if clash {
+            return Err(StorageError::PathConflict(format!(
+                "{p:?} is a file, so it cannot be a folder"
+            )));
+        }
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO public.folders (bucket_id, parent_id, path, name, owner_id)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (bucket_id, owner_id, path) DO NOTHING
+                 RETURNING id",
+                &[&bucket, &parent, &p, &prefix.name(), &owner],
+            )
+            .await?;
+        let id: Uuid = match inserted {
+            Some(r) => r.get(0),
+            None => tx
+                .query_one(
+                    &format!("SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"),
+                    &[&bucket, &owner, &p],
+                )
+                .await?
+                .get(0),
+        };
+        parent = Some(id);
+    }
+    Ok(parent)
+}

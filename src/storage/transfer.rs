@@ -1,0 +1,222 @@
+//! Moving and copying files, within a bucket or into another.
+
+use uuid::Uuid;
+
+use super::buckets::bucket_in;
+use super::errors::StorageError;
+use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
+use super::owners::{blob_key, lock_owner, owner_is, used_bytes};
+use super::record::{Recording, ensure_folders};
+use super::upload::{TypeRules, UploadTarget};
+use super::{ObjectPath, StorageService};
+
+impl StorageService {
+    /// Moves `owner`'s file at `from` (in `from_bucket`) to `to` in `to_bucket`,
+    /// keeping its row (id, owner, bytes): one transaction that updates the
+    /// row's bucket, path and folder. Refused when a file or folder is at `to`;
+    /// into another bucket, that bucket's size limit and types apply.
+    pub async fn move_file(
+        &self,
+        owner: Option<Uuid>,
+        from_bucket: &str,
+        from: &ObjectPath,
+        to_bucket: &str,
+        to: &ObjectPath,
+    ) -> Result<FileRecord, StorageError> {
+        let (src, dst) = (from.to_string(), to.to_string());
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        lock_owner(&*tx, owner).await?;
+        bucket_in(&*tx, from_bucket).await?;
+        let bucket = bucket_in(&*tx, to_bucket).await?;
+        let owned = owner_is("owner_id", owner, 2);
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM public.files
+                     WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
+                ),
+                &[&from_bucket, &owner, &src],
+            )
+            .await?
+            .ok_or_else(|| StorageError::NotFound(format!("no file at {src:?}")))?;
+        let file = file_from_row(&row);
+        if from_bucket == to_bucket && src == dst {
+            return Ok(file);
+        }
+        if from_bucket != to_bucket {
+            let limit = self.size_limit(Some(&bucket));
+            if file.size > limit {
+                return Err(StorageError::FileTooLarge { limit });
+            }
+            self.check_type(
+                &file.mime_type,
+                to.name(),
+                Some(&bucket),
+                TypeRules::BucketOnly,
+            )?;
+        }
+        let taken = tx
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM public.folders
+                                    WHERE bucket_id = $1 AND {owned} AND path = $3),
+                            EXISTS (SELECT 1 FROM public.files
+                                    WHERE bucket_id = $1 AND {owned} AND path = $3)"
+                ),
+                &[&to_bucket, &owner, &dst],
+            )
+            .await?;
+        if taken.get::<_, bool>(0) {
+            return Err(StorageError::PathConflict(format!(
+                "{dst:?} is a folder; a file cannot take its place"
+            )));
+        }
+        if taken.get::<_, bool>(1) {
+            return Err(StorageError::AlreadyExists(dst));
+        }
+        let folder_id = ensure_folders(&*tx, to_bucket, owner, &to.parent()).await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE public.files SET bucket_id = $2, folder_id = $3, path = $4, name = $5
+                     WHERE id = $1 RETURNING {FILE_COLUMNS}"
+                ),
+                &[&file.id, &to_bucket, &folder_id, &dst, &to.name()],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(file_from_row(&row))
+    }
+
+    /// Copies `owner`'s file at `from` (in `from_bucket`) to `to` in `to_bucket`,
+    /// for the same owner, with its custom metadata: the bytes are copied under
+    /// a fresh key, then recorded as an upload is (the destination bucket's
+    /// rules, the owner's quota; `upsert` replaces a file at `to`). Copying a
+    /// file onto itself changes nothing. Runs to the end even if the caller
+    /// goes away.
+    pub async fn copy_file(
+        &self,
+        owner: Option<Uuid>,
+        from_bucket: &str,
+        from: &ObjectPath,
+        to_bucket: &str,
+        to: &ObjectPath,
+        upsert: bool,
+    ) -> Result<FileRecord, StorageError> {
+        let svc = self.clone();
+        let (from_bucket, from, to_bucket, to) = (
+            from_bucket.to_owned(),
+            from.clone(),
+            to_bucket.to_owned(),
+            to.clone(),
+        );
+        tokio::spawn(async move {
+            svc.copy_owned(owner, &from_bucket, &from, &to_bucket, &to, upsert)
+                .await
+        })
+        .await
+        .map_err(StorageError::internal)?
+    }
+
+    async fn copy_owned(
+        &self,
+        owner: Option<Uuid>,
+        from_bucket: &str,
+        from: &ObjectPath,
+        to_bucket: &str,
+        to: &ObjectPath,
+        upsert: bool,
+    ) -> Result<FileRecord, StorageError> {
+        let not_found = || StorageError::NotFound(format!("no file at {:?}", from.to_string()));
+        let src = self
+            .file_at(from_bucket, owner, from)
+            .await?
+            .ok_or_else(not_found)?;
+        if from_bucket == to_bucket && from == to {
+            return Ok(src);
+        }
+        let src_key = src.storage_key.clone().ok_or_else(not_found)?;
+        // What `record` refuses, refused before the bytes are copied: a copy
+        // that cannot be kept must not cost a full read and write.
+        self.copy_allowed(owner, &src, to_bucket, to, upsert)
+            .await?;
+        let key = blob_key(owner);
+        // An empty file's blob may not exist: it is never read.
+        let from_key = (src.size > 0).then_some(src_key.as_str());
+        let copied = self.0.blobs.copy(from_key, &key).await;
+        copied.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => not_found(),
+            e => e.into(),
+        })?;
+        let facts = Recording {
+            owner,
+            size: src.size,
+            mime: src.mime_type.clone(),
+            file_name: to.name().to_owned(),
+            key: key.clone(),
+            types: TypeRules::BucketOnly,
+        };
+        let target = UploadTarget {
+            bucket: to_bucket.to_owned(),
+            path: to.clone(),
+            upsert,
+            id: None,
+            user_metadata: src.user_metadata.clone(),
+        };
+        match self.record(&facts, &target).await {
+            Ok((file, replaced)) => {
+                if let Some(old) = replaced {
+                    self.0.blobs.delete_quietly(&old).await;
+                }
+                Ok(file)
+            }
+            Err(e) => {
+                if !(matches!(e, StorageError::Internal(_)) && self.row_exists(&key).await) {
+                    self.0.blobs.delete_quietly(&key).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The checks `record` makes of a copy of `src` to `to`, made before any
+    /// byte is copied (`record` makes them again, in its transaction).
+    async fn copy_allowed(
+        &self,
+        owner: Option<Uuid>,
+        src: &FileRecord,
+        to_bucket: &str,
+        to: &ObjectPath,
+        upsert: bool,
+    ) -> Result<(), StorageError> {
+        let bucket = self.bucket(to_bucket).await?;
+        self.check_type(
+            &src.mime_type,
+            to.name(),
+            Some(&bucket),
+            TypeRules::BucketOnly,
+        )?;
+        let limit = self.size_limit(Some(&bucket));
+        if src.size > limit {
+            return Err(StorageError::FileTooLarge { limit });
+        }
+        let replaced = match self.file_at(to_bucket, owner, to).await? {
+            Some(_) if !upsert => return Err(StorageError::AlreadyExists(to.to_string())),
+            Some(f) => f.size,
+            None => 0,
+        };
+        if let Some(owner) = owner {
+            let client = self.0.pool.get().await?;
+            let used = used_bytes(&**client, owner).await?.saturating_sub(replaced);
+            if used.saturating_add(src.size) > self.0.quota {
+                return Err(StorageError::QuotaExceeded {
+                    quota: self.0.quota,
+                    used,
+                    needed: src.size,
+                });
+            }
+        }
+        Ok(())
+    }
+}
