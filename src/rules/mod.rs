@@ -181,15 +181,18 @@ impl Tap for DatabaseBroadcast {
 }
 
 /// Deletes the `realtime.messages` rows the change log already holds, every
-/// few seconds, so the table stays small. The WAL keeps what the slot has not
-/// confirmed, so a deleted row is still decoded after a crash.
+/// few seconds, so the table stays small, and rows older than a minute (left
+/// from before a restart, when nothing was relayed yet). Deleting early loses
+/// nothing: a message is decoded from the WAL, which the slot keeps until the
+/// log holds it, not from the table.
 pub async fn prune_broadcasts(
     pool: deadpool_postgres::Pool,
     relayed: Arc<AtomicI64>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    let mut pruned = 0;
+    // Also at the first tick: what an earlier run left.
+    let mut pruned = -1;
     loop {
         tokio::select! {
             biased;
@@ -203,12 +206,18 @@ pub async fn prune_broadcasts(
         let Ok(client) = pool.get().await else {
             continue;
         };
-        match client
-            .execute("DELETE FROM realtime.messages WHERE id <= $1", &[&upto])
+        // Tried again once more is relayed, not on every tick: a table of
+        // another shape (Supabase's, which Aether leaves alone) is told once.
+        pruned = upto;
+        if let Err(e) = client
+            .execute(
+                "DELETE FROM realtime.messages
+                  WHERE id <= $1 OR inserted_at < now() - interval '1 minute'",
+                &[&upto],
+            )
             .await
         {
-            Ok(_) => pruned = upto,
-            Err(e) => tracing::warn!(error = %e, "pruning realtime.messages failed; retrying"),
+            tracing::warn!(error = %e, "pruning realtime.messages failed");
         }
     }
 }
