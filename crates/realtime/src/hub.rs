@@ -98,6 +98,16 @@ pub struct Message {
     pub timestamp: Option<String>,
 }
 
+/// Who a relayed message is from: a member (its client id, user and own
+/// sequence) or the database (no client; the message's event).
+struct Origin<'a> {
+    client_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    sequence: Option<i64>,
+    timestamp: Option<String>,
+    event: Option<&'a str>,
+}
+
 pub enum HubCommand {
     Attach {
         session: u64,
@@ -465,52 +475,56 @@ impl Hub {
         if let Some(seq) = m.sequence {
             self.remember(&sender, seq);
         }
-        let Some(ch) = self.channels.get_mut(&m.channel) else {
+        let origin = Origin {
+            client_id: Some(&client_id),
+            user_id: user_id.as_deref(),
+            sequence: m.sequence,
+            timestamp: m.timestamp,
+            event: None,
+        };
+        let Some(server_sequence) = self.publish(&m.channel, m.content, origin) else {
             return Err(HubError::NotMember(m.channel));
         };
-        let server_sequence = ch.next_sequence;
-        ch.next_sequence += 1;
-        let targets: Vec<u64> = ch.members.iter().copied().collect();
-        let timestamp = m.timestamp.unwrap_or_else(|| {
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        });
-        let f: Arc<str> = Arc::from(
-            json!({"type": "message", "action": "send", "data": {
-                "content": m.content,
-                "channel": m.channel,
-                "client_id": &*client_id,
-                "user_id": user_id.as_deref(),
-                "metadata": {"sequence": m.sequence, "timestamp": timestamp, "server_sequence": server_sequence},
-            }})
-            .to_string(),
-        );
-        self.messages_total += 1;
         metrics::counter!("aether_channel_messages_in_total").increment(1);
-        metrics::counter!("aether_channel_messages_out_total").increment(targets.len() as u64);
-        for s in targets {
-            self.deliver(s, Outbound::Frame(Arc::clone(&f)));
-        }
         Ok(SendOutcome::Relayed { server_sequence })
     }
 
-    /// Relays a database message to `channel`'s members, in the channel's one
-    /// order; a channel no one has joined has no one to tell.
+    /// Relays a database message to `channel`'s members, from no client; a
+    /// channel no one has joined has no one to tell.
     fn relay_from_database(&mut self, channel: &str, event: &str, content: Value) {
-        let Some(ch) = self.channels.get_mut(channel) else {
-            return;
+        let origin = Origin {
+            client_id: None,
+            user_id: None,
+            sequence: None,
+            timestamp: None,
+            event: Some(event),
         };
+        self.publish(channel, content, origin);
+    }
+
+    /// Numbers `content` in `channel`'s one order and queues it for every
+    /// member; the number, or `None` when the channel has no members.
+    fn publish(&mut self, channel: &str, content: Value, from: Origin<'_>) -> Option<u64> {
+        let ch = self.channels.get_mut(channel)?;
         let server_sequence = ch.next_sequence;
         ch.next_sequence += 1;
         let targets: Vec<u64> = ch.members.iter().copied().collect();
-        let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let timestamp = from.timestamp.unwrap_or_else(|| {
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
+        let mut metadata = json!({
+            "sequence": from.sequence, "timestamp": timestamp, "server_sequence": server_sequence,
+        });
+        if let Some(event) = from.event {
+            metadata["event"] = json!(event);
+        }
         let f: Arc<str> = Arc::from(
             json!({"type": "message", "action": "send", "data": {
                 "content": content,
                 "channel": channel,
-                "client_id": null,
-                "user_id": null,
-                "metadata": {"sequence": null, "timestamp": timestamp,
-                             "server_sequence": server_sequence, "event": event},
+                "client_id": from.client_id,
+                "user_id": from.user_id,
+                "metadata": metadata,
             }})
             .to_string(),
         );
@@ -519,6 +533,7 @@ impl Hub {
         for s in targets {
             self.deliver(s, Outbound::Frame(Arc::clone(&f)));
         }
+        Some(server_sequence)
     }
 
     fn remember(&mut self, client: &Arc<str>, seq: i64) {

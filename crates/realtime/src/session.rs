@@ -314,6 +314,7 @@ impl Dialect for AetherSocket {
         Ok(())
     }
 
+    /// Never called: [`Self::encode`] takes every item.
     async fn outbound(&mut self, out: Outbound, frames: &mut Frames) {
         protocol::encode(out, frames);
     }
@@ -333,7 +334,7 @@ impl Dialect for AetherSocket {
                 code: e.code,
                 message: e.message,
             };
-            self.outbound(out, frames).await;
+            protocol::encode(out, frames);
         }
         Ok(())
     }

@@ -214,6 +214,10 @@ fn decode_cursor(s: &str) -> Result<FileCursor, StorageApiError> {
         .decode(s.trim())
         .map_err(|_| bad())?;
     let c: CursorText = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    // PostgreSQL text cannot hold NUL: refused here, not a 500 there.
+    if c.p.contains('\0') {
+        return Err(bad());
+    }
     let time = match c.t {
         Some(t) => Some(chrono::DateTime::from_timestamp_micros(t).ok_or_else(bad)?),
         None => None,
@@ -412,6 +416,12 @@ mod tests {
         for junk in ["", "nope", "e30", "!!!"] {
             assert!(decode_cursor(junk).is_err(), "{junk:?}");
         }
+        // A path PostgreSQL cannot hold is refused, not sent to it.
+        let nul = FileCursor {
+            path: "a\0b".into(),
+            ..c
+        };
+        assert!(decode_cursor(&encode_cursor(&nul)).is_err());
     }
 
     #[test]
