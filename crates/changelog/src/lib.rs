@@ -11,15 +11,19 @@
 //! recognized and dropped before anyone sees it again.
 //!
 //! [`ChangeLog`] is the seam: [`local::LocalLog`] (segment files under
-//! `DATA_DIR/changelog`) is the first backend; a distributed one plugs in behind
-//! the same trait and the same conformance tests.
+//! `DATA_DIR/changelog`) is the first backend; [`jetstream::JetStreamLog`] (a NATS
+//! JetStream stream shared by a cluster's nodes) is the second, behind the same
+//! trait and the same conformance tests.
 
 pub mod codec;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod ingest;
+pub mod jetstream;
 pub mod local;
 pub mod monitor;
+#[cfg(any(test, feature = "testing"))]
+pub mod natsd;
 pub mod pump;
 
 use std::sync::Arc;
@@ -57,6 +61,12 @@ pub enum LogError {
     Fsync(String),
     #[error("the change log is waiting to be reset (the replication slot is being recreated)")]
     ResetPending,
+    /// The log's server cannot be reached or did not answer in time: retried.
+    #[error("change log unavailable: {0}")]
+    Unavailable(String),
+    /// Another node appended: this one is no longer the leader. Not retried.
+    #[error("change log append fenced: {0}")]
+    Fenced(String),
 }
 
 impl LogError {

@@ -216,7 +216,10 @@ fn flush(
                 to_feed.retain(|f| !matches!(f, Feed::Change(_)));
                 break;
             }
-            if matches!(e, LogError::Fsync(_) | LogError::TooLarge(_)) {
+            if matches!(
+                e,
+                LogError::Fsync(_) | LogError::TooLarge(_) | LogError::Fenced(_)
+            ) {
                 tracing::error!(error = %e, "change log append failed for good: stopping");
                 status.send_modify(|s| s.error = Some(e.to_string()));
                 return false;

@@ -1,0 +1,1112 @@
+//! The change log's second backend: a NATS JetStream stream, shared by the nodes of
+//! a cluster (`NATS_URL`).
+//!
+//! One node, the leader, appends; every node reads. A stream message is one batch
+//! of changes, self-contained (it carries the descriptions of the relations its
+//! changes use), so any node decodes any message without history. Its headers
+//! say what a reader needs without decoding the body:
+//!
+//! - `Aether-Kind`: `changes`, `epoch` (a reset: a new history starts after
+//!   `Aether-Floor`) or `reset-pending` (the slot is being recreated);
+//! - `Aether-Epoch`, `Aether-Floor` (every change after it up to this message is
+//!   in this message or before it), `Aether-Last` (the newest position in it);
+//! - `Nats-Msg-Id` = epoch and last position: a batch re-sent within the stream's
+//!   duplicate window is dropped by the server. Past the window the leader's own
+//!   check drops it (it appends only above the newest position in the stream).
+//!
+//! Every publish carries `Nats-Expected-Last-Sequence`: a leader that was deposed
+//! while it still held a batch gets [`LogError::Fenced`] instead of appending
+//! after its successor.
+//!
+//! Positions find their stream sequence by binary search over `Aether-Last`
+//! (stream order is position order), a few direct reads per resume.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, CodecError};
+use super::pump::Feed;
+use super::{Bounds, ChangeLog, LogError, Page, ReadHint};
+use aether_core::changes::{Relation, RowChange, TableId};
+use aether_core::lsn::{Epoch, PgLsn, Position};
+
+const KIND: &str = "Aether-Kind";
+const EPOCH: &str = "Aether-Epoch";
+const FLOOR: &str = "Aether-Floor";
+const LAST: &str = "Aether-Last";
+
+const KIND_CHANGES: &str = "changes";
+const KIND_EPOCH: &str = "epoch";
+const KIND_RESET_PENDING: &str = "reset-pending";
+
+/// Record tags inside a message body.
+const REC_RELATION: u8 = 1;
+const REC_CHANGE: u8 = 2;
+
+/// Room left in a message for its headers and the protocol line.
+const HEADER_ROOM: usize = 1024;
+/// A batch message is cut at this size even when the server allows more: a
+/// reader's page then costs at most this much beyond its budget.
+const MESSAGE_BYTES: usize = 1 << 20;
+/// How long a request to the server may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the stream lives and how long it keeps changes.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Stream name; its one subject is derived from it.
+    pub name: String,
+    pub retention_age: Duration,
+    pub retention_bytes: u64,
+    /// Replicas of the stream (1 for a single NATS server, 3 for a cluster).
+    pub replicas: usize,
+}
+
+impl StreamOptions {
+    /// The stream of a replication slot: every node with the same slot shares it.
+    pub fn for_slot(slot: &str, retention_age: Duration, retention_bytes: u64) -> StreamOptions {
+        let name: String = slot
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        StreamOptions {
+            name: format!("AETHER_{name}"),
+            retention_age,
+            retention_bytes,
+            replicas: 1,
+        }
+    }
+
+    fn subject(&self) -> String {
+        format!("aether.changes.{}", self.name)
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    epoch: Epoch,
+    floor: Position,
+    newest: Option<Position>,
+    oldest: Option<Position>,
+    bytes: u64,
+    records: u64,
+    reset_pending: bool,
+    /// The stream's last sequence as this node knows it (the fence for appends).
+    last_seq: u64,
+}
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            epoch: Epoch(0),
+            floor: Position::new(PgLsn::ZERO, 0),
+            newest: None,
+            oldest: None,
+            bytes: 0,
+            records: 0,
+            reset_pending: true,
+            last_seq: 0,
+        }
+    }
+}
+
+/// A change log in a JetStream stream. Its blocking calls run the client on the
+/// runtime given at [`JetStreamLog::open`]; they must not be called from a task
+/// of that runtime (the router calls only [`ChangeLog::bounds`], which does no
+/// i/o).
+pub struct JetStreamLog {
+    rt: Handle,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    opts: StreamOptions,
+    subject: String,
+    state: Mutex<State>,
+}
+
+fn nats(what: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(format!("{what}: {e}"))
+}
+
+fn header<'a>(h: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    h?.get(name).map(|v| v.as_str())
+}
+
+fn parse_position(s: &str) -> Option<Position> {
+    let (lsn, ord) = s.split_once('.')?;
+    Some(Position::new(PgLsn(lsn.parse().ok()?), ord.parse().ok()?))
+}
+
+fn format_position(p: Position) -> String {
+    format!("{}.{}", p.commit_lsn.0, p.ordinal)
+}
+
+/// What a message's headers say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    kind: Kind,
+    epoch: Epoch,
+    floor: Position,
+    last: Position,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Changes,
+    Epoch,
+    ResetPending,
+}
+
+fn meta(h: Option<&HeaderMap>) -> Result<Meta, LogError> {
+    let bad = |why: &str| LogError::Corrupt {
+        segment: "jetstream".into(),
+        offset: 0,
+        why: why.into(),
+    };
+    let kind = match header(h, KIND) {
+        Some(KIND_CHANGES) => Kind::Changes,
+        Some(KIND_EPOCH) => Kind::Epoch,
+        Some(KIND_RESET_PENDING) => Kind::ResetPending,
+        _ => return Err(bad("a message without a known Aether-Kind")),
+    };
+    let epoch = header(h, EPOCH)
+        .and_then(|e| e.parse().ok())
+        .map(Epoch)
+        .ok_or_else(|| bad("a message without Aether-Epoch"))?;
+    let floor = header(h, FLOOR)
+        .and_then(parse_position)
+        .ok_or_else(|| bad("a message without Aether-Floor"))?;
+    let last = header(h, LAST)
+        .and_then(parse_position)
+        .ok_or_else(|| bad("a message without Aether-Last"))?;
+    Ok(Meta {
+        kind,
+        epoch,
+        floor,
+        last,
+    })
+}
+
+fn headers(kind: &str, epoch: Epoch, floor: Position, last: Position) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(KIND, kind);
+    h.insert(EPOCH, epoch.0.to_string().as_str());
+    h.insert(FLOOR, format_position(floor).as_str());
+    h.insert(LAST, format_position(last).as_str());
+    h
+}
+
+/// The changes of one message body, oldest first.
+fn decode_body(body: &[u8], epoch: Epoch) -> Result<Vec<(Arc<RowChange>, usize)>, LogError> {
+    let corrupt = |e: CodecError| LogError::Corrupt {
+        segment: "jetstream".into(),
+        offset: 0,
+        why: e.to_string(),
+    };
+    let mut relations: HashMap<u32, Arc<Relation>> = HashMap::new();
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (&tag, after) = rest
+            .split_first()
+            .ok_or_else(|| corrupt(CodecError::Short))?;
+        let len = after
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| corrupt(CodecError::Short))?;
+        let record = after
+            .get(4..4 + len)
+            .ok_or_else(|| corrupt(CodecError::Short))?;
+        rest = &after[4 + len..];
+        match tag {
+            REC_RELATION => {
+                let (version, rel) = codec::decode_relation(record).map_err(corrupt)?;
+                relations.insert(version, Arc::new(rel));
+            }
+            REC_CHANGE => {
+                let c = codec::decode_change(record, epoch, |v| relations.get(&v).cloned())
+                    .map_err(corrupt)?;
+                out.push((Arc::new(c), record.len()));
+            }
+            t => return Err(corrupt(CodecError::Tag(t))),
+        }
+    }
+    Ok(out)
+}
+
+fn push_record(tag: u8, body: &[u8], out: &mut Vec<u8>) {
+    out.push(tag);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+impl JetStreamLog {
+    /// Connects the stream (creating it, or updating its retention) and reads
+    /// where it stands. Call from outside the runtime's tasks (`spawn_blocking`).
+    pub fn open(
+        rt: Handle,
+        client: async_nats::Client,
+        opts: StreamOptions,
+    ) -> Result<JetStreamLog, LogError> {
+        let js = {
+            let _in_runtime = rt.enter();
+            jetstream::new(client.clone())
+        };
+        let subject = opts.subject();
+        let config = stream::Config {
+            name: opts.name.clone(),
+            subjects: vec![subject.clone()],
+            max_age: opts.retention_age,
+            max_bytes: i64::try_from(opts.retention_bytes).unwrap_or(i64::MAX),
+            discard: stream::DiscardPolicy::Old,
+            storage: stream::StorageType::File,
+            num_replicas: opts.replicas.max(1),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        rt.block_on(async {
+            let mut s = js
+                .get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| nats("creating the change stream", e))?;
+            let current = s
+                .info()
+                .await
+                .map_err(|e| nats("reading the change stream", e))?;
+            if current.config.max_age != config.max_age
+                || current.config.max_bytes != config.max_bytes
+            {
+                js.update_stream(config)
+                    .await
+                    .map_err(|e| nats("updating the change stream's retention", e))?;
+            }
+            Ok::<_, LogError>(())
+        })?;
+        let log = JetStreamLog {
+            rt,
+            js,
+            client,
+            opts,
+            subject,
+            state: Mutex::new(State::default()),
+        };
+        log.refresh()?;
+        Ok(log)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client, for the node's other traffic and its health.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The stream's last sequence as last read or appended.
+    pub fn last_sequence(&self) -> u64 {
+        self.state().last_seq
+    }
+
+    async fn stream(&self) -> Result<stream::Stream, LogError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.js.get_stream(&self.opts.name))
+            .await
+            .map_err(|e| nats("the change stream", e))?
+            .map_err(|e| nats("the change stream", e))
+    }
+
+    async fn message(
+        &self,
+        s: &stream::Stream,
+        seq: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, s.get_raw_message(seq)).await {
+            Err(e) => Err(nats("reading the change stream", e)),
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(nats("reading the change stream", e)),
+        }
+    }
+
+    /// Reads where the stream stands (at open, and when this node becomes the
+    /// leader: another node may have appended since).
+    pub fn refresh(&self) -> Result<(), LogError> {
+        let fresh = self.rt.block_on(async {
+            let mut s = self.stream().await?;
+            let info = s
+                .info()
+                .await
+                .map_err(|e| nats("reading the change stream", e))?
+                .clone();
+            let st = &info.state;
+            let mut fresh = State {
+                bytes: st.bytes,
+                last_seq: st.last_sequence,
+                reset_pending: true,
+                ..State::default()
+            };
+            if st.messages == 0 {
+                return Ok(fresh);
+            }
+            let Some(last) = self.message(&s, st.last_sequence).await? else {
+                return Ok(fresh);
+            };
+            let last = meta(Some(&last.headers))?;
+            fresh.epoch = last.epoch;
+            fresh.reset_pending = last.kind == Kind::ResetPending;
+            fresh.newest = (last.kind == Kind::Changes).then_some(last.last);
+            // The oldest message left: its floor is the log's.
+            let mut seq = st.first_sequence;
+            while seq <= st.last_sequence {
+                if let Some(m) = self.message(&s, seq).await? {
+                    let first = meta(Some(&m.headers))?;
+                    fresh.floor = first.floor;
+                    if first.kind == Kind::Changes {
+                        fresh.oldest = decode_body(&m.payload, first.epoch)?
+                            .first()
+                            .map(|(c, _)| c.position);
+                    } else if let Some(newest) = fresh.newest {
+                        // Only the marker's history: the oldest is the first change after it.
+                        fresh.oldest = self
+                            .read_from(&s, seq + 1, first.floor, 1, 1)
+                            .await?
+                            .changes
+                            .first()
+                            .map(|c| c.position)
+                            .or(Some(newest));
+                    }
+                    break;
+                }
+                seq += 1;
+            }
+            Ok::<_, LogError>(fresh)
+        })?;
+        let mut st = self.state();
+        let records = st.records;
+        *st = fresh;
+        st.records = records;
+        Ok(())
+    }
+
+    /// Publishes messages in order, each expecting the one before it; returns the
+    /// sequence of the last.
+    async fn publish_all(
+        &self,
+        messages: Vec<(HeaderMap, Bytes, String)>,
+        mut last_seq: u64,
+    ) -> Result<u64, LogError> {
+        let mut acks = Vec::with_capacity(messages.len());
+        for (i, (h, body, id)) in messages.into_iter().enumerate() {
+            let msg = PublishMessage::build()
+                .headers(h)
+                .payload(body)
+                .message_id(id)
+                .expected_last_sequence(last_seq + i as u64);
+            let ack = self
+                .js
+                .send_publish(self.subject.clone(), msg)
+                .await
+                .map_err(|e| match e.kind() {
+                    PublishErrorKind::MaxPayloadExceeded => LogError::TooLarge(0),
+                    _ => nats("appending to the change stream", e),
+                })?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            let ack = tokio::time::timeout(REQUEST_TIMEOUT, ack)
+                .await
+                .map_err(|e| nats("waiting for the change stream's acknowledgement", e))?
+                .map_err(|e| match e.kind() {
+                    PublishErrorKind::WrongLastSequence => LogError::Fenced(
+                        "another node appended to the change stream: this node is no longer the leader".into(),
+                    ),
+                    _ => nats("appending to the change stream", e),
+                })?;
+            last_seq = last_seq.max(ack.sequence);
+        }
+        Ok(last_seq)
+    }
+
+    /// Changes after `after` from stream sequence `seq` on.
+    async fn read_from(
+        &self,
+        s: &stream::Stream,
+        mut seq: u64,
+        after: Position,
+        max_bytes: usize,
+        max_changes: usize,
+    ) -> Result<Page, LogError> {
+        let last_seq = self
+            .state()
+            .last_seq
+            .max(s.cached_info().state.last_sequence);
+        let mut page = Page::default();
+        let mut bytes = 0usize;
+        while seq <= last_seq {
+            let Some(m) = self.message(s, seq).await? else {
+                seq += 1;
+                continue;
+            };
+            let meta = meta(Some(&m.headers))?;
+            if meta.kind == Kind::Changes && meta.last > after {
+                let changes = decode_body(&m.payload, meta.epoch)?;
+                let mut taken_all = true;
+                for (c, size) in changes {
+                    if c.position <= after {
+                        continue;
+                    }
+                    if page.changes.len() >= max_changes
+                        || (!page.changes.is_empty() && bytes + size > max_bytes)
+                    {
+                        taken_all = false;
+                        break;
+                    }
+                    bytes += size;
+                    page.changes.push(c);
+                }
+                if !taken_all {
+                    let last = page.changes.last().map_or(after, |c| c.position);
+                    page.hint = Some(ReadHint {
+                        segment: Position::new(PgLsn(seq), 0),
+                        offset: seq,
+                        last,
+                    });
+                    return Ok(page);
+                }
+            }
+            seq += 1;
+            if page.changes.len() >= max_changes || bytes >= max_bytes {
+                break;
+            }
+        }
+        let last = page.changes.last().map_or(after, |c| c.position);
+        page.end = seq > last_seq;
+        page.hint = Some(ReadHint {
+            segment: Position::new(PgLsn(seq), 0),
+            offset: seq,
+            last,
+        });
+        Ok(page)
+    }
+
+    /// The first sequence whose message may hold changes after `after`.
+    async fn find(
+        &self,
+        s: &stream::Stream,
+        after: Position,
+        first: u64,
+        last: u64,
+    ) -> Result<u64, LogError> {
+        let (mut lo, mut hi) = (first, last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            // A sequence retention removed counts as old.
+            let newer = match self.message(s, mid).await? {
+                Some(m) => meta(Some(&m.headers))?.last > after,
+                None => false,
+            };
+            if newer {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+}
+
+impl ChangeLog for JetStreamLog {
+    fn bounds(&self) -> Bounds {
+        let st = self.state();
+        Bounds {
+            epoch: st.epoch,
+            floor: st.floor,
+            newest: st.newest,
+            oldest: st.oldest,
+            bytes: st.bytes,
+            records: st.records,
+            reset_pending: st.reset_pending,
+        }
+    }
+
+    fn append(&self, changes: &[Arc<RowChange>]) -> Result<(), LogError> {
+        let Some(first) = changes.first() else {
+            return Ok(());
+        };
+        let (epoch, mut floor, last_seq) = {
+            let st = self.state();
+            if st.reset_pending {
+                return Err(LogError::ResetPending);
+            }
+            let newest = st.newest.unwrap_or(st.floor);
+            if first.position <= newest {
+                return Err(LogError::OutOfOrder {
+                    position: first.position,
+                    newest,
+                });
+            }
+            (st.epoch, newest, st.last_seq)
+        };
+        let limit = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM)
+            .min(MESSAGE_BYTES);
+        let mut messages = Vec::new();
+        let mut body = Vec::new();
+        let mut versions: HashMap<TableId, u32> = HashMap::new();
+        let mut record = Vec::new();
+        let mut last = floor;
+        for c in changes {
+            if c.position <= last {
+                return Err(LogError::OutOfOrder {
+                    position: c.position,
+                    newest: last,
+                });
+            }
+            record.clear();
+            let version = versions.len() as u32;
+            let mut rel = Vec::new();
+            let known = versions.get(&c.relation.id).copied();
+            if known.is_none() {
+                codec::encode_relation(version, &c.relation, &mut rel);
+            }
+            codec::encode_change(c, known.unwrap_or(version), &mut record);
+            let size = record.len() + rel.len() + 10;
+            if size > limit {
+                return Err(LogError::TooLarge(size));
+            }
+            if !body.is_empty() && body.len() + size > limit {
+                messages.push((
+                    headers(KIND_CHANGES, epoch, floor, last),
+                    Bytes::from(std::mem::take(&mut body)),
+                    format!("{}:{}", epoch.0, format_position(last)),
+                ));
+                floor = last;
+                versions.clear();
+                // The relation goes again in the next message: each is self-contained.
+                record.clear();
+                rel.clear();
+                codec::encode_relation(0, &c.relation, &mut rel);
+                codec::encode_change(c, 0, &mut record);
+                versions.insert(c.relation.id, 0);
+            } else if known.is_none() {
+                versions.insert(c.relation.id, version);
+            }
+            if !rel.is_empty() {
+                push_record(REC_RELATION, &rel, &mut body);
+            }
+            push_record(REC_CHANGE, &record, &mut body);
+            last = c.position;
+        }
+        messages.push((
+            headers(KIND_CHANGES, epoch, floor, last),
+            Bytes::from(body),
+            format!("{}:{}", epoch.0, format_position(last)),
+        ));
+        let n = messages.len() as u64;
+        let seq = self.rt.block_on(self.publish_all(messages, last_seq))?;
+        let mut st = self.state();
+        st.last_seq = seq.max(last_seq + n);
+        st.newest = Some(last);
+        st.oldest = st.oldest.or(Some(first.position));
+        st.records += changes.len() as u64;
+        Ok(())
+    }
+
+    /// An acknowledged append is stored (fsynced first where the server runs with
+    /// `sync_interval: always`, as Aether's NATS configuration does).
+    fn sync(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    fn read_after(
+        &self,
+        after: Position,
+        max_bytes: usize,
+        max_changes: usize,
+        hint: Option<&ReadHint>,
+    ) -> Result<Page, LogError> {
+        let (floor, epoch) = {
+            let st = self.state();
+            (st.floor, st.epoch)
+        };
+        if after < floor {
+            return Err(LogError::Gap {
+                since: after,
+                floor,
+            });
+        }
+        self.rt.block_on(async {
+            let mut s = self.stream().await?;
+            let info = s
+                .info()
+                .await
+                .map_err(|e| nats("reading the change stream", e))?;
+            let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+            let start = match hint {
+                Some(h) if h.last == after && h.offset >= first => h.offset,
+                _ => self.find(&s, after, first, last).await?,
+            };
+            if start < first {
+                return Err(LogError::Gap {
+                    since: after,
+                    floor,
+                });
+            }
+            let page = self
+                .read_from(&s, start, after, max_bytes, max_changes)
+                .await?;
+            // A message of another epoch (a reset since) ends what this history holds.
+            if page.changes.iter().any(|c| c.epoch != epoch) {
+                return Err(LogError::Gap {
+                    since: after,
+                    floor,
+                });
+            }
+            Ok(page)
+        })
+    }
+
+    /// The stream's limits drop the oldest messages; the floor follows them.
+    fn enforce_retention(&self, _now: SystemTime) -> Result<(), LogError> {
+        self.refresh()
+    }
+
+    fn mark_reset_pending(&self) -> Result<(), LogError> {
+        let (epoch, floor, newest, last_seq) = {
+            let st = self.state();
+            (
+                st.epoch,
+                st.floor,
+                st.newest.unwrap_or(st.floor),
+                st.last_seq,
+            )
+        };
+        let h = headers(KIND_RESET_PENDING, epoch, floor, newest);
+        let id = format!("{}:reset-pending:{last_seq}", epoch.0);
+        let seq = self
+            .rt
+            .block_on(self.publish_all(vec![(h, Bytes::new(), id)], last_seq))?;
+        let mut st = self.state();
+        st.last_seq = seq;
+        st.reset_pending = true;
+        Ok(())
+    }
+
+    fn reset(&self, floor: Position) -> Result<Epoch, LogError> {
+        let old = self.state().epoch;
+        let epoch = loop {
+            let e = Epoch::generate();
+            if e != old {
+                break e;
+            }
+        };
+        let seq = self.rt.block_on(async {
+            let s = self.stream().await?;
+            s.purge()
+                .await
+                .map_err(|e| nats("purging the change stream", e))?;
+            let last_seq = self.state().last_seq;
+            let h = headers(KIND_EPOCH, epoch, floor, floor);
+            self.publish_all(
+                vec![(h, Bytes::new(), format!("{}:epoch", epoch.0))],
+                last_seq,
+            )
+            .await
+        })?;
+        let mut st = self.state();
+        *st = State {
+            epoch,
+            floor,
+            last_seq: seq,
+            reset_pending: false,
+            ..State::default()
+        };
+        Ok(epoch)
+    }
+}
+
+/// Whether the node's NATS connection is up, and what happened to it last.
+#[derive(Debug, Clone, Default)]
+pub struct FollowStatus {
+    /// Set while the stream cannot be read.
+    pub error: Option<String>,
+    /// Stream sequence of the last message handed to the router.
+    pub consumed: u64,
+}
+
+/// Every node's reader: hands the stream's changes, in order, from the message
+/// after `after_seq` on, to this node's router. Returns at shutdown or when the
+/// router is gone; a lost connection is retried from where it stopped.
+pub async fn follow(
+    log: Arc<JetStreamLog>,
+    mut after_seq: u64,
+    feed: mpsc::Sender<Feed>,
+    status: watch::Sender<FollowStatus>,
+    shutdown: CancellationToken,
+) {
+    let mut relations: HashMap<TableId, Arc<Relation>> = HashMap::new();
+    let mut newest: Option<Position> = log.bounds().newest;
+    let mut epoch = log.bounds().epoch;
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = follow_once(&log, &mut after_seq, &feed, &status, &mut relations, &mut newest, &mut epoch) => r,
+        };
+        match result {
+            Ok(()) => return, // the router is gone
+            Err(e) => {
+                tracing::warn!(error = %e, after_seq, "reading the change stream; retrying");
+                status.send_modify(|s| s.error = Some(e.to_string()));
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn follow_once(
+    log: &JetStreamLog,
+    after_seq: &mut u64,
+    feed: &mpsc::Sender<Feed>,
+    status: &watch::Sender<FollowStatus>,
+    relations: &mut HashMap<TableId, Arc<Relation>>,
+    newest: &mut Option<Position>,
+    epoch: &mut Epoch,
+) -> Result<(), LogError> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let s = log.stream().await?;
+    let consumer = s
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: *after_seq + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats("reading the change stream", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats("reading the change stream", e))?;
+    status.send_if_modified(|s| s.error.take().is_some());
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| nats("reading the change stream", e))?;
+        let seq = m
+            .info()
+            .map_err(|e| nats("a change stream message", e))?
+            .stream_sequence;
+        if seq <= *after_seq {
+            continue;
+        }
+        let meta = meta(m.headers.as_ref())?;
+        match meta.kind {
+            Kind::Epoch => {
+                if meta.epoch != *epoch {
+                    *epoch = meta.epoch;
+                    *newest = None;
+                    relations.clear();
+                    {
+                        let mut st = log.state();
+                        st.epoch = meta.epoch;
+                        st.floor = meta.floor;
+                        st.newest = None;
+                        st.oldest = None;
+                        st.reset_pending = false;
+                    }
+                    if feed
+                        .send(Feed::Reset {
+                            epoch: meta.epoch,
+                            floor: meta.floor,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                } else {
+                    log.state().reset_pending = false;
+                }
+            }
+            Kind::ResetPending => log.state().reset_pending = true,
+            Kind::Changes => {
+                for (c, _) in decode_body(&m.payload, meta.epoch)? {
+                    if newest.is_some_and(|n| c.position <= n) {
+                        continue;
+                    }
+                    if relations.get(&c.relation.id) != Some(&c.relation) {
+                        relations.insert(c.relation.id, Arc::clone(&c.relation));
+                        if feed
+                            .send(Feed::Relation(Arc::clone(&c.relation)))
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    *newest = Some(c.position);
+                    {
+                        let mut st = log.state();
+                        if st.newest < Some(c.position) {
+                            st.newest = Some(c.position);
+                        }
+                        st.oldest = st.oldest.or(Some(c.position));
+                    }
+                    if feed.send(Feed::Change(c)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        *after_seq = seq;
+        {
+            let mut st = log.state();
+            st.last_seq = st.last_seq.max(seq);
+        }
+        status.send_modify(|s| s.consumed = seq);
+    }
+    Err(LogError::Unavailable(
+        "the change stream's consumer ended".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::conformance::{self, read_all};
+    use crate::natsd::NatsServer;
+    use aether_core::changes::{ChangeKind, Column};
+    use serde_json::json;
+
+    struct Fixture {
+        rt: tokio::runtime::Runtime,
+        nats: NatsServer,
+    }
+
+    fn fixture() -> Fixture {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        Fixture {
+            rt,
+            nats: NatsServer::start(),
+        }
+    }
+
+    impl Fixture {
+        fn open(&self, name: &str) -> JetStreamLog {
+            let client = self
+                .rt
+                .block_on(async_nats::connect(self.nats.url()))
+                .unwrap();
+            let opts = StreamOptions {
+                name: name.into(),
+                retention_age: Duration::from_secs(3600),
+                retention_bytes: 1 << 30,
+                replicas: 1,
+            };
+            JetStreamLog::open(self.rt.handle().clone(), client, opts).unwrap()
+        }
+
+        /// A new log reset to start after LSN 50.
+        fn ready(&self, name: &str) -> JetStreamLog {
+            let log = self.open(name);
+            assert!(
+                log.bounds().reset_pending,
+                "a new stream waits for its reset"
+            );
+            log.reset(Position::new(PgLsn(50), u32::MAX)).unwrap();
+            log
+        }
+    }
+
+    fn rel(name: &str) -> Arc<Relation> {
+        Arc::new(Relation {
+            id: TableId(name.bytes().map(u32::from).sum()),
+            schema: "public".into(),
+            name: name.into(),
+            qualified: Arc::from(format!("public.{name}").as_str()),
+            replica_identity: b'f',
+            columns: vec![Column {
+                name: "body".into(),
+                type_oid: 25,
+                is_key: true,
+                secret: false,
+            }],
+        })
+    }
+
+    fn change(rel: &Arc<Relation>, lsn: u64, text: String) -> Arc<RowChange> {
+        Arc::new(RowChange::new(
+            Position::new(PgLsn(lsn), 0),
+            ChangeKind::Insert,
+            Arc::clone(rel),
+            Some(vec![Some(json!(text))]),
+            None,
+            lsn as i64,
+        ))
+    }
+
+    #[test]
+    fn the_stream_passes_the_change_log_conformance_tests() {
+        let f = fixture();
+        conformance::appends_read_back_in_order_with_their_values(&f.ready("CONF_A"));
+        conformance::appends_are_refused_out_of_order_and_old_positions_are_gaps(
+            &f.ready("CONF_B"),
+        );
+        conformance::a_reset_starts_a_new_epoch_after_its_floor(&f.ready("CONF_C"));
+    }
+
+    /// What one node appended another node reads back, whatever the batch sizes:
+    /// batches above a message's size are cut into self-contained messages.
+    #[test]
+    fn another_node_reads_what_the_leader_appended_across_messages() {
+        let f = fixture();
+        let leader = f.ready("SHARED");
+        let (a, b) = (rel("notes"), rel("files"));
+        let big = "x".repeat(300_000);
+        let changes: Vec<_> = (1..=12u64)
+            .map(|i| {
+                let r = if i % 2 == 0 { &a } else { &b };
+                change(r, 100 + i, format!("{i}:{big}"))
+            })
+            .collect();
+        leader.append(&changes[..7]).unwrap();
+        leader.append(&changes[7..]).unwrap();
+        let other = f.open("SHARED");
+        let bo = other.bounds();
+        assert_eq!(bo.epoch, leader.bounds().epoch);
+        assert_eq!(bo.newest, Some(changes[11].position));
+        assert_eq!(bo.oldest, Some(changes[0].position));
+        assert!(!bo.reset_pending);
+        let back = read_all(&other, bo.floor, 700_000);
+        assert_eq!(back.len(), 12);
+        for (x, y) in back.iter().zip(&changes) {
+            assert_eq!(
+                (x.position, &x.relation.qualified),
+                (y.position, &y.relation.qualified)
+            );
+            assert!(x.new == y.new, "the values of {} came back", x.position);
+        }
+        // A resume from the middle finds its place by position.
+        let rest = read_all(&other, changes[4].position, 1 << 20);
+        assert_eq!(rest.first().map(|c| c.position), Some(changes[5].position));
+        assert_eq!(rest.len(), 7);
+    }
+
+    /// A leader that lost its place (another appended after it) is fenced, and
+    /// appends nothing.
+    #[test]
+    fn a_deposed_leader_is_fenced() {
+        let f = fixture();
+        let old = f.ready("FENCE");
+        let r = rel("t");
+        old.append(&[change(&r, 100, "a".into())]).unwrap();
+        let new = f.open("FENCE");
+        new.append(&[change(&r, 200, "b".into())]).unwrap();
+        let err = old.append(&[change(&r, 300, "c".into())]).unwrap_err();
+        assert!(matches!(err, LogError::Fenced(_)), "{err}");
+        new.refresh().unwrap();
+        assert_eq!(new.bounds().newest, Some(Position::new(PgLsn(200), 0)));
+    }
+
+    /// Every node's reader gets every change once, in order, with a reset in the
+    /// middle, from where it started on.
+    #[test]
+    fn follow_feeds_changes_and_resets_in_order() {
+        let f = fixture();
+        let leader = f.ready("FOLLOW");
+        let r = rel("t");
+        leader.append(&[change(&r, 100, "before".into())]).unwrap();
+        let node = Arc::new(f.open("FOLLOW"));
+        let start = node.last_sequence();
+        let (tx, mut rx) = mpsc::channel(64);
+        let (status, _) = watch::channel(FollowStatus::default());
+        let shutdown = CancellationToken::new();
+        let task = f.rt.spawn(follow(
+            Arc::clone(&node),
+            start,
+            tx,
+            status,
+            shutdown.clone(),
+        ));
+        leader
+            .append(&[change(&r, 200, "1".into()), change(&r, 300, "2".into())])
+            .unwrap();
+        let floor = Position::new(PgLsn(1000), u32::MAX);
+        let epoch = leader.reset(floor).unwrap();
+        leader.append(&[change(&r, 2000, "3".into())]).unwrap();
+        let mut seen = Vec::new();
+        f.rt.block_on(async {
+            while seen.len() < 5 {
+                let item = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("the feed goes on")
+                    .unwrap();
+                seen.push(match item {
+                    Feed::Change(c) => format!(
+                        "change {} {}",
+                        c.position.commit_lsn.0,
+                        c.new.as_ref().unwrap()[0].as_ref().unwrap()
+                    ),
+                    Feed::Relation(r) => format!("relation {}", r.qualified),
+                    Feed::Reset {
+                        epoch: e,
+                        floor: fl,
+                    } => {
+                        assert_eq!((e, fl), (epoch, floor));
+                        "reset".into()
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            seen,
+            [
+                "relation public.t",
+                "change 200 \"1\"",
+                "change 300 \"2\"",
+                "reset",
+                "relation public.t",
+            ]
+        );
+        let last = f.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        assert!(
+            matches!(last, Feed::Change(c) if c.position.commit_lsn.0 == 2000 && c.epoch == epoch)
+        );
+        assert_eq!(node.bounds().epoch, epoch);
+        shutdown.cancel();
+        f.rt.block_on(task).unwrap();
+    }
+}
