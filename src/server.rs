@@ -342,6 +342,7 @@ impl Server {
                 stall_timeout: config.ws_stall_timeout,
                 max_subscriptions: config.ws_max_subscriptions,
                 memory_bytes: config.resume_memory_bytes,
+                ahead_wait: std::time::Duration::ZERO,
             },
             Arc::clone(&catalog),
         );

@@ -183,6 +183,11 @@ pub struct RouterConfig {
     pub max_subscriptions: usize,
     /// Bytes of recent changes kept in memory.
     pub memory_bytes: usize,
+    /// How long a `since` ahead of the newest change routed here waits for this
+    /// router to reach it. Zero with a log of this process's own (such a position
+    /// was never handed out: `gap` at once); in a cluster another node may have
+    /// handed it out, and this one has not consumed it yet.
+    pub ahead_wait: Duration,
 }
 
 pub struct Router {
@@ -212,6 +217,11 @@ pub struct Router {
     /// Lag generations, unique for the router's life: a page read for a lag
     /// state that was replaced (rewound, reset, ended) is recognized as stale.
     generations: u64,
+    ahead_wait: Duration,
+    /// Subscriptions whose `since` is ahead of `high_water`, oldest first: made
+    /// when the feed reaches them, `gap` after `ahead_wait`. At most one per
+    /// connection's subscription limit.
+    waiting: Vec<(Instant, u64, SubscriptionSpec)>,
 }
 
 impl Router {
@@ -243,6 +253,8 @@ impl Router {
             pages_in_flight: 0,
             page_queue: VecDeque::new(),
             generations: 0,
+            ahead_wait: cfg.ahead_wait,
+            waiting: Vec::new(),
         }
     }
 
@@ -289,6 +301,9 @@ impl Router {
                 // 5. Close connections that stalled or fell out of the log.
                 _ = tick.tick() => {
                     self.close_stalled(Instant::now());
+                    if !self.waiting.is_empty() {
+                        self.retry_waiting(true);
+                    }
                     tail_bytes.set(self.tail.bytes() as f64);
                 }
             }
@@ -367,6 +382,9 @@ impl Router {
                 self.policy.observe(&change);
                 self.route(&change);
                 self.tail.push(change);
+                if !self.waiting.is_empty() {
+                    self.retry_waiting(false);
+                }
             }
             Feed::Reset { epoch, floor } => self.reset(epoch, floor),
         }
@@ -448,6 +466,7 @@ impl Router {
     }
 
     fn detach(&mut self, session: u64) {
+        self.waiting.retain(|w| w.1 != session);
         if let Some(entry) = self.sessions.remove(&session) {
             self.policy.forget(session);
             self.lagging.remove(&session);

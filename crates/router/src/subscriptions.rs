@@ -42,6 +42,46 @@ impl TableSubs {
 }
 
 impl Router {
+    /// Makes the waiting subscriptions the feed has reached; with `expire`, says
+    /// `gap` to those that waited `ahead_wait` in vain.
+    pub(crate) fn retry_waiting(&mut self, expire: bool) {
+        let now = Instant::now();
+        let high_water = self.high_water;
+        let epoch = self.epoch;
+        let mut keep = Vec::new();
+        for (at, session, spec) in std::mem::take(&mut self.waiting) {
+            let reached = match &spec.since {
+                Some(SinceId::Stream(id)) => id.position <= high_water || id.epoch != epoch,
+                _ => true,
+            };
+            if reached {
+                self.subscribe(session, spec);
+            } else if expire && now.duration_since(at) >= self.ahead_wait {
+                let message = format!(
+                    "position {} is ahead of the newest change ({}) and did not arrive within {:?}: \
+                     it was not handed out by this change log; reload the data and subscribe without `since`",
+                    match spec.since {
+                        Some(SinceId::Stream(id)) => id.to_string(),
+                        Some(SinceId::Bare(p)) => p.to_string(),
+                        None => String::new(),
+                    },
+                    StreamId {
+                        position: high_water,
+                        epoch
+                    },
+                    self.ahead_wait
+                );
+                self.gap(session, spec.id, message);
+            } else {
+                keep.push((at, session, spec));
+            }
+        }
+        // Subscriptions made above may have queued more (they do not: their
+        // positions are reached), so appending keeps the order.
+        keep.append(&mut self.waiting);
+        self.waiting = keep;
+    }
+
     pub(crate) fn gap(&mut self, session: u64, id: Arc<str>, message: String) {
         self.send(
             session,
@@ -102,6 +142,20 @@ impl Router {
                     "position {id} is from another change log (epoch {}; this one is {}): the log was \
                      reset or replaced, changes may have been missed; reload the data and subscribe without `since`",
                     id.epoch, self.epoch
+                );
+                return self.gap(session, spec.id, message);
+            }
+            Some(SinceId::Stream(id))
+                if id.position > self.high_water && !self.ahead_wait.is_zero() =>
+            {
+                let waiting = self.waiting.iter().filter(|w| w.1 == session).count();
+                if waiting + entry.subs.len() < self.max_subscriptions {
+                    self.waiting.push((Instant::now(), session, spec));
+                    return;
+                }
+                let message = format!(
+                    "position {id} is ahead of what this node has received, and this connection \
+                     already has {waiting} subscriptions waiting for it"
                 );
                 return self.gap(session, spec.id, message);
             }

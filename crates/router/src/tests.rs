@@ -38,6 +38,7 @@ fn fixture_with(
             stall_timeout: Duration::from_secs(30),
             max_subscriptions: 2,
             memory_bytes: memory,
+            ahead_wait: Duration::ZERO,
         },
         catalog::SharedCatalog::default(),
     );
@@ -230,6 +231,35 @@ async fn positions_from_another_log_older_than_it_or_ahead_of_it_are_gaps() {
     f.subscribe("e", f.since(p));
     assert!(f.drain().is_empty());
     assert!(f.r.sessions[&1].lag.is_none());
+}
+
+/// In a cluster a client may resume on a node that has not consumed its
+/// position yet: the subscription waits until this router reaches it, then gets
+/// exactly what followed; one never reached is `gap` after the wait.
+#[tokio::test]
+async fn with_a_shared_log_a_since_ahead_waits_for_the_feed() {
+    let mut f = fixture(1 << 20, 16);
+    f.r.ahead_wait = Duration::from_millis(300);
+    f.commit(1);
+    let p3 = Position::new(PgLsn(300), 0);
+    f.subscribe("a", f.since(p3));
+    assert!(f.drain().is_empty(), "nothing yet: it waits");
+    assert!(f.r.sessions[&1].subs.is_empty());
+    f.commit(2);
+    assert!(f.drain().is_empty());
+    f.commit(3);
+    f.commit(4);
+    f.commit(5);
+    assert_eq!(of(&f.drain(), "a"), vec![4, 5], "what followed its position, once");
+    // A position never reached.
+    f.subscribe("b", f.since(Position::new(PgLsn(90_000), 0)));
+    f.r.retry_waiting(true);
+    assert!(f.drain().is_empty());
+    // Its wait is over (aged, not slept).
+    f.r.waiting[0].0 -= Duration::from_millis(300);
+    f.r.retry_waiting(true);
+    assert_eq!(f.drain(), vec![("gap".to_owned(), 0)]);
+    assert!(f.r.waiting.is_empty());
 }
 
 #[tokio::test]
