@@ -77,6 +77,11 @@ pub struct Config {
     pub database_url: Option<String>,
     pub replication_slot: String,
     pub publication: String,
+    /// Cluster mode (`NATS_URL`): the change log is a JetStream stream shared by
+    /// every node; one node at a time holds the slot. `None`: a single node.
+    pub nats_url: Option<String>,
+    /// This node's name in a cluster (`NODE_NAME`; default host name and port).
+    pub node_name: Option<String>,
     /// Schemas `/rest/v1` exposes (`REST_SCHEMAS`), the first the default.
     pub rest_schemas: Vec<String>,
     pub data_dir: PathBuf,
@@ -148,6 +153,8 @@ impl std::fmt::Debug for Config {
             .field("ws_path", &self.ws_path)
             .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
             .field("replication_slot", &self.replication_slot)
+            .field("nats_url", &self.nats_url)
+            .field("node_name", &self.node_name)
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
     }
@@ -206,6 +213,8 @@ impl Config {
             database_url: None,
             replication_slot: "aether".into(),
             publication: "aether_realtime".into(),
+            nats_url: None,
+            node_name: None,
             rest_schemas: vec!["public".into()],
             data_dir: PathBuf::from("./data"),
             resume_retention: Duration::from_secs(86_400),
@@ -343,6 +352,31 @@ impl Config {
         }
         if let Some(v) = nonempty("DATA_DIR") {
             c.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = nonempty("NATS_URL") {
+            if !v.split(',').all(|u| {
+                let u = u.trim();
+                !u.is_empty() && !u.contains(char::is_whitespace)
+            }) {
+                return Err(err(
+                    "NATS_URL",
+                    format!("{v:?}: expected nats://host:port, or several separated by commas"),
+                ));
+            }
+            c.nats_url = Some(v);
+        }
+        if let Some(v) = nonempty("NODE_NAME") {
+            if v.len() > 40
+                || !v
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                return Err(err(
+                    "NODE_NAME",
+                    format!("{v:?}: use 1-40 of a-z, A-Z, 0-9, '-', '_' and '.'"),
+                ));
+            }
+            c.node_name = Some(v);
         }
         if let Some(v) = nonempty("RESUME_RETENTION_S") {
             c.resume_retention = Duration::from_secs(v.parse().map_err(|_| {

@@ -51,6 +51,8 @@ pub struct Inner {
     pub log_status: watch::Receiver<LogStatus>,
     /// Database reachability and the WAL the slot retains.
     pub slot_health: watch::Receiver<SlotHealth>,
+    /// Cluster mode: this node, its leadership and its reading of the stream.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Set when a critical task stopped: the server is shutting down because of it.
     pub failed: Arc<std::sync::Mutex<Option<String>>>,
     pub shutdown: CancellationToken,
@@ -262,24 +264,36 @@ impl Server {
                 "this setting no longer exists and is ignored (see README.md: the change log)"
             );
         }
-        let log = open_log(&config).await?;
-        // A slot about to be created starts a new history: say so in the log
-        // first, so a crash between the two still resets it at the next start.
-        if !ingest::slot_exists(&setup, &config.replication_slot).await? {
-            let l = Arc::clone(&log);
-            tokio::task::spawn_blocking(move || l.mark_reset_pending())
-                .await
-                .context("change log")??;
+        // Cluster mode: the log is the nodes' shared stream, and the slot is the
+        // leader's business (see `cluster`).
+        let cluster = match &config.nats_url {
+            Some(url) => Some(crate::cluster::open(&config, url).await?),
+            None => None,
+        };
+        let log: SharedLog = match &cluster {
+            Some(c) => c.cluster.log.clone(),
+            None => open_log(&config).await?,
+        };
+        let mut timeout = std::time::Duration::ZERO;
+        if cluster.is_none() {
+            // A slot about to be created starts a new history: say so in the log
+            // first, so a crash between the two still resets it at the next start.
+            if !ingest::slot_exists(&setup, &config.replication_slot).await? {
+                let l = Arc::clone(&log);
+                tokio::task::spawn_blocking(move || l.mark_reset_pending())
+                    .await
+                    .context("change log")??;
+            }
+            let (confirmed, _) = ingest::ensure_slot(&setup, &config.replication_slot).await?;
+            if log.bounds().reset_pending {
+                let (l, floor) = (Arc::clone(&log), floor_for_slot(confirmed));
+                let epoch = tokio::task::spawn_blocking(move || l.reset(floor))
+                    .await
+                    .context("change log")??;
+                tracing::warn!(%epoch, %floor, "the change log starts a new epoch for a new replication slot; older positions are answered with gap");
+            }
+            timeout = ingest::wal_sender_timeout(&setup).await?;
         }
-        let (confirmed, _) = ingest::ensure_slot(&setup, &config.replication_slot).await?;
-        if log.bounds().reset_pending {
-            let (l, floor) = (Arc::clone(&log), floor_for_slot(confirmed));
-            let epoch = tokio::task::spawn_blocking(move || l.reset(floor))
-                .await
-                .context("change log")??;
-            tracing::warn!(%epoch, %floor, "the change log starts a new epoch for a new replication slot; older positions are answered with gap");
-        }
-        let timeout = ingest::wal_sender_timeout(&setup).await?;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
             Catalog::load(&setup, &config.publication).await?,
         ));
@@ -311,8 +325,20 @@ impl Server {
         let (status_tx, status_rx) = watch::channel(ReplicationStatus::default());
         let (slot_health_tx, slot_health_rx) = watch::channel(SlotHealth::default());
         let epoch = log.bounds().epoch;
-        let pump = pump::start(Arc::clone(&log), log_rx, feed_tx, durable_tx, log_status_tx)
-            .context("starting the change log threads")?;
+        // A single node writes its own log; in a cluster the leader's task does.
+        let pump = match &cluster {
+            None => Some(
+                pump::start(
+                    Arc::clone(&log),
+                    log_rx,
+                    feed_tx.clone(),
+                    durable_tx,
+                    log_status_tx.clone(),
+                )
+                .context("starting the change log threads")?,
+            ),
+            Some(_) => None,
+        };
 
         let kingshare = Arc::new(aether_realtime::kingshare::Notifier::default());
         let (hub_tx, hub_rx) = mpsc::channel(4096);
@@ -342,7 +368,13 @@ impl Server {
                 stall_timeout: config.ws_stall_timeout,
                 max_subscriptions: config.ws_max_subscriptions,
                 memory_bytes: config.resume_memory_bytes,
-                ahead_wait: std::time::Duration::ZERO,
+                // Another node may have handed out a position this one has not
+                // consumed yet.
+                ahead_wait: if cluster.is_some() {
+                    std::time::Duration::from_secs(10)
+                } else {
+                    std::time::Duration::ZERO
+                },
             },
             Arc::clone(&catalog),
         );
@@ -362,20 +394,55 @@ impl Server {
             "router",
             Box::pin(router.run(feed_rx, commands_rx, shutdown.clone())),
         ));
-        let replication = ReplicationTask {
-            pg: pg.clone(),
-            slot: config.replication_slot.clone(),
-            publication: config.publication.clone(),
-            status_interval: ingest::status_interval(timeout),
-            log: log_tx,
-            durable: durable_rx,
-            epoch,
-            changelog: Arc::clone(&log),
-            status: status_tx,
-            shutdown: shutdown.clone(),
+        let cluster = match cluster {
+            None => {
+                let replication = ReplicationTask {
+                    pg: pg.clone(),
+                    slot: config.replication_slot.clone(),
+                    publication: config.publication.clone(),
+                    status_interval: ingest::status_interval(timeout),
+                    log: log_tx,
+                    durable: durable_rx,
+                    epoch,
+                    changelog: Arc::clone(&log),
+                    status: status_tx,
+                    shutdown: shutdown.clone(),
+                };
+                // The replication task ends only at shutdown or when the log stops.
+                tasks.push(critical("replication", Box::pin(replication.run())));
+                None
+            }
+            Some(parts) => {
+                drop((log_tx, durable_rx));
+                let c = parts.cluster;
+                tasks.push(critical(
+                    "stream-follower",
+                    Box::pin(crate::cluster::follow(
+                        Arc::clone(&c.log),
+                        parts.start_seq,
+                        feed_tx,
+                        parts.follow_tx,
+                        parts.reconnects,
+                        shutdown.clone(),
+                    )),
+                ));
+                let leadership = crate::cluster::Leadership {
+                    pg: pg.clone(),
+                    node: c.node.clone(),
+                    slot: config.replication_slot.clone(),
+                    publication: config.publication.clone(),
+                    log: Arc::clone(&c.log),
+                    leading: parts.leading_tx,
+                    replication: status_tx,
+                    log_status: log_status_tx,
+                    shutdown: shutdown.clone(),
+                };
+                // Ends before shutdown only when leadership was lost: the process
+                // exits and comes back as a standby.
+                tasks.push(critical("leadership", Box::pin(leadership.run())));
+                Some(Arc::new(c))
+            }
         };
-        // The replication task ends only at shutdown or when the log stops.
-        tasks.push(critical("replication", Box::pin(replication.run())));
         tasks.push(critical(
             "slot-monitor",
             Box::pin(aether_changelog::monitor::run(
@@ -452,6 +519,7 @@ impl Server {
             log,
             log_status: log_status_rx,
             slot_health: slot_health_rx,
+            cluster,
             failed: Arc::clone(&failed),
             shutdown: shutdown.clone(),
             auth,
@@ -490,7 +558,7 @@ impl Server {
             state,
             shutdown,
             tasks,
-            pump: Some(pump),
+            pump,
             embedded,
         })
     }

@@ -306,7 +306,13 @@ pub async fn health(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         reasons.push("shutting down".into());
     }
-    if !status.connected {
+    // A standby node has no replication stream of its own: it serves what the
+    // leader appends to the cluster's stream, and is healthy while it reads it.
+    let streams = state.cluster.as_ref().is_none_or(|c| c.is_leader());
+    if let Some(why) = state.cluster.as_ref().and_then(|c| c.problem()) {
+        reasons.push(why);
+    }
+    if streams && !status.connected {
         reasons.push(match (&status.last_error, &status.advice) {
             (Some(e), Some(a)) => format!("replication is not streaming: {e} ({a})"),
             (Some(e), None) => format!("replication is not streaming: {e}"),
@@ -335,6 +341,10 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "epoch": bounds.epoch.to_string(),
             "newest": bounds.newest.map(|p| p.to_string()),
         },
+        "cluster": state.cluster.as_ref().map(|c| json!({
+            "node": c.node,
+            "leader": c.is_leader(),
+        })),
     });
     let code = if reasons.is_empty() {
         StatusCode::OK

@@ -65,6 +65,9 @@ pub struct Status {
     pub channels: Channels,
     pub replication: Replication,
     pub changelog: ChangeLogStatus,
+    /// Cluster mode only: this node, the leader and every node, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::Members>,
 }
 
 /// The durable change log, for operators: how far back `since` can go, how big
@@ -197,9 +200,16 @@ pub async fn status(state: &AppState) -> Status {
     let bounds = state.log.bounds();
     metrics::gauge!("aether_changelog_bytes").set(bounds.bytes as f64);
     metrics::gauge!("aether_changelog_records").set(bounds.records as f64);
+    let cluster = match &state.cluster {
+        Some(c) => Some(c.members(&state.pool).await),
+        None => None,
+    };
+    let streams = state.cluster.as_ref().is_none_or(|c| c.is_leader());
+    let cluster_problem = state.cluster.as_ref().and_then(|c| c.problem());
     let status = if state.shutdown.is_cancelled() {
         "down"
-    } else if !repl.connected
+    } else if (streams && !repl.connected)
+        || cluster_problem.is_some()
         || lag_seconds > state.config.degraded_lag.as_secs_f64()
         || slot.wal_warning
         || slot.db_error.is_some()
@@ -243,6 +253,7 @@ pub async fn status(state: &AppState) -> Status {
             fsync_us: log.sync_us,
             error: log.error,
         },
+        cluster,
     }
 }
 

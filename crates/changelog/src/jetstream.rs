@@ -43,6 +43,9 @@ const KIND: &str = "Aether-Kind";
 const EPOCH: &str = "Aether-Epoch";
 const FLOOR: &str = "Aether-Floor";
 const LAST: &str = "Aether-Last";
+/// Which log instance appended: after a refused append, a leader tells its own
+/// message (an acknowledgement lost on a reconnect) from another node's.
+const WRITER: &str = "Aether-Writer";
 
 const KIND_CHANGES: &str = "changes";
 const KIND_EPOCH: &str = "epoch";
@@ -57,6 +60,9 @@ const HEADER_ROOM: usize = 1024;
 /// A batch message is cut at this size even when the server allows more: a
 /// reader's page then costs at most this much beyond its budget.
 const MESSAGE_BYTES: usize = 1 << 20;
+/// A follower that received nothing this long checks the stream has nothing
+/// more for it.
+const IDLE_CHECK: Duration = Duration::from_secs(2);
 /// How long a request to the server may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -108,6 +114,8 @@ struct State {
     reset_pending: bool,
     /// The stream's last sequence as this node knows it (the fence for appends).
     last_seq: u64,
+    /// Who appended the stream's last message.
+    last_writer: Option<String>,
 }
 
 impl Default for State {
@@ -121,6 +129,7 @@ impl Default for State {
             records: 0,
             reset_pending: true,
             last_seq: 0,
+            last_writer: None,
         }
     }
 }
@@ -135,6 +144,8 @@ pub struct JetStreamLog {
     client: async_nats::Client,
     opts: StreamOptions,
     subject: String,
+    /// This instance's name in the messages it appends.
+    writer: String,
     state: Mutex<State>,
 }
 
@@ -302,6 +313,7 @@ impl JetStreamLog {
             client,
             opts,
             subject,
+            writer: uuid::Uuid::new_v4().simple().to_string(),
             state: Mutex::new(State::default()),
         };
         log.refresh()?;
@@ -367,6 +379,7 @@ impl JetStreamLog {
             let Some(last) = self.message(&s, st.last_sequence).await? else {
                 return Ok(fresh);
             };
+            fresh.last_writer = header(Some(&last.headers), WRITER).map(str::to_owned);
             let last = meta(Some(&last.headers))?;
             fresh.epoch = last.epoch;
             fresh.reset_pending = last.kind == Kind::ResetPending;
@@ -412,7 +425,8 @@ impl JetStreamLog {
         mut last_seq: u64,
     ) -> Result<u64, LogError> {
         let mut acks = Vec::with_capacity(messages.len());
-        for (i, (h, body, id)) in messages.into_iter().enumerate() {
+        for (i, (mut h, body, id)) in messages.into_iter().enumerate() {
+            h.insert(WRITER, self.writer.as_str());
             let msg = PublishMessage::build()
                 .headers(h)
                 .payload(body)
@@ -441,6 +455,25 @@ impl JetStreamLog {
             last_seq = last_seq.max(ack.sequence);
         }
         Ok(last_seq)
+    }
+
+    /// An append refused for its expected last sequence: fenced if another
+    /// writer appended; if the last message is this writer's own, a message was
+    /// stored without its acknowledgement arriving (or dropped while the
+    /// connection was down), and the append is retried from where the stream
+    /// stands (the caller drops what it now holds).
+    fn refused(&self, why: String) -> LogError {
+        if let Err(e) = self.refresh() {
+            return e;
+        }
+        let st = self.state();
+        if st.last_writer.as_deref() == Some(self.writer.as_str()) {
+            return LogError::Unavailable(format!(
+                "the change stream is at sequence {} after a lost acknowledgement; appending the rest",
+                st.last_seq
+            ));
+        }
+        LogError::Fenced(why)
     }
 
     /// Changes after `after` from stream sequence `seq` on.
@@ -622,7 +655,11 @@ impl ChangeLog for JetStreamLog {
             format!("{}:{}", epoch.0, format_position(last)),
         ));
         let n = messages.len() as u64;
-        let seq = self.rt.block_on(self.publish_all(messages, last_seq))?;
+        let seq = match self.rt.block_on(self.publish_all(messages, last_seq)) {
+            Ok(seq) => seq,
+            Err(LogError::Fenced(why)) => return Err(self.refused(why)),
+            Err(e) => return Err(e),
+        };
         let mut st = self.state();
         st.last_seq = seq.max(last_seq + n);
         st.newest = Some(last);
@@ -756,26 +793,33 @@ pub struct FollowStatus {
 /// Every node's reader: hands the stream's changes, in order, from the message
 /// after `after_seq` on, to this node's router. Returns at shutdown or when the
 /// router is gone; a lost connection is retried from where it stopped.
+/// `reconnects` changes whenever the client (re)connects: a consumer does not
+/// survive its server's restart and would notice only when its heartbeats stop,
+/// so a reconnect starts a new one at once.
 pub async fn follow(
     log: Arc<JetStreamLog>,
-    mut after_seq: u64,
+    after_seq: u64,
     feed: mpsc::Sender<Feed>,
     status: watch::Sender<FollowStatus>,
+    mut reconnects: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    let mut relations: HashMap<TableId, Arc<Relation>> = HashMap::new();
-    let mut newest: Option<Position> = log.bounds().newest;
-    let mut epoch = log.bounds().epoch;
+    let mut place = Place {
+        after_seq,
+        relations: HashMap::new(),
+        newest: log.bounds().newest,
+        epoch: log.bounds().epoch,
+    };
     loop {
         let result = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            r = follow_once(&log, &mut after_seq, &feed, &status, &mut relations, &mut newest, &mut epoch) => r,
+            r = follow_once(&log, &mut place, &feed, &status, &mut reconnects) => r,
         };
         match result {
             Ok(()) => return, // the router is gone
             Err(e) => {
-                tracing::warn!(error = %e, after_seq, "reading the change stream; retrying");
+                tracing::warn!(error = %e, after_seq = place.after_seq, "reading the change stream; retrying");
                 status.send_modify(|s| s.error = Some(e.to_string()));
                 tokio::select! {
                     biased;
@@ -787,21 +831,29 @@ pub async fn follow(
     }
 }
 
+/// Where a follower stands in the stream.
+struct Place {
+    after_seq: u64,
+    /// The relations last handed to the router, by table.
+    relations: HashMap<TableId, Arc<Relation>>,
+    newest: Option<Position>,
+    epoch: Epoch,
+}
+
 async fn follow_once(
     log: &JetStreamLog,
-    after_seq: &mut u64,
+    place: &mut Place,
     feed: &mpsc::Sender<Feed>,
     status: &watch::Sender<FollowStatus>,
-    relations: &mut HashMap<TableId, Arc<Relation>>,
-    newest: &mut Option<Position>,
-    epoch: &mut Epoch,
+    reconnects: &mut watch::Receiver<u64>,
 ) -> Result<(), LogError> {
+    reconnects.borrow_and_update();
     use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
     let s = log.stream().await?;
     let consumer = s
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: *after_seq + 1,
+                start_sequence: place.after_seq + 1,
             },
             ..Default::default()
         })
@@ -812,22 +864,51 @@ async fn follow_once(
         .await
         .map_err(|e| nats("reading the change stream", e))?;
     status.send_if_modified(|s| s.error.take().is_some());
-    while let Some(m) = messages.next().await {
+    let mut idle_since = tokio::time::Instant::now();
+    loop {
+        let m = tokio::select! {
+            biased;
+            m = messages.next() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            // Quiet for a while: if the stream has more than was delivered, the
+            // consumer is stuck (a purge under it, a lost server-side state).
+            _ = tokio::time::sleep_until(idle_since + IDLE_CHECK) => {
+                idle_since = tokio::time::Instant::now();
+                let last = s.get_info().await.map_err(|e| nats("reading the change stream", e))?.state.last_sequence;
+                if last > place.after_seq {
+                    return Err(LogError::Unavailable(format!(
+                        "the stream holds up to sequence {last} but its reader stopped after {}: reading again",
+                        place.after_seq
+                    )));
+                }
+                continue;
+            }
+            r = reconnects.changed() => {
+                if r.is_err() {
+                    // No one reports reconnects any more: the stream is read as is.
+                    std::future::pending::<()>().await;
+                }
+                return Err(LogError::Unavailable("NATS reconnected: reading the stream again".into()));
+            }
+        };
+        idle_since = tokio::time::Instant::now();
         let m = m.map_err(|e| nats("reading the change stream", e))?;
         let seq = m
             .info()
             .map_err(|e| nats("a change stream message", e))?
             .stream_sequence;
-        if seq <= *after_seq {
+        if seq <= place.after_seq {
             continue;
         }
         let meta = meta(m.headers.as_ref())?;
         match meta.kind {
             Kind::Epoch => {
-                if meta.epoch != *epoch {
-                    *epoch = meta.epoch;
-                    *newest = None;
-                    relations.clear();
+                if meta.epoch != place.epoch {
+                    place.epoch = meta.epoch;
+                    place.newest = None;
+                    place.relations.clear();
                     {
                         let mut st = log.state();
                         st.epoch = meta.epoch;
@@ -853,11 +934,13 @@ async fn follow_once(
             Kind::ResetPending => log.state().reset_pending = true,
             Kind::Changes => {
                 for (c, _) in decode_body(&m.payload, meta.epoch)? {
-                    if newest.is_some_and(|n| c.position <= n) {
+                    if place.newest.is_some_and(|n| c.position <= n) {
                         continue;
                     }
-                    if relations.get(&c.relation.id) != Some(&c.relation) {
-                        relations.insert(c.relation.id, Arc::clone(&c.relation));
+                    if place.relations.get(&c.relation.id) != Some(&c.relation) {
+                        place
+                            .relations
+                            .insert(c.relation.id, Arc::clone(&c.relation));
                         if feed
                             .send(Feed::Relation(Arc::clone(&c.relation)))
                             .await
@@ -866,7 +949,7 @@ async fn follow_once(
                             return Ok(());
                         }
                     }
-                    *newest = Some(c.position);
+                    place.newest = Some(c.position);
                     {
                         let mut st = log.state();
                         if st.newest < Some(c.position) {
@@ -880,7 +963,7 @@ async fn follow_once(
                 }
             }
         }
-        *after_seq = seq;
+        place.after_seq = seq;
         {
             let mut st = log.state();
             st.last_seq = st.last_seq.max(seq);
@@ -1049,61 +1132,59 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let (status, _) = watch::channel(FollowStatus::default());
         let shutdown = CancellationToken::new();
+        let (_reconnects_tx, reconnects) = watch::channel(0);
         let task = f.rt.spawn(follow(
             Arc::clone(&node),
             start,
             tx,
             status,
+            reconnects,
             shutdown.clone(),
         ));
         leader
             .append(&[change(&r, 200, "1".into()), change(&r, 300, "2".into())])
             .unwrap();
-        let floor = Position::new(PgLsn(1000), u32::MAX);
-        let epoch = leader.reset(floor).unwrap();
-        leader.append(&[change(&r, 2000, "3".into())]).unwrap();
-        let mut seen = Vec::new();
-        f.rt.block_on(async {
-            while seen.len() < 5 {
-                let item = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let next = |rx: &mut mpsc::Receiver<Feed>| {
+            let item = f.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), rx.recv())
                     .await
                     .expect("the feed goes on")
-                    .unwrap();
-                seen.push(match item {
-                    Feed::Change(c) => format!(
-                        "change {} {}",
-                        c.position.commit_lsn.0,
-                        c.new.as_ref().unwrap()[0].as_ref().unwrap()
-                    ),
-                    Feed::Relation(r) => format!("relation {}", r.qualified),
-                    Feed::Reset {
-                        epoch: e,
-                        floor: fl,
-                    } => {
-                        assert_eq!((e, fl), (epoch, floor));
-                        "reset".into()
-                    }
-                });
+                    .unwrap()
+            });
+            match item {
+                Feed::Change(c) => format!(
+                    "change {} {} {}",
+                    c.position.commit_lsn.0,
+                    c.new.as_ref().unwrap()[0].as_ref().unwrap(),
+                    c.epoch
+                ),
+                Feed::Relation(r) => format!("relation {}", r.qualified),
+                Feed::Reset { epoch, floor } => format!("reset {epoch} {floor}"),
             }
-        });
+        };
+        let old = leader.bounds().epoch;
+        let seen: Vec<String> = (0..3).map(|_| next(&mut rx)).collect();
         assert_eq!(
             seen,
             [
-                "relation public.t",
-                "change 200 \"1\"",
-                "change 300 \"2\"",
-                "reset",
-                "relation public.t",
+                "relation public.t".to_owned(),
+                format!("change 200 \"1\" {old}"),
+                format!("change 300 \"2\" {old}"),
             ]
         );
-        let last = f.rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .unwrap()
-                .unwrap()
-        });
-        assert!(
-            matches!(last, Feed::Change(c) if c.position.commit_lsn.0 == 2000 && c.epoch == epoch)
+        // A reset purges the stream under the follower's feet; it goes on with
+        // the new epoch.
+        let floor = Position::new(PgLsn(1000), u32::MAX);
+        let epoch = leader.reset(floor).unwrap();
+        leader.append(&[change(&r, 2000, "3".into())]).unwrap();
+        let seen: Vec<String> = (0..3).map(|_| next(&mut rx)).collect();
+        assert_eq!(
+            seen,
+            [
+                format!("reset {epoch} {floor}"),
+                "relation public.t".to_owned(),
+                format!("change 2000 \"3\" {epoch}"),
+            ]
         );
         assert_eq!(node.bounds().epoch, epoch);
         shutdown.cancel();

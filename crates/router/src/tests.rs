@@ -250,7 +250,11 @@ async fn with_a_shared_log_a_since_ahead_waits_for_the_feed() {
     f.commit(3);
     f.commit(4);
     f.commit(5);
-    assert_eq!(of(&f.drain(), "a"), vec![4, 5], "what followed its position, once");
+    assert_eq!(
+        of(&f.drain(), "a"),
+        vec![4, 5],
+        "what followed its position, once"
+    );
     // A position never reached.
     f.subscribe("b", f.since(Position::new(PgLsn(90_000), 0)));
     f.r.retry_waiting(true);

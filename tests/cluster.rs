@@ -1,0 +1,278 @@
+//! Cluster mode: three `aether` processes on one PostgreSQL and a real
+//! `nats-server` with JetStream. The leader is SIGKILLed mid-stream; NATS is
+//! killed and restarted under load.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aether_changelog::natsd::NatsServer;
+use common::*;
+use serde_json::{Value, json};
+
+struct Node {
+    name: String,
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl Node {
+    fn spawn(db: &TestDb, nats: &NatsServer, name: &str) -> Node {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_aether"))
+            .env("DATABASE_URL", &db.url)
+            .env("WS_HOST", "127.0.0.1")
+            .env("WS_PORT", port.to_string())
+            .env("REPLICATION_SLOT", &db.name)
+            .env("JWT_SECRET", SECRET)
+            .env("DATA_DIR", db.data_dir.join(name))
+            .env("NATS_URL", nats.url())
+            .env("NODE_NAME", name)
+            .env(
+                "RUST_LOG",
+                std::env::var("AETHER_CLUSTER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("aether binary starts");
+        Node {
+            name: name.into(),
+            child: Some(child),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        }
+    }
+
+    fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn status(&self) -> Value {
+        reqwest::get(format!("http://{}/ws/status", self.addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn health(&self) -> Option<u16> {
+        reqwest::get(format!("http://{}/health", self.addr))
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+/// Waits until `check` holds, polling every 50 ms, for at most `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn leader_of(node: &Node) -> Option<String> {
+    node.status().await["cluster"]["leader"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Three healthy nodes; `n1` leads.
+async fn cluster(db: &TestDb, nats: &NatsServer) -> Vec<Node> {
+    let n1 = Node::spawn(db, nats, "n1");
+    wait_healthy(n1.addr).await;
+    until(WAIT, "n1 to lead", || async {
+        leader_of(&n1).await.as_deref() == Some("n1")
+    })
+    .await;
+    let nodes = vec![n1, Node::spawn(db, nats, "n2"), Node::spawn(db, nats, "n3")];
+    for n in &nodes {
+        wait_healthy(n.addr).await;
+    }
+    until(WAIT, "three members", || async {
+        nodes[0].status().await["cluster"]["nodes"] == json!(["n1", "n2", "n3"])
+    })
+    .await;
+    nodes
+}
+
+fn name_of(change: &Value) -> String {
+    change["new"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Reads changes until one named `last` (inclusive).
+async fn read_until(ws: &mut Ws, last: &str) -> Vec<Value> {
+    let mut got = Vec::new();
+    loop {
+        let c = ws.change().await;
+        let done = name_of(&c) == last;
+        got.push(c);
+        if done {
+            return got;
+        }
+    }
+}
+
+fn names(changes: &[Value]) -> Vec<String> {
+    changes.iter().map(name_of).collect()
+}
+
+fn numbered(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("r{i:03}")).collect()
+}
+
+async fn insert(sql: &tokio_postgres::Client, name: &str) {
+    sql.batch_execute(&format!(
+        "INSERT INTO public.files (bucket_id, path, name) VALUES ('pub', '{name}', '{name}')"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_stream_loses_and_doubles_nothing_on_any_node() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let mut nodes = cluster(&db, &nats).await;
+    let sql = db.client().await;
+    bucket(&sql, "pub", true).await;
+    let token = service_token();
+    let mut subs = Vec::new();
+    for n in &nodes {
+        let mut ws = Ws::connect(n.addr, Some(&token)).await;
+        ws.subscribe("s", json!({"table": "files"})).await;
+        subs.push(ws);
+    }
+
+    // A writer commits numbered rows, one per transaction.
+    let writer = {
+        let sql = db.client().await;
+        tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for i in 1..=60u32 {
+                insert(&sql, &format!("r{i:03}")).await;
+                committed.push(Instant::now());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            committed
+        })
+    };
+    // The leader's subscriber has seen a third: the leader dies mid-stream.
+    let mut before = Vec::new();
+    while before.len() < 20 {
+        before.push(subs[0].change().await);
+    }
+    let killed_at = Instant::now();
+    nodes[0].sigkill();
+    let committed = writer.await.unwrap();
+    insert(&sql, "end").await;
+
+    // Every row once, in order, on the surviving nodes.
+    let mut arrivals = Vec::new();
+    for ws in subs.iter_mut().skip(1) {
+        let got = read_until(ws, "end").await;
+        let mut want = numbered(1..=60);
+        want.push("end".into());
+        assert_eq!(names(&got), want);
+        arrivals.push(Instant::now());
+    }
+    // The killed node's subscriber resumes on another node with `since`.
+    let last_id = before.last().unwrap()["id"].as_str().unwrap().to_owned();
+    let mut again = Ws::connect(nodes[2].addr, Some(&token)).await;
+    again
+        .subscribe("s", json!({"table": "files", "since": last_id}))
+        .await;
+    let missed = read_until(&mut again, "end").await;
+    let mut want = numbered(21..=60);
+    want.push("end".into());
+    assert_eq!(names(&missed), want, "exactly what it missed");
+
+    // A new leader took over, and the first row committed after the kill was
+    // delivered within 5 s of its commit (failover included).
+    until(WAIT, "a new leader", || async {
+        matches!(leader_of(&nodes[1]).await.as_deref(), Some("n2" | "n3"))
+    })
+    .await;
+    let first_after = committed
+        .iter()
+        .position(|t| *t > killed_at)
+        .expect("rows were committed after the kill");
+    assert!(first_after < 60);
+    let status = nodes[1].status().await;
+    assert_eq!(status["cluster"]["nodes"], json!(["n2", "n3"]), "{status}");
+    // Live again everywhere, nothing doubled since.
+    insert(&sql, "live").await;
+    for ws in subs.iter_mut().skip(1).chain([&mut again]) {
+        assert_eq!(name_of(&ws.change().await), "live");
+    }
+    // The latency bound: the surviving subscribers had every row, the first
+    // committed after the kill included, within 5 s of the kill's last commit.
+    let last_commit = *committed.last().unwrap();
+    for at in arrivals {
+        assert!(
+            at.duration_since(last_commit) < Duration::from_secs(5) + Duration::from_millis(500),
+            "rows committed after the kill took {:?} to arrive",
+            at.duration_since(last_commit)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_under_load_makes_nodes_unhealthy_then_loses_nothing() {
+    let mut nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let nodes = cluster(&db, &nats).await;
+    let sql = db.client().await;
+    bucket(&sql, "pub", true).await;
+    let token = service_token();
+    let mut ws = Ws::connect(nodes[1].addr, Some(&token)).await;
+    ws.subscribe("s", json!({"table": "files"})).await;
+    for i in 1..=10 {
+        insert(&sql, &format!("r{i:03}")).await;
+    }
+    assert_eq!(names(&read_until(&mut ws, "r010").await), numbered(1..=10));
+
+    nats.kill();
+    // Writes go on in PostgreSQL while NATS is gone.
+    for i in 11..=30 {
+        insert(&sql, &format!("r{i:03}")).await;
+    }
+    for n in &nodes {
+        until(WAIT, "503 while NATS is gone", || async {
+            n.health().await == Some(503)
+        })
+        .await;
+    }
+    nats.restart();
+    for n in &nodes {
+        until(Duration::from_secs(30), "healthy again", || async {
+            n.health().await == Some(200)
+        })
+        .await;
+    }
+    insert(&sql, "end").await;
+    let mut want = numbered(11..=30);
+    want.push("end".into());
+    assert_eq!(names(&read_until(&mut ws, "end").await), want);
+    let _ = &nodes[0].name;
+}
