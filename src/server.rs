@@ -348,7 +348,29 @@ impl Server {
             config.rate_limit_window,
         )
         .max_channels(config.ws_max_subscriptions);
+        // Cluster mode: channel messages are numbered and carried across nodes.
+        let mut bus_tasks = None;
+        let mut phoenix_hub = aether_realtime::phoenix_hub::PhxHub::default();
         let (phoenix_tx, phoenix_rx) = mpsc::channel(4096);
+        let hub = match &cluster {
+            Some(parts) => {
+                let (bus, outgoing, incoming) = crate::cluster::bus::start(
+                    parts.cluster.log.client().clone(),
+                    crate::cluster::bus::Subjects::new(
+                        &config.replication_slot,
+                        &parts.cluster.node,
+                    ),
+                    hub_tx.clone(),
+                    phoenix_tx.clone(),
+                    parts.reconnects.clone(),
+                    shutdown.clone(),
+                );
+                bus_tasks = Some((outgoing, incoming));
+                phoenix_hub = phoenix_hub.bus(bus.clone());
+                hub.bus(bus)
+            }
+            None => hub,
+        };
         let broadcasts_relayed = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let router = Router::new(
             RouterConfig {
@@ -384,11 +406,13 @@ impl Server {
             "hub",
             Box::pin(hub.run(hub_rx, shutdown.clone())) as Task,
         )];
+        if let Some((outgoing, incoming)) = bus_tasks {
+            tasks.push(critical("channel-bus-out", Box::pin(outgoing)));
+            tasks.push(critical("channel-bus-in", Box::pin(incoming)));
+        }
         tasks.push(critical(
             "phoenix-hub",
-            Box::pin(
-                aether_realtime::phoenix_hub::PhxHub::default().run(phoenix_rx, shutdown.clone()),
-            ),
+            Box::pin(phoenix_hub.run(phoenix_rx, shutdown.clone())),
         ));
         tasks.push(critical(
             "router",

@@ -276,3 +276,161 @@ async fn nats_restarted_under_load_makes_nodes_unhealthy_then_loses_nothing() {
     assert_eq!(names(&read_until(&mut ws, "end").await), want);
     let _ = &nodes[0].name;
 }
+
+/// Frames of `ws` until `n` of them satisfy `keep` (others are dropped).
+async fn collect(ws: &mut Ws, n: usize, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let v = ws.next().await;
+        if keep(&v) {
+            got.push(v);
+        }
+    }
+    got
+}
+
+fn is_message(v: &Value) -> bool {
+    v["type"] == "message" && v["action"] == "send"
+}
+
+/// (client, content, server_sequence) of relayed messages.
+fn relayed(frames: &[Value]) -> Vec<(String, String, u64)> {
+    frames
+        .iter()
+        .map(|v| {
+            (
+                v["data"]["client_id"].as_str().unwrap_or("-").to_owned(),
+                v["data"]["content"].as_str().unwrap_or_default().to_owned(),
+                v["data"]["metadata"]["server_sequence"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_broadcasts_and_revocations_cross_nodes() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let nodes = cluster(&db, &nats).await;
+    let url = |n: &Node, q: &str| format!("ws://{}/ws?{q}", n.addr);
+
+    // Aether channel members on each node; joins are announced everywhere.
+    let mut a = Ws::connect_url(&url(&nodes[0], "client_id=a&channel=room")).await;
+    assert_eq!(a.next().await["data"]["client_id"], "a");
+    let mut b = Ws::connect_url(&url(&nodes[1], "client_id=b&channel=room")).await;
+    assert_eq!(b.next().await["data"]["client_id"], "b");
+    let mut c = Ws::connect_url(&url(&nodes[2], "client_id=c&channel=room")).await;
+    assert_eq!(c.next().await["data"]["client_id"], "c");
+    let joins = collect(&mut a, 2, |v| v["type"] == "connection").await;
+    let mut joined: Vec<_> = joins
+        .iter()
+        .map(|v| v["data"]["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    joined.sort();
+    assert_eq!(
+        joined,
+        ["b", "c"],
+        "a on n1 heard of the joins on n2 and n3"
+    );
+
+    // Messages sent on different nodes: one order and one numbering everywhere.
+    let send = |text: &str, seq: i64| {
+        json!({"type":"message","action":"send","data":{"channel":"room","content":text,
+            "metadata":{"sequence":seq}}})
+    };
+    a.send(send("one", 1)).await;
+    let first = collect(&mut c, 1, is_message).await;
+    assert_eq!(relayed(&first), [("a".to_owned(), "one".to_owned(), 1)]);
+    b.send(send("two", 1)).await;
+    c.send(send("three", 1)).await;
+    let mut orders = Vec::new();
+    for (i, ws) in [&mut a, &mut b, &mut c].into_iter().enumerate() {
+        // c already read the first message.
+        let mut got = collect(ws, if i == 2 { 2 } else { 3 }, is_message).await;
+        if i == 2 {
+            got.insert(0, first[0].clone());
+        }
+        orders.push(relayed(&got));
+    }
+    assert_eq!(orders[0], orders[1], "n1 and n2 saw one order");
+    assert_eq!(orders[0], orders[2], "n1 and n3 saw one order");
+    assert_eq!(
+        orders[0].iter().map(|m| m.2).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "numbered without gaps across nodes: {:?}",
+        orders[0]
+    );
+
+    // A retry of a's message through another node is relayed once.
+    let mut a2 = Ws::connect_url(&url(&nodes[2], "client_id=a&channel=room")).await;
+    assert_eq!(a2.next().await["data"]["client_id"], "a");
+    a2.send(
+        json!({"type":"message","action":"retry","data":{"channel":"room","content":"one",
+        "metadata":{"sequence":1}}}),
+    )
+    .await;
+    let ack = collect(&mut a2, 1, |v| v["action"] == "ack").await;
+    assert_eq!(ack[0]["data"]["duplicate"], true, "{}", ack[0]);
+
+    // An operator's broadcast on n1 reaches the channel's members on n2 and n3.
+    let mut op = Ws::connect(nodes[0].addr, Some(&service_token())).await;
+    op.send(json!({"type":"system","action":"broadcast","data":{"message":"hello all","severity":"info","channel":"room"}}))
+        .await;
+    for ws in [&mut b, &mut c] {
+        let got = collect(ws, 1, |v| {
+            v["type"] == "system" && v["action"] == "broadcast"
+        })
+        .await;
+        assert_eq!(got[0]["data"]["message"], "hello all");
+    }
+
+    // A Supabase Realtime broadcast on n2 reaches a member on n3.
+    let anon = keys().api_key("anon");
+    let phx = |n: &Node| {
+        format!(
+            "ws://{}/realtime/v1/websocket?apikey={anon}&vsn=1.0.0",
+            n.addr
+        )
+    };
+    let join = json!({"topic":"realtime:game","event":"phx_join","ref":"1","join_ref":"1",
+        "payload":{"config":{"broadcast":{"ack":true,"self":false},"presence":{"key":""},"postgres_changes":[]}}});
+    let mut p3 = Ws::connect_url(&phx(&nodes[2])).await;
+    p3.send(join.clone()).await;
+    assert_eq!(p3.next().await["payload"]["status"], "ok");
+    let mut p2 = Ws::connect_url(&phx(&nodes[1])).await;
+    p2.send(join).await;
+    assert_eq!(p2.next().await["payload"]["status"], "ok");
+    p2.send(
+        json!({"topic":"realtime:game","event":"broadcast","ref":"2","join_ref":"1",
+        "payload":{"type":"broadcast","event":"move","payload":{"x":1}}}),
+    )
+    .await;
+    let got = collect(&mut p3, 1, |v| v["event"] == "broadcast").await;
+    assert_eq!(got[0]["payload"]["payload"], json!({"x": 1}), "{}", got[0]);
+
+    // A session signed out on n1 closes its sockets on n2 and n3.
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/auth/sign-up", nodes[0].addr))
+        .json(&json!({"email": "x@example.com", "password": "correct horse 1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let token = res.json::<Value>().await.unwrap()["session"]["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut on2 = Ws::connect(nodes[1].addr, Some(&token)).await;
+    let mut on3 = Ws::connect(nodes[2].addr, Some(&token)).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/auth/sign-out", nodes[0].addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for ws in [&mut on2, &mut on3] {
+        let (close, frames) = ws.until_close().await;
+        assert_eq!(close, Some(4001), "{frames:?}");
+    }
+}

@@ -160,9 +160,10 @@ impl Tap for DatabaseBroadcast {
             channel: topic.to_owned(),
             event: event.clone(),
             content: payload.clone(),
+            id: format!("{}/{}", change.epoch, change.position),
         };
         let to_phoenix = PhxCommand::Broadcast {
-            from: None,
+            from: aether_realtime::phoenix_hub::Sender::Database,
             topic: format!("realtime:{topic}"),
             event,
             payload: BroadcastPayload::Json(payload),

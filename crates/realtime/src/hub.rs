@@ -98,6 +98,71 @@ pub struct Message {
     pub timestamp: Option<String>,
 }
 
+/// Carries channel traffic between the nodes of a cluster. With a bus, the hub
+/// numbers nothing itself: a relayed message goes to the bus, which gives every
+/// channel one order and one numbering across nodes, and reaches this node's
+/// members when it comes back as [`HubCommand::Numbered`]. Joins, leaves and
+/// system broadcasts are announced to the other nodes as they happen here.
+pub trait ChannelBus: Send + Sync + 'static {
+    /// Publishes a message; `reply` (a member's send) gets its number, or
+    /// [`SendOutcome::Duplicate`] when another node already relayed it.
+    fn publish(
+        &self,
+        message: Relayed,
+        reply: Option<oneshot::Sender<Result<SendOutcome, HubError>>>,
+    );
+    /// Tells the other nodes, not this one.
+    fn announce(&self, event: Announcement);
+}
+
+/// A message in a channel's order, as it travels between nodes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Relayed {
+    pub channel: String,
+    pub content: Value,
+    pub client_id: Option<String>,
+    pub user_id: Option<String>,
+    pub sequence: Option<i64>,
+    pub timestamp: String,
+    pub event: Option<String>,
+    /// The same message sent twice (a client's retry on another node, the
+    /// database's message seen by every node) has the same key.
+    pub dedup: Option<String>,
+}
+
+/// What other nodes' members hear of without it being numbered.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Announcement {
+    /// A member joined (`connect`) or left (`disconnect`) a channel.
+    Connection {
+        action: String,
+        channel: String,
+        client_id: String,
+        user_id: Option<String>,
+    },
+    /// An operator's broadcast, to a channel or to everyone.
+    System {
+        channel: Option<String>,
+        message: String,
+        severity: String,
+    },
+    /// A Supabase Realtime broadcast from a member or the REST API.
+    Phoenix {
+        topic: String,
+        event: String,
+        payload: PhoenixPayload,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhoenixPayload {
+    Json(Value),
+    /// realtime-js's binary payload, as bytes.
+    Binary(Vec<u8>),
+}
+
 /// Who a relayed message is from: a member (its client id, user and own
 /// sequence) or the database (no client; the message's event).
 struct Origin<'a> {
@@ -146,7 +211,16 @@ pub enum HubCommand {
         channel: String,
         event: String,
         content: Value,
+        /// The change it came in: the same on every node of a cluster.
+        id: String,
     },
+    /// A message numbered by the cluster's bus: delivered to this node's members.
+    Numbered {
+        message: Relayed,
+        server_sequence: u64,
+    },
+    /// Another node's join, leave or system broadcast.
+    Announced(Announcement),
     Stats {
         reply: oneshot::Sender<HubStats>,
     },
@@ -188,6 +262,8 @@ pub struct Hub {
     last_total: u64,
     /// Channels one connection may be in at once.
     max_channels: usize,
+    /// Cluster mode: the other nodes, and the channels' one numbering.
+    bus: Option<Arc<dyn ChannelBus>>,
 }
 
 fn frame(v: Value) -> Outbound {
@@ -217,7 +293,14 @@ impl Hub {
             rate: 0.0,
             last_total: 0,
             max_channels: usize::MAX,
+            bus: None,
         }
+    }
+
+    /// Cluster mode: relays and announcements go through `bus`.
+    pub fn bus(mut self, bus: Arc<dyn ChannelBus>) -> Self {
+        self.bus = Some(bus);
+        self
     }
 
     /// Caps the channels one connection may be in at once (`WS_MAX_SUBSCRIPTIONS`).
@@ -290,37 +373,44 @@ impl Hub {
                 channel,
                 event,
                 content,
-            } => self.relay_from_database(&channel, &event, content),
+                id,
+            } => self.relay_from_database(&channel, &event, content, id),
             HubCommand::Send {
                 session,
                 message,
                 reply,
+            } => match (self.relay(session, message), &self.bus) {
+                (Ok(Relay::ToBus(m)), Some(bus)) => bus.publish(m, Some(reply)),
+                (Ok(Relay::ToBus(_)), None) => {
+                    let _ = reply.send(Err(HubError::Unavailable));
+                }
+                (Ok(Relay::Done(outcome)), _) => {
+                    let _ = reply.send(Ok(outcome));
+                }
+                (Err(e), _) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            HubCommand::Numbered {
+                message,
+                server_sequence,
             } => {
-                let _ = reply.send(self.relay(session, message));
+                self.deliver_numbered(&message, server_sequence);
             }
+            HubCommand::Announced(a) => self.announced(a),
             HubCommand::Broadcast {
                 channel,
                 message,
                 severity,
             } => {
-                let mut data = json!({"message": message, "severity": severity});
-                if let Some(ch) = &channel {
-                    data["channel"] = json!(ch);
+                if let Some(bus) = &self.bus {
+                    bus.announce(Announcement::System {
+                        channel: channel.clone(),
+                        message: message.clone(),
+                        severity: severity.clone(),
+                    });
                 }
-                let f: Arc<str> = Arc::from(
-                    json!({"type": "system", "action": "broadcast", "data": data}).to_string(),
-                );
-                let targets: Vec<u64> = match &channel {
-                    Some(ch) => self
-                        .channels
-                        .get(ch)
-                        .map(|c| c.members.iter().copied().collect())
-                        .unwrap_or_default(),
-                    None => self.members.keys().copied().collect(),
-                };
-                for s in targets {
-                    self.deliver(s, Outbound::Frame(Arc::clone(&f)));
-                }
+                self.system_broadcast(channel, message, severity);
             }
             HubCommand::Authenticated { session, user_id } => {
                 if let Some((m, _)) = self.members.get_mut(&session) {
@@ -372,6 +462,7 @@ impl Hub {
         }
         let announce: Arc<str> =
             Arc::from(connection_frame("connect", member, &channel).to_string());
+        let channel_name = channel.clone();
         let ch = self
             .channels
             .entry(channel.clone())
@@ -388,6 +479,9 @@ impl Hub {
         self.deliver(session, Outbound::Frame(Arc::clone(&announce)));
         for s in others {
             self.deliver(s, Outbound::Frame(Arc::clone(&announce)));
+        }
+        if let Some((member, _)) = self.members.get(&session) {
+            self.announce_connection("connect", member, &channel_name);
         }
         Ok(())
     }
@@ -419,6 +513,7 @@ impl Hub {
         for s in rest {
             self.deliver(s, Outbound::Frame(Arc::clone(&f)));
         }
+        self.announce_connection("disconnect", member, channel);
     }
 
     /// Channel names and client ids are chosen by clients: forget limiter state
@@ -451,7 +546,7 @@ impl Hub {
             .map(|_| HubError::RateLimited(channel.to_owned(), limit, window.as_secs()))
     }
 
-    fn relay(&mut self, session: u64, m: Message) -> Result<SendOutcome, HubError> {
+    fn relay(&mut self, session: u64, m: Message) -> Result<Relay, HubError> {
         let (client_id, sender, user_id) = match self.members.get(&session) {
             Some((member, joined)) if joined.contains(&m.channel) => (
                 Arc::clone(&member.client_id),
@@ -467,13 +562,26 @@ impl Hub {
                 .get(&sender)
                 .is_some_and(|d| d.seen.contains(&seq))
         {
-            return Ok(SendOutcome::Duplicate);
+            return Ok(Relay::Done(SendOutcome::Duplicate));
         }
         if let Some(e) = self.rate_limited(&m.channel, &sender) {
             return Err(e);
         }
         if let Some(seq) = m.sequence {
             self.remember(&sender, seq);
+        }
+        metrics::counter!("aether_channel_messages_in_total").increment(1);
+        if self.bus.is_some() {
+            return Ok(Relay::ToBus(Relayed {
+                dedup: m.sequence.map(|seq| format!("{sender}/{seq}")),
+                channel: m.channel,
+                content: m.content,
+                client_id: Some(client_id.to_string()),
+                user_id: user_id.map(|u| u.to_string()),
+                sequence: m.sequence,
+                timestamp: m.timestamp.unwrap_or_else(now),
+                event: None,
+            }));
         }
         let origin = Origin {
             client_id: Some(&client_id),
@@ -485,13 +593,118 @@ impl Hub {
         let Some(server_sequence) = self.publish(&m.channel, m.content, origin) else {
             return Err(HubError::NotMember(m.channel));
         };
-        metrics::counter!("aether_channel_messages_in_total").increment(1);
-        Ok(SendOutcome::Relayed { server_sequence })
+        Ok(Relay::Done(SendOutcome::Relayed { server_sequence }))
+    }
+
+    /// A message the bus numbered: to this node's members of its channel.
+    fn deliver_numbered(&mut self, m: &Relayed, server_sequence: u64) {
+        let Some(ch) = self.channels.get(&m.channel) else {
+            return;
+        };
+        let targets: Vec<u64> = ch.members.iter().copied().collect();
+        let f = message_frame(
+            &m.channel,
+            &m.content,
+            Origin {
+                client_id: m.client_id.as_deref(),
+                user_id: m.user_id.as_deref(),
+                sequence: m.sequence,
+                timestamp: Some(m.timestamp.clone()),
+                event: m.event.as_deref(),
+            },
+            server_sequence,
+        );
+        self.messages_total += 1;
+        metrics::counter!("aether_channel_messages_out_total").increment(targets.len() as u64);
+        for s in targets {
+            self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+        }
+    }
+
+    /// Another node's join, leave or system broadcast, for this node's members.
+    fn announced(&mut self, a: Announcement) {
+        match a {
+            Announcement::Connection {
+                action,
+                channel,
+                client_id,
+                user_id,
+            } => {
+                let Some(ch) = self.channels.get(&channel) else {
+                    return;
+                };
+                let targets: Vec<u64> = ch.members.iter().copied().collect();
+                let f: Arc<str> = Arc::from(
+                    json!({"type": "connection", "action": action, "data": {
+                        "client_id": client_id, "user_id": user_id, "channel": channel,
+                    }})
+                    .to_string(),
+                );
+                for s in targets {
+                    self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+                }
+            }
+            Announcement::System {
+                channel,
+                message,
+                severity,
+            } => self.system_broadcast(channel, message, severity),
+            // The bus gives these to the Phoenix hub.
+            Announcement::Phoenix { .. } => {}
+        }
+    }
+
+    fn announce_connection(&self, action: &str, member: &Member, channel: &str) {
+        if let Some(bus) = &self.bus {
+            bus.announce(Announcement::Connection {
+                action: action.into(),
+                channel: channel.into(),
+                client_id: member.client_id.to_string(),
+                user_id: member.user_id.as_deref().map(str::to_owned),
+            });
+        }
+    }
+
+    fn system_broadcast(&mut self, channel: Option<String>, message: String, severity: String) {
+        let mut data = json!({"message": message, "severity": severity});
+        if let Some(ch) = &channel {
+            data["channel"] = json!(ch);
+        }
+        let f: Arc<str> =
+            Arc::from(json!({"type": "system", "action": "broadcast", "data": data}).to_string());
+        let targets: Vec<u64> = match &channel {
+            Some(ch) => self
+                .channels
+                .get(ch)
+                .map(|c| c.members.iter().copied().collect())
+                .unwrap_or_default(),
+            None => self.members.keys().copied().collect(),
+        };
+        for s in targets {
+            self.deliver(s, Outbound::Frame(Arc::clone(&f)));
+        }
     }
 
     /// Relays a database message to `channel`'s members, from no client; a
     /// channel no one has joined has no one to tell.
-    fn relay_from_database(&mut self, channel: &str, event: &str, content: Value) {
+    fn relay_from_database(&mut self, channel: &str, event: &str, content: Value, id: String) {
+        if let Some(bus) = &self.bus {
+            // Every node decodes it: the bus keeps one of them.
+            bus.publish(
+                Relayed {
+                    channel: channel.into(),
+                    content,
+                    client_id: None,
+                    user_id: None,
+                    sequence: None,
+                    timestamp: now(),
+                    event: Some(event.into()),
+                    dedup: Some(format!("db/{id}")),
+                },
+                None,
+            );
+            return;
+        }
         let origin = Origin {
             client_id: None,
             user_id: None,
@@ -509,25 +722,7 @@ impl Hub {
         let server_sequence = ch.next_sequence;
         ch.next_sequence += 1;
         let targets: Vec<u64> = ch.members.iter().copied().collect();
-        let timestamp = from.timestamp.unwrap_or_else(|| {
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        });
-        let mut metadata = json!({
-            "sequence": from.sequence, "timestamp": timestamp, "server_sequence": server_sequence,
-        });
-        if let Some(event) = from.event {
-            metadata["event"] = json!(event);
-        }
-        let f: Arc<str> = Arc::from(
-            json!({"type": "message", "action": "send", "data": {
-                "content": content,
-                "channel": channel,
-                "client_id": from.client_id,
-                "user_id": from.user_id,
-                "metadata": metadata,
-            }})
-            .to_string(),
-        );
+        let f = message_frame(channel, &content, from, server_sequence);
         self.messages_total += 1;
         metrics::counter!("aether_channel_messages_out_total").increment(targets.len() as u64);
         for s in targets {
@@ -563,6 +758,43 @@ impl Hub {
         };
         super::offer(&m.tx, &m.overflowed, out, "channel");
     }
+}
+
+/// What [`Hub::relay`] leaves to do.
+enum Relay {
+    Done(SendOutcome),
+    /// Cluster mode: the bus numbers and delivers it.
+    ToBus(Relayed),
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A relayed message's frame, shared by every member it goes to.
+fn message_frame(
+    channel: &str,
+    content: &Value,
+    from: Origin<'_>,
+    server_sequence: u64,
+) -> Arc<str> {
+    let timestamp = from.timestamp.unwrap_or_else(now);
+    let mut metadata = json!({
+        "sequence": from.sequence, "timestamp": timestamp, "server_sequence": server_sequence,
+    });
+    if let Some(event) = from.event {
+        metadata["event"] = json!(event);
+    }
+    Arc::from(
+        json!({"type": "message", "action": "send", "data": {
+            "content": content,
+            "channel": channel,
+            "client_id": from.client_id,
+            "user_id": from.user_id,
+            "metadata": metadata,
+        }})
+        .to_string(),
+    )
 }
 
 fn keyed_limiter(limit: u32, window: Duration) -> DefaultKeyedRateLimiter<Arc<str>> {

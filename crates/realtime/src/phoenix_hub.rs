@@ -50,6 +50,20 @@ pub struct JoinOptions {
     pub presence_key: String,
 }
 
+/// Who a broadcast is from: which members hear it (a member does not hear its
+/// own unless it asked), and whether the other nodes of a cluster must.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    /// A member of the topic on this node.
+    Member(u64),
+    /// This node's REST API.
+    Api,
+    /// The database (`realtime.send`): every node decodes it from the log.
+    Database,
+    /// Another node of the cluster relayed it here.
+    OtherNode,
+}
+
 pub enum PhxCommand {
     Attach {
         session: u64,
@@ -67,9 +81,9 @@ pub enum PhxCommand {
         session: u64,
         topic: String,
     },
-    /// A user broadcast; `from: None` comes from the REST API.
+    /// A user broadcast.
     Broadcast {
-        from: Option<u64>,
+        from: Sender,
         topic: String,
         event: String,
         payload: BroadcastPayload,
@@ -101,6 +115,8 @@ pub struct PhxHub {
     conns: HashMap<u64, (PhxMember, HashSet<String>)>,
     topics: HashMap<String, Topic>,
     next_ref: u64,
+    /// Cluster mode: members' and the API's broadcasts go to the other nodes.
+    bus: Option<Arc<dyn crate::hub::ChannelBus>>,
 }
 
 /// realtime-js's binary user broadcast (`lib/serializer.js`, kind 4):
@@ -201,6 +217,12 @@ fn presence_state(topic: &Topic) -> Value {
 }
 
 impl PhxHub {
+    /// Cluster mode: broadcasts are announced to the other nodes through `bus`.
+    pub fn bus(mut self, bus: Arc<dyn crate::hub::ChannelBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<PhxCommand>,
@@ -313,20 +335,24 @@ impl PhxHub {
         }
     }
 
-    fn broadcast(
-        &mut self,
-        from: Option<u64>,
-        topic: &str,
-        event: &str,
-        payload: &BroadcastPayload,
-    ) {
+    fn broadcast(&mut self, from: Sender, topic: &str, event: &str, payload: &BroadcastPayload) {
+        if let (Some(bus), Sender::Member(_) | Sender::Api) = (&self.bus, from) {
+            bus.announce(crate::hub::Announcement::Phoenix {
+                topic: topic.to_owned(),
+                event: event.to_owned(),
+                payload: match payload {
+                    BroadcastPayload::Json(v) => crate::hub::PhoenixPayload::Json(v.clone()),
+                    BroadcastPayload::Binary(b) => crate::hub::PhoenixPayload::Binary(b.to_vec()),
+                },
+            });
+        }
         let Some(t) = self.topics.get(topic) else {
             return;
         };
         let targets: Vec<u64> = t
             .members
             .iter()
-            .filter(|(s, m)| Some(**s) != from || m.options.self_broadcast)
+            .filter(|(s, m)| from != Sender::Member(**s) || m.options.self_broadcast)
             .map(|(s, _)| *s)
             .collect();
         let mut v1: Option<Option<Outbound>> = None;
@@ -518,7 +544,7 @@ mod tests {
         }
         for n in 0..3 {
             hub.command(PhxCommand::Broadcast {
-                from: None,
+                from: Sender::Api,
                 topic: "t".into(),
                 event: "e".into(),
                 payload: BroadcastPayload::Json(json!(n)),

@@ -97,7 +97,7 @@ async fn rest_relay(state: &AppState, sub_topic: &str, event: String, payload: B
         .realtime
         .phoenix
         .send(PhxCommand::Broadcast {
-            from: None,
+            from: aether_realtime::phoenix_hub::Sender::Api,
             topic: format!("realtime:{sub_topic}"),
             event,
             payload,

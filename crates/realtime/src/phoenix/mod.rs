@@ -244,7 +244,7 @@ impl Conn {
             .state
             .phoenix
             .send(PhxCommand::Broadcast {
-                from: Some(self.session),
+                from: crate::phoenix_hub::Sender::Member(self.session),
                 topic: m.topic.clone(),
                 event,
                 payload,

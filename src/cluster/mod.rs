@@ -23,6 +23,8 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub mod bus;
+
 use crate::config::Config;
 use aether_changelog::ChangeLog as _;
 use aether_changelog::ingest::{self, ReplicationStatus, ReplicationTask};

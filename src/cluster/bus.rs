@@ -1,0 +1,376 @@
+//! Channel traffic between the nodes of a cluster (`aether_realtime::hub`'s
+//! [`ChannelBus`]).
+//!
+//! - **Relayed messages** go through a JetStream stream (in memory: channel
+//!   messages are not replayed, in one node or several), one subject per
+//!   channel. The publishing node numbers a message one past the channel's last
+//!   and publishes it expecting that last message's subject sequence: two nodes
+//!   numbering at once cannot both succeed, and the loser renumbers. So every
+//!   channel has one order and one gapless numbering (`server_sequence`) across
+//!   nodes. `Nats-Msg-Id` is the sender and its `sequence` (or the database
+//!   change), so a retry on another node, or a database message every node
+//!   decodes, is relayed once. Every node reads the stream and delivers to its
+//!   own members.
+//! - **Announcements** (joins, leaves, operators' broadcasts) are plain NATS
+//!   messages: they are not numbered, and a node that misses one while NATS is
+//!   away misses what a member would miss while reconnecting.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use aether_realtime::hub::{
+    Announcement, ChannelBus, HubCommand, HubError, PhoenixPayload, Relayed, SendOutcome,
+};
+use aether_realtime::phoenix_hub::{BroadcastPayload, PhxCommand, Sender};
+
+const NUMBER: &str = "Aether-Number";
+/// Channels whose last number is remembered (beyond it, it is read again).
+const CACHED_CHANNELS: usize = 10_000;
+/// Renumbering attempts when other nodes keep winning.
+const ATTEMPTS: usize = 8;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Reply = oneshot::Sender<Result<SendOutcome, HubError>>;
+
+enum Out {
+    Publish(Relayed, Option<Reply>),
+    Announce(Announcement),
+}
+
+/// The hub's side: hands work to the bus's tasks without waiting.
+pub struct NatsChannelBus {
+    out: mpsc::Sender<Out>,
+}
+
+impl ChannelBus for NatsChannelBus {
+    fn publish(&self, message: Relayed, reply: Option<Reply>) {
+        if let Err(mpsc::error::TrySendError::Full(Out::Publish(_, Some(reply)))) =
+            self.out.try_send(Out::Publish(message, reply))
+        {
+            let _ = reply.send(Err(HubError::Unavailable));
+        }
+    }
+
+    fn announce(&self, event: Announcement) {
+        let _ = self.out.try_send(Out::Announce(event));
+    }
+}
+
+/// Where a cluster's channel traffic goes.
+#[derive(Clone)]
+pub struct Subjects {
+    stream: String,
+    messages: String,
+    announcements: String,
+    node: String,
+}
+
+impl Subjects {
+    pub fn new(slot: &str, node: &str) -> Subjects {
+        let slot: String = slot
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        Subjects {
+            stream: format!("AETHER_CH_{slot}"),
+            messages: format!("aether.ch.{slot}"),
+            announcements: format!("aether.ev.{slot}"),
+            node: node.to_owned(),
+        }
+    }
+
+    /// A channel's subject: its name in hex (names may hold `.`, a subject
+    /// separator).
+    fn channel(&self, name: &str) -> String {
+        let mut s = String::with_capacity(self.messages.len() + 1 + 2 * name.len());
+        s.push_str(&self.messages);
+        s.push('.');
+        for b in name.bytes() {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Envelope {
+    node: String,
+    event: Announcement,
+}
+
+/// The bus and its two tasks: `outgoing` publishes, `incoming` delivers what
+/// every node published to this node's hub.
+pub fn start(
+    client: async_nats::Client,
+    subjects: Subjects,
+    hub: mpsc::Sender<HubCommand>,
+    phoenix: mpsc::Sender<PhxCommand>,
+    reconnects: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) -> (
+    Arc<NatsChannelBus>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = mpsc::channel(4096);
+    let js = jetstream::new(client.clone());
+    let outgoing = outgoing(
+        js.clone(),
+        client.clone(),
+        subjects.clone(),
+        rx,
+        shutdown.clone(),
+    );
+    let incoming = incoming(
+        js,
+        client,
+        subjects,
+        Hubs { hub, phoenix },
+        reconnects,
+        shutdown,
+    );
+    (Arc::new(NatsChannelBus { out: tx }), outgoing, incoming)
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> anyhow::Result<stream::Stream> {
+    let config = stream::Config {
+        name: subjects.stream.clone(),
+        subjects: vec![format!("{}.*", subjects.messages)],
+        storage: stream::StorageType::Memory,
+        max_age: Duration::from_secs(600),
+        max_bytes: 256 << 20,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    Ok(tokio::time::timeout(REQUEST_TIMEOUT, js.get_or_create_stream(config)).await??)
+}
+
+async fn outgoing(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    subjects: Subjects,
+    mut rx: mpsc::Receiver<Out>,
+    shutdown: CancellationToken,
+) {
+    // Channel → (subject sequence, number) of its last message.
+    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut stream: Option<stream::Stream> = None;
+    loop {
+        let out = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            out = rx.recv() => match out {
+                Some(out) => out,
+                None => return,
+            },
+        };
+        match out {
+            Out::Announce(event) => {
+                let envelope = Envelope {
+                    node: subjects.node.clone(),
+                    event,
+                };
+                if let Ok(body) = serde_json::to_vec(&envelope)
+                    && let Err(e) = client
+                        .publish(subjects.announcements.clone(), body.into())
+                        .await
+                {
+                    tracing::warn!(error = %e, "announcing to the other nodes");
+                }
+            }
+            Out::Publish(message, reply) => {
+                let result = publish(&js, &subjects, &mut stream, &mut last, &message).await;
+                let result = result.map_err(|e| {
+                    tracing::warn!(error = %e, channel = %message.channel, "relaying through NATS");
+                    stream = None;
+                    HubError::Unavailable
+                });
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    stream: &mut Option<stream::Stream>,
+    last: &mut HashMap<String, (u64, u64)>,
+    message: &Relayed,
+) -> anyhow::Result<SendOutcome> {
+    let s = match stream {
+        Some(s) => s,
+        None => stream.insert(ensure_stream(js, subjects).await?),
+    };
+    let subject = subjects.channel(&message.channel);
+    let body = bytes::Bytes::from(serde_json::to_vec(message)?);
+    for _ in 0..ATTEMPTS {
+        let (seq, number) = match last.get(&message.channel) {
+            Some(l) => *l,
+            None => {
+                let found = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    s.get_last_raw_message_by_subject(&subject),
+                )
+                .await?;
+                match found {
+                    Ok(m) => (
+                        m.sequence,
+                        m.headers
+                            .get(NUMBER)
+                            .and_then(|v| v.as_str().parse().ok())
+                            .unwrap_or(0),
+                    ),
+                    Err(e)
+                        if e.kind()
+                            == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                    {
+                        (0, 0)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(NUMBER, (number + 1).to_string().as_str());
+        let mut publish = PublishMessage::build()
+            .headers(headers)
+            .payload(body.clone())
+            .expected_last_subject_sequence(seq);
+        if let Some(id) = &message.dedup {
+            publish = publish.message_id(format!("{}:{id}", message.channel));
+        }
+        let ack = js.send_publish(subject.clone(), publish).await?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, ack).await? {
+            Ok(ack) if ack.duplicate => return Ok(SendOutcome::Duplicate),
+            Ok(ack) => {
+                if last.len() >= CACHED_CHANNELS {
+                    last.clear();
+                }
+                last.insert(message.channel.clone(), (ack.sequence, number + 1));
+                return Ok(SendOutcome::Relayed {
+                    server_sequence: number + 1,
+                });
+            }
+            // Another node numbered first: read where the channel is, again.
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                last.remove(&message.channel);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!(
+        "channel {:?}: other nodes kept numbering first",
+        message.channel
+    )
+}
+
+/// Where traffic from other nodes goes on this one.
+struct Hubs {
+    hub: mpsc::Sender<HubCommand>,
+    phoenix: mpsc::Sender<PhxCommand>,
+}
+
+async fn incoming(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    subjects: Subjects,
+    hubs: Hubs,
+    mut reconnects: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        reconnects.borrow_and_update();
+        let r = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = incoming_once(&js, &client, &subjects, &hubs) => r,
+            _ = reconnects.changed() => Err(anyhow::anyhow!("NATS reconnected")),
+        };
+        match r {
+            Ok(()) => return, // the hub is gone
+            Err(e) => tracing::warn!(error = %e, "channel traffic from other nodes; reading again"),
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn incoming_once(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    hubs: &Hubs,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let s = ensure_stream(js, subjects).await?;
+    let mut messages = s
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let mut announcements = client.subscribe(subjects.announcements.clone()).await?;
+    loop {
+        tokio::select! {
+            m = messages.next() => {
+                let Some(m) = m else { anyhow::bail!("the channel stream's consumer ended") };
+                let m = m?;
+                let number = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(NUMBER))
+                    .and_then(|v| v.as_str().parse::<u64>().ok());
+                let (Some(server_sequence), Ok(message)) =
+                    (number, serde_json::from_slice::<Relayed>(&m.payload))
+                else {
+                    tracing::warn!("a channel message without its number or body: skipped");
+                    continue;
+                };
+                if hubs.hub.send(HubCommand::Numbered { message, server_sequence }).await.is_err() {
+                    return Ok(());
+                }
+            }
+            a = announcements.next() => {
+                let Some(a) = a else { anyhow::bail!("the announcements subscription ended") };
+                match serde_json::from_slice::<Envelope>(&a.payload) {
+                    Ok(e) if e.node == subjects.node => {}
+                    Ok(Envelope { event: Announcement::Phoenix { topic, event, payload }, .. }) => {
+                        let payload = match payload {
+                            PhoenixPayload::Json(v) => BroadcastPayload::Json(v),
+                            PhoenixPayload::Binary(b) => BroadcastPayload::Binary(b.into()),
+                        };
+                        let b = PhxCommand::Broadcast { from: Sender::OtherNode, topic, event, payload };
+                        if hubs.phoenix.send(b).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(e) => {
+                        if hubs.hub.send(HubCommand::Announced(e.event)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "an announcement that is not one: skipped"),
+                }
+            }
+        }
+    }
+}
