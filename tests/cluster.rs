@@ -434,3 +434,87 @@ async fn channels_broadcasts_and_revocations_cross_nodes() {
         assert_eq!(close, Some(4001), "{frames:?}");
     }
 }
+
+/// A Phoenix socket on `node` joined to `topic` with presence key `key`; its
+/// `presence_state` is returned too.
+async fn presence_member(node: &Node, topic: &str, key: &str) -> (Ws, Value) {
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        node.addr,
+        keys().api_key("anon")
+    );
+    let mut ws = Ws::connect_url(&url).await;
+    ws.send(json!({"topic": topic, "event":"phx_join","ref":"1","join_ref":"1",
+        "payload":{"config":{"broadcast":{"self":false},"presence":{"key":key},"postgres_changes":[]}}}))
+        .await;
+    assert_eq!(ws.next().await["payload"]["status"], "ok");
+    let state = collect(&mut ws, 1, |v| v["event"] == "presence_state").await;
+    (ws, state[0]["payload"].clone())
+}
+
+async fn track(ws: &mut Ws, topic: &str, meta: Value) {
+    ws.send(
+        json!({"topic": topic, "event":"presence","ref":"2","join_ref":"1",
+        "payload":{"type":"presence","event":"track","payload": meta}}),
+    )
+    .await;
+}
+
+fn diff_keys(v: &Value, side: &str) -> Vec<String> {
+    let mut keys: Vec<String> = v["payload"][side]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_crosses_nodes_and_a_dead_nodes_members_leave() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let mut nodes = cluster(&db, &nats).await;
+    let topic = "realtime:lobby";
+    let (mut alice, _) = presence_member(&nodes[0], topic, "alice").await;
+    let (mut bob, _) = presence_member(&nodes[1], topic, "bob").await;
+    track(&mut alice, topic, json!({"name": "alice"})).await;
+    let d = collect(&mut bob, 1, |v| v["event"] == "presence_diff").await;
+    assert_eq!(diff_keys(&d[0], "joins"), ["alice"], "{}", d[0]);
+    track(&mut bob, topic, json!({"name": "bob"})).await;
+    // Alice hears her own join, then bob's from n2.
+    let d = collect(&mut alice, 2, |v| v["event"] == "presence_diff").await;
+    assert_eq!(diff_keys(&d[1], "joins"), ["bob"], "{}", d[1]);
+
+    // A member on n3 that joins later sees both in its presence_state; then
+    // it tracks, and n3 dies.
+    let (mut carol, state) = presence_member(&nodes[2], topic, "carol").await;
+    let mut present: Vec<String> = state.as_object().unwrap().keys().cloned().collect();
+    present.sort();
+    assert_eq!(present, ["alice", "bob"], "{state}");
+    track(&mut carol, topic, json!({"name": "carol"})).await;
+    // (bob's own join comes first.)
+    let d = collect(&mut bob, 1, |v| {
+        v["event"] == "presence_diff" && diff_keys(v, "joins") != ["bob"]
+    })
+    .await;
+    assert_eq!(diff_keys(&d[0], "joins"), ["carol"], "{}", d[0]);
+    nodes[2].sigkill();
+    let d = collect(&mut alice, 1, |v| {
+        v["event"] == "presence_diff" && !diff_keys(v, "leaves").is_empty()
+    })
+    .await;
+    assert_eq!(
+        diff_keys(&d[0], "leaves"),
+        ["carol"],
+        "a dead node's members leave: {}",
+        d[0]
+    );
+
+    // A member leaving n2 leaves on n1 too.
+    bob.close().await;
+    let d = collect(&mut alice, 1, |v| {
+        v["event"] == "presence_diff" && !diff_keys(v, "leaves").is_empty()
+    })
+    .await;
+    assert_eq!(diff_keys(&d[0], "leaves"), ["bob"]);
+}

@@ -329,6 +329,27 @@ async fn incoming_once(
         .messages()
         .await?;
     let mut announcements = client.subscribe(subjects.announcements.clone()).await?;
+    // Whoever is there sends what its members track; and what this node's
+    // track replaces what others knew under its name (an earlier run of it).
+    say(client, subjects, Announcement::Sync).await?;
+    let (reply, rx) = oneshot::channel();
+    if hubs
+        .phoenix
+        .send(PhxCommand::Snapshot { reply })
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+        say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
+    }
+    let mut seen: HashMap<String, tokio::time::Instant> = HashMap::new();
+    // Nodes taken for gone: one heard from again was only slow, and is asked
+    // for what its members track.
+    let mut gone_nodes: std::collections::HashSet<String> = Default::default();
+    let mut alive = tokio::time::interval(ALIVE_EVERY);
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             m = messages.next() => {
@@ -353,24 +374,117 @@ async fn incoming_once(
                 let Some(a) = a else { anyhow::bail!("the announcements subscription ended") };
                 match serde_json::from_slice::<Envelope>(&a.payload) {
                     Ok(e) if e.node == subjects.node => {}
-                    Ok(Envelope { event: Announcement::Phoenix { topic, event, payload }, .. }) => {
-                        let payload = match payload {
-                            PhoenixPayload::Json(v) => BroadcastPayload::Json(v),
-                            PhoenixPayload::Binary(b) => BroadcastPayload::Binary(b.into()),
-                        };
-                        let b = PhxCommand::Broadcast { from: Sender::OtherNode, topic, event, payload };
-                        if hubs.phoenix.send(b).await.is_err() {
-                            return Ok(());
-                        }
-                    }
                     Ok(e) => {
-                        if hubs.hub.send(HubCommand::Announced(e.event)).await.is_err() {
+                        seen.insert(e.node.clone(), tokio::time::Instant::now());
+                        if gone_nodes.remove(&e.node) {
+                            say(client, subjects, Announcement::Sync).await?;
+                        }
+                        if !announced(client, subjects, hubs, e).await? {
                             return Ok(());
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "an announcement that is not one: skipped"),
                 }
             }
+            _ = alive.tick() => {
+                say(client, subjects, Announcement::Alive).await?;
+                let now = tokio::time::Instant::now();
+                let gone: Vec<String> = seen
+                    .iter()
+                    .filter(|(_, at)| now.duration_since(**at) > GONE_AFTER)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for node in gone {
+                    seen.remove(&node);
+                    if gone_nodes.len() < 1024 {
+                        gone_nodes.insert(node.clone());
+                    }
+                    tracing::warn!(%node, "a node went silent: its members' presence is dropped");
+                    if hubs.phoenix.send(PhxCommand::NodeGone { node }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
         }
     }
+}
+
+/// Every node says it is alive this often; one silent for [`GONE_AFTER`] is gone.
+const ALIVE_EVERY: Duration = Duration::from_secs(2);
+const GONE_AFTER: Duration = Duration::from_secs(6);
+
+async fn say(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    event: Announcement,
+) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&Envelope {
+        node: subjects.node.clone(),
+        event,
+    })?;
+    client
+        .publish(subjects.announcements.clone(), body.into())
+        .await?;
+    Ok(())
+}
+
+/// Another node's announcement, to this node's hubs; `false` when they are gone.
+async fn announced(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    hubs: &Hubs,
+    e: Envelope,
+) -> anyhow::Result<bool> {
+    let phoenix = |cmd| async { hubs.phoenix.send(cmd).await.is_ok() };
+    Ok(match e.event {
+        Announcement::Phoenix {
+            topic,
+            event,
+            payload,
+        } => {
+            let payload = match payload {
+                PhoenixPayload::Json(v) => BroadcastPayload::Json(v),
+                PhoenixPayload::Binary(b) => BroadcastPayload::Binary(b.into()),
+            };
+            phoenix(PhxCommand::Broadcast {
+                from: Sender::OtherNode,
+                topic,
+                event,
+                payload,
+            })
+            .await
+        }
+        Announcement::PhoenixPresence {
+            topic,
+            joins,
+            leaves,
+        } => {
+            phoenix(PhxCommand::RemotePresence {
+                node: e.node,
+                topic,
+                joins,
+                leaves,
+            })
+            .await
+        }
+        Announcement::PhoenixSnapshot { state } => {
+            phoenix(PhxCommand::RemoteSnapshot {
+                node: e.node,
+                state,
+            })
+            .await
+        }
+        Announcement::Sync => {
+            let (reply, rx) = oneshot::channel();
+            if !phoenix(PhxCommand::Snapshot { reply }).await {
+                return Ok(false);
+            }
+            if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+                say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
+            }
+            true
+        }
+        Announcement::Alive => true,
+        other => hubs.hub.send(HubCommand::Announced(other)).await.is_ok(),
+    })
 }

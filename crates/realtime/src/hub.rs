@@ -153,6 +153,22 @@ pub enum Announcement {
         event: String,
         payload: PhoenixPayload,
     },
+    /// A presence diff of this node's members (`{key: {metas: [...]}}`).
+    PhoenixPresence {
+        topic: String,
+        joins: serde_json::Map<String, Value>,
+        leaves: serde_json::Map<String, Value>,
+    },
+    /// Everything this node's members track, by topic (the answer to a
+    /// [`Announcement::Sync`]).
+    PhoenixSnapshot {
+        state: HashMap<String, serde_json::Map<String, Value>>,
+    },
+    /// A node (re)joined the bus: the others send their snapshots.
+    Sync,
+    /// A node is alive; one not heard from for a while is gone, and so are its
+    /// members' presences.
+    Alive,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -649,8 +665,12 @@ impl Hub {
                 message,
                 severity,
             } => self.system_broadcast(channel, message, severity),
-            // The bus gives these to the Phoenix hub.
-            Announcement::Phoenix { .. } => {}
+            // The bus gives these to the Phoenix hub, or handles them itself.
+            Announcement::Phoenix { .. }
+            | Announcement::PhoenixPresence { .. }
+            | Announcement::PhoenixSnapshot { .. }
+            | Announcement::Sync
+            | Announcement::Alive => {}
         }
     }
 

@@ -97,6 +97,27 @@ pub enum PhxCommand {
         session: u64,
         topic: String,
     },
+    /// Another node's members' presence changed (`{key: {metas}}` maps).
+    RemotePresence {
+        node: String,
+        topic: String,
+        joins: Map<String, Value>,
+        leaves: Map<String, Value>,
+    },
+    /// All another node's members track, by topic (after it or this one joined
+    /// the bus): what differs from what was known is sent as diffs.
+    RemoteSnapshot {
+        node: String,
+        state: HashMap<String, Map<String, Value>>,
+    },
+    /// Another node is gone: its members leave every topic.
+    NodeGone {
+        node: String,
+    },
+    /// What this node's members track, by topic, for another node.
+    Snapshot {
+        reply: tokio::sync::oneshot::Sender<HashMap<String, Map<String, Value>>>,
+    },
 }
 
 struct Member {
@@ -117,6 +138,12 @@ pub struct PhxHub {
     next_ref: u64,
     /// Cluster mode: members' and the API's broadcasts go to the other nodes.
     bus: Option<Arc<dyn crate::hub::ChannelBus>>,
+    /// Cluster mode: what other nodes' members track, by topic, node and key
+    /// (`{key: {metas: [...]}}`).
+    remote: HashMap<String, HashMap<String, Map<String, Value>>>,
+    /// Makes this node's `phx_ref`s differ from other nodes' (clients match
+    /// leaves to joins by them).
+    ref_prefix: String,
 }
 
 /// realtime-js's binary user broadcast (`lib/serializer.js`, kind 4):
@@ -195,6 +222,72 @@ fn text(vsn: Vsn, join_ref: Option<String>, topic: &str, event: &str, payload: V
     Outbound::Frame(Arc::from(vsn.encode(&m)))
 }
 
+fn metas(v: &Value) -> &[Value] {
+    v.get("metas")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn phx_ref(meta: &Value) -> Option<&Value> {
+    meta.get("phx_ref")
+}
+
+/// Adds `joins`' metas to `state` (`{key: {metas}}` maps).
+fn apply_joins(state: &mut Map<String, Value>, joins: &Map<String, Value>) {
+    for (key, v) in joins {
+        let entry = state
+            .entry(key.clone())
+            .or_insert_with(|| json!({"metas": []}));
+        if let Some(list) = entry.get_mut("metas").and_then(Value::as_array_mut) {
+            list.extend(metas(v).iter().cloned());
+        }
+    }
+}
+
+/// Removes `leaves`' metas (by `phx_ref`) from `state`; keys left empty go.
+fn apply_leaves(state: &mut Map<String, Value>, leaves: &Map<String, Value>) {
+    for (key, v) in leaves {
+        let gone: Vec<&Value> = metas(v).iter().filter_map(phx_ref).collect();
+        if let Some(list) = state
+            .get_mut(key)
+            .and_then(|e| e.get_mut("metas"))
+            .and_then(Value::as_array_mut)
+        {
+            list.retain(|m| phx_ref(m).is_none_or(|r| !gone.contains(&r)));
+            if list.is_empty() {
+                state.remove(key);
+            }
+        }
+    }
+}
+
+/// (joins, leaves) that turn `old` into `new`, by `phx_ref`.
+fn difference(
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+) -> (Map<String, Value>, Map<String, Value>) {
+    let only = |a: &Map<String, Value>, b: &Map<String, Value>| -> Map<String, Value> {
+        a.iter()
+            .filter_map(|(key, v)| {
+                let others: Vec<&Value> = b
+                    .get(key)
+                    .map(metas)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(phx_ref)
+                    .collect();
+                let rest: Vec<Value> = metas(v)
+                    .iter()
+                    .filter(|m| phx_ref(m).is_none_or(|r| !others.contains(&r)))
+                    .cloned()
+                    .collect();
+                (!rest.is_empty()).then(|| (key.clone(), json!({ "metas": rest })))
+            })
+            .collect()
+    };
+    (only(new, old), only(old, new))
+}
+
 /// `{key: {metas: [meta, …]}}` of one topic, from its members' tracked metas.
 fn presence_state(topic: &Topic) -> Value {
     let mut by_key: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
@@ -220,6 +313,10 @@ impl PhxHub {
     /// Cluster mode: broadcasts are announced to the other nodes through `bus`.
     pub fn bus(mut self, bus: Arc<dyn crate::hub::ChannelBus>) -> Self {
         self.bus = Some(bus);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        self.ref_prefix = format!("{:x}{:x}.", std::process::id(), nanos);
         self
     }
 
@@ -270,6 +367,76 @@ impl PhxHub {
                 topic,
                 meta,
             } => self.track(session, &topic, meta),
+            PhxCommand::RemotePresence {
+                node,
+                topic,
+                joins,
+                leaves,
+            } => {
+                let known = self
+                    .remote
+                    .entry(topic.clone())
+                    .or_default()
+                    .entry(node)
+                    .or_default();
+                apply_leaves(known, &leaves);
+                apply_joins(known, &joins);
+                self.send_diff(&topic, json!({"joins": joins, "leaves": leaves}));
+                self.remote.retain(|_, nodes| {
+                    nodes.retain(|_, keys| !keys.is_empty());
+                    !nodes.is_empty()
+                });
+            }
+            PhxCommand::RemoteSnapshot { node, mut state } => {
+                let topics: HashSet<String> = self
+                    .remote
+                    .iter()
+                    .filter(|(_, nodes)| nodes.contains_key(&node))
+                    .map(|(t, _)| t.clone())
+                    .chain(state.keys().cloned())
+                    .collect();
+                for topic in topics {
+                    let new = state.remove(&topic).unwrap_or_default();
+                    let old = self
+                        .remote
+                        .get_mut(&topic)
+                        .and_then(|n| n.remove(&node))
+                        .unwrap_or_default();
+                    let (joins, leaves) = difference(&old, &new);
+                    if !new.is_empty() {
+                        self.remote
+                            .entry(topic.clone())
+                            .or_default()
+                            .insert(node.clone(), new);
+                    }
+                    if !joins.is_empty() || !leaves.is_empty() {
+                        self.send_diff(&topic, json!({"joins": joins, "leaves": leaves}));
+                    }
+                }
+                self.remote.retain(|_, nodes| !nodes.is_empty());
+            }
+            PhxCommand::NodeGone { node } => {
+                let gone: Vec<(String, Map<String, Value>)> = self
+                    .remote
+                    .iter_mut()
+                    .filter_map(|(t, nodes)| Some((t.clone(), nodes.remove(&node)?)))
+                    .collect();
+                self.remote.retain(|_, nodes| !nodes.is_empty());
+                for (topic, leaves) in gone {
+                    self.send_diff(&topic, json!({"joins": {}, "leaves": leaves}));
+                }
+            }
+            PhxCommand::Snapshot { reply } => {
+                let state = self
+                    .topics
+                    .iter()
+                    .filter_map(|(name, t)| match presence_state(t) {
+                        Value::Object(m) if !m.is_empty() => Some((name.clone(), m)),
+                        _ => None,
+                    })
+                    .collect();
+                let _ = reply.send(state);
+            }
             PhxCommand::Untrack { session, topic } => {
                 let left = self
                     .topics
@@ -310,7 +477,12 @@ impl PhxHub {
             },
         );
         if presence {
-            let state = presence_state(t);
+            let mut state = presence_state(t);
+            if let (Value::Object(state), Some(nodes)) = (&mut state, self.remote.get(&topic)) {
+                for keys in nodes.values() {
+                    apply_joins(state, keys);
+                }
+            }
             self.send_presence(session, join_ref, &topic, "presence_state", state);
         }
     }
@@ -327,6 +499,16 @@ impl PhxHub {
         };
         if t.members.is_empty() {
             self.topics.remove(topic);
+            // No one here to tell; other nodes' members may be.
+            if let (Some(bus), Some(meta)) = (&self.bus, m.tracked) {
+                bus.announce(crate::hub::Announcement::PhoenixPresence {
+                    topic: topic.to_owned(),
+                    joins: Map::new(),
+                    leaves: [(m.options.presence_key, json!({ "metas": [meta] }))]
+                        .into_iter()
+                        .collect(),
+                });
+            }
             return;
         }
         if let Some(meta) = m.tracked {
@@ -391,7 +573,7 @@ impl PhxHub {
 
     fn track(&mut self, session: u64, topic: &str, meta: Value) {
         self.next_ref += 1;
-        let phx_ref = format!("F{:x}", self.next_ref);
+        let phx_ref = format!("F{}{:x}", self.ref_prefix, self.next_ref);
         let Some(m) = self
             .topics
             .get_mut(topic)
@@ -438,7 +620,18 @@ impl PhxHub {
             .into_iter()
             .map(|(k, metas)| (k, json!({ "metas": metas })))
             .collect();
-        let payload = json!({"joins": joins, "leaves": leaves});
+        if let Some(bus) = &self.bus {
+            bus.announce(crate::hub::Announcement::PhoenixPresence {
+                topic: topic.to_owned(),
+                joins: joins.clone(),
+                leaves: leaves.clone(),
+            });
+        }
+        self.send_diff(topic, json!({"joins": joins, "leaves": leaves}));
+    }
+
+    /// `presence_diff` to the topic's presence members on this node.
+    fn send_diff(&mut self, topic: &str, payload: Value) {
         let Some(t) = self.topics.get(topic) else {
             return;
         };
