@@ -10,9 +10,15 @@ import type {
 export type FetchLike = typeof fetch;
 
 export interface HttpContext {
+  /** The origin requests go to (with several nodes: the current one; read per request). */
   baseUrl: string;
   tokens: TokenManager;
   fetch: FetchLike;
+  /**
+   * A request to `baseUrl` got no response (a network error, not an abort): with
+   * several nodes, the next one becomes current. The request is not retried.
+   */
+  unreachable?: (baseUrl: string) => void;
 }
 
 interface RequestOptions {
@@ -40,7 +46,8 @@ export function resolveUrl(baseUrl: string, path: string): string {
 }
 
 export async function request<T>(ctx: HttpContext, method: string, path: string, opts: RequestOptions = {}): Promise<T> {
-  const url = new URL(resolveUrl(ctx.baseUrl, path.replace(/^\//, '')));
+  const base = ctx.baseUrl;
+  const url = new URL(resolveUrl(base, path.replace(/^\//, '')));
   for (const [k, v] of Object.entries(opts.query ?? {})) {
     if (v !== undefined) url.searchParams.set(k, v);
   }
@@ -60,6 +67,7 @@ export async function request<T>(ctx: HttpContext, method: string, path: string,
     });
   } catch (e) {
     if ((e as { name?: string })?.name === 'AbortError') throw new AetherError('request aborted', 'aborted', 0, { cause: e });
+    ctx.unreachable?.(base);
     throw new AetherError(`network error: ${(e as Error)?.message ?? e}`, 'network_error', 0, { cause: e });
   }
   const body = await readBody(res);
@@ -153,10 +161,11 @@ export class StorageApi {
     const headers: Record<string, string> = {};
     if (token) headers.authorization = `Bearer ${token}`;
     if (opts.upsert) headers['x-upsert'] = 'true';
-    const url = resolveUrl(this.ctx.baseUrl, 'storage/upload');
+    const base = this.ctx.baseUrl;
+    const url = resolveUrl(base, 'storage/upload');
     const useXhr =
       opts.transport === 'xhr' || ((opts.transport ?? 'auto') === 'auto' && typeof XMLHttpRequest === 'function');
-    if (useXhr) return uploadWithXhr(url, form, headers, file.size, opts);
+    if (useXhr) return uploadWithXhr(url, form, headers, file.size, opts, () => this.ctx.unreachable?.(base));
     opts.onProgress?.({ loaded: 0, total: file.size, fraction: 0 });
     const res = await request<UploadResult>(this.ctx, 'POST', '/storage/upload', {
       body: form,
@@ -191,13 +200,17 @@ export class StorageApi {
   /** Reads a file with the client's token (private buckets cannot be read by a bare `<img src>`). */
   async download(url: string, signal?: AbortSignal): Promise<Blob> {
     const token = await this.ctx.tokens.fresh();
+    const base = this.ctx.baseUrl;
+    const target = resolveUrl(base, url);
     let res: Response;
     try {
-      res = await this.ctx.fetch(this.publicUrl(url), {
+      res = await this.ctx.fetch(target, {
         headers: token ? { authorization: `Bearer ${token}` } : {},
         signal,
       });
     } catch (e) {
+      // A file on another origin (`PUBLIC_URL`) says nothing about the node.
+      if ((e as { name?: string })?.name !== 'AbortError' && target.startsWith(base)) this.ctx.unreachable?.(base);
       throw new AetherError(`network error: ${(e as Error)?.message ?? e}`, 'network_error', 0, { cause: e });
     }
     if (!res.ok) throw AetherError.fromHttp(res.status, await readBody(res), res.headers.get('retry-after'));
@@ -211,6 +224,7 @@ function uploadWithXhr(
   headers: Record<string, string>,
   size: number,
   opts: UploadOptions,
+  unreachable: () => void,
 ): Promise<UploadResult> {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
@@ -242,6 +256,7 @@ function uploadWithXhr(
     };
     xhr.onerror = () => {
       done();
+      unreachable();
       reject(new AetherError('network error during upload', 'network_error'));
     };
     xhr.onabort = () => {

@@ -1,3 +1,4 @@
+import { Endpoints } from './endpoints.js';
 import { AetherError } from './errors.js';
 import { AuthApi, StorageApi, type FetchLike, type HttpContext } from './http.js';
 import { RealtimeClient, type RealtimeOptions } from './realtime.js';
@@ -44,7 +45,10 @@ export interface ClientOptions {
 }
 
 export interface AetherClient {
+  /** The HTTP origin in use (with several URLs: the node the client is on now). */
   readonly url: string;
+  /** Every HTTP origin given, in the order they are tried. */
+  readonly urls: readonly string[];
   readonly auth: AuthApi;
   readonly storage: StorageApi;
   readonly realtime: RealtimeClient;
@@ -61,12 +65,23 @@ export interface AetherClient {
 /**
  * `createClient('http://localhost:8080', { token })`: one client per server and
  * user. `url` is the HTTP origin of Aether (the WebSocket URL is derived from it).
+ *
+ * Several nodes of one cluster (`NATS_URL`): `createClient(['http://a:8080',
+ * 'http://b:8080'], …)`. The client uses one node at a time, the first to begin
+ * with; when its connection fails or closes unexpectedly it moves to the next in
+ * the list and resumes every subscription with `since` (README: "Several nodes").
  */
-export function createClient(url: string, options: ClientOptions = {}): AetherClient {
-  if (!/^https?:\/\//i.test(url)) {
-    throw new AetherError(`the client URL must be http(s)://…, got ${JSON.stringify(url)}`, 'invalid_url');
-  }
-  const baseUrl = url.replace(/\/+$/, '') + '/';
+export function createClient(url: string | readonly string[], options: ClientOptions = {}): AetherClient {
+  const given = typeof url === 'string' ? [url] : Array.isArray(url) ? (url as readonly unknown[]) : [url];
+  if (given.length === 0) throw new AetherError('no server URL given: the list is empty', 'invalid_url');
+  const origins = given.map((u) => {
+    if (typeof u !== 'string' || !/^https?:\/\//i.test(u)) {
+      throw new AetherError(`the client URL must be http(s)://…, got ${JSON.stringify(u)}`, 'invalid_url');
+    }
+    return u.replace(/\/+$/, '') + '/';
+  });
+  // Shared by the REST calls and the realtime connection: both use the current node.
+  const nodes = new Endpoints(origins);
   let realtime: RealtimeClient | null = null;
   const tokens = new TokenManager(options.token ?? null, {
     getToken: options.getToken,
@@ -74,11 +89,21 @@ export function createClient(url: string, options: ClientOptions = {}): AetherCl
     onError: (e) => realtime?.reportError(e),
   });
   const fetchImpl: FetchLike = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
-  const ctx: HttpContext = { baseUrl, tokens, fetch: fetchImpl };
-  realtime = new RealtimeClient(baseUrl, tokens, options.realtime);
+  const ctx: HttpContext = {
+    get baseUrl() {
+      return nodes.current;
+    },
+    tokens,
+    fetch: fetchImpl,
+    unreachable: (base) => nodes.failedUrl(base),
+  };
+  realtime = new RealtimeClient(nodes, tokens, options.realtime);
   const rt = realtime;
   return {
-    url: baseUrl,
+    get url() {
+      return nodes.current;
+    },
+    urls: nodes.list,
     auth: new AuthApi(ctx),
     storage: new StorageApi(ctx),
     realtime: rt,

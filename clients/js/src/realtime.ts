@@ -1,4 +1,5 @@
 import { backoffDelay } from './backoff.js';
+import { Endpoints } from './endpoints.js';
 import { AetherError } from './errors.js';
 import { decodeToken } from './jwt.js';
 import { asError, type TokenManager } from './token.js';
@@ -25,6 +26,12 @@ export interface StateChange {
   code?: number;
   reason?: string;
   error?: AetherError;
+  /**
+   * WebSocket URL (without the token) of the connection (`open`) or of the next
+   * attempt (`connecting`, `reconnecting`). With several URLs, it shows where a
+   * failover goes.
+   */
+  url?: string;
 }
 
 /** The part of the standard `WebSocket` the client uses (browsers, Node ≥ 22, the `ws` package). */
@@ -40,8 +47,11 @@ export interface WebSocketLike {
 export type WebSocketConstructor = new (url: string) => WebSocketLike;
 
 export interface RealtimeOptions {
-  /** WebSocket URL; default: the client URL with `ws(s)://` and `path`. */
-  url?: string;
+  /**
+   * WebSocket URL, or several (one per node, tried in turn; see the README's
+   * "Several nodes"); default: the client URL(s) with `ws(s)://` and `path`.
+   */
+  url?: string | readonly string[];
   /** Default `/ws` (Aether's `WS_PATH`). */
   path?: string;
   /** WebSocket implementation; default `globalThis.WebSocket`. */
@@ -50,7 +60,7 @@ export interface RealtimeOptions {
   reconnectBaseMs?: number;
   /** Reconnect backoff: largest delay ceiling (ms). Default 30 000. */
   reconnectMaxMs?: number;
-  /** Give up (state `closed`) after this many failed attempts in a row. Default: never. */
+  /** Give up (state `closed`) after this many failed attempts in a row (each URL tried counts). Default: never. */
   maxAttempts?: number;
   /** Randomness for the jitter (tests). */
   random?: () => number;
@@ -157,12 +167,22 @@ export class RealtimeClient {
   private readonly messageListeners = new Set<Listener<Record<string, unknown>>>();
   private readonly refreshedListeners = new Set<Listener<{ expires_at?: number; user_id?: string | null }>>();
   private readonly detachNetwork: () => void;
+  /** The nodes: HTTP origins (the WebSocket URL is derived), or `opts.url`'s WebSocket URLs. */
+  private readonly nodes: Endpoints;
+  /** Position in `nodes` of the current (or last) connection attempt. */
+  private connNode = 0;
 
+  /**
+   * `baseUrl`: Aether's HTTP origin, or several (one per node). `createClient`
+   * passes the list it shares with the REST calls.
+   */
   constructor(
-    private readonly baseUrl: string,
+    baseUrl: string | readonly string[] | Endpoints,
     private readonly tokens: TokenManager,
     private readonly opts: RealtimeOptions = {},
   ) {
+    if (opts.url !== undefined) this.nodes = new Endpoints(opts.url);
+    else this.nodes = baseUrl instanceof Endpoints ? baseUrl : new Endpoints(baseUrl);
     this.tokens.onChange((token) => this.tokenChanged(token));
     this.detachNetwork = this.watchNetwork();
   }
@@ -170,6 +190,14 @@ export class RealtimeClient {
   /** The connection state; see {@link ConnectionState}. */
   get state(): ConnectionState {
     return this.stateValue;
+  }
+
+  /**
+   * The WebSocket URL (without the token) in use: of the open connection, or the
+   * one the next attempt goes to.
+   */
+  get url(): string {
+    return this.wsUrl(this.ws ? this.connNode : this.nodes.index);
   }
 
   /** Ids of the change most recently handled per subscription (what a resume starts after). */
@@ -371,7 +399,10 @@ export class RealtimeClient {
   private async open(): Promise<void> {
     this.clearReconnect();
     const gen = ++this.gen;
-    if (this.stateValue !== 'reconnecting') this.setState(this.stateValue === 'open' ? 'reconnecting' : 'connecting');
+    const node = this.nodes.index;
+    if (this.stateValue !== 'reconnecting') {
+      this.setState(this.stateValue === 'open' ? 'reconnecting' : 'connecting', { url: this.wsUrl(node) });
+    }
     const token = await this.tokens.fresh();
     if (gen !== this.gen || !this.wantOpen) return;
     const Ctor = this.opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -385,7 +416,8 @@ export class RealtimeClient {
       this.setState('closed', { error });
       return;
     }
-    const url = this.socketUrl(token);
+    const url = this.socketUrl(token, node);
+    this.connNode = node;
     let ws: WebSocketLike;
     try {
       ws = new Ctor(url);
@@ -414,13 +446,17 @@ export class RealtimeClient {
     };
   }
 
-  private socketUrl(token: string | null): string {
-    let url = this.opts.url;
-    if (!url) {
-      const u = new URL(this.opts.path ?? '/ws', this.baseUrl);
-      u.protocol = u.protocol === 'https:' ? 'wss:' : u.protocol === 'http:' ? 'ws:' : u.protocol;
-      url = u.toString();
-    }
+  /** The WebSocket URL of node `index`, without the token. */
+  private wsUrl(index: number): string {
+    const base = this.nodes.list[index]!;
+    if (this.opts.url !== undefined) return base;
+    const u = new URL(this.opts.path ?? '/ws', base);
+    u.protocol = u.protocol === 'https:' ? 'wss:' : u.protocol === 'http:' ? 'ws:' : u.protocol;
+    return u.toString();
+  }
+
+  private socketUrl(token: string | null, node: number): string {
+    const url = this.wsUrl(node);
     if (token === null) return url;
     const u = new URL(url);
     u.searchParams.set('token', token);
@@ -431,7 +467,7 @@ export class RealtimeClient {
     if (this.connectTimer !== null) clearTimeout(this.connectTimer);
     this.connectTimer = null;
     this.lastReceived = Date.now();
-    this.setState('open');
+    this.setState('open', { url: this.wsUrl(this.connNode) });
     for (const sub of [...this.subs.values()]) {
       if (this.subs.get(sub.id) === sub && this.ws) this.sendSubscribe(sub);
     }
@@ -475,7 +511,8 @@ export class RealtimeClient {
       try {
         const fresh = await this.tokens.renew();
         if (fresh !== refused) {
-          if (this.wantOpen && this.ws === null && this.reconnectTimer === null) this.scheduleReconnect({ code, reason });
+          // The token, not the node, was refused: the same node again.
+          if (this.wantOpen && this.ws === null && this.reconnectTimer === null) this.scheduleReconnect({ code, reason }, false);
           return;
         }
       } catch (e) {
@@ -503,7 +540,14 @@ export class RealtimeClient {
     }
   }
 
-  private scheduleReconnect(info: { code?: number; reason?: string }): void {
+  /**
+   * After a failed attempt or a lost connection. `rotate`: the node failed, so the
+   * next one in the list is tried, at once while the round (one try of each node
+   * since the last good connection) is not over; after a full round, the backoff.
+   * With one URL every attempt is a full round: the backoff as always.
+   */
+  private scheduleReconnect(info: { code?: number; reason?: string }, rotate = true): void {
+    if (rotate) this.nodes.failed(this.connNode);
     const max = this.opts.maxAttempts ?? Infinity;
     if (this.attempt >= max) {
       this.wantOpen = false;
@@ -512,13 +556,18 @@ export class RealtimeClient {
       this.setState('closed', { ...info, error });
       return;
     }
-    const delayMs = backoffDelay(this.attempt, {
-      baseMs: this.opts.reconnectBaseMs,
-      maxMs: this.opts.reconnectMaxMs,
-      random: this.opts.random,
-    });
+    const n = this.nodes.size;
+    const roundOver = (this.attempt + 1) % n === 0;
+    const delayMs =
+      rotate && !roundOver
+        ? 0
+        : backoffDelay(Math.floor(this.attempt / n), {
+            baseMs: this.opts.reconnectBaseMs,
+            maxMs: this.opts.reconnectMaxMs,
+            random: this.opts.random,
+          });
     this.attempt++;
-    this.setState('reconnecting', { ...info, attempt: this.attempt, delayMs });
+    this.setState('reconnecting', { ...info, attempt: this.attempt, delayMs, url: this.url });
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = null;
       void this.open();

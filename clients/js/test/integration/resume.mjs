@@ -4,17 +4,22 @@
 // script subscribes to, SIGKILLs Aether mid-stream, keeps inserting while it is
 // down, restarts it on the same port and inserts more. This script checks that
 // every row arrives exactly once, in commit order, and reports what it saw.
+// With several nodes of a cluster (AETHER_URLS), the Rust side kills the node the
+// client is on instead, and the client fails over to another one.
 //
 // Protocol: JSON lines. Out (stdout): {"event":"ready",…}, {"event":"state",…},
-// {"event":"result",…}. In (stdin): {"cmd":"expect","names":[…]}.
-// Env: AETHER_URL (http://host:port).
+// {"event":"progress",…}, {"event":"result",…}. In (stdin):
+// {"cmd":"progress","rows":n} (answered once n rows arrived), {"cmd":"expect","names":[…]}.
+// Env: AETHER_URL (http://host:port), or AETHER_URLS (several, comma-separated).
 
 import { createInterface } from 'node:readline';
 import { createClient } from '../../dist/index.js';
 
 const WebSocketImpl = globalThis.WebSocket ?? (await import('ws')).WebSocket;
-const url = process.env.AETHER_URL;
-if (!url) throw new Error('AETHER_URL is not set');
+const urls = (process.env.AETHER_URLS ?? process.env.AETHER_URL ?? '').split(',').filter(Boolean);
+if (urls.length === 0) throw new Error('AETHER_URL (or AETHER_URLS) is not set');
+// One URL is passed as a string, as before; several as the list.
+const url = urls.length === 1 ? urls[0] : urls;
 
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
 const fail = (message, extra = {}) => {
@@ -43,7 +48,8 @@ const client = createClient(url, {
   // Aether has no refresh route: renewing means signing in again.
   getToken: async () => {
     renewals++;
-    const fresh = createClient(url, { realtime: { watchNetwork: false } });
+    // The node the client is on now (after a failover, not the first).
+    const fresh = createClient(client.url, { realtime: { watchNetwork: false } });
     const { session } = await fresh.auth.signIn({ email, password });
     fresh.close();
     return session.access_token;
@@ -59,9 +65,11 @@ const client = createClient(url, {
 });
 
 const states = [];
+const opened = []; // WebSocket URL of every connection that opened
 client.realtime.onStateChange((s) => {
   states.push(s.state);
-  out({ event: 'state', state: s.state, attempt: s.attempt ?? null, code: s.code ?? null });
+  if (s.state === 'open') opened.push(s.url);
+  out({ event: 'state', state: s.state, attempt: s.attempt ?? null, code: s.code ?? null, url: s.url ?? null });
 });
 const errors = [];
 client.realtime.onError((e) => errors.push(e.code));
@@ -103,11 +111,18 @@ const authEvents = [];
 client.realtime.subscribeToAuth(user.id, { onInsert: (row) => authEvents.push(row.event_type) });
 await waitFor('the files subscription', () => subscribed >= 1);
 
-out({ event: 'ready', user_id: user.id, folder_id: first.folder_id, bucket: first.bucket });
+out({ event: 'ready', user_id: user.id, folder_id: first.folder_id, bucket: first.bucket, url: client.realtime.url });
 
 const lines = createInterface({ input: process.stdin });
 for await (const line of lines) {
   const cmd = JSON.parse(line);
+  if (cmd.cmd === 'progress') {
+    waitFor(`${cmd.rows} rows`, () => received.length >= cmd.rows, 30_000).then(
+      () => out({ event: 'progress', rows: received.length, url: client.realtime.url }),
+      (e) => fail(e.message, { received, states, errors }),
+    );
+    continue;
+  }
   if (cmd.cmd !== 'expect') continue;
   const want = cmd.names;
   try {
@@ -138,6 +153,7 @@ for await (const line of lines) {
     missing: want.filter((n) => !received.includes(n)),
     duplicates: dupes,
     states,
+    opened,
     errors,
     renewals,
     in_band_refreshes: inBandRefreshes,
