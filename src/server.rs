@@ -360,13 +360,17 @@ impl Server {
                         &config.replication_slot,
                         &parts.cluster.node,
                     ),
-                    hub_tx.clone(),
-                    phoenix_tx.clone(),
+                    crate::cluster::bus::Hubs {
+                        hub: hub_tx.clone(),
+                        phoenix: phoenix_tx.clone(),
+                        kingshare: Arc::clone(&kingshare),
+                    },
                     parts.reconnects.clone(),
                     shutdown.clone(),
                 );
                 bus_tasks = Some((outgoing, incoming));
                 phoenix_hub = phoenix_hub.bus(bus.clone());
+                kingshare.attach_bus(bus.clone());
                 hub.bus(bus)
             }
             None => hub,

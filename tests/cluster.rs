@@ -289,6 +289,11 @@ async fn collect(ws: &mut Ws, n: usize, keep: impl Fn(&Value) -> bool) -> Vec<Va
     got
 }
 
+/// The user id (`sub`) a token names.
+fn res_user_id(token: &str) -> String {
+    keys().verify(token).unwrap().user_id.unwrap()
+}
+
 fn is_message(v: &Value) -> bool {
     v["type"] == "message" && v["action"] == "send"
 }
@@ -420,6 +425,26 @@ async fn channels_broadcasts_and_revocations_cross_nodes() {
         .as_str()
         .unwrap()
         .to_owned();
+    let user_id = res_user_id(&token);
+    // A KingShare notification for the user, sent through n1, reaches its
+    // KingShare connection on n3.
+    let mut ks = Ws::connect_url(&format!(
+        "ws://{}/ws?protocol=kingshare&token={token}",
+        nodes[2].addr
+    ))
+    .await;
+    ks.skip_kingshare = false;
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/ws/notify", nodes[0].addr))
+        .bearer_auth(service_token())
+        .json(&json!({"message": "maintenance", "level": "Info", "user_id": user_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let got = collect(&mut ks, 1, |v| v["type"] == "SystemNotification").await;
+    assert_eq!(got[0]["data"]["message"], "maintenance", "{}", got[0]);
+
     let mut on2 = Ws::connect(nodes[1].addr, Some(&token)).await;
     let mut on3 = Ws::connect(nodes[2].addr, Some(&token)).await;
     let res = reqwest::Client::new()

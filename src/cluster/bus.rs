@@ -110,8 +110,7 @@ struct Envelope {
 pub fn start(
     client: async_nats::Client,
     subjects: Subjects,
-    hub: mpsc::Sender<HubCommand>,
-    phoenix: mpsc::Sender<PhxCommand>,
+    hubs: Hubs,
     reconnects: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> (
@@ -128,14 +127,7 @@ pub fn start(
         rx,
         shutdown.clone(),
     );
-    let incoming = incoming(
-        js,
-        client,
-        subjects,
-        Hubs { hub, phoenix },
-        reconnects,
-        shutdown,
-    );
+    let incoming = incoming(js, client, subjects, hubs, reconnects, shutdown);
     (Arc::new(NatsChannelBus { out: tx }), outgoing, incoming)
 }
 
@@ -279,9 +271,10 @@ async fn publish(
 }
 
 /// Where traffic from other nodes goes on this one.
-struct Hubs {
-    hub: mpsc::Sender<HubCommand>,
-    phoenix: mpsc::Sender<PhxCommand>,
+pub struct Hubs {
+    pub hub: mpsc::Sender<HubCommand>,
+    pub phoenix: mpsc::Sender<PhxCommand>,
+    pub kingshare: Arc<aether_realtime::kingshare::Notifier>,
 }
 
 async fn incoming(
@@ -481,6 +474,13 @@ async fn announced(
             }
             if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
                 say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
+            }
+            true
+        }
+        Announcement::KingShare { user, frame } => {
+            match user {
+                Some(u) => hubs.kingshare.to_user_here(&u, &frame),
+                None => hubs.kingshare.to_all_here(&frame),
             }
             true
         }

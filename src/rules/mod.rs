@@ -110,8 +110,9 @@ pub struct KingShareEvents(pub Arc<Notifier>);
 
 impl Tap for KingShareEvents {
     fn change(&mut self, change: &RowChange, _: &mut Effects) {
+        // Every node derives these from the change stream itself.
         for (user, frame) in kingshare::events_for(change) {
-            self.0.to_user(&user, &frame);
+            self.0.to_user_here(&user, &frame);
         }
     }
 }

@@ -164,6 +164,9 @@ pub enum Announcement {
     PhoenixSnapshot {
         state: HashMap<String, serde_json::Map<String, Value>>,
     },
+    /// A KingShare notification (upload progress, presence, an operator's
+    /// notification) to a user's connections, or to all.
+    KingShare { user: Option<String>, frame: String },
     /// A node (re)joined the bus: the others send their snapshots.
     Sync,
     /// A node is alive; one not heard from for a while is gone, and so are its
@@ -669,6 +672,7 @@ impl Hub {
             Announcement::Phoenix { .. }
             | Announcement::PhoenixPresence { .. }
             | Announcement::PhoenixSnapshot { .. }
+            | Announcement::KingShare { .. }
             | Announcement::Sync
             | Announcement::Alive => {}
         }

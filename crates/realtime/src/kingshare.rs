@@ -52,6 +52,8 @@ struct Target {
 #[derive(Default)]
 pub struct Notifier {
     inner: Mutex<NotifierInner>,
+    /// Cluster mode: what is sent here is sent on the other nodes too.
+    bus: std::sync::OnceLock<Arc<dyn crate::hub::ChannelBus>>,
 }
 
 #[derive(Default)]
@@ -113,9 +115,37 @@ impl Notifier {
         g.by_user.retain(|_, s| !s.is_empty());
     }
 
-    /// Sends to every KingShare connection of `user`. A full queue closes that
-    /// connection rather than waiting.
+    /// Cluster mode: [`Notifier::to_user`] and [`Notifier::to_all`] reach the
+    /// other nodes' connections too.
+    pub fn attach_bus(&self, bus: Arc<dyn crate::hub::ChannelBus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    fn announce(&self, user: Option<&str>, frame: &str) {
+        if let Some(bus) = self.bus.get() {
+            bus.announce(crate::hub::Announcement::KingShare {
+                user: user.map(str::to_owned),
+                frame: frame.to_owned(),
+            });
+        }
+    }
+
+    /// Sends to every KingShare connection of `user`, on every node. A full
+    /// queue closes that connection rather than waiting.
     pub fn to_user(&self, user: &str, frame: &str) {
+        self.announce(Some(user), frame);
+        self.to_user_here(user, frame);
+    }
+
+    /// Sends to every KingShare connection, on every node.
+    pub fn to_all(&self, frame: &str) {
+        self.announce(None, frame);
+        self.to_all_here(frame);
+    }
+
+    /// Sends to `user`'s connections on this node only: for what every node
+    /// learns by itself (row changes), or was told by another.
+    pub fn to_user_here(&self, user: &str, frame: &str) {
         let g = self.lock();
         if let Some(sessions) = g.by_user.get(user) {
             let f: Arc<str> = Arc::from(frame);
@@ -125,8 +155,8 @@ impl Notifier {
         }
     }
 
-    /// Sends to every KingShare connection.
-    pub fn to_all(&self, frame: &str) {
+    /// Sends to every KingShare connection on this node only.
+    pub fn to_all_here(&self, frame: &str) {
         let g = self.lock();
         let f: Arc<str> = Arc::from(frame);
         for t in g.all.values() {
