@@ -341,6 +341,7 @@ impl Server {
         };
 
         let kingshare = Arc::new(aether_realtime::kingshare::Notifier::default());
+        let registry = Arc::new(Registry::default());
         let (hub_tx, hub_rx) = mpsc::channel(4096);
         let hub = Hub::new(
             Arc::clone(&channels),
@@ -364,6 +365,7 @@ impl Server {
                         hub: hub_tx.clone(),
                         phoenix: phoenix_tx.clone(),
                         kingshare: Arc::clone(&kingshare),
+                        registry: Arc::clone(&registry),
                     },
                     parts.reconnects.clone(),
                     shutdown.clone(),
@@ -371,6 +373,7 @@ impl Server {
                 bus_tasks = Some((outgoing, incoming));
                 phoenix_hub = phoenix_hub.bus(bus.clone());
                 kingshare.attach_bus(bus.clone());
+                registry.attach_bus(bus.clone());
                 hub.bus(bus)
             }
             None => hub,
@@ -528,7 +531,7 @@ impl Server {
                 router: commands_tx,
                 hub: hub_tx,
                 phoenix: phoenix_tx,
-                registry: Registry::default(),
+                registry,
                 stats: Stats::default(),
                 kingshare,
                 next_session: AtomicU64::new(1),

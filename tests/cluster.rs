@@ -543,3 +543,79 @@ async fn presence_crosses_nodes_and_a_dead_nodes_members_leave() {
     .await;
     assert_eq!(diff_keys(&d[0], "leaves"), ["bob"]);
 }
+
+async fn active(node: &Node) -> u64 {
+    node.status().await["connections"]["active"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The seed's per-user connection limit (`RATE_LIMIT_CONNECTIONS`, 10) holds
+/// across the cluster: a user's connections on other nodes count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_connection_limit_holds_across_nodes() {
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let nodes = cluster(&db, &nats).await;
+    let sql = db.client().await;
+    let uid = user(&sql, "limit@example.com").await;
+    let token = user_token(&uid);
+    let mut open = Vec::new();
+    for (i, n) in [4, 3, 3].into_iter().enumerate() {
+        for _ in 0..n {
+            open.push(Ws::connect(nodes[i].addr, Some(&token)).await);
+        }
+        let node = &nodes[i];
+        until(WAIT, "connections admitted", || async move {
+            active(node).await == n
+        })
+        .await;
+    }
+    // The 11th, on a node holding 3 of them: refused once n3 has heard of the
+    // others (an admitted one while the news travels is closed and tried again).
+    let mut refused = None;
+    for _ in 0..20 {
+        let mut ws = Ws::connect(nodes[2].addr, Some(&token)).await;
+        match tokio::time::timeout(Duration::from_secs(2), ws.next_or_close()).await {
+            Ok(Ok(v)) if v["code"] == "connection_limit" => {
+                refused = Some(v);
+                break;
+            }
+            Ok(other) => panic!("unexpected: {other:?}"),
+            Err(_) => {
+                ws.close().await;
+                until(WAIT, "the extra connection gone", || async {
+                    active(&nodes[2]).await == 3
+                })
+                .await;
+            }
+        }
+    }
+    let refused = refused.expect("the 11th connection is refused");
+    assert!(
+        refused["message"].as_str().unwrap().contains("this user"),
+        "{refused}"
+    );
+    // One closed on n1: there is room on n3.
+    open.remove(0).close().await;
+    until(WAIT, "n1 down to 3", || async {
+        active(&nodes[0]).await == 3
+    })
+    .await;
+    let mut admitted = false;
+    for _ in 0..20 {
+        let mut ws = Ws::connect(nodes[2].addr, Some(&token)).await;
+        match tokio::time::timeout(Duration::from_secs(1), ws.next_or_close()).await {
+            Err(_) => {
+                admitted = true;
+                break;
+            }
+            Ok(Ok(v)) if v["code"] == "connection_limit" => {}
+            Ok(other) => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert!(
+        admitted,
+        "room again once a connection on another node closed"
+    );
+}

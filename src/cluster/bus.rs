@@ -275,6 +275,7 @@ pub struct Hubs {
     pub hub: mpsc::Sender<HubCommand>,
     pub phoenix: mpsc::Sender<PhxCommand>,
     pub kingshare: Arc<aether_realtime::kingshare::Notifier>,
+    pub registry: Arc<aether_realtime::registry::Registry>,
 }
 
 async fn incoming(
@@ -337,6 +338,13 @@ async fn incoming_once(
     if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
         say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
     }
+    let counts = hubs.registry.local_counts();
+    say(
+        client,
+        subjects,
+        Announcement::ConnectionsSnapshot { counts },
+    )
+    .await?;
     let mut seen: HashMap<String, tokio::time::Instant> = HashMap::new();
     // Nodes taken for gone: one heard from again was only slow, and is asked
     // for what its members track.
@@ -392,7 +400,8 @@ async fn incoming_once(
                     if gone_nodes.len() < 1024 {
                         gone_nodes.insert(node.clone());
                     }
-                    tracing::warn!(%node, "a node went silent: its members' presence is dropped");
+                    tracing::warn!(%node, "a node went silent: its members' presence and connections are dropped");
+                    hubs.registry.forget_node(&node);
                     if hubs.phoenix.send(PhxCommand::NodeGone { node }).await.is_err() {
                         return Ok(());
                     }
@@ -475,6 +484,21 @@ async fn announced(
             if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
                 say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
             }
+            let counts = hubs.registry.local_counts();
+            say(
+                client,
+                subjects,
+                Announcement::ConnectionsSnapshot { counts },
+            )
+            .await?;
+            true
+        }
+        Announcement::Connections { user_key, count } => {
+            hubs.registry.set_elsewhere(&e.node, user_key, count);
+            true
+        }
+        Announcement::ConnectionsSnapshot { counts } => {
+            hubs.registry.replace_elsewhere(&e.node, counts);
             true
         }
         Announcement::KingShare { user, frame } => {

@@ -167,6 +167,10 @@ pub enum Announcement {
     /// A KingShare notification (upload progress, presence, an operator's
     /// notification) to a user's connections, or to all.
     KingShare { user: Option<String>, frame: String },
+    /// This node's connections of a user key now (0: none).
+    Connections { user_key: String, count: usize },
+    /// All this node's connections per user key (the answer to a `Sync`).
+    ConnectionsSnapshot { counts: HashMap<String, usize> },
     /// A node (re)joined the bus: the others send their snapshots.
     Sync,
     /// A node is alive; one not heard from for a while is gone, and so are its
@@ -673,6 +677,8 @@ impl Hub {
             | Announcement::PhoenixPresence { .. }
             | Announcement::PhoenixSnapshot { .. }
             | Announcement::KingShare { .. }
+            | Announcement::Connections { .. }
+            | Announcement::ConnectionsSnapshot { .. }
             | Announcement::Sync
             | Announcement::Alive => {}
         }

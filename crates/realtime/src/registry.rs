@@ -42,12 +42,23 @@ pub struct ConnEntry {
 struct Inner {
     conns: HashMap<u64, ConnEntry>,
     per_user: HashMap<String, usize>,
+    /// Cluster mode: other nodes' connections per user key, by node (only
+    /// keys with connections), so per-user limits hold across the cluster.
+    elsewhere: HashMap<String, HashMap<String, usize>>,
+}
+
+impl Inner {
+    fn elsewhere(&self, key: &str) -> usize {
+        self.elsewhere.get(key).map_or(0, |m| m.values().sum())
+    }
 }
 
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
     total: AtomicU64,
+    /// Cluster mode: this node's per-user counts are announced to the others.
+    bus: std::sync::OnceLock<Arc<dyn crate::hub::ChannelBus>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -69,7 +80,62 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a connection under the per-user and global limits.
+    /// Cluster mode: per-user counts are shared with the other nodes.
+    pub fn attach_bus(&self, bus: Arc<dyn crate::hub::ChannelBus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    fn announce(&self, user_key: &str, count: usize) {
+        if let Some(bus) = self.bus.get() {
+            bus.announce(crate::hub::Announcement::Connections {
+                user_key: user_key.to_owned(),
+                count,
+            });
+        }
+    }
+
+    /// Another node's connection count for a user key.
+    pub fn set_elsewhere(&self, node: &str, user_key: String, count: usize) {
+        let mut g = self.lock();
+        if count == 0 {
+            if let Some(m) = g.elsewhere.get_mut(&user_key) {
+                m.remove(node);
+                if m.is_empty() {
+                    g.elsewhere.remove(&user_key);
+                }
+            }
+        } else {
+            g.elsewhere
+                .entry(user_key)
+                .or_default()
+                .insert(node.to_owned(), count);
+        }
+    }
+
+    /// All another node's counts (what it said when it joined, or was asked).
+    pub fn replace_elsewhere(&self, node: &str, counts: HashMap<String, usize>) {
+        self.forget_node(node);
+        for (key, n) in counts {
+            self.set_elsewhere(node, key, n);
+        }
+    }
+
+    /// Another node is gone: its connections with it.
+    pub fn forget_node(&self, node: &str) {
+        let mut g = self.lock();
+        g.elsewhere.retain(|_, m| {
+            m.remove(node);
+            !m.is_empty()
+        });
+    }
+
+    /// This node's connections per user key.
+    pub fn local_counts(&self) -> HashMap<String, usize> {
+        self.lock().per_user.clone()
+    }
+
+    /// Admits a connection under the per-user (across the cluster) and global
+    /// (this node's) limits; returns the user's connections, all nodes'.
     pub fn admit(
         &self,
         session: u64,
@@ -81,17 +147,20 @@ impl Registry {
         if g.conns.len() >= global {
             return Err(LimitError::Global(global));
         }
-        let n = g.per_user.get(&entry.user_key).copied().unwrap_or(0);
+        let here = g.per_user.get(&entry.user_key).copied().unwrap_or(0);
+        let n = here + g.elsewhere(&entry.user_key);
         if n >= per_user {
             return Err(LimitError::PerUser(per_user));
         }
-        g.per_user.insert(entry.user_key.clone(), n + 1);
+        g.per_user.insert(entry.user_key.clone(), here + 1);
+        self.announce(&entry.user_key, here + 1);
         g.conns.insert(session, entry);
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(n + 1)
     }
 
-    /// Removes a connection; returns its user id and how many connections that user still has.
+    /// Removes a connection; returns its user id and how many connections that
+    /// user still has, on every node.
     pub fn remove(&self, session: u64) -> Option<(Option<String>, usize)> {
         let mut g = self.lock();
         let e = g.conns.remove(&session)?;
@@ -105,7 +174,8 @@ impl Registry {
                 0
             }
         };
-        Some((e.user_id, left))
+        self.announce(&e.user_key, left);
+        Some((e.user_id, left + g.elsewhere(&e.user_key)))
     }
 
     /// Moves a connection to another user key (an anonymous connection that authenticated).
@@ -117,21 +187,29 @@ impl Registry {
         if old == user_id {
             return;
         }
+        let mut old_left = 0;
         if let Some(n) = g.per_user.get_mut(&old) {
             *n -= 1;
+            old_left = *n;
             if *n == 0 {
                 g.per_user.remove(&old);
             }
         }
-        *g.per_user.entry(user_id.to_owned()).or_insert(0) += 1;
+        self.announce(&old, old_left);
+        let new = g.per_user.entry(user_id.to_owned()).or_insert(0);
+        *new += 1;
+        let new = *new;
+        self.announce(user_id, new);
         if let Some(e) = g.conns.get_mut(&session) {
             e.user_key = user_id.to_owned();
             e.user_id = Some(user_id.to_owned());
         }
     }
 
+    /// A user's connections, on every node.
     pub fn user_connections(&self, user_id: &str) -> usize {
-        self.lock().per_user.get(user_id).copied().unwrap_or(0)
+        let g = self.lock();
+        g.per_user.get(user_id).copied().unwrap_or(0) + g.elsewhere(user_id)
     }
 
     pub fn stats(&self) -> ConnStats {
@@ -194,5 +272,23 @@ mod tests {
         assert_eq!(r.remove(2), Some((Some("u".into()), 0)));
         assert_eq!(r.user_connections("u"), 0);
         assert_eq!(r.stats().total, 3);
+    }
+
+    #[test]
+    fn other_nodes_connections_count_toward_a_users_limit() {
+        let r = Registry::default();
+        r.set_elsewhere("n2", "u".into(), 1);
+        assert_eq!(r.admit(1, entry("u"), 2, 10), Ok(2));
+        assert_eq!(r.admit(2, entry("u"), 2, 10), Err(LimitError::PerUser(2)));
+        // n2's connection closed: room again.
+        r.set_elsewhere("n2", "u".into(), 0);
+        assert_eq!(r.admit(2, entry("u"), 2, 10), Ok(2));
+        r.replace_elsewhere("n3", [("u".to_owned(), 5)].into_iter().collect());
+        assert_eq!(r.user_connections("u"), 7);
+        // Leaving while n3's are there: the user is still online elsewhere.
+        assert_eq!(r.remove(1), Some((Some("u".into()), 6)));
+        r.forget_node("n3");
+        assert_eq!(r.remove(2), Some((Some("u".into()), 0)));
+        assert!(r.lock().elsewhere.is_empty());
     }
 }

@@ -109,7 +109,7 @@ pub struct Inner {
     pub hub: mpsc::Sender<HubCommand>,
     /// Broadcast and presence of `/realtime/v1`.
     pub phoenix: mpsc::Sender<PhxCommand>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub stats: Stats,
     pub kingshare: Arc<Notifier>,
     pub next_session: AtomicU64,
