@@ -48,6 +48,9 @@ const LAST: &str = "Aether-Last";
 const WRITER: &str = "Aether-Writer";
 
 const KIND_CHANGES: &str = "changes";
+/// One piece of a change too large for one message (`Aether-Part: k/n`).
+const KIND_PART: &str = "part";
+const PART: &str = "Aether-Part";
 const KIND_EPOCH: &str = "epoch";
 const KIND_RESET_PENDING: &str = "reset-pending";
 
@@ -146,6 +149,8 @@ pub struct JetStreamLog {
     subject: String,
     /// This instance's name in the messages it appends.
     writer: String,
+    /// The largest message, when smaller than the server allows (tests).
+    max_message: Option<usize>,
     state: Mutex<State>,
 }
 
@@ -178,6 +183,8 @@ struct Meta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Changes,
+    /// Piece `k` of `n` of one change's body.
+    Part(u32, u32),
     Epoch,
     ResetPending,
 }
@@ -190,6 +197,11 @@ fn meta(h: Option<&HeaderMap>) -> Result<Meta, LogError> {
     };
     let kind = match header(h, KIND) {
         Some(KIND_CHANGES) => Kind::Changes,
+        Some(KIND_PART) => header(h, PART)
+            .and_then(|p| p.split_once('/'))
+            .and_then(|(k, n)| Some(Kind::Part(k.parse().ok()?, n.parse().ok()?)))
+            .filter(|k| matches!(k, Kind::Part(k, n) if *k >= 1 && k <= n))
+            .ok_or_else(|| bad("a part message without a valid Aether-Part"))?,
         Some(KIND_EPOCH) => Kind::Epoch,
         Some(KIND_RESET_PENDING) => Kind::ResetPending,
         _ => return Err(bad("a message without a known Aether-Kind")),
@@ -219,6 +231,52 @@ fn headers(kind: &str, epoch: Epoch, floor: Position, last: Position) -> HeaderM
     h.insert(FLOOR, format_position(floor).as_str());
     h.insert(LAST, format_position(last).as_str());
     h
+}
+
+/// Joins the parts of a change too large for one message. Parts arrive in
+/// order; a group left incomplete (its leader died mid-way; the next leader
+/// appends the change again, whole) is dropped when anything else follows.
+#[derive(Default)]
+struct Assembler {
+    body: Vec<u8>,
+    /// The next part expected, and the sequence of the group's first.
+    next: Option<(u32, u64)>,
+}
+
+impl Assembler {
+    /// A message's body to decode, if it completes one: `(body, sequence of
+    /// its first message)`. Non-part messages pass through.
+    fn push<'a>(&'a mut self, kind: Kind, seq: u64, payload: &'a [u8]) -> Option<(&'a [u8], u64)> {
+        match kind {
+            Kind::Part(k, n) => {
+                match self.next {
+                    Some((want, _)) if want == k => {}
+                    _ if k == 1 => {
+                        self.body.clear();
+                        self.next = Some((1, seq));
+                    }
+                    // A piece of a group whose start is not here.
+                    _ => {
+                        self.next = None;
+                        return None;
+                    }
+                }
+                self.body.extend_from_slice(payload);
+                let start = self.next.map_or(seq, |(_, s)| s);
+                if k == n {
+                    self.next = None;
+                    Some((&self.body, start))
+                } else {
+                    self.next = Some((k + 1, start));
+                    None
+                }
+            }
+            _ => {
+                self.next = None;
+                Some((payload, seq))
+            }
+        }
+    }
 }
 
 /// The changes of one message body, oldest first.
@@ -314,6 +372,7 @@ impl JetStreamLog {
             opts,
             subject,
             writer: uuid::Uuid::new_v4().simple().to_string(),
+            max_message: None,
             state: Mutex::new(State::default()),
         };
         log.refresh()?;
@@ -322,6 +381,13 @@ impl JetStreamLog {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Messages no larger than `bytes` (the server's `max_payload` is the
+    /// limit otherwise): tests send large rows in parts with it.
+    pub fn with_max_message(mut self, bytes: usize) -> Self {
+        self.max_message = Some(bytes);
+        self
     }
 
     /// The client, for the node's other traffic and its health.
@@ -383,7 +449,13 @@ impl JetStreamLog {
             let last = meta(Some(&last.headers))?;
             fresh.epoch = last.epoch;
             fresh.reset_pending = last.kind == Kind::ResetPending;
-            fresh.newest = (last.kind == Kind::Changes).then_some(last.last);
+            fresh.newest = match last.kind {
+                Kind::Changes => Some(last.last),
+                Kind::Part(k, n) if k == n => Some(last.last),
+                // An incomplete group: what came before it.
+                Kind::Part(..) => Some(last.floor),
+                _ => None,
+            };
             // The oldest message left: its floor is the log's.
             let mut seq = st.first_sequence;
             while seq <= st.last_sequence {
@@ -394,6 +466,8 @@ impl JetStreamLog {
                         fresh.oldest = decode_body(&m.payload, first.epoch)?
                             .first()
                             .map(|(c, _)| c.position);
+                    } else if matches!(first.kind, Kind::Part(..)) {
+                        fresh.oldest = Some(first.last);
                     } else if let Some(newest) = fresh.newest {
                         // Only the marker's history: the oldest is the first change after it.
                         fresh.oldest = self
@@ -491,14 +565,19 @@ impl JetStreamLog {
             .max(s.cached_info().state.last_sequence);
         let mut page = Page::default();
         let mut bytes = 0usize;
+        let mut parts = Assembler::default();
         while seq <= last_seq {
             let Some(m) = self.message(s, seq).await? else {
                 seq += 1;
                 continue;
             };
             let meta = meta(Some(&m.headers))?;
-            if meta.kind == Kind::Changes && meta.last > after {
-                let changes = decode_body(&m.payload, meta.epoch)?;
+            let carries = matches!(meta.kind, Kind::Changes | Kind::Part(..));
+            if carries
+                && meta.last > after
+                && let Some((body, start)) = parts.push(meta.kind, seq, &m.payload)
+            {
+                let changes = decode_body(body, meta.epoch)?;
                 let mut taken_all = true;
                 for (c, size) in changes {
                     if c.position <= after {
@@ -514,17 +593,19 @@ impl JetStreamLog {
                     page.changes.push(c);
                 }
                 if !taken_all {
+                    // The next read starts at this message (a group: its first part).
                     let last = page.changes.last().map_or(after, |c| c.position);
                     page.hint = Some(ReadHint {
-                        segment: Position::new(PgLsn(seq), 0),
-                        offset: seq,
+                        segment: Position::new(PgLsn(start), 0),
+                        offset: start,
                         last,
                     });
                     return Ok(page);
                 }
             }
             seq += 1;
-            if page.changes.len() >= max_changes || bytes >= max_bytes {
+            let mid_group = matches!(meta.kind, Kind::Part(k, n) if k < n);
+            if !mid_group && (page.changes.len() >= max_changes || bytes >= max_bytes) {
                 break;
             }
         }
@@ -596,12 +677,13 @@ impl ChangeLog for JetStreamLog {
             }
             (st.epoch, newest, st.last_seq)
         };
-        let limit = self
-            .client
-            .server_info()
-            .max_payload
+        // What one message may carry, and where a batch is cut.
+        let max = self
+            .max_message
+            .unwrap_or_else(|| self.client.server_info().max_payload)
             .saturating_sub(HEADER_ROOM)
-            .min(MESSAGE_BYTES);
+            .max(1);
+        let limit = max.min(MESSAGE_BYTES);
         let mut messages = Vec::new();
         let mut body = Vec::new();
         let mut versions: HashMap<TableId, u32> = HashMap::new();
@@ -624,7 +706,42 @@ impl ChangeLog for JetStreamLog {
             codec::encode_change(c, known.unwrap_or(version), &mut record);
             let size = record.len() + rel.len() + 10;
             if size > limit {
-                return Err(LogError::TooLarge(size));
+                // Alone, after what came before it; in parts if it exceeds a message.
+                if !body.is_empty() {
+                    messages.push((
+                        headers(KIND_CHANGES, epoch, floor, last),
+                        Bytes::from(std::mem::take(&mut body)),
+                        format!("{}:{}", epoch.0, format_position(last)),
+                    ));
+                    floor = last;
+                }
+                versions.clear();
+                let mut solo = Vec::with_capacity(size);
+                rel.clear();
+                record.clear();
+                codec::encode_relation(0, &c.relation, &mut rel);
+                codec::encode_change(c, 0, &mut record);
+                push_record(REC_RELATION, &rel, &mut solo);
+                push_record(REC_CHANGE, &record, &mut solo);
+                let chunks: Vec<&[u8]> = solo.chunks(max).collect();
+                let n = u32::try_from(chunks.len()).map_err(|_| LogError::TooLarge(solo.len()))?;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let k = i as u32 + 1;
+                    let mut h = headers(KIND_PART, epoch, floor, c.position);
+                    h.insert(PART, format!("{k}/{n}").as_str());
+                    // The writer in the id: a group another leader left
+                    // incomplete is appended again whole, not de-duplicated in part.
+                    let id = format!(
+                        "{}:{}:{k}/{n}:{}",
+                        epoch.0,
+                        format_position(c.position),
+                        self.writer
+                    );
+                    messages.push((h, Bytes::copy_from_slice(chunk), id));
+                }
+                last = c.position;
+                floor = last;
+                continue;
             }
             if !body.is_empty() && body.len() + size > limit {
                 messages.push((
@@ -649,11 +766,13 @@ impl ChangeLog for JetStreamLog {
             push_record(REC_CHANGE, &record, &mut body);
             last = c.position;
         }
-        messages.push((
-            headers(KIND_CHANGES, epoch, floor, last),
-            Bytes::from(body),
-            format!("{}:{}", epoch.0, format_position(last)),
-        ));
+        if !body.is_empty() {
+            messages.push((
+                headers(KIND_CHANGES, epoch, floor, last),
+                Bytes::from(body),
+                format!("{}:{}", epoch.0, format_position(last)),
+            ));
+        }
         let n = messages.len() as u64;
         let seq = match self.rt.block_on(self.publish_all(messages, last_seq)) {
             Ok(seq) => seq,
@@ -809,6 +928,7 @@ pub async fn follow(
         relations: HashMap::new(),
         newest: log.bounds().newest,
         epoch: log.bounds().epoch,
+        parts: Assembler::default(),
     };
     loop {
         let result = tokio::select! {
@@ -838,6 +958,8 @@ struct Place {
     relations: HashMap<TableId, Arc<Relation>>,
     newest: Option<Position>,
     epoch: Epoch,
+    /// A change arriving in parts.
+    parts: Assembler,
 }
 
 async fn follow_once(
@@ -932,8 +1054,12 @@ async fn follow_once(
                 }
             }
             Kind::ResetPending => log.state().reset_pending = true,
-            Kind::Changes => {
-                for (c, _) in decode_body(&m.payload, meta.epoch)? {
+            Kind::Changes | Kind::Part(..) => {
+                let Some((body, _)) = place.parts.push(meta.kind, seq, &m.payload) else {
+                    // Mid-group: where this reader stands moves at the group's end.
+                    continue;
+                };
+                for (c, _) in decode_body(body, meta.epoch)? {
                     if place.newest.is_some_and(|n| c.position <= n) {
                         continue;
                     }
@@ -1101,6 +1227,70 @@ mod tests {
         let rest = read_all(&other, changes[4].position, 1 << 20);
         assert_eq!(rest.first().map(|c| c.position), Some(changes[5].position));
         assert_eq!(rest.len(), 7);
+    }
+
+    /// A row larger than a message travels in parts, between whole batches,
+    /// and comes back whole to readers and followers.
+    #[test]
+    fn a_row_larger_than_a_message_travels_in_parts() {
+        let f = fixture();
+        let leader = f.ready("PARTS").with_max_message(64 << 10);
+        let r = rel("big");
+        let big = |i: u64| change(&r, 100 * i, format!("{i}:{}", "y".repeat(200_000)));
+        let small = |i: u64| change(&r, 100 * i, format!("{i}"));
+        let node = Arc::new(f.open("PARTS"));
+        let start = node.last_sequence();
+        let (tx, mut rx) = mpsc::channel(64);
+        let (status, _) = watch::channel(FollowStatus::default());
+        let (_reconnects_tx, reconnects) = watch::channel(0);
+        let shutdown = CancellationToken::new();
+        let task = f.rt.spawn(follow(
+            Arc::clone(&node),
+            start,
+            tx,
+            status,
+            reconnects,
+            shutdown.clone(),
+        ));
+        let changes = vec![small(1), big(2), small(3), small(4), big(5)];
+        leader.append(&changes[..3]).unwrap();
+        leader.append(&changes[3..]).unwrap();
+        let reader = f.open("PARTS");
+        assert_eq!(reader.bounds().newest, Some(changes[4].position));
+        // The epoch, small 1, big 2 in 4 parts, small 3, small 4, big 5 in 4.
+        assert_eq!(reader.last_sequence(), 12, "the big rows went in parts");
+        for page in [1, 100_000, 1 << 22] {
+            let back = read_all(&reader, reader.bounds().floor, page);
+            assert_eq!(back.len(), 5, "page {page}");
+            for (x, y) in back.iter().zip(&changes) {
+                assert_eq!(x.position, y.position);
+                assert!(x.new == y.new, "{} came back whole", x.position);
+            }
+        }
+        // From the middle of a group's history.
+        let rest = read_all(&reader, changes[1].position, 1);
+        assert_eq!(rest.len(), 3);
+        let fed: Vec<Position> = f.rt.block_on(async {
+            let mut got = Vec::new();
+            while got.len() < 5 {
+                match tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("the feed goes on")
+                    .unwrap()
+                {
+                    Feed::Change(c) => {
+                        assert!(c.new == changes[got.len()].new);
+                        got.push(c.position);
+                    }
+                    Feed::Relation(_) => {}
+                    Feed::Reset { .. } => panic!("no reset here"),
+                }
+            }
+            got
+        });
+        assert_eq!(fed, changes.iter().map(|c| c.position).collect::<Vec<_>>());
+        shutdown.cancel();
+        f.rt.block_on(task).unwrap();
     }
 
     /// A leader that lost its place (another appended after it) is fenced, and
