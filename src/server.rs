@@ -536,6 +536,7 @@ impl Server {
                 kingshare,
                 next_session: AtomicU64::new(1),
                 shutdown: shutdown.clone(),
+                drain: aether_realtime::service::Drain::new(shutdown.clone()),
                 auth: Arc::new(auth.clone()),
                 directory: Arc::new(crate::rules::presence::SharesDirectory(pool.clone())),
                 status: Arc::new(crate::api::ops::ServerStatusReport(server.clone())),
@@ -572,6 +573,12 @@ impl Server {
                 }
             }
         }));
+        if let Some(c) = state.cluster.clone() {
+            tasks.push(spawn_named(
+                "cluster-drain",
+                crate::cluster::drain_when_cut_off(c, state.realtime.clone(), shutdown.clone()),
+            ));
+        }
         let app = crate::api::app(state.clone());
         tasks.push(critical(
             "http",

@@ -250,7 +250,9 @@ async fn nats_restarted_under_load_makes_nodes_unhealthy_then_loses_nothing() {
     for i in 1..=10 {
         insert(&sql, &format!("r{i:03}")).await;
     }
-    assert_eq!(names(&read_until(&mut ws, "r010").await), numbered(1..=10));
+    let seen = read_until(&mut ws, "r010").await;
+    assert_eq!(names(&seen), numbered(1..=10));
+    let last_id = seen[9]["id"].as_str().unwrap().to_owned();
 
     nats.kill();
     // Writes go on in PostgreSQL while NATS is gone.
@@ -263,6 +265,13 @@ async fn nats_restarted_under_load_makes_nodes_unhealthy_then_loses_nothing() {
         })
         .await;
     }
+    // Cut off for long enough, a node sends its clients elsewhere (1001).
+    let (code, _) = ws.until_close().await;
+    assert_eq!(
+        code,
+        Some(1001),
+        "a node without its change stream closes its sockets"
+    );
     nats.restart();
     for n in &nodes {
         until(Duration::from_secs(30), "healthy again", || async {
@@ -270,6 +279,10 @@ async fn nats_restarted_under_load_makes_nodes_unhealthy_then_loses_nothing() {
         })
         .await;
     }
+    // The client comes back and resumes: nothing written meanwhile is lost.
+    let mut ws = Ws::connect(nodes[1].addr, Some(&token)).await;
+    ws.subscribe("s", json!({"table": "files", "since": last_id}))
+        .await;
     insert(&sql, "end").await;
     let mut want = numbered(11..=30);
     want.push("end".into());

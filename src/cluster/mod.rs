@@ -193,6 +193,45 @@ impl Cluster {
     }
 }
 
+/// A node cut off from the change stream (NATS unreachable) this long closes
+/// its sockets: its clients reconnect, through the load balancer, to nodes that
+/// deliver, and resume with `since`.
+pub const DRAIN_AFTER: Duration = Duration::from_secs(10);
+
+/// Watches this node's reading of the stream; drains its sockets once per
+/// outage that lasts [`DRAIN_AFTER`].
+pub async fn drain_when_cut_off(
+    cluster: Arc<Cluster>,
+    realtime: aether_realtime::Realtime,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since: Option<tokio::time::Instant> = None;
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match cluster.problem() {
+            None => {
+                since = None;
+                drained = false;
+            }
+            Some(why) => {
+                let at = *since.get_or_insert_with(tokio::time::Instant::now);
+                if !drained && at.elapsed() >= DRAIN_AFTER {
+                    tracing::warn!(%why, "cut off from the change stream: closing this node's sockets so clients move to other nodes");
+                    realtime.drain.drain();
+                    drained = true;
+                }
+            }
+        }
+    }
+}
+
 /// Every node's reader of the stream, into its router.
 pub async fn follow(
     log: Arc<JetStreamLog>,

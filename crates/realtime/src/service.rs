@@ -114,9 +114,42 @@ pub struct Inner {
     pub kingshare: Arc<Notifier>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
+    /// Closes this node's sockets while it keeps running (see [`Drain`]).
+    pub drain: Drain,
     pub auth: Arc<dyn Authenticator>,
     pub directory: Arc<dyn Directory>,
     pub status: Arc<dyn StatusReport>,
+}
+
+/// Closes every socket of this node at once, as a shutdown does (1001, "going
+/// away": clients reconnect, elsewhere behind a load balancer), while the node
+/// keeps running: a cluster node that lost its change stream sends its clients
+/// to nodes that have it, rather than keeping them and delivering nothing.
+pub struct Drain {
+    shutdown: CancellationToken,
+    current: std::sync::Mutex<CancellationToken>,
+}
+
+impl Drain {
+    pub fn new(shutdown: CancellationToken) -> Drain {
+        let current = std::sync::Mutex::new(shutdown.child_token());
+        Drain { shutdown, current }
+    }
+
+    /// What a new socket ends on: this drain or the server's shutdown.
+    pub fn token(&self) -> CancellationToken {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Closes every socket open now; later ones are not affected.
+    pub fn drain(&self) {
+        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        g.cancel();
+        *g = self.shutdown.child_token();
+    }
 }
 
 impl Realtime {

@@ -670,7 +670,7 @@ pub fn run(
             reaped,
             last_seen,
             router: state.router.clone(),
-            shutdown: state.shutdown.clone(),
+            shutdown: state.drain.token(),
         };
         let limits = engine::Limits::from_settings(&state.settings);
         engine::run(&mut socket, &mut conn, link, limits, &state.stats).await;
