@@ -539,6 +539,7 @@ impl Server {
                 drain: aether_realtime::service::Drain::new(shutdown.clone()),
                 auth: Arc::new(auth.clone()),
                 directory: Arc::new(crate::rules::presence::SharesDirectory(pool.clone())),
+                channel_policy: Arc::new(crate::rules::channels::MessagePolicies(pool.clone())),
                 status: Arc::new(crate::api::ops::ServerStatusReport(server.clone())),
             }),
             config,

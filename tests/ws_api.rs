@@ -696,3 +696,116 @@ async fn messages_sent_from_the_database_reach_the_channels_members_in_its_order
     let own = other.next_of("message").await;
     assert_eq!(own["data"]["content"], "ping");
 }
+
+/// A Phoenix socket (anon API key), joined to `topic` as the holder of
+/// `token` (none: anon); returns the join's reply.
+async fn phx_join(t: &TestServer, topic: &str, private: bool, token: Option<&str>) -> (Ws, Value) {
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        t.addr(),
+        t.server.state.jwt.api_key("anon")
+    );
+    let mut ws = Ws::connect_url(&url).await;
+    let mut payload = json!({"config":{"broadcast":{"self":false},"presence":{"key":""},
+        "postgres_changes":[],"private":private}});
+    if let Some(tok) = token {
+        payload["access_token"] = json!(tok);
+    }
+    ws.send(
+        json!({"topic": topic, "event":"phx_join","ref":"1","join_ref":"1","payload": payload}),
+    )
+    .await;
+    let reply = ws.next().await;
+    (ws, reply)
+}
+
+/// The next `broadcast` a Phoenix socket receives (replies and presence skipped).
+async fn next_broadcast(ws: &mut Ws) -> Value {
+    loop {
+        let v = ws.next().await;
+        if v["event"] == "broadcast" {
+            return v["payload"].clone();
+        }
+    }
+}
+
+/// Private channels are opened by the `realtime.messages` RLS policies, asked
+/// as the member with `realtime.topic()`; they are apart from the public
+/// channel of the same topic; private database messages reach only them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_channels_follow_the_realtime_messages_policies() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE POLICY read_rooms ON realtime.messages FOR SELECT TO authenticated
+           USING (realtime.topic() = 'room:shared' OR realtime.topic() = 'room:' || auth.uid()::text);
+         CREATE POLICY send_shared ON realtime.messages FOR INSERT TO authenticated
+           WITH CHECK (realtime.topic() = 'room:shared' AND extension = 'broadcast');",
+    )
+    .await;
+    let (alice, bob) = (t.new_user().await, t.new_user().await);
+    let (ta, tb) = (user_token(&alice), user_token(&bob));
+    let topic = "realtime:room:shared";
+    let (mut a, reply) = phx_join(&t, topic, true, Some(&ta)).await;
+    assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+    let (mut b, reply) = phx_join(&t, topic, true, Some(&tb)).await;
+    assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+    let (mut public, reply) = phx_join(&t, topic, false, None).await;
+    assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+
+    // Someone else's room, and anon, are refused in Supabase's words.
+    let (_, reply) = phx_join(&t, &format!("realtime:room:{bob}"), true, Some(&ta)).await;
+    assert_eq!(reply["payload"]["status"], "error");
+    assert_eq!(
+        reply["payload"]["response"]["reason"],
+        format!(
+            "Unauthorized: You do not have permissions to read from this Channel topic: room:{bob}"
+        )
+    );
+    let (_, reply) = phx_join(&t, &format!("realtime:room:{bob}"), true, Some(&tb)).await;
+    assert_eq!(
+        reply["payload"]["status"], "ok",
+        "bob may read his own room: {reply}"
+    );
+    let (_, reply) = phx_join(&t, topic, true, None).await;
+    assert_eq!(
+        reply["payload"]["status"], "error",
+        "anon has no policy: {reply}"
+    );
+
+    // A private broadcast reaches private members, not the public channel.
+    a.send(
+        json!({"topic": topic, "event":"broadcast","ref":"2","join_ref":"1",
+        "payload":{"type":"broadcast","event":"secret","payload":{"n":1}}}),
+    )
+    .await;
+    assert_eq!(next_broadcast(&mut b).await["payload"], json!({"n": 1}));
+    // Presence needs its own policy.
+    a.send(
+        json!({"topic": topic, "event":"presence","ref":"3","join_ref":"1",
+        "payload":{"type":"presence","event":"track","payload":{"at":"desk"}}}),
+    )
+    .await;
+    let refused = loop {
+        let v = a.next().await;
+        if v["ref"] == "3" {
+            break v;
+        }
+    };
+    assert_eq!(refused["payload"]["status"], "error", "{refused}");
+
+    // From the database: private to the private members, public to the public.
+    t.exec("SELECT realtime.send('{\"m\":\"private\"}'::jsonb, 'db', 'room:shared', true)")
+        .await;
+    assert_eq!(
+        next_broadcast(&mut b).await["payload"],
+        json!({"m": "private"})
+    );
+    t.exec("SELECT realtime.send('{\"m\":\"public\"}'::jsonb, 'db', 'room:shared', false)")
+        .await;
+    // The public member's first broadcast is the public one: nothing private
+    // reached it.
+    assert_eq!(
+        next_broadcast(&mut public).await["payload"],
+        json!({"m": "public"})
+    );
+}

@@ -11,6 +11,7 @@
 //!   `realtime.broadcast_changes`) → broadcasts on `/realtime/v1`.
 //! - [`presence::SharesDirectory`]: who hears of a user's presence.
 
+pub mod channels;
 pub mod presence;
 pub mod visibility;
 
@@ -120,9 +121,9 @@ impl Tap for KingShareEvents {
 /// Broadcast from the database: a `realtime.messages` row (written by
 /// `realtime.send` or `realtime.broadcast_changes`) goes to its topic's members
 /// on `/realtime/v1`, as a `broadcast` with the row's event and payload, and to
-/// the members of the Aether channel of that name on `/ws`. Private
-/// messages reach no one yet: no one may join a private topic until Realtime
-/// Authorization decides who may.
+/// the members of the Aether channel of that name on `/ws`. A private message
+/// goes to the members of the private channel of that topic on `/realtime/v1`
+/// only (its `realtime.messages` policies let them in).
 pub struct DatabaseBroadcast {
     pub phoenix: tokio::sync::mpsc::Sender<PhxCommand>,
     /// The Aether channels of `/ws`: a message to topic `x` also reaches the
@@ -146,30 +147,39 @@ impl Tap for DatabaseBroadcast {
             self.relayed.fetch_max(id, Ordering::Relaxed);
         }
         let text = |col| at(change, row, col).and_then(Value::as_str);
-        if at(change, row, "private") != Some(&Value::Bool(false))
-            || text("extension") != Some("broadcast")
-        {
+        // Authorization probes (src/rules/channels.rs) are rolled back and never
+        // decoded; the event name keeps them out should one ever commit.
+        if text("extension") != Some("broadcast") || text("event") == Some(channels::PROBE_EVENT) {
             return;
         }
+        let private = match at(change, row, "private") {
+            Some(Value::Bool(b)) => *b,
+            _ => return,
+        };
         let Some(topic) = text("topic") else { return };
         let payload = match at(change, row, "payload") {
             Some(Value::Null) | None => Value::Object(Default::default()),
             Some(v) => v.clone(),
         };
         let event = text("event").unwrap_or_default().to_owned();
-        let to_ws = HubCommand::FromDatabase {
-            channel: topic.to_owned(),
-            event: event.clone(),
-            content: payload.clone(),
-            id: format!("{}/{}", change.epoch, change.position),
-        };
         let to_phoenix = PhxCommand::Broadcast {
             from: aether_realtime::phoenix_hub::Sender::Database,
-            topic: format!("realtime:{topic}"),
-            event,
-            payload: BroadcastPayload::Json(payload),
+            // A private message goes to the private channel's members, whom
+            // its policies let in.
+            topic: aether_realtime::phoenix_hub::hub_topic(&format!("realtime:{topic}"), private),
+            event: event.clone(),
+            payload: BroadcastPayload::Json(payload.clone()),
         };
-        if self.hub.try_send(to_ws).is_err() {
+        // `/ws` channels have no private kind: only public messages go there.
+        let to_ws = (!private).then(|| HubCommand::FromDatabase {
+            channel: topic.to_owned(),
+            event,
+            content: payload,
+            id: format!("{}/{}", change.epoch, change.position),
+        });
+        if let Some(to_ws) = to_ws
+            && self.hub.try_send(to_ws).is_err()
+        {
             tracing::warn!(topic, "channel hub busy: database broadcast dropped");
             metrics::counter!("aether_database_broadcasts_dropped_total").increment(1);
         }

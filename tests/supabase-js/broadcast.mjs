@@ -121,6 +121,6 @@ await main('broadcast', async () => {
     body: JSON.stringify({ messages: [{ topic, event: 'msg', payload: {} }] }),
   })
   assert.equal(bad.status, 401)
-  await assert.rejects(client(undefined).channel(topic, { config: { private: true } }).httpSend('msg', {}), /private/)
+  await assert.rejects(client(undefined).channel(topic, { config: { private: true } }).httpSend('msg', {}), /Unauthorized/)
   b.sb.realtime.disconnect()
 })

@@ -1,7 +1,7 @@
 // Broadcast from the database with the real client: `realtime.send` and a
 // trigger calling it reach a channel's members through the WAL; private
-// messages (Supabase's default) reach no one while private channels are not
-// authorized; delivered rows are pruned from `realtime.messages`.
+// messages (Supabase's default) reach only the private channel's members, not
+// this public channel's; delivered rows are pruned from `realtime.messages`.
 import { assert, client, main, sql, subscribed, waitUntil } from './lib.mjs'
 
 // Retries `statement` (which raises until its condition holds) for up to 15 s.
@@ -52,7 +52,7 @@ await main('db_broadcast', async () => {
     heard.map((m) => [m.event, m.payload]),
     [['note', { n: 1 }], ['chat', { id: 1, body: 'hello' }], ['chat', { id: 2, body: 'again' }]],
   )
-  // broadcast_changes is private, as on Supabase: it runs, and no one hears it.
+  // broadcast_changes is private, as on Supabase: the public channel does not hear it.
   await sql(`SELECT realtime.broadcast_changes('${topic}', 'INSERT', 'INSERT', 'chat', 'public', NULL::record, NULL::record)`)
   await sql(`SELECT realtime.send('{"n": 3}'::jsonb, 'note', '${topic}', false)`)
   await waitUntil(() => heard.length >= 4, 'the last database broadcast')

@@ -211,7 +211,26 @@ pub fn decode_user_broadcast_push(frame: &[u8]) -> Option<BinaryPush> {
     })
 }
 
+/// A private channel's topic in the hub: kept apart from the public channel of
+/// the same name (a client's topic never holds NUL: such a join is refused).
+const PRIVATE_PREFIX: &str = "\u{0}private:";
+
+/// The hub's name for `topic`, private or public.
+pub fn hub_topic(topic: &str, private: bool) -> String {
+    if private {
+        format!("{PRIVATE_PREFIX}{topic}")
+    } else {
+        topic.to_owned()
+    }
+}
+
+/// The topic clients see for a hub topic.
+fn shown(topic: &str) -> &str {
+    topic.strip_prefix(PRIVATE_PREFIX).unwrap_or(topic)
+}
+
 fn text(vsn: Vsn, join_ref: Option<String>, topic: &str, event: &str, payload: Value) -> Outbound {
+    let topic = shown(topic);
     let m = PhxMessage {
         join_ref,
         msg_ref: None,
@@ -559,7 +578,7 @@ impl PhxHub {
                 Vsn::V1 => v1.get_or_insert_with(|| json_frame(Vsn::V1)).clone(),
                 Vsn::V2 => v2
                     .get_or_insert_with(|| {
-                        encode_user_broadcast(topic, event, payload)
+                        encode_user_broadcast(shown(topic), event, payload)
                             .map(Outbound::Binary)
                             .or_else(|| json_frame(Vsn::V2))
                     })

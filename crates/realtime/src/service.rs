@@ -72,6 +72,28 @@ pub trait Authenticator: Send + Sync {
     -> BoxFuture<'a, Result<Principal, TokenRefused>>;
 }
 
+/// What a member may do on a private channel (`config.private`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelRights {
+    /// Join, and receive its broadcasts and presence.
+    pub read: bool,
+    /// Send broadcasts.
+    pub broadcast: bool,
+    /// Track presence.
+    pub presence: bool,
+}
+
+/// Who may use a private channel: decided by the application (Supabase's
+/// Realtime Authorization: the `realtime.messages` RLS policies), once per join.
+pub trait ChannelPolicy: Send + Sync {
+    /// `Err` when it could not be decided (the join is refused with the reason).
+    fn rights<'a>(
+        &'a self,
+        principal: &'a Principal,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<ChannelRights, String>>;
+}
+
 /// Who hears of a user coming online or going offline (KingShare presence).
 pub trait Directory: Send + Sync {
     /// The user's display name and the users told of its presence.
@@ -118,6 +140,7 @@ pub struct Inner {
     pub drain: Drain,
     pub auth: Arc<dyn Authenticator>,
     pub directory: Arc<dyn Directory>,
+    pub channel_policy: Arc<dyn ChannelPolicy>,
     pub status: Arc<dyn StatusReport>,
 }
 

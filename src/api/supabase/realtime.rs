@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 use super::check_api_key;
 use crate::api::extract::ClientAddr;
 use crate::server::AppState;
+use aether_core::principal::Principal;
 use aether_realtime::engine;
-use aether_realtime::phoenix::{self, PRIVATE, Vsn};
+use aether_realtime::phoenix::{self, Vsn};
 use aether_realtime::phoenix_hub::{BroadcastPayload, PhxCommand};
 
 #[derive(Deserialize)]
@@ -75,7 +76,12 @@ fn rest_error(status: StatusCode, message: &str) -> Response {
 
 /// The `apikey` (header or query) and, when given, the bearer token of a REST
 /// broadcast: a bad bearer token is refused like a bad key.
-async fn rest_caller(state: &AppState, headers: &HeaderMap, query: &str) -> Result<(), Response> {
+/// The caller of a broadcast route: the bearer token's, else the API key's.
+async fn rest_caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &str,
+) -> Result<Principal, Response> {
     let key = headers
         .get("apikey")
         .and_then(|v| v.to_str().ok())
@@ -85,20 +91,68 @@ async fn rest_caller(state: &AppState, headers: &HeaderMap, query: &str) -> Resu
         .map_err(|e| rest_error(StatusCode::UNAUTHORIZED, e.message()))?;
     if let Some(token) = crate::api::extract::bearer_token(headers)
         && Some(token) != key.as_deref().map(str::trim)
-        && let Err(e) = state.auth.authenticate(token).await
     {
-        return Err(rest_error(StatusCode::UNAUTHORIZED, &e.to_string()));
+        return state
+            .auth
+            .authenticate(token)
+            .await
+            .map_err(|e| rest_error(StatusCode::UNAUTHORIZED, &e.to_string()));
     }
-    Ok(())
+    key.and_then(|k| state.jwt.verify(k.trim()).ok())
+        .ok_or_else(|| {
+            rest_error(
+                StatusCode::UNAUTHORIZED,
+                "an apikey or a bearer token is required",
+            )
+        })
 }
 
-async fn rest_relay(state: &AppState, sub_topic: &str, event: String, payload: BroadcastPayload) {
+/// A private channel's broadcast from the REST API: only with its policies'
+/// write right for the caller.
+async fn private_allowed(
+    state: &AppState,
+    caller: &Principal,
+    sub_topic: &str,
+) -> Result<(), Response> {
+    match state
+        .realtime
+        .channel_policy
+        .rights(caller, sub_topic)
+        .await
+    {
+        Ok(r) if r.broadcast => Ok(()),
+        Ok(_) => Err(rest_error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "Unauthorized: You do not have permissions to write to this Channel topic: {sub_topic}"
+            ),
+        )),
+        Err(why) => {
+            tracing::error!(error = %why, "private channel authorization");
+            Err(rest_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the channel's policies could not be checked",
+            ))
+        }
+    }
+}
+
+async fn rest_relay(
+    state: &AppState,
+    sub_topic: &str,
+    private: bool,
+    event: String,
+    payload: BroadcastPayload,
+) {
     let _ = state
         .realtime
         .phoenix
         .send(PhxCommand::Broadcast {
             from: aether_realtime::phoenix_hub::Sender::Api,
-            topic: format!("realtime:{sub_topic}"),
+            topic: aether_realtime::phoenix_hub::hub_topic(
+                &format!("realtime:{sub_topic}"),
+                private,
+            ),
             event,
             payload,
         })
@@ -114,9 +168,10 @@ pub async fn http_broadcast(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = rest_caller(&state, &headers, uri.query().unwrap_or("")).await {
-        return r;
-    }
+    let caller = match rest_caller(&state, &headers, uri.query().unwrap_or("")).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         return rest_error(StatusCode::BAD_REQUEST, "the body is not JSON");
     };
@@ -134,14 +189,22 @@ pub async fn http_broadcast(
                 "every message needs a topic and an event",
             );
         };
-        if m.get("private").and_then(Value::as_bool) == Some(true) {
-            return rest_error(StatusCode::FORBIDDEN, PRIVATE);
+        let private = m.get("private").and_then(Value::as_bool) == Some(true);
+        if private && let Err(r) = private_allowed(&state, &caller, topic).await {
+            return r;
         }
         let payload = m.get("payload").cloned().unwrap_or(json!({}));
-        relays.push((topic.to_owned(), event.to_owned(), payload));
+        relays.push((topic.to_owned(), private, event.to_owned(), payload));
     }
-    for (topic, event, payload) in relays {
-        rest_relay(&state, &topic, event, BroadcastPayload::Json(payload)).await;
+    for (topic, private, event, payload) in relays {
+        rest_relay(
+            &state,
+            &topic,
+            private,
+            event,
+            BroadcastPayload::Json(payload),
+        )
+        .await;
     }
     StatusCode::ACCEPTED.into_response()
 }
@@ -156,11 +219,13 @@ pub async fn http_send(
     body: Bytes,
 ) -> Response {
     let query = uri.query().unwrap_or("");
-    if let Err(r) = rest_caller(&state, &headers, query).await {
+    let caller = match rest_caller(&state, &headers, query).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let private = crate::api::supabase::query_param(query, "private").as_deref() == Some("true");
+    if private && let Err(r) = private_allowed(&state, &caller, &topic).await {
         return r;
-    }
-    if crate::api::supabase::query_param(query, "private").as_deref() == Some("true") {
-        return rest_error(StatusCode::FORBIDDEN, PRIVATE);
     }
     let binary = headers
         .get(axum::http::header::CONTENT_TYPE)
@@ -174,6 +239,6 @@ pub async fn http_send(
             Err(_) => return rest_error(StatusCode::BAD_REQUEST, "the body is not JSON"),
         }
     };
-    rest_relay(&state, &topic, event, payload).await;
+    rest_relay(&state, &topic, private, event, payload).await;
     StatusCode::ACCEPTED.into_response()
 }

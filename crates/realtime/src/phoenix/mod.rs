@@ -85,9 +85,11 @@ struct Channel {
     joined: bool,
     /// `config.broadcast.ack`: a broadcast gets a `phx_reply`.
     ack: bool,
-    /// `config.private`: broadcast and presence are refused (Aether has no
-    /// `realtime.messages` policies to authorize them).
+    /// `config.private`: a channel apart from the public one of the same
+    /// topic, joined only with the read right of its policies.
     private: bool,
+    /// What the member may do (a public channel: everything).
+    rights: crate::ChannelRights,
     /// Broadcast and presence membership, taken once the join is answered.
     hub: Option<JoinOptions>,
     /// Broadcasts this connection may send on this topic (`RATE_LIMIT_MESSAGES`
@@ -202,7 +204,7 @@ impl Conn {
                     .phoenix
                     .send(PhxCommand::Leave {
                         session: self.session,
-                        topic: topic.to_owned(),
+                        topic: crate::phoenix_hub::hub_topic(topic, ch.private),
                     })
                     .await;
             }
@@ -220,9 +222,14 @@ impl Conn {
         let Some(ch) = self.channels.get(&m.topic).filter(|c| c.joined) else {
             return vec![self.reply(m, "error", json!({"reason": "unmatched topic"}))];
         };
-        if ch.private {
-            return vec![self.reply(m, "error", json!({"reason": PRIVATE}))];
+        if !ch.rights.broadcast {
+            return vec![self.reply(
+                m,
+                "error",
+                json!({"reason": unauthorized("write to", &m.topic)}),
+            )];
         }
+        let hub_topic = crate::phoenix_hub::hub_topic(&m.topic, ch.private);
         let Some(event) = event else {
             return vec![self.reply(m, "error", json!({"reason": "a broadcast needs an event"}))];
         };
@@ -245,7 +252,7 @@ impl Conn {
             .phoenix
             .send(PhxCommand::Broadcast {
                 from: crate::phoenix_hub::Sender::Member(self.session),
-                topic: m.topic.clone(),
+                topic: hub_topic,
                 event,
                 payload,
             })
@@ -262,10 +269,17 @@ impl Conn {
         let Some(ch) = self.channels.get(&m.topic).filter(|c| c.joined) else {
             return vec![self.reply(m, "error", json!({"reason": "unmatched topic"}))];
         };
-        if ch.private {
-            return vec![self.reply(m, "error", json!({"reason": PRIVATE}))];
+        if !ch.rights.presence {
+            return vec![self.reply(
+                m,
+                "error",
+                json!({"reason": unauthorized("track presence on", &m.topic)}),
+            )];
         }
-        let (session, topic) = (self.session, m.topic.clone());
+        let (session, topic) = (
+            self.session,
+            crate::phoenix_hub::hub_topic(&m.topic, ch.private),
+        );
         let cmd = match m.payload.get("event").and_then(Value::as_str) {
             Some("track") => PhxCommand::Track {
                 session,
@@ -411,6 +425,42 @@ impl Conn {
                 .and_then(|c| c.pointer(path))
                 .and_then(Value::as_bool)
         };
+        let private = flag("/private").unwrap_or(false);
+        let rights = if private {
+            if m.topic.contains('\0') {
+                return vec![self.reply(
+                    &m,
+                    "error",
+                    json!({"reason": "a topic may not hold NUL"}),
+                )];
+            }
+            let principal = Arc::clone(&self.principal);
+            match self
+                .state
+                .channel_policy
+                .rights(&principal, sub_topic(&m.topic))
+                .await
+            {
+                Ok(r) if r.read => r,
+                Ok(_) => {
+                    return vec![self.reply(
+                        &m,
+                        "error",
+                        json!({"reason": unauthorized("read from", &m.topic)}),
+                    )];
+                }
+                Err(why) => {
+                    tracing::error!(error = %why, session = self.session, "private channel authorization");
+                    return vec![self.reply(&m, "error", json!({"reason": format!("Unauthorized: the channel's policies could not be checked: {why}")}))];
+                }
+            }
+        } else {
+            crate::ChannelRights {
+                read: true,
+                broadcast: true,
+                presence: true,
+            }
+        };
         let presence_key = config
             .and_then(|c| c.pointer("/presence/key"))
             .and_then(Value::as_str)
@@ -425,7 +475,8 @@ impl Conn {
             bindings,
             joined: false,
             ack: flag("/broadcast/ack").unwrap_or(false),
-            private: flag("/private").unwrap_or(false),
+            private,
+            rights,
             hub: Some(JoinOptions {
                 join_ref: m.join_ref.clone(),
                 self_broadcast: flag("/broadcast/self").unwrap_or(false),
@@ -477,7 +528,8 @@ impl Conn {
         }
         let replies: Vec<Value> = ch.bindings.iter().map(Binding::reply).collect();
         let has_pg = !replies.is_empty();
-        let hub = ch.hub.take().filter(|_| !ch.private);
+        let hub = ch.hub.take();
+        let hub_topic = crate::phoenix_hub::hub_topic(topic, ch.private);
         let mut out = vec![self.frame(
             join_ref.clone(),
             msg_ref,
@@ -503,7 +555,7 @@ impl Conn {
                 .phoenix
                 .send(PhxCommand::Join {
                     session: self.session,
-                    topic: topic.to_owned(),
+                    topic: hub_topic,
                     options,
                 })
                 .await;
@@ -582,8 +634,13 @@ impl Conn {
     }
 }
 
-pub const PRIVATE: &str =
-    "Aether does not support broadcast or presence on private channels (config.private)";
+/// Supabase's words for a private channel the policies do not open.
+fn unauthorized(what: &str, topic: &str) -> String {
+    format!(
+        "Unauthorized: You do not have permissions to {what} this Channel topic: {}",
+        sub_topic(topic)
+    )
+}
 
 fn sub_topic(topic: &str) -> &str {
     topic.strip_prefix("realtime:").unwrap_or(topic)

@@ -155,7 +155,7 @@ impl FromRequestParts<AppState> for RestCaller {
     }
 }
 
-fn role_name(role: Role) -> &'static str {
+pub(crate) fn role_name(role: Role) -> &'static str {
     match role {
         Role::Anon => "anon",
         Role::Authenticated => "authenticated",
@@ -164,7 +164,7 @@ fn role_name(role: Role) -> &'static str {
 }
 
 /// The claims `auth.uid()`, `auth.role()` and `auth.jwt()` read.
-fn claims(p: &Principal) -> String {
+pub(crate) fn claims(p: &Principal) -> String {
     let mut c = json!({"role": role_name(p.role)});
     if let Some(u) = &p.user_id {
         c["sub"] = json!(u);
