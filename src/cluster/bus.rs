@@ -59,7 +59,11 @@ impl ChannelBus for NatsChannelBus {
     }
 
     fn announce(&self, event: Announcement) {
-        let _ = self.out.try_send(Out::Announce(event));
+        if self.out.try_send(Out::Announce(event)).is_err() {
+            // NATS cannot keep up: the other nodes miss it (as a member would
+            // while reconnecting); counted, never waited for.
+            metrics::counter!("aether_cluster_announcements_dropped_total").increment(1);
+        }
     }
 }
 
@@ -286,12 +290,17 @@ async fn incoming(
     mut reconnects: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
+    // Kept across reconnects: a node that died while NATS was away is still
+    // known here, falls silent, and is declared gone.
+    let mut nodes = Nodes::default();
+    // Where this node stands in the channel stream (across reconnects).
+    let mut after_seq: Option<u64> = None;
     loop {
         reconnects.borrow_and_update();
         let r = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            r = incoming_once(&js, &client, &subjects, &hubs) => r,
+            r = incoming_once(&js, &client, &subjects, &hubs, &mut nodes, &mut after_seq) => r,
             _ = reconnects.changed() => Err(anyhow::anyhow!("NATS reconnected")),
         };
         match r {
@@ -311,12 +320,24 @@ async fn incoming_once(
     client: &async_nats::Client,
     subjects: &Subjects,
     hubs: &Hubs,
+    nodes: &mut Nodes,
+    after_seq: &mut Option<u64>,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
     let s = ensure_stream(js, subjects).await?;
+    // After a reconnect, from where this node stopped: members miss nothing
+    // the stream still holds.
+    let deliver_policy = match *after_seq {
+        // (A stream in memory starts again at 1 after NATS restarted.)
+        Some(seq) if s.cached_info().state.last_sequence >= seq => DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+        Some(_) => DeliverPolicy::All,
+        None => DeliverPolicy::New,
+    };
     let mut messages = s
         .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::New,
+            deliver_policy,
             ..Default::default()
         })
         .await?
@@ -345,10 +366,11 @@ async fn incoming_once(
         Announcement::ConnectionsSnapshot { counts },
     )
     .await?;
-    let mut seen: HashMap<String, tokio::time::Instant> = HashMap::new();
-    // Nodes taken for gone: one heard from again was only slow, and is asked
-    // for what its members track.
-    let mut gone_nodes: std::collections::HashSet<String> = Default::default();
+    // Everyone known starts its silence now.
+    let now = tokio::time::Instant::now();
+    for at in nodes.seen.values_mut() {
+        *at = now;
+    }
     let mut alive = tokio::time::interval(ALIVE_EVERY);
     alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -356,6 +378,9 @@ async fn incoming_once(
             m = messages.next() => {
                 let Some(m) = m else { anyhow::bail!("the channel stream's consumer ended") };
                 let m = m?;
+                if let Ok(info) = m.info() {
+                    *after_seq = Some(info.stream_sequence);
+                }
                 let number = m
                     .headers
                     .as_ref()
@@ -376,8 +401,8 @@ async fn incoming_once(
                 match serde_json::from_slice::<Envelope>(&a.payload) {
                     Ok(e) if e.node == subjects.node => {}
                     Ok(e) => {
-                        seen.insert(e.node.clone(), tokio::time::Instant::now());
-                        if gone_nodes.remove(&e.node) {
+                        nodes.seen.insert(e.node.clone(), tokio::time::Instant::now());
+                        if nodes.gone.remove(&e.node) {
                             say(client, subjects, Announcement::Sync).await?;
                         }
                         if !announced(client, subjects, hubs, e).await? {
@@ -390,15 +415,16 @@ async fn incoming_once(
             _ = alive.tick() => {
                 say(client, subjects, Announcement::Alive).await?;
                 let now = tokio::time::Instant::now();
-                let gone: Vec<String> = seen
+                let gone: Vec<String> = nodes
+                    .seen
                     .iter()
                     .filter(|(_, at)| now.duration_since(**at) > GONE_AFTER)
                     .map(|(n, _)| n.clone())
                     .collect();
                 for node in gone {
-                    seen.remove(&node);
-                    if gone_nodes.len() < 1024 {
-                        gone_nodes.insert(node.clone());
+                    nodes.seen.remove(&node);
+                    if nodes.gone.len() < 1024 {
+                        nodes.gone.insert(node.clone());
                     }
                     tracing::warn!(%node, "a node went silent: its members' presence and connections are dropped");
                     hubs.registry.forget_node(&node);
@@ -409,6 +435,16 @@ async fn incoming_once(
             }
         }
     }
+}
+
+/// The other nodes as this one hears them.
+#[derive(Default)]
+struct Nodes {
+    /// When each was last heard from.
+    seen: HashMap<String, tokio::time::Instant>,
+    /// Taken for gone: one heard from again was only slow, and is asked for
+    /// what its members track.
+    gone: std::collections::HashSet<String>,
 }
 
 /// Every node says it is alive this often; one silent for [`GONE_AFTER`] is gone.

@@ -176,6 +176,7 @@ impl Tap for DatabaseBroadcast {
             event,
             content: payload,
             id: format!("{}/{}", change.epoch, change.position),
+            committed_ms: change.commit_time_ms,
         });
         if let Some(to_ws) = to_ws
             && self.hub.try_send(to_ws).is_err()

@@ -48,6 +48,9 @@ const LAST: &str = "Aether-Last";
 const WRITER: &str = "Aether-Writer";
 
 const KIND_CHANGES: &str = "changes";
+/// The newest position again, so the stream never empties by age: a quiet
+/// stream keeps its epoch and where its history stands.
+const KIND_MARK: &str = "mark";
 /// One piece of a change too large for one message (`Aether-Part: k/n`).
 const KIND_PART: &str = "part";
 const PART: &str = "Aether-Part";
@@ -63,6 +66,8 @@ const HEADER_ROOM: usize = 1024;
 /// A batch message is cut at this size even when the server allows more: a
 /// reader's page then costs at most this much beyond its budget.
 const MESSAGE_BYTES: usize = 1 << 20;
+/// Retention (the floor, a mark in a quiet stream) is looked at this often.
+const RETENTION_EVERY: Duration = Duration::from_secs(5);
 /// A follower that received nothing this long checks the stream has nothing
 /// more for it.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
@@ -119,6 +124,8 @@ struct State {
     last_seq: u64,
     /// Who appended the stream's last message.
     last_writer: Option<String>,
+    /// The stream's first sequence when the floor was last read.
+    first_seq: u64,
 }
 
 impl Default for State {
@@ -133,6 +140,7 @@ impl Default for State {
             reset_pending: true,
             last_seq: 0,
             last_writer: None,
+            first_seq: 0,
         }
     }
 }
@@ -151,6 +159,8 @@ pub struct JetStreamLog {
     writer: String,
     /// The largest message, when smaller than the server allows (tests).
     max_message: Option<usize>,
+    /// When retention was last looked at.
+    retention_at: Mutex<Option<std::time::Instant>>,
     state: Mutex<State>,
 }
 
@@ -185,6 +195,7 @@ enum Kind {
     Changes,
     /// Piece `k` of `n` of one change's body.
     Part(u32, u32),
+    Mark,
     Epoch,
     ResetPending,
 }
@@ -203,6 +214,7 @@ fn meta(h: Option<&HeaderMap>) -> Result<Meta, LogError> {
             .filter(|k| matches!(k, Kind::Part(k, n) if *k >= 1 && k <= n))
             .ok_or_else(|| bad("a part message without a valid Aether-Part"))?,
         Some(KIND_EPOCH) => Kind::Epoch,
+        Some(KIND_MARK) => Kind::Mark,
         Some(KIND_RESET_PENDING) => Kind::ResetPending,
         _ => return Err(bad("a message without a known Aether-Kind")),
     };
@@ -344,7 +356,12 @@ impl JetStreamLog {
             discard: stream::DiscardPolicy::Old,
             storage: stream::StorageType::File,
             num_replicas: opts.replicas.max(1),
-            duplicate_window: Duration::from_secs(120),
+            // At most the stream's age (the server refuses more).
+            duplicate_window: if opts.retention_age.is_zero() {
+                Duration::from_secs(120)
+            } else {
+                opts.retention_age.min(Duration::from_secs(120))
+            },
             ..Default::default()
         };
         rt.block_on(async {
@@ -373,6 +390,7 @@ impl JetStreamLog {
             subject,
             writer: uuid::Uuid::new_v4().simple().to_string(),
             max_message: None,
+            retention_at: Mutex::new(None),
             state: Mutex::new(State::default()),
         };
         log.refresh()?;
@@ -436,6 +454,7 @@ impl JetStreamLog {
             let mut fresh = State {
                 bytes: st.bytes,
                 last_seq: st.last_sequence,
+                first_seq: st.first_sequence,
                 reset_pending: true,
                 ..State::default()
             };
@@ -454,6 +473,7 @@ impl JetStreamLog {
                 Kind::Part(k, n) if k == n => Some(last.last),
                 // An incomplete group: what came before it.
                 Kind::Part(..) => Some(last.floor),
+                Kind::Mark => Some(last.last),
                 _ => None,
             };
             // The oldest message left: its floor is the log's.
@@ -495,17 +515,19 @@ impl JetStreamLog {
     /// sequence of the last.
     async fn publish_all(
         &self,
-        messages: Vec<(HeaderMap, Bytes, String)>,
+        messages: Vec<(HeaderMap, Bytes, String, Option<Position>)>,
         mut last_seq: u64,
     ) -> Result<u64, LogError> {
-        let mut acks = Vec::with_capacity(messages.len());
-        for (i, (mut h, body, id)) in messages.into_iter().enumerate() {
+        // One at a time, each expecting the sequence the one before it got: a
+        // message re-sent after a lost acknowledgement comes back as a
+        // duplicate with its original sequence, which the next one expects.
+        for (mut h, body, id, newest) in messages {
             h.insert(WRITER, self.writer.as_str());
             let msg = PublishMessage::build()
                 .headers(h)
                 .payload(body)
                 .message_id(id)
-                .expected_last_sequence(last_seq + i as u64);
+                .expected_last_sequence(last_seq);
             let ack = self
                 .js
                 .send_publish(self.subject.clone(), msg)
@@ -514,9 +536,6 @@ impl JetStreamLog {
                     PublishErrorKind::MaxPayloadExceeded => LogError::TooLarge(0),
                     _ => nats("appending to the change stream", e),
                 })?;
-            acks.push(ack);
-        }
-        for ack in acks {
             let ack = tokio::time::timeout(REQUEST_TIMEOUT, ack)
                 .await
                 .map_err(|e| nats("waiting for the change stream's acknowledgement", e))?
@@ -527,8 +546,81 @@ impl JetStreamLog {
                     _ => nats("appending to the change stream", e),
                 })?;
             last_seq = last_seq.max(ack.sequence);
+            // Where the stream stands after each message: a failure later in
+            // the batch leaves the part already stored counted.
+            let mut st = self.state();
+            st.last_seq = last_seq;
+            if let Some(n) = newest
+                && st.newest < Some(n)
+            {
+                st.newest = Some(n);
+            }
         }
         Ok(last_seq)
+    }
+
+    /// Keeps the floor (what retention dropped), the size and, on the leader,
+    /// a recent message in the stream; never the epoch or the fence. At most
+    /// every few seconds.
+    async fn retention(&self, leader: bool) -> Result<(), LogError> {
+        let mut s = self.stream().await?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| nats("reading the change stream", e))?
+            .clone();
+        let st = &info.state;
+        let first_changed = {
+            let mut g = self.state();
+            g.bytes = st.bytes;
+            g.first_seq != st.first_sequence
+        };
+        if first_changed && st.messages > 0 {
+            let mut seq = st.first_sequence;
+            while seq <= st.last_sequence {
+                if let Some(m) = self.message(&s, seq).await? {
+                    let first = meta(Some(&m.headers))?;
+                    let mut g = self.state();
+                    if first.epoch == g.epoch && first.floor > g.floor {
+                        g.floor = first.floor;
+                        g.oldest = Some(first.last.max(first.floor));
+                    }
+                    g.first_seq = st.first_sequence;
+                    break;
+                }
+                seq += 1;
+            }
+        }
+        // A stream whose newest message is older than half its age limit gets
+        // a mark, so age never empties it: its epoch and floor survive quiet.
+        let age = info.config.max_age;
+        let now_s = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let last_age = Duration::from_secs(
+            now_s
+                .saturating_sub(st.last_timestamp.unix_timestamp())
+                .max(0) as u64,
+        );
+        let quiet = st.messages == 0 || last_age > age / 2;
+        if leader && !age.is_zero() && quiet {
+            let (epoch, newest, pending, last_seq) = {
+                let g = self.state();
+                (
+                    g.epoch,
+                    g.newest.unwrap_or(g.floor),
+                    g.reset_pending,
+                    g.last_seq,
+                )
+            };
+            if !pending {
+                let h = headers(KIND_MARK, epoch, newest, newest);
+                let id = format!("{}:mark:{last_seq}", epoch.0);
+                self.publish_all(vec![(h, Bytes::new(), id, None)], last_seq)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// An append refused for its expected last sequence: fenced if another
@@ -712,6 +804,7 @@ impl ChangeLog for JetStreamLog {
                         headers(KIND_CHANGES, epoch, floor, last),
                         Bytes::from(std::mem::take(&mut body)),
                         format!("{}:{}", epoch.0, format_position(last)),
+                        Some(last),
                     ));
                     floor = last;
                 }
@@ -737,7 +830,8 @@ impl ChangeLog for JetStreamLog {
                         format_position(c.position),
                         self.writer
                     );
-                    messages.push((h, Bytes::copy_from_slice(chunk), id));
+                    let newest = (k == n).then_some(c.position);
+                    messages.push((h, Bytes::copy_from_slice(chunk), id, newest));
                 }
                 last = c.position;
                 floor = last;
@@ -748,6 +842,7 @@ impl ChangeLog for JetStreamLog {
                     headers(KIND_CHANGES, epoch, floor, last),
                     Bytes::from(std::mem::take(&mut body)),
                     format!("{}:{}", epoch.0, format_position(last)),
+                    Some(last),
                 ));
                 floor = last;
                 versions.clear();
@@ -771,17 +866,15 @@ impl ChangeLog for JetStreamLog {
                 headers(KIND_CHANGES, epoch, floor, last),
                 Bytes::from(body),
                 format!("{}:{}", epoch.0, format_position(last)),
+                Some(last),
             ));
         }
-        let n = messages.len() as u64;
-        let seq = match self.rt.block_on(self.publish_all(messages, last_seq)) {
-            Ok(seq) => seq,
+        match self.rt.block_on(self.publish_all(messages, last_seq)) {
+            Ok(_) => {}
             Err(LogError::Fenced(why)) => return Err(self.refused(why)),
             Err(e) => return Err(e),
-        };
+        }
         let mut st = self.state();
-        st.last_seq = seq.max(last_seq + n);
-        st.newest = Some(last);
         st.oldest = st.oldest.or(Some(first.position));
         st.records += changes.len() as u64;
         Ok(())
@@ -827,6 +920,20 @@ impl ChangeLog for JetStreamLog {
                     floor,
                 });
             }
+            // The first message left begins after `after`: what came between
+            // was dropped by retention (this node's floor may lag the stream's).
+            if start == first
+                && let Some(m) = self.message(&s, first).await?
+                && let Ok(first_meta) = meta(Some(&m.headers))
+                && (first_meta.floor > after
+                    || matches!(first_meta.kind, Kind::Part(k, _) if k > 1))
+            {
+                // (A group whose first parts are gone: its change is lost too.)
+                return Err(LogError::Gap {
+                    since: after,
+                    floor: first_meta.floor.max(first_meta.last),
+                });
+            }
             let page = self
                 .read_from(&s, start, after, max_bytes, max_changes)
                 .await?;
@@ -843,7 +950,15 @@ impl ChangeLog for JetStreamLog {
 
     /// The stream's limits drop the oldest messages; the floor follows them.
     fn enforce_retention(&self, _now: SystemTime) -> Result<(), LogError> {
-        self.refresh()
+        {
+            let mut g = self.retention_at.lock().unwrap_or_else(|e| e.into_inner());
+            if g.is_some_and(|at| at.elapsed() < RETENTION_EVERY) {
+                return Ok(());
+            }
+            *g = Some(std::time::Instant::now());
+        }
+        // Only the leader's writer calls this.
+        self.rt.block_on(self.retention(true))
     }
 
     fn mark_reset_pending(&self) -> Result<(), LogError> {
@@ -860,7 +975,7 @@ impl ChangeLog for JetStreamLog {
         let id = format!("{}:reset-pending:{last_seq}", epoch.0);
         let seq = self
             .rt
-            .block_on(self.publish_all(vec![(h, Bytes::new(), id)], last_seq))?;
+            .block_on(self.publish_all(vec![(h, Bytes::new(), id, None)], last_seq))?;
         let mut st = self.state();
         st.last_seq = seq;
         st.reset_pending = true;
@@ -883,7 +998,7 @@ impl ChangeLog for JetStreamLog {
             let last_seq = self.state().last_seq;
             let h = headers(KIND_EPOCH, epoch, floor, floor);
             self.publish_all(
-                vec![(h, Bytes::new(), format!("{}:epoch", epoch.0))],
+                vec![(h, Bytes::new(), format!("{}:epoch", epoch.0), None)],
                 last_seq,
             )
             .await
@@ -987,6 +1102,8 @@ async fn follow_once(
         .map_err(|e| nats("reading the change stream", e))?;
     status.send_if_modified(|s| s.error.take().is_some());
     let mut idle_since = tokio::time::Instant::now();
+    let mut bounds = tokio::time::interval(RETENTION_EVERY);
+    bounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let m = tokio::select! {
             biased;
@@ -994,6 +1111,11 @@ async fn follow_once(
                 Some(m) => m,
                 None => break,
             },
+            // What retention dropped (the floor a `since` is checked against).
+            _ = bounds.tick() => {
+                log.retention(false).await?;
+                continue;
+            }
             // Quiet for a while: if the stream has more than was delivered, the
             // consumer is stuck (a purge under it, a lost server-side state).
             _ = tokio::time::sleep_until(idle_since + IDLE_CHECK) => {
@@ -1025,7 +1147,28 @@ async fn follow_once(
             continue;
         }
         let meta = meta(m.headers.as_ref())?;
+        // Each message's floor is the newest position before it: a floor past
+        // what this reader has means messages it never read were dropped by
+        // retention (it fell that far behind). Its router cannot promise
+        // anything from before: a reset tells every subscription `gap`.
+        let starts = matches!(meta.kind, Kind::Changes | Kind::Part(1, _) | Kind::Mark);
+        if starts && meta.epoch == place.epoch && place.newest.is_some_and(|n| meta.floor > n) {
+            tracing::error!(floor = %meta.floor, newest = ?place.newest.map(|p| p.to_string()), "this node fell behind what the change stream retains: its subscriptions are told gap");
+            place.newest = Some(meta.floor);
+            place.relations.clear();
+            if feed
+                .send(Feed::Reset {
+                    epoch: meta.epoch,
+                    floor: meta.floor,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
         match meta.kind {
+            Kind::Mark => {}
             Kind::Epoch => {
                 if meta.epoch != place.epoch {
                     place.epoch = meta.epoch;
@@ -1090,10 +1233,6 @@ async fn follow_once(
             }
         }
         place.after_seq = seq;
-        {
-            let mut st = log.state();
-            st.last_seq = st.last_seq.max(seq);
-        }
         status.send_modify(|s| s.consumed = seq);
     }
     Err(LogError::Unavailable(
@@ -1130,13 +1269,17 @@ mod tests {
 
     impl Fixture {
         fn open(&self, name: &str) -> JetStreamLog {
+            self.open_aged(name, Duration::from_secs(3600))
+        }
+
+        fn open_aged(&self, name: &str, age: Duration) -> JetStreamLog {
             let client = self
                 .rt
                 .block_on(async_nats::connect(self.nats.url()))
                 .unwrap();
             let opts = StreamOptions {
                 name: name.into(),
-                retention_age: Duration::from_secs(3600),
+                retention_age: age,
                 retention_bytes: 1 << 30,
                 replicas: 1,
             };
@@ -1291,6 +1434,46 @@ mod tests {
         assert_eq!(fed, changes.iter().map(|c| c.position).collect::<Vec<_>>());
         shutdown.cancel();
         f.rt.block_on(task).unwrap();
+    }
+
+    /// Age never empties a quiet stream: the leader keeps a mark in it, so a
+    /// node opening it later knows its epoch and where its history stands,
+    /// and a `since` from before what expired is a gap.
+    #[test]
+    fn a_quiet_stream_keeps_its_epoch_and_floor_past_its_age() {
+        let f = fixture();
+        let age = Duration::from_secs(2);
+        let leader = f.open_aged("QUIET", age);
+        leader.reset(Position::new(PgLsn(50), u32::MAX)).unwrap();
+        let r = rel("t");
+        let (a, b) = (change(&r, 100, "a".into()), change(&r, 200, "b".into()));
+        leader.append(&[Arc::clone(&a), Arc::clone(&b)]).unwrap();
+        let epoch = leader.bounds().epoch;
+        // The leader's retention runs until the changes have expired.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            f.rt.block_on(leader.retention(true)).unwrap();
+            let reader = f.open_aged("QUIET", age);
+            if reader.bounds().floor == b.position {
+                let bo = reader.bounds();
+                assert_eq!(
+                    (bo.epoch, bo.newest, bo.reset_pending),
+                    (epoch, Some(b.position), false)
+                );
+                assert!(matches!(
+                    reader.read_after(a.position, 1 << 20, 100, None),
+                    Err(LogError::Gap { .. })
+                ));
+                let page = reader.read_after(b.position, 1 << 20, 100, None).unwrap();
+                assert!(page.changes.is_empty() && page.end);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the changes expired behind a mark"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// A leader that lost its place (another appended after it) is fenced, and

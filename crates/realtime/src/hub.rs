@@ -236,6 +236,8 @@ pub enum HubCommand {
         content: Value,
         /// The change it came in: the same on every node of a cluster.
         id: String,
+        /// When its transaction committed (ms since the epoch).
+        committed_ms: i64,
     },
     /// A message numbered by the cluster's bus: delivered to this node's members.
     Numbered {
@@ -261,6 +263,10 @@ struct Channel {
     members: HashSet<u64>,
     next_sequence: u64,
 }
+
+/// In a cluster, a database message this old when a node decodes it is left
+/// to the nodes that were not behind (the bus's de-duplication window is 120 s).
+const DATABASE_MESSAGE_MAX_AGE_MS: i64 = 100_000;
 
 const DEDUP_PER_CLIENT: usize = 1024;
 const DEDUP_CLIENTS: usize = 100_000;
@@ -397,7 +403,8 @@ impl Hub {
                 event,
                 content,
                 id,
-            } => self.relay_from_database(&channel, &event, content, id),
+                committed_ms,
+            } => self.relay_from_database(&channel, &event, content, id, committed_ms),
             HubCommand::Send {
                 session,
                 message,
@@ -579,7 +586,10 @@ impl Hub {
             Some(_) => return Err(HubError::NotMember(m.channel)),
             None => return Err(HubError::Unavailable),
         };
-        if let Some(seq) = m.sequence
+        // With a bus, the bus de-duplicates (across nodes, and only what it
+        // relayed: a send it failed may be retried).
+        if self.bus.is_none()
+            && let Some(seq) = m.sequence
             && self
                 .dedup
                 .get(&sender)
@@ -590,7 +600,9 @@ impl Hub {
         if let Some(e) = self.rate_limited(&m.channel, &sender) {
             return Err(e);
         }
-        if let Some(seq) = m.sequence {
+        if self.bus.is_none()
+            && let Some(seq) = m.sequence
+        {
             self.remember(&sender, seq);
         }
         metrics::counter!("aether_channel_messages_in_total").increment(1);
@@ -717,8 +729,23 @@ impl Hub {
 
     /// Relays a database message to `channel`'s members, from no client; a
     /// channel no one has joined has no one to tell.
-    fn relay_from_database(&mut self, channel: &str, event: &str, content: Value, id: String) {
+    fn relay_from_database(
+        &mut self,
+        channel: &str,
+        event: &str,
+        content: Value,
+        id: String,
+        committed_ms: i64,
+    ) {
         if let Some(bus) = &self.bus {
+            // Every node publishes it and the bus keeps one, within its
+            // two-minute de-duplication window: a node further behind than
+            // that leaves it to the others rather than relaying it twice.
+            let age_ms = chrono::Utc::now().timestamp_millis() - committed_ms;
+            if age_ms > DATABASE_MESSAGE_MAX_AGE_MS {
+                metrics::counter!("aether_database_broadcasts_too_old_total").increment(1);
+                return;
+            }
             // Every node decodes it: the bus keeps one of them.
             bus.publish(
                 Relayed {

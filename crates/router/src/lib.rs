@@ -328,11 +328,18 @@ impl Router {
                     .sessions
                     .get_mut(&session)
                     .and_then(|s| s.subs.remove(&id));
+                let waited = uid.is_none() && {
+                    let before = self.waiting.len();
+                    self.waiting.retain(|w| !(w.1 == session && w.2.id == id));
+                    self.waiting.len() != before
+                };
                 let reply = match uid {
                     Some(uid) => {
                         self.remove_sub(uid);
                         Outbound::Unsubscribed { subscription: id }
                     }
+                    // Still waiting for its `since`: it will not be made.
+                    None if waited => Outbound::Unsubscribed { subscription: id },
                     None => Outbound::Error {
                         message: format!("no subscription {id:?} on this connection"),
                         subscription: Some(id),

@@ -264,6 +264,17 @@ async fn with_a_shared_log_a_since_ahead_waits_for_the_feed() {
     f.r.retry_waiting(true);
     assert_eq!(f.drain(), vec![("gap".to_owned(), 0)]);
     assert!(f.r.waiting.is_empty());
+    // One unsubscribed while it waits is never made.
+    f.subscribe("c", f.since(Position::new(PgLsn(700), 0)));
+    f.r.command(Command::Unsubscribe {
+        session: 1,
+        id: Arc::from("c"),
+    });
+    assert!(f.r.waiting.is_empty());
+    for i in 6..=8 {
+        f.commit(i);
+    }
+    assert!(of(&f.drain(), "c").is_empty());
 }
 
 #[tokio::test]
