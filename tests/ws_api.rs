@@ -531,6 +531,23 @@ async fn status_and_metrics_endpoints() {
     assert!(s["channels"]["messages_per_second"].is_number());
     assert_eq!(s["replication"]["connected"], true);
     assert!(s["replication"]["lag_bytes"].is_i64() && s["replication"]["lag_seconds"].is_number());
+    // Published tables whose old rows are only their keys are named.
+    t.exec(
+        "CREATE TABLE public.notes (id int PRIMARY KEY, body text);
+         ALTER PUBLICATION aether_realtime ADD TABLE public.notes;",
+    )
+    .await;
+    let s: Value = http
+        .get(t.url("/ws/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let partial = s["tables_without_full_identity"].as_array().unwrap();
+    assert!(partial.contains(&json!("public.notes")), "{s}");
+    assert!(!partial.contains(&json!("public.files")), "{s}");
 
     let get = |path: &'static str| {
         let http = http.clone();

@@ -68,6 +68,10 @@ pub struct Status {
     /// Cluster mode only: this node, the leader and every node, by name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::Members>,
+    /// Published tables whose UPDATE and DELETE events carry only the key as
+    /// the old row (no `REPLICA IDENTITY FULL`): a row moving out of a
+    /// subscriber's view, or a DELETE, is judged on what the key says.
+    pub tables_without_full_identity: Vec<String>,
 }
 
 /// The durable change log, for operators: how far back `since` can go, how big
@@ -200,6 +204,22 @@ pub async fn status(state: &AppState) -> Status {
     let bounds = state.log.bounds();
     metrics::gauge!("aether_changelog_bytes").set(bounds.bytes as f64);
     metrics::gauge!("aether_changelog_records").set(bounds.records as f64);
+    let tables_without_full_identity = match state.pool.get().await {
+        Ok(client) => client
+            .query(
+                "SELECT pt.schemaname || '.' || pt.tablename
+                   FROM pg_publication_tables pt
+                   JOIN pg_namespace n ON n.nspname = pt.schemaname
+                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+                  WHERE pt.pubname = $1 AND c.relreplident <> 'f'
+                  ORDER BY 1",
+                &[&state.config.publication],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     let cluster = match &state.cluster {
         Some(c) => Some(c.members(&state.pool).await),
         None => None,
@@ -254,6 +274,7 @@ pub async fn status(state: &AppState) -> Status {
             error: log.error,
         },
         cluster,
+        tables_without_full_identity,
     }
 }
 
