@@ -826,3 +826,62 @@ async fn private_channels_follow_the_realtime_messages_policies() {
         json!({"m": "public"})
     );
 }
+
+/// `postgres_changes` bindings to every table of a schema (`table: '*'`) or
+/// of every schema (`schema: '*'`), as Supabase allows; a filter needs a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phoenix_bindings_to_every_table_of_a_schema() {
+    let t = TestServer::start().await;
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        t.addr(),
+        t.server.state.jwt.api_key("service_role")
+    );
+    let join = |topic: &str, bindings: Value| {
+        json!({"topic": topic, "event":"phx_join","ref":"1","join_ref":"1",
+            "payload":{"config":{"postgres_changes": bindings}}})
+    };
+    let mut ws = Ws::connect_url(&url).await;
+    ws.send(join(
+        "realtime:public",
+        json!([{"event":"INSERT","schema":"public","table":"*"}]),
+    ))
+    .await;
+    let reply = ws.next().await;
+    assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+    let id = reply["payload"]["response"]["postgres_changes"][0]["id"].clone();
+    let mut all = Ws::connect_url(&url).await;
+    all.send(join("realtime:all", json!([{"event":"*","schema":"*"}])))
+        .await;
+    assert_eq!(all.next().await["payload"]["status"], "ok");
+    let mut bad = Ws::connect_url(&url).await;
+    bad.send(join(
+        "realtime:bad",
+        json!([{"event":"*","schema":"public","table":"*","filter":"id=eq.1"}]),
+    ))
+    .await;
+    let refused = bad.next().await;
+    assert_eq!(refused["payload"]["status"], "error", "{refused}");
+
+    // Two tables of the schema, one transaction each.
+    bucket(&t.sql, "wild", true).await;
+    t.exec("INSERT INTO public.files (bucket_id, path, name) VALUES ('wild', 'w.txt', 'w.txt')")
+        .await;
+    let mut tables = Vec::new();
+    while tables.len() < 2 {
+        let v = ws.next().await;
+        if v["event"] == "postgres_changes" {
+            assert_eq!(v["payload"]["ids"], json!([id]), "{v}");
+            tables.push(v["payload"]["data"]["table"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(tables, ["buckets", "files"]);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let v = all.next().await;
+        if v["event"] == "postgres_changes" {
+            seen.push(v["payload"]["data"]["table"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(seen, ["buckets", "files"]);
+}

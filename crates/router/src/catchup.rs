@@ -250,7 +250,7 @@ fn deliver<'a>(
                 continue;
             };
             if c.position <= sub.seen
-                || *sub.table != *c.relation.qualified
+                || !crate::subscriptions::covers(&sub.table, &c.relation)
                 || !sub.events.contains(c.kind)
                 || !matches(c, &sub.filter)
             {

@@ -218,6 +218,9 @@ pub struct Router {
     /// state that was replaced (rewound, reset, ended) is recognized as stale.
     generations: u64,
     ahead_wait: Duration,
+    /// Subscriptions to `schema.*` or `*`: routing looks for them only when
+    /// there are some.
+    wildcards: usize,
     /// Subscriptions whose `since` is ahead of `high_water`, oldest first: made
     /// when the feed reaches them, `gap` after `ahead_wait`. At most one per
     /// connection's subscription limit.
@@ -254,6 +257,7 @@ impl Router {
             page_queue: VecDeque::new(),
             generations: 0,
             ahead_wait: cfg.ahead_wait,
+            wildcards: 0,
             waiting: Vec::new(),
         }
     }

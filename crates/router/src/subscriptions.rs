@@ -41,6 +41,18 @@ impl TableSubs {
     }
 }
 
+/// `schema.*` (every table of a schema) or `*` (every published table).
+pub(crate) fn is_wildcard(table: &str) -> bool {
+    table == "*" || table.ends_with(".*")
+}
+
+/// Whether a subscription to `table` (a table, `schema.*` or `*`) covers `rel`.
+pub(crate) fn covers(table: &str, rel: &Relation) -> bool {
+    *table == *rel.qualified
+        || table == "*"
+        || table.strip_suffix(".*") == Some(rel.schema.as_str())
+}
+
 impl Router {
     /// Makes the waiting subscriptions the feed has reached; with `expire`, says
     /// `gap` to those that waited `ahead_wait` in vain.
@@ -188,6 +200,9 @@ impl Router {
         };
         let uid = self.next_uid;
         self.next_uid += 1;
+        if is_wildcard(&spec.table) {
+            self.wildcards += 1;
+        }
         let index = spec.filter.index_key().map(|(c, k)| (c.to_owned(), k));
         let t = self.tables.entry(Arc::clone(&spec.table)).or_default();
         match &index {
@@ -271,6 +286,9 @@ impl Router {
         let Some(sub) = self.subs.remove(&uid) else {
             return;
         };
+        if is_wildcard(&sub.table) {
+            self.wildcards = self.wildcards.saturating_sub(1);
+        }
         if let Some(t) = self.tables.get_mut(&sub.table) {
             match &sub.index {
                 Some((col, key)) => {
@@ -297,11 +315,25 @@ impl Router {
     }
 
     pub(crate) fn route(&mut self, change: &Arc<Routed>) {
-        let Some(t) = self.tables.get(&change.relation.qualified) else {
-            return;
-        };
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
+        // Subscriptions to every table of a schema, or of every schema.
+        if self.wildcards > 0 {
+            let schema_key = format!("{}.*", change.relation.schema);
+            for key in [schema_key.as_str(), "*"] {
+                if let Some(w) = self.tables.get(key) {
+                    candidates.extend(w.scan.iter().copied());
+                }
+            }
+        }
+        let Some(t) = self.tables.get(&change.relation.qualified) else {
+            if !candidates.is_empty() {
+                self.offer(change, candidates);
+            } else {
+                self.candidates = candidates;
+            }
+            return;
+        };
         candidates.extend(t.scan.iter().copied());
         for (col, keys) in &t.by_column {
             let Some(i) = change.relation.column_index(col) else {
@@ -327,6 +359,12 @@ impl Router {
                 }
             }
         }
+        self.offer(change, candidates);
+    }
+
+    /// Offers `change` to the candidate subscriptions: events, filter, policy,
+    /// then the connection's queue.
+    fn offer(&mut self, change: &Arc<Routed>, mut candidates: Vec<u64>) {
         candidates.sort_unstable();
         candidates.dedup();
         let mut closed = Vec::new();

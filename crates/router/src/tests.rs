@@ -65,11 +65,15 @@ fn fixture_with(
 
 impl Fixture {
     fn subscribe(&mut self, id: &str, since: Option<SinceId>) {
+        self.subscribe_to(id, "public.t", since);
+    }
+
+    fn subscribe_to(&mut self, id: &str, table: &str, since: Option<SinceId>) {
         self.r.command(Command::Subscribe {
             session: 1,
             spec: SubscriptionSpec {
                 id: Arc::from(id),
-                table: Arc::from("public.t"),
+                table: Arc::from(table),
                 events: EventMask::ALL,
                 filter: Filter { conditions: vec![] },
                 since,
@@ -231,6 +235,35 @@ async fn positions_from_another_log_older_than_it_or_ahead_of_it_are_gaps() {
     f.subscribe("e", f.since(p));
     assert!(f.drain().is_empty());
     assert!(f.r.sessions[&1].lag.is_none());
+}
+
+/// `schema.*` and `*` subscriptions get every table's changes there, live
+/// and when catching up; another schema's wildcard gets none.
+#[tokio::test]
+async fn wildcard_subscriptions_cover_a_schema_or_everything() {
+    let mut f = fixture(1 << 20, 16);
+    f.r.max_subscriptions = 8;
+    f.subscribe_to("schema", "public.*", None);
+    f.subscribe_to("all", "*", None);
+    f.subscribe_to("other", "other.*", None);
+    let p1 = f.commit(1);
+    let got = f.drain();
+    assert_eq!(of(&got, "schema"), vec![1]);
+    assert_eq!(of(&got, "all"), vec![1]);
+    assert!(of(&got, "other").is_empty());
+    // From the tail: a wildcard subscription resuming.
+    f.commit(2);
+    f.drain();
+    f.subscribe_to("late", "public.*", f.since(p1));
+    assert_eq!(of(&f.catch_up().await, "late"), vec![2]);
+    // Gone with its last wildcard: routing stops looking.
+    for id in ["schema", "all", "other", "late"] {
+        f.r.command(Command::Unsubscribe {
+            session: 1,
+            id: Arc::from(id),
+        });
+    }
+    assert_eq!(f.r.wildcards, 0);
 }
 
 /// In a cluster a client may resume on a node that has not consumed its

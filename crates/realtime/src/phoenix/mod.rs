@@ -392,10 +392,9 @@ impl Conn {
             let event = text("event").unwrap_or_else(|| "*".into());
             let schema = text("schema").unwrap_or_else(|| "public".into());
             let filter = text("filter").filter(|f| !f.is_empty());
-            let Some(table) = text("table").filter(|t| t != "*") else {
-                return vec![self.reply(&m, "error", json!({"reason":
-                    "Aether needs a table in every postgres_changes binding (schema or table '*' is not supported)"}))];
-            };
+            // No table, or `*`: every published table of the schema (`*`: of
+            // every schema), as Supabase allows.
+            let table = text("table").unwrap_or_else(|| "*".into());
             let id: Arc<str> = Arc::from(format!("{}\u{1f}{}\u{1f}{i}", m.topic, self.next_join));
             let req = SubscribeRequest {
                 id: id.to_string(),
@@ -405,10 +404,17 @@ impl Conn {
                 filter: filter.clone(),
                 since: None,
             };
-            match crate::session::resolve(&self.state, &req).await {
+            let spec = if table == "*" || schema == "*" {
+                wildcard(&req)
+            } else {
+                crate::session::resolve(&self.state, &req)
+                    .await
+                    .map_err(|e| e.message)
+            };
+            match spec {
                 Ok(spec) => resolved.push(spec),
-                Err(e) => {
-                    return vec![self.reply(&m, "error", json!({"reason": e.message}))];
+                Err(reason) => {
+                    return vec![self.reply(&m, "error", json!({"reason": reason}))];
                 }
             }
             bindings.push(Binding {
@@ -632,6 +638,37 @@ impl Conn {
             Err(_) => {}
         }
     }
+}
+
+/// A binding to every table of a schema (`schema.*`) or of every schema
+/// (`*`): no filter (a filter names a table's column), and what each
+/// subscriber sees of each change is still the policy's to decide.
+fn wildcard(req: &SubscribeRequest) -> Result<aether_router::SubscriptionSpec, String> {
+    crate::protocol::check_subscription(req).map_err(|e| e.message)?;
+    if req.schema != "*" && req.table != "*" {
+        return Err("a wildcard binding needs table '*'".into());
+    }
+    if req.filter.is_some() {
+        return Err("a filter needs one table: it cannot go with schema or table '*'".into());
+    }
+    let events = aether_router::EventMask::parse(&req.event).ok_or_else(|| {
+        format!(
+            "event {:?} is not INSERT, UPDATE, DELETE, TRUNCATE or *",
+            req.event
+        )
+    })?;
+    let key = if req.schema == "*" {
+        "*".to_owned()
+    } else {
+        format!("{}.*", req.schema)
+    };
+    Ok(aether_router::SubscriptionSpec {
+        id: Arc::from(req.id.as_str()),
+        table: Arc::from(key),
+        events,
+        filter: aether_router::filter::Filter::default(),
+        since: None,
+    })
 }
 
 /// Supabase's words for a private channel the policies do not open.
