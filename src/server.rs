@@ -295,7 +295,7 @@ impl Server {
             timeout = ingest::wal_sender_timeout(&setup).await?;
         }
         let catalog: SharedCatalog = Arc::new(RwLock::new(
-            Catalog::load(&setup, &config.publication).await?,
+            Catalog::load(&setup, &config.publications()).await?,
         ));
         let public_buckets: HashSet<String> = setup
             .query("SELECT id FROM public.buckets WHERE public", &[])
@@ -430,7 +430,7 @@ impl Server {
                 let replication = ReplicationTask {
                     pg: pg.clone(),
                     slot: config.replication_slot.clone(),
-                    publication: config.publication.clone(),
+                    publication: config.publications(),
                     status_interval: ingest::status_interval(timeout),
                     log: log_tx,
                     durable: durable_rx,
@@ -461,7 +461,7 @@ impl Server {
                     pg: pg.clone(),
                     node: c.node.clone(),
                     slot: config.replication_slot.clone(),
-                    publication: config.publication.clone(),
+                    publication: config.publications(),
                     log: Arc::clone(&c.log),
                     leading: parts.leading_tx,
                     replication: status_tx,
@@ -510,7 +510,7 @@ impl Server {
         );
         let edge = crate::http::EdgeSettings::from_config(&config);
         let settings = aether_realtime::Settings {
-            publication: config.publication.clone(),
+            publication: config.publications(),
             ws_queue_capacity: config.ws_queue_capacity,
             ws_max_frame_bytes: config.ws_max_frame_bytes,
             ws_ping_interval: config.ws_ping_interval,

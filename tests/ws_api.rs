@@ -885,3 +885,24 @@ async fn phoenix_bindings_to_every_table_of_a_schema() {
     }
     assert_eq!(seen, ["buckets", "files"]);
 }
+
+/// A table a Supabase migration adds to `supabase_realtime` streams like one
+/// of Aether's own publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_in_supabase_realtime_are_streamed() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.todos (id int PRIMARY KEY, task text);
+         ALTER TABLE public.todos REPLICA IDENTITY FULL;
+         ALTER PUBLICATION supabase_realtime ADD TABLE public.todos;",
+    )
+    .await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("todos", json!({"schema": "public", "table": "todos"}))
+        .await;
+    t.exec("INSERT INTO public.todos VALUES (1, 'write docs')")
+        .await;
+    let c = ws.change().await;
+    assert_eq!(c["table"], "todos", "{c}");
+    assert_eq!(c["new"]["task"], "write docs", "{c}");
+}

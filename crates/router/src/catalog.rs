@@ -63,20 +63,24 @@ impl Catalog {
     }
 
     /// Reads the publication's tables and columns.
+    /// The tables of `publications` (one name, or several separated by
+    /// commas; a table in two is one table).
     pub async fn load(
         client: &tokio_postgres::Client,
-        publication: &str,
+        publications: &str,
     ) -> Result<Self, tokio_postgres::Error> {
+        let names: Vec<&str> = publications.split(',').map(str::trim).collect();
         let rows = client
             .query(
-                "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, a.atttypid::int8
+                "SELECT DISTINCT pt.schemaname::text, pt.tablename::text, a.attname::text,
+                        a.atttypid::int8, a.attnum
                    FROM pg_publication_tables pt
                    JOIN pg_namespace n ON n.nspname = pt.schemaname
                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                  WHERE pt.pubname = $1
+                  WHERE pt.pubname = ANY($1)
                   ORDER BY 1, 2, a.attnum",
-                &[&publication],
+                &[&names],
             )
             .await?;
         let mut grouped: HashMap<(String, String), Vec<ColumnInfo>> = HashMap::new();

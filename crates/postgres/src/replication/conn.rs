@@ -196,18 +196,24 @@ impl ReplicationConn {
         }
     }
 
-    /// Starts streaming from `slot`. `start` of zero means "from the slot's confirmed position".
+    /// Starts streaming from `slot`. `start` of zero means "from the slot's
+    /// confirmed position". `publications`: one name, or several separated by
+    /// commas.
     pub async fn start_replication(
         &mut self,
         slot: &str,
-        publication: &str,
+        publications: &str,
         start: PgLsn,
     ) -> Result<(), ConnError> {
+        let names: Vec<String> = publications
+            .split(',')
+            .map(|p| quote_ident(p.trim()))
+            .collect();
         let query = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
             quote_ident(slot),
             start,
-            quote_literal(&quote_ident(publication)),
+            quote_literal(&names.join(",")),
         );
         frontend::query(&query, &mut self.write_buf)?;
         self.flush().await?;
