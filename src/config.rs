@@ -146,20 +146,8 @@ pub struct Config {
 }
 
 /// Supabase's publication: tables a Supabase migration adds to it
-/// (`ALTER PUBLICATION supabase_realtime ADD TABLE …`) are streamed too.
+/// (`ALTER PUBLICATION supabase_realtime ADD TABLE …`) join Aether's own.
 pub const SUPABASE_PUBLICATION: &str = "supabase_realtime";
-
-impl Config {
-    /// The publications Aether streams, comma-separated: its own and
-    /// Supabase's.
-    pub fn publications(&self) -> String {
-        if self.publication == SUPABASE_PUBLICATION {
-            self.publication.clone()
-        } else {
-            format!("{},{SUPABASE_PUBLICATION}", self.publication)
-        }
-    }
-}
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

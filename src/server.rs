@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::rate_limit::RateLimits;
 use crate::auth::{AuthService, JwtKeys};
-use crate::config::Config;
+use crate::config::{Config, SUPABASE_PUBLICATION};
 use crate::storage::{self as file_storage, Blobs, StorageService};
 use aether_changelog::ingest::{self, ReplicationStatus, ReplicationTask};
 use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot};
@@ -294,8 +294,15 @@ impl Server {
             }
             timeout = ingest::wal_sender_timeout(&setup).await?;
         }
+        // Tables a Supabase migration put in `supabase_realtime` join ours.
+        aether_router::catalog::adopt_publication(
+            &setup,
+            SUPABASE_PUBLICATION,
+            &config.publication,
+        )
+        .await;
         let catalog: SharedCatalog = Arc::new(RwLock::new(
-            Catalog::load(&setup, &config.publications()).await?,
+            Catalog::load(&setup, &config.publication).await?,
         ));
         let public_buckets: HashSet<String> = setup
             .query("SELECT id FROM public.buckets WHERE public", &[])
@@ -430,7 +437,7 @@ impl Server {
                 let replication = ReplicationTask {
                     pg: pg.clone(),
                     slot: config.replication_slot.clone(),
-                    publication: config.publications(),
+                    publication: config.publication.clone(),
                     status_interval: ingest::status_interval(timeout),
                     log: log_tx,
                     durable: durable_rx,
@@ -461,7 +468,7 @@ impl Server {
                     pg: pg.clone(),
                     node: c.node.clone(),
                     slot: config.replication_slot.clone(),
-                    publication: config.publications(),
+                    publication: config.publication.clone(),
                     log: Arc::clone(&c.log),
                     leading: parts.leading_tx,
                     replication: status_tx,
@@ -510,7 +517,7 @@ impl Server {
         );
         let edge = crate::http::EdgeSettings::from_config(&config);
         let settings = aether_realtime::Settings {
-            publication: config.publications(),
+            publication: config.publication.clone(),
             ws_queue_capacity: config.ws_queue_capacity,
             ws_max_frame_bytes: config.ws_max_frame_bytes,
             ws_ping_interval: config.ws_ping_interval,

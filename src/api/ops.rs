@@ -211,9 +211,9 @@ pub async fn status(state: &AppState) -> Status {
                    FROM pg_publication_tables pt
                    JOIN pg_namespace n ON n.nspname = pt.schemaname
                    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
-                  WHERE pt.pubname = ANY(string_to_array($1, ',')) AND c.relreplident <> 'f'
-                  GROUP BY 1 ORDER BY 1",
-                &[&state.config.publications()],
+                  WHERE pt.pubname = $1 AND c.relreplident <> 'f'
+                  ORDER BY 1",
+                &[&state.config.publication],
             )
             .await
             .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())

@@ -743,6 +743,9 @@ impl AetherSocket {
     }
 }
 
+/// Supabase's publication: its tables join Aether's (`adopt_publication`).
+const SUPABASE_PUBLICATION: &str = "supabase_realtime";
+
 /// Validates a subscription against the published tables.
 pub(crate) async fn resolve(
     state: &Realtime,
@@ -774,13 +777,21 @@ pub(crate) async fn resolve(
     let lookup = |c: &Catalog| c.get(&req.schema, &req.table);
     let mut table = state.catalog.read().ok().and_then(|c| lookup(&c));
     if table.is_none() && catalog_reload_due(state) {
-        // A DBA may have added the table to the publication since we last looked.
-        if let Ok(client) = state.pool.get().await
-            && let Ok(fresh) = Catalog::load(&client, &state.settings.publication).await
-            && let Ok(mut c) = state.catalog.write()
-        {
-            c.replace_with(fresh);
-            table = lookup(&c);
+        // A DBA may have added the table to the publication since we last
+        // looked, or a Supabase migration to Supabase's.
+        if let Ok(client) = state.pool.get().await {
+            aether_router::catalog::adopt_publication(
+                &client,
+                SUPABASE_PUBLICATION,
+                &state.settings.publication,
+            )
+            .await;
+            if let Ok(fresh) = Catalog::load(&client, &state.settings.publication).await
+                && let Ok(mut c) = state.catalog.write()
+            {
+                c.replace_with(fresh);
+                table = lookup(&c);
+            }
         }
     }
     let table = table.ok_or_else(|| {

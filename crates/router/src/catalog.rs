@@ -37,6 +37,42 @@ pub struct Catalog {
 
 pub type SharedCatalog = Arc<RwLock<Catalog>>;
 
+/// Adds the tables of publication `from` that `into` lacks to `into`, so
+/// tables put in Supabase's `supabase_realtime` stream through Aether's own
+/// publication. (Streaming both publications would break decoding: PostgreSQL
+/// 15 refuses to decode WAL written before a named publication existed.) A
+/// table that cannot be added (no privilege) is logged and left out.
+pub async fn adopt_publication(client: &tokio_postgres::Client, from: &str, into: &str) {
+    let rows = match client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1
+             EXCEPT
+             SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $2",
+            &[&from, &into],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, from, "reading a publication's tables");
+            return;
+        }
+    };
+    for r in rows {
+        let table: String = r.get(0);
+        let into_ident = format!("\"{}\"", into.replace('"', "\"\""));
+        match client
+            .batch_execute(&format!("ALTER PUBLICATION {into_ident} ADD TABLE {table}"))
+            .await
+        {
+            Ok(()) => tracing::info!(%table, from, into, "table added to the realtime publication"),
+            Err(e) => {
+                tracing::warn!(error = %e, %table, from, into, "could not add a table to the realtime publication")
+            }
+        }
+    }
+}
+
 impl Catalog {
     pub fn get(&self, schema: &str, table: &str) -> Option<Arc<TableInfo>> {
         self.tables
