@@ -457,7 +457,7 @@ impl Server {
                     "stream-follower",
                     Box::pin(crate::cluster::follow(
                         Arc::clone(&c.log),
-                        parts.start_seq,
+                        parts.start,
                         feed_tx,
                         parts.follow_tx,
                         parts.reconnects,

@@ -78,8 +78,8 @@ pub struct Parts {
     pub cluster: Cluster,
     pub follow_tx: watch::Sender<FollowStatus>,
     pub leading_tx: watch::Sender<bool>,
-    /// The stream sequence the router's starting point corresponds to.
-    pub start_seq: u64,
+    /// Where this node's follower starts (the router's starting point).
+    pub start: aether_changelog::jetstream::StartPoint,
     /// Counts the NATS client's (re)connections.
     pub reconnects: watch::Receiver<u64>,
 }
@@ -118,9 +118,8 @@ pub async fn open(config: &Config, url: &str) -> anyhow::Result<Parts> {
         .await
         .context("change stream")?
         .context("opening the change stream in NATS JetStream")?;
-    let start_seq = log.last_sequence();
-    let b = log.bounds();
-    tracing::info!(%node, epoch = %b.epoch, newest = ?b.newest.map(|p| p.to_string()), start_seq, "cluster mode: change stream open");
+    let start = log.start_point();
+    tracing::info!(%node, epoch = %start.epoch, newest = ?start.newest.map(|p| p.to_string()), start_seq = start.seq, "cluster mode: change stream open");
     let (follow_tx, follow) = watch::channel(FollowStatus::default());
     let (leading_tx, leading) = watch::channel(false);
     Ok(Parts {
@@ -133,7 +132,7 @@ pub async fn open(config: &Config, url: &str) -> anyhow::Result<Parts> {
         },
         follow_tx,
         leading_tx,
-        start_seq,
+        start,
         reconnects,
     })
 }
@@ -235,13 +234,13 @@ pub async fn drain_when_cut_off(
 /// Every node's reader of the stream, into its router.
 pub async fn follow(
     log: Arc<JetStreamLog>,
-    start_seq: u64,
+    start: aether_changelog::jetstream::StartPoint,
     feed: mpsc::Sender<Feed>,
     status: watch::Sender<FollowStatus>,
     reconnects: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
-    aether_changelog::jetstream::follow(log, start_seq, feed, status, reconnects, shutdown).await
+    aether_changelog::jetstream::follow(log, start, feed, status, reconnects, shutdown).await
 }
 
 /// What the leader's task needs.
@@ -312,10 +311,13 @@ impl Leadership {
         tokio::select! {
             biased;
             r = &mut conn => {
+                // Queued changes are not appended after a successor's.
+                self.log.depose();
                 let _ = self.leading.send(false);
                 Ok(Outcome::Lost(format!("the lock connection ended: {r:?}")))
             }
             r = &mut lead => {
+                self.log.depose();
                 let _ = self.leading.send(false);
                 match r {
                     Ok(()) if self.shutdown.is_cancelled() => Ok(Outcome::Shutdown),
@@ -328,9 +330,10 @@ impl Leadership {
 
     /// The leader's work: the slot, the log's writer, the replication stream.
     async fn lead(&self, setup: &tokio_postgres::Client) -> anyhow::Result<()> {
-        // Another leader may have appended since this node opened the stream.
+        // Another leader may have appended since this node opened the stream:
+        // read where it stands and fence the predecessor's late appends.
         let l = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || l.refresh())
+        tokio::task::spawn_blocking(move || l.claim())
             .await
             .context("change stream")??;
         if !ingest::slot_exists(setup, &self.slot).await? {

@@ -126,6 +126,9 @@ struct State {
     last_writer: Option<String>,
     /// The stream's first sequence when the floor was last read.
     first_seq: u64,
+    /// The stream sequence this state reflects: the follower applies an older
+    /// epoch or reset-pending message no more (the writer is ahead of it).
+    applied_seq: u64,
 }
 
 impl Default for State {
@@ -141,6 +144,7 @@ impl Default for State {
             last_seq: 0,
             last_writer: None,
             first_seq: 0,
+            applied_seq: 0,
         }
     }
 }
@@ -161,6 +165,11 @@ pub struct JetStreamLog {
     max_message: Option<usize>,
     /// When retention was last looked at.
     retention_at: Mutex<Option<std::time::Instant>>,
+    /// One appender at a time on this node (the writer, marks, resets): each
+    /// expects the sequence the one before it got.
+    append_gate: Mutex<()>,
+    /// This node lost the leadership: nothing more is appended from it.
+    deposed: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -196,6 +205,8 @@ enum Kind {
     /// Piece `k` of `n` of one change's body.
     Part(u32, u32),
     Mark,
+    /// A kind a newer Aether writes: skipped.
+    Unknown,
     Epoch,
     ResetPending,
 }
@@ -216,7 +227,8 @@ fn meta(h: Option<&HeaderMap>) -> Result<Meta, LogError> {
         Some(KIND_EPOCH) => Kind::Epoch,
         Some(KIND_MARK) => Kind::Mark,
         Some(KIND_RESET_PENDING) => Kind::ResetPending,
-        _ => return Err(bad("a message without a known Aether-Kind")),
+        Some(_) => Kind::Unknown,
+        None => return Err(bad("a message without Aether-Kind")),
     };
     let epoch = header(h, EPOCH)
         .and_then(|e| e.parse().ok())
@@ -391,6 +403,8 @@ impl JetStreamLog {
             writer: uuid::Uuid::new_v4().simple().to_string(),
             max_message: None,
             retention_at: Mutex::new(None),
+            append_gate: Mutex::new(()),
+            deposed: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State::default()),
         };
         log.refresh()?;
@@ -406,6 +420,68 @@ impl JetStreamLog {
     pub fn with_max_message(mut self, bytes: usize) -> Self {
         self.max_message = Some(bytes);
         self
+    }
+
+    /// This node is no longer the leader: appends fail at once (queued changes
+    /// are not appended after the successor's).
+    pub fn depose(&self) {
+        self.deposed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This node becomes the leader: reads where the stream stands and appends
+    /// a mark expecting it, so a deposed leader's late append is refused from
+    /// now on. Retried while the predecessor's last appends land.
+    pub fn claim(&self) -> Result<(), LogError> {
+        self.deposed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut last = None;
+        for _ in 0..20 {
+            let _gate = self.gate()?;
+            self.refresh()?;
+            if self.state().reset_pending {
+                // Nothing to fence yet: the reset that follows is fenced.
+                return Ok(());
+            }
+            match self.rt.block_on(self.mark()) {
+                Ok(()) => return Ok(()),
+                Err(LogError::Fenced(why)) => last = Some(why),
+                Err(e) => return Err(e),
+            }
+            drop(_gate);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(LogError::Fenced(last.unwrap_or_default()))
+    }
+
+    /// Appends a mark: the newest position again (see [`KIND_MARK`]).
+    async fn mark(&self) -> Result<(), LogError> {
+        let (epoch, newest, pending, last_seq) = {
+            let g = self.state();
+            (
+                g.epoch,
+                g.newest.unwrap_or(g.floor),
+                g.reset_pending,
+                g.last_seq,
+            )
+        };
+        if pending {
+            return Ok(());
+        }
+        let h = headers(KIND_MARK, epoch, newest, newest);
+        let id = format!("{}:mark:{last_seq}:{}", epoch.0, self.writer);
+        self.publish_all(vec![(h, Bytes::new(), id, None)], last_seq)
+            .await
+            .map(|_| ())
+    }
+
+    /// Serializes this node's appends; refuses once it is deposed.
+    fn gate(&self) -> Result<std::sync::MutexGuard<'_, ()>, LogError> {
+        let g = self.append_gate.lock().unwrap_or_else(|e| e.into_inner());
+        if self.deposed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LogError::Fenced("this node lost the leadership".into()));
+        }
+        Ok(g)
     }
 
     /// The client, for the node's other traffic and its health.
@@ -455,6 +531,7 @@ impl JetStreamLog {
                 bytes: st.bytes,
                 last_seq: st.last_sequence,
                 first_seq: st.first_sequence,
+                applied_seq: st.last_sequence,
                 reset_pending: true,
                 ..State::default()
             };
@@ -550,6 +627,7 @@ impl JetStreamLog {
             // the batch leaves the part already stored counted.
             let mut st = self.state();
             st.last_seq = last_seq;
+            st.applied_seq = st.applied_seq.max(last_seq);
             if let Some(n) = newest
                 && st.newest < Some(n)
             {
@@ -604,21 +682,7 @@ impl JetStreamLog {
         );
         let quiet = st.messages == 0 || last_age > age / 2;
         if leader && !age.is_zero() && quiet {
-            let (epoch, newest, pending, last_seq) = {
-                let g = self.state();
-                (
-                    g.epoch,
-                    g.newest.unwrap_or(g.floor),
-                    g.reset_pending,
-                    g.last_seq,
-                )
-            };
-            if !pending {
-                let h = headers(KIND_MARK, epoch, newest, newest);
-                let id = format!("{}:mark:{last_seq}", epoch.0);
-                self.publish_all(vec![(h, Bytes::new(), id, None)], last_seq)
-                    .await?;
-            }
+            self.mark().await?;
         }
         Ok(())
     }
@@ -702,6 +766,17 @@ impl JetStreamLog {
             }
         }
         let last = page.changes.last().map_or(after, |c| c.position);
+        // Stopped inside a group (its last parts not written yet): the next
+        // read starts at its first part, and there is more to come.
+        if let Some((_, start)) = parts.next {
+            page.end = false;
+            page.hint = Some(ReadHint {
+                segment: Position::new(PgLsn(start), 0),
+                offset: start,
+                last,
+            });
+            return Ok(page);
+        }
         page.end = seq > last_seq;
         page.hint = Some(ReadHint {
             segment: Position::new(PgLsn(seq), 0),
@@ -755,6 +830,7 @@ impl ChangeLog for JetStreamLog {
         let Some(first) = changes.first() else {
             return Ok(());
         };
+        let _gate = self.gate()?;
         let (epoch, mut floor, last_seq) = {
             let st = self.state();
             if st.reset_pending {
@@ -957,11 +1033,13 @@ impl ChangeLog for JetStreamLog {
             }
             *g = Some(std::time::Instant::now());
         }
-        // Only the leader's writer calls this.
+        // Only the leader's writer calls this; its mark is an append.
+        let _gate = self.gate()?;
         self.rt.block_on(self.retention(true))
     }
 
     fn mark_reset_pending(&self) -> Result<(), LogError> {
+        let _gate = self.gate()?;
         let (epoch, floor, newest, last_seq) = {
             let st = self.state();
             (
@@ -983,6 +1061,7 @@ impl ChangeLog for JetStreamLog {
     }
 
     fn reset(&self, floor: Position) -> Result<Epoch, LogError> {
+        let _gate = self.gate()?;
         let old = self.state().epoch;
         let epoch = loop {
             let e = Epoch::generate();
@@ -1008,10 +1087,32 @@ impl ChangeLog for JetStreamLog {
             epoch,
             floor,
             last_seq: seq,
+            applied_seq: seq,
             reset_pending: false,
             ..State::default()
         };
         Ok(epoch)
+    }
+}
+
+/// Where a follower starts: the stream as the log read it when it opened,
+/// taken at once so no change falls between the sequence and the position.
+#[derive(Debug, Clone, Copy)]
+pub struct StartPoint {
+    pub seq: u64,
+    pub newest: Option<Position>,
+    pub epoch: Epoch,
+}
+
+impl JetStreamLog {
+    /// Where a follower of this log starts now.
+    pub fn start_point(&self) -> StartPoint {
+        let st = self.state();
+        StartPoint {
+            seq: st.last_seq,
+            newest: st.newest,
+            epoch: st.epoch,
+        }
     }
 }
 
@@ -1032,17 +1133,18 @@ pub struct FollowStatus {
 /// so a reconnect starts a new one at once.
 pub async fn follow(
     log: Arc<JetStreamLog>,
-    after_seq: u64,
+    start: StartPoint,
     feed: mpsc::Sender<Feed>,
     status: watch::Sender<FollowStatus>,
     mut reconnects: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
     let mut place = Place {
-        after_seq,
+        after_seq: start.seq,
+        seen_seq: start.seq,
         relations: HashMap::new(),
-        newest: log.bounds().newest,
-        epoch: log.bounds().epoch,
+        newest: start.newest,
+        epoch: start.epoch,
         parts: Assembler::default(),
     };
     loop {
@@ -1069,6 +1171,9 @@ pub async fn follow(
 /// Where a follower stands in the stream.
 struct Place {
     after_seq: u64,
+    /// The last message delivered, parts of a group included (the idle
+    /// check's measure: `after_seq` waits for a group's end).
+    seen_seq: u64,
     /// The relations last handed to the router, by table.
     relations: HashMap<TableId, Arc<Relation>>,
     newest: Option<Position>,
@@ -1121,7 +1226,7 @@ async fn follow_once(
             _ = tokio::time::sleep_until(idle_since + IDLE_CHECK) => {
                 idle_since = tokio::time::Instant::now();
                 let last = s.get_info().await.map_err(|e| nats("reading the change stream", e))?.state.last_sequence;
-                if last > place.after_seq {
+                if last > place.seen_seq {
                     return Err(LogError::Unavailable(format!(
                         "the stream holds up to sequence {last} but its reader stopped after {}: reading again",
                         place.after_seq
@@ -1146,7 +1251,27 @@ async fn follow_once(
         if seq <= place.after_seq {
             continue;
         }
+        place.seen_seq = seq;
         let meta = meta(m.headers.as_ref())?;
+        // A message of an epoch this reader never saw begin (its epoch
+        // message expired before it read it): what it had is void.
+        if meta.kind != Kind::Epoch && meta.kind != Kind::Unknown && meta.epoch != place.epoch {
+            tracing::error!(epoch = %meta.epoch, "the change stream moved to an epoch this node did not see begin: its subscriptions are told gap");
+            place.epoch = meta.epoch;
+            place.newest = Some(meta.floor);
+            place.relations.clear();
+            place.parts = Assembler::default();
+            if feed
+                .send(Feed::Reset {
+                    epoch: meta.epoch,
+                    floor: meta.floor,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
         // Each message's floor is the newest position before it: a floor past
         // what this reader has means messages it never read were dropped by
         // retention (it fell that far behind). Its router cannot promise
@@ -1168,19 +1293,22 @@ async fn follow_once(
             }
         }
         match meta.kind {
-            Kind::Mark => {}
             Kind::Epoch => {
                 if meta.epoch != place.epoch {
                     place.epoch = meta.epoch;
                     place.newest = None;
                     place.relations.clear();
                     {
+                        // The writer on this node may be ahead: it knows.
                         let mut st = log.state();
-                        st.epoch = meta.epoch;
-                        st.floor = meta.floor;
-                        st.newest = None;
-                        st.oldest = None;
-                        st.reset_pending = false;
+                        if seq > st.applied_seq {
+                            st.applied_seq = seq;
+                            st.epoch = meta.epoch;
+                            st.floor = meta.floor;
+                            st.newest = None;
+                            st.oldest = None;
+                            st.reset_pending = false;
+                        }
                     }
                     if feed
                         .send(Feed::Reset {
@@ -1193,10 +1321,21 @@ async fn follow_once(
                         return Ok(());
                     }
                 } else {
-                    log.state().reset_pending = false;
+                    let mut st = log.state();
+                    if seq > st.applied_seq {
+                        st.applied_seq = seq;
+                        st.reset_pending = false;
+                    }
                 }
             }
-            Kind::ResetPending => log.state().reset_pending = true,
+            Kind::ResetPending => {
+                let mut st = log.state();
+                if seq > st.applied_seq {
+                    st.applied_seq = seq;
+                    st.reset_pending = true;
+                }
+            }
+            Kind::Mark | Kind::Unknown => {}
             Kind::Changes | Kind::Part(..) => {
                 let Some((body, _)) = place.parts.push(meta.kind, seq, &m.payload) else {
                     // Mid-group: where this reader stands moves at the group's end.
@@ -1382,7 +1521,7 @@ mod tests {
         let big = |i: u64| change(&r, 100 * i, format!("{i}:{}", "y".repeat(200_000)));
         let small = |i: u64| change(&r, 100 * i, format!("{i}"));
         let node = Arc::new(f.open("PARTS"));
-        let start = node.last_sequence();
+        let start = node.start_point();
         let (tx, mut rx) = mpsc::channel(64);
         let (status, _) = watch::channel(FollowStatus::default());
         let (_reconnects_tx, reconnects) = watch::channel(0);
@@ -1490,6 +1629,18 @@ mod tests {
         assert!(matches!(err, LogError::Fenced(_)), "{err}");
         new.refresh().unwrap();
         assert_eq!(new.bounds().newest, Some(Position::new(PgLsn(200), 0)));
+        // A successor's claim fences at once, before it appends anything.
+        let third = f.open("FENCE");
+        third.claim().unwrap();
+        let err = new.append(&[change(&r, 400, "d".into())]).unwrap_err();
+        assert!(matches!(err, LogError::Fenced(_)), "{err}");
+        third.append(&[change(&r, 400, "d".into())]).unwrap();
+        // A node told it lost the leadership appends nothing more.
+        third.depose();
+        let err = third.append(&[change(&r, 500, "e".into())]).unwrap_err();
+        assert!(matches!(err, LogError::Fenced(_)), "{err}");
+        let reader = f.open("FENCE");
+        assert_eq!(reader.bounds().newest, Some(Position::new(PgLsn(400), 0)));
     }
 
     /// Every node's reader gets every change once, in order, with a reset in the
@@ -1501,7 +1652,7 @@ mod tests {
         let r = rel("t");
         leader.append(&[change(&r, 100, "before".into())]).unwrap();
         let node = Arc::new(f.open("FOLLOW"));
-        let start = node.last_sequence();
+        let start = node.start_point();
         let (tx, mut rx) = mpsc::channel(64);
         let (status, _) = watch::channel(FollowStatus::default());
         let shutdown = CancellationToken::new();
