@@ -347,25 +347,9 @@ async fn incoming_once(
     // Whoever is there sends what its members track; and what this node's
     // track replaces what others knew under its name (an earlier run of it).
     say(client, subjects, Announcement::Sync).await?;
-    let (reply, rx) = oneshot::channel();
-    if hubs
-        .phoenix
-        .send(PhxCommand::Snapshot { reply })
-        .await
-        .is_err()
-    {
+    if !send_snapshots(client, subjects, hubs).await? {
         return Ok(());
     }
-    if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
-        say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
-    }
-    let counts = hubs.registry.local_counts();
-    say(
-        client,
-        subjects,
-        Announcement::ConnectionsSnapshot { counts },
-    )
-    .await?;
     // Everyone known starts its silence now.
     let now = tokio::time::Instant::now();
     for at in nodes.seen.values_mut() {
@@ -466,6 +450,35 @@ async fn say(
     Ok(())
 }
 
+/// What this node's members track and its connections per user, to the
+/// others; `false` when the hubs are gone.
+async fn send_snapshots(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    hubs: &Hubs,
+) -> anyhow::Result<bool> {
+    let (reply, rx) = oneshot::channel();
+    if hubs
+        .phoenix
+        .send(PhxCommand::Snapshot { reply })
+        .await
+        .is_err()
+    {
+        return Ok(false);
+    }
+    if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+        say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
+    }
+    let counts = hubs.registry.local_counts();
+    say(
+        client,
+        subjects,
+        Announcement::ConnectionsSnapshot { counts },
+    )
+    .await?;
+    Ok(true)
+}
+
 /// Another node's announcement, to this node's hubs; `false` when they are gone.
 async fn announced(
     client: &async_nats::Client,
@@ -512,23 +525,7 @@ async fn announced(
             })
             .await
         }
-        Announcement::Sync => {
-            let (reply, rx) = oneshot::channel();
-            if !phoenix(PhxCommand::Snapshot { reply }).await {
-                return Ok(false);
-            }
-            if let Ok(Ok(state)) = tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
-                say(client, subjects, Announcement::PhoenixSnapshot { state }).await?;
-            }
-            let counts = hubs.registry.local_counts();
-            say(
-                client,
-                subjects,
-                Announcement::ConnectionsSnapshot { counts },
-            )
-            .await?;
-            true
-        }
+        Announcement::Sync => send_snapshots(client, subjects, hubs).await?,
         Announcement::Connections { user_key, count } => {
             hubs.registry.set_elsewhere(&e.node, user_key, count);
             true

@@ -341,6 +341,20 @@ fn decode_body(body: &[u8], epoch: Epoch) -> Result<Vec<(Arc<RowChange>, usize)>
     Ok(out)
 }
 
+/// A message to append: headers, body, message id, the newest position it
+/// makes the stream hold.
+type Outgoing = (HeaderMap, Bytes, String, Option<Position>);
+
+/// A batch of changes after `floor` up to `last`, as one message.
+fn batch_message(epoch: Epoch, floor: Position, last: Position, body: Vec<u8>) -> Outgoing {
+    (
+        headers(KIND_CHANGES, epoch, floor, last),
+        Bytes::from(body),
+        format!("{}:{}", epoch.0, format_position(last)),
+        Some(last),
+    )
+}
+
 fn push_record(tag: u8, body: &[u8], out: &mut Vec<u8>) {
     out.push(tag);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -592,7 +606,7 @@ impl JetStreamLog {
     /// sequence of the last.
     async fn publish_all(
         &self,
-        messages: Vec<(HeaderMap, Bytes, String, Option<Position>)>,
+        messages: Vec<Outgoing>,
         mut last_seq: u64,
     ) -> Result<u64, LogError> {
         // One at a time, each expecting the sequence the one before it got: a
@@ -876,12 +890,7 @@ impl ChangeLog for JetStreamLog {
             if size > limit {
                 // Alone, after what came before it; in parts if it exceeds a message.
                 if !body.is_empty() {
-                    messages.push((
-                        headers(KIND_CHANGES, epoch, floor, last),
-                        Bytes::from(std::mem::take(&mut body)),
-                        format!("{}:{}", epoch.0, format_position(last)),
-                        Some(last),
-                    ));
+                    messages.push(batch_message(epoch, floor, last, std::mem::take(&mut body)));
                     floor = last;
                 }
                 versions.clear();
@@ -914,12 +923,7 @@ impl ChangeLog for JetStreamLog {
                 continue;
             }
             if !body.is_empty() && body.len() + size > limit {
-                messages.push((
-                    headers(KIND_CHANGES, epoch, floor, last),
-                    Bytes::from(std::mem::take(&mut body)),
-                    format!("{}:{}", epoch.0, format_position(last)),
-                    Some(last),
-                ));
+                messages.push(batch_message(epoch, floor, last, std::mem::take(&mut body)));
                 floor = last;
                 versions.clear();
                 // The relation goes again in the next message: each is self-contained.
@@ -938,12 +942,7 @@ impl ChangeLog for JetStreamLog {
             last = c.position;
         }
         if !body.is_empty() {
-            messages.push((
-                headers(KIND_CHANGES, epoch, floor, last),
-                Bytes::from(body),
-                format!("{}:{}", epoch.0, format_position(last)),
-                Some(last),
-            ));
+            messages.push(batch_message(epoch, floor, last, body));
         }
         match self.rt.block_on(self.publish_all(messages, last_seq)) {
             Ok(_) => {}
