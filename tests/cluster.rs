@@ -643,3 +643,74 @@ async fn a_users_connection_limit_holds_across_nodes() {
         "room again once a connection on another node closed"
     );
 }
+
+/// The load balancer of `docker-compose.cluster.yml` (HAProxy with
+/// `deploy/haproxy.cfg`, servers pointed at local nodes): WebSockets pass
+/// through it, and a dead node leaves its rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_passes_websockets_and_drops_a_dead_node() {
+    let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("HAProxy is needed (.ci/run installs Debian's haproxy)");
+    let nats = NatsServer::start();
+    let db = TestDb::new().await;
+    let mut nodes = cluster(&db, &nats).await;
+    let lb_port = free_port();
+    let mut cfg =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg"))
+            .unwrap()
+            .replace("bind :8080", &format!("bind 127.0.0.1:{lb_port}"))
+            .replace(" resolvers docker", "")
+        // This machine allows 20,000 open files; HAProxy wants twice maxconn.
+        .replace("maxconn 20000", "maxconn 4000");
+    cfg.truncate(cfg.find("resolvers docker").unwrap_or(cfg.len()));
+    for (i, n) in nodes.iter().enumerate() {
+        cfg = cfg.replace(
+            &format!("aether{0}:8080", i + 1),
+            &format!("127.0.0.1:{}", n.addr.port()),
+        );
+    }
+    let path = db.data_dir.join("haproxy.cfg");
+    std::fs::create_dir_all(&db.data_dir).unwrap();
+    std::fs::write(&path, cfg).unwrap();
+    let mut lb = Command::new(haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lb_addr: SocketAddr = format!("127.0.0.1:{lb_port}").parse().unwrap();
+    let result = async {
+        wait_healthy(lb_addr).await;
+        let sql = db.client().await;
+        bucket(&sql, "pub", true).await;
+        let mut ws = Ws::connect(lb_addr, Some(&service_token())).await;
+        ws.subscribe("s", json!({"table": "files"})).await;
+        insert(&sql, "through").await;
+        assert_eq!(name_of(&ws.change().await), "through");
+        // A node dies: after HAProxy's checks, every request finds a live one.
+        nodes[2].sigkill();
+        let url = format!("http://{lb_addr}/health");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut in_a_row = 0;
+        while in_a_row < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "ten healthy answers in a row through HAProxy"
+            );
+            if reqwest_lite(&url).await.ok() == Some(200) {
+                in_a_row += 1;
+            } else {
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    .await;
+    let _ = lb.kill();
+    let _ = lb.wait();
+    result
+}
