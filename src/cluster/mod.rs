@@ -143,11 +143,17 @@ impl Cluster {
         if self.log.client().connection_state() != async_nats::connection::State::Connected {
             return Some("NATS is not reachable: this node cannot read the change stream".into());
         }
-        self.follow
-            .borrow()
-            .error
-            .as_ref()
-            .map(|e| format!("the change stream cannot be read: {e}"))
+        let follow = self.follow.borrow();
+        if let Some(e) = &follow.error {
+            return Some(format!("the change stream cannot be read: {e}"));
+        }
+        // Positions handed out before this node's router has the stream's
+        // history would be answered `gap` a moment later.
+        let stream = self.log.bounds();
+        if stream.reset_pending || follow.epoch.0 == 0 || follow.epoch != stream.epoch {
+            return Some("this node has not read the change stream's history yet".into());
+        }
+        None
     }
 
     pub fn is_leader(&self) -> bool {

@@ -1116,12 +1116,24 @@ impl JetStreamLog {
 }
 
 /// Whether the node's NATS connection is up, and what happened to it last.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FollowStatus {
     /// Set while the stream cannot be read.
     pub error: Option<String>,
     /// Stream sequence of the last message handed to the router.
     pub consumed: u64,
+    /// The epoch the router was last handed (0: the stream has none yet).
+    pub epoch: Epoch,
+}
+
+impl Default for FollowStatus {
+    fn default() -> FollowStatus {
+        FollowStatus {
+            error: None,
+            consumed: 0,
+            epoch: Epoch(0),
+        }
+    }
 }
 
 /// Every node's reader: hands the stream's changes, in order, from the message
@@ -1138,6 +1150,7 @@ pub async fn follow(
     mut reconnects: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
+    status.send_modify(|s| s.epoch = start.epoch);
     let mut place = Place {
         after_seq: start.seq,
         seen_seq: start.seq,
@@ -1371,7 +1384,11 @@ async fn follow_once(
             }
         }
         place.after_seq = seq;
-        status.send_modify(|s| s.consumed = seq);
+        let epoch = place.epoch;
+        status.send_modify(|s| {
+            s.consumed = seq;
+            s.epoch = epoch;
+        });
     }
     Err(LogError::Unavailable(
         "the change stream's consumer ended".into(),
