@@ -657,8 +657,7 @@ async fn haproxy_passes_websockets_and_drops_a_dead_node() {
     let db = TestDb::new().await;
     let mut nodes = cluster(&db, &nats).await;
     let lb_port = free_port();
-    let mut cfg =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg"))
+    let mut cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg"))
             .unwrap()
             .replace("bind :8080", &format!("bind 127.0.0.1:{lb_port}"))
             .replace(" resolvers docker", "")

@@ -89,6 +89,18 @@ impl Env {
     /// Starts `aether` on `port` and returns at once (the soak kills it while it
     /// starts, and restarts it on the same port).
     pub fn spawn_aether(&self, port: u16, extra: &[(&str, String)]) -> anyhow::Result<Aether> {
+        self.spawn_aether_logged(port, "aether.log", extra)
+    }
+
+    /// [`Env::spawn_aether`] with its output appended to `log_name` in the cluster
+    /// directory (the `cluster` scenario's nodes each have their own log; `extra`
+    /// may override `DATA_DIR`).
+    pub fn spawn_aether_logged(
+        &self,
+        port: u16,
+        log_name: &str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Aether> {
         let exe = std::env::current_exe()?;
         let bin = match &self.aether_bin {
             Some(b) => b.clone(),
@@ -98,7 +110,7 @@ impl Env {
                 .filter(|p| p.is_file())
                 .context("target/<profile>/aether not found next to aether-bench: run `cargo build --release --bins`")?,
         };
-        let log_path = self.dir.join("aether.log");
+        let log_path = self.dir.join(log_name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

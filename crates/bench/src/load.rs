@@ -109,6 +109,12 @@ pub enum Spec {
         content_type: String,
         download: bool,
     },
+    /// `cluster`: each node's CPU per change at a steady commit rate.
+    ClusterCpu(crate::cluster::CpuSpec),
+    /// `cluster`: subscribers spread over the nodes, one change at a time.
+    ClusterFanOut(crate::cluster::FanOutSpec),
+    /// `cluster`: a steady writer and a subscriber per node while leaders are killed.
+    ClusterFailover(crate::cluster::FailoverSpec),
 }
 
 pub fn say(line: &str) {
@@ -208,6 +214,9 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
             )
             .await
         }
+        Spec::ClusterCpu(s) => crate::cluster::cpu_load(s).await,
+        Spec::ClusterFanOut(s) => crate::cluster::fan_out_load(s).await,
+        Spec::ClusterFailover(s) => crate::cluster::failover_load(s).await,
     }
 }
 
@@ -218,13 +227,13 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
 /// change `seq`, and when the first and the last of them did.
 pub struct Tracker {
     base: u64,
-    sent: Vec<AtomicI64>,
-    count: Vec<AtomicU32>,
-    first: Vec<AtomicI64>,
-    last: Vec<AtomicI64>,
+    pub sent: Vec<AtomicI64>,
+    pub count: Vec<AtomicU32>,
+    pub first: Vec<AtomicI64>,
+    pub last: Vec<AtomicI64>,
     /// The frame's `timestamp`: the Commit message's commit time, in ms.
-    commit_ms: Vec<AtomicI64>,
-    deliveries: AtomicU64,
+    pub commit_ms: Vec<AtomicI64>,
+    pub deliveries: AtomicU64,
 }
 
 impl Tracker {
@@ -275,7 +284,12 @@ impl Tracker {
 
     /// (last-subscriber latencies µs, first-subscriber latencies µs, changes with
     /// fewer than `per_change` deliveries) over changes `from..n` sent.
-    fn latencies(&self, n: usize, from_us: i64, per_change: u32) -> (Vec<i64>, Vec<i64>, usize) {
+    pub fn latencies(
+        &self,
+        n: usize,
+        from_us: i64,
+        per_change: u32,
+    ) -> (Vec<i64>, Vec<i64>, usize) {
         let mut last = Vec::with_capacity(n);
         let mut first = Vec::with_capacity(n);
         let mut short = 0;
@@ -298,20 +312,23 @@ impl Tracker {
 }
 
 #[derive(Default)]
-struct Shared {
+pub struct Shared {
     /// Positions of every change frame, when asked for (catch-up diagnostics).
     positions: Option<Mutex<Vec<(u64, u32)>>>,
-    tracker: RwLock<Option<Arc<Tracker>>>,
+    pub tracker: RwLock<Option<Arc<Tracker>>>,
     changes: AtomicU64,
     first_us: AtomicI64,
     last_us: AtomicI64,
     subscribed: AtomicU64,
     errors: AtomicU64,
-    closed: AtomicU64,
+    pub closed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// The first few frames that are not changes (subscription replies included),
+    /// each cut at 300 bytes: what a subscriber that got nothing was told.
+    pub notes: Mutex<Vec<String>>,
 }
 
-fn field_i64(text: &str, key: &str) -> Option<i64> {
+pub fn field_i64(text: &str, key: &str) -> Option<i64> {
     let start = text.find(key)? + key.len();
     let digits = text[start..]
         .bytes()
@@ -388,7 +405,10 @@ impl Shared {
             {
                 t.record(seq as u64, recv, field_i64(text, "\"timestamp\":"));
             }
-        } else if text.contains("\"action\":\"subscribed\"") {
+            return;
+        }
+        self.note(text);
+        if text.contains("\"action\":\"subscribed\"") {
             self.subscribed.fetch_add(1, Ordering::Relaxed);
         } else if text.contains("\"type\":\"error\"") {
             self.errors.fetch_add(1, Ordering::Relaxed);
@@ -400,12 +420,24 @@ impl Shared {
         }
     }
 
-    fn error_text(&self) -> Option<String> {
+    fn note(&self, text: &str) {
+        if let Ok(mut v) = self.notes.lock()
+            && v.len() < 10
+        {
+            let end = (0..=text.len().min(300))
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+            v.push(text[..end].to_owned());
+        }
+    }
+
+    pub fn error_text(&self) -> Option<String> {
         self.first_error.lock().ok().and_then(|e| e.clone())
     }
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpStream>, Message>;
+pub type Sink = futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpStream>, Message>;
 
 /// Opens a WebSocket from `source` (a 127.0.0.x address, to spread the 4-tuples) and
 /// spawns its reader; returns the sending half.
@@ -446,7 +478,7 @@ async fn open(
     Ok(sink)
 }
 
-fn subscribe_frame(id: &str, filter: Option<&str>) -> Message {
+pub fn subscribe_frame(id: &str, filter: Option<&str>) -> Message {
     let mut data = json!({"id": id, "table": "files"});
     if let Some(f) = filter {
         data["filter"] = json!(f);
@@ -459,7 +491,7 @@ fn subscribe_frame(id: &str, filter: Option<&str>) -> Message {
 }
 
 /// Opens `n` connections, spread over `ips` source addresses, at most 256 connecting at once.
-async fn open_many(
+pub async fn open_many(
     server: SocketAddr,
     token: &str,
     n: usize,
@@ -486,7 +518,7 @@ async fn open_many(
     Ok(sinks)
 }
 
-async fn wait_subscribed(shared: &Shared, n: u64, within: Duration) -> anyhow::Result<()> {
+pub async fn wait_subscribed(shared: &Shared, n: u64, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while shared.subscribed.load(Ordering::Relaxed) < n {
         if Instant::now() > deadline {
@@ -506,25 +538,30 @@ async fn wait_subscribed(shared: &Shared, n: u64, within: Duration) -> anyhow::R
 // ---------------------------------------------------------------------------
 // Writing
 
-struct Writer {
+pub struct Writer {
     clients: Vec<Arc<tokio_postgres::Client>>,
     stmts: Vec<tokio_postgres::Statement>,
     owner: uuid::Uuid,
-    next_seq: u64,
+    /// The number of the next row (`path` = `s<n>`); paths are unique per bucket, so
+    /// a second load process on the same database starts elsewhere (`cluster`).
+    pub next_seq: u64,
     /// PostgreSQL's own delivery of the same commits, when measured (see [`Reference`]).
     reference: Option<Arc<Shared>>,
+    /// Other receivers of the same commits, each with a tracker of its own per step
+    /// (`cluster`: the subscribers of each node).
+    pub mirrors: Vec<Arc<Shared>>,
 }
 
 #[derive(Debug, Serialize)]
-struct WriteStats {
-    target_rate: f64,
-    sent: u64,
-    achieved_rate: f64,
-    errors: u64,
+pub struct WriteStats {
+    pub target_rate: f64,
+    pub sent: u64,
+    pub achieved_rate: f64,
+    pub errors: u64,
 }
 
 impl Writer {
-    async fn new(db: &str, conns: usize, owner: &str) -> anyhow::Result<Writer> {
+    pub async fn new(db: &str, conns: usize, owner: &str) -> anyhow::Result<Writer> {
         let mut clients = Vec::new();
         let mut stmts = Vec::new();
         for _ in 0..conns {
@@ -549,12 +586,13 @@ impl Writer {
             owner: owner.parse()?,
             next_seq: 1,
             reference: None,
+            mirrors: Vec::new(),
         })
     }
 
     /// One-row autocommit INSERTs paced at `rate` per second for `seconds`; change
     /// `i` of the step goes to folder `folder(i)`. Returns the step's tracker.
-    async fn run(
+    pub async fn run(
         &mut self,
         shared: &Shared,
         rate: f64,
@@ -571,6 +609,16 @@ impl Writer {
             *r.tracker.write().unwrap() = Some(Arc::clone(&t));
             t
         });
+        let mirror_trackers: Arc<Vec<Arc<Tracker>>> = Arc::new(
+            self.mirrors
+                .iter()
+                .map(|m| {
+                    let t = Tracker::new(base, total as usize);
+                    *m.tracker.write().unwrap() = Some(Arc::clone(&t));
+                    t
+                })
+                .collect(),
+        );
         const INFLIGHT: u32 = 512;
         let sem = Arc::new(Semaphore::new(INFLIGHT as usize));
         let errors = Arc::new(AtomicU64::new(0));
@@ -593,12 +641,16 @@ impl Writer {
                 let path = format!("s{}", base + i);
                 let tracker = Arc::clone(&tracker);
                 let ref_tracker = ref_tracker.clone();
+                let mirror_trackers = Arc::clone(&mirror_trackers);
                 let errors = Arc::clone(&errors);
                 tokio::spawn(async move {
                     let sent = now_us();
                     tracker.sent[i as usize].store(sent, Ordering::Relaxed);
                     if let Some(r) = &ref_tracker {
                         r.sent[i as usize].store(sent, Ordering::Relaxed);
+                    }
+                    for m in mirror_trackers.iter() {
+                        m.sent[i as usize].store(sent, Ordering::Relaxed);
                     }
                     if client
                         .execute(&stmt, &[&folder_id, &path, &sent, &owner])
@@ -698,7 +750,7 @@ impl Reference {
 }
 
 /// Waits until the tracker holds `want` deliveries or `within` passes.
-async fn drain(tracker: &Tracker, want: u64, within: Duration) {
+pub async fn drain(tracker: &Tracker, want: u64, within: Duration) {
     let deadline = Instant::now() + within;
     while tracker.deliveries.load(Ordering::Relaxed) < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -834,7 +886,7 @@ async fn big_tx(
     }))
 }
 
-async fn folders(db: &str, prefix: &str, n: usize) -> anyhow::Result<Vec<uuid::Uuid>> {
+pub async fn folders(db: &str, prefix: &str, n: usize) -> anyhow::Result<Vec<uuid::Uuid>> {
     let c = crate::env::connect(db).await?;
     let ids = crate::env::folder_ids(&c, prefix, n).await?;
     anyhow::ensure!(ids.len() == n, "expected {n} folders, found {}", ids.len());

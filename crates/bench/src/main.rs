@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod chart;
+mod cluster;
 mod env;
 mod http;
 mod load;
@@ -124,7 +125,11 @@ enum Cmd {
     /// Aether killed (SIGKILL, SIGTERM) and restarted under a steady writer; a
     /// resuming follower must get every row exactly once, in order.
     Soak(RunArgs),
-    /// Every scenario in turn, results merged into one JSON file.
+    /// Three nodes on one nats-server (JetStream): the leader's CPU per change
+    /// with 1 and 3 nodes, fan-out across the nodes, leader failover (SIGKILL).
+    Cluster(RunArgs),
+    /// Every scenario in turn (not `cluster` or `changelog`), results merged
+    /// into one JSON file.
     All(RunArgs),
     /// Draws the PNG chart from a results JSON file.
     Chart {
@@ -163,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Decode(a) => scenarios::run("decode", &a),
         Cmd::Changelog(a) => logbench::run(&a),
         Cmd::Soak(a) => scenarios::run("soak", &a),
+        Cmd::Cluster(a) => scenarios::run("cluster", &a),
         Cmd::All(a) => {
             for name in [
                 "decode",

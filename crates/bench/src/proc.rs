@@ -71,6 +71,36 @@ pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
     Some(ticks / clk_tck())
 }
 
+/// The pid of a live child of `parent` whose command name (`/proc/<pid>/comm`, 15
+/// bytes at most) starts with `prefix`: e.g. the nats-server a scenario started.
+pub fn child_named(parent: u32, prefix: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid …"
+        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else {
+            continue;
+        };
+        let comm = &head[open + 1..];
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && comm.starts_with(prefix) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 /// CPU seconds the whole machine spent busy (all cores: /proc/stat's first line,
 /// user + nice + system + irq + softirq), for telling what else ran during a step.
 pub fn machine_busy_seconds() -> Option<f64> {

@@ -29,6 +29,7 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
                 "decode" => decode(&env, args.quick).await,
                 "rest" => rest(&env, args.quick).await,
                 "soak" => crate::soak::run(&env, args).await,
+                "cluster" => crate::cluster::run(&env, args).await,
                 other => anyhow::bail!("unknown scenario {other}"),
             }
         })
