@@ -1,7 +1,10 @@
 //! Row filters: `column=op.value`, joined by `&` (AND).
 //!
-//! Operators: `eq`, `neq`, `lt`, `lte`, `gt`, `gte`, `in.(a,b,c)`, `is.null`,
-//! `is.notnull`. Literals are converted with the column's type when the subscription
+//! Operators: `eq`, `neq`, `lt`, `lte`, `gt`, `gte`, `in.(a,b,c)`, `like`,
+//! `ilike` (`%` any run, `_` one character, `*` as `%` as PostgREST allows),
+//! `is.null`, `is.notnull`, `is.true`, `is.false`, and `not.` before any of
+//! them (as in SQL, a NULL value matches neither `x` nor `not.x`, except
+//! for `is`). Literals are converted with the column's type when the subscription
 //! is made (a bad value is refused then, not silently never matched), using the same
 //! conversion as the change stream, so equal values have equal index keys.
 
@@ -20,7 +23,9 @@ pub enum FilterError {
     Syntax(String),
     #[error("unknown column {column:?} in table {table}")]
     UnknownColumn { table: String, column: String },
-    #[error("unknown operator {0:?} (use eq, neq, lt, lte, gt, gte, in, is)")]
+    #[error(
+        "unknown operator {0:?} (use eq, neq, lt, lte, gt, gte, in, like, ilike, is, and not. before any)"
+    )]
     UnknownOperator(String),
     #[error("value {value:?} is not a valid {expected} for column {column:?}")]
     BadValue {
@@ -39,8 +44,12 @@ pub enum Op {
     Gt,
     Gte,
     In,
+    Like,
+    ILike,
     IsNull,
     IsNotNull,
+    IsTrue,
+    IsFalse,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +58,8 @@ pub struct Condition {
     pub type_oid: u32,
     pub op: Op,
     pub values: Vec<Value>,
+    /// `not.`: the condition's opposite.
+    pub negate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -63,6 +74,10 @@ impl Filter {
             let (column, rest) = part
                 .split_once('=')
                 .ok_or_else(|| FilterError::Syntax(part.to_owned()))?;
+            let (negate, rest) = match rest.strip_prefix("not.") {
+                Some(r) => (true, r),
+                None => (false, rest),
+            };
             let (op, literal) = rest
                 .split_once('.')
                 .ok_or_else(|| FilterError::Syntax(part.to_owned()))?;
@@ -80,21 +95,35 @@ impl Filter {
                 "gt" => Op::Gt,
                 "gte" => Op::Gte,
                 "in" => Op::In,
+                // As in PostgreSQL, patterns match text columns only.
+                "like" | "ilike" if !matches!(col.type_oid, 25 | 1043 | 1042 | 19) => {
+                    return Err(FilterError::BadValue {
+                        column: column.to_owned(),
+                        value: literal.to_owned(),
+                        expected: "pattern for a text column (like and ilike match text only)",
+                    });
+                }
+                "like" => Op::Like,
+                "ilike" => Op::ILike,
                 "is" => match literal {
                     "null" => Op::IsNull,
                     "notnull" | "not_null" => Op::IsNotNull,
+                    "true" if col.type_oid == oid::BOOL => Op::IsTrue,
+                    "false" if col.type_oid == oid::BOOL => Op::IsFalse,
                     _ => {
                         return Err(FilterError::BadValue {
                             column: column.to_owned(),
                             value: literal.to_owned(),
-                            expected: "null or notnull",
+                            expected: "null, notnull, or true or false for a boolean column",
                         });
                     }
                 },
                 other => return Err(FilterError::UnknownOperator(other.to_owned())),
             };
             let values = match op {
-                Op::IsNull | Op::IsNotNull => Vec::new(),
+                Op::IsNull | Op::IsNotNull | Op::IsTrue | Op::IsFalse => Vec::new(),
+                // A pattern is text whatever the column's type.
+                Op::Like | Op::ILike => vec![Value::String(literal.replace('*', "%"))],
                 Op::In => {
                     let inner = literal
                         .strip_prefix('(')
@@ -112,6 +141,7 @@ impl Filter {
                 type_oid: col.type_oid,
                 op,
                 values,
+                negate,
             });
         }
         Ok(Filter { conditions })
@@ -121,7 +151,7 @@ impl Filter {
     pub fn index_key(&self) -> Option<(&str, String)> {
         self.conditions
             .iter()
-            .find(|c| c.op == Op::Eq)
+            .find(|c| c.op == Op::Eq && !c.negate)
             .and_then(|c| Some((c.column.as_str(), key_of(c.values.first()?)?.into_owned())))
     }
 
@@ -135,17 +165,27 @@ impl Filter {
                 // Column missing (dropped) or value unknown: it cannot be shown to match.
                 return false;
             };
-            // Every operator but `is` has at least one value (checked when parsed).
-            let Some(first) = c.values.first() else {
-                return matches!(c.op, Op::IsNull | Op::IsNotNull)
-                    && (c.op == Op::IsNull) == value.is_null();
+            // `is` is true or false, never unknown: `not.` turns it over.
+            let is = match c.op {
+                Op::IsNull => Some(value.is_null()),
+                Op::IsNotNull => Some(!value.is_null()),
+                Op::IsTrue => Some(*value == Value::Bool(true)),
+                Op::IsFalse => Some(*value == Value::Bool(false)),
+                _ => None,
             };
+            if let Some(is) = is {
+                return is != c.negate;
+            }
+            // Any other comparison with NULL is unknown: no match, `not.` or not.
             if value.is_null() {
                 return false;
             }
+            let Some(first) = c.values.first() else {
+                return false;
+            };
             let ord = || compare(c.type_oid, value, first);
-            match c.op {
-                Op::IsNull | Op::IsNotNull => false,
+            let m = match c.op {
+                Op::IsNull | Op::IsNotNull | Op::IsTrue | Op::IsFalse => false,
                 Op::Eq => equal(value, first),
                 Op::Neq => !equal(value, first),
                 Op::In => c.values.iter().any(|v| equal(value, v)),
@@ -153,9 +193,73 @@ impl Filter {
                 Op::Lte => matches!(ord(), Some(Ordering::Less | Ordering::Equal)),
                 Op::Gt => ord() == Some(Ordering::Greater),
                 Op::Gte => matches!(ord(), Some(Ordering::Greater | Ordering::Equal)),
-            }
+                Op::Like | Op::ILike => {
+                    let (Some(pattern), Some(text)) = (first.as_str(), as_text(value)) else {
+                        return false;
+                    };
+                    if c.op == Op::ILike {
+                        like(&pattern.to_lowercase(), &text.to_lowercase())
+                    } else {
+                        like(pattern, &text)
+                    }
+                }
+            };
+            m != c.negate
         })
     }
+}
+
+/// A value as the text LIKE compares.
+fn as_text(v: &Value) -> Option<Cow<'_, str>> {
+    match v {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+        _ => None,
+    }
+}
+
+/// SQL LIKE: `%` any run of characters, `_` one, `\` escapes the next.
+/// Iterative with one backtrack point, so no pattern is exponential.
+fn like(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('%') => {
+                star = Some((pi, ti));
+                pi += 1;
+                continue;
+            }
+            Some('_') => {
+                pi += 1;
+                ti += 1;
+                continue;
+            }
+            Some('\\') if p.get(pi + 1) == Some(&t[ti]) => {
+                pi += 2;
+                ti += 1;
+                continue;
+            }
+            Some(c) if *c != '\\' && *c == t[ti] => {
+                pi += 1;
+                ti += 1;
+                continue;
+            }
+            _ => {}
+        }
+        match star {
+            Some((sp, st)) => {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    p[pi..].iter().all(|c| *c == '%')
 }
 
 /// The text a value is indexed under; `None` for values no equality filter can name.
@@ -339,6 +443,62 @@ mod tests {
         assert!(!f.matches(&rel, &row));
     }
 
+    /// Supabase's newer filters: `like`, `ilike`, `is.true`/`is.false` and
+    /// `not.`, with SQL's NULL rules.
+    #[test]
+    fn like_ilike_is_and_not() {
+        let rel = relation();
+        let row = |name: Option<&str>| {
+            vec![
+                Some(json!(uuid::Uuid::nil().to_string())),
+                Some(json!(5)),
+                Some(name.map_or(Value::Null, |n| json!(n))),
+                None,
+                None,
+            ]
+        };
+        let m = |f: &str, name: Option<&str>| {
+            Filter::parse(f, &table())
+                .unwrap()
+                .matches(&rel, &row(name))
+        };
+        assert!(m("name=like.re%", Some("report.pdf")));
+        assert!(m("name=like.%.pdf", Some("report.pdf")));
+        assert!(m("name=like.r_port*", Some("report.pdf")), "* is %");
+        assert!(
+            !m("name=like.Re%", Some("report.pdf")),
+            "like is case-sensitive"
+        );
+        assert!(m("name=ilike.RE%PDF", Some("report.pdf")));
+        assert!(m("name=like.100\\%", Some("100%")), "an escaped %");
+        assert!(!m("name=like.100\\%", Some("1000")));
+        assert!(m("name=not.like.%.pdf", Some("notes.txt")));
+        assert!(!m("name=not.like.%.pdf", None), "NULL matches neither");
+        assert!(!m("name=like.%", None));
+        assert!(m("name=not.eq.a", Some("b")));
+        assert!(m("name=not.is.null", Some("b")));
+        assert!(m("name=not.is.notnull", None));
+        assert!(m("size=not.in.(1,2)", Some("x")));
+        assert!(matches!(
+            Filter::parse("size=like.1%", &table()),
+            Err(FilterError::BadValue { .. })
+        ));
+        // No index key from a negated equality.
+        assert_eq!(
+            Filter::parse("name=not.eq.a", &table())
+                .unwrap()
+                .index_key(),
+            None
+        );
+        // A pathological pattern stays linear-ish.
+        let long = "a".repeat(5000);
+        assert!(!m(&format!("name=like.{}b", "%a".repeat(50)), Some(&long)));
+        assert!(matches!(
+            Filter::parse("name=is.true", &table()),
+            Err(FilterError::BadValue { .. })
+        ));
+    }
+
     #[test]
     fn errors_name_the_problem() {
         let t = table();
@@ -351,7 +511,7 @@ mod tests {
             Err(FilterError::UnknownColumn { .. })
         ));
         assert!(matches!(
-            Filter::parse("size=like.1", &t),
+            Filter::parse("size=between.1", &t),
             Err(FilterError::UnknownOperator(_))
         ));
         assert!(matches!(
