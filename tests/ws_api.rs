@@ -825,6 +825,35 @@ async fn private_channels_follow_the_realtime_messages_policies() {
         next_broadcast(&mut public).await["payload"],
         json!({"m": "public"})
     );
+
+    // The policies change; a renewed token asks them again: alice loses the
+    // shared room (Supabase's reason, then phx_close).
+    t.exec(
+        "DROP POLICY read_rooms ON realtime.messages;
+         CREATE POLICY read_own ON realtime.messages FOR SELECT TO authenticated
+           USING (realtime.topic() = 'room:' || auth.uid()::text);",
+    )
+    .await;
+    a.send(
+        json!({"topic": topic, "event":"access_token","ref":"9","join_ref":"1",
+        "payload":{"access_token": user_token(&alice)}}),
+    )
+    .await;
+    let mut told = None;
+    loop {
+        let v = a.next().await;
+        match v["event"].as_str() {
+            Some("system") => told = Some(v),
+            Some("phx_close") => break,
+            _ => {}
+        }
+    }
+    let told = told.expect("a system message before the close");
+    assert_eq!(
+        told["payload"]["message"],
+        "Unauthorized: You do not have permissions to read from this Channel topic: room:shared",
+        "{told}"
+    );
 }
 
 /// `postgres_changes` bindings to every table of a schema (`table: '*'`) or

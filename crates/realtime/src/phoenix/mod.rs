@@ -212,6 +212,60 @@ impl Conn {
         }
     }
 
+    /// Asks the policies again for every private channel joined (after a
+    /// token change): one no longer readable is left, with Supabase's
+    /// `Unauthorized` as a system message and a `phx_close`.
+    async fn recheck_private(&mut self) -> Vec<Message> {
+        let topics: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.private && c.joined)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let mut out = Vec::new();
+        for topic in topics {
+            let principal = Arc::clone(&self.principal);
+            let rights = self
+                .state
+                .channel_policy
+                .rights(&principal, sub_topic(&topic))
+                .await;
+            match rights {
+                Ok(r) if r.read => {
+                    if let Some(ch) = self.channels.get_mut(&topic) {
+                        ch.rights = r;
+                    }
+                }
+                other => {
+                    let reason = match other {
+                        Err(why) => format!(
+                            "Unauthorized: the channel's policies could not be checked: {why}"
+                        ),
+                        _ => unauthorized("read from", &topic),
+                    };
+                    let join_ref = self.channels.get(&topic).and_then(|c| c.join_ref.clone());
+                    self.leave(&topic).await;
+                    out.push(self.frame(
+                        join_ref.clone(),
+                        None,
+                        &topic,
+                        "system",
+                        json!({"channel": sub_topic(&topic), "extension": "system",
+                               "message": reason, "status": "error"}),
+                    ));
+                    out.push(self.frame(
+                        join_ref.clone(),
+                        join_ref,
+                        &topic,
+                        "phx_close",
+                        json!({}),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// A user broadcast from this connection (JSON or binary frame).
     async fn broadcast(
         &mut self,
@@ -324,7 +378,12 @@ impl Conn {
                     .and_then(Value::as_str)
                     .unwrap_or("");
                 match self.set_token(token).await {
-                    Ok(()) => vec![self.reply(&m, "ok", json!({}))],
+                    Ok(()) => {
+                        let mut out = vec![self.reply(&m, "ok", json!({}))];
+                        // A new token, a new member as the policies see it.
+                        out.extend(self.recheck_private().await);
+                        out
+                    }
                     Err(why) => {
                         let mut out = vec![self.frame(
                             m.join_ref.clone(),
