@@ -1267,32 +1267,29 @@ async fn follow_once(
         let meta = meta(m.headers.as_ref())?;
         // A message of an epoch this reader never saw begin (its epoch
         // message expired before it read it): what it had is void.
-        if meta.kind != Kind::Epoch && meta.kind != Kind::Unknown && meta.epoch != place.epoch {
-            tracing::error!(epoch = %meta.epoch, "the change stream moved to an epoch this node did not see begin: its subscriptions are told gap");
+        // What this reader had is void when the stream moved to an epoch it
+        // never saw begin (its epoch message expired before it read it), or
+        // when a message's floor (the newest position before it) is past what
+        // it has: messages it never read were dropped by retention. Its router
+        // cannot promise anything from before: a reset tells every
+        // subscription `gap`.
+        let starts = matches!(meta.kind, Kind::Changes | Kind::Part(1, _) | Kind::Mark);
+        let lost = if meta.kind != Kind::Epoch
+            && meta.kind != Kind::Unknown
+            && meta.epoch != place.epoch
+        {
+            Some("the change stream moved to an epoch this node did not see begin")
+        } else if starts && place.newest.is_some_and(|n| meta.floor > n) {
+            Some("this node fell behind what the change stream retains")
+        } else {
+            None
+        };
+        if let Some(why) = lost {
+            tracing::error!(epoch = %meta.epoch, floor = %meta.floor, "{why}: its subscriptions are told gap");
             place.epoch = meta.epoch;
             place.newest = Some(meta.floor);
             place.relations.clear();
             place.parts = Assembler::default();
-            if feed
-                .send(Feed::Reset {
-                    epoch: meta.epoch,
-                    floor: meta.floor,
-                })
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-        }
-        // Each message's floor is the newest position before it: a floor past
-        // what this reader has means messages it never read were dropped by
-        // retention (it fell that far behind). Its router cannot promise
-        // anything from before: a reset tells every subscription `gap`.
-        let starts = matches!(meta.kind, Kind::Changes | Kind::Part(1, _) | Kind::Mark);
-        if starts && meta.epoch == place.epoch && place.newest.is_some_and(|n| meta.floor > n) {
-            tracing::error!(floor = %meta.floor, newest = ?place.newest.map(|p| p.to_string()), "this node fell behind what the change stream retains: its subscriptions are told gap");
-            place.newest = Some(meta.floor);
-            place.relations.clear();
             if feed
                 .send(Feed::Reset {
                     epoch: meta.epoch,
