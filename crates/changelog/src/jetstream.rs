@@ -1194,6 +1194,24 @@ struct Place {
     parts: Assembler,
 }
 
+impl Place {
+    /// A new history for this reader: after `floor` in `epoch` (`newest`: the
+    /// position it now stands at). Its router is told (`false`: it is gone).
+    async fn restart(
+        &mut self,
+        epoch: Epoch,
+        floor: Position,
+        newest: Option<Position>,
+        feed: &mpsc::Sender<Feed>,
+    ) -> bool {
+        self.epoch = epoch;
+        self.newest = newest;
+        self.relations.clear();
+        self.parts = Assembler::default();
+        feed.send(Feed::Reset { epoch, floor }).await.is_ok()
+    }
+}
+
 async fn follow_once(
     log: &JetStreamLog,
     place: &mut Place,
@@ -1286,17 +1304,9 @@ async fn follow_once(
         };
         if let Some(why) = lost {
             tracing::error!(epoch = %meta.epoch, floor = %meta.floor, "{why}: its subscriptions are told gap");
-            place.epoch = meta.epoch;
-            place.newest = Some(meta.floor);
-            place.relations.clear();
-            place.parts = Assembler::default();
-            if feed
-                .send(Feed::Reset {
-                    epoch: meta.epoch,
-                    floor: meta.floor,
-                })
+            if !place
+                .restart(meta.epoch, meta.floor, Some(meta.floor), feed)
                 .await
-                .is_err()
             {
                 return Ok(());
             }
@@ -1304,9 +1314,6 @@ async fn follow_once(
         match meta.kind {
             Kind::Epoch => {
                 if meta.epoch != place.epoch {
-                    place.epoch = meta.epoch;
-                    place.newest = None;
-                    place.relations.clear();
                     {
                         // The writer on this node may be ahead: it knows.
                         let mut st = log.state();
@@ -1319,14 +1326,7 @@ async fn follow_once(
                             st.reset_pending = false;
                         }
                     }
-                    if feed
-                        .send(Feed::Reset {
-                            epoch: meta.epoch,
-                            floor: meta.floor,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if !place.restart(meta.epoch, meta.floor, None, feed).await {
                         return Ok(());
                     }
                 } else {
