@@ -135,13 +135,15 @@ impl Assembler {
             }
             LogicalMessage::Update { relation, old, new } => {
                 let rel = self.relation(relation)?;
-                let old = old.map(|o| convert(&rel, o, None)).transpose()?;
+                let old = old
+                    .map(|o| convert(&rel, o, None).map(|r| key_only(&rel, r)))
+                    .transpose()?;
                 let new = convert(&rel, new, old.as_ref())?;
                 self.emit(ChangeKind::Update, rel, Some(new), old, out)?;
             }
             LogicalMessage::Delete { relation, old } => {
                 let rel = self.relation(relation)?;
-                let old = convert(&rel, old, None)?;
+                let old = key_only(&rel, convert(&rel, old, None)?);
                 self.emit(ChangeKind::Delete, rel, None, Some(old), out)?;
             }
             LogicalMessage::Truncate { relations, .. } => {
@@ -211,6 +213,20 @@ fn convert(rel: &Relation, tuple: Vec<TupleValue>, old: Option<&Row>) -> Result<
             })
         })
         .collect()
+}
+
+/// Without `REPLICA IDENTITY FULL` an old tuple carries the key and NULL in
+/// every other column: those were not sent, and are not NULL in the row, so
+/// they become "not sent" (left out of the JSON, unknown to policies).
+fn key_only(rel: &Relation, mut row: Row) -> Row {
+    if rel.replica_identity != b'f' {
+        for (v, col) in row.iter_mut().zip(&rel.columns) {
+            if !col.is_key {
+                *v = None;
+            }
+        }
+    }
+    row
 }
 
 fn text(type_oid: u32, b: &Bytes) -> Value {
