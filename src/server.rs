@@ -63,6 +63,8 @@ pub struct Inner {
     pub limits: RateLimits,
     /// Open HTTP connections (and their caps), counted by the HTTP edge.
     pub http_connections: Arc<crate::http::ConnLimits>,
+    /// How each published table's rows are authorized (`/ws/status`).
+    pub row_security: Arc<crate::rules::visibility::Shared>,
 }
 
 impl AppState {
@@ -386,10 +388,20 @@ impl Server {
             None => hub,
         };
         let broadcasts_relayed = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        // The published tables' grants and RLS policies, read before the first
+        // change is routed.
+        let (policy, row_security, policy_tasks) = crate::rules::visibility::start(
+            pool.clone(),
+            config.publication.clone(),
+            public_buckets,
+            shutdown.clone(),
+        )
+        .await
+        .context("reading the published tables' row security")?;
         let router = Router::new(
             RouterConfig {
                 log: Arc::clone(&log),
-                policy: Box::new(crate::rules::visibility::TableRules::new(public_buckets)),
+                policy: Box::new(policy),
                 // In the order the router ran them before they were taps.
                 taps: vec![
                     Box::new(crate::rules::ChannelSettings(Arc::clone(&channels))),
@@ -432,6 +444,9 @@ impl Server {
             "router",
             Box::pin(router.run(feed_rx, commands_rx, shutdown.clone())),
         ));
+        for (name, task) in policy_tasks {
+            tasks.push(critical(name, task));
+        }
         let cluster = match cluster {
             None => {
                 let replication = ReplicationTask {
@@ -569,6 +584,7 @@ impl Server {
                 edge.max_connections,
                 edge.max_connections_per_addr,
             ),
+            row_security,
         }));
         let janitor_state = state.clone();
         let janitor_stop = shutdown.clone();

@@ -72,6 +72,11 @@ pub struct Status {
     /// the old row (no `REPLICA IDENTITY FULL`): a row moving out of a
     /// subscriber's view, or a DELETE, is judged on what the key says.
     pub tables_without_full_identity: Vec<String>,
+    /// How the rows of each published table (other than Aether's own) are
+    /// authorized, per role: `in_process` (its RLS policies compiled),
+    /// `in_postgres` (evaluated by PostgreSQL over the decoded row, and why),
+    /// `all_rows` or `no_rows`.
+    pub row_security: std::collections::BTreeMap<String, crate::rules::visibility::TableReport>,
 }
 
 /// The durable change log, for operators: how far back `since` can go, how big
@@ -275,6 +280,7 @@ pub async fn status(state: &AppState) -> Status {
         },
         cluster,
         tables_without_full_identity,
+        row_security: state.row_security.status(),
     }
 }
 

@@ -30,8 +30,13 @@ function jwt(claims) {
 }
 
 await main('realtime', async () => {
+  // As a Supabase app has it: granted to signed-in users, each row readable
+  // by its owner through an RLS policy, which Aether applies to changes.
   await sql(`CREATE TABLE public.todos (id bigserial PRIMARY KEY, owner_id uuid, title text, done boolean DEFAULT false);
              ALTER TABLE public.todos REPLICA IDENTITY FULL;
+             GRANT SELECT ON public.todos TO authenticated;
+             ALTER TABLE public.todos ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY "own todos" ON public.todos FOR SELECT TO authenticated USING ((select auth.uid()) = owner_id);
              ALTER PUBLICATION aether_realtime ADD TABLE public.todos;`)
   const aliceEmail = email('alice')
   const bobEmail = email('bob')

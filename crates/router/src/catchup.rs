@@ -11,6 +11,7 @@ use aether_core::lsn::Position;
 
 use crate::policy::{Decision, Policy};
 use crate::routed::Routed;
+use crate::routed::moved;
 use crate::subscriptions::{Subscription, decide, matches};
 use crate::{Outbound, Router, SessionEntry};
 
@@ -245,19 +246,23 @@ fn deliver<'a>(
         if c.position <= lag.after {
             continue;
         }
+        let mut entered: Option<Arc<Routed>> = None;
+        let mut left: Option<Arc<Routed>> = None;
         for uid in &uids {
             let Some(sub) = subs.get_mut(uid) else {
                 continue;
             };
             if c.position <= sub.seen
                 || !crate::subscriptions::covers(&sub.table, &c.relation)
-                || !sub.events.contains(c.kind)
+                || !sub.events.may_want(c.kind)
                 || !matches(c, &sub.filter)
             {
                 continue;
             }
-            match decide(policy, session, principal, c) {
-                Decision::Allow => {}
+            let sent = match decide(policy, session, principal, c) {
+                Decision::Allow => Arc::clone(c),
+                Decision::Enter => Arc::clone(entered.get_or_insert_with(|| moved(c, true))),
+                Decision::Leave => Arc::clone(left.get_or_insert_with(|| moved(c, false))),
                 Decision::Deny => {
                     sub.seen = c.position;
                     continue;
@@ -265,12 +270,17 @@ fn deliver<'a>(
                 Decision::Pending => {
                     lag.after = c.position.just_before();
                     lag.awaiting = true;
+                    policy.settle();
                     return true;
                 }
+            };
+            if !sub.events.contains(sent.kind) {
+                sub.seen = c.position;
+                continue;
             }
             let out = Outbound::Change {
                 subscription: Arc::clone(&sub.id),
-                change: Arc::clone(c),
+                change: sent,
             };
             if entry.handle.tx.try_send(out).is_err() {
                 lag.after = c.position.just_before();

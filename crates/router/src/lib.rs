@@ -73,6 +73,14 @@ impl EventMask {
         }))
     }
 
+    /// Whether a change of `kind` may reach this mask: an UPDATE may be sent as
+    /// an INSERT or a DELETE ([`policy::Decision::Enter`], [`policy::Decision::Leave`]).
+    fn may_want(self, kind: ChangeKind) -> bool {
+        self.contains(kind)
+            || (kind == ChangeKind::Update
+                && (self.contains(ChangeKind::Insert) || self.contains(ChangeKind::Delete)))
+    }
+
     fn contains(self, kind: ChangeKind) -> bool {
         let bit = match kind {
             ChangeKind::Insert => 0b0001,
@@ -221,6 +229,8 @@ pub struct Router {
     /// Subscriptions to `schema.*` or `*`: routing looks for them only when
     /// there are some.
     wildcards: usize,
+    /// The policy's [`Policy::index_generation`] the subscriptions are indexed for.
+    policy_generation: u64,
     /// Subscriptions whose `since` is ahead of `high_water`, oldest first: made
     /// when the feed reaches them, `gap` after `ahead_wait`. At most one per
     /// connection's subscription limit.
@@ -258,6 +268,7 @@ impl Router {
             generations: 0,
             ahead_wait: cfg.ahead_wait,
             wildcards: 0,
+            policy_generation: 0,
             waiting: Vec::new(),
         }
     }
@@ -354,14 +365,22 @@ impl Router {
             }
             Command::Detach { session } => self.detach(session),
             Command::SetPrincipal { session, principal } => {
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    s.handle.principal = principal;
-                    self.policy.forget(session);
-                    // A decision pending for the old principal is asked again.
-                    if let Some(lag) = s.lag.as_mut().filter(|l| l.awaiting) {
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return;
+                };
+                s.handle.principal = principal;
+                // A decision pending for the old principal is asked again.
+                let pending = match s.lag.as_mut().filter(|l| l.awaiting) {
+                    Some(lag) => {
                         lag.awaiting = false;
-                        self.advance(session);
+                        true
                     }
+                    None => false,
+                };
+                self.policy.forget(session);
+                self.reindex_policy(Some(&[session]));
+                if pending {
+                    self.advance(session);
                 }
             }
             Command::Pull { session } => self.advance(session),
@@ -390,7 +409,7 @@ impl Router {
                 for id in effects.revoked_sessions {
                     self.revoke(id);
                 }
-                self.policy.observe(&change);
+                self.policy.observe(change.change());
                 self.route(&change);
                 self.tail.push(change);
                 if !self.waiting.is_empty() {

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 pub struct Viewer<'a> {
     /// The router's id of the connection: what [`PolicyWaker::wake`] takes.
     pub connection: u64,
-    pub principal: &'a Principal,
+    pub principal: &'a Arc<Principal>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,12 @@ pub enum Decision {
     Deny,
     /// Not known yet: ask again after [`PolicyWaker::wake`] for this connection.
     Pending,
+    /// An UPDATE that brings a row into the viewer's sight: sent as the INSERT
+    /// of its new row (the old one was never theirs to see).
+    Enter,
+    /// An UPDATE that takes a row out of the viewer's sight: sent as the DELETE
+    /// of its old row (which they could see), so their copy goes.
+    Leave,
 }
 
 /// Authorization of changes, on the router task: `observe` and `decide` must not
@@ -44,7 +50,26 @@ pub trait Policy: Send {
     }
 
     /// May `viewer` see `change`? TRUNCATE is not asked about: it names no row.
-    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision;
+    fn decide(&mut self, viewer: Viewer<'_>, change: &Arc<RowChange>) -> Decision;
+
+    /// The router has asked about every candidate of a change (or of a catching
+    /// up connection's page): decisions left pending may be sent off together.
+    fn settle(&mut self) {}
+
+    /// A column whose value must equal `key` in every row of `table` that
+    /// `principal` may see, if the policy knows one (`owner_id = auth.uid()`):
+    /// the router then indexes an unfiltered subscription under it, so a change
+    /// costs work for the subscribers it concerns, not for every subscriber.
+    fn index_key(&mut self, principal: &Principal, table: &str) -> Option<(String, String)> {
+        let _ = (principal, table);
+        None
+    }
+
+    /// Changes whenever an [`index_key`](Self::index_key) answer may have
+    /// changed (the policies were reloaded): the router indexes again.
+    fn index_generation(&self) -> u64 {
+        0
+    }
 
     /// The connection closed, or acts as another principal now (token
     /// renewal): what was decided or is pending for it no longer holds.
@@ -63,7 +88,7 @@ pub trait Policy: Send {
 pub struct AllowAll;
 
 impl Policy for AllowAll {
-    fn decide(&mut self, _: Viewer<'_>, _: &RowChange) -> Decision {
+    fn decide(&mut self, _: Viewer<'_>, _: &Arc<RowChange>) -> Decision {
         Decision::Allow
     }
 }

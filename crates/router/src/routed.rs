@@ -84,6 +84,27 @@ impl Routed {
     }
 }
 
+/// The change a viewer gets when an UPDATE moves a row into (`insert`) or
+/// out of their sight: the INSERT of the new row, or the DELETE of the old one,
+/// at the same position. Made once per change and shared by its recipients.
+pub(crate) fn moved(change: &RowChange, insert: bool) -> Arc<Routed> {
+    use aether_core::changes::ChangeKind;
+    let (kind, new, old) = if insert {
+        (ChangeKind::Insert, change.new.clone(), None)
+    } else {
+        (ChangeKind::Delete, None, change.old.clone())
+    };
+    Arc::new(Routed::new(Arc::new(RowChange {
+        position: change.position,
+        kind,
+        relation: Arc::clone(&change.relation),
+        new,
+        old,
+        commit_time_ms: change.commit_time_ms,
+        epoch: change.epoch,
+    })))
+}
+
 impl Deref for Routed {
     type Target = RowChange;
 

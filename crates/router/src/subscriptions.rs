@@ -13,7 +13,7 @@ use aether_core::principal::Principal;
 use crate::catchup::Lag;
 use crate::filter::{Filter, key_of};
 use crate::policy::{Decision, Policy, Viewer};
-use crate::routed::Routed;
+use crate::routed::{Routed, moved};
 use crate::{EventMask, Outbound, Router, SubscriptionSpec};
 
 pub(crate) struct Subscription {
@@ -24,6 +24,9 @@ pub(crate) struct Subscription {
     pub(crate) filter: Filter,
     /// (column, key) under which it is indexed, if any.
     pub(crate) index: Option<(String, String)>,
+    /// (column, key) the policy indexes an unfiltered subscription under
+    /// ([`Policy::index_key`]).
+    pub(crate) policy_index: Option<(String, String)>,
     /// The newest change this subscription was offered (sent, or judged not for
     /// it): a catching-up connection skips what it already had.
     pub(crate) seen: Position,
@@ -31,13 +34,77 @@ pub(crate) struct Subscription {
 
 #[derive(Default)]
 pub(crate) struct TableSubs {
-    scan: HashSet<u64>,
+    pub(crate) scan: HashSet<u64>,
     by_column: HashMap<String, HashMap<String, HashSet<u64>>>,
+    /// Unfiltered subscriptions whose viewer sees only rows with this column
+    /// equal to this key (the policy says so).
+    pub(crate) by_policy: HashMap<String, HashMap<String, HashSet<u64>>>,
 }
 
 impl TableSubs {
     fn is_empty(&self) -> bool {
-        self.scan.is_empty() && self.by_column.is_empty()
+        self.scan.is_empty() && self.by_column.is_empty() && self.by_policy.is_empty()
+    }
+}
+
+type KeyIndex = HashMap<String, HashMap<String, HashSet<u64>>>;
+
+fn index_insert(index: &mut KeyIndex, (col, key): &(String, String), uid: u64) {
+    index
+        .entry(col.clone())
+        .or_default()
+        .entry(key.clone())
+        .or_default()
+        .insert(uid);
+}
+
+fn index_remove(index: &mut KeyIndex, (col, key): &(String, String), uid: u64) {
+    if let Some(keys) = index.get_mut(col) {
+        if let Some(set) = keys.get_mut(key) {
+            set.remove(&uid);
+            if set.is_empty() {
+                keys.remove(key);
+            }
+        }
+        if keys.is_empty() {
+            index.remove(col);
+        }
+    }
+}
+
+/// Adds the subscriptions of `index` whose key the change's rows hold. With
+/// `absent_too`, a row that lacks the column altogether (an old row that is
+/// only its key) adds every subscription under that column.
+fn index_candidates(
+    index: &KeyIndex,
+    change: &RowChange,
+    absent_too: bool,
+    candidates: &mut Vec<u64>,
+) {
+    for (col, keys) in index {
+        let Some(i) = change.relation.column_index(col) else {
+            continue;
+        };
+        for row in [change.new.as_ref(), change.old.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            match row.get(i) {
+                Some(Some(v)) => {
+                    if let Some(k) = key_of(v)
+                        && let Some(set) = keys.get(k.as_ref())
+                    {
+                        candidates.extend(set.iter().copied());
+                    }
+                }
+                _ if absent_too => {
+                    for set in keys.values() {
+                        candidates.extend(set.iter().copied());
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -204,17 +271,17 @@ impl Router {
             self.wildcards += 1;
         }
         let index = spec.filter.index_key().map(|(c, k)| (c.to_owned(), k));
-        let t = self.tables.entry(Arc::clone(&spec.table)).or_default();
-        match &index {
-            Some((col, key)) => {
-                t.by_column
-                    .entry(col.clone())
-                    .or_default()
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(uid);
+        let policy_index = match &index {
+            None if !is_wildcard(&spec.table) => {
+                self.policy.index_key(&entry.handle.principal, &spec.table)
             }
-            None => {
+            _ => None,
+        };
+        let t = self.tables.entry(Arc::clone(&spec.table)).or_default();
+        match (&index, &policy_index) {
+            (Some(key), _) => index_insert(&mut t.by_column, key, uid),
+            (None, Some(key)) => index_insert(&mut t.by_policy, key, uid),
+            (None, None) => {
                 t.scan.insert(uid);
             }
         }
@@ -227,6 +294,7 @@ impl Router {
                 events: spec.events,
                 filter: spec.filter,
                 index,
+                policy_index,
                 seen: start,
             },
         );
@@ -290,21 +358,10 @@ impl Router {
             self.wildcards = self.wildcards.saturating_sub(1);
         }
         if let Some(t) = self.tables.get_mut(&sub.table) {
-            match &sub.index {
-                Some((col, key)) => {
-                    if let Some(keys) = t.by_column.get_mut(col) {
-                        if let Some(set) = keys.get_mut(key) {
-                            set.remove(&uid);
-                            if set.is_empty() {
-                                keys.remove(key);
-                            }
-                        }
-                        if keys.is_empty() {
-                            t.by_column.remove(col);
-                        }
-                    }
-                }
-                None => {
+            match (&sub.index, &sub.policy_index) {
+                (Some(key), _) => index_remove(&mut t.by_column, key, uid),
+                (None, Some(key)) => index_remove(&mut t.by_policy, key, uid),
+                (None, None) => {
                     t.scan.remove(&uid);
                 }
             }
@@ -314,7 +371,59 @@ impl Router {
         }
     }
 
+    /// Indexes again, as the policy now says, the unfiltered subscriptions of
+    /// `sessions` (all of them with `None`): its policies were reloaded, or a
+    /// connection acts as another principal.
+    pub(crate) fn reindex_policy(&mut self, sessions: Option<&[u64]>) {
+        let uids: Vec<u64> = match sessions {
+            None => self.subs.keys().copied().collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|s| self.sessions.get(s))
+                .flat_map(|e| e.subs.values().copied())
+                .collect(),
+        };
+        for uid in uids {
+            let Some(sub) = self.subs.get(&uid) else {
+                continue;
+            };
+            if sub.index.is_some() || is_wildcard(&sub.table) {
+                continue;
+            }
+            let Some(entry) = self.sessions.get(&sub.session) else {
+                continue;
+            };
+            let now = self.policy.index_key(&entry.handle.principal, &sub.table);
+            if now == sub.policy_index {
+                continue;
+            }
+            let table = Arc::clone(&sub.table);
+            let before = sub.policy_index.clone();
+            let t = self.tables.entry(table).or_default();
+            match &before {
+                Some(key) => index_remove(&mut t.by_policy, key, uid),
+                None => {
+                    t.scan.remove(&uid);
+                }
+            }
+            match &now {
+                Some(key) => index_insert(&mut t.by_policy, key, uid),
+                None => {
+                    t.scan.insert(uid);
+                }
+            }
+            if let Some(sub) = self.subs.get_mut(&uid) {
+                sub.policy_index = now;
+            }
+        }
+    }
+
     pub(crate) fn route(&mut self, change: &Arc<Routed>) {
+        let generation = self.policy.index_generation();
+        if generation != self.policy_generation {
+            self.policy_generation = generation;
+            self.reindex_policy(None);
+        }
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
         // Subscriptions to every table of a schema, or of every schema.
@@ -335,25 +444,13 @@ impl Router {
             return;
         };
         candidates.extend(t.scan.iter().copied());
-        for (col, keys) in &t.by_column {
-            let Some(i) = change.relation.column_index(col) else {
-                continue;
-            };
-            for row in [change.new.as_ref(), change.old.as_ref()]
-                .into_iter()
-                .flatten()
-            {
-                if let Some(Some(v)) = row.get(i)
-                    && let Some(k) = key_of(v)
-                    && let Some(set) = keys.get(k.as_ref())
-                {
-                    candidates.extend(set.iter().copied());
-                }
-            }
-        }
+        index_candidates(&t.by_column, change, false, &mut candidates);
+        // An old row that is only its key (no REPLICA IDENTITY FULL) may
+        // still be sent, as that key, to those the policy lets read the table.
+        index_candidates(&t.by_policy, change, true, &mut candidates);
         if change.kind == ChangeKind::Truncate {
             // A truncate names no row: every subscription of the table hears of it.
-            for keys in t.by_column.values() {
+            for keys in t.by_column.values().chain(t.by_policy.values()) {
                 for set in keys.values() {
                     candidates.extend(set.iter().copied());
                 }
@@ -368,11 +465,14 @@ impl Router {
         candidates.sort_unstable();
         candidates.dedup();
         let mut closed = Vec::new();
+        // What viewers for whom an UPDATE moves the row in or out get.
+        let mut entered: Option<Arc<Routed>> = None;
+        let mut left: Option<Arc<Routed>> = None;
         for &uid in &candidates {
             let Some(sub) = self.subs.get_mut(&uid) else {
                 continue;
             };
-            if !sub.events.contains(change.kind) {
+            if !sub.events.may_want(change.kind) {
                 continue;
             }
             let Some(entry) = self.sessions.get_mut(&sub.session) else {
@@ -382,13 +482,15 @@ impl Router {
             if entry.lag.is_some() || !matches(change, &sub.filter) {
                 continue;
             }
-            match decide(
+            let sent = match decide(
                 &mut *self.policy,
                 sub.session,
                 &entry.handle.principal,
                 change,
             ) {
-                Decision::Allow => {}
+                Decision::Allow => Arc::clone(change),
+                Decision::Enter => Arc::clone(entered.get_or_insert_with(|| moved(change, true))),
+                Decision::Leave => Arc::clone(left.get_or_insert_with(|| moved(change, false))),
                 Decision::Deny => {
                     sub.seen = change.position;
                     continue;
@@ -408,10 +510,14 @@ impl Router {
                     self.lagging.insert(sub.session);
                     continue;
                 }
+            };
+            if !sub.events.contains(sent.kind) {
+                sub.seen = change.position;
+                continue;
             }
             let out = Outbound::Change {
                 subscription: Arc::clone(&sub.id),
-                change: Arc::clone(change),
+                change: sent,
             };
             match entry.handle.tx.try_send(out) {
                 Ok(()) => sub.seen = change.position,
@@ -438,6 +544,7 @@ impl Router {
             }
         }
         self.candidates = candidates;
+        self.policy.settle();
         for s in closed {
             self.detach(s);
         }
@@ -465,8 +572,8 @@ pub(crate) fn matches(change: &RowChange, filter: &Filter) -> bool {
 pub(crate) fn decide(
     policy: &mut dyn Policy,
     connection: u64,
-    principal: &Principal,
-    change: &RowChange,
+    principal: &Arc<Principal>,
+    change: &Routed,
 ) -> Decision {
     if change.kind == ChangeKind::Truncate {
         return Decision::Allow;
@@ -476,6 +583,6 @@ pub(crate) fn decide(
             connection,
             principal,
         },
-        change,
+        change.change(),
     )
 }

@@ -347,7 +347,7 @@ async fn a_connection_cannot_hold_more_subscriptions_than_allowed() {
 struct Gate(Arc<std::sync::Mutex<(Option<Position>, Option<PolicyWaker>)>>);
 
 impl Policy for Gate {
-    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision {
+    fn decide(&mut self, viewer: Viewer<'_>, change: &Arc<RowChange>) -> Decision {
         let held = self.0.lock().unwrap().0;
         if viewer.connection == 1 && held == Some(change.position) {
             Decision::Pending
@@ -464,7 +464,7 @@ async fn a_tap_can_close_the_connections_of_a_revoked_session() {
 struct Forgetful(Gate, Arc<std::sync::Mutex<Vec<u64>>>);
 
 impl Policy for Forgetful {
-    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision {
+    fn decide(&mut self, viewer: Viewer<'_>, change: &Arc<RowChange>) -> Decision {
         self.0.decide(viewer, change)
     }
 
@@ -494,4 +494,143 @@ async fn a_new_principal_is_asked_again_and_the_policy_forgets_closed_connection
     assert!(f.r.sessions[&1].lag.is_none());
     f.r.command(Command::Detach { session: 1 });
     assert_eq!(*policy.1.lock().unwrap(), [1, 1]);
+}
+
+/// Lets a viewer see rows whose `owner` is `me`: an index key for unfiltered
+/// subscriptions, and rows that move in or out sent as INSERT or DELETE.
+#[derive(Clone)]
+struct Owner {
+    me: Arc<std::sync::Mutex<String>>,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn owner_relation() -> Arc<aether_core::changes::Relation> {
+    use aether_core::changes::{Column, Relation, TableId};
+    let col = |name: &str, is_key| Column {
+        name: name.into(),
+        type_oid: 25,
+        is_key,
+        secret: false,
+    };
+    Arc::new(Relation {
+        id: TableId(9),
+        schema: "public".into(),
+        name: "o".into(),
+        qualified: Arc::from("public.o"),
+        replica_identity: b'f',
+        columns: vec![col("id", true), col("owner", false)],
+    })
+}
+
+impl Policy for Owner {
+    fn decide(&mut self, _: Viewer<'_>, change: &Arc<RowChange>) -> Decision {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let me = self.me.lock().unwrap().clone();
+        let mine = |row: &Option<aether_core::changes::Row>| match row.as_ref().map(|r| &r[1]) {
+            Some(Some(v)) => Some(v.as_str() == Some(me.as_str())),
+            Some(None) => None,
+            None => Some(false),
+        };
+        match (change.kind, mine(&change.old), mine(&change.new)) {
+            (ChangeKind::Update, Some(false), Some(true)) => Decision::Enter,
+            (ChangeKind::Update, Some(true), Some(false)) => Decision::Leave,
+            (ChangeKind::Delete, None, _) => Decision::Allow,
+            (_, a, b) if a == Some(true) || b == Some(true) => Decision::Allow,
+            _ => Decision::Deny,
+        }
+    }
+
+    fn index_key(&mut self, _: &Principal, table: &str) -> Option<(String, String)> {
+        (table == "public.o").then(|| ("owner".to_owned(), self.me.lock().unwrap().clone()))
+    }
+
+    fn index_generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_policy_index_key_limits_the_candidates_and_moves_become_insert_or_delete() {
+    use std::sync::atomic::Ordering;
+    let policy = Owner {
+        me: Arc::new(std::sync::Mutex::new("me".into())),
+        asked: Arc::default(),
+        generation: Arc::default(),
+    };
+    let mut f = fixture_with(1 << 20, 64, Box::new(policy.clone()), vec![]);
+    f.subscribe_to("o", "public.o", None);
+    let t = &f.r.tables["public.o"];
+    assert!(t.scan.is_empty() && t.by_policy["owner"].contains_key("me"));
+
+    let rel = owner_relation();
+    let epoch = f.log.bounds().epoch;
+    let row = |id: i64, owner: Option<&str>| -> Option<aether_core::changes::Row> {
+        Some(vec![
+            Some(serde_json::json!(id)),
+            owner.map(|o| serde_json::json!(o)),
+        ])
+    };
+    let mut lsn = 0;
+    let mut feed = |f: &mut Fixture, kind, new, old| {
+        lsn += 100;
+        let c = Arc::new(
+            RowChange::new(
+                Position::new(PgLsn(lsn), 0),
+                kind,
+                Arc::clone(&rel),
+                new,
+                old,
+                0,
+            )
+            .in_epoch(epoch),
+        );
+        f.log.append(std::slice::from_ref(&c)).unwrap();
+        f.r.feed(Feed::Change(c));
+    };
+    // Someone else's rows: not even asked about.
+    for i in 0..10 {
+        feed(&mut f, ChangeKind::Insert, row(i, Some("other")), None);
+    }
+    assert_eq!(policy.asked.load(Ordering::SeqCst), 0);
+    feed(&mut f, ChangeKind::Insert, row(1, Some("me")), None);
+    feed(
+        &mut f,
+        ChangeKind::Update,
+        row(1, Some("other")),
+        row(1, Some("me")),
+    );
+    feed(
+        &mut f,
+        ChangeKind::Update,
+        row(2, Some("me")),
+        row(2, Some("other")),
+    );
+    // A deleted row that is only its key reaches every policy-indexed viewer.
+    feed(&mut f, ChangeKind::Delete, None, row(3, None));
+    let mut got = Vec::new();
+    while let Ok(out) = f.rx.try_recv() {
+        if let Outbound::Change { change, .. } = out {
+            let id = |r: &Option<aether_core::changes::Row>| {
+                r.as_ref().and_then(|r| r[0].clone()).unwrap_or_default()
+            };
+            got.push((change.kind, id(&change.new), id(&change.old)));
+        }
+    }
+    use serde_json::json;
+    assert_eq!(
+        got,
+        [
+            (ChangeKind::Insert, json!(1), json!(null)),
+            (ChangeKind::Delete, json!(null), json!(1)),
+            (ChangeKind::Insert, json!(2), json!(null)),
+            (ChangeKind::Delete, json!(null), json!(3)),
+        ]
+    );
+    // New rules, another key: indexed again before the next change is routed.
+    *policy.me.lock().unwrap() = "other".into();
+    policy.generation.fetch_add(1, Ordering::SeqCst);
+    feed(&mut f, ChangeKind::Insert, row(4, Some("other")), None);
+    assert!(matches!(f.rx.try_recv(), Ok(Outbound::Change { .. })));
+    assert!(f.r.tables["public.o"].by_policy["owner"].contains_key("other"));
 }

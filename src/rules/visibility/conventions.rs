@@ -14,6 +14,7 @@
 //! INSERT and UPDATE are judged on the new row, DELETE on the old row.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use aether_core::changes::{ChangeKind, Relation, Row, RowChange};
 use aether_core::principal::Principal;
@@ -48,7 +49,7 @@ impl Policy for TableRules {
         );
     }
 
-    fn decide(&mut self, viewer: Viewer<'_>, change: &RowChange) -> Decision {
+    fn decide(&mut self, viewer: Viewer<'_>, change: &Arc<RowChange>) -> Decision {
         let seen = change.visible_row().is_some_and(|row| {
             visible(
                 viewer.principal,
