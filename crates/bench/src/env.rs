@@ -172,6 +172,21 @@ impl Env {
         Ok(SlotHold { _conn: conn, pid })
     }
 
+    /// A signed-in user's token.
+    pub fn user_token(user: &str) -> String {
+        let keys = JwtKeys::new(SECRET, JwtAlgorithm::HS256, 86_400);
+        let now = chrono::Utc::now().timestamp();
+        keys.sign(&Claims {
+            sub: Some(user.to_owned()),
+            email: None,
+            role: Some("authenticated".into()),
+            exp: now + 86_400,
+            iat: Some(now),
+            session_id: None,
+            aud: None,
+        })
+    }
+
     pub fn service_token() -> String {
         let keys = JwtKeys::new(SECRET, JwtAlgorithm::HS256, 86_400);
         let now = chrono::Utc::now().timestamp();

@@ -115,6 +115,8 @@ pub enum Spec {
     ClusterFanOut(crate::cluster::FanOutSpec),
     /// `cluster`: a steady writer and a subscriber per node while leaders are killed.
     ClusterFailover(crate::cluster::FailoverSpec),
+    /// `row-security`: users with a connection each, changes authorized by RLS.
+    RowSecurity(crate::row_security::Spec),
 }
 
 pub fn say(line: &str) {
@@ -217,6 +219,7 @@ async fn run(spec: Spec) -> anyhow::Result<Value> {
         Spec::ClusterCpu(s) => crate::cluster::cpu_load(s).await,
         Spec::ClusterFanOut(s) => crate::cluster::fan_out_load(s).await,
         Spec::ClusterFailover(s) => crate::cluster::failover_load(s).await,
+        Spec::RowSecurity(s) => crate::row_security::load(s).await,
     }
 }
 
@@ -237,7 +240,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    fn new(base: u64, cap: usize) -> Arc<Tracker> {
+    pub fn new(base: u64, cap: usize) -> Arc<Tracker> {
         Arc::new(Tracker {
             base,
             sent: (0..cap).map(|_| AtomicI64::new(0)).collect(),
@@ -441,7 +444,7 @@ pub type Sink = futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpS
 
 /// Opens a WebSocket from `source` (a 127.0.0.x address, to spread the 4-tuples) and
 /// spawns its reader; returns the sending half.
-async fn open(
+pub async fn open(
     server: SocketAddr,
     token: &str,
     source: Option<Ipv4Addr>,

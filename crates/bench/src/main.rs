@@ -20,6 +20,7 @@ mod logbench;
 mod proc;
 mod report;
 mod rest;
+mod row_security;
 mod scenarios;
 mod soak;
 mod stats;
@@ -128,6 +129,10 @@ enum Cmd {
     /// Three nodes on one nats-server (JetStream): the leader's CPU per change
     /// with 1 and 3 nodes, fan-out across the nodes, leader failover (SIGKILL).
     Cluster(RunArgs),
+    /// 100 to 10,000 users, a connection each, on tables authorized by RLS:
+    /// CPU per change for a compiled policy, for one PostgreSQL evaluates, and
+    /// for one query per subscriber per change.
+    RowSecurity(RunArgs),
     /// Every scenario in turn (not `cluster` or `changelog`), results merged
     /// into one JSON file.
     All(RunArgs),
@@ -169,6 +174,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Changelog(a) => logbench::run(&a),
         Cmd::Soak(a) => scenarios::run("soak", &a),
         Cmd::Cluster(a) => scenarios::run("cluster", &a),
+        Cmd::RowSecurity(a) => scenarios::run("row-security", &a),
         Cmd::All(a) => {
             for name in [
                 "decode",

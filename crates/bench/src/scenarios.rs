@@ -30,6 +30,7 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
                 "rest" => rest(&env, args.quick).await,
                 "soak" => crate::soak::run(&env, args).await,
                 "cluster" => crate::cluster::run(&env, args).await,
+                "row-security" => crate::row_security::run(&env, args.quick).await,
                 other => anyhow::bail!("unknown scenario {other}"),
             }
         })

@@ -29,12 +29,16 @@ pub struct Rule {
     pub compiled: Result<Pred, String>,
     /// The membership indexes (of [`Catalog::members`]) the compiled rule reads.
     pub members: Vec<usize>,
+    /// A function of Aether's made for this rule, so PostgreSQL plans it once
+    /// per connection rather than for every subscriber (see `functions`).
+    pub function: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
 pub struct TableAccess {
     /// The table's name: the row's alias in [`Rule::sql`].
     pub name: Arc<str>,
+    pub oid: u32,
     pub anon: Access,
     pub authenticated: Access,
 }
@@ -97,6 +101,7 @@ struct Policy {
 }
 
 struct Table {
+    oid: u32,
     schema: String,
     name: String,
     rls: bool,
@@ -122,7 +127,7 @@ pub async fn load(
         .await?;
     let rows = tx
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.relrowsecurity,
+            "SELECT n.nspname::text, c.relname::text, c.relrowsecurity, c.oid,
                     CASE WHEN to_regrole('anon') IS NULL THEN false
                          ELSE has_table_privilege('anon', c.oid, 'SELECT') END,
                     CASE WHEN to_regrole('authenticated') IS NULL THEN false
@@ -145,18 +150,19 @@ pub async fn load(
         .await?;
     let mut tables: HashMap<String, Table> = HashMap::new();
     for r in rows {
-        let names: Vec<String> = r.get(5);
-        let types: Vec<String> = r.get(6);
+        let names: Vec<String> = r.get(6);
+        let types: Vec<String> = r.get(7);
         let t = Table {
+            oid: r.get(3),
             schema: r.get(0),
             name: r.get(1),
             rls: r.get(2),
-            select: [r.get(3), r.get(4)],
+            select: [r.get(4), r.get(5)],
             columns: names
                 .into_iter()
                 .zip(types.iter().map(|t| Ty::of_typname(t)))
                 .collect(),
-            key: r.get(7),
+            key: r.get(8),
             policies: Vec::new(),
         };
         tables.insert(format!("{}.{}", t.schema, t.name), t);
@@ -194,6 +200,7 @@ fn build(tables: HashMap<String, Table>, skip: fn(&str) -> bool) -> Catalog {
             key.clone(),
             TableAccess {
                 name: Arc::from(t.name.as_str()),
+                oid: t.oid,
                 anon,
                 authenticated,
             },
@@ -348,5 +355,6 @@ fn access(t: &Table, role: usize, specs: &mut Specs) -> Access {
         sql: Arc::from(sql),
         compiled,
         members,
+        function: None,
     })
 }

@@ -193,7 +193,25 @@ async fn load(
     publication: &str,
     shared: Option<&Shared>,
 ) -> Result<Install, tokio_postgres::Error> {
-    let catalog = catalog::load(client, publication, is_own).await?;
+    let mut catalog = catalog::load(client, publication, is_own).await?;
+    // Rules PostgreSQL evaluates get a function of their own.
+    for (key, t) in catalog.tables.iter_mut() {
+        let Some((schema, _)) = key.split_once('.') else {
+            continue;
+        };
+        for (role, access) in [("anon", &mut t.anon), ("authenticated", &mut t.authenticated)] {
+            if let Access::Rule(rule) = access
+                && rule.compiled.is_err()
+            {
+                match postgres::make_function(client, schema, &t.name, t.oid, role, &rule.sql).await
+                {
+                    Ok(f) => rule.function = Some(f),
+                    Err(e) => tracing::warn!(error = %e,
+                        "row security: evaluating this rule with the generic function instead"),
+                }
+            }
+        }
+    }
     if let Some(shared) = shared
         && !catalog.members.is_empty()
     {
@@ -446,6 +464,7 @@ impl RowSecurity {
         change: &Arc<RowChange>,
         sql: Arc<str>,
         alias: Arc<str>,
+        function: Option<Arc<str>>,
     ) -> Decision {
         let c = viewer.connection;
         if let Some((at, d)) = self
@@ -469,6 +488,7 @@ impl RowSecurity {
             change: Arc::clone(change),
             sql,
             alias,
+            function,
         });
         Decision::Pending
     }
@@ -572,7 +592,8 @@ impl Policy for RowSecurity {
             Some(p) => self.in_process(p, principal, change),
             None => {
                 let (sql, alias) = (Arc::clone(&rule.sql), Arc::clone(&t.name));
-                self.in_postgres(viewer, change, sql, alias)
+                let function = rule.function.clone();
+                self.in_postgres(viewer, change, sql, alias, function)
             }
         }
     }

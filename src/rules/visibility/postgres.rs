@@ -24,6 +24,92 @@ pub struct Request {
     /// The rule's SQL and the table's name (its alias in that SQL).
     pub sql: Arc<str>,
     pub alias: Arc<str>,
+    /// The rule's own function ([`make_function`]), if it could be made.
+    pub function: Option<Arc<str>>,
+}
+
+/// Makes (or replaces) `aether.rls_<table oid>_<role>`: the rule's SQL in a
+/// PL/pgSQL function of its own, static, so each connection plans it once
+/// instead of once per subscriber, and the row is decoded into the table's
+/// type once per change. Viewers are judged together; only when one of them
+/// raises are they judged again one by one, each in a subtransaction of its
+/// own, so the error stays theirs. Returns the function's quoted name.
+pub async fn make_function(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+    oid: u32,
+    role: &str,
+    sql: &str,
+) -> Result<Arc<str>, String> {
+    let name = format!("aether.\"rls_{oid}_{role}\"");
+    let tag = "$aether_rls$";
+    if sql.contains(tag) {
+        return Err("the policy text holds the function's quote tag".into());
+    }
+    let tbl = format!("{}.{}", quote(schema), quote(table));
+    let alias = quote(table);
+    let body = format!(
+        r#"CREATE OR REPLACE FUNCTION {name}(aether_rows text[], aether_roles text[], aether_claims text[])
+RETURNS text[] LANGUAGE plpgsql SET search_path = pg_catalog AS {tag}
+#variable_conflict use_column
+DECLARE
+    aether_out text[] := '{{}}';
+    aether_recs {tbl}[] := '{{}}';
+    aether_rec {tbl};
+    aether_seen boolean;
+    aether_v int;
+    aether_r int;
+    aether_n int := coalesce(array_length(aether_rows, 1), 0);
+BEGIN
+    FOR aether_r IN 1 .. aether_n LOOP
+        aether_recs[aether_r] := jsonb_populate_record(NULL::{tbl}, aether_rows[aether_r]::jsonb);
+    END LOOP;
+    BEGIN
+        FOR aether_v IN 1 .. coalesce(array_length(aether_claims, 1), 0) LOOP
+            PERFORM set_config('request.jwt.claims', aether_claims[aether_v], true),
+                    set_config('request.jwt.claim.sub', coalesce(aether_claims[aether_v]::jsonb ->> 'sub', ''), true),
+                    set_config('request.jwt.claim.role', aether_roles[aether_v], true),
+                    set_config('role', aether_roles[aether_v], true);
+            FOR aether_r IN 1 .. aether_n LOOP
+                aether_rec := aether_recs[aether_r];
+                SELECT EXISTS (SELECT 1 FROM (SELECT (aether_rec).*) AS {alias} WHERE {sql})
+                  INTO aether_seen;
+                aether_out := aether_out || CASE WHEN aether_seen THEN 't' ELSE 'f' END;
+            END LOOP;
+            RESET ROLE;
+        END LOOP;
+        RETURN aether_out;
+    EXCEPTION WHEN OTHERS THEN
+        aether_out := '{{}}';
+    END;
+    FOR aether_v IN 1 .. coalesce(array_length(aether_claims, 1), 0) LOOP
+        FOR aether_r IN 1 .. aether_n LOOP
+            BEGIN
+                PERFORM set_config('request.jwt.claims', aether_claims[aether_v], true),
+                        set_config('request.jwt.claim.sub', coalesce(aether_claims[aether_v]::jsonb ->> 'sub', ''), true),
+                        set_config('request.jwt.claim.role', aether_roles[aether_v], true),
+                        set_config('role', aether_roles[aether_v], true);
+                aether_rec := aether_recs[aether_r];
+                SELECT EXISTS (SELECT 1 FROM (SELECT (aether_rec).*) AS {alias} WHERE {sql})
+                  INTO aether_seen;
+                RESET ROLE;
+                aether_out := aether_out || CASE WHEN aether_seen THEN 't' ELSE 'f' END;
+            EXCEPTION WHEN OTHERS THEN
+                aether_out := aether_out || ('e' || SQLERRM);
+            END;
+        END LOOP;
+    END LOOP;
+    RETURN aether_out;
+END
+{tag};
+REVOKE ALL ON FUNCTION {name}(text[], text[], text[]) FROM PUBLIC;"#
+    );
+    client
+        .batch_execute(&body)
+        .await
+        .map_err(|e| format!("making {name}: {e}"))?;
+    Ok(Arc::from(name))
 }
 
 /// Answers, one per connection, for the change it waits at.
@@ -160,37 +246,44 @@ async fn judge(
         ChangeKind::Truncate => {}
     }
     // Viewers with the same claims are asked once.
-    let mut viewers: Vec<(String, String)> = Vec::new();
+    let mut viewers: Vec<(&'static str, String)> = Vec::new();
+    let mut index: HashMap<(&'static str, String), usize> = HashMap::new();
     let mut of: Vec<usize> = Vec::with_capacity(group.len());
     for r in group {
-        let v = (role_name(r.principal.role).to_owned(), claims(&r.principal));
-        let i = match viewers.iter().position(|x| *x == v) {
-            Some(i) => i,
-            None => {
-                viewers.push(v);
-                viewers.len() - 1
-            }
-        };
+        let v = (role_name(r.principal.role), claims(&r.principal));
+        let i = *index.entry(v.clone()).or_insert_with(|| {
+            viewers.push(v);
+            viewers.len() - 1
+        });
         of.push(i);
     }
-    let roles: Vec<&str> = viewers.iter().map(|v| v.0.as_str()).collect();
+    let roles: Vec<&str> = viewers.iter().map(|v| v.0).collect();
     let claim_sets: Vec<&str> = viewers.iter().map(|v| v.1.as_str()).collect();
     let rel = &change.relation;
     let table = format!("{}.{}", quote(&rel.schema), quote(&rel.name));
-    let out: Vec<String> = client
-        .query_one(
-            "SELECT aether.rls_visible($1::text::regclass, $2, $3, $4, $5, $6)",
-            &[
-                &table,
-                &&*first.alias,
-                &&*first.sql,
-                &rows,
-                &roles,
-                &claim_sets,
-            ],
-        )
-        .await?
-        .get(0);
+    let out: Vec<String> = match &first.function {
+        Some(f) => client
+            .query_one(
+                &format!("SELECT {f}($1, $2, $3)"),
+                &[&rows, &roles, &claim_sets],
+            )
+            .await?
+            .get(0),
+        None => client
+            .query_one(
+                "SELECT aether.rls_visible($1::text::regclass, $2, $3, $4, $5, $6)",
+                &[
+                    &table,
+                    &&*first.alias,
+                    &&*first.sql,
+                    &rows,
+                    &roles,
+                    &claim_sets,
+                ],
+            )
+            .await?
+            .get(0),
+    };
     let n = rows.len();
     let seen = |viewer: usize, row: usize| -> Option<bool> {
         match out.get(viewer * n + row).map(String::as_str) {
