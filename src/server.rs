@@ -562,6 +562,7 @@ impl Server {
                 auth: Arc::new(auth.clone()),
                 directory: Arc::new(crate::rules::presence::SharesDirectory(pool.clone())),
                 channel_policy: Arc::new(crate::rules::channels::MessagePolicies(pool.clone())),
+                history: Arc::new(crate::rules::history::LogHistory(Arc::clone(&log))),
                 status: Arc::new(crate::api::ops::ServerStatusReport(server.clone())),
             }),
             config,

@@ -12,6 +12,7 @@
 //! - [`presence::SharesDirectory`]: who hears of a user's presence.
 
 pub mod channels;
+pub mod history;
 pub mod presence;
 pub mod visibility;
 

@@ -2,7 +2,7 @@
 // trigger calling it reach a channel's members through the WAL; private
 // messages (Supabase's default) reach only the private channel's members, not
 // this public channel's; delivered rows are pruned from `realtime.messages`.
-import { assert, client, main, sql, subscribed, waitUntil } from './lib.mjs'
+import { assert, client, email, main, ok, password, sql, subscribed, waitUntil } from './lib.mjs'
 
 // Retries `statement` (which raises until its condition holds) for up to 15 s.
 async function eventually(statement, what) {
@@ -18,6 +18,8 @@ async function eventually(statement, what) {
 }
 
 await main('db_broadcast', async () => {
+  // Commit times come from PostgreSQL's clock, on this machine.
+  const started = Date.now() - 1000
   const topic = `db-room-${Math.random().toString(36).slice(2, 8)}`
   const heard = []
   const other = []
@@ -69,5 +71,41 @@ await main('db_broadcast', async () => {
      END $$`,
     'relayed messages are pruned',
   )
+
+  // Replay: a member of the private channel joining now asks for the private
+  // messages it missed. Their rows are pruned already; they come from the
+  // change log, marked as replayed, oldest first.
+  await sql(`CREATE POLICY "replay readers" ON realtime.messages FOR SELECT TO authenticated
+               USING (realtime.topic() = '${topic}')`)
+  const reader = client()
+  ok(await reader.auth.signUp({ email: email('replay'), password }), 'reader signUp')
+  const replayed = []
+  const ch3 = reader
+    .channel(topic, { config: { private: true, broadcast: { replay: { since: started, limit: 10 } } } })
+    .on('broadcast', { event: '*' }, (m) => replayed.push(m))
+  await subscribed(ch3)
+  await waitUntil(() => replayed.length >= 2, 'the replayed private broadcasts', () => JSON.stringify(replayed))
+  assert.deepEqual(
+    replayed.map((m) => [m.event, m.meta?.replayed === true, typeof m.meta?.id]),
+    [['note', true, 'string'], ['INSERT', true, 'string']],
+  )
+  assert.deepEqual(replayed[0].payload, { n: 2 })
+  assert.equal(replayed[1].payload.operation, 'INSERT')
+  // `limit` counts from the oldest.
+  await reader.removeChannel(ch3)
+  const one = []
+  const ch4 = reader
+    .channel(topic, { config: { private: true, broadcast: { replay: { since: started, limit: 1 } } } })
+    .on('broadcast', { event: '*' }, (m) => one.push(m))
+  await subscribed(ch4)
+  await waitUntil(() => one.length >= 1, 'one replayed broadcast')
+  // A live private message after it: not replayed, and nothing replayed in between.
+  await sql(`SELECT realtime.send('{"n": 4}'::jsonb, 'note', '${topic}')`)
+  await waitUntil(() => one.length >= 2, 'a live private broadcast', () => JSON.stringify(one))
+  assert.deepEqual(
+    one.map((m) => [m.payload.n ?? m.payload.operation, m.meta?.replayed === true]),
+    [[2, true], [4, false]],
+  )
   await sb.removeAllChannels()
+  await reader.removeAllChannels()
 })

@@ -120,7 +120,10 @@ pub async fn run(env: &Env, quick: bool) -> anyhow::Result<Value> {
                     r["in_postgres"]["delivered"], r["in_postgres"]["sent"]
                 ),
                 f(&r["per_subscriber_queries"]["ms_per_change"], 1),
-                f(&r["per_subscriber_queries"]["postgres_cpu_us_per_change"], 0),
+                f(
+                    &r["per_subscriber_queries"]["postgres_cpu_us_per_change"],
+                    0,
+                ),
             ]
         })
         .collect();

@@ -17,8 +17,8 @@ pub mod session;
 pub mod stats;
 
 pub use service::{
-    Authenticator, BoxFuture, ChannelPolicy, ChannelRights, Directory, Realtime, ServerStatus,
-    Settings, StatusReport, TokenRefused,
+    Authenticator, BoxFuture, BroadcastHistory, ChannelPolicy, ChannelRights, Directory,
+    PastBroadcast, Realtime, ServerStatus, Settings, StatusReport, TokenRefused,
 };
 
 /// Queues an item for one connection without waiting: a full queue closes the

@@ -94,6 +94,29 @@ pub trait ChannelPolicy: Send + Sync {
     ) -> BoxFuture<'a, Result<ChannelRights, String>>;
 }
 
+/// A broadcast from the database that a joining member may have missed.
+#[derive(Debug, Clone)]
+pub struct PastBroadcast {
+    /// The message's id (`realtime.messages.id`), as `meta.id`.
+    pub id: String,
+    pub event: String,
+    pub payload: serde_json::Value,
+}
+
+/// The database broadcasts of a topic since a time, for a private join with
+/// `config.broadcast.replay` (Supabase's broadcast replay): read by the
+/// application from wherever it keeps them (Aether: the change log).
+pub trait BroadcastHistory: Send + Sync {
+    /// Private messages of `topic` committed at or after `since_ms` (ms since
+    /// the epoch), oldest first, at most `limit`.
+    fn since<'a>(
+        &'a self,
+        topic: &'a str,
+        since_ms: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<PastBroadcast>, String>>;
+}
+
 /// Who hears of a user coming online or going offline (KingShare presence).
 pub trait Directory: Send + Sync {
     /// The user's display name and the users told of its presence.
@@ -141,6 +164,8 @@ pub struct Inner {
     pub auth: Arc<dyn Authenticator>,
     pub directory: Arc<dyn Directory>,
     pub channel_policy: Arc<dyn ChannelPolicy>,
+    /// Past database broadcasts, for `config.broadcast.replay`.
+    pub history: Arc<dyn BroadcastHistory>,
     pub status: Arc<dyn StatusReport>,
 }
 

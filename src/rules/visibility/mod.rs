@@ -199,7 +199,10 @@ async fn load(
         let Some((schema, _)) = key.split_once('.') else {
             continue;
         };
-        for (role, access) in [("anon", &mut t.anon), ("authenticated", &mut t.authenticated)] {
+        for (role, access) in [
+            ("anon", &mut t.anon),
+            ("authenticated", &mut t.authenticated),
+        ] {
             if let Access::Rule(rule) = access
                 && rule.compiled.is_err()
             {

@@ -90,6 +90,8 @@ struct Channel {
     private: bool,
     /// What the member may do (a public channel: everything).
     rights: crate::ChannelRights,
+    /// `config.broadcast.replay`: (since ms, limit), sent once joined.
+    replay: Option<(i64, usize)>,
     /// Broadcast and presence membership, taken once the join is answered.
     hub: Option<JoinOptions>,
     /// Broadcasts this connection may send on this topic (`RATE_LIMIT_MESSAGES`
@@ -491,6 +493,34 @@ impl Conn {
                 .and_then(Value::as_bool)
         };
         let private = flag("/private").unwrap_or(false);
+        // Supabase's broadcast replay: private channels only, at most 25.
+        let replay = match config.and_then(|c| c.pointer("/broadcast/replay")) {
+            None | Some(Value::Null) => None,
+            Some(r) => {
+                let since = r.get("since").and_then(Value::as_i64);
+                let limit = match r.get("limit") {
+                    None | Some(Value::Null) => Some(25),
+                    Some(l) => l.as_u64().filter(|l| (1..=25).contains(l)),
+                };
+                match (since, limit, private) {
+                    (Some(since), Some(limit), true) => Some((since, limit as usize)),
+                    (_, _, false) => {
+                        return vec![self.reply(
+                            &m,
+                            "error",
+                            json!({"reason": "Replay is only available on private channels"}),
+                        )];
+                    }
+                    _ => {
+                        return vec![self.reply(
+                            &m,
+                            "error",
+                            json!({"reason": "config.broadcast.replay takes `since` (ms since the epoch) and an optional `limit` from 1 to 25"}),
+                        )];
+                    }
+                }
+            }
+        };
         let rights = if private {
             if m.topic.contains('\0') {
                 return vec![self.reply(
@@ -542,6 +572,7 @@ impl Conn {
             ack: flag("/broadcast/ack").unwrap_or(false),
             private,
             rights,
+            replay,
             hub: Some(JoinOptions {
                 join_ref: m.join_ref.clone(),
                 self_broadcast: flag("/broadcast/self").unwrap_or(false),
@@ -594,6 +625,7 @@ impl Conn {
         let replies: Vec<Value> = ch.bindings.iter().map(Binding::reply).collect();
         let has_pg = !replies.is_empty();
         let hub = ch.hub.take();
+        let replay = ch.replay.take();
         let hub_topic = crate::phoenix_hub::hub_topic(topic, ch.private);
         let mut out = vec![self.frame(
             join_ref.clone(),
@@ -624,6 +656,41 @@ impl Conn {
                     options,
                 })
                 .await;
+        }
+        // Missed database broadcasts, marked as replayed. Read after the
+        // member is in the hub: a message committed meanwhile may come twice
+        // (live, and replayed with the same `meta.id`), never not at all.
+        if let Some((since, limit)) = replay {
+            match self
+                .state
+                .history
+                .since(sub_topic(topic), since, limit)
+                .await
+            {
+                Ok(past) => {
+                    for b in past {
+                        out.push(self.frame(
+                            None,
+                            None,
+                            topic,
+                            "broadcast",
+                            json!({"type": "broadcast", "event": b.event, "payload": b.payload,
+                                   "meta": {"replayed": true, "id": b.id}}),
+                        ));
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(error = %why, session = self.session, "broadcast replay");
+                    out.push(self.frame(
+                        None,
+                        None,
+                        topic,
+                        "system",
+                        json!({"channel": sub_topic(topic), "extension": "broadcast",
+                               "message": format!("Replay failed: {why}"), "status": "error"}),
+                    ));
+                }
+            }
         }
         out
     }
