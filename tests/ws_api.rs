@@ -948,3 +948,78 @@ async fn tables_in_supabase_realtime_are_streamed() {
     assert_eq!(c["table"], "todos", "{c}");
     assert_eq!(c["new"]["task"], "write docs", "{c}");
 }
+
+/// `select` on a `postgres_changes` binding: its records carry those columns
+/// only; the other bindings of the same change keep every column; a column
+/// the table lacks refuses the join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_changes_select_narrows_the_records_of_its_binding() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.cards (id int PRIMARY KEY, title text, secret_note text);
+         ALTER TABLE public.cards REPLICA IDENTITY FULL;
+         ALTER PUBLICATION aether_realtime ADD TABLE public.cards;",
+    )
+    .await;
+    t.sync().await;
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        t.addr(),
+        t.server.state.jwt.api_key("service_role")
+    );
+    let mut ws = Ws::connect_url(&url).await;
+    let join = |topic: &str, bindings: Value| {
+        json!({"topic": topic, "event":"phx_join","ref":"1","join_ref":"1",
+               "payload": {"config": {"postgres_changes": bindings}}})
+    };
+    ws.send(join(
+        "realtime:bad",
+        json!([{"event":"*","schema":"public","table":"cards","select":"id,nope"}]),
+    ))
+    .await;
+    let reply = ws.next().await;
+    assert_eq!(reply["payload"]["status"], "error", "{reply}");
+    assert_eq!(
+        reply["payload"]["response"]["reason"],
+        "column nope does not exist"
+    );
+    ws.send(join(
+        "realtime:cards",
+        json!([{"event":"*","schema":"public","table":"cards","select":"id, title"},
+               {"event":"INSERT","schema":"public","table":"cards"}]),
+    ))
+    .await;
+    loop {
+        let v = ws.next().await;
+        if v["event"] == "system" {
+            break;
+        }
+    }
+    t.exec("INSERT INTO public.cards VALUES (1, 'a card', 'hidden from the first binding')")
+        .await;
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        let v = ws.next().await;
+        if v["event"] == "postgres_changes" {
+            let data = &v["payload"]["data"];
+            let cols: Vec<&str> = data["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap())
+                .collect();
+            records.push((data["record"].clone(), cols.join(",")));
+        }
+    }
+    records.sort_by_key(|r| r.1.len());
+    assert_eq!(
+        records,
+        [
+            (json!({"id": 1, "title": "a card"}), "id,title".to_owned()),
+            (
+                json!({"id": 1, "title": "a card", "secret_note": "hidden from the first binding"}),
+                "id,title,secret_note".to_owned()
+            )
+        ]
+    );
+}

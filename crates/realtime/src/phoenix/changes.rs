@@ -98,3 +98,18 @@ pub fn change_data(c: &RowChange) -> Value {
     }
     data
 }
+
+/// `data` with only the `select`ed columns in `columns`, `record` and
+/// `old_record`.
+pub(super) fn selected(mut data: Value, cols: &[String]) -> Value {
+    let keep = |name: &str| cols.iter().any(|c| c == name);
+    if let Some(Value::Array(columns)) = data.get_mut("columns") {
+        columns.retain(|c| c.get("name").and_then(Value::as_str).is_some_and(keep));
+    }
+    for key in ["record", "old_record"] {
+        if let Some(Value::Object(row)) = data.get_mut(key) {
+            row.retain(|k, _| keep(k));
+        }
+    }
+    data
+}

@@ -60,6 +60,8 @@ struct Binding {
     schema: String,
     table: String,
     filter: Option<String>,
+    /// `select`: the columns its records carry (all when absent).
+    select: Option<Vec<String>>,
 }
 
 impl Binding {
@@ -69,8 +71,39 @@ impl Binding {
         if let Some(f) = &self.filter {
             v["filter"] = json!(f);
         }
+        if let Some(cols) = &self.select {
+            v["select"] = json!(cols.join(","));
+        }
         v
     }
+}
+
+/// A binding's `select`: `"a,b"` or `["a", "b"]`, each a column of the table
+/// (checked when the table is known); absent or `"*"` for all.
+fn parse_select(
+    v: Option<&Value>,
+    table: Option<&aether_router::catalog::TableInfo>,
+) -> Result<Option<Vec<String>>, String> {
+    let cols: Vec<String> = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim() == "*" => return Ok(None),
+        Some(Value::String(s)) => s.split(',').map(|c| c.trim().to_owned()).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|c| c.as_str().map(|c| c.trim().to_owned()))
+            .collect::<Option<_>>()
+            .ok_or("select takes column names")?,
+        Some(_) => return Err("select takes a comma-separated list of columns".into()),
+    };
+    if cols.is_empty() || cols.len() > 256 || cols.iter().any(|c| c.is_empty() || c.len() > 63) {
+        return Err("select takes a comma-separated list of columns".into());
+    }
+    if let Some(t) = table
+        && let Some(c) = cols.iter().find(|c| t.column(c).is_none())
+    {
+        return Err(format!("column {c} does not exist"));
+    }
+    Ok(Some(cols))
 }
 
 struct Channel {
@@ -478,12 +511,25 @@ impl Conn {
                     return vec![self.reply(&m, "error", json!({"reason": reason}))];
                 }
             }
+            let known = self
+                .state
+                .catalog
+                .read()
+                .ok()
+                .and_then(|c| c.get(&schema, &table));
+            let select = match parse_select(b.get("select"), known.as_deref()) {
+                Ok(s) => s,
+                Err(reason) => {
+                    return vec![self.reply(&m, "error", json!({"reason": reason}))];
+                }
+            };
             bindings.push(Binding {
                 id: binding_id(&event, &schema, &table, filter.as_deref()),
                 event,
                 schema,
                 table,
                 filter,
+                select,
             });
         }
         let config = m.payload.get("config");
@@ -727,13 +773,26 @@ impl Conn {
                 let Some(ch) = self.channels.get(&topic).filter(|c| c.joined) else {
                     return Ok(());
                 };
-                // `data` is encoded once per change for every Phoenix socket.
-                let data = change.frame(PHOENIX_DATA, |c| change_data(c).to_string());
-                batch.push(Message::Text(
-                    self.vsn
-                        .change_frame(ch.join_ref.as_deref(), &topic, id, data)
-                        .into(),
-                ));
+                let select = ch
+                    .bindings
+                    .iter()
+                    .find(|b| b.id == id)
+                    .and_then(|b| b.select.as_deref());
+                let frame = match select {
+                    // `data` is encoded once per change for every Phoenix socket.
+                    None => {
+                        let data = change.frame(PHOENIX_DATA, |c| change_data(c).to_string());
+                        self.vsn
+                            .change_frame(ch.join_ref.as_deref(), &topic, id, data)
+                    }
+                    // Its own columns: encoded for this binding.
+                    Some(cols) => {
+                        let data = changes::selected(change_data(&change), cols).to_string();
+                        self.vsn
+                            .change_frame(ch.join_ref.as_deref(), &topic, id, &data)
+                    }
+                };
+                batch.push(Message::Text(frame.into()));
             }
             Outbound::Subscribed { .. }
             | Outbound::Error {
