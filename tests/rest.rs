@@ -542,3 +542,68 @@ async fn writes_return_rows_only_when_asked_and_refusals_roll_back() {
         .await;
     assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("42703")));
 }
+
+/// The remaining PostgREST operators: `match`/`imatch`, the range operators
+/// and full-text search (`fts`, `plfts`, `phfts`, `wfts`, with or without a
+/// configuration), negated too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regex_range_and_full_text_filters() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.docs (id int PRIMARY KEY, title text, body text, days int4range, tags text[],
+             tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', body)) STORED);
+         GRANT SELECT ON public.docs TO anon;
+         INSERT INTO public.docs VALUES
+           (1, 'Cats', 'The cats were sleeping on the mat', '[1,5)', '{pets,cats}'),
+           (2, 'Dogs', 'A dog barks at the cat', '[5,10)', '{pets,dogs}'),
+           (3, 'Fish', 'Fish swim; nothing sleeps here', '[20,30)', '{water}');",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let ids = |query: &'static str| {
+        let r = &r;
+        async move {
+            let (status, _, body) = r
+                .send(r.req(
+                    Method::GET,
+                    &format!("docs?select=id&order=id&{query}"),
+                    None,
+                ))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            body.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v["id"].as_i64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids("title=match.^[CD]").await, [1, 2]);
+    assert_eq!(ids("title=imatch.^c").await, [1]);
+    assert_eq!(ids("title=not.imatch.^c").await, [2, 3]);
+    assert_eq!(ids("days=sl.[10,20)").await, [1, 2]);
+    assert_eq!(ids("days=sr.[10,20)").await, [3]);
+    assert_eq!(ids("days=adj.[5,10)").await, [1]);
+    assert_eq!(ids("days=ov.[4,6)").await, [1, 2]);
+    assert_eq!(ids("days=nxr.[0,6)").await, [1]);
+    assert_eq!(ids("days=nxl.[5,6)").await, [2, 3]);
+    assert_eq!(ids("tags=ov.{cats,water}").await, [1, 3]);
+    assert_eq!(ids("body=fts(simple).cat").await, [2]);
+    assert_eq!(ids("body=fts.barks").await, [2]);
+    assert_eq!(ids("body=fts(english).cat").await, [1, 2]);
+    assert_eq!(ids("body=plfts(english).sleeping cats").await, [1]);
+    assert_eq!(ids("body=phfts(english).dog barks").await, [2]);
+    assert_eq!(ids("body=wfts(english).sleep -cat").await, [3]);
+    assert_eq!(ids("body=not.fts(english).cat").await, [3]);
+    // A tsvector column is searched as it is (stemmed in English here).
+    assert_eq!(ids("tsv=fts(simple).cat").await, [1, 2]);
+    // A configuration on another operator is a parse error, as in PostgREST.
+    let (status, _, body) = r
+        .send(r.req(Method::GET, "docs?title=eq(english).Cats", None))
+        .await;
+    assert_eq!(
+        (status, &body["code"]),
+        (StatusCode::BAD_REQUEST, &json!("PGRST100")),
+        "{body}"
+    );
+}

@@ -59,11 +59,57 @@ pub(crate) enum Op {
     In,
     Cs,
     Cd,
+    /// `match`, `imatch`: POSIX regular expressions (`~`, `~*`).
+    Match,
+    Imatch,
+    /// Range operators: `sl` `<<`, `sr` `>>`, `nxr` `&<`, `nxl` `&>`, `adj`
+    /// `-|-`, `ov` `&&` (ranges and arrays).
+    Sl,
+    Sr,
+    Nxr,
+    Nxl,
+    Adj,
+    Ov,
+    /// Full-text search: `fts` (`to_tsquery`), `plfts` (`plainto_tsquery`),
+    /// `phfts` (`phraseto_tsquery`), `wfts` (`websearch_to_tsquery`), each
+    /// with an optional text search configuration: `fts(english).cat`.
+    Fts(Fts),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fts {
+    Query,
+    Plain,
+    Phrase,
+    Web,
+}
+
+impl Fts {
+    pub(crate) fn function(self) -> &'static str {
+        match self {
+            Fts::Query => "to_tsquery",
+            Fts::Plain => "plainto_tsquery",
+            Fts::Phrase => "phraseto_tsquery",
+            Fts::Web => "websearch_to_tsquery",
+        }
+    }
 }
 
 impl Op {
     fn parse(s: &str) -> Option<Op> {
         Some(match s {
+            "match" => Op::Match,
+            "imatch" => Op::Imatch,
+            "sl" => Op::Sl,
+            "sr" => Op::Sr,
+            "nxr" => Op::Nxr,
+            "nxl" => Op::Nxl,
+            "adj" => Op::Adj,
+            "ov" => Op::Ov,
+            "fts" => Op::Fts(Fts::Query),
+            "plfts" => Op::Fts(Fts::Plain),
+            "phfts" => Op::Fts(Fts::Phrase),
+            "wfts" => Op::Fts(Fts::Web),
             "eq" => Op::Eq,
             "neq" => Op::Neq,
             "gt" => Op::Gt,
@@ -85,6 +131,11 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Operand {
     One(String),
+    /// A full-text query and its configuration, if named.
+    Search {
+        config: Option<String>,
+        query: String,
+    },
     List(Vec<String>),
     /// `is.null|true|false|unknown`.
     Is(IsValue),
@@ -361,9 +412,27 @@ fn parse_filter(column: String, v: &str) -> Result<Cond, ParseError> {
     let (op, value) = v
         .split_once('.')
         .ok_or_else(|| fail("failed to parse filter", format!("{column}={v}")))?;
+    // `fts(english)`: the operator and its text search configuration.
+    let (op, config) = match op.split_once('(') {
+        Some((name, rest)) => match rest.strip_suffix(')') {
+            Some(cfg) if !cfg.is_empty() => (name, Some(cfg.to_owned())),
+            _ => return Err(fail("failed to parse filter", format!("{column}={v}"))),
+        },
+        None => (op, None),
+    };
     let op =
         Op::parse(op).ok_or_else(|| fail("unknown operator", format!("{op} in {column}={v}")))?;
+    if config.is_some() && !matches!(op, Op::Fts(_)) {
+        return Err(fail(
+            "failed to parse filter",
+            format!("only full-text operators take a configuration: {column}={v}"),
+        ));
+    }
     let operand = match op {
+        Op::Fts(_) => Operand::Search {
+            config,
+            query: value.to_owned(),
+        },
         Op::In => {
             let inner = value
                 .strip_prefix('(')

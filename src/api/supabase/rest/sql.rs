@@ -112,6 +112,30 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
                 (Op::In, Operand::List(items)) => {
                     format!("{col} = ANY({})", sql.param(array_literal(items)))
                 }
+                (Op::Fts(kind), Operand::Search { config, query }) => {
+                    // A tsvector column as it is; any other as its text,
+                    // parsed with the same configuration as the query (as
+                    // PostgREST does).
+                    let f = kind.function();
+                    let (vector, tsquery) = match config {
+                        Some(c) => {
+                            let c = sql.param(c.clone());
+                            let q = sql.param(query.clone());
+                            (
+                                format!("to_tsvector({c}::regconfig, {col}::text)"),
+                                format!("{f}({c}::regconfig, {q})"),
+                            )
+                        }
+                        None => (
+                            format!("to_tsvector({col}::text)"),
+                            format!("{f}({})", sql.param(query.clone())),
+                        ),
+                    };
+                    format!(
+                        "(CASE WHEN pg_typeof({col}) = 'tsvector'::regtype \
+                         THEN {col}::text::tsvector ELSE {vector} END) @@ {tsquery}"
+                    )
+                }
                 (op, Operand::One(v)) => {
                     let sym = match op {
                         Op::Eq => "=",
@@ -124,7 +148,15 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
                         Op::Ilike => "ILIKE",
                         Op::Cs => "@>",
                         Op::Cd => "<@",
-                        Op::Is | Op::In => "=",
+                        Op::Match => "~",
+                        Op::Imatch => "~*",
+                        Op::Sl => "<<",
+                        Op::Sr => ">>",
+                        Op::Nxr => "&<",
+                        Op::Nxl => "&>",
+                        Op::Adj => "-|-",
+                        Op::Ov => "&&",
+                        Op::Is | Op::In | Op::Fts(_) => "=",
                     };
                     format!("{col} {sym} {}", sql.param(v.clone()))
                 }
