@@ -436,6 +436,7 @@ pub async fn upload(
                 upsert,
                 id: Some(upload_id),
                 user_metadata: None,
+                cache_control: None,
             },
         )
         .await?;
@@ -601,10 +602,13 @@ pub fn read_response(read: crate::storage::ObjectRead) -> Result<Response, ApiEr
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(
             header::CACHE_CONTROL,
-            if read.bucket_public {
-                "public, max-age=60"
-            } else {
-                "private, no-cache"
+            match (&f.cache_control, read.bucket_public) {
+                // What the uploader asked for (`/storage/v1`'s `cacheControl`),
+                // kept out of shared caches unless the bucket is public.
+                (Some(c), true) => format!("public, {c}"),
+                (Some(c), false) => format!("private, {c}"),
+                (None, true) => "public, max-age=60".to_owned(),
+                (None, false) => "private, no-cache".to_owned(),
             },
         );
     res = match read.span {

@@ -22,6 +22,8 @@ pub struct FileRecord {
     pub updated_at: DateTime<Utc>,
     /// The custom metadata its uploader gave (`/storage/v1`'s `metadata`).
     pub user_metadata: Option<serde_json::Value>,
+    /// `Cache-Control` its uploader asked for (`/storage/v1`'s `cacheControl`).
+    pub cache_control: Option<String>,
     pub(super) storage_key: Option<String>,
 }
 
@@ -64,18 +66,26 @@ pub(super) fn file_from_row(r: &tokio_postgres::Row) -> FileRecord {
             .get::<_, Option<serde_json::Value>>("metadata")
             .and_then(|mut m| m.get_mut("user_metadata").map(serde_json::Value::take))
             .filter(|m| !m.is_null()),
+        cache_control: r
+            .get::<_, Option<serde_json::Value>>("metadata")
+            .and_then(|m| m.get("cache_control")?.as_str().map(str::to_owned)),
         storage_key: r.get("storage_key"),
     }
 }
 
-/// `files.metadata`: the uploaded file's own name and any custom metadata.
+/// `files.metadata`: the uploaded file's own name, any custom metadata and
+/// the `Cache-Control` asked for.
 pub(super) fn file_metadata(
     file_name: &str,
     user: Option<&serde_json::Value>,
+    cache_control: Option<&str>,
 ) -> serde_json::Value {
     let mut m = serde_json::json!({ "original_name": file_name });
     if let Some(u) = user {
         m["user_metadata"] = u.clone();
+    }
+    if let Some(c) = cache_control {
+        m["cache_control"] = serde_json::json!(c);
     }
     m
 }

@@ -150,7 +150,11 @@ impl StorageService {
                 });
             }
         }
-        let metadata = file_metadata(&up.file_name, target.user_metadata.as_ref());
+        let metadata = file_metadata(
+            &up.file_name,
+            target.user_metadata.as_ref(),
+            target.cache_control.as_deref(),
+        );
         let (row, replaced) = match &existing {
             Some(old) => {
                 let id: Uuid = old.get(0);

@@ -163,6 +163,7 @@ impl StorageService {
             upsert,
             id: None,
             user_metadata: src.user_metadata.clone(),
+            cache_control: src.cache_control.clone(),
         };
         match self.record(&facts, &target).await {
             Ok((file, replaced)) => {

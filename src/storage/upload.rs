@@ -46,6 +46,8 @@ pub struct UploadTarget {
     /// Custom metadata (a JSON object) to record with the file; an overwrite
     /// replaces the old file's.
     pub user_metadata: Option<serde_json::Value>,
+    /// `Cache-Control` to serve the file with (`max-age=3600`).
+    pub cache_control: Option<String>,
 }
 
 /// An upload whose bytes are arriving: size, type and quota are enforced as they

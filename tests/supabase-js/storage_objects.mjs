@@ -49,6 +49,18 @@ await main('storage-objects', async () => {
   assert.deepEqual(ok(await files.info('meta/form.bin'), 'info form').metadata, { kind: 'form' })
   assert.equal(ok(await files.info('notes/a.txt'), 'info plain').metadata, null)
   assert.equal((await bob.storage.from(bucket).info('meta/raw.txt')).error?.statusCode, '404')
+  // cacheControl: as a raw body's `cache-control` header (storage-js's
+  // default, 3600) and as a Blob's form field; reported and served.
+  assert.equal(info.cacheControl, 'max-age=3600')
+  ok(await files.upload('cc/cached.bin', new Blob([new Uint8Array([3])]), { cacheControl: '120' }), 'Blob upload with cacheControl')
+  assert.equal(ok(await files.info('cc/cached.bin'), 'info cached').cacheControl, 'max-age=120')
+  const served = await fetch(`${url}/storage/v1/object/${bucket}/cc/cached.bin`, {
+    headers: { apikey: anonKey, authorization: `Bearer ${token}` },
+  })
+  assert.equal(served.status, 200)
+  assert.equal(served.headers.get('cache-control'), 'private, max-age=120')
+  assert.equal(ok(await files.list('cc'), 'list cc')[0].metadata.cacheControl, 'max-age=120')
+  ok(await files.remove(['cc/cached.bin']), 'remove cached')
   const listed = ok(await files.list('meta'), 'list meta')
   assert.deepEqual(listed.find((e) => e.name === 'raw.txt').user_metadata, { by: 'alice', n: 1 })
   assert.equal(listed.find((e) => e.name === 'raw.txt').metadata.size, 3)

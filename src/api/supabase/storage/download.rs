@@ -74,7 +74,7 @@ pub async fn info(
         "bucket_id": bucket,
         "size": f.size,
         "content_type": f.mime_type,
-        "cache_control": "max-age=3600",
+        "cache_control": f.cache_control.as_deref().unwrap_or("max-age=3600"),
         "etag": format!("\"{}\"", f.id.simple()),
         "metadata": f.user_metadata,
         "last_modified": timestamp(&f.updated_at),

@@ -29,7 +29,7 @@ pub(super) fn file_json(f: &FileRecord) -> Value {
             "eTag": format!("\"{}\"", f.id.simple()),
             "size": f.size,
             "mimetype": f.mime_type,
-            "cacheControl": "max-age=3600",
+            "cacheControl": f.cache_control.as_deref().unwrap_or("max-age=3600"),
             "lastModified": updated,
             "contentLength": f.size,
             "httpStatusCode": 200,

@@ -47,6 +47,25 @@ fn parse_metadata(text: &[u8]) -> Result<Value, StorageApiError> {
     Ok(v)
 }
 
+const MAX_CACHE_CONTROL_BYTES: usize = 256;
+
+/// `cacheControl`: seconds (`3600`, as storage-js sends it in a form) become
+/// `max-age=3600`; anything else is kept as the header's value, when it is one.
+fn cache_control_value(v: &str) -> Result<String, StorageApiError> {
+    let v = v.trim();
+    let bad = || StorageApiError::invalid("cacheControl must be seconds or a Cache-Control value");
+    if v.is_empty() || v.len() > MAX_CACHE_CONTROL_BYTES {
+        return Err(bad());
+    }
+    if v.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(format!("max-age={v}"));
+    }
+    if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(bad());
+    }
+    Ok(v.to_owned())
+}
+
 /// `x-metadata`: base64 of the metadata's JSON (storage-js, raw bodies).
 fn header_metadata(headers: &HeaderMap) -> Result<Option<Value>, StorageApiError> {
     use base64::Engine as _;
@@ -94,6 +113,14 @@ pub(super) async fn do_upload(
         return Err(too_large());
     }
     let mut metadata = header_metadata(req.headers()).map_err(StorageApiError::closing)?;
+    // storage-js: `cache-control: max-age=N` on a raw body, a `cacheControl`
+    // field (`N`) in a form.
+    let mut cache_control = match req.headers().get(header::CACHE_CONTROL) {
+        Some(v) => Some(
+            cache_control_value(v.to_str().unwrap_or("\u{0}")).map_err(StorageApiError::closing)?,
+        ),
+        None => None,
+    };
     let mut pending: Option<PendingUpload> = None;
     // Every refusal below is answered at once, while the body may still be
     // arriving: what is left of it is not read.
@@ -119,6 +146,23 @@ pub(super) async fn do_upload(
             let name = field.name().unwrap_or("").to_owned();
             let is_file = field.file_name().is_some() || name.is_empty() || name == "file";
             let mut field = field;
+            if !is_file && name == "cacheControl" {
+                let mut text = Vec::new();
+                while let Ok(Some(c)) = field.chunk().await {
+                    text.extend_from_slice(&c);
+                    if text.len() > MAX_CACHE_CONTROL_BYTES {
+                        break;
+                    }
+                }
+                match cache_control_value(&String::from_utf8_lossy(&text)) {
+                    Ok(v) => cache_control = Some(v),
+                    Err(e) => {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                continue;
+            }
             if !is_file && name == "metadata" {
                 if metadata.is_some() {
                     // One is all storage-js sends; more would be read for ever.
@@ -214,6 +258,7 @@ pub(super) async fn do_upload(
                 upsert,
                 id: None,
                 user_metadata: metadata,
+                cache_control,
             },
         )
         .await?;
