@@ -607,3 +607,68 @@ async fn regex_range_and_full_text_filters() {
         "{body}"
     );
 }
+
+/// JSON paths in `select`, filters and `order`: `->` keeps JSON, `->>` gives
+/// text; a selected path is named by its last key unless aliased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_paths_select_filter_and_order() {
+    let t = TestServer::start().await;
+    t.exec(
+        r#"CREATE TABLE public.profiles (id int PRIMARY KEY, data jsonb);
+         GRANT SELECT ON public.profiles TO anon;
+         INSERT INTO public.profiles VALUES
+           (1, '{"name": "Ann", "age": 31, "tags": ["a", "b"], "address": {"city": "Oslo"}}'),
+           (2, '{"name": "Bob", "age": 25, "tags": ["c"], "address": {"city": "Rome"}}'),
+           (3, '{"name": "Cy''s", "age": 40, "address": {"city": "Oslo"}}');"#,
+    )
+    .await;
+    let r = Rest::new(&t);
+    let get = |query: &'static str| {
+        let r = &r;
+        async move {
+            let (status, _, body) = r
+                .send(r.req(Method::GET, &format!("profiles?{query}"), None))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            body
+        }
+    };
+    assert_eq!(
+        get("select=id,data->>name,city:data->address->>city,data->tags->0&order=id").await,
+        json!([
+            {"id": 1, "name": "Ann", "city": "Oslo", "0": "a"},
+            {"id": 2, "name": "Bob", "city": "Rome", "0": "c"},
+            {"id": 3, "name": "Cy's", "city": "Oslo", "0": null}
+        ])
+    );
+    assert_eq!(
+        get("select=id&data->address->>city=eq.Oslo&order=data->>age.desc").await,
+        json!([{"id": 3}, {"id": 1}])
+    );
+    assert_eq!(
+        get("select=id&data->>name=eq.Cy's").await,
+        json!([{"id": 3}])
+    );
+    assert_eq!(
+        get("select=age:data->age::int&data->age=gt.30&order=id").await,
+        json!([{"age": 31}, {"age": 40}])
+    );
+    // The column before the path must exist.
+    let (status, _, body) = r
+        .send(r.req(Method::GET, "profiles?nope->>a=eq.1", None))
+        .await;
+    assert_eq!(
+        (status, &body["code"]),
+        (StatusCode::BAD_REQUEST, &json!("42703")),
+        "{body}"
+    );
+    // An empty key is a parse error.
+    let (status, _, body) = r
+        .send(r.req(Method::GET, "profiles?select=data->", None))
+        .await;
+    assert_eq!(
+        (status, &body["code"]),
+        (StatusCode::BAD_REQUEST, &json!("PGRST100")),
+        "{body}"
+    );
+}

@@ -303,8 +303,10 @@ fn check_columns(q: &query::Query, t: &schema::Table, table: &str) -> Result<(),
         query::Item::Column { name, .. } => Some(name.as_str()),
         _ => None,
     }));
+    // A JSON path names its column first (`data->a`).
     match names
         .into_iter()
+        .map(|c| query::json_path(c).0)
         .find(|c| !t.columns.iter().any(|k| k.name == *c))
     {
         Some(c) => Err(RestError::new(

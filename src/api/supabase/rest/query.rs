@@ -239,10 +239,47 @@ fn number(name: &str, v: &str) -> Result<u64, ParseError> {
         .map_err(|_| fail(&format!("failed to parse {name} parameter"), v))
 }
 
+/// A column name with a JSON path, as PostgREST writes it: `data->a->>b` is
+/// the column `data`, then the steps (`->>`: as text) and their keys. A plain
+/// name has no steps. A key of digits (with an optional `-`) is an array
+/// index.
+pub(crate) fn json_path(name: &str) -> (&str, Vec<(bool, &str)>) {
+    let Some(first) = name.find("->") else {
+        return (name, Vec::new());
+    };
+    let mut steps = Vec::new();
+    let mut rest = &name[first..];
+    while let Some(r) = rest.strip_prefix("->") {
+        let (text, r) = match r.strip_prefix('>') {
+            Some(r) => (true, r),
+            None => (false, r),
+        };
+        let end = r.find("->").unwrap_or(r.len());
+        steps.push((text, &r[..end]));
+        rest = &r[end..];
+    }
+    (&name[..first], steps)
+}
+
+/// The name a selected column is returned under: its last JSON key, or itself.
+pub(crate) fn output_name(name: &str) -> &str {
+    match json_path(name).1.last() {
+        Some((_, key)) => key,
+        None => name,
+    }
+}
+
 /// A column or table name: anything printable but the grammar's punctuation.
+/// A column may carry a JSON path (`data->a->>b`); each key must be non-empty.
 fn ident(s: &str) -> Result<&str, ParseError> {
     let bad = |c: char| c.is_control() || matches!(c, ',' | '(' | ')' | ':' | '"' | '!');
-    if s.is_empty() || s.len() > 63 || s.contains(bad) {
+    let (base, steps) = json_path(s);
+    if base.is_empty()
+        || base.len() > 63
+        || s.len() > 255
+        || s.contains(bad)
+        || steps.iter().any(|(_, k)| k.is_empty() || k.len() > 63)
+    {
         return Err(fail("failed to parse name", s));
     }
     Ok(s)

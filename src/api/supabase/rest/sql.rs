@@ -89,6 +89,25 @@ fn array_literal(items: &[String]) -> String {
     format!("{{{}}}", quoted.join(","))
 }
 
+/// `alias."column"`, followed by its JSON path (`->'a'->>'b'`, `->0`). Keys
+/// are SQL string literals, quotes doubled (standard strings, no escapes).
+pub(crate) fn column_ref(alias: &str, name: &str) -> String {
+    let (base, steps) = super::query::json_path(name);
+    let mut out = format!("{alias}.{}", quote(base));
+    for (text, key) in steps {
+        out.push_str(if text { "->>" } else { "->" });
+        let digits = key.strip_prefix('-').unwrap_or(key);
+        if !digits.is_empty() && digits.len() < 10 && digits.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(key);
+        } else {
+            out.push('\'');
+            out.push_str(&key.replace('\'', "''"));
+            out.push('\'');
+        }
+    }
+    out
+}
+
 fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
     match c {
         Cond::Filter {
@@ -97,7 +116,7 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
             op,
             operand,
         } => {
-            let col = format!("{alias}.{}", quote(column));
+            let col = column_ref(alias, column);
             let expr = match (op, operand) {
                 (Op::Is, Operand::Is(v)) => {
                     let v = match v {
@@ -205,7 +224,7 @@ fn order_clause(order: &[Order], alias: &str) -> String {
     let terms: Vec<String> = order
         .iter()
         .map(|o| {
-            let mut t = format!("{alias}.{}", quote(&o.column));
+            let mut t = column_ref(alias, &o.column);
             t.push_str(if o.desc { " DESC" } else { " ASC" });
             match o.nulls_first {
                 Some(true) => t.push_str(" NULLS FIRST"),
@@ -248,11 +267,12 @@ pub(crate) fn select_list(
                 alias: a,
                 cast,
             } => {
-                let mut e = format!("{alias}.{}", quote(name));
+                let mut e = column_ref(alias, name);
                 if let Some(t) = cast {
-                    e = format!("{e}::{t}");
+                    e = format!("({e})::{t}");
                 }
-                out.push(format!("{e} AS {}", quote(a.as_deref().unwrap_or(name))));
+                let named = a.as_deref().unwrap_or(super::query::output_name(name));
+                out.push(format!("{e} AS {}", quote(named)));
             }
             Item::Embed {
                 table: target,
