@@ -672,3 +672,79 @@ async fn json_paths_select_filter_and_order() {
         "{body}"
     );
 }
+
+/// Filters, order and limit on an embedded resource (`books.year=gt.2000`),
+/// and `!inner`, which keeps only the rows that have a matching embedded row
+/// (in the count too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_resources_take_filters_order_limit_and_inner() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.authors (id int PRIMARY KEY, name text);
+         CREATE TABLE public.books (id int PRIMARY KEY, author_id int REFERENCES public.authors, title text, year int);
+         GRANT SELECT ON public.authors, public.books TO anon;
+         INSERT INTO public.authors VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
+         INSERT INTO public.books VALUES
+           (1, 1, 'Old', 1990), (2, 1, 'New', 2010), (3, 1, 'Newer', 2020),
+           (4, 2, 'Older', 1980);",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let get = |query: &'static str| {
+        let r = &r;
+        async move {
+            let (status, headers, body) = r
+                .send(
+                    r.req(Method::GET, &format!("authors?{query}"), None)
+                        .header("Prefer", "count=exact"),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            let range = headers
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (body, range)
+        }
+    };
+    let (body, _) = get(
+        "select=name,books(title)&books.year=gt.2000&books.order=year.desc&books.limit=1&order=id",
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "books": [{"title": "Newer"}]},
+            {"name": "Bob", "books": []},
+            {"name": "Cy", "books": []}
+        ])
+    );
+    let (body, range) = get("select=name,books!inner(title)&books.year=lt.2000&order=id").await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "books": [{"title": "Old"}]},
+            {"name": "Bob", "books": [{"title": "Older"}]}
+        ])
+    );
+    assert_eq!(range, "0-1/2");
+    let (body, _) =
+        get("select=name,works:books!inner(title)&works.or=(title.eq.New,title.eq.Older)&order=id")
+            .await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "works": [{"title": "New"}]},
+            {"name": "Bob", "works": [{"title": "Older"}]}
+        ])
+    );
+    // A filter on a resource the select does not embed.
+    let (status, _, body) = r
+        .send(r.req(Method::GET, "authors?select=name&books.year=gt.1", None))
+        .await;
+    assert_eq!(
+        (status, &body["code"]),
+        (StatusCode::BAD_REQUEST, &json!("PGRST108")),
+        "{body}"
+    );
+}

@@ -120,6 +120,7 @@ impl From<PlanError> for RestError {
         match e {
             PlanError::NoRelationship(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST200", m),
             PlanError::Ambiguous(m) => RestError::new(StatusCode::MULTIPLE_CHOICES, "PGRST201", m),
+            PlanError::NotEmbedded(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST108", m),
         }
     }
 }
@@ -462,7 +463,10 @@ pub(crate) async fn table_route(
         }
         q.limit = Some(q.limit.map_or(MAX_ROWS, |l| l.min(MAX_ROWS)));
         let read = sql::read(&schema, &key, &t, &q, role)?;
-        let count = pref.count.then(|| sql::count(&key, &q));
+        let count = match pref.count {
+            true => Some(sql::count(&schema, &key, &t, &q, role)?),
+            false => None,
+        };
         let (json, n, total) = as_caller(&state, &caller, async |tx| {
             let (json, n) = rows(tx, &read, anon).await?;
             let total = match &count {

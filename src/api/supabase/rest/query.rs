@@ -40,6 +40,8 @@ pub(crate) enum Item {
         table: String,
         alias: Option<String>,
         hint: Option<String>,
+        /// `!inner`: only rows that have a (matching) embedded row.
+        inner: bool,
         items: Vec<Item>,
     },
 }
@@ -171,6 +173,17 @@ pub(crate) struct Order {
     pub nulls_first: Option<bool>,
 }
 
+/// Filters, order and paging of an embedded resource (`todos.done=eq.true`,
+/// `todos.order=title`, `todos.limit=2`), by its name in `select` (alias or
+/// table).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Embedded {
+    pub filters: Vec<Cond>,
+    pub order: Vec<Order>,
+    pub limit: Option<u64>,
+    pub offset: Option<u64>,
+}
+
 /// What the URL asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Query {
@@ -181,6 +194,7 @@ pub(crate) struct Query {
     pub offset: Option<u64>,
     pub on_conflict: Option<Vec<String>>,
     pub columns: Option<Vec<String>>,
+    pub embedded: std::collections::BTreeMap<String, Embedded>,
 }
 
 /// Parameters that are not filters.
@@ -225,10 +239,43 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
                     Cond::And(conds, negated)
                 });
             }
-            _ => {
-                ident(&k)?;
-                q.filters.push(parse_filter(k, &v)?);
-            }
+            _ => match k.split_once('.') {
+                // `todos.done=eq.true`, `todos.order=…`: an embedded resource's.
+                Some((prefix, rest)) if !prefix.is_empty() => {
+                    let e = q.embedded.entry(ident(prefix)?.to_owned()).or_default();
+                    match rest {
+                        "order" => e.order = parse_order(&v)?,
+                        "limit" => e.limit = Some(number("limit", &v)?),
+                        "offset" => e.offset = Some(number("offset", &v)?),
+                        "or" | "and" | "not.or" | "not.and" => {
+                            let negated = rest.starts_with("not.");
+                            let inner = v
+                                .strip_prefix('(')
+                                .and_then(|r| r.strip_suffix(')'))
+                                .ok_or_else(|| {
+                                    fail("failed to parse logic tree", format!("{k}={v}"))
+                                })?;
+                            let conds = split_top(inner)?
+                                .iter()
+                                .map(|t| parse_tree_term(t, 0))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            e.filters.push(if rest.ends_with("or") {
+                                Cond::Or(conds, negated)
+                            } else {
+                                Cond::And(conds, negated)
+                            });
+                        }
+                        column => {
+                            ident(column)?;
+                            e.filters.push(parse_filter(column.to_owned(), &v)?);
+                        }
+                    }
+                }
+                _ => {
+                    ident(&k)?;
+                    q.filters.push(parse_filter(k, &v)?);
+                }
+            },
         }
     }
     Ok(q)
@@ -393,14 +440,23 @@ fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
         let inner = rest[open + 1..]
             .strip_suffix(')')
             .ok_or_else(|| fail("failed to parse select parameter", t))?;
-        let (table, hint) = match rest[..open].split_once('!') {
-            Some((t, h)) => (t, Some(ident(h)?.to_owned())),
-            None => (&rest[..open], None),
-        };
+        // `table!hint!inner`: a foreign key (or column) hint and the join kind.
+        let mut parts = rest[..open].split('!');
+        let table = parts.next().unwrap_or_default();
+        let (mut hint, mut inner_join) = (None, false);
+        for p in parts {
+            match p {
+                "inner" => inner_join = true,
+                "left" => inner_join = false,
+                h if hint.is_none() => hint = Some(ident(h)?.to_owned()),
+                _ => return Err(fail("failed to parse select parameter", t)),
+            }
+        }
         return Ok(Item::Embed {
             table: ident(table.trim())?.to_owned(),
             alias,
             hint,
+            inner: inner_join,
             items: parse_select(inner, depth + 1)?,
         });
     }
@@ -569,6 +625,7 @@ mod tests {
                     table: "users".into(),
                     alias: Some("owner".into()),
                     hint: Some("owner_id".into()),
+                    inner: false,
                     items: vec![col("id"), col("email")],
                 },
             ]

@@ -78,6 +78,8 @@ pub(crate) enum PlanError {
     NoRelationship(String),
     /// `PGRST201`: more than one does; a `!hint` must choose.
     Ambiguous(String),
+    /// `PGRST108`: a filter names an embedded resource the select does not.
+    NotEmbedded(String),
 }
 
 /// A PostgreSQL array literal of `items`, each quoted.
@@ -237,8 +239,20 @@ fn order_clause(order: &[Order], alias: &str) -> String {
     format!(" ORDER BY {}", terms.join(", "))
 }
 
+/// What the top level of a request adds to its embeds: their filters, order
+/// and paging, and (collected) the conditions of `!inner` ones.
+pub(crate) struct Embeds<'a> {
+    pub given: &'a std::collections::BTreeMap<String, super::query::Embedded>,
+    pub inner: Vec<String>,
+    /// Only the `!inner` conditions are wanted (a count): nothing else is
+    /// rendered, so no parameter is bound that the statement does not use.
+    pub count_only: bool,
+}
+
 /// The select list for `items` on the table `key` seen through `alias`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn select_list(
+    sql: &mut Sql,
     schema: &Schema,
     key: &(String, String),
     table: &Table,
@@ -246,7 +260,21 @@ pub(crate) fn select_list(
     alias: &str,
     role: Role,
     depth: usize,
+    mut embeds: Option<&mut Embeds<'_>>,
 ) -> Result<String, PlanError> {
+    // Every embedded resource a filter names must be in the select.
+    if let Some(e) = embeds.as_deref()
+        && let Some(name) = e.given.keys().find(|name| {
+            !items.iter().any(|i| {
+                matches!(i, Item::Embed { table, alias, .. }
+                    if alias.as_deref().unwrap_or(table) == name.as_str())
+            })
+        })
+    {
+        return Err(PlanError::NotEmbedded(format!(
+            "'{name}' is not an embedded resource in this request"
+        )));
+    }
     let mut out = Vec::new();
     let star = items.is_empty() || items.iter().any(|i| matches!(i, Item::Star));
     if star {
@@ -274,44 +302,54 @@ pub(crate) fn select_list(
                 let named = a.as_deref().unwrap_or(super::query::output_name(name));
                 out.push(format!("{e} AS {}", quote(named)));
             }
+            Item::Embed { inner: false, .. } if embeds.as_deref().is_some_and(|e| e.count_only) => {
+            }
             Item::Embed {
                 table: target,
                 alias: a,
                 hint,
+                inner,
                 items,
             } => {
-                let sub = embed(
+                let name = a.as_deref().unwrap_or(target);
+                let count_only = embeds.as_deref().is_some_and(|e| e.count_only);
+                let given = embeds.as_deref().and_then(|e| e.given.get(name));
+                let (sub, exists) = embed(
+                    sql,
                     schema,
                     key,
                     alias,
-                    target,
-                    hint.as_deref(),
+                    (target, hint.as_deref()),
                     items,
+                    given,
                     role,
-                    depth,
+                    (depth, !count_only),
                 )?;
-                out.push(format!(
-                    "{sub} AS {}",
-                    quote(a.as_deref().unwrap_or(target))
-                ));
+                if *inner && let Some(e) = embeds.as_deref_mut() {
+                    e.inner.push(exists);
+                }
+                out.push(format!("{sub} AS {}", quote(name)));
             }
         }
     }
     Ok(out.join(", "))
 }
 
-/// One level of embedding through a foreign key, in either direction.
+/// One level of embedding through a foreign key, in either direction: the
+/// subquery, and the condition that a (matching) embedded row exists (for
+/// `!inner`).
 #[allow(clippy::too_many_arguments)]
 fn embed(
+    sql: &mut Sql,
     schema: &Schema,
     from: &(String, String),
     from_alias: &str,
-    target: &str,
-    hint: Option<&str>,
+    (target, hint): (&str, Option<&str>),
     items: &[Item],
+    given: Option<&super::query::Embedded>,
     role: Role,
-    depth: usize,
-) -> Result<String, PlanError> {
+    (depth, with_tail): (usize, bool),
+) -> Result<(String, String), PlanError> {
     let target_key = (from.0.clone(), target.to_owned());
     let no_rel = || {
         PlanError::NoRelationship(format!(
@@ -338,8 +376,36 @@ fn embed(
         .filter(hinted)
         .collect();
     let alias = format!("_e{depth}");
-    let list = select_list(schema, &target_key, t, items, &alias, role, depth + 1)?;
+    let list = select_list(
+        sql,
+        schema,
+        &target_key,
+        t,
+        items,
+        &alias,
+        role,
+        depth + 1,
+        None,
+    )?;
     let table = table_name(&target_key.0, &target_key.1);
+    // The embedded resource's own filters, order and paging.
+    let mut filters = String::new();
+    let mut tail = String::new();
+    if let Some(e) = given {
+        for c in &e.filters {
+            filters.push_str(" AND ");
+            filters.push_str(&cond(sql, c, &alias));
+        }
+        if with_tail {
+            tail = order_clause(&e.order, &alias);
+            if let Some(l) = e.limit {
+                tail.push_str(&format!(" LIMIT {}", sql.param(l.to_string())));
+            }
+            if let Some(o) = e.offset {
+                tail.push_str(&format!(" OFFSET {}", sql.param(o.to_string())));
+            }
+        }
+    }
     match (to_one.as_slice(), to_many.as_slice()) {
         ([fk], []) => {
             let on: Vec<String> = fk
@@ -348,9 +414,12 @@ fn embed(
                 .zip(&fk.references)
                 .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(r), quote(c)))
                 .collect();
-            Ok(format!(
-                "(SELECT row_to_json(_x) FROM (SELECT {list} FROM {table} {alias} WHERE {}) _x)",
-                on.join(" AND ")
+            let on = on.join(" AND ");
+            Ok((
+                format!(
+                    "(SELECT row_to_json(_x) FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}) _x)"
+                ),
+                format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
             ))
         }
         ([], [fk]) => {
@@ -360,9 +429,12 @@ fn embed(
                 .zip(&fk.references)
                 .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(c), quote(r)))
                 .collect();
-            Ok(format!(
-                "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {list} FROM {table} {alias} WHERE {}) _x)",
-                on.join(" AND ")
+            let on = on.join(" AND ");
+            Ok((
+                format!(
+                    "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}{tail}) _x)"
+                ),
+                format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
             ))
         }
         ([], []) => Err(no_rel()),
@@ -382,8 +454,23 @@ pub(crate) fn read(
     role: Role,
 ) -> Result<Sql, PlanError> {
     let mut sql = Sql::default();
-    let list = select_list(schema, key, table, &q.select, "_t", role, 0)?;
-    let filter = where_clause(&mut sql, q, "_t");
+    let mut embeds = Embeds {
+        given: &q.embedded,
+        inner: Vec::new(),
+        count_only: false,
+    };
+    let list = select_list(
+        &mut sql,
+        schema,
+        key,
+        table,
+        &q.select,
+        "_t",
+        role,
+        0,
+        Some(&mut embeds),
+    )?;
+    let filter = with_inner(where_clause(&mut sql, q, "_t"), &embeds.inner);
     let mut tail = order_clause(&q.order, "_t");
     if let Some(l) = q.limit {
         let p = sql.param(l.to_string());
@@ -400,15 +487,48 @@ pub(crate) fn read(
     Ok(sql)
 }
 
-/// `SELECT count(*)` of every row the filters match (`Prefer: count=exact`).
-pub(crate) fn count(key: &(String, String), q: &Query) -> Sql {
+/// Adds `!inner` embeds' conditions to a `WHERE` clause ("" when none).
+fn with_inner(filter: String, inner: &[String]) -> String {
+    match (filter.is_empty(), inner.is_empty()) {
+        (_, true) => filter,
+        (true, false) => format!(" WHERE {}", inner.join(" AND ")),
+        (false, false) => format!("{filter} AND {}", inner.join(" AND ")),
+    }
+}
+
+/// `SELECT count(*)` of every row the filters (and `!inner` embeds) match
+/// (`Prefer: count=exact`).
+pub(crate) fn count(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+) -> Result<Sql, PlanError> {
     let mut sql = Sql::default();
-    let filter = where_clause(&mut sql, q, "_t");
+    let mut embeds = Embeds {
+        given: &q.embedded,
+        inner: Vec::new(),
+        count_only: true,
+    };
+    // Only for the `!inner` conditions (and their parameters).
+    select_list(
+        &mut sql,
+        schema,
+        key,
+        table,
+        &q.select,
+        "_t",
+        role,
+        0,
+        Some(&mut embeds),
+    )?;
+    let filter = with_inner(where_clause(&mut sql, q, "_t"), &embeds.inner);
     sql.text = format!(
         "SELECT count(*) FROM {} _t{filter}",
         table_name(&key.0, &key.1)
     );
-    sql
+    Ok(sql)
 }
 
 /// Wraps a data-changing statement that returns `_t.*` so it yields `json, count`.
@@ -421,7 +541,22 @@ pub(crate) fn returning(
     mut sql: Sql,
     statement: &str,
 ) -> Result<Sql, PlanError> {
-    let list = select_list(schema, key, table, &q.select, "_t", role, 0)?;
+    let mut embeds = Embeds {
+        given: &q.embedded,
+        inner: Vec::new(),
+        count_only: false,
+    };
+    let list = select_list(
+        &mut sql,
+        schema,
+        key,
+        table,
+        &q.select,
+        "_t",
+        role,
+        0,
+        Some(&mut embeds),
+    )?;
     sql.text = format!(
         "WITH _m AS ({statement} RETURNING _t.*) SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT {list} FROM _m _t) _r"
     );
