@@ -598,6 +598,10 @@ impl Server {
                 }
             }
         }));
+        tasks.push(spawn_named(
+            "schema-listener",
+            crate::api::supabase::rest::listen_for_ddl(pg.clone(), state.clone(), shutdown.clone()),
+        ));
         if let Some(c) = state.cluster.clone() {
             tasks.push(spawn_named(
                 "cluster-drain",

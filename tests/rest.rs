@@ -748,3 +748,46 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
         "{body}"
     );
 }
+
+/// DDL reaches the schema cache through the event trigger (migration 0015):
+/// a column granted a moment ago is in `select=*` at once, though no request
+/// missed the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_reaches_the_schema_cache_without_a_miss() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.cards (id int PRIMARY KEY, front text, back text);
+         GRANT SELECT (id, front) ON public.cards TO anon;
+         INSERT INTO public.cards VALUES (1, 'question', 'answer');",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let star = || async {
+        let (status, _, body) = r.send(r.req(Method::GET, "cards?select=*", None)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    };
+    // The first request loads the cache, after the DDL above.
+    let deadline = std::time::Instant::now() + WAIT;
+    while star().await != json!([{"id": 1, "front": "question"}]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled: {}",
+            star().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    t.exec("GRANT SELECT (back) ON public.cards TO anon").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let body = star().await;
+        if body == json!([{"id": 1, "front": "question", "back": "answer"}]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new grant never showed: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -142,6 +142,8 @@ impl Schema {
 pub(crate) struct SchemaCache {
     current: RwLock<Arc<Schema>>,
     loaded_ms: AtomicI64,
+    /// DDL happened since the last load (the `aether_schema` notification).
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl Default for SchemaCache {
@@ -149,11 +151,23 @@ impl Default for SchemaCache {
         SchemaCache {
             current: RwLock::new(Arc::new(Schema::default())),
             loaded_ms: AtomicI64::new(i64::MIN),
+            stale: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
 
 impl SchemaCache {
+    /// The schema changed: the next request loads it again, whenever the
+    /// last load was.
+    pub(crate) fn invalidate(&self) {
+        self.stale.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether DDL happened since the last load.
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn get(&self) -> Arc<Schema> {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
@@ -166,7 +180,9 @@ impl SchemaCache {
     ) -> Result<bool, tokio_postgres::Error> {
         let now = chrono::Utc::now().timestamp_millis();
         let last = self.loaded_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 1000
+        // Cleared before reading, so DDL during the load marks it again.
+        let stale = self.stale.swap(false, Ordering::SeqCst);
+        if (!stale && now.saturating_sub(last) < 1000)
             || self
                 .loaded_ms
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
