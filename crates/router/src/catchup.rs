@@ -12,7 +12,7 @@ use aether_core::lsn::Position;
 use crate::policy::{Decision, Policy};
 use crate::routed::Routed;
 use crate::routed::moved;
-use crate::subscriptions::{Subscription, decide, matches};
+use crate::subscriptions::{Subscription, decide, matches, moved_matches};
 use crate::{Outbound, Router, SessionEntry};
 
 /// Where a lagging connection stands.
@@ -261,9 +261,13 @@ fn deliver<'a>(
             }
             let sent = match decide(policy, session, principal, c) {
                 Decision::Allow => Arc::clone(c),
-                Decision::Enter => Arc::clone(entered.get_or_insert_with(|| moved(c, true))),
-                Decision::Leave => Arc::clone(left.get_or_insert_with(|| moved(c, false))),
-                Decision::Deny => {
+                Decision::Enter if moved_matches(c, &sub.filter, true) => {
+                    Arc::clone(entered.get_or_insert_with(|| moved(c, true)))
+                }
+                Decision::Leave if moved_matches(c, &sub.filter, false) => {
+                    Arc::clone(left.get_or_insert_with(|| moved(c, false)))
+                }
+                Decision::Deny | Decision::Enter | Decision::Leave => {
                     sub.seen = c.position;
                     continue;
                 }

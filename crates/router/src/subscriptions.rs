@@ -489,9 +489,15 @@ impl Router {
                 change,
             ) {
                 Decision::Allow => Arc::clone(change),
-                Decision::Enter => Arc::clone(entered.get_or_insert_with(|| moved(change, true))),
-                Decision::Leave => Arc::clone(left.get_or_insert_with(|| moved(change, false))),
-                Decision::Deny => {
+                // The row sent must pass the filter itself (the UPDATE may
+                // have matched on its other row).
+                Decision::Enter if moved_matches(change, &sub.filter, true) => {
+                    Arc::clone(entered.get_or_insert_with(|| moved(change, true)))
+                }
+                Decision::Leave if moved_matches(change, &sub.filter, false) => {
+                    Arc::clone(left.get_or_insert_with(|| moved(change, false)))
+                }
+                Decision::Deny | Decision::Enter | Decision::Leave => {
                     sub.seen = change.position;
                     continue;
                 }
@@ -549,6 +555,14 @@ impl Router {
             self.detach(s);
         }
     }
+}
+
+/// Does the row a moved change is sent with (the new row for an INSERT, the
+/// old one for a DELETE) match the filter?
+pub(crate) fn moved_matches(change: &RowChange, filter: &Filter, new: bool) -> bool {
+    let row = if new { &change.new } else { &change.old };
+    row.as_ref()
+        .is_some_and(|r| filter.matches(&change.relation, r))
 }
 
 /// Does the change match the subscription's filter?

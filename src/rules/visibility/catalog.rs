@@ -96,7 +96,9 @@ impl Access {
 
 struct Policy {
     permissive: bool,
-    roles: Vec<String>,
+    /// Whether it applies to anon, to authenticated: named, `public`, or a
+    /// role they are members of.
+    applies: [bool; 2],
     qual: Option<String>,
 }
 
@@ -107,6 +109,8 @@ struct Table {
     rls: bool,
     select: [bool; 2],
     columns: HashMap<String, Option<Ty>>,
+    /// Column name → `pg_type.typname`.
+    typnames: HashMap<String, String>,
     key: Vec<String>,
     policies: Vec<Policy>,
 }
@@ -159,9 +163,11 @@ pub async fn load(
             rls: r.get(2),
             select: [r.get(4), r.get(5)],
             columns: names
-                .into_iter()
+                .iter()
+                .cloned()
                 .zip(types.iter().map(|t| Ty::of_typname(t)))
                 .collect(),
+            typnames: names.into_iter().zip(types).collect(),
             key: r.get(8),
             policies: Vec::new(),
         };
@@ -169,8 +175,15 @@ pub async fn load(
     }
     let policies = tx
         .query(
-            "SELECT schemaname::text, tablename::text, permissive = 'PERMISSIVE', roles::text[], qual
-               FROM pg_policies WHERE cmd IN ('SELECT', 'ALL') ORDER BY policyname",
+            "SELECT p.schemaname::text, p.tablename::text, p.permissive = 'PERMISSIVE',
+                    EXISTS (SELECT 1 FROM unnest(p.roles) r
+                             WHERE r = 'public' OR (to_regrole('anon') IS NOT NULL
+                                   AND to_regrole(r) IS NOT NULL AND pg_has_role('anon', r, 'MEMBER'))),
+                    EXISTS (SELECT 1 FROM unnest(p.roles) r
+                             WHERE r = 'public' OR (to_regrole('authenticated') IS NOT NULL
+                                   AND to_regrole(r) IS NOT NULL AND pg_has_role('authenticated', r, 'MEMBER'))),
+                    p.qual
+               FROM pg_policies p WHERE p.cmd IN ('SELECT', 'ALL') ORDER BY p.policyname",
             &[],
         )
         .await?;
@@ -179,8 +192,8 @@ pub async fn load(
         if let Some(t) = tables.get_mut(&key) {
             t.policies.push(Policy {
                 permissive: p.get(2),
-                roles: p.get(3),
-                qual: p.get(4),
+                applies: [p.get(3), p.get(4)],
+                qual: p.get(5),
             });
         }
     }
@@ -223,8 +236,14 @@ fn build(tables: HashMap<String, Table>, skip: fn(&str) -> bool) -> Catalog {
             )),
             Some(m) if m.key.is_empty() => Some(format!("{} has no primary key", spec.table)),
             Some(m) => {
-                let keyish =
-                    |c: &str| matches!(m.columns.get(c), Some(Some(Ty::Num | Ty::Text | Ty::Uuid)));
+                // Types whose `::text` prints what the decoder gives (not
+                // numeric: `5.00` against `5.0`).
+                let keyish = |c: &str| {
+                    matches!(
+                        m.typnames.get(c).map(String::as_str),
+                        Some("int2" | "int4" | "int8" | "text" | "varchar" | "uuid")
+                    )
+                };
                 if [spec.user.as_str(), spec.key.as_str()]
                     .into_iter()
                     .chain(m.key.iter().map(String::as_str))
@@ -283,7 +302,7 @@ fn uses(p: &Pred) -> Vec<usize> {
     let mut out = Vec::new();
     fn walk(p: &Pred, out: &mut Vec<usize>) {
         match p {
-            Pred::Member(_, i) => out.push(*i),
+            Pred::Member(_, i, _) => out.push(*i),
             Pred::And(v) | Pred::Or(v) => v.iter().for_each(|p| walk(p, out)),
             Pred::Not(p) => walk(p, out),
             _ => {}
@@ -301,9 +320,9 @@ fn access(t: &Table, role: usize, specs: &mut Specs) -> Access {
     if !t.rls {
         return Access::Everything;
     }
-    let applies = |p: &&Policy| p.roles.iter().any(|r| r == name || r == "public");
-    let mine: Vec<&Policy> = t.policies.iter().filter(applies).collect();
-    // A policy without USING lets no row be read.
+    let mine: Vec<&Policy> = t.policies.iter().filter(|p| p.applies[role]).collect();
+    // A policy without USING (only WITH CHECK) says nothing about reading:
+    // PostgreSQL leaves it out, permissive or restrictive.
     let permissive: Vec<&str> = mine
         .iter()
         .filter(|p| p.permissive)
@@ -312,7 +331,7 @@ fn access(t: &Table, role: usize, specs: &mut Specs) -> Access {
     let restrictive: Vec<&str> = mine
         .iter()
         .filter(|p| !p.permissive)
-        .map(|p| p.qual.as_deref().unwrap_or("false"))
+        .filter_map(|p| p.qual.as_deref())
         .collect();
     if permissive.is_empty() {
         return Access::Nothing(format!(

@@ -323,6 +323,7 @@ impl Parser {
     }
 
     fn json(&mut self) -> Result<Node, String> {
+        let start = self.depth;
         let mut left = self.postfix()?;
         loop {
             let text = if self.eat_punct("->>") {
@@ -330,18 +331,24 @@ impl Parser {
             } else if self.eat_punct("->") {
                 false
             } else {
+                self.depth = start;
                 return Ok(left);
             };
+            // Each step nests the tree one deeper: bounded like parentheses.
+            self.deeper()?;
             let right = self.postfix()?;
             left = Node::Json(Box::new(left), Box::new(right), text);
         }
     }
 
     fn postfix(&mut self) -> Result<Node, String> {
+        let start = self.depth;
         let mut node = self.primary()?;
         while self.eat_punct("::") {
+            self.deeper()?;
             node = Node::Cast(Box::new(node), self.type_name()?);
         }
+        self.depth = start;
         Ok(node)
     }
 
@@ -533,6 +540,8 @@ pub enum Operand {
 pub enum Val {
     Null,
     Bool(bool),
+    /// An integer, compared exactly (a bigint beyond 2^53 included).
+    Int(i64),
     Num(f64),
     Text(String),
 }
@@ -547,8 +556,10 @@ pub enum Pred {
     AnyOf(Operand, Vec<Operand>),
     Is(Operand, Option<bool>, bool),
     Truthy(Operand),
-    /// The operand is among the keys of the viewer's memberships.
-    Member(Operand, usize),
+    /// The operand is among the keys of the viewer's memberships (index
+    /// `usize`); `true`: the `EXISTS` form, never NULL (`IN` is NULL for a
+    /// NULL operand, or a NULL key, when nothing matches).
+    Member(Operand, usize, bool),
 }
 
 /// What the compiler knows of the table: its name and column types.
@@ -630,11 +641,11 @@ impl Compiler<'_, '_> {
                 if !matches!(tx, Some(Ty::Num | Ty::Text | Ty::Uuid) | None) {
                     return Err("membership on a value that is not a key".into());
                 }
-                Pred::Member(x, self.specs.id(spec))
+                Pred::Member(x, self.specs.id(spec), false)
             }
             Node::Exists(sel) => {
                 let (outer, spec) = self.membership_exists(sel)?;
-                Pred::Member(outer, self.specs.id(spec))
+                Pred::Member(outer, self.specs.id(spec), true)
             }
             Node::Column(_) | Node::Cast(..) => {
                 let (x, t) = self.operand(n)?;
@@ -667,7 +678,10 @@ impl Compiler<'_, '_> {
             }
             Node::Str(s) => (Operand::Const(Val::Text(s.clone())), None),
             Node::Num(x) => (
-                Operand::Const(Val::Num(x.parse().map_err(|_| format!("number {x}"))?)),
+                Operand::Const(match x.parse::<i64>() {
+                    Ok(i) => Val::Int(i),
+                    Err(_) => Val::Num(x.parse().map_err(|_| format!("number {x}"))?),
+                }),
                 Some(Ty::Num),
             ),
             Node::Bool(b) => (Operand::Const(Val::Bool(*b)), Some(Ty::Bool)),
@@ -824,17 +838,30 @@ fn unify(a: Option<Ty>, b: Option<Ty>) -> Option<Option<Ty>> {
 
 // ---------------------------------------------------------------- evaluation
 
-/// A value a row does not hold (only its key was sent): the answer is unknown.
+/// Why a predicate has no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unknown;
+pub enum Stop {
+    /// A value the row does not hold (only its key was sent).
+    Unknown,
+    /// PostgreSQL would fail the read: a bad cast, a column the table no
+    /// longer has. Nothing is visible.
+    Failed,
+}
+
+/// What a viewer's memberships hold for one index.
+pub trait Memberships {
+    /// Is `key` among the viewer's keys of index `spec`?
+    fn contains(&self, spec: usize, key: &str) -> bool;
+    /// (the viewer has any row in index `spec`, one of them with a NULL key).
+    fn rows(&self, spec: usize) -> (bool, bool);
+}
 
 /// What a predicate is evaluated against.
 pub struct Scope<'a> {
     pub relation: &'a Relation,
     pub row: &'a Row,
     pub principal: &'a Principal,
-    /// Is `key` among the keys of `spec`'s rows for this viewer?
-    pub member: &'a dyn Fn(usize, &str) -> bool,
+    pub member: &'a dyn Memberships,
 }
 
 /// SQL's three values, with `None` for NULL.
@@ -843,7 +870,7 @@ type Truth = Option<bool>;
 impl Pred {
     /// `Ok(Some(true))` when the row is visible; an evaluation error (a bad
     /// cast) is `Ok(None)`, as PostgreSQL would fail the read for this viewer.
-    pub fn eval(&self, s: &Scope<'_>) -> Result<Truth, Unknown> {
+    pub fn eval(&self, s: &Scope<'_>) -> Result<Truth, Stop> {
         Ok(match self {
             Pred::Const(b) => Some(*b),
             Pred::And(v) => {
@@ -903,18 +930,19 @@ impl Pred {
                 Some(Val::Bool(b)) => Some(b),
                 _ => None,
             },
-            Pred::Member(x, spec) => {
+            Pred::Member(x, spec, exists) => {
+                // No viewer id: the subquery has no row; IN and EXISTS are false.
                 if s.principal.user_id.is_none() {
-                    return Ok(None);
+                    return Ok(Some(false));
                 }
                 // A column's key as the member table prints it (a bigint
                 // exactly, not through a float).
                 let key = match x {
                     Operand::Column(c) => {
-                        let i = s.relation.column_index(c).ok_or(Unknown)?;
+                        let i = s.relation.column_index(c).ok_or(Stop::Failed)?;
                         match s.row.get(i) {
                             Some(Some(v)) => super::members::key_text(v).map(Cow::Owned),
-                            _ => return Err(Unknown),
+                            _ => return Err(Stop::Unknown),
                         }
                     }
                     other => other
@@ -923,7 +951,19 @@ impl Pred {
                         .and_then(text_of)
                         .map(|c| Cow::Owned(c.into_owned())),
                 };
-                key.map(|k| (s.member)(*spec, &k))
+                if let Some(k) = &key
+                    && s.member.contains(*spec, k)
+                {
+                    return Ok(Some(true));
+                }
+                // No match: EXISTS is false; IN is NULL when the operand is
+                // NULL and there are rows, or a row's key is NULL.
+                let (any, nulls) = s.member.rows(*spec);
+                if *exists || !(nulls || (key.is_none() && any)) {
+                    Some(false)
+                } else {
+                    None
+                }
             }
         })
     }
@@ -963,20 +1003,21 @@ impl Pred {
                 op(a, out);
                 v.iter().for_each(|x| op(x, out));
             }
-            Pred::Is(x, ..) | Pred::Truthy(x) | Pred::Member(x, _) => op(x, out),
+            Pred::Is(x, ..) | Pred::Truthy(x) | Pred::Member(x, ..) => op(x, out),
         }
     }
 }
 
 impl Operand {
-    fn eval(&self, s: &Scope<'_>) -> Result<Option<Val>, Unknown> {
+    fn eval(&self, s: &Scope<'_>) -> Result<Option<Val>, Stop> {
         Ok(match self {
             Operand::Column(c) => {
-                let i = s.relation.column_index(c).ok_or(Unknown)?;
+                // A column the table no longer has: PostgreSQL fails the read.
+                let i = s.relation.column_index(c).ok_or(Stop::Failed)?;
                 match s.row.get(i) {
                     Some(Some(v)) => json_val(v),
                     // Not sent: the old row is only its key.
-                    _ => return Err(Unknown),
+                    _ => return Err(Stop::Unknown),
                 }
             }
             Operand::Uid => s.principal.user_id.clone().map(Val::Text),
@@ -995,7 +1036,7 @@ impl Operand {
             },
             Operand::Cast(x, ty) => match x.eval(s)? {
                 // PostgreSQL fails the read: nothing visible.
-                Some(v) => cast(&v, *ty).ok(),
+                Some(v) => Some(cast(&v, *ty).map_err(|_| Stop::Failed)?),
                 None => None,
             },
         })
@@ -1031,7 +1072,10 @@ fn json_val(v: &Value) -> Option<Val> {
     match v {
         Value::Null => None,
         Value::Bool(b) => Some(Val::Bool(*b)),
-        Value::Number(n) => n.as_f64().map(Val::Num),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Some(Val::Int(i)),
+            None => n.as_f64().map(Val::Num),
+        },
         Value::String(s) => Some(Val::Text(s.clone())),
         other => Some(Val::Text(other.to_string())),
     }
@@ -1040,6 +1084,7 @@ fn json_val(v: &Value) -> Option<Val> {
 fn text_of(v: &Val) -> Option<Cow<'_, str>> {
     match v {
         Val::Text(s) => Some(Cow::Borrowed(s)),
+        Val::Int(i) => Some(Cow::Owned(i.to_string())),
         Val::Num(n) => Some(Cow::Owned(num_text(*n))),
         Val::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
         Val::Null => None,
@@ -1060,18 +1105,23 @@ fn cast(v: &Val, to: Ty) -> Result<Val, String> {
         (Val::Null, _) => Val::Null,
         (Val::Bool(b), Ty::Bool) => Val::Bool(*b),
         (Val::Num(n), Ty::Num) => Val::Num(*n),
+        (Val::Int(i), Ty::Num) => Val::Int(*i),
         (Val::Num(n), Ty::Text) => Val::Text(num_text(*n)),
+        (Val::Int(i), Ty::Text) => Val::Text(i.to_string()),
         (Val::Text(s), Ty::Text) => Val::Text(s.clone()),
         (Val::Text(s), Ty::Uuid) => Val::Text(
             uuid::Uuid::parse_str(s.trim())
                 .map_err(|_| format!("{s:?} is not a uuid"))?
                 .to_string(),
         ),
-        (Val::Text(s), Ty::Num) => Val::Num(
-            s.trim()
-                .parse::<f64>()
-                .map_err(|_| format!("{s:?} is not a number"))?,
-        ),
+        (Val::Text(s), Ty::Num) => match s.trim().parse::<i64>() {
+            Ok(i) => Val::Int(i),
+            Err(_) => Val::Num(
+                s.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("{s:?} is not a number"))?,
+            ),
+        },
         (Val::Text(s), Ty::Bool) => match s.trim().to_ascii_lowercase().as_str() {
             "t" | "true" | "yes" | "on" | "1" => Val::Bool(true),
             "f" | "false" | "no" | "off" | "0" => Val::Bool(false),
@@ -1084,11 +1134,18 @@ fn cast(v: &Val, to: Ty) -> Result<Val, String> {
 
 fn compare(op: &str, a: &Val, b: &Val) -> Truth {
     use std::cmp::Ordering::*;
+    let float = |v: &Val| match v {
+        Val::Int(i) => Some(*i as f64),
+        Val::Num(n) => Some(*n),
+        Val::Text(t) => t.parse::<f64>().ok(),
+        _ => None,
+    };
     let ord = match (a, b) {
-        (Val::Num(x), Val::Num(y)) => x.partial_cmp(y)?,
-        // A numeric column decoded as text (beyond f64), or a claim as text.
-        (Val::Num(x), Val::Text(y)) => x.partial_cmp(&y.parse::<f64>().ok()?)?,
-        (Val::Text(x), Val::Num(y)) => x.parse::<f64>().ok()?.partial_cmp(y)?,
+        (Val::Int(x), Val::Int(y)) => x.cmp(y),
+        (Val::Int(x), Val::Text(y)) if y.parse::<i64>().is_ok() => x.cmp(&y.parse::<i64>().ok()?),
+        (Val::Text(x), Val::Int(y)) if x.parse::<i64>().is_ok() => x.parse::<i64>().ok()?.cmp(y),
+        (Val::Int(_) | Val::Num(_), Val::Int(_) | Val::Num(_) | Val::Text(_))
+        | (Val::Text(_), Val::Int(_) | Val::Num(_)) => float(a)?.partial_cmp(&float(b)?)?,
         (Val::Text(x), Val::Text(y)) => {
             return match op {
                 "=" => Some(x == y),

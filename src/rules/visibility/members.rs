@@ -22,6 +22,8 @@ pub struct Membership {
     /// Primary key → (user, key) of that row (`None` where NULL).
     rows: HashMap<String, (Option<String>, Option<String>)>,
     by_user: HashMap<String, HashMap<String, u32>>,
+    /// Rows of a user whose key is NULL (`key IN (…)` is then NULL, not false).
+    nulls: HashMap<String, u32>,
     bytes: usize,
     limit: usize,
 }
@@ -32,6 +34,7 @@ impl Membership {
             table,
             rows: HashMap::new(),
             by_user: HashMap::new(),
+            nulls: HashMap::new(),
             bytes: 0,
             limit,
         }
@@ -45,6 +48,12 @@ impl Membership {
         self.bytes
     }
 
+    /// (`user` has rows, one of them with a NULL key).
+    pub fn rows(&self, user: &str) -> (bool, bool) {
+        let nulls = self.nulls.contains_key(user);
+        (nulls || self.by_user.contains_key(user), nulls)
+    }
+
     /// Does `user` have `key`?
     pub fn contains(&self, user: &str, key: &str) -> bool {
         self.by_user
@@ -54,13 +63,17 @@ impl Membership {
 
     fn put(&mut self, pk: String, user: Option<String>, key: Option<String>) -> Result<(), String> {
         self.remove(&pk);
-        if let (Some(u), Some(k)) = (&user, &key) {
-            *self
-                .by_user
-                .entry(u.clone())
-                .or_default()
-                .entry(k.clone())
-                .or_default() += 1;
+        match (&user, &key) {
+            (Some(u), Some(k)) => {
+                *self
+                    .by_user
+                    .entry(u.clone())
+                    .or_default()
+                    .entry(k.clone())
+                    .or_default() += 1;
+            }
+            (Some(u), None) => *self.nulls.entry(u.clone()).or_default() += 1,
+            _ => {}
         }
         self.bytes += ENTRY_OVERHEAD
             + pk.len()
@@ -86,6 +99,14 @@ impl Membership {
                 + user.as_ref().map_or(0, String::len) * 2
                 + key.as_ref().map_or(0, String::len) * 2,
         );
+        if let (Some(u), None) = (&user, &key)
+            && let Some(n) = self.nulls.get_mut(u)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.nulls.remove(u);
+            }
+        }
         if let (Some(u), Some(k)) = (user, key)
             && let Some(keys) = self.by_user.get_mut(&u)
         {
@@ -113,6 +134,7 @@ impl Membership {
             ChangeKind::Truncate => {
                 self.rows.clear();
                 self.by_user.clear();
+                self.nulls.clear();
                 self.bytes = 0;
             }
             ChangeKind::Delete => {

@@ -89,6 +89,9 @@ pub struct Shared {
     /// Connections held back for a table the rules did not cover yet: woken
     /// when new rules are ready, so the router installs them and asks again.
     held: Mutex<HashSet<u64>>,
+    /// Each connection's current epoch: bumped (removed) when it is
+    /// forgotten, so a late answer for its old principal is dropped.
+    epochs: postgres::Epochs,
     answers: postgres::Answers,
     waker: Arc<OnceLock<PolicyWaker>>,
 }
@@ -114,6 +117,13 @@ pub struct RowSecurity {
     batch: Vec<postgres::Request>,
     /// Connections with a question out, and the change it is about.
     asked: HashMap<u64, Position>,
+    /// The last epoch handed to a connection (see `Shared::epochs`).
+    next_epoch: u64,
+    /// Tables the rules did not cover, and the generation a reload was asked
+    /// at: asked once per generation, not once per change.
+    missing: HashMap<String, u64>,
+    /// The generation a reload was last asked at.
+    requested: Option<u64>,
     /// Connections held back for a table the catalog did not know yet, and
     /// the generation they wait past.
     unknown: HashMap<u64, u64>,
@@ -141,6 +151,7 @@ pub async fn start(
         reload: AtomicBool::new(false),
         status: RwLock::new(BTreeMap::new()),
         held: Mutex::new(HashSet::new()),
+        epochs: Arc::default(),
         answers: Arc::default(),
         waker: Arc::default(),
     });
@@ -154,6 +165,9 @@ pub async fn start(
         buffer_bytes: 0,
         batch: Vec::new(),
         asked: HashMap::new(),
+        next_epoch: 0,
+        missing: HashMap::new(),
+        requested: None,
         unknown: HashMap::new(),
         requests: tx,
     };
@@ -174,6 +188,7 @@ pub async fn start(
             Box::pin(postgres::evaluate(
                 pool,
                 rx,
+                Arc::clone(&shared.epochs),
                 Arc::clone(&shared.answers),
                 Arc::clone(&shared.waker),
                 shutdown,
@@ -321,6 +336,8 @@ async fn follow(
             }
             Err(e) => {
                 shared.buffering.store(false, Ordering::SeqCst);
+                // Asked again at the next tick.
+                shared.reload.store(true, Ordering::SeqCst);
                 tracing::warn!(error = %e, "row security: reading the policies");
             }
         }
@@ -361,6 +378,28 @@ fn publish(catalog: &Catalog, members: &[Result<Membership, String>], shared: &S
     }
 }
 
+/// One viewer's memberships, as a compiled rule reads them.
+struct Viewing<'a> {
+    members: &'a [Result<Membership, String>],
+    uid: Option<&'a str>,
+}
+
+impl expr::Memberships for Viewing<'_> {
+    fn contains(&self, spec: usize, key: &str) -> bool {
+        match (self.members.get(spec), self.uid) {
+            (Some(Ok(m)), Some(u)) => m.contains(u, key),
+            _ => false,
+        }
+    }
+
+    fn rows(&self, spec: usize) -> (bool, bool) {
+        match (self.members.get(spec), self.uid) {
+            (Some(Ok(m)), Some(u)) => m.rows(u),
+            _ => (false, false),
+        }
+    }
+}
+
 /// Is the row only its key (columns the server did not send)?
 fn partial(row: &Row) -> bool {
     row.iter().any(Option::is_none)
@@ -389,7 +428,6 @@ impl RowSecurity {
         }
         self.buffer.clear();
         self.buffer_bytes = 0;
-        self.shared.buffering.store(false, Ordering::SeqCst);
         self.catalog = catalog;
         self.members = members;
         for e in self.members.iter().filter_map(|m| m.as_ref().err()) {
@@ -410,7 +448,15 @@ impl RowSecurity {
             return;
         }
         self.generation = g;
-        let next = self.shared.next.lock().ok().and_then(|mut n| n.take());
+        // Buffering ends as the load is taken, under its lock: the next load
+        // (which waits for `next` to be empty) turns it on again for itself.
+        let next = self.shared.next.lock().ok().and_then(|mut n| {
+            let taken = n.take();
+            if taken.is_some() {
+                self.shared.buffering.store(false, Ordering::SeqCst);
+            }
+            taken
+        });
         if let Some(install) = next {
             self.install(install);
         }
@@ -426,10 +472,9 @@ impl RowSecurity {
         principal: &Principal,
         change: &RowChange,
     ) -> Decision {
-        let uid = principal.user_id.as_deref();
-        let member = |spec: usize, key: &str| match (self.members.get(spec), uid) {
-            (Some(Ok(m)), Some(u)) => m.contains(u, key),
-            _ => false,
+        let member = Viewing {
+            members: &self.members,
+            uid: principal.user_id.as_deref(),
         };
         let seen = |row: &Row| {
             rule_pred
@@ -445,14 +490,19 @@ impl RowSecurity {
             ChangeKind::Insert => {
                 postgres::decision(change.new.as_ref().map(|r| seen(r).unwrap_or(false)), None)
             }
+            // The old row is whole here (a key-only one was decided before):
+            // unknown means a column the rule reads is gone, so nothing.
             ChangeKind::Delete => match change.old.as_ref().map(seen) {
-                Some(Ok(true)) | Some(Err(expr::Unknown)) => Decision::Allow,
+                Some(Ok(true)) => Decision::Allow,
                 _ => Decision::Deny,
             },
             ChangeKind::Update => {
                 let now = change.new.as_ref().map(|r| seen(r).unwrap_or(false));
                 let before = match change.old.as_ref().map(seen) {
                     Some(Ok(b)) => Some(Some(b)),
+                    // A column the rule reads is gone: the old row is not
+                    // shown (the change comes, if at all, as an INSERT).
+                    Some(Err(expr::Stop::Failed)) => Some(Some(false)),
                     _ => None,
                 };
                 postgres::decision(now, before)
@@ -470,13 +520,23 @@ impl RowSecurity {
         function: Option<Arc<str>>,
     ) -> Decision {
         let c = viewer.connection;
-        if let Some((at, d)) = self
+        // Answers count only for this connection as it is now: one asked
+        // before a token renewal (a `forget`) has another epoch.
+        let epoch = match self.shared.epochs.lock() {
+            Ok(mut e) => *e.entry(c).or_insert_with(|| {
+                self.next_epoch += 1;
+                self.next_epoch
+            }),
+            Err(_) => return Decision::Deny,
+        };
+        if let Some((at, e, d)) = self
             .shared
             .answers
             .lock()
             .ok()
             .and_then(|a| a.get(&c).copied())
             && at == change.position
+            && e == epoch
         {
             self.asked.remove(&c);
             return d;
@@ -484,9 +544,25 @@ impl RowSecurity {
         if self.asked.get(&c) == Some(&change.position) {
             return Decision::Pending;
         }
+        // A column the rule may read was not sent (an unchanged TOAST value
+        // without REPLICA IDENTITY FULL): PostgreSQL would judge it as NULL,
+        // so it is not judged at all, and not shown.
+        let unsent = change
+            .new
+            .as_ref()
+            .filter(|_| change.kind != ChangeKind::Delete)
+            .is_some_and(|row| {
+                row.iter()
+                    .zip(&change.relation.columns)
+                    .any(|(v, col)| v.is_none() && sql.contains(col.name.as_str()))
+            });
+        if unsent {
+            return Decision::Deny;
+        }
         self.asked.insert(c, change.position);
         self.batch.push(postgres::Request {
             connection: c,
+            epoch,
             principal: Arc::clone(viewer.principal),
             change: Arc::clone(change),
             sql,
@@ -550,20 +626,29 @@ impl Policy for RowSecurity {
         let Some(t) = self.catalog.tables.get(table) else {
             // Published since the rules were read: read them again, and ask
             // once more when they are.
-            return match self.unknown.get(&viewer.connection) {
-                Some(g) if *g < self.generation => {
-                    self.unknown.remove(&viewer.connection);
-                    Decision::Deny
-                }
-                _ => {
-                    self.unknown.insert(viewer.connection, self.generation);
-                    if let Ok(mut h) = self.shared.held.lock() {
-                        h.insert(viewer.connection);
-                    }
-                    self.shared.reload.store(true, Ordering::SeqCst);
-                    Decision::Pending
-                }
-            };
+            // A load under way when the table was published may miss it:
+            // two loads after it was first met, it is not published.
+            let first = *self
+                .missing
+                .entry(table.to_owned())
+                .or_insert(self.generation);
+            if self.generation >= first + 2 {
+                self.unknown.remove(&viewer.connection);
+                return Decision::Deny;
+            }
+            if self.missing.len() > 10_000 {
+                self.missing.clear();
+            }
+            self.unknown.insert(viewer.connection, self.generation);
+            if let Ok(mut h) = self.shared.held.lock() {
+                h.insert(viewer.connection);
+            }
+            // Once per generation, not once per change.
+            if self.requested != Some(self.generation) {
+                self.requested = Some(self.generation);
+                self.shared.reload.store(true, Ordering::SeqCst);
+            }
+            return Decision::Pending;
         };
         self.unknown.remove(&viewer.connection);
         let access = match principal.role {
@@ -613,6 +698,11 @@ impl Policy for RowSecurity {
     fn forget(&mut self, connection: u64) {
         self.asked.remove(&connection);
         self.unknown.remove(&connection);
+        // Lock order: epochs, then answers (as the evaluator).
+        let epochs = self.shared.epochs.lock();
+        if let Ok(mut e) = epochs {
+            e.remove(&connection);
+        }
         if let Ok(mut h) = self.shared.held.lock() {
             h.remove(&connection);
         }

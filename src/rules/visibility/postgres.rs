@@ -19,6 +19,8 @@ use crate::api::supabase::rest::{claims, role_name};
 /// One connection waiting to know whether it may see one change.
 pub struct Request {
     pub connection: u64,
+    /// The connection's epoch when asked (see [`Epochs`]).
+    pub epoch: u64,
     pub principal: Arc<Principal>,
     pub change: Arc<RowChange>,
     /// The rule's SQL and the table's name (its alias in that SQL).
@@ -112,13 +114,30 @@ REVOKE ALL ON FUNCTION {name}(text[], text[], text[]) FROM PUBLIC;"#
     Ok(Arc::from(name))
 }
 
-/// Answers, one per connection, for the change it waits at.
-pub type Answers = Arc<std::sync::Mutex<HashMap<u64, (Position, Decision)>>>;
+/// Answers, one per connection, for the change it waits at, with the epoch
+/// it was asked in.
+pub type Answers = Arc<std::sync::Mutex<HashMap<u64, (Position, u64, Decision)>>>;
+
+/// Each connection's current epoch; none once it is forgotten (closed, or
+/// acting as another principal): answers of another epoch are dropped.
+pub type Epochs = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
+
+/// Records an answer if its connection is still in the epoch it asked in.
+fn answer(epochs: &Epochs, answers: &Answers, r: &Request, d: Decision) {
+    let Ok(e) = epochs.lock() else { return };
+    if e.get(&r.connection) != Some(&r.epoch) {
+        return;
+    }
+    if let Ok(mut a) = answers.lock() {
+        a.insert(r.connection, (r.change.position, r.epoch, d));
+    }
+}
 
 /// Runs until shutdown: each batch is grouped by change, one call per change.
 pub async fn evaluate(
     pool: deadpool_postgres::Pool,
     mut requests: mpsc::UnboundedReceiver<Vec<Request>>,
+    epochs: Epochs,
     answers: Answers,
     waker: Arc<std::sync::OnceLock<PolicyWaker>>,
     shutdown: CancellationToken,
@@ -171,9 +190,8 @@ pub async fn evaluate(
                 }
                 match result {
                     Ok(decisions) => {
-                        let Ok(mut a) = answers.lock() else { return };
                         for (r, d) in group.iter().zip(decisions) {
-                            a.insert(r.connection, (r.change.position, d));
+                            answer(&epochs, &answers, r, d);
                         }
                     }
                     Err(e) if transient(&e) => again.push(group),
@@ -184,9 +202,8 @@ pub async fn evaluate(
                             "row security: evaluating a policy in PostgreSQL failed");
                         metrics::counter!("aether_policy_errors_total")
                             .increment(group.len() as u64);
-                        let Ok(mut a) = answers.lock() else { return };
                         for r in &group {
-                            a.insert(r.connection, (r.change.position, Decision::Deny));
+                            answer(&epochs, &answers, r, Decision::Deny);
                         }
                     }
                 }

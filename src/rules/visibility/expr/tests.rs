@@ -90,20 +90,42 @@ fn row(v: serde_json::Value) -> Row {
         .collect()
 }
 
-fn sees(p: &Pred, who: &Principal, r: &Row, teams: &[(&str, &str)]) -> Result<bool, Unknown> {
-    let rel = relation();
-    let member = |_: usize, key: &str| {
-        teams
+/// (user, key) rows of a member table; `None`: a NULL key.
+struct Teams<'a>(&'a [(&'a str, Option<&'a str>)], Option<&'a str>);
+
+impl Memberships for Teams<'_> {
+    fn contains(&self, _: usize, key: &str) -> bool {
+        self.0
             .iter()
-            .any(|(u, k)| Some(*u) == who.user_id.as_deref() && *k == key)
-    };
+            .any(|(u, k)| Some(*u) == self.1 && *k == Some(key))
+    }
+
+    fn rows(&self, _: usize) -> (bool, bool) {
+        let mine: Vec<_> = self.0.iter().filter(|(u, _)| Some(*u) == self.1).collect();
+        (!mine.is_empty(), mine.iter().any(|(_, k)| k.is_none()))
+    }
+}
+
+fn truth(
+    p: &Pred,
+    who: &Principal,
+    r: &Row,
+    teams: &[(&str, Option<&str>)],
+) -> Result<Option<bool>, Stop> {
+    let rel = relation();
+    let member = Teams(teams, who.user_id.as_deref());
     let scope = Scope {
         relation: &rel,
         row: r,
         principal: who,
         member: &member,
     };
-    Ok(p.eval(&scope)? == Some(true))
+    p.eval(&scope)
+}
+
+fn sees(p: &Pred, who: &Principal, r: &Row, teams: &[(&str, &str)]) -> Result<bool, Stop> {
+    let teams: Vec<(&str, Option<&str>)> = teams.iter().map(|(u, k)| (*u, Some(*k))).collect();
+    Ok(truth(p, who, r, &teams)? == Some(true))
 }
 
 #[test]
@@ -280,13 +302,98 @@ fn an_old_row_that_is_only_its_key_is_unknown_not_false() {
     let (p, _) = compiled("(user_id = auth.uid())").unwrap();
     let mut key_only = row(json!({"id": 1}));
     key_only[1] = None;
-    assert_eq!(sees(&p, &user(ALICE), &key_only, &[]), Err(Unknown));
+    assert_eq!(sees(&p, &user(ALICE), &key_only, &[]), Err(Stop::Unknown));
+}
+
+#[test]
+fn a_bad_cast_or_a_vanished_column_fails_rather_than_reads_as_null() {
+    // `(status)::uuid IS NULL` would show every row if a failed cast were NULL.
+    let (p, _) = compiled("((status)::uuid IS NULL)").unwrap();
+    let r = row(json!({"status": "not a uuid"}));
+    assert_eq!(truth(&p, &user(ALICE), &r, &[]), Err(Stop::Failed));
+    let (p, _) = compiled("(archived IS NULL)").unwrap();
+    let mut rel = relation();
+    rel.columns.retain(|c| c.name != "archived");
+    let r: Row = rel.columns.iter().map(|_| Some(json!(null))).collect();
+    let member = Teams(&[], None);
+    let scope = Scope {
+        relation: &rel,
+        row: &r,
+        principal: &Principal::anonymous(),
+        member: &member,
+    };
+    assert_eq!(p.eval(&scope), Err(Stop::Failed));
+}
+
+#[test]
+fn bigints_compare_exactly() {
+    let (p, _) = compiled("(priority = '9007199254740993'::bigint)").unwrap();
+    assert!(
+        sees(
+            &p,
+            &user(ALICE),
+            &row(json!({"priority": 9007199254740993i64})),
+            &[]
+        )
+        .unwrap()
+    );
+    assert!(
+        !sees(
+            &p,
+            &user(ALICE),
+            &row(json!({"priority": 9007199254740992i64})),
+            &[]
+        )
+        .unwrap()
+    );
+}
+
+#[test]
+fn membership_follows_sql_for_anon_nulls_and_not() {
+    let in_form = "(team_id IN ( SELECT members.team_id\n   FROM public.members\n  WHERE (members.user_id = auth.uid())))";
+    let exists_form = "(EXISTS ( SELECT 1\n   FROM public.members m\n  WHERE ((m.team_id = todos.team_id) AND (m.user_id = auth.uid()))))";
+    let (in_p, _) = compiled(in_form).unwrap();
+    let (ex_p, _) = compiled(exists_form).unwrap();
+    let seven = row(json!({"team_id": 7}));
+    let null = row(json!({"team_id": null}));
+    // Anon: the subquery has no row; IN and EXISTS are false (NOT … is true).
+    assert_eq!(
+        truth(&in_p, &Principal::anonymous(), &seven, &[]),
+        Ok(Some(false))
+    );
+    assert_eq!(
+        truth(&ex_p, &Principal::anonymous(), &seven, &[]),
+        Ok(Some(false))
+    );
+    // A NULL key in the member table: `7 IN (8, NULL)` is NULL; EXISTS false.
+    let teams = [(ALICE, Some("8")), (ALICE, None)];
+    assert_eq!(truth(&in_p, &user(ALICE), &seven, &teams), Ok(None));
+    assert_eq!(truth(&ex_p, &user(ALICE), &seven, &teams), Ok(Some(false)));
+    // A NULL operand: NULL against rows, false against none.
+    assert_eq!(
+        truth(&in_p, &user(ALICE), &null, &[(ALICE, Some("8"))]),
+        Ok(None)
+    );
+    assert_eq!(
+        truth(&in_p, &user(BOB), &null, &[(ALICE, Some("8"))]),
+        Ok(Some(false))
+    );
+    assert_eq!(
+        truth(&ex_p, &user(ALICE), &null, &[(ALICE, Some("8"))]),
+        Ok(Some(false))
+    );
 }
 
 #[test]
 fn hostile_text_never_panics() {
     let deep = "(".repeat(10_000) + "true" + &")".repeat(10_000);
     assert!(compiled(&deep).is_err());
+    // Chains that nest without parentheses are bounded too.
+    let casts = "(title".to_owned() + &"::text".repeat(5_000) + " = 'x'::text)";
+    assert!(compiled(&casts).is_err());
+    let path =
+        "(email = (auth.jwt()".to_owned() + &" -> 'a'::text".repeat(5_000) + " ->> 'b'::text))";
+    assert!(compiled(&path).is_err());
     for text in [
         "",
         ")",
