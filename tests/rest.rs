@@ -32,6 +32,16 @@ impl<'a> Rest<'a> {
             .bearer_auth(token.unwrap_or(&self.anon))
     }
 
+    /// A GET refused with 400 and PostgREST's `code`.
+    async fn refused(&self, path: &str, code: &str) {
+        let (status, _, body) = self.send(self.req(Method::GET, path, None)).await;
+        assert_eq!(
+            (status, &body["code"]),
+            (StatusCode::BAD_REQUEST, &json!(code)),
+            "{path}: {body}"
+        );
+    }
+
     async fn send(
         &self,
         rb: reqwest::RequestBuilder,
@@ -598,14 +608,7 @@ async fn regex_range_and_full_text_filters() {
     // A tsvector column is searched as it is (stemmed in English here).
     assert_eq!(ids("tsv=fts(simple).cat").await, [1, 2]);
     // A configuration on another operator is a parse error, as in PostgREST.
-    let (status, _, body) = r
-        .send(r.req(Method::GET, "docs?title=eq(english).Cats", None))
-        .await;
-    assert_eq!(
-        (status, &body["code"]),
-        (StatusCode::BAD_REQUEST, &json!("PGRST100")),
-        "{body}"
-    );
+    r.refused("docs?title=eq(english).Cats", "PGRST100").await;
 }
 
 /// JSON paths in `select`, filters and `order`: `->` keeps JSON, `->>` gives
@@ -654,23 +657,9 @@ async fn json_paths_select_filter_and_order() {
         json!([{"age": 31}, {"age": 40}])
     );
     // The column before the path must exist.
-    let (status, _, body) = r
-        .send(r.req(Method::GET, "profiles?nope->>a=eq.1", None))
-        .await;
-    assert_eq!(
-        (status, &body["code"]),
-        (StatusCode::BAD_REQUEST, &json!("42703")),
-        "{body}"
-    );
+    r.refused("profiles?nope->>a=eq.1", "42703").await;
     // An empty key is a parse error.
-    let (status, _, body) = r
-        .send(r.req(Method::GET, "profiles?select=data->", None))
-        .await;
-    assert_eq!(
-        (status, &body["code"]),
-        (StatusCode::BAD_REQUEST, &json!("PGRST100")),
-        "{body}"
-    );
+    r.refused("profiles?select=data->", "PGRST100").await;
 }
 
 /// Filters, order and limit on an embedded resource (`books.year=gt.2000`),
@@ -739,14 +728,8 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
         ])
     );
     // A filter on a resource the select does not embed.
-    let (status, _, body) = r
-        .send(r.req(Method::GET, "authors?select=name&books.year=gt.1", None))
+    r.refused("authors?select=name&books.year=gt.1", "PGRST108")
         .await;
-    assert_eq!(
-        (status, &body["code"]),
-        (StatusCode::BAD_REQUEST, &json!("PGRST108")),
-        "{body}"
-    );
 }
 
 /// DDL reaches the schema cache through the event trigger (migration 0015):

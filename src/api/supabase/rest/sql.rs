@@ -454,23 +454,8 @@ pub(crate) fn read(
     role: Role,
 ) -> Result<Sql, PlanError> {
     let mut sql = Sql::default();
-    let mut embeds = Embeds {
-        given: &q.embedded,
-        inner: Vec::new(),
-        count_only: false,
-    };
-    let list = select_list(
-        &mut sql,
-        schema,
-        key,
-        table,
-        &q.select,
-        "_t",
-        role,
-        0,
-        Some(&mut embeds),
-    )?;
-    let filter = with_inner(where_clause(&mut sql, q, "_t"), &embeds.inner);
+    let (list, inner) = top_list(&mut sql, schema, key, table, q, role, false)?;
+    let filter = with_inner(where_clause(&mut sql, q, "_t"), &inner);
     let mut tail = order_clause(&q.order, "_t");
     if let Some(l) = q.limit {
         let p = sql.param(l.to_string());
@@ -485,6 +470,36 @@ pub(crate) fn read(
         table_name(&key.0, &key.1)
     );
     Ok(sql)
+}
+
+/// The request's own select list (as `_t`) and its `!inner` conditions;
+/// with `count_only`, the conditions alone.
+fn top_list(
+    sql: &mut Sql,
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+    count_only: bool,
+) -> Result<(String, Vec<String>), PlanError> {
+    let mut embeds = Embeds {
+        given: &q.embedded,
+        inner: Vec::new(),
+        count_only,
+    };
+    let list = select_list(
+        sql,
+        schema,
+        key,
+        table,
+        &q.select,
+        "_t",
+        role,
+        0,
+        Some(&mut embeds),
+    )?;
+    Ok((list, embeds.inner))
 }
 
 /// Adds `!inner` embeds' conditions to a `WHERE` clause ("" when none).
@@ -506,24 +521,9 @@ pub(crate) fn count(
     role: Role,
 ) -> Result<Sql, PlanError> {
     let mut sql = Sql::default();
-    let mut embeds = Embeds {
-        given: &q.embedded,
-        inner: Vec::new(),
-        count_only: true,
-    };
     // Only for the `!inner` conditions (and their parameters).
-    select_list(
-        &mut sql,
-        schema,
-        key,
-        table,
-        &q.select,
-        "_t",
-        role,
-        0,
-        Some(&mut embeds),
-    )?;
-    let filter = with_inner(where_clause(&mut sql, q, "_t"), &embeds.inner);
+    let (_, inner) = top_list(&mut sql, schema, key, table, q, role, true)?;
+    let filter = with_inner(where_clause(&mut sql, q, "_t"), &inner);
     sql.text = format!(
         "SELECT count(*) FROM {} _t{filter}",
         table_name(&key.0, &key.1)
@@ -541,22 +541,7 @@ pub(crate) fn returning(
     mut sql: Sql,
     statement: &str,
 ) -> Result<Sql, PlanError> {
-    let mut embeds = Embeds {
-        given: &q.embedded,
-        inner: Vec::new(),
-        count_only: false,
-    };
-    let list = select_list(
-        &mut sql,
-        schema,
-        key,
-        table,
-        &q.select,
-        "_t",
-        role,
-        0,
-        Some(&mut embeds),
-    )?;
+    let (list, _) = top_list(&mut sql, schema, key, table, q, role, false)?;
     sql.text = format!(
         "WITH _m AS ({statement} RETURNING _t.*) SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT {list} FROM _m _t) _r"
     );
