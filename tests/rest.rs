@@ -774,3 +774,43 @@ async fn a_grant_reaches_the_schema_cache_without_a_miss() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `Prefer: count=planned` is the planner's estimate; `count=estimated` is
+/// exact while the estimate is small and the estimate past the row limit, as
+/// PostgREST. Statistics left stale on purpose tell the three apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_and_estimated_counts() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.events (id int PRIMARY KEY, kind text) WITH (autovacuum_enabled = false);
+         GRANT SELECT ON public.events TO anon;
+         INSERT INTO public.events SELECT i, CASE WHEN i % 500 = 0 THEN 'rare' ELSE 'common' END
+           FROM generate_series(1, 5000) i;
+         ANALYZE public.events;
+         DELETE FROM public.events WHERE kind = 'common';",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let total = |query: &'static str, count: &'static str| {
+        let r = &r;
+        async move {
+            let (status, headers, body) = r
+                .send(
+                    r.req(Method::GET, &format!("events?select=id&{query}"), None)
+                        .header("Prefer", format!("count={count}"))
+                        .header("Range", "0-0"),
+                )
+                .await;
+            assert!(status.is_success(), "{query}: {body}");
+            let range = headers["content-range"].to_str().unwrap().to_owned();
+            range.rsplit('/').next().unwrap().parse::<i64>().unwrap()
+        }
+    };
+    assert_eq!(total("", "exact").await, 10);
+    // The statistics still say 5,000 rows.
+    let planned = total("", "planned").await;
+    assert!(planned > 1000, "{planned}");
+    // Past the row limit the estimate stands; below it, the exact count.
+    assert_eq!(total("", "estimated").await, planned);
+    assert_eq!(total("kind=eq.rare", "estimated").await, 10);
+}

@@ -187,9 +187,44 @@ pub(crate) fn claims(p: &Principal) -> String {
 #[derive(Debug, Default)]
 struct Prefer {
     count: bool,
+    /// `count=planned` (the planner's estimate) or `count=estimated` (exact
+    /// up to `MAX_ROWS`, the estimate beyond), as PostgREST counts.
+    count_kind: CountKind,
     representation: bool,
     merge: bool,
     ignore: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum CountKind {
+    #[default]
+    Exact,
+    Planned,
+    Estimated,
+}
+
+/// The planner's row estimate for a `SELECT count(*) …` statement's rows.
+async fn planned_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    count: &sql::Sql,
+    anon: bool,
+) -> Result<i64, RestError> {
+    let row = tx
+        .query_one(
+            format!(
+                "EXPLAIN (FORMAT JSON) {}",
+                count.text.replacen("SELECT count(*)", "SELECT 1", 1)
+            )
+            .as_str(),
+            &count.refs(),
+        )
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    let plan: Value = row.try_get(0).map_err(|e| RestError::db(e, anon))?;
+    Ok(plan
+        .pointer("/0/Plan/Plan Rows")
+        .and_then(Value::as_f64)
+        .map_or(0, |r| r.round() as i64))
 }
 
 fn prefer(headers: &HeaderMap) -> Prefer {
@@ -197,7 +232,18 @@ fn prefer(headers: &HeaderMap) -> Prefer {
     for v in headers.get_all("prefer") {
         for item in v.to_str().unwrap_or_default().split(',') {
             match item.trim() {
-                "count=exact" | "count=planned" | "count=estimated" => p.count = true,
+                "count=exact" => {
+                    p.count = true;
+                    p.count_kind = CountKind::Exact;
+                }
+                "count=planned" => {
+                    p.count = true;
+                    p.count_kind = CountKind::Planned;
+                }
+                "count=estimated" => {
+                    p.count = true;
+                    p.count_kind = CountKind::Estimated;
+                }
                 "return=representation" => p.representation = true,
                 "resolution=merge-duplicates" => p.merge = true,
                 "resolution=ignore-duplicates" => p.ignore = true,
@@ -532,15 +578,26 @@ pub(crate) async fn table_route(
         };
         let (json, n, total) = as_caller(&state, &caller, async |tx| {
             let (json, n) = rows(tx, &read, anon).await?;
-            let total = match &count {
-                Some(c) => {
-                    let row = tx
-                        .query_one(c.text.as_str(), &c.refs())
-                        .await
-                        .map_err(|e| RestError::db(e, anon))?;
-                    Some(row.get::<_, i64>(0))
+            let exact = async |c: &sql::Sql| -> Result<i64, RestError> {
+                let row = tx
+                    .query_one(c.text.as_str(), &c.refs())
+                    .await
+                    .map_err(|e| RestError::db(e, anon))?;
+                Ok(row.get::<_, i64>(0))
+            };
+            let total = match (&count, pref.count_kind) {
+                (None, _) => None,
+                (Some(c), CountKind::Exact) => Some(exact(c).await?),
+                (Some(c), CountKind::Planned) => Some(planned_rows(tx, c, anon).await?.max(n)),
+                // Exact while small; past MAX_ROWS the planner's estimate.
+                (Some(c), CountKind::Estimated) => {
+                    let planned = planned_rows(tx, c, anon).await?;
+                    if planned > MAX_ROWS as i64 {
+                        Some(planned.max(n))
+                    } else {
+                        Some(exact(c).await?)
+                    }
                 }
-                None => None,
             };
             Ok((json, n, total))
         })
