@@ -814,3 +814,38 @@ async fn planned_and_estimated_counts() {
     assert_eq!(total("", "estimated").await, planned);
     assert_eq!(total("kind=eq.rare", "estimated").await, 10);
 }
+
+/// `Prefer: tx=rollback`: the answer of the write, and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_rollback_answers_and_keeps_nothing() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.notes (id int PRIMARY KEY, body text);
+         GRANT SELECT, INSERT, UPDATE ON public.notes TO anon;
+         INSERT INTO public.notes VALUES (1, 'kept');",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let (status, headers, body) = r
+        .send(
+            r.req(Method::POST, "notes", None)
+                .header("Prefer", "return=representation, tx=rollback")
+                .json(&json!({"id": 2, "body": "tried"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body, json!([{"id": 2, "body": "tried"}]));
+    assert_eq!(headers["preference-applied"], "tx=rollback");
+    let (status, _, body) = r
+        .send(
+            r.req(Method::PATCH, "notes?id=eq.1", None)
+                .header("Prefer", "tx=rollback")
+                .json(&json!({"body": "changed"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (_, _, body) = r
+        .send(r.req(Method::GET, "notes?select=id,body&order=id", None))
+        .await;
+    assert_eq!(body, json!([{"id": 1, "body": "kept"}]));
+}

@@ -15,7 +15,7 @@ mod sql;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -193,6 +193,8 @@ struct Prefer {
     representation: bool,
     merge: bool,
     ignore: bool,
+    /// `tx=rollback`.
+    rollback: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +249,7 @@ fn prefer(headers: &HeaderMap) -> Prefer {
                 "return=representation" => p.representation = true,
                 "resolution=merge-duplicates" => p.merge = true,
                 "resolution=ignore-duplicates" => p.ignore = true,
+                "tx=rollback" => p.rollback = true,
                 _ => {}
             }
         }
@@ -286,6 +289,18 @@ async fn as_caller<T>(
     caller: &Principal,
     f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
 ) -> Result<T, RestError> {
+    as_caller_then(state, caller, false, f).await
+}
+
+/// [`as_caller`], rolled back instead of committed with `rollback`
+/// (`Prefer: tx=rollback`): the answer is what the request would have done;
+/// nothing stays, and no change reaches the WAL.
+async fn as_caller_then<T>(
+    state: &AppState,
+    caller: &Principal,
+    rollback: bool,
+    f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
+) -> Result<T, RestError> {
     let anon = caller.role == Role::Anon;
     let mut client = state.pool.get().await.map_err(|e| {
         tracing::error!(error = %e, "rest: no database connection");
@@ -312,7 +327,11 @@ async fn as_caller<T>(
     .await
     .map_err(|e| RestError::db(e, anon))?;
     let out = f(&tx).await?;
-    tx.commit().await.map_err(|e| RestError::db(e, anon))?;
+    if rollback {
+        tx.rollback().await.map_err(|e| RestError::db(e, anon))?;
+    } else {
+        tx.commit().await.map_err(|e| RestError::db(e, anon))?;
+    }
     Ok(out)
 }
 
@@ -630,6 +649,7 @@ pub(crate) async fn table_route(
         q: &q,
         representation: pref.representation,
         object,
+        rollback: pref.rollback,
     };
     if method == Method::DELETE {
         let (sql, stmt) = sql::delete(&key, &q);
@@ -754,6 +774,7 @@ struct Write<'a> {
     q: &'a query::Query,
     representation: bool,
     object: bool,
+    rollback: bool,
 }
 
 impl Write<'_> {
@@ -775,7 +796,7 @@ impl Write<'_> {
                 sql,
                 &stmt,
             )?;
-            as_caller(self.state, self.caller, async |tx| {
+            as_caller_then(self.state, self.caller, self.rollback, async |tx| {
                 let (json, n) = rows(tx, &sql, anon).await?;
                 if object && n != 1 {
                     return Err(not_one(n));
@@ -784,7 +805,7 @@ impl Write<'_> {
             })
             .await?
         } else {
-            let n = as_caller(self.state, self.caller, async |tx| {
+            let n = as_caller_then(self.state, self.caller, self.rollback, async |tx| {
                 tx.execute(stmt.as_str(), &sql.refs())
                     .await
                     .map_err(|e| RestError::db(e, anon))
@@ -792,7 +813,14 @@ impl Write<'_> {
             .await?;
             ("[]".to_owned(), i64::try_from(n).unwrap_or(i64::MAX))
         };
-        written(wants_rows, status, json, n, object)
+        let mut r = written(wants_rows, status, json, n, object)?;
+        if self.rollback {
+            r.headers_mut().insert(
+                HeaderName::from_static("preference-applied"),
+                HeaderValue::from_static("tx=rollback"),
+            );
+        }
+        Ok(r)
     }
 }
 
