@@ -727,6 +727,19 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
             {"name": "Bob", "works": [{"title": "Older"}]}
         ])
     );
+    // Embeds nest: each book's author, with that author's other books.
+    let (status, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "books?select=title,authors(name,books(title))&id=eq.4",
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!([{"title": "Older", "authors": {"name": "Bob", "books": [{"title": "Older"}]}}])
+    );
     // A filter on a resource the select does not embed.
     r.refused("authors?select=name&books.year=gt.1", "PGRST108")
         .await;
