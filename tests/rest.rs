@@ -862,3 +862,36 @@ async fn tx_rollback_answers_and_keeps_nothing() {
         .await;
     assert_eq!(body, json!([{"id": 1, "body": "kept"}]));
 }
+
+/// `GET /rest/v1/`: PostgREST's OpenAPI description, of what the caller may
+/// read: anon sees the table granted to it, with its readable columns and
+/// their types; not the table granted to no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_is_an_openapi_description_of_what_the_caller_may_read() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.items (id bigint PRIMARY KEY, name text NOT NULL, tags text[], secret text);
+         CREATE TABLE public.hidden (id int PRIMARY KEY);
+         GRANT SELECT (id, name, tags) ON public.items TO anon;",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let (status, headers, doc) = r.send(r.req(Method::GET, "", None)).await;
+    assert_eq!(status, StatusCode::OK, "{doc}");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openapi+json")
+    );
+    assert_eq!(doc["swagger"], "2.0");
+    assert_eq!(doc["basePath"], "/rest/v1");
+    assert!(doc["paths"]["/items"]["get"].is_object(), "{doc}");
+    assert!(doc["paths"].get("/hidden").is_none(), "{doc}");
+    let items = &doc["definitions"]["items"];
+    assert_eq!(items["required"], json!(["id", "name"]));
+    assert_eq!(items["properties"]["id"]["type"], "integer");
+    assert_eq!(items["properties"]["name"]["type"], "string");
+    assert_eq!(items["properties"]["tags"]["type"], "array");
+    assert!(items["properties"].get("secret").is_none(), "{items}");
+}

@@ -15,6 +15,10 @@ pub(crate) struct Column {
     pub name: String,
     /// Which API roles may read it: anon, authenticated, service_role.
     pub readable: [bool; 3],
+    /// `format_type`: `bigint`, `text`, `timestamp with time zone`, …
+    pub type_name: String,
+    /// `NOT NULL` with no default: an insert must give it.
+    pub required: bool,
 }
 
 /// A foreign key from `columns` of one table to `references` of another.
@@ -70,7 +74,10 @@ impl Schema {
                 "SELECT n.nspname::text, c.relname::text, a.attname::text,
                         has_column_privilege('anon', c.oid, a.attnum, 'SELECT'),
                         has_column_privilege('authenticated', c.oid, a.attnum, 'SELECT'),
-                        has_column_privilege('service_role', c.oid, a.attnum, 'SELECT')
+                        has_column_privilege('service_role', c.oid, a.attnum, 'SELECT'),
+                        format_type(a.atttypid, a.atttypmod),
+                        a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''
+                          AND a.attgenerated = ''
                    FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                    JOIN pg_attribute a ON a.attrelid = c.oid
@@ -85,6 +92,8 @@ impl Schema {
             s.tables.entry(key).or_default().columns.push(Column {
                 name: r.get(2),
                 readable: [r.get(3), r.get(4), r.get(5)],
+                type_name: r.get(6),
+                required: r.get(7),
             });
         }
         let keys = client
