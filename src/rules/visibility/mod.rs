@@ -130,6 +130,45 @@ pub struct RowSecurity {
     requests: mpsc::UnboundedSender<Vec<postgres::Request>>,
 }
 
+impl RowSecurity {
+    /// A policy with no rules yet, and the receiver of its requests to
+    /// PostgreSQL.
+    fn empty(
+        public_buckets: HashSet<String>,
+    ) -> (RowSecurity, mpsc::UnboundedReceiver<Vec<postgres::Request>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            next: Mutex::new(None),
+            buffering: AtomicBool::new(false),
+            buffer_tables: RwLock::new(HashSet::new()),
+            reload: AtomicBool::new(false),
+            status: RwLock::new(BTreeMap::new()),
+            held: Mutex::new(HashSet::new()),
+            epochs: Arc::default(),
+            answers: Arc::default(),
+            waker: Arc::default(),
+        });
+        let policy = RowSecurity {
+            conventions: TableRules::new(public_buckets),
+            shared: Arc::clone(&shared),
+            generation: 0,
+            catalog: Catalog::default(),
+            members: Vec::new(),
+            buffer: Vec::new(),
+            buffer_bytes: 0,
+            batch: Vec::new(),
+            asked: HashMap::new(),
+            next_epoch: 0,
+            missing: HashMap::new(),
+            requested: None,
+            unknown: HashMap::new(),
+            requests: tx,
+        };
+        (policy, rx)
+    }
+}
+
 /// Starts the policy with the rules loaded now, and the tasks that keep them
 /// current and evaluate in PostgreSQL what does not compile.
 pub async fn start(
@@ -142,35 +181,8 @@ pub async fn start(
     let fingerprint = fingerprint(&client, &publication).await?;
     let install = load(&mut client, &publication, None).await?;
     drop(client);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        generation: AtomicU64::new(0),
-        next: Mutex::new(None),
-        buffering: AtomicBool::new(false),
-        buffer_tables: RwLock::new(HashSet::new()),
-        reload: AtomicBool::new(false),
-        status: RwLock::new(BTreeMap::new()),
-        held: Mutex::new(HashSet::new()),
-        epochs: Arc::default(),
-        answers: Arc::default(),
-        waker: Arc::default(),
-    });
-    let mut policy = RowSecurity {
-        conventions: TableRules::new(public_buckets),
-        shared: Arc::clone(&shared),
-        generation: 0,
-        catalog: Catalog::default(),
-        members: Vec::new(),
-        buffer: Vec::new(),
-        buffer_bytes: 0,
-        batch: Vec::new(),
-        asked: HashMap::new(),
-        next_epoch: 0,
-        missing: HashMap::new(),
-        requested: None,
-        unknown: HashMap::new(),
-        requests: tx,
-    };
+    let (mut policy, rx) = RowSecurity::empty(public_buckets);
+    let shared = Arc::clone(&policy.shared);
     policy.install(install);
     let tasks: Vec<(&'static str, BoxedTask)> = vec![
         (
@@ -732,3 +744,6 @@ impl Policy for RowSecurity {
         self.shared.generation.load(Ordering::SeqCst)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -123,7 +123,7 @@ pub type Answers = Arc<std::sync::Mutex<HashMap<u64, (Position, u64, Decision)>>
 pub type Epochs = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
 
 /// Records an answer if its connection is still in the epoch it asked in.
-fn answer(epochs: &Epochs, answers: &Answers, r: &Request, d: Decision) {
+pub(super) fn answer(epochs: &Epochs, answers: &Answers, r: &Request, d: Decision) {
     let Ok(e) = epochs.lock() else { return };
     if e.get(&r.connection) != Some(&r.epoch) {
         return;
