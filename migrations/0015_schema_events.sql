@@ -6,7 +6,12 @@
 CREATE OR REPLACE FUNCTION aether.schema_changed() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    NOTIFY aether_schema;
+    -- Temporary objects (an app's per-transaction temp tables) are no one's
+    -- API: they do not make every request reload the cache.
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() c
+                WHERE c.schema_name IS NULL OR c.schema_name NOT LIKE 'pg\_temp%') THEN
+        NOTIFY aether_schema;
+    END IF;
 END
 $$;
 

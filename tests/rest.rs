@@ -740,6 +740,19 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
         body,
         json!([{"title": "Older", "authors": {"name": "Bob", "books": [{"title": "Older"}]}}])
     );
+    // Order and paging given for a to-one embed bind nothing.
+    let (status, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "books?select=title,authors(name)&authors.limit=1&authors.order=name&id=eq.4",
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!([{"title": "Older", "authors": {"name": "Bob"}}])
+    );
     // A filter on a resource the select does not embed.
     r.refused("authors?select=name&books.year=gt.1", "PGRST108")
         .await;

@@ -986,7 +986,8 @@ async fn postgres_changes_select_narrows_the_records_of_its_binding() {
     ws.send(join(
         "realtime:cards",
         json!([{"event":"*","schema":"public","table":"cards","select":"id, title"},
-               {"event":"INSERT","schema":"public","table":"cards"}]),
+               {"event":"INSERT","schema":"public","table":"cards"},
+               {"event":"*","schema":"public","table":"cards"}]),
     ))
     .await;
     loop {
@@ -998,7 +999,7 @@ async fn postgres_changes_select_narrows_the_records_of_its_binding() {
     t.exec("INSERT INTO public.cards VALUES (1, 'a card', 'hidden from the first binding')")
         .await;
     let mut records = Vec::new();
-    while records.len() < 2 {
+    while records.len() < 3 {
         let v = ws.next().await;
         if v["event"] == "postgres_changes" {
             let data = &v["payload"]["data"];
@@ -1016,6 +1017,11 @@ async fn postgres_changes_select_narrows_the_records_of_its_binding() {
         records,
         [
             (json!({"id": 1, "title": "a card"}), "id,title".to_owned()),
+            (
+                json!({"id": 1, "title": "a card", "secret_note": "hidden from the first binding"}),
+                "id,title,secret_note".to_owned()
+            ),
+            // The same binding but for `select`: a binding of its own.
             (
                 json!({"id": 1, "title": "a card", "secret_note": "hidden from the first binding"}),
                 "id,title,secret_note".to_owned()

@@ -17,7 +17,10 @@ use aether_realtime::{BoxFuture, BroadcastHistory, PastBroadcast};
 use serde_json::Value;
 
 /// How much of the log one replay may read.
-const SCAN_BYTES: usize = 64 << 20;
+const SCAN_BYTES: usize = 8 << 20;
+/// Commit times follow the log's order only roughly (each is taken before
+/// its commit record is written): the search starts this much earlier.
+const CLOCK_SLACK_MS: i64 = 1_000;
 const PAGE_BYTES: usize = 1 << 20;
 
 pub struct LogHistory(pub SharedLog);
@@ -62,7 +65,7 @@ fn replay(
     while hi > lo + 1 {
         let mid = lo + (hi - lo) / 2;
         match first_time(log, Position::new(PgLsn(mid), u32::MAX))? {
-            Some(t) if t < since_ms => lo = mid,
+            Some(t) if t < since_ms.saturating_sub(CLOCK_SLACK_MS) => lo = mid,
             _ => hi = mid,
         }
     }

@@ -9,9 +9,27 @@ pub(super) const PHOENIX_DATA: aether_router::routed::FrameSlot =
     aether_router::routed::FrameSlot::new(1);
 
 /// A stable, non-zero id for a binding (FNV-1a over its parameters).
-pub fn binding_id(event: &str, schema: &str, table: &str, filter: Option<&str>) -> u32 {
+pub fn binding_id(
+    event: &str,
+    schema: &str,
+    table: &str,
+    filter: Option<&str>,
+    select: Option<&str>,
+) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for part in [event, schema, table, filter.unwrap_or("")] {
+    // A `select` makes a binding of its own (its frames differ); without
+    // one the id is what it always was.
+    let select = select.map(|s| format!("\u{1}{s}"));
+    for part in [
+        event,
+        schema,
+        table,
+        filter.unwrap_or(""),
+        select.as_deref().unwrap_or(""),
+    ]
+    .into_iter()
+    .take(if select.is_some() { 5 } else { 4 })
+    {
         for b in part.bytes().chain([0u8]) {
             h ^= u32::from(b);
             h = h.wrapping_mul(0x0100_0193);

@@ -524,7 +524,13 @@ impl Conn {
                 }
             };
             bindings.push(Binding {
-                id: binding_id(&event, &schema, &table, filter.as_deref()),
+                id: binding_id(
+                    &event,
+                    &schema,
+                    &table,
+                    filter.as_deref(),
+                    select.as_ref().map(|c| c.join(",")).as_deref(),
+                ),
                 event,
                 schema,
                 table,
@@ -1106,9 +1112,13 @@ mod tests {
         for v in [Vsn::V1, Vsn::V2] {
             assert_eq!(Vsn::parse(&v.encode(&m)), Some(m.clone()));
         }
-        let id = binding_id("INSERT", "public", "t", None);
+        let id = binding_id("INSERT", "public", "t", None, None);
         assert_ne!(id, 0);
-        assert_eq!(id, binding_id("INSERT", "public", "t", None));
-        assert_ne!(id, binding_id("INSERT", "public", "t", Some("a=eq.1")));
+        assert_eq!(id, binding_id("INSERT", "public", "t", None, None));
+        assert_ne!(
+            id,
+            binding_id("INSERT", "public", "t", Some("a=eq.1"), None)
+        );
+        assert_ne!(id, binding_id("INSERT", "public", "t", None, Some("a")));
     }
 }

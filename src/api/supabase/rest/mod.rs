@@ -425,9 +425,20 @@ pub(crate) async fn listen_for_ddl(
                         }
                     }
                 });
-                if client.batch_execute("LISTEN aether_schema").await.is_ok() {
-                    backoff = std::time::Duration::from_millis(200);
+                let listening = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        driver.abort();
+                        return;
+                    }
+                    r = client.batch_execute("LISTEN aether_schema") => r.is_ok(),
+                };
+                if listening {
+                    let since = std::time::Instant::now();
                     state.rest_schema.invalidate();
+                    // A half-open connection hears nothing: ask every 30 s.
+                    let mut alive = tokio::time::interval(std::time::Duration::from_secs(30));
+                    alive.tick().await;
                     loop {
                         tokio::select! {
                             biased;
@@ -439,7 +450,20 @@ pub(crate) async fn listen_for_ddl(
                                 Some(()) => state.rest_schema.invalidate(),
                                 None => break,
                             },
+                            _ = alive.tick() => {
+                                let ping = tokio::time::timeout(
+                                    std::time::Duration::from_secs(10),
+                                    client.simple_query("SELECT 1"),
+                                );
+                                if !matches!(ping.await, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
                         }
+                    }
+                    // Only a connection that stayed up a while resets the wait.
+                    if since.elapsed() > std::time::Duration::from_secs(10) {
+                        backoff = std::time::Duration::from_millis(200);
                     }
                 }
                 driver.abort();

@@ -240,8 +240,9 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
                 });
             }
             _ => match k.split_once('.') {
-                // `todos.done=eq.true`, `todos.order=…`: an embedded resource's.
-                Some((prefix, rest)) if !prefix.is_empty() => {
+                // `todos.done=eq.true`, `todos.order=…`: an embedded resource's
+                // (a dot inside a JSON path, `data->>a.b`, is the key's).
+                Some((prefix, rest)) if !prefix.is_empty() && !prefix.contains("->") => {
                     let e = q.embedded.entry(ident(prefix)?.to_owned()).or_default();
                     match rest {
                         "order" => e.order = parse_order(&v)?,
@@ -325,7 +326,9 @@ fn ident(s: &str) -> Result<&str, ParseError> {
         || base.len() > 63
         || s.len() > 255
         || s.contains(bad)
-        || steps.iter().any(|(_, k)| k.is_empty() || k.len() > 63)
+        || steps
+            .iter()
+            .any(|(_, k)| k.is_empty() || k.len() > 63 || k.contains('\\'))
     {
         return Err(fail("failed to parse name", s));
     }

@@ -189,7 +189,8 @@ impl SchemaCache {
     ) -> Result<bool, tokio_postgres::Error> {
         let now = chrono::Utc::now().timestamp_millis();
         let last = self.loaded_ms.load(Ordering::Relaxed);
-        // Cleared before reading, so DDL during the load marks it again.
+        // Cleared before reading, so DDL during the load marks it again; set
+        // again when this reload does not happen or fails.
         let stale = self.stale.swap(false, Ordering::SeqCst);
         if (!stale && now.saturating_sub(last) < 1000)
             || self
@@ -197,9 +198,20 @@ impl SchemaCache {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
+            if stale {
+                self.stale.store(true, Ordering::SeqCst);
+            }
             return Ok(false);
         }
-        let fresh = Arc::new(Schema::load(client, schemas).await?);
+        let fresh = match Schema::load(client, schemas).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                if stale {
+                    self.stale.store(true, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
+        };
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(true)
     }

@@ -396,7 +396,10 @@ fn embed(
             filters.push_str(" AND ");
             filters.push_str(&cond(sql, c, &alias));
         }
-        if with_tail {
+        // Order and paging mean something for an array (to-many) only; a
+        // to-one embed binds none (an unused parameter fails the statement).
+        let many = to_one.is_empty() && to_many.len() == 1;
+        if with_tail && many {
             tail = order_clause(&e.order, &alias);
             if let Some(l) = e.limit {
                 tail.push_str(&format!(" LIMIT {}", sql.param(l.to_string())));

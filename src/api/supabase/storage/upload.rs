@@ -50,20 +50,42 @@ fn parse_metadata(text: &[u8]) -> Result<Value, StorageApiError> {
 const MAX_CACHE_CONTROL_BYTES: usize = 256;
 
 /// `cacheControl`: seconds (`3600`, as storage-js sends it in a form) become
-/// `max-age=3600`; anything else is kept as the header's value, when it is one.
+/// `max-age=3600`; otherwise a list of the directives an object's owner may
+/// choose (`max-age=N`, `no-cache`, `no-store`, `must-revalidate`,
+/// `immutable`, `stale-while-revalidate=N`). Whether shared caches may keep
+/// it (`public`/`private`) is the bucket's to say, not the uploader's.
 fn cache_control_value(v: &str) -> Result<String, StorageApiError> {
     let v = v.trim();
-    let bad = || StorageApiError::invalid("cacheControl must be seconds or a Cache-Control value");
+    let bad = || {
+        StorageApiError::invalid(
+            "cacheControl must be seconds, or of max-age=N, no-cache, no-store, \
+             must-revalidate, immutable, stale-while-revalidate=N",
+        )
+    };
     if v.is_empty() || v.len() > MAX_CACHE_CONTROL_BYTES {
         return Err(bad());
     }
     if v.bytes().all(|b| b.is_ascii_digit()) {
         return Ok(format!("max-age={v}"));
     }
-    if !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(bad());
+    let seconds = |n: &str| !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit());
+    let mut out = Vec::new();
+    for d in v.split(',').map(str::trim) {
+        let d = d.to_ascii_lowercase();
+        let ok = match d.split_once('=') {
+            Some(("max-age" | "stale-while-revalidate", n)) => seconds(n),
+            Some(_) => false,
+            None => matches!(
+                d.as_str(),
+                "no-cache" | "no-store" | "must-revalidate" | "immutable"
+            ),
+        };
+        if !ok {
+            return Err(bad());
+        }
+        out.push(d);
     }
-    Ok(v.to_owned())
+    Ok(out.join(", "))
 }
 
 /// `x-metadata`: base64 of the metadata's JSON (storage-js, raw bodies).
@@ -326,5 +348,29 @@ mod tests {
         }
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES));
         assert!(parse_metadata(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn cache_control_takes_seconds_or_the_owners_directives() {
+        assert_eq!(cache_control_value("3600").unwrap(), "max-age=3600");
+        assert_eq!(
+            cache_control_value(" max-age=3600 ").unwrap(),
+            "max-age=3600"
+        );
+        assert_eq!(
+            cache_control_value("Max-Age=60, Immutable").unwrap(),
+            "max-age=60, immutable"
+        );
+        for bad in [
+            "",
+            "public, max-age=1",
+            "s-maxage=9",
+            "max-age=",
+            "max-age=1x",
+            "private",
+            "no-cache\r\nx: y",
+        ] {
+            assert!(cache_control_value(bad).is_err(), "{bad:?}");
+        }
     }
 }
