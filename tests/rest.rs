@@ -740,6 +740,34 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
         body,
         json!([{"title": "Older", "authors": {"name": "Bob", "books": [{"title": "Older"}]}}])
     );
+    // `!inner` below the first level narrows its parent embed's rows: Ann's
+    // books that have a review.
+    t.exec(
+        "CREATE TABLE public.reviews (id int PRIMARY KEY, book_id int REFERENCES public.books, stars int);
+         GRANT SELECT ON public.reviews TO anon;
+         INSERT INTO public.reviews VALUES (1, 2, 5);",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let body = loop {
+        let (status, _, body) = r
+            .send(r.req(
+                Method::GET,
+                "authors?select=name,books(title,reviews!inner(stars))&id=eq.1",
+                None,
+            ))
+            .await;
+        // The new table reaches the schema cache through the DDL listener.
+        if status == StatusCode::OK || std::time::Instant::now() > deadline {
+            assert_eq!(status, StatusCode::OK, "{body}");
+            break body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        body,
+        json!([{"name": "Ann", "books": [{"title": "New", "reviews": [{"stars": 5}]}]}])
+    );
     // Order and paging given for a to-one embed bind nothing.
     let (status, _, body) = r
         .send(r.req(

@@ -376,6 +376,14 @@ fn embed(
         .filter(hinted)
         .collect();
     let alias = format!("_e{depth}");
+    // Embeds of this embed: their `!inner` conditions narrow this one's rows
+    // (filters below the first level are not taken).
+    let none = std::collections::BTreeMap::new();
+    let mut nested = Embeds {
+        given: &none,
+        inner: Vec::new(),
+        count_only: false,
+    };
     let list = select_list(
         sql,
         schema,
@@ -385,11 +393,11 @@ fn embed(
         &alias,
         role,
         depth + 1,
-        None,
+        Some(&mut nested),
     )?;
     let table = table_name(&target_key.0, &target_key.1);
     // The embedded resource's own filters, order and paging.
-    let mut filters = String::new();
+    let mut filters: String = nested.inner.iter().map(|c| format!(" AND {c}")).collect();
     let mut tail = String::new();
     if let Some(e) = given {
         for c in &e.filters {
