@@ -1029,3 +1029,53 @@ async fn postgres_changes_select_narrows_the_records_of_its_binding() {
         ]
     );
 }
+
+/// Broadcast replay reads the change log: a connection may ask for ten a
+/// minute; the eleventh join is answered but its replay is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_replays_are_limited_per_connection() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE POLICY read_replay ON realtime.messages FOR SELECT TO authenticated
+           USING (realtime.topic() = 'room:replay');",
+    )
+    .await;
+    let user = t.new_user().await;
+    let url = format!(
+        "ws://{}/realtime/v1/websocket?apikey={}&vsn=1.0.0",
+        t.addr(),
+        t.server.state.jwt.api_key("anon")
+    );
+    let mut ws = Ws::connect_url(&url).await;
+    let topic = "realtime:room:replay";
+    let mut refused = Vec::new();
+    for i in 0..11 {
+        let r = (i * 2 + 1).to_string();
+        ws.send(
+            json!({"topic": topic, "event": "phx_join", "ref": r, "join_ref": r,
+            "payload": {"access_token": user_token(&user),
+                        "config": {"private": true, "broadcast": {"replay": {"since": 0}}}}}),
+        )
+        .await;
+        // Up to the join's reply, then whatever the join sends after it,
+        // until the leave's reply.
+        let leave = (i * 2 + 2).to_string();
+        let mut left = false;
+        let mut sent_leave = false;
+        while !left {
+            let v = ws.next().await;
+            if v["event"] == "phx_reply" && v["ref"] == r.as_str() {
+                assert_eq!(v["payload"]["status"], "ok", "{v}");
+                ws.send(json!({"topic": topic, "event": "phx_leave", "ref": leave,
+                    "join_ref": r, "payload": {}}))
+                    .await;
+                sent_leave = true;
+            } else if v["event"] == "system" && v["payload"]["status"] == "error" {
+                refused.push(i);
+            } else if sent_leave && v["event"] == "phx_reply" && v["ref"] == leave.as_str() {
+                left = true;
+            }
+        }
+    }
+    assert_eq!(refused, [10]);
+}

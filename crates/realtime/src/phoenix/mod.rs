@@ -141,6 +141,17 @@ struct Conn {
     /// Router subscription id → (topic, binding id).
     subs: HashMap<Arc<str>, (String, u32)>,
     next_join: u64,
+    /// Broadcast replays this connection may still ask for (each reads the
+    /// change log): [`REPLAYS_PER_MINUTE`], refilled over a minute.
+    replays: governor::DefaultDirectRateLimiter,
+}
+
+/// Replays one connection may ask for per minute.
+const REPLAYS_PER_MINUTE: u32 = 10;
+
+fn replay_budget() -> governor::DefaultDirectRateLimiter {
+    let n = std::num::NonZeroU32::new(REPLAYS_PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::RateLimiter::direct(governor::Quota::per_minute(n))
 }
 
 impl Conn {
@@ -713,6 +724,18 @@ impl Conn {
         // member is in the hub: a message committed meanwhile may come twice
         // (live, and replayed with the same `meta.id`), never not at all.
         if let Some((since, limit)) = replay {
+            if self.replays.check().is_err() {
+                out.push(self.frame(
+                    None,
+                    None,
+                    topic,
+                    "system",
+                    json!({"channel": sub_topic(topic), "extension": "broadcast",
+                           "message": format!("Replay refused: at most {REPLAYS_PER_MINUTE} replays a minute per connection"),
+                           "status": "error"}),
+                ));
+                return out;
+            }
             match self
                 .state
                 .history
@@ -930,6 +953,7 @@ pub fn run(
             channels: HashMap::new(),
             subs: HashMap::new(),
             next_join: 0,
+            replays: replay_budget(),
         };
         let attached = state
             .router
