@@ -110,7 +110,20 @@ pub(crate) fn column_ref(alias: &str, name: &str) -> String {
     out
 }
 
-fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
+/// A filter's column type, where the table is known (`None`: unknown).
+fn column_type<'t>(table: Option<&'t Table>, column: &str) -> Option<&'t str> {
+    let (base, steps) = super::query::json_path(column);
+    if !steps.is_empty() {
+        return None;
+    }
+    table?
+        .columns
+        .iter()
+        .find(|c| c.name == base)
+        .map(|c| c.type_name.as_str())
+}
+
+fn cond(sql: &mut Sql, c: &Cond, alias: &str, table: Option<&Table>) -> String {
     match c {
         Cond::Filter {
             column,
@@ -134,9 +147,11 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
                     format!("{col} = ANY({})", sql.param(array_literal(items)))
                 }
                 (Op::Fts(kind), Operand::Search { config, query }) => {
-                    // A tsvector column as it is; any other as its text,
-                    // parsed with the same configuration as the query (as
-                    // PostgREST does).
+                    // A tsvector column as it is (its index usable); any
+                    // other as its text, parsed with the same configuration
+                    // as the query (as PostgREST does). A column of a type
+                    // not known here is told apart in SQL.
+                    let ty = column_type(table, column);
                     let f = kind.function();
                     let (vector, tsquery) = match config {
                         Some(c) => {
@@ -152,10 +167,14 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
                             format!("{f}({})", sql.param(query.clone())),
                         ),
                     };
-                    format!(
-                        "(CASE WHEN pg_typeof({col}) = 'tsvector'::regtype \
-                         THEN {col}::text::tsvector ELSE {vector} END) @@ {tsquery}"
-                    )
+                    match ty {
+                        Some("tsvector") => format!("{col} @@ {tsquery}"),
+                        Some(_) => format!("{vector} @@ {tsquery}"),
+                        None => format!(
+                            "(CASE WHEN pg_typeof({col}) = 'tsvector'::regtype \
+                             THEN {col}::text::tsvector ELSE {vector} END) @@ {tsquery}"
+                        ),
+                    }
                 }
                 (op, Operand::One(v)) => {
                     let sym = match op {
@@ -195,7 +214,7 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
                 Cond::And(..) => (" AND ", "TRUE"),
                 _ => (" OR ", "FALSE"),
             };
-            let parts: Vec<String> = items.iter().map(|i| cond(sql, i, alias)).collect();
+            let parts: Vec<String> = items.iter().map(|i| cond(sql, i, alias, table)).collect();
             let expr = if parts.is_empty() {
                 empty.to_owned()
             } else {
@@ -211,11 +230,15 @@ fn cond(sql: &mut Sql, c: &Cond, alias: &str) -> String {
 }
 
 /// `WHERE …` for the request's filters ("" when there are none).
-pub(crate) fn where_clause(sql: &mut Sql, q: &Query, alias: &str) -> String {
+pub(crate) fn where_clause(sql: &mut Sql, q: &Query, alias: &str, table: Option<&Table>) -> String {
     if q.filters.is_empty() {
         return String::new();
     }
-    let parts: Vec<String> = q.filters.iter().map(|c| cond(sql, c, alias)).collect();
+    let parts: Vec<String> = q
+        .filters
+        .iter()
+        .map(|c| cond(sql, c, alias, table))
+        .collect();
     format!(" WHERE {}", parts.join(" AND "))
 }
 
@@ -402,7 +425,7 @@ fn embed(
     if let Some(e) = given {
         for c in &e.filters {
             filters.push_str(" AND ");
-            filters.push_str(&cond(sql, c, &alias));
+            filters.push_str(&cond(sql, c, &alias, Some(t)));
         }
         // Order and paging mean something for an array (to-many) only; a
         // to-one embed binds none (an unused parameter fails the statement).
@@ -466,7 +489,7 @@ pub(crate) fn read(
 ) -> Result<Sql, PlanError> {
     let mut sql = Sql::default();
     let (list, inner) = top_list(&mut sql, schema, key, table, q, role, false)?;
-    let filter = with_inner(where_clause(&mut sql, q, "_t"), &inner);
+    let filter = with_inner(where_clause(&mut sql, q, "_t", Some(table)), &inner);
     let mut tail = order_clause(&q.order, "_t");
     if let Some(l) = q.limit {
         let p = sql.param(l.to_string());
@@ -534,7 +557,7 @@ pub(crate) fn count(
     let mut sql = Sql::default();
     // Only for the `!inner` conditions (and their parameters).
     let (_, inner) = top_list(&mut sql, schema, key, table, q, role, true)?;
-    let filter = with_inner(where_clause(&mut sql, q, "_t"), &inner);
+    let filter = with_inner(where_clause(&mut sql, q, "_t", Some(table)), &inner);
     sql.text = format!(
         "SELECT count(*) FROM {} _t{filter}",
         table_name(&key.0, &key.1)
@@ -623,7 +646,7 @@ pub(crate) fn update(
     let name = table_name(&key.0, &key.1);
     let p = sql.param(body);
     let cols = quoted_list(columns);
-    let filter = where_clause(&mut sql, q, "_t");
+    let filter = where_clause(&mut sql, q, "_t", None);
     let stmt = format!(
         "UPDATE {name} AS _t SET ({cols}) = (SELECT {cols} FROM json_populate_record(NULL::{name}, {p}::json)){filter}"
     );
@@ -633,7 +656,7 @@ pub(crate) fn update(
 /// `DELETE` of the rows the filters match.
 pub(crate) fn delete(key: &(String, String), q: &Query) -> (Sql, String) {
     let mut sql = Sql::default();
-    let filter = where_clause(&mut sql, q, "_t");
+    let filter = where_clause(&mut sql, q, "_t", None);
     let stmt = format!("DELETE FROM {} AS _t{filter}", table_name(&key.0, &key.1));
     (sql, stmt)
 }
