@@ -424,3 +424,41 @@ async fn restrictive_policies_inherited_roles_and_filters_on_moved_rows() {
         [ev("INSERT", 1), ev("UPDATE", 1)]
     );
 }
+
+/// A table without row level security: every row, to the roles granted
+/// SELECT on it, and to no one else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_rls_goes_to_the_roles_granted_select() {
+    let t = TestServer::start().await;
+    let alice = user(&t.sql, "alice@board.test").await;
+    t.exec(
+        "CREATE TABLE public.board (id int PRIMARY KEY, note text);
+         GRANT SELECT ON public.board TO anon;
+         ALTER PUBLICATION aether_realtime ADD TABLE public.board;",
+    )
+    .await;
+    t.sync().await;
+    let s = status(&t, "public.board").await;
+    assert_eq!(
+        s["row_security"]["public.board"]["anon"]["decided"], "all_rows",
+        "{s}"
+    );
+    assert_eq!(
+        s["row_security"]["public.board"]["authenticated"]["decided"], "no_rows",
+        "{s}"
+    );
+    let mut anon = t.ws(None).await;
+    let mut a = t.ws(Some(&user_token(&alice))).await;
+    for ws in [&mut anon, &mut a] {
+        ws.subscribe("b", json!({"table": "board"})).await;
+    }
+    t.exec("INSERT INTO public.board VALUES (1, 'hello')").await;
+    assert_eq!(anon.change().await["new"]["note"], "hello");
+    // Everything is routed in order: alice's next frame is the reply to a
+    // request sent now, not the row.
+    t.sync().await;
+    a.send(json!({"type": "subscription", "action": "unsubscribe", "data": {"id": "probe"}}))
+        .await;
+    let next = a.next().await;
+    assert_eq!(next["code"], "unknown_subscription", "alice saw {next}");
+}
