@@ -124,9 +124,6 @@ pub struct RowSecurity {
     missing: HashMap<String, u64>,
     /// The generation a reload was last asked at.
     requested: Option<u64>,
-    /// Connections held back for a table the catalog did not know yet, and
-    /// the generation they wait past.
-    unknown: HashMap<u64, u64>,
     requests: mpsc::UnboundedSender<Vec<postgres::Request>>,
 }
 
@@ -162,7 +159,6 @@ impl RowSecurity {
             next_epoch: 0,
             missing: HashMap::new(),
             requested: None,
-            unknown: HashMap::new(),
             requests: tx,
         };
         (policy, rx)
@@ -446,12 +442,6 @@ impl RowSecurity {
             tracing::warn!(error = %e, "row security: a membership index is not kept; its tables are evaluated in PostgreSQL");
         }
         self.publish();
-        // Connections held back for tables unknown before are asked again.
-        if let Some(w) = self.shared.waker.get() {
-            for c in self.unknown.keys() {
-                w.wake(*c);
-            }
-        }
     }
 
     fn refresh(&mut self) {
@@ -645,13 +635,12 @@ impl Policy for RowSecurity {
                 .entry(table.to_owned())
                 .or_insert(self.generation);
             if self.generation >= first + 2 {
-                self.unknown.remove(&viewer.connection);
                 return Decision::Deny;
             }
             if self.missing.len() > 10_000 {
                 self.missing.clear();
             }
-            self.unknown.insert(viewer.connection, self.generation);
+            // Woken by the next load, which the router installs when it asks again.
             if let Ok(mut h) = self.shared.held.lock() {
                 h.insert(viewer.connection);
             }
@@ -662,7 +651,6 @@ impl Policy for RowSecurity {
             }
             return Decision::Pending;
         };
-        self.unknown.remove(&viewer.connection);
         let access = match principal.role {
             Role::Anon => &t.anon,
             Role::Authenticated => &t.authenticated,
@@ -709,7 +697,6 @@ impl Policy for RowSecurity {
 
     fn forget(&mut self, connection: u64) {
         self.asked.remove(&connection);
-        self.unknown.remove(&connection);
         // Lock order: epochs, then answers (as the evaluator).
         let epochs = self.shared.epochs.lock();
         if let Ok(mut e) = epochs {

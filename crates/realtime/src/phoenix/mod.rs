@@ -173,6 +173,25 @@ impl Conn {
         Message::Text(self.vsn.encode(&m).into())
     }
 
+    /// A `system` message on `topic`: Supabase's word on an extension's state.
+    fn system(
+        &self,
+        join_ref: Option<String>,
+        topic: &str,
+        extension: &str,
+        message: impl std::fmt::Display,
+        status: &str,
+    ) -> Message {
+        self.frame(
+            join_ref,
+            None,
+            topic,
+            "system",
+            json!({"channel": sub_topic(topic), "extension": extension,
+                   "message": message.to_string(), "status": status}),
+        )
+    }
+
     /// The `phx_reply` error to a frame that is not a Phoenix message.
     fn garbage_reply(&self, g: Garbage) -> Message {
         self.frame(
@@ -291,14 +310,7 @@ impl Conn {
                     };
                     let join_ref = self.channels.get(&topic).and_then(|c| c.join_ref.clone());
                     self.leave(&topic).await;
-                    out.push(self.frame(
-                        join_ref.clone(),
-                        None,
-                        &topic,
-                        "system",
-                        json!({"channel": sub_topic(&topic), "extension": "system",
-                               "message": reason, "status": "error"}),
-                    ));
+                    out.push(self.system(join_ref.clone(), &topic, "system", reason, "error"));
                     out.push(self.frame(
                         join_ref.clone(),
                         join_ref,
@@ -431,13 +443,12 @@ impl Conn {
                         out
                     }
                     Err(why) => {
-                        let mut out = vec![self.frame(
+                        let mut out = vec![self.system(
                             m.join_ref.clone(),
-                            None,
                             &m.topic,
                             "system",
-                            json!({"channel": sub_topic(&m.topic), "extension": "system",
-                                   "message": format!("Invalid token: {why}"), "status": "error"}),
+                            format!("Invalid token: {why}"),
+                            "error",
                         )];
                         out.push(self.frame(
                             m.join_ref.clone(),
@@ -698,13 +709,12 @@ impl Conn {
             json!({"status": "ok", "response": {"postgres_changes": replies}}),
         )];
         if has_pg {
-            out.push(self.frame(
+            out.push(self.system(
                 join_ref,
-                None,
                 topic,
-                "system",
-                json!({"channel": sub_topic(topic), "extension": "postgres_changes",
-                       "message": "Subscribed to PostgreSQL", "status": "ok"}),
+                "postgres_changes",
+                "Subscribed to PostgreSQL",
+                "ok",
             ));
         }
         // After the reply is queued for the socket: the hub's presence_state
@@ -725,15 +735,7 @@ impl Conn {
         // (live, and replayed with the same `meta.id`), never not at all.
         if let Some((since, limit)) = replay {
             if self.replays.check().is_err() {
-                out.push(self.frame(
-                    None,
-                    None,
-                    topic,
-                    "system",
-                    json!({"channel": sub_topic(topic), "extension": "broadcast",
-                           "message": format!("Replay refused: at most {REPLAYS_PER_MINUTE} replays a minute per connection"),
-                           "status": "error"}),
-                ));
+                out.push(self.system(None, topic, "broadcast", format!("Replay refused: at most {REPLAYS_PER_MINUTE} replays a minute per connection"), "error"));
                 return out;
             }
             match self
@@ -756,13 +758,12 @@ impl Conn {
                 }
                 Err(why) => {
                     tracing::warn!(error = %why, session = self.session, "broadcast replay");
-                    out.push(self.frame(
-                        None,
+                    out.push(self.system(
                         None,
                         topic,
-                        "system",
-                        json!({"channel": sub_topic(topic), "extension": "broadcast",
-                               "message": format!("Replay failed: {why}"), "status": "error"}),
+                        "broadcast",
+                        format!("Replay failed: {why}"),
+                        "error",
                     ));
                 }
             }
@@ -1045,13 +1046,12 @@ impl Dialect for Conn {
             .map(|(t, c)| (t.clone(), c.join_ref.clone()))
             .collect();
         for (topic, join_ref) in topics {
-            frames.push(self.frame(
+            frames.push(self.system(
                 join_ref.clone(),
-                None,
                 &topic,
                 "system",
-                json!({"channel": sub_topic(&topic), "extension": "system",
-                       "message": "Token has expired", "status": "error"}),
+                "Token has expired",
+                "error",
             ));
             frames.push(self.frame(join_ref.clone(), join_ref, &topic, "phx_close", json!({})));
             self.leave(&topic).await;
