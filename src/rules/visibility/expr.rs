@@ -979,33 +979,6 @@ impl Pred {
             _ => None,
         }
     }
-
-    /// Every column the predicate reads.
-    pub fn columns<'a>(&'a self, out: &mut Vec<&'a str>) {
-        let op = |o: &'a Operand, out: &mut Vec<&'a str>| {
-            let mut o = o;
-            while let Operand::Cast(inner, _) = o {
-                o = inner;
-            }
-            if let Operand::Column(c) = o {
-                out.push(c);
-            }
-        };
-        match self {
-            Pred::Const(_) => {}
-            Pred::And(v) | Pred::Or(v) => v.iter().for_each(|p| p.columns(out)),
-            Pred::Not(p) => p.columns(out),
-            Pred::Cmp(_, a, b) => {
-                op(a, out);
-                op(b, out);
-            }
-            Pred::AnyOf(a, v) => {
-                op(a, out);
-                v.iter().for_each(|x| op(x, out));
-            }
-            Pred::Is(x, ..) | Pred::Truthy(x) | Pred::Member(x, ..) => op(x, out),
-        }
-    }
 }
 
 impl Operand {

@@ -44,10 +44,6 @@ impl Membership {
         &self.table.spec.table
     }
 
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// (`user` has rows, one of them with a NULL key).
     pub fn rows(&self, user: &str) -> (bool, bool) {
         let nulls = self.nulls.contains_key(user);
@@ -208,17 +204,13 @@ impl Membership {
     }
 }
 
-/// A key value as text, the way `::text` prints it.
+/// A key column's value in `row`, as [`key_text`] writes it.
 fn text(rel: &Relation, row: &Row, col: &str) -> Option<String> {
-    match rel.value(row, col)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
-        _ => None,
-    }
+    key_text(rel.value(row, col)?)
 }
 
-/// The raw key of a decoded value, as [`Membership::contains`] takes it.
+/// A decoded key value as `::text` prints it (the catalog admits only
+/// integer, text and uuid keys), as [`Membership::contains`] takes it.
 pub fn key_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
