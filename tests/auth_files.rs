@@ -453,12 +453,14 @@ async fn upload_list_read_ranges_overwrite_and_delete() {
         .unwrap();
     assert_eq!(rows.len(), 2);
     let (docs, y2024) = (&rows[0], &rows[1]);
+    // Rows are named in the bucket: under the user's home folder, which has
+    // no row of its own (its content has no parent).
     assert_eq!(
         (docs.get::<_, String>(0), docs.get::<_, String>(1)),
-        ("docs".into(), "docs".into())
+        (format!("{uid}/docs"), "docs".into())
     );
     assert_eq!(docs.get::<_, Option<String>>(3), None);
-    assert_eq!(y2024.get::<_, String>(0), "docs/2024");
+    assert_eq!(y2024.get::<_, String>(0), format!("{uid}/docs/2024"));
     assert_eq!(
         y2024.get::<_, Option<String>>(3),
         Some(docs.get::<_, String>(2))
@@ -687,7 +689,7 @@ async fn upload_list_read_ranges_overwrite_and_delete() {
     assert_eq!(
         count(
             &t,
-            "SELECT count(*) FROM public.files WHERE path = 'docs/2024/report.pdf'"
+            "SELECT count(*) FROM public.files WHERE path LIKE '%/docs/2024/report.pdf'"
         )
         .await,
         0
@@ -905,7 +907,9 @@ async fn an_upload_reaches_files_and_storage_subscribers_live() {
         assert_eq!(c["table"], "files");
         assert_eq!(c["new"]["id"], up["id"]);
         assert_eq!(c["new"]["name"], "b.png");
-        assert_eq!(c["new"]["path"], "photos/b.png");
+        // Events carry the row: its path is the object's name in the bucket,
+        // under the owner's home folder.
+        assert_eq!(c["new"]["path"], format!("{uid}/photos/b.png"));
         assert_eq!(c["new"]["size"], 20);
         assert_eq!(c["new"]["folder_id"], folder_id.as_str());
         assert_eq!(c["new"]["owner_id"], uid.as_str());
@@ -1207,4 +1211,151 @@ async fn a_signed_out_session_closes_its_live_websockets_whoever_signs_it_out() 
     let (code, frames) = ws.until_close().await;
     assert_eq!(code, Some(4001));
     assert_eq!(frames.last().unwrap()["code"], "auth/revoked-token");
+}
+
+/// Migration 0016: rows of the per-owner layout (unique per owner and path)
+/// move to one name per object, under their owner's folder, so the seed
+/// routes see what they saw; names that would clash keep both objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_owner_storage_rows_migrate_to_one_name_per_object() {
+    const NAMESPACE: &str = "0016_storage_namespace";
+    let db = TestDb::new().await;
+    let mut c = db.client().await;
+    // Everything before 0016, then rows as the old layout allowed them.
+    c.batch_execute(&format!(
+        "CREATE SCHEMA aether;
+         CREATE TABLE aether.schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO aether.schema_migrations (version) VALUES ('{NAMESPACE}');"
+    ))
+    .await
+    .unwrap();
+    aether_postgres::store::migrate::migrate(&mut c)
+        .await
+        .unwrap();
+    let (alice, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    c.batch_execute(&format!(
+        "INSERT INTO auth.users (id, email) VALUES ('{alice}', 'alice@example.com'), ('{bob}', 'bob@example.com');
+         INSERT INTO public.buckets (id, name) VALUES ('b', 'b');
+         -- Seed-route rows: alice's docs/2024/r.pdf and docs/r.pdf, bob's docs/r.pdf.
+         INSERT INTO public.folders (id, bucket_id, path, name, owner_id) VALUES
+           ('00000000-0000-0000-0000-00000000000a', 'b', 'docs', 'docs', '{alice}'),
+           ('00000000-0000-0000-0000-00000000000b', 'b', 'docs', 'docs', '{bob}');
+         INSERT INTO public.folders (id, bucket_id, parent_id, path, name, owner_id) VALUES
+           ('00000000-0000-0000-0000-00000000000c', 'b', '00000000-0000-0000-0000-00000000000a', 'docs/2024', '2024', '{alice}');
+         INSERT INTO public.files (id, bucket_id, folder_id, path, name, owner_id) VALUES
+           ('10000000-0000-0000-0000-000000000001', 'b', '00000000-0000-0000-0000-00000000000c', 'docs/2024/r.pdf', 'r.pdf', '{alice}'),
+           ('20000000-0000-0000-0000-000000000002', 'b', '00000000-0000-0000-0000-00000000000a', 'docs/r.pdf', 'r.pdf', '{alice}'),
+           ('30000000-0000-0000-0000-000000000003', 'b', '00000000-0000-0000-0000-00000000000b', 'docs/r.pdf', 'r.pdf', '{bob}');
+         -- /storage/v1 rows: the service role's <alice>/docs/r.pdf (a folder
+         -- and a name alice's rows will land on), alice's own <alice>/top.png
+         -- in a row for her home folder.
+         INSERT INTO public.folders (id, bucket_id, path, name, owner_id) VALUES
+           ('00000000-0000-0000-0000-0000000000d0', 'b', '{alice}', '{alice}', NULL),
+           ('00000000-0000-0000-0000-0000000000e0', 'b', '{alice}', '{alice}', '{alice}');
+         INSERT INTO public.folders (id, bucket_id, parent_id, path, name, owner_id) VALUES
+           ('00000000-0000-0000-0000-0000000000d1', 'b', '00000000-0000-0000-0000-0000000000d0', '{alice}/docs', 'docs', NULL);
+         INSERT INTO public.files (id, bucket_id, folder_id, path, name, owner_id) VALUES
+           ('40000000-0000-0000-0000-000000000004', 'b', '00000000-0000-0000-0000-0000000000d1', '{alice}/docs/r.pdf', 'r.pdf', NULL),
+           ('50000000-0000-0000-0000-000000000005', 'b', '00000000-0000-0000-0000-0000000000e0', '{alice}/top.png', 'top.png', '{alice}');
+         DELETE FROM aether.schema_migrations WHERE version = '{NAMESPACE}';"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        aether_postgres::store::migrate::migrate(&mut c)
+            .await
+            .unwrap(),
+        [NAMESPACE]
+    );
+
+    let file = |id: &'static str| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(
+                    "SELECT path, name, folder_id::text FROM public.files WHERE id = $1::text::uuid",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, Option<String>>(2),
+            )
+        }
+    };
+    let folder_of = |path: String| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(
+                    "SELECT id::text, parent_id::text FROM public.folders WHERE bucket_id = 'b' AND path = $1",
+                    &[&path],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, String>(0), r.get::<_, Option<String>>(1))
+        }
+    };
+    // Alice's docs merged into the existing <alice>/docs; home rows are gone.
+    let (docs, docs_parent) = folder_of(format!("{alice}/docs")).await;
+    assert_eq!(docs, "00000000-0000-0000-0000-0000000000d1");
+    assert_eq!(docs_parent, None, "a home folder has no row");
+    let (y2024, y2024_parent) = folder_of(format!("{alice}/docs/2024")).await;
+    assert_eq!(y2024_parent.as_deref(), Some(docs.as_str()));
+    assert_eq!(
+        file("10000000-0000-0000-0000-000000000001").await,
+        (
+            format!("{alice}/docs/2024/r.pdf"),
+            "r.pdf".into(),
+            Some(y2024)
+        )
+    );
+    // The name was the service role's: alice's object keeps, renamed.
+    assert_eq!(
+        file("20000000-0000-0000-0000-000000000002").await,
+        (
+            format!("{alice}/docs/r (20000000).pdf"),
+            "r (20000000).pdf".into(),
+            Some(docs.clone())
+        )
+    );
+    assert_eq!(
+        file("40000000-0000-0000-0000-000000000004").await,
+        (format!("{alice}/docs/r.pdf"), "r.pdf".into(), Some(docs))
+    );
+    let (bob_docs, _) = folder_of(format!("{bob}/docs")).await;
+    assert_eq!(
+        file("30000000-0000-0000-0000-000000000003").await,
+        (format!("{bob}/docs/r.pdf"), "r.pdf".into(), Some(bob_docs))
+    );
+    // Already under its owner's folder: unchanged, now directly in the home.
+    assert_eq!(
+        file("50000000-0000-0000-0000-000000000005").await,
+        (format!("{alice}/top.png"), "top.png".into(), None)
+    );
+    let homes: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM public.folders WHERE path = '{alice}'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(homes, 0);
+    // One object per name, whoever owns it.
+    let taken = c
+        .execute(
+            &format!(
+                "INSERT INTO public.files (bucket_id, path, name, owner_id) VALUES ('b', '{bob}/docs/r.pdf', 'r.pdf', '{alice}')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        taken.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
 }

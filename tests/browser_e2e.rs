@@ -106,7 +106,7 @@ async fn two_browser_sessions_see_uploads_sql_renames_and_deletes_live() {
     // The DBA's rename, as `psql` would send it.
     let n = sql
         .execute(
-            "UPDATE public.files SET name = 'renamed.pdf', path = 'docs/renamed.pdf' WHERE id = $1::text::uuid",
+            "UPDATE public.files SET name = 'renamed.pdf', path = owner_id::text || '/docs/renamed.pdf' WHERE id = $1::text::uuid",
             &[&id],
         )
         .await

@@ -156,7 +156,7 @@ async fn file_events_come_from_the_wal_to_their_owner_only_and_both_dialects_coe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shares_are_created_fetched_without_an_account_counted_and_revoked() {
     let t = TestServer::start().await;
-    let (_a, tok) = t.sign_up("owner@example.com").await;
+    let (uid, tok) = t.sign_up("owner@example.com").await;
     let mut ks = t.kingshare(Some(&tok)).await;
     let up = t.upload(&tok, "pic.png", png(1000), "image/png").await;
     let file_id = up["id"].as_str().unwrap().to_owned();
@@ -182,7 +182,7 @@ async fn shares_are_created_fetched_without_an_account_counted_and_revoked() {
     // A HEAD of the object (storage-js `exists`) is not a download: the next
     // KingShare frame is the answer to a ping.
     let res = http
-        .head(t.url("/storage/v1/object/files/pic.png"))
+        .head(t.url(&format!("/storage/v1/object/files/{uid}/pic.png")))
         .header("apikey", common::token(None, "anon", 3600))
         .bearer_auth(&tok)
         .send()

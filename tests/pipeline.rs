@@ -149,7 +149,7 @@ async fn users_see_only_rows_they_may_see_and_secrets_never_leave() {
     // only, no user.
     t.exec(
         "INSERT INTO public.files (bucket_id, path, name, owner_id)
-         VALUES ('private', 'docs/secret.pdf', 'secret.pdf', NULL)",
+         VALUES ('private', 'reports/secret.pdf', 'secret.pdf', NULL)",
     )
     .await;
     // A file in a public bucket: everyone, anonymous included.
@@ -162,8 +162,8 @@ async fn users_see_only_rows_they_may_see_and_secrets_never_leave() {
         (c["subscription"].as_str(), c["new"]["name"].as_str()),
         (Some("files"), Some("secret.pdf"))
     );
-    // Alice's next frame is the public file: the owner-less private row at the
-    // same path as hers never reached her.
+    // Alice's next frame is the public file: the owner-less private row
+    // (of the same name as hers) never reached her.
     assert_eq!(a.change().await["new"]["name"], "logo.png");
     // Bob's first frame is the public file: Alice's private row (even in the folder
     // he subscribed to by id) and the owner-less one never reached him.

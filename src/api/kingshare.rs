@@ -219,14 +219,13 @@ pub async fn fetch(
         });
     };
     drop(client);
-    let (bucket, owner, path): (String, Option<Uuid>, String) =
-        (row.get(0), row.get(1), row.get(2));
+    let (bucket, path): (String, String) = (row.get(0), row.get(2));
     let path = ObjectPath::parse(&path).map_err(ApiError::internal)?;
     // The share is the permission: read as the service.
     let service = Principal::service();
     let read = state
         .storage
-        .open(Some(&service), &bucket, owner, &path, None)
+        .open(Some(&service), &bucket, &path, None)
         .await?;
     download_started(&state, &read.file);
     let f = &read.file;

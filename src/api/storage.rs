@@ -1,7 +1,9 @@
 //! `/storage/*`: thin handlers over [`crate::storage::StorageService`].
 //!
-//! File URLs are `/storage/object/{bucket}/{owner_id}/{path}` (prefixed with
-//! `PUBLIC_URL` when set): paths are per owner, so the owner is part of the name.
+//! A user's paths here are relative to their home folder: the object's name
+//! in the bucket is `<user id>/<path>`, and its URL
+//! `/storage/object/{bucket}/{user id}/{path}` (prefixed with `PUBLIC_URL`
+//! when set).
 
 use axum::Json;
 use axum::body::Body;
@@ -21,7 +23,7 @@ use super::validate::{self, Invalid, Validate};
 use crate::server::AppState;
 use crate::storage::path::{MAX_PATH_BYTES, base_name};
 use crate::storage::{
-    BucketInfo, ByteRange, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError,
+    Actor, BucketInfo, ByteRange, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError,
     TypeRules, UploadSource, UploadTarget,
 };
 
@@ -60,14 +62,12 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
-/// The URL at which a file can be read.
-pub fn object_url(public_url: Option<&str>, bucket: &str, owner: Uuid, path: &str) -> String {
+/// The URL at which the object `name` can be read.
+pub fn object_url(public_url: Option<&str>, bucket: &str, name: &str) -> String {
     let mut url = public_url.unwrap_or("").to_owned();
     url.push_str("/storage/object/");
     url.extend(utf8_percent_encode(bucket, SEGMENT));
-    url.push('/');
-    url.push_str(&owner.hyphenated().to_string());
-    for seg in path.split('/') {
+    for seg in name.split('/') {
         url.push('/');
         url.extend(utf8_percent_encode(seg, SEGMENT));
     }
@@ -75,12 +75,23 @@ pub fn object_url(public_url: Option<&str>, bucket: &str, owner: Uuid, path: &st
 }
 
 fn file_url(state: &AppState, f: &FileRecord) -> String {
-    object_url(
-        state.config.public_url.as_deref(),
-        &f.bucket,
-        f.owner_id.unwrap_or_default(),
-        &f.path,
-    )
+    object_url(state.config.public_url.as_deref(), &f.bucket, &f.path)
+}
+
+/// Where `user`'s `path` is in the bucket: in their home folder,
+/// `<user id>/<path>` (the seed routes' requests and answers keep the path
+/// relative to it).
+fn in_home(user: Uuid, path: &ObjectPath) -> Result<ObjectPath, StorageError> {
+    Ok(path.within(&ObjectPath::home(user))?)
+}
+
+/// A name in `user`'s home folder as the seed routes show it: relative.
+fn relative(user: Uuid, name: &str) -> String {
+    let home = user.hyphenated().to_string();
+    name.strip_prefix(home.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(name)
+        .to_owned()
 }
 
 /// The multipart form of an upload (for the OpenAPI document).
@@ -315,7 +326,7 @@ async fn read_form(
                 };
                 let up = state
                     .storage
-                    .begin_upload(Some(owner), source, form.bucket.as_ref())
+                    .begin_upload(Actor::User(owner), source, form.bucket.as_ref())
                     .await?;
                 let up = pending.insert(up);
                 up.pump(&mut field, |n| progress.report(n, false))
@@ -415,7 +426,9 @@ pub async fn upload(
     let Some(mut up) = pending else {
         return Err(invalid_form("the form has no `file` field"));
     };
-    let path = match target_path(form.path.as_deref(), up.file_name()) {
+    let path = match target_path(form.path.as_deref(), up.file_name())
+        .and_then(|p| Ok(in_home(user.id, &p)?))
+    {
         Ok(p) => p,
         Err(e) => {
             up.discard().await;
@@ -442,7 +455,7 @@ pub async fn upload(
         .await?;
     let body = UploadResponse {
         url: file_url(&state, &file),
-        path: file.path,
+        path: relative(user.id, &file.path),
         size: file.size,
         mime_type: file.mime_type,
         created_at: timestamp(&file.created_at),
@@ -474,14 +487,15 @@ pub async fn list(
     let bucket = bucket_or_default(&state, &q.bucket);
     let folder =
         ObjectPath::parse_any(q.path.as_deref().unwrap_or("")).map_err(StorageError::from)?;
-    let listing = state.storage.list(Some(user.id), bucket, &folder).await?;
+    let folder = in_home(user.id, &folder)?;
+    let listing = state.storage.list(bucket, &folder, Some(user.id)).await?;
     Ok(Json(ListResponse {
         files: listing
             .files
             .iter()
             .map(|f| ListedFile {
                 name: f.name.clone(),
-                path: f.path.clone(),
+                path: relative(user.id, &f.path),
                 size: f.size,
                 mime_type: f.mime_type.clone(),
                 created_at: timestamp(&f.created_at),
@@ -493,8 +507,8 @@ pub async fn list(
             .folders
             .into_iter()
             .map(|f| ListedFolder {
+                path: relative(user.id, &f.path),
                 name: f.name,
-                path: f.path,
                 id: f.id.hyphenated().to_string(),
             })
             .collect(),
@@ -524,7 +538,10 @@ pub async fn delete(
 ) -> Result<Json<SuccessBody>, ApiError> {
     let bucket = bucket_or_default(&state, &body.bucket);
     let path = ObjectPath::parse(&body.path).map_err(StorageError::from)?;
-    state.storage.delete(Some(user.id), bucket, &path).await?;
+    state
+        .storage
+        .delete(Actor::User(user.id), bucket, &in_home(user.id, &path)?)
+        .await?;
     Ok(Json(SuccessBody { success: true }))
 }
 
@@ -539,12 +556,13 @@ fn inline_safe(mime: &str) -> bool {
 }
 
 /// Read a file's bytes (`Range` supported). Public buckets: anyone. Private
-/// buckets: the owner (Bearer token) or a `service_role` token.
+/// buckets: the owner (Bearer token) or a `service_role` token. The object's
+/// name is `{owner}/{path}`: a seed upload's is under its owner's home folder.
 #[utoipa::path(
     get, path = "/storage/object/{bucket}/{owner}/{path}", tag = "storage",
     params(
         ("bucket" = String, Path, description = "Bucket id"),
-        ("owner" = String, Path, description = "Owner's user id"),
+        ("owner" = String, Path, description = "The first segment of the object's name: the owner's user id for the seed routes' files"),
         ("path" = String, Path, description = "The file's path (may contain `/`)"),
         ("Range" = Option<String>, Header, description = "`bytes=first-last`, `bytes=first-` or `bytes=-suffix`"),
     ),
@@ -565,16 +583,14 @@ pub async fn object(
     MaybeUser(viewer): MaybeUser,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let not_found = || ApiError::from(StorageError::NotFound(format!("no file at {path:?}")));
-    let owner = Uuid::parse_str(&owner).map_err(|_| not_found())?;
-    let object_path = ObjectPath::parse(&path).map_err(StorageError::from)?;
+    let object_path = ObjectPath::parse(&format!("{owner}/{path}")).map_err(StorageError::from)?;
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(ByteRange::parse);
     let read = state
         .storage
-        .open(viewer.as_ref(), &bucket, Some(owner), &object_path, range)
+        .open(viewer.as_ref(), &bucket, &object_path, range)
         .await?;
     if read.span.is_none_or(|(a, _)| a == 0) {
         crate::api::kingshare::download_started(&state, &read.file);
@@ -636,13 +652,15 @@ mod tests {
     fn urls_escape_each_segment() {
         let owner = Uuid::nil();
         assert_eq!(
-            object_url(None, "files", owner, "docs/a b#1.pdf"),
+            object_url(None, "files", &format!("{owner}/docs/a b#1.pdf")),
             "/storage/object/files/00000000-0000-0000-0000-000000000000/docs/a%20b%231.pdf"
         );
         assert_eq!(
-            object_url(Some("https://api.example.com"), "b", owner, "x"),
+            object_url(Some("https://api.example.com"), "b", &format!("{owner}/x")),
             "https://api.example.com/storage/object/b/00000000-0000-0000-0000-000000000000/x"
         );
+        assert_eq!(relative(owner, &format!("{owner}/docs/a")), "docs/a");
+        assert_eq!(relative(owner, "shared/a"), "shared/a");
         assert!(
             inline_safe("image/png") && !inline_safe("image/svg+xml") && !inline_safe("text/html")
         );

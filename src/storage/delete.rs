@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 use super::buckets::bucket_in;
 use super::errors::StorageError;
-use super::owners::{lock_owner, owner_is};
+use super::owners::{Actor, lock_names, lock_owner};
 use super::{ObjectPath, StorageService};
 
 /// What was removed by [`StorageService::delete`].
@@ -30,9 +30,22 @@ impl StorageService {
     ) -> Result<usize, StorageError> {
         let (files, folders, arg): (&str, &str, &(dyn tokio_postgres::types::ToSql + Sync)) =
             match &of {
+                // The owner's folders go when nothing is left in them;
+                // others' files in them keep them, owner-less from then on.
                 Of::Owner(o) => (
                     "DELETE FROM public.files WHERE owner_id = $1 RETURNING storage_key",
-                    "DELETE FROM public.folders WHERE owner_id = $1",
+                    "WITH gone AS (
+                         DELETE FROM public.folders f WHERE owner_id = $1
+                           AND NOT EXISTS (SELECT 1 FROM public.files x
+                                           WHERE x.bucket_id = f.bucket_id
+                                             AND starts_with(x.path, f.path || '/'))
+                           AND NOT EXISTS (SELECT 1 FROM public.folders y
+                                           WHERE y.bucket_id = f.bucket_id
+                                             AND (y.owner_id IS DISTINCT FROM $1)
+                                             AND starts_with(y.path, f.path || '/'))
+                         RETURNING id)
+                     UPDATE public.folders SET owner_id = NULL
+                     WHERE owner_id = $1 AND id NOT IN (SELECT id FROM gone)",
                     o,
                 ),
                 Of::Bucket(b) => (
@@ -64,57 +77,75 @@ impl StorageService {
         self.delete_all(tx, Of::Owner(owner)).await
     }
 
-    /// Deletes `owner`'s file at `path` (row, then bytes), or an empty folder
-    /// (`None`: the owner-less ones).
+    /// Deletes the file at `path` (row, then bytes), or an empty folder, if
+    /// `actor` may: the owner or the service role. Another user's file is
+    /// not found in a private bucket and forbidden in a public one.
     pub async fn delete(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         bucket: &str,
         path: &ObjectPath,
     ) -> Result<Deleted, StorageError> {
         let svc = self.clone();
-        let (bucket, path) = (bucket.to_owned(), path.to_string());
-        tokio::spawn(async move { svc.delete_owned(owner, &bucket, &path).await })
+        let (bucket, path) = (bucket.to_owned(), path.clone());
+        tokio::spawn(async move { svc.delete_owned(actor, &bucket, &path).await })
             .await
             .map_err(StorageError::internal)?
     }
 
     async fn delete_owned(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         bucket: &str,
-        path: &str,
+        object: &ObjectPath,
     ) -> Result<Deleted, StorageError> {
+        let path = object.to_string();
+        let not_found = || StorageError::NotFound(format!("no file or folder at {path:?}"));
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
-        lock_owner(&*tx, owner).await?;
-        bucket_in(&*tx, bucket).await?;
-        let owned = owner_is("owner_id", owner, 2);
+        lock_names(&*tx, &[(bucket, object)]).await?;
+        let info = bucket_in(&*tx, bucket).await?;
+        let refuse = |owner: Option<uuid::Uuid>| {
+            if actor.may_read(owner, info.public) {
+                StorageError::Forbidden(format!(
+                    "{path:?} is another user's: only its owner or the service role may delete it"
+                ))
+            } else {
+                not_found()
+            }
+        };
         let file = tx
             .query_opt(
-                &format!(
-                    "DELETE FROM public.files WHERE bucket_id = $1 AND {owned} AND path = $3
-                     RETURNING storage_key"
-                ),
-                &[&bucket, &owner, &path],
+                "SELECT id, owner_id, storage_key FROM public.files
+                 WHERE bucket_id = $1 AND path = $2 FOR UPDATE",
+                &[&bucket, &path],
             )
             .await?;
         if let Some(row) = file {
+            let owner = row.get(1);
+            if !actor.may_change(owner) {
+                return Err(refuse(owner));
+            }
+            let id: Uuid = row.get(0);
+            tx.execute("DELETE FROM public.files WHERE id = $1", &[&id])
+                .await?;
             tx.commit().await?;
-            if let Some(key) = row.get::<_, Option<String>>(0) {
+            if let Some(key) = row.get::<_, Option<String>>(2) {
                 self.0.blobs.delete_quietly(&key).await;
             }
             return Ok(Deleted::File);
         }
         let folder = tx
             .query_opt(
-                &format!(
-                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
-                ),
-                &[&bucket, &owner, &path],
+                "SELECT id, owner_id FROM public.folders WHERE bucket_id = $1 AND path = $2 FOR UPDATE",
+                &[&bucket, &path],
             )
             .await?
-            .ok_or_else(|| StorageError::NotFound(format!("no file or folder at {path:?}")))?;
+            .ok_or_else(not_found)?;
+        let owner = folder.get(1);
+        if !actor.may_change(owner) {
+            return Err(refuse(owner));
+        }
         let id: Uuid = folder.get(0);
         let busy: bool = tx
             .query_one(
@@ -125,7 +156,7 @@ impl StorageService {
             .await?
             .get(0);
         if busy {
-            return Err(StorageError::FolderNotEmpty(path.to_owned()));
+            return Err(StorageError::FolderNotEmpty(path));
         }
         tx.execute("DELETE FROM public.folders WHERE id = $1", &[&id])
             .await?;

@@ -1,11 +1,10 @@
 //! Files and folders as rows: their records, columns and decoding, and
-//! finding an owner's file at a path.
+//! finding the file at a path.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::errors::StorageError;
-use super::owners::owner_is;
 use super::{ObjectPath, StorageService};
 
 #[derive(Debug, Clone)]
@@ -101,22 +100,19 @@ pub(super) fn folder_from_row(r: &tokio_postgres::Row) -> FolderRecord {
 }
 
 impl StorageService {
-    /// `owner`'s file at `path`, if any (`None`: the owner-less one).
+    /// The file at `path`, if any, whoever owns it (callers check access).
     pub async fn file_at(
         &self,
         bucket: &str,
-        owner: Option<Uuid>,
         path: &ObjectPath,
     ) -> Result<Option<FileRecord>, StorageError> {
         let client = self.0.pool.get().await?;
         let row = client
             .query_opt(
                 &format!(
-                    "SELECT {FILE_COLUMNS} FROM public.files
-                     WHERE bucket_id = $1 AND {} AND path = $3",
-                    owner_is("owner_id", owner, 2)
+                    "SELECT {FILE_COLUMNS} FROM public.files WHERE bucket_id = $1 AND path = $2"
                 ),
-                &[&bucket, &owner, &path.to_string()],
+                &[&bucket, &path.to_string()],
             )
             .await?;
         Ok(row.as_ref().map(file_from_row))

@@ -6,15 +6,18 @@ use uuid::Uuid;
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, FolderRecord, file_from_row, folder_from_row};
-use super::owners::owner_is;
+use super::owners::is_home;
 use super::{ObjectPath, StorageService};
 
-/// What is directly inside a folder (or a bucket's root) for one owner.
+/// What is directly inside a folder (or a bucket's root).
 #[derive(Debug, Clone)]
 pub struct Listing {
-    /// `None` for the root.
+    /// `None` for the root and for a home folder (neither has a row).
     pub folder_id: Option<Uuid>,
     pub folders: Vec<FolderRecord>,
+    /// At the root: the home folders (named after a user id, without a
+    /// row) that hold something listed.
+    pub homes: Vec<String>,
     pub files: Vec<FileRecord>,
 }
 
@@ -43,44 +46,62 @@ pub struct FileCursor {
 }
 
 impl StorageService {
-    /// `owner`'s files and folders directly under `folder` (the root when
-    /// empty; `None`: the owner-less ones).
+    /// The files and folders directly under `folder` (the root when empty),
+    /// of `only` that owner when given (everyone's otherwise). A home folder
+    /// always exists (it has no row); any other folder must.
     pub async fn list(
         &self,
-        owner: Option<Uuid>,
         bucket: &str,
         folder: &ObjectPath,
+        only: Option<Uuid>,
     ) -> Result<Listing, StorageError> {
         let client = self.0.pool.get().await?;
         bucket_in(&**client, bucket).await?;
-        let owned = owner_is("owner_id", owner, 2);
-        let folder_id: Option<Uuid> = if folder.is_root() {
+        let dir = folder.to_string();
+        let folder_id: Option<Uuid> = if folder.is_root() || is_home(folder) {
             None
         } else {
             let row = client
                 .query_opt(
-                    &format!("SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"),
-                    &[&bucket, &owner, &folder.to_string()],
+                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND path = $2",
+                    &[&bucket, &dir],
                 )
                 .await?
-                .ok_or_else(|| StorageError::NotFound(format!("folder {:?} not found", folder.to_string())))?;
+                .ok_or_else(|| StorageError::NotFound(format!("folder {dir:?} not found")))?;
             Some(row.get(0))
         };
-        // `= $3` under a folder (served by the parent/folder indexes), `IS NULL` at
-        // the root (served by the (bucket_id, owner_id, path) index prefix).
-        let (parent_cond, folder_cond) = match folder_id {
-            Some(_) => ("parent_id = $3", "folder_id = $3"),
-            None => ("parent_id IS NULL", "folder_id IS NULL"),
+        let inside = format!("{dir}/");
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&bucket, &only];
+        // `= $3` under a folder (served by the parent/folder indexes); a home's
+        // and the root's contents have no parent row.
+        let (parent_cond, folder_cond) = match &folder_id {
+            Some(id) => {
+                params.push(id);
+                ("parent_id = $3", "folder_id = $3")
+            }
+            None if folder.is_root() => (
+                "parent_id IS NULL AND strpos(path, '/') = 0",
+                "folder_id IS NULL AND strpos(path, '/') = 0",
+            ),
+            None => {
+                params.push(&inside);
+                (
+                    "parent_id IS NULL AND starts_with(path, $3)",
+                    "folder_id IS NULL AND starts_with(path, $3)",
+                )
+            }
         };
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&bucket, &owner];
-        if let Some(id) = &folder_id {
-            params.push(id);
-        }
+        let owned = "($2::uuid IS NULL OR owner_id = $2)";
+        // A folder is listed for its owner, and for whoever has files in it.
         let folders = client
             .query(
                 &format!(
-                    "SELECT id, parent_id, path, name, created_at FROM public.folders
-                     WHERE bucket_id = $1 AND {owned} AND {parent_cond}
+                    "SELECT id, parent_id, path, name, created_at FROM public.folders f
+                     WHERE bucket_id = $1 AND {parent_cond}
+                       AND ($2::uuid IS NULL OR owner_id = $2
+                            OR EXISTS (SELECT 1 FROM public.files x
+                                       WHERE x.owner_id = $2 AND x.bucket_id = f.bucket_id
+                                         AND starts_with(x.path, f.path || '/')))
                      ORDER BY name"
                 ),
                 &params,
@@ -102,9 +123,30 @@ impl StorageService {
             .iter()
             .map(file_from_row)
             .collect();
+        let homes = if folder.is_root() {
+            client
+                .query(
+                    &format!(
+                        "SELECT split_part(path, '/', 1) FROM public.files
+                         WHERE bucket_id = $1 AND {owned} AND folder_id IS NULL AND strpos(path, '/') > 0
+                         UNION
+                         SELECT split_part(path, '/', 1) FROM public.folders
+                         WHERE bucket_id = $1 AND {owned} AND parent_id IS NULL AND strpos(path, '/') > 0
+                         ORDER BY 1"
+                    ),
+                    &params,
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Listing {
             folder_id,
             folders,
+            homes,
             files,
         })
     }

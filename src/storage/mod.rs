@@ -7,15 +7,21 @@
 //!   before the transaction that inserts their row commits, and deleted only after
 //!   the transaction that removed their row committed;
 //! - a refused, failed or abandoned upload leaves neither a row nor bytes;
-//! - paths are per owner: users see and change only their own files and folders;
-//!   files in public buckets can be read by anyone;
+//! - an object is named by its bucket and path, as on Supabase and S3; its
+//!   owner is recorded, not part of the name. Any signed-in user may create
+//!   objects (not under another user's home folder, `<user id>/…`); only the
+//!   owner or the service role reads them (unless the bucket is public),
+//!   replaces, moves or deletes them ([`Actor`]);
 //! - the owner is `Option<Uuid>`: `None` is the service role's owner-less
 //!   objects (`owner_id` NULL), which count against no quota and whose bytes
-//!   live under the blob prefix `service/`.
+//!   live under the blob prefix `service/`;
+//! - a home folder has no `folders` row: what is directly in it has
+//!   `folder_id` NULL, as a user's files at their root in the seed routes.
 //!
-//! Each owner's uploads and deletes take a per-owner advisory lock (one for all
-//! owner-less objects) for the length of their transaction, which keeps the
-//! quota sum and folder creation race-free.
+//! Uploads take a per-owner advisory lock (one for all owner-less objects)
+//! for the length of their transaction, which keeps the quota sum race-free;
+//! every write also locks the first segment of the names it touches, which
+//! keeps files and folders of one name apart.
 
 pub mod blob;
 pub mod path;
@@ -42,6 +48,7 @@ pub use delete::Deleted;
 pub use errors::StorageError;
 pub use files::{FileRecord, FolderRecord};
 pub use listing::{FileCursor, FileSort, Listing, SortColumn};
+pub use owners::{Actor, home_of};
 pub use path::{ObjectPath, PathError};
 pub use range::ByteRange;
 pub use read::ObjectRead;

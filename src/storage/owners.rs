@@ -1,12 +1,85 @@
-//! Owners: the SQL test for an owner (owner-less objects included), the
-//! per-owner write lock, blob keys, the bytes an owner uses, and who owns
-//! files at a path or in a bucket.
+//! Who acts and whose objects: the [`Actor`] and what it may do, the
+//! per-owner and per-name write locks, blob keys, and the bytes an owner uses.
+//!
+//! Objects are named by bucket and path, as on Supabase and S3; the owner is
+//! recorded (`owner_id`), not part of the name. A path whose first segment is
+//! a user id is that user's home: the seed routes keep a user's files there.
 
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::ObjectPath;
 use super::errors::StorageError;
-use super::{ObjectPath, StorageService};
+
+/// Who acts on storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    /// A signed-in user: creates objects they then own.
+    User(Uuid),
+    /// The service role: acts on any object; what it creates has no owner and
+    /// counts against no quota.
+    Service,
+}
+
+impl Actor {
+    /// The owner of what this actor creates.
+    pub fn owner(self) -> Option<Uuid> {
+        match self {
+            Actor::User(u) => Some(u),
+            Actor::Service => None,
+        }
+    }
+
+    /// Whether it may replace, move or delete an object of `owner`.
+    pub fn may_change(self, owner: Option<Uuid>) -> bool {
+        match self {
+            Actor::Service => true,
+            Actor::User(u) => owner == Some(u),
+        }
+    }
+
+    /// Whether it may read an object of `owner` in a bucket public or not.
+    pub fn may_read(self, owner: Option<Uuid>, bucket_public: bool) -> bool {
+        bucket_public || self.may_change(owner)
+    }
+
+    /// Refuses to create at `path` under another user's home folder: a
+    /// signed-in user may create objects anywhere in a bucket except there,
+    /// so that nobody can take a name in someone else's home.
+    pub(super) fn check_create(self, path: &ObjectPath) -> Result<(), StorageError> {
+        match (self, home_of(path)) {
+            (Actor::User(u), Some(home)) if home != u => Err(StorageError::Forbidden(format!(
+                "{:?} is under another user's folder: a user creates objects in their own folder or outside users' folders",
+                path.to_string()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The user whose home `path` is under (its first segment is a user id).
+pub fn home_of(path: &ObjectPath) -> Option<Uuid> {
+    let first = path.prefixes().next()?;
+    // A single segment is a name at the bucket's root, not a home.
+    path.prefixes().nth(1)?;
+    parse_uuid(first.name())
+}
+
+/// Whether `dir` is a home folder itself (a single user-id segment), which
+/// has no `folders` row: objects directly in it have `folder_id` NULL, as a
+/// user's files at their root always had.
+pub(super) fn is_home(dir: &ObjectPath) -> bool {
+    let mut p = dir.prefixes();
+    matches!((p.next(), p.next()), (Some(first), None) if parse_uuid(first.name()).is_some())
+}
+
+/// A user id as the seed routes write it: hyphenated lower case only, so
+/// that one home has one spelling.
+fn parse_uuid(s: &str) -> Option<Uuid> {
+    Uuid::parse_str(s)
+        .ok()
+        .filter(|u| u.hyphenated().to_string() == s)
+}
 
 pub(super) async fn used_bytes(c: &impl GenericClient, owner: Uuid) -> Result<u64, StorageError> {
     let used: i64 = c
@@ -33,19 +106,8 @@ pub(super) fn blob_key(owner: Option<Uuid>) -> String {
     }
 }
 
-/// The SQL test that column `col` (an `owner_id`) is `owner`, given as
-/// parameter `$n`: `=` for a user, `IS NULL` for the owner-less (which keeps
-/// the `(bucket_id, owner_id, path)` index usable, as `IS NOT DISTINCT FROM`
-/// would not; `$n` is still mentioned so that its type is known).
-pub(super) fn owner_is(col: &str, owner: Option<Uuid>, n: u8) -> String {
-    match owner {
-        Some(_) => format!("{col} = ${n}"),
-        None => format!("({col} IS NULL AND ${n}::uuid IS NULL)"),
-    }
-}
-
 /// Serializes one owner's writes (all owner-less ones together) until the
-/// transaction ends.
+/// transaction ends: the quota sum stays true under concurrent uploads.
 pub(super) async fn lock_owner(
     c: &impl GenericClient,
     owner: Option<Uuid>,
@@ -59,42 +121,32 @@ pub(super) async fn lock_owner(
     Ok(())
 }
 
-impl StorageService {
-    /// The owners of files at `path` in `bucket`: the owner-less file (`None`,
-    /// the service role's) first, then the oldest first (paths are per owner,
-    /// so there may be several). Owner-less first so that a user who uploads at
-    /// a path before the service role publishes there cannot take over what
-    /// anonymous readers of a public bucket get.
-    pub async fn owners_at(
-        &self,
-        bucket: &str,
-        path: &ObjectPath,
-    ) -> Result<Vec<Option<Uuid>>, StorageError> {
-        let client = self.0.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT owner_id FROM public.files
-                 WHERE bucket_id = $1 AND path = $2
-                 ORDER BY owner_id IS NOT NULL, created_at, id",
-                &[&bucket, &path.to_string()],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+/// Serializes writes under the first segment of `path` in `bucket` until
+/// the transaction ends: a file and a folder of one name (`a` and `a/b`)
+/// are always under one first segment, so the checks that keep them apart
+/// cannot race, whoever writes them. Taken in name order when a transaction
+/// needs two (a move), so two moves cannot deadlock.
+pub(super) async fn lock_names(
+    c: &impl GenericClient,
+    names: &[(&str, &ObjectPath)],
+) -> Result<(), StorageError> {
+    let mut keys: Vec<String> = names
+        .iter()
+        .map(|(bucket, path)| {
+            let first = path.prefixes().next().map(|p| p.name().to_owned());
+            format!("{bucket}/{}", first.unwrap_or_default())
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        c.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 7490))",
+            &[&key],
+        )
+        .await?;
     }
-
-    /// Every owner with files or folders in `bucket` (`None`: owner-less ones).
-    pub async fn owners_in(&self, bucket: &str) -> Result<Vec<Option<Uuid>>, StorageError> {
-        let client = self.0.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT owner_id FROM public.files WHERE bucket_id = $1
-                 UNION
-                 SELECT owner_id FROM public.folders WHERE bucket_id = $1",
-                &[&bucket],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -102,14 +154,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn owner_less_objects_have_their_own_sql_and_keys() {
-        let uid = Uuid::new_v4();
-        assert_eq!(owner_is("owner_id", Some(uid), 2), "owner_id = $2");
-        assert_eq!(
-            owner_is("f.owner_id", None, 2),
-            "(f.owner_id IS NULL AND $2::uuid IS NULL)"
-        );
+    fn actors_change_their_own_and_the_service_role_anything() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(Actor::User(a).may_change(Some(a)));
+        assert!(!Actor::User(a).may_change(Some(b)));
+        assert!(!Actor::User(a).may_change(None));
+        assert!(Actor::Service.may_change(Some(a)) && Actor::Service.may_change(None));
+        assert!(Actor::User(a).may_read(None, true));
+        assert!(!Actor::User(a).may_read(Some(b), false));
         assert!(blob_key(None).starts_with("service/"));
-        assert!(blob_key(Some(uid)).starts_with(&format!("{uid}/")));
+        assert!(blob_key(Some(a)).starts_with(&format!("{a}/")));
+    }
+
+    #[test]
+    fn homes_are_first_segments_that_are_user_ids() {
+        let a = Uuid::new_v4();
+        let p = |s: &str| ObjectPath::parse(s).unwrap();
+        assert_eq!(home_of(&p(&format!("{a}/x.png"))), Some(a));
+        assert_eq!(home_of(&p(&a.to_string())), None, "a name at the root");
+        assert_eq!(home_of(&p("public/x.png")), None);
+        assert_eq!(
+            home_of(&p(&format!("{}/x", a.to_string().to_uppercase()))),
+            None,
+            "one spelling"
+        );
+        assert!(is_home(&p(&a.to_string())));
+        assert!(!is_home(&p(&format!("{a}/docs"))));
+        assert!(!is_home(&ObjectPath::root()));
+        let b = Uuid::new_v4();
+        assert!(Actor::User(a).check_create(&p(&format!("{a}/x"))).is_ok());
+        assert!(Actor::User(b).check_create(&p(&format!("{a}/x"))).is_err());
+        assert!(Actor::User(b).check_create(&p("shared/x")).is_ok());
+        assert!(Actor::Service.check_create(&p(&format!("{a}/x"))).is_ok());
     }
 }

@@ -1,4 +1,4 @@
-//! Object paths: `docs/2024/report.pdf`, relative to a bucket and an owner.
+//! Object paths: `docs/2024/report.pdf`, the name of an object in a bucket.
 //!
 //! Paths are checked, never repaired: a leading `/`, a `.` or `..` segment, an empty
 //! segment (`a//b`), a backslash, NUL or any control character is refused with a
@@ -58,6 +58,14 @@ impl ObjectPath {
     pub fn root() -> Self {
         ObjectPath {
             segments: Vec::new(),
+        }
+    }
+
+    /// A user's home folder: `<user id>`, where the seed routes keep the
+    /// user's files.
+    pub fn home(user: uuid::Uuid) -> Self {
+        ObjectPath {
+            segments: vec![user.hyphenated().to_string()],
         }
     }
 
@@ -125,6 +133,31 @@ impl ObjectPath {
         Ok(p)
     }
 
+    /// This path inside `dir` (`dir/self`), checked against the limits as a
+    /// whole.
+    pub fn within(&self, dir: &ObjectPath) -> Result<ObjectPath, PathError> {
+        let mut segments = dir.segments.clone();
+        segments.extend(self.segments.iter().cloned());
+        if segments.len() > MAX_DEPTH {
+            return Err(bad(format!("path is deeper than {MAX_DEPTH} levels")));
+        }
+        let p = ObjectPath { segments };
+        if p.to_string().len() > MAX_PATH_BYTES {
+            return Err(bad(format!("path is longer than {MAX_PATH_BYTES} bytes")));
+        }
+        Ok(p)
+    }
+
+    /// What is left of this path below `dir`, if it is inside it (`dir`
+    /// itself: the root).
+    pub fn relative_to(&self, dir: &ObjectPath) -> Option<ObjectPath> {
+        self.segments
+            .strip_prefix(dir.segments.as_slice())
+            .map(|rest| ObjectPath {
+                segments: rest.to_vec(),
+            })
+    }
+
     /// Every non-root prefix, shortest first: `a/b/c` → `a`, `a/b`, `a/b/c`.
     pub fn prefixes(&self) -> impl Iterator<Item = ObjectPath> + '_ {
         (1..=self.segments.len()).map(|n| ObjectPath {
@@ -167,6 +200,18 @@ mod tests {
             "résumé 1.pdf"
         );
         assert_eq!(ObjectPath::root().join("a").unwrap().to_string(), "a");
+        let home = ObjectPath::parse("u1").unwrap();
+        let inside = p.within(&home).unwrap();
+        assert_eq!(inside.to_string(), "u1/docs/2024/report.pdf");
+        assert_eq!(inside.relative_to(&home), Some(p.clone()));
+        assert_eq!(home.relative_to(&home), Some(ObjectPath::root()));
+        assert_eq!(p.relative_to(&home), None);
+        assert!(
+            ObjectPath::parse(&"a/".repeat(32))
+                .unwrap()
+                .within(&home)
+                .is_err()
+        );
     }
 
     #[test]

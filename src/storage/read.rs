@@ -6,11 +6,9 @@ use futures_util::StreamExt as _;
 use futures_util::TryStreamExt as _;
 use futures_util::stream::BoxStream;
 use object_store::{GetOptions, GetRange};
-use uuid::Uuid;
 
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
-use super::owners::owner_is;
 use super::{ByteRange, ObjectPath, StorageService};
 use crate::auth::Principal;
 
@@ -24,14 +22,13 @@ pub struct ObjectRead {
 }
 
 impl StorageService {
-    /// Opens `owner`'s file at `path` for `viewer` (anyone when the bucket is
-    /// public; otherwise the owner or a service token; an owner-less file
-    /// (`None`): a service token only).
+    /// Opens the file at `path` for `viewer` (anyone when the bucket is
+    /// public; otherwise its owner or a service token; an owner-less file: a
+    /// service token only). Another user's private file is not found.
     pub async fn open(
         &self,
         viewer: Option<&Principal>,
         bucket: &str,
-        owner: Option<Uuid>,
         path: &ObjectPath,
         range: Option<ByteRange>,
     ) -> Result<ObjectRead, StorageError> {
@@ -43,22 +40,21 @@ impl StorageService {
                     &format!(
                         "SELECT {cols}, b.public AS bucket_public
                          FROM public.files f JOIN public.buckets b ON b.id = f.bucket_id
-                         WHERE f.bucket_id = $1 AND {owned} AND f.path = $3",
-                        owned = owner_is("f.owner_id", owner, 2),
+                         WHERE f.bucket_id = $1 AND f.path = $2",
                         cols = FILE_COLUMNS
                             .split(", ")
                             .map(|c| format!("f.{c}"))
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                    &[&bucket, &owner, &path.to_string()],
+                    &[&bucket, &path.to_string()],
                 )
                 .await?
                 .ok_or_else(not_found)?
         };
         let file = file_from_row(&row);
         let bucket_public: bool = row.get("bucket_public");
-        let owner_text = owner.map(|o| o.hyphenated().to_string());
+        let owner_text = file.owner_id.map(|o| o.hyphenated().to_string());
         let allowed = bucket_public
             || viewer.is_some_and(|p| {
                 p.is_service() || (owner_text.is_some() && p.user_id == owner_text)

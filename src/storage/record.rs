@@ -7,13 +7,13 @@ use uuid::Uuid;
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row, file_metadata};
-use super::owners::{lock_owner, owner_is, used_bytes};
+use super::owners::{Actor, is_home, lock_names, lock_owner, used_bytes};
 use super::upload::{PendingUpload, TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService, as_i64};
 
 /// What a commit records about a completed upload (or a copy).
 pub(super) struct Recording {
-    pub(super) owner: Option<Uuid>,
+    pub(super) actor: Actor,
     pub(super) size: u64,
     pub(super) mime: String,
     pub(super) file_name: String,
@@ -46,7 +46,7 @@ impl StorageService {
             return Err(e.into());
         }
         let facts = Recording {
-            owner: up.owner,
+            actor: up.actor,
             size: up.size(),
             mime: up.mime.clone(),
             file_name: up.file_name.clone(),
@@ -89,17 +89,21 @@ impl StorageService {
     }
 
     /// The transaction of a commit; returns the file and the blob key it replaced.
+    /// A new object is the actor's (owner-less for the service role); a
+    /// replaced one keeps its owner, and only that owner or the service role
+    /// may replace it.
     pub(super) async fn record(
         &self,
         up: &Recording,
         target: &UploadTarget,
     ) -> Result<(FileRecord, Option<String>), StorageError> {
-        let owner = up.owner;
+        let actor = up.actor;
         let size = up.size;
         let path = target.path.to_string();
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
-        lock_owner(&*tx, owner).await?;
+        lock_owner(&*tx, actor.owner()).await?;
+        lock_names(&*tx, &[(&target.bucket, &target.path)]).await?;
         let bucket = bucket_in(&*tx, &target.bucket).await?;
         if size > self.size_limit(Some(&bucket)) {
             return Err(StorageError::FileTooLarge {
@@ -107,40 +111,34 @@ impl StorageService {
             });
         }
         self.check_type(&up.mime, &up.file_name, Some(&bucket), up.types)?;
-        let owned = owner_is("owner_id", owner, 2);
-        let is_folder = tx
-            .query_opt(
-                &format!(
-                    "SELECT 1 FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"
-                ),
-                &[&target.bucket, &owner, &path],
-            )
-            .await?
-            .is_some();
-        if is_folder {
+        if is_folder(&*tx, &target.bucket, &target.path).await? {
             return Err(StorageError::PathConflict(format!(
                 "{path:?} is a folder; a file cannot take its place"
             )));
         }
-        let folder_id = ensure_folders(&*tx, &target.bucket, owner, &target.path.parent()).await?;
         let existing = tx
             .query_opt(
-                &format!(
-                    "SELECT id, size, storage_key FROM public.files
-                     WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
-                ),
-                &[&target.bucket, &owner, &path],
+                "SELECT id, size, storage_key, owner_id FROM public.files
+                 WHERE bucket_id = $1 AND path = $2 FOR UPDATE",
+                &[&target.bucket, &path],
             )
             .await?;
-        if existing.is_some() && !target.upsert {
-            return Err(StorageError::AlreadyExists(path));
+        match &existing {
+            Some(_) if !target.upsert => return Err(StorageError::AlreadyExists(path)),
+            Some(old) if !actor.may_change(old.get(3)) => {
+                return Err(replace_refused(&target.path));
+            }
+            Some(_) => {}
+            None => actor.check_create(&target.path)?,
         }
+        let folder_id =
+            ensure_folders(&*tx, &target.bucket, actor.owner(), &target.path.parent()).await?;
         let replaced_size = existing
             .as_ref()
             .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
             .unwrap_or(0);
-        // Owner-less (service-role) objects count against no quota.
-        if let Some(user) = owner {
+        // The service role's writes count against no quota.
+        if let Actor::User(user) = actor {
             let used = used_bytes(&*tx, user).await?.saturating_sub(replaced_size);
             if used.saturating_add(size) > self.0.quota {
                 return Err(StorageError::QuotaExceeded {
@@ -194,7 +192,7 @@ impl StorageService {
                             &target.path.name(),
                             &as_i64(size),
                             &up.mime,
-                            &owner,
+                            &actor.owner(),
                             &up.key,
                             &metadata,
                             &target.id,
@@ -209,8 +207,56 @@ impl StorageService {
     }
 }
 
-/// Creates the folders of `dir` that are missing, parents first; returns the id of
-/// `dir` itself (`None` for the root).
+impl StorageService {
+    /// What [`StorageService::record`] will refuse of `actor`'s write at
+    /// `bucket/path`, checked before any byte is read (`record` checks again,
+    /// in its transaction): a taken name without `upsert`, another user's
+    /// object, a name in another user's home folder. Returns the size of the
+    /// object it would replace.
+    pub async fn check_write(
+        &self,
+        actor: Actor,
+        bucket: &str,
+        path: &ObjectPath,
+        upsert: bool,
+    ) -> Result<u64, StorageError> {
+        match self.file_at(bucket, path).await? {
+            Some(_) if !upsert => Err(StorageError::AlreadyExists(path.to_string())),
+            Some(f) if !actor.may_change(f.owner_id) => Err(replace_refused(path)),
+            Some(f) => Ok(f.size),
+            None => actor.check_create(path).map(|()| 0),
+        }
+    }
+}
+
+fn replace_refused(path: &ObjectPath) -> StorageError {
+    StorageError::Forbidden(format!(
+        "the object at {:?} is another user's: only its owner or the service role may replace it",
+        path.to_string()
+    ))
+}
+
+/// Whether `path` is a folder: a `folders` row, or a home folder (which has
+/// no row) with something in it.
+pub(super) async fn is_folder(
+    tx: &impl GenericClient,
+    bucket: &str,
+    path: &ObjectPath,
+) -> Result<bool, StorageError> {
+    let p = path.to_string();
+    let sql = if is_home(path) {
+        "SELECT EXISTS (SELECT 1 FROM public.files WHERE bucket_id = $1 AND starts_with(path, $2 || '/'))
+             OR EXISTS (SELECT 1 FROM public.folders WHERE bucket_id = $1 AND starts_with(path, $2 || '/'))"
+    } else {
+        "SELECT EXISTS (SELECT 1 FROM public.folders WHERE bucket_id = $1 AND path = $2)"
+    };
+    Ok(tx.query_one(sql, &[&bucket, &p]).await?.get(0))
+}
+
+/// Creates the folders of `dir` that are missing, parents first, for
+/// `owner` (folders are shared by whoever writes in them; the owner is who
+/// made it); returns the id of `dir` itself (`None` for the root, and for a
+/// home folder, which has no row).
 pub(super) async fn ensure_folders(
     tx: &impl GenericClient,
     bucket: &str,
@@ -218,15 +264,12 @@ pub(super) async fn ensure_folders(
     dir: &ObjectPath,
 ) -> Result<Option<Uuid>, StorageError> {
     let mut parent: Option<Uuid> = None;
-    let owned = owner_is("owner_id", owner, 2);
     for prefix in dir.prefixes() {
         let p = prefix.to_string();
         let clash = tx
             .query_opt(
-                &format!(
-                    "SELECT 1 FROM public.files WHERE bucket_id = $1 AND {owned} AND path = $3"
-                ),
-                &[&bucket, &owner, &p],
+                "SELECT 1 FROM public.files WHERE bucket_id = $1 AND path = $2",
+                &[&bucket, &p],
             )
             .await?
             .is_some();
@@ -235,11 +278,14 @@ pub(super) async fn ensure_folders(
                 "{p:?} is a file, so it cannot be a folder"
             )));
         }
+        if is_home(&prefix) {
+            continue;
+        }
         let inserted = tx
             .query_opt(
                 "INSERT INTO public.folders (bucket_id, parent_id, path, name, owner_id)
                  VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (bucket_id, owner_id, path) DO NOTHING
+                 ON CONFLICT (bucket_id, path) DO NOTHING
                  RETURNING id",
                 &[&bucket, &parent, &p, &prefix.name(), &owner],
             )
@@ -248,8 +294,8 @@ pub(super) async fn ensure_folders(
             Some(r) => r.get(0),
             None => tx
                 .query_one(
-                    &format!("SELECT id FROM public.folders WHERE bucket_id = $1 AND {owned} AND path = $3"),
-                    &[&bucket, &owner, &p],
+                    "SELECT id FROM public.folders WHERE bucket_id = $1 AND path = $2",
+                    &[&bucket, &p],
                 )
                 .await?
                 .get(0),

@@ -1,23 +1,22 @@
 //! Moving and copying files, within a bucket or into another.
 
-use uuid::Uuid;
-
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
-use super::owners::{blob_key, lock_owner, owner_is, used_bytes};
-use super::record::{Recording, ensure_folders};
+use super::owners::{Actor, blob_key, lock_names, used_bytes};
+use super::record::{Recording, ensure_folders, is_folder};
 use super::upload::{TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService};
 
 impl StorageService {
-    /// Moves `owner`'s file at `from` (in `from_bucket`) to `to` in `to_bucket`,
+    /// Moves the file at `from` (in `from_bucket`) to `to` in `to_bucket`,
     /// keeping its row (id, owner, bytes): one transaction that updates the
-    /// row's bucket, path and folder. Refused when a file or folder is at `to`;
-    /// into another bucket, that bucket's size limit and types apply.
+    /// row's bucket, path and folder. Only its owner or the service role may;
+    /// refused when a file or folder is at `to`; into another bucket, that
+    /// bucket's size limit and types apply.
     pub async fn move_file(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         from_bucket: &str,
         from: &ObjectPath,
         to_bucket: &str,
@@ -26,24 +25,34 @@ impl StorageService {
         let (src, dst) = (from.to_string(), to.to_string());
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
-        lock_owner(&*tx, owner).await?;
-        bucket_in(&*tx, from_bucket).await?;
+        lock_names(&*tx, &[(from_bucket, from), (to_bucket, to)]).await?;
+        let source_bucket = bucket_in(&*tx, from_bucket).await?;
         let bucket = bucket_in(&*tx, to_bucket).await?;
-        let owned = owner_is("owner_id", owner, 2);
+        let not_found = || StorageError::NotFound(format!("no file at {src:?}"));
         let row = tx
             .query_opt(
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM public.files
-                     WHERE bucket_id = $1 AND {owned} AND path = $3 FOR UPDATE"
+                     WHERE bucket_id = $1 AND path = $2 FOR UPDATE"
                 ),
-                &[&from_bucket, &owner, &src],
+                &[&from_bucket, &src],
             )
             .await?
-            .ok_or_else(|| StorageError::NotFound(format!("no file at {src:?}")))?;
+            .ok_or_else(not_found)?;
         let file = file_from_row(&row);
+        if !actor.may_change(file.owner_id) {
+            return Err(if actor.may_read(file.owner_id, source_bucket.public) {
+                StorageError::Forbidden(format!(
+                    "{src:?} is another user's: only its owner or the service role may move it"
+                ))
+            } else {
+                not_found()
+            });
+        }
         if from_bucket == to_bucket && src == dst {
             return Ok(file);
         }
+        actor.check_create(to)?;
         if from_bucket != to_bucket {
             let limit = self.size_limit(Some(&bucket));
             if file.size > limit {
@@ -56,26 +65,22 @@ impl StorageService {
                 TypeRules::BucketOnly,
             )?;
         }
-        let taken = tx
-            .query_one(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM public.folders
-                                    WHERE bucket_id = $1 AND {owned} AND path = $3),
-                            EXISTS (SELECT 1 FROM public.files
-                                    WHERE bucket_id = $1 AND {owned} AND path = $3)"
-                ),
-                &[&to_bucket, &owner, &dst],
-            )
-            .await?;
-        if taken.get::<_, bool>(0) {
+        if is_folder(&*tx, to_bucket, to).await? {
             return Err(StorageError::PathConflict(format!(
                 "{dst:?} is a folder; a file cannot take its place"
             )));
         }
-        if taken.get::<_, bool>(1) {
+        let taken: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM public.files WHERE bucket_id = $1 AND path = $2)",
+                &[&to_bucket, &dst],
+            )
+            .await?
+            .get(0);
+        if taken {
             return Err(StorageError::AlreadyExists(dst));
         }
-        let folder_id = ensure_folders(&*tx, to_bucket, owner, &to.parent()).await?;
+        let folder_id = ensure_folders(&*tx, to_bucket, file.owner_id, &to.parent()).await?;
         let row = tx
             .query_one(
                 &format!(
@@ -89,15 +94,15 @@ impl StorageService {
         Ok(file_from_row(&row))
     }
 
-    /// Copies `owner`'s file at `from` (in `from_bucket`) to `to` in `to_bucket`,
-    /// for the same owner, with its custom metadata: the bytes are copied under
-    /// a fresh key, then recorded as an upload is (the destination bucket's
-    /// rules, the owner's quota; `upsert` replaces a file at `to`). Copying a
-    /// file onto itself changes nothing. Runs to the end even if the caller
-    /// goes away.
+    /// Copies the file at `from` (in `from_bucket`), which `actor` may read,
+    /// to `to` in `to_bucket` as a new object of `actor`'s (as on Supabase),
+    /// with its custom metadata: the bytes are copied under a fresh key, then
+    /// recorded as an upload is (the destination bucket's rules, the actor's
+    /// quota; `upsert` replaces a file at `to`). Copying a file onto itself
+    /// changes nothing. Runs to the end even if the caller goes away.
     pub async fn copy_file(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         from_bucket: &str,
         from: &ObjectPath,
         to_bucket: &str,
@@ -112,7 +117,7 @@ impl StorageService {
             to.clone(),
         );
         tokio::spawn(async move {
-            svc.copy_owned(owner, &from_bucket, &from, &to_bucket, &to, upsert)
+            svc.copy_owned(actor, &from_bucket, &from, &to_bucket, &to, upsert)
                 .await
         })
         .await
@@ -121,7 +126,7 @@ impl StorageService {
 
     async fn copy_owned(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         from_bucket: &str,
         from: &ObjectPath,
         to_bucket: &str,
@@ -130,18 +135,22 @@ impl StorageService {
     ) -> Result<FileRecord, StorageError> {
         let not_found = || StorageError::NotFound(format!("no file at {:?}", from.to_string()));
         let src = self
-            .file_at(from_bucket, owner, from)
+            .file_at(from_bucket, from)
             .await?
             .ok_or_else(not_found)?;
+        let public = self.bucket(from_bucket).await?.public;
+        if !actor.may_read(src.owner_id, public) {
+            return Err(not_found());
+        }
         if from_bucket == to_bucket && from == to {
             return Ok(src);
         }
         let src_key = src.storage_key.clone().ok_or_else(not_found)?;
         // What `record` refuses, refused before the bytes are copied: a copy
         // that cannot be kept must not cost a full read and write.
-        self.copy_allowed(owner, &src, to_bucket, to, upsert)
+        self.copy_allowed(actor, &src, to_bucket, to, upsert)
             .await?;
-        let key = blob_key(owner);
+        let key = blob_key(actor.owner());
         // An empty file's blob may not exist: it is never read.
         let from_key = (src.size > 0).then_some(src_key.as_str());
         let copied = self.0.blobs.copy(from_key, &key).await;
@@ -150,7 +159,7 @@ impl StorageService {
             e => e.into(),
         })?;
         let facts = Recording {
-            owner,
+            actor,
             size: src.size,
             mime: src.mime_type.clone(),
             file_name: to.name().to_owned(),
@@ -185,7 +194,7 @@ impl StorageService {
     /// byte is copied (`record` makes them again, in its transaction).
     async fn copy_allowed(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         src: &FileRecord,
         to_bucket: &str,
         to: &ObjectPath,
@@ -202,12 +211,8 @@ impl StorageService {
         if src.size > limit {
             return Err(StorageError::FileTooLarge { limit });
         }
-        let replaced = match self.file_at(to_bucket, owner, to).await? {
-            Some(_) if !upsert => return Err(StorageError::AlreadyExists(to.to_string())),
-            Some(f) => f.size,
-            None => 0,
-        };
-        if let Some(owner) = owner {
+        let replaced = self.check_write(actor, to_bucket, to, upsert).await?;
+        if let Actor::User(owner) = actor {
             let client = self.0.pool.get().await?;
             let used = used_bytes(&**client, owner).await?.saturating_sub(replaced);
             if used.saturating_add(src.size) > self.0.quota {

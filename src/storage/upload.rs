@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::buckets::BucketInfo;
 use super::errors::StorageError;
-use super::owners::{blob_key, used_bytes};
+use super::owners::{Actor, blob_key, used_bytes};
 use super::types;
 use super::{AllowedTypes, BlobWriter, ObjectPath, StorageService};
 
@@ -54,7 +54,7 @@ pub struct UploadTarget {
 /// come. Dropping it (or [`PendingUpload::discard`]) removes what was written.
 #[derive(Debug)]
 pub struct PendingUpload {
-    pub(super) owner: Option<Uuid>,
+    pub(super) actor: Actor,
     pub(super) blob: BlobWriter,
     limit: u64,
     quota: u64,
@@ -179,18 +179,18 @@ impl StorageService {
         self.0.max_file_size.min(own)
     }
 
-    /// Starts an upload for `owner`: checks the type and that some quota is left,
-    /// and opens the blob. `bucket`, when already known, tightens the limits.
-    /// An owner-less upload (`None`, the service role's) has no quota.
+    /// Starts an upload by `actor`: checks the type and that some quota is
+    /// left, and opens the blob. `bucket`, when already known, tightens the
+    /// limits. The service role's uploads have no quota.
     pub async fn begin_upload(
         &self,
-        owner: Option<Uuid>,
+        actor: Actor,
         source: UploadSource,
         bucket: Option<&BucketInfo>,
     ) -> Result<PendingUpload, StorageError> {
         let mime = resolve_mime(source.content_type.as_deref(), &source.file_name);
         self.check_type(&mime, &source.file_name, bucket, source.types)?;
-        let (used, quota) = match owner {
+        let (used, quota) = match actor.owner() {
             Some(o) => {
                 let client = self.0.pool.get().await?;
                 (used_bytes(&**client, o).await?, self.0.quota)
@@ -204,9 +204,9 @@ impl StorageService {
                 needed: 1,
             });
         }
-        let blob = BlobWriter::start(&self.0.blobs, blob_key(owner)).await?;
+        let blob = BlobWriter::start(&self.0.blobs, blob_key(actor.owner())).await?;
         Ok(PendingUpload {
-            owner,
+            actor,
             blob,
             limit: self.size_limit(bucket),
             quota,

@@ -224,26 +224,28 @@ await main('storage-objects', async () => {
   assert.equal((await bobFiles.move('reports/q1.txt', 'mine.txt')).error?.statusCode, '404')
   assert.equal((await bobFiles.copy('reports/q1.txt', 'mine.txt')).error?.statusCode, '404')
   assert.deepEqual(ok(await bobFiles.remove(['reports/q1.txt']), 'bob remove'), [])
-  // A user's upload at that path is the user's own object, which they read
-  // from then on; the service role still reads its own.
-  ok(await bobFiles.upload('reports/q1.txt', Buffer.from('bob\'s own'), { contentType: 'text/plain' }), 'bob upload at the same path')
-  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob reads his own'), 'bob\'s own')
-  assert.equal(await text(svcFiles.download('reports/q1.txt'), 'the service role reads its own'), 'quarter one')
-  // x-upsert replaces the service role's object (not bob's); without it, 409.
+  // One object per bucket and name, as on Supabase: the name is taken, so
+  // bob's upload there is refused (409), and his upsert too (403: not his).
+  assert.equal((await bobFiles.upload('reports/q1.txt', Buffer.from('bob\'s own'))).error?.statusCode, '409', 'the name is taken')
+  assert.equal((await bobFiles.upload('reports/q1.txt', Buffer.from('bob\'s own'), { upsert: true })).error?.statusCode, '403', 'not bob\'s to replace')
+  assert.equal((await bobFiles.createSignedUploadUrl('reports/q1.txt', { upsert: true })).error?.statusCode, '403')
+  ok(await bobFiles.upload('reports/bob.txt', Buffer.from('bob\'s own'), { contentType: 'text/plain' }), 'bob upload')
+  // x-upsert replaces the service role's object; without it, 409.
   assert.equal((await svcFiles.upload('reports/q1.txt', Buffer.from('x'))).error?.statusCode, '409')
   ok(await svcFiles.upload('reports/q1.txt', Buffer.from('quarter one, v2'), { contentType: 'text/plain', upsert: true }), 'service upsert')
   assert.equal(await text(svcFiles.download('reports/q1.txt'), 'replaced'), 'quarter one, v2')
   assert.equal(ok(await svcFiles.info('reports/q1.txt'), 'info after upsert').id, q1Info.id)
-  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s untouched'), 'bob\'s own')
-  // The service role lists it (with bob's) and moves and copies it; both stay owner-less.
-  assert.deepEqual(ok(await svcFiles.list('reports'), 'service list').map((e) => e.name), ['q1.txt', 'q1.txt'])
+  // The service role lists everyone's objects; bob his own.
+  assert.deepEqual(ok(await svcFiles.list('reports'), 'service list').map((e) => e.name), ['bob.txt', 'q1.txt'])
+  assert.deepEqual(ok(await bobFiles.list('reports'), 'bob list').map((e) => e.name), ['bob.txt'])
   assert.ok(ok(await svcFiles.listV2({ prefix: 'reports/' }), 'service listV2').objects.some((o) => o.id === q1Info.id))
+  // It moves its object (which keeps no owner) and copies it (a copy is the
+  // copier's: owner-less too).
   ok(await svcFiles.move('reports/q1.txt', 'archive/q1.txt'), 'service move')
   ok(await svcFiles.copy('archive/q1.txt', 'reports/q1-copy.txt'), 'service copy')
   const moved = ok(await service.from('files').select('owner_id, path').in('path', ['archive/q1.txt', 'reports/q1-copy.txt']).eq('bucket_id', bucket), 'moved rows')
   assert.equal(moved.length, 2)
   assert.ok(moved.every((r) => r.owner_id === null), JSON.stringify(moved))
-  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s stays'), 'bob\'s own')
   // No quota: the server's is 1 MB, the service role stores more, and bob can
   // still upload (his own quota is untouched).
   ok(await svcFiles.upload('reports/big.bin', Buffer.alloc(1_200_000)), 'service upload over 1 MB')
@@ -253,9 +255,30 @@ await main('storage-objects', async () => {
   const removed = ok(await svcFiles.remove(['archive/q1.txt', 'reports/q1-copy.txt', 'reports/big.bin', 'reports/big2.bin']), 'service remove')
   assert.equal(removed.length, 4)
   assert.equal((await svcFiles.info('archive/q1.txt')).error?.statusCode, '404')
-  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s remains'), 'bob\'s own')
-  // With one user's object there (and none of its own), the service role acts
-  // on that user's object, as before.
-  ok(await svcFiles.upload('reports/q1.txt', Buffer.from('for bob'), { upsert: true }), 'service upsert of bob\'s object')
-  assert.equal(await text(bobFiles.download('reports/q1.txt'), 'bob\'s replaced'), 'for bob')
+  // The service role may replace a user's object, which stays the user's.
+  ok(await svcFiles.upload('reports/bob.txt', Buffer.from('for bob'), { upsert: true }), 'service upsert of bob\'s object')
+  assert.equal(await text(bobFiles.download('reports/bob.txt'), 'bob\'s replaced'), 'for bob')
+  const bobRow = ok(await service.from('files').select('owner_id').eq('bucket_id', bucket).eq('path', 'reports/bob.txt'), 'bob row')
+  assert.equal(bobRow[0].owner_id, (await bob.auth.getUser()).data.user.id)
+
+  // 9. Users' folders: `<user id>/…` is its user's. Nobody else creates
+  // there (403), and it is where the seed routes keep the user's files, so
+  // one object is one file in both APIs.
+  const aliceId = (await alice.auth.getUser()).data.user.id
+  assert.equal((await bobFiles.upload(`${aliceId}/planted.txt`, Buffer.from('x'))).error?.statusCode, '403', 'not in alice\'s folder')
+  ok(await files.upload(`${aliceId}/docs/from-js.txt`, Buffer.from('from js'), { contentType: 'text/plain' }), 'alice in her folder')
+  res = await fetch(`${url}/storage/list?bucket=${bucket}&path=docs`, { headers: { authorization: `Bearer ${token}` } })
+  assert.equal(res.status, 200)
+  const seedList = await res.json()
+  assert.deepEqual(seedList.files.map((f) => f.path), ['docs/from-js.txt'], JSON.stringify(seedList))
+  const form = new FormData()
+  form.append('bucket', bucket)
+  form.append('path', 'docs/from-seed.pdf')
+  form.append('file', new Blob([Buffer.from('%PDF-1.4 seed')], { type: 'application/pdf' }), 'from-seed.pdf')
+  res = await fetch(`${url}/storage/upload`, { method: 'POST', headers: { authorization: `Bearer ${token}` }, body: form })
+  assert.equal(res.status, 201, await res.clone().text())
+  assert.equal((await res.json()).path, 'docs/from-seed.pdf')
+  assert.equal(await text(files.download(`${aliceId}/docs/from-seed.pdf`), 'the seed upload through supabase-js'), '%PDF-1.4 seed')
+  assert.deepEqual(ok(await files.list(`${aliceId}/docs`), 'alice lists her folder').map((e) => e.name), ['from-js.txt', 'from-seed.pdf'])
+  assert.ok(ok(await svcFiles.list(''), 'service lists the root').some((e) => e.name === aliceId && e.id === null), 'alice\'s folder at the root')
 })

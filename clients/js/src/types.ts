@@ -60,6 +60,8 @@ export interface FileRow {
   id: string;
   bucket_id: string;
   folder_id: string | null;
+  /** The object's name in its bucket: `<owner id>/<path>` for a file
+   * uploaded through `/storage/upload`, whose answers give `<path>`. */
   path: string;
   name: string;
   size: number;

@@ -233,9 +233,16 @@ function fromObject(f: FileObject): FileView {
   return { id: f.id, name: f.name, path: f.path, size: f.size, mime_type: f.mime_type, url: f.url };
 }
 
+/** A row's path is its name in the bucket, `<owner id>/<path>`; the storage
+ * routes take and give the part after the owner's folder. */
+function ownPath(name: string): string {
+  const home = `${user?.id ?? ''}/`;
+  return name.startsWith(home) ? name.slice(home.length) : name;
+}
+
 function fromRow(row: FileRow): FileView {
-  const url = `/storage/object/${[row.bucket_id, row.owner_id ?? '', ...row.path.split('/')].map(encodeURIComponent).join('/')}`;
-  return { id: row.id, name: row.name, path: row.path, size: Number(row.size), mime_type: row.mime_type, url };
+  const url = `/storage/object/${[row.bucket_id, ...row.path.split('/')].map(encodeURIComponent).join('/')}`;
+  return { id: row.id, name: row.name, path: ownPath(row.path), size: Number(row.size), mime_type: row.mime_type, url };
 }
 
 const fileHandlers: SubscriptionHandlers<FileRow> = {
@@ -319,7 +326,7 @@ async function openFolder(path: string): Promise<void> {
     {
       onInsert: (row, ev) => {
         if (folderId !== undefined || wanted !== folderPath) return;
-        if (row.path === wanted && row.bucket_id === config.bucket) void adoptFolder(String(row.id), ev.id);
+        if (row.path === `${owner}/${wanted}` && row.bucket_id === config.bucket) void adoptFolder(String(row.id), ev.id);
       },
     },
   );

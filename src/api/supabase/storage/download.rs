@@ -7,7 +7,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::errors::StorageApiError;
-use super::owners::{Caller, Owner, object_path, read_owner};
+use super::owners::{Caller, object_path, readable};
 use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::storage::read_response;
@@ -19,7 +19,6 @@ pub(super) async fn serve(
     state: &AppState,
     viewer: &Principal,
     bucket: &str,
-    owner: Owner,
     path: &ObjectPath,
     headers: &HeaderMap,
     head_only: bool,
@@ -30,7 +29,7 @@ pub(super) async fn serve(
         .and_then(ByteRange::parse);
     let read = state
         .storage
-        .open(Some(viewer), bucket, owner, path, range)
+        .open(Some(viewer), bucket, path, range)
         .await?;
     // A HEAD is not a download: KingShare owners are told of GETs only.
     if !head_only && read.span.is_none_or(|(a, _)| a == 0) {
@@ -48,9 +47,8 @@ pub async fn get_object(
     headers: HeaderMap,
 ) -> Result<Response, StorageApiError> {
     let path = object_path(&path)?;
-    let owner = read_owner(&state, &p, &bucket, &path).await?;
     let head_only = method == axum::http::Method::HEAD;
-    serve(&state, &p, &bucket, owner, &path, &headers, head_only).await
+    serve(&state, &p, &bucket, &path, &headers, head_only).await
 }
 
 /// `GET /storage/v1/object/info/{bucket}/{path}` (`info`): Supabase's shape,
@@ -61,12 +59,7 @@ pub async fn info(
     ApiPath((bucket, path)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, StorageApiError> {
     let path = object_path(&path)?;
-    let owner = read_owner(&state, &p, &bucket, &path).await?;
-    let f = state
-        .storage
-        .file_at(&bucket, owner, &path)
-        .await?
-        .ok_or_else(StorageApiError::no_such_key)?;
+    let f = readable(&state, &p, &bucket, &path).await?;
     Ok(Json(json!({
         "id": f.id.hyphenated().to_string(),
         "name": f.path,
@@ -94,7 +87,6 @@ pub async fn public_get(
     if !state.storage.bucket(&bucket).await?.public {
         return Err(StorageApiError::no_such_key());
     }
-    let owner = read_owner(&state, &anon, &bucket, &path).await?;
     let head_only = method == axum::http::Method::HEAD;
-    serve(&state, &anon, &bucket, owner, &path, &headers, head_only).await
+    serve(&state, &anon, &bucket, &path, &headers, head_only).await
 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::errors::StorageApiError;
 use super::json_body;
-use super::owners::{Caller, Owner, user_of};
+use super::owners::{Caller, user_of};
 use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::validate::{self, Validate};
@@ -63,6 +63,16 @@ impl Validate for ListBody {
     }
 }
 
+/// Whose objects a caller lists: a user their own (`Some(Some(user))`), the
+/// service role everyone's (`Some(None)`), the anon key none (`None`).
+fn lister(p: &crate::auth::Principal) -> Option<Option<Uuid>> {
+    match (user_of(p), p.is_service()) {
+        (_, true) => Some(None),
+        (Some(uid), false) => Some(Some(uid)),
+        (None, false) => None,
+    }
+}
+
 /// `POST /storage/v1/object/list/{bucket}`: the folders (entries with a null
 /// `id`) and files directly under `prefix`.
 pub async fn list(
@@ -75,18 +85,13 @@ pub async fn list(
     state.storage.bucket(&bucket).await?;
     let prefix = b.prefix.unwrap_or_default();
     let folder = ObjectPath::parse_any(prefix.trim_matches('/')).map_err(StorageError::from)?;
-    let owners: Vec<Owner> = match (user_of(&p), p.is_service()) {
-        (_, true) => state.storage.owners_in(&bucket).await?,
-        (Some(uid), false) => vec![Some(uid)],
-        (None, false) => Vec::new(),
-    };
-    // (name, is_folder, created, updated, json)
     let mut folders: Vec<String> = Vec::new();
     let mut files: Vec<FileRecord> = Vec::new();
-    for owner in owners {
-        match state.storage.list(owner, &bucket, &folder).await {
+    if let Some(only) = lister(&p) {
+        match state.storage.list(&bucket, &folder, only).await {
             Ok(l) => {
                 folders.extend(l.folders.into_iter().map(|f| f.name));
+                folders.extend(l.homes);
                 files.extend(l.files);
             }
             Err(StorageError::NotFound(_)) => {}
@@ -301,10 +306,10 @@ pub async fn list_v2(
     let sort = sort_v2(b.sort_by)?;
     let after = b.cursor.as_deref().map(decode_cursor).transpose()?;
     let prefix = b.prefix.unwrap_or_default();
-    let owners: Option<Vec<Uuid>> = match (user_of(&p), p.is_service()) {
-        (_, true) => None,
-        (Some(uid), false) => Some(vec![uid]),
-        (None, false) => Some(Vec::new()),
+    let owners: Option<Vec<Uuid>> = match lister(&p) {
+        Some(None) => None,
+        Some(Some(uid)) => Some(vec![uid]),
+        None => Some(Vec::new()),
     };
     let mut entries: Vec<V2Entry> = if b.with_delimiter.unwrap_or(false) {
         // One level: the folder the prefix is in, through the same listing as
@@ -316,16 +321,13 @@ pub async fn list_v2(
         } else {
             format!("{dir}/")
         };
-        let owners: Vec<Owner> = match owners {
-            Some(o) => o.into_iter().map(Some).collect(),
-            None => state.storage.owners_in(&bucket).await?,
-        };
         let mut folders: Vec<String> = Vec::new();
         let mut out = Vec::new();
-        for owner in owners {
-            match state.storage.list(owner, &bucket, &dir).await {
+        if let Some(only) = lister(&p) {
+            match state.storage.list(&bucket, &dir, only).await {
                 Ok(l) => {
                     folders.extend(l.folders.into_iter().map(|f| format!("{base}{}/", f.name)));
+                    folders.extend(l.homes.into_iter().map(|h| format!("{h}/")));
                     out.extend(
                         l.files
                             .iter()

@@ -1,5 +1,4 @@
-//! Who calls, and whose object a request addresses: the caller's own, the
-//! one a read resolves to, the one a write or the service role acts on.
+//! Who calls, as what [`Actor`], and the objects they may read.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -9,7 +8,7 @@ use super::errors::StorageApiError;
 use crate::api::extract::bearer_token;
 use crate::auth::Principal;
 use crate::server::AppState;
-use crate::storage::{ObjectPath, StorageError};
+use crate::storage::{Actor, FileRecord, ObjectPath, StorageError};
 
 /// Who calls: a valid `apikey`, and the bearer token's principal (the key's
 /// own when there is no `Authorization`).
@@ -34,92 +33,47 @@ pub(super) fn user_of(p: &Principal) -> Option<Uuid> {
     p.user_id.as_deref().and_then(|u| Uuid::parse_str(u).ok())
 }
 
-/// Whose object: a user's (`Some`), or no user's (`None`): the service
-/// role's own objects, which count against no quota.
-pub(super) type Owner = Option<Uuid>;
-
-/// The object a caller addresses at a path first: a user's own, the service
-/// role's owner-less one; `None` for the anon key.
-fn own_owner(p: &Principal) -> Option<Owner> {
+/// Who acts: a signed-in user or the service role; `None` for the anon key,
+/// which may read public buckets only.
+pub(super) fn actor_of(p: &Principal) -> Option<Actor> {
     match user_of(p) {
-        Some(uid) => Some(Some(uid)),
-        None if p.is_service() => Some(None),
+        Some(uid) => Some(Actor::User(uid)),
+        None if p.is_service() => Some(Actor::Service),
         None => None,
     }
+}
+
+/// Who writes: the anon key may not (403, as an RLS refusal on Supabase).
+pub(super) fn writer(p: &Principal) -> Result<Actor, StorageApiError> {
+    actor_of(p).ok_or_else(|| StorageApiError::denied("new row violates row-level security policy"))
 }
 
 pub(super) fn object_path(raw: &str) -> Result<ObjectPath, StorageApiError> {
     Ok(ObjectPath::parse(raw.trim_start_matches('/')).map_err(StorageError::from)?)
 }
 
-/// The owner whose file at `path` `viewer` reads: their own (the service
-/// role's: the owner-less one), else (service role, or a public bucket) the
-/// oldest one there, owner-less ones included.
-pub(super) async fn read_owner(
+/// The file at `bucket/path` if `viewer` may read it: its owner's, the
+/// service role's, anyone's in a public bucket; another user's private file
+/// is not found.
+pub(super) async fn readable(
     state: &AppState,
     viewer: &Principal,
     bucket: &str,
     path: &ObjectPath,
-) -> Result<Owner, StorageApiError> {
-    if let Some(own) = own_owner(viewer)
-        && state.storage.file_at(bucket, own, path).await?.is_some()
-    {
-        return Ok(own);
-    }
+) -> Result<FileRecord, StorageApiError> {
     let info = state.storage.bucket(bucket).await?;
-    if !(viewer.is_service() || info.public) {
-        return Err(StorageApiError::no_such_key());
-    }
-    state
+    let file = state
         .storage
-        .owners_at(bucket, path)
+        .file_at(bucket, path)
         .await?
-        .into_iter()
-        .next()
-        .ok_or_else(StorageApiError::no_such_key)
-}
-
-/// The owner a write of `path` goes to: the signed-in user; for the service
-/// role, its own owner-less object there if there is one, else the one user
-/// with an object there, else (a new path) no user: an owner-less object.
-/// Refused (400) when several users have an object there and the service
-/// role none.
-pub(super) async fn write_owner(
-    state: &AppState,
-    caller: &Principal,
-    bucket: &str,
-    path: &ObjectPath,
-) -> Result<Owner, StorageApiError> {
-    if let Some(uid) = user_of(caller) {
-        return Ok(Some(uid));
-    }
-    if caller.is_service() {
-        return service_owner(state, bucket, path, None).await;
-    }
-    Err(StorageApiError::denied(
-        "new row violates row-level security policy",
-    ))
-}
-
-/// Whose object at `bucket/path` the service role acts on: its own
-/// owner-less one, else the one user's there; with none there, `absent`
-/// (`None`: a new owner-less object; or an error). Several users' objects
-/// (and no owner-less one) are ambiguous: 400.
-pub(super) async fn service_owner(
-    state: &AppState,
-    bucket: &str,
-    path: &ObjectPath,
-    absent: Option<StorageApiError>,
-) -> Result<Owner, StorageApiError> {
-    let owners = state.storage.owners_at(bucket, path).await?;
-    if owners.contains(&None) {
-        return Ok(None);
-    }
-    match owners.as_slice() {
-        [] => absent.map_or(Ok(None), Err),
-        [one] => Ok(*one),
-        _ => Err(StorageApiError::invalid(format!(
-            "several users have an object at {bucket}/{path}: act on it with its owner's access token"
-        ))),
+        .ok_or_else(StorageApiError::no_such_key)?;
+    let may = match actor_of(viewer) {
+        Some(a) => a.may_read(file.owner_id, info.public),
+        None => info.public,
+    };
+    if may {
+        Ok(file)
+    } else {
+        Err(StorageApiError::no_such_key())
     }
 }

@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 use super::errors::StorageApiError;
 use super::json_body;
 use super::listing::file_json;
-use super::owners::{Caller, Owner, object_path, user_of};
+use super::owners::{Caller, actor_of, object_path};
 use crate::api::extract::ApiPath;
 use crate::api::validate::Validate;
 use crate::server::AppState;
-use crate::storage::{Deleted, ObjectPath, StorageError};
+use crate::storage::{Actor, Deleted, ObjectPath, StorageError};
 
 #[derive(Deserialize)]
 pub struct RemoveBody {
@@ -22,8 +22,9 @@ pub struct RemoveBody {
 impl Validate for RemoveBody {}
 
 /// `DELETE /storage/v1/object/{bucket}` with `{"prefixes": [paths]}`: removes
-/// the caller's objects at those paths (any owner's for the service role) and
-/// returns them; folders left empty go too (Supabase folders are implicit).
+/// the objects at those paths the caller may (their own; any for the service
+/// role) and returns them, skipping the rest as Supabase's RLS does; folders
+/// left empty go too (Supabase folders are implicit).
 pub async fn remove(
     State(state): State<AppState>,
     Caller(p): Caller,
@@ -33,39 +34,45 @@ pub async fn remove(
     let b: RemoveBody = json_body(&body)?;
     state.storage.bucket(&bucket).await?;
     let mut removed = Vec::new();
+    let Some(actor) = actor_of(&p) else {
+        return Ok(Json(Value::Array(removed)));
+    };
     for raw in &b.prefixes {
         let Ok(path) = object_path(raw) else { continue };
-        let owners: Vec<Owner> = match (user_of(&p), p.is_service()) {
-            (_, true) => state.storage.owners_at(&bucket, &path).await?,
-            (Some(uid), false) => vec![Some(uid)],
-            (None, false) => Vec::new(),
+        let Some(f) = state.storage.file_at(&bucket, &path).await? else {
+            continue;
         };
-        for owner in owners {
-            let Some(f) = state.storage.file_at(&bucket, owner, &path).await? else {
-                continue;
-            };
-            match state.storage.delete(owner, &bucket, &path).await {
-                Ok(Deleted::File) => {
-                    let mut v = file_json(&f);
-                    v["name"] = json!(f.path);
-                    v["bucket_id"] = json!(bucket);
-                    v["owner"] = json!(owner.map(|o| o.hyphenated().to_string()));
-                    removed.push(v);
-                    prune_folders(&state, owner, &bucket, &path).await;
-                }
-                Ok(Deleted::Folder) | Err(StorageError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
+        if !actor.may_change(f.owner_id) {
+            continue;
+        }
+        match state.storage.delete(actor, &bucket, &path).await {
+            Ok(Deleted::File) => {
+                let mut v = file_json(&f);
+                v["name"] = json!(f.path);
+                v["bucket_id"] = json!(bucket);
+                v["owner"] = json!(f.owner_id.map(|o| o.hyphenated().to_string()));
+                removed.push(v);
+                prune_folders(&state, &bucket, &path).await;
             }
+            Ok(Deleted::Folder) | Err(StorageError::NotFound(_) | StorageError::Forbidden(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(Json(Value::Array(removed)))
 }
 
-/// Removes the now-empty folders above a deleted object, deepest first.
-pub(super) async fn prune_folders(state: &AppState, owner: Owner, bucket: &str, path: &ObjectPath) {
+/// Removes the now-empty folders above a deleted object, deepest first,
+/// whoever made them: Supabase's folders are implicit, there while something
+/// is in them.
+pub(super) async fn prune_folders(state: &AppState, bucket: &str, path: &ObjectPath) {
     let mut dir = path.parent();
     while !dir.is_root() {
-        if state.storage.delete(owner, bucket, &dir).await.is_err() {
+        if state
+            .storage
+            .delete(Actor::Service, bucket, &dir)
+            .await
+            .is_err()
+        {
             break;
         }
         dir = dir.parent();

@@ -11,14 +11,15 @@ use serde_json::{Value, json};
 use super::download::serve;
 use super::errors::StorageApiError;
 use super::json_body;
-use super::owners::{Caller, Owner, object_path, read_owner, write_owner};
+use super::owners::{Caller, object_path, readable, writer};
 use super::upload::{UploadAnswer, do_upload, upload_answer, upsert_header};
 use crate::api::extract::ApiPath;
 use crate::api::supabase::query_param;
 use crate::api::validate::{self, Validate};
 use crate::auth::Principal;
 use crate::server::AppState;
-use crate::storage::StorageError;
+use crate::storage::Actor;
+use uuid::Uuid;
 
 /// What a signed-URL token allows: download tokens say [`DOWNLOAD`] (or,
 /// made before tokens had a scope, nothing), upload tokens [`UPLOAD`]; each
@@ -30,11 +31,6 @@ const UPLOAD: &str = "upload";
 struct SignedClaims {
     /// `bucket/path`, as in Supabase's signed URLs.
     url: String,
-    /// Whose file (paths are per owner in Aether); `None` (`null`): the
-    /// owner-less one. Tokens made before owner-less objects existed carry a
-    /// user's id and verify as before.
-    #[serde(default)]
-    owner: Owner,
     #[serde(default)]
     scope: Option<String>,
     iat: i64,
@@ -82,12 +78,11 @@ async fn signed_url(
     expires_in: i64,
 ) -> Result<String, StorageApiError> {
     let path = object_path(raw)?;
-    let owner = read_owner(state, viewer, bucket, &path).await?;
+    readable(state, viewer, bucket, &path).await?;
     let now = chrono::Utc::now().timestamp();
     let url = format!("{bucket}/{path}");
     let token = state.jwt.sign_json(&SignedClaims {
         url: url.clone(),
-        owner,
         scope: Some(DOWNLOAD.into()),
         iat: now,
         exp: now.saturating_add(expires_in),
@@ -137,16 +132,7 @@ pub async fn signed_get(
         ..Principal::service()
     };
     let head_only = method == axum::http::Method::HEAD;
-    serve(
-        &state,
-        &service,
-        &bucket,
-        claims.owner,
-        &path,
-        &headers,
-        head_only,
-    )
-    .await
+    serve(&state, &service, &bucket, &path, &headers, head_only).await
 }
 
 #[derive(Deserialize)]
@@ -192,7 +178,7 @@ struct UploadClaims {
     /// Who signed: the upload is theirs (`None`: the service role's, an
     /// owner-less object).
     #[serde(default)]
-    owner: Owner,
+    owner: Option<Uuid>,
     /// Whether it may replace an object there.
     upsert: bool,
     /// [`UPLOAD`].
@@ -219,23 +205,18 @@ pub async fn sign_upload(
         validate::json(&v)?;
     }
     let path = object_path(&path)?;
-    let owner = write_owner(&state, &p, &bucket, &path).await?;
+    let actor = writer(&p)?;
     state.storage.bucket(&bucket).await?;
     let upsert = upsert_header(&headers);
-    if !upsert
-        && state
-            .storage
-            .file_at(&bucket, owner, &path)
-            .await?
-            .is_some()
-    {
-        return Err(StorageError::AlreadyExists(path.to_string()).into());
-    }
+    state
+        .storage
+        .check_write(actor, &bucket, &path, upsert)
+        .await?;
     let now = chrono::Utc::now().timestamp();
     let url = format!("{bucket}/{path}");
     let token = state.jwt.sign_json(&UploadClaims {
         url: url.clone(),
-        owner,
+        owner: actor.owner(),
         upsert,
         scope: UPLOAD.into(),
         iat: now,
@@ -265,43 +246,24 @@ pub async fn upload_signed(
     if claims.url != format!("{bucket}/{path}") {
         return Err(bad_signature("The URL does not match the signature"));
     }
-    let f = do_upload(
-        state,
-        claims.owner,
-        bucket.clone(),
-        path,
-        claims.upsert,
-        req,
-    )
-    .await?;
+    let actor = claims.owner.map_or(Actor::Service, Actor::User);
+    let f = do_upload(state, actor, bucket.clone(), path, claims.upsert, req).await?;
     Ok(upload_answer(&bucket, &f))
 }
 
 #[cfg(test)]
 mod tests {
-    use uuid::Uuid;
-
     use super::*;
 
     #[test]
-    fn signed_tokens_name_an_owner_or_none() {
-        // A token made before owner-less objects existed still reads as its user's.
+    fn signed_tokens_name_the_object_and_upload_tokens_the_signer() {
+        // A token made when objects were per owner (it names one) still verifies.
         let uid = Uuid::new_v4();
         let old: SignedClaims = serde_json::from_value(
             json!({"url": "b/p", "owner": uid, "scope": "download", "iat": 1, "exp": 2}),
         )
         .unwrap();
-        assert_eq!(old.owner, Some(uid));
-        let none = SignedClaims {
-            url: "b/p".into(),
-            owner: None,
-            scope: Some(DOWNLOAD.into()),
-            iat: 1,
-            exp: 2,
-        };
-        let back: SignedClaims =
-            serde_json::from_value(serde_json::to_value(&none).unwrap()).unwrap();
-        assert_eq!(back.owner, None);
+        assert_eq!(old.url, "b/p");
         let up: UploadClaims = serde_json::from_value(
             json!({"url": "b/p", "owner": null, "upsert": false, "scope": "upload", "iat": 1, "exp": 2}),
         )

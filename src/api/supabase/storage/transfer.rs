@@ -8,11 +8,10 @@ use serde_json::{Value, json};
 
 use super::errors::StorageApiError;
 use super::json_body;
-use super::owners::{Caller, Owner, object_path, service_owner, user_of};
+use super::owners::{Caller, actor_of, object_path};
 use super::remove::prune_folders;
 use super::upload::upsert_header;
 use crate::api::validate::{self, Validate};
-use crate::auth::Principal;
 use crate::server::AppState;
 use crate::storage::ObjectPath;
 
@@ -55,29 +54,10 @@ impl MoveBody {
     }
 }
 
-/// Whose object at `bucket/path` a move or copy takes: the signed-in user's
-/// own; for the service role, its owner-less one there, else the one user's
-/// (refused when several users have an object at that path and the service
-/// role none: Aether's paths are per owner).
-async fn source_owner(
-    state: &AppState,
-    caller: &Principal,
-    bucket: &str,
-    path: &ObjectPath,
-) -> Result<Owner, StorageApiError> {
-    if let Some(uid) = user_of(caller) {
-        return Ok(Some(uid));
-    }
-    if !caller.is_service() {
-        return Err(StorageApiError::no_such_key());
-    }
-    state.storage.bucket(bucket).await?;
-    service_owner(state, bucket, path, Some(StorageApiError::no_such_key())).await
-}
-
-/// `POST /storage/v1/object/move` (`move`): renames the caller's object (the
-/// service role: its owner's), into another bucket with `destinationBucket`.
-/// The row keeps its id, owner and bytes; a taken destination is refused (409).
+/// `POST /storage/v1/object/move` (`move`): renames an object the caller
+/// owns (the service role: any), into another bucket with
+/// `destinationBucket`. The row keeps its id, owner and bytes; a taken
+/// destination is refused (409).
 pub async fn move_object(
     State(state): State<AppState>,
     Caller(p): Caller,
@@ -85,13 +65,13 @@ pub async fn move_object(
 ) -> Result<Json<Value>, StorageApiError> {
     let b: MoveBody = json_body(&body)?;
     let ((from_bucket, from), (to_bucket, to)) = b.ends()?;
-    let owner = source_owner(&state, &p, from_bucket, &from).await?;
+    let actor = actor_of(&p).ok_or_else(StorageApiError::no_such_key)?;
     let f = state
         .storage
-        .move_file(owner, from_bucket, &from, to_bucket, &to)
+        .move_file(actor, from_bucket, &from, to_bucket, &to)
         .await?;
     if (from_bucket, &from) != (to_bucket, &to) {
-        prune_folders(&state, owner, from_bucket, &from).await;
+        prune_folders(&state, from_bucket, &from).await;
     }
     Ok(Json(json!({
         "message": "Successfully moved",
@@ -100,9 +80,10 @@ pub async fn move_object(
     })))
 }
 
-/// `POST /storage/v1/object/copy` (`copy`): a new object for the same owner,
-/// with a copy of the bytes and the custom metadata; `x-upsert: true`
-/// replaces a destination object. Counts against the owner's quota.
+/// `POST /storage/v1/object/copy` (`copy`): a new object of the caller's
+/// (owner-less for the service role), from one they may read, with a copy
+/// of the bytes and the custom metadata; `x-upsert: true` replaces a
+/// destination object they may replace. Counts against the caller's quota.
 pub async fn copy_object(
     State(state): State<AppState>,
     Caller(p): Caller,
@@ -111,11 +92,11 @@ pub async fn copy_object(
 ) -> Result<Json<Value>, StorageApiError> {
     let b: MoveBody = json_body(&body)?;
     let ((from_bucket, from), (to_bucket, to)) = b.ends()?;
-    let owner = source_owner(&state, &p, from_bucket, &from).await?;
+    let actor = actor_of(&p).ok_or_else(StorageApiError::no_such_key)?;
     let f = state
         .storage
         .copy_file(
-            owner,
+            actor,
             from_bucket,
             &from,
             to_bucket,

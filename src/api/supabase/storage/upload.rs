@@ -9,13 +9,13 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::errors::StorageApiError;
-use super::owners::{Caller, Owner, object_path, write_owner};
+use super::owners::{Caller, object_path, writer};
 use crate::api::extract::ApiPath;
 use crate::api::storage::{MULTIPART_SLACK, content_length};
 use crate::api::validate;
 use crate::server::AppState;
 use crate::storage::{
-    FileRecord, ObjectPath, PendingUpload, PumpError, StorageError, TypeRules, UploadSource,
+    Actor, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError, TypeRules, UploadSource,
     UploadTarget,
 };
 
@@ -107,12 +107,12 @@ fn header_metadata(headers: &HeaderMap) -> Result<Option<Value>, StorageApiError
     parse_metadata(&json).map(Some)
 }
 
-/// Stores the body of `req` (raw, or the file part of a form) as `owner`'s
-/// object at `bucket/path`, under the bucket's own rules (any type unless
+/// Stores the body of `req` (raw, or the file part of a form) as `actor`'s
+/// write at `bucket/path`, under the bucket's own rules (any type unless
 /// the bucket lists some), with the custom metadata sent along.
 pub(super) async fn do_upload(
     state: AppState,
-    owner: Owner,
+    actor: Actor,
     bucket: String,
     path: ObjectPath,
     upsert: bool,
@@ -225,7 +225,7 @@ pub(super) async fn do_upload(
                 content_type: field.content_type().map(str::to_owned),
                 types: TypeRules::BucketOnly,
             };
-            match state.storage.begin_upload(owner, source, Some(&info)).await {
+            match state.storage.begin_upload(actor, source, Some(&info)).await {
                 Ok(up) => {
                     let up = pending.insert(up);
                     if let Err(e) = up.pump(&mut field, |_| {}).await {
@@ -249,7 +249,7 @@ pub(super) async fn do_upload(
             types: TypeRules::BucketOnly,
         };
         let stream = req.into_body().into_data_stream();
-        match state.storage.begin_upload(owner, source, Some(&info)).await {
+        match state.storage.begin_upload(actor, source, Some(&info)).await {
             Ok(up) => pending
                 .insert(up)
                 .pump(stream, |_| {})
@@ -310,8 +310,12 @@ pub async fn upload(
 ) -> Result<Json<UploadAnswer>, StorageApiError> {
     let upsert = upsert_header(req.headers());
     let path = object_path(&path)?;
-    let owner = write_owner(&state, &p, &bucket, &path).await?;
-    let f = do_upload(state, owner, bucket.clone(), path, upsert, req).await?;
+    let actor = writer(&p)?;
+    state
+        .storage
+        .check_write(actor, &bucket, &path, upsert)
+        .await?;
+    let f = do_upload(state, actor, bucket.clone(), path, upsert, req).await?;
     Ok(upload_answer(&bucket, &f))
 }
 
@@ -323,8 +327,12 @@ pub async fn update(
     req: Request,
 ) -> Result<Json<UploadAnswer>, StorageApiError> {
     let path = object_path(&path)?;
-    let owner = write_owner(&state, &p, &bucket, &path).await?;
-    let f = do_upload(state, owner, bucket.clone(), path, true, req).await?;
+    let actor = writer(&p)?;
+    state
+        .storage
+        .check_write(actor, &bucket, &path, true)
+        .await?;
+    let f = do_upload(state, actor, bucket.clone(), path, true, req).await?;
     Ok(upload_answer(&bucket, &f))
 }
 
