@@ -23,8 +23,8 @@ use super::validate::{self, Invalid, Validate};
 use crate::server::AppState;
 use crate::storage::path::{MAX_PATH_BYTES, base_name};
 use crate::storage::{
-    Actor, BucketInfo, ByteRange, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError,
-    TypeRules, UploadSource, UploadTarget,
+    Actor, BucketInfo, ByteRange, FileRecord, ListScope, ObjectPath, PendingUpload, PumpError,
+    StorageError, TypeRules, UploadSource, UploadTarget,
 };
 
 /// Everything but unreserved characters and sub-delims is escaped in a segment.
@@ -488,7 +488,10 @@ pub async fn list(
     let folder =
         ObjectPath::parse_any(q.path.as_deref().unwrap_or("")).map_err(StorageError::from)?;
     let folder = in_home(user.id, &folder)?;
-    let listing = state.storage.list(bucket, &folder, Some(user.id)).await?;
+    let listing = state
+        .storage
+        .list(bucket, &folder, ListScope::Own(user.id))
+        .await?;
     Ok(Json(ListResponse {
         files: listing
             .files

@@ -5,6 +5,7 @@ use uuid::Uuid;
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::owners::{Actor, lock_names, lock_owner};
+use super::policy;
 use super::{ObjectPath, StorageService};
 
 /// What was removed by [`StorageService::delete`].
@@ -101,18 +102,15 @@ impl StorageService {
     ) -> Result<Deleted, StorageError> {
         let path = object.to_string();
         let not_found = || StorageError::NotFound(format!("no file or folder at {path:?}"));
+        let judged = self.judged(actor).await?;
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
         lock_names(&*tx, &[(bucket, object)]).await?;
         let info = bucket_in(&*tx, bucket).await?;
-        let refuse = |owner: Option<uuid::Uuid>| {
-            if actor.may_read(owner, info.public) {
-                StorageError::Forbidden(format!(
-                    "{path:?} is another user's: only its owner or the service role may delete it"
-                ))
-            } else {
-                not_found()
-            }
+        let refuse = || {
+            StorageError::Forbidden(format!(
+                "{path:?} is not yours to delete (by default only its owner or the service role may)"
+            ))
         };
         let file = tx
             .query_opt(
@@ -122,13 +120,29 @@ impl StorageService {
             )
             .await?;
         if let Some(row) = file {
-            let owner = row.get(1);
-            if !actor.may_change(owner) {
-                return Err(refuse(owner));
+            let (id, owner): (Uuid, Option<Uuid>) = (row.get(0), row.get(1));
+            let sql = "DELETE FROM public.files WHERE id = $1";
+            match judged {
+                Some(who) => {
+                    if policy::write_as(&*tx, who, sql, &[&id]).await? == 0 {
+                        return Err(if policy::may_read(&*tx, who, id).await? {
+                            refuse()
+                        } else {
+                            not_found()
+                        });
+                    }
+                }
+                None if !actor.may_change(owner) => {
+                    return Err(if actor.may_read(owner, info.public) {
+                        refuse()
+                    } else {
+                        not_found()
+                    });
+                }
+                None => {
+                    tx.execute(sql, &[&id]).await?;
+                }
             }
-            let id: Uuid = row.get(0);
-            tx.execute("DELETE FROM public.files WHERE id = $1", &[&id])
-                .await?;
             tx.commit().await?;
             if let Some(key) = row.get::<_, Option<String>>(2) {
                 self.0.blobs.delete_quietly(&key).await;
@@ -142,9 +156,15 @@ impl StorageService {
             )
             .await?
             .ok_or_else(not_found)?;
+        // Folders are structure, not objects: their owner (who made them)
+        // or the service role removes an empty one.
         let owner = folder.get(1);
         if !actor.may_change(owner) {
-            return Err(refuse(owner));
+            return Err(if actor.may_read(owner, info.public) {
+                refuse()
+            } else {
+                not_found()
+            });
         }
         let id: Uuid = folder.get(0);
         let busy: bool = tx

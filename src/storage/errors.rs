@@ -49,7 +49,12 @@ impl StorageError {
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StorageError::internal(format!("database: {e}"))
+        match e.as_db_error() {
+            Some(db) => {
+                StorageError::internal(format!("database: {} ({})", db.message(), db.code().code()))
+            }
+            None => StorageError::internal(format!("database: {e}")),
+        }
     }
 }
 

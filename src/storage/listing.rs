@@ -6,7 +6,8 @@ use uuid::Uuid;
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, FolderRecord, file_from_row, folder_from_row};
-use super::owners::is_home;
+use super::owners::{Actor, is_home};
+use super::policy::{self, Who};
 use super::{ObjectPath, StorageService};
 
 /// What is directly inside a folder (or a bucket's root).
@@ -19,6 +20,29 @@ pub struct Listing {
     /// row) that hold something listed.
     pub homes: Vec<String>,
     pub files: Vec<FileRecord>,
+}
+
+/// Whose objects a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListScope {
+    /// One user's own (the seed routes' view).
+    Own(Uuid),
+    /// What the actor may read: as the storage policies say (without them, a
+    /// user's own objects; the service role everyone's).
+    Readable(Actor),
+}
+
+impl StorageService {
+    /// The owner a listing keeps to, and whom the policies judge it as.
+    async fn scope(&self, scope: ListScope) -> Result<(Option<Uuid>, Option<Who>), StorageError> {
+        Ok(match scope {
+            ListScope::Own(u) => (Some(u), None),
+            ListScope::Readable(actor) => match self.judged(actor).await? {
+                Some(who) => (None, Some(who)),
+                None => (actor.owner(), None),
+            },
+        })
+    }
 }
 
 /// The order of [`StorageService::files_under`].
@@ -46,17 +70,22 @@ pub struct FileCursor {
 }
 
 impl StorageService {
-    /// The files and folders directly under `folder` (the root when empty),
-    /// of `only` that owner when given (everyone's otherwise). A home folder
-    /// always exists (it has no row); any other folder must.
+    /// The files and folders directly under `folder` (the root when empty)
+    /// that `scope` shows. A home folder always exists (it has no row); any
+    /// other folder must.
     pub async fn list(
         &self,
         bucket: &str,
         folder: &ObjectPath,
-        only: Option<Uuid>,
+        scope: ListScope,
     ) -> Result<Listing, StorageError> {
-        let client = self.0.pool.get().await?;
-        bucket_in(&**client, bucket).await?;
+        let (only, who) = self.scope(scope).await?;
+        let mut client = self.0.pool.get().await?;
+        let client = client.transaction().await?;
+        bucket_in(&*client, bucket).await?;
+        if let Some(who) = who {
+            policy::enter(&*client, who).await?;
+        }
         let dir = folder.to_string();
         let folder_id: Option<Uuid> = if folder.is_root() || is_home(folder) {
             None
@@ -151,22 +180,27 @@ impl StorageService {
         })
     }
 
-    /// Files of `owners` (`None`: every owner's) in `bucket` whose path starts
+    /// Files `scope` shows in `bucket` whose path starts
     /// with `prefix` (a plain string prefix, not only a folder), in `sort`
     /// order, after `after` when given; at most `limit`. Paths compare
     /// bytewise (`COLLATE "C"`), as Rust strings do.
     pub async fn files_under(
         &self,
         bucket: &str,
-        owners: Option<&[Uuid]>,
+        scope: ListScope,
         prefix: &str,
         sort: FileSort,
         after: Option<&FileCursor>,
         limit: usize,
     ) -> Result<Vec<FileRecord>, StorageError> {
-        let client = self.0.pool.get().await?;
-        bucket_in(&**client, bucket).await?;
-        let owners: Option<Vec<Uuid>> = owners.map(<[Uuid]>::to_vec);
+        let (only, who) = self.scope(scope).await?;
+        let mut client = self.0.pool.get().await?;
+        let client = client.transaction().await?;
+        bucket_in(&*client, bucket).await?;
+        if let Some(who) = who {
+            policy::enter(&*client, who).await?;
+        }
+        let owners: Option<Vec<Uuid>> = only.map(|u| vec![u]);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (dir, op) = if sort.desc {
             ("DESC", "<")

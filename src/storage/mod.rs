@@ -8,8 +8,10 @@
 //!   the transaction that removed their row committed;
 //! - a refused, failed or abandoned upload leaves neither a row nor bytes;
 //! - an object is named by its bucket and path, as on Supabase and S3; its
-//!   owner is recorded, not part of the name. Any signed-in user may create
-//!   objects (not under another user's home folder, `<user id>/…`); only the
+//!   owner is recorded, not part of the name. Who may read and write it is
+//!   the RLS policies on `public.files`, evaluated by PostgreSQL as the
+//!   caller ([`policy`]); by default any signed-in user may create objects
+//!   (not under another user's home folder, `<user id>/…`), and only the
 //!   owner or the service role reads them (unless the bucket is public),
 //!   replaces, moves or deletes them ([`Actor`]);
 //! - the owner is `Option<Uuid>`: `None` is the service role's owner-less
@@ -34,6 +36,7 @@ mod errors;
 mod files;
 mod listing;
 mod owners;
+mod policy;
 mod read;
 mod record;
 mod transfer;
@@ -47,7 +50,7 @@ pub use buckets::{BucketInfo, BucketRecord, NewBucket, ensure_bucket};
 pub use delete::Deleted;
 pub use errors::StorageError;
 pub use files::{FileRecord, FolderRecord};
-pub use listing::{FileCursor, FileSort, Listing, SortColumn};
+pub use listing::{FileCursor, FileSort, ListScope, Listing, SortColumn};
 pub use owners::{Actor, home_of};
 pub use path::{ObjectPath, PathError};
 pub use range::ByteRange;
@@ -69,6 +72,8 @@ struct Inner {
     max_file_size: u64,
     allowed: AllowedTypes,
     quota: u64,
+    /// Whether the storage policies are in place (asked once).
+    policies: tokio::sync::OnceCell<bool>,
 }
 
 impl StorageService {
@@ -80,6 +85,7 @@ impl StorageService {
             max_file_size: config.max_file_size,
             allowed: config.allowed_file_types.clone(),
             quota: config.storage_quota_bytes,
+            policies: tokio::sync::OnceCell::new(),
         }))
     }
 

@@ -9,6 +9,8 @@ use object_store::{GetOptions, GetRange};
 
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
+use super::owners::Actor;
+use super::policy::{self, Who};
 use super::{ByteRange, ObjectPath, StorageService};
 use crate::auth::Principal;
 
@@ -54,11 +56,15 @@ impl StorageService {
         };
         let file = file_from_row(&row);
         let bucket_public: bool = row.get("bucket_public");
-        let owner_text = file.owner_id.map(|o| o.hyphenated().to_string());
-        let allowed = bucket_public
-            || viewer.is_some_and(|p| {
-                p.is_service() || (owner_text.is_some() && p.user_id == owner_text)
-            });
+        let allowed = match viewer {
+            Some(p) if p.is_service() => true,
+            _ => {
+                let user = viewer
+                    .and_then(|p| p.user_id.as_deref())
+                    .and_then(|u| uuid::Uuid::parse_str(u).ok());
+                self.may_read(user, &file, bucket_public).await?
+            }
+        };
         if !allowed {
             return Err(if viewer.is_none() {
                 StorageError::AuthRequired
@@ -99,6 +105,46 @@ impl StorageService {
             span,
             body,
         })
+    }
+}
+
+impl StorageService {
+    /// The file at `path` if `viewer` (`None`: an anonymous reader) may read
+    /// it; another user's private file is `None`, as if it were not there.
+    pub async fn readable(
+        &self,
+        viewer: Option<Actor>,
+        bucket: &str,
+        path: &ObjectPath,
+    ) -> Result<Option<FileRecord>, StorageError> {
+        let public = self.bucket(bucket).await?.public;
+        let Some(file) = self.file_at(bucket, path).await? else {
+            return Ok(None);
+        };
+        let user = match viewer {
+            Some(Actor::Service) => return Ok(Some(file)),
+            Some(Actor::User(u)) => Some(u),
+            None => None,
+        };
+        Ok(self.may_read(user, &file, public).await?.then_some(file))
+    }
+
+    /// Whether `user` (`None`: an anonymous reader; never the service role)
+    /// may read `file`: the storage policies decide, or without them Aether's
+    /// rules (its owner; anyone in a public bucket).
+    pub(super) async fn may_read(
+        &self,
+        user: Option<uuid::Uuid>,
+        file: &FileRecord,
+        bucket_public: bool,
+    ) -> Result<bool, StorageError> {
+        if self.policies().await? {
+            let who = user.map_or(Who::Anon, Who::User);
+            let mut client = self.0.pool.get().await?;
+            let tx = client.transaction().await?;
+            return policy::may_read(&*tx, who, file.id).await;
+        }
+        Ok(bucket_public || (user.is_some() && user == file.owner_id))
     }
 }
 

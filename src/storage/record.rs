@@ -8,8 +8,10 @@ use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row, file_metadata};
 use super::owners::{Actor, is_home, lock_names, lock_owner, used_bytes};
+use super::policy::{INSERT_FILE, write_as};
 use super::upload::{PendingUpload, TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService, as_i64};
+use tokio_postgres::types::ToSql;
 
 /// What a commit records about a completed upload (or a copy).
 pub(super) struct Recording {
@@ -90,14 +92,16 @@ impl StorageService {
 
     /// The transaction of a commit; returns the file and the blob key it replaced.
     /// A new object is the actor's (owner-less for the service role); a
-    /// replaced one keeps its owner, and only that owner or the service role
-    /// may replace it.
+    /// replaced one keeps its owner. The row is written as the actor, so the
+    /// storage policies decide whether it may (by default: its own objects,
+    /// not in another user's folder).
     pub(super) async fn record(
         &self,
         up: &Recording,
         target: &UploadTarget,
     ) -> Result<(FileRecord, Option<String>), StorageError> {
         let actor = up.actor;
+        let judged = self.judged(actor).await?;
         let size = up.size;
         let path = target.path.to_string();
         let mut client = self.0.pool.get().await?;
@@ -125,11 +129,13 @@ impl StorageService {
             .await?;
         match &existing {
             Some(_) if !target.upsert => return Err(StorageError::AlreadyExists(path)),
-            Some(old) if !actor.may_change(old.get(3)) => {
+            // Without policies (the service role, or no roles), Aether's rules.
+            Some(old) if judged.is_none() && !actor.may_change(old.get(3)) => {
                 return Err(replace_refused(&target.path));
             }
             Some(_) => {}
-            None => actor.check_create(&target.path)?,
+            None if judged.is_none() => actor.check_create(&target.path)?,
+            None => {}
         }
         let folder_id =
             ensure_folders(&*tx, &target.bucket, actor.owner(), &target.path.parent()).await?;
@@ -153,55 +159,58 @@ impl StorageService {
             target.user_metadata.as_ref(),
             target.cache_control.as_deref(),
         );
-        let (row, replaced) = match &existing {
+        let (id, replaced) = match &existing {
             Some(old) => {
                 let id: Uuid = old.get(0);
-                let row = tx
-                    .query_one(
-                        &format!(
-                            "UPDATE public.files SET folder_id = $2, name = $3, size = $4, mime_type = $5,
-                                 storage_key = $6, metadata = $7
-                             WHERE id = $1 RETURNING {FILE_COLUMNS}"
-                        ),
-                        &[
-                            &id,
-                            &folder_id,
-                            &target.path.name(),
-                            &as_i64(size),
-                            &up.mime,
-                            &up.key,
-                            &metadata,
-                        ],
-                    )
-                    .await?;
-                (row, old.get::<_, Option<String>>(2))
+                let sql =
+                    "UPDATE public.files SET folder_id = $2, name = $3, size = $4, mime_type = $5,
+                               storage_key = $6, metadata = $7
+                           WHERE id = $1";
+                let params: [&(dyn ToSql + Sync); 7] = [
+                    &id,
+                    &folder_id,
+                    &target.path.name(),
+                    &as_i64(size),
+                    &up.mime,
+                    &up.key,
+                    &metadata,
+                ];
+                let n = match judged {
+                    Some(who) => write_as(&*tx, who, sql, &params).await?,
+                    None => tx.execute(sql, &params).await?,
+                };
+                if n == 0 {
+                    return Err(replace_refused(&target.path));
+                }
+                (id, old.get::<_, Option<String>>(2))
             }
             None => {
-                let row = tx
-                    .query_one(
-                        &format!(
-                            "INSERT INTO public.files
-                                 (id, bucket_id, folder_id, path, name, size, mime_type, owner_id, storage_key, metadata)
-                             VALUES (coalesce($10, gen_random_uuid()), $1, $2, $3, $4, $5, $6, $7, $8, $9)
-                             RETURNING {FILE_COLUMNS}"
-                        ),
-                        &[
-                            &target.bucket,
-                            &folder_id,
-                            &path,
-                            &target.path.name(),
-                            &as_i64(size),
-                            &up.mime,
-                            &actor.owner(),
-                            &up.key,
-                            &metadata,
-                            &target.id,
-                        ],
-                    )
-                    .await?;
-                (row, None)
+                let id = target.id.unwrap_or_else(Uuid::new_v4);
+                let params: [&(dyn ToSql + Sync); 10] = [
+                    &id,
+                    &target.bucket,
+                    &folder_id,
+                    &path,
+                    &target.path.name(),
+                    &as_i64(size),
+                    &up.mime,
+                    &actor.owner(),
+                    &up.key,
+                    &metadata,
+                ];
+                match judged {
+                    Some(who) => write_as(&*tx, who, INSERT_FILE, &params).await?,
+                    None => tx.execute(INSERT_FILE, &params).await?,
+                };
+                (id, None)
             }
         };
+        let row = tx
+            .query_one(
+                &format!("SELECT {FILE_COLUMNS} FROM public.files WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
         tx.commit().await?;
         Ok((file_from_row(&row), replaced))
     }
@@ -220,8 +229,19 @@ impl StorageService {
         path: &ObjectPath,
         upsert: bool,
     ) -> Result<u64, StorageError> {
-        match self.file_at(bucket, path).await? {
-            Some(_) if !upsert => Err(StorageError::AlreadyExists(path.to_string())),
+        self.bucket(bucket).await?;
+        let existing = self.file_at(bucket, path).await?;
+        if existing.is_some() && !upsert {
+            return Err(StorageError::AlreadyExists(path.to_string()));
+        }
+        if let Some(who) = self.judged(actor).await? {
+            let id = existing.as_ref().map(|f| f.id);
+            if !self.dry_write(who, bucket, &path.to_string(), id).await? {
+                return Err(replace_refused(path));
+            }
+            return Ok(existing.map_or(0, |f| f.size));
+        }
+        match existing {
             Some(f) if !actor.may_change(f.owner_id) => Err(replace_refused(path)),
             Some(f) => Ok(f.size),
             None => actor.check_create(path).map(|()| 0),
@@ -231,7 +251,7 @@ impl StorageService {
 
 fn replace_refused(path: &ObjectPath) -> StorageError {
     StorageError::Forbidden(format!(
-        "the object at {:?} is another user's: only its owner or the service role may replace it",
+        "the object at {:?} is not yours to replace (by default only its owner or the service role may)",
         path.to_string()
     ))
 }

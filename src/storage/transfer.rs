@@ -4,6 +4,7 @@ use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
 use super::owners::{Actor, blob_key, lock_names, used_bytes};
+use super::policy;
 use super::record::{Recording, ensure_folders, is_folder};
 use super::upload::{TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService};
@@ -23,6 +24,7 @@ impl StorageService {
         to: &ObjectPath,
     ) -> Result<FileRecord, StorageError> {
         let (src, dst) = (from.to_string(), to.to_string());
+        let judged = self.judged(actor).await?;
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
         lock_names(&*tx, &[(from_bucket, from), (to_bucket, to)]).await?;
@@ -40,19 +42,29 @@ impl StorageService {
             .await?
             .ok_or_else(not_found)?;
         let file = file_from_row(&row);
-        if !actor.may_change(file.owner_id) {
-            return Err(if actor.may_read(file.owner_id, source_bucket.public) {
-                StorageError::Forbidden(format!(
-                    "{src:?} is another user's: only its owner or the service role may move it"
-                ))
-            } else {
-                not_found()
-            });
+        let refused = || {
+            StorageError::Forbidden(format!(
+                "{src:?} is not yours to move there (by default only its owner or the service role may move it, and not into another user's folder)"
+            ))
+        };
+        match judged {
+            Some(who) if !policy::may_read(&*tx, who, file.id).await? => return Err(not_found()),
+            Some(_) => {}
+            None if !actor.may_change(file.owner_id) => {
+                return Err(if actor.may_read(file.owner_id, source_bucket.public) {
+                    refused()
+                } else {
+                    not_found()
+                });
+            }
+            None => {}
         }
         if from_bucket == to_bucket && src == dst {
             return Ok(file);
         }
-        actor.check_create(to)?;
+        if judged.is_none() {
+            actor.check_create(to)?;
+        }
         if from_bucket != to_bucket {
             let limit = self.size_limit(Some(&bucket));
             if file.size > limit {
@@ -81,13 +93,21 @@ impl StorageService {
             return Err(StorageError::AlreadyExists(dst));
         }
         let folder_id = ensure_folders(&*tx, to_bucket, file.owner_id, &to.parent()).await?;
+        let sql = "UPDATE public.files SET bucket_id = $2, folder_id = $3, path = $4, name = $5
+                   WHERE id = $1";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&file.id, &to_bucket, &folder_id, &dst, &to.name()];
+        let n = match judged {
+            Some(who) => policy::write_as(&*tx, who, sql, &params).await?,
+            None => tx.execute(sql, &params).await?,
+        };
+        if n == 0 {
+            return Err(refused());
+        }
         let row = tx
             .query_one(
-                &format!(
-                    "UPDATE public.files SET bucket_id = $2, folder_id = $3, path = $4, name = $5
-                     WHERE id = $1 RETURNING {FILE_COLUMNS}"
-                ),
-                &[&file.id, &to_bucket, &folder_id, &dst, &to.name()],
+                &format!("SELECT {FILE_COLUMNS} FROM public.files WHERE id = $1"),
+                &[&file.id],
             )
             .await?;
         tx.commit().await?;
@@ -139,7 +159,9 @@ impl StorageService {
             .await?
             .ok_or_else(not_found)?;
         let public = self.bucket(from_bucket).await?.public;
-        if !actor.may_read(src.owner_id, public) {
+        if let Actor::User(u) = actor
+            && !self.may_read(Some(u), &src, public).await?
+        {
             return Err(not_found());
         }
         if from_bucket == to_bucket && from == to {

@@ -3,7 +3,7 @@
 // signed upload URLs, listV2 and service-role (owner-less) objects. The
 // server runs with the default ALLOWED_FILE_TYPES (no text/plain) and a 1 MB
 // quota (tests/supabase_js.rs).
-import { assert, client, email, main, ok, password, serviceKey, url, anonKey } from './lib.mjs'
+import { assert, client, email, main, ok, password, serviceKey, sql, url, anonKey } from './lib.mjs'
 
 await main('storage-objects', async () => {
   const alice = client()
@@ -281,4 +281,59 @@ await main('storage-objects', async () => {
   assert.equal(await text(files.download(`${aliceId}/docs/from-seed.pdf`), 'the seed upload through supabase-js'), '%PDF-1.4 seed')
   assert.deepEqual(ok(await files.list(`${aliceId}/docs`), 'alice lists her folder').map((e) => e.name), ['from-js.txt', 'from-seed.pdf'])
   assert.ok(ok(await svcFiles.list(''), 'service lists the root').some((e) => e.name === aliceId && e.id === null), 'alice\'s folder at the root')
+
+  // 10. Per-bucket access is RLS policies on public.files, as on Supabase
+  // (there on storage.objects): the storage routes run as the caller, so a
+  // DBA's policies widen or narrow Aether's defaults.
+  const team = `team-${tag}`
+  ok(await service.storage.createBucket(team), 'team bucket')
+  const aliceTeam = alice.storage.from(team)
+  const bobTeam = bob.storage.from(team)
+  ok(await aliceTeam.upload('plan.txt', Buffer.from('the plan'), { contentType: 'text/plain' }), 'alice in team')
+  assert.equal((await bobTeam.download('plan.txt')).error?.statusCode, '404', 'not bob\'s before the policy')
+  await sql(`CREATE POLICY "team reads" ON public.files FOR SELECT TO authenticated USING (bucket_id = '${team}')`)
+  assert.equal(await text(bobTeam.download('plan.txt'), 'bob reads with the policy'), 'the plan')
+  assert.equal(ok(await bobTeam.info('plan.txt'), 'bob info').size, 8)
+  assert.deepEqual(ok(await bobTeam.list(), 'bob lists the team bucket').map((e) => e.name), ['plan.txt'])
+  ok(await bobTeam.createSignedUrl('plan.txt', 60), 'bob signs it')
+  ok(await bobTeam.copy('plan.txt', 'bob-plan.txt'), 'bob copies it (his own copy)')
+  // Reading is all the policy gives: still alice's to change.
+  assert.deepEqual(ok(await bobTeam.remove(['plan.txt']), 'bob remove'), [])
+  assert.equal((await bobTeam.upload('plan.txt', Buffer.from('x'), { upsert: true })).error?.statusCode, '403')
+  assert.equal((await bobTeam.move('plan.txt', 'moved.txt')).error?.statusCode, '403')
+  // A restrictive policy: no new objects in the bucket, whoever asks, but the
+  // service role (which policies do not judge).
+  await sql(`CREATE POLICY "team is closed" ON public.files AS RESTRICTIVE FOR INSERT TO authenticated WITH CHECK (bucket_id <> '${team}')`)
+  assert.equal((await aliceTeam.upload('new.txt', Buffer.from('x'))).error?.statusCode, '403', 'closed to alice')
+  assert.equal((await aliceTeam.createSignedUploadUrl('new.txt')).error?.statusCode, '403')
+  ok(await service.storage.from(team).upload('new.txt', Buffer.from('from the server')), 'the service role is not judged')
+  ok(await aliceTeam.upload('plan.txt', Buffer.from('plan v2'), { upsert: true }), 'replacing is an UPDATE: still allowed')
+  // Supabase's own example policy, names ported (`name` is `path`, `owner`
+  // is `owner_id`): only images in the bucket's `avatars` folder.
+  await sql(`DROP POLICY "team is closed" ON public.files;
+             CREATE POLICY "images only" ON public.files AS RESTRICTIVE FOR INSERT TO authenticated
+               WITH CHECK (bucket_id <> '${team}' OR ((storage.foldername(path))[1] = 'avatars' AND storage.extension(path) = 'png'))`)
+  assert.equal((await aliceTeam.upload('avatars/a.txt', Buffer.from('x'))).error?.statusCode, '403')
+  ok(await aliceTeam.upload('avatars/a.png', Buffer.from([137, 80, 78, 71]), { contentType: 'image/png' }), 'a png in avatars')
+  await sql(`DROP POLICY "images only" ON public.files; DROP POLICY "team reads" ON public.files`)
+  assert.equal((await bobTeam.download('plan.txt')).error?.statusCode, '404', 'the policy gone, so is bob\'s access')
+
+  // 11. Aether's own tables through /rest/v1: what a realtime subscription
+  // shows, read-only.
+  const bobId = (await bob.auth.getUser()).data.user.id
+  const bobRows = ok(await bob.from('files').select('id, owner_id, path, size').eq('bucket_id', bucket), 'bob reads his rows')
+  assert.ok(bobRows.length > 0 && bobRows.every((r) => r.owner_id === bobId), JSON.stringify(bobRows))
+  const aliceRows = ok(await alice.from('files').select('owner_id').eq('bucket_id', bucket), 'alice reads hers')
+  assert.ok(aliceRows.every((r) => r.owner_id === aliceId))
+  assert.deepEqual(ok(await client().from('files').select('id').eq('bucket_id', bucket), 'anon reads a private bucket'), [])
+  const write = await bob.from('files').update({ name: 'x' }).eq('bucket_id', bucket)
+  assert.equal(write.error?.code, '42501', JSON.stringify(write))
+  assert.equal((await bob.from('files').delete().eq('owner_id', bobId)).error?.code, '42501')
+  assert.equal(ok(await bob.from('files').select('id').eq('bucket_id', bucket), 'nothing went').length, bobRows.length)
+  const buckets = ok(await bob.from('buckets').select('id, public'), 'bob reads buckets')
+  assert.ok(buckets.every((b) => b.public || b.id !== bucket), 'alice\'s private bucket is not his to see')
+  const events = ok(await bob.from('auth_events').select('user_id, event_type'), 'bob reads his auth events')
+  assert.ok(events.length > 0 && events.every((e) => e.user_id === bobId))
+  assert.equal((await bob.from('auth_events').select('ip')).error?.code, '42501', 'addresses stay inside')
+  assert.equal((await bob.from('shares').select('id')).error?.code, '42501', 'shares: the service role only')
 })

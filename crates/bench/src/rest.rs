@@ -444,8 +444,63 @@ pub async fn upload(
             &pattern,
         )
         .await?;
+        out["small_reads"] = small_reads(
+            server,
+            aether_pid,
+            &auth,
+            &format!("/storage/object/{bucket}/{user_id}/{path}"),
+            SMALL_READS,
+        )
+        .await?;
     }
     Ok(out)
+}
+
+/// How many small reads [`small_reads`] makes.
+const SMALL_READS: usize = 2000;
+
+/// `n` GETs of the first KiB of `url`, one after another on one connection:
+/// what a read costs apart from its bytes (the token, the row, the access
+/// check, the blob's opening).
+async fn small_reads(
+    server: SocketAddr,
+    aether_pid: u32,
+    auth: &str,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<Value> {
+    let mut conn = Http::connect(server).await?;
+    log(format!("rest: {n} reads of 1 KiB"));
+    let cpu0 = cpu_seconds(aether_pid).unwrap_or(0.0);
+    let mut took_us: Vec<f64> = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let req = conn.head(
+            "GET",
+            url,
+            &[("Authorization", auth), ("Range", "bytes=0-1023")],
+            0,
+        );
+        let t = Instant::now();
+        conn.write(req.as_bytes()).await?;
+        let head = conn.read_head().await?;
+        conn.read_body(&head, |_| {}).await?;
+        if head.status != 206 {
+            bail!("a small read answered {}", head.status);
+        }
+        took_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let total_s = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(aether_pid).unwrap_or(0.0) - cpu0;
+    took_us.sort_by(f64::total_cmp);
+    let at = |q: f64| took_us[((took_us.len() as f64 - 1.0) * q).round() as usize];
+    Ok(json!({
+        "reads": n,
+        "per_s": n as f64 / total_s,
+        "p50_ms": at(0.5) / 1000.0,
+        "p99_ms": at(0.99) / 1000.0,
+        "aether_cpu_us_per_read": cpu * 1e6 / n as f64,
+    }))
 }
 
 /// GET `url` and compare the body with the pattern.

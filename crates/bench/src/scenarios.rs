@@ -1183,6 +1183,15 @@ async fn rest(env: &Env, quick: bool) -> anyhow::Result<Value> {
             ],
         ],
     );
+    let r = &upload["small_reads"];
+    println!(
+        "  {} reads of the object's first KiB, one after another on one connection: {}/s, p50 {} ms, p99 {} ms, Aether CPU {} µs per read",
+        r["reads"],
+        f(&r["per_s"], 0),
+        f(&r["p50_ms"], 2),
+        f(&r["p99_ms"], 2),
+        f(&r["aether_cpu_us_per_read"], 0)
+    );
     println!(
         "  upload: last byte sent at {} s, response {} s later (blob completion with fsync, row commit); \
          stored size: response {}, row {}, file on disk {}",

@@ -664,6 +664,17 @@ pub(crate) async fn table_route(
             Some(content_range(offset, n, total)),
         ));
     }
+    if crate::rules::visibility::is_own(&format!("{}.{}", key.0, key.1)) && !caller.is_service() {
+        // Granted to users so that the storage routes can run their writes
+        // as the caller (RLS decides), never written here: rows and bytes
+        // change together only through those routes.
+        return Err(RestError::new(
+            StatusCode::FORBIDDEN,
+            "42501",
+            format!("permission denied for table {}", key.1),
+        )
+        .details("Aether's own tables are read-only through /rest/v1: write through /storage/v1 and /auth/v1"));
+    }
     let w = Write {
         state: &state,
         caller: &caller,

@@ -9,13 +9,15 @@ use uuid::Uuid;
 
 use super::errors::StorageApiError;
 use super::json_body;
-use super::owners::{Caller, user_of};
+use super::owners::{Caller, actor_of};
 use crate::api::auth::timestamp;
 use crate::api::extract::ApiPath;
 use crate::api::validate::{self, Validate};
 use crate::server::AppState;
 use crate::storage::path::MAX_PATH_BYTES;
-use crate::storage::{FileCursor, FileRecord, FileSort, ObjectPath, SortColumn, StorageError};
+use crate::storage::{
+    FileCursor, FileRecord, FileSort, ListScope, ObjectPath, SortColumn, StorageError,
+};
 
 pub(super) fn file_json(f: &FileRecord) -> Value {
     let updated = timestamp(&f.updated_at);
@@ -63,14 +65,9 @@ impl Validate for ListBody {
     }
 }
 
-/// Whose objects a caller lists: a user their own (`Some(Some(user))`), the
-/// service role everyone's (`Some(None)`), the anon key none (`None`).
-fn lister(p: &crate::auth::Principal) -> Option<Option<Uuid>> {
-    match (user_of(p), p.is_service()) {
-        (_, true) => Some(None),
-        (Some(uid), false) => Some(Some(uid)),
-        (None, false) => None,
-    }
+/// Whose objects a caller lists: what they may read (the anon key: none).
+fn lister(p: &crate::auth::Principal) -> Option<ListScope> {
+    actor_of(p).map(ListScope::Readable)
 }
 
 /// `POST /storage/v1/object/list/{bucket}`: the folders (entries with a null
@@ -87,8 +84,8 @@ pub async fn list(
     let folder = ObjectPath::parse_any(prefix.trim_matches('/')).map_err(StorageError::from)?;
     let mut folders: Vec<String> = Vec::new();
     let mut files: Vec<FileRecord> = Vec::new();
-    if let Some(only) = lister(&p) {
-        match state.storage.list(&bucket, &folder, only).await {
+    if let Some(scope) = lister(&p) {
+        match state.storage.list(&bucket, &folder, scope).await {
             Ok(l) => {
                 folders.extend(l.folders.into_iter().map(|f| f.name));
                 folders.extend(l.homes);
@@ -306,11 +303,6 @@ pub async fn list_v2(
     let sort = sort_v2(b.sort_by)?;
     let after = b.cursor.as_deref().map(decode_cursor).transpose()?;
     let prefix = b.prefix.unwrap_or_default();
-    let owners: Option<Vec<Uuid>> = match lister(&p) {
-        Some(None) => None,
-        Some(Some(uid)) => Some(vec![uid]),
-        None => Some(Vec::new()),
-    };
     let mut entries: Vec<V2Entry> = if b.with_delimiter.unwrap_or(false) {
         // One level: the folder the prefix is in, through the same listing as
         // `list`, keeping the names that start with the prefix.
@@ -323,8 +315,8 @@ pub async fn list_v2(
         };
         let mut folders: Vec<String> = Vec::new();
         let mut out = Vec::new();
-        if let Some(only) = lister(&p) {
-            match state.storage.list(&bucket, &dir, only).await {
+        if let Some(scope) = lister(&p) {
+            match state.storage.list(&bucket, &dir, scope).await {
                 Ok(l) => {
                     folders.extend(l.folders.into_iter().map(|f| format!("{base}{}/", f.name)));
                     folders.extend(l.homes.into_iter().map(|h| format!("{h}/")));
@@ -368,16 +360,14 @@ pub async fn list_v2(
         out.truncate(limit + 1);
         out
     } else {
+        let Some(scope) = lister(&p) else {
+            return Ok(Json(
+                json!({"hasNext": false, "folders": [], "objects": []}),
+            ));
+        };
         state
             .storage
-            .files_under(
-                &bucket,
-                owners.as_deref(),
-                &prefix,
-                sort,
-                after.as_ref(),
-                limit + 1,
-            )
+            .files_under(&bucket, scope, &prefix, sort, after.as_ref(), limit + 1)
             .await?
             .iter()
             .map(|f| v2_object(f, sort))

@@ -52,28 +52,17 @@ pub(super) fn object_path(raw: &str) -> Result<ObjectPath, StorageApiError> {
     Ok(ObjectPath::parse(raw.trim_start_matches('/')).map_err(StorageError::from)?)
 }
 
-/// The file at `bucket/path` if `viewer` may read it: its owner's, the
-/// service role's, anyone's in a public bucket; another user's private file
-/// is not found.
+/// The file at `bucket/path` if `viewer` may read it (the storage policies
+/// decide); another user's private file is not found.
 pub(super) async fn readable(
     state: &AppState,
     viewer: &Principal,
     bucket: &str,
     path: &ObjectPath,
 ) -> Result<FileRecord, StorageApiError> {
-    let info = state.storage.bucket(bucket).await?;
-    let file = state
+    state
         .storage
-        .file_at(bucket, path)
+        .readable(actor_of(viewer), bucket, path)
         .await?
-        .ok_or_else(StorageApiError::no_such_key)?;
-    let may = match actor_of(viewer) {
-        Some(a) => a.may_read(file.owner_id, info.public),
-        None => info.public,
-    };
-    if may {
-        Ok(file)
-    } else {
-        Err(StorageApiError::no_such_key())
-    }
+        .ok_or_else(StorageApiError::no_such_key)
 }

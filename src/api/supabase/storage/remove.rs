@@ -42,9 +42,6 @@ pub async fn remove(
         let Some(f) = state.storage.file_at(&bucket, &path).await? else {
             continue;
         };
-        if !actor.may_change(f.owner_id) {
-            continue;
-        }
         match state.storage.delete(actor, &bucket, &path).await {
             Ok(Deleted::File) => {
                 let mut v = file_json(&f);

@@ -1,0 +1,222 @@
+//! Who may read and write an object: the RLS policies on `public.files`
+//! (Aether's defaults from migration 0017, and whatever a DBA adds),
+//! evaluated by PostgreSQL as the caller's role with their claims, as
+//! Supabase's storage does with `storage.objects`. The service role bypasses
+//! them. Without the roles (a database user that may not create them) the
+//! same defaults are applied in Rust ([`Actor`]'s rules).
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::errors::StorageError;
+use super::owners::Actor;
+use super::{StorageService, as_i64};
+
+/// Whom the policies judge: a signed-in user or an anonymous reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Who {
+    Anon,
+    User(Uuid),
+}
+
+impl Who {
+    /// `None` for the service role, which the policies do not judge.
+    pub(super) fn of(actor: Actor) -> Option<Who> {
+        match actor {
+            Actor::User(u) => Some(Who::User(u)),
+            Actor::Service => None,
+        }
+    }
+
+    fn role(self) -> &'static str {
+        match self {
+            Who::Anon => "anon",
+            Who::User(_) => "authenticated",
+        }
+    }
+
+    fn claims(self) -> String {
+        match self {
+            Who::Anon => serde_json::json!({"role": "anon"}).to_string(),
+            Who::User(u) => {
+                serde_json::json!({"sub": u, "role": "authenticated", "aud": "authenticated"})
+                    .to_string()
+            }
+        }
+    }
+}
+
+/// Takes `who`'s role and claims for the rest of the transaction (until
+/// [`leave`]): what `tx` reads and writes from now on, RLS decides.
+pub(super) async fn enter(tx: &impl GenericClient, who: Who) -> Result<(), StorageError> {
+    let sub = match who {
+        Who::User(u) => u.hyphenated().to_string(),
+        Who::Anon => String::new(),
+    };
+    tx.execute(
+        "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),
+                set_config('request.jwt.claim.sub', $3, true),
+                set_config('request.jwt.claim.role', $1, true)",
+        &[&who.role(), &who.claims(), &sub],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Back to Aether's own role.
+pub(super) async fn leave(tx: &impl GenericClient) -> Result<(), StorageError> {
+    tx.execute("SELECT set_config('role', 'none', true)", &[])
+        .await?;
+    Ok(())
+}
+
+/// Runs one write of `public.files` as `who`; returns the rows it touched
+/// (an UPDATE or DELETE the policies' `USING` hides touches none). A row
+/// that a `WITH CHECK` refuses is [`StorageError::Forbidden`].
+pub(super) async fn write_as(
+    tx: &impl GenericClient,
+    who: Who,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StorageError> {
+    enter(tx, who).await?;
+    let n = tx.execute(sql, params).await.map_err(refused)?;
+    leave(tx).await?;
+    Ok(n)
+}
+
+/// Whether `who` may read file `id`.
+pub(super) async fn may_read(
+    tx: &impl GenericClient,
+    who: Who,
+    id: Uuid,
+) -> Result<bool, StorageError> {
+    enter(tx, who).await?;
+    let seen: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM public.files WHERE id = $1)",
+            &[&id],
+        )
+        .await
+        .map_err(refused)?
+        .get(0);
+    leave(tx).await?;
+    Ok(seen)
+}
+
+/// A policy's refusal as a storage error; other errors as they are.
+fn refused(e: tokio_postgres::Error) -> StorageError {
+    match e.code() {
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => StorageError::Forbidden(format!(
+            "{}: the bucket's policies do not allow it",
+            e.as_db_error().map_or("refused", |d| d.message())
+        )),
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+            StorageError::AlreadyExists("the object".into())
+        }
+        _ => e.into(),
+    }
+}
+
+/// A new row as the INSERT of a file writes it (for a dry run and the real
+/// thing alike).
+pub(super) const INSERT_FILE: &str = "INSERT INTO public.files
+     (id, bucket_id, folder_id, path, name, size, mime_type, owner_id, storage_key, metadata)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+impl StorageService {
+    /// Whether the storage policies are in place: RLS on `public.files`,
+    /// and the roles to run as. Asked once.
+    pub(super) async fn policies(&self) -> Result<bool, StorageError> {
+        self.0
+            .policies
+            .get_or_try_init(|| async {
+                let client = self.0.pool.get().await?;
+                let on: bool = client
+                    .query_one(
+                        "SELECT c.relrowsecurity
+                                AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated')
+                                AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon')
+                                AND pg_has_role(current_user, 'authenticated', 'MEMBER')
+                                AND pg_has_role(current_user, 'anon', 'MEMBER')
+                         FROM pg_class c WHERE c.oid = 'public.files'::regclass",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                if !on {
+                    tracing::warn!(
+                        "storage policies are not in place (no anon/authenticated roles): Aether's default storage rules apply"
+                    );
+                }
+                Ok::<_, StorageError>(on)
+            })
+            .await
+            .copied()
+    }
+
+    /// Whom the policies judge for `actor`: a user when the policies are in
+    /// place; `None` for the service role, and when they are not (then
+    /// [`Actor`]'s rules apply).
+    pub(super) async fn judged(&self, actor: Actor) -> Result<Option<Who>, StorageError> {
+        match Who::of(actor) {
+            Some(who) if self.policies().await? => Ok(Some(who)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether `actor` may create an object of its own at `bucket/path`
+    /// (`exists`: or replace the one there, `existing`): a dry run of the
+    /// write, rolled back.
+    pub(super) async fn dry_write(
+        &self,
+        who: Who,
+        bucket: &str,
+        path: &str,
+        existing: Option<Uuid>,
+    ) -> Result<bool, StorageError> {
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        let n = match existing {
+            Some(id) => {
+                write_as(
+                    &*tx,
+                    who,
+                    "UPDATE public.files SET size = size WHERE id = $1",
+                    &[&id],
+                )
+                .await?
+            }
+            None => {
+                let owner = match who {
+                    Who::User(u) => Some(u),
+                    Who::Anon => None,
+                };
+                let name = path.rsplit('/').next().unwrap_or(path);
+                let metadata = serde_json::json!({});
+                write_as(
+                    &*tx,
+                    who,
+                    INSERT_FILE,
+                    &[
+                        &Uuid::new_v4(),
+                        &bucket,
+                        &None::<Uuid>,
+                        &path,
+                        &name,
+                        &as_i64(0),
+                        &None::<String>,
+                        &owner,
+                        &None::<String>,
+                        &metadata,
+                    ],
+                )
+                .await?
+            }
+        };
+        tx.rollback().await?;
+        Ok(n > 0)
+    }
+}
