@@ -55,6 +55,7 @@ pub use owners::{Actor, home_of};
 pub use path::{ObjectPath, PathError};
 pub use range::ByteRange;
 pub use read::ObjectRead;
+pub use transfer::CopyOptions;
 pub use types::AllowedTypes;
 pub use upload::{PendingUpload, PumpError, TypeRules, UploadSource, UploadTarget, resolve_mime};
 

@@ -9,6 +9,19 @@ use super::record::{Recording, ensure_folders, is_folder};
 use super::upload::{TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService};
 
+/// What a copy takes from its source, and how it lands.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Replace an object at the destination.
+    pub upsert: bool,
+    /// Copy the source's custom metadata (otherwise the copy has none).
+    pub copy_metadata: bool,
+    /// `Cache-Control` for the copy (otherwise the source's).
+    pub cache_control: Option<String>,
+    /// The copy's content type (otherwise the source's).
+    pub content_type: Option<String>,
+}
+
 impl StorageService {
     /// Moves the file at `from` (in `from_bucket`) to `to` in `to_bucket`,
     /// keeping its row (id, owner, bytes): one transaction that updates the
@@ -127,7 +140,7 @@ impl StorageService {
         from: &ObjectPath,
         to_bucket: &str,
         to: &ObjectPath,
-        upsert: bool,
+        opts: CopyOptions,
     ) -> Result<FileRecord, StorageError> {
         let svc = self.clone();
         let (from_bucket, from, to_bucket, to) = (
@@ -137,7 +150,7 @@ impl StorageService {
             to.clone(),
         );
         tokio::spawn(async move {
-            svc.copy_owned(actor, &from_bucket, &from, &to_bucket, &to, upsert)
+            svc.copy_owned(actor, &from_bucket, &from, &to_bucket, &to, opts)
                 .await
         })
         .await
@@ -151,7 +164,7 @@ impl StorageService {
         from: &ObjectPath,
         to_bucket: &str,
         to: &ObjectPath,
-        upsert: bool,
+        opts: CopyOptions,
     ) -> Result<FileRecord, StorageError> {
         let not_found = || StorageError::NotFound(format!("no file at {:?}", from.to_string()));
         let src = self
@@ -168,9 +181,13 @@ impl StorageService {
             return Ok(src);
         }
         let src_key = src.storage_key.clone().ok_or_else(not_found)?;
+        let mime = opts
+            .content_type
+            .clone()
+            .unwrap_or_else(|| src.mime_type.clone());
         // What `record` refuses, refused before the bytes are copied: a copy
         // that cannot be kept must not cost a full read and write.
-        self.copy_allowed(actor, &src, to_bucket, to, upsert)
+        self.copy_allowed(actor, &src, &mime, to_bucket, to, opts.upsert)
             .await?;
         let key = blob_key(actor.owner());
         // An empty file's blob may not exist: it is never read.
@@ -183,7 +200,7 @@ impl StorageService {
         let facts = Recording {
             actor,
             size: src.size,
-            mime: src.mime_type.clone(),
+            mime,
             file_name: to.name().to_owned(),
             key: key.clone(),
             types: TypeRules::BucketOnly,
@@ -191,10 +208,13 @@ impl StorageService {
         let target = UploadTarget {
             bucket: to_bucket.to_owned(),
             path: to.clone(),
-            upsert,
+            upsert: opts.upsert,
             id: None,
-            user_metadata: src.user_metadata.clone(),
-            cache_control: src.cache_control.clone(),
+            user_metadata: src.user_metadata.clone().filter(|_| opts.copy_metadata),
+            cache_control: opts
+                .cache_control
+                .clone()
+                .or_else(|| src.cache_control.clone()),
         };
         match self.record(&facts, &target).await {
             Ok((file, replaced)) => {
@@ -218,17 +238,13 @@ impl StorageService {
         &self,
         actor: Actor,
         src: &FileRecord,
+        mime: &str,
         to_bucket: &str,
         to: &ObjectPath,
         upsert: bool,
     ) -> Result<(), StorageError> {
         let bucket = self.bucket(to_bucket).await?;
-        self.check_type(
-            &src.mime_type,
-            to.name(),
-            Some(&bucket),
-            TypeRules::BucketOnly,
-        )?;
+        self.check_type(mime, to.name(), Some(&bucket), TypeRules::BucketOnly)?;
         let limit = self.size_limit(Some(&bucket));
         if src.size > limit {
             return Err(StorageError::FileTooLarge { limit });

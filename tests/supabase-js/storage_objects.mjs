@@ -336,4 +336,27 @@ await main('storage-objects', async () => {
   assert.ok(events.length > 0 && events.every((e) => e.user_id === bobId))
   assert.equal((await bob.from('auth_events').select('ip')).error?.code, '42501', 'addresses stay inside')
   assert.equal((await bob.from('shares').select('id')).error?.code, '42501', 'shares: the service role only')
+
+  // 12. copy's body fields that storage-js 2.109 does not send:
+  // copyMetadata (default true) and the copy's own metadata.
+  ok(await files.upload('cm/src.txt', Buffer.from('src'), { contentType: 'text/plain', metadata: { a: 1 } }), 'copy source')
+  const copyRaw = (body) => fetch(`${url}/storage/v1/object/copy`, {
+    method: 'POST',
+    headers: { apikey: anonKey, authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ bucketId: bucket, sourceKey: 'cm/src.txt', ...body }),
+  })
+  res = await copyRaw({ destinationKey: 'cm/bare.json', copyMetadata: false, metadata: { mimetype: 'Application/JSON', cacheControl: '60' } })
+  assert.equal(res.status, 200, await res.clone().text())
+  const bare = ok(await files.info('cm/bare.json'), 'info bare copy')
+  assert.equal(bare.metadata, null)
+  assert.equal(bare.contentType, 'application/json')
+  assert.equal(bare.cacheControl, 'max-age=60')
+  res = await copyRaw({ destinationKey: 'cm/full.txt' })
+  assert.equal(res.status, 200)
+  const full = ok(await files.info('cm/full.txt'), 'info full copy')
+  assert.deepEqual(full.metadata, { a: 1 })
+  assert.equal(full.contentType, 'text/plain')
+  res = await copyRaw({ destinationKey: 'cm/bad.txt', metadata: { mimetype: 'not a type' } })
+  assert.equal(res.status, 400)
+  assert.equal((await files.info('cm/bad.txt')).error?.statusCode, '404', 'a refused copy leaves nothing')
 })

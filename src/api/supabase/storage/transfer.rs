@@ -10,10 +10,10 @@ use super::errors::StorageApiError;
 use super::json_body;
 use super::owners::{Caller, actor_of, object_path};
 use super::remove::prune_folders;
-use super::upload::upsert_header;
+use super::upload::{cache_control_value, upsert_header};
 use crate::api::validate::{self, Validate};
 use crate::server::AppState;
-use crate::storage::ObjectPath;
+use crate::storage::{CopyOptions, ObjectPath};
 
 #[derive(Deserialize)]
 pub struct MoveBody {
@@ -25,6 +25,20 @@ pub struct MoveBody {
     destination_key: String,
     #[serde(rename = "destinationBucket")]
     destination_bucket: Option<String>,
+    /// `copy` only: the copy's own `cacheControl` and `mimetype`.
+    metadata: Option<CopyMetadata>,
+    /// `copy` only: whether the copy takes the source's custom metadata
+    /// (default true).
+    #[serde(rename = "copyMetadata")]
+    copy_metadata: Option<bool>,
+}
+
+/// What Supabase's `copy` lets a caller set on the copy.
+#[derive(Deserialize)]
+struct CopyMetadata {
+    #[serde(rename = "cacheControl")]
+    cache_control: Option<String>,
+    mimetype: Option<String>,
 }
 
 impl Validate for MoveBody {
@@ -80,10 +94,30 @@ pub async fn move_object(
     })))
 }
 
+/// A content type given for a copy: `type/subtype`, as an upload's
+/// `Content-Type` would be stored.
+fn content_type_value(v: &str) -> Result<String, StorageApiError> {
+    let v = v.trim().to_ascii_lowercase();
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 127
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    match v.split_once('/') {
+        Some((t, sub)) if token(t) && token(sub) => Ok(v),
+        _ => Err(StorageApiError::invalid(
+            "metadata.mimetype must be a media type such as image/png",
+        )),
+    }
+}
+
 /// `POST /storage/v1/object/copy` (`copy`): a new object of the caller's
 /// (owner-less for the service role), from one they may read, with a copy
-/// of the bytes and the custom metadata; `x-upsert: true` replaces a
-/// destination object they may replace. Counts against the caller's quota.
+/// of the bytes and (unless `copyMetadata` is false) the custom metadata;
+/// `metadata.cacheControl` and `metadata.mimetype` set the copy's own;
+/// `x-upsert: true` replaces a destination object they may replace. Counts
+/// against the caller's quota.
 pub async fn copy_object(
     State(state): State<AppState>,
     Caller(p): Caller,
@@ -93,16 +127,22 @@ pub async fn copy_object(
     let b: MoveBody = json_body(&body)?;
     let ((from_bucket, from), (to_bucket, to)) = b.ends()?;
     let actor = actor_of(&p).ok_or_else(StorageApiError::no_such_key)?;
+    let own = b.metadata.as_ref();
+    let opts = CopyOptions {
+        upsert: upsert_header(&headers),
+        copy_metadata: b.copy_metadata.unwrap_or(true),
+        cache_control: own
+            .and_then(|m| m.cache_control.as_deref())
+            .map(cache_control_value)
+            .transpose()?,
+        content_type: own
+            .and_then(|m| m.mimetype.as_deref())
+            .map(content_type_value)
+            .transpose()?,
+    };
     let f = state
         .storage
-        .copy_file(
-            actor,
-            from_bucket,
-            &from,
-            to_bucket,
-            &to,
-            upsert_header(&headers),
-        )
+        .copy_file(actor, from_bucket, &from, to_bucket, &to, opts)
         .await?;
     Ok(Json(json!({
         "Id": f.id.hyphenated().to_string(),

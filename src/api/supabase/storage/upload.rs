@@ -54,7 +54,7 @@ const MAX_CACHE_CONTROL_BYTES: usize = 256;
 /// choose (`max-age=N`, `no-cache`, `no-store`, `must-revalidate`,
 /// `immutable`, `stale-while-revalidate=N`). Whether shared caches may keep
 /// it (`public`/`private`) is the bucket's to say, not the uploader's.
-fn cache_control_value(v: &str) -> Result<String, StorageApiError> {
+pub(super) fn cache_control_value(v: &str) -> Result<String, StorageApiError> {
     let v = v.trim();
     let bad = || {
         StorageApiError::invalid(
