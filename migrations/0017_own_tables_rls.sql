@@ -13,26 +13,36 @@
 -- storage.filename() and storage.extension() are Supabase's helpers, so its
 -- policies port with `name` read as `path` and `owner` as `owner_id`.
 
-CREATE SCHEMA IF NOT EXISTS storage;
+-- In a block of their own: a database that already has a `storage` schema
+-- with other owners' functions of these names (a Supabase-managed one) keeps
+-- them, with a warning.
+DO $$
+BEGIN
+    CREATE SCHEMA IF NOT EXISTS storage;
 
-CREATE OR REPLACE FUNCTION storage.foldername(name text) RETURNS text[]
-    LANGUAGE sql IMMUTABLE
-    AS $$ SELECT (string_to_array(name, '/'))[1:greatest(cardinality(string_to_array(name, '/')) - 1, 0)] $$;
+    CREATE OR REPLACE FUNCTION storage.foldername(name text) RETURNS text[]
+        LANGUAGE sql IMMUTABLE
+        AS $f$ SELECT (string_to_array(name, '/'))[1:greatest(cardinality(string_to_array(name, '/')) - 1, 0)] $f$;
 
-CREATE OR REPLACE FUNCTION storage.filename(name text) RETURNS text
-    LANGUAGE sql IMMUTABLE
-    AS $$ SELECT (string_to_array(name, '/'))[cardinality(string_to_array(name, '/'))] $$;
+    CREATE OR REPLACE FUNCTION storage.filename(name text) RETURNS text
+        LANGUAGE sql IMMUTABLE
+        AS $f$ SELECT (string_to_array(name, '/'))[cardinality(string_to_array(name, '/'))] $f$;
 
-CREATE OR REPLACE FUNCTION storage.extension(name text) RETURNS text
-    LANGUAGE sql IMMUTABLE
-    AS $$ SELECT CASE WHEN storage.filename(name) LIKE '%.%'
-                      THEN lower(regexp_replace(storage.filename(name), '^.*\.', '')) ELSE '' END $$;
+    CREATE OR REPLACE FUNCTION storage.extension(name text) RETURNS text
+        LANGUAGE sql IMMUTABLE
+        AS $f$ SELECT CASE WHEN storage.filename(name) LIKE '%.%'
+                          THEN lower(regexp_replace(storage.filename(name), '^.*\.', '')) ELSE '' END $f$;
 
--- The user whose folder `path` is in (its first segment is a user id), if any.
-CREATE OR REPLACE FUNCTION storage.home(path text) RETURNS uuid
-    LANGUAGE sql IMMUTABLE
-    AS $$ SELECT CASE WHEN path ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/'
-                      THEN split_part(path, '/', 1)::uuid END $$;
+    -- The user whose folder `path` is, or is in (its first segment is a user
+    -- id), if any.
+    CREATE OR REPLACE FUNCTION storage.home(path text) RETURNS uuid
+        LANGUAGE sql IMMUTABLE
+        AS $f$ SELECT CASE WHEN path ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(/|$)'
+                          THEN split_part(path, '/', 1)::uuid END $f$;
+EXCEPTION WHEN insufficient_privilege OR duplicate_function OR invalid_function_definition THEN
+    RAISE WARNING 'aether: storage helper functions not set up (%)', SQLERRM;
+END
+$$;
 
 ALTER TABLE public.files       ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.folders     ENABLE ROW LEVEL SECURITY;
@@ -82,7 +92,8 @@ BEGIN
     GRANT SELECT (id, user_id, event_type, session_id, created_at)
         ON public.auth_events TO authenticated;
     -- shares: the service role only (their tokens are the secret).
-EXCEPTION WHEN insufficient_privilege OR undefined_object THEN
+EXCEPTION WHEN insufficient_privilege OR undefined_object OR undefined_function
+          OR invalid_schema_name THEN
     RAISE WARNING 'aether: storage policies not set up (%); see docs/supabase.md', SQLERRM;
 END
 $$;

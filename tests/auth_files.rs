@@ -1256,7 +1256,8 @@ async fn per_owner_storage_rows_migrate_to_one_name_per_object() {
            ('00000000-0000-0000-0000-0000000000d1', 'b', '00000000-0000-0000-0000-0000000000d0', '{alice}/docs', 'docs', NULL);
          INSERT INTO public.files (id, bucket_id, folder_id, path, name, owner_id) VALUES
            ('40000000-0000-0000-0000-000000000004', 'b', '00000000-0000-0000-0000-0000000000d1', '{alice}/docs/r.pdf', 'r.pdf', NULL),
-           ('50000000-0000-0000-0000-000000000005', 'b', '00000000-0000-0000-0000-0000000000e0', '{alice}/top.png', 'top.png', '{alice}');
+           ('50000000-0000-0000-0000-000000000005', 'b', '00000000-0000-0000-0000-0000000000e0', '{alice}/top.png', 'top.png', '{alice}'),
+           ('60000000-0000-0000-0000-000000000006', 'b', '00000000-0000-0000-0000-0000000000d0', '{alice}/top.png', 'top.png', NULL);
          DELETE FROM aether.schema_migrations WHERE version = '{NAMESPACE}';"
     ))
     .await
@@ -1298,9 +1299,10 @@ async fn per_owner_storage_rows_migrate_to_one_name_per_object() {
             (r.get::<_, String>(0), r.get::<_, Option<String>>(1))
         }
     };
-    // Alice's docs merged into the existing <alice>/docs; home rows are gone.
+    // Alice's docs and the service role's <alice>/docs are one folder now:
+    // hers (it is her folder they are in); home rows are gone.
     let (docs, docs_parent) = folder_of(format!("{alice}/docs")).await;
-    assert_eq!(docs, "00000000-0000-0000-0000-0000000000d1");
+    assert_eq!(docs, "00000000-0000-0000-0000-00000000000a");
     assert_eq!(docs_parent, None, "a home folder has no row");
     let (y2024, y2024_parent) = folder_of(format!("{alice}/docs/2024")).await;
     assert_eq!(y2024_parent.as_deref(), Some(docs.as_str()));
@@ -1312,18 +1314,32 @@ async fn per_owner_storage_rows_migrate_to_one_name_per_object() {
             Some(y2024)
         )
     );
-    // The name was the service role's: alice's object keeps, renamed.
+    // Two objects of one name: alice's keeps it (it is in her folder), the
+    // service role's is renamed, in the merged folder.
     assert_eq!(
         file("20000000-0000-0000-0000-000000000002").await,
         (
-            format!("{alice}/docs/r (20000000).pdf"),
-            "r (20000000).pdf".into(),
+            format!("{alice}/docs/r.pdf"),
+            "r.pdf".into(),
             Some(docs.clone())
         )
     );
     assert_eq!(
         file("40000000-0000-0000-0000-000000000004").await,
-        (format!("{alice}/docs/r.pdf"), "r.pdf".into(), Some(docs))
+        (
+            format!("{alice}/docs/r (40000000).pdf"),
+            "r (40000000).pdf".into(),
+            Some(docs)
+        )
+    );
+    // The same for two rows that did not move.
+    assert_eq!(
+        file("60000000-0000-0000-0000-000000000006").await,
+        (
+            format!("{alice}/top (60000000).png"),
+            "top (60000000).png".into(),
+            None
+        )
     );
     let (bob_docs, _) = folder_of(format!("{bob}/docs")).await;
     assert_eq!(
@@ -1357,5 +1373,84 @@ async fn per_owner_storage_rows_migrate_to_one_name_per_object() {
     assert_eq!(
         taken.code(),
         Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+}
+
+/// A signed URL serves the object it was made for, not one that later takes
+/// its name; tokens made when objects were per owner (they named a path in
+/// their owner's space) are refused rather than read as names in a shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_urls_serve_their_object_and_per_owner_tokens_are_refused() {
+    let t = TestServer::start().await;
+    let (uid, tok) = sign_up(&t, "signer@example.com").await;
+    let apikey = token(None, "anon", 3600);
+    let put = |bytes: Vec<u8>| {
+        upload(
+            &t,
+            &tok,
+            None,
+            Some("s.png"),
+            file_part(bytes, "s.png", "image/png"),
+        )
+    };
+    json_ok(put(pattern(10)).await, 201).await;
+    let signed = json_ok(
+        http()
+            .post(t.url(&format!("/storage/v1/object/sign/files/{uid}/s.png")))
+            .header("apikey", &apikey)
+            .header(AUTHORIZATION, bearer(&tok))
+            .json(&json!({"expiresIn": 60}))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let url = t.url(&format!(
+        "/storage/v1{}",
+        signed["signedURL"].as_str().unwrap()
+    ));
+    let res = http().get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await.unwrap().len(), 10);
+    // Deleted, and another object of that name uploaded: not the signed one.
+    json_ok(delete(&t, &tok, json!({"path": "s.png"})).await, 200).await;
+    json_ok(put(pattern(20)).await, 201).await;
+    assert_eq!(http().get(&url).send().await.unwrap().status(), 404);
+
+    let now = chrono::Utc::now().timestamp();
+    let old_download = keys().sign_json(&json!({
+        "url": format!("files/{uid}/s.png"), "owner": uid, "scope": "download",
+        "iat": now, "exp": now + 60,
+    }));
+    let res = http()
+        .get(t.url(&format!(
+            "/storage/v1/object/sign/files/{uid}/s.png?token={old_download}"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["code"],
+        "InvalidSignature"
+    );
+    let old_upload = keys().sign_json(&json!({
+        "url": format!("files/{uid}/s.png"), "owner": uid, "upsert": true,
+        "scope": "upload", "iat": now, "exp": now + 60,
+    }));
+    let res = http()
+        .put(t.url(&format!(
+            "/storage/v1/object/upload/sign/files/{uid}/s.png?token={old_upload}"
+        )))
+        .header(CONTENT_TYPE, "image/png")
+        .body(pattern(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["code"],
+        "InvalidSignature"
     );
 }

@@ -183,4 +183,23 @@ impl StorageService {
         tx.commit().await?;
         Ok(Deleted::Folder)
     }
+
+    /// Removes the folder at `dir` if nothing is in it, and never a file:
+    /// what Supabase's implicit folders do when their last object goes.
+    /// Returns whether one went.
+    pub async fn prune_folder(&self, bucket: &str, dir: &ObjectPath) -> Result<bool, StorageError> {
+        let mut client = self.0.pool.get().await?;
+        let tx = client.transaction().await?;
+        lock_names(&*tx, &[(bucket, dir)]).await?;
+        let n = tx
+            .execute(
+                "DELETE FROM public.folders f WHERE bucket_id = $1 AND path = $2
+                   AND NOT EXISTS (SELECT 1 FROM public.folders c WHERE c.parent_id = f.id)
+                   AND NOT EXISTS (SELECT 1 FROM public.files x WHERE x.folder_id = f.id)",
+                &[&bucket, &dir.to_string()],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
 }

@@ -95,7 +95,8 @@ impl StorageService {
                     "SELECT id FROM public.folders WHERE bucket_id = $1 AND path = $2",
                     &[&bucket, &dir],
                 )
-                .await?
+                .await
+                .map_err(policy::refused)?
                 .ok_or_else(|| StorageError::NotFound(format!("folder {dir:?} not found")))?;
             Some(row.get(0))
         };
@@ -135,7 +136,8 @@ impl StorageService {
                 ),
                 &params,
             )
-            .await?
+            .await
+            .map_err(policy::refused)?
             .iter()
             .map(folder_from_row)
             .collect();
@@ -148,7 +150,8 @@ impl StorageService {
                 ),
                 &params,
             )
-            .await?
+            .await
+            .map_err(policy::refused)?
             .iter()
             .map(file_from_row)
             .collect();
@@ -165,7 +168,8 @@ impl StorageService {
                     ),
                     &params,
                 )
-                .await?
+                .await
+                .map_err(policy::refused)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect()
@@ -241,7 +245,8 @@ impl StorageService {
                 ),
                 &params,
             )
-            .await?;
+            .await
+            .map_err(policy::refused)?;
         Ok(rows.iter().map(file_from_row).collect())
     }
 }

@@ -53,6 +53,7 @@ pub use files::{FileRecord, FolderRecord};
 pub use listing::{FileCursor, FileSort, ListScope, Listing, SortColumn};
 pub use owners::{Actor, home_of};
 pub use path::{ObjectPath, PathError};
+pub use policy::WriteFacts;
 pub use range::ByteRange;
 pub use read::ObjectRead;
 pub use transfer::CopyOptions;

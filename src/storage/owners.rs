@@ -57,12 +57,11 @@ impl Actor {
     }
 }
 
-/// The user whose home `path` is under (its first segment is a user id).
+/// The user whose home `path` is, or is under (its first segment is a user
+/// id): the home's own name is theirs too, or anyone could block it with a
+/// file of that name.
 pub fn home_of(path: &ObjectPath) -> Option<Uuid> {
-    let first = path.prefixes().next()?;
-    // A single segment is a name at the bucket's root, not a home.
-    path.prefixes().nth(1)?;
-    parse_uuid(first.name())
+    parse_uuid(path.prefixes().next()?.name())
 }
 
 /// Whether `dir` is a home folder itself (a single user-id segment), which
@@ -171,7 +170,7 @@ mod tests {
         let a = Uuid::new_v4();
         let p = |s: &str| ObjectPath::parse(s).unwrap();
         assert_eq!(home_of(&p(&format!("{a}/x.png"))), Some(a));
-        assert_eq!(home_of(&p(&a.to_string())), None, "a name at the root");
+        assert_eq!(home_of(&p(&a.to_string())), Some(a), "the home's own name");
         assert_eq!(home_of(&p("public/x.png")), None);
         assert_eq!(
             home_of(&p(&format!("{}/x", a.to_string().to_uppercase()))),
@@ -185,6 +184,7 @@ mod tests {
         assert!(Actor::User(a).check_create(&p(&format!("{a}/x"))).is_ok());
         assert!(Actor::User(b).check_create(&p(&format!("{a}/x"))).is_err());
         assert!(Actor::User(b).check_create(&p("shared/x")).is_ok());
+        assert!(Actor::User(b).check_create(&p(&a.to_string())).is_err());
         assert!(Actor::Service.check_create(&p(&format!("{a}/x"))).is_ok());
     }
 }

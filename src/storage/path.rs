@@ -8,9 +8,12 @@
 
 use std::fmt;
 
-pub const MAX_PATH_BYTES: usize = 1024;
+/// An object's whole name: 1,024 bytes and 32 levels, plus a user's folder
+/// (`<user id>/`, 37 bytes, one level), so that a seed path of the old
+/// limits still fits once it is under its owner's folder.
+pub const MAX_PATH_BYTES: usize = 1024 + 37;
 pub const MAX_SEGMENT_BYTES: usize = 255;
-pub const MAX_DEPTH: usize = 32;
+pub const MAX_DEPTH: usize = 32 + 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -208,6 +211,13 @@ mod tests {
         assert_eq!(p.relative_to(&home), None);
         assert!(
             ObjectPath::parse(&"a/".repeat(32))
+                .unwrap()
+                .within(&home)
+                .is_ok(),
+            "a path of 32 levels fits in a user's folder"
+        );
+        assert!(
+            ObjectPath::parse(&"a/".repeat(33))
                 .unwrap()
                 .within(&home)
                 .is_err()

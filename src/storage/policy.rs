@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::errors::StorageError;
 use super::owners::Actor;
-use super::{StorageService, as_i64};
+use super::{ObjectPath, StorageService, as_i64};
 
 /// Whom the policies judge: a signed-in user or an anonymous reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,13 @@ pub(super) enum Who {
 }
 
 impl Who {
+    fn user(self) -> Option<Uuid> {
+        match self {
+            Who::User(u) => Some(u),
+            Who::Anon => None,
+        }
+    }
+
     /// `None` for the service role, which the policies do not judge.
     pub(super) fn of(actor: Actor) -> Option<Who> {
         match actor {
@@ -107,7 +114,7 @@ pub(super) async fn may_read(
 }
 
 /// A policy's refusal as a storage error; other errors as they are.
-fn refused(e: tokio_postgres::Error) -> StorageError {
+pub(super) fn refused(e: tokio_postgres::Error) -> StorageError {
     match e.code() {
         Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => StorageError::Forbidden(format!(
             "{}: the bucket's policies do not allow it",
@@ -115,6 +122,10 @@ fn refused(e: tokio_postgres::Error) -> StorageError {
         )),
         Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
             StorageError::AlreadyExists("the object".into())
+        }
+        // The owner named is no user (deleted since their token was made).
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
+            StorageError::Forbidden("the user this request acts for no longer exists".into())
         }
         _ => e.into(),
     }
@@ -127,8 +138,9 @@ pub(super) const INSERT_FILE: &str = "INSERT INTO public.files
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 impl StorageService {
-    /// Whether the storage policies are in place: RLS on `public.files`,
-    /// and the roles to run as. Asked once.
+    /// Whether the storage policies are in place: RLS and policies on
+    /// `public.files`, and the roles to run as. Asked once (a server started
+    /// before a DBA set them up uses Aether's rules until it restarts).
     pub(super) async fn policies(&self) -> Result<bool, StorageError> {
         self.0
             .policies
@@ -136,11 +148,13 @@ impl StorageService {
                 let client = self.0.pool.get().await?;
                 let on: bool = client
                     .query_one(
-                        "SELECT c.relrowsecurity
-                                AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated')
-                                AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon')
-                                AND pg_has_role(current_user, 'authenticated', 'MEMBER')
-                                AND pg_has_role(current_user, 'anon', 'MEMBER')
+                        // A missing role is NULL through to_regrole, never an error.
+                        "SELECT coalesce(c.relrowsecurity
+                                AND pg_has_role(current_user, to_regrole('authenticated'), 'MEMBER')
+                                AND pg_has_role(current_user, to_regrole('anon'), 'MEMBER')
+                                AND EXISTS (SELECT 1 FROM pg_policies
+                                            WHERE schemaname = 'public' AND tablename = 'files'),
+                                false)
                          FROM pg_class c WHERE c.oid = 'public.files'::regclass",
                         &[],
                     )
@@ -167,56 +181,129 @@ impl StorageService {
         }
     }
 
-    /// Whether `actor` may create an object of its own at `bucket/path`
-    /// (`exists`: or replace the one there, `existing`): a dry run of the
-    /// write, rolled back.
+    /// What [`StorageService::record`] would say of `who`'s write at
+    /// `bucket/path` with `facts`, in a transaction that is rolled back: a
+    /// new object's INSERT is judged before the name's uniqueness (so a name
+    /// the caller may not write is 403 whether or not it is taken); an
+    /// upsert of a taken name is judged as the UPDATE it is.
     pub(super) async fn dry_write(
         &self,
         who: Who,
         bucket: &str,
-        path: &str,
-        existing: Option<Uuid>,
-    ) -> Result<bool, StorageError> {
+        path: &ObjectPath,
+        upsert: bool,
+        facts: &WriteFacts,
+    ) -> Result<(), StorageError> {
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
-        let n = match existing {
-            Some(id) => {
-                write_as(
-                    &*tx,
-                    who,
-                    "UPDATE public.files SET size = size WHERE id = $1",
-                    &[&id],
-                )
-                .await?
-            }
-            None => {
-                let owner = match who {
-                    Who::User(u) => Some(u),
-                    Who::Anon => None,
-                };
-                let name = path.rsplit('/').next().unwrap_or(path);
-                let metadata = serde_json::json!({});
-                write_as(
-                    &*tx,
-                    who,
-                    INSERT_FILE,
-                    &[
-                        &Uuid::new_v4(),
-                        &bucket,
-                        &None::<Uuid>,
-                        &path,
-                        &name,
-                        &as_i64(0),
-                        &None::<String>,
-                        &owner,
-                        &None::<String>,
-                        &metadata,
-                    ],
-                )
-                .await?
-            }
+        let probe = Probe {
+            bucket,
+            path,
+            owner: who.user(),
+            facts,
         };
+        // An upsert of a taken name is an UPDATE, judged by the UPDATE
+        // policies only (as PostgreSQL judges `INSERT … ON CONFLICT DO
+        // UPDATE`); anything else is an INSERT, judged before the name's
+        // uniqueness is.
+        let taken = if upsert {
+            tx.query_one(
+                "SELECT EXISTS (SELECT 1 FROM public.files WHERE bucket_id = $1 AND path = $2)",
+                &[&bucket, &path.to_string()],
+            )
+            .await?
+            .get(0)
+        } else {
+            probe_insert(&*tx, who, &probe).await? == Name::Taken
+        };
+        if taken {
+            if !upsert {
+                return Err(StorageError::AlreadyExists(path.to_string()));
+            }
+            let n = write_as(
+                &*tx,
+                who,
+                "UPDATE public.files SET size = size WHERE bucket_id = $1 AND path = $2",
+                &[&bucket, &path.to_string()],
+            )
+            .await?;
+            if n == 0 {
+                return Err(StorageError::Forbidden(format!(
+                    "the object at {:?} is not yours to replace (by default only its owner or the service role may)",
+                    path.to_string()
+                )));
+            }
+        }
+        if !taken && upsert {
+            probe_insert(&*tx, who, &probe).await?;
+        }
         tx.rollback().await?;
-        Ok(n > 0)
+        Ok(())
+    }
+}
+
+/// What is known of a write before it is made: the probe's row.
+#[derive(Debug, Clone, Default)]
+pub struct WriteFacts {
+    pub mime: Option<String>,
+    pub size: u64,
+    pub user_metadata: Option<serde_json::Value>,
+}
+
+/// A row a write would insert.
+pub(super) struct Probe<'a> {
+    pub(super) bucket: &'a str,
+    pub(super) path: &'a ObjectPath,
+    pub(super) owner: Option<Uuid>,
+    pub(super) facts: &'a WriteFacts,
+}
+
+/// Whether a probe found the name free or taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Name {
+    Free,
+    Taken,
+}
+
+/// Inserts `probe`'s row as `who` inside a savepoint and rolls it back: the
+/// policies' `WITH CHECK` judge it (refused: [`StorageError::Forbidden`])
+/// before the name's uniqueness does ([`Name::Taken`]). Nothing stays, and
+/// an aborted subtransaction's row is never decoded from the WAL.
+pub(super) async fn probe_insert(
+    tx: &impl GenericClient,
+    who: Who,
+    probe: &Probe<'_>,
+) -> Result<Name, StorageError> {
+    let path = probe.path.to_string();
+    let metadata = match &probe.facts.user_metadata {
+        Some(m) => serde_json::json!({ "user_metadata": m }),
+        None => serde_json::json!({}),
+    };
+    tx.execute("SAVEPOINT aether_probe", &[]).await?;
+    enter(tx, who).await?;
+    let tried = tx
+        .execute(
+            INSERT_FILE,
+            &[
+                &Uuid::new_v4(),
+                &probe.bucket,
+                &None::<Uuid>,
+                &path,
+                &probe.path.name(),
+                &as_i64(probe.facts.size),
+                &probe.facts.mime,
+                &probe.owner,
+                &None::<String>,
+                &metadata,
+            ],
+        )
+        .await;
+    tx.execute("ROLLBACK TO SAVEPOINT aether_probe", &[])
+        .await?;
+    leave(tx).await?;
+    match tried {
+        Ok(_) => Ok(Name::Free),
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(Name::Taken),
+        Err(e) => Err(refused(e)),
     }
 }

@@ -8,7 +8,7 @@ use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row, file_metadata};
 use super::owners::{Actor, is_home, lock_names, lock_owner, used_bytes};
-use super::policy::{INSERT_FILE, write_as};
+use super::policy::{INSERT_FILE, Probe, WriteFacts, probe_insert, write_as};
 use super::upload::{PendingUpload, TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService, as_i64};
 use tokio_postgres::types::ToSql;
@@ -115,6 +115,29 @@ impl StorageService {
             });
         }
         self.check_type(&up.mime, &up.file_name, Some(&bucket), up.types)?;
+        // Whether the caller may write this name at all, before anything
+        // about what is there is told.
+        // (An upsert is judged by the write itself: the UPDATE of a taken
+        // name, or the INSERT of a free one, as PostgreSQL judges `INSERT …
+        // ON CONFLICT DO UPDATE`.)
+        match judged {
+            Some(_) if target.upsert => {}
+            Some(who) => {
+                let facts = WriteFacts {
+                    mime: Some(up.mime.clone()),
+                    size,
+                    user_metadata: target.user_metadata.clone(),
+                };
+                let probe = Probe {
+                    bucket: &target.bucket,
+                    path: &target.path,
+                    owner: actor.owner(),
+                    facts: &facts,
+                };
+                probe_insert(&*tx, who, &probe).await?;
+            }
+            None => actor.check_create(&target.path)?,
+        }
         if is_folder(&*tx, &target.bucket, &target.path).await? {
             return Err(StorageError::PathConflict(format!(
                 "{path:?} is a folder; a file cannot take its place"
@@ -133,9 +156,7 @@ impl StorageService {
             Some(old) if judged.is_none() && !actor.may_change(old.get(3)) => {
                 return Err(replace_refused(&target.path));
             }
-            Some(_) => {}
-            None if judged.is_none() => actor.check_create(&target.path)?,
-            None => {}
+            Some(_) | None => {}
         }
         let folder_id =
             ensure_folders(&*tx, &target.bucket, actor.owner(), &target.path.parent()).await?;
@@ -218,33 +239,30 @@ impl StorageService {
 
 impl StorageService {
     /// What [`StorageService::record`] will refuse of `actor`'s write at
-    /// `bucket/path`, checked before any byte is read (`record` checks again,
-    /// in its transaction): a taken name without `upsert`, another user's
-    /// object, a name in another user's home folder. Returns the size of the
-    /// object it would replace.
+    /// `bucket/path` with `facts`, checked before any byte is read (`record`
+    /// checks again, in its transaction): first whether the caller may write
+    /// that name at all (so another user's names are 403 whether or not they
+    /// are taken), then a taken name without `upsert`, another user's object.
+    /// Returns the size of the object it would replace.
     pub async fn check_write(
         &self,
         actor: Actor,
         bucket: &str,
         path: &ObjectPath,
         upsert: bool,
+        facts: &WriteFacts,
     ) -> Result<u64, StorageError> {
         self.bucket(bucket).await?;
-        let existing = self.file_at(bucket, path).await?;
-        if existing.is_some() && !upsert {
-            return Err(StorageError::AlreadyExists(path.to_string()));
-        }
         if let Some(who) = self.judged(actor).await? {
-            let id = existing.as_ref().map(|f| f.id);
-            if !self.dry_write(who, bucket, &path.to_string(), id).await? {
-                return Err(replace_refused(path));
-            }
-            return Ok(existing.map_or(0, |f| f.size));
+            self.dry_write(who, bucket, path, upsert, facts).await?;
+            return Ok(self.file_at(bucket, path).await?.map_or(0, |f| f.size));
         }
-        match existing {
+        actor.check_create(path)?;
+        match self.file_at(bucket, path).await? {
+            Some(_) if !upsert => Err(StorageError::AlreadyExists(path.to_string())),
             Some(f) if !actor.may_change(f.owner_id) => Err(replace_refused(path)),
             Some(f) => Ok(f.size),
-            None => actor.check_create(path).map(|()| 0),
+            None => Ok(0),
         }
     }
 }

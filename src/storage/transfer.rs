@@ -4,7 +4,7 @@ use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
 use super::owners::{Actor, blob_key, lock_names, used_bytes};
-use super::policy;
+use super::policy::{self, WriteFacts};
 use super::record::{Recording, ensure_folders, is_folder};
 use super::upload::{TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService};
@@ -75,8 +75,25 @@ impl StorageService {
         if from_bucket == to_bucket && src == dst {
             return Ok(file);
         }
-        if judged.is_none() {
-            actor.check_create(to)?;
+        // The new name is judged as a new row would be (the policies'
+        // INSERT checks: a bucket closed to new objects stays closed to
+        // moves), before anything about what is there is told.
+        match judged {
+            Some(who) => {
+                let facts = WriteFacts {
+                    mime: Some(file.mime_type.clone()),
+                    size: file.size,
+                    user_metadata: file.user_metadata.clone(),
+                };
+                let probe = policy::Probe {
+                    bucket: to_bucket,
+                    path: to,
+                    owner: file.owner_id,
+                    facts: &facts,
+                };
+                policy::probe_insert(&*tx, who, &probe).await?;
+            }
+            None => actor.check_create(to)?,
         }
         if from_bucket != to_bucket {
             let limit = self.size_limit(Some(&bucket));
@@ -249,7 +266,14 @@ impl StorageService {
         if src.size > limit {
             return Err(StorageError::FileTooLarge { limit });
         }
-        let replaced = self.check_write(actor, to_bucket, to, upsert).await?;
+        let facts = WriteFacts {
+            mime: Some(mime.to_owned()),
+            size: src.size,
+            user_metadata: src.user_metadata.clone(),
+        };
+        let replaced = self
+            .check_write(actor, to_bucket, to, upsert, &facts)
+            .await?;
         if let Actor::User(owner) = actor {
             let client = self.0.pool.get().await?;
             let used = used_bytes(&**client, owner).await?.saturating_sub(replaced);

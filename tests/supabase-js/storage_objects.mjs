@@ -267,6 +267,11 @@ await main('storage-objects', async () => {
   const aliceId = (await alice.auth.getUser()).data.user.id
   assert.equal((await bobFiles.upload(`${aliceId}/planted.txt`, Buffer.from('x'))).error?.statusCode, '403', 'not in alice\'s folder')
   ok(await files.upload(`${aliceId}/docs/from-js.txt`, Buffer.from('from js'), { contentType: 'text/plain' }), 'alice in her folder')
+  // Her folder's own name is hers too (nobody blocks it with a file), and a
+  // name in it is 403 to bob whether or not it is taken (nothing told).
+  assert.equal((await bobFiles.upload(aliceId, Buffer.from('x'))).error?.statusCode, '403', 'not the folder\'s name')
+  assert.equal((await bobFiles.upload(`${aliceId}/docs/from-js.txt`, Buffer.from('x'))).error?.statusCode, '403', 'taken or not: 403')
+  assert.equal((await bobFiles.move('reports/bob.txt', `${aliceId}/moved.txt`)).error?.statusCode, '403', 'nor moved into it')
   res = await fetch(`${url}/storage/list?bucket=${bucket}&path=docs`, { headers: { authorization: `Bearer ${token}` } })
   assert.equal(res.status, 200)
   const seedList = await res.json()
@@ -308,6 +313,9 @@ await main('storage-objects', async () => {
   assert.equal((await aliceTeam.createSignedUploadUrl('new.txt')).error?.statusCode, '403')
   ok(await service.storage.from(team).upload('new.txt', Buffer.from('from the server')), 'the service role is not judged')
   ok(await aliceTeam.upload('plan.txt', Buffer.from('plan v2'), { upsert: true }), 'replacing is an UPDATE: still allowed')
+  assert.equal((await aliceTeam.move('plan.txt', 'plan-2.txt')).error?.statusCode, '403', 'a move is judged as an insert at its new name')
+  ok(await files.upload('to-team.txt', Buffer.from('t'), { contentType: 'text/plain' }), 'an object to move in')
+  assert.equal((await files.move('to-team.txt', 'to-team.txt', { destinationBucket: team })).error?.statusCode, '403', 'nor moved in from another bucket')
   // Supabase's own example policy, names ported (`name` is `path`, `owner`
   // is `owner_id`): only images in the bucket's `avatars` folder.
   await sql(`DROP POLICY "team is closed" ON public.files;

@@ -22,6 +22,7 @@ pub(super) async fn serve(
     path: &ObjectPath,
     headers: &HeaderMap,
     head_only: bool,
+    expect: Option<uuid::Uuid>,
 ) -> Result<Response, StorageApiError> {
     let range = headers
         .get(header::RANGE)
@@ -31,6 +32,11 @@ pub(super) async fn serve(
         .storage
         .open(Some(viewer), bucket, path, range)
         .await?;
+    // A signed URL serves the object it was made for, not whatever has its
+    // name since.
+    if expect.is_some_and(|id| id != read.file.id) {
+        return Err(StorageApiError::no_such_key());
+    }
     // A HEAD is not a download: KingShare owners are told of GETs only.
     if !head_only && read.span.is_none_or(|(a, _)| a == 0) {
         crate::api::kingshare::download_started(state, &read.file);
@@ -48,7 +54,7 @@ pub async fn get_object(
 ) -> Result<Response, StorageApiError> {
     let path = object_path(&path)?;
     let head_only = method == axum::http::Method::HEAD;
-    serve(&state, &p, &bucket, &path, &headers, head_only).await
+    serve(&state, &p, &bucket, &path, &headers, head_only, None).await
 }
 
 /// `GET /storage/v1/object/info/{bucket}/{path}` (`info`): Supabase's shape,
@@ -88,5 +94,5 @@ pub async fn public_get(
         return Err(StorageApiError::no_such_key());
     }
     let head_only = method == axum::http::Method::HEAD;
-    serve(&state, &anon, &bucket, &path, &headers, head_only).await
+    serve(&state, &anon, &bucket, &path, &headers, head_only, None).await
 }

@@ -12,7 +12,7 @@ use super::owners::{Caller, actor_of, object_path};
 use crate::api::extract::ApiPath;
 use crate::api::validate::Validate;
 use crate::server::AppState;
-use crate::storage::{Actor, Deleted, ObjectPath, StorageError};
+use crate::storage::{Deleted, ObjectPath, StorageError};
 
 #[derive(Deserialize)]
 pub struct RemoveBody {
@@ -64,11 +64,11 @@ pub async fn remove(
 pub(super) async fn prune_folders(state: &AppState, bucket: &str, path: &ObjectPath) {
     let mut dir = path.parent();
     while !dir.is_root() {
-        if state
+        if !state
             .storage
-            .delete(Actor::Service, bucket, &dir)
+            .prune_folder(bucket, &dir)
             .await
-            .is_err()
+            .unwrap_or(false)
         {
             break;
         }

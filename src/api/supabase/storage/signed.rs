@@ -18,7 +18,7 @@ use crate::api::supabase::query_param;
 use crate::api::validate::{self, Validate};
 use crate::auth::Principal;
 use crate::server::AppState;
-use crate::storage::Actor;
+use crate::storage::{Actor, WriteFacts};
 use uuid::Uuid;
 
 /// What a signed-URL token allows: download tokens say [`DOWNLOAD`] (or,
@@ -31,6 +31,11 @@ const UPLOAD: &str = "upload";
 struct SignedClaims {
     /// `bucket/path`, as in Supabase's signed URLs.
     url: String,
+    /// The object signed: the URL serves it and nothing else that later
+    /// takes its name. Tokens made before objects were named by bucket and
+    /// path have none and are refused (their path meant another object).
+    #[serde(default)]
+    id: Option<Uuid>,
     #[serde(default)]
     scope: Option<String>,
     iat: i64,
@@ -78,11 +83,12 @@ async fn signed_url(
     expires_in: i64,
 ) -> Result<String, StorageApiError> {
     let path = object_path(raw)?;
-    readable(state, viewer, bucket, &path).await?;
+    let file = readable(state, viewer, bucket, &path).await?;
     let now = chrono::Utc::now().timestamp();
     let url = format!("{bucket}/{path}");
     let token = state.jwt.sign_json(&SignedClaims {
         url: url.clone(),
+        id: Some(file.id),
         scope: Some(DOWNLOAD.into()),
         iat: now,
         exp: now.saturating_add(expires_in),
@@ -127,12 +133,26 @@ pub async fn signed_get(
     if claims.url != format!("{bucket}/{path}") {
         return Err(bad_signature("The URL does not match the signature"));
     }
+    let Some(id) = claims.id else {
+        return Err(bad_signature(
+            "The token was made before objects were named by bucket and path: sign the URL again",
+        ));
+    };
     let service = Principal {
         expires_at: Some(claims.exp),
         ..Principal::service()
     };
     let head_only = method == axum::http::Method::HEAD;
-    serve(&state, &service, &bucket, &path, &headers, head_only).await
+    serve(
+        &state,
+        &service,
+        &bucket,
+        &path,
+        &headers,
+        head_only,
+        Some(id),
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -168,6 +188,9 @@ pub async fn sign_many(
     Ok(Json(Value::Array(out)))
 }
 
+/// The version of upload tokens (see [`UploadClaims::v`]).
+const UPLOAD_TOKEN_VERSION: u8 = 2;
+
 /// How long a signed upload URL lasts (Supabase's default).
 const SIGNED_UPLOAD_SECS: i64 = 2 * 60 * 60;
 
@@ -181,6 +204,10 @@ struct UploadClaims {
     owner: Option<Uuid>,
     /// Whether it may replace an object there.
     upsert: bool,
+    /// 2: made since objects are named by bucket and path; earlier tokens
+    /// (none) named a per-owner path and are refused.
+    #[serde(default)]
+    v: Option<u8>,
     /// [`UPLOAD`].
     scope: String,
     iat: i64,
@@ -210,7 +237,7 @@ pub async fn sign_upload(
     let upsert = upsert_header(&headers);
     state
         .storage
-        .check_write(actor, &bucket, &path, upsert)
+        .check_write(actor, &bucket, &path, upsert, &WriteFacts::default())
         .await?;
     let now = chrono::Utc::now().timestamp();
     let url = format!("{bucket}/{path}");
@@ -218,6 +245,7 @@ pub async fn sign_upload(
         url: url.clone(),
         owner: actor.owner(),
         upsert,
+        v: Some(UPLOAD_TOKEN_VERSION),
         scope: UPLOAD.into(),
         iat: now,
         exp: now.saturating_add(SIGNED_UPLOAD_SECS),
@@ -246,6 +274,11 @@ pub async fn upload_signed(
     if claims.url != format!("{bucket}/{path}") {
         return Err(bad_signature("The URL does not match the signature"));
     }
+    if claims.v != Some(UPLOAD_TOKEN_VERSION) {
+        return Err(bad_signature(
+            "The token was made before objects were named by bucket and path: sign the URL again",
+        ));
+    }
     let actor = claims.owner.map_or(Actor::Service, Actor::User);
     let f = do_upload(state, actor, bucket.clone(), path, claims.upsert, req).await?;
     Ok(upload_answer(&bucket, &f))
@@ -256,18 +289,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signed_tokens_name_the_object_and_upload_tokens_the_signer() {
-        // A token made when objects were per owner (it names one) still verifies.
+    fn tokens_made_when_objects_were_per_owner_read_as_such() {
+        // They parse (so the routes can refuse them with a reason)...
         let uid = Uuid::new_v4();
         let old: SignedClaims = serde_json::from_value(
             json!({"url": "b/p", "owner": uid, "scope": "download", "iat": 1, "exp": 2}),
         )
         .unwrap();
-        assert_eq!(old.url, "b/p");
+        assert_eq!((old.url.as_str(), old.id), ("b/p", None));
         let up: UploadClaims = serde_json::from_value(
             json!({"url": "b/p", "owner": null, "upsert": false, "scope": "upload", "iat": 1, "exp": 2}),
         )
         .unwrap();
-        assert_eq!(up.owner, None);
+        assert_eq!((up.owner, up.v), (None, None));
+        // ...and new ones carry what the routes require.
+        let id = Uuid::new_v4();
+        let new = SignedClaims {
+            url: "b/p".into(),
+            id: Some(id),
+            scope: Some(DOWNLOAD.into()),
+            iat: 1,
+            exp: 2,
+        };
+        let back: SignedClaims =
+            serde_json::from_value(serde_json::to_value(&new).unwrap()).unwrap();
+        assert_eq!(back.id, Some(id));
     }
 }

@@ -16,7 +16,7 @@ use crate::api::validate;
 use crate::server::AppState;
 use crate::storage::{
     Actor, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError, TypeRules, UploadSource,
-    UploadTarget,
+    UploadTarget, WriteFacts, resolve_mime,
 };
 
 #[derive(Serialize)]
@@ -225,7 +225,16 @@ pub(super) async fn do_upload(
                 content_type: field.content_type().map(str::to_owned),
                 types: TypeRules::BucketOnly,
             };
-            match state.storage.begin_upload(actor, source, Some(&info)).await {
+            let facts = facts_of(&source, 0, &metadata);
+            let begun = match state
+                .storage
+                .check_write(actor, &bucket, &path, upsert, &facts)
+                .await
+            {
+                Ok(_) => state.storage.begin_upload(actor, source, Some(&info)).await,
+                Err(e) => Err(e),
+            };
+            match begun {
                 Ok(up) => {
                     let up = pending.insert(up);
                     if let Err(e) = up.pump(&mut field, |_| {}).await {
@@ -248,8 +257,21 @@ pub(super) async fn do_upload(
             content_type,
             types: TypeRules::BucketOnly,
         };
+        let facts = facts_of(
+            &source,
+            content_length(req.headers()).unwrap_or(0),
+            &metadata,
+        );
         let stream = req.into_body().into_data_stream();
-        match state.storage.begin_upload(actor, source, Some(&info)).await {
+        let begun = match state
+            .storage
+            .check_write(actor, &bucket, &path, upsert, &facts)
+            .await
+        {
+            Ok(_) => state.storage.begin_upload(actor, source, Some(&info)).await,
+            Err(e) => Err(e),
+        };
+        match begun {
             Ok(up) => pending
                 .insert(up)
                 .pump(stream, |_| {})
@@ -287,6 +309,19 @@ pub(super) async fn do_upload(
     Ok(file)
 }
 
+/// What a write's early check knows: the declared type, the size the client
+/// announced (0 for a form), the custom metadata read so far.
+fn facts_of(source: &UploadSource, size: u64, metadata: &Option<Value>) -> WriteFacts {
+    WriteFacts {
+        mime: Some(resolve_mime(
+            source.content_type.as_deref(),
+            &source.file_name,
+        )),
+        size,
+        user_metadata: metadata.clone(),
+    }
+}
+
 pub(super) fn upload_answer(bucket: &str, f: &FileRecord) -> Json<UploadAnswer> {
     Json(UploadAnswer {
         key: format!("{bucket}/{}", f.path),
@@ -311,10 +346,6 @@ pub async fn upload(
     let upsert = upsert_header(req.headers());
     let path = object_path(&path)?;
     let actor = writer(&p)?;
-    state
-        .storage
-        .check_write(actor, &bucket, &path, upsert)
-        .await?;
     let f = do_upload(state, actor, bucket.clone(), path, upsert, req).await?;
     Ok(upload_answer(&bucket, &f))
 }
@@ -328,10 +359,6 @@ pub async fn update(
 ) -> Result<Json<UploadAnswer>, StorageApiError> {
     let path = object_path(&path)?;
     let actor = writer(&p)?;
-    state
-        .storage
-        .check_write(actor, &bucket, &path, true)
-        .await?;
     let f = do_upload(state, actor, bucket.clone(), path, true, req).await?;
     Ok(upload_answer(&bucket, &f))
 }

@@ -1,0 +1,341 @@
+//! Image transformations (`/render/image/…`, storage-js's `transform`
+//! option): a resized copy of a stored PNG, JPEG or WebP image, made on
+//! request in its own format. The source is at most [`MAX_SOURCE_BYTES`],
+//! decoding is bounded in pixels and bytes, and at most [`CONCURRENT`]
+//! transformations run at once, off the async runtime.
+
+use std::io::Cursor;
+use std::sync::LazyLock;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use image::{DynamicImage, ImageFormat, ImageReader, imageops::FilterType};
+use serde::{Deserialize, Serialize};
+
+use super::errors::StorageApiError;
+use super::owners::{Caller, object_path};
+use crate::api::extract::ApiPath;
+use crate::api::storage::read_response;
+use crate::auth::Principal;
+use crate::server::AppState;
+use crate::storage::{ObjectPath, ObjectRead};
+
+/// The largest image transformed (Supabase's limit is 25 MB).
+const MAX_SOURCE_BYTES: u64 = 25 << 20;
+/// The largest width or height asked for (Supabase's).
+const MAX_SIDE: u32 = 2500;
+/// Pixels a source may have (Supabase's limit is 50 megapixels).
+const MAX_PIXELS: u64 = 50_000_000;
+/// Bytes a decoder may allocate.
+const MAX_DECODE_BYTES: u64 = 256 << 20;
+/// Transformations at once: each may hold a decoded image.
+const CONCURRENT: usize = 2;
+
+static SLOTS: LazyLock<tokio::sync::Semaphore> =
+    LazyLock::new(|| tokio::sync::Semaphore::new(CONCURRENT));
+
+/// How the image fits `width` × `height` when both are given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Resize {
+    /// Fills both, cropping what is over (keeps the aspect ratio).
+    #[default]
+    Cover,
+    /// Fits inside both (keeps the aspect ratio).
+    Contain,
+    /// Stretches to both.
+    Fill,
+}
+
+/// A transformation as storage-js sends it (query parameters, or the
+/// `transform` of a signed URL).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Transform {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) height: Option<u32>,
+    #[serde(default)]
+    pub(super) resize: Resize,
+    /// 20–100, for JPEG (80 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) quality: Option<u8>,
+    /// `origin` (the only one: the image keeps its format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) format: Option<String>,
+}
+
+impl Transform {
+    /// From a URL's query (`width`, `height`, `resize`, `quality`, `format`;
+    /// anything else, such as storage-js's `cacheNonce`, is ignored).
+    pub(super) fn from_query(query: &str) -> Result<Transform, StorageApiError> {
+        let mut t = Transform::default();
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            let number = || {
+                v.parse::<u32>().map_err(|_| {
+                    StorageApiError::invalid(format!("{k} must be a whole number"))
+                })
+            };
+            match &*k {
+                "width" => t.width = Some(number()?),
+                "height" => t.height = Some(number()?),
+                "quality" => t.quality = Some(u8::try_from(number()?).unwrap_or(u8::MAX)),
+                "resize" => {
+                    t.resize = serde_json::from_value(serde_json::json!(v)).map_err(|_| {
+                        StorageApiError::invalid("resize must be cover, contain or fill")
+                    })?;
+                }
+                "format" => t.format = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        t.check()?;
+        Ok(t)
+    }
+
+    /// Supabase's bounds: sides 1–2,500, quality 20–100, format `origin`.
+    pub(super) fn check(&self) -> Result<(), StorageApiError> {
+        for (name, side) in [("width", self.width), ("height", self.height)] {
+            if side.is_some_and(|s| s == 0 || s > MAX_SIDE) {
+                return Err(StorageApiError::invalid(format!(
+                    "{name} must be from 1 to {MAX_SIDE}"
+                )));
+            }
+        }
+        if self.quality.is_some_and(|q| !(20..=100).contains(&q)) {
+            return Err(StorageApiError::invalid("quality must be from 20 to 100"));
+        }
+        if self.format.as_deref().is_some_and(|f| f != "origin") {
+            return Err(StorageApiError::invalid(
+                "format must be origin: a transformed image keeps its format",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The new size of a `w` × `h` image, and whether to crop to it.
+    fn target(&self, w: u32, h: u32) -> (u32, u32) {
+        let scale = |side: u32, num: u32, den: u32| {
+            let v = (u64::from(side) * u64::from(num) + u64::from(den) / 2) / u64::from(den.max(1));
+            u32::try_from(v.clamp(1, u64::from(MAX_SIDE))).unwrap_or(MAX_SIDE)
+        };
+        match (self.width, self.height) {
+            (Some(tw), Some(th)) => (tw, th),
+            (Some(tw), None) => (tw, scale(tw, h, w)),
+            (None, Some(th)) => (scale(th, w, h), th),
+            (None, None) => (w, h),
+        }
+    }
+
+    /// Resizes and encodes `src` (a whole image file) in its own format.
+    fn apply(&self, src: &[u8]) -> Result<(Vec<u8>, &'static str), StorageApiError> {
+        let not_image = || {
+            StorageApiError::invalid("the object is not a PNG, JPEG or WebP image Aether can transform")
+        };
+        let mut reader = ImageReader::new(Cursor::new(src))
+            .with_guessed_format()
+            .map_err(|_| not_image())?;
+        let format = reader.format().ok_or_else(not_image)?;
+        let mime = match format {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::WebP => "image/webp",
+            _ => return Err(not_image()),
+        };
+        let (w, h) = reader.into_dimensions().map_err(|_| not_image())?;
+        if u64::from(w) * u64::from(h) > MAX_PIXELS {
+            return Err(StorageApiError::invalid(format!(
+                "the image has more than {MAX_PIXELS} pixels"
+            )));
+        }
+        reader = ImageReader::new(Cursor::new(src))
+            .with_guessed_format()
+            .map_err(|_| not_image())?;
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_DECODE_BYTES);
+        reader.limits(limits);
+        let img = reader.decode().map_err(|_| not_image())?;
+        let (tw, th) = self.target(w, h);
+        let out: DynamicImage = match (self.width.is_some() && self.height.is_some(), self.resize) {
+            (true, Resize::Cover) => img.resize_to_fill(tw, th, FilterType::Triangle),
+            (true, Resize::Contain) => img.resize(tw, th, FilterType::Triangle),
+            (true, Resize::Fill) | (false, _) if (tw, th) != (w, h) => {
+                img.resize_exact(tw, th, FilterType::Triangle)
+            }
+            _ => img,
+        };
+        let mut bytes = Vec::new();
+        let failed = |e: image::ImageError| StorageApiError::from(crate::storage::StorageError::internal(format!("encoding an image: {e}")));
+        match format {
+            ImageFormat::Jpeg => {
+                let q = self.quality.unwrap_or(80);
+                let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, q);
+                out.to_rgb8().write_with_encoder(enc).map_err(failed)?;
+            }
+            f => out.write_to(&mut Cursor::new(&mut bytes), f).map_err(failed)?,
+        }
+        Ok((bytes, mime))
+    }
+}
+
+/// The transformed object: read whole (it is small enough), transformed off
+/// the runtime, answered with the object's headers.
+pub(super) async fn render(
+    read: ObjectRead,
+    transform: Transform,
+) -> Result<Response, StorageApiError> {
+    if read.file.size > MAX_SOURCE_BYTES {
+        return Err(StorageApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "EntityTooLarge",
+            "Payload too large",
+            &format!("images over {MAX_SOURCE_BYTES} bytes are not transformed"),
+        ));
+    }
+    let mut src = Vec::with_capacity(usize::try_from(read.file.size).unwrap_or(0));
+    let mut body = read.body;
+    while let Some(chunk) = body.next().await {
+        src.extend_from_slice(&chunk?);
+        if src.len() as u64 > MAX_SOURCE_BYTES {
+            return Err(StorageApiError::invalid("the object grew while it was read"));
+        }
+    }
+    let _slot = SLOTS
+        .acquire()
+        .await
+        .map_err(|e| crate::storage::StorageError::internal(e))?;
+    let (bytes, mime) = tokio::task::spawn_blocking(move || transform.apply(&src))
+        .await
+        .map_err(crate::storage::StorageError::internal)??;
+    let mut file = read.file;
+    file.size = bytes.len() as u64;
+    file.mime_type = mime.to_owned();
+    let out = ObjectRead {
+        file,
+        bucket_public: read.bucket_public,
+        span: None,
+        body: futures_util::stream::once(async move { Ok(Bytes::from(bytes)) }).boxed(),
+    };
+    read_response(out).map_err(StorageApiError::from)
+}
+
+async fn open_and_render(
+    state: &AppState,
+    viewer: &Principal,
+    bucket: &str,
+    path: &ObjectPath,
+    transform: Transform,
+) -> Result<Response, StorageApiError> {
+    let read = state.storage.open(Some(viewer), bucket, path, None).await?;
+    render(read, transform).await
+}
+
+/// `GET /storage/v1/render/image/authenticated/{bucket}/{path}` (`download`
+/// with `transform`).
+pub async fn authenticated(
+    State(state): State<AppState>,
+    Caller(p): Caller,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    uri: axum::http::Uri,
+) -> Result<Response, StorageApiError> {
+    let path = object_path(&path)?;
+    let t = Transform::from_query(uri.query().unwrap_or(""))?;
+    open_and_render(&state, &p, &bucket, &path, t).await
+}
+
+/// `GET /storage/v1/render/image/public/{bucket}/{path}` (`getPublicUrl`
+/// with `transform`): public buckets, no key needed.
+pub async fn public(
+    State(state): State<AppState>,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    uri: axum::http::Uri,
+    _headers: HeaderMap,
+) -> Result<Response, StorageApiError> {
+    let path = object_path(&path)?;
+    let t = Transform::from_query(uri.query().unwrap_or(""))?;
+    if !state.storage.bucket(&bucket).await?.public {
+        return Err(StorageApiError::no_such_key());
+    }
+    open_and_render(&state, &Principal::anonymous(), &bucket, &path, t).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbaImage::from_fn(w, h, |x, y| {
+            image::Rgba([(x % 256) as u8, (y % 256) as u8, 7, 255])
+        });
+        let mut out = Vec::new();
+        DynamicImage::ImageRgba8(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    fn size_of(bytes: &[u8]) -> (u32, u32) {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .unwrap()
+            .into_dimensions()
+            .unwrap()
+    }
+
+    #[test]
+    fn sizes_follow_the_mode_and_keep_the_aspect_ratio_when_one_side_is_given() {
+        let src = png(400, 200);
+        let t = |q: &str| Transform::from_query(q).unwrap();
+        let (out, mime) = t("width=100").apply(&src).unwrap();
+        assert_eq!((size_of(&out), mime), ((100, 50), "image/png"));
+        assert_eq!(size_of(&t("height=50").apply(&src).unwrap().0), (100, 50));
+        assert_eq!(size_of(&t("width=100&height=100").apply(&src).unwrap().0), (100, 100), "cover crops");
+        assert_eq!(
+            size_of(&t("width=100&height=100&resize=contain").apply(&src).unwrap().0),
+            (100, 50),
+            "contain fits inside"
+        );
+        assert_eq!(size_of(&t("width=30&height=90&resize=fill").apply(&src).unwrap().0), (30, 90));
+        assert_eq!(size_of(&t("cacheNonce=1").apply(&src).unwrap().0), (400, 200));
+    }
+
+    #[test]
+    fn bad_parameters_and_non_images_are_refused_without_panicking() {
+        for q in [
+            "width=0",
+            "width=2501",
+            "height=-1",
+            "width=abc",
+            "quality=19",
+            "quality=101",
+            "quality=99999999999",
+            "resize=crop",
+            "format=webp",
+        ] {
+            assert!(Transform::from_query(q).is_err(), "{q}");
+        }
+        let t = Transform::default();
+        assert!(t.apply(b"not an image").is_err());
+        assert!(t.apply(&png(10, 10)[..40]).is_err(), "a truncated PNG");
+        assert!(t.apply(b"").is_err());
+    }
+
+    #[test]
+    fn a_jpeg_stays_a_jpeg_and_quality_changes_its_size() {
+        let img = image::RgbImage::from_fn(300, 300, |x, y| {
+            image::Rgb([(x * y % 256) as u8, (x % 256) as u8, (y % 256) as u8])
+        });
+        let mut src = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut src), ImageFormat::Jpeg)
+            .unwrap();
+        let t = |q: &str| Transform::from_query(q).unwrap();
+        let (low, mime) = t("width=200&quality=20").apply(&src).unwrap();
+        let (high, _) = t("width=200&quality=100").apply(&src).unwrap();
+        assert_eq!(mime, "image/jpeg");
+        assert!(low.len() < high.len(), "{} < {}", low.len(), high.len());
+    }
+}
