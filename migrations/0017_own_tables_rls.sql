@@ -44,6 +44,23 @@ EXCEPTION WHEN insufficient_privilege OR duplicate_function OR invalid_function_
 END
 $$;
 
+-- Whether `who_role` with `who_claims` may read file `id`, in one statement:
+-- the storage routes' read check (the role is taken for this query only).
+CREATE OR REPLACE FUNCTION aether.storage_may_read(id uuid, who_role text, who_claims text, who_sub text)
+    RETURNS boolean LANGUAGE plpgsql VOLATILE
+    AS $$
+DECLARE seen boolean;
+BEGIN
+    PERFORM set_config('request.jwt.claims', who_claims, true),
+            set_config('request.jwt.claim.sub', who_sub, true),
+            set_config('request.jwt.claim.role', who_role, true),
+            set_config('role', who_role, true);
+    SELECT EXISTS (SELECT 1 FROM public.files f WHERE f.id = storage_may_read.id) INTO seen;
+    PERFORM set_config('role', 'none', true);
+    RETURN seen;
+END
+$$;
+
 ALTER TABLE public.files       ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.folders     ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.buckets     ENABLE ROW LEVEL SECURITY;

@@ -37,6 +37,12 @@ impl Who {
         }
     }
 
+    /// Its role, claims and `sub` (empty for anon), as PostgREST sets them.
+    pub(super) fn settings(self) -> (&'static str, String, String) {
+        let sub = self.user().map(|u| u.hyphenated().to_string());
+        (self.role(), self.claims(), sub.unwrap_or_default())
+    }
+
     fn role(self) -> &'static str {
         match self {
             Who::Anon => "anon",
@@ -58,15 +64,12 @@ impl Who {
 /// Takes `who`'s role and claims for the rest of the transaction (until
 /// [`leave`]): what `tx` reads and writes from now on, RLS decides.
 pub(super) async fn enter(tx: &impl GenericClient, who: Who) -> Result<(), StorageError> {
-    let sub = match who {
-        Who::User(u) => u.hyphenated().to_string(),
-        Who::Anon => String::new(),
-    };
+    let (role, claims, sub) = who.settings();
     tx.execute(
         "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),
                 set_config('request.jwt.claim.sub', $3, true),
                 set_config('request.jwt.claim.role', $1, true)",
-        &[&who.role(), &who.claims(), &sub],
+        &[&role, &claims, &sub],
     )
     .await?;
     Ok(())
@@ -94,23 +97,23 @@ pub(super) async fn write_as(
     Ok(n)
 }
 
-/// Whether `who` may read file `id`.
+/// Whether `who` may read file `id`: one statement (see
+/// `aether.storage_may_read`, which takes the role and claims for its own
+/// query only), inside a transaction or not.
 pub(super) async fn may_read(
     tx: &impl GenericClient,
     who: Who,
     id: Uuid,
 ) -> Result<bool, StorageError> {
-    enter(tx, who).await?;
-    let seen: bool = tx
+    let (role, claims, sub) = who.settings();
+    Ok(tx
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM public.files WHERE id = $1)",
-            &[&id],
+            "SELECT aether.storage_may_read($1, $2, $3, $4)",
+            &[&id, &role, &claims, &sub],
         )
         .await
         .map_err(refused)?
-        .get(0);
-    leave(tx).await?;
-    Ok(seen)
+        .get(0))
 }
 
 /// A policy's refusal as a storage error; other errors as they are.
