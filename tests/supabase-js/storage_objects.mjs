@@ -3,6 +3,7 @@
 // signed upload URLs, listV2 and service-role (owner-less) objects. The
 // server runs with the default ALLOWED_FILE_TYPES (no text/plain) and a 1 MB
 // quota (tests/supabase_js.rs).
+import { deflateSync } from 'node:zlib'
 import { assert, client, email, main, ok, password, serviceKey, sql, url, anonKey } from './lib.mjs'
 
 await main('storage-objects', async () => {
@@ -367,4 +368,73 @@ await main('storage-objects', async () => {
   res = await copyRaw({ destinationKey: 'cm/bad.txt', metadata: { mimetype: 'not a type' } })
   assert.equal(res.status, 400)
   assert.equal((await files.info('cm/bad.txt')).error?.statusCode, '404', 'a refused copy leaves nothing')
+
+  // 13. Image transformations (`transform`): a resized copy in the image's
+  // own format, for download, a signed URL (the transformation is in the
+  // token) and a public URL.
+  const pic = pngOf(40, 20)
+  ok(await files.upload('img/pic.png', pic, { contentType: 'image/png' }), 'upload a png')
+  const sizeOf = async (blobOrResponse) => {
+    const b = Buffer.from(await blobOrResponse.arrayBuffer())
+    assert.equal(b.subarray(1, 4).toString(), 'PNG', 'still a PNG')
+    return [b.readUInt32BE(16), b.readUInt32BE(20)]
+  }
+  assert.deepEqual(await sizeOf(ok(await files.download('img/pic.png', { transform: { width: 20 } }), 'download transformed')), [20, 10])
+  assert.deepEqual(await sizeOf(ok(await files.download('img/pic.png', { transform: { width: 10, height: 10, resize: 'contain' } }), 'contain')), [10, 5])
+  const signedImg = ok(await files.createSignedUrl('img/pic.png', 60, { transform: { width: 10, height: 10 } }), 'sign transformed')
+  assert.match(signedImg.signedUrl, /\/render\/image\/sign\//)
+  res = await fetch(signedImg.signedUrl)
+  assert.equal(res.status, 200)
+  assert.deepEqual(await sizeOf(res), [10, 10], 'cover: the token\'s size')
+  res = await fetch(signedImg.signedUrl.replace('token=', 'width=30&token='))
+  assert.deepEqual(await sizeOf(res), [10, 10], 'the query cannot change a signed transformation')
+  const pub = `pub-${tag}`
+  ok(await service.storage.createBucket(pub, { public: true }), 'public bucket')
+  ok(await alice.storage.from(pub).upload('pic.png', pic, { contentType: 'image/png' }), 'upload in public')
+  const publicUrl = client().storage.from(pub).getPublicUrl('pic.png', { transform: { height: 5 } }).data.publicUrl
+  assert.match(publicUrl, /\/render\/image\/public\//)
+  res = await fetch(publicUrl)
+  assert.equal(res.status, 200)
+  assert.deepEqual(await sizeOf(res), [10, 5])
+  // Refusals: not an image, bad options, another user's private image.
+  assert.equal((await files.download('cm/src.txt', { transform: { width: 10 } })).error?.statusCode, '400')
+  assert.equal((await files.download('img/pic.png', { transform: { width: 5000 } })).error?.statusCode, '400')
+  assert.equal((await bobFiles.download('img/pic.png', { transform: { width: 10 } })).error?.statusCode, '404')
 })
+
+// A `w` × `h` RGB PNG, made here (Node has zlib but no image library).
+function pngOf(w, h) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
+    return c >>> 0
+  })
+  const crc = (buf) => {
+    let c = 0xffffffff
+    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8)
+    return (c ^ 0xffffffff) >>> 0
+  }
+  const chunk = (type, data) => {
+    const head = Buffer.alloc(4)
+    head.writeUInt32BE(data.length)
+    const body = Buffer.concat([Buffer.from(type), data])
+    const tail = Buffer.alloc(4)
+    tail.writeUInt32BE(crc(body))
+    return Buffer.concat([head, body, tail])
+  }
+  const ihdr = Buffer.alloc(13)
+  ihdr.writeUInt32BE(w, 0)
+  ihdr.writeUInt32BE(h, 4)
+  ihdr.set([8, 2, 0, 0, 0], 8)
+  const rows = []
+  for (let y = 0; y < h; y++) {
+    rows.push(Buffer.from([0]))
+    for (let x = 0; x < w; x++) rows.push(Buffer.from([(x * 6) % 256, (y * 12) % 256, 128]))
+  }
+  return Buffer.concat([
+    Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]),
+    chunk('IHDR', ihdr),
+    chunk('IDAT', deflateSync(Buffer.concat(rows))),
+    chunk('IEND', Buffer.alloc(0)),
+  ])
+}

@@ -89,6 +89,18 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             get(storage::public_get),
         )
         .route(
+            "/storage/v1/render/image/authenticated/{bucket}/{*path}",
+            get(storage::render_authenticated),
+        )
+        .route(
+            "/storage/v1/render/image/public/{bucket}/{*path}",
+            get(storage::render_public),
+        )
+        .route(
+            "/storage/v1/render/image/sign/{bucket}/{*path}",
+            get(storage::render_signed),
+        )
+        .route(
             "/storage/v1/object/authenticated/{bucket}/{*path}",
             get(storage::get_object),
         )

@@ -14,6 +14,7 @@ mod errors;
 mod listing;
 mod owners;
 mod remove;
+mod render;
 mod signed;
 mod transfer;
 mod upload;
@@ -27,7 +28,10 @@ pub use errors::{StorageApiError, code_for_native};
 pub use listing::{ListBody, ListV2Body, SortBy, list, list_v2};
 pub use owners::Caller;
 pub use remove::{RemoveBody, remove};
-pub use signed::{SignBody, SignManyBody, sign, sign_many, sign_upload, signed_get, upload_signed};
+pub use render::{render_authenticated, render_public};
+pub use signed::{
+    SignBody, SignManyBody, render_signed, sign, sign_many, sign_upload, signed_get, upload_signed,
+};
 pub use transfer::{MoveBody, copy_object, move_object};
 pub use upload::{UploadAnswer, update, upload};
 

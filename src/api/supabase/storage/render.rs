@@ -19,6 +19,7 @@ use super::errors::StorageApiError;
 use super::owners::{Caller, object_path};
 use crate::api::extract::ApiPath;
 use crate::api::storage::read_response;
+use crate::api::supabase::decode_component;
 use crate::auth::Principal;
 use crate::server::AppState;
 use crate::storage::{ObjectPath, ObjectRead};
@@ -73,13 +74,14 @@ impl Transform {
     /// anything else, such as storage-js's `cacheNonce`, is ignored).
     pub(super) fn from_query(query: &str) -> Result<Transform, StorageApiError> {
         let mut t = Transform::default();
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let (k, v) = (decode_component(k), decode_component(v));
             let number = || {
-                v.parse::<u32>().map_err(|_| {
-                    StorageApiError::invalid(format!("{k} must be a whole number"))
-                })
+                v.parse::<u32>()
+                    .map_err(|_| StorageApiError::invalid(format!("{k} must be a whole number")))
             };
-            match &*k {
+            match k.as_str() {
                 "width" => t.width = Some(number()?),
                 "height" => t.height = Some(number()?),
                 "quality" => t.quality = Some(u8::try_from(number()?).unwrap_or(u8::MAX)),
@@ -88,7 +90,7 @@ impl Transform {
                         StorageApiError::invalid("resize must be cover, contain or fill")
                     })?;
                 }
-                "format" => t.format = Some(v.into_owned()),
+                "format" => t.format = Some(v),
                 _ => {}
             }
         }
@@ -133,7 +135,9 @@ impl Transform {
     /// Resizes and encodes `src` (a whole image file) in its own format.
     fn apply(&self, src: &[u8]) -> Result<(Vec<u8>, &'static str), StorageApiError> {
         let not_image = || {
-            StorageApiError::invalid("the object is not a PNG, JPEG or WebP image Aether can transform")
+            StorageApiError::invalid(
+                "the object is not a PNG, JPEG or WebP image Aether can transform",
+            )
         };
         let mut reader = ImageReader::new(Cursor::new(src))
             .with_guessed_format()
@@ -168,14 +172,20 @@ impl Transform {
             _ => img,
         };
         let mut bytes = Vec::new();
-        let failed = |e: image::ImageError| StorageApiError::from(crate::storage::StorageError::internal(format!("encoding an image: {e}")));
+        let failed = |e: image::ImageError| {
+            StorageApiError::from(crate::storage::StorageError::internal(format!(
+                "encoding an image: {e}"
+            )))
+        };
         match format {
             ImageFormat::Jpeg => {
                 let q = self.quality.unwrap_or(80);
                 let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, q);
                 out.to_rgb8().write_with_encoder(enc).map_err(failed)?;
             }
-            f => out.write_to(&mut Cursor::new(&mut bytes), f).map_err(failed)?,
+            f => out
+                .write_to(&mut Cursor::new(&mut bytes), f)
+                .map_err(failed)?,
         }
         Ok((bytes, mime))
     }
@@ -183,16 +193,13 @@ impl Transform {
 
 /// The transformed object: read whole (it is small enough), transformed off
 /// the runtime, answered with the object's headers.
-pub(super) async fn render(
-    read: ObjectRead,
-    transform: Transform,
-) -> Result<Response, StorageApiError> {
+async fn render(read: ObjectRead, transform: Transform) -> Result<Response, StorageApiError> {
     if read.file.size > MAX_SOURCE_BYTES {
         return Err(StorageApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "EntityTooLarge",
             "Payload too large",
-            &format!("images over {MAX_SOURCE_BYTES} bytes are not transformed"),
+            format!("images over {MAX_SOURCE_BYTES} bytes are not transformed"),
         ));
     }
     let mut src = Vec::with_capacity(usize::try_from(read.file.size).unwrap_or(0));
@@ -200,13 +207,15 @@ pub(super) async fn render(
     while let Some(chunk) = body.next().await {
         src.extend_from_slice(&chunk?);
         if src.len() as u64 > MAX_SOURCE_BYTES {
-            return Err(StorageApiError::invalid("the object grew while it was read"));
+            return Err(StorageApiError::invalid(
+                "the object grew while it was read",
+            ));
         }
     }
     let _slot = SLOTS
         .acquire()
         .await
-        .map_err(|e| crate::storage::StorageError::internal(e))?;
+        .map_err(crate::storage::StorageError::internal)?;
     let (bytes, mime) = tokio::task::spawn_blocking(move || transform.apply(&src))
         .await
         .map_err(crate::storage::StorageError::internal)??;
@@ -222,20 +231,24 @@ pub(super) async fn render(
     read_response(out).map_err(StorageApiError::from)
 }
 
-async fn open_and_render(
+pub(super) async fn open_and_render(
     state: &AppState,
     viewer: &Principal,
     bucket: &str,
     path: &ObjectPath,
     transform: Transform,
+    expect: Option<uuid::Uuid>,
 ) -> Result<Response, StorageApiError> {
     let read = state.storage.open(Some(viewer), bucket, path, None).await?;
+    if expect.is_some_and(|id| id != read.file.id) {
+        return Err(StorageApiError::no_such_key());
+    }
     render(read, transform).await
 }
 
 /// `GET /storage/v1/render/image/authenticated/{bucket}/{path}` (`download`
 /// with `transform`).
-pub async fn authenticated(
+pub async fn render_authenticated(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -243,12 +256,12 @@ pub async fn authenticated(
 ) -> Result<Response, StorageApiError> {
     let path = object_path(&path)?;
     let t = Transform::from_query(uri.query().unwrap_or(""))?;
-    open_and_render(&state, &p, &bucket, &path, t).await
+    open_and_render(&state, &p, &bucket, &path, t, None).await
 }
 
 /// `GET /storage/v1/render/image/public/{bucket}/{path}` (`getPublicUrl`
 /// with `transform`): public buckets, no key needed.
-pub async fn public(
+pub async fn render_public(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,
@@ -259,7 +272,7 @@ pub async fn public(
     if !state.storage.bucket(&bucket).await?.public {
         return Err(StorageApiError::no_such_key());
     }
-    open_and_render(&state, &Principal::anonymous(), &bucket, &path, t).await
+    open_and_render(&state, &Principal::anonymous(), &bucket, &path, t, None).await
 }
 
 #[cfg(test)]
@@ -292,14 +305,29 @@ mod tests {
         let (out, mime) = t("width=100").apply(&src).unwrap();
         assert_eq!((size_of(&out), mime), ((100, 50), "image/png"));
         assert_eq!(size_of(&t("height=50").apply(&src).unwrap().0), (100, 50));
-        assert_eq!(size_of(&t("width=100&height=100").apply(&src).unwrap().0), (100, 100), "cover crops");
         assert_eq!(
-            size_of(&t("width=100&height=100&resize=contain").apply(&src).unwrap().0),
+            size_of(&t("width=100&height=100").apply(&src).unwrap().0),
+            (100, 100),
+            "cover crops"
+        );
+        assert_eq!(
+            size_of(
+                &t("width=100&height=100&resize=contain")
+                    .apply(&src)
+                    .unwrap()
+                    .0
+            ),
             (100, 50),
             "contain fits inside"
         );
-        assert_eq!(size_of(&t("width=30&height=90&resize=fill").apply(&src).unwrap().0), (30, 90));
-        assert_eq!(size_of(&t("cacheNonce=1").apply(&src).unwrap().0), (400, 200));
+        assert_eq!(
+            size_of(&t("width=30&height=90&resize=fill").apply(&src).unwrap().0),
+            (30, 90)
+        );
+        assert_eq!(
+            size_of(&t("cacheNonce=1").apply(&src).unwrap().0),
+            (400, 200)
+        );
     }
 
     #[test]

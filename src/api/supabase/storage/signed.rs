@@ -12,6 +12,7 @@ use super::download::serve;
 use super::errors::StorageApiError;
 use super::json_body;
 use super::owners::{Caller, object_path, readable, writer};
+use super::render::{Transform, open_and_render};
 use super::upload::{UploadAnswer, do_upload, upload_answer, upsert_header};
 use crate::api::extract::ApiPath;
 use crate::api::supabase::query_param;
@@ -36,6 +37,10 @@ struct SignedClaims {
     /// path have none and are refused (their path meant another object).
     #[serde(default)]
     id: Option<Uuid>,
+    /// Set: the URL serves the image transformed so (`/render/image/sign/…`);
+    /// it cannot be changed once signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transform: Option<Transform>,
     #[serde(default)]
     scope: Option<String>,
     iat: i64,
@@ -46,6 +51,8 @@ struct SignedClaims {
 pub struct SignBody {
     #[serde(rename = "expiresIn")]
     expires_in: Option<i64>,
+    /// storage-js's `transform` option: a URL of the transformed image.
+    transform: Option<Transform>,
 }
 
 impl Validate for SignBody {}
@@ -59,7 +66,10 @@ pub async fn sign(
 ) -> Result<Json<Value>, StorageApiError> {
     let b: SignBody = json_body(&body)?;
     let expires_in = expires_in(b.expires_in)?;
-    let url = signed_url(&state, &p, &bucket, &path, expires_in).await?;
+    if let Some(t) = &b.transform {
+        t.check()?;
+    }
+    let url = signed_url(&state, &p, &bucket, &path, expires_in, b.transform).await?;
     // Not percent-encoded: storage-js runs `encodeURI` over it.
     Ok(Json(json!({ "signedURL": url })))
 }
@@ -81,6 +91,7 @@ async fn signed_url(
     bucket: &str,
     raw: &str,
     expires_in: i64,
+    transform: Option<Transform>,
 ) -> Result<String, StorageApiError> {
     let path = object_path(raw)?;
     let file = readable(state, viewer, bucket, &path).await?;
@@ -89,11 +100,17 @@ async fn signed_url(
     let token = state.jwt.sign_json(&SignedClaims {
         url: url.clone(),
         id: Some(file.id),
+        transform: transform.clone(),
         scope: Some(DOWNLOAD.into()),
         iat: now,
         exp: now.saturating_add(expires_in),
     });
-    Ok(format!("/object/sign/{url}?token={token}"))
+    let route = if transform.is_some() {
+        "render/image/sign"
+    } else {
+        "object/sign"
+    };
+    Ok(format!("/{route}/{url}?token={token}"))
 }
 
 fn bad_signature(m: &str) -> StorageApiError {
@@ -155,6 +172,35 @@ pub async fn signed_get(
     .await
 }
 
+/// `GET /storage/v1/render/image/sign/{bucket}/{path}?token=…`: the image
+/// transformed as the token says (query parameters other than the token
+/// change nothing).
+pub async fn render_signed(
+    State(state): State<AppState>,
+    ApiPath((bucket, path)): ApiPath<(String, String)>,
+    uri: axum::http::Uri,
+) -> Result<Response, StorageApiError> {
+    let claims: SignedClaims = verify_signed(&state, &uri)?;
+    if claims.scope.as_deref().is_some_and(|s| s != DOWNLOAD) {
+        return Err(bad_signature("The token is not for downloads"));
+    }
+    let path = object_path(&path)?;
+    if claims.url != format!("{bucket}/{path}") {
+        return Err(bad_signature("The URL does not match the signature"));
+    }
+    let Some(id) = claims.id else {
+        return Err(bad_signature(
+            "The token was made before objects were named by bucket and path: sign the URL again",
+        ));
+    };
+    let service = Principal {
+        expires_at: Some(claims.exp),
+        ..Principal::service()
+    };
+    let t = claims.transform.unwrap_or_default();
+    open_and_render(&state, &service, &bucket, &path, t, Some(id)).await
+}
+
 #[derive(Deserialize)]
 pub struct SignManyBody {
     #[serde(rename = "expiresIn")]
@@ -179,7 +225,7 @@ pub async fn sign_many(
     }
     let mut out = Vec::with_capacity(b.paths.len());
     for raw in b.paths {
-        let signed = signed_url(&state, &p, &bucket, &raw, expires_in).await;
+        let signed = signed_url(&state, &p, &bucket, &raw, expires_in, None).await;
         out.push(match signed {
             Ok(u) => json!({"error": null, "path": raw, "signedURL": u}),
             Err(e) => json!({"error": e.message, "path": raw, "signedURL": null}),
@@ -307,6 +353,7 @@ mod tests {
         let new = SignedClaims {
             url: "b/p".into(),
             id: Some(id),
+            transform: None,
             scope: Some(DOWNLOAD.into()),
             iat: 1,
             exp: 2,
