@@ -45,21 +45,31 @@ END
 $$;
 
 -- Whether `who_role` with `who_claims` may read file `id`, in one statement:
--- the storage routes' read check (the role is taken for this query only).
+-- the storage routes' read check. The role and claims are taken for its own
+-- query and put back as they were; only Aether calls it.
 CREATE OR REPLACE FUNCTION aether.storage_may_read(id uuid, who_role text, who_claims text, who_sub text)
     RETURNS boolean LANGUAGE plpgsql VOLATILE
     AS $$
-DECLARE seen boolean;
+DECLARE
+    seen boolean;
+    was_role text := current_setting('role');
+    was_claims text := current_setting('request.jwt.claims', true);
+    was_sub text := current_setting('request.jwt.claim.sub', true);
+    was_claim_role text := current_setting('request.jwt.claim.role', true);
 BEGIN
     PERFORM set_config('request.jwt.claims', who_claims, true),
             set_config('request.jwt.claim.sub', who_sub, true),
             set_config('request.jwt.claim.role', who_role, true),
             set_config('role', who_role, true);
     SELECT EXISTS (SELECT 1 FROM public.files f WHERE f.id = storage_may_read.id) INTO seen;
-    PERFORM set_config('role', 'none', true);
+    PERFORM set_config('role', was_role, true),
+            set_config('request.jwt.claims', coalesce(was_claims, ''), true),
+            set_config('request.jwt.claim.sub', coalesce(was_sub, ''), true),
+            set_config('request.jwt.claim.role', coalesce(was_claim_role, ''), true);
     RETURN seen;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION aether.storage_may_read(uuid, text, text, text) FROM PUBLIC;
 
 ALTER TABLE public.files       ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.folders     ENABLE ROW LEVEL SECURITY;

@@ -282,7 +282,7 @@ pub(super) async fn probe_insert(
         Some(m) => serde_json::json!({ "user_metadata": m }),
         None => serde_json::json!({}),
     };
-    tx.execute("SAVEPOINT aether_probe", &[]).await?;
+    tx.batch_execute("SAVEPOINT aether_probe").await?;
     enter(tx, who).await?;
     let tried = tx
         .execute(
@@ -301,9 +301,10 @@ pub(super) async fn probe_insert(
             ],
         )
         .await;
-    tx.execute("ROLLBACK TO SAVEPOINT aether_probe", &[])
+    // Undoes the row and the role taken after the savepoint; the savepoint
+    // goes too, so what follows runs in the transaction itself.
+    tx.batch_execute("ROLLBACK TO SAVEPOINT aether_probe; RELEASE SAVEPOINT aether_probe")
         .await?;
-    leave(tx).await?;
     match tried {
         Ok(_) => Ok(Name::Free),
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(Name::Taken),

@@ -54,7 +54,8 @@ impl StorageService {
                 .query_opt(
                     &format!(
                         "SELECT {cols}, b.public AS bucket_public,
-                                $3::text IS NULL OR aether.storage_may_read(f.id, $3, $4, $5) AS may
+                                CASE WHEN $3::text IS NULL THEN true
+                                     ELSE aether.storage_may_read(f.id, $3, $4, $5) END AS may
                          FROM public.files f JOIN public.buckets b ON b.id = f.bucket_id
                          WHERE f.bucket_id = $1 AND f.path = $2",
                         cols = FILE_COLUMNS

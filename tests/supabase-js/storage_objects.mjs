@@ -388,6 +388,8 @@ await main('storage-objects', async () => {
   assert.deepEqual(await sizeOf(res), [10, 10], 'cover: the token\'s size')
   res = await fetch(signedImg.signedUrl.replace('token=', 'width=30&token='))
   assert.deepEqual(await sizeOf(res), [10, 10], 'the query cannot change a signed transformation')
+  res = await fetch(signedImg.signedUrl.replace('/render/image/sign/', '/object/sign/'))
+  assert.equal(res.status, 400, 'nor does the token give the original')
   const pub = `pub-${tag}`
   ok(await service.storage.createBucket(pub, { public: true }), 'public bucket')
   ok(await alice.storage.from(pub).upload('pic.png', pic, { contentType: 'image/png' }), 'upload in public')

@@ -5,15 +5,17 @@
 //! transformations run at once, off the async runtime.
 
 use std::io::Cursor;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use image::{DynamicImage, ImageFormat, ImageReader, imageops::FilterType};
+use image::{ImageFormat, ImageReader, imageops::FilterType};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use super::errors::StorageApiError;
 use super::owners::{Caller, object_path};
@@ -32,11 +34,15 @@ const MAX_SIDE: u32 = 2500;
 const MAX_PIXELS: u64 = 50_000_000;
 /// Bytes a decoder may allocate.
 const MAX_DECODE_BYTES: u64 = 256 << 20;
-/// Transformations at once: each may hold a decoded image.
+/// Bytes a resize's intermediate image may take.
+const MAX_RESIZE_BYTES: u64 = 256 << 20;
+/// Transformations at once: each may hold a source, a decoded image and a
+/// resize's intermediate.
 const CONCURRENT: usize = 2;
+/// How long a request waits for a slot before it is told to come back.
+const WAIT: Duration = Duration::from_secs(10);
 
-static SLOTS: LazyLock<tokio::sync::Semaphore> =
-    LazyLock::new(|| tokio::sync::Semaphore::new(CONCURRENT));
+static SLOTS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(CONCURRENT)));
 
 /// How the image fits `width` × `height` when both are given.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,17 +124,39 @@ impl Transform {
         Ok(())
     }
 
-    /// The new size of a `w` × `h` image, and whether to crop to it.
-    fn target(&self, w: u32, h: u32) -> (u32, u32) {
-        let scale = |side: u32, num: u32, den: u32| {
-            let v = (u64::from(side) * u64::from(num) + u64::from(den) / 2) / u64::from(den.max(1));
+    /// What to do to a `w` × `h` image: the part of it kept (`x`, `y`,
+    /// width, height: all of it but for `cover`, which crops to the target's
+    /// aspect ratio first) and the size it becomes. One side given keeps the
+    /// aspect ratio, both sides within [`MAX_SIDE`].
+    fn plan(&self, w: u32, h: u32) -> ((u32, u32, u32, u32), (u32, u32)) {
+        // `a * b / c`, rounded, at least 1 and at most MAX_SIDE.
+        let scaled = |a: u32, b: u32, c: u32| {
+            let v = (u64::from(a) * u64::from(b) + u64::from(c) / 2) / u64::from(c.max(1));
             u32::try_from(v.clamp(1, u64::from(MAX_SIDE))).unwrap_or(MAX_SIDE)
         };
-        match (self.width, self.height) {
-            (Some(tw), Some(th)) => (tw, th),
-            (Some(tw), None) => (tw, scale(tw, h, w)),
-            (None, Some(th)) => (scale(th, w, h), th),
-            (None, None) => (w, h),
+        // Fits `w` × `h` inside `bw` × `bh`, keeping its aspect ratio.
+        let fit = |bw: u32, bh: u32| {
+            if u64::from(w) * u64::from(bh) >= u64::from(bw) * u64::from(h) {
+                (bw, scaled(h, bw, w))
+            } else {
+                (scaled(w, bh, h), bh)
+            }
+        };
+        let all = (0, 0, w, h);
+        match (self.width, self.height, self.resize) {
+            (None, None, _) => (all, (w, h)),
+            (Some(tw), None, _) => (all, fit(tw, MAX_SIDE)),
+            (None, Some(th), _) => (all, fit(MAX_SIDE, th)),
+            (Some(tw), Some(th), Resize::Fill) => (all, (tw, th)),
+            (Some(tw), Some(th), Resize::Contain) => (all, fit(tw, th)),
+            (Some(tw), Some(th), Resize::Cover) => {
+                let (cw, ch) = if u64::from(w) * u64::from(th) > u64::from(tw) * u64::from(h) {
+                    (scaled(h, tw, th).min(w), h)
+                } else {
+                    (w, scaled(w, th, tw).min(h))
+                };
+                (((w - cw) / 2, (h - ch) / 2, cw, ch), (tw, th))
+            }
         }
     }
 
@@ -162,14 +190,24 @@ impl Transform {
         limits.max_alloc = Some(MAX_DECODE_BYTES);
         reader.limits(limits);
         let img = reader.decode().map_err(|_| not_image())?;
-        let (tw, th) = self.target(w, h);
-        let out: DynamicImage = match (self.width.is_some() && self.height.is_some(), self.resize) {
-            (true, Resize::Cover) => img.resize_to_fill(tw, th, FilterType::Triangle),
-            (true, Resize::Contain) => img.resize(tw, th, FilterType::Triangle),
-            (true, Resize::Fill) | (false, _) if (tw, th) != (w, h) => {
-                img.resize_exact(tw, th, FilterType::Triangle)
-            }
-            _ => img,
+        let ((x, y, cw, ch), (ow, oh)) = self.plan(w, h);
+        // Resizing passes through a float image of one side's new size by
+        // the other's old one (16 bytes a pixel): bounded like decoding.
+        let pass = (u64::from(cw) * u64::from(oh)).max(u64::from(ow) * u64::from(ch));
+        if pass.saturating_mul(16) > MAX_RESIZE_BYTES {
+            return Err(StorageApiError::invalid(
+                "the image is too large to resize to that size",
+            ));
+        }
+        let img = if (x, y, cw, ch) == (0, 0, w, h) {
+            img
+        } else {
+            img.crop_imm(x, y, cw, ch)
+        };
+        let out = if (ow, oh) == (cw, ch) {
+            img
+        } else {
+            img.resize_exact(ow, oh, FilterType::Triangle)
         };
         let mut bytes = Vec::new();
         let failed = |e: image::ImageError| {
@@ -202,6 +240,19 @@ async fn render(read: ObjectRead, transform: Transform) -> Result<Response, Stor
             format!("images over {MAX_SOURCE_BYTES} bytes are not transformed"),
         ));
     }
+    // The slot is taken before the source is read and travels with the
+    // work: a client that goes away frees it only when the work is done.
+    let slot = tokio::time::timeout(WAIT, Arc::clone(&SLOTS).acquire_owned())
+        .await
+        .map_err(|_| {
+            StorageApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SlowDown",
+                "Service Unavailable",
+                "image transformations are busy: try again",
+            )
+        })?
+        .map_err(crate::storage::StorageError::internal)?;
     let mut src = Vec::with_capacity(usize::try_from(read.file.size).unwrap_or(0));
     let mut body = read.body;
     while let Some(chunk) = body.next().await {
@@ -212,13 +263,12 @@ async fn render(read: ObjectRead, transform: Transform) -> Result<Response, Stor
             ));
         }
     }
-    let _slot = SLOTS
-        .acquire()
-        .await
-        .map_err(crate::storage::StorageError::internal)?;
-    let (bytes, mime) = tokio::task::spawn_blocking(move || transform.apply(&src))
-        .await
-        .map_err(crate::storage::StorageError::internal)??;
+    let (bytes, mime) = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        transform.apply(&src)
+    })
+    .await
+    .map_err(crate::storage::StorageError::internal)??;
     let mut file = read.file;
     file.size = bytes.len() as u64;
     file.mime_type = mime.to_owned();
@@ -277,6 +327,8 @@ pub async fn render_public(
 
 #[cfg(test)]
 mod tests {
+    use image::DynamicImage;
+
     use super::*;
 
     fn png(w: u32, h: u32) -> Vec<u8> {
@@ -349,6 +401,43 @@ mod tests {
         assert!(t.apply(b"not an image").is_err());
         assert!(t.apply(&png(10, 10)[..40]).is_err(), "a truncated PNG");
         assert!(t.apply(b"").is_err());
+    }
+
+    #[test]
+    fn plans_keep_within_bounds_and_aspect() {
+        let t = |q: &str| Transform::from_query(q).unwrap();
+        // A very wide image, one side asked: the other follows, within bounds.
+        assert_eq!(t("height=2500").plan(50_000_000, 1).1, (2500, 1));
+        assert_eq!(t("width=100").plan(1, 50_000).1, (1, 2500));
+        // Cover crops the middle to the target's aspect ratio.
+        assert_eq!(
+            t("width=100&height=100").plan(400, 200),
+            ((100, 0, 200, 200), (100, 100))
+        );
+        assert_eq!(
+            t("width=100&height=50&resize=contain").plan(200, 400).1,
+            (25, 50)
+        );
+        assert_eq!(t("").plan(7, 9), ((0, 0, 7, 9), (7, 9)));
+    }
+
+    #[test]
+    fn a_resize_too_large_for_its_budget_is_refused() {
+        // 20,000 × 1: small to decode; to 2,500 high (cover, the whole
+        // width kept per row pass) it would need a large intermediate.
+        let src = png(20_000, 1);
+        assert!(
+            Transform::from_query("width=2500&height=2500&resize=fill")
+                .unwrap()
+                .apply(&src)
+                .is_err()
+        );
+        assert!(
+            Transform::from_query("width=100")
+                .unwrap()
+                .apply(&src)
+                .is_ok()
+        );
     }
 
     #[test]

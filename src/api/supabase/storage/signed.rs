@@ -19,7 +19,7 @@ use crate::api::supabase::query_param;
 use crate::api::validate::{self, Validate};
 use crate::auth::Principal;
 use crate::server::AppState;
-use crate::storage::{Actor, WriteFacts};
+use crate::storage::{Actor, ObjectPath, WriteFacts};
 use uuid::Uuid;
 
 /// What a signed-URL token allows: download tokens say [`DOWNLOAD`] (or,
@@ -134,6 +134,35 @@ fn verify_signed<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A download token's claims for `bucket/path` (its object named: `id` is
+/// set), the path, and whom it reads as: the service role, until the token
+/// expires.
+fn signed_download(
+    state: &AppState,
+    uri: &axum::http::Uri,
+    bucket: &str,
+    raw: &str,
+) -> Result<(SignedClaims, ObjectPath, Principal), StorageApiError> {
+    let claims: SignedClaims = verify_signed(state, uri)?;
+    if claims.scope.as_deref().is_some_and(|s| s != DOWNLOAD) {
+        return Err(bad_signature("The token is not for downloads"));
+    }
+    let path = object_path(raw)?;
+    if claims.url != format!("{bucket}/{path}") {
+        return Err(bad_signature("The URL does not match the signature"));
+    }
+    if claims.id.is_none() {
+        return Err(bad_signature(
+            "The token was made before objects were named by bucket and path: sign the URL again",
+        ));
+    }
+    let service = Principal {
+        expires_at: Some(claims.exp),
+        ..Principal::service()
+    };
+    Ok((claims, path, service))
+}
+
 /// `GET /storage/v1/object/sign/{bucket}/{path}?token=…`: no key needed.
 pub async fn signed_get(
     State(state): State<AppState>,
@@ -142,32 +171,16 @@ pub async fn signed_get(
     method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, StorageApiError> {
-    let claims: SignedClaims = verify_signed(&state, &uri)?;
-    if claims.scope.as_deref().is_some_and(|s| s != DOWNLOAD) {
-        return Err(bad_signature("The token is not for downloads"));
-    }
-    let path = object_path(&path)?;
-    if claims.url != format!("{bucket}/{path}") {
-        return Err(bad_signature("The URL does not match the signature"));
-    }
-    let Some(id) = claims.id else {
+    let (claims, path, service) = signed_download(&state, &uri, &bucket, &path)?;
+    // A URL signed for a transformed image does not give the original.
+    if claims.transform.is_some() {
         return Err(bad_signature(
-            "The token was made before objects were named by bucket and path: sign the URL again",
+            "The token is for a transformed image: use its /render/image/sign/ URL",
         ));
-    };
-    let service = Principal {
-        expires_at: Some(claims.exp),
-        ..Principal::service()
-    };
+    }
     let head_only = method == axum::http::Method::HEAD;
     serve(
-        &state,
-        &service,
-        &bucket,
-        &path,
-        &headers,
-        head_only,
-        Some(id),
+        &state, &service, &bucket, &path, &headers, head_only, claims.id,
     )
     .await
 }
@@ -180,25 +193,9 @@ pub async fn render_signed(
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,
 ) -> Result<Response, StorageApiError> {
-    let claims: SignedClaims = verify_signed(&state, &uri)?;
-    if claims.scope.as_deref().is_some_and(|s| s != DOWNLOAD) {
-        return Err(bad_signature("The token is not for downloads"));
-    }
-    let path = object_path(&path)?;
-    if claims.url != format!("{bucket}/{path}") {
-        return Err(bad_signature("The URL does not match the signature"));
-    }
-    let Some(id) = claims.id else {
-        return Err(bad_signature(
-            "The token was made before objects were named by bucket and path: sign the URL again",
-        ));
-    };
-    let service = Principal {
-        expires_at: Some(claims.exp),
-        ..Principal::service()
-    };
+    let (claims, path, service) = signed_download(&state, &uri, &bucket, &path)?;
     let t = claims.transform.unwrap_or_default();
-    open_and_render(&state, &service, &bucket, &path, t, Some(id)).await
+    open_and_render(&state, &service, &bucket, &path, t, claims.id).await
 }
 
 #[derive(Deserialize)]

@@ -15,8 +15,8 @@ use crate::api::storage::{MULTIPART_SLACK, content_length};
 use crate::api::validate;
 use crate::server::AppState;
 use crate::storage::{
-    Actor, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError, TypeRules, UploadSource,
-    UploadTarget, WriteFacts, resolve_mime,
+    Actor, BucketInfo, FileRecord, ObjectPath, PendingUpload, PumpError, StorageError, TypeRules,
+    UploadSource, UploadTarget, WriteFacts, resolve_mime,
 };
 
 #[derive(Serialize)]
@@ -225,16 +225,8 @@ pub(super) async fn do_upload(
                 content_type: field.content_type().map(str::to_owned),
                 types: TypeRules::BucketOnly,
             };
-            let facts = facts_of(&source, 0, &metadata);
-            let begun = match state
-                .storage
-                .check_write(actor, &bucket, &path, upsert, &facts)
-                .await
-            {
-                Ok(_) => state.storage.begin_upload(actor, source, Some(&info)).await,
-                Err(e) => Err(e),
-            };
-            match begun {
+            let target = (bucket.as_str(), &path, upsert, &info);
+            match begin(&state, actor, target, source, 0, &metadata).await {
                 Ok(up) => {
                     let up = pending.insert(up);
                     if let Err(e) = up.pump(&mut field, |_| {}).await {
@@ -257,21 +249,10 @@ pub(super) async fn do_upload(
             content_type,
             types: TypeRules::BucketOnly,
         };
-        let facts = facts_of(
-            &source,
-            content_length(req.headers()).unwrap_or(0),
-            &metadata,
-        );
+        let announced = content_length(req.headers()).unwrap_or(0);
         let stream = req.into_body().into_data_stream();
-        let begun = match state
-            .storage
-            .check_write(actor, &bucket, &path, upsert, &facts)
-            .await
-        {
-            Ok(_) => state.storage.begin_upload(actor, source, Some(&info)).await,
-            Err(e) => Err(e),
-        };
-        match begun {
+        let target = (bucket.as_str(), &path, upsert, &info);
+        match begin(&state, actor, target, source, announced, &metadata).await {
             Ok(up) => pending
                 .insert(up)
                 .pump(stream, |_| {})
@@ -309,17 +290,30 @@ pub(super) async fn do_upload(
     Ok(file)
 }
 
-/// What a write's early check knows: the declared type, the size the client
-/// announced (0 for a form), the custom metadata read so far.
-fn facts_of(source: &UploadSource, size: u64, metadata: &Option<Value>) -> WriteFacts {
-    WriteFacts {
+/// Checks the write as far as it is known (the declared type, the size the
+/// client announced: 0 for a form, the custom metadata read so far), then
+/// opens the upload.
+async fn begin(
+    state: &AppState,
+    actor: Actor,
+    (bucket, path, upsert, info): (&str, &ObjectPath, bool, &BucketInfo),
+    source: UploadSource,
+    announced: u64,
+    metadata: &Option<Value>,
+) -> Result<PendingUpload, StorageError> {
+    let facts = WriteFacts {
         mime: Some(resolve_mime(
             source.content_type.as_deref(),
             &source.file_name,
         )),
-        size,
+        size: announced,
         user_metadata: metadata.clone(),
-    }
+    };
+    state
+        .storage
+        .check_write(actor, bucket, path, upsert, &facts)
+        .await?;
+    state.storage.begin_upload(actor, source, Some(info)).await
 }
 
 pub(super) fn upload_answer(bucket: &str, f: &FileRecord) -> Json<UploadAnswer> {
