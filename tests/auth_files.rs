@@ -1454,3 +1454,82 @@ async fn signed_urls_serve_their_object_and_per_owner_tokens_are_refused() {
         "InvalidSignature"
     );
 }
+
+/// One object per name, whoever races for it: of two users creating the
+/// same names at once through `/storage/v1` (and a file and a folder of one
+/// name), exactly one wins each, the loser is told so, and no bytes are left
+/// without a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_get_one_object_per_name_and_leave_no_bytes() {
+    let t = TestServer::start().await;
+    let (_a, alice) = sign_up(&t, "racer-a@example.com").await;
+    let (_b, bob) = sign_up(&t, "racer-b@example.com").await;
+    let apikey = token(None, "anon", 3600);
+    let put = |tok: String, name: String, body: &'static [u8]| {
+        let (url, apikey) = (
+            t.url(&format!("/storage/v1/object/files/{name}")),
+            apikey.clone(),
+        );
+        async move {
+            http()
+                .post(url)
+                .header("apikey", apikey)
+                .header(AUTHORIZATION, bearer(&tok))
+                .header(CONTENT_TYPE, "text/plain")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for i in 0..20 {
+        // The same name, and a file against a folder of one name.
+        let (a, b) = tokio::join!(
+            put(alice.clone(), format!("race/{i}.txt"), b"alice"),
+            put(bob.clone(), format!("race/{i}.txt"), b"bob"),
+        );
+        let mut got = [a, b];
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [200, 409],
+            "round {i}: one wins, the other is told the name is taken"
+        );
+        let (f, d) = tokio::join!(
+            put(alice.clone(), format!("clash/{i}"), b"file"),
+            put(bob.clone(), format!("clash/{i}/inside.txt"), b"in a folder"),
+        );
+        assert!(
+            matches!((f, d), (200, 409) | (409, 200)),
+            "round {i}: a file and a folder of one name cannot both be: {f} {d}"
+        );
+    }
+    assert_eq!(
+        count(
+            &t,
+            "SELECT count(*) FROM public.files WHERE path LIKE 'race/%'"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(
+            &t,
+            "SELECT count(*) FROM public.files WHERE path LIKE 'clash/%'"
+        )
+        .await,
+        20
+    );
+    // Every stored blob has its row (refused uploads removed theirs).
+    let rows = count(
+        &t,
+        "SELECT count(*) FROM public.files WHERE storage_key IS NOT NULL",
+    )
+    .await;
+    wait_for("refused uploads' bytes to go", || {
+        files_under(&storage_dir(&t)).len() as i64 == rows
+    })
+    .await;
+}
