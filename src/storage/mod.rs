@@ -74,8 +74,8 @@ struct Inner {
     max_file_size: u64,
     allowed: AllowedTypes,
     quota: u64,
-    /// Whether the storage policies are in place (asked once).
-    policies: tokio::sync::OnceCell<bool>,
+    /// Whether the storage policies are in place, and when that was asked.
+    policies: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
 
 impl StorageService {
@@ -87,7 +87,7 @@ impl StorageService {
             max_file_size: config.max_file_size,
             allowed: config.allowed_file_types.clone(),
             quota: config.storage_quota_bytes,
-            policies: tokio::sync::OnceCell::new(),
+            policies: std::sync::Mutex::new(None),
         }))
     }
 

@@ -134,6 +134,9 @@ pub(super) fn refused(e: tokio_postgres::Error) -> StorageError {
     }
 }
 
+/// How long whether the storage policies are in place is taken as known.
+const POLICIES_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A new row as the INSERT of a file writes it (for a dry run and the real
 /// thing alike).
 pub(super) const INSERT_FILE: &str = "INSERT INTO public.files
@@ -142,36 +145,39 @@ pub(super) const INSERT_FILE: &str = "INSERT INTO public.files
 
 impl StorageService {
     /// Whether the storage policies are in place: RLS and policies on
-    /// `public.files`, and the roles to run as. Asked once (a server started
-    /// before a DBA set them up uses Aether's rules until it restarts).
+    /// `public.files`, and the roles to run as. Asked again at most every
+    /// [`POLICIES_TTL`], so a DBA who sets them up later needs no restart.
     pub(super) async fn policies(&self) -> Result<bool, StorageError> {
-        self.0
-            .policies
-            .get_or_try_init(|| async {
-                let client = self.0.pool.get().await?;
-                let on: bool = client
-                    .query_one(
-                        // A missing role is NULL through to_regrole, never an error.
-                        "SELECT coalesce(c.relrowsecurity
-                                AND pg_has_role(current_user, to_regrole('authenticated'), 'MEMBER')
-                                AND pg_has_role(current_user, to_regrole('anon'), 'MEMBER')
-                                AND EXISTS (SELECT 1 FROM pg_policies
-                                            WHERE schemaname = 'public' AND tablename = 'files'),
-                                false)
-                         FROM pg_class c WHERE c.oid = 'public.files'::regclass",
-                        &[],
-                    )
-                    .await?
-                    .get(0);
-                if !on {
-                    tracing::warn!(
-                        "storage policies are not in place (no anon/authenticated roles): Aether's default storage rules apply"
-                    );
-                }
-                Ok::<_, StorageError>(on)
-            })
-            .await
-            .copied()
+        let known = self.0.policies.lock().ok().and_then(|k| *k);
+        if let Some((at, on)) = known
+            && at.elapsed() < POLICIES_TTL
+        {
+            return Ok(on);
+        }
+        let client = self.0.pool.get().await?;
+        let on: bool = client
+            .query_one(
+                // A missing role is NULL through to_regrole, never an error.
+                "SELECT coalesce(c.relrowsecurity
+                        AND pg_has_role(current_user, to_regrole('authenticated'), 'MEMBER')
+                        AND pg_has_role(current_user, to_regrole('anon'), 'MEMBER')
+                        AND EXISTS (SELECT 1 FROM pg_policies
+                                    WHERE schemaname = 'public' AND tablename = 'files'),
+                        false)
+                 FROM pg_class c WHERE c.oid = 'public.files'::regclass",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !on && known.is_none_or(|(_, was)| was) {
+            tracing::warn!(
+                "storage policies are not in place (no anon/authenticated roles, or no policy on public.files): Aether's default storage rules apply"
+            );
+        }
+        if let Ok(mut k) = self.0.policies.lock() {
+            *k = Some((std::time::Instant::now(), on));
+        }
+        Ok(on)
     }
 
     /// Whom the policies judge for `actor`: a user when the policies are in

@@ -324,6 +324,19 @@ await main('storage-objects', async () => {
                WITH CHECK (bucket_id <> '${team}' OR ((storage.foldername(path))[1] = 'avatars' AND storage.extension(path) = 'png'))`)
   assert.equal((await aliceTeam.upload('avatars/a.txt', Buffer.from('x'))).error?.statusCode, '403')
   ok(await aliceTeam.upload('avatars/a.png', Buffer.from([137, 80, 78, 71]), { contentType: 'image/png' }), 'a png in avatars')
+  // Whether the policies are in place is asked again within seconds: with
+  // RLS off on public.files, Aether's own rules apply (never every row).
+  const until = async (cond, what) => {
+    const deadline = Date.now() + 15000
+    while (!(await cond())) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+      await new Promise((r) => setTimeout(r, 100))
+    }
+  }
+  await sql(`ALTER TABLE public.files DISABLE ROW LEVEL SECURITY`)
+  await until(async () => (await bobTeam.download('plan.txt')).error?.statusCode === '404', 'Aether\'s rules, RLS off')
+  await sql(`ALTER TABLE public.files ENABLE ROW LEVEL SECURITY`)
+  await until(async () => !(await bobTeam.download('plan.txt')).error, 'the policies, RLS on again')
   await sql(`DROP POLICY "images only" ON public.files; DROP POLICY "team reads" ON public.files`)
   assert.equal((await bobTeam.download('plan.txt')).error?.statusCode, '404', 'the policy gone, so is bob\'s access')
 
