@@ -13,13 +13,13 @@
 //! the cores behind the auth and file routes (users and sessions; buckets,
 //! folders, files and their bytes).
 
-pub mod api;
+pub(crate) mod api;
 pub mod auth;
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
 pub mod http;
 pub mod logging;
 
-pub mod rules;
+pub(crate) mod rules;
 pub mod server;
 pub mod storage;

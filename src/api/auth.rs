@@ -13,7 +13,7 @@ use crate::auth::{Session, User};
 use crate::server::AppState;
 
 #[derive(Deserialize, ToSchema)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     #[schema(example = "alice@example.com")]
     pub email: String,
     #[schema(example = "correct horse 1")]
@@ -23,7 +23,7 @@ pub struct Credentials {
 impl super::validate::Validate for Credentials {}
 
 #[derive(Serialize, ToSchema)]
-pub struct UserBody {
+pub(crate) struct UserBody {
     #[schema(format = Uuid)]
     pub id: String,
     pub email: String,
@@ -33,7 +33,7 @@ pub struct UserBody {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct SessionBody {
+pub(crate) struct SessionBody {
     /// A JWT: send it as `Authorization: Bearer …` and as `/ws?token=…`.
     pub access_token: String,
     /// Seconds since the Unix epoch.
@@ -41,17 +41,17 @@ pub struct SessionBody {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct AuthResponse {
+pub(crate) struct AuthResponse {
     pub user: UserBody,
     pub session: SessionBody,
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct SuccessBody {
+pub(crate) struct SuccessBody {
     pub success: bool,
 }
 
-pub fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> String {
+pub(crate) fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -82,7 +82,7 @@ fn auth_response(user: User, session: Session) -> AuthResponse {
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn sign_up(
+pub(crate) async fn sign_up(
     State(state): State<AppState>,
     Client(meta): Client,
     ApiJson(body): ApiJson<Credentials>,
@@ -107,7 +107,7 @@ pub async fn sign_up(
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn sign_in(
+pub(crate) async fn sign_in(
     State(state): State<AppState>,
     Client(meta): Client,
     ApiJson(body): ApiJson<Credentials>,
@@ -130,7 +130,7 @@ pub async fn sign_in(
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn sign_out(
+pub(crate) async fn sign_out(
     State(state): State<AppState>,
     user: AuthUser,
     Client(meta): Client,

@@ -14,7 +14,7 @@ use crate::auth::AuthError;
 use crate::storage::StorageError;
 
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -24,12 +24,12 @@ pub struct ApiError {
 
 /// The error body, for the OpenAPI document.
 #[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     /// What went wrong, for people.
     #[schema(example = "invalid email or password")]
     pub message: String,
@@ -42,7 +42,7 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -51,12 +51,12 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     /// Logs `cause` and answers 500 without it.
-    pub fn internal(cause: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -65,7 +65,11 @@ impl ApiError {
         )
     }
 
-    pub fn with_header(mut self, name: HeaderName, value: impl TryInto<HeaderValue>) -> Self {
+    pub(crate) fn with_header(
+        mut self,
+        name: HeaderName,
+        value: impl TryInto<HeaderValue>,
+    ) -> Self {
         if let Ok(v) = value.try_into() {
             self.headers.push((name, v));
         }
@@ -75,12 +79,12 @@ impl ApiError {
     /// With `Connection: close`: for answers given while the request body is still
     /// arriving (refused uploads). The edge then reads a bounded rest and closes
     /// (see `crate::http::conn::EdgeIo`) instead of reading the body to its end.
-    pub fn closing(self) -> Self {
+    pub(crate) fn closing(self) -> Self {
         self.with_header(header::CONNECTION, "close")
     }
 
     /// 401 with `WWW-Authenticate: Bearer`.
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
             .with_header(header::WWW_AUTHENTICATE, "Bearer")
     }

@@ -17,7 +17,7 @@ use crate::server::AppState;
 /// `axum::Json` with the JSON error body on rejection. The body is checked
 /// before a handler sees it: the type's own field checks ([`Validate`]), then
 /// no NUL in any string or key (PostgreSQL text cannot hold one).
-pub struct ApiJson<T>(pub T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned + Validate, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -40,7 +40,7 @@ impl<T: DeserializeOwned + Validate, S: Send + Sync> FromRequest<S> for ApiJson<
 
 /// `axum::extract::Query` with the JSON error body on rejection; checked like
 /// [`ApiJson`] (field checks, then no NUL in any parameter).
-pub struct ApiQuery<T>(pub T);
+pub(crate) struct ApiQuery<T>(pub T);
 
 impl<T: DeserializeOwned + Validate, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
@@ -62,7 +62,7 @@ impl<T: DeserializeOwned + Validate, S: Send + Sync> FromRequestParts<S> for Api
 /// `axum::extract::Path` with the JSON error body on rejection. Segments are
 /// checked by name ([`validate::path_params`]): `bucket` as an identifier, a NUL
 /// in `path` as a bad path, any other NUL as `invalid_characters`.
-pub struct ApiPath<T>(pub T);
+pub(crate) struct ApiPath<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
     type Rejection = ApiError;
@@ -80,7 +80,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
 
 /// The token of an `Authorization: Bearer <token>` header (scheme in any case),
 /// if there is a well-formed one. The one parser every route uses.
-pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = v.trim().split_once(' ')?;
     let t = rest.trim();
@@ -88,7 +88,7 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 /// The bearer token of a request: `Ok(None)` without an `Authorization` header.
-pub fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
+pub(crate) fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
     if !parts.headers.contains_key(header::AUTHORIZATION) {
         return Ok(None);
     }
@@ -103,7 +103,7 @@ pub fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
 /// A signed-in user: a valid bearer token (signature, expiry), a live session (not
 /// signed out) and an existing user. Rejects with 401 `auth/missing-token`,
 /// `auth/invalid-token`, `auth/expired-token` or `auth/revoked-token`.
-pub struct AuthUser {
+pub(crate) struct AuthUser {
     pub id: Uuid,
     pub principal: Principal,
 }
@@ -125,7 +125,7 @@ impl FromRequestParts<AppState> for AuthUser {
 }
 
 /// Like [`AuthUser`] when an `Authorization` header is sent; `None` without one.
-pub struct MaybeUser(pub Option<Principal>);
+pub(crate) struct MaybeUser(pub Option<Principal>);
 
 impl FromRequestParts<AppState> for MaybeUser {
     type Rejection = ApiError;
@@ -141,14 +141,14 @@ impl FromRequestParts<AppState> for MaybeUser {
 /// The client's address, the one every per-address limit counts: what the HTTP
 /// edge decided ([`crate::http::ClientIp`]: the peer, or `X-Forwarded-For` behind
 /// a trusted proxy), else the peer (`ConnectInfo`, a router served elsewhere).
-pub fn client_ip(ext: &axum::http::Extensions) -> Option<IpAddr> {
+pub(crate) fn client_ip(ext: &axum::http::Extensions) -> Option<IpAddr> {
     ext.get::<crate::http::ClientIp>()
         .map(|c| c.0)
         .or_else(|| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
 }
 
 /// [`client_ip`] as an extractor (never refuses).
-pub struct ClientAddr(pub Option<IpAddr>);
+pub(crate) struct ClientAddr(pub Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
@@ -159,7 +159,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
 }
 
 /// The client's address and user agent, for sessions and auth events.
-pub struct Client(pub ClientMeta);
+pub(crate) struct Client(pub ClientMeta);
 
 impl<S: Send + Sync> FromRequestParts<S> for Client {
     type Rejection = std::convert::Infallible;

@@ -21,7 +21,7 @@ use crate::storage::path::ObjectPath;
 use aether_realtime::kingshare;
 
 /// Tells a file's owner that a download of it began.
-pub fn download_started(state: &AppState, f: &FileRecord) {
+pub(crate) fn download_started(state: &AppState, f: &FileRecord) {
     if let Some(owner) = f.owner_id {
         let frame = kingshare::message(
             "DownloadStarted",
@@ -39,7 +39,7 @@ fn share_error(status: StatusCode, code: &'static str, message: &str) -> ApiErro
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateShare {
+pub(crate) struct CreateShare {
     pub file_id: Uuid,
     /// Seconds from now; or `expires_at`.
     pub expires_in: Option<i64>,
@@ -80,7 +80,7 @@ fn share_json(r: &tokio_postgres::Row) -> Value {
               (status = 404, description = "`storage/not-found`: no such file of yours", body = super::error::ErrorBody),
               (status = 413, description = "`payload_too_large`: a body over 2 MB", body = super::error::ErrorBody),
               (status = 415, description = "`unsupported_media_type`: not JSON", body = super::error::ErrorBody)))]
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     user: AuthUser,
     ApiJson(req): ApiJson<CreateShare>,
@@ -132,7 +132,10 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/v1/shares", tag = "shares", security(("bearer" = [])),
     responses((status = 200, description = "Your shares", body = serde_json::Value),
               (status = 401, description = "`auth/*` token errors", body = super::error::ErrorBody)))]
-pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> Result<Json<Value>, ApiError> {
     let client = state.pool.get().await.map_err(ApiError::internal)?;
     let rows = client
         .query(
@@ -153,7 +156,7 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<
               (status = 400, description = "`invalid_path`: not a share id", body = super::error::ErrorBody),
               (status = 401, description = "`auth/*` token errors", body = super::error::ErrorBody),
               (status = 404, description = "`share/not-found`", body = super::error::ErrorBody)))]
-pub async fn revoke(
+pub(crate) async fn revoke(
     State(state): State<AppState>,
     user: AuthUser,
     ApiPath(id): ApiPath<Uuid>,
@@ -184,7 +187,7 @@ pub async fn revoke(
               (status = 400, description = "`invalid_characters`: a NUL in the token", body = super::error::ErrorBody),
               (status = 404, description = "`share/not-found`", body = super::error::ErrorBody),
               (status = 410, description = "`share/expired`, `share/revoked`", body = super::error::ErrorBody)))]
-pub async fn fetch(
+pub(crate) async fn fetch(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,
 ) -> Result<Response, ApiError> {
@@ -252,7 +255,7 @@ pub async fn fetch(
     responses((status = 200, description = "total_connections, unique_users, connections_by_user", body = serde_json::Value),
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody)))]
-pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+pub(crate) async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let s = state.realtime.registry.stats();
     Json(json!({
         "total_connections": s.active,
@@ -267,7 +270,7 @@ pub async fn stats(State(state): State<AppState>, _svc: ServiceRole) -> Json<Val
     responses((status = 200, description = "removed_connections", body = serde_json::Value),
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody)))]
-pub async fn cleanup(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+pub(crate) async fn cleanup(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
     let removed = state
         .realtime
         .registry
@@ -276,7 +279,7 @@ pub async fn cleanup(State(state): State<AppState>, _svc: ServiceRole) -> Json<V
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct Notify {
+pub(crate) struct Notify {
     pub message: String,
     pub level: String,
     pub user_id: Option<Uuid>,
@@ -293,7 +296,7 @@ impl super::validate::Validate for Notify {}
               (status = 403, description = "`auth/forbidden`: not service_role", body = super::error::ErrorBody),
               (status = 413, description = "`payload_too_large`: a body over 2 MB", body = super::error::ErrorBody),
               (status = 415, description = "`unsupported_media_type`: not JSON", body = super::error::ErrorBody)))]
-pub async fn notify(
+pub(crate) async fn notify(
     State(state): State<AppState>,
     _svc: ServiceRole,
     ApiJson(req): ApiJson<Notify>,
@@ -321,7 +324,7 @@ pub async fn notify(
 
 /// Marks passed shares expired, every second; expiry is data, so this survives
 /// restarts. Each marked share reaches its owner as ShareExpired through the WAL.
-pub async fn expiry_job(
+pub(crate) async fn expiry_job(
     pool: deadpool_postgres::Pool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {

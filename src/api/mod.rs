@@ -6,16 +6,16 @@
 //! rejections are [`ApiError`]s, and [`json_errors`] rewrites any other error
 //! response (405 from a method router, a panic, …) into that shape.
 
-pub mod auth;
-pub mod error;
-pub mod extract;
-pub mod kingshare;
-pub mod openapi;
-pub mod ops;
-pub mod rate_limit;
-pub mod storage;
-pub mod supabase;
-pub mod validate;
+pub(crate) mod auth;
+pub(crate) mod error;
+pub(crate) mod extract;
+pub(crate) mod kingshare;
+pub(crate) mod openapi;
+pub(crate) mod ops;
+pub(crate) mod rate_limit;
+pub(crate) mod storage;
+pub(crate) mod supabase;
+pub(crate) mod validate;
 
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use aether_realtime::session;
 use error::ApiError;
 
 /// The whole HTTP surface; tests build it around their own state.
-pub fn app(state: AppState) -> Router {
+pub(crate) fn app(state: AppState) -> Router {
     let ws_path = state.config.ws_path.clone();
     let auth_routes = Router::new()
         .route("/auth/sign-up", post(auth::sign_up))
@@ -294,7 +294,7 @@ async fn method_not_allowed() -> ApiError {
         (status = 503, description = "Starting: replication not connected yet", body = serde_json::Value),
     )
 )]
-pub async fn health(State(state): State<AppState>) -> Response {
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let status = state.replication.borrow().clone();
     let slot = state.slot_health.borrow().clone();
     let log = state.log_status.borrow().clone();

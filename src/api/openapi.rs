@@ -12,7 +12,7 @@ use super::{auth, error, kingshare, ops, storage};
 #[derive(utoipa::ToSchema)]
 #[schema(value_type = String, format = Binary)]
 #[allow(dead_code)]
-pub struct FileBytes(Vec<u8>);
+pub(crate) struct FileBytes(Vec<u8>);
 
 struct BearerAuth;
 
@@ -82,8 +82,8 @@ impl Modify for BearerAuth {
         (name = "operations", description = "Metrics and connection management (service_role)"),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
+pub(crate) async fn serve() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }

@@ -12,12 +12,12 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::error::ApiError;
-use crate::auth::Principal;
 use crate::server::AppState;
 use aether_realtime::hub::{ChannelConfig, HubCommand, HubStats, valid_channel_name};
 
-/// A caller with a `service_role` token (`Authorization: Bearer …`).
-pub struct ServiceRole(pub Principal);
+/// A caller with a `service_role` token (`Authorization: Bearer …`): a
+/// check, so the principal itself is not kept.
+pub(crate) struct ServiceRole;
 
 impl FromRequestParts<AppState> for ServiceRole {
     type Rejection = ApiError;
@@ -54,7 +54,7 @@ impl FromRequestParts<AppState> for ServiceRole {
                 "this route needs a service_role token",
             ));
         }
-        Ok(ServiceRole(principal))
+        Ok(ServiceRole)
     }
 }
 
@@ -124,7 +124,7 @@ pub struct Replication {
     pub advice: Option<String>,
 }
 
-pub async fn hub_stats(state: &AppState) -> HubStats {
+pub(crate) async fn hub_stats(state: &AppState) -> HubStats {
     let (reply, rx) = oneshot::channel();
     if state
         .realtime
@@ -145,7 +145,7 @@ pub async fn hub_stats(state: &AppState) -> HubStats {
 /// healthy | degraded (replication disconnected or behind) | down (shutting down).
 /// [`status`], reused for a second: what a WebSocket client's `system/status`
 /// frame gets, so a client sending them in a loop costs no query per frame.
-pub async fn status_cached(state: &AppState) -> Status {
+pub(crate) async fn status_cached(state: &AppState) -> Status {
     if let Ok(c) = state.status_cache.lock()
         && let Some((at, s)) = c.as_ref()
         && at.elapsed() < std::time::Duration::from_secs(1)
@@ -181,7 +181,7 @@ impl aether_realtime::StatusReport for ServerStatusReport {
     }
 }
 
-pub async fn status(state: &AppState) -> Status {
+pub(crate) async fn status(state: &AppState) -> Status {
     let conns = state.realtime.registry.stats();
     let hub = hub_stats(state).await;
     let repl = state.replication.borrow().clone();
@@ -286,12 +286,12 @@ pub async fn status(state: &AppState) -> Status {
 
 #[utoipa::path(get, path = "/ws/status", tag = "realtime",
     responses((status = 200, description = "healthy | degraded | down, connections, channels, replication lag", body = serde_json::Value)))]
-pub async fn ws_status(State(state): State<AppState>) -> Json<Status> {
+pub(crate) async fn ws_status(State(state): State<AppState>) -> Json<Status> {
     Json(status(&state).await)
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct ChannelRequest {
+pub(crate) struct ChannelRequest {
     pub name: String,
     pub max_connections: Option<i64>,
     pub message_rate_limit: Option<i64>,
@@ -309,7 +309,7 @@ pub struct ChannelRequest {
         (status = 401, description = "No or bad token", body = super::error::ErrorBody),
         (status = 403, description = "Not service_role", body = super::error::ErrorBody),
     ))]
-pub async fn create_channel(
+pub(crate) async fn create_channel(
     State(state): State<AppState>,
     _svc: ServiceRole,
     body: Result<Json<ChannelRequest>, axum::extract::rejection::JsonRejection>,
@@ -378,7 +378,10 @@ pub async fn create_channel(
     responses((status = 200, description = "active, total, unique_users, connections_by_user", body = serde_json::Value),
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
-pub async fn metrics_connections(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+pub(crate) async fn metrics_connections(
+    State(state): State<AppState>,
+    _svc: ServiceRole,
+) -> Json<Value> {
     Json(json!(state.realtime.registry.stats()))
 }
 
@@ -386,7 +389,10 @@ pub async fn metrics_connections(State(state): State<AppState>, _svc: ServiceRol
     responses((status = 200, description = "frames in/out, changes delivered, channel messages", body = serde_json::Value),
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
-pub async fn metrics_messages(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+pub(crate) async fn metrics_messages(
+    State(state): State<AppState>,
+    _svc: ServiceRole,
+) -> Json<Value> {
     use std::sync::atomic::Ordering::Relaxed;
     let hub = hub_stats(&state).await;
     Json(json!({
@@ -402,7 +408,10 @@ pub async fn metrics_messages(State(state): State<AppState>, _svc: ServiceRole) 
     responses((status = 200, description = "active channels, members, configuration", body = serde_json::Value),
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
-pub async fn metrics_channels(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+pub(crate) async fn metrics_channels(
+    State(state): State<AppState>,
+    _svc: ServiceRole,
+) -> Json<Value> {
     let hub = hub_stats(&state).await;
     let configs = state.channels.read().map(|c| c.clone()).unwrap_or_default();
     Json(json!({
@@ -417,14 +426,17 @@ pub async fn metrics_channels(State(state): State<AppState>, _svc: ServiceRole) 
     responses((status = 200, description = "error counts by code", body = serde_json::Value),
               (status = 401, description = "No or bad token", body = super::error::ErrorBody),
               (status = 403, description = "Not service_role", body = super::error::ErrorBody)))]
-pub async fn metrics_errors(State(state): State<AppState>, _svc: ServiceRole) -> Json<Value> {
+pub(crate) async fn metrics_errors(
+    State(state): State<AppState>,
+    _svc: ServiceRole,
+) -> Json<Value> {
     let errors = state.realtime.stats.errors();
     let total: u64 = errors.values().sum();
     Json(json!({"total": total, "by_code": errors}))
 }
 
 /// Loads `aether.channels` at start.
-pub async fn load_channels(
+pub(crate) async fn load_channels(
     client: &tokio_postgres::Client,
 ) -> Result<std::collections::HashMap<String, ChannelConfig>, tokio_postgres::Error> {
     Ok(client

@@ -83,7 +83,7 @@ fn peer_ip(req: &Request) -> IpAddr {
 }
 
 /// Middleware for `/auth/*`.
-pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Err(wait) = state.limits.check_auth(peer_ip(&req)) {
         return too_many(wait);
     }
@@ -92,7 +92,7 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
 
 /// Middleware for `/storage/*`: keyed by the token's user (signature checked, no
 /// database query), else by address.
-pub async fn storage(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn storage(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let user = super::extract::bearer_token(req.headers())
         .and_then(|token| state.jwt.verify(token).ok())
         .and_then(|p| p.user_id);

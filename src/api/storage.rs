@@ -63,7 +63,7 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// The URL at which the object `name` can be read.
-pub fn object_url(public_url: Option<&str>, bucket: &str, name: &str) -> String {
+pub(crate) fn object_url(public_url: Option<&str>, bucket: &str, name: &str) -> String {
     let mut url = public_url.unwrap_or("").to_owned();
     url.push_str("/storage/object/");
     url.extend(utf8_percent_encode(bucket, SEGMENT));
@@ -97,7 +97,7 @@ fn relative(user: Uuid, name: &str) -> String {
 /// The multipart form of an upload (for the OpenAPI document).
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct UploadForm {
+pub(crate) struct UploadForm {
     /// The file (its part's `Content-Type` and file name are used for the type check).
     #[schema(value_type = String, format = Binary)]
     file: Vec<u8>,
@@ -109,7 +109,7 @@ pub struct UploadForm {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct UploadResponse {
+pub(crate) struct UploadResponse {
     #[schema(example = "docs/report.pdf")]
     pub path: String,
     pub url: String,
@@ -130,7 +130,7 @@ pub struct UploadResponse {
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     /// Bucket id; `UPLOAD_BUCKET` when omitted.
     pub bucket: Option<String>,
     /// Folder to list; the root when omitted or empty.
@@ -156,7 +156,7 @@ fn check_bucket_and_path(bucket: Option<&str>, path: Option<&str>) -> Result<(),
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ListedFile {
+pub(crate) struct ListedFile {
     pub name: String,
     pub path: String,
     pub size: u64,
@@ -169,7 +169,7 @@ pub struct ListedFile {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ListedFolder {
+pub(crate) struct ListedFolder {
     pub name: String,
     pub path: String,
     /// Addition to the documented shape: subscribe to `{"files": id}` for its files.
@@ -178,13 +178,13 @@ pub struct ListedFolder {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ListResponse {
+pub(crate) struct ListResponse {
     pub files: Vec<ListedFile>,
     pub folders: Vec<ListedFolder>,
 }
 
 #[derive(Deserialize, ToSchema)]
-pub struct DeleteRequest {
+pub(crate) struct DeleteRequest {
     /// Bucket id; `UPLOAD_BUCKET` when omitted.
     pub bucket: Option<String>,
     /// A file, or an empty folder.
@@ -385,7 +385,7 @@ fn target_path(raw: Option<&str>, file_name: &str) -> Result<ObjectPath, ApiErro
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn upload(
+pub(crate) async fn upload(
     State(state): State<AppState>,
     user: AuthUser,
     headers: HeaderMap,
@@ -479,7 +479,7 @@ pub async fn upload(
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn list(
+pub(crate) async fn list(
     State(state): State<AppState>,
     user: AuthUser,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -534,7 +534,7 @@ pub async fn list(
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn delete(
+pub(crate) async fn delete(
     State(state): State<AppState>,
     user: AuthUser,
     ApiJson(body): ApiJson<DeleteRequest>,
@@ -580,7 +580,7 @@ fn inline_safe(mime: &str) -> bool {
         (status = 429, description = "`rate-limit/exceeded`", body = ErrorBody),
     )
 )]
-pub async fn object(
+pub(crate) async fn object(
     State(state): State<AppState>,
     ApiPath((bucket, owner, path)): ApiPath<(String, String, String)>,
     MaybeUser(viewer): MaybeUser,
@@ -603,7 +603,7 @@ pub async fn object(
 
 /// The response for a file opened for reading: its bytes (or range) with
 /// content type, length, disposition and caching headers.
-pub fn read_response(read: crate::storage::ObjectRead) -> Result<Response, ApiError> {
+pub(crate) fn read_response(read: crate::storage::ObjectRead) -> Result<Response, ApiError> {
     let f = &read.file;
     let disposition = format!(
         "{}; filename*=UTF-8''{}",

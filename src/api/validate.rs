@@ -17,7 +17,7 @@ use crate::storage::path::{ObjectPath, PathError};
 
 /// What kind of value was refused: each front end has its own code for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Any other value: only NUL is refused.
     Text,
     /// A bucket id (native `storage/invalid-bucket`, Supabase `InvalidBucketName`).
@@ -28,7 +28,7 @@ pub enum Kind {
 
 /// A refused request value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
+pub(crate) struct Invalid {
     pub kind: Kind,
     /// Where the value was: a field name, query parameter or JSON pointer.
     pub field: String,
@@ -42,8 +42,8 @@ impl std::fmt::Display for Invalid {
 }
 
 /// The native code of each kind (docs/auth-files.md).
-pub const CODE_TEXT: &str = "invalid_characters";
-pub const CODE_BUCKET: &str = "storage/invalid-bucket";
+pub(crate) const CODE_TEXT: &str = "invalid_characters";
+pub(crate) const CODE_BUCKET: &str = "storage/invalid-bucket";
 
 impl From<Invalid> for ApiError {
     fn from(e: Invalid) -> Self {
@@ -64,7 +64,7 @@ fn nul(kind: Kind, field: &str) -> Invalid {
 }
 
 /// Free text: anything but NUL.
-pub fn text(field: &str, value: &str) -> Result<(), Invalid> {
+pub(crate) fn text(field: &str, value: &str) -> Result<(), Invalid> {
     if value.contains('\0') {
         return Err(nul(Kind::Text, field));
     }
@@ -74,7 +74,7 @@ pub fn text(field: &str, value: &str) -> Result<(), Invalid> {
 /// A bucket id: no NUL and no control character. Whether such a bucket exists
 /// is the storage core's question (operators may create buckets with SQL, so
 /// the stricter rule for new ids is not applied to lookups).
-pub fn bucket(field: &str, value: &str) -> Result<(), Invalid> {
+pub(crate) fn bucket(field: &str, value: &str) -> Result<(), Invalid> {
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(Invalid {
             kind: Kind::Bucket,
@@ -93,7 +93,7 @@ pub fn bucket(field: &str, value: &str) -> Result<(), Invalid> {
 }
 
 /// An object path, checked by the storage core's own rules.
-pub fn path(field: &str, value: &str) -> Result<(), Invalid> {
+pub(crate) fn path(field: &str, value: &str) -> Result<(), Invalid> {
     ObjectPath::parse_any(value)
         .map(|_| ())
         .map_err(|e| Invalid {
@@ -105,7 +105,7 @@ pub fn path(field: &str, value: &str) -> Result<(), Invalid> {
 
 /// Every string and key of a JSON document, at any depth (serde_json bounds the
 /// depth at 128 when parsing). The field is the value's JSON pointer.
-pub fn json(value: &Value) -> Result<(), Invalid> {
+pub(crate) fn json(value: &Value) -> Result<(), Invalid> {
     fn walk(v: &Value, at: &mut String) -> Result<(), Invalid> {
         match v {
             Value::String(s) => text(pointer(at), s),
@@ -138,7 +138,9 @@ pub fn json(value: &Value) -> Result<(), Invalid> {
 }
 
 /// Decoded query-string pairs: keys and values.
-pub fn pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(), Invalid> {
+pub(crate) fn pairs<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), Invalid> {
     for (k, v) in pairs {
         if k.contains('\0') {
             return Err(nul(Kind::Text, "query parameter name"));
@@ -150,7 +152,7 @@ pub fn pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<
 
 /// URL path parameters (percent-decoded). The name says what a value is: a
 /// `bucket` is an identifier, a `path` an object path, anything else text.
-pub fn path_params<'a>(
+pub(crate) fn path_params<'a>(
     params: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<(), Invalid> {
     for (name, value) in params {
@@ -165,7 +167,7 @@ pub fn path_params<'a>(
 
 /// Field checks a request type makes before the generic NUL check, so that a
 /// bad bucket or path gets its own code rather than `invalid_characters`.
-pub trait Validate {
+pub(crate) trait Validate {
     fn validate(&self) -> Result<(), Invalid> {
         Ok(())
     }

@@ -45,7 +45,7 @@ enum Out {
 }
 
 /// The hub's side: hands work to the bus's tasks without waiting.
-pub struct NatsChannelBus {
+pub(crate) struct NatsChannelBus {
     out: mpsc::Sender<Out>,
 }
 
@@ -69,7 +69,7 @@ impl ChannelBus for NatsChannelBus {
 
 /// Where a cluster's channel traffic goes.
 #[derive(Clone)]
-pub struct Subjects {
+pub(crate) struct Subjects {
     stream: String,
     messages: String,
     announcements: String,
@@ -77,7 +77,7 @@ pub struct Subjects {
 }
 
 impl Subjects {
-    pub fn new(slot: &str, node: &str) -> Subjects {
+    pub(crate) fn new(slot: &str, node: &str) -> Subjects {
         let slot: String = slot
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
@@ -111,7 +111,7 @@ struct Envelope {
 
 /// The bus and its two tasks: `outgoing` publishes, `incoming` delivers what
 /// every node published to this node's hub.
-pub fn start(
+pub(crate) fn start(
     client: async_nats::Client,
     subjects: Subjects,
     hubs: Hubs,
@@ -275,7 +275,7 @@ async fn publish(
 }
 
 /// Where traffic from other nodes goes on this one.
-pub struct Hubs {
+pub(crate) struct Hubs {
     pub hub: mpsc::Sender<HubCommand>,
     pub phoenix: mpsc::Sender<PhxCommand>,
     pub kingshare: Arc<aether_realtime::kingshare::Notifier>,

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub mod bus;
+pub(crate) mod bus;
 
 use crate::config::Config;
 use aether_changelog::ChangeLog as _;
@@ -57,7 +57,7 @@ pub struct Members {
 }
 
 /// What a node is called when `NODE_NAME` is not set: host name and port.
-pub fn default_node_name(port: u16) -> String {
+pub(crate) fn default_node_name(port: u16) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
@@ -74,7 +74,7 @@ fn application_name(slot: &str, node: &str) -> String {
 }
 
 /// The pieces the binary wires: the log, the follower's and leader's tasks.
-pub struct Parts {
+pub(crate) struct Parts {
     pub cluster: Cluster,
     pub follow_tx: watch::Sender<FollowStatus>,
     pub leading_tx: watch::Sender<bool>,
@@ -86,7 +86,7 @@ pub struct Parts {
 
 /// Connects to NATS and opens the stream. Fails when NATS cannot be reached at
 /// start (a supervisor retries); once running, the client reconnects by itself.
-pub async fn open(config: &Config, url: &str) -> anyhow::Result<Parts> {
+pub(crate) async fn open(config: &Config, url: &str) -> anyhow::Result<Parts> {
     let node = config
         .node_name
         .clone()
@@ -201,11 +201,11 @@ impl Cluster {
 /// A node cut off from the change stream (NATS unreachable) this long closes
 /// its sockets: its clients reconnect, through the load balancer, to nodes that
 /// deliver, and resume with `since`.
-pub const DRAIN_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_AFTER: Duration = Duration::from_secs(10);
 
 /// Watches this node's reading of the stream; drains its sockets once per
 /// outage that lasts [`DRAIN_AFTER`].
-pub async fn drain_when_cut_off(
+pub(crate) async fn drain_when_cut_off(
     cluster: Arc<Cluster>,
     realtime: aether_realtime::Realtime,
     shutdown: CancellationToken,
@@ -238,7 +238,7 @@ pub async fn drain_when_cut_off(
 }
 
 /// Every node's reader of the stream, into its router.
-pub async fn follow(
+pub(crate) async fn follow(
     log: Arc<JetStreamLog>,
     start: aether_changelog::jetstream::StartPoint,
     feed: mpsc::Sender<Feed>,
@@ -250,7 +250,7 @@ pub async fn follow(
 }
 
 /// What the leader's task needs.
-pub struct Leadership {
+pub(crate) struct Leadership {
     pub pg: tokio_postgres::Config,
     pub node: String,
     pub slot: String,
@@ -265,7 +265,7 @@ pub struct Leadership {
 impl Leadership {
     /// Waits for the lock, then leads until shutdown. Returns early (a failure:
     /// the process exits) only when leadership was lost.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut pg = self.pg.clone();
         pg.application_name(application_name(&self.slot, &self.node));
         loop {

@@ -14,7 +14,7 @@ use aether_realtime::{BoxFuture, ChannelPolicy, ChannelRights};
 
 use crate::api::supabase::rest::{claims, role_name};
 
-pub struct MessagePolicies(pub deadpool_postgres::Pool);
+pub(crate) struct MessagePolicies(pub deadpool_postgres::Pool);
 
 impl ChannelPolicy for MessagePolicies {
     fn rights<'a>(

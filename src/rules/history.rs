@@ -23,7 +23,7 @@ const SCAN_BYTES: usize = 8 << 20;
 const CLOCK_SLACK_MS: i64 = 1_000;
 const PAGE_BYTES: usize = 1 << 20;
 
-pub struct LogHistory(pub SharedLog);
+pub(crate) struct LogHistory(pub SharedLog);
 
 impl BroadcastHistory for LogHistory {
     fn since<'a>(

@@ -11,10 +11,10 @@
 //!   `realtime.broadcast_changes`) → broadcasts on `/realtime/v1`.
 //! - [`presence::SharesDirectory`]: who hears of a user's presence.
 
-pub mod channels;
-pub mod history;
-pub mod presence;
-pub mod visibility;
+pub(crate) mod channels;
+pub(crate) mod history;
+pub(crate) mod presence;
+pub(crate) mod visibility;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -33,7 +33,7 @@ fn at<'r>(change: &RowChange, row: &'r Row, col: &str) -> Option<&'r Value> {
 }
 
 /// Keeps the WebSocket API's channel settings current from `aether.channels`.
-pub struct ChannelSettings(pub ChannelConfigs);
+pub(crate) struct ChannelSettings(pub ChannelConfigs);
 
 impl Tap for ChannelSettings {
     fn change(&mut self, change: &RowChange, _: &mut Effects) {
@@ -81,7 +81,7 @@ impl Tap for ChannelSettings {
 
 /// A signed-out auth session (`auth.sessions.revoked_at` set, or the row gone):
 /// its connections are closed now, not when their token expires.
-pub struct SessionRevocation;
+pub(crate) struct SessionRevocation;
 
 impl Tap for SessionRevocation {
     fn change(&mut self, change: &RowChange, effects: &mut Effects) {
@@ -108,7 +108,7 @@ impl Tap for SessionRevocation {
 }
 
 /// Tells KingShare connections of file and share events derived from changes.
-pub struct KingShareEvents(pub Arc<Notifier>);
+pub(crate) struct KingShareEvents(pub Arc<Notifier>);
 
 impl Tap for KingShareEvents {
     fn change(&mut self, change: &RowChange, _: &mut Effects) {
@@ -125,7 +125,7 @@ impl Tap for KingShareEvents {
 /// the members of the Aether channel of that name on `/ws`. A private message
 /// goes to the members of the private channel of that topic on `/realtime/v1`
 /// only (its `realtime.messages` policies let them in).
-pub struct DatabaseBroadcast {
+pub(crate) struct DatabaseBroadcast {
     pub phoenix: tokio::sync::mpsc::Sender<PhxCommand>,
     /// The Aether channels of `/ws`: a message to topic `x` also reaches the
     /// members of channel `x`.
@@ -199,7 +199,7 @@ impl Tap for DatabaseBroadcast {
 /// from before a restart, when nothing was relayed yet). Deleting early loses
 /// nothing: a message is decoded from the WAL, which the slot keeps until the
 /// log holds it, not from the table.
-pub async fn prune_broadcasts(
+pub(crate) async fn prune_broadcasts(
     pool: deadpool_postgres::Pool,
     relayed: Arc<AtomicI64>,
     shutdown: tokio_util::sync::CancellationToken,

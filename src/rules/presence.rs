@@ -3,7 +3,7 @@
 use aether_realtime::{BoxFuture, Directory};
 
 /// Answers from `auth.users` and `public.shares`.
-pub struct SharesDirectory(pub deadpool_postgres::Pool);
+pub(crate) struct SharesDirectory(pub deadpool_postgres::Pool);
 
 impl Directory for SharesDirectory {
     fn presence<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, (Option<String>, Vec<String>)> {

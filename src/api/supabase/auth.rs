@@ -20,11 +20,11 @@ use crate::auth::service::principal_user;
 use crate::auth::{AuthError, Principal, Session, SignOutScope, UserProfile};
 use crate::server::AppState;
 
-pub const API_VERSION: &str = "2024-01-01";
+pub(crate) const API_VERSION: &str = "2024-01-01";
 
 /// A GoTrue error: HTTP status, `code` (GoTrue's `ErrorCode`), message.
 #[derive(Debug)]
-pub struct GoTrueError {
+pub(crate) struct GoTrueError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -32,7 +32,7 @@ pub struct GoTrueError {
 }
 
 impl GoTrueError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         GoTrueError {
             status,
             code,
@@ -59,7 +59,7 @@ impl IntoResponse for GoTrueError {
 
 /// GoTrue's code for an error that a shared layer answered in Aether's own
 /// shape (rate limits, extractors, unknown routes): GoTrue's own codes only.
-pub fn code_for_native(status: StatusCode, native: &str) -> &'static str {
+pub(crate) fn code_for_native(status: StatusCode, native: &str) -> &'static str {
     match native {
         "rate-limit/exceeded" => "over_request_rate_limit",
         "invalid_json" => "bad_json",
@@ -141,19 +141,20 @@ impl From<AuthError> for GoTrueError {
     }
 }
 
-/// A valid `apikey` (anon or service role).
-pub struct ApiKey(pub Principal);
+/// A valid `apikey` (anon or service role): a check, nothing kept.
+pub(crate) struct ApiKey;
 
 impl FromRequestParts<AppState> for ApiKey {
     type Rejection = GoTrueError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, GoTrueError> {
-        Ok(ApiKey(request_key(state, parts)?))
+        request_key(state, parts)?;
+        Ok(ApiKey)
     }
 }
 
 /// A valid `apikey` and a signed-in user's access token in `Authorization`.
-pub struct SignedIn(pub Principal);
+pub(crate) struct SignedIn(pub Principal);
 
 impl FromRequestParts<AppState> for SignedIn {
     type Rejection = GoTrueError;
@@ -180,7 +181,7 @@ impl FromRequestParts<AppState> for SignedIn {
 }
 
 /// GoTrue's user object.
-pub fn user_json(u: &UserProfile) -> Value {
+pub(crate) fn user_json(u: &UserProfile) -> Value {
     let created = timestamp(&u.created_at);
     json!({
         "id": u.id.hyphenated().to_string(),
@@ -240,7 +241,7 @@ fn validation_failed(e: impl std::fmt::Display) -> GoTrueError {
 }
 
 #[derive(Deserialize)]
-pub struct SignupBody {
+pub(crate) struct SignupBody {
     email: Option<String>,
     phone: Option<String>,
     password: Option<String>,
@@ -249,7 +250,7 @@ pub struct SignupBody {
 
 /// `POST /auth/v1/signup`: creates the user (email counts as confirmed: Aether
 /// sends no mail) and answers with a session, as GoTrue does with autoconfirm.
-pub async fn signup(
+pub(crate) async fn signup(
     State(state): State<AppState>,
     _key: ApiKey,
     Client(meta): Client,
@@ -295,21 +296,21 @@ pub async fn signup(
 }
 
 #[derive(Deserialize)]
-pub struct TokenQuery {
+pub(crate) struct TokenQuery {
     grant_type: Option<String>,
 }
 
 impl crate::api::validate::Validate for TokenQuery {}
 
 #[derive(Deserialize)]
-pub struct TokenBody {
+pub(crate) struct TokenBody {
     email: Option<String>,
     password: Option<String>,
     refresh_token: Option<String>,
 }
 
 /// `POST /auth/v1/token?grant_type=password|refresh_token`.
-pub async fn token(
+pub(crate) async fn token(
     State(state): State<AppState>,
     _key: ApiKey,
     Client(meta): Client,
@@ -351,7 +352,7 @@ pub async fn token(
 }
 
 /// `GET /auth/v1/user`.
-pub async fn user(
+pub(crate) async fn user(
     State(state): State<AppState>,
     SignedIn(p): SignedIn,
 ) -> Result<Json<Value>, GoTrueError> {
@@ -367,14 +368,14 @@ pub async fn user(
 }
 
 #[derive(Deserialize)]
-pub struct LogoutQuery {
+pub(crate) struct LogoutQuery {
     scope: Option<String>,
 }
 
 impl crate::api::validate::Validate for LogoutQuery {}
 
 /// `POST /auth/v1/logout?scope=global|local|others` → 204.
-pub async fn logout(
+pub(crate) async fn logout(
     State(state): State<AppState>,
     Client(meta): Client,
     query: Result<ApiQuery<LogoutQuery>, crate::api::error::ApiError>,
@@ -402,7 +403,7 @@ pub async fn logout(
 }
 
 /// `GET /auth/v1/settings`: what this server offers.
-pub async fn settings(_key: ApiKey) -> Json<Value> {
+pub(crate) async fn settings(_key: ApiKey) -> Json<Value> {
     Json(json!({
         "external": {"email": true, "phone": false},
         "disable_signup": false,
@@ -418,7 +419,7 @@ fn user_not_found() -> GoTrueError {
 }
 
 #[derive(Deserialize)]
-pub struct UpdateUserBody {
+pub(crate) struct UpdateUserBody {
     email: Option<String>,
     password: Option<String>,
     data: Option<Value>,
@@ -426,7 +427,7 @@ pub struct UpdateUserBody {
 
 /// `PUT /auth/v1/user` (`auth.updateUser`): email, password, `data` (merged
 /// into `user_metadata`).
-pub async fn update_user(
+pub(crate) async fn update_user(
     State(state): State<AppState>,
     Client(meta): Client,
     SignedIn(p): SignedIn,
@@ -450,7 +451,7 @@ pub async fn update_user(
 }
 
 /// A service-role key as `apikey` and as the bearer token: the admin API.
-pub struct Admin;
+pub(crate) struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = GoTrueError;
@@ -470,7 +471,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 #[derive(Deserialize)]
-pub struct AdminUserBody {
+pub(crate) struct AdminUserBody {
     email: Option<String>,
     password: Option<String>,
     user_metadata: Option<Value>,
@@ -478,7 +479,7 @@ pub struct AdminUserBody {
 }
 
 /// `POST /auth/v1/admin/users` (`auth.admin.createUser`).
-pub async fn admin_create_user(
+pub(crate) async fn admin_create_user(
     State(state): State<AppState>,
     _admin: Admin,
     body: axum::body::Bytes,
@@ -512,7 +513,7 @@ pub async fn admin_create_user(
 }
 
 #[derive(Deserialize)]
-pub struct PageQuery {
+pub(crate) struct PageQuery {
     page: Option<i64>,
     per_page: Option<i64>,
 }
@@ -520,7 +521,7 @@ pub struct PageQuery {
 impl crate::api::validate::Validate for PageQuery {}
 
 /// `GET /auth/v1/admin/users?page=&per_page=` (`auth.admin.listUsers`).
-pub async fn admin_list_users(
+pub(crate) async fn admin_list_users(
     State(state): State<AppState>,
     _admin: Admin,
     query: Result<ApiQuery<PageQuery>, crate::api::error::ApiError>,
@@ -563,7 +564,7 @@ fn user_id(raw: &str) -> Result<uuid::Uuid, GoTrueError> {
 }
 
 /// `GET /auth/v1/admin/users/{id}` (`auth.admin.getUserById`).
-pub async fn admin_get_user(
+pub(crate) async fn admin_get_user(
     State(state): State<AppState>,
     _admin: Admin,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -577,7 +578,7 @@ pub async fn admin_get_user(
 }
 
 /// `PUT /auth/v1/admin/users/{id}` (`auth.admin.updateUserById`).
-pub async fn admin_update_user(
+pub(crate) async fn admin_update_user(
     State(state): State<AppState>,
     _admin: Admin,
     Client(meta): Client,
@@ -602,7 +603,7 @@ pub async fn admin_update_user(
 
 /// `DELETE /auth/v1/admin/users/{id}` (`auth.admin.deleteUser`): answers with
 /// the user as it was.
-pub async fn admin_delete_user(
+pub(crate) async fn admin_delete_user(
     State(state): State<AppState>,
     _admin: Admin,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -624,6 +625,6 @@ pub async fn admin_delete_user(
 }
 
 /// Any other `/auth/v1` path, in GoTrue's error format.
-pub async fn not_found() -> GoTrueError {
+pub(crate) async fn not_found() -> GoTrueError {
     GoTrueError::new(StatusCode::NOT_FOUND, "not_found", "Not found")
 }

@@ -13,10 +13,10 @@
 //!
 //! [`JwtKeys::api_key`]: crate::auth::JwtKeys::api_key
 
-pub mod auth;
-pub mod realtime;
+pub(crate) mod auth;
+pub(crate) mod realtime;
 pub(crate) mod rest;
-pub mod storage;
+pub(crate) mod storage;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -28,7 +28,7 @@ use crate::auth::{Principal, Role};
 use crate::server::AppState;
 
 /// The `/auth/v1` and `/storage/v1` routes.
-pub fn routes(state: &AppState) -> Router<AppState> {
+pub(crate) fn routes(state: &AppState) -> Router<AppState> {
     let limited_auth = Router::new()
         .route("/auth/v1/signup", post(auth::signup))
         .route("/auth/v1/token", post(auth::token))
@@ -132,13 +132,13 @@ pub fn routes(state: &AppState) -> Router<AppState> {
 
 /// Why an API key was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     Missing,
     Invalid,
 }
 
 impl KeyError {
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             KeyError::Missing => "No API key found in request",
             KeyError::Invalid => "Invalid API key",
@@ -148,7 +148,7 @@ impl KeyError {
 
 /// Checks an `apikey`: a JWT signed with `JWT_SECRET` whose role is `anon` or
 /// `service_role`.
-pub fn check_api_key(state: &AppState, key: Option<&str>) -> Result<Principal, KeyError> {
+pub(crate) fn check_api_key(state: &AppState, key: Option<&str>) -> Result<Principal, KeyError> {
     let key = key.map(str::trim).filter(|k| !k.is_empty());
     let key = key.ok_or(KeyError::Missing)?;
     let p = state.jwt.verify(key).map_err(|_| KeyError::Invalid)?;
@@ -161,7 +161,7 @@ pub fn check_api_key(state: &AppState, key: Option<&str>) -> Result<Principal, K
 /// The request's key: its `apikey`, or, when it has none, a valid bearer token
 /// (Supabase's own services accept the bearer token alone). A user's token
 /// stands for the anon key here; who acts is decided from the bearer token.
-pub fn request_key(state: &AppState, parts: &Parts) -> Result<Principal, KeyError> {
+pub(crate) fn request_key(state: &AppState, parts: &Parts) -> Result<Principal, KeyError> {
     match api_key_of(parts) {
         Some(key) => check_api_key(state, Some(&key)),
         None => {
@@ -178,14 +178,14 @@ pub fn request_key(state: &AppState, parts: &Parts) -> Result<Principal, KeyErro
 
 /// The `apikey` header, else the `apikey` query parameter (what browsers use
 /// for WebSockets and `<img src>`).
-pub fn api_key_of(parts: &Parts) -> Option<String> {
+pub(crate) fn api_key_of(parts: &Parts) -> Option<String> {
     if let Some(v) = parts.headers.get("apikey").and_then(|v| v.to_str().ok()) {
         return Some(v.to_owned());
     }
     query_param(parts.uri.query().unwrap_or(""), "apikey")
 }
 
-pub fn query_param(query: &str, name: &str) -> Option<String> {
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then(|| decode_component(v))

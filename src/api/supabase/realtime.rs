@@ -18,13 +18,13 @@ use aether_realtime::phoenix::{self, Vsn};
 use aether_realtime::phoenix_hub::{BroadcastPayload, PhxCommand};
 
 #[derive(Deserialize)]
-pub struct ConnectQuery {
+pub(crate) struct ConnectQuery {
     apikey: Option<String>,
     vsn: Option<String>,
 }
 
 /// `GET /realtime/v1/websocket?apikey=…&vsn=1.0.0|2.0.0`.
-pub async fn websocket(
+pub(crate) async fn websocket(
     State(state): State<AppState>,
     Query(q): Query<ConnectQuery>,
     ClientAddr(addr): ClientAddr,
@@ -162,7 +162,7 @@ async fn rest_relay(
 /// `POST /realtime/v1/api/broadcast` `{"messages":[{topic, event, payload,
 /// private}]}` (what `channel.send` falls back to when not joined): 202.
 /// `topic` is the channel name without `realtime:`.
-pub async fn http_broadcast(
+pub(crate) async fn http_broadcast(
     State(state): State<AppState>,
     uri: axum::http::Uri,
     headers: HeaderMap,
@@ -211,7 +211,7 @@ pub async fn http_broadcast(
 
 /// `POST /realtime/v1/api/broadcast/{topic}/events/{event}` (`channel.httpSend`):
 /// the body is the payload, JSON or (`application/octet-stream`) bytes. 202.
-pub async fn http_send(
+pub(crate) async fn http_send(
     State(state): State<AppState>,
     axum::extract::Path((topic, event)): axum::extract::Path<(String, String)>,
     uri: axum::http::Uri,

@@ -11,7 +11,7 @@ use super::expr::{self, MembershipSpec, Pred, Specs, TableShape, Ty};
 
 /// How the rows of one table are judged for one role.
 #[derive(Debug)]
-pub enum Access {
+pub(crate) enum Access {
     /// No row: no SELECT grant, or RLS with no policy that lets this role read.
     Nothing(String),
     /// Every row: SELECT granted and no RLS.
@@ -21,7 +21,7 @@ pub enum Access {
 }
 
 #[derive(Debug)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// The policies as one SQL condition (permissive ones OR-ed, restrictive
     /// ones AND-ed), for PostgreSQL to evaluate over the decoded row.
     pub sql: Arc<str>,
@@ -35,7 +35,7 @@ pub struct Rule {
 }
 
 #[derive(Debug)]
-pub struct TableAccess {
+pub(crate) struct TableAccess {
     /// The table's name: the row's alias in [`Rule::sql`].
     pub name: Arc<str>,
     pub oid: u32,
@@ -45,14 +45,14 @@ pub struct TableAccess {
 
 /// What a membership index needs to know of its table.
 #[derive(Debug, Clone)]
-pub struct MemberTable {
+pub(crate) struct MemberTable {
     pub spec: MembershipSpec,
     /// The primary key's columns: a DELETE's old row names the row by them.
     pub key_columns: Vec<String>,
 }
 
 #[derive(Debug, Default)]
-pub struct Catalog {
+pub(crate) struct Catalog {
     pub tables: HashMap<String, TableAccess>,
     /// The membership indexes compiled rules refer to (`Pred::Member(_, i)`).
     pub members: Vec<MemberTable>,
@@ -68,7 +68,7 @@ pub struct Report {
 }
 
 impl Access {
-    pub fn report(&self) -> Report {
+    pub(crate) fn report(&self) -> Report {
         match self {
             Access::Nothing(why) => Report {
                 decided: "no_rows",
@@ -121,7 +121,7 @@ const ROLES: [&str; 2] = ["anon", "authenticated"];
 /// the application decides itself). `pg_get_expr` prints names qualified
 /// under `search_path = pg_catalog`, so the SQL kept means the same wherever
 /// it runs.
-pub async fn load(
+pub(crate) async fn load(
     client: &mut tokio_postgres::Client,
     publication: &str,
     skip: fn(&str) -> bool,

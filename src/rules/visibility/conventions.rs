@@ -23,13 +23,13 @@ use aether_router::policy::{Decision, Policy, Viewer};
 
 /// The rules above as the router's policy, with the set of public buckets it
 /// keeps current from `public.buckets` changes.
-pub struct TableRules {
+pub(crate) struct TableRules {
     public_buckets: HashSet<String>,
 }
 
 impl TableRules {
     /// `public_buckets`: the public buckets when the log's feed starts.
-    pub fn new(public_buckets: HashSet<String>) -> Self {
+    pub(crate) fn new(public_buckets: HashSet<String>) -> Self {
         TableRules { public_buckets }
     }
 }

@@ -484,7 +484,7 @@ fn parse(text: &str) -> Result<Node, String> {
 
 /// The kinds of value a compiled predicate compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ty {
+pub(crate) enum Ty {
     Bool,
     Num,
     Text,
@@ -493,7 +493,7 @@ pub enum Ty {
 
 impl Ty {
     /// A column type we model, by `pg_type.typname`.
-    pub fn of_typname(name: &str) -> Option<Ty> {
+    pub(crate) fn of_typname(name: &str) -> Option<Ty> {
         Some(match name {
             "bool" => Ty::Bool,
             "int2" | "int4" | "int8" | "float4" | "float8" | "numeric" | "oid" => Ty::Num,
@@ -518,7 +518,7 @@ impl Ty {
 /// Where a membership policy looks: `key` of rows of `table` whose `user`
 /// column is the viewer's id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MembershipSpec {
+pub(crate) struct MembershipSpec {
     /// `schema.table`.
     pub table: String,
     pub user: String,
@@ -526,7 +526,7 @@ pub struct MembershipSpec {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Operand {
+pub(crate) enum Operand {
     Column(String),
     Uid,
     Role,
@@ -537,7 +537,7 @@ pub enum Operand {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Val {
+pub(crate) enum Val {
     Null,
     Bool(bool),
     /// An integer, compared exactly (a bigint beyond 2^53 included).
@@ -547,7 +547,7 @@ pub enum Val {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Pred {
+pub(crate) enum Pred {
     Const(bool),
     And(Vec<Pred>),
     Or(Vec<Pred>),
@@ -563,7 +563,7 @@ pub enum Pred {
 }
 
 /// What the compiler knows of the table: its name and column types.
-pub struct TableShape<'a> {
+pub(crate) struct TableShape<'a> {
     pub schema: &'a str,
     pub name: &'a str,
     /// Column name → its type, when we model it (`None`: a type we do not).
@@ -572,7 +572,7 @@ pub struct TableShape<'a> {
 
 /// Membership specs the compiled predicates refer to, by index.
 #[derive(Default, Debug)]
-pub struct Specs(pub Vec<MembershipSpec>);
+pub(crate) struct Specs(pub Vec<MembershipSpec>);
 
 impl Specs {
     fn id(&mut self, spec: MembershipSpec) -> usize {
@@ -588,7 +588,11 @@ impl Specs {
 
 /// Compiles one policy's `qual` text. `specs` collects the membership tables
 /// it needs.
-pub fn compile(text: &str, table: &TableShape<'_>, specs: &mut Specs) -> Result<Pred, String> {
+pub(crate) fn compile(
+    text: &str,
+    table: &TableShape<'_>,
+    specs: &mut Specs,
+) -> Result<Pred, String> {
     let node = parse(text)?;
     let mut c = Compiler { table, specs };
     c.pred(&node)
@@ -840,7 +844,7 @@ fn unify(a: Option<Ty>, b: Option<Ty>) -> Option<Option<Ty>> {
 
 /// Why a predicate has no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// A value the row does not hold (only its key was sent).
     Unknown,
     /// PostgreSQL would fail the read: a bad cast, a column the table no
@@ -849,7 +853,7 @@ pub enum Stop {
 }
 
 /// What a viewer's memberships hold for one index.
-pub trait Memberships {
+pub(crate) trait Memberships {
     /// Is `key` among the viewer's keys of index `spec`?
     fn contains(&self, spec: usize, key: &str) -> bool;
     /// (the viewer has any row in index `spec`, one of them with a NULL key).
@@ -857,7 +861,7 @@ pub trait Memberships {
 }
 
 /// What a predicate is evaluated against.
-pub struct Scope<'a> {
+pub(crate) struct Scope<'a> {
     pub relation: &'a Relation,
     pub row: &'a Row,
     pub principal: &'a Principal,
@@ -870,7 +874,7 @@ type Truth = Option<bool>;
 impl Pred {
     /// `Ok(Some(true))` when the row is visible; an evaluation error (a bad
     /// cast) is `Ok(None)`, as PostgreSQL would fail the read for this viewer.
-    pub fn eval(&self, s: &Scope<'_>) -> Result<Truth, Stop> {
+    pub(crate) fn eval(&self, s: &Scope<'_>) -> Result<Truth, Stop> {
         Ok(match self {
             Pred::Const(b) => Some(*b),
             Pred::And(v) => {
@@ -970,7 +974,7 @@ impl Pred {
 
     /// The column that must equal the viewer's id in every visible row, if
     /// this predicate requires one (`col = auth.uid()`, alone or in an AND).
-    pub fn uid_column(&self) -> Option<&str> {
+    pub(crate) fn uid_column(&self) -> Option<&str> {
         match self {
             Pred::Cmp("=", Operand::Column(c), Operand::Uid)
             | Pred::Cmp("=", Operand::Uid, Operand::Column(c)) => Some(c),

@@ -17,7 +17,7 @@ use super::catalog::MemberTable;
 const ENTRY_OVERHEAD: usize = 160;
 
 #[derive(Debug)]
-pub struct Membership {
+pub(crate) struct Membership {
     table: MemberTable,
     /// Primary key → (user, key) of that row (`None` where NULL).
     rows: HashMap<String, (Option<String>, Option<String>)>,
@@ -29,7 +29,7 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(table: MemberTable, limit: usize) -> Self {
+    pub(crate) fn new(table: MemberTable, limit: usize) -> Self {
         Membership {
             table,
             rows: HashMap::new(),
@@ -40,18 +40,18 @@ impl Membership {
         }
     }
 
-    pub fn table(&self) -> &str {
+    pub(crate) fn table(&self) -> &str {
         &self.table.spec.table
     }
 
     /// (`user` has rows, one of them with a NULL key).
-    pub fn rows(&self, user: &str) -> (bool, bool) {
+    pub(crate) fn rows(&self, user: &str) -> (bool, bool) {
         let nulls = self.nulls.contains_key(user);
         (nulls || self.by_user.contains_key(user), nulls)
     }
 
     /// Does `user` have `key`?
-    pub fn contains(&self, user: &str, key: &str) -> bool {
+    pub(crate) fn contains(&self, user: &str, key: &str) -> bool {
         self.by_user
             .get(user)
             .is_some_and(|keys| keys.contains_key(key))
@@ -121,7 +121,7 @@ impl Membership {
     /// Follows one change of the member table. Applying a change the snapshot
     /// already reflects is harmless: rows are replaced by primary key, so
     /// replaying from before the snapshot ends where the table is.
-    pub fn apply(&mut self, change: &RowChange) -> Result<(), String> {
+    pub(crate) fn apply(&mut self, change: &RowChange) -> Result<(), String> {
         let rel = &change.relation;
         if *rel.qualified != *self.table.spec.table {
             return Ok(());
@@ -166,7 +166,7 @@ impl Membership {
 
     /// Reads the table now. `SELECT … ::text` prints integers, UUIDs and text
     /// as the decoder's values print (checked by the catalog's type test).
-    pub async fn snapshot(
+    pub(crate) async fn snapshot(
         client: &tokio_postgres::Client,
         table: MemberTable,
         limit: usize,
@@ -211,7 +211,7 @@ fn text(rel: &Relation, row: &Row, col: &str) -> Option<String> {
 
 /// A decoded key value as `::text` prints it (the catalog admits only
 /// integer, text and uuid keys), as [`Membership::contains`] takes it.
-pub fn key_text(v: &Value) -> Option<String> {
+pub(crate) fn key_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),

@@ -17,11 +17,11 @@
 //! DELETE whose old row is only its key goes, as that key, to every viewer
 //! the policies let read the table at all.
 
-pub mod catalog;
-pub mod conventions;
-pub mod expr;
-pub mod members;
-pub mod postgres;
+pub(crate) mod catalog;
+pub(crate) mod conventions;
+pub(crate) mod expr;
+pub(crate) mod members;
+pub(crate) mod postgres;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,12 +41,12 @@ use conventions::TableRules;
 use members::Membership;
 
 /// Bytes one membership index may hold.
-pub const MEMBERSHIP_BYTES: usize = 64 << 20;
+pub(crate) const MEMBERSHIP_BYTES: usize = 64 << 20;
 /// Bytes of member-table changes kept while a new snapshot loads.
 const BUFFER_BYTES: usize = 16 << 20;
 
 /// Aether's own tables: the [`conventions`] decide for them.
-pub fn is_own(qualified: &str) -> bool {
+pub(crate) fn is_own(qualified: &str) -> bool {
     matches!(
         qualified,
         "auth.users"
@@ -62,7 +62,7 @@ pub fn is_own(qualified: &str) -> bool {
 }
 
 /// The published tables' rules and membership indexes, as loaded together.
-pub struct Install {
+pub(crate) struct Install {
     catalog: Catalog,
     members: Vec<Result<Membership, String>>,
 }
@@ -104,7 +104,7 @@ impl Shared {
 }
 
 /// The router's [`Policy`].
-pub struct RowSecurity {
+pub(crate) struct RowSecurity {
     conventions: TableRules,
     shared: Arc<Shared>,
     generation: u64,
@@ -167,7 +167,7 @@ impl RowSecurity {
 
 /// Starts the policy with the rules loaded now, and the tasks that keep them
 /// current and evaluate in PostgreSQL what does not compile.
-pub async fn start(
+pub(crate) async fn start(
     pool: deadpool_postgres::Pool,
     publication: String,
     public_buckets: HashSet<String>,
@@ -206,7 +206,7 @@ pub async fn start(
     Ok((policy, shared, tasks))
 }
 
-pub type BoxedTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+pub(crate) type BoxedTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Reads the rules and, for the membership indexes they need, the member
 /// tables. With `shared`, the router keeps those tables' changes from before

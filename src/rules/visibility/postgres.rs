@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::supabase::rest::{claims, role_name};
 
 /// One connection waiting to know whether it may see one change.
-pub struct Request {
+pub(crate) struct Request {
     pub connection: u64,
     /// The connection's epoch when asked (see [`Epochs`]).
     pub epoch: u64,
@@ -36,7 +36,7 @@ pub struct Request {
 /// type once per change. Viewers are judged together; only when one of them
 /// raises are they judged again one by one, each in a subtransaction of its
 /// own, so the error stays theirs. Returns the function's quoted name.
-pub async fn make_function(
+pub(crate) async fn make_function(
     client: &tokio_postgres::Client,
     schema: &str,
     table: &str,
@@ -116,11 +116,11 @@ REVOKE ALL ON FUNCTION {name}(text[], text[], text[]) FROM PUBLIC;"#
 
 /// Answers, one per connection, for the change it waits at, with the epoch
 /// it was asked in.
-pub type Answers = Arc<std::sync::Mutex<HashMap<u64, (Position, u64, Decision)>>>;
+pub(crate) type Answers = Arc<std::sync::Mutex<HashMap<u64, (Position, u64, Decision)>>>;
 
 /// Each connection's current epoch; none once it is forgotten (closed, or
 /// acting as another principal): answers of another epoch are dropped.
-pub type Epochs = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
+pub(crate) type Epochs = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
 
 /// Records an answer if its connection is still in the epoch it asked in.
 pub(super) fn answer(epochs: &Epochs, answers: &Answers, r: &Request, d: Decision) {
@@ -134,7 +134,7 @@ pub(super) fn answer(epochs: &Epochs, answers: &Answers, r: &Request, d: Decisio
 }
 
 /// Runs until shutdown: each batch is grouped by change, one call per change.
-pub async fn evaluate(
+pub(crate) async fn evaluate(
     pool: deadpool_postgres::Pool,
     mut requests: mpsc::UnboundedReceiver<Vec<Request>>,
     epochs: Epochs,
@@ -330,7 +330,7 @@ async fn judge(
 
 /// From whether the viewer sees the new (or deleted) row, and, for an UPDATE
 /// whose old row is whole, the old one. An error counts as not seeing it.
-pub fn decision(now: Option<bool>, before: Option<Option<bool>>) -> Decision {
+pub(crate) fn decision(now: Option<bool>, before: Option<Option<bool>>) -> Decision {
     let now = now == Some(true);
     match before {
         None => {

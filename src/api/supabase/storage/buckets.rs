@@ -29,7 +29,7 @@ fn bucket_json(b: &crate::storage::BucketRecord) -> Value {
 }
 
 /// `GET /storage/v1/bucket`.
-pub async fn list_buckets(
+pub(crate) async fn list_buckets(
     State(state): State<AppState>,
     Caller(p): Caller,
 ) -> Result<Json<Value>, StorageApiError> {
@@ -40,7 +40,7 @@ pub async fn list_buckets(
 }
 
 /// `GET /storage/v1/bucket/{id}`.
-pub async fn get_bucket(
+pub(crate) async fn get_bucket(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(id): ApiPath<String>,
@@ -54,7 +54,7 @@ pub async fn get_bucket(
 }
 
 #[derive(Deserialize)]
-pub struct CreateBucket {
+pub(crate) struct CreateBucket {
     id: Option<String>,
     name: Option<String>,
     #[serde(default)]
@@ -112,7 +112,7 @@ fn size_limit(v: &Value) -> Result<Option<u64>, StorageApiError> {
 
 /// `POST /storage/v1/bucket`: a signed-in user (the bucket's owner) or the
 /// service role may create buckets.
-pub async fn create_bucket(
+pub(crate) async fn create_bucket(
     State(state): State<AppState>,
     Caller(p): Caller,
     body: axum::body::Bytes,
@@ -138,7 +138,7 @@ pub async fn create_bucket(
 }
 
 #[derive(Deserialize)]
-pub struct UpdateBucket {
+pub(crate) struct UpdateBucket {
     public: Option<bool>,
     /// Absent: unchanged; `null`: no limit.
     #[serde(default, deserialize_with = "present")]
@@ -155,7 +155,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 impl Validate for UpdateBucket {}
 
 /// `PUT /storage/v1/bucket/{id}` (`updateBucket`): its owner or the service role.
-pub async fn update_bucket(
+pub(crate) async fn update_bucket(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(id): ApiPath<String>,
@@ -181,7 +181,7 @@ pub async fn update_bucket(
 }
 
 /// `DELETE /storage/v1/bucket/{id}` (`deleteBucket`): an empty bucket.
-pub async fn delete_bucket(
+pub(crate) async fn delete_bucket(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(id): ApiPath<String>,
@@ -191,7 +191,7 @@ pub async fn delete_bucket(
 }
 
 /// `POST /storage/v1/bucket/{id}/empty` (`emptyBucket`).
-pub async fn empty_bucket(
+pub(crate) async fn empty_bucket(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(id): ApiPath<String>,

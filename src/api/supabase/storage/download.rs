@@ -45,7 +45,7 @@ pub(super) async fn serve(
 }
 
 /// `GET /storage/v1/object/{bucket}/{path}` (and `/object/authenticated/…`).
-pub async fn get_object(
+pub(crate) async fn get_object(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -59,7 +59,7 @@ pub async fn get_object(
 
 /// `GET /storage/v1/object/info/{bucket}/{path}` (`info`): Supabase's shape,
 /// whose `metadata` is the custom metadata given at upload.
-pub async fn info(
+pub(crate) async fn info(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -82,7 +82,7 @@ pub async fn info(
 }
 
 /// `GET /storage/v1/object/public/{bucket}/{path}`: public buckets, no key needed.
-pub async fn public_get(
+pub(crate) async fn public_get(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     method: axum::http::Method,

@@ -13,7 +13,7 @@ use crate::storage::StorageError;
 
 /// An error in the storage API's shape.
 #[derive(Debug)]
-pub struct StorageApiError {
+pub(crate) struct StorageApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub error: &'static str,
@@ -23,7 +23,7 @@ pub struct StorageApiError {
 }
 
 impl StorageApiError {
-    pub fn new(
+    pub(crate) fn new(
         status: StatusCode,
         code: &'static str,
         error: &'static str,
@@ -40,7 +40,7 @@ impl StorageApiError {
 
     /// For answers given while the request body is still arriving: the rest is
     /// not read (the HTTP edge lingers briefly, then closes the connection).
-    pub fn closing(mut self) -> Self {
+    pub(crate) fn closing(mut self) -> Self {
         self.close = true;
         self
     }
@@ -197,7 +197,7 @@ impl From<validate::Invalid> for StorageApiError {
 /// The storage API's code (and `error`) for an error that a shared layer
 /// answered in Aether's own shape (rate limits, extractors, unknown routes):
 /// the storage API's own codes only.
-pub fn code_for_native(status: StatusCode, native: &str) -> (&'static str, &'static str) {
+pub(crate) fn code_for_native(status: StatusCode, native: &str) -> (&'static str, &'static str) {
     match native {
         validate::CODE_BUCKET => ("InvalidBucketName", "Invalid Input"),
         "storage/invalid-path" => ("InvalidKey", "Invalid Input"),

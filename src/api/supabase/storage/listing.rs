@@ -41,13 +41,13 @@ pub(super) fn file_json(f: &FileRecord) -> Value {
 }
 
 #[derive(Deserialize, Default)]
-pub struct SortBy {
+pub(crate) struct SortBy {
     column: Option<String>,
     order: Option<String>,
 }
 
 #[derive(Deserialize)]
-pub struct ListBody {
+pub(crate) struct ListBody {
     prefix: Option<String>,
     limit: Option<usize>,
     offset: Option<usize>,
@@ -72,7 +72,7 @@ fn lister(p: &crate::auth::Principal) -> Option<ListScope> {
 
 /// `POST /storage/v1/object/list/{bucket}`: the folders (entries with a null
 /// `id`) and files directly under `prefix`.
-pub async fn list(
+pub(crate) async fn list(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(bucket): ApiPath<String>,
@@ -155,7 +155,7 @@ pub async fn list(
 }
 
 #[derive(Deserialize)]
-pub struct ListV2Body {
+pub(crate) struct ListV2Body {
     prefix: Option<String>,
     cursor: Option<String>,
     limit: Option<i64>,
@@ -291,7 +291,7 @@ fn v2_order(a: &FileCursor, b: &FileCursor) -> std::cmp::Ordering {
 /// Names are full paths (folders end in `/`); `prefix` is a string prefix.
 /// Flat (every object under the prefix) unless `with_delimiter`, which lists
 /// one level, as `list` does. Pages of at most 1,000.
-pub async fn list_v2(
+pub(crate) async fn list_v2(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(bucket): ApiPath<String>,

@@ -19,21 +19,17 @@ mod signed;
 mod transfer;
 mod upload;
 
-pub use buckets::{
-    CreateBucket, UpdateBucket, create_bucket, delete_bucket, empty_bucket, get_bucket,
-    list_buckets, update_bucket,
+pub(crate) use buckets::{
+    create_bucket, delete_bucket, empty_bucket, get_bucket, list_buckets, update_bucket,
 };
-pub use download::{get_object, info, public_get};
-pub use errors::{StorageApiError, code_for_native};
-pub use listing::{ListBody, ListV2Body, SortBy, list, list_v2};
-pub use owners::Caller;
-pub use remove::{RemoveBody, remove};
-pub use render::{render_authenticated, render_public};
-pub use signed::{
-    SignBody, SignManyBody, render_signed, sign, sign_many, sign_upload, signed_get, upload_signed,
-};
-pub use transfer::{MoveBody, copy_object, move_object};
-pub use upload::{UploadAnswer, update, upload};
+pub(crate) use download::{get_object, info, public_get};
+pub(crate) use errors::{StorageApiError, code_for_native};
+pub(crate) use listing::{list, list_v2};
+pub(crate) use remove::remove;
+pub(crate) use render::{render_authenticated, render_public};
+pub(crate) use signed::{render_signed, sign, sign_many, sign_upload, signed_get, upload_signed};
+pub(crate) use transfer::{copy_object, move_object};
+pub(crate) use upload::{update, upload};
 
 use serde_json::Value;
 

@@ -12,7 +12,7 @@ use crate::storage::{Actor, FileRecord, ObjectPath, StorageError};
 
 /// Who calls: a valid `apikey`, and the bearer token's principal (the key's
 /// own when there is no `Authorization`).
-pub struct Caller(pub Principal);
+pub(crate) struct Caller(pub Principal);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = StorageApiError;

@@ -15,7 +15,7 @@ use crate::server::AppState;
 use crate::storage::{Deleted, ObjectPath, StorageError};
 
 #[derive(Deserialize)]
-pub struct RemoveBody {
+pub(crate) struct RemoveBody {
     prefixes: Vec<String>,
 }
 
@@ -25,7 +25,7 @@ impl Validate for RemoveBody {}
 /// the objects at those paths the caller may (their own; any for the service
 /// role) and returns them, skipping the rest as Supabase's RLS does; folders
 /// left empty go too (Supabase folders are implicit).
-pub async fn remove(
+pub(crate) async fn remove(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(bucket): ApiPath<String>,

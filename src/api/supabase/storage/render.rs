@@ -298,7 +298,7 @@ pub(super) async fn open_and_render(
 
 /// `GET /storage/v1/render/image/authenticated/{bucket}/{path}` (`download`
 /// with `transform`).
-pub async fn render_authenticated(
+pub(crate) async fn render_authenticated(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -311,7 +311,7 @@ pub async fn render_authenticated(
 
 /// `GET /storage/v1/render/image/public/{bucket}/{path}` (`getPublicUrl`
 /// with `transform`): public buckets, no key needed.
-pub async fn render_public(
+pub(crate) async fn render_public(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,

@@ -48,7 +48,7 @@ struct SignedClaims {
 }
 
 #[derive(Deserialize)]
-pub struct SignBody {
+pub(crate) struct SignBody {
     #[serde(rename = "expiresIn")]
     expires_in: Option<i64>,
     /// storage-js's `transform` option: a URL of the transformed image.
@@ -58,7 +58,7 @@ pub struct SignBody {
 impl Validate for SignBody {}
 
 /// `POST /storage/v1/object/sign/{bucket}/{path}` → `{"signedURL": "/object/sign/…?token=…"}`.
-pub async fn sign(
+pub(crate) async fn sign(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -164,7 +164,7 @@ fn signed_download(
 }
 
 /// `GET /storage/v1/object/sign/{bucket}/{path}?token=…`: no key needed.
-pub async fn signed_get(
+pub(crate) async fn signed_get(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,
@@ -188,7 +188,7 @@ pub async fn signed_get(
 /// `GET /storage/v1/render/image/sign/{bucket}/{path}?token=…`: the image
 /// transformed as the token says (query parameters other than the token
 /// change nothing).
-pub async fn render_signed(
+pub(crate) async fn render_signed(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,
@@ -199,7 +199,7 @@ pub async fn render_signed(
 }
 
 #[derive(Deserialize)]
-pub struct SignManyBody {
+pub(crate) struct SignManyBody {
     #[serde(rename = "expiresIn")]
     expires_in: Option<i64>,
     paths: Vec<String>,
@@ -209,7 +209,7 @@ impl Validate for SignManyBody {}
 
 /// `POST /storage/v1/object/sign/{bucket}` (`createSignedUrls`): one entry per
 /// path, with its own error when that path cannot be signed.
-pub async fn sign_many(
+pub(crate) async fn sign_many(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath(bucket): ApiPath<String>,
@@ -261,7 +261,7 @@ struct UploadClaims {
 /// `x-upsert` for `{upsert: true}`) → `{"url": "/object/upload/sign/…?token=…",
 /// "token"}`: anyone holding the URL may upload that one object, as the
 /// signer, for two hours.
-pub async fn sign_upload(
+pub(crate) async fn sign_upload(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -303,7 +303,7 @@ pub async fn sign_upload(
 /// `PUT /storage/v1/object/upload/sign/{bucket}/{path}?token=…`
 /// (`uploadToSignedUrl`): no key needed; the token names the object, its
 /// owner and whether it may be replaced.
-pub async fn upload_signed(
+pub(crate) async fn upload_signed(
     State(state): State<AppState>,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
     uri: axum::http::Uri,

@@ -16,7 +16,7 @@ use crate::server::AppState;
 use crate::storage::{CopyOptions, ObjectPath};
 
 #[derive(Deserialize)]
-pub struct MoveBody {
+pub(crate) struct MoveBody {
     #[serde(rename = "bucketId")]
     bucket_id: String,
     #[serde(rename = "sourceKey")]
@@ -72,7 +72,7 @@ impl MoveBody {
 /// owns (the service role: any), into another bucket with
 /// `destinationBucket`. The row keeps its id, owner and bytes; a taken
 /// destination is refused (409).
-pub async fn move_object(
+pub(crate) async fn move_object(
     State(state): State<AppState>,
     Caller(p): Caller,
     body: axum::body::Bytes,
@@ -118,7 +118,7 @@ fn content_type_value(v: &str) -> Result<String, StorageApiError> {
 /// `metadata.cacheControl` and `metadata.mimetype` set the copy's own;
 /// `x-upsert: true` replaces a destination object they may replace. Counts
 /// against the caller's quota.
-pub async fn copy_object(
+pub(crate) async fn copy_object(
     State(state): State<AppState>,
     Caller(p): Caller,
     headers: HeaderMap,

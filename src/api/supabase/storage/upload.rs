@@ -20,7 +20,7 @@ use crate::storage::{
 };
 
 #[derive(Serialize)]
-pub struct UploadAnswer {
+pub(crate) struct UploadAnswer {
     #[serde(rename = "Key")]
     key: String,
     #[serde(rename = "Id")]
@@ -331,7 +331,7 @@ pub(super) fn upsert_header(headers: &HeaderMap) -> bool {
 }
 
 /// `POST /storage/v1/object/{bucket}/{path}`: raw body or multipart; `x-upsert`.
-pub async fn upload(
+pub(crate) async fn upload(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
@@ -345,7 +345,7 @@ pub async fn upload(
 }
 
 /// `PUT /storage/v1/object/{bucket}/{path}`: replaces the object.
-pub async fn update(
+pub(crate) async fn update(
     State(state): State<AppState>,
     Caller(p): Caller,
     ApiPath((bucket, path)): ApiPath<(String, String)>,
