@@ -37,34 +37,35 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub config: Config,
     pub jwt: JwtKeys,
-    pub pool: deadpool_postgres::Pool,
+    pub(crate) pool: deadpool_postgres::Pool,
     /// What `/rest/v1` knows of the exposed schemas.
     pub(crate) rest_schema: crate::api::supabase::rest::SchemaCache,
     /// The last status a WebSocket client asked for (see `ops::status_cached`).
-    pub status_cache: std::sync::Mutex<Option<(std::time::Instant, crate::api::ops::Status)>>,
+    pub(crate) status_cache:
+        std::sync::Mutex<Option<(std::time::Instant, crate::api::ops::Status)>>,
     /// The WebSocket side: sockets, hubs, the connection registry and stats.
     pub realtime: Realtime,
-    pub channels: ChannelConfigs,
-    pub replication: watch::Receiver<ReplicationStatus>,
+    pub(crate) channels: ChannelConfigs,
+    pub(crate) replication: watch::Receiver<ReplicationStatus>,
     /// The durable change log (bounds for status; reads happen in the router).
     pub log: SharedLog,
-    pub log_status: watch::Receiver<LogStatus>,
+    pub(crate) log_status: watch::Receiver<LogStatus>,
     /// Database reachability and the WAL the slot retains.
-    pub slot_health: watch::Receiver<SlotHealth>,
+    pub(crate) slot_health: watch::Receiver<SlotHealth>,
     /// Cluster mode: this node, its leadership and its reading of the stream.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Set when a critical task stopped: the server is shutting down because of it.
-    pub failed: Arc<std::sync::Mutex<Option<String>>>,
-    pub shutdown: CancellationToken,
+    pub(crate) failed: Arc<std::sync::Mutex<Option<String>>>,
+    pub(crate) shutdown: CancellationToken,
     /// Sign-up, sign-in, sign-out and token checks (with revocation).
-    pub auth: AuthService,
+    pub(crate) auth: AuthService,
     /// Buckets, folders, files and their bytes.
-    pub storage: StorageService,
-    pub limits: RateLimits,
+    pub(crate) storage: StorageService,
+    pub(crate) limits: RateLimits,
     /// Open HTTP connections (and their caps), counted by the HTTP edge.
     pub http_connections: Arc<crate::http::ConnLimits>,
     /// How each published table's rows are authorized (`/ws/status`).
-    pub row_security: Arc<crate::rules::visibility::Shared>,
+    pub(crate) row_security: Arc<crate::rules::visibility::Shared>,
 }
 
 impl AppState {

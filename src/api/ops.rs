@@ -59,7 +59,7 @@ impl FromRequestParts<AppState> for ServiceRole {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub status: &'static str,
     pub connections: Connections,
     pub channels: Channels,
@@ -82,7 +82,7 @@ pub struct Status {
 /// The durable change log, for operators: how far back `since` can go, how big
 /// it is, how fast it appends.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChangeLogStatus {
+pub(crate) struct ChangeLogStatus {
     pub epoch: String,
     /// Every change after this position is held.
     pub floor: String,
@@ -96,19 +96,19 @@ pub struct ChangeLogStatus {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Connections {
+pub(crate) struct Connections {
     pub active: usize,
     pub total: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Channels {
+pub(crate) struct Channels {
     pub active: usize,
     pub messages_per_second: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Replication {
+pub(crate) struct Replication {
     pub connected: bool,
     pub slot: String,
     pub lag_bytes: Option<i64>,

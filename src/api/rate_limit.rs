@@ -26,7 +26,7 @@ enum StorageKey {
     Addr(IpAddr),
 }
 
-pub struct RateLimits {
+pub(crate) struct RateLimits {
     auth: DefaultKeyedRateLimiter<IpAddr>,
     storage: DefaultKeyedRateLimiter<StorageKey>,
     clock: DefaultClock,
@@ -37,7 +37,7 @@ fn per_minute(n: u32) -> Quota {
 }
 
 impl RateLimits {
-    pub fn new(auth_per_min: u32, storage_per_min: u32) -> Self {
+    pub(crate) fn new(auth_per_min: u32, storage_per_min: u32) -> Self {
         RateLimits {
             auth: DefaultKeyedRateLimiter::keyed(per_minute(auth_per_min)),
             storage: DefaultKeyedRateLimiter::keyed(per_minute(storage_per_min)),
@@ -46,7 +46,7 @@ impl RateLimits {
     }
 
     /// Forgets keys whose budget is full again (keeps memory bounded).
-    pub fn retain_recent(&self) {
+    pub(crate) fn retain_recent(&self) {
         self.auth.retain_recent();
         self.storage.retain_recent();
         self.auth.shrink_to_fit();

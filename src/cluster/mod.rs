@@ -38,7 +38,7 @@ const LOCK_CLASS: i32 = 0x4165;
 const TRY_EVERY: Duration = Duration::from_secs(1);
 
 /// This node's part of the cluster.
-pub struct Cluster {
+pub(crate) struct Cluster {
     pub node: String,
     pub log: Arc<JetStreamLog>,
     /// This node's reader of the stream.
@@ -50,7 +50,7 @@ pub struct Cluster {
 
 /// The cluster as PostgreSQL sees it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Members {
+pub(crate) struct Members {
     pub node: String,
     pub leader: Option<String>,
     pub nodes: Vec<String>,
@@ -139,7 +139,7 @@ pub(crate) async fn open(config: &Config, url: &str) -> anyhow::Result<Parts> {
 
 impl Cluster {
     /// NATS is reachable and this node is reading the stream.
-    pub fn problem(&self) -> Option<String> {
+    pub(crate) fn problem(&self) -> Option<String> {
         if self.log.client().connection_state() != async_nats::connection::State::Connected {
             return Some("NATS is not reachable: this node cannot read the change stream".into());
         }
@@ -156,12 +156,12 @@ impl Cluster {
         None
     }
 
-    pub fn is_leader(&self) -> bool {
+    pub(crate) fn is_leader(&self) -> bool {
         *self.leading.borrow()
     }
 
     /// Who is in the cluster, from PostgreSQL's sessions.
-    pub async fn members(&self, pool: &deadpool_postgres::Pool) -> Members {
+    pub(crate) async fn members(&self, pool: &deadpool_postgres::Pool) -> Members {
         let prefix = format!("aether:{}:", self.slot);
         let rows = match pool.get().await {
             Ok(c) => c

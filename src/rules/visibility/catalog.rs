@@ -60,7 +60,7 @@ pub(crate) struct Catalog {
 
 /// One role's verdict for `/ws/status`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Report {
+pub(crate) struct Report {
     /// `in_process`, `in_postgres`, `all_rows` or `no_rows`.
     pub decided: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -69,13 +69,13 @@ pub(crate) struct Install {
 
 /// How one table is decided, per role, for `/ws/status`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TableReport {
+pub(crate) struct TableReport {
     pub anon: Report,
     pub authenticated: Report,
 }
 
 /// What the policy on the router task and the tasks beside it share.
-pub struct Shared {
+pub(crate) struct Shared {
     /// Bumped when a new [`Install`] is in `next`.
     generation: AtomicU64,
     next: Mutex<Option<Install>>,
@@ -98,7 +98,7 @@ pub struct Shared {
 
 impl Shared {
     /// How each published table is decided, for `/ws/status`.
-    pub fn status(&self) -> BTreeMap<String, TableReport> {
+    pub(crate) fn status(&self) -> BTreeMap<String, TableReport> {
         self.status.read().map(|s| s.clone()).unwrap_or_default()
     }
 }
