@@ -44,6 +44,17 @@ EXCEPTION WHEN insufficient_privilege OR duplicate_function OR invalid_function_
 END
 $$;
 
+-- The JWT claims the storage routes give a policy for `who_role` and
+-- `who_sub`: role, sub, aud and the user's email, as in their token.
+CREATE OR REPLACE FUNCTION aether.storage_claims(who_role text, who_sub text)
+    RETURNS text LANGUAGE sql STABLE
+    AS $$
+SELECT (jsonb_build_object('role', who_role)
+        || coalesce((SELECT jsonb_build_object('sub', u.id, 'aud', 'authenticated', 'email', u.email)
+                     FROM auth.users u WHERE u.id = nullif(who_sub, '')::uuid), '{}'))::text
+$$;
+REVOKE EXECUTE ON FUNCTION aether.storage_claims(text, text) FROM PUBLIC;
+
 -- Whether `who_role` with `who_claims` may read file `id`, in one statement:
 -- the storage routes' read check. The role and claims are taken for its own
 -- query and put back as they were; only Aether calls it.

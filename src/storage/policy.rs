@@ -37,10 +37,11 @@ impl Who {
         }
     }
 
-    /// Its role, claims and `sub` (empty for anon), as PostgREST sets them.
-    pub(super) fn settings(self) -> (&'static str, String, String) {
+    /// Its role and `sub` (empty for anon); `aether.storage_claims` makes
+    /// the claims from them, as in the user's token.
+    pub(super) fn settings(self) -> (&'static str, String) {
         let sub = self.user().map(|u| u.hyphenated().to_string());
-        (self.role(), self.claims(), sub.unwrap_or_default())
+        (self.role(), sub.unwrap_or_default())
     }
 
     fn role(self) -> &'static str {
@@ -49,29 +50,23 @@ impl Who {
             Who::User(_) => "authenticated",
         }
     }
-
-    fn claims(self) -> String {
-        match self {
-            Who::Anon => serde_json::json!({"role": "anon"}).to_string(),
-            Who::User(u) => {
-                serde_json::json!({"sub": u, "role": "authenticated", "aud": "authenticated"})
-                    .to_string()
-            }
-        }
-    }
 }
 
 /// Takes `who`'s role and claims for the rest of the transaction (until
 /// [`leave`]): what `tx` reads and writes from now on, RLS decides.
 pub(super) async fn enter(tx: &impl GenericClient, who: Who) -> Result<(), StorageError> {
-    let (role, claims, sub) = who.settings();
+    let (role, sub) = who.settings();
+    // The claims are made before the role is taken (they read the user's
+    // email, which the role may not).
     tx.execute(
-        "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),
-                set_config('request.jwt.claim.sub', $3, true),
+        "SELECT set_config('request.jwt.claims', aether.storage_claims($1, $2), true),
+                set_config('request.jwt.claim.sub', $2, true),
                 set_config('request.jwt.claim.role', $1, true)",
-        &[&role, &claims, &sub],
+        &[&role, &sub],
     )
     .await?;
+    tx.execute("SELECT set_config('role', $1, true)", &[&role])
+        .await?;
     Ok(())
 }
 
@@ -105,11 +100,11 @@ pub(super) async fn may_read(
     who: Who,
     id: Uuid,
 ) -> Result<bool, StorageError> {
-    let (role, claims, sub) = who.settings();
+    let (role, sub) = who.settings();
     Ok(tx
         .query_one(
-            "SELECT aether.storage_may_read($1, $2, $3, $4)",
-            &[&id, &role, &claims, &sub],
+            "SELECT aether.storage_may_read($1, $2, aether.storage_claims($2, $3), $3)",
+            &[&id, &role, &sub],
         )
         .await
         .map_err(refused)?

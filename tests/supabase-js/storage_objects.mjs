@@ -339,6 +339,13 @@ await main('storage-objects', async () => {
   await until(async () => !(await bobTeam.download('plan.txt')).error, 'the policies, RLS on again')
   await sql(`DROP POLICY "images only" ON public.files; DROP POLICY "team reads" ON public.files`)
   assert.equal((await bobTeam.download('plan.txt')).error?.statusCode, '404', 'the policy gone, so is bob\'s access')
+  // Policies see the caller's claims as in their token: the email too.
+  const bobEmail = (await bob.auth.getUser()).data.user.email
+  await sql(`CREATE POLICY "by email" ON public.files FOR SELECT TO authenticated
+               USING (bucket_id = '${team}' AND auth.jwt() ->> 'email' = '${bobEmail}')`)
+  assert.equal(await text(bobTeam.download('plan.txt'), 'bob reads by his email'), 'plan v2')
+  assert.equal((await client().storage.from(team).download('plan.txt')).error?.statusCode, '404', 'anon has no email')
+  await sql(`DROP POLICY "by email" ON public.files`)
 
   // 11. Aether's own tables through /rest/v1: what a realtime subscription
   // shows, read-only.
