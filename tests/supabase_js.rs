@@ -156,3 +156,9 @@ async fn supabase_js_storage_objects() {
     let server = TestServer::start_with(|c| c.storage_quota_bytes = 1_000_000).await;
     run(&server, "storage_objects.mjs", &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_storage_docs() {
+    let server = start().await;
+    run(&server, "storage_docs.mjs", &[]).await;
+}
