@@ -37,6 +37,20 @@ impl Who {
         }
     }
 
+    /// Its claims as its token has them (`aether.storage_claims` makes the
+    /// same from the user's row where no token is at hand).
+    pub(super) fn token_claims(self, email: Option<&str>) -> String {
+        let mut c = serde_json::json!({ "role": self.role() });
+        if let Who::User(u) = self {
+            c["sub"] = serde_json::json!(u);
+            c["aud"] = serde_json::json!("authenticated");
+            if let Some(e) = email {
+                c["email"] = serde_json::json!(e);
+            }
+        }
+        c.to_string()
+    }
+
     /// Its role and `sub` (empty for anon); `aether.storage_claims` makes
     /// the claims from them, as in the user's token.
     pub(super) fn settings(self) -> (&'static str, String) {

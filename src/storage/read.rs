@@ -46,6 +46,8 @@ impl StorageService {
         };
         let settings = judged.map(Who::settings);
         let role = settings.as_ref().map(|s| s.0);
+        // The claims of the caller's own token (no lookup on this hot path).
+        let claims = judged.map(|w| w.token_claims(viewer.and_then(|p| p.email.as_deref())));
         let sub = settings.map(|s| s.1);
         let row = {
             let client = self.0.pool.get().await?;
@@ -54,7 +56,7 @@ impl StorageService {
                     &format!(
                         "SELECT {cols}, b.public AS bucket_public,
                                 CASE WHEN $3::text IS NULL THEN true
-                                     ELSE aether.storage_may_read(f.id, $3, aether.storage_claims($3, $4), $4) END AS may
+                                     ELSE aether.storage_may_read(f.id, $3, $4, $5) END AS may
                          FROM public.files f JOIN public.buckets b ON b.id = f.bucket_id
                          WHERE f.bucket_id = $1 AND f.path = $2",
                         cols = FILE_COLUMNS
@@ -63,7 +65,7 @@ impl StorageService {
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                    &[&bucket, &path.to_string(), &role, &sub],
+                    &[&bucket, &path.to_string(), &role, &claims, &sub],
                 )
                 .await
                 .map_err(policy::refused)?
