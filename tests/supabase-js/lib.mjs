@@ -1,5 +1,6 @@
 // Shared helpers for the supabase-js tests (driven by tests/supabase_js.rs).
 import assert from 'node:assert/strict'
+import { deflateSync } from 'node:zlib'
 import readline from 'node:readline'
 import { createClient } from '@supabase/supabase-js'
 import ws from 'ws'
@@ -87,3 +88,40 @@ export function subscribed(channel) {
 }
 
 export { assert }
+
+// A `w` × `h` RGB PNG, made here (Node has zlib but no image library).
+export function pngOf(w, h) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
+    return c >>> 0
+  })
+  const crc = (buf) => {
+    let c = 0xffffffff
+    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8)
+    return (c ^ 0xffffffff) >>> 0
+  }
+  const chunk = (type, data) => {
+    const head = Buffer.alloc(4)
+    head.writeUInt32BE(data.length)
+    const body = Buffer.concat([Buffer.from(type), data])
+    const tail = Buffer.alloc(4)
+    tail.writeUInt32BE(crc(body))
+    return Buffer.concat([head, body, tail])
+  }
+  const ihdr = Buffer.alloc(13)
+  ihdr.writeUInt32BE(w, 0)
+  ihdr.writeUInt32BE(h, 4)
+  ihdr.set([8, 2, 0, 0, 0], 8)
+  const rows = []
+  for (let y = 0; y < h; y++) {
+    rows.push(Buffer.from([0]))
+    for (let x = 0; x < w; x++) rows.push(Buffer.from([(x * 6) % 256, (y * 12) % 256, 128]))
+  }
+  return Buffer.concat([
+    Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]),
+    chunk('IHDR', ihdr),
+    chunk('IDAT', deflateSync(Buffer.concat(rows))),
+    chunk('IEND', Buffer.alloc(0)),
+  ])
+}

@@ -3,8 +3,7 @@
 // signed upload URLs, listV2 and service-role (owner-less) objects. The
 // server runs with the default ALLOWED_FILE_TYPES (no text/plain) and a 1 MB
 // quota (tests/supabase_js.rs).
-import { deflateSync } from 'node:zlib'
-import { assert, client, email, main, ok, password, serviceKey, sql, url, anonKey } from './lib.mjs'
+import { assert, client, email, main, ok, password, serviceKey, sql, url, anonKey, pngOf } from './lib.mjs'
 
 await main('storage-objects', async () => {
   const alice = client()
@@ -424,39 +423,3 @@ await main('storage-objects', async () => {
   assert.equal((await bobFiles.download('img/pic.png', { transform: { width: 10 } })).error?.statusCode, '404')
 })
 
-// A `w` × `h` RGB PNG, made here (Node has zlib but no image library).
-function pngOf(w, h) {
-  const crcTable = Array.from({ length: 256 }, (_, n) => {
-    let c = n
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
-    return c >>> 0
-  })
-  const crc = (buf) => {
-    let c = 0xffffffff
-    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8)
-    return (c ^ 0xffffffff) >>> 0
-  }
-  const chunk = (type, data) => {
-    const head = Buffer.alloc(4)
-    head.writeUInt32BE(data.length)
-    const body = Buffer.concat([Buffer.from(type), data])
-    const tail = Buffer.alloc(4)
-    tail.writeUInt32BE(crc(body))
-    return Buffer.concat([head, body, tail])
-  }
-  const ihdr = Buffer.alloc(13)
-  ihdr.writeUInt32BE(w, 0)
-  ihdr.writeUInt32BE(h, 4)
-  ihdr.set([8, 2, 0, 0, 0], 8)
-  const rows = []
-  for (let y = 0; y < h; y++) {
-    rows.push(Buffer.from([0]))
-    for (let x = 0; x < w; x++) rows.push(Buffer.from([(x * 6) % 256, (y * 12) % 256, 128]))
-  }
-  return Buffer.concat([
-    Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]),
-    chunk('IHDR', ihdr),
-    chunk('IDAT', deflateSync(Buffer.concat(rows))),
-    chunk('IEND', Buffer.alloc(0)),
-  ])
-}
