@@ -223,22 +223,7 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
             "on_conflict" => q.on_conflict = Some(names(&v)?),
             "columns" => q.columns = Some(names(&v)?),
             _ if RESERVED.contains(&k.as_str()) => {}
-            "or" | "and" | "not.or" | "not.and" => {
-                let negated = k.starts_with("not.");
-                let inner = v
-                    .strip_prefix('(')
-                    .and_then(|r| r.strip_suffix(')'))
-                    .ok_or_else(|| fail("failed to parse logic tree", format!("{k}={v}")))?;
-                let conds = split_top(inner)?
-                    .iter()
-                    .map(|t| parse_tree_term(t, 0))
-                    .collect::<Result<Vec<_>, _>>()?;
-                q.filters.push(if k.ends_with("or") {
-                    Cond::Or(conds, negated)
-                } else {
-                    Cond::And(conds, negated)
-                });
-            }
+            "or" | "and" | "not.or" | "not.and" => q.filters.push(logic_tree(&k, &k, &v)?),
             _ => match k.split_once('.') {
                 // `todos.done=eq.true`, `todos.order=…`: an embedded resource's
                 // (a dot inside a JSON path, `data->>a.b`, is the key's).
@@ -249,22 +234,7 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
                         "limit" => e.limit = Some(number("limit", &v)?),
                         "offset" => e.offset = Some(number("offset", &v)?),
                         "or" | "and" | "not.or" | "not.and" => {
-                            let negated = rest.starts_with("not.");
-                            let inner = v
-                                .strip_prefix('(')
-                                .and_then(|r| r.strip_suffix(')'))
-                                .ok_or_else(|| {
-                                    fail("failed to parse logic tree", format!("{k}={v}"))
-                                })?;
-                            let conds = split_top(inner)?
-                                .iter()
-                                .map(|t| parse_tree_term(t, 0))
-                                .collect::<Result<Vec<_>, _>>()?;
-                            e.filters.push(if rest.ends_with("or") {
-                                Cond::Or(conds, negated)
-                            } else {
-                                Cond::And(conds, negated)
-                            });
+                            e.filters.push(logic_tree(rest, &k, &v)?);
                         }
                         column => {
                             ident(column)?;
@@ -376,6 +346,25 @@ fn cast_type(s: &str) -> Result<String, ParseError> {
 }
 
 /// Splits at commas outside parentheses and double quotes.
+/// `or=(…)`, `and=(…)`, `not.or=(…)`, `not.and=(…)`: `op` is which, `key`
+/// the whole key (for the error).
+fn logic_tree(op: &str, key: &str, v: &str) -> Result<Cond, ParseError> {
+    let negated = op.starts_with("not.");
+    let inner = v
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| fail("failed to parse logic tree", format!("{key}={v}")))?;
+    let conds = split_top(inner)?
+        .iter()
+        .map(|t| parse_tree_term(t, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(if op.ends_with("or") {
+        Cond::Or(conds, negated)
+    } else {
+        Cond::And(conds, negated)
+    })
+}
+
 fn split_top(s: &str) -> Result<Vec<String>, ParseError> {
     let mut out = Vec::new();
     let (mut depth, mut quoted, mut cur) = (0usize, false, String::new());
