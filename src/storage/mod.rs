@@ -51,7 +51,7 @@ pub use delete::Deleted;
 pub use errors::StorageError;
 pub use files::{FileRecord, FolderRecord};
 pub use listing::{FileCursor, FileSort, ListScope, Listing, SortColumn};
-pub use owners::{Actor, home_of};
+pub use owners::Actor;
 pub use path::{ObjectPath, PathError};
 pub use policy::WriteFacts;
 pub use range::ByteRange;

@@ -60,7 +60,7 @@ impl Actor {
 /// The user whose home `path` is, or is under (its first segment is a user
 /// id): the home's own name is theirs too, or anyone could block it with a
 /// file of that name.
-pub fn home_of(path: &ObjectPath) -> Option<Uuid> {
+fn home_of(path: &ObjectPath) -> Option<Uuid> {
     parse_uuid(path.prefixes().next()?.name())
 }
 
