@@ -18,47 +18,9 @@ fn err(name: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JwtAlgorithm {
-    HS256,
-    HS384,
-    HS512,
-}
+pub use aether_auth::JwtAlgorithm;
 
-/// Where uploaded bytes live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StorageBackend {
-    /// `DATA_DIR/storage` on the local file system.
-    Local,
-    /// An S3 (or S3-compatible) bucket.
-    S3(S3Config),
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct S3Config {
-    pub bucket: String,
-    pub region: String,
-    /// `None`: AWS itself; set for MinIO, R2, … (`http://` endpoints are allowed).
-    pub endpoint: Option<String>,
-    /// `None` (both): credentials from the rest of the AWS environment (session
-    /// token, web identity, instance metadata).
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-}
-
-impl std::fmt::Debug for S3Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Config")
-            .field("bucket", &self.bucket)
-            .field("region", &self.region)
-            .field("endpoint", &self.endpoint)
-            .field(
-                "access_key_id",
-                &self.access_key_id.as_ref().map(|_| "<set>"),
-            )
-            .finish_non_exhaustive()
-    }
-}
+pub use aether_storage::{S3Config, StorageBackend, valid_bucket_id};
 
 #[derive(Clone)]
 pub struct Config {
@@ -72,7 +34,7 @@ pub struct Config {
     pub jwt_expires_s: u64,
     /// The password rule of both APIs (`PASSWORD_MIN_LENGTH`,
     /// `PASSWORD_REQUIRE_LETTER_AND_DIGIT`).
-    pub password_policy: crate::auth::password::PasswordPolicy,
+    pub password_policy: aether_auth::password::PasswordPolicy,
     /// `None`: run the embedded PostgreSQL under `data_dir`.
     pub database_url: Option<String>,
     pub replication_slot: String,
@@ -121,7 +83,7 @@ pub struct Config {
     /// Largest accepted upload, in bytes.
     pub max_file_size: u64,
     /// `ALLOWED_FILE_TYPES`: `image/*`, `application/pdf`, `.docx`, …
-    pub allowed_file_types: crate::storage::AllowedTypes,
+    pub allowed_file_types: aether_storage::AllowedTypes,
     /// Bytes each user may store in all buckets together.
     pub storage_quota_bytes: u64,
     /// Requests per minute to `/auth/*`, per client address.
@@ -165,16 +127,6 @@ impl std::fmt::Debug for Config {
 }
 
 pub const DEFAULT_ALLOWED_FILE_TYPES: &str = "image/*,application/pdf,.doc,.docx";
-
-/// Bucket ids as `public.buckets` accepts them.
-pub fn valid_bucket_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
 
 fn positive<T: std::str::FromStr + PartialOrd + Default>(
     name: &'static str,
@@ -241,7 +193,7 @@ impl Config {
             degraded_lag: Duration::from_secs(10),
             upload_bucket: "files".into(),
             max_file_size: 5 * 1024 * 1024,
-            allowed_file_types: crate::storage::AllowedTypes::parse(DEFAULT_ALLOWED_FILE_TYPES)
+            allowed_file_types: aether_storage::AllowedTypes::parse(DEFAULT_ALLOWED_FILE_TYPES)
                 .expect("default ALLOWED_FILE_TYPES parse"),
             storage_quota_bytes: 1024 * 1024 * 1024,
             rate_limit_auth_per_min: 5,
@@ -584,7 +536,7 @@ impl Config {
             self.max_file_size = positive("MAX_FILE_SIZE", &v, "number of bytes")?;
         }
         if let Some(v) = nonempty("ALLOWED_FILE_TYPES") {
-            self.allowed_file_types = crate::storage::AllowedTypes::parse(&v)
+            self.allowed_file_types = aether_storage::AllowedTypes::parse(&v)
                 .map_err(|reason| err("ALLOWED_FILE_TYPES", reason))?;
         }
         if let Some(v) = nonempty("STORAGE_QUOTA_BYTES") {

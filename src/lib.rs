@@ -14,7 +14,7 @@
 //! folders, files and their bytes).
 
 pub(crate) mod api;
-pub mod auth;
+pub use aether_auth as auth;
 pub(crate) mod cluster;
 pub mod config;
 pub mod http;
@@ -22,4 +22,4 @@ pub mod logging;
 
 pub(crate) mod rules;
 pub mod server;
-pub mod storage;
+pub use aether_storage as storage;

@@ -82,6 +82,31 @@ impl Deref for AppState {
     }
 }
 
+/// Sockets check tokens as every route does: through the auth core.
+struct SocketTokens(AuthService);
+
+impl aether_realtime::Authenticator for SocketTokens {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> aether_realtime::BoxFuture<
+        'a,
+        Result<aether_core::principal::Principal, aether_realtime::TokenRefused>,
+    > {
+        Box::pin(async move {
+            self.0.authenticate(token).await.map_err(|e| match e {
+                crate::auth::AuthError::Internal(cause) => {
+                    aether_realtime::TokenRefused::Internal(cause)
+                }
+                e => aether_realtime::TokenRefused::Definite {
+                    code: e.code(),
+                    message: e.to_string(),
+                },
+            })
+        })
+    }
+}
+
 type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Spawns a task inside a span carrying its name, so its logs say who they are.
@@ -526,7 +551,16 @@ impl Server {
             })?;
         let addr = listener.local_addr()?;
         let auth = AuthService::new(pool.clone(), jwt.clone(), config.password_policy);
-        let storage = StorageService::new(pool.clone(), blobs, &config);
+        let storage = StorageService::new(
+            pool.clone(),
+            blobs,
+            file_storage::Limits {
+                default_bucket: config.upload_bucket.clone(),
+                max_file_size: config.max_file_size,
+                allowed_types: config.allowed_file_types.clone(),
+                quota_bytes: config.storage_quota_bytes,
+            },
+        );
         let limits = RateLimits::new(
             config.rate_limit_auth_per_min,
             config.rate_limit_storage_per_min,
@@ -560,7 +594,7 @@ impl Server {
                 next_session: AtomicU64::new(1),
                 shutdown: shutdown.clone(),
                 drain: aether_realtime::service::Drain::new(shutdown.clone()),
-                auth: Arc::new(auth.clone()),
+                auth: Arc::new(SocketTokens(auth.clone())),
                 directory: Arc::new(crate::rules::presence::SharesDirectory(pool.clone())),
                 channel_policy: Arc::new(crate::rules::channels::MessagePolicies(pool.clone())),
                 history: Arc::new(crate::rules::history::LogHistory(Arc::clone(&log))),

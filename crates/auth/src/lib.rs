@@ -12,7 +12,13 @@ pub use service::{AuthError, AuthService, ClientMeta, Session, SignOutScope, Use
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::JwtAlgorithm;
+/// The HMAC algorithm tokens are signed with (`JWT_ALGORITHM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+}
 
 pub use aether_core::principal::{Principal, Role};
 
@@ -152,26 +158,6 @@ fn principal_from_claims(c: Claims) -> Result<Principal, TokenError> {
         email: c.email,
         expires_at: Some(c.exp),
     })
-}
-
-/// Sockets check tokens as every route does: through the auth core.
-impl aether_realtime::Authenticator for AuthService {
-    fn authenticate<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> aether_realtime::BoxFuture<'a, Result<Principal, aether_realtime::TokenRefused>> {
-        Box::pin(async move {
-            AuthService::authenticate(self, token)
-                .await
-                .map_err(|e| match e {
-                    AuthError::Internal(cause) => aether_realtime::TokenRefused::Internal(cause),
-                    e => aether_realtime::TokenRefused::Definite {
-                        code: e.code(),
-                        message: e.to_string(),
-                    },
-                })
-        })
-    }
 }
 
 #[cfg(test)]

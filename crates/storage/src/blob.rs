@@ -12,8 +12,6 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _, WriteMultipart};
 
-use crate::config::StorageBackend;
-
 /// Parts in flight per upload (each `part_size` bytes at most).
 const CONCURRENCY: usize = 2;
 
@@ -213,5 +211,40 @@ impl Drop for BlobWriter {
             tracing::debug!(key, "upload dropped before commit: cleaning up");
             rt.spawn(async move { cleanup(&blobs, &key, writer, stage).await });
         }
+    }
+}
+
+/// Where uploaded bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// `DATA_DIR/storage` on the local file system.
+    Local,
+    /// An S3 (or S3-compatible) bucket.
+    S3(S3Config),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// `None`: AWS itself; set for MinIO, R2, … (`http://` endpoints are allowed).
+    pub endpoint: Option<String>,
+    /// `None` (both): credentials from the rest of the AWS environment (session
+    /// token, web identity, instance metadata).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
+            .finish_non_exhaustive()
     }
 }

@@ -44,9 +44,8 @@ mod upload;
 
 use std::sync::Arc;
 
-use crate::config::Config;
-pub use blob::{BlobWriter, Blobs};
-pub use buckets::{BucketInfo, BucketRecord, NewBucket, ensure_bucket};
+pub use blob::{BlobWriter, Blobs, S3Config, StorageBackend};
+pub use buckets::{BucketInfo, BucketRecord, NewBucket, ensure_bucket, valid_bucket_id};
 pub use delete::Deleted;
 pub use errors::StorageError;
 pub use files::{FileRecord, FolderRecord};
@@ -64,6 +63,18 @@ fn as_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// What the service enforces on uploads (`UPLOAD_BUCKET`, `MAX_FILE_SIZE`,
+/// `ALLOWED_FILE_TYPES`, `STORAGE_QUOTA_BYTES`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Where the seed API's uploads go when they name no bucket.
+    pub default_bucket: String,
+    pub max_file_size: u64,
+    pub allowed_types: AllowedTypes,
+    /// Bytes each user may store in all buckets together.
+    pub quota_bytes: u64,
+}
+
 #[derive(Clone)]
 pub struct StorageService(Arc<Inner>);
 
@@ -79,14 +90,14 @@ struct Inner {
 }
 
 impl StorageService {
-    pub fn new(pool: deadpool_postgres::Pool, blobs: Blobs, config: &Config) -> Self {
+    pub fn new(pool: deadpool_postgres::Pool, blobs: Blobs, limits: Limits) -> Self {
         StorageService(Arc::new(Inner {
             pool,
             blobs,
-            default_bucket: config.upload_bucket.clone(),
-            max_file_size: config.max_file_size,
-            allowed: config.allowed_file_types.clone(),
-            quota: config.storage_quota_bytes,
+            default_bucket: limits.default_bucket,
+            max_file_size: limits.max_file_size,
+            allowed: limits.allowed_types,
+            quota: limits.quota_bytes,
             policies: std::sync::Mutex::new(None),
         }))
     }

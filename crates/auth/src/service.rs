@@ -130,9 +130,8 @@ fn token_hash(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// 244 random bits from two v4 UUIDs (the OS generator), URL-safe.
 /// 256 random bits as 64 hex digits: refresh tokens and share tokens.
-pub(crate) fn new_refresh_token() -> String {
+pub fn new_refresh_token() -> String {
     format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }
 

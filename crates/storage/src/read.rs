@@ -12,7 +12,7 @@ use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
 use super::owners::Actor;
 use super::policy::{self, Who};
 use super::{ByteRange, ObjectPath, StorageService};
-use crate::auth::Principal;
+use aether_core::principal::Principal;
 
 /// A file opened for reading.
 pub struct ObjectRead {

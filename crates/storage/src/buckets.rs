@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::delete::Of;
 use super::errors::StorageError;
 use super::{AllowedTypes, PathError, StorageService, as_i64};
-use crate::auth::Principal;
+use aether_core::principal::Principal;
 
 #[derive(Debug, Clone)]
 pub struct BucketInfo {
@@ -101,7 +101,7 @@ impl StorageService {
         owner: Option<Uuid>,
         b: &NewBucket,
     ) -> Result<BucketRecord, StorageError> {
-        if !crate::config::valid_bucket_id(&b.id) {
+        if !valid_bucket_id(&b.id) {
             return Err(StorageError::InvalidPath(PathError(format!(
                 "bucket id {:?} must be 1-63 of A-Za-z0-9._- starting with a letter or digit",
                 b.id
@@ -265,4 +265,14 @@ impl StorageService {
         let client = self.0.pool.get().await?;
         bucket_in(&**client, id).await
     }
+}
+
+/// Bucket ids as `public.buckets` accepts them.
+pub fn valid_bucket_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
