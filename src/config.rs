@@ -104,7 +104,7 @@ pub struct Config {
     /// Open HTTP connections per client address (`0`: no cap).
     pub http_max_connections_per_addr: usize,
     /// Peers whose `X-Forwarded-For` names the client (load balancers).
-    pub trusted_proxies: crate::http::TrustedProxies,
+    pub trusted_proxies: aether_http::edge::TrustedProxies,
 }
 
 /// Supabase's publication: tables a Supabase migration adds to it
@@ -154,6 +154,31 @@ fn http_url(name: &'static str, v: &str) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// What the HTTP edge enforces on every connection.
+    pub fn edge(&self) -> aether_http::edge::EdgeSettings {
+        aether_http::edge::EdgeSettings {
+            header_timeout: self.http_header_timeout,
+            idle_timeout: self.http_idle_timeout,
+            max_connections: self.http_max_connections,
+            max_connections_per_addr: self.http_max_connections_per_addr,
+            trusted_proxies: std::sync::Arc::new(self.trusted_proxies.clone()),
+        }
+    }
+
+    /// What the routes read.
+    pub fn http(&self) -> aether_http::Settings {
+        aether_http::Settings {
+            ws_path: self.ws_path.clone(),
+            ws_max_frame_bytes: self.ws_max_frame_bytes,
+            ws_ping_interval: self.ws_ping_interval,
+            rest_schemas: self.rest_schemas.clone(),
+            public_url: self.public_url.clone(),
+            publication: self.publication.clone(),
+            replication_slot: self.replication_slot.clone(),
+            degraded_lag: self.degraded_lag,
+        }
+    }
+
     /// Defaults for everything; used by tests that then set what they need.
     // The one `expect` is on a constant list; `config::tests` parse it too.
     #[allow(clippy::expect_used)]
@@ -202,9 +227,9 @@ impl Config {
             public_url: None,
             http_header_timeout: Some(Duration::from_secs(10)),
             http_idle_timeout: Some(Duration::from_secs(75)),
-            http_max_connections: crate::http::auto_max_connections(),
+            http_max_connections: aether_http::edge::auto_max_connections(),
             http_max_connections_per_addr: 256,
-            trusted_proxies: crate::http::TrustedProxies::default(),
+            trusted_proxies: aether_http::edge::TrustedProxies::default(),
         }
     }
 
@@ -469,7 +494,7 @@ impl Config {
         }
         if let Some(v) = nonempty("HTTP_MAX_CONNECTIONS") {
             self.http_max_connections = if v.trim().eq_ignore_ascii_case("auto") {
-                crate::http::auto_max_connections()
+                aether_http::edge::auto_max_connections()
             } else {
                 usize::try_from(whole("HTTP_MAX_CONNECTIONS", &v)?).unwrap_or(usize::MAX)
             };
@@ -479,7 +504,7 @@ impl Config {
                 usize::try_from(whole("HTTP_MAX_CONNECTIONS_PER_ADDR", &v)?).unwrap_or(usize::MAX);
         }
         if let Some(v) = nonempty("TRUSTED_PROXIES") {
-            self.trusted_proxies = crate::http::TrustedProxies::parse(&v)
+            self.trusted_proxies = aether_http::edge::TrustedProxies::parse(&v)
                 .map_err(|reason| err("TRUSTED_PROXIES", reason))?;
         }
         if let Some(v) = nonempty("REST_SCHEMAS") {
@@ -773,7 +798,10 @@ mod tests {
         assert_eq!(c.http_header_timeout, Some(Duration::from_secs(10)));
         assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(75)));
         assert_eq!(c.http_max_connections_per_addr, 256);
-        assert_eq!(c.http_max_connections, crate::http::auto_max_connections());
+        assert_eq!(
+            c.http_max_connections,
+            aether_http::edge::auto_max_connections()
+        );
         assert!(c.trusted_proxies.is_empty());
 
         let c = cfg(&[
@@ -792,7 +820,10 @@ mod tests {
         );
         assert!(c.trusted_proxies.contains("10.2.3.4".parse().unwrap()));
         let c = cfg(&[("HTTP_MAX_CONNECTIONS", "auto")]).unwrap();
-        assert_eq!(c.http_max_connections, crate::http::auto_max_connections());
+        assert_eq!(
+            c.http_max_connections,
+            aether_http::edge::auto_max_connections()
+        );
 
         for (k, v) in [
             ("HTTP_HEADER_TIMEOUT_S", "-1"),

@@ -16,6 +16,23 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
+/// The component of an event outside any task: the module under the crate root,
+/// except in the HTTP, auth and storage crates, whose events keep the names
+/// they had as modules of the binary (`api`, `http`, `auth`, `storage`), so
+/// log filters keep working.
+fn component_of(target: &str) -> &str {
+    let mut parts = target.split("::");
+    let krate = parts.next().unwrap_or(target);
+    match (krate, parts.next()) {
+        ("aether_auth", _) => "auth",
+        ("aether_storage", _) => "storage",
+        ("aether_http", Some("edge")) => "http",
+        ("aether_http", _) => "api",
+        (_, Some(module)) => module,
+        (_, None) => krate,
+    }
+}
+
 #[derive(Default)]
 struct Fields {
     message: Option<String>,
@@ -91,8 +108,7 @@ where
                 })
         });
         let target = event.metadata().target();
-        let component =
-            task.unwrap_or_else(|| target.split("::").nth(1).unwrap_or(target).to_owned());
+        let component = task.unwrap_or_else(|| component_of(target).to_owned());
         let (name, details) = match (fields.event, fields.message) {
             (Some(e), Some(m)) => {
                 fields.details.insert("message".into(), Value::String(m));
@@ -124,5 +140,22 @@ pub fn init() {
         builder.init();
     } else {
         builder.event_format(SeedJson).init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::component_of;
+
+    #[test]
+    fn components_are_modules_and_the_moved_crates_keep_their_names() {
+        assert_eq!(component_of("aether::server"), "server");
+        assert_eq!(component_of("aether_router::catchup"), "catchup");
+        assert_eq!(component_of("aether_http"), "api");
+        assert_eq!(component_of("aether_http::supabase::rest"), "api");
+        assert_eq!(component_of("aether_http::edge::conn"), "http");
+        assert_eq!(component_of("aether_auth::service"), "auth");
+        assert_eq!(component_of("aether_storage"), "storage");
+        assert_eq!(component_of("hyper"), "hyper");
     }
 }

@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
@@ -12,15 +11,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::rate_limit::RateLimits;
-use crate::auth::{AuthService, JwtKeys};
 use crate::config::{Config, SUPABASE_PUBLICATION};
-use crate::storage::{self as file_storage, Blobs, StorageService};
+use aether_auth::{AuthService, JwtKeys};
 use aether_changelog::ingest::{self, ReplicationStatus, ReplicationTask};
 use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot};
 use aether_changelog::monitor::SlotHealth;
 use aether_changelog::pump::{self, Durable, LogStatus};
 use aether_changelog::{ChangeLog as _, SharedLog};
+use aether_http::rate_limit::RateLimits;
+use aether_http::{AppState, Operations, Services};
 use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use aether_postgres::store::{self, migrate};
 use aether_realtime::Realtime;
@@ -29,58 +28,7 @@ use aether_realtime::registry::Registry;
 use aether_realtime::stats::Stats;
 use aether_router::catalog::{Catalog, SharedCatalog};
 use aether_router::{Router, RouterConfig};
-
-/// State shared by every route and session.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-pub struct Inner {
-    pub config: Config,
-    pub jwt: JwtKeys,
-    pub(crate) pool: deadpool_postgres::Pool,
-    /// What `/rest/v1` knows of the exposed schemas.
-    pub(crate) rest_schema: crate::api::supabase::rest::SchemaCache,
-    /// The last status a WebSocket client asked for (see `ops::status_cached`).
-    pub(crate) status_cache:
-        std::sync::Mutex<Option<(std::time::Instant, crate::api::ops::Status)>>,
-    /// The WebSocket side: sockets, hubs, the connection registry and stats.
-    pub realtime: Realtime,
-    pub(crate) channels: ChannelConfigs,
-    pub(crate) replication: watch::Receiver<ReplicationStatus>,
-    /// The durable change log (bounds for status; reads happen in the router).
-    pub log: SharedLog,
-    pub(crate) log_status: watch::Receiver<LogStatus>,
-    /// Database reachability and the WAL the slot retains.
-    pub(crate) slot_health: watch::Receiver<SlotHealth>,
-    /// Cluster mode: this node, its leadership and its reading of the stream.
-    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// Set when a critical task stopped: the server is shutting down because of it.
-    pub(crate) failed: Arc<std::sync::Mutex<Option<String>>>,
-    pub(crate) shutdown: CancellationToken,
-    /// Sign-up, sign-in, sign-out and token checks (with revocation).
-    pub(crate) auth: AuthService,
-    /// Buckets, folders, files and their bytes.
-    pub(crate) storage: StorageService,
-    pub(crate) limits: RateLimits,
-    /// Open HTTP connections (and their caps), counted by the HTTP edge.
-    pub http_connections: Arc<crate::http::ConnLimits>,
-    /// How each published table's rows are authorized (`/ws/status`).
-    pub(crate) row_security: Arc<crate::rules::visibility::Shared>,
-}
-
-impl AppState {
-    /// The server behind a weak handle, while it lives.
-    pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<AppState> {
-        weak.upgrade().map(AppState)
-    }
-}
-
-impl Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
+use aether_storage::{self as file_storage, Blobs, StorageService};
 
 /// Sockets check tokens as every route does: through the auth core.
 struct SocketTokens(AuthService);
@@ -95,7 +43,7 @@ impl aether_realtime::Authenticator for SocketTokens {
     > {
         Box::pin(async move {
             self.0.authenticate(token).await.map_err(|e| match e {
-                crate::auth::AuthError::Internal(cause) => {
+                aether_auth::AuthError::Internal(cause) => {
                     aether_realtime::TokenRefused::Internal(cause)
                 }
                 e => aether_realtime::TokenRefused::Definite {
@@ -152,6 +100,11 @@ where
 pub struct Server {
     pub addr: SocketAddr,
     pub state: AppState,
+    pub config: Config,
+    /// The durable change log.
+    pub log: SharedLog,
+    /// Why a critical task stopped, if one did.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     pump: Option<pump::Pump>,
@@ -339,7 +292,7 @@ impl Server {
             .map(|r| r.get(0))
             .collect();
         let channels: ChannelConfigs =
-            Arc::new(RwLock::new(crate::api::ops::load_channels(&setup).await?));
+            Arc::new(RwLock::new(aether_http::load_channels(&setup).await?));
         drop(setup);
         if config.enable_metrics {
             install_prometheus(&config);
@@ -538,7 +491,7 @@ impl Server {
         ));
         tasks.push(spawn_named(
             "share-expiry",
-            crate::api::kingshare::expiry_job(pool.clone(), shutdown.clone()),
+            aether_http::share_expiry(pool.clone(), shutdown.clone()),
         ));
 
         let listener = tokio::net::TcpListener::bind((config.ws_host.as_str(), config.ws_port))
@@ -565,7 +518,7 @@ impl Server {
             config.rate_limit_auth_per_min,
             config.rate_limit_storage_per_min,
         );
-        let edge = crate::http::EdgeSettings::from_config(&config);
+        let edge = config.edge();
         let settings = aether_realtime::Settings {
             publication: config.publication.clone(),
             ws_queue_capacity: config.ws_queue_capacity,
@@ -577,10 +530,32 @@ impl Server {
             rate_limit_messages: config.rate_limit_messages,
             rate_limit_window: config.rate_limit_window,
         };
-        // The status a socket asks for is the server's, which holds the
-        // realtime side: it sees the server through a weak handle.
-        let state = AppState(Arc::new_cyclic(|server| Inner {
-            realtime: Realtime::new(aether_realtime::service::Inner {
+        let http_connections =
+            aether_http::edge::ConnLimits::new(edge.max_connections, edge.max_connections_per_addr);
+        let services = Services {
+            settings: config.http(),
+            jwt,
+            pool: pool.clone(),
+            auth: auth.clone(),
+            storage,
+            channels,
+            limits,
+            http_connections,
+            operations: Operations {
+                replication: status_rx,
+                log: Arc::clone(&log),
+                log_status: log_status_rx,
+                slot_health: slot_health_rx,
+                cluster: cluster
+                    .clone()
+                    .map(|c| c as Arc<dyn aether_http::ClusterNode>),
+                row_security,
+                failed: Arc::clone(&failed),
+                shutdown: shutdown.clone(),
+            },
+        };
+        let state = AppState::new(services, |status| {
+            Realtime::new(aether_realtime::service::Inner {
                 settings,
                 pool: pool.clone(),
                 catalog,
@@ -598,55 +573,31 @@ impl Server {
                 directory: Arc::new(crate::rules::presence::SharesDirectory(pool.clone())),
                 channel_policy: Arc::new(crate::rules::channels::MessagePolicies(pool.clone())),
                 history: Arc::new(crate::rules::history::LogHistory(Arc::clone(&log))),
-                status: Arc::new(crate::api::ops::ServerStatusReport(server.clone())),
-            }),
-            config,
-            jwt,
-            pool,
-            rest_schema: Default::default(),
-            status_cache: std::sync::Mutex::new(None),
-            channels,
-            replication: status_rx,
-            log,
-            log_status: log_status_rx,
-            slot_health: slot_health_rx,
-            cluster,
-            failed: Arc::clone(&failed),
-            shutdown: shutdown.clone(),
-            auth,
-            storage,
-            limits,
-            http_connections: crate::http::ConnLimits::new(
-                edge.max_connections,
-                edge.max_connections_per_addr,
-            ),
-            row_security,
-        }));
-        let janitor_state = state.clone();
-        let janitor_stop = shutdown.clone();
-        tasks.push(spawn_named("rate-limit-janitor", async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                tokio::select! {
-                    _ = janitor_stop.cancelled() => break,
-                    _ = tick.tick() => janitor_state.limits.retain_recent(),
-                }
-            }
-        }));
+                status,
+            })
+        });
+        tasks.push(spawn_named(
+            "rate-limit-janitor",
+            aether_http::rate_limit::janitor(state.clone(), shutdown.clone()),
+        ));
         tasks.push(spawn_named(
             "schema-listener",
-            crate::api::supabase::rest::listen_for_ddl(pg.clone(), state.clone(), shutdown.clone()),
+            aether_http::supabase::rest::listen_for_ddl(
+                pg.clone(),
+                state.clone(),
+                shutdown.clone(),
+            ),
         ));
-        if let Some(c) = state.cluster.clone() {
+        if let Some(c) = cluster.clone() {
             tasks.push(spawn_named(
                 "cluster-drain",
                 crate::cluster::drain_when_cut_off(c, state.realtime.clone(), shutdown.clone()),
             ));
         }
-        let app = crate::api::app(state.clone());
+        let app = aether_http::app(state.clone());
         tasks.push(critical(
             "http",
-            Box::pin(crate::http::serve(
+            Box::pin(aether_http::edge::serve(
                 listener,
                 app,
                 edge,
@@ -654,10 +605,13 @@ impl Server {
                 shutdown.clone(),
             )),
         ));
-        tracing::info!(%addr, ws_path = %state.config.ws_path, "Aether listening");
+        tracing::info!(%addr, ws_path = %state.settings.ws_path, "Aether listening");
         Ok(Server {
             addr,
             state,
+            config,
+            log,
+            failed,
             shutdown,
             tasks,
             pump,
@@ -694,7 +648,7 @@ impl Server {
     /// task stopping was the reason.
     pub async fn run_until_stopped(self) -> Option<String> {
         self.shutdown.cancelled().await;
-        let failed = Arc::clone(&self.state.failed);
+        let failed = Arc::clone(&self.failed);
         self.stop().await;
         failed.lock().ok().and_then(|f| f.clone())
     }

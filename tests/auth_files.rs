@@ -132,7 +132,7 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 fn storage_dir(t: &TestServer) -> PathBuf {
-    t.server.state.config.data_dir.join("storage")
+    t.server.config.data_dir.join("storage")
 }
 
 /// Every regular file under `dir` (blobs and in-progress upload parts).

@@ -527,7 +527,7 @@ async fn a_fast_postgres_restart_is_not_held_up_and_nothing_is_lost() {
         last_id: Some(
             // From the very start of the log.
             {
-                let b = server.state.log.bounds();
+                let b = server.log.bounds();
                 aether_core::lsn::StreamId {
                     position: b.floor,
                     epoch: b.epoch,
@@ -607,7 +607,7 @@ async fn a_dropped_slot_is_recreated_and_every_subscriber_is_told_gap() {
     ws.subscribe("s", json!({"table": "seq"})).await;
     t.exec("INSERT INTO public.seq VALUES (1)").await;
     let old_id = ws.change().await["id"].as_str().unwrap().to_owned();
-    let old_epoch = t.server.state.log.bounds().epoch;
+    let old_epoch = t.server.log.bounds().epoch;
     // Someone drops the slot: its walsender first, then the slot, before Aether
     // reconnects to it.
     tokio::time::timeout(WAIT, async {
@@ -641,7 +641,7 @@ async fn a_dropped_slot_is_recreated_and_every_subscriber_is_told_gap() {
         (Some("error"), Some("gap"), Some("s")),
         "{e}"
     );
-    assert_ne!(t.server.state.log.bounds().epoch, old_epoch);
+    assert_ne!(t.server.log.bounds().epoch, old_epoch);
     // An id from before is a gap; a new subscription is live in the new epoch.
     wait_healthy(t.addr()).await;
     let mut again = t.ws(Some(&service_token())).await;
@@ -657,7 +657,7 @@ async fn a_dropped_slot_is_recreated_and_every_subscriber_is_told_gap() {
         c["id"]
             .as_str()
             .unwrap()
-            .ends_with(&t.server.state.log.bounds().epoch.to_string())
+            .ends_with(&t.server.log.bounds().epoch.to_string())
     );
 }
 

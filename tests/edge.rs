@@ -390,7 +390,7 @@ async fn ws_from(src: [u8; 4], addr: SocketAddr, forwarded_for: &str) -> Option<
 async fn behind_a_trusted_proxy_limits_count_the_forwarded_client() {
     let proxy = [127, 0, 0, 3];
     let t = TestServer::start_with(|c| {
-        c.trusted_proxies = aether::http::TrustedProxies::parse("127.0.0.3").unwrap();
+        c.trusted_proxies = aether_http::edge::TrustedProxies::parse("127.0.0.3").unwrap();
         c.http_max_connections_per_addr = 5;
         c.http_header_timeout = Some(Duration::from_secs(60));
         c.rate_limit_auth_per_min = 2;

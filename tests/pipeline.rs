@@ -500,12 +500,12 @@ async fn bad_and_expired_tokens_get_an_error_frame_and_close() {
         ),
         ("not-a-jwt".to_owned(), "auth/invalid-token"),
         (
-            aether::auth::JwtKeys::new(
+            aether_auth::JwtKeys::new(
                 "another-secret-another-secret-another",
                 aether::config::JwtAlgorithm::HS256,
                 60,
             )
-            .sign(&aether::auth::Claims {
+            .sign(&aether_auth::Claims {
                 sub: None,
                 email: None,
                 role: Some("service_role".into()),
@@ -636,7 +636,7 @@ async fn a_position_older_than_the_log_gets_an_explicit_gap() {
     }
     // Retention runs after each fsync: wait until the change after the oldest
     // is gone too (a floor equal to `ids[0]` still answers `since = ids[0]`).
-    let floor = || t.server.state.log.bounds().floor.to_string();
+    let floor = || t.server.log.bounds().floor.to_string();
     tokio::time::timeout(WAIT, async {
         while floor().as_str() <= ids[0].split('.').next().unwrap() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -646,7 +646,7 @@ async fn a_position_older_than_the_log_gets_an_explicit_gap() {
     .unwrap_or_else(|_| {
         panic!(
             "retention drops the oldest segments: {:?} {ids:?}",
-            t.server.state.log.bounds()
+            t.server.log.bounds()
         )
     });
     ws.send(json!({"type":"subscription","action":"subscribe","data":{"id":"old","table":"files","since": ids[0]}})).await;

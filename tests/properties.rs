@@ -7,7 +7,6 @@
 //! values round-trip through it.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)] // a test may panic; its helpers are `pub` for the other test files
 
-use aether::storage::path::{MAX_DEPTH, MAX_PATH_BYTES, ObjectPath};
 use aether_core::changes::{Column, Relation, TableId};
 use aether_core::lsn::PgLsn;
 use aether_postgres::replication::pgoutput::{
@@ -20,6 +19,7 @@ use aether_realtime::phoenix_hub::{
 use aether_realtime::protocol::{self, ClientFrame, SubscribeRequest};
 use aether_router::catalog::{ColumnInfo, TableInfo};
 use aether_router::filter::{Filter, Op};
+use aether_storage::path::{MAX_DEPTH, MAX_PATH_BYTES, ObjectPath};
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Value, json};

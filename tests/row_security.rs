@@ -175,7 +175,7 @@ async fn claims_constants_and_anon_policies_are_compiled() {
         "{s}"
     );
     let now = chrono::Utc::now().timestamp();
-    let with_mail = keys().sign(&aether::auth::Claims {
+    let with_mail = keys().sign(&aether_auth::Claims {
         sub: Some(alice.clone()),
         email: Some("alice@claims.test".into()),
         role: Some("authenticated".into()),

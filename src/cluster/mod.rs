@@ -137,6 +137,31 @@ pub(crate) async fn open(config: &Config, url: &str) -> anyhow::Result<Parts> {
     })
 }
 
+/// What `/health` and `/ws/status` say of this node.
+impl aether_http::ClusterNode for Cluster {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn is_leader(&self) -> bool {
+        Cluster::is_leader(self)
+    }
+
+    fn problem(&self) -> Option<String> {
+        Cluster::problem(self)
+    }
+
+    fn members<'a>(
+        &'a self,
+        pool: &'a deadpool_postgres::Pool,
+    ) -> aether_realtime::BoxFuture<'a, serde_json::Value> {
+        Box::pin(async move {
+            serde_json::to_value(Cluster::members(self, pool).await)
+                .unwrap_or(serde_json::Value::Null)
+        })
+    }
+}
+
 impl Cluster {
     /// NATS is reachable and this node is reading the stream.
     pub(crate) fn problem(&self) -> Option<String> {

@@ -12,8 +12,6 @@
 use aether_core::principal::Principal;
 use aether_realtime::{BoxFuture, ChannelPolicy, ChannelRights};
 
-use crate::api::supabase::rest::{claims, role_name};
-
 pub(crate) struct MessagePolicies(pub deadpool_postgres::Pool);
 
 impl ChannelPolicy for MessagePolicies {
@@ -63,8 +61,8 @@ async fn rights(
                 set_config('request.jwt.claim.role', $1, true),
                 set_config('realtime.topic', $4, true)",
         &[
-            &role_name(principal.role),
-            &claims(principal),
+            &principal.role.database_role(),
+            &principal.jwt_claims(),
             &principal.user_id,
             &topic,
         ],

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use aether::auth::{Claims, JwtKeys};
 use aether::config::{Config, JwtAlgorithm};
 use aether::server::Server;
+use aether_auth::{Claims, JwtKeys};
 use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
-use aether::auth::{Claims, JwtKeys};
 use aether::config::JwtAlgorithm;
+use aether_auth::{Claims, JwtKeys};
 use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 
 use crate::RunArgs;

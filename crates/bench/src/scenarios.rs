@@ -949,7 +949,7 @@ fn time_per_call(budget: Duration, mut f: impl FnMut()) -> (f64, u64) {
 }
 
 async fn rest(env: &Env, quick: bool) -> anyhow::Result<Value> {
-    use aether::auth::password;
+    use aether_auth::password;
     const AUTH_LIMIT: u32 = 1_000_000;
     let bytes: u64 = if quick { 128 << 20 } else { 1 << 30 };
     let users = if quick { 16 } else { 64 };
@@ -1012,7 +1012,7 @@ async fn rest(env: &Env, quick: bool) -> anyhow::Result<Value> {
     }
 
     println!(
-        "password hash: {} v={}, m_cost {} KiB, t_cost {}, p_cost {} (parameters read from the PHC string of aether::auth::password::hash)",
+        "password hash: {} v={}, m_cost {} KiB, t_cost {}, p_cost {} (parameters read from the PHC string of aether_auth::password::hash)",
         params["algorithm"].as_str().unwrap_or("?"),
         params["version"],
         params["m_cost_kib"],

@@ -11,6 +11,17 @@ pub enum Role {
     Service,
 }
 
+impl Role {
+    /// The PostgreSQL role of that name (Supabase's roles).
+    pub fn database_role(self) -> &'static str {
+        match self {
+            Role::Anon => "anon",
+            Role::Authenticated => "authenticated",
+            Role::Service => "service_role",
+        }
+    }
+}
+
 /// The identity a request or connection acts as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -24,6 +35,26 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The claims `auth.uid()`, `auth.role()` and `auth.jwt()` read
+    /// (`request.jwt.claims`), as JSON text.
+    pub fn jwt_claims(&self) -> String {
+        let mut c = serde_json::json!({"role": self.role.database_role()});
+        if let Some(u) = &self.user_id {
+            c["sub"] = serde_json::json!(u);
+            c["aud"] = serde_json::json!("authenticated");
+        }
+        if let Some(e) = &self.email {
+            c["email"] = serde_json::json!(e);
+        }
+        if let Some(s) = self.session_id {
+            c["session_id"] = serde_json::json!(s.to_string());
+        }
+        if let Some(x) = self.expires_at {
+            c["exp"] = serde_json::json!(x);
+        }
+        c.to_string()
+    }
+
     pub fn anonymous() -> Self {
         Principal {
             role: Role::Anon,

@@ -1021,7 +1021,7 @@ impl Operand {
 }
 
 /// The claims Aether's tokens carry, as `auth.jwt()` returns them in a
-/// `/rest/v1` request (src/api/supabase/rest: `claims`).
+/// `/rest/v1` request (`Principal::jwt_claims`).
 fn claim(p: &Principal, path: &[String]) -> Option<Val> {
     let [key] = path else { return None };
     match key.as_str() {

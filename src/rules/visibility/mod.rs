@@ -46,20 +46,7 @@ pub(crate) const MEMBERSHIP_BYTES: usize = 64 << 20;
 const BUFFER_BYTES: usize = 16 << 20;
 
 /// Aether's own tables: the [`conventions`] decide for them.
-pub(crate) fn is_own(qualified: &str) -> bool {
-    matches!(
-        qualified,
-        "auth.users"
-            | "auth.sessions"
-            | "public.auth_events"
-            | "public.buckets"
-            | "public.folders"
-            | "public.files"
-            | "public.shares"
-            | "aether.channels"
-            | "realtime.messages"
-    )
-}
+pub(crate) use aether_postgres::store::migrate::is_own_table as is_own;
 
 /// The published tables' rules and membership indexes, as loaded together.
 pub(crate) struct Install {
@@ -100,6 +87,18 @@ impl Shared {
     /// How each published table is decided, for `/ws/status`.
     pub(crate) fn status(&self) -> BTreeMap<String, TableReport> {
         self.status.read().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl aether_http::RowSecurityReport for Shared {
+    fn report(&self) -> BTreeMap<String, serde_json::Value> {
+        self.status()
+            .into_iter()
+            .map(|(table, r)| {
+                let r = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
+                (table, r)
+            })
+            .collect()
     }
 }
 

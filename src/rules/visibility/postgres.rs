@@ -14,8 +14,6 @@ use aether_router::policy::{Decision, PolicyWaker};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::supabase::rest::{claims, role_name};
-
 /// One connection waiting to know whether it may see one change.
 pub(crate) struct Request {
     pub connection: u64,
@@ -267,7 +265,7 @@ async fn judge(
     let mut index: HashMap<(&'static str, String), usize> = HashMap::new();
     let mut of: Vec<usize> = Vec::with_capacity(group.len());
     for r in group {
-        let v = (role_name(r.principal.role), claims(&r.principal));
+        let v = (r.principal.role.database_role(), r.principal.jwt_claims());
         let i = *index.entry(v.clone()).or_insert_with(|| {
             viewers.push(v);
             viewers.len() - 1

@@ -55,3 +55,20 @@ async fn apply_missing(client: &mut Client) -> Result<Vec<&'static str>, tokio_p
     }
     Ok(applied)
 }
+
+/// The tables Aether's migrations create and its own rules govern (not a
+/// DBA's): schema-qualified, as `schema.table`.
+pub fn is_own_table(qualified: &str) -> bool {
+    matches!(
+        qualified,
+        "auth.users"
+            | "auth.sessions"
+            | "public.auth_events"
+            | "public.buckets"
+            | "public.folders"
+            | "public.files"
+            | "public.shares"
+            | "aether.channels"
+            | "realtime.messages"
+    )
+}

@@ -1,0 +1,1061 @@
+//! `/rest/v1`: the PostgREST subset supabase-js's query builder uses.
+//!
+//! PostgreSQL decides who sees what, as with Supabase: each request runs in one
+//! transaction as the role its token names (`anon`, `authenticated`,
+//! `service_role`, see migrations/0009_rest_roles.sql) with the token's claims in
+//! `request.jwt.claims`, so `auth.uid()` and RLS policies written for Supabase
+//! work unchanged. Unlike Supabase, nothing is granted on a new table: a DBA
+//! grants what the API should expose. Errors are PostgREST's body
+//! `{code, message, details, hint}` with PostgreSQL's SQLSTATE.
+
+mod query;
+mod schema;
+mod sql;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{api_key_of, check_api_key};
+use crate::AppState;
+use crate::extract::bearer_token;
+use aether_auth::{Principal, Role};
+pub(crate) use schema::SchemaCache;
+use sql::{Conflict, PlanError, Sql, Text};
+
+/// The most rows one read answers (as Supabase's default "max rows"): a
+/// response is built whole, so an unbounded `select` on a large table would be
+/// unbounded memory. `Content-Range` with `Prefer: count=exact` says how many
+/// there are; `offset`/`Range` page through them.
+const MAX_ROWS: u64 = 1000;
+
+/// Statements of one request may run this long.
+const STATEMENT_TIMEOUT: &str = "8s";
+
+/// A PostgREST error response.
+#[derive(Debug)]
+pub(crate) struct RestError {
+    status: StatusCode,
+    code: String,
+    message: String,
+    details: Option<String>,
+    hint: Option<String>,
+}
+
+impl RestError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> RestError {
+        RestError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+            details: None,
+            hint: None,
+        }
+    }
+
+    fn details(mut self, d: impl Into<String>) -> RestError {
+        self.details = Some(d.into());
+        self
+    }
+
+    /// A database error as PostgREST maps it; `anon` decides 401 against 403.
+    fn db(e: tokio_postgres::Error, anon: bool) -> RestError {
+        let Some(db) = e.as_db_error() else {
+            tracing::error!(error = %e, "rest: database unavailable");
+            return unavailable();
+        };
+        let code = db.code().code();
+        let status = match code {
+            "42501" if anon => StatusCode::UNAUTHORIZED,
+            "42501" => StatusCode::FORBIDDEN,
+            "42P01" | "42883" => StatusCode::NOT_FOUND,
+            "23505" | "23503" => StatusCode::CONFLICT,
+            "57014" => StatusCode::INTERNAL_SERVER_ERROR,
+            c if c.starts_with("22") || c.starts_with("23") || c.starts_with("42") => {
+                StatusCode::BAD_REQUEST
+            }
+            "P0001" => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        RestError {
+            status,
+            code: code.to_owned(),
+            message: db.message().to_owned(),
+            details: db.detail().map(str::to_owned),
+            hint: db.hint().map(str::to_owned),
+        }
+    }
+}
+
+/// The database cannot be reached: PostgREST's `PGRST000`.
+fn unavailable() -> RestError {
+    RestError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "PGRST000",
+        "Database connection error",
+    )
+}
+
+impl IntoResponse for RestError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "code": self.code, "message": self.message,
+            "details": self.details, "hint": self.hint,
+        });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<query::ParseError> for RestError {
+    fn from(e: query::ParseError) -> RestError {
+        RestError::new(StatusCode::BAD_REQUEST, "PGRST100", e.message).details(e.details)
+    }
+}
+
+impl From<PlanError> for RestError {
+    fn from(e: PlanError) -> RestError {
+        match e {
+            PlanError::NoRelationship(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST200", m),
+            PlanError::Ambiguous(m) => RestError::new(StatusCode::MULTIPLE_CHOICES, "PGRST201", m),
+            PlanError::NotEmbedded(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST108", m),
+        }
+    }
+}
+
+/// Who a request acts as: its bearer token (a user's, or an API key), else its
+/// `apikey`. A valid bearer token is enough without an `apikey`, as on Supabase.
+pub(crate) struct RestCaller(Principal);
+
+impl FromRequestParts<AppState> for RestCaller {
+    type Rejection = RestError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, RestError> {
+        let unauthorized =
+            |m: &str| RestError::new(StatusCode::UNAUTHORIZED, "PGRST301", m.to_owned());
+        if let Some(token) = bearer_token(&parts.headers) {
+            // An API key as the bearer (supabase-js sends the anon key when no
+            // one is signed in), else a user's token with its live session.
+            if let Ok(key) = check_api_key(state, Some(token)) {
+                return Ok(RestCaller(key));
+            }
+            return match state.auth.authenticate(token).await {
+                Ok(p) => Ok(RestCaller(p)),
+                Err(aether_auth::AuthError::Internal(cause)) => {
+                    tracing::error!(error = %cause, "rest: token check failed");
+                    Err(unavailable())
+                }
+                Err(e) => Err(unauthorized(&e.to_string())),
+            };
+        }
+        check_api_key(state, api_key_of(parts).as_deref())
+            .map(RestCaller)
+            .map_err(|e| unauthorized(e.message()))
+    }
+}
+
+/// `Prefer:` as PostgREST reads it.
+#[derive(Debug, Default)]
+struct Prefer {
+    count: bool,
+    /// `count=planned` (the planner's estimate) or `count=estimated` (exact
+    /// up to `MAX_ROWS`, the estimate beyond), as PostgREST counts.
+    count_kind: CountKind,
+    representation: bool,
+    merge: bool,
+    ignore: bool,
+    /// `tx=rollback`.
+    rollback: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum CountKind {
+    #[default]
+    Exact,
+    Planned,
+    Estimated,
+}
+
+/// The planner's row estimate for a `SELECT count(*) …` statement's rows.
+async fn planned_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    count: &sql::Sql,
+    anon: bool,
+) -> Result<i64, RestError> {
+    let row = tx
+        .query_one(
+            format!(
+                "EXPLAIN (FORMAT JSON) {}",
+                count.text.replacen("SELECT count(*)", "SELECT 1", 1)
+            )
+            .as_str(),
+            &count.refs(),
+        )
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    let plan: Value = row.try_get(0).map_err(|e| RestError::db(e, anon))?;
+    Ok(plan
+        .pointer("/0/Plan/Plan Rows")
+        .and_then(Value::as_f64)
+        .map_or(0, |r| r.round() as i64))
+}
+
+fn prefer(headers: &HeaderMap) -> Prefer {
+    let mut p = Prefer::default();
+    for v in headers.get_all("prefer") {
+        for item in v.to_str().unwrap_or_default().split(',') {
+            match item.trim() {
+                "count=exact" => {
+                    p.count = true;
+                    p.count_kind = CountKind::Exact;
+                }
+                "count=planned" => {
+                    p.count = true;
+                    p.count_kind = CountKind::Planned;
+                }
+                "count=estimated" => {
+                    p.count = true;
+                    p.count_kind = CountKind::Estimated;
+                }
+                "return=representation" => p.representation = true,
+                "resolution=merge-duplicates" => p.merge = true,
+                "resolution=ignore-duplicates" => p.ignore = true,
+                "tx=rollback" => p.rollback = true,
+                _ => {}
+            }
+        }
+    }
+    p
+}
+
+/// The schema a request names (`Accept-Profile` to read, `Content-Profile` to
+/// write), or the first exposed one.
+fn profile(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<String, RestError> {
+    let exposed = &state.settings.rest_schemas;
+    let name = if method == Method::GET || method == Method::HEAD {
+        "accept-profile"
+    } else {
+        "content-profile"
+    };
+    match headers.get(name).and_then(|v| v.to_str().ok()) {
+        None => exposed.first().cloned().ok_or_else(|| {
+            RestError::new(StatusCode::NOT_FOUND, "PGRST106", "No schema is exposed")
+        }),
+        Some(s) if exposed.iter().any(|e| e == s) => Ok(s.to_owned()),
+        Some(s) => Err(RestError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "PGRST106",
+            format!(
+                "The schema must be one of the following: {}",
+                exposed.join(", ")
+            ),
+        )
+        .details(format!("{s} is not exposed (REST_SCHEMAS)"))),
+    }
+}
+
+/// Runs `f` in one transaction as the caller's role, with its claims set.
+async fn as_caller<T>(
+    state: &AppState,
+    caller: &Principal,
+    f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
+) -> Result<T, RestError> {
+    as_caller_then(state, caller, false, f).await
+}
+
+/// [`as_caller`], rolled back instead of committed with `rollback`
+/// (`Prefer: tx=rollback`): the answer is what the request would have done;
+/// nothing stays, and no change reaches the WAL.
+async fn as_caller_then<T>(
+    state: &AppState,
+    caller: &Principal,
+    rollback: bool,
+    f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
+) -> Result<T, RestError> {
+    let anon = caller.role == Role::Anon;
+    let mut client = state.pool.get().await.map_err(|e| {
+        tracing::error!(error = %e, "rest: no database connection");
+        unavailable()
+    })?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    // One round trip: `set_config('role', …, true)` is `SET LOCAL ROLE`.
+    let sub = Text(caller.user_id.clone());
+    tx.execute(
+        "SELECT set_config('role', $3, true), set_config('statement_timeout', $4, true),
+                set_config('request.jwt.claims', $1, true),
+                set_config('request.jwt.claim.sub', coalesce($2, ''), true),
+                set_config('request.jwt.claim.role', $3, true)",
+        &[
+            &caller.jwt_claims(),
+            &sub,
+            &caller.role.database_role(),
+            &STATEMENT_TIMEOUT,
+        ],
+    )
+    .await
+    .map_err(|e| RestError::db(e, anon))?;
+    let out = f(&tx).await?;
+    if rollback {
+        tx.rollback().await.map_err(|e| RestError::db(e, anon))?;
+    } else {
+        tx.commit().await.map_err(|e| RestError::db(e, anon))?;
+    }
+    Ok(out)
+}
+
+/// Runs a statement that yields `json, count`.
+async fn rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &Sql,
+    anon: bool,
+) -> Result<(String, i64), RestError> {
+    let row = tx
+        .query_one(sql.text.as_str(), &sql.refs())
+        .await
+        .map_err(|e| RestError::db(e, anon))?;
+    let json: Option<String> = row.try_get(0).map_err(|e| RestError::db(e, anon))?;
+    let n: i64 = row.try_get(1).map_err(|e| RestError::db(e, anon))?;
+    Ok((json.unwrap_or_else(|| "null".to_owned()), n))
+}
+
+/// 42703 for a column the table does not have, before any SQL is made: a name
+/// PostgreSQL would otherwise read as a function of the whole row
+/// (`_t."to_json"`) never reaches it.
+fn check_columns(q: &query::Query, t: &schema::Table, table: &str) -> Result<(), RestError> {
+    fn conds<'a>(c: &'a query::Cond, out: &mut Vec<&'a str>) {
+        match c {
+            query::Cond::Filter { column, .. } => out.push(column),
+            query::Cond::And(v, _) | query::Cond::Or(v, _) => v.iter().for_each(|c| conds(c, out)),
+        }
+    }
+    let mut names: Vec<&str> = Vec::new();
+    q.filters.iter().for_each(|c| conds(c, &mut names));
+    names.extend(q.order.iter().map(|o| o.column.as_str()));
+    names.extend(q.on_conflict.iter().flatten().map(String::as_str));
+    names.extend(q.columns.iter().flatten().map(String::as_str));
+    names.extend(q.select.iter().filter_map(|i| match i {
+        query::Item::Column { name, .. } => Some(name.as_str()),
+        _ => None,
+    }));
+    // A JSON path names its column first (`data->a`).
+    match names
+        .into_iter()
+        .map(|c| query::json_path(c).0)
+        .find(|c| !t.columns.iter().any(|k| k.name == *c))
+    {
+        Some(c) => Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "42703",
+            format!("column {table}.{c} does not exist"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn not_one(n: i64) -> RestError {
+    RestError::new(
+        StatusCode::NOT_ACCEPTABLE,
+        "PGRST116",
+        "JSON object requested, multiple (or no) rows returned",
+    )
+    .details(format!("The result contains {n} rows"))
+}
+
+/// Listens for `aether_schema` (migrations/0015: an event trigger after
+/// every DDL command) and marks the schema cache stale, so the next request
+/// sees a table, column, key or grant changed a moment ago. Reconnects with a
+/// backoff; each (re)connection marks the cache stale too (DDL may have been
+/// missed). Where the event trigger could not be made, nothing arrives and
+/// the cache reloads on a miss.
+pub async fn listen_for_ddl(
+    pg: tokio_postgres::Config,
+    state: AppState,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt as _;
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        let connected = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            c = pg.connect(tokio_postgres::NoTls) => c,
+        };
+        match connected {
+            Ok((client, mut conn)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if matches!(m, tokio_postgres::AsyncMessage::Notification(_)) {
+                            // One pending wake-up is enough: it reloads everything.
+                            let _ = tx.try_send(());
+                        }
+                    }
+                });
+                let listening = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        driver.abort();
+                        return;
+                    }
+                    r = client.batch_execute("LISTEN aether_schema") => r.is_ok(),
+                };
+                if listening {
+                    let since = std::time::Instant::now();
+                    state.rest_schema.invalidate();
+                    // A half-open connection hears nothing: ask every 30 s.
+                    let mut alive = tokio::time::interval(std::time::Duration::from_secs(30));
+                    alive.tick().await;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => {
+                                driver.abort();
+                                return;
+                            }
+                            m = rx.recv() => match m {
+                                Some(()) => state.rest_schema.invalidate(),
+                                None => break,
+                            },
+                            _ = alive.tick() => {
+                                let ping = tokio::time::timeout(
+                                    std::time::Duration::from_secs(10),
+                                    client.simple_query("SELECT 1"),
+                                );
+                                if !matches!(ping.await, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // Only a connection that stayed up a while resets the wait.
+                    if since.elapsed() > std::time::Duration::from_secs(10) {
+                        backoff = std::time::Duration::from_millis(200);
+                    }
+                }
+                driver.abort();
+                tracing::debug!("schema listener: connection ended; reconnecting");
+            }
+            Err(e) => tracing::debug!(error = %e, "schema listener: cannot connect"),
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
+/// Reloads the schema cache, unless it was reloaded less than a second ago.
+async fn reload(state: &AppState) -> Result<(), RestError> {
+    let client = state.pool.get().await.map_err(|_| unavailable())?;
+    state
+        .rest_schema
+        .reload(&client, &state.settings.rest_schemas)
+        .await
+        .map_err(|e| RestError::db(e, false))?;
+    Ok(())
+}
+
+/// Finds a table of the exposed schema, reloading the cache once on a miss.
+async fn table(
+    state: &AppState,
+    schema: &str,
+    name: &str,
+) -> Result<(std::sync::Arc<schema::Schema>, (String, String)), RestError> {
+    let key = (schema.to_owned(), name.to_owned());
+    let cache = &state.rest_schema;
+    if cache.is_stale() || !cache.get().tables.contains_key(&key) {
+        reload(state).await?;
+    }
+    let s = cache.get();
+    if !s.tables.contains_key(&key) {
+        return Err(RestError::new(
+            StatusCode::NOT_FOUND,
+            "PGRST205",
+            format!("Could not find the table '{schema}.{name}' in the schema cache"),
+        ));
+    }
+    Ok((s, key))
+}
+
+/// `Accept: application/vnd.pgrst.object+json`: exactly one row, as an object.
+fn wants_object(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/vnd.pgrst.object+json"))
+}
+
+/// `Range: a-b` as offset and limit.
+fn range(headers: &HeaderMap) -> Result<Option<(u64, Option<u64>)>, RestError> {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let v = v.strip_prefix("items=").unwrap_or(v);
+    let Some((a, b)) = v.split_once('-') else {
+        return Ok(None);
+    };
+    let Ok(a) = a.trim().parse::<u64>() else {
+        return Ok(None);
+    };
+    let b: Option<u64> = b.trim().parse().ok();
+    if b.is_some_and(|b| b < a) {
+        return Err(RestError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "PGRST103",
+            "Requested range not satisfiable",
+        ));
+    }
+    Ok(Some((a, b.map(|b| (b - a).saturating_add(1)))))
+}
+
+/// The response body: the rows, or the one row for an object request.
+fn body(json: String, n: i64, object: bool) -> Result<String, RestError> {
+    if !object {
+        return Ok(json);
+    }
+    if n != 1 {
+        return Err(not_one(n));
+    }
+    let mut rows: Vec<Value> = serde_json::from_str(&json).unwrap_or_default();
+    Ok(rows.pop().unwrap_or(Value::Null).to_string())
+}
+
+fn json_response(status: StatusCode, body: String, content_range: Option<String>) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(header::CONTENT_RANGE, cr);
+    }
+    r
+}
+
+fn content_range(offset: u64, n: i64, total: Option<i64>) -> String {
+    let total = total.map_or("*".to_owned(), |t| t.to_string());
+    if n <= 0 {
+        format!("*/{total}")
+    } else {
+        let last = offset.saturating_add(u64::try_from(n - 1).unwrap_or(0));
+        format!("{offset}-{last}/{total}")
+    }
+}
+
+/// `GET|HEAD|POST|PATCH|DELETE /rest/v1/{table}`.
+pub(crate) async fn table_route(
+    State(state): State<AppState>,
+    RestCaller(caller): RestCaller,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    payload: Bytes,
+) -> Result<Response, RestError> {
+    let schema_name = profile(&state, &method, &headers)?;
+    let mut q = query::parse(uri.query().unwrap_or(""))?;
+    let (mut schema, key) = table(&state, &schema_name, &name).await?;
+    let mut t = schema.tables.get(&key).cloned().unwrap_or_default();
+    if check_columns(&q, &t, &key.1).is_err() {
+        // A column a DBA just added: look again (at most once a second).
+        reload(&state).await?;
+        schema = state.rest_schema.get();
+        t = schema.tables.get(&key).cloned().unwrap_or_default();
+        check_columns(&q, &t, &key.1)?;
+    }
+    let pref = prefer(&headers);
+    let object = wants_object(&headers);
+    let anon = caller.role == Role::Anon;
+    let role = caller.role;
+    if method == Method::GET || method == Method::HEAD {
+        if let Some((offset, limit)) = range(&headers)? {
+            q.offset = q.offset.or(Some(offset));
+            // The smaller of the two, as PostgREST.
+            q.limit = match (q.limit, limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        q.limit = Some(q.limit.map_or(MAX_ROWS, |l| l.min(MAX_ROWS)));
+        let read = sql::read(&schema, &key, &t, &q, role)?;
+        let count = match pref.count {
+            true => Some(sql::count(&schema, &key, &t, &q, role)?),
+            false => None,
+        };
+        let (json, n, total) = as_caller(&state, &caller, async |tx| {
+            let (json, n) = rows(tx, &read, anon).await?;
+            let exact = async |c: &sql::Sql| -> Result<i64, RestError> {
+                let row = tx
+                    .query_one(c.text.as_str(), &c.refs())
+                    .await
+                    .map_err(|e| RestError::db(e, anon))?;
+                Ok(row.get::<_, i64>(0))
+            };
+            let total = match (&count, pref.count_kind) {
+                (None, _) => None,
+                (Some(c), CountKind::Exact) => Some(exact(c).await?),
+                (Some(c), CountKind::Planned) => Some(planned_rows(tx, c, anon).await?.max(n)),
+                // Exact while small; past MAX_ROWS the planner's estimate.
+                (Some(c), CountKind::Estimated) => {
+                    let planned = planned_rows(tx, c, anon).await?;
+                    if planned > MAX_ROWS as i64 {
+                        Some(planned.max(n))
+                    } else {
+                        Some(exact(c).await?)
+                    }
+                }
+            };
+            Ok((json, n, total))
+        })
+        .await?;
+        let offset = q.offset.unwrap_or(0);
+        let partial = total.is_some_and(|t| t > n) && headers.contains_key(header::RANGE);
+        let status = if partial {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        let body = body(json, n, object)?;
+        let body = if method == Method::HEAD {
+            String::new()
+        } else {
+            body
+        };
+        return Ok(json_response(
+            status,
+            body,
+            Some(content_range(offset, n, total)),
+        ));
+    }
+    if aether_postgres::store::migrate::is_own_table(&format!("{}.{}", key.0, key.1))
+        && !caller.is_service()
+    {
+        // Granted to users so that the storage routes can run their writes
+        // as the caller (RLS decides), never written here: rows and bytes
+        // change together only through those routes.
+        return Err(RestError::new(
+            StatusCode::FORBIDDEN,
+            "42501",
+            format!("permission denied for table {}", key.1),
+        )
+        .details("Aether's own tables are read-only through /rest/v1: write through /storage/v1 and /auth/v1"));
+    }
+    let w = Write {
+        state: &state,
+        caller: &caller,
+        schema: &schema,
+        key: &key,
+        table: &t,
+        q: &q,
+        representation: pref.representation,
+        object,
+        rollback: pref.rollback,
+    };
+    if method == Method::DELETE {
+        let (sql, stmt) = sql::delete(&key, &q);
+        return w.run(sql, stmt, StatusCode::OK).await;
+    }
+    // POST and PATCH carry rows.
+    let value: Value = serde_json::from_slice(&payload).map_err(|e| {
+        RestError::new(StatusCode::BAD_REQUEST, "PGRST102", "Empty or invalid json")
+            .details(e.to_string())
+    })?;
+    let rows_in: Vec<&serde_json::Map<String, Value>> = match &value {
+        Value::Object(o) => vec![o],
+        Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
+        _ => Vec::new(),
+    };
+    if rows_in.is_empty() && !matches!(&value, Value::Array(a) if a.is_empty()) {
+        return Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "PGRST102",
+            "Empty or invalid json",
+        ));
+    }
+    // Each key is checked as it is read, so a body of many keys costs one
+    // lookup each and fails at the first the table does not have.
+    let known: std::collections::HashSet<&str> =
+        t.columns.iter().map(|c| c.name.as_str()).collect();
+    let columns: Vec<String> = match &q.columns {
+        Some(c) => c.clone(),
+        None => {
+            let mut seen = std::collections::HashSet::new();
+            let mut cols: Vec<String> = Vec::new();
+            for r in &rows_in {
+                for k in r.keys() {
+                    if !known.contains(k.as_str()) {
+                        return Err(RestError::new(
+                            StatusCode::BAD_REQUEST,
+                            "PGRST204",
+                            format!(
+                                "Could not find the '{k}' column of '{}' in the schema cache",
+                                key.1
+                            ),
+                        ));
+                    }
+                    if seen.insert(k.as_str()) {
+                        cols.push(k.clone());
+                    }
+                }
+            }
+            cols
+        }
+    };
+    if method == Method::PATCH {
+        let one = match &value {
+            Value::Object(_) => value.to_string(),
+            _ => {
+                return Err(RestError::new(
+                    StatusCode::BAD_REQUEST,
+                    "PGRST102",
+                    "An update takes one JSON object",
+                ));
+            }
+        };
+        if columns.is_empty() {
+            return written(pref.representation, StatusCode::OK, "[]".into(), 0, object);
+        }
+        let (sql, stmt) = sql::update(&key, &columns, one, &q);
+        return w.run(sql, stmt, StatusCode::OK).await;
+    }
+    if method != Method::POST {
+        return Err(RestError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "PGRST117",
+            format!("Unsupported HTTP method: {method}"),
+        ));
+    }
+    let array = match &value {
+        Value::Array(_) => value.to_string(),
+        other => format!("[{other}]"),
+    };
+    let conflict = if pref.merge || pref.ignore {
+        let on = q
+            .on_conflict
+            .clone()
+            .unwrap_or_else(|| t.primary_key.clone());
+        if on.is_empty() {
+            return Err(RestError::new(
+                StatusCode::BAD_REQUEST,
+                "PGRST100",
+                "An upsert needs on_conflict or a primary key",
+            ));
+        }
+        if pref.merge {
+            Conflict::Merge(on)
+        } else {
+            Conflict::Ignore(on)
+        }
+    } else {
+        Conflict::None
+    };
+    let (sql, stmt) = if columns.is_empty() {
+        let mut s = Sql::default();
+        let n = rows_in.len();
+        let _ = s.param_opt(None);
+        let stmt = format!(
+            "INSERT INTO {} AS _t SELECT FROM generate_series(1, {n}) WHERE $1::text IS NULL",
+            sql::table_name(&key.0, &key.1)
+        );
+        (s, stmt)
+    } else {
+        sql::insert(&key, &columns, array, &conflict)
+    };
+    w.run(sql, stmt, StatusCode::CREATED).await
+}
+
+/// One data-changing request.
+struct Write<'a> {
+    state: &'a AppState,
+    caller: &'a Principal,
+    schema: &'a schema::Schema,
+    key: &'a (String, String),
+    table: &'a schema::Table,
+    q: &'a query::Query,
+    representation: bool,
+    object: bool,
+    rollback: bool,
+}
+
+impl Write<'_> {
+    /// Runs `stmt` as the caller. Rows come back (`RETURNING`) only when the
+    /// client asked for them, so a table the caller may write but not read
+    /// takes `return=minimal` writes, as on PostgREST. An object request that
+    /// does not touch exactly one row is refused before the commit.
+    async fn run(&self, sql: Sql, stmt: String, status: StatusCode) -> Result<Response, RestError> {
+        let anon = self.caller.role == Role::Anon;
+        let object = self.object;
+        let wants_rows = self.representation || object;
+        let (json, n) = if wants_rows {
+            let sql = sql::returning(
+                self.schema,
+                self.key,
+                self.table,
+                self.q,
+                self.caller.role,
+                sql,
+                &stmt,
+            )?;
+            as_caller_then(self.state, self.caller, self.rollback, async |tx| {
+                let (json, n) = rows(tx, &sql, anon).await?;
+                if object && n != 1 {
+                    return Err(not_one(n));
+                }
+                Ok((json, n))
+            })
+            .await?
+        } else {
+            let n = as_caller_then(self.state, self.caller, self.rollback, async |tx| {
+                tx.execute(stmt.as_str(), &sql.refs())
+                    .await
+                    .map_err(|e| RestError::db(e, anon))
+            })
+            .await?;
+            ("[]".to_owned(), i64::try_from(n).unwrap_or(i64::MAX))
+        };
+        let mut r = written(wants_rows, status, json, n, object)?;
+        if self.rollback {
+            r.headers_mut().insert(
+                HeaderName::from_static("preference-applied"),
+                HeaderValue::from_static("tx=rollback"),
+            );
+        }
+        Ok(r)
+    }
+}
+
+/// The answer to a write: the rows with `return=representation`, else nothing.
+fn written(
+    representation: bool,
+    status: StatusCode,
+    json: String,
+    n: i64,
+    object: bool,
+) -> Result<Response, RestError> {
+    let range = content_range(0, n, None);
+    if !representation {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        if status == StatusCode::CREATED {
+            *r.status_mut() = StatusCode::CREATED;
+        }
+        if let Ok(v) = HeaderValue::from_str(&range) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        return Ok(r);
+    }
+    Ok(json_response(status, body(json, n, object)?, Some(range)))
+}
+
+/// `POST|GET /rest/v1/rpc/{function}`: named arguments from the JSON body or
+/// the query string.
+pub(crate) async fn rpc(
+    State(state): State<AppState>,
+    RestCaller(caller): RestCaller,
+    Path(function): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    payload: Bytes,
+) -> Result<Response, RestError> {
+    let schema_name = profile(&state, &method, &headers)?;
+    let args: Vec<(String, Option<String>)> = if method == Method::GET {
+        uri.query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter(|p| {
+                let k = p.split_once('=').map_or(*p, |(k, _)| k);
+                !matches!(
+                    k,
+                    "select" | "order" | "limit" | "offset" | "apikey" | "columns"
+                )
+            })
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (super::decode_component(k), Some(super::decode_component(v)))
+            })
+            .collect()
+    } else if payload.is_empty() {
+        Vec::new()
+    } else {
+        let v: Value = serde_json::from_slice(&payload).map_err(|e| {
+            RestError::new(StatusCode::BAD_REQUEST, "PGRST102", "Empty or invalid json")
+                .details(e.to_string())
+        })?;
+        let Value::Object(o) = v else {
+            return Err(RestError::new(
+                StatusCode::BAD_REQUEST,
+                "PGRST102",
+                "rpc arguments must be a JSON object",
+            ));
+        };
+        o.into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::Null => None,
+                    Value::String(s) => Some(s),
+                    other => Some(other.to_string()),
+                };
+                (k, text)
+            })
+            .collect()
+    };
+    let anon = caller.role == Role::Anon;
+    let object = wants_object(&headers);
+    let fname = sql::table_name(&schema_name, &function);
+    let (json, n) = as_caller(&state, &caller, async |tx| {
+        let found = tx
+            .query_opt(
+                "SELECT p.proretset, p.prorettype = 'void'::regtype
+                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                  WHERE n.nspname = $1 AND p.proname = $2 LIMIT 1",
+                &[&schema_name, &function],
+            )
+            .await
+            .map_err(|e| RestError::db(e, anon))?;
+        let Some(found) = found else {
+            return Err(RestError::new(
+                StatusCode::NOT_FOUND,
+                "PGRST202",
+                format!("Could not find the function {schema_name}.{function} in the schema cache"),
+            ));
+        };
+        let (set, void): (bool, bool) = (found.get(0), found.get(1));
+        let mut s = Sql::default();
+        let named: Vec<String> = args
+            .iter()
+            .map(|(k, v)| format!("{} => {}", sql::quote(k), s.param_opt(v.clone())))
+            .collect();
+        let call = format!("{fname}({})", named.join(", "));
+        s.text = if set {
+            format!(
+                "SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT * FROM {call} LIMIT {MAX_ROWS}) _r"
+            )
+        } else if void {
+            format!("SELECT 'null'::text, 1::bigint FROM (SELECT {call}) _r")
+        } else {
+            format!("SELECT to_json({call})::text, 1::bigint")
+        };
+        rows(tx, &s, anon).await
+    })
+    .await?;
+    Ok(json_response(StatusCode::OK, body(json, n, object)?, None))
+}
+
+/// `GET /rest/v1/`: the OpenAPI (Swagger 2.0) description PostgREST serves,
+/// of the tables of the exposed schema (`Accept-Profile`) the caller may
+/// read a column of, and of those columns, from the schema cache.
+pub(crate) async fn openapi(
+    State(state): State<AppState>,
+    RestCaller(caller): RestCaller,
+    headers: HeaderMap,
+) -> Result<Response, RestError> {
+    let schema_name = profile(&state, &Method::GET, &headers)?;
+    reload(&state).await?;
+    let s = state.rest_schema.get();
+    let role = schema::role_index(caller.role);
+    let mut paths = serde_json::Map::new();
+    let mut definitions = serde_json::Map::new();
+    let mut names: Vec<&(String, String)> = s
+        .tables
+        .keys()
+        .filter(|(sc, _)| *sc == schema_name)
+        .collect();
+    names.sort();
+    for key in names {
+        let t = &s.tables[key];
+        let cols: Vec<&schema::Column> = t.columns.iter().filter(|c| c.readable[role]).collect();
+        if cols.is_empty() {
+            continue;
+        }
+        let properties: serde_json::Map<String, Value> = cols
+            .iter()
+            .map(|c| {
+                let ty = openapi_type(&c.type_name);
+                let mut p = json!({"type": ty, "format": c.type_name});
+                if ty == "array" {
+                    p["items"] = json!({"type": openapi_type(c.type_name.trim_end_matches("[]"))});
+                }
+                if t.primary_key.contains(&c.name) {
+                    p["description"] = json!("Note:\nThis is a Primary Key.<pk/>");
+                }
+                (c.name.clone(), p)
+            })
+            .collect();
+        let required: Vec<&str> = cols
+            .iter()
+            .filter(|c| c.required)
+            .map(|c| c.name.as_str())
+            .collect();
+        definitions.insert(
+            key.1.clone(),
+            json!({"type": "object", "required": required, "properties": properties}),
+        );
+        let reference = json!({"$ref": format!("#/definitions/{}", key.1)});
+        let ok = |what: &str| json!({"description": what});
+        paths.insert(
+            format!("/{}", key.1),
+            json!({
+                "get": {"tags": [key.1], "responses": {"200": {"description": "OK",
+                        "schema": {"type": "array", "items": reference}}, "206": ok("Partial Content")}},
+                "post": {"tags": [key.1], "responses": {"201": ok("Created")}},
+                "patch": {"tags": [key.1], "responses": {"204": ok("No Content")}},
+                "delete": {"tags": [key.1], "responses": {"204": ok("No Content")}},
+            }),
+        );
+    }
+    paths.insert(
+        "/".into(),
+        json!({"get": {"tags": ["Introspection"], "summary": "OpenAPI description (this document)",
+                        "responses": {"200": {"description": "OK"}}}}),
+    );
+    let doc = json!({
+        "swagger": "2.0",
+        "info": {"title": "Aether data API (PostgREST-compatible)", "version": env!("CARGO_PKG_VERSION"),
+                 "description": format!("The tables of schema {schema_name} the caller may read")},
+        "basePath": "/rest/v1",
+        "schemes": ["http", "https"],
+        "consumes": ["application/json", "application/vnd.pgrst.object+json"],
+        "produces": ["application/json", "application/vnd.pgrst.object+json"],
+        "paths": paths,
+        "definitions": definitions,
+    });
+    let mut r = json_response(StatusCode::OK, doc.to_string(), None);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openapi+json; charset=utf-8"),
+    );
+    Ok(r)
+}
+
+/// A PostgreSQL type as an OpenAPI 2.0 type (its name goes in `format`).
+fn openapi_type(t: &str) -> &'static str {
+    match t {
+        "smallint" | "integer" | "bigint" => "integer",
+        "real" | "double precision" | "numeric" => "number",
+        "boolean" => "boolean",
+        t if t.ends_with("[]") => "array",
+        "json" | "jsonb" => "object",
+        _ => "string",
+    }
+}
+
+/// The `/rest/v1` routes.
+pub(crate) fn routes() -> axum::Router<AppState> {
+    use axum::routing::{any, get};
+    axum::Router::new()
+        .route("/rest/v1/", get(openapi))
+        .route("/rest/v1", get(openapi))
+        .route("/rest/v1/rpc/{function}", get(rpc).post(rpc))
+        .route("/rest/v1/{table}", any(table_route))
+}

@@ -1,0 +1,662 @@
+//! Renders a parsed request as SQL: identifiers quoted, type names checked by the
+//! parser, every value a bound parameter sent as text of unknown type, so
+//! PostgreSQL reads it as the column's own type (as PostgREST does).
+
+use std::error::Error;
+
+use bytes::BytesMut;
+use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
+
+use super::query::{Cond, IsValue, Item, Op, Operand, Order, Query};
+use super::schema::{Schema, Table};
+use aether_auth::Role;
+
+/// A value PostgreSQL parses as whatever type its place in the query has.
+#[derive(Debug)]
+pub(crate) struct Text(pub Option<String>);
+
+impl ToSql for Text {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        match &self.0 {
+            Some(s) => {
+                out.extend_from_slice(s.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// A quoted identifier. The parser lets no `"` through; doubling it anyway
+/// keeps this safe on its own.
+pub(crate) fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub(crate) fn table_name(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote(schema), quote(table))
+}
+
+/// SQL text and its parameters, built together.
+#[derive(Debug, Default)]
+pub(crate) struct Sql {
+    pub text: String,
+    pub params: Vec<Text>,
+}
+
+impl Sql {
+    fn param(&mut self, v: impl Into<String>) -> String {
+        self.params.push(Text(Some(v.into())));
+        format!("${}", self.params.len())
+    }
+
+    /// The parameters as tokio-postgres takes them.
+    pub(crate) fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| p as _).collect()
+    }
+
+    pub(crate) fn param_opt(&mut self, v: Option<String>) -> String {
+        self.params.push(Text(v));
+        format!("${}", self.params.len())
+    }
+}
+
+/// Why a plan cannot be rendered (a name the schema does not have).
+#[derive(Debug)]
+pub(crate) enum PlanError {
+    /// `PGRST200`: no foreign key relates the two tables (or the hint matches none).
+    NoRelationship(String),
+    /// `PGRST201`: more than one does; a `!hint` must choose.
+    Ambiguous(String),
+    /// `PGRST108`: a filter names an embedded resource the select does not.
+    NotEmbedded(String),
+}
+
+/// A PostgreSQL array literal of `items`, each quoted.
+fn array_literal(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|i| format!("\"{}\"", i.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
+/// `alias."column"`, followed by its JSON path (`->'a'->>'b'`, `->0`). Keys
+/// are SQL string literals, quotes doubled (standard strings, no escapes).
+pub(crate) fn column_ref(alias: &str, name: &str) -> String {
+    let (base, steps) = super::query::json_path(name);
+    let mut out = format!("{alias}.{}", quote(base));
+    for (text, key) in steps {
+        out.push_str(if text { "->>" } else { "->" });
+        let digits = key.strip_prefix('-').unwrap_or(key);
+        if !digits.is_empty() && digits.len() < 10 && digits.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(key);
+        } else {
+            out.push('\'');
+            out.push_str(&key.replace('\'', "''"));
+            out.push('\'');
+        }
+    }
+    out
+}
+
+/// A filter's column type, where the table is known (`None`: unknown).
+fn column_type<'t>(table: Option<&'t Table>, column: &str) -> Option<&'t str> {
+    let (base, steps) = super::query::json_path(column);
+    if !steps.is_empty() {
+        return None;
+    }
+    table?
+        .columns
+        .iter()
+        .find(|c| c.name == base)
+        .map(|c| c.type_name.as_str())
+}
+
+fn cond(sql: &mut Sql, c: &Cond, alias: &str, table: Option<&Table>) -> String {
+    match c {
+        Cond::Filter {
+            column,
+            negated,
+            op,
+            operand,
+        } => {
+            let col = column_ref(alias, column);
+            let expr = match (op, operand) {
+                (Op::Is, Operand::Is(v)) => {
+                    let v = match v {
+                        IsValue::Null => "NULL",
+                        IsValue::True => "TRUE",
+                        IsValue::False => "FALSE",
+                        IsValue::Unknown => "UNKNOWN",
+                    };
+                    format!("{col} IS {v}")
+                }
+                (Op::In, Operand::List(items)) if items.is_empty() => "FALSE".to_owned(),
+                (Op::In, Operand::List(items)) => {
+                    format!("{col} = ANY({})", sql.param(array_literal(items)))
+                }
+                (Op::Fts(kind), Operand::Search { config, query }) => {
+                    // A tsvector column as it is (its index usable); any
+                    // other as its text, parsed with the same configuration
+                    // as the query (as PostgREST does). A column of a type
+                    // not known here is told apart in SQL.
+                    let ty = column_type(table, column);
+                    let f = kind.function();
+                    let (vector, tsquery) = match config {
+                        Some(c) => {
+                            let c = sql.param(c.clone());
+                            let q = sql.param(query.clone());
+                            (
+                                format!("to_tsvector({c}::regconfig, {col}::text)"),
+                                format!("{f}({c}::regconfig, {q})"),
+                            )
+                        }
+                        None => (
+                            format!("to_tsvector({col}::text)"),
+                            format!("{f}({})", sql.param(query.clone())),
+                        ),
+                    };
+                    match ty {
+                        Some("tsvector") => format!("{col} @@ {tsquery}"),
+                        Some(_) => format!("{vector} @@ {tsquery}"),
+                        None => format!(
+                            "(CASE WHEN pg_typeof({col}) = 'tsvector'::regtype \
+                             THEN {col}::text::tsvector ELSE {vector} END) @@ {tsquery}"
+                        ),
+                    }
+                }
+                (op, Operand::One(v)) => {
+                    let sym = match op {
+                        Op::Eq => "=",
+                        Op::Neq => "<>",
+                        Op::Gt => ">",
+                        Op::Gte => ">=",
+                        Op::Lt => "<",
+                        Op::Lte => "<=",
+                        Op::Like => "LIKE",
+                        Op::Ilike => "ILIKE",
+                        Op::Cs => "@>",
+                        Op::Cd => "<@",
+                        Op::Match => "~",
+                        Op::Imatch => "~*",
+                        Op::Sl => "<<",
+                        Op::Sr => ">>",
+                        Op::Nxr => "&<",
+                        Op::Nxl => "&>",
+                        Op::Adj => "-|-",
+                        Op::Ov => "&&",
+                        Op::Is | Op::In | Op::Fts(_) => "=",
+                    };
+                    format!("{col} {sym} {}", sql.param(v.clone()))
+                }
+                // The parser pairs each operator with its operand.
+                _ => "FALSE".to_owned(),
+            };
+            if *negated {
+                format!("NOT ({expr})")
+            } else {
+                expr
+            }
+        }
+        Cond::And(items, negated) | Cond::Or(items, negated) => {
+            let (joiner, empty) = match c {
+                Cond::And(..) => (" AND ", "TRUE"),
+                _ => (" OR ", "FALSE"),
+            };
+            let parts: Vec<String> = items.iter().map(|i| cond(sql, i, alias, table)).collect();
+            let expr = if parts.is_empty() {
+                empty.to_owned()
+            } else {
+                format!("({})", parts.join(joiner))
+            };
+            if *negated {
+                format!("NOT {expr}")
+            } else {
+                expr
+            }
+        }
+    }
+}
+
+/// `WHERE …` for the request's filters ("" when there are none).
+pub(crate) fn where_clause(sql: &mut Sql, q: &Query, alias: &str, table: Option<&Table>) -> String {
+    if q.filters.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = q
+        .filters
+        .iter()
+        .map(|c| cond(sql, c, alias, table))
+        .collect();
+    format!(" WHERE {}", parts.join(" AND "))
+}
+
+fn order_clause(order: &[Order], alias: &str) -> String {
+    if order.is_empty() {
+        return String::new();
+    }
+    let terms: Vec<String> = order
+        .iter()
+        .map(|o| {
+            let mut t = column_ref(alias, &o.column);
+            t.push_str(if o.desc { " DESC" } else { " ASC" });
+            match o.nulls_first {
+                Some(true) => t.push_str(" NULLS FIRST"),
+                Some(false) => t.push_str(" NULLS LAST"),
+                None => {}
+            }
+            t
+        })
+        .collect();
+    format!(" ORDER BY {}", terms.join(", "))
+}
+
+/// What the top level of a request adds to its embeds: their filters, order
+/// and paging, and (collected) the conditions of `!inner` ones.
+pub(crate) struct Embeds<'a> {
+    pub given: &'a std::collections::BTreeMap<String, super::query::Embedded>,
+    pub inner: Vec<String>,
+    /// Only the `!inner` conditions are wanted (a count): nothing else is
+    /// rendered, so no parameter is bound that the statement does not use.
+    pub count_only: bool,
+}
+
+/// The select list for `items` on the table `key` seen through `alias`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn select_list(
+    sql: &mut Sql,
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    items: &[Item],
+    alias: &str,
+    role: Role,
+    depth: usize,
+    mut embeds: Option<&mut Embeds<'_>>,
+) -> Result<String, PlanError> {
+    // Every embedded resource a filter names must be in the select.
+    if let Some(e) = embeds.as_deref()
+        && let Some(name) = e.given.keys().find(|name| {
+            !items.iter().any(|i| {
+                matches!(i, Item::Embed { table, alias, .. }
+                    if alias.as_deref().unwrap_or(table) == name.as_str())
+            })
+        })
+    {
+        return Err(PlanError::NotEmbedded(format!(
+            "'{name}' is not an embedded resource in this request"
+        )));
+    }
+    let mut out = Vec::new();
+    let star = items.is_empty() || items.iter().any(|i| matches!(i, Item::Star));
+    if star {
+        let cols: Vec<&str> = table.readable(role).collect();
+        // No column readable: name them all and let PostgreSQL refuse.
+        let cols: Vec<&str> = if cols.is_empty() {
+            table.columns.iter().map(|c| c.name.as_str()).collect()
+        } else {
+            cols
+        };
+        out.extend(cols.iter().map(|c| format!("{alias}.{}", quote(c))));
+    }
+    for item in items {
+        match item {
+            Item::Star => {}
+            Item::Column {
+                name,
+                alias: a,
+                cast,
+            } => {
+                let mut e = column_ref(alias, name);
+                if let Some(t) = cast {
+                    e = format!("({e})::{t}");
+                }
+                let named = a.as_deref().unwrap_or(super::query::output_name(name));
+                out.push(format!("{e} AS {}", quote(named)));
+            }
+            Item::Embed { inner: false, .. } if embeds.as_deref().is_some_and(|e| e.count_only) => {
+            }
+            Item::Embed {
+                table: target,
+                alias: a,
+                hint,
+                inner,
+                items,
+            } => {
+                let name = a.as_deref().unwrap_or(target);
+                let count_only = embeds.as_deref().is_some_and(|e| e.count_only);
+                let given = embeds.as_deref().and_then(|e| e.given.get(name));
+                let (sub, exists) = embed(
+                    sql,
+                    schema,
+                    key,
+                    alias,
+                    (target, hint.as_deref()),
+                    items,
+                    given,
+                    role,
+                    (depth, !count_only),
+                )?;
+                if *inner && let Some(e) = embeds.as_deref_mut() {
+                    e.inner.push(exists);
+                }
+                out.push(format!("{sub} AS {}", quote(name)));
+            }
+        }
+    }
+    Ok(out.join(", "))
+}
+
+/// One level of embedding through a foreign key, in either direction: the
+/// subquery, and the condition that a (matching) embedded row exists (for
+/// `!inner`).
+#[allow(clippy::too_many_arguments)]
+fn embed(
+    sql: &mut Sql,
+    schema: &Schema,
+    from: &(String, String),
+    from_alias: &str,
+    (target, hint): (&str, Option<&str>),
+    items: &[Item],
+    given: Option<&super::query::Embedded>,
+    role: Role,
+    (depth, with_tail): (usize, bool),
+) -> Result<(String, String), PlanError> {
+    let target_key = (from.0.clone(), target.to_owned());
+    let no_rel = || {
+        PlanError::NoRelationship(format!(
+            "Could not find a relationship between '{}' and '{}' in the schema cache",
+            from.1, target
+        ))
+    };
+    let t = schema.tables.get(&target_key).ok_or_else(no_rel)?;
+    let hinted = |fk: &&super::schema::ForeignKey| {
+        hint.is_none_or(|h| fk.name == h || fk.columns.iter().any(|c| c == h))
+    };
+    // Many-to-one: this table's key points at the target (an object).
+    let to_one: Vec<_> = schema
+        .foreign_keys
+        .iter()
+        .filter(|fk| &fk.table == from && fk.target == target_key)
+        .filter(hinted)
+        .collect();
+    // One-to-many: the target's key points at this table (an array).
+    let to_many: Vec<_> = schema
+        .foreign_keys
+        .iter()
+        .filter(|fk| fk.table == target_key && &fk.target == from)
+        .filter(hinted)
+        .collect();
+    let alias = format!("_e{depth}");
+    // Embeds of this embed: their `!inner` conditions narrow this one's rows
+    // (filters below the first level are not taken).
+    let none = std::collections::BTreeMap::new();
+    let mut nested = Embeds {
+        given: &none,
+        inner: Vec::new(),
+        count_only: false,
+    };
+    let list = select_list(
+        sql,
+        schema,
+        &target_key,
+        t,
+        items,
+        &alias,
+        role,
+        depth + 1,
+        Some(&mut nested),
+    )?;
+    let table = table_name(&target_key.0, &target_key.1);
+    // The embedded resource's own filters, order and paging.
+    let mut filters: String = nested.inner.iter().map(|c| format!(" AND {c}")).collect();
+    let mut tail = String::new();
+    if let Some(e) = given {
+        for c in &e.filters {
+            filters.push_str(" AND ");
+            filters.push_str(&cond(sql, c, &alias, Some(t)));
+        }
+        // Order and paging mean something for an array (to-many) only; a
+        // to-one embed binds none (an unused parameter fails the statement).
+        let many = to_one.is_empty() && to_many.len() == 1;
+        if with_tail && many {
+            tail = order_clause(&e.order, &alias);
+            if let Some(l) = e.limit {
+                tail.push_str(&format!(" LIMIT {}", sql.param(l.to_string())));
+            }
+            if let Some(o) = e.offset {
+                tail.push_str(&format!(" OFFSET {}", sql.param(o.to_string())));
+            }
+        }
+    }
+    match (to_one.as_slice(), to_many.as_slice()) {
+        ([fk], []) => {
+            let on: Vec<String> = fk
+                .columns
+                .iter()
+                .zip(&fk.references)
+                .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(r), quote(c)))
+                .collect();
+            let on = on.join(" AND ");
+            Ok((
+                format!(
+                    "(SELECT row_to_json(_x) FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}) _x)"
+                ),
+                format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
+            ))
+        }
+        ([], [fk]) => {
+            let on: Vec<String> = fk
+                .columns
+                .iter()
+                .zip(&fk.references)
+                .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(c), quote(r)))
+                .collect();
+            let on = on.join(" AND ");
+            Ok((
+                format!(
+                    "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}{tail}) _x)"
+                ),
+                format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
+            ))
+        }
+        ([], []) => Err(no_rel()),
+        _ => Err(PlanError::Ambiguous(format!(
+            "Could not embed because more than one relationship was found for '{}' and '{}'; add !<foreign key or column> to choose",
+            from.1, target
+        ))),
+    }
+}
+
+/// `SELECT json, count` of the rows the request reads.
+pub(crate) fn read(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+) -> Result<Sql, PlanError> {
+    let mut sql = Sql::default();
+    let (list, inner) = top_list(&mut sql, schema, key, table, q, role, false)?;
+    let filter = with_inner(where_clause(&mut sql, q, "_t", Some(table)), &inner);
+    let mut tail = order_clause(&q.order, "_t");
+    if let Some(l) = q.limit {
+        let p = sql.param(l.to_string());
+        tail.push_str(&format!(" LIMIT {p}"));
+    }
+    if let Some(o) = q.offset {
+        let p = sql.param(o.to_string());
+        tail.push_str(&format!(" OFFSET {p}"));
+    }
+    sql.text = format!(
+        "SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT {list} FROM {} _t{filter}{tail}) _r",
+        table_name(&key.0, &key.1)
+    );
+    Ok(sql)
+}
+
+/// The request's own select list (as `_t`) and its `!inner` conditions;
+/// with `count_only`, the conditions alone.
+fn top_list(
+    sql: &mut Sql,
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+    count_only: bool,
+) -> Result<(String, Vec<String>), PlanError> {
+    let mut embeds = Embeds {
+        given: &q.embedded,
+        inner: Vec::new(),
+        count_only,
+    };
+    let list = select_list(
+        sql,
+        schema,
+        key,
+        table,
+        &q.select,
+        "_t",
+        role,
+        0,
+        Some(&mut embeds),
+    )?;
+    Ok((list, embeds.inner))
+}
+
+/// Adds `!inner` embeds' conditions to a `WHERE` clause ("" when none).
+fn with_inner(filter: String, inner: &[String]) -> String {
+    match (filter.is_empty(), inner.is_empty()) {
+        (_, true) => filter,
+        (true, false) => format!(" WHERE {}", inner.join(" AND ")),
+        (false, false) => format!("{filter} AND {}", inner.join(" AND ")),
+    }
+}
+
+/// `SELECT count(*)` of every row the filters (and `!inner` embeds) match
+/// (`Prefer: count=exact`).
+pub(crate) fn count(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+) -> Result<Sql, PlanError> {
+    let mut sql = Sql::default();
+    // Only for the `!inner` conditions (and their parameters).
+    let (_, inner) = top_list(&mut sql, schema, key, table, q, role, true)?;
+    let filter = with_inner(where_clause(&mut sql, q, "_t", Some(table)), &inner);
+    sql.text = format!(
+        "SELECT count(*) FROM {} _t{filter}",
+        table_name(&key.0, &key.1)
+    );
+    Ok(sql)
+}
+
+/// Wraps a data-changing statement that returns `_t.*` so it yields `json, count`.
+pub(crate) fn returning(
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    q: &Query,
+    role: Role,
+    mut sql: Sql,
+    statement: &str,
+) -> Result<Sql, PlanError> {
+    let (list, _) = top_list(&mut sql, schema, key, table, q, role, false)?;
+    sql.text = format!(
+        "WITH _m AS ({statement} RETURNING _t.*) SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT {list} FROM _m _t) _r"
+    );
+    Ok(sql)
+}
+
+pub(crate) enum Conflict {
+    None,
+    Merge(Vec<String>),
+    Ignore(Vec<String>),
+}
+
+/// `"a", "b"`.
+fn quoted_list(columns: &[String]) -> String {
+    let quoted: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+    quoted.join(", ")
+}
+
+/// `INSERT … SELECT … FROM json_populate_recordset(…)` of `columns`.
+pub(crate) fn insert(
+    key: &(String, String),
+    columns: &[String],
+    body: String,
+    conflict: &Conflict,
+) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let name = table_name(&key.0, &key.1);
+    let p = sql.param(body);
+    let cols = quoted_list(columns);
+    let mut stmt = format!(
+        "INSERT INTO {name} AS _t ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{name}, {p}::json)"
+    );
+    match conflict {
+        Conflict::None => {}
+        Conflict::Ignore(on) => {
+            let on: Vec<String> = on.iter().map(|c| quote(c)).collect();
+            stmt.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", on.join(", ")));
+        }
+        Conflict::Merge(on) => {
+            let on_q: Vec<String> = on.iter().map(|c| quote(c)).collect();
+            let set: Vec<String> = columns
+                .iter()
+                .filter(|c| !on.contains(c))
+                .map(|c| format!("{} = EXCLUDED.{}", quote(c), quote(c)))
+                .collect();
+            if set.is_empty() {
+                stmt.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", on_q.join(", ")));
+            } else {
+                stmt.push_str(&format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    on_q.join(", "),
+                    set.join(", ")
+                ));
+            }
+        }
+    }
+    (sql, stmt)
+}
+
+/// `UPDATE … SET (columns) = (…)` of the rows the filters match.
+pub(crate) fn update(
+    key: &(String, String),
+    columns: &[String],
+    body: String,
+    q: &Query,
+) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let name = table_name(&key.0, &key.1);
+    let p = sql.param(body);
+    let cols = quoted_list(columns);
+    let filter = where_clause(&mut sql, q, "_t", None);
+    let stmt = format!(
+        "UPDATE {name} AS _t SET ({cols}) = (SELECT {cols} FROM json_populate_record(NULL::{name}, {p}::json)){filter}"
+    );
+    (sql, stmt)
+}
+
+/// `DELETE` of the rows the filters match.
+pub(crate) fn delete(key: &(String, String), q: &Query) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let filter = where_clause(&mut sql, q, "_t", None);
+    let stmt = format!("DELETE FROM {} AS _t{filter}", table_name(&key.0, &key.1));
+    (sql, stmt)
+}
