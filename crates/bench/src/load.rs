@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::proc::{cpu_seconds, hwm_kib, now_us, rss_kib};
+use crate::proc::{cpu_seconds, cpu_user_system, hwm_kib, now_us, rss_kib};
 use crate::stats::{Summary, summarize_us};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -442,12 +442,22 @@ impl Shared {
 
 pub type Sink = futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpStream>, Message>;
 
+/// The read buffer of each of many subscribers' sockets. The library's default
+/// (128 KiB) is zero-filled before every read: with one small frame per read,
+/// as a fan-out delivers, that was 65 % of the load process's CPU (perf), and
+/// the load process shares the cores with the server it measures. A browser's
+/// socket reads into a few KiB too.
+pub const SUBSCRIBER_READ_BUFFER: usize = 4 * 1024;
+/// A single bulk reader's (catch-up, big transactions): the library's default.
+pub const BULK_READ_BUFFER: usize = 128 * 1024;
+
 /// Opens a WebSocket from `source` (a 127.0.0.x address, to spread the 4-tuples) and
 /// spawns its reader; returns the sending half.
 pub async fn open(
     server: SocketAddr,
     token: &str,
     source: Option<Ipv4Addr>,
+    read_buffer: usize,
     shared: &Arc<Shared>,
 ) -> anyhow::Result<Sink> {
     let sock = tokio::net::TcpSocket::new_v4()?;
@@ -457,7 +467,9 @@ pub async fn open(
     let stream = sock.connect(server).await?;
     stream.set_nodelay(true)?;
     let url = format!("ws://{server}/ws?token={token}");
-    let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(read_buffer);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
     let (sink, mut stream) = ws.split();
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
@@ -509,7 +521,7 @@ pub async fn open_many(
         let shared = Arc::clone(shared);
         let ip = (ips > 0).then(|| Ipv4Addr::new(127, 0, 0, 2 + (i % ips as usize) as u8));
         handles.push(tokio::spawn(async move {
-            let r = open(server, &token, ip, &shared).await;
+            let r = open(server, &token, ip, SUBSCRIBER_READ_BUFFER, &shared).await;
             drop(permit);
             r
         }));
@@ -787,7 +799,7 @@ async fn catch_up(
         positions: Some(Mutex::new(Vec::with_capacity(expected as usize))),
         ..Shared::default()
     });
-    let mut sink = open(server, token, None, &shared).await?;
+    let mut sink = open(server, token, None, BULK_READ_BUFFER, &shared).await?;
     sink.send(subscribe_frame("all", None)).await?;
     wait_subscribed(&shared, 1, Duration::from_secs(30)).await?;
     say("READY");
@@ -849,7 +861,7 @@ async fn big_tx(
     timeout_s: u64,
 ) -> anyhow::Result<Value> {
     let shared = Arc::new(Shared::default());
-    let mut sink = open(server, token, None, &shared).await?;
+    let mut sink = open(server, token, None, BULK_READ_BUFFER, &shared).await?;
     sink.send(subscribe_frame("all", None)).await?;
     wait_subscribed(&shared, 1, Duration::from_secs(30)).await?;
     let client = crate::env::connect(db).await?;
@@ -1045,8 +1057,11 @@ struct FanOutRow {
     incomplete_changes: usize,
     deliveries: u64,
     aether_cpu_s_per_s: f64,
+    /// Of which in the kernel (socket writes).
+    aether_sys_s_per_s: f64,
     /// The load process's own CPU: it reads every one of the frames.
     load_cpu_s_per_s: f64,
+    load_sys_s_per_s: f64,
     closed_connections: u64,
 }
 
@@ -1087,9 +1102,9 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         log(format!(
             "fan-out: {connections} subscribers, {rate} changes/s"
         ));
-        let cpu0 = cpu_seconds(aether_pid).unwrap_or(0.0);
         let me = std::process::id();
-        let load0 = cpu_seconds(me).unwrap_or(0.0);
+        let (au0, as0) = cpu_user_system(aether_pid).unwrap_or_default();
+        let (lu0, ls0) = cpu_user_system(me).unwrap_or_default();
         let t = Instant::now();
         let (tracker, write) = writer.run(&shared, rate, seconds, |_| folder).await?;
         drain(
@@ -1098,8 +1113,10 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
             Duration::from_secs(10),
         )
         .await;
-        let cpu = cpu_seconds(aether_pid).unwrap_or(0.0) - cpu0;
-        let load_cpu = cpu_seconds(me).unwrap_or(0.0) - load0;
+        let (au1, as1) = cpu_user_system(aether_pid).unwrap_or_default();
+        let (lu1, ls1) = cpu_user_system(me).unwrap_or_default();
+        let (cpu, sys) = (au1 + as1 - au0 - as0, as1 - as0);
+        let (load_cpu, load_sys) = (lu1 + ls1 - lu0 - ls0, ls1 - ls0);
         let (mut last, mut first, short) =
             tracker.latencies(write.sent as usize, 0, connections as u32);
         let (mut ref_lat, _) = reference.latencies(write.sent, 0).await;
@@ -1111,7 +1128,9 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
             incomplete_changes: short,
             deliveries: tracker.deliveries.load(Ordering::Relaxed),
             aether_cpu_s_per_s: cpu / t.elapsed().as_secs_f64(),
+            aether_sys_s_per_s: sys / t.elapsed().as_secs_f64(),
             load_cpu_s_per_s: load_cpu / t.elapsed().as_secs_f64(),
+            load_sys_s_per_s: load_sys / t.elapsed().as_secs_f64(),
             closed_connections: shared.closed.load(Ordering::Relaxed),
             write,
         };

@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// soak: number of kills (default 40; 8 with --quick).
     #[arg(long)]
     pub kills: Option<usize>,
+    /// fan-out: the change rates to step through, e.g. `1,2,5` (default: the
+    /// scenario's whole ladder).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {

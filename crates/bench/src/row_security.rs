@@ -26,7 +26,9 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::env::{self, Env, LoadProc};
-use crate::load::{Shared, Sink, Tracker, drain, log, open, wait_subscribed};
+use crate::load::{
+    SUBSCRIBER_READ_BUFFER, Shared, Sink, Tracker, drain, log, open, wait_subscribed,
+};
 use crate::proc::{cpu_seconds, now_us, tree_cpu_seconds};
 use crate::stats::{Summary, summarize_us};
 
@@ -265,7 +267,7 @@ pub async fn load(spec: Spec) -> anyhow::Result<Value> {
             let ip = Ipv4Addr::new(127, 0, 0, 2 + (i % 10) as u8);
             let server = spec.server;
             handles.push(tokio::spawn(async move {
-                let mut s = open(server, &tok, Some(ip), &shared).await?;
+                let mut s = open(server, &tok, Some(ip), SUBSCRIBER_READ_BUFFER, &shared).await?;
                 for (id, table) in [("o", "rls_owned"), ("c", "rls_checked")] {
                     s.feed(Message::Text(
                         json!({"type": "subscription", "action": "subscribe",
