@@ -7,8 +7,18 @@
 //! work unchanged. Unlike Supabase, nothing is granted on a new table: a DBA
 //! grants what the API should expose. Errors are PostgREST's body
 //! `{code, message, details, hint}` with PostgreSQL's SQLSTATE.
+//!
+//! Here: table reads and writes. `query.rs` parses the query string, `sql.rs`
+//! plans the statement, `schema.rs` and `ddl.rs` know the exposed schemas,
+//! `caller.rs` runs a request as its role, `rpc.rs` calls functions,
+//! `openapi.rs` describes the tables, `errors.rs` answers errors.
 
+mod caller;
+mod ddl;
+mod errors;
+mod openapi;
 mod query;
+mod rpc;
 mod schema;
 mod sql;
 
@@ -23,6 +33,14 @@ use super::{api_key_of, check_api_key};
 use crate::AppState;
 use crate::extract::bearer_token;
 use aether_auth::{Principal, Role};
+pub(crate) use caller::RestCaller;
+use caller::{as_caller, as_caller_then};
+pub use ddl::listen_for_ddl;
+use ddl::{reload, table};
+pub(crate) use errors::RestError;
+use errors::unavailable;
+use openapi::openapi;
+use rpc::rpc;
 pub(crate) use schema::SchemaCache;
 use sql::{Conflict, PlanError, Sql, Text};
 
@@ -34,127 +52,6 @@ const MAX_ROWS: u64 = 1000;
 
 /// Statements of one request may run this long.
 const STATEMENT_TIMEOUT: &str = "8s";
-
-/// A PostgREST error response.
-#[derive(Debug)]
-pub(crate) struct RestError {
-    status: StatusCode,
-    code: String,
-    message: String,
-    details: Option<String>,
-    hint: Option<String>,
-}
-
-impl RestError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> RestError {
-        RestError {
-            status,
-            code: code.to_owned(),
-            message: message.into(),
-            details: None,
-            hint: None,
-        }
-    }
-
-    fn details(mut self, d: impl Into<String>) -> RestError {
-        self.details = Some(d.into());
-        self
-    }
-
-    /// A database error as PostgREST maps it; `anon` decides 401 against 403.
-    fn db(e: tokio_postgres::Error, anon: bool) -> RestError {
-        let Some(db) = e.as_db_error() else {
-            tracing::error!(error = %e, "rest: database unavailable");
-            return unavailable();
-        };
-        let code = db.code().code();
-        let status = match code {
-            "42501" if anon => StatusCode::UNAUTHORIZED,
-            "42501" => StatusCode::FORBIDDEN,
-            "42P01" | "42883" => StatusCode::NOT_FOUND,
-            "23505" | "23503" => StatusCode::CONFLICT,
-            "57014" => StatusCode::INTERNAL_SERVER_ERROR,
-            c if c.starts_with("22") || c.starts_with("23") || c.starts_with("42") => {
-                StatusCode::BAD_REQUEST
-            }
-            "P0001" => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        RestError {
-            status,
-            code: code.to_owned(),
-            message: db.message().to_owned(),
-            details: db.detail().map(str::to_owned),
-            hint: db.hint().map(str::to_owned),
-        }
-    }
-}
-
-/// The database cannot be reached: PostgREST's `PGRST000`.
-fn unavailable() -> RestError {
-    RestError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "PGRST000",
-        "Database connection error",
-    )
-}
-
-impl IntoResponse for RestError {
-    fn into_response(self) -> Response {
-        let body = json!({
-            "code": self.code, "message": self.message,
-            "details": self.details, "hint": self.hint,
-        });
-        (self.status, axum::Json(body)).into_response()
-    }
-}
-
-impl From<query::ParseError> for RestError {
-    fn from(e: query::ParseError) -> RestError {
-        RestError::new(StatusCode::BAD_REQUEST, "PGRST100", e.message).details(e.details)
-    }
-}
-
-impl From<PlanError> for RestError {
-    fn from(e: PlanError) -> RestError {
-        match e {
-            PlanError::NoRelationship(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST200", m),
-            PlanError::Ambiguous(m) => RestError::new(StatusCode::MULTIPLE_CHOICES, "PGRST201", m),
-            PlanError::NotEmbedded(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST108", m),
-        }
-    }
-}
-
-/// Who a request acts as: its bearer token (a user's, or an API key), else its
-/// `apikey`. A valid bearer token is enough without an `apikey`, as on Supabase.
-pub(crate) struct RestCaller(Principal);
-
-impl FromRequestParts<AppState> for RestCaller {
-    type Rejection = RestError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, RestError> {
-        let unauthorized =
-            |m: &str| RestError::new(StatusCode::UNAUTHORIZED, "PGRST301", m.to_owned());
-        if let Some(token) = bearer_token(&parts.headers) {
-            // An API key as the bearer (supabase-js sends the anon key when no
-            // one is signed in), else a user's token with its live session.
-            if let Ok(key) = check_api_key(state, Some(token)) {
-                return Ok(RestCaller(key));
-            }
-            return match state.auth.authenticate(token).await {
-                Ok(p) => Ok(RestCaller(p)),
-                Err(aether_auth::AuthError::Internal(cause)) => {
-                    tracing::error!(error = %cause, "rest: token check failed");
-                    Err(unavailable())
-                }
-                Err(e) => Err(unauthorized(&e.to_string())),
-            };
-        }
-        check_api_key(state, api_key_of(parts).as_deref())
-            .map(RestCaller)
-            .map_err(|e| unauthorized(e.message()))
-    }
-}
 
 /// `Prefer:` as PostgREST reads it.
 #[derive(Debug, Default)]
@@ -256,58 +153,6 @@ fn profile(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<Str
     }
 }
 
-/// Runs `f` in one transaction as the caller's role, with its claims set.
-async fn as_caller<T>(
-    state: &AppState,
-    caller: &Principal,
-    f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
-) -> Result<T, RestError> {
-    as_caller_then(state, caller, false, f).await
-}
-
-/// [`as_caller`], rolled back instead of committed with `rollback`
-/// (`Prefer: tx=rollback`): the answer is what the request would have done;
-/// nothing stays, and no change reaches the WAL.
-async fn as_caller_then<T>(
-    state: &AppState,
-    caller: &Principal,
-    rollback: bool,
-    f: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, RestError>,
-) -> Result<T, RestError> {
-    let anon = caller.role == Role::Anon;
-    let mut client = state.pool.get().await.map_err(|e| {
-        tracing::error!(error = %e, "rest: no database connection");
-        unavailable()
-    })?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| RestError::db(e, anon))?;
-    // One round trip: `set_config('role', …, true)` is `SET LOCAL ROLE`.
-    let sub = Text(caller.user_id.clone());
-    tx.execute(
-        "SELECT set_config('role', $3, true), set_config('statement_timeout', $4, true),
-                set_config('request.jwt.claims', $1, true),
-                set_config('request.jwt.claim.sub', coalesce($2, ''), true),
-                set_config('request.jwt.claim.role', $3, true)",
-        &[
-            &caller.jwt_claims(),
-            &sub,
-            &caller.role.database_role(),
-            &STATEMENT_TIMEOUT,
-        ],
-    )
-    .await
-    .map_err(|e| RestError::db(e, anon))?;
-    let out = f(&tx).await?;
-    if rollback {
-        tx.rollback().await.map_err(|e| RestError::db(e, anon))?;
-    } else {
-        tx.commit().await.map_err(|e| RestError::db(e, anon))?;
-    }
-    Ok(out)
-}
-
 /// Runs a statement that yields `json, count`.
 async fn rows(
     tx: &tokio_postgres::Transaction<'_>,
@@ -364,126 +209,6 @@ fn not_one(n: i64) -> RestError {
         "JSON object requested, multiple (or no) rows returned",
     )
     .details(format!("The result contains {n} rows"))
-}
-
-/// Listens for `aether_schema` (migrations/0015: an event trigger after
-/// every DDL command) and marks the schema cache stale, so the next request
-/// sees a table, column, key or grant changed a moment ago. Reconnects with a
-/// backoff; each (re)connection marks the cache stale too (DDL may have been
-/// missed). Where the event trigger could not be made, nothing arrives and
-/// the cache reloads on a miss.
-pub async fn listen_for_ddl(
-    pg: tokio_postgres::Config,
-    state: AppState,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    use futures_util::StreamExt as _;
-    let mut backoff = std::time::Duration::from_millis(200);
-    loop {
-        let connected = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            c = pg.connect(tokio_postgres::NoTls) => c,
-        };
-        match connected {
-            Ok((client, mut conn)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-                let driver = tokio::spawn(async move {
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-                    while let Some(Ok(m)) = messages.next().await {
-                        if matches!(m, tokio_postgres::AsyncMessage::Notification(_)) {
-                            // One pending wake-up is enough: it reloads everything.
-                            let _ = tx.try_send(());
-                        }
-                    }
-                });
-                let listening = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        driver.abort();
-                        return;
-                    }
-                    r = client.batch_execute("LISTEN aether_schema") => r.is_ok(),
-                };
-                if listening {
-                    let since = std::time::Instant::now();
-                    state.rest_schema.invalidate();
-                    // A half-open connection hears nothing: ask every 30 s.
-                    let mut alive = tokio::time::interval(std::time::Duration::from_secs(30));
-                    alive.tick().await;
-                    loop {
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => {
-                                driver.abort();
-                                return;
-                            }
-                            m = rx.recv() => match m {
-                                Some(()) => state.rest_schema.invalidate(),
-                                None => break,
-                            },
-                            _ = alive.tick() => {
-                                let ping = tokio::time::timeout(
-                                    std::time::Duration::from_secs(10),
-                                    client.simple_query("SELECT 1"),
-                                );
-                                if !matches!(ping.await, Ok(Ok(_))) {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    // Only a connection that stayed up a while resets the wait.
-                    if since.elapsed() > std::time::Duration::from_secs(10) {
-                        backoff = std::time::Duration::from_millis(200);
-                    }
-                }
-                driver.abort();
-                tracing::debug!("schema listener: connection ended; reconnecting");
-            }
-            Err(e) => tracing::debug!(error = %e, "schema listener: cannot connect"),
-        }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
-    }
-}
-
-/// Reloads the schema cache, unless it was reloaded less than a second ago.
-async fn reload(state: &AppState) -> Result<(), RestError> {
-    let client = state.pool.get().await.map_err(|_| unavailable())?;
-    state
-        .rest_schema
-        .reload(&client, &state.settings.rest_schemas)
-        .await
-        .map_err(|e| RestError::db(e, false))?;
-    Ok(())
-}
-
-/// Finds a table of the exposed schema, reloading the cache once on a miss.
-async fn table(
-    state: &AppState,
-    schema: &str,
-    name: &str,
-) -> Result<(std::sync::Arc<schema::Schema>, (String, String)), RestError> {
-    let key = (schema.to_owned(), name.to_owned());
-    let cache = &state.rest_schema;
-    if cache.is_stale() || !cache.get().tables.contains_key(&key) {
-        reload(state).await?;
-    }
-    let s = cache.get();
-    if !s.tables.contains_key(&key) {
-        return Err(RestError::new(
-            StatusCode::NOT_FOUND,
-            "PGRST205",
-            format!("Could not find the table '{schema}.{name}' in the schema cache"),
-        ));
-    }
-    Ok((s, key))
 }
 
 /// `Accept: application/vnd.pgrst.object+json`: exactly one row, as an object.
@@ -854,200 +579,6 @@ fn written(
         return Ok(r);
     }
     Ok(json_response(status, body(json, n, object)?, Some(range)))
-}
-
-/// `POST|GET /rest/v1/rpc/{function}`: named arguments from the JSON body or
-/// the query string.
-pub(crate) async fn rpc(
-    State(state): State<AppState>,
-    RestCaller(caller): RestCaller,
-    Path(function): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    uri: axum::http::Uri,
-    payload: Bytes,
-) -> Result<Response, RestError> {
-    let schema_name = profile(&state, &method, &headers)?;
-    let args: Vec<(String, Option<String>)> = if method == Method::GET {
-        uri.query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .filter(|p| {
-                let k = p.split_once('=').map_or(*p, |(k, _)| k);
-                !matches!(
-                    k,
-                    "select" | "order" | "limit" | "offset" | "apikey" | "columns"
-                )
-            })
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (super::decode_component(k), Some(super::decode_component(v)))
-            })
-            .collect()
-    } else if payload.is_empty() {
-        Vec::new()
-    } else {
-        let v: Value = serde_json::from_slice(&payload).map_err(|e| {
-            RestError::new(StatusCode::BAD_REQUEST, "PGRST102", "Empty or invalid json")
-                .details(e.to_string())
-        })?;
-        let Value::Object(o) = v else {
-            return Err(RestError::new(
-                StatusCode::BAD_REQUEST,
-                "PGRST102",
-                "rpc arguments must be a JSON object",
-            ));
-        };
-        o.into_iter()
-            .map(|(k, v)| {
-                let text = match v {
-                    Value::Null => None,
-                    Value::String(s) => Some(s),
-                    other => Some(other.to_string()),
-                };
-                (k, text)
-            })
-            .collect()
-    };
-    let anon = caller.role == Role::Anon;
-    let object = wants_object(&headers);
-    let fname = sql::table_name(&schema_name, &function);
-    let (json, n) = as_caller(&state, &caller, async |tx| {
-        let found = tx
-            .query_opt(
-                "SELECT p.proretset, p.prorettype = 'void'::regtype
-                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                  WHERE n.nspname = $1 AND p.proname = $2 LIMIT 1",
-                &[&schema_name, &function],
-            )
-            .await
-            .map_err(|e| RestError::db(e, anon))?;
-        let Some(found) = found else {
-            return Err(RestError::new(
-                StatusCode::NOT_FOUND,
-                "PGRST202",
-                format!("Could not find the function {schema_name}.{function} in the schema cache"),
-            ));
-        };
-        let (set, void): (bool, bool) = (found.get(0), found.get(1));
-        let mut s = Sql::default();
-        let named: Vec<String> = args
-            .iter()
-            .map(|(k, v)| format!("{} => {}", sql::quote(k), s.param_opt(v.clone())))
-            .collect();
-        let call = format!("{fname}({})", named.join(", "));
-        s.text = if set {
-            format!(
-                "SELECT coalesce(json_agg(_r), '[]')::text, count(*) FROM (SELECT * FROM {call} LIMIT {MAX_ROWS}) _r"
-            )
-        } else if void {
-            format!("SELECT 'null'::text, 1::bigint FROM (SELECT {call}) _r")
-        } else {
-            format!("SELECT to_json({call})::text, 1::bigint")
-        };
-        rows(tx, &s, anon).await
-    })
-    .await?;
-    Ok(json_response(StatusCode::OK, body(json, n, object)?, None))
-}
-
-/// `GET /rest/v1/`: the OpenAPI (Swagger 2.0) description PostgREST serves,
-/// of the tables of the exposed schema (`Accept-Profile`) the caller may
-/// read a column of, and of those columns, from the schema cache.
-pub(crate) async fn openapi(
-    State(state): State<AppState>,
-    RestCaller(caller): RestCaller,
-    headers: HeaderMap,
-) -> Result<Response, RestError> {
-    let schema_name = profile(&state, &Method::GET, &headers)?;
-    reload(&state).await?;
-    let s = state.rest_schema.get();
-    let role = schema::role_index(caller.role);
-    let mut paths = serde_json::Map::new();
-    let mut definitions = serde_json::Map::new();
-    let mut names: Vec<&(String, String)> = s
-        .tables
-        .keys()
-        .filter(|(sc, _)| *sc == schema_name)
-        .collect();
-    names.sort();
-    for key in names {
-        let t = &s.tables[key];
-        let cols: Vec<&schema::Column> = t.columns.iter().filter(|c| c.readable[role]).collect();
-        if cols.is_empty() {
-            continue;
-        }
-        let properties: serde_json::Map<String, Value> = cols
-            .iter()
-            .map(|c| {
-                let ty = openapi_type(&c.type_name);
-                let mut p = json!({"type": ty, "format": c.type_name});
-                if ty == "array" {
-                    p["items"] = json!({"type": openapi_type(c.type_name.trim_end_matches("[]"))});
-                }
-                if t.primary_key.contains(&c.name) {
-                    p["description"] = json!("Note:\nThis is a Primary Key.<pk/>");
-                }
-                (c.name.clone(), p)
-            })
-            .collect();
-        let required: Vec<&str> = cols
-            .iter()
-            .filter(|c| c.required)
-            .map(|c| c.name.as_str())
-            .collect();
-        definitions.insert(
-            key.1.clone(),
-            json!({"type": "object", "required": required, "properties": properties}),
-        );
-        let reference = json!({"$ref": format!("#/definitions/{}", key.1)});
-        let ok = |what: &str| json!({"description": what});
-        paths.insert(
-            format!("/{}", key.1),
-            json!({
-                "get": {"tags": [key.1], "responses": {"200": {"description": "OK",
-                        "schema": {"type": "array", "items": reference}}, "206": ok("Partial Content")}},
-                "post": {"tags": [key.1], "responses": {"201": ok("Created")}},
-                "patch": {"tags": [key.1], "responses": {"204": ok("No Content")}},
-                "delete": {"tags": [key.1], "responses": {"204": ok("No Content")}},
-            }),
-        );
-    }
-    paths.insert(
-        "/".into(),
-        json!({"get": {"tags": ["Introspection"], "summary": "OpenAPI description (this document)",
-                        "responses": {"200": {"description": "OK"}}}}),
-    );
-    let doc = json!({
-        "swagger": "2.0",
-        "info": {"title": "Aether data API (PostgREST-compatible)", "version": env!("CARGO_PKG_VERSION"),
-                 "description": format!("The tables of schema {schema_name} the caller may read")},
-        "basePath": "/rest/v1",
-        "schemes": ["http", "https"],
-        "consumes": ["application/json", "application/vnd.pgrst.object+json"],
-        "produces": ["application/json", "application/vnd.pgrst.object+json"],
-        "paths": paths,
-        "definitions": definitions,
-    });
-    let mut r = json_response(StatusCode::OK, doc.to_string(), None);
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openapi+json; charset=utf-8"),
-    );
-    Ok(r)
-}
-
-/// A PostgreSQL type as an OpenAPI 2.0 type (its name goes in `format`).
-fn openapi_type(t: &str) -> &'static str {
-    match t {
-        "smallint" | "integer" | "bigint" => "integer",
-        "real" | "double precision" | "numeric" => "number",
-        "boolean" => "boolean",
-        t if t.ends_with("[]") => "array",
-        "json" | "jsonb" => "object",
-        _ => "string",
-    }
 }
 
 /// The `/rest/v1` routes.
