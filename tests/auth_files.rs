@@ -132,7 +132,7 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 fn storage_dir(t: &TestServer) -> PathBuf {
-    t.server.config.data_dir.join("storage")
+    t.config.data_dir.join("storage")
 }
 
 /// Every regular file under `dir` (blobs and in-progress upload parts).
@@ -1532,4 +1532,67 @@ async fn racing_writers_get_one_object_per_name_and_leave_no_bytes() {
         files_under(&storage_dir(&t)).len() as i64 == rows
     })
     .await;
+}
+
+/// A DBA's policy lets one user replace another's object: the object keeps its
+/// owner, so its bytes count against that owner's quota, not the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_object_counts_against_its_owners_quota() {
+    let t = TestServer::start_with(|c| c.storage_quota_bytes = 100 * 1024).await;
+    let (alice, alice_tok) = sign_up(&t, "quota-owner@example.com").await;
+    let (_bob, bob_tok) = sign_up(&t, "quota-writer@example.com").await;
+    t.sql
+        .batch_execute(
+            "CREATE POLICY team_read ON public.files FOR SELECT TO authenticated USING (true);
+             CREATE POLICY team_change ON public.files FOR UPDATE TO authenticated
+               USING (true) WITH CHECK (true);",
+        )
+        .await
+        .unwrap();
+    for (name, size) in [("a.png", 90 * 1024), ("b.png", 8 * 1024)] {
+        json_ok(
+            upload(
+                &t,
+                &alice_tok,
+                None,
+                Some(name),
+                file_part(pattern(size), name, "image/png"),
+            )
+            .await,
+            201,
+        )
+        .await;
+    }
+    let apikey = token(None, "anon", 3600);
+    let replace = |size: usize| {
+        http()
+            .post(t.url(&format!("/storage/v1/object/files/{alice}/a.png")))
+            .header("apikey", &apikey)
+            .header(AUTHORIZATION, bearer(&bob_tok))
+            .header("x-upsert", "true")
+            .header("content-type", "image/png")
+            .body(pattern(size))
+            .send()
+    };
+    let size_of_a = format!("SELECT size FROM public.files WHERE path = '{alice}/a.png'");
+    // Alice would hold 95 + 8 KiB: over her quota, though Bob holds nothing.
+    let res = replace(95 * 1024).await.unwrap();
+    assert_eq!(res.status(), 413, "{}", res.text().await.unwrap());
+    assert_eq!(
+        count(&t, &size_of_a).await,
+        90 * 1024,
+        "the object is unchanged"
+    );
+    // 92 + 8 KiB fits hers exactly.
+    let res = replace(92 * 1024).await.unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    assert_eq!(count(&t, &size_of_a).await, 92 * 1024);
+    let owner = count(
+        &t,
+        &format!(
+            "SELECT count(*) FROM public.files WHERE path = '{alice}/a.png' AND owner_id = '{alice}'"
+        ),
+    )
+    .await;
+    assert_eq!(owner, 1, "a replaced object keeps its owner");
 }

@@ -164,9 +164,16 @@ impl StorageService {
             .as_ref()
             .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
             .unwrap_or(0);
-        // The service role's writes count against no quota.
-        if let Actor::User(user) = actor {
-            let used = used_bytes(&*tx, user).await?.saturating_sub(replaced_size);
+        // The bytes count against the object's owner: the caller for a new
+        // object, the owner it keeps when replaced (a DBA's policy may let one
+        // user replace another's). The service role's writes count against no
+        // quota, nor do objects without an owner.
+        let charged = match &existing {
+            Some(old) => old.get::<_, Option<Uuid>>(3),
+            None => actor.owner(),
+        };
+        if let (Actor::User(_), Some(owner)) = (actor, charged) {
+            let used = used_bytes(&*tx, owner).await?.saturating_sub(replaced_size);
             if used.saturating_add(size) > self.0.quota {
                 return Err(StorageError::QuotaExceeded {
                     quota: self.0.quota,
