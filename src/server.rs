@@ -100,7 +100,6 @@ where
 pub struct Server {
     pub addr: SocketAddr,
     pub state: AppState,
-    pub config: Config,
     /// The durable change log.
     pub log: SharedLog,
     /// Why a critical task stopped, if one did.
@@ -609,7 +608,6 @@ impl Server {
         Ok(Server {
             addr,
             state,
-            config,
             log,
             failed,
             shutdown,
