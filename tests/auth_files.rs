@@ -1535,12 +1535,13 @@ async fn racing_writers_get_one_object_per_name_and_leave_no_bytes() {
 }
 
 /// A DBA's policy lets one user replace another's object: the object keeps its
-/// owner, so its bytes count against that owner's quota, not the writer's.
+/// owner, so its bytes count against that owner's quota, not the writer's, in
+/// every check (before, while and after the bytes arrive, and for a copy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_object_counts_against_its_owners_quota() {
     let t = TestServer::start_with(|c| c.storage_quota_bytes = 100 * 1024).await;
     let (alice, alice_tok) = sign_up(&t, "quota-owner@example.com").await;
-    let (_bob, bob_tok) = sign_up(&t, "quota-writer@example.com").await;
+    let (bob, bob_tok) = sign_up(&t, "quota-writer@example.com").await;
     t.sql
         .batch_execute(
             "CREATE POLICY team_read ON public.files FOR SELECT TO authenticated USING (true);
@@ -1549,20 +1550,17 @@ async fn a_replaced_object_counts_against_its_owners_quota() {
         )
         .await
         .unwrap();
-    for (name, size) in [("a.png", 90 * 1024), ("b.png", 8 * 1024)] {
-        json_ok(
-            upload(
-                &t,
-                &alice_tok,
-                None,
-                Some(name),
-                file_part(pattern(size), name, "image/png"),
-            )
-            .await,
-            201,
-        )
-        .await;
-    }
+    let seed_upload = |tok: &str, name: &'static str, size: usize| {
+        let tok = tok.to_owned();
+        let t = &t;
+        async move {
+            let part = file_part(pattern(size), name, "image/png");
+            json_ok(upload(t, &tok, None, Some(name), part).await, 201).await;
+        }
+    };
+    seed_upload(&alice_tok, "a.png", 90 * 1024).await;
+    seed_upload(&alice_tok, "b.png", 8 * 1024).await;
+    seed_upload(&bob_tok, "bob.png", 9 * 1024).await;
     let apikey = token(None, "anon", 3600);
     let replace = |size: usize| {
         http()
@@ -1574,25 +1572,40 @@ async fn a_replaced_object_counts_against_its_owners_quota() {
             .body(pattern(size))
             .send()
     };
-    let size_of_a = format!("SELECT size FROM public.files WHERE path = '{alice}/a.png'");
-    // Alice would hold 95 + 8 KiB: over her quota, though Bob holds nothing.
+    let size_of =
+        |name: &str| format!("SELECT size FROM public.files WHERE path = '{alice}/{name}'");
+    // Alice would hold 95 + 8 KiB: over her quota, though Bob's has room. The
+    // refusal does not tell Bob how much Alice stores.
     let res = replace(95 * 1024).await.unwrap();
-    assert_eq!(res.status(), 413, "{}", res.text().await.unwrap());
-    assert_eq!(
-        count(&t, &size_of_a).await,
-        90 * 1024,
-        "the object is unchanged"
-    );
-    // 92 + 8 KiB fits hers exactly.
+    assert_eq!(res.status(), 413);
+    let body = res.text().await.unwrap();
+    assert!(body.contains("owner") && !body.contains("8192"), "{body}");
+    assert_eq!(count(&t, &size_of("a.png")).await, 90 * 1024, "unchanged");
+    // Bob's own quota nearly full (99 KiB) does not matter: 92 + 8 KiB fits
+    // Alice's exactly.
+    seed_upload(&bob_tok, "big.png", 90 * 1024).await;
     let res = replace(92 * 1024).await.unwrap();
     assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
-    assert_eq!(count(&t, &size_of_a).await, 92 * 1024);
-    let owner = count(
+    assert_eq!(count(&t, &size_of("a.png")).await, 92 * 1024);
+    // A copy over Alice's b.png (8 -> 9 KiB) would put her at 101 KiB.
+    let res = http()
+        .post(t.url("/storage/v1/object/copy"))
+        .header("apikey", &apikey)
+        .header(AUTHORIZATION, bearer(&bob_tok))
+        .header("x-upsert", "true")
+        .json(
+            &json!({"bucketId": "files", "sourceKey": format!("{bob}/bob.png"),
+                      "destinationKey": format!("{alice}/b.png")}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413, "{}", res.text().await.unwrap());
+    assert_eq!(count(&t, &size_of("b.png")).await, 8 * 1024, "unchanged");
+    let owned = count(
         &t,
-        &format!(
-            "SELECT count(*) FROM public.files WHERE path = '{alice}/a.png' AND owner_id = '{alice}'"
-        ),
+        &format!("SELECT count(*) FROM public.files WHERE starts_with(path, '{alice}/') AND owner_id = '{alice}'"),
     )
     .await;
-    assert_eq!(owner, 1, "a replaced object keeps its owner");
+    assert_eq!(owned, 2, "replaced objects keep their owner");
 }

@@ -131,7 +131,7 @@ impl From<StorageError> for ApiError {
             StorageError::InvalidType { .. } => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "storage/invalid-type")
             }
-            StorageError::QuotaExceeded { .. } => {
+            StorageError::QuotaExceeded { .. } | StorageError::OwnersQuotaExceeded { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "storage/quota-exceeded")
             }
             StorageError::NotFound(_) => (StatusCode::NOT_FOUND, "storage/not-found"),

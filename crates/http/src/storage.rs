@@ -23,8 +23,8 @@ use super::validate::{self, Invalid, Validate};
 use crate::AppState;
 use aether_storage::path::{MAX_PATH_BYTES, base_name};
 use aether_storage::{
-    Actor, BucketInfo, ByteRange, FileRecord, ListScope, ObjectPath, PendingUpload, PumpError,
-    StorageError, TypeRules, UploadSource, UploadTarget,
+    Actor, BucketInfo, ByteRange, Charge, FileRecord, ListScope, ObjectPath, PendingUpload,
+    PumpError, StorageError, TypeRules, UploadSource, UploadTarget,
 };
 
 /// Everything but unreserved characters and sub-delims is escaped in a segment.
@@ -324,9 +324,16 @@ async fn read_form(
                     // The seed route answers to ALLOWED_FILE_TYPES too.
                     types: TypeRules::Server,
                 };
+                // The seed route writes in the caller's own folder.
+                let actor = Actor::User(owner);
                 let up = state
                     .storage
-                    .begin_upload(Actor::User(owner), source, form.bucket.as_ref())
+                    .begin_upload(
+                        actor,
+                        source,
+                        form.bucket.as_ref(),
+                        Charge::new_object(actor),
+                    )
                     .await?;
                 let up = pending.insert(up);
                 up.pump(&mut field, |n| progress.report(n, false))

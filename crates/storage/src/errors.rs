@@ -12,6 +12,11 @@ pub enum StorageError {
         "storage quota exceeded: {used} of {quota} bytes in use, and this file needs {needed} more"
     )]
     QuotaExceeded { quota: u64, used: u64, needed: u64 },
+    /// The object's owner (another user) has no room; their usage is theirs.
+    #[error(
+        "storage quota exceeded: the object's owner has no room for {needed} more bytes (quota {quota} bytes)"
+    )]
+    OwnersQuotaExceeded { quota: u64, needed: u64 },
     #[error("{0}")]
     NotFound(String),
     #[error("bucket {0:?} does not exist")]

@@ -50,7 +50,7 @@ pub use delete::Deleted;
 pub use errors::StorageError;
 pub use files::{FileRecord, FolderRecord};
 pub use listing::{FileCursor, FileSort, ListScope, Listing, SortColumn};
-pub use owners::Actor;
+pub use owners::{Actor, Charge};
 pub use path::{ObjectPath, PathError};
 pub use policy::WriteFacts;
 pub use range::ByteRange;

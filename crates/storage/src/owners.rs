@@ -80,7 +80,7 @@ fn parse_uuid(s: &str) -> Option<Uuid> {
         .filter(|u| u.hyphenated().to_string() == s)
 }
 
-pub(super) async fn used_bytes(c: &impl GenericClient, owner: Uuid) -> Result<u64, StorageError> {
+async fn used_bytes(c: &impl GenericClient, owner: Uuid) -> Result<u64, StorageError> {
     let used: i64 = c
         .query_one(
             "SELECT COALESCE(SUM(size), 0)::bigint FROM public.files WHERE owner_id = $1",
@@ -89,6 +89,99 @@ pub(super) async fn used_bytes(c: &impl GenericClient, owner: Uuid) -> Result<u6
         .await?
         .get(0);
     Ok(u64::try_from(used).unwrap_or(0))
+}
+
+/// The account a write's bytes count against, and what the write frees there:
+/// the caller's for a new object, the owner's an existing object keeps (a
+/// DBA's policy may let one user replace another's), nobody's for an
+/// owner-less object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub owner: Option<Uuid>,
+    /// Bytes of the object the write replaces, already in `owner`'s account.
+    pub replaced: u64,
+}
+
+impl Charge {
+    /// A new object of `actor`'s.
+    pub fn new_object(actor: Actor) -> Charge {
+        Charge {
+            owner: actor.owner(),
+            replaced: 0,
+        }
+    }
+
+    /// A write over an object of `owner`'s that holds `size` bytes.
+    pub(super) fn replacing(owner: Option<Uuid>, size: u64) -> Charge {
+        Charge {
+            owner,
+            replaced: size,
+        }
+    }
+}
+
+/// What a write is measured against: the charged owner's quota and the bytes
+/// they already store, less what the write replaces.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Account {
+    quota: u64,
+    used: u64,
+    /// Another user's account: the refusal does not tell their usage.
+    foreign: bool,
+}
+
+impl Account {
+    /// The account of `charge` for `actor`'s write, when a quota applies: the
+    /// service role's writes, and objects without an owner, count against none.
+    pub(super) async fn of(
+        c: &impl GenericClient,
+        actor: Actor,
+        charge: Charge,
+        quota: u64,
+    ) -> Result<Option<Account>, StorageError> {
+        let (Actor::User(me), Some(owner)) = (actor, charge.owner) else {
+            return Ok(None);
+        };
+        let used = used_bytes(c, owner).await?.saturating_sub(charge.replaced);
+        Ok(Some(Account {
+            quota,
+            used,
+            foreign: owner != me,
+        }))
+    }
+
+    /// Whether `needed` more bytes fit.
+    pub(super) fn check(&self, needed: u64) -> Result<(), StorageError> {
+        if self.used.saturating_add(needed) <= self.quota {
+            return Ok(());
+        }
+        Err(if self.foreign {
+            StorageError::OwnersQuotaExceeded {
+                quota: self.quota,
+                needed,
+            }
+        } else {
+            StorageError::QuotaExceeded {
+                quota: self.quota,
+                used: self.used,
+                needed,
+            }
+        })
+    }
+}
+
+/// Locks the accounts of `owners` (see [`lock_owner`]) in one order, so two
+/// writes that each need two accounts cannot wait for each other.
+pub(super) async fn lock_owners(
+    c: &impl GenericClient,
+    mut owners: Vec<Option<Uuid>>,
+) -> Result<(), StorageError> {
+    owners.sort();
+    owners.dedup();
+    for o in owners {
+        lock_owner(c, o).await?;
+    }
+    Ok(())
 }
 
 /// The first segment of the blob keys of owner-less (service-role) objects;

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row, file_metadata};
-use super::owners::{Actor, is_home, lock_names, lock_owner, used_bytes};
+use super::owners::{Account, Actor, Charge, is_home, lock_names, lock_owners};
 use super::policy::{INSERT_FILE, Probe, WriteFacts, probe_insert, write_as};
 use super::upload::{PendingUpload, TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService, as_i64};
@@ -106,7 +106,19 @@ impl StorageService {
         let path = target.path.to_string();
         let mut client = self.0.pool.get().await?;
         let tx = client.transaction().await?;
-        lock_owner(&*tx, actor.owner()).await?;
+        // The accounts this write may count against: the caller's, and the
+        // owner of what is at the name now (read before the locks, so both
+        // are taken in one order; checked again below under the name lock).
+        let prior_owner: Option<Option<Uuid>> = tx
+            .query_opt(
+                "SELECT owner_id FROM public.files WHERE bucket_id = $1 AND path = $2",
+                &[&target.bucket, &path],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let mut accounts = vec![actor.owner()];
+        accounts.extend(prior_owner);
+        lock_owners(&*tx, accounts).await?;
         lock_names(&*tx, &[(&target.bucket, &target.path)]).await?;
         let bucket = bucket_in(&*tx, &target.bucket).await?;
         if size > self.size_limit(Some(&bucket)) {
@@ -165,22 +177,16 @@ impl StorageService {
             .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
             .unwrap_or(0);
         // The bytes count against the object's owner: the caller for a new
-        // object, the owner it keeps when replaced (a DBA's policy may let one
-        // user replace another's). The service role's writes count against no
-        // quota, nor do objects without an owner.
-        let charged = match &existing {
-            Some(old) => old.get::<_, Option<Uuid>>(3),
-            None => actor.owner(),
+        // object, the owner it keeps when replaced. Its account was locked
+        // above unless the name changed hands in between (a delete and a new
+        // object by someone else, in that instant): then it is checked
+        // without that lock.
+        let charge = match &existing {
+            Some(old) => Charge::replacing(old.get(3), replaced_size),
+            None => Charge::new_object(actor),
         };
-        if let (Actor::User(_), Some(owner)) = (actor, charged) {
-            let used = used_bytes(&*tx, owner).await?.saturating_sub(replaced_size);
-            if used.saturating_add(size) > self.0.quota {
-                return Err(StorageError::QuotaExceeded {
-                    quota: self.0.quota,
-                    used,
-                    needed: size,
-                });
-            }
+        if let Some(account) = Account::of(&*tx, actor, charge, self.0.quota).await? {
+            account.check(size)?;
         }
         let metadata = file_metadata(
             &up.file_name,
@@ -250,7 +256,7 @@ impl StorageService {
     /// checks again, in its transaction): first whether the caller may write
     /// that name at all (so another user's names are 403 whether or not they
     /// are taken), then a taken name without `upsert`, another user's object.
-    /// Returns the size of the object it would replace.
+    /// Returns the account the write would count against.
     pub async fn check_write(
         &self,
         actor: Actor,
@@ -258,18 +264,21 @@ impl StorageService {
         path: &ObjectPath,
         upsert: bool,
         facts: &WriteFacts,
-    ) -> Result<u64, StorageError> {
+    ) -> Result<Charge, StorageError> {
         self.bucket(bucket).await?;
+        let charge = |f: Option<FileRecord>| match f {
+            Some(f) => Charge::replacing(f.owner_id, f.size),
+            None => Charge::new_object(actor),
+        };
         if let Some(who) = self.judged(actor).await? {
             self.dry_write(who, bucket, path, upsert, facts).await?;
-            return Ok(self.file_at(bucket, path).await?.map_or(0, |f| f.size));
+            return Ok(charge(self.file_at(bucket, path).await?));
         }
         actor.check_create(path)?;
         match self.file_at(bucket, path).await? {
             Some(_) if !upsert => Err(StorageError::AlreadyExists(path.to_string())),
             Some(f) if !actor.may_change(f.owner_id) => Err(replace_refused(path)),
-            Some(f) => Ok(f.size),
-            None => Ok(0),
+            f => Ok(charge(f)),
         }
     }
 }

@@ -3,7 +3,7 @@
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row};
-use super::owners::{Actor, blob_key, lock_names, used_bytes};
+use super::owners::{Account, Actor, blob_key, lock_names};
 use super::policy::{self, WriteFacts};
 use super::record::{Recording, ensure_folders, is_folder};
 use super::upload::{TypeRules, UploadTarget};
@@ -271,19 +271,12 @@ impl StorageService {
             size: src.size,
             user_metadata: src.user_metadata.clone(),
         };
-        let replaced = self
+        let charge = self
             .check_write(actor, to_bucket, to, upsert, &facts)
             .await?;
-        if let Actor::User(owner) = actor {
-            let client = self.0.pool.get().await?;
-            let used = used_bytes(&**client, owner).await?.saturating_sub(replaced);
-            if used.saturating_add(src.size) > self.0.quota {
-                return Err(StorageError::QuotaExceeded {
-                    quota: self.0.quota,
-                    used,
-                    needed: src.size,
-                });
-            }
+        let client = self.0.pool.get().await?;
+        if let Some(account) = Account::of(&**client, actor, charge, self.0.quota).await? {
+            account.check(src.size)?;
         }
         Ok(())
     }

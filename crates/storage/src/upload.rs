@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::buckets::BucketInfo;
 use super::errors::StorageError;
-use super::owners::{Actor, blob_key, used_bytes};
+use super::owners::{Account, Actor, Charge, blob_key};
 use super::types;
 use super::{AllowedTypes, BlobWriter, ObjectPath, StorageService};
 
@@ -57,8 +57,8 @@ pub struct PendingUpload {
     pub(super) actor: Actor,
     pub(super) blob: BlobWriter,
     limit: u64,
-    quota: u64,
-    used: u64,
+    /// `None`: no quota applies.
+    account: Option<Account>,
     pub(super) mime: String,
     pub(super) file_name: String,
     pub(super) types: TypeRules,
@@ -79,14 +79,8 @@ impl PendingUpload {
         let size = self.blob.written() + chunk.len() as u64;
         let refusal = if size > self.limit {
             Some(StorageError::FileTooLarge { limit: self.limit })
-        } else if self.used.saturating_add(size) > self.quota {
-            Some(StorageError::QuotaExceeded {
-                quota: self.quota,
-                used: self.used,
-                needed: size,
-            })
         } else {
-            None
+            self.account.and_then(|a| a.check(size).err())
         };
         if let Some(e) = refusal {
             self.discard().await;
@@ -180,37 +174,31 @@ impl StorageService {
     }
 
     /// Starts an upload by `actor`: checks the type and that some quota is
-    /// left, and opens the blob. `bucket`, when already known, tightens the
-    /// limits. The service role's uploads have no quota.
+    /// left in the account `charge` names, and opens the blob. `bucket`, when
+    /// already known, tightens the limits. The service role's uploads have no
+    /// quota.
     pub async fn begin_upload(
         &self,
         actor: Actor,
         source: UploadSource,
         bucket: Option<&BucketInfo>,
+        charge: Charge,
     ) -> Result<PendingUpload, StorageError> {
         let mime = resolve_mime(source.content_type.as_deref(), &source.file_name);
         self.check_type(&mime, &source.file_name, bucket, source.types)?;
-        let (used, quota) = match actor.owner() {
-            Some(o) => {
-                let client = self.0.pool.get().await?;
-                (used_bytes(&**client, o).await?, self.0.quota)
-            }
-            None => (0, u64::MAX),
+        let account = {
+            let client = self.0.pool.get().await?;
+            Account::of(&**client, actor, charge, self.0.quota).await?
         };
-        if used >= quota {
-            return Err(StorageError::QuotaExceeded {
-                quota,
-                used,
-                needed: 1,
-            });
+        if let Some(a) = account {
+            a.check(1)?;
         }
         let blob = BlobWriter::start(&self.0.blobs, blob_key(actor.owner())).await?;
         Ok(PendingUpload {
             actor,
             blob,
             limit: self.size_limit(bucket),
-            quota,
-            used,
+            account,
             mime,
             file_name: source.file_name,
             types: source.types,

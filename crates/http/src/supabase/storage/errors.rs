@@ -116,7 +116,9 @@ impl From<StorageError> for StorageApiError {
             StorageError::PathConflict(_) | StorageError::FolderNotEmpty(_) => {
                 Self::new(S::CONFLICT, "ResourceConflict", "Conflict", msg)
             }
-            StorageError::FileTooLarge { .. } | StorageError::QuotaExceeded { .. } => Self::new(
+            StorageError::FileTooLarge { .. }
+            | StorageError::QuotaExceeded { .. }
+            | StorageError::OwnersQuotaExceeded { .. } => Self::new(
                 S::PAYLOAD_TOO_LARGE,
                 "EntityTooLarge",
                 "Payload too large",

@@ -309,11 +309,14 @@ async fn begin(
         size: announced,
         user_metadata: metadata.clone(),
     };
-    state
+    let charge = state
         .storage
         .check_write(actor, bucket, path, upsert, &facts)
         .await?;
-    state.storage.begin_upload(actor, source, Some(info)).await
+    state
+        .storage
+        .begin_upload(actor, source, Some(info), charge)
+        .await
 }
 
 pub(super) fn upload_answer(bucket: &str, f: &FileRecord) -> Json<UploadAnswer> {
