@@ -20,7 +20,8 @@ fn err(name: &'static str, reason: impl Into<String>) -> ConfigError {
 
 pub use aether_auth::JwtAlgorithm;
 
-pub use aether_storage::{S3Config, StorageBackend, valid_bucket_id};
+use aether_storage::valid_bucket_id;
+pub use aether_storage::{S3Config, StorageBackend};
 
 #[derive(Clone)]
 pub struct Config {

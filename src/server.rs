@@ -18,7 +18,7 @@ use aether_changelog::local::{LocalLog, LogOptions, floor_for_slot};
 use aether_changelog::monitor::SlotHealth;
 use aether_changelog::pump::{self, Durable, LogStatus};
 use aether_changelog::{ChangeLog as _, SharedLog};
-use aether_http::rate_limit::RateLimits;
+use aether_http::RateLimits;
 use aether_http::{AppState, Operations, Services};
 use aether_postgres::store::embedded::{EmbeddedPostgres, LaunchOptions};
 use aether_postgres::store::{self, migrate};
@@ -577,15 +577,11 @@ impl Server {
         });
         tasks.push(spawn_named(
             "rate-limit-janitor",
-            aether_http::rate_limit::janitor(state.clone(), shutdown.clone()),
+            aether_http::rate_limit_janitor(state.clone(), shutdown.clone()),
         ));
         tasks.push(spawn_named(
             "schema-listener",
-            aether_http::supabase::rest::listen_for_ddl(
-                pg.clone(),
-                state.clone(),
-                shutdown.clone(),
-            ),
+            aether_http::listen_for_ddl(pg.clone(), state.clone(), shutdown.clone()),
         ));
         if let Some(c) = cluster.clone() {
             tasks.push(spawn_named(

@@ -1,5 +1,5 @@
 //! The auth core: sign-up, sign-in, sign-out and token checks with revocation.
-//! HTTP shapes live in `api::auth`; this module knows users, sessions and tokens.
+//! HTTP shapes live in `aether-http`; this crate knows users, sessions and tokens.
 //!
 //! Each sign-up and sign-in opens an `auth.sessions` row named by the token's
 //! `session_id`; sign-out sets its `revoked_at`, after which that token is refused
@@ -130,7 +130,8 @@ fn token_hash(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// 256 random bits as 64 hex digits: refresh tokens and share tokens.
+/// 244 random bits (two v4 UUIDs from the OS generator) as 64 hex digits:
+/// refresh tokens and share tokens.
 pub fn new_refresh_token() -> String {
     format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }

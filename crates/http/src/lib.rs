@@ -17,15 +17,17 @@ pub(crate) mod extract;
 pub(crate) mod kingshare;
 pub(crate) mod openapi;
 pub(crate) mod ops;
-pub mod rate_limit;
+pub(crate) mod rate_limit;
 mod state;
 pub(crate) mod storage;
-pub mod supabase;
+pub(crate) mod supabase;
 pub(crate) mod validate;
 
 pub use kingshare::expiry_job as share_expiry;
 pub use ops::load_channels;
+pub use rate_limit::{RateLimits, janitor as rate_limit_janitor};
 pub use state::{AppState, ClusterNode, Operations, RowSecurityReport, Services, Settings};
+pub use supabase::rest::listen_for_ddl;
 
 use std::time::Duration;
 

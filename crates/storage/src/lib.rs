@@ -1,6 +1,6 @@
 //! The storage core: buckets, folders and files in PostgreSQL, bytes in a blob
-//! store. HTTP shapes live in `api::storage`; this module knows owners, paths and
-//! bytes only, so other front ends (a Supabase-style facade) can share it.
+//! store. HTTP shapes live in `aether-http` (the seed routes and the Supabase
+//! facade both use this crate); it knows owners, paths and bytes only.
 //!
 //! Invariants:
 //! - a row never points to bytes that are not (yet) stored: bytes are completed
@@ -21,7 +21,8 @@
 //!   `folder_id` NULL, as a user's files at their root in the seed routes.
 //!
 //! Uploads take a per-owner advisory lock (one for all owner-less objects)
-//! for the length of their transaction, which keeps the quota sum race-free;
+//! for the length of their transaction (and the prior owner's when replacing
+//! another's object, both in one order), which keeps the quota sum race-free;
 //! every write also locks the first segment of the names it touches, which
 //! keeps files and folders of one name apart.
 

@@ -46,7 +46,7 @@ pub(crate) const MEMBERSHIP_BYTES: usize = 64 << 20;
 const BUFFER_BYTES: usize = 16 << 20;
 
 /// Aether's own tables: the [`conventions`] decide for them.
-pub(crate) use aether_postgres::store::migrate::is_own_table as is_own;
+use aether_postgres::store::migrate::is_own_table as is_own;
 
 /// The published tables' rules and membership indexes, as loaded together.
 pub(crate) struct Install {

@@ -23,18 +23,18 @@ use super::limits::ConnGuard;
 /// server reads and drops at most this much more before closing, so the client
 /// gets to read the answer instead of a reset. A client that reacts to the
 /// answer stops sending within a round trip.
-pub const LINGER_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const LINGER_BYTES: u64 = 4 * 1024 * 1024;
 /// ... and for at most this long.
-pub const LINGER_TIME: Duration = Duration::from_secs(2);
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
 /// ... and stops sooner when nothing arrives for this long: a client still
 /// uploading sends without pauses, an idle keep-alive client sends nothing.
-pub const LINGER_GAP: Duration = Duration::from_millis(500);
+pub(crate) const LINGER_GAP: Duration = Duration::from_millis(500);
 
 const NONE: u64 = u64::MAX;
 
 /// What one connection is doing, shared by its socket, its requests and its
 /// watchdog. Times are milliseconds since the connection was accepted.
-pub struct Activity {
+pub(crate) struct Activity {
     epoch: Instant,
     /// Requests whose response has not been written to the end.
     in_flight: AtomicU32,
@@ -49,13 +49,13 @@ pub struct Activity {
 
 /// Why the watchdog closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expired {
+pub(crate) enum Expired {
     HeaderTimeout,
     IdleTimeout,
 }
 
 impl Expired {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Expired::HeaderTimeout => "header_timeout",
             Expired::IdleTimeout => "idle_timeout",
@@ -64,7 +64,7 @@ impl Expired {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity {
             epoch: Instant::now(),
             in_flight: AtomicU32::new(0),
@@ -89,7 +89,7 @@ impl Activity {
 
     /// A request head was parsed; the request is in flight until the returned
     /// guard (carried by its response body) is dropped.
-    pub fn start_request(self: &Arc<Self>, has_body: bool) -> InFlight {
+    pub(crate) fn start_request(self: &Arc<Self>, has_body: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(NONE, Ordering::Relaxed);
         self.unread_body.store(has_body, Ordering::Relaxed);
@@ -117,7 +117,11 @@ impl Activity {
     /// (`header`) or with no request at all (`idle`); never when both are off.
     /// Upgraded connections are not watched: the HTTP connection ends at the
     /// upgrade, and so does this watch.
-    pub async fn expired(&self, header: Option<Duration>, idle: Option<Duration>) -> Expired {
+    pub(crate) async fn expired(
+        &self,
+        header: Option<Duration>,
+        idle: Option<Duration>,
+    ) -> Expired {
         let Some(recheck) = header.into_iter().chain(idle).min() else {
             return std::future::pending().await;
         };
@@ -141,7 +145,7 @@ impl Activity {
 
 /// A request in flight; dropping it (with its response body) makes the
 /// connection idle again once no other request is in flight.
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -154,13 +158,13 @@ impl Drop for InFlight {
 }
 
 /// The request body, reporting when it has been read to its end.
-pub struct RequestBody<B> {
+pub(crate) struct RequestBody<B> {
     inner: B,
     activity: Arc<Activity>,
 }
 
 impl<B> RequestBody<B> {
-    pub fn new(inner: B, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: B, activity: Arc<Activity>) -> Self {
         RequestBody { inner, activity }
     }
 }
@@ -191,13 +195,13 @@ impl<B: Body + Unpin> Body for RequestBody<B> {
 
 /// The response body, holding its request's [`InFlight`] until written (or
 /// dropped).
-pub struct ResponseBody<B> {
+pub(crate) struct ResponseBody<B> {
     inner: B,
     _in_flight: InFlight,
 }
 
 impl<B> ResponseBody<B> {
-    pub fn new(inner: B, in_flight: InFlight) -> Self {
+    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
         ResponseBody {
             inner,
             _in_flight: in_flight,
@@ -241,7 +245,7 @@ struct Linger {
 /// [`LINGER_GAP`], before it
 /// lets the socket close: closing with unread data makes the kernel send a reset,
 /// which can destroy the answer before the client reads it.
-pub struct EdgeIo {
+pub(crate) struct EdgeIo {
     tcp: TcpStream,
     activity: Arc<Activity>,
     linger: Option<Linger>,
@@ -249,7 +253,7 @@ pub struct EdgeIo {
 }
 
 impl EdgeIo {
-    pub fn new(tcp: TcpStream, activity: Arc<Activity>, place: ConnGuard) -> Self {
+    pub(crate) fn new(tcp: TcpStream, activity: Arc<Activity>, place: ConnGuard) -> Self {
         EdgeIo {
             tcp,
             activity,

@@ -11,9 +11,9 @@
 //! - the client address ([`ClientIp`]), from `X-Forwarded-For` only behind a
 //!   trusted proxy.
 
-pub mod client_ip;
-pub mod conn;
-pub mod limits;
+pub(crate) mod client_ip;
+pub(crate) mod conn;
+mod limits;
 
 use std::convert::Infallible;
 use std::io;

@@ -15,7 +15,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod realtime;
-pub mod rest;
+pub(crate) mod rest;
 pub(crate) mod storage;
 
 use axum::Router;

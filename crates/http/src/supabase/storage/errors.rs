@@ -184,7 +184,7 @@ impl From<KeyError> for StorageApiError {
 
 impl From<crate::error::ApiError> for StorageApiError {
     fn from(e: crate::error::ApiError) -> Self {
-        // The extractors' checks (`api::validate`) keep their meaning here.
+        // The extractors' checks (`crate::validate`) keep their meaning here.
         let (code, error) = code_for_native(e.status, e.code);
         Self::new(e.status, code, error, e.message)
     }
