@@ -1609,3 +1609,77 @@ async fn a_replaced_object_counts_against_its_owners_quota() {
     .await;
     assert_eq!(owned, 2, "replaced objects keep their owner");
 }
+
+/// A folder is readable to whoever may read a file under it (the
+/// `aether_read` policy on `public.folders`). That check is an index range
+/// over the bucket's files, not a scan of them per folder: listing the
+/// folders of a large bucket stays cheap. Its meaning is unchanged: a folder
+/// with a readable file under it is seen, one without is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_reads_find_their_files_by_index() {
+    let t = TestServer::start().await;
+    let (alice, alice_tok) = sign_up(&t, "folders-owner@example.com").await;
+    let (bob, _) = sign_up(&t, "folders-reader@example.com").await;
+    let part = file_part(pattern(10), "x.png", "image/png");
+    json_ok(
+        upload(&t, &alice_tok, None, Some("shared/x.png"), part).await,
+        201,
+    )
+    .await;
+    let part = file_part(pattern(10), "y.png", "image/png");
+    json_ok(
+        upload(&t, &alice_tok, None, Some("private/y.png"), part).await,
+        201,
+    )
+    .await;
+    t.sql
+        .batch_execute(&format!(
+            "CREATE POLICY team_read ON public.files FOR SELECT TO authenticated
+               USING (starts_with(path, '{alice}/shared/'));
+             INSERT INTO public.files (bucket_id, path, name, owner_id)
+               SELECT 'files', '{alice}/bulk/' || i || '.bin', i || '.bin', '{alice}'
+                 FROM generate_series(1, 20000) i;
+             ANALYZE public.files; ANALYZE public.folders;"
+        ))
+        .await
+        .unwrap();
+    let as_bob = |sql: &str| {
+        format!(
+            "BEGIN; SET LOCAL ROLE authenticated;
+             SET LOCAL request.jwt.claims = '{{\"sub\":\"{bob}\",\"role\":\"authenticated\"}}';
+             {sql}"
+        )
+    };
+    let rows = t
+        .sql
+        .simple_query(&as_bob("SELECT path FROM public.folders ORDER BY path"))
+        .await;
+    t.sql.batch_execute("ROLLBACK").await.unwrap();
+    let seen: Vec<String> = rows
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![format!("{alice}/shared")],
+        "only the folder with a file Bob may read"
+    );
+    let plan = t
+        .sql
+        .simple_query(&as_bob("EXPLAIN SELECT path FROM public.folders"))
+        .await;
+    t.sql.batch_execute("ROLLBACK").await.unwrap();
+    let plan: String = plan
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|l| format!("{l}\n")),
+            _ => None,
+        })
+        .collect();
+    assert!(plan.contains("files_bucket_path_bytes"), "{plan}");
+}
