@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use aether_core::changes::{Relation, Row};
-use aether_core::principal::{Principal, Role};
+use aether_core::principal::Principal;
 use serde_json::Value;
 
 /// How deep an expression may nest before we refuse it.
@@ -998,14 +998,7 @@ impl Operand {
                 }
             }
             Operand::Uid => s.principal.user_id.clone().map(Val::Text),
-            Operand::Role => Some(Val::Text(
-                match s.principal.role {
-                    Role::Anon => "anon",
-                    Role::Authenticated => "authenticated",
-                    Role::Service => "service_role",
-                }
-                .to_owned(),
-            )),
+            Operand::Role => Some(Val::Text(s.principal.role.database_role().to_owned())),
             Operand::Claim(path, _) => claim(s.principal, path),
             Operand::Const(v) => match v {
                 Val::Null => None,
@@ -1025,14 +1018,7 @@ impl Operand {
 fn claim(p: &Principal, path: &[String]) -> Option<Val> {
     let [key] = path else { return None };
     match key.as_str() {
-        "role" => Some(Val::Text(
-            match p.role {
-                Role::Anon => "anon",
-                Role::Authenticated => "authenticated",
-                Role::Service => "service_role",
-            }
-            .to_owned(),
-        )),
+        "role" => Some(Val::Text(p.role.database_role().to_owned())),
         "sub" => p.user_id.clone().map(Val::Text),
         "aud" => p
             .user_id

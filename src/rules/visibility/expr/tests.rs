@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use aether_core::changes::{Column, Relation, TableId};
+use aether_core::principal::Role;
 use serde_json::json;
 
 use super::*;
