@@ -20,11 +20,12 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::registry::now_ms;
 use super::stats::Stats;
+use aether_router::queue::{Next, Signal};
 use aether_router::{Command, Outbound};
 
 /// Close codes (4000–4999 are application codes).
@@ -138,6 +139,16 @@ pub(crate) enum Ending {
     Protocol(ProtocolClose),
 }
 
+impl From<Signal> for Ending {
+    fn from(signal: Signal) -> Ending {
+        match signal {
+            Signal::Overflowed | Signal::Lagging => Ending::Slow,
+            Signal::Revoked => Ending::Revoked,
+            Signal::Reaped => Ending::Idle,
+        }
+    }
+}
+
 /// A close: `frames` are written first, then the Close frame.
 #[derive(Debug)]
 pub(crate) struct Close {
@@ -213,19 +224,14 @@ pub(crate) trait Dialect: Send {
     fn detach(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-/// Where a connection is wired: its queue and the router's signals on it.
+/// Where a connection is wired.
 pub(crate) struct Link {
     pub session: u64,
+    /// Its queue, and the signals its writers raise on it: overflowed (the
+    /// router or a hub), revoked (the router), reaped (the registry) and lagging
+    /// (the router: once the queue is half empty the engine answers with
+    /// [`Command::Pull`]).
     pub rx: aether_router::queue::QueueRx<Outbound>,
-    /// Cancelled when the connection cannot keep up at all.
-    pub overflowed: CancellationToken,
-    /// Cancelled when the auth session of its token is signed out.
-    pub revoked: CancellationToken,
-    /// Signalled when the connection starts lagging: once its queue is half
-    /// empty the engine answers with [`Command::Pull`].
-    pub lagging: Arc<Notify>,
-    /// Cancelled by the registry's idle reaper.
-    pub reaped: CancellationToken,
     /// When the peer was last heard from (the registry reads it).
     pub last_seen: Arc<AtomicI64>,
     pub router: mpsc::Sender<Command>,
@@ -462,32 +468,38 @@ where
             let mut pull_wanted = false;
             let session = link.session;
             let rx = &mut link.rx;
-            let (lagging, last_seen, router) = (&link.lagging, &link.last_seen, &link.router);
-            // The signals' futures are made once and polled in place: made anew on
-            // every turn, each would register with its token and deregister again,
-            // under the token's lock, for every frame delivered. Shutdown is one
-            // token for every connection, so each watches a child of its own.
+            let (last_seen, router) = (&link.last_seen, &link.router);
+            // Made once and polled in place: made anew on every turn, it would
+            // register with its token and deregister again, under the token's
+            // lock, for every frame delivered. Shutdown is one token for every
+            // connection, so each watches a child of its own. The other reasons
+            // to close are signals on the queue, read with an atomic load.
             let shutdown = link.shutdown.child_token();
             let shutdown = shutdown.cancelled();
-            let overflowed = link.overflowed.cancelled();
-            let revoked = link.revoked.cancelled();
-            let reaped = link.reaped.cancelled();
-            let lag = lagging.notified();
-            tokio::pin!(shutdown, overflowed, revoked, reaped, lag);
+            tokio::pin!(shutdown);
             loop {
+                // Checked on every turn, not only when the queue wakes the task:
+                // a peer that keeps the socket busy must not keep a close away.
+                if let Some(signal) = rx.closing() {
+                    break Some(dialect.ending(Ending::from(signal)));
+                }
+                if rx.take_lagging() {
+                    pull_wanted = true;
+                }
                 if !frames.is_empty() {
                     // A peer that stops reading blocks the socket: stay interruptible
-                    // so a close decided meanwhile still happens.
+                    // so a close decided meanwhile still happens. The write comes
+                    // first: when it completes at once, as it nearly always does,
+                    // the closes are not polled (nor registered with) at all.
                     let sent = tokio::select! {
                         biased;
-                        _ = &mut shutdown => None,
-                        _ = &mut overflowed => None,
-                        _ = &mut revoked => None,
-                        _ = &mut reaped => None,
                         r = send_all(socket, &mut frames) => Some(r),
+                        _ = &mut shutdown => None,
+                        _ = rx.closed_by_writer() => None,
                     };
                     match sent {
-                        // The select below closes with the reason.
+                        // The select below (shutdown) or the next turn (a
+                        // signal) closes with the reason.
                         None => {}
                         Some(Err(())) => break None,
                         Some(Ok(())) => {}
@@ -504,9 +516,6 @@ where
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => break Some(dialect.ending(Ending::Shutdown)),
-                    _ = &mut overflowed => break Some(dialect.ending(Ending::Slow)),
-                    _ = &mut revoked => break Some(dialect.ending(Ending::Revoked)),
-                    _ = &mut reaped => break Some(dialect.ending(Ending::Idle)),
                     _ = &mut expiry, if expires.is_some() => {
                         if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
                             break Some(close);
@@ -517,10 +526,6 @@ where
                             break Some(dialect.ending(Ending::Idle));
                         }
                         frames.push(Message::Ping(Bytes::new()));
-                    }
-                    _ = &mut lag => {
-                        pull_wanted = true;
-                        lag.set(lagging.notified());
                     }
                     // Before the queue: a queue that never empties (a catch-up
                     // paced to keep it full) must not stop the peer's frames, pongs
@@ -567,12 +572,16 @@ where
                             }
                         }
                     }
-                    out = rx.recv() => {
-                        let Some(out) = out else { break None };
+                    next = rx.next() => match next {
                         // What is already queued goes out in the same write: one flush
                         // (one syscall) per burst instead of one per frame.
-                        encode_queued!(dialect, rx, Some(out), MAX_FRAMES_PER_FLUSH, &mut frames, stats, &latency);
-                    }
+                        Next::Item(out) => {
+                            encode_queued!(dialect, rx, Some(out), MAX_FRAMES_PER_FLUSH, &mut frames, stats, &latency);
+                        }
+                        // The next turn reads it.
+                        Next::Signalled => {}
+                        Next::Closed => break None,
+                    },
                 }
                 if dialect.expires_at() != expires {
                     // A renewed (or dropped) token moves the deadline.
@@ -728,11 +737,7 @@ mod tests {
         peer_rx: mpsc::UnboundedReceiver<Message>,
         queue: aether_router::queue::QueueTx<Outbound>,
         router: mpsc::Receiver<Command>,
-        overflowed: CancellationToken,
-        revoked: CancellationToken,
-        reaped: CancellationToken,
         shutdown: CancellationToken,
-        lagging: Arc<Notify>,
         detached: Arc<AtomicBool>,
         /// Frames written to the socket when the dialect last handled a text frame.
         heard_at: Arc<std::sync::atomic::AtomicUsize>,
@@ -760,10 +765,6 @@ mod tests {
         let link = Link {
             session: 7,
             rx,
-            overflowed: CancellationToken::new(),
-            revoked: CancellationToken::new(),
-            lagging: Arc::new(Notify::new()),
-            reaped: CancellationToken::new(),
             last_seen: Arc::new(AtomicI64::new(now_ms())),
             router: router_tx,
             shutdown: CancellationToken::new(),
@@ -773,11 +774,7 @@ mod tests {
             peer_rx,
             queue: queue_tx,
             router,
-            overflowed: link.overflowed.clone(),
-            revoked: link.revoked.clone(),
-            reaped: link.reaped.clone(),
             shutdown: link.shutdown.clone(),
-            lagging: Arc::clone(&link.lagging),
             detached: Arc::clone(&detached),
             heard_at: Arc::clone(&heard_at),
             done: tokio::spawn(async move {
@@ -917,7 +914,7 @@ mod tests {
             }
         }
         assert!(echoed >= 1000 && limited >= 50, "{echoed} {limited}");
-        h.reaped.cancel();
+        h.queue.raise(Signal::Reaped);
         let (_, code) = h.close().await;
         assert_eq!(code, CLOSE_IDLE);
         h.ended().await;
@@ -994,16 +991,18 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_overflow_revocation_and_reaping_close_with_their_codes() {
-        type Token = fn(&Harness) -> &CancellationToken;
-        let cases: [(Token, u16); 4] = [
-            (|h| &h.shutdown, CLOSE_GOING_AWAY),
-            (|h| &h.overflowed, CLOSE_SLOW),
-            (|h| &h.revoked, CLOSE_AUTH),
-            (|h| &h.reaped, CLOSE_IDLE),
+        let cases = [
+            (None, CLOSE_GOING_AWAY),
+            (Some(Signal::Overflowed), CLOSE_SLOW),
+            (Some(Signal::Revoked), CLOSE_AUTH),
+            (Some(Signal::Reaped), CLOSE_IDLE),
         ];
-        for (token, expected) in cases {
+        for (signal, expected) in cases {
             let mut h = start(limits(), None, false, 16);
-            token(&h).cancel();
+            match signal {
+                Some(s) => assert!(h.queue.raise(s)),
+                None => h.shutdown.cancel(),
+            }
             let (texts, code) = h.close().await;
             assert_eq!(code, expected);
             assert_eq!(texts.len(), 1, "{texts:?}");
@@ -1015,7 +1014,7 @@ mod tests {
     async fn a_peer_that_stops_reading_is_still_closed() {
         let h = start(limits(), None, true, 16);
         h.queue.try_send(Outbound::Frame(Arc::from("a"))).unwrap();
-        h.overflowed.cancel();
+        h.queue.raise(Signal::Overflowed);
         tokio::time::timeout(GOODBYE + WAIT, h.done)
             .await
             .expect("the connection ends")
@@ -1029,7 +1028,7 @@ mod tests {
         for t in ["a", "b", "c", "d"] {
             h.queue.try_send(Outbound::Frame(Arc::from(t))).unwrap();
         }
-        h.lagging.notify_one();
+        h.queue.raise(Signal::Lagging);
         let pull = tokio::time::timeout(WAIT, h.router.recv()).await.unwrap();
         assert!(matches!(pull, Some(Command::Pull { session: 7 })));
         // Everything queued was written before the pull was asked for.

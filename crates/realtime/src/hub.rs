@@ -72,7 +72,6 @@ impl HubError {
 #[derive(Clone)]
 pub struct Member {
     pub tx: aether_router::queue::QueueTx<Outbound>,
-    pub overflowed: CancellationToken,
     pub client_id: Arc<str>,
     /// Whose retries and rate budget this is: the connection's user key (user id,
     /// `service_role`, or `anon:<address>`) with the client id, so another user
@@ -813,7 +812,7 @@ impl Hub {
         let Some((m, _)) = self.members.get(&session) else {
             return;
         };
-        super::offer(&m.tx, &m.overflowed, out, "channel");
+        super::offer(&m.tx, out, "channel");
     }
 }
 
@@ -892,7 +891,6 @@ mod tests {
             (
                 Member {
                     tx,
-                    overflowed: CancellationToken::new(),
                     client_id: Arc::from("c"),
                     sender_key: Arc::from("u/c"),
                     user_id: None,

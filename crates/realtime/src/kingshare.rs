@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use aether_core::changes::{ChangeKind, Row, RowChange};
 use aether_router::Outbound;
@@ -45,7 +44,6 @@ pub fn error(code: &str, text: &str) -> String {
 
 struct Target {
     tx: aether_router::queue::QueueTx<Outbound>,
-    overflowed: CancellationToken,
 }
 
 /// Connections that receive KingShare messages, by user.
@@ -72,28 +70,21 @@ impl Notifier {
         session: u64,
         user: Option<&str>,
         tx: aether_router::queue::QueueTx<Outbound>,
-        overflowed: CancellationToken,
     ) {
         let mut g = self.lock();
         if let Some(u) = user {
-            g.by_user.entry(u.to_owned()).or_default().insert(
-                session,
-                Target {
-                    tx: tx.clone(),
-                    overflowed: overflowed.clone(),
-                },
-            );
+            g.by_user
+                .entry(u.to_owned())
+                .or_default()
+                .insert(session, Target { tx: tx.clone() });
         }
-        g.all.insert(session, Target { tx, overflowed });
+        g.all.insert(session, Target { tx });
     }
 
     /// Moves a connection under a user (after `Authenticate`).
     pub fn authenticate(&self, session: u64, user: &str) {
         let mut g = self.lock();
-        let Some(t) = g.all.get(&session).map(|t| Target {
-            tx: t.tx.clone(),
-            overflowed: t.overflowed.clone(),
-        }) else {
+        let Some(t) = g.all.get(&session).map(|t| Target { tx: t.tx.clone() }) else {
             return;
         };
         for sessions in g.by_user.values_mut() {
@@ -166,12 +157,7 @@ impl Notifier {
 }
 
 fn deliver(t: &Target, f: &Arc<str>) {
-    super::offer(
-        &t.tx,
-        &t.overflowed,
-        Outbound::Frame(Arc::clone(f)),
-        "kingshare",
-    );
+    super::offer(&t.tx, Outbound::Frame(Arc::clone(f)), "kingshare");
 }
 
 fn text<'r>(change: &RowChange, row: &'r Row, col: &str) -> Option<&'r Value> {

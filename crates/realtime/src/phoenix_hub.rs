@@ -4,7 +4,7 @@
 //! As in that hub, one task owns every topic, so a topic's broadcasts and
 //! presence diffs reach its members in one order, and frames go to the members'
 //! bounded queues with `try_send`: a member whose queue is full is closed as a
-//! slow consumer (its `overflowed` token) instead of holding up the topic.
+//! slow consumer (it signals its queue `Overflowed`) instead of holding up the topic.
 //!
 //! Frames are encoded here for each member's framing: broadcasts once per
 //! framing (`vsn=2.0.0` members get realtime-js's binary "user broadcast" frame,
@@ -33,7 +33,6 @@ pub enum BroadcastPayload {
 pub struct PhxMember {
     /// The connection's one queue, shared with the router.
     pub tx: aether_router::queue::QueueTx<Outbound>,
-    pub overflowed: CancellationToken,
     pub vsn: Vsn,
 }
 
@@ -685,7 +684,7 @@ impl PhxHub {
         let Some((m, _)) = self.conns.get(&session) else {
             return;
         };
-        super::offer(&m.tx, &m.overflowed, frame, "phoenix");
+        super::offer(&m.tx, frame, "phoenix");
     }
 }
 
@@ -718,11 +717,7 @@ mod tests {
         let (tx, rx) = aether_router::queue::channel(16);
         hub.command(PhxCommand::Attach {
             session,
-            member: PhxMember {
-                tx,
-                overflowed: CancellationToken::new(),
-                vsn,
-            },
+            member: PhxMember { tx, vsn },
         });
         rx
     }
@@ -730,15 +725,10 @@ mod tests {
     #[test]
     fn a_full_queue_closes_only_that_member() {
         let mut hub = PhxHub::default();
-        let (tx, _slow_rx) = aether_router::queue::channel(1);
-        let slow = CancellationToken::new();
+        let (tx, slow) = aether_router::queue::channel(1);
         hub.command(PhxCommand::Attach {
             session: 1,
-            member: PhxMember {
-                tx,
-                overflowed: slow.clone(),
-                vsn: Vsn::V2,
-            },
+            member: PhxMember { tx, vsn: Vsn::V2 },
         });
         let mut fast = member(&mut hub, 2, Vsn::V2);
         for s in [1, 2] {
@@ -762,7 +752,10 @@ mod tests {
                 payload: BroadcastPayload::Json(json!(n)),
             });
         }
-        assert!(slow.is_cancelled());
+        assert_eq!(
+            slow.closing(),
+            Some(aether_router::queue::Signal::Overflowed)
+        );
         let mut got = 0;
         while let Ok(Outbound::Binary(_)) = fast.try_recv() {
             got += 1;

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use aether_router::Outbound;
+use aether_router::queue::{Signal, Signaller};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitError {
@@ -34,8 +35,8 @@ pub struct ConnEntry {
     pub client_id: Arc<str>,
     /// Milliseconds since the Unix epoch of the last frame from the peer.
     pub last_seen: Arc<AtomicI64>,
-    /// Cancelled to close the connection (cleanup, reaping).
-    pub close: CancellationToken,
+    /// Raises `Reaped` on the connection's queue when it is reaped.
+    pub close: Signaller<Outbound>,
 }
 
 #[derive(Default)]
@@ -236,8 +237,7 @@ impl Registry {
         let g = self.lock();
         let mut n = 0;
         for e in g.conns.values() {
-            if e.last_seen.load(Ordering::Relaxed) < cutoff && !e.close.is_cancelled() {
-                e.close.cancel();
+            if e.last_seen.load(Ordering::Relaxed) < cutoff && e.close.raise(Signal::Reaped) {
                 n += 1;
             }
         }
@@ -255,8 +255,22 @@ mod tests {
             user_id: Some(user.into()),
             client_id: Arc::from("c"),
             last_seen: Arc::new(AtomicI64::new(now_ms())),
-            close: CancellationToken::new(),
+            close: aether_router::queue::channel(1).0.signaller(),
         }
+    }
+
+    #[test]
+    fn a_silent_connection_is_reaped_once() {
+        let r = Registry::default();
+        let (tx, rx) = aether_router::queue::channel::<Outbound>(1);
+        let mut silent = entry("u");
+        silent.close = tx.signaller();
+        silent.last_seen.store(now_ms() - 60_000, Ordering::Relaxed);
+        r.admit(1, silent, 5, 5).unwrap();
+        r.admit(2, entry("v"), 5, 5).unwrap();
+        assert_eq!(r.reap(Duration::from_secs(30)), 1);
+        assert_eq!(rx.closing(), Some(Signal::Reaped));
+        assert_eq!(r.reap(Duration::from_secs(30)), 0, "told once");
     }
 
     #[test]

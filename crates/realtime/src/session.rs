@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use axum::extract::ws::{Message, WebSocket};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
 use crate::Realtime;
 use crate::engine::{self, Close, Dialect, Ending, Frames, Inbound};
@@ -133,16 +132,16 @@ pub fn run(
                 .filter(|c| !c.is_empty() && c.len() <= 128)
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         );
-        let reaped = CancellationToken::new();
         let last_seen = Arc::new(AtomicI64::new(now_ms()));
+        let cfg = &state.settings;
+        let (tx, rx) = aether_router::queue::channel::<Outbound>(cfg.ws_queue_capacity);
         let entry = ConnEntry {
             user_key: user_key(&principal, params.addr),
             user_id: principal.user_id.clone(),
             client_id: Arc::clone(&client_id),
             last_seen: Arc::clone(&last_seen),
-            close: reaped.clone(),
+            close: tx.signaller(),
         };
-        let cfg = &state.settings;
         let admitted = match admit(&state, session, entry) {
             Ok(n) => n,
             Err(e) => {
@@ -159,21 +158,13 @@ pub fn run(
         };
         metrics::gauge!("aether_ws_connections").increment(1.0);
 
-        let (tx, rx) = aether_router::queue::channel::<Outbound>(cfg.ws_queue_capacity);
-        let overflowed = CancellationToken::new();
-        let lagging = Arc::new(tokio::sync::Notify::new());
-        let revoked = CancellationToken::new();
         let principal = Arc::new(principal);
         let handle = SessionHandle {
             tx: tx.clone(),
-            overflowed: overflowed.clone(),
-            revoked: revoked.clone(),
-            lagging: Arc::clone(&lagging),
             principal: Arc::clone(&principal),
         };
         let member = Member {
             tx: tx.clone(),
-            overflowed: overflowed.clone(),
             client_id: Arc::clone(&client_id),
             sender_key: Arc::from(format!("{}/{client_id}", user_key(&principal, params.addr))),
             user_id: principal.user_id.as_deref().map(Arc::from),
@@ -190,12 +181,9 @@ pub fn run(
                 .await
                 .is_ok();
         if vocabulary.kingshare_events() {
-            state.kingshare.register(
-                session,
-                principal.user_id.as_deref(),
-                tx.clone(),
-                overflowed.clone(),
-            );
+            state
+                .kingshare
+                .register(session, principal.user_id.as_deref(), tx.clone());
         }
         drop(tx);
         // Presence: a user's first connection.
@@ -218,10 +206,6 @@ pub fn run(
             let link = engine::Link {
                 session,
                 rx,
-                overflowed,
-                revoked,
-                lagging,
-                reaped,
                 last_seen,
                 router: state.router.clone(),
                 shutdown: state.drain.token(),

@@ -288,7 +288,7 @@ fn deliver<'a>(
             };
             if entry.handle.tx.try_send(out).is_err() {
                 lag.after = c.position.just_before();
-                entry.handle.lagging.notify_one();
+                entry.handle.tx.raise(crate::queue::Signal::Lagging);
                 return true;
             }
             sub.seen = c.position;

@@ -126,14 +126,11 @@ pub enum Outbound {
 /// A connection as the router knows it.
 #[derive(Clone)]
 pub struct SessionHandle {
+    /// Its queue. The router raises [`queue::Signal`]s on it too: `Overflowed`
+    /// when it cannot keep up at all, `Revoked` when its token's auth session is
+    /// signed out, `Lagging` when it starts lagging (once its queue is half
+    /// empty the connection answers with [`Command::Pull`]).
     pub tx: queue::QueueTx<Outbound>,
-    /// Cancelled by the router when the connection cannot keep up at all.
-    pub overflowed: CancellationToken,
-    /// Cancelled when the auth session of the connection's token is signed out.
-    pub revoked: CancellationToken,
-    /// Signalled when the connection starts lagging: once its queue is half empty the
-    /// writer answers with [`Command::Pull`].
-    pub lagging: Arc<tokio::sync::Notify>,
     pub principal: Arc<Principal>,
 }
 
@@ -474,7 +471,7 @@ impl Router {
                     session = s,
                     "closing a signed-out connection"
                 );
-                e.handle.revoked.cancel();
+                e.handle.tx.raise(queue::Signal::Revoked);
             }
             self.detach(s);
         }
@@ -490,7 +487,7 @@ impl Router {
                 "closing a slow connection"
             );
             metrics::counter!("aether_queue_drops_total", "kind" => "closed").increment(1);
-            entry.handle.overflowed.cancel();
+            entry.handle.tx.raise(queue::Signal::Overflowed);
         }
         self.detach(session);
     }

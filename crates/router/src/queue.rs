@@ -8,9 +8,14 @@
 //! whenever the reader empties it; an idle connection's queue is a few words.
 //! One reader (the connection) and many writers (router, hubs) that never wait:
 //! writers `try_send`, and a full queue is the writer's decision (lag or close).
+//!
+//! Writers also raise [`Signal`]s: bits beside the items, woken through the
+//! same `Notify`. A connection used to watch a cancellation token per reason
+//! and a `Notify` for lag: four heap nodes and four futures in every
+//! connection's task, each polled (and its node's mutex taken) on every wake.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -19,11 +24,35 @@ pub use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 /// Slots kept when the queue empties: what one burst of a quiet connection uses.
 const KEEP: usize = 4;
 
+/// What a connection's writers tell it besides items. Each is a bit that stays
+/// raised (`Lagging` until the reader takes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// It cannot keep up at all: close it.
+    Overflowed,
+    /// The auth session of its token was signed out: close it.
+    Revoked,
+    /// The idle reaper found it silent: close it.
+    Reaped,
+    /// It started lagging: once its queue is half drained it asks for more.
+    Lagging,
+}
+
+impl Signal {
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// The signals that close a connection, first the one that wins when several are raised.
+const CLOSING: [Signal; 3] = [Signal::Overflowed, Signal::Revoked, Signal::Reaped];
+
 struct Shared<T> {
     items: Mutex<VecDeque<T>>,
     cap: usize,
-    /// Wakes the reader: an item arrived, or the last writer went.
+    /// Wakes the reader: an item arrived, a signal was raised, or the last writer went.
     ready: Notify,
+    signals: AtomicU8,
     writers: AtomicUsize,
     reader_gone: AtomicBool,
 }
@@ -33,6 +62,15 @@ impl<T> Shared<T> {
         // No code runs under this lock that can panic halfway through a change.
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn raise(&self, signal: Signal) -> bool {
+        let before = self.signals.fetch_or(signal.bit(), Ordering::AcqRel);
+        let new = before & signal.bit() == 0;
+        if new {
+            self.ready.notify_one();
+        }
+        new
+    }
 }
 
 /// A queue of at most `cap` items (at least one).
@@ -41,6 +79,7 @@ pub fn channel<T>(cap: usize) -> (QueueTx<T>, QueueRx<T>) {
         items: Mutex::new(VecDeque::new()),
         cap: cap.max(1),
         ready: Notify::new(),
+        signals: AtomicU8::new(0),
         writers: AtomicUsize::new(1),
         reader_gone: AtomicBool::new(false),
     });
@@ -88,6 +127,37 @@ impl<T> QueueTx<T> {
     pub fn capacity(&self) -> usize {
         self.0.cap.saturating_sub(self.0.lock().len())
     }
+
+    /// Raises `signal` and wakes the reader; `false` if it was raised already.
+    pub fn raise(&self, signal: Signal) -> bool {
+        self.0.raise(signal)
+    }
+
+    /// A handle that raises signals but writes nothing, so it does not keep
+    /// the queue open (the idle reaper's).
+    pub fn signaller(&self) -> Signaller<T> {
+        Signaller(Arc::clone(&self.0))
+    }
+}
+
+/// Raises signals on a queue without being one of its writers.
+pub struct Signaller<T>(Arc<Shared<T>>);
+
+impl<T> Signaller<T> {
+    /// Raises `signal` and wakes the reader; `false` if it was raised already.
+    pub fn raise(&self, signal: Signal) -> bool {
+        self.0.raise(signal)
+    }
+}
+
+/// What [`QueueRx::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<T> {
+    Item(T),
+    /// A signal is raised: see [`QueueRx::closing`] and [`QueueRx::take_lagging`].
+    Signalled,
+    /// Empty, and every writer is gone.
+    Closed,
 }
 
 /// The reading end: the connection.
@@ -133,6 +203,46 @@ impl<T> QueueRx<T> {
                 Err(TryRecvError::Empty) => self.0.ready.notified().await,
             }
         }
+    }
+
+    /// A signal raised, else the next item; waits for either, or for the last
+    /// writer to go. A reader that loops on this must clear what it is told
+    /// (take the lag, or stop on a close), or it is told again at once.
+    pub async fn next(&mut self) -> Next<T> {
+        loop {
+            if self.0.signals.load(Ordering::Acquire) != 0 {
+                return Next::Signalled;
+            }
+            match self.try_recv() {
+                Ok(item) => return Next::Item(item),
+                Err(TryRecvError::Disconnected) => return Next::Closed,
+                // As in `recv`: a raise or an item since the checks left a permit.
+                Err(TryRecvError::Empty) => self.0.ready.notified().await,
+            }
+        }
+    }
+
+    /// The signal to close on, if one is raised ([`Signal::Lagging`] is not one).
+    pub fn closing(&self) -> Option<Signal> {
+        let bits = self.0.signals.load(Ordering::Acquire);
+        CLOSING.into_iter().find(|s| bits & s.bit() != 0)
+    }
+
+    /// Waits until a signal to close on is raised. Items arriving meanwhile
+    /// stay queued; [`QueueRx::next`] still finds them.
+    pub async fn closed_by_writer(&self) -> Signal {
+        loop {
+            if let Some(signal) = self.closing() {
+                return signal;
+            }
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// Whether [`Signal::Lagging`] was raised since the last call; lowers it.
+    pub fn take_lagging(&mut self) -> bool {
+        let bit = Signal::Lagging.bit();
+        self.0.signals.fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
     /// Items queued now.
@@ -186,6 +296,47 @@ mod tests {
         let (tx, rx) = channel(2);
         drop(rx);
         assert!(matches!(tx.try_send(1), Err(TrySendError::Closed(1))));
+    }
+
+    #[tokio::test]
+    async fn signals_wake_the_reader_before_items_and_close_in_order() {
+        let (tx, mut rx) = channel(4);
+        let reaper = tx.signaller();
+        tx.try_send(1).unwrap();
+        // Lag is told before the item, once per raise.
+        assert!(tx.raise(Signal::Lagging));
+        assert_eq!(rx.next().await, Next::Signalled);
+        assert!(rx.take_lagging());
+        assert!(!rx.take_lagging());
+        assert_eq!(rx.next().await, Next::Item(1));
+
+        // A reader waiting is woken by a raise from another task, and one
+        // waiting only for a close is not ended by items.
+        let writer = tx.clone();
+        let raise = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            writer.try_send(2).unwrap();
+            tokio::task::yield_now().await;
+            assert!(reaper.raise(Signal::Reaped));
+            assert!(!reaper.raise(Signal::Reaped), "raised once");
+        });
+        let closed = tokio::time::timeout(Duration::from_secs(5), rx.closed_by_writer()).await;
+        assert_eq!(closed.unwrap(), Signal::Reaped);
+        raise.await.unwrap();
+        assert_eq!(rx.closing(), Some(Signal::Reaped));
+        // Overflow wins over the others, whatever came first.
+        tx.raise(Signal::Overflowed);
+        assert_eq!(rx.closing(), Some(Signal::Overflowed));
+        assert_eq!(rx.next().await, Next::Signalled);
+        assert_eq!(rx.try_recv(), Ok(2));
+
+        // A signaller is not a writer: the last writer gone still ends the queue.
+        let (tx, mut rx) = channel::<u8>(1);
+        let reaper = tx.signaller();
+        drop(tx);
+        assert_eq!(rx.next().await, Next::Closed);
+        reaper.raise(Signal::Revoked);
+        assert_eq!(rx.closing(), Some(Signal::Revoked));
     }
 
     #[tokio::test]

@@ -544,7 +544,7 @@ impl Router {
                         generation: self.generations,
                     });
                     self.lagging.insert(sub.session);
-                    entry.handle.lagging.notify_one();
+                    entry.handle.tx.raise(crate::queue::Signal::Lagging);
                 }
                 Err(crate::queue::TrySendError::Closed(_)) => closed.push(sub.session),
             }

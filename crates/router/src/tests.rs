@@ -48,9 +48,6 @@ fn fixture_with(
         session: 1,
         handle: SessionHandle {
             tx,
-            overflowed: CancellationToken::new(),
-            revoked: CancellationToken::new(),
-            lagging: Arc::new(tokio::sync::Notify::new()),
             principal: Arc::new(Principal::service()),
         },
     });
@@ -370,9 +367,6 @@ async fn a_pending_decision_holds_back_only_its_connection_which_then_gets_every
         session: 2,
         handle: SessionHandle {
             tx: tx2,
-            overflowed: CancellationToken::new(),
-            revoked: CancellationToken::new(),
-            lagging: Arc::new(tokio::sync::Notify::new()),
             principal: Arc::new(Principal::service()),
         },
     });
@@ -438,15 +432,11 @@ async fn a_tap_can_close_the_connections_of_a_revoked_session() {
         Box::new(policy::AllowAll),
         vec![Box::new(Revoker(id))],
     );
-    let revoked = CancellationToken::new();
-    let (tx2, _rx2) = crate::queue::channel(16);
+    let (tx2, rx2) = crate::queue::channel(16);
     f.r.command(Command::Attach {
         session: 2,
         handle: SessionHandle {
             tx: tx2,
-            overflowed: CancellationToken::new(),
-            revoked: revoked.clone(),
-            lagging: Arc::new(tokio::sync::Notify::new()),
             principal: Arc::new(Principal {
                 session_id: Some(id),
                 ..Principal::service()
@@ -454,7 +444,7 @@ async fn a_tap_can_close_the_connections_of_a_revoked_session() {
         },
     });
     f.commit(1);
-    assert!(revoked.is_cancelled());
+    assert_eq!(rx2.closing(), Some(crate::queue::Signal::Revoked));
     assert!(!f.r.sessions.contains_key(&2));
     assert!(f.r.sessions.contains_key(&1), "other sessions stay");
 }

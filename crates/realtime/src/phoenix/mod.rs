@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use axum::extract::ws::{Message, WebSocket};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::Realtime;
 use crate::engine::{
@@ -441,13 +440,13 @@ pub fn run(
         // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
         // stats and cleanup.
         let last_seen = Arc::new(AtomicI64::new(now_ms()));
-        let reaped = CancellationToken::new();
+        let (tx, rx) = aether_router::queue::channel::<Outbound>(state.settings.ws_queue_capacity);
         let entry = ConnEntry {
             user_key: session::user_key(&principal, addr),
             user_id: principal.user_id.clone(),
             client_id: Arc::from(format!("phoenix-{session}")),
             last_seen: Arc::clone(&last_seen),
-            close: reaped.clone(),
+            close: tx.signaller(),
         };
         if session::admit(&state, session, entry).is_err() {
             Box::pin(engine::refuse(
@@ -457,23 +456,12 @@ pub fn run(
             .await;
             return;
         }
-        let (tx, rx) = aether_router::queue::channel::<Outbound>(state.settings.ws_queue_capacity);
-        let overflowed = CancellationToken::new();
-        let revoked = CancellationToken::new();
-        let lagging = Arc::new(tokio::sync::Notify::new());
         let principal = Arc::new(principal);
         let handle = SessionHandle {
             tx: tx.clone(),
-            overflowed: overflowed.clone(),
-            revoked: revoked.clone(),
-            lagging: Arc::clone(&lagging),
             principal: Arc::clone(&principal),
         };
-        let member = PhxMember {
-            tx,
-            overflowed: overflowed.clone(),
-            vsn,
-        };
+        let member = PhxMember { tx, vsn };
         let mut conn = Conn {
             state: state.clone(),
             session,
@@ -502,10 +490,6 @@ pub fn run(
         let link = engine::Link {
             session,
             rx,
-            overflowed,
-            revoked,
-            lagging,
-            reaped,
             last_seen,
             router: state.router.clone(),
             shutdown: state.drain.token(),
