@@ -23,6 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+mod fleet;
+
 use crate::proc::{cpu_seconds, cpu_user_system, hwm_kib, now_us, rss_kib};
 use crate::stats::{Summary, summarize_us};
 
@@ -253,19 +255,24 @@ impl Tracker {
     }
 
     fn record(&self, seq: u64, recv: i64, commit_ms: Option<i64>) {
+        self.record_many(seq, 1, recv, recv, commit_ms);
+    }
+
+    /// `n` deliveries of change `seq`, received between `first` and `last`.
+    fn record_many(&self, seq: u64, n: u32, first: i64, last: i64, commit_ms: Option<i64>) {
         let Some(i) = seq.checked_sub(self.base).map(|i| i as usize) else {
             return;
         };
         if i >= self.count.len() {
             return;
         }
-        self.count[i].fetch_add(1, Ordering::Relaxed);
-        self.first[i].fetch_min(recv, Ordering::Relaxed);
-        self.last[i].fetch_max(recv, Ordering::Relaxed);
+        self.count[i].fetch_add(n, Ordering::Relaxed);
+        self.first[i].fetch_min(first, Ordering::Relaxed);
+        self.last[i].fetch_max(last, Ordering::Relaxed);
         if let Some(ms) = commit_ms {
             self.commit_ms[i].store(ms, Ordering::Relaxed);
         }
-        self.deliveries.fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(u64::from(n), Ordering::Relaxed);
     }
 
     /// Last-subscriber receive time minus the commit time of the Commit message
@@ -494,15 +501,15 @@ pub async fn open(
 }
 
 pub fn subscribe_frame(id: &str, filter: Option<&str>) -> Message {
+    Message::Text(subscribe_text(id, filter).into())
+}
+
+fn subscribe_text(id: &str, filter: Option<&str>) -> String {
     let mut data = json!({"id": id, "table": "files"});
     if let Some(f) = filter {
         data["filter"] = json!(f);
     }
-    Message::Text(
-        json!({"type": "subscription", "action": "subscribe", "data": data})
-            .to_string()
-            .into(),
-    )
+    json!({"type": "subscription", "action": "subscribe", "data": data}).to_string()
 }
 
 /// Opens `n` connections, spread over `ips` source addresses, at most 256 connecting at once.
@@ -1087,13 +1094,13 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
     let shared = Arc::new(Shared::default());
     let rss0 = rss_kib(aether_pid).unwrap_or(0);
     let t0 = Instant::now();
-    log(format!("fan-out: opening {connections} connections"));
-    let mut sinks = open_many(server, &token, connections, source_ips, &shared).await?;
+    log(format!(
+        "fan-out: opening {connections} connections and subscribing"
+    ));
+    let subscribe = |i: usize| subscribe_text(&format!("f{i}"), None);
+    let fleet =
+        fleet::Fleet::open(server, &token, connections, source_ips, subscribe, &shared).await?;
     let opened_s = t0.elapsed().as_secs_f64();
-    log("fan-out: subscribing");
-    for (i, sink) in sinks.iter_mut().enumerate() {
-        sink.send(subscribe_frame(&format!("f{i}"), None)).await?;
-    }
     wait_subscribed(&shared, connections as u64, Duration::from_secs(120)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1 = rss_kib(aether_pid).unwrap_or(0);
@@ -1141,9 +1148,7 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         }
     }
     let rss2 = rss_kib(aether_pid).unwrap_or(0);
-    for mut s in sinks.drain(..) {
-        let _ = s.close().await;
-    }
+    fleet.close()?;
     reference.stop(&db).await;
     Ok(json!({
         "connections": connections,
