@@ -462,3 +462,153 @@ async fn a_table_without_rls_goes_to_the_roles_granted_select() {
     let next = a.next().await;
     assert_eq!(next["code"], "unknown_subscription", "alice saw {next}");
 }
+
+/// The changes until (and without) the INSERT of the file at `marker`, as
+/// (table, event, path).
+async fn storage_until(ws: &mut Ws, marker: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    loop {
+        let c = ws.change().await;
+        let row = if c["eventType"] == "DELETE" {
+            &c["old"]
+        } else {
+            &c["new"]
+        };
+        let path = row["path"].as_str().unwrap_or_default().to_owned();
+        let table = c["table"].as_str().unwrap_or_default().to_owned();
+        if table == "files" && c["eventType"] == "INSERT" && path == marker {
+            return out;
+        }
+        out.push((table, c["eventType"].as_str().unwrap().to_owned(), path));
+    }
+}
+
+/// Aether's own `files` follow its conventions (the owner; everyone in a
+/// public bucket) while only Aether's `aether_read` policy reads them. Once a
+/// DBA adds policies, realtime follows them as a SELECT would, as the storage
+/// routes and `/rest/v1` do: a permissive one shows Bob Alice's shared files,
+/// a restrictive one hides drafts even from their owner, and a folder holding
+/// a file Bob may now read shows to him too. Dropped, the conventions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dbas_policies_on_files_decide_their_realtime_too() {
+    let t = TestServer::start().await;
+    let alice = user(&t.sql, "alice@files-rls.test").await;
+    let bob = user(&t.sql, "bob@files-rls.test").await;
+    t.exec("INSERT INTO public.buckets (id, name, public) VALUES ('open', 'open', true)")
+        .await;
+    let mut a = t.ws(Some(&user_token(&alice))).await;
+    let mut b = t.ws(Some(&user_token(&bob))).await;
+    for ws in [&mut a, &mut b] {
+        ws.subscribe("f", json!({"table": "files"})).await;
+        ws.subscribe("d", json!({"table": "folders"})).await;
+    }
+    let file = |path: &str, bucket: &str| {
+        format!(
+            "INSERT INTO public.files (bucket_id, path, name, owner_id)
+               VALUES ('{bucket}', '{alice}/{path}', 'x', '{alice}');"
+        )
+    };
+    let folder = |path: &str| {
+        format!(
+            "INSERT INTO public.folders (bucket_id, path, name, owner_id)
+               VALUES ('files', '{alice}/{path}', '{path}', '{alice}');"
+        )
+    };
+    let seen = |list: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+        list.iter()
+            .map(|(t, e, p)| (t.to_string(), e.to_string(), format!("{alice}/{p}")))
+            .collect()
+    };
+    // Only Aether's policy: the conventions decide.
+    t.exec(&format!(
+        "{}{}{}{}",
+        folder("shared"),
+        file("shared/one", "files"),
+        file("shared/one.draft", "files"),
+        file("m1", "open")
+    ))
+    .await;
+    let m1 = format!("{alice}/m1");
+    assert_eq!(
+        storage_until(&mut a, &m1).await,
+        seen(&[
+            ("folders", "INSERT", "shared"),
+            ("files", "INSERT", "shared/one"),
+            ("files", "INSERT", "shared/one.draft")
+        ])
+    );
+    assert_eq!(storage_until(&mut b, &m1).await, []);
+
+    t.exec(&format!(
+        "CREATE POLICY team_read ON public.files FOR SELECT TO authenticated
+           USING (starts_with(path, '{alice}/shared/'));
+         CREATE POLICY no_drafts ON public.files AS RESTRICTIVE FOR SELECT TO authenticated
+           USING (path NOT LIKE '%.draft');"
+    ))
+    .await;
+    let s = status(&t, "public.files").await;
+    assert_eq!(
+        s["row_security"]["public.files"]["authenticated"]["decided"], "in_postgres",
+        "{s}"
+    );
+    assert!(s["row_security"].get("public.folders").is_some(), "{s}");
+    t.exec(&format!(
+        "{}{}
+         UPDATE public.files SET name = 'y' WHERE path = '{alice}/shared/one';
+         UPDATE public.folders SET name = 'shared!' WHERE path = '{alice}/shared';
+         {}{}",
+        file("shared/two", "files"),
+        file("shared/two.draft", "files"),
+        folder("private"),
+        file("m2", "open")
+    ))
+    .await;
+    let m2 = format!("{alice}/m2");
+    let both = seen(&[
+        ("files", "INSERT", "shared/two"),
+        ("files", "UPDATE", "shared/one"),
+        ("folders", "UPDATE", "shared"),
+    ]);
+    let mut mine = both.clone();
+    mine.extend(seen(&[("folders", "INSERT", "private")]));
+    assert_eq!(
+        storage_until(&mut a, &m2).await,
+        mine,
+        "the owner no longer sees drafts"
+    );
+    assert_eq!(
+        storage_until(&mut b, &m2).await,
+        both,
+        "Bob sees the shared files and their folder, not the drafts nor the private folder"
+    );
+
+    // Back to Aether's policy alone: the conventions again.
+    t.exec("DROP POLICY team_read ON public.files; DROP POLICY no_drafts ON public.files;")
+        .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s: Value = reqwest::get(t.url("/ws/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if s["row_security"].get("public.files").is_none() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    t.exec(&format!(
+        "{}{}",
+        file("shared/three.draft", "files"),
+        file("m3", "open")
+    ))
+    .await;
+    let m3 = format!("{alice}/m3");
+    assert_eq!(
+        storage_until(&mut a, &m3).await,
+        seen(&[("files", "INSERT", "shared/three.draft")])
+    );
+    assert_eq!(storage_until(&mut b, &m3).await, []);
+}

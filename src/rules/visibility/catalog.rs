@@ -2,7 +2,7 @@
 //! `pg_policies`), per role, each compiled or kept as SQL for PostgreSQL to
 //! evaluate, and why.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -118,7 +118,8 @@ struct Table {
 const ROLES: [&str; 2] = ["anon", "authenticated"];
 
 /// Reads the rules of every table in `publication` except `skip` (the ones
-/// the application decides itself). `pg_get_expr` prints names qualified
+/// the application decides itself), unless a policy other than Aether's own
+/// `aether_read` reads that table ([`overridden`]). `pg_get_expr` prints names qualified
 /// under `search_path = pg_catalog`, so the SQL kept means the same wherever
 /// it runs.
 pub(crate) async fn load(
@@ -182,13 +183,15 @@ pub(crate) async fn load(
                     EXISTS (SELECT 1 FROM unnest(p.roles) r
                              WHERE r = 'public' OR (to_regrole('authenticated') IS NOT NULL
                                    AND to_regrole(r) IS NOT NULL AND pg_has_role('authenticated', r, 'MEMBER'))),
-                    p.qual
+                    p.qual, p.policyname::text
                FROM pg_policies p WHERE p.cmd IN ('SELECT', 'ALL') ORDER BY p.policyname",
             &[],
         )
         .await?;
+    let mut named = Vec::new();
     for p in policies {
         let key = format!("{}.{}", p.get::<_, String>(0), p.get::<_, String>(1));
+        named.push((key.clone(), p.get::<_, String>(6)));
         if let Some(t) = tables.get_mut(&key) {
             t.policies.push(Policy {
                 permissive: p.get(2),
@@ -198,10 +201,28 @@ pub(crate) async fn load(
         }
     }
     tx.commit().await?;
-    Ok(build(tables, skip))
+    let overridden = overridden(&named);
+    Ok(build(tables, |t| skip(t) && !overridden.contains(t)))
 }
 
-fn build(tables: HashMap<String, Table>, skip: fn(&str) -> bool) -> Catalog {
+/// The tables a DBA's policy reads (it matters for Aether's own): those with
+/// a `SELECT` or `ALL` policy besides 0017's `aether_read`, and `public.folders` whenever
+/// `public.files` is one (a folder shows to whoever may read a file in it).
+/// Realtime follows their policies, as `/rest/v1` and the storage routes do,
+/// instead of the conventions, which state only Aether's own policy.
+pub(crate) fn overridden(policies: &[(String, String)]) -> HashSet<String> {
+    let mut out: HashSet<String> = policies
+        .iter()
+        .filter(|(_, name)| name != "aether_read")
+        .map(|(table, _)| table.clone())
+        .collect();
+    if out.contains("public.files") {
+        out.insert("public.folders".to_owned());
+    }
+    out
+}
+
+fn build(tables: HashMap<String, Table>, skip: impl Fn(&str) -> bool) -> Catalog {
     let mut specs = Specs::default();
     let mut out = HashMap::new();
     for (key, t) in &tables {

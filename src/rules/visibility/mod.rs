@@ -2,7 +2,9 @@
 //! rules allow it: no query per subscriber per change.
 //!
 //! - Aether's own tables (files, buckets, auth events, …) follow the
-//!   [`conventions`].
+//!   [`conventions`], which state Aether's own policies, until a DBA adds a
+//!   policy that reads one ([`catalog::overridden`]): then it is decided as
+//!   below.
 //! - Every other published table follows what PostgreSQL says a SELECT by
 //!   the viewer would return: its grants and its RLS policies
 //!   ([`catalog`]). Policies of the common shapes are compiled ([`expr`],
@@ -621,7 +623,9 @@ impl Policy for RowSecurity {
             return Decision::Allow;
         }
         let table = &*change.relation.qualified;
-        if is_own(table) {
+        // Aether's own tables follow the conventions unless a DBA's policy
+        // reads them, which puts them in the catalog.
+        if is_own(table) && !self.catalog.tables.contains_key(table) {
             return self.conventions.decide(viewer, change);
         }
         let Some(t) = self.catalog.tables.get(table) else {
