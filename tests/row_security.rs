@@ -10,16 +10,21 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
+/// The row a change frame shows: the old one of a DELETE, else the new one.
+fn shown_row(c: &Value) -> &Value {
+    if c["eventType"] == "DELETE" {
+        &c["old"]
+    } else {
+        &c["new"]
+    }
+}
+
 /// Frames until (and without) the marker's INSERT, as (event, id).
 async fn until_marker(ws: &mut Ws, marker: i64) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     loop {
         let c = ws.change().await;
-        let row = if c["eventType"] == "DELETE" {
-            &c["old"]
-        } else {
-            &c["new"]
-        };
+        let row = shown_row(&c);
         if c["eventType"] == "INSERT" && row["id"] == marker {
             return out;
         }
@@ -37,6 +42,11 @@ fn ev(kind: &str, id: i64) -> (String, Value) {
 /// `/ws/status` once it reports on `table` (the rules are read again within
 /// a second of a change to them).
 async fn status(t: &TestServer, table: &str) -> Value {
+    status_until(t, table, true).await
+}
+
+/// `/ws/status` once it does (`reported`) or does not report on `table`.
+async fn status_until(t: &TestServer, table: &str, reported: bool) -> Value {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let s: Value = reqwest::get(t.url("/ws/status"))
@@ -45,12 +55,13 @@ async fn status(t: &TestServer, table: &str) -> Value {
             .json()
             .await
             .unwrap();
-        if s["row_security"].get(table).is_some() {
+        if s["row_security"].get(table).is_some() == reported {
             return s;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{table} never reported: {s}"
+            "{table} reported: {}, not {reported}: {s}",
+            !reported
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -469,11 +480,7 @@ async fn storage_until(ws: &mut Ws, marker: &str) -> Vec<(String, String, String
     let mut out = Vec::new();
     loop {
         let c = ws.change().await;
-        let row = if c["eventType"] == "DELETE" {
-            &c["old"]
-        } else {
-            &c["new"]
-        };
+        let row = shown_row(&c);
         let path = row["path"].as_str().unwrap_or_default().to_owned();
         let table = c["table"].as_str().unwrap_or_default().to_owned();
         if table == "files" && c["eventType"] == "INSERT" && path == marker {
@@ -585,20 +592,7 @@ async fn a_dbas_policies_on_files_decide_their_realtime_too() {
     // Back to Aether's policy alone: the conventions again.
     t.exec("DROP POLICY team_read ON public.files; DROP POLICY no_drafts ON public.files;")
         .await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let s: Value = reqwest::get(t.url("/ws/status"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if s["row_security"].get("public.files").is_none() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{s}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    status_until(&t, "public.files", false).await;
     t.exec(&format!(
         "{}{}",
         file("shared/three.draft", "files"),
