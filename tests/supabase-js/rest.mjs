@@ -83,4 +83,12 @@ await main('rest', async () => {
   const badColumn = await alice.from('todos').select('nope')
   assert.equal(badColumn.error?.code, '42703', JSON.stringify(badColumn.error))
   assert.deepEqual(ok(await client().from('lists').select('name').order('id'), 'anon lists'), [{ name: 'home' }, { name: 'work' }])
+
+  // Rows with different keys: by default a missing key is NULL (here a NOT
+  // NULL violation); with defaultToNull: false (Prefer: missing=default) it
+  // takes the column's default.
+  const nulls = await alice.from('todos').insert([{ title: 'jam', tags: ['x'] }, { title: 'bread' }])
+  assert.equal(nulls.error?.code, '23502', JSON.stringify(nulls.error))
+  const mixed = ok(await alice.from('todos').insert([{ title: 'jam', tags: ['x'] }, { title: 'bread' }], { defaultToNull: false }).select('title, tags, done'), 'insert defaultToNull false')
+  assert.deepEqual(mixed, [{ title: 'jam', tags: ['x'], done: false }, { title: 'bread', tags: [], done: false }])
 })

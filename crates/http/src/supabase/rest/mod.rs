@@ -65,6 +65,9 @@ struct Prefer {
     ignore: bool,
     /// `tx=rollback`.
     rollback: bool,
+    /// `missing=default`: a key an inserted row lacks takes the column's
+    /// default, not NULL.
+    missing_default: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +123,7 @@ fn prefer(headers: &HeaderMap) -> Prefer {
                 "resolution=merge-duplicates" => p.merge = true,
                 "resolution=ignore-duplicates" => p.ignore = true,
                 "tx=rollback" => p.rollback = true,
+                "missing=default" => p.missing_default = true,
                 _ => {}
             }
         }
@@ -494,7 +498,24 @@ pub(crate) async fn table_route(
         );
         (s, stmt)
     } else {
-        sql::insert(&key, &columns, array, &conflict)
+        // Which of `columns` each row gives; with `missing=default` a row
+        // that lacks one takes its default.
+        let present: Vec<Vec<bool>> = rows_in
+            .iter()
+            .map(|r| columns.iter().map(|c| r.contains_key(c)).collect())
+            .collect();
+        if matches!(&value, Value::Array(a) if a.len() != rows_in.len()) {
+            return Err(RestError::new(
+                StatusCode::BAD_REQUEST,
+                "PGRST102",
+                "Every element of an inserted array must be an object",
+            ));
+        }
+        if pref.missing_default && present.iter().flatten().any(|has| !has) {
+            sql::insert_with_defaults(&key, &columns, array, &present, &conflict)
+        } else {
+            sql::insert(&key, &columns, array, &conflict)
+        }
     };
     w.run(sql, stmt, StatusCode::CREATED).await
 }

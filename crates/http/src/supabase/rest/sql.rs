@@ -594,7 +594,8 @@ fn quoted_list(columns: &[String]) -> String {
     quoted.join(", ")
 }
 
-/// `INSERT … SELECT … FROM json_populate_recordset(…)` of `columns`.
+/// `INSERT … SELECT … FROM json_populate_recordset(…)` of `columns`: a key a
+/// row lacks is NULL.
 pub(crate) fn insert(
     key: &(String, String),
     columns: &[String],
@@ -605,9 +606,55 @@ pub(crate) fn insert(
     let name = table_name(&key.0, &key.1);
     let p = sql.param(body);
     let cols = quoted_list(columns);
-    let mut stmt = format!(
+    let stmt = format!(
         "INSERT INTO {name} AS _t ({cols}) SELECT {cols} FROM json_populate_recordset(NULL::{name}, {p}::json)"
     );
+    (sql, on_conflict(stmt, columns, conflict))
+}
+
+/// `INSERT … VALUES` of `columns` (`Prefer: missing=default`): a key a row
+/// lacks (`present[row][column]` false) is `DEFAULT`, so the column's default
+/// (an identity, `now()`, `auth.uid()`) is computed for that row as
+/// PostgreSQL computes it; a given value is read from the row as
+/// `json_populate_recordset` reads it.
+pub(crate) fn insert_with_defaults(
+    key: &(String, String),
+    columns: &[String],
+    body: String,
+    present: &[Vec<bool>],
+    conflict: &Conflict,
+) -> (Sql, String) {
+    let mut sql = Sql::default();
+    let name = table_name(&key.0, &key.1);
+    let p = sql.param(body);
+    let rows: Vec<String> = present
+        .iter()
+        .enumerate()
+        .map(|(i, has)| {
+            let cells: Vec<String> = columns
+                .iter()
+                .zip(has)
+                .map(|(c, &has)| match has {
+                    true => format!(
+                        "(json_populate_record(NULL::{name}, {p}::json -> {i})).{}",
+                        quote(c)
+                    ),
+                    false => "DEFAULT".to_owned(),
+                })
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect();
+    let stmt = format!(
+        "INSERT INTO {name} AS _t ({}) VALUES {}",
+        quoted_list(columns),
+        rows.join(", ")
+    );
+    (sql, on_conflict(stmt, columns, conflict))
+}
+
+/// `stmt` with its `ON CONFLICT` clause.
+fn on_conflict(mut stmt: String, columns: &[String], conflict: &Conflict) -> String {
     match conflict {
         Conflict::None => {}
         Conflict::Ignore(on) => {
@@ -632,7 +679,7 @@ pub(crate) fn insert(
             }
         }
     }
-    (sql, stmt)
+    stmt
 }
 
 /// `UPDATE … SET (columns) = (…)` of the rows the filters match.
