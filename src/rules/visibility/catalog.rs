@@ -205,15 +205,20 @@ pub(crate) async fn load(
     Ok(build(tables, |t| skip(t) && !overridden.contains(t)))
 }
 
-/// The tables a DBA's policy reads (it matters for Aether's own): those with
-/// a `SELECT` or `ALL` policy besides 0017's `aether_read`, and `public.folders` whenever
+/// The storage tables a DBA's policy reads: those with a `SELECT` or `ALL`
+/// policy besides 0017's `aether_read`, and `public.folders` whenever
 /// `public.files` is one (a folder shows to whoever may read a file in it).
 /// Realtime follows their policies, as `/rest/v1` and the storage routes do,
-/// instead of the conventions, which state only Aether's own policy.
+/// instead of the conventions, which state only Aether's own policy. Only
+/// these: a `SELECT` policy on `realtime.messages` says who may join a
+/// topic, not who may read its rows, and the other own tables (`auth.*`,
+/// `auth_events`, `shares`, `aether.channels`) have no grants or only column
+/// grants that a table-wide check would read as none.
 pub(crate) fn overridden(policies: &[(String, String)]) -> HashSet<String> {
+    const STORAGE: [&str; 3] = ["public.buckets", "public.files", "public.folders"];
     let mut out: HashSet<String> = policies
         .iter()
-        .filter(|(_, name)| name != "aether_read")
+        .filter(|(table, name)| name != "aether_read" && STORAGE.contains(&table.as_str()))
         .map(|(table, _)| table.clone())
         .collect();
     if out.contains("public.files") {

@@ -9,7 +9,9 @@
 //!   `owner_id` (an owner-less, service-role object) is nobody's own row.
 //! - `public.buckets`: public buckets are seen by all; private ones by their owner.
 //! - Tables with `user_id` (auth_events, …): that user.
-//! - Any other published table: `service_role` only.
+//! - `auth.sessions`, `public.shares` (their tokens are the secret),
+//!   `aether.channels`, `realtime.messages` and any other published table:
+//!   `service_role` only.
 //!
 //! INSERT and UPDATE are judged on the new row, DELETE on the old row.
 
@@ -87,6 +89,10 @@ fn visible(
     let is_user = |col: &str| uid.is_some() && text_at(relation, row, col) == uid;
     match (relation.schema.as_str(), relation.name.as_str()) {
         ("auth", "users") => is_user("id"),
+        // An owner or user column does not make these anyone's to read.
+        ("auth", "sessions") | ("public", "shares") | ("aether", "channels") | ("realtime", _) => {
+            false
+        }
         ("public", "buckets") => {
             bool_at(relation, row, "public") == Some(true) || is_user("owner_id")
         }
@@ -127,5 +133,74 @@ fn track_buckets(
         } else {
             set.remove(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aether_core::changes::{Column, TableId};
+    use aether_core::principal::Role;
+    use serde_json::json;
+
+    fn relation(schema: &str, name: &str, columns: &[&str]) -> Relation {
+        Relation {
+            id: TableId(1),
+            schema: schema.into(),
+            name: name.into(),
+            qualified: Arc::from(format!("{schema}.{name}")),
+            replica_identity: b'f',
+            columns: columns
+                .iter()
+                .map(|c| Column {
+                    name: (*c).into(),
+                    type_oid: 25,
+                    is_key: false,
+                    secret: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn own_rows_public_buckets_and_service_only_tables() {
+        let me = Principal {
+            role: Role::Authenticated,
+            user_id: Some("u1".into()),
+            ..Principal::service()
+        };
+        let buckets = HashSet::from(["open".to_owned()]);
+        let seen = |schema: &str, name: &str, cols: &[&str], vals: serde_json::Value| {
+            let row: Row = vals
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| Some(v.clone()))
+                .collect();
+            visible(&me, &relation(schema, name, cols), &row, &buckets)
+        };
+        let file = ["owner_id", "bucket_id"];
+        assert!(seen("public", "files", &file, json!(["u1", "files"])));
+        assert!(seen("public", "files", &file, json!(["u2", "open"])));
+        assert!(!seen("public", "files", &file, json!(["u2", "files"])));
+        assert!(seen("auth", "users", &["id"], json!(["u1"])));
+        assert!(seen("public", "auth_events", &["user_id"], json!(["u1"])));
+        // What the docs say is the service role's alone stays so, whatever
+        // columns name the viewer.
+        assert!(!seen("auth", "sessions", &["user_id"], json!(["u1"])));
+        assert!(!seen(
+            "public",
+            "shares",
+            &["owner_id", "token"],
+            json!(["u1", "t"])
+        ));
+        assert!(!seen("realtime", "messages", &["user_id"], json!(["u1"])));
+        assert!(!seen("public", "anything", &["x"], json!([1])));
+        assert!(visible(
+            &Principal::service(),
+            &relation("auth", "sessions", &["user_id"]),
+            &vec![Some(json!("u9"))],
+            &buckets
+        ));
     }
 }

@@ -2,9 +2,9 @@
 //! rules allow it: no query per subscriber per change.
 //!
 //! - Aether's own tables (files, buckets, auth events, …) follow the
-//!   [`conventions`], which state Aether's own policies, until a DBA adds a
-//!   policy that reads one ([`catalog::overridden`]): then it is decided as
-//!   below.
+//!   [`conventions`], which state Aether's own policies; a storage table
+//!   (buckets, files, folders) a DBA adds a policy to is decided as below
+//!   ([`catalog::overridden`]).
 //! - Every other published table follows what PostgreSQL says a SELECT by
 //!   the viewer would return: its grants and its RLS policies
 //!   ([`catalog`]). Policies of the common shapes are compiled ([`expr`],
