@@ -493,16 +493,15 @@ where
                     // the closes are not polled (nor registered with) at all.
                     let sent = tokio::select! {
                         biased;
-                        r = send_all(socket, &mut frames) => Some(r),
-                        _ = &mut shutdown => None,
-                        _ = rx.closed_by_writer() => None,
+                        r = send_all(socket, &mut frames) => Ok(r),
+                        _ = &mut shutdown => Err(Ending::Shutdown),
+                        signal = rx.closed_by_writer() => Err(Ending::from(signal)),
                     };
                     match sent {
-                        // The select below (shutdown) or the next turn (a
-                        // signal) closes with the reason.
-                        None => {}
-                        Some(Err(())) => break None,
-                        Some(Ok(())) => {}
+                        // Closed at once: no frame of the peer's is handled first.
+                        Err(why) => break Some(dialect.ending(why)),
+                        Ok(Err(())) => break None,
+                        Ok(Ok(())) => {}
                     }
                 }
                 // Lagging and half drained: ask the router for what was missed.
