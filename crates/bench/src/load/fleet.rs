@@ -94,13 +94,20 @@ impl Fleet {
     }
 
     /// Stops reading and closes every connection.
-    pub fn close(self) -> anyhow::Result<()> {
+    pub fn close(mut self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             t.join()
                 .map_err(|_| anyhow::anyhow!("a subscriber thread panicked"))??;
         }
         Ok(())
+    }
+}
+
+/// A run that ends early (an error) stops the readers too.
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
