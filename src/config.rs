@@ -60,6 +60,8 @@ pub struct Config {
     pub obsolete: Vec<&'static str>,
     /// Outbound frames queued per connection before it counts as too slow.
     pub ws_queue_capacity: usize,
+    /// What one connection's queue may hold, in bytes, before it lags.
+    pub ws_queue_bytes: usize,
     pub ws_max_frame_bytes: usize,
     /// Subscriptions (and channels, topics) one connection may hold at once.
     pub ws_max_subscriptions: usize,
@@ -205,6 +207,7 @@ impl Config {
             wal_retained_warn_bytes: 1 << 30,
             obsolete: Vec::new(),
             ws_queue_capacity: 1024,
+            ws_queue_bytes: 8 << 20,
             ws_max_frame_bytes: 64 * 1024,
             ws_max_subscriptions: 1000,
             ws_stall_timeout: Duration::from_secs(30),
@@ -394,6 +397,9 @@ impl Config {
                     ));
                 }
             };
+        }
+        if let Some(v) = nonempty("WS_QUEUE_BYTES") {
+            c.ws_queue_bytes = positive("WS_QUEUE_BYTES", &v, "number of bytes")?;
         }
         if let Some(v) = nonempty("WS_MAX_SUBSCRIPTIONS") {
             c.ws_max_subscriptions = match v.parse::<usize>() {

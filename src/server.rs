@@ -521,6 +521,7 @@ impl Server {
         let settings = aether_realtime::Settings {
             publication: config.publication.clone(),
             ws_queue_capacity: config.ws_queue_capacity,
+            ws_queue_bytes: config.ws_queue_bytes,
             ws_max_frame_bytes: config.ws_max_frame_bytes,
             ws_ping_interval: config.ws_ping_interval,
             ws_idle_timeout: config.ws_idle_timeout,

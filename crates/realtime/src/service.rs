@@ -32,6 +32,8 @@ pub struct Settings {
     pub publication: String,
     /// Items one connection's queue holds.
     pub ws_queue_capacity: usize,
+    /// What a connection's queue may hold, in bytes ([`Outbound::weight`]).
+    pub ws_queue_bytes: usize,
     /// The largest client frame.
     pub ws_max_frame_bytes: usize,
     pub ws_ping_interval: Duration,

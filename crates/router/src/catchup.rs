@@ -33,10 +33,10 @@ pub(crate) struct Lag {
 }
 
 /// A lagging connection asks for the next missed changes once its queue is down to
-/// half: the router refills it while the writer still has frames to send, so the
-/// socket never idles waiting for a page.
+/// half, in items and in bytes: the router refills it while the writer still has
+/// frames to send, so the socket never idles waiting for a page.
 pub fn low_water(rx: &crate::queue::QueueRx<Outbound>) -> bool {
-    rx.len() <= rx.max_capacity() / 2
+    rx.len() <= rx.max_capacity() / 2 && rx.bytes() <= rx.max_bytes() / 2
 }
 
 /// Bytes of log records read per page.

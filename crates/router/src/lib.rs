@@ -123,6 +123,22 @@ pub enum Outbound {
     Binary(bytes::Bytes),
 }
 
+impl Outbound {
+    /// What an item holds in a connection's queue, for its byte bound: a
+    /// change counts whole, frame included, though other queues share it (a
+    /// lagging connection keeps it alive). The same every time it is asked.
+    pub fn weight(&self) -> usize {
+        const ITEM: usize = 64;
+        ITEM + match self {
+            Outbound::Change { change, .. } => change.approx_bytes(),
+            Outbound::Error { message, .. } => message.len(),
+            Outbound::Frame(text) => text.len(),
+            Outbound::Binary(bytes) => bytes.len(),
+            Outbound::Subscribed { .. } | Outbound::Unsubscribed { .. } => 0,
+        }
+    }
+}
+
 /// A connection as the router knows it.
 #[derive(Clone)]
 pub struct SessionHandle {

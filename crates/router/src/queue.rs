@@ -1,5 +1,5 @@
-//! A connection's queue: bounded in items like a tokio `mpsc` channel, but it
-//! holds memory only while it holds items.
+//! A connection's queue: bounded in items like a tokio `mpsc` channel, and in
+//! the bytes its items weigh, but it holds memory only while it holds items.
 //!
 //! A tokio bounded channel allocates a block of 32 slots when it is made and
 //! keeps two once it has been used: about 4 KiB per connection with 56-byte
@@ -50,6 +50,11 @@ const CLOSING: [Signal; 3] = [Signal::Overflowed, Signal::Revoked, Signal::Reape
 struct Shared<T> {
     items: Mutex<VecDeque<T>>,
     cap: usize,
+    /// What the items queued weigh, by `weigh`; changed only under `items`' lock.
+    bytes: AtomicUsize,
+    cap_bytes: usize,
+    /// An item's weight: the same every time it is asked.
+    weigh: fn(&T) -> usize,
     /// Wakes the reader: an item arrived, a signal was raised, or the last writer went.
     ready: Notify,
     signals: AtomicU8,
@@ -75,9 +80,22 @@ impl<T> Shared<T> {
 
 /// A queue of at most `cap` items (at least one).
 pub fn channel<T>(cap: usize) -> (QueueTx<T>, QueueRx<T>) {
+    weighed(cap, usize::MAX, |_| 0)
+}
+
+/// A queue of at most `cap` items that together weigh at most `cap_bytes` by
+/// `weigh` (one item, however heavy, always fits an empty queue).
+pub fn weighed<T>(
+    cap: usize,
+    cap_bytes: usize,
+    weigh: fn(&T) -> usize,
+) -> (QueueTx<T>, QueueRx<T>) {
     let shared = Arc::new(Shared {
         items: Mutex::new(VecDeque::new()),
         cap: cap.max(1),
+        bytes: AtomicUsize::new(0),
+        cap_bytes,
+        weigh,
         ready: Notify::new(),
         signals: AtomicU8::new(0),
         writers: AtomicUsize::new(1),
@@ -114,9 +132,16 @@ impl<T> QueueTx<T> {
             if self.0.reader_gone.load(Ordering::Acquire) {
                 return Err(TrySendError::Closed(item));
             }
-            if q.len() >= self.0.cap {
+            let weight = (self.0.weigh)(&item);
+            let bytes = self.0.bytes.load(Ordering::Relaxed);
+            if q.len() >= self.0.cap
+                || (!q.is_empty() && bytes.saturating_add(weight) > self.0.cap_bytes)
+            {
                 return Err(TrySendError::Full(item));
             }
+            self.0
+                .bytes
+                .store(bytes.saturating_add(weight), Ordering::Relaxed);
             q.push_back(item);
         }
         self.0.ready.notify_one();
@@ -169,6 +194,7 @@ impl<T> Drop for QueueRx<T> {
         let items = {
             let mut q = self.0.lock();
             self.0.reader_gone.store(true, Ordering::Release);
+            self.0.bytes.store(0, Ordering::Relaxed);
             std::mem::take(&mut *q)
         };
         drop(items);
@@ -182,6 +208,9 @@ impl<T> QueueRx<T> {
         let mut q = self.0.lock();
         match q.pop_front() {
             Some(item) => {
+                let bytes = self.0.bytes.load(Ordering::Relaxed);
+                let left = bytes.saturating_sub((self.0.weigh)(&item));
+                self.0.bytes.store(left, Ordering::Relaxed);
                 if q.is_empty() && q.capacity() > KEEP {
                     q.shrink_to(KEEP);
                 }
@@ -257,6 +286,17 @@ impl<T> QueueRx<T> {
     /// The most items the queue holds.
     pub fn max_capacity(&self) -> usize {
         self.0.cap
+    }
+
+    /// What the items queued now weigh.
+    pub fn bytes(&self) -> usize {
+        let _q = self.0.lock();
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The most the items queued may weigh.
+    pub fn max_bytes(&self) -> usize {
+        self.0.cap_bytes
     }
 }
 
@@ -337,6 +377,33 @@ mod tests {
         assert_eq!(rx.next().await, Next::Closed);
         reaper.raise(Signal::Revoked);
         assert_eq!(rx.closing(), Some(Signal::Revoked));
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_full_by_weight_too_and_one_heavy_item_still_fits() {
+        let (tx, mut rx) = weighed::<Vec<u8>>(100, 1000, Vec::len);
+        tx.try_send(vec![0; 600]).unwrap();
+        tx.try_send(vec![0; 300]).unwrap();
+        assert!(matches!(
+            tx.try_send(vec![0; 200]),
+            Err(TrySendError::Full(_))
+        ));
+        tx.try_send(vec![0; 100]).unwrap();
+        assert_eq!((rx.len(), rx.bytes()), (3, 1000));
+        assert_eq!(rx.try_recv().map(|v| v.len()), Ok(600));
+        assert_eq!(rx.bytes(), 400);
+        tx.try_send(vec![0; 600]).unwrap();
+        while rx.try_recv().is_ok() {}
+        assert_eq!(rx.bytes(), 0);
+        // Heavier than the whole bound: it waits for an empty queue, then goes.
+        tx.try_send(vec![0; 10]).unwrap();
+        assert!(matches!(
+            tx.try_send(vec![0; 5000]),
+            Err(TrySendError::Full(_))
+        ));
+        rx.try_recv().unwrap();
+        tx.try_send(vec![0; 5000]).unwrap();
+        assert_eq!(rx.bytes(), 5000);
     }
 
     #[tokio::test]

@@ -28,6 +28,8 @@ impl FrameSlot {
 #[derive(Debug)]
 pub struct Routed {
     change: Arc<RowChange>,
+    /// [`RowChange::approx_bytes`], counted once: every queue it enters weighs it.
+    bytes: usize,
     frames: [OnceLock<Arc<str>>; FRAME_SLOTS],
     /// The hot tail's count of frame bytes beyond the first slot, while this
     /// change is in the tail ([`RowChange::approx_bytes`] counts one frame).
@@ -39,6 +41,7 @@ pub struct Routed {
 impl Routed {
     pub fn new(change: Arc<RowChange>) -> Self {
         Routed {
+            bytes: change.approx_bytes(),
             change,
             frames: Default::default(),
             counter: None,
@@ -66,6 +69,11 @@ impl Routed {
 
     pub fn change(&self) -> &Arc<RowChange> {
         &self.change
+    }
+
+    /// The change's [`RowChange::approx_bytes`].
+    pub fn approx_bytes(&self) -> usize {
+        self.bytes
     }
 
     /// The encoding in `slot`, made by `encode` the first time it is asked for.

@@ -624,3 +624,55 @@ fn a_policy_index_key_limits_the_candidates_and_moves_become_insert_or_delete() 
     assert!(matches!(f.rx.try_recv(), Ok(Outbound::Change { .. })));
     assert!(f.r.tables["public.o"].by_policy["owner"].contains_key("other"));
 }
+
+#[tokio::test]
+async fn a_queue_full_by_weight_lags_and_catches_up_in_order() {
+    // A second connection whose queue holds 100 items but one change's bytes:
+    // it lags at the second change and gets all of them, in order, by pulls.
+    let mut f = fixture(1 << 20, 100);
+    f.subscribe("a", None);
+    f.drain();
+    let (tx2, mut rx2) = crate::queue::weighed(100, 1, Outbound::weight);
+    f.r.command(Command::Attach {
+        session: 2,
+        handle: SessionHandle {
+            tx: tx2,
+            principal: Arc::new(Principal::service()),
+        },
+    });
+    f.r.command(Command::Subscribe {
+        session: 2,
+        spec: SubscriptionSpec {
+            id: Arc::from("w"),
+            table: Arc::from("public.t"),
+            events: EventMask::ALL,
+            filter: Filter { conditions: vec![] },
+            since: None,
+        },
+    });
+    while rx2.try_recv().is_ok() {}
+    for i in 1..=5 {
+        f.commit(i);
+    }
+    assert_eq!(rx2.len(), 1, "one change's weight fills it");
+    assert!(f.r.sessions[&2].lag.is_some(), "lagging, not closed");
+    assert!(!crate::low_water(&rx2), "not half drained by weight");
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        f.settle().await;
+        while let Ok(out) = rx2.try_recv() {
+            if let Outbound::Change { change, .. } = out {
+                got.push(change.position.commit_lsn.0 / 100);
+            }
+        }
+        if f.r.sessions[&2].lag.is_none() {
+            break;
+        }
+        assert!(crate::low_water(&rx2));
+        f.r.command(Command::Pull { session: 2 });
+    }
+    assert_eq!(got, vec![1, 2, 3, 4, 5]);
+    // The first connection, bounded in items only, never lagged.
+    assert_eq!(f.drain().len(), 5);
+    assert!(rx2.closing().is_none());
+}
