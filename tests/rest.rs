@@ -1030,6 +1030,29 @@ async fn missing_keys_take_their_defaults_when_asked() {
             (json!(40), Value::Null, json!("new"))
         ]
     );
+    // A column named twice is named once.
+    let (status, _, body) = r
+        .send(post(
+            "columns=name,name,note",
+            "return=representation, missing=default",
+            json!([{"name": "g"}]),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        (&body[0]["name"], &body[0]["note"]),
+        (&json!("g"), &json!("none"))
+    );
+    // At most 10,000 rows take defaults at once.
+    let many = vec![json!({}); 10_001];
+    let (status, _, body) = r
+        .send(post("columns=name", "missing=default", Value::Array(many)))
+        .await;
+    assert_eq!(
+        (status, &body["code"]),
+        (StatusCode::BAD_REQUEST, &json!("PGRST102")),
+        "{body}"
+    );
     // Not every element an object: refused, nothing written.
     let (status, _, body) = r
         .send(post(

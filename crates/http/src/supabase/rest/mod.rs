@@ -416,7 +416,14 @@ pub(crate) async fn table_route(
     let known: std::collections::HashSet<&str> =
         t.columns.iter().map(|c| c.name.as_str()).collect();
     let columns: Vec<String> = match &q.columns {
-        Some(c) => c.clone(),
+        // Named twice is named once.
+        Some(c) => {
+            let mut seen = std::collections::HashSet::new();
+            c.iter()
+                .filter(|c| seen.insert(c.as_str()))
+                .cloned()
+                .collect()
+        }
         None => {
             let mut seen = std::collections::HashSet::new();
             let mut cols: Vec<String> = Vec::new();
@@ -488,6 +495,13 @@ pub(crate) async fn table_route(
     } else {
         Conflict::None
     };
+    if matches!(&value, Value::Array(a) if a.len() != rows_in.len()) {
+        return Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "PGRST102",
+            "Every element of an inserted array must be an object",
+        ));
+    }
     let (sql, stmt) = if columns.is_empty() {
         let mut s = Sql::default();
         let n = rows_in.len();
@@ -497,25 +511,33 @@ pub(crate) async fn table_route(
             sql::table_name(&key.0, &key.1)
         );
         (s, stmt)
-    } else {
-        // Which of `columns` each row gives; with `missing=default` a row
-        // that lacks one takes its default.
-        let present: Vec<Vec<bool>> = rows_in
+    } else if pref.missing_default
+        && rows_in
             .iter()
-            .map(|r| columns.iter().map(|c| r.contains_key(c)).collect())
-            .collect();
-        if matches!(&value, Value::Array(a) if a.len() != rows_in.len()) {
+            .any(|r| columns.iter().any(|c| !r.contains_key(c)))
+    {
+        // A row that lacks one of `columns` takes its default: each row is a
+        // parameter of its own, so each is parsed for its own cells only.
+        if rows_in.len() > sql::MAX_DEFAULTED_ROWS {
             return Err(RestError::new(
                 StatusCode::BAD_REQUEST,
                 "PGRST102",
-                "Every element of an inserted array must be an object",
+                format!(
+                    "missing=default inserts at most {} rows at once",
+                    sql::MAX_DEFAULTED_ROWS
+                ),
             ));
         }
-        if pref.missing_default && present.iter().flatten().any(|has| !has) {
-            sql::insert_with_defaults(&key, &columns, array, &present, &conflict)
-        } else {
-            sql::insert(&key, &columns, array, &conflict)
-        }
+        let rows: Vec<sql::DefaultedRow> = rows_in
+            .iter()
+            .map(|r| sql::DefaultedRow {
+                json: Value::Object((*r).clone()).to_string(),
+                present: columns.iter().map(|c| r.contains_key(c)).collect(),
+            })
+            .collect();
+        sql::insert_with_defaults(&key, &columns, rows, &conflict)
+    } else {
+        sql::insert(&key, &columns, array, &conflict)
     };
     w.run(sql, stmt, StatusCode::CREATED).await
 }

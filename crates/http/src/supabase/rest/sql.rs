@@ -612,31 +612,41 @@ pub(crate) fn insert(
     (sql, on_conflict(stmt, columns, conflict))
 }
 
+/// The most rows one `missing=default` insert takes: each is a parameter
+/// (PostgreSQL takes at most 65,535), and the statement names every cell.
+pub(crate) const MAX_DEFAULTED_ROWS: usize = 10_000;
+
+/// One row of an insert with `missing=default`: its JSON object, and which of
+/// the insert's columns it gives.
+pub(crate) struct DefaultedRow {
+    pub json: String,
+    pub present: Vec<bool>,
+}
+
 /// `INSERT … VALUES` of `columns` (`Prefer: missing=default`): a key a row
-/// lacks (`present[row][column]` false) is `DEFAULT`, so the column's default
-/// (an identity, `now()`, `auth.uid()`) is computed for that row as
-/// PostgreSQL computes it; a given value is read from the row as
-/// `json_populate_recordset` reads it.
+/// lacks is `DEFAULT`, so the column's default (an identity, `now()`,
+/// `auth.uid()`) is computed for that row as PostgreSQL computes it; a given
+/// value is read from the row, its own parameter, as `json_populate_record`
+/// reads it (so the work is the body's size times the columns, not more).
 pub(crate) fn insert_with_defaults(
     key: &(String, String),
     columns: &[String],
-    body: String,
-    present: &[Vec<bool>],
+    rows: Vec<DefaultedRow>,
     conflict: &Conflict,
 ) -> (Sql, String) {
     let mut sql = Sql::default();
     let name = table_name(&key.0, &key.1);
-    let p = sql.param(body);
-    let rows: Vec<String> = present
-        .iter()
-        .enumerate()
-        .map(|(i, has)| {
+    let rows: Vec<String> = rows
+        .into_iter()
+        .map(|row| {
+            let present = row.present;
+            let p = sql.param(row.json);
             let cells: Vec<String> = columns
                 .iter()
-                .zip(has)
-                .map(|(c, &has)| match has {
+                .zip(present)
+                .map(|(c, has)| match has {
                     true => format!(
-                        "(json_populate_record(NULL::{name}, {p}::json -> {i})).{}",
+                        "(json_populate_record(NULL::{name}, {p}::json)).{}",
                         quote(c)
                     ),
                     false => "DEFAULT".to_owned(),
