@@ -286,7 +286,7 @@ fn deliver<'a>(
                 subscription: Arc::clone(&sub.id),
                 change: sent,
             };
-            if entry.handle.tx.try_send(out).is_err() {
+            if entry.handle.tx.try_send_bulk(out).is_err() {
                 lag.after = c.position.just_before();
                 entry.handle.tx.raise(crate::queue::Signal::Lagging);
                 return true;

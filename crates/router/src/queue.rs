@@ -125,6 +125,18 @@ impl<T> Drop for QueueTx<T> {
 impl<T> QueueTx<T> {
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+        self.send_within(item, self.0.cap_bytes)
+    }
+
+    /// [`try_send`](Self::try_send) for what can wait and be fetched again
+    /// (row changes, paged from the log by a lagging connection): it leaves
+    /// an eighth of the byte bound to what cannot (replies, channel and
+    /// presence frames), which a full queue would close the connection for.
+    pub fn try_send_bulk(&self, item: T) -> Result<(), TrySendError<T>> {
+        self.send_within(item, self.0.cap_bytes - self.0.cap_bytes / 8)
+    }
+
+    fn send_within(&self, item: T, cap_bytes: usize) -> Result<(), TrySendError<T>> {
         {
             // The flag is read under the lock the reader sets it under, so no
             // item lands after the reader emptied the queue on its way out.
@@ -134,8 +146,7 @@ impl<T> QueueTx<T> {
             }
             let weight = (self.0.weigh)(&item);
             let bytes = self.0.bytes.load(Ordering::Relaxed);
-            if q.len() >= self.0.cap
-                || (!q.is_empty() && bytes.saturating_add(weight) > self.0.cap_bytes)
+            if q.len() >= self.0.cap || (!q.is_empty() && bytes.saturating_add(weight) > cap_bytes)
             {
                 return Err(TrySendError::Full(item));
             }
@@ -395,6 +406,15 @@ mod tests {
         tx.try_send(vec![0; 600]).unwrap();
         while rx.try_recv().is_ok() {}
         assert_eq!(rx.bytes(), 0);
+        // Bulk items leave an eighth of the bytes to the rest.
+        while rx.try_recv().is_ok() {}
+        tx.try_send_bulk(vec![0; 800]).unwrap();
+        assert!(matches!(
+            tx.try_send_bulk(vec![0; 100]),
+            Err(TrySendError::Full(_))
+        ));
+        tx.try_send(vec![0; 100]).unwrap();
+        while rx.try_recv().is_ok() {}
         // Heavier than the whole bound: it waits for an empty queue, then goes.
         tx.try_send(vec![0; 10]).unwrap();
         assert!(matches!(

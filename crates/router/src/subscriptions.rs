@@ -525,7 +525,7 @@ impl Router {
                 subscription: Arc::clone(&sub.id),
                 change: sent,
             };
-            match entry.handle.tx.try_send(out) {
+            match entry.handle.tx.try_send_bulk(out) {
                 Ok(()) => sub.seen = change.position,
                 Err(crate::queue::TrySendError::Full(_)) => {
                     tracing::debug!(
