@@ -142,6 +142,8 @@ pub(crate) enum Ending {
 impl From<Signal> for Ending {
     fn from(signal: Signal) -> Ending {
         match signal {
+            // Lagging closes nothing (`closing` never names it); it is here
+            // only because the match must be whole.
             Signal::Overflowed | Signal::Lagging => Ending::Slow,
             Signal::Revoked => Ending::Revoked,
             Signal::Reaped => Ending::Idle,
@@ -254,6 +256,17 @@ impl Limits {
             max_frame_bytes: cfg.ws_max_frame_bytes,
         }
     }
+}
+
+/// A connection's queue, bounded as every dialect's is (`WS_QUEUE_CAPACITY`
+/// items weighing at most `WS_QUEUE_BYTES`).
+pub(crate) fn queue(
+    cfg: &crate::Settings,
+) -> (
+    aether_router::queue::QueueTx<Outbound>,
+    aether_router::queue::QueueRx<Outbound>,
+) {
+    aether_router::queue::weighed(cfg.ws_queue_capacity, cfg.ws_queue_bytes, Outbound::weight)
 }
 
 /// When a token expiring at `exp` (Unix seconds) is over; at most a year

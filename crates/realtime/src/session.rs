@@ -134,11 +134,7 @@ pub fn run(
         );
         let last_seen = Arc::new(AtomicI64::new(now_ms()));
         let cfg = &state.settings;
-        let (tx, rx) = aether_router::queue::weighed(
-            cfg.ws_queue_capacity,
-            cfg.ws_queue_bytes,
-            Outbound::weight,
-        );
+        let (tx, rx) = engine::queue(cfg);
         let entry = ConnEntry {
             user_key: user_key(&principal, params.addr),
             user_id: principal.user_id.clone(),

@@ -47,11 +47,15 @@ impl Signal {
 /// The signals that close a connection, first the one that wins when several are raised.
 const CLOSING: [Signal; 3] = [Signal::Overflowed, Signal::Revoked, Signal::Reaped];
 
+/// The items and what they weigh together, by `weigh`.
+struct Items<T> {
+    q: VecDeque<T>,
+    bytes: usize,
+}
+
 struct Shared<T> {
-    items: Mutex<VecDeque<T>>,
+    items: Mutex<Items<T>>,
     cap: usize,
-    /// What the items queued weigh, by `weigh`; changed only under `items`' lock.
-    bytes: AtomicUsize,
     cap_bytes: usize,
     /// An item's weight: the same every time it is asked.
     weigh: fn(&T) -> usize,
@@ -63,7 +67,7 @@ struct Shared<T> {
 }
 
 impl<T> Shared<T> {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<T>> {
+    fn lock(&self) -> MutexGuard<'_, Items<T>> {
         // No code runs under this lock that can panic halfway through a change.
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -91,9 +95,11 @@ pub fn weighed<T>(
     weigh: fn(&T) -> usize,
 ) -> (QueueTx<T>, QueueRx<T>) {
     let shared = Arc::new(Shared {
-        items: Mutex::new(VecDeque::new()),
+        items: Mutex::new(Items {
+            q: VecDeque::new(),
+            bytes: 0,
+        }),
         cap: cap.max(1),
-        bytes: AtomicUsize::new(0),
         cap_bytes,
         weigh,
         ready: Notify::new(),
@@ -140,20 +146,16 @@ impl<T> QueueTx<T> {
         {
             // The flag is read under the lock the reader sets it under, so no
             // item lands after the reader emptied the queue on its way out.
-            let mut q = self.0.lock();
+            let mut items = self.0.lock();
             if self.0.reader_gone.load(Ordering::Acquire) {
                 return Err(TrySendError::Closed(item));
             }
-            let weight = (self.0.weigh)(&item);
-            let bytes = self.0.bytes.load(Ordering::Relaxed);
-            if q.len() >= self.0.cap || (!q.is_empty() && bytes.saturating_add(weight) > cap_bytes)
-            {
+            let bytes = items.bytes.saturating_add((self.0.weigh)(&item));
+            if items.q.len() >= self.0.cap || (!items.q.is_empty() && bytes > cap_bytes) {
                 return Err(TrySendError::Full(item));
             }
-            self.0
-                .bytes
-                .store(bytes.saturating_add(weight), Ordering::Relaxed);
-            q.push_back(item);
+            items.bytes = bytes;
+            items.q.push_back(item);
         }
         self.0.ready.notify_one();
         Ok(())
@@ -161,7 +163,7 @@ impl<T> QueueTx<T> {
 
     /// Free slots now.
     pub fn capacity(&self) -> usize {
-        self.0.cap.saturating_sub(self.0.lock().len())
+        self.0.cap.saturating_sub(self.0.lock().q.len())
     }
 
     /// Raises `signal` and wakes the reader; `false` if it was raised already.
@@ -203,10 +205,10 @@ impl<T> Drop for QueueRx<T> {
     fn drop(&mut self) {
         // Items still queued go now, not when the last writer does.
         let items = {
-            let mut q = self.0.lock();
+            let mut items = self.0.lock();
             self.0.reader_gone.store(true, Ordering::Release);
-            self.0.bytes.store(0, Ordering::Relaxed);
-            std::mem::take(&mut *q)
+            items.bytes = 0;
+            std::mem::take(&mut items.q)
         };
         drop(items);
     }
@@ -216,14 +218,12 @@ impl<T> QueueRx<T> {
     /// The next item, or `Err` when the queue is empty (and, with
     /// `Disconnected`, every writer is gone).
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
-        let mut q = self.0.lock();
-        match q.pop_front() {
+        let mut items = self.0.lock();
+        match items.q.pop_front() {
             Some(item) => {
-                let bytes = self.0.bytes.load(Ordering::Relaxed);
-                let left = bytes.saturating_sub((self.0.weigh)(&item));
-                self.0.bytes.store(left, Ordering::Relaxed);
-                if q.is_empty() && q.capacity() > KEEP {
-                    q.shrink_to(KEEP);
+                items.bytes = items.bytes.saturating_sub((self.0.weigh)(&item));
+                if items.q.is_empty() && items.q.capacity() > KEEP {
+                    items.q.shrink_to(KEEP);
                 }
                 Ok(item)
             }
@@ -282,12 +282,14 @@ impl<T> QueueRx<T> {
     /// Whether [`Signal::Lagging`] was raised since the last call; lowers it.
     pub fn take_lagging(&mut self) -> bool {
         let bit = Signal::Lagging.bit();
-        self.0.signals.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        // A load first: asked on every turn, it writes only when there is lag.
+        self.0.signals.load(Ordering::Acquire) & bit != 0
+            && self.0.signals.fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
     /// Items queued now.
     pub fn len(&self) -> usize {
-        self.0.lock().len()
+        self.0.lock().q.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -301,8 +303,7 @@ impl<T> QueueRx<T> {
 
     /// What the items queued now weigh.
     pub fn bytes(&self) -> usize {
-        let _q = self.0.lock();
-        self.0.bytes.load(Ordering::Relaxed)
+        self.0.lock().bytes
     }
 
     /// The most the items queued may weigh.
@@ -432,8 +433,12 @@ mod tests {
         for i in 0..1000 {
             tx.try_send(i).unwrap();
         }
-        assert!(rx.0.lock().capacity() >= 1000);
+        assert!(rx.0.lock().q.capacity() >= 1000);
         while rx.try_recv().is_ok() {}
-        assert!(rx.0.lock().capacity() <= KEEP, "{}", rx.0.lock().capacity());
+        assert!(
+            rx.0.lock().q.capacity() <= KEEP,
+            "{}",
+            rx.0.lock().q.capacity()
+        );
     }
 }

@@ -440,12 +440,7 @@ pub fn run(
         // The same admission as `/ws`: WS_MAX_CONNECTIONS, RATE_LIMIT_CONNECTIONS,
         // stats and cleanup.
         let last_seen = Arc::new(AtomicI64::new(now_ms()));
-        let cfg = &state.settings;
-        let (tx, rx) = aether_router::queue::weighed(
-            cfg.ws_queue_capacity,
-            cfg.ws_queue_bytes,
-            Outbound::weight,
-        );
+        let (tx, rx) = engine::queue(&state.settings);
         let entry = ConnEntry {
             user_key: session::user_key(&principal, addr),
             user_id: principal.user_id.clone(),
