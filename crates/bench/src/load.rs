@@ -23,7 +23,10 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+mod bare;
 mod fleet;
+
+pub use bare::null_server;
 
 use crate::proc::{cpu_seconds, cpu_user_system, hwm_kib, now_us, rss_kib};
 use crate::stats::{Summary, summarize_us};
@@ -332,6 +335,9 @@ pub struct Shared {
     subscribed: AtomicU64,
     errors: AtomicU64,
     pub closed: AtomicU64,
+    /// The size of the first change frame's text: the bare-socket floor sends
+    /// frames of the same size.
+    frame_bytes: AtomicU64,
     first_error: Mutex<Option<String>>,
     /// The first few frames that are not changes (subscription replies included),
     /// each cut at 300 bytes: what a subscriber that got nothing was told.
@@ -1150,6 +1156,16 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
     let rss2 = rss_kib(aether_pid).unwrap_or(0);
     fleet.close()?;
     reference.stop(&db).await;
+    // The machine's floor at the first rate, with Aether idle (its sockets are
+    // closed) and the same client.
+    let frame_bytes = shared.frame_bytes.load(Ordering::Relaxed) as usize;
+    let bare = match rates.first() {
+        Some(&rate) if frame_bytes > 0 => {
+            log(format!("fan-out: the bare-socket floor, {rate} changes/s"));
+            Some(bare::measure(connections, source_ips, frame_bytes, rate, seconds).await?)
+        }
+        _ => None,
+    };
     Ok(json!({
         "connections": connections,
         "source_ips": source_ips,
@@ -1159,6 +1175,7 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         "rss_end_mib": rss2 as f64 / 1024.0,
         "kib_per_connection": (rss1 as f64 - rss0 as f64) / connections as f64,
         "rows": rows,
+        "bare_sockets": bare,
         "error": shared.error_text(),
     }))
 }

@@ -153,6 +153,12 @@ enum Cmd {
         #[arg(long)]
         spec: String,
     },
+    /// fan-out's bare-socket floor: a server that only writes (internal).
+    #[command(hide = true)]
+    NullServer {
+        #[arg(long)]
+        frame_bytes: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -167,6 +173,7 @@ fn main() -> anyhow::Result<()> {
     proc::raise_nofile();
     match cli.command {
         Cmd::Load { spec } => load::main(&spec),
+        Cmd::NullServer { frame_bytes } => load::null_server(frame_bytes),
         Cmd::Chart { input, output } => chart::draw(&input, &output),
         Cmd::CatchUp(a) => scenarios::run("catch-up", &a),
         Cmd::LiveLatency(a) => scenarios::run("live-latency", &a),

@@ -636,6 +636,25 @@ async fn fan_out(env: &Env, quick: bool, rates: &[f64]) -> anyhow::Result<Value>
         ],
         &rows,
     );
+    let b = &res["bare_sockets"];
+    if !b.is_null() {
+        println!(
+            "the machine's floor: the same client on a server that only writes a {}-byte frame to each socket from {} threads, {} changes at {}/s: first p50 {}, last p50 {}, last p99 {}, last max {} ms, incomplete {}; server {} ({} sys), load {} ({} sys) cores",
+            int(&b["frame_bytes"]),
+            int(&b["writer_threads"]),
+            int(&b["changes"]),
+            f(&b["rate"], 0),
+            f(&b["first_subscriber_ms"]["p50"], 1),
+            f(&b["last_subscriber_ms"]["p50"], 1),
+            f(&b["last_subscriber_ms"]["p99"], 1),
+            f(&b["last_subscriber_ms"]["max"], 1),
+            int(&b["incomplete_changes"]),
+            f(&b["server_cpu_s_per_s"], 2),
+            f(&b["server_sys_s_per_s"], 2),
+            f(&b["load_cpu_s_per_s"], 2),
+            f(&b["load_sys_s_per_s"], 2),
+        );
+    }
     drop(aether);
     Ok(res)
 }

@@ -300,6 +300,11 @@ impl Conn {
             match opcode {
                 0x1 => match std::str::from_utf8(payload) {
                     Ok(text) if text.starts_with("{\"type\":\"change\"") => {
+                        if shared.frame_bytes.load(Ordering::Relaxed) == 0 {
+                            shared
+                                .frame_bytes
+                                .store(text.len() as u64, Ordering::Relaxed);
+                        }
                         if let Some(seq) = field_i64(text, "\"path\":\"s") {
                             batch.change(seq as u64, recv, field_i64(text, "\"timestamp\":"));
                         }
