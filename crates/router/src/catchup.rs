@@ -145,7 +145,7 @@ impl Router {
         let room = self
             .sessions
             .get(&session)
-            .map_or(1, |e| e.handle.tx.capacity().max(1));
+            .map_or(1, |e| e.handle.tx.bulk_capacity().max(1));
         let log = Arc::clone(&self.log);
         let tx = self.pages_tx.clone();
         // File i/o: off the router task.

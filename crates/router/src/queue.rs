@@ -57,6 +57,9 @@ struct Shared<T> {
     items: Mutex<Items<T>>,
     cap: usize,
     cap_bytes: usize,
+    /// The bounds for what can be fetched again: seven eighths of the others.
+    bulk_cap: usize,
+    bulk_cap_bytes: usize,
     /// An item's weight: the same every time it is asked.
     weigh: fn(&T) -> usize,
     /// Wakes the reader: an item arrived, a signal was raised, or the last writer went.
@@ -94,13 +97,16 @@ pub fn weighed<T>(
     cap_bytes: usize,
     weigh: fn(&T) -> usize,
 ) -> (QueueTx<T>, QueueRx<T>) {
+    let cap = cap.max(1);
     let shared = Arc::new(Shared {
         items: Mutex::new(Items {
             q: VecDeque::new(),
             bytes: 0,
         }),
-        cap: cap.max(1),
+        cap,
         cap_bytes,
+        bulk_cap: cap - cap / 8,
+        bulk_cap_bytes: cap_bytes - cap_bytes / 8,
         weigh,
         ready: Notify::new(),
         signals: AtomicU8::new(0),
@@ -131,18 +137,18 @@ impl<T> Drop for QueueTx<T> {
 impl<T> QueueTx<T> {
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        self.send_within(item, self.0.cap_bytes)
+        self.send_within(item, self.0.cap, self.0.cap_bytes)
     }
 
     /// [`try_send`](Self::try_send) for what can wait and be fetched again
     /// (row changes, paged from the log by a lagging connection): it leaves
-    /// an eighth of the byte bound to what cannot (replies, channel and
-    /// presence frames), which a full queue would close the connection for.
+    /// an eighth of the item and byte bounds to what cannot (replies, channel
+    /// and presence frames), which a full queue would close the connection for.
     pub fn try_send_bulk(&self, item: T) -> Result<(), TrySendError<T>> {
-        self.send_within(item, self.0.cap_bytes - self.0.cap_bytes / 8)
+        self.send_within(item, self.0.bulk_cap, self.0.bulk_cap_bytes)
     }
 
-    fn send_within(&self, item: T, cap_bytes: usize) -> Result<(), TrySendError<T>> {
+    fn send_within(&self, item: T, cap: usize, cap_bytes: usize) -> Result<(), TrySendError<T>> {
         {
             // The flag is read under the lock the reader sets it under, so no
             // item lands after the reader emptied the queue on its way out.
@@ -151,7 +157,7 @@ impl<T> QueueTx<T> {
                 return Err(TrySendError::Closed(item));
             }
             let bytes = items.bytes.saturating_add((self.0.weigh)(&item));
-            if items.q.len() >= self.0.cap || (!items.q.is_empty() && bytes > cap_bytes) {
+            if items.q.len() >= cap || (!items.q.is_empty() && bytes > cap_bytes) {
                 return Err(TrySendError::Full(item));
             }
             items.bytes = bytes;
@@ -164,6 +170,11 @@ impl<T> QueueTx<T> {
     /// Free slots now.
     pub fn capacity(&self) -> usize {
         self.0.cap.saturating_sub(self.0.lock().q.len())
+    }
+
+    /// Free slots now for [`try_send_bulk`](Self::try_send_bulk).
+    pub fn bulk_capacity(&self) -> usize {
+        self.0.bulk_cap.saturating_sub(self.0.lock().q.len())
     }
 
     /// Raises `signal` and wakes the reader; `false` if it was raised already.
@@ -415,6 +426,23 @@ mod tests {
             Err(TrySendError::Full(_))
         ));
         tx.try_send(vec![0; 100]).unwrap();
+        while rx.try_recv().is_ok() {}
+        // And an eighth of the items: 88 of 100 for bulk, the last 12 for the rest.
+        for _ in 0..88 {
+            tx.try_send_bulk(Vec::new()).unwrap();
+        }
+        assert_eq!(tx.bulk_capacity(), 0);
+        assert!(matches!(
+            tx.try_send_bulk(Vec::new()),
+            Err(TrySendError::Full(_))
+        ));
+        for _ in 0..12 {
+            tx.try_send(Vec::new()).unwrap();
+        }
+        assert!(matches!(
+            tx.try_send(Vec::new()),
+            Err(TrySendError::Full(_))
+        ));
         while rx.try_recv().is_ok() {}
         // Heavier than the whole bound: it waits for an empty queue, then goes.
         tx.try_send(vec![0; 10]).unwrap();
