@@ -1683,3 +1683,77 @@ async fn folder_reads_find_their_files_by_index() {
         .collect();
     assert!(plan.contains("files_bucket_path_bytes"), "{plan}");
 }
+
+/// A listing's prefix is also an index range (`path >= p AND path < p'`, p'
+/// the least string above everything starting with p). The range must keep
+/// exactly what `starts_with` keeps at its edges: a last character of two,
+/// three or four bytes, the last one before the surrogates, and U+10FFFF,
+/// which has no successor.
+#[tokio::test]
+async fn a_listing_prefix_keeps_exactly_the_paths_that_start_with_it() {
+    let t = TestServer::start().await;
+    let paths = [
+        "p/a",
+        "p/é",
+        "p/é/x",
+        "p/éa",
+        "p/ê",
+        "p/\u{D7FF}",
+        "p/\u{D7FF}x",
+        "p/\u{E000}",
+        "p/\u{FFFF}",
+        "p/\u{10000}",
+        "p/\u{10FFFF}",
+        "p/\u{10FFFF}z",
+        "p/\u{10FFFF}\u{10FFFF}",
+        "p0",
+        "q/a",
+    ];
+    for p in paths {
+        t.sql
+            .execute(
+                "INSERT INTO public.files (bucket_id, path, name) VALUES ('files', $1, $1)",
+                &[&p],
+            )
+            .await
+            .unwrap();
+    }
+    let service = service_token();
+    for prefix in [
+        "p/é",
+        "p/\u{D7FF}",
+        "p/\u{FFFF}",
+        "p/\u{10FFFF}",
+        "p/\u{10FFFF}\u{10FFFF}",
+        "p/",
+        "p",
+        "",
+    ] {
+        let v = json_ok(
+            http()
+                .post(t.url("/storage/v1/object/list-v2/files"))
+                .header("apikey", &service)
+                .bearer_auth(&service)
+                .json(&json!({"prefix": prefix, "limit": 1000}))
+                .send()
+                .await
+                .unwrap(),
+            200,
+        )
+        .await;
+        let mut got: Vec<String> = v["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap().to_owned())
+            .collect();
+        got.sort();
+        let mut want: Vec<String> = paths
+            .iter()
+            .filter(|p| p.starts_with(prefix))
+            .map(|p| (*p).to_owned())
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "prefix {prefix:?}");
+    }
+}

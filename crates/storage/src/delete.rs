@@ -39,10 +39,14 @@ impl StorageService {
                          DELETE FROM public.folders f WHERE owner_id = $1
                            AND NOT EXISTS (SELECT 1 FROM public.files x
                                            WHERE x.bucket_id = f.bucket_id
+                                             AND x.path COLLATE \"C\" >= f.path || '/'
+                                             AND x.path COLLATE \"C\" < f.path || '0'
                                              AND starts_with(x.path, f.path || '/'))
                            AND NOT EXISTS (SELECT 1 FROM public.folders y
                                            WHERE y.bucket_id = f.bucket_id
                                              AND (y.owner_id IS DISTINCT FROM $1)
+                                             AND y.path COLLATE \"C\" >= f.path || '/'
+                                             AND y.path COLLATE \"C\" < f.path || '0'
                                              AND starts_with(y.path, f.path || '/'))
                          RETURNING id)
                      UPDATE public.folders SET owner_id = NULL

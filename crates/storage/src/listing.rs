@@ -101,6 +101,7 @@ impl StorageService {
             Some(row.get(0))
         };
         let inside = format!("{dir}/");
+        let inside_end = format!("{dir}0");
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&bucket, &only];
         // `= $3` under a folder (served by the parent/folder indexes); a home's
         // and the root's contents have no parent row.
@@ -113,11 +114,15 @@ impl StorageService {
                 "parent_id IS NULL AND strpos(path, '/') = 0",
                 "folder_id IS NULL AND strpos(path, '/') = 0",
             ),
+            // `dir/` .. `dir0` is the range of paths under it ('0' follows '/').
             None => {
                 params.push(&inside);
+                params.push(&inside_end);
                 (
-                    "parent_id IS NULL AND starts_with(path, $3)",
-                    "folder_id IS NULL AND starts_with(path, $3)",
+                    "parent_id IS NULL AND path COLLATE \"C\" >= $3 AND path COLLATE \"C\" < $4
+                     AND starts_with(path, $3)",
+                    "folder_id IS NULL AND path COLLATE \"C\" >= $3 AND path COLLATE \"C\" < $4
+                     AND starts_with(path, $3)",
                 )
             }
         };
@@ -131,6 +136,8 @@ impl StorageService {
                        AND ($2::uuid IS NULL OR owner_id = $2
                             OR EXISTS (SELECT 1 FROM public.files x
                                        WHERE x.owner_id = $2 AND x.bucket_id = f.bucket_id
+                                         AND x.path COLLATE \"C\" >= f.path || '/'
+                                         AND x.path COLLATE \"C\" < f.path || '0'
                                          AND starts_with(x.path, f.path || '/')))
                      ORDER BY name"
                 ),
@@ -216,6 +223,7 @@ impl StorageService {
             SortColumn::CreatedAt => Some("created_at"),
             SortColumn::UpdatedAt => Some("updated_at"),
         };
+        let upper = prefix_upper_bound(prefix);
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&bucket, &owners, &prefix, &limit];
         let mut keyset = String::new();
@@ -231,6 +239,16 @@ impl StorageService {
                 }
             };
         }
+        let range = match &upper {
+            Some(u) => {
+                params.push(u);
+                format!(
+                    "AND path COLLATE \"C\" >= $3 AND path COLLATE \"C\" < ${}",
+                    params.len()
+                )
+            }
+            None => "AND path COLLATE \"C\" >= $3".to_owned(),
+        };
         let order = match time {
             None => format!("path COLLATE \"C\" {dir}, id {dir}"),
             Some(col) => format!("{col} {dir}, path COLLATE \"C\" {dir}, id {dir}"),
@@ -240,7 +258,7 @@ impl StorageService {
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM public.files
                      WHERE bucket_id = $1 AND ($2::uuid[] IS NULL OR owner_id = ANY($2))
-                       AND starts_with(path, $3) {keyset}
+                       AND starts_with(path, $3) {range} {keyset}
                      ORDER BY {order} LIMIT $4"
                 ),
                 &params,
@@ -248,5 +266,51 @@ impl StorageService {
             .await
             .map_err(policy::refused)?;
         Ok(rows.iter().map(file_from_row).collect())
+    }
+}
+
+/// The least string above every string that starts with `prefix`, in byte
+/// order (`COLLATE "C"`), or `None` when nothing is (an empty prefix, or one
+/// of U+10FFFF only). UTF-8 orders bytes as it orders code points, so that
+/// is `prefix` with its last character replaced by the next one (U+10FFFF
+/// has none: drop it and step the one before). With it, `starts_with(path,
+/// p)` is also an index range, `path >= p AND path < upper`, on
+/// `(bucket_id, path COLLATE "C")`: a prefix no longer scans the bucket.
+pub(crate) fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut s = prefix.to_owned();
+    while let Some(last) = s.pop() {
+        let next = (u32::from(last) + 1..=0x10FFFF).find_map(char::from_u32);
+        if let Some(c) = next {
+            s.push(c);
+            return Some(s);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_upper_bound;
+
+    #[test]
+    fn the_upper_bound_is_the_next_string_past_the_prefix() {
+        assert_eq!(prefix_upper_bound(""), None);
+        assert_eq!(prefix_upper_bound("a/"), Some("a0".into()));
+        assert_eq!(prefix_upper_bound("é"), Some("ê".into()));
+        // The surrogates are no characters: U+D7FF is followed by U+E000.
+        assert_eq!(prefix_upper_bound("x\u{D7FF}"), Some("x\u{E000}".into()));
+        assert_eq!(prefix_upper_bound("x\u{FFFF}"), Some("x\u{10000}".into()));
+        // U+10FFFF has no successor: the character before it steps.
+        assert_eq!(prefix_upper_bound("x\u{10FFFF}"), Some("y".into()));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}\u{10FFFF}"), None);
+        // Whatever starts with the prefix sorts below the bound, bytewise.
+        for p in ["a/", "é", "x\u{D7FF}", "x\u{10FFFF}", "\u{7F}"] {
+            let upper = prefix_upper_bound(p).unwrap();
+            for tail in ["", "\u{0}", "z", "\u{10FFFF}\u{10FFFF}"] {
+                let s = format!("{p}{tail}");
+                assert!(s.as_bytes() < upper.as_bytes(), "{s:?} < {upper:?}");
+            }
+            assert!(p.as_bytes() < upper.as_bytes() && !upper.starts_with(p));
+        }
     }
 }

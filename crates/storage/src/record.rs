@@ -299,8 +299,12 @@ pub(super) async fn is_folder(
 ) -> Result<bool, StorageError> {
     let p = path.to_string();
     let sql = if is_home(path) {
-        "SELECT EXISTS (SELECT 1 FROM public.files WHERE bucket_id = $1 AND starts_with(path, $2 || '/'))
-             OR EXISTS (SELECT 1 FROM public.folders WHERE bucket_id = $1 AND starts_with(path, $2 || '/'))"
+        "SELECT EXISTS (SELECT 1 FROM public.files WHERE bucket_id = $1
+                AND path COLLATE \"C\" >= $2 || '/' AND path COLLATE \"C\" < $2 || '0'
+                AND starts_with(path, $2 || '/'))
+             OR EXISTS (SELECT 1 FROM public.folders WHERE bucket_id = $1
+                AND path COLLATE \"C\" >= $2 || '/' AND path COLLATE \"C\" < $2 || '0'
+                AND starts_with(path, $2 || '/'))"
     } else {
         "SELECT EXISTS (SELECT 1 FROM public.folders WHERE bucket_id = $1 AND path = $2)"
     };
