@@ -768,6 +768,50 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
         body,
         json!([{"name": "Ann", "books": [{"title": "New", "reviews": [{"stars": 5}]}]}])
     );
+    // Filters, order and paging below the first level (supabase-js's
+    // `referencedTable: 'books.reviews'`): each book's best review of at
+    // least 3 stars; `!inner` there keeps only the books that have one.
+    t.exec("INSERT INTO public.reviews VALUES (2, 2, 3), (3, 2, 1), (4, 3, 4), (5, 1, 2);")
+        .await;
+    let (status, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "authors?select=name,books(title,reviews(stars))&id=eq.1&books.order=id\
+             &books.reviews.stars=gte.3&books.reviews.order=stars.asc&books.reviews.limit=1",
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!([{"name": "Ann", "books": [
+            {"title": "Old", "reviews": []},
+            {"title": "New", "reviews": [{"stars": 3}]},
+            {"title": "Newer", "reviews": [{"stars": 4}]}
+        ]}])
+    );
+    let (status, _, body) = r
+        .send(r.req(
+            Method::GET,
+            "authors?select=name,books(title,reviews!inner(stars))&id=eq.1&books.order=id\
+             &books.reviews.or=(stars.eq.1,stars.eq.4)&books.reviews.order=stars.desc",
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!([{"name": "Ann", "books": [
+            {"title": "New", "reviews": [{"stars": 1}]},
+            {"title": "Newer", "reviews": [{"stars": 4}]}
+        ]}])
+    );
+    // A second-level name the select does not embed there.
+    r.refused(
+        "authors?select=name,books(title)&books.reviews.stars=gt.1",
+        "PGRST108",
+    )
+    .await;
     // Order and paging given for a to-one embed bind nothing.
     let (status, _, body) = r
         .send(r.req(

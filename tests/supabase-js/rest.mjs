@@ -54,6 +54,15 @@ await main('rest', async () => {
   assert.deepEqual(tagged, [{ title: 'milk' }])
   const embedded = ok(await alice.from('todos').select('title, lists(name)').eq('title', 'tea').single(), 'embed')
   assert.deepEqual(embedded, { title: 'tea', lists: { name: 'work' } })
+  // Order, limit and filters on embedded resources, the second level included
+  // (`referencedTable`, and a filter key `todos.lists.name`).
+  const nested = ok(await alice.from('lists').select('name, todos(title, lists(name))').order('id')
+    .order('title', { referencedTable: 'todos', ascending: false }).limit(1, { referencedTable: 'todos' })
+    .eq('todos.lists.name', 'home'), 'embedded order, limit, nested filter')
+  assert.deepEqual(nested, [
+    { name: 'home', todos: [{ title: 'milk', lists: { name: 'home' } }] },
+    { name: 'work', todos: [{ title: 'tea', lists: null }] },
+  ])
   const maybe = await alice.from('todos').select().eq('title', 'nothing').maybeSingle()
   assert.equal(maybe.error, null)
   assert.equal(maybe.data, null)

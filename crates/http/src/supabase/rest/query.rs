@@ -175,13 +175,14 @@ pub(crate) struct Order {
 
 /// Filters, order and paging of an embedded resource (`todos.done=eq.true`,
 /// `todos.order=title`, `todos.limit=2`), by its name in `select` (alias or
-/// table).
+/// table), and of the resources embedded in it (`lists.todos.done=…`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Embedded {
     pub filters: Vec<Cond>,
     pub order: Vec<Order>,
     pub limit: Option<u64>,
     pub offset: Option<u64>,
+    pub embedded: std::collections::BTreeMap<String, Embedded>,
 }
 
 /// What the URL asks for.
@@ -224,11 +225,15 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
             "columns" => q.columns = Some(names(&v)?),
             _ if RESERVED.contains(&k.as_str()) => {}
             "or" | "and" | "not.or" | "not.and" => q.filters.push(logic_tree(&k, &k, &v)?),
-            _ => match k.split_once('.') {
-                // `todos.done=eq.true`, `todos.order=…`: an embedded resource's
-                // (a dot inside a JSON path, `data->>a.b`, is the key's).
-                Some((prefix, rest)) if !prefix.is_empty() && !prefix.contains("->") => {
-                    let e = q.embedded.entry(ident(prefix)?.to_owned()).or_default();
+            _ => match embedded_path(&k)? {
+                // `todos.done=eq.true`, `todos.order=…`, `lists.todos.limit=…`:
+                // an embedded resource's (a dot inside a JSON path,
+                // `data->>a.b`, is the key's).
+                (ref path, rest) if let Some((first, below)) = path.split_first() => {
+                    let mut e = q.embedded.entry((*first).to_owned()).or_default();
+                    for name in below {
+                        e = e.embedded.entry((*name).to_owned()).or_default();
+                    }
                     match rest {
                         "order" => e.order = parse_order(&v)?,
                         "limit" => e.limit = Some(number("limit", &v)?),
@@ -250,6 +255,25 @@ pub(crate) fn parse(query: &str) -> Result<Query, ParseError> {
         }
     }
     Ok(q)
+}
+
+/// Splits `a.b.rest` into the embedded resources' path (`a`, `b`) and what is
+/// given for the last of them: `order`, `limit`, `offset`, `or`, `and`,
+/// `not.or`, `not.and` or a column. A segment with `->` starts a JSON path,
+/// which may hold dots, so the path ends before it.
+fn embedded_path(k: &str) -> Result<(Vec<&str>, &str), ParseError> {
+    const GIVEN: &[&str] = &["order", "limit", "offset", "or", "and", "not.or", "not.and"];
+    let mut path = Vec::new();
+    let mut rest = k;
+    while let Some((head, tail)) = rest.split_once('.') {
+        if head.is_empty() || head.contains("->") || GIVEN.contains(&rest) {
+            break;
+        }
+        path.push(ident(head)?);
+        rest = tail;
+    }
+    too_deep(path.len(), "an embedded resource's path")?;
+    Ok((path, rest))
 }
 
 fn number(name: &str, v: &str) -> Result<u64, ParseError> {
@@ -673,6 +697,29 @@ mod tests {
         let deep = format!("or=({}a.eq.1{})", "or(".repeat(5000), ")".repeat(5000));
         assert!(parse(&deep).is_err());
         assert!(parse(&format!("select={}a{}", "a(".repeat(10), ")".repeat(10))).is_ok());
+    }
+
+    #[test]
+    fn embedded_resources_at_any_depth() {
+        let q = parse(
+            "lists.todos.done=eq.true&lists.todos.order=rank.desc&lists.todos.limit=2\
+             &lists.todos.not.or=(a.eq.1,b.eq.2)&lists.name=eq.x&lists.offset=1\
+             &lists.todos.data->>a.b=eq.1&data->>x.y=eq.2",
+        )
+        .unwrap();
+        let lists = &q.embedded["lists"];
+        assert_eq!((lists.filters.len(), lists.offset), (1, Some(1)));
+        let todos = &lists.embedded["todos"];
+        assert_eq!((todos.filters.len(), todos.limit), (3, Some(2)));
+        assert!(matches!(&todos.filters[1], Cond::Or(v, true) if v.len() == 2));
+        assert!(matches!(&todos.filters[2], Cond::Filter { column, .. } if column == "data->>a.b"));
+        assert!(todos.order[0].desc);
+        // A dot inside a JSON path is the key's, at the top level too.
+        assert!(matches!(&q.filters[..], [Cond::Filter { column, .. }] if column == "data->>x.y"));
+        // A path is as deep as a select may nest, no deeper.
+        assert!(parse(&format!("{}c=eq.1", "a.".repeat(16))).is_ok());
+        assert!(parse(&format!("{}c=eq.1", "a.".repeat(17))).is_err());
+        assert!(parse("a(b.c=eq.1").is_err());
     }
 
     proptest::proptest! {

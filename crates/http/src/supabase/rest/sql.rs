@@ -399,11 +399,12 @@ fn embed(
         .filter(hinted)
         .collect();
     let alias = format!("_e{depth}");
-    // Embeds of this embed: their `!inner` conditions narrow this one's rows
-    // (filters below the first level are not taken).
+    // Embeds of this embed, with what the URL gives for them
+    // (`books.reviews.stars=gt.3`); their `!inner` conditions narrow this
+    // one's rows.
     let none = std::collections::BTreeMap::new();
     let mut nested = Embeds {
-        given: &none,
+        given: given.map_or(&none, |g| &g.embedded),
         inner: Vec::new(),
         count_only: false,
     };
