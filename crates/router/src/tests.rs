@@ -676,3 +676,31 @@ async fn a_queue_full_by_weight_lags_and_catches_up_in_order() {
     assert_eq!(f.drain().len(), 5);
     assert!(rx2.closing().is_none());
 }
+
+#[tokio::test]
+async fn a_reply_still_fits_a_queue_a_catch_up_refilled() {
+    // Eight slots: row changes take seven, before and after a pull; the
+    // eighth is there for a reply, which would otherwise close the connection.
+    let mut f = fixture(1 << 20, 8);
+    f.subscribe("a", None);
+    f.drain();
+    for i in 1..=20 {
+        f.commit(i);
+    }
+    assert_eq!(f.rx.len(), 7);
+    assert!(f.r.sessions[&1].lag.is_some());
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Outbound::Change { change, .. }) = f.rx.try_recv() {
+            got.push(change.position.commit_lsn.0 / 100);
+        }
+    }
+    f.r.command(Command::Pull { session: 1 });
+    f.settle().await;
+    assert_eq!(f.rx.len(), 7, "the pull refills to seven eighths");
+    f.subscribe("b", None);
+    assert_eq!(f.rx.len(), 8, "the reply takes the last slot");
+    assert!(f.rx.closing().is_none(), "not closed");
+    got.extend(of(&f.catch_up().await, "a"));
+    assert_eq!(got, (1..=20).collect::<Vec<_>>());
+}
