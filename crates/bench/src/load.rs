@@ -1159,12 +1159,21 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
     // The machine's floor at the first rate, with Aether idle (its sockets are
     // closed) and the same client.
     let frame_bytes = shared.frame_bytes.load(Ordering::Relaxed) as usize;
+    // Its failure is reported beside Aether's rows, which stand without it.
     let bare = match rates.first() {
-        Some(&rate) if frame_bytes > 0 => {
-            log(format!("fan-out: the bare-socket floor, {rate} changes/s"));
-            Some(bare::measure(connections, source_ips, frame_bytes, rate, seconds).await?)
+        Some(_) if frame_bytes == 0 => {
+            json!({"error": "not measured: Aether sent no change frame to size it by"})
         }
-        _ => None,
+        Some(&rate) => {
+            log(format!(
+                "fan-out: the null server's floor, {rate} changes/s"
+            ));
+            match bare::measure(connections, source_ips, frame_bytes, rate, seconds).await {
+                Ok(row) => json!(row),
+                Err(e) => json!({"error": format!("not measured: {e:#}")}),
+            }
+        }
+        None => Value::Null,
     };
     Ok(json!({
         "connections": connections,

@@ -637,9 +637,9 @@ async fn fan_out(env: &Env, quick: bool, rates: &[f64]) -> anyhow::Result<Value>
         &rows,
     );
     let b = &res["bare_sockets"];
-    if !b.is_null() {
+    if b["changes"].is_u64() {
         println!(
-            "the machine's floor: the same client on a server that only writes a {}-byte frame to each socket from {} threads, {} changes at {}/s: first p50 {}, last p50 {}, last p99 {}, last max {} ms, incomplete {}; server {} ({} sys), load {} ({} sys) cores",
+            "a null server on the same client (it only writes a {}-byte frame to each socket, from {} threads), {} changes at {}/s: first p50 {}, last p50 {}, last p99 {}, last max {} ms, incomplete {}, short writes {}, closed {}; server {} ({} sys) cores, {} CPU s per change; load {} ({} sys) cores",
             int(&b["frame_bytes"]),
             int(&b["writer_threads"]),
             int(&b["changes"]),
@@ -649,11 +649,17 @@ async fn fan_out(env: &Env, quick: bool, rates: &[f64]) -> anyhow::Result<Value>
             f(&b["last_subscriber_ms"]["p99"], 1),
             f(&b["last_subscriber_ms"]["max"], 1),
             int(&b["incomplete_changes"]),
+            int(&b["short_writes"]),
+            int(&b["closed_connections"]),
             f(&b["server_cpu_s_per_s"], 2),
             f(&b["server_sys_s_per_s"], 2),
+            f(&b["server_cpu_s_per_change"], 3),
             f(&b["load_cpu_s_per_s"], 2),
             f(&b["load_sys_s_per_s"], 2),
         );
+    }
+    if let Some(e) = b["error"].as_str() {
+        println!("the null server's floor: {e}");
     }
     drop(aether);
     Ok(res)

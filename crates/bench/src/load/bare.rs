@@ -13,6 +13,7 @@
 
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,9 @@ use crate::proc::{cpu_user_system, now_us};
 use crate::stats::{Summary, summarize_us};
 
 /// Writer threads in the null server: one per core, as Aether's runtime has.
-const WRITERS: usize = 2;
+fn writers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
 
 #[derive(Serialize)]
 pub struct BareRow {
@@ -37,11 +40,18 @@ pub struct BareRow {
     pub last_subscriber_ms: Summary,
     pub first_subscriber_ms: Summary,
     pub incomplete_changes: usize,
-    /// The null server's CPU: socket writes only.
+    /// Writes that failed or wrote less than a whole frame (a broken frame
+    /// stream): none, or the row does not measure what it says.
+    pub short_writes: Option<u64>,
+    pub closed_connections: u64,
+    /// The null server's CPU (socket writes only), in cores over the step.
     pub server_cpu_s_per_s: f64,
     pub server_sys_s_per_s: f64,
+    /// The same, per change sent.
+    pub server_cpu_s_per_change: f64,
     pub load_cpu_s_per_s: f64,
     pub load_sys_s_per_s: f64,
+    pub error: Option<String>,
 }
 
 /// Opens `connections` subscribers on a null server and sends `rate` changes
@@ -112,56 +122,78 @@ pub async fn measure(
     let (su1, ss1) = cpu_user_system(server_pid).unwrap_or_default();
     let (lu1, ls1) = cpu_user_system(me).unwrap_or_default();
     let (mut last, mut first, short) = tracker.latencies(total as usize, 0, connections as u32);
+    // Before the null server goes, which closes every socket.
+    let closed = shared.closed.load(std::sync::atomic::Ordering::Relaxed);
+    let error = shared.error_text();
+    // The end of its input: the null server says how many writes fell short.
     drop(stdin);
+    let short_writes = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .and_then(|l| l.strip_prefix("SHORT ").and_then(|n| n.parse().ok()));
     fleet.close()?;
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    let server_cpu = su1 + ss1 - su0 - ss0;
     Ok(BareRow {
         rate,
         changes: total,
         frame_bytes,
-        writer_threads: WRITERS,
+        writer_threads: writers(),
         last_subscriber_ms: summarize_us(&mut last),
         first_subscriber_ms: summarize_us(&mut first),
         incomplete_changes: short,
-        server_cpu_s_per_s: (su1 + ss1 - su0 - ss0) / elapsed,
+        short_writes,
+        closed_connections: closed,
+        server_cpu_s_per_s: server_cpu / elapsed,
         server_sys_s_per_s: (ss1 - ss0) / elapsed,
+        server_cpu_s_per_change: server_cpu / total as f64,
         load_cpu_s_per_s: (lu1 + ls1 - lu0 - ls0) / elapsed,
         load_sys_s_per_s: (ls1 - ls0) / elapsed,
+        error,
     })
 }
 
 /// The null server's process: prints `PORT <n>`, accepts upgrades, and for
-/// each line `<seq>` on stdin writes change `seq` to every socket. Ends at
-/// the end of stdin.
+/// each line `<seq>` on stdin writes change `seq` to every socket. At the
+/// end of stdin it prints `SHORT <n>`, the writes that fell short, and ends.
 pub fn null_server(frame_bytes: usize) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
+    let n = writers();
     let shards: Arc<Vec<Mutex<Vec<TcpStream>>>> =
-        Arc::new((0..WRITERS).map(|_| Mutex::new(Vec::new())).collect());
+        Arc::new((0..n).map(|_| Mutex::new(Vec::new())).collect());
     {
         let shards = Arc::clone(&shards);
         std::thread::Builder::new()
             .name("accept".into())
             .spawn(move || accept_loop(&listener, &shards))?;
     }
-    let mut writers = Vec::new();
-    for k in 0..WRITERS {
+    let short = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    let mut threads = Vec::new();
+    for k in 0..n {
         let (tx, rx) = mpsc::channel::<Arc<Vec<u8>>>();
-        let shards = Arc::clone(&shards);
-        std::thread::Builder::new()
-            .name("write".into())
-            .spawn(move || {
-                for frame in rx {
-                    let Ok(mut socks) = shards[k].lock() else {
-                        return;
-                    };
-                    for s in socks.iter_mut() {
-                        // Non-blocking; a frame this small always fits an idle socket.
-                        let _ = s.write(&frame);
+        let (shards, short) = (Arc::clone(&shards), Arc::clone(&short));
+        threads.push(
+            std::thread::Builder::new()
+                .name("write".into())
+                .spawn(move || {
+                    for frame in rx {
+                        let Ok(mut socks) = shards[k].lock() else {
+                            return;
+                        };
+                        for s in socks.iter_mut() {
+                            // Non-blocking: a frame this small fits an idle socket.
+                            if !matches!(s.write(&frame), Ok(w) if w == frame.len()) {
+                                short.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     }
-                }
-            })?;
-        writers.push(tx);
+                })?,
+        );
+        senders.push(tx);
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "PORT {port}")?;
@@ -171,10 +203,16 @@ pub fn null_server(frame_bytes: usize) -> anyhow::Result<()> {
             continue;
         };
         let frame = Arc::new(change_frame(seq, frame_bytes));
-        for w in &writers {
+        for w in &senders {
             let _ = w.send(Arc::clone(&frame));
         }
     }
+    drop(senders);
+    for t in threads {
+        let _ = t.join();
+    }
+    writeln!(out, "SHORT {}", short.load(Ordering::Relaxed))?;
+    out.flush()?;
     Ok(())
 }
 
