@@ -1757,3 +1757,95 @@ async fn a_listing_prefix_keeps_exactly_the_paths_that_start_with_it() {
         assert_eq!(got, want, "prefix {prefix:?}");
     }
 }
+
+/// A replacement's bytes count against the object's owner, under that
+/// owner's account lock. The owner is read before the locks (so they are
+/// taken in one order); when the object changes hands before the name lock,
+/// the new owner's account is locked too, not skipped.
+#[tokio::test]
+async fn a_replacement_locks_the_account_of_an_owner_who_arrived_late() {
+    let t = TestServer::start().await;
+    let x = t.new_user().await;
+    let y = t.new_user().await;
+    t.sql
+        .execute(
+            "INSERT INTO public.files (bucket_id, path, name, size, owner_id)
+             VALUES ('files', 'shared/q.bin', 'q.bin', 1, $1::text::uuid)",
+            &[&x],
+        )
+        .await
+        .unwrap();
+    // Tests share the cluster: only this database's waiters count.
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let wait_for_a_waiter = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = t.sql.query_one(waiting, &[]).await.unwrap().get(0);
+            if n > 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nobody waits for a lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // A second session holds the name, so the upload stops at its name lock,
+    // having read X as the owner.
+    let other = t.db.client().await;
+    other
+        .batch_execute(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('files/shared', 7490))",
+        )
+        .await
+        .unwrap();
+    let url = t.url("/storage/v1/object/files/shared/q.bin");
+    let service = t.server.state.jwt.api_key("service_role");
+    let upload = tokio::spawn(async move {
+        let res = http()
+            .post(url)
+            .header("apikey", &service)
+            .bearer_auth(&service)
+            .header("x-upsert", "true")
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(vec![7u8; 10])
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.text().await.unwrap())
+    });
+    wait_for_a_waiter().await;
+    // The object passes to Y, whose account the second session keeps locked
+    // past its commit; the commit lets the name go.
+    other
+        .batch_execute(&format!(
+            "UPDATE public.files SET owner_id = '{y}' WHERE path = 'shared/q.bin';
+             SELECT pg_advisory_lock(hashtextextended('{y}', 7489));
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    // The upload now waits for Y's account.
+    wait_for_a_waiter().await;
+    assert!(!upload.is_finished());
+    other
+        .batch_execute(&format!(
+            "SELECT pg_advisory_unlock(hashtextextended('{y}', 7489))"
+        ))
+        .await
+        .unwrap();
+    let (status, body) = upload.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let row = t
+        .sql
+        .query_one(
+            "SELECT owner_id::text, size FROM public.files WHERE path = 'shared/q.bin'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), (y, 10));
+}

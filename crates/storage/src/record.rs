@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::buckets::bucket_in;
 use super::errors::StorageError;
 use super::files::{FILE_COLUMNS, FileRecord, file_from_row, file_metadata};
-use super::owners::{Account, Actor, Charge, is_home, lock_names, lock_owners};
+use super::owners::{Account, Actor, Charge, is_home, lock_names, lock_owner, lock_owners};
 use super::policy::{INSERT_FILE, Probe, WriteFacts, probe_insert, write_as};
 use super::upload::{PendingUpload, TypeRules, UploadTarget};
 use super::{ObjectPath, StorageService, as_i64};
@@ -162,6 +162,18 @@ impl StorageService {
                 &[&target.bucket, &path],
             )
             .await?;
+        // The name changed hands between the first read and the name lock (a
+        // DBA's UPDATE, or a delete and someone else's new object, in that
+        // instant): its owner's account is locked now, out of order. Should
+        // that owner's own write be waiting for this one, PostgreSQL breaks
+        // the deadlock (40P01) and one of the two fails unwritten, rather
+        // than this one checking a quota without its lock.
+        if let Some(old) = &existing {
+            let owner: Option<Uuid> = old.get(3);
+            if prior_owner != Some(owner) && owner != actor.owner() {
+                lock_owner(&*tx, owner).await?;
+            }
+        }
         match &existing {
             Some(_) if !target.upsert => return Err(StorageError::AlreadyExists(path)),
             // Without policies (the service role, or no roles), Aether's rules.
@@ -177,10 +189,7 @@ impl StorageService {
             .map(|r| u64::try_from(r.get::<_, i64>(1)).unwrap_or(0))
             .unwrap_or(0);
         // The bytes count against the object's owner: the caller for a new
-        // object, the owner it keeps when replaced. Its account was locked
-        // above unless the name changed hands in between (a delete and a new
-        // object by someone else, in that instant): then it is checked
-        // without that lock.
+        // object, the owner it keeps when replaced. Its account is locked.
         let charge = match &existing {
             Some(old) => Charge::replacing(old.get(3), replaced_size),
             None => Charge::new_object(actor),
