@@ -1,10 +1,10 @@
-//! The machine's floor for a fan-out: the same subscribers, read by the same
-//! client, fed by a server that does nothing but write.
+//! A fan-out's practical floor on this machine: the same subscribers, read by
+//! the same client, fed by a server that does nothing but write.
 //!
 //! On one box the server, the load process and the kernel's TCP processing on
 //! both ends of every loopback socket share the cores, so "time until the last
-//! of N subscribers has a change" has a floor that no server can go under.
-//! This measures it: a child process (this binary, `null-server`) accepts the
+//! of N subscribers has a change" cannot go much under what writing alone
+//! takes. This measures that: a child process (this binary, `null-server`) accepts the
 //! WebSocket upgrades, confirms each subscription with a canned reply and, for
 //! each change the load process names on its stdin, writes one prebuilt
 //! frame of the same size as Aether's to every socket from one thread per
