@@ -42,6 +42,13 @@ impl<'a> Rest<'a> {
         );
     }
 
+    /// A GET as anon that must answer 200; its body.
+    async fn get_ok(&self, path: &str) -> Value {
+        let (status, _, body) = self.send(self.req(Method::GET, path, None)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body
+    }
+
     async fn send(
         &self,
         rb: reqwest::RequestBuilder,
@@ -773,15 +780,12 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
     // least 3 stars; `!inner` there keeps only the books that have one.
     t.exec("INSERT INTO public.reviews VALUES (2, 2, 3), (3, 2, 1), (4, 3, 4), (5, 1, 2);")
         .await;
-    let (status, _, body) = r
-        .send(r.req(
-            Method::GET,
+    let body = r
+        .get_ok(
             "authors?select=name,books(title,reviews(stars))&id=eq.1&books.order=id\
              &books.reviews.stars=gte.3&books.reviews.order=stars.asc&books.reviews.limit=1",
-            None,
-        ))
+        )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body,
         json!([{"name": "Ann", "books": [
@@ -790,15 +794,12 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
             {"title": "Newer", "reviews": [{"stars": 4}]}
         ]}])
     );
-    let (status, _, body) = r
-        .send(r.req(
-            Method::GET,
+    let body = r
+        .get_ok(
             "authors?select=name,books(title,reviews!inner(stars))&id=eq.1&books.order=id\
              &books.reviews.or=(stars.eq.1,stars.eq.4)&books.reviews.order=stars.desc",
-            None,
-        ))
+        )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body,
         json!([{"name": "Ann", "books": [

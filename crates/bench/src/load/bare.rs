@@ -267,7 +267,7 @@ fn change_frame(seq: u64, bytes: usize) -> Vec<u8> {
 }
 
 /// An unmasked final frame (RFC 6455 §5.2): text.
-fn server_frame(payload: &[u8]) -> Vec<u8> {
+pub(super) fn server_frame(payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(payload.len() + 10);
     f.push(0x81);
     match payload.len() {

@@ -363,19 +363,7 @@ mod tests {
         // Server frames: unmasked text of 5, 300 and 70,000 bytes, then a ping.
         let mut wire = Vec::new();
         for len in [5usize, 300, 70_000] {
-            wire.push(0x81);
-            match len {
-                n if n < 126 => wire.push(n as u8),
-                n if n <= 0xffff => {
-                    wire.push(126);
-                    wire.extend_from_slice(&(n as u16).to_be_bytes());
-                }
-                n => {
-                    wire.push(127);
-                    wire.extend_from_slice(&(n as u64).to_be_bytes());
-                }
-            }
-            wire.extend(std::iter::repeat_n(b'x', len));
+            wire.extend(super::super::bare::server_frame(&vec![b'x'; len]));
         }
         wire.extend_from_slice(&[0x89, 0x00]);
         let mut at = 0;
