@@ -807,6 +807,23 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
             {"title": "Newer", "reviews": [{"stars": 4}]}
         ]}])
     );
+    // Counted: only `!inner` conditions go into the count, at every level.
+    let (body, range) = get(
+        "select=name,books!inner(title,reviews(stars))&books.reviews.stars=gte.3\
+         &books.reviews.limit=1&books.reviews.order=stars.desc&order=id&books.order=id",
+    )
+    .await;
+    assert_eq!(range, "0-1/2", "{body}");
+    assert_eq!(
+        body[0]["books"][1],
+        json!({"title": "New", "reviews": [{"stars": 5}]})
+    );
+    let (_, range) =
+        get("select=name,books!inner(title,reviews!inner(stars))&books.reviews.stars=gte.4").await;
+    assert_eq!(
+        range, "0-0/1",
+        "only Ann has a book with a review of 4 or more"
+    );
     // A second-level name the select does not embed there.
     r.refused(
         "authors?select=name,books(title)&books.reviews.stars=gt.1",

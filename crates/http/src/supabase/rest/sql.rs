@@ -262,8 +262,8 @@ fn order_clause(order: &[Order], alias: &str) -> String {
     format!(" ORDER BY {}", terms.join(", "))
 }
 
-/// What the top level of a request adds to its embeds: their filters, order
-/// and paging, and (collected) the conditions of `!inner` ones.
+/// What a level of a request adds to its embeds: their filters, order and
+/// paging (and their embeds'), and (collected) the conditions of `!inner` ones.
 pub(crate) struct Embeds<'a> {
     pub given: &'a std::collections::BTreeMap<String, super::query::Embedded>,
     pub inner: Vec<String>,
@@ -406,7 +406,9 @@ fn embed(
     let mut nested = Embeds {
         given: given.map_or(&none, |g| &g.embedded),
         inner: Vec::new(),
-        count_only: false,
+        // A count renders only `!inner` conditions, at every level: anything
+        // else would bind parameters the count's statement does not use.
+        count_only: !with_tail,
     };
     let list = select_list(
         sql,
