@@ -22,7 +22,9 @@
 //!
 //! Uploads take a per-owner advisory lock (one for all owner-less objects)
 //! for the length of their transaction (and the prior owner's when replacing
-//! another's object, both in one order), which keeps the quota sum race-free;
+//! another's object, both in one order; a transaction that finds the name
+//! changed hands before its lock starts again with the new owner's), which
+//! keeps the quota sum race-free;
 //! every write also locks the first segment of the names it touches, which
 //! keeps files and folders of one name apart.
 

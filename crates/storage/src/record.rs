@@ -23,6 +23,17 @@ pub(super) struct Recording {
     pub(super) types: TypeRules,
 }
 
+/// What one try of a commit's transaction came to.
+enum Attempt {
+    Done(Box<FileRecord>, Option<String>),
+    /// The name's owner changed before its lock: try again with this
+    /// owner's account locked in order.
+    Relock(Option<Uuid>),
+}
+
+/// Tries that start again for an owner who took the name in between.
+const MAX_RELOCKS: usize = 3;
+
 impl StorageService {
     /// Completes the bytes, then records the file (and any missing folders) in one
     /// transaction. Runs to the end even if the caller goes away, so it never
@@ -100,6 +111,23 @@ impl StorageService {
         up: &Recording,
         target: &UploadTarget,
     ) -> Result<(FileRecord, Option<String>), StorageError> {
+        let mut also = Vec::new();
+        loop {
+            match self.record_once(up, target, &also).await? {
+                Attempt::Done(file, replaced) => return Ok((*file, replaced)),
+                Attempt::Relock(owner) => also.push(owner),
+            }
+        }
+    }
+
+    /// One try of [`record`](Self::record), locking the accounts of `also`
+    /// besides the caller's and the name's owner.
+    async fn record_once(
+        &self,
+        up: &Recording,
+        target: &UploadTarget,
+        also: &[Option<Uuid>],
+    ) -> Result<Attempt, StorageError> {
         let actor = up.actor;
         let judged = self.judged(actor).await?;
         let size = up.size;
@@ -118,7 +146,8 @@ impl StorageService {
             .map(|r| r.get(0));
         let mut accounts = vec![actor.owner()];
         accounts.extend(prior_owner);
-        lock_owners(&*tx, accounts).await?;
+        accounts.extend_from_slice(also);
+        lock_owners(&*tx, accounts.clone()).await?;
         lock_names(&*tx, &[(&target.bucket, &target.path)]).await?;
         let bucket = bucket_in(&*tx, &target.bucket).await?;
         if size > self.size_limit(Some(&bucket)) {
@@ -164,13 +193,17 @@ impl StorageService {
             .await?;
         // The name changed hands between the first read and the name lock (a
         // DBA's UPDATE, or a delete and someone else's new object, in that
-        // instant): its owner's account is locked now, out of order. Should
-        // that owner's own write be waiting for this one, PostgreSQL breaks
-        // the deadlock (40P01) and one of the two fails unwritten, rather
-        // than this one checking a quota without its lock.
+        // instant): its owner's quota needs its account's lock. Taken here it
+        // would be out of order, so the transaction starts again with it
+        // (rolled back as `tx` drops); after a few such turns, out of order
+        // after all (PostgreSQL breaks a deadlock, 40P01). Owner-less objects
+        // count against no quota.
         if let Some(old) = &existing {
             let owner: Option<Uuid> = old.get(3);
-            if prior_owner != Some(owner) && owner != actor.owner() {
+            if owner.is_some() && !accounts.contains(&owner) {
+                if also.len() < MAX_RELOCKS {
+                    return Ok(Attempt::Relock(owner));
+                }
                 lock_owner(&*tx, owner).await?;
             }
         }
@@ -255,7 +288,7 @@ impl StorageService {
             )
             .await?;
         tx.commit().await?;
-        Ok((file_from_row(&row), replaced))
+        Ok(Attempt::Done(Box::new(file_from_row(&row)), replaced))
     }
 }
 
