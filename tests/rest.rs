@@ -824,6 +824,41 @@ async fn embedded_resources_take_filters_order_limit_and_inner() {
         range, "0-0/1",
         "only Ann has a book with a review of 4 or more"
     );
+    // `books(count)`: how many rows match, filters applied, aliased or not.
+    let (body, _) = get("select=name,books(count)&order=id").await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "books": [{"count": 3}]},
+            {"name": "Bob", "books": [{"count": 1}]},
+            {"name": "Cy", "books": [{"count": 0}]}
+        ])
+    );
+    let (body, range) =
+        get("select=name,books!inner(n:count)&books.year=gt.2000&books.limit=1&order=id").await;
+    assert_eq!(body, json!([{"name": "Ann", "books": [{"n": 2}]}]));
+    assert_eq!(range, "0-0/1");
+    let body = r.get_ok("books?select=title,authors(count)&id=eq.4").await;
+    assert_eq!(body, json!([{"title": "Older", "authors": {"count": 1}}]));
+    // An embedded resource's unknown column is 42703 before any SQL: it is
+    // not read as a function of the whole row (`to_json(_e1)`).
+    r.refused("authors?select=name,books(to_json)", "42703")
+        .await;
+    r.refused(
+        "authors?select=name,books(title)&books.to_json=eq.x",
+        "42703",
+    )
+    .await;
+    r.refused(
+        "authors?select=name,books(title)&books.order=row_to_json",
+        "42703",
+    )
+    .await;
+    r.refused(
+        "authors?select=name,books(count)&books.reviews.stars=gt.1",
+        "PGRST108",
+    )
+    .await;
     // A second-level name the select does not embed there.
     r.refused(
         "authors?select=name,books(title)&books.reviews.stars=gt.1",

@@ -63,6 +63,9 @@ await main('rest', async () => {
     { name: 'home', todos: [{ title: 'milk', lists: { name: 'home' } }] },
     { name: 'work', todos: [{ title: 'tea', lists: null }] },
   ])
+  // The count of related rows, as Supabase's docs show it.
+  const counted = ok(await alice.from('lists').select('name, todos(count)').order('id'), 'embedded count')
+  assert.deepEqual(counted, [{ name: 'home', todos: [{ count: 2 }] }, { name: 'work', todos: [{ count: 1 }] }])
   const maybe = await alice.from('todos').select().eq('title', 'nothing').maybeSingle()
   assert.equal(maybe.error, null)
   assert.equal(maybe.data, null)

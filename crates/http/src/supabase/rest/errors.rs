@@ -89,6 +89,7 @@ impl From<PlanError> for RestError {
             PlanError::NoRelationship(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST200", m),
             PlanError::Ambiguous(m) => RestError::new(StatusCode::MULTIPLE_CHOICES, "PGRST201", m),
             PlanError::NotEmbedded(m) => RestError::new(StatusCode::BAD_REQUEST, "PGRST108", m),
+            PlanError::UnknownColumn(m) => RestError::new(StatusCode::BAD_REQUEST, "42703", m),
         }
     }
 }

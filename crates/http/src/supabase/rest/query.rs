@@ -445,8 +445,10 @@ fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
     if t == "*" {
         return Ok(Item::Star);
     }
-    // `alias:rest`, the alias before the first `:` that is not part of `::`.
-    let (alias, rest) = match t.find(':') {
+    // `alias:rest`, the alias before the first `:` that is not part of `::`
+    // and not inside an embed's parentheses (`books(t:title)`).
+    let head = &t[..t.find('(').unwrap_or(t.len())];
+    let (alias, rest) = match head.find(':') {
         Some(i) if !t[i..].starts_with("::") => {
             (Some(ident(t[..i].trim())?.to_owned()), &t[i + 1..])
         }
@@ -697,6 +699,36 @@ mod tests {
         let deep = format!("or=({}a.eq.1{})", "or(".repeat(5000), ")".repeat(5000));
         assert!(parse(&deep).is_err());
         assert!(parse(&format!("select={}a{}", "a(".repeat(10), ")".repeat(10))).is_ok());
+    }
+
+    #[test]
+    fn an_alias_inside_an_embed_is_the_embedded_columns() {
+        let q = parse("select=books(t:title,n:count),w:books!inner(y:year::text)").unwrap();
+        let Item::Embed { alias, items, .. } = &q.select[0] else {
+            panic!("{:?}", q.select)
+        };
+        assert_eq!(alias, &None);
+        assert_eq!(
+            items[0],
+            Item::Column {
+                name: "title".into(),
+                alias: Some("t".into()),
+                cast: None
+            }
+        );
+        let Item::Embed {
+            alias,
+            inner,
+            items,
+            ..
+        } = &q.select[1]
+        else {
+            panic!("{:?}", q.select)
+        };
+        assert_eq!((alias.as_deref(), *inner), (Some("w"), true));
+        assert!(
+            matches!(&items[0], Item::Column { alias: Some(a), cast: Some(_), .. } if a == "y")
+        );
     }
 
     #[test]

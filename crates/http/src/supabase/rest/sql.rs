@@ -80,6 +80,32 @@ pub(crate) enum PlanError {
     Ambiguous(String),
     /// `PGRST108`: a filter names an embedded resource the select does not.
     NotEmbedded(String),
+    /// `42703`: an embedded resource's column that its table does not have.
+    UnknownColumn(String),
+}
+
+/// 42703 for a column `t` does not have (its JSON path aside), before any
+/// SQL is made: PostgreSQL would read `_e1."to_json"` as `to_json(_e1)`, a
+/// function of the whole row. (The request's own table is checked likewise
+/// before planning.)
+fn known_column(t: &Table, key: &(String, String), name: &str) -> Result<(), PlanError> {
+    let base = super::query::json_path(name).0;
+    if t.columns.iter().any(|c| c.name == base) {
+        Ok(())
+    } else {
+        Err(PlanError::UnknownColumn(format!(
+            "column {}.{base} does not exist",
+            key.1
+        )))
+    }
+}
+
+/// The columns a condition tree names.
+fn cond_columns<'a>(c: &'a Cond, out: &mut Vec<&'a str>) {
+    match c {
+        Cond::Filter { column, .. } => out.push(column),
+        Cond::And(v, _) | Cond::Or(v, _) => v.iter().for_each(|c| cond_columns(c, out)),
+    }
 }
 
 /// A PostgreSQL array literal of `items`, each quoted.
@@ -318,6 +344,7 @@ pub(crate) fn select_list(
                 alias: a,
                 cast,
             } => {
+                known_column(table, key, name)?;
                 let mut e = column_ref(alias, name);
                 if let Some(t) = cast {
                     e = format!("({e})::{t}");
@@ -410,17 +437,41 @@ fn embed(
         // else would bind parameters the count's statement does not use.
         count_only: !with_tail,
     };
+    // `books(count)` (or `books(n:count)`): how many rows match, instead of
+    // the rows (PostgREST's embedded count), unless the table has a column
+    // of that name. The rows' list is then not used (and names nothing, so
+    // a filter for an embed below it is PGRST108).
+    let count_as = match items {
+        [
+            Item::Column {
+                name,
+                alias: a,
+                cast: None,
+            },
+        ] if name == "count" && !t.columns.iter().any(|c| c.name == "count") => {
+            Some(quote(a.as_deref().unwrap_or("count")))
+        }
+        _ => None,
+    };
     let list = select_list(
         sql,
         schema,
         &target_key,
         t,
-        items,
+        if count_as.is_some() { &[] } else { items },
         &alias,
         role,
         depth + 1,
         Some(&mut nested),
     )?;
+    if let Some(e) = given {
+        let mut names = Vec::new();
+        e.filters.iter().for_each(|c| cond_columns(c, &mut names));
+        names.extend(e.order.iter().map(|o| o.column.as_str()));
+        for name in names {
+            known_column(t, &target_key, name)?;
+        }
+    }
     let table = table_name(&target_key.0, &target_key.1);
     // The embedded resource's own filters, order and paging.
     let mut filters: String = nested.inner.iter().map(|c| format!(" AND {c}")).collect();
@@ -433,7 +484,7 @@ fn embed(
         // Order and paging mean something for an array (to-many) only; a
         // to-one embed binds none (an unused parameter fails the statement).
         let many = to_one.is_empty() && to_many.len() == 1;
-        if with_tail && many {
+        if with_tail && many && count_as.is_none() {
             tail = order_clause(&e.order, &alias);
             if let Some(l) = e.limit {
                 tail.push_str(&format!(" LIMIT {}", sql.param(l.to_string())));
@@ -452,10 +503,16 @@ fn embed(
                 .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(r), quote(c)))
                 .collect();
             let on = on.join(" AND ");
-            Ok((
-                format!(
+            let sub = match &count_as {
+                Some(name) => format!(
+                    "(SELECT row_to_json(_x) FROM (SELECT count(*) AS {name} FROM {table} {alias} WHERE {on}{filters}) _x)"
+                ),
+                None => format!(
                     "(SELECT row_to_json(_x) FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}) _x)"
                 ),
+            };
+            Ok((
+                sub,
                 format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
             ))
         }
@@ -467,10 +524,16 @@ fn embed(
                 .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(c), quote(r)))
                 .collect();
             let on = on.join(" AND ");
-            Ok((
-                format!(
+            let sub = match &count_as {
+                Some(name) => format!(
+                    "(SELECT json_build_array(row_to_json(_x)) FROM (SELECT count(*) AS {name} FROM {table} {alias} WHERE {on}{filters}) _x)"
+                ),
+                None => format!(
                     "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}{tail}) _x)"
                 ),
+            };
+            Ok((
+                sub,
                 format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
             ))
         }
