@@ -219,7 +219,11 @@ pub fn null_server(frame_bytes: usize) -> anyhow::Result<()> {
 fn accept_loop(listener: &TcpListener, shards: &[Mutex<Vec<TcpStream>>]) {
     let mut next = 0;
     for stream in listener.incoming() {
-        let Ok(mut s) = stream else { continue };
+        let Ok(mut s) = stream else {
+            // Out of descriptors, say: let some go before trying again.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         if upgrade(&mut s).is_err() {
             continue;
         }

@@ -60,7 +60,13 @@ impl Fleet {
             let token = token.to_owned();
             let ip = (ips > 0).then(|| Ipv4Addr::new(127, 0, 0, 2 + (i % ips as usize) as u8));
             handles.push(tokio::spawn(async move {
-                let r = handshake(server, &token, ip).await;
+                // A server that never answers fails the run, not hangs it.
+                let r = tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    handshake(server, &token, ip),
+                )
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no WebSocket handshake within 60 s")));
                 drop(permit);
                 r
             }));
