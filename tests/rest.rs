@@ -1164,3 +1164,43 @@ async fn missing_keys_take_their_defaults_when_asked() {
         "{body}"
     );
 }
+
+/// A function's error takes PostgREST's status for its SQLSTATE, and
+/// `PTxyz` sets the status `xyz` (how a function answers 402, say).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_sqlstate_decides_the_status() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE FUNCTION public.fail(code text) RETURNS void LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'failed on purpose' USING ERRCODE = code; END $$;
+         GRANT EXECUTE ON FUNCTION public.fail(text) TO anon;",
+    )
+    .await;
+    let r = Rest::new(&t);
+    let deadline = std::time::Instant::now() + WAIT;
+    for (code, status) in [
+        ("PT402", 402),
+        ("25006", 405),
+        ("53300", 503),
+        ("28000", 403),
+        ("P0001", 400),
+        ("40001", 500),
+    ] {
+        let (got, body) = loop {
+            let (got, _, body) = r
+                .send(
+                    r.req(Method::POST, "rpc/fail", None)
+                        .json(&json!({ "code": code })),
+                )
+                .await;
+            // The new function reaches the schema cache through the DDL listener.
+            if got != StatusCode::NOT_FOUND || std::time::Instant::now() > deadline {
+                break (got, body);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(got.as_u16(), status, "{code}: {body}");
+        assert_eq!(body["code"], json!(code));
+        assert_eq!(body["message"], json!("failed on purpose"));
+    }
+}
