@@ -36,7 +36,7 @@ pub(crate) struct Lag {
 /// half, in items and in bytes: the router refills it while the writer still has
 /// frames to send, so the socket never idles waiting for a page.
 pub fn low_water(rx: &crate::queue::QueueRx<Outbound>) -> bool {
-    rx.len() <= rx.max_capacity() / 2 && rx.bytes() <= rx.max_bytes() / 2
+    rx.half_drained()
 }
 
 /// Bytes of log records read per page.

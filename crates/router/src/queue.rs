@@ -167,11 +167,6 @@ impl<T> QueueTx<T> {
         Ok(())
     }
 
-    /// Free slots now.
-    pub fn capacity(&self) -> usize {
-        self.0.cap.saturating_sub(self.0.lock().q.len())
-    }
-
     /// Free slots now for [`try_send_bulk`](Self::try_send_bulk).
     pub fn bulk_capacity(&self) -> usize {
         self.0.bulk_cap.saturating_sub(self.0.lock().q.len())
@@ -307,19 +302,22 @@ impl<T> QueueRx<T> {
         self.len() == 0
     }
 
+    /// Whether at most half the items and half the bytes are queued: one
+    /// look under the lock.
+    pub fn half_drained(&self) -> bool {
+        let items = self.0.lock();
+        items.q.len() <= self.0.cap / 2 && items.bytes <= self.0.cap_bytes / 2
+    }
+
     /// The most items the queue holds.
     pub fn max_capacity(&self) -> usize {
         self.0.cap
     }
 
     /// What the items queued now weigh.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.0.lock().bytes
-    }
-
-    /// The most the items queued may weigh.
-    pub fn max_bytes(&self) -> usize {
-        self.0.cap_bytes
     }
 }
 
@@ -334,7 +332,7 @@ mod tests {
         tx.try_send(1).unwrap();
         tx.try_send(2).unwrap();
         assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
-        assert_eq!((rx.len(), tx.capacity()), (2, 0));
+        assert_eq!((rx.len(), tx.bulk_capacity()), (2, 0));
         assert_eq!(rx.recv().await, Some(1));
         assert_eq!(rx.try_recv(), Ok(2));
         assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
