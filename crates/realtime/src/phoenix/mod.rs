@@ -104,7 +104,7 @@ const REPLAYS_PER_MINUTE: u32 = 10;
 
 fn replay_budget() -> governor::DefaultDirectRateLimiter {
     let n = std::num::NonZeroU32::new(REPLAYS_PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN);
-    governor::RateLimiter::direct(governor::Quota::per_minute(n))
+    crate::engine::limiter(governor::Quota::per_minute(n))
 }
 
 impl Conn {
