@@ -1058,11 +1058,18 @@ async fn latency(spec: Spec) -> anyhow::Result<Value> {
     )
 }
 
+/// Microseconds as milliseconds, in the same order.
+pub(crate) fn in_ms(us: &[i64]) -> Vec<f64> {
+    us.iter().map(|&u| u as f64 / 1000.0).collect()
+}
+
 #[derive(Serialize)]
 struct FanOutRow {
     rate: f64,
     write: WriteStats,
     last_subscriber_ms: Summary,
+    /// The same, change by change in the order sent: where a tail comes from.
+    last_subscriber_ms_by_change: Vec<f64>,
     first_subscriber_ms: Summary,
     /// The same changes to pg_recvlogical on a test_decoding slot: PostgreSQL's own
     /// delivery to one plain client.
@@ -1133,9 +1140,11 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         let (mut last, mut first, short) =
             tracker.latencies(write.sent as usize, 0, connections as u32);
         let (mut ref_lat, _) = reference.latencies(write.sent, 0).await;
+        let by_change = in_ms(&last);
         let row = FanOutRow {
             rate,
             last_subscriber_ms: summarize_us(&mut last),
+            last_subscriber_ms_by_change: by_change,
             first_subscriber_ms: summarize_us(&mut first),
             postgres_reference_ms: summarize_us(&mut ref_lat),
             incomplete_changes: short,

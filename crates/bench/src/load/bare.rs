@@ -38,6 +38,8 @@ pub struct BareRow {
     pub frame_bytes: usize,
     pub writer_threads: usize,
     pub last_subscriber_ms: Summary,
+    /// The same, change by change in the order sent.
+    pub last_subscriber_ms_by_change: Vec<f64>,
     pub first_subscriber_ms: Summary,
     pub incomplete_changes: usize,
     /// Writes that failed or wrote less than a whole frame (a broken frame
@@ -141,6 +143,7 @@ pub async fn measure(
         changes: total,
         frame_bytes,
         writer_threads: writers(),
+        last_subscriber_ms_by_change: super::in_ms(&last),
         last_subscriber_ms: summarize_us(&mut last),
         first_subscriber_ms: summarize_us(&mut first),
         incomplete_changes: short,
