@@ -12,9 +12,10 @@
 //! writes its replies into the batch the loop flushes next, never into the
 //! connection's own queue (which only this loop drains).
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -23,6 +24,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::{Gate, GatedSocket};
 use super::registry::now_ms;
 use super::stats::Stats;
 use aether_router::queue::{Next, Signal};
@@ -431,6 +433,14 @@ async fn encode_awaited<D: Dialect>(
     }
 }
 
+/// Which of the branches behind a connection's quiet [`Gate`] is ready, in
+/// the order they are asked.
+enum Quiet {
+    Shutdown,
+    Expired,
+    Ping,
+}
+
 /// [`encode_ready`], then [`encode_awaited`] if an item needs it.
 macro_rules! encode_queued {
     ($dialect:expr, $rx:expr, $first:expr, $most:expr, $frames:expr, $stats:expr, $latency:expr) => {
@@ -471,6 +481,7 @@ where
     D: Dialect,
 {
     async move {
+        let socket = &mut GatedSocket::new(socket);
         let latency = metrics::histogram!("aether_delivery_latency_seconds");
         let budget = frame_budget();
         let idle_ms = i64::try_from(limits.idle.as_millis()).unwrap_or(i64::MAX);
@@ -501,6 +512,9 @@ where
             let shutdown = link.shutdown.child_token();
             let shutdown = shutdown.cancelled();
             tokio::pin!(shutdown);
+            // The shutdown and the timers wake the task through this gate, the
+            // socket through its own: a row change polls neither.
+            let quiet = Gate::new();
             loop {
                 // Checked on every turn, not only when the queue wakes the task:
                 // a peer that keeps the socket busy must not keep a close away.
@@ -518,7 +532,9 @@ where
                     let sent = tokio::select! {
                         biased;
                         r = send_all(socket, &mut frames) => Ok(r),
-                        _ = &mut shutdown => Err(Ending::Shutdown),
+                        _ = poll_fn(|cx| quiet.poll_through(cx, |cx| shutdown.as_mut().poll(cx))) => {
+                            Err(Ending::Shutdown)
+                        }
                         signal = rx.closed_by_writer() => Err(Ending::from(signal)),
                     };
                     match sent {
@@ -538,18 +554,30 @@ where
                 }
                 tokio::select! {
                     biased;
-                    _ = &mut shutdown => break Some(dialect.ending(Ending::Shutdown)),
-                    _ = &mut expiry, if expires.is_some() => {
-                        if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
-                            break Some(close);
+                    woke = poll_fn(|cx| quiet.poll_if_woken(cx, |cx| {
+                        if shutdown.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Quiet::Shutdown)
+                        } else if expires.is_some() && expiry.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Quiet::Expired)
+                        } else if ping.poll_tick(cx).is_ready() {
+                            Poll::Ready(Quiet::Ping)
+                        } else {
+                            Poll::Pending
                         }
-                    }
-                    _ = ping.tick() => {
-                        if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
-                            break Some(dialect.ending(Ending::Idle));
+                    })) => match woke {
+                        Quiet::Shutdown => break Some(dialect.ending(Ending::Shutdown)),
+                        Quiet::Expired => {
+                            if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
+                                break Some(close);
+                            }
                         }
-                        frames.push(Message::Ping(Bytes::new()));
-                    }
+                        Quiet::Ping => {
+                            if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
+                                break Some(dialect.ending(Ending::Idle));
+                            }
+                            frames.push(Message::Ping(Bytes::new()));
+                        }
+                    },
                     // Before the queue: a queue that never empties (a catch-up
                     // paced to keep it full) must not stop the peer's frames, pongs
                     // among them, from being read.
@@ -610,6 +638,9 @@ where
                     // A renewed (or dropped) token moves the deadline.
                     expires = dialect.expires_at();
                     expiry.as_mut().reset(deadline(expires));
+                    // A deadline never polled (there was none) has no waker
+                    // yet: the next pass must poll it, or it never wakes us.
+                    quiet.open();
                 }
             }
         };
@@ -719,6 +750,11 @@ mod tests {
         async fn inbound(&mut self, msg: Inbound, frames: &mut Frames) -> Result<(), Close> {
             match msg {
                 Inbound::Text(t) if t.as_str() == "bye" => Err(Close::new(4100, "asked")),
+                // A token renewed in band: the deadline it brings.
+                Inbound::Text(t) if t.as_str().starts_with("expires ") => {
+                    self.expires = t.as_str()["expires ".len()..].parse().ok();
+                    Ok(())
+                }
                 Inbound::Text(t) => {
                     let written = self.written.load(Ordering::SeqCst);
                     self.heard_at.store(written, Ordering::SeqCst);
@@ -1010,6 +1046,23 @@ mod tests {
             (vec!["token expired".to_owned()], CLOSE_AUTH)
         );
         h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_deadline_a_renewal_brings_or_moves_closes_the_connection() {
+        // None before (an API key, say), or a later one: either way the new
+        // deadline is kept.
+        for before in [None, Some(chrono::Utc::now().timestamp() + 3600)] {
+            let mut h = start(limits(), before, false, 16);
+            h.send(&format!("expires {}", chrono::Utc::now().timestamp() + 1));
+            let (texts, code) = h.close().await;
+            assert_eq!(
+                (texts, code),
+                (vec!["token expired".to_owned()], CLOSE_AUTH),
+                "{before:?}"
+            );
+            h.ended().await;
+        }
     }
 
     #[tokio::test]

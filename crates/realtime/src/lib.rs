@@ -6,6 +6,7 @@
 //! application comes in a [`Realtime`] ([`service`]).
 
 pub mod engine;
+mod gate;
 pub mod hub;
 pub mod kingshare;
 pub mod phoenix;
