@@ -669,6 +669,81 @@ async fn json_paths_select_filter_and_order() {
     r.refused("profiles?select=data->", "PGRST100").await;
 }
 
+/// `...table(columns)` (PostgREST's spread): the embedded columns become the
+/// row's own, values for a to-one relationship and arrays for a to-many one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spread_embed_puts_its_columns_in_the_row() {
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.authors (id int PRIMARY KEY, name text);
+         CREATE TABLE public.books (id int PRIMARY KEY, author_id int REFERENCES public.authors, title text, year int);
+         GRANT SELECT ON public.authors, public.books TO anon;
+         INSERT INTO public.authors VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
+         INSERT INTO public.books VALUES
+           (1, 1, 'Old', 1990), (2, 1, 'New', 2010), (3, 1, 'Newer', 2020),
+           (4, 2, 'Older', 1980), (5, NULL, 'Anonymous', 1900);",
+    )
+    .await;
+    let r = Rest::new(&t);
+    // To-one: the author's columns are the book's, null without an author.
+    let body = r
+        .get_ok("books?select=title,...authors(author:name)&id=in.(1,4,5)&order=id")
+        .await;
+    assert_eq!(
+        body,
+        json!([
+            {"title": "Old", "author": "Ann"},
+            {"title": "Older", "author": "Bob"},
+            {"title": "Anonymous", "author": null}
+        ])
+    );
+    // To-many: each column an array of the rows' values, in the embed's order.
+    let body = r
+        .get_ok("authors?select=name,...books(title,year)&books.order=year.desc&order=id")
+        .await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "title": ["Newer", "New", "Old"], "year": [2020, 2010, 1990]},
+            {"name": "Bob", "title": ["Older"], "year": [1980]},
+            {"name": "Cy", "title": [], "year": []}
+        ])
+    );
+    // `!inner` with the spread resource's filter; its own embeds stay objects.
+    let body = r
+        .get_ok("books?select=title,...authors!inner(name,books(count))&authors.name=eq.Bob")
+        .await;
+    assert_eq!(
+        body,
+        json!([{"title": "Older", "name": "Bob", "books": [{"count": 1}]}])
+    );
+    // A spread count is a number; a counted request counts the rows it reads.
+    let (status, headers, body) = r
+        .send(
+            r.req(
+                Method::GET,
+                "authors?select=name,...books(count)&order=id",
+                None,
+            )
+            .header("Prefer", "count=exact"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "count": 3},
+            {"name": "Bob", "count": 1},
+            {"name": "Cy", "count": 0}
+        ])
+    );
+    assert_eq!(headers["content-range"], "0-2/3");
+    // A spread has no name of its own to alias; only embeds spread.
+    r.refused("books?select=title,...a:authors(name)", "PGRST100")
+        .await;
+    r.refused("books?select=...title", "PGRST100").await;
+}
+
 /// Filters, order and limit on an embedded resource (`books.year=gt.2000`),
 /// and `!inner`, which keeps only the rows that have a matching embedded row
 /// (in the count too).

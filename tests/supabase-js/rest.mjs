@@ -54,6 +54,9 @@ await main('rest', async () => {
   assert.deepEqual(tagged, [{ title: 'milk' }])
   const embedded = ok(await alice.from('todos').select('title, lists(name)').eq('title', 'tea').single(), 'embed')
   assert.deepEqual(embedded, { title: 'tea', lists: { name: 'work' } })
+  // A spread embed: the list's name as the todo's own column.
+  const spread = ok(await alice.from('todos').select('title, ...lists(list:name)').order('title'), 'spread')
+  assert.deepEqual(spread, [{ title: 'eggs', list: 'home' }, { title: 'milk', list: 'home' }, { title: 'tea', list: 'work' }])
   // Order, limit and filters on embedded resources, the second level included
   // (`referencedTable`, and a filter key `todos.lists.name`).
   const nested = ok(await alice.from('lists').select('name, todos(title, lists(name))').order('id')

@@ -42,6 +42,9 @@ pub(crate) enum Item {
         hint: Option<String>,
         /// `!inner`: only rows that have a (matching) embedded row.
         inner: bool,
+        /// `...table(items)`: the embedded columns become the row's own (a
+        /// value for a to-one relationship, an array of values for a to-many).
+        spread: bool,
         items: Vec<Item>,
     },
 }
@@ -447,6 +450,30 @@ fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
     }
     // `alias:rest`, the alias before the first `:` that is not part of `::`
     // and not inside an embed's parentheses (`books(t:title)`).
+    // `...table(items)`: a spread embed, which has no name of its own.
+    if let Some(rest) = t.strip_prefix("...") {
+        return match parse_item(rest.trim_start(), depth)? {
+            Item::Embed {
+                table,
+                alias: None,
+                hint,
+                inner,
+                spread: false,
+                items,
+            } => Ok(Item::Embed {
+                table,
+                alias: None,
+                hint,
+                inner,
+                spread: true,
+                items,
+            }),
+            _ => Err(fail(
+                "failed to parse select parameter",
+                format!("{t}: only an embedded resource without an alias can be spread"),
+            )),
+        };
+    }
     let head = &t[..t.find('(').unwrap_or(t.len())];
     let (alias, rest) = match head.find(':') {
         Some(i) if !t[i..].starts_with("::") => {
@@ -475,6 +502,7 @@ fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
             alias,
             hint,
             inner: inner_join,
+            spread: false,
             items: parse_select(inner, depth + 1)?,
         });
     }
@@ -644,10 +672,29 @@ mod tests {
                     alias: Some("owner".into()),
                     hint: Some("owner_id".into()),
                     inner: false,
+                    spread: false,
                     items: vec![col("id"), col("email")],
                 },
             ]
         );
+        let q = parse("select=title,...authors!fk!inner(n:name)").unwrap();
+        assert_eq!(
+            q.select[1],
+            Item::Embed {
+                table: "authors".into(),
+                alias: None,
+                hint: Some("fk".into()),
+                inner: true,
+                spread: true,
+                items: vec![Item::Column {
+                    name: "name".into(),
+                    alias: Some("n".into()),
+                    cast: None
+                }],
+            }
+        );
+        assert!(parse("select=...a:authors(name)").is_err());
+        assert!(parse("select=...title").is_err());
         assert_eq!(parse("").unwrap().select, vec![]);
         assert!(parse("select=n::text;drop").is_err());
         assert!(parse("select=n::text union select 1").is_err());

@@ -309,8 +309,29 @@ pub(crate) fn select_list(
     alias: &str,
     role: Role,
     depth: usize,
-    mut embeds: Option<&mut Embeds<'_>>,
+    embeds: Option<&mut Embeds<'_>>,
 ) -> Result<String, PlanError> {
+    let entries = select_entries(sql, schema, key, table, items, alias, role, depth, embeds)?;
+    let list: Vec<String> = entries
+        .iter()
+        .map(|(expr, name)| format!("{expr} AS {name}"))
+        .collect();
+    Ok(list.join(", "))
+}
+
+/// The select list's entries: each an expression and its (quoted) name.
+#[allow(clippy::too_many_arguments)]
+fn select_entries(
+    sql: &mut Sql,
+    schema: &Schema,
+    key: &(String, String),
+    table: &Table,
+    items: &[Item],
+    alias: &str,
+    role: Role,
+    depth: usize,
+    mut embeds: Option<&mut Embeds<'_>>,
+) -> Result<Vec<(String, String)>, PlanError> {
     // Every embedded resource a filter names must be in the select.
     if let Some(e) = embeds.as_deref()
         && let Some(name) = e.given.keys().find(|name| {
@@ -334,7 +355,10 @@ pub(crate) fn select_list(
         } else {
             cols
         };
-        out.extend(cols.iter().map(|c| format!("{alias}.{}", quote(c))));
+        out.extend(
+            cols.iter()
+                .map(|c| (format!("{alias}.{}", quote(c)), quote(c))),
+        );
     }
     for item in items {
         match item {
@@ -350,7 +374,7 @@ pub(crate) fn select_list(
                     e = format!("({e})::{t}");
                 }
                 let named = a.as_deref().unwrap_or(super::query::output_name(name));
-                out.push(format!("{e} AS {}", quote(named)));
+                out.push((e, quote(named)));
             }
             Item::Embed { inner: false, .. } if embeds.as_deref().is_some_and(|e| e.count_only) => {
             }
@@ -359,12 +383,13 @@ pub(crate) fn select_list(
                 alias: a,
                 hint,
                 inner,
+                spread,
                 items,
             } => {
                 let name = a.as_deref().unwrap_or(target);
                 let count_only = embeds.as_deref().is_some_and(|e| e.count_only);
                 let given = embeds.as_deref().and_then(|e| e.given.get(name));
-                let (sub, exists) = embed(
+                let embedded = embed(
                     sql,
                     schema,
                     key,
@@ -376,13 +401,89 @@ pub(crate) fn select_list(
                     (depth, !count_only),
                 )?;
                 if *inner && let Some(e) = embeds.as_deref_mut() {
-                    e.inner.push(exists);
+                    e.inner.push(embedded.exists());
                 }
-                out.push(format!("{sub} AS {}", quote(name)));
+                if *spread {
+                    out.extend(embedded.spread());
+                } else {
+                    out.push((embedded.json(), quote(name)));
+                }
             }
         }
     }
-    Ok(out.join(", "))
+    Ok(out)
+}
+
+/// An embedded resource, rendered: its entries over the rows of `from`.
+struct Embedded {
+    /// `table alias WHERE <join> <filters>`.
+    from: String,
+    /// Its order and paging (to-many only).
+    tail: String,
+    /// An array (to-many) or one object (to-one).
+    many: bool,
+    /// `books(count)`: how many rows, under this (quoted) name.
+    count_as: Option<String>,
+    entries: Vec<(String, String)>,
+}
+
+impl Embedded {
+    /// The embedded resource as one JSON value: an object (or null), or an array.
+    fn json(&self) -> String {
+        let Embedded { from, tail, .. } = self;
+        let list = || -> String {
+            let l: Vec<String> = self
+                .entries
+                .iter()
+                .map(|(e, n)| format!("{e} AS {n}"))
+                .collect();
+            l.join(", ")
+        };
+        match (&self.count_as, self.many) {
+            (Some(name), false) => {
+                format!("(SELECT row_to_json(_x) FROM (SELECT count(*) AS {name} FROM {from}) _x)")
+            }
+            (Some(name), true) => format!(
+                "(SELECT json_build_array(row_to_json(_x)) FROM (SELECT count(*) AS {name} FROM {from}) _x)"
+            ),
+            (None, false) => {
+                format!(
+                    "(SELECT row_to_json(_x) FROM (SELECT {} FROM {from}) _x)",
+                    list()
+                )
+            }
+            (None, true) => format!(
+                "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {} FROM {from}{tail}) _x)",
+                list()
+            ),
+        }
+    }
+
+    /// `...table(items)`: each entry as a column of the row embedding it,
+    /// its value for a to-one relationship (null without a row), the array
+    /// of its values for a to-many one (PostgREST 13); a count is a number.
+    fn spread(&self) -> Vec<(String, String)> {
+        let Embedded { from, tail, .. } = self;
+        if let Some(name) = &self.count_as {
+            return vec![(format!("(SELECT count(*) FROM {from})"), name.clone())];
+        }
+        self.entries
+            .iter()
+            .map(|(e, n)| {
+                let value = if self.many {
+                    format!("(SELECT coalesce(json_agg(_x._v), '[]') FROM (SELECT {e} AS _v FROM {from}{tail}) _x)")
+                } else {
+                    format!("(SELECT {e} FROM {from})")
+                };
+                (value, n.clone())
+            })
+            .collect()
+    }
+
+    /// That a (matching) embedded row exists: what `!inner` asks.
+    fn exists(&self) -> String {
+        format!("EXISTS (SELECT 1 FROM {})", self.from)
+    }
 }
 
 /// One level of embedding through a foreign key, in either direction: the
@@ -399,7 +500,7 @@ fn embed(
     given: Option<&super::query::Embedded>,
     role: Role,
     (depth, with_tail): (usize, bool),
-) -> Result<(String, String), PlanError> {
+) -> Result<Embedded, PlanError> {
     let target_key = (from.0.clone(), target.to_owned());
     let no_rel = || {
         PlanError::NoRelationship(format!(
@@ -453,7 +554,7 @@ fn embed(
         }
         _ => None,
     };
-    let list = select_list(
+    let entries = select_entries(
         sql,
         schema,
         &target_key,
@@ -494,55 +595,34 @@ fn embed(
             }
         }
     }
-    match (to_one.as_slice(), to_many.as_slice()) {
-        ([fk], []) => {
-            let on: Vec<String> = fk
-                .columns
-                .iter()
-                .zip(&fk.references)
-                .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(r), quote(c)))
-                .collect();
-            let on = on.join(" AND ");
-            let sub = match &count_as {
-                Some(name) => format!(
-                    "(SELECT row_to_json(_x) FROM (SELECT count(*) AS {name} FROM {table} {alias} WHERE {on}{filters}) _x)"
-                ),
-                None => format!(
-                    "(SELECT row_to_json(_x) FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}) _x)"
-                ),
-            };
-            Ok((
-                sub,
-                format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
-            ))
+    // The join: (target's column, this row's column) pairs.
+    let (pairs, many): (Vec<(&String, &String)>, bool) = match (
+        to_one.as_slice(),
+        to_many.as_slice(),
+    ) {
+        // Many-to-one: this row's columns point at the target's.
+        ([fk], []) => (fk.references.iter().zip(&fk.columns).collect(), false),
+        // One-to-many: the target's columns point at this row's.
+        ([], [fk]) => (fk.columns.iter().zip(&fk.references).collect(), true),
+        ([], []) => return Err(no_rel()),
+        _ => {
+            return Err(PlanError::Ambiguous(format!(
+                "Could not embed because more than one relationship was found for '{}' and '{}'; add !<foreign key or column> to choose",
+                from.1, target
+            )));
         }
-        ([], [fk]) => {
-            let on: Vec<String> = fk
-                .columns
-                .iter()
-                .zip(&fk.references)
-                .map(|(c, r)| format!("{alias}.{} = {from_alias}.{}", quote(c), quote(r)))
-                .collect();
-            let on = on.join(" AND ");
-            let sub = match &count_as {
-                Some(name) => format!(
-                    "(SELECT json_build_array(row_to_json(_x)) FROM (SELECT count(*) AS {name} FROM {table} {alias} WHERE {on}{filters}) _x)"
-                ),
-                None => format!(
-                    "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {list} FROM {table} {alias} WHERE {on}{filters}{tail}) _x)"
-                ),
-            };
-            Ok((
-                sub,
-                format!("EXISTS (SELECT 1 FROM {table} {alias} WHERE {on}{filters})"),
-            ))
-        }
-        ([], []) => Err(no_rel()),
-        _ => Err(PlanError::Ambiguous(format!(
-            "Could not embed because more than one relationship was found for '{}' and '{}'; add !<foreign key or column> to choose",
-            from.1, target
-        ))),
-    }
+    };
+    let on: Vec<String> = pairs
+        .iter()
+        .map(|(theirs, ours)| format!("{alias}.{} = {from_alias}.{}", quote(theirs), quote(ours)))
+        .collect();
+    Ok(Embedded {
+        from: format!("{table} {alias} WHERE {}{filters}", on.join(" AND ")),
+        tail,
+        many,
+        count_as,
+        entries,
+    })
 }
 
 /// `SELECT json, count` of the rows the request reads.
