@@ -1071,6 +1071,8 @@ struct FanOutRow {
     /// The same, change by change in the order sent: where a tail comes from.
     last_subscriber_ms_by_change: Vec<f64>,
     first_subscriber_ms: Summary,
+    /// The same, change by change: whether a slow change was slow upstream.
+    first_subscriber_ms_by_change: Vec<f64>,
     /// The same changes to pg_recvlogical on a test_decoding slot: PostgreSQL's own
     /// delivery to one plain client.
     postgres_reference_ms: Summary,
@@ -1140,12 +1142,13 @@ async fn fan_out(spec: Spec) -> anyhow::Result<Value> {
         let (mut last, mut first, short) =
             tracker.latencies(write.sent as usize, 0, connections as u32);
         let (mut ref_lat, _) = reference.latencies(write.sent, 0).await;
-        let by_change = in_ms(&last);
+        let (by_change, first_by_change) = (in_ms(&last), in_ms(&first));
         let row = FanOutRow {
             rate,
             last_subscriber_ms: summarize_us(&mut last),
             last_subscriber_ms_by_change: by_change,
             first_subscriber_ms: summarize_us(&mut first),
+            first_subscriber_ms_by_change: first_by_change,
             postgres_reference_ms: summarize_us(&mut ref_lat),
             incomplete_changes: short,
             deliveries: tracker.deliveries.load(Ordering::Relaxed),
