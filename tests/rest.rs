@@ -681,10 +681,26 @@ async fn a_spread_embed_puts_its_columns_in_the_row() {
          INSERT INTO public.authors VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
          INSERT INTO public.books VALUES
            (1, 1, 'Old', 1990), (2, 1, 'New', 2010), (3, 1, 'Newer', 2020),
-           (4, 2, 'Older', 1980), (5, NULL, 'Anonymous', 1900);",
+           (4, 2, 'Older', 1980), (5, NULL, 'Anonymous', 1900);
+         CREATE TABLE public.bios (author_id int PRIMARY KEY REFERENCES public.authors, bio text);
+         GRANT SELECT ON public.bios TO anon;
+         INSERT INTO public.bios VALUES (1, 'Wrote');",
     )
     .await;
     let r = Rest::new(&t);
+    // One-to-one (the key pointing back is the bio's primary key): a value,
+    // and a plain embed of it an object, as PostgREST has them.
+    let body = r.get_ok("authors?select=name,...bios(bio)&order=id").await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "bio": "Wrote"},
+            {"name": "Bob", "bio": null},
+            {"name": "Cy", "bio": null}
+        ])
+    );
+    let body = r.get_ok("authors?select=name,bios(bio)&id=eq.1").await;
+    assert_eq!(body, json!([{"name": "Ann", "bios": {"bio": "Wrote"}}]));
     // To-one: the author's columns are the book's, null without an author.
     let body = r
         .get_ok("books?select=title,...authors(author:name)&id=in.(1,4,5)&order=id")
@@ -742,6 +758,8 @@ async fn a_spread_embed_puts_its_columns_in_the_row() {
     r.refused("books?select=title,...a:authors(name)", "PGRST100")
         .await;
     r.refused("books?select=...title", "PGRST100").await;
+    r.refused("books?select=......authors(name)", "PGRST100")
+        .await;
 }
 
 /// Filters, order and limit on an embedded resource (`books.year=gt.2000`),

@@ -113,9 +113,13 @@ pub(crate) fn classified(
 /// the CPU (`cpuid`, which traps in a virtual machine) whether its counter is
 /// usable: measured, that was a third of the CPU of opening 10,000 sockets.
 pub(crate) fn limiter(quota: governor::Quota) -> governor::DefaultDirectRateLimiter {
+    governor::RateLimiter::direct_with_clock(quota, clock())
+}
+
+/// The clock [`limiter`] and the hubs' per-channel limiters share.
+pub(crate) fn clock() -> governor::clock::DefaultClock {
     static CLOCK: std::sync::OnceLock<governor::clock::DefaultClock> = std::sync::OnceLock::new();
-    let clock = CLOCK.get_or_init(Default::default).clone();
-    governor::RateLimiter::direct_with_clock(quota, clock)
+    CLOCK.get_or_init(Default::default).clone()
 }
 
 /// The budget of client frames one connection may send, whatever its dialect.

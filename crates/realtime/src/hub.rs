@@ -859,7 +859,9 @@ fn keyed_limiter(limit: u32, window: Duration) -> DefaultKeyedRateLimiter<Arc<st
     let quota = Quota::with_period(period)
         .map(|q| q.allow_burst(n))
         .unwrap_or_else(|| Quota::per_second(n));
-    RateLimiter::keyed(quota)
+    // On the shared clock: a clock of its own would ask the CPU (`cpuid`)
+    // for every channel joined.
+    RateLimiter::new(quota, Default::default(), crate::engine::clock())
 }
 
 #[cfg(test)]

@@ -448,11 +448,13 @@ fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
     if t == "*" {
         return Ok(Item::Star);
     }
-    // `alias:rest`, the alias before the first `:` that is not part of `::`
-    // and not inside an embed's parentheses (`books(t:title)`).
     // `...table(items)`: a spread embed, which has no name of its own.
     if let Some(rest) = t.strip_prefix("...") {
-        return match parse_item(rest.trim_start(), depth)? {
+        // One spread, not a chain of them (each would recurse).
+        if rest.starts_with('.') {
+            return Err(fail("failed to parse select parameter", t));
+        }
+        return match parse_item(rest, depth)? {
             Item::Embed {
                 table,
                 alias: None,
@@ -474,6 +476,8 @@ fn parse_item(t: &str, depth: usize) -> Result<Item, ParseError> {
             )),
         };
     }
+    // `alias:rest`, the alias before the first `:` that is not part of `::`
+    // and not inside an embed's parentheses (`books(t:title)`).
     let head = &t[..t.find('(').unwrap_or(t.len())];
     let (alias, rest) = match head.find(':') {
         Some(i) if !t[i..].starts_with("::") => {
@@ -695,6 +699,8 @@ mod tests {
         );
         assert!(parse("select=...a:authors(name)").is_err());
         assert!(parse("select=...title").is_err());
+        // A chain of spreads is refused before it recurses.
+        assert!(parse(&format!("select={}a(b)", ".".repeat(60_000))).is_err());
         assert_eq!(parse("").unwrap().select, vec![]);
         assert!(parse("select=n::text;drop").is_err());
         assert!(parse("select=n::text union select 1").is_err());

@@ -418,8 +418,13 @@ fn select_entries(
 struct Embedded {
     /// `table alias WHERE <join> <filters>`.
     from: String,
-    /// Its order and paging (to-many only).
-    tail: String,
+    /// Its order (to-many only), as asked, and made total (the rows' key
+    /// last), for a spread's columns: each is its own subquery, and they
+    /// must agree on which rows, in which order.
+    order: String,
+    total_order: String,
+    /// `LIMIT`, `OFFSET` (to-many only).
+    paging: String,
     /// An array (to-many) or one object (to-one).
     many: bool,
     /// `books(count)`: how many rows, under this (quoted) name.
@@ -430,7 +435,12 @@ struct Embedded {
 impl Embedded {
     /// The embedded resource as one JSON value: an object (or null), or an array.
     fn json(&self) -> String {
-        let Embedded { from, tail, .. } = self;
+        let Embedded {
+            from,
+            order,
+            paging,
+            ..
+        } = self;
         let list = || -> String {
             let l: Vec<String> = self
                 .entries
@@ -453,7 +463,7 @@ impl Embedded {
                 )
             }
             (None, true) => format!(
-                "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {} FROM {from}{tail}) _x)",
+                "(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT {} FROM {from}{order}{paging}) _x)",
                 list()
             ),
         }
@@ -463,7 +473,12 @@ impl Embedded {
     /// its value for a to-one relationship (null without a row), the array
     /// of its values for a to-many one (PostgREST 13); a count is a number.
     fn spread(&self) -> Vec<(String, String)> {
-        let Embedded { from, tail, .. } = self;
+        let Embedded {
+            from,
+            total_order,
+            paging,
+            ..
+        } = self;
         if let Some(name) = &self.count_as {
             return vec![(format!("(SELECT count(*) FROM {from})"), name.clone())];
         }
@@ -471,7 +486,7 @@ impl Embedded {
             .iter()
             .map(|(e, n)| {
                 let value = if self.many {
-                    format!("(SELECT coalesce(json_agg(_x._v), '[]') FROM (SELECT {e} AS _v FROM {from}{tail}) _x)")
+                    format!("(SELECT coalesce(json_agg(_x._v), '[]') FROM (SELECT {e} AS _v FROM {from}{total_order}{paging}) _x)")
                 } else {
                     format!("(SELECT {e} FROM {from})")
                 };
@@ -576,25 +591,6 @@ fn embed(
     let table = table_name(&target_key.0, &target_key.1);
     // The embedded resource's own filters, order and paging.
     let mut filters: String = nested.inner.iter().map(|c| format!(" AND {c}")).collect();
-    let mut tail = String::new();
-    if let Some(e) = given {
-        for c in &e.filters {
-            filters.push_str(" AND ");
-            filters.push_str(&cond(sql, c, &alias, Some(t)));
-        }
-        // Order and paging mean something for an array (to-many) only; a
-        // to-one embed binds none (an unused parameter fails the statement).
-        let many = to_one.is_empty() && to_many.len() == 1;
-        if with_tail && many && count_as.is_none() {
-            tail = order_clause(&e.order, &alias);
-            if let Some(l) = e.limit {
-                tail.push_str(&format!(" LIMIT {}", sql.param(l.to_string())));
-            }
-            if let Some(o) = e.offset {
-                tail.push_str(&format!(" OFFSET {}", sql.param(o.to_string())));
-            }
-        }
-    }
     // The join: (target's column, this row's column) pairs.
     let (pairs, many): (Vec<(&String, &String)>, bool) = match (
         to_one.as_slice(),
@@ -602,8 +598,18 @@ fn embed(
     ) {
         // Many-to-one: this row's columns point at the target's.
         ([fk], []) => (fk.references.iter().zip(&fk.columns).collect(), false),
-        // One-to-many: the target's columns point at this row's.
-        ([], [fk]) => (fk.columns.iter().zip(&fk.references).collect(), true),
+        // One-to-many: the target's columns point at this row's; one-to-one
+        // when they are the target's primary key (at most one row each).
+        ([], [fk]) => {
+            let mut key: Vec<&String> = fk.columns.iter().collect();
+            let mut primary: Vec<&String> = t.primary_key.iter().collect();
+            key.sort();
+            primary.sort();
+            (
+                fk.columns.iter().zip(&fk.references).collect(),
+                key != primary,
+            )
+        }
         ([], []) => return Err(no_rel()),
         _ => {
             return Err(PlanError::Ambiguous(format!(
@@ -612,13 +618,47 @@ fn embed(
             )));
         }
     };
+    let (mut order, mut paging) = (Vec::new(), String::new());
+    if let Some(e) = given {
+        for c in &e.filters {
+            filters.push_str(" AND ");
+            filters.push_str(&cond(sql, c, &alias, Some(t)));
+        }
+        // Order and paging mean something for an array (to-many) only; a
+        // to-one embed binds none (an unused parameter fails the statement).
+        if with_tail && many && count_as.is_none() {
+            order.clone_from(&e.order);
+            if let Some(l) = e.limit {
+                paging.push_str(&format!(" LIMIT {}", sql.param(l.to_string())));
+            }
+            if let Some(o) = e.offset {
+                paging.push_str(&format!(" OFFSET {}", sql.param(o.to_string())));
+            }
+        }
+    }
+    // What makes the order total: the primary key, else where the row is.
+    let unique: Vec<String> = if t.primary_key.is_empty() {
+        vec![format!("{alias}.tableoid"), format!("{alias}.ctid")]
+    } else {
+        t.primary_key
+            .iter()
+            .map(|c| format!("{alias}.{}", quote(c)))
+            .collect()
+    };
     let on: Vec<String> = pairs
         .iter()
         .map(|(theirs, ours)| format!("{alias}.{} = {from_alias}.{}", quote(theirs), quote(ours)))
         .collect();
     Ok(Embedded {
         from: format!("{table} {alias} WHERE {}{filters}", on.join(" AND ")),
-        tail,
+        order: order_clause(&order, &alias),
+        total_order: {
+            let mut o = order_clause(&order, &alias);
+            o.push_str(if o.is_empty() { " ORDER BY " } else { ", " });
+            o.push_str(&unique.join(", "));
+            o
+        },
+        paging,
         many,
         count_as,
         entries,
@@ -862,4 +902,92 @@ pub(crate) fn delete(key: &(String, String), q: &Query) -> (Sql, String) {
     let filter = where_clause(&mut sql, q, "_t", None);
     let stmt = format!("DELETE FROM {} AS _t{filter}", table_name(&key.0, &key.1));
     (sql, stmt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::schema::{Column, ForeignKey, Table};
+    use super::*;
+
+    fn table(columns: &[&str], primary_key: &[&str]) -> Table {
+        Table {
+            columns: columns
+                .iter()
+                .map(|c| Column {
+                    name: (*c).to_owned(),
+                    readable: [true; 3],
+                    type_name: "text".to_owned(),
+                    required: false,
+                })
+                .collect(),
+            primary_key: primary_key.iter().map(|c| (*c).to_owned()).collect(),
+        }
+    }
+
+    fn key(name: &str) -> (String, String) {
+        ("public".to_owned(), name.to_owned())
+    }
+
+    /// Authors, their books (one-to-many) and their profile (one-to-one: its
+    /// key is the author's).
+    fn schema() -> Schema {
+        let mut s = Schema::default();
+        s.tables
+            .insert(key("authors"), table(&["id", "name"], &["id"]));
+        s.tables.insert(
+            key("books"),
+            table(&["id", "author_id", "title", "year"], &["id"]),
+        );
+        s.tables.insert(
+            key("profiles"),
+            table(&["author_id", "bio"], &["author_id"]),
+        );
+        for (name, t) in [("books_author", "books"), ("profiles_author", "profiles")] {
+            s.foreign_keys.push(ForeignKey {
+                name: name.to_owned(),
+                table: key(t),
+                columns: vec!["author_id".to_owned()],
+                target: key("authors"),
+                references: vec!["id".to_owned()],
+            });
+        }
+        s
+    }
+
+    fn read_sql(query: &str) -> String {
+        let s = schema();
+        let q = super::super::query::parse(query).expect("a valid query");
+        let authors = &s.tables[&key("authors")];
+        read(&s, &key("authors"), authors, &q, Role::Anon)
+            .expect("planned")
+            .text
+    }
+
+    #[test]
+    fn a_to_many_spreads_columns_agree_on_their_rows_and_order() {
+        // Each column is its own subquery: ties in the asked order (and a
+        // limit) must not let two of them pick or order rows differently.
+        let text = read_sql("select=name,...books(id,title)&books.order=year&books.limit=2");
+        let total = r#"ORDER BY _e0."year" ASC, _e0."id" LIMIT $1"#;
+        assert_eq!(text.matches(total).count(), 2, "{text}");
+        // Without an order, the key alone orders them.
+        let text = read_sql("select=name,...books(id,title)");
+        assert_eq!(text.matches(r#"ORDER BY _e0."id")"#).count(), 2, "{text}");
+        // A plain embed keeps the order asked, and none when none is.
+        let text = read_sql("select=name,books(id,title)");
+        assert!(!text.contains("ORDER BY"), "{text}");
+    }
+
+    #[test]
+    fn a_key_that_is_the_targets_primary_key_embeds_one_row() {
+        let text = read_sql("select=name,profiles(bio),books(title)");
+        assert!(
+            text.contains(r#"(SELECT row_to_json(_x) FROM (SELECT _e0."bio" AS "bio" FROM "public"."profiles""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"(SELECT coalesce(json_agg(_x), '[]') FROM (SELECT _e0."title""#),
+            "{text}"
+        );
+    }
 }
