@@ -669,19 +669,23 @@ async fn json_paths_select_filter_and_order() {
     r.refused("profiles?select=data->", "PGRST100").await;
 }
 
+/// Authors and their books (a one-to-many key), for the embedding tests.
+const LIBRARY: &str = "CREATE TABLE public.authors (id int PRIMARY KEY, name text);
+     CREATE TABLE public.books (id int PRIMARY KEY, author_id int REFERENCES public.authors, title text, year int);
+     GRANT SELECT ON public.authors, public.books TO anon;
+     INSERT INTO public.authors VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
+     INSERT INTO public.books VALUES
+       (1, 1, 'Old', 1990), (2, 1, 'New', 2010), (3, 1, 'Newer', 2020),
+       (4, 2, 'Older', 1980);";
+
 /// `...table(columns)` (PostgREST's spread): the embedded columns become the
 /// row's own, values for a to-one relationship and arrays for a to-many one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spread_embed_puts_its_columns_in_the_row() {
     let t = TestServer::start().await;
+    t.exec(LIBRARY).await;
     t.exec(
-        "CREATE TABLE public.authors (id int PRIMARY KEY, name text);
-         CREATE TABLE public.books (id int PRIMARY KEY, author_id int REFERENCES public.authors, title text, year int);
-         GRANT SELECT ON public.authors, public.books TO anon;
-         INSERT INTO public.authors VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
-         INSERT INTO public.books VALUES
-           (1, 1, 'Old', 1990), (2, 1, 'New', 2010), (3, 1, 'Newer', 2020),
-           (4, 2, 'Older', 1980), (5, NULL, 'Anonymous', 1900);
+        "INSERT INTO public.books VALUES (5, NULL, 'Anonymous', 1900);
          CREATE TABLE public.bios (author_id int PRIMARY KEY REFERENCES public.authors, bio text);
          GRANT SELECT ON public.bios TO anon;
          INSERT INTO public.bios VALUES (1, 'Wrote');",
@@ -768,16 +772,7 @@ async fn a_spread_embed_puts_its_columns_in_the_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_resources_take_filters_order_limit_and_inner() {
     let t = TestServer::start().await;
-    t.exec(
-        "CREATE TABLE public.authors (id int PRIMARY KEY, name text);
-         CREATE TABLE public.books (id int PRIMARY KEY, author_id int REFERENCES public.authors, title text, year int);
-         GRANT SELECT ON public.authors, public.books TO anon;
-         INSERT INTO public.authors VALUES (1, 'Ann'), (2, 'Bob'), (3, 'Cy');
-         INSERT INTO public.books VALUES
-           (1, 1, 'Old', 1990), (2, 1, 'New', 2010), (3, 1, 'Newer', 2020),
-           (4, 2, 'Older', 1980);",
-    )
-    .await;
+    t.exec(LIBRARY).await;
     let r = Rest::new(&t);
     let get = |query: &'static str| {
         let r = &r;

@@ -119,6 +119,22 @@ impl<S: futures_util::Stream + Unpin> futures_util::Stream for GatedSocket<'_, S
     }
 }
 
+impl<'a, S> GatedSocket<'a, S> {
+    /// Polls the socket through the gate, whether or not it woke the task.
+    fn write<T>(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(std::pin::Pin<&mut S>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T>
+    where
+        S: Unpin,
+    {
+        let this = self.get_mut();
+        let socket = std::pin::Pin::new(&mut *this.socket);
+        this.gate.poll_through(cx, |cx| poll(socket, cx))
+    }
+}
+
 impl<M, S: futures_util::Sink<M> + Unpin> futures_util::Sink<M> for GatedSocket<'_, S> {
     type Error = S::Error;
 
@@ -126,10 +142,7 @@ impl<M, S: futures_util::Sink<M> + Unpin> futures_util::Sink<M> for GatedSocket<
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), S::Error>> {
-        let this = self.get_mut();
-        let socket = &mut *this.socket;
-        this.gate
-            .poll_through(cx, |cx| std::pin::Pin::new(socket).poll_ready(cx))
+        self.write(cx, |s, cx| s.poll_ready(cx))
     }
 
     fn start_send(self: std::pin::Pin<&mut Self>, item: M) -> Result<(), S::Error> {
@@ -140,20 +153,14 @@ impl<M, S: futures_util::Sink<M> + Unpin> futures_util::Sink<M> for GatedSocket<
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), S::Error>> {
-        let this = self.get_mut();
-        let socket = &mut *this.socket;
-        this.gate
-            .poll_through(cx, |cx| std::pin::Pin::new(socket).poll_flush(cx))
+        self.write(cx, |s, cx| s.poll_flush(cx))
     }
 
     fn poll_close(
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), S::Error>> {
-        let this = self.get_mut();
-        let socket = &mut *this.socket;
-        this.gate
-            .poll_through(cx, |cx| std::pin::Pin::new(socket).poll_close(cx))
+        self.write(cx, |s, cx| s.poll_close(cx))
     }
 }
 

@@ -298,28 +298,17 @@ pub(crate) struct Embeds<'a> {
     pub count_only: bool,
 }
 
-/// The select list for `items` on the table `key` seen through `alias`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn select_list(
-    sql: &mut Sql,
-    schema: &Schema,
-    key: &(String, String),
-    table: &Table,
-    items: &[Item],
-    alias: &str,
-    role: Role,
-    depth: usize,
-    embeds: Option<&mut Embeds<'_>>,
-) -> Result<String, PlanError> {
-    let entries = select_entries(sql, schema, key, table, items, alias, role, depth, embeds)?;
+/// A select list: its entries, each named.
+fn joined(entries: &[(String, String)]) -> String {
     let list: Vec<String> = entries
         .iter()
         .map(|(expr, name)| format!("{expr} AS {name}"))
         .collect();
-    Ok(list.join(", "))
+    list.join(", ")
 }
 
-/// The select list's entries: each an expression and its (quoted) name.
+/// The select list for `items` on the table `key` seen through `alias`:
+/// each entry an expression and its (quoted) name.
 #[allow(clippy::too_many_arguments)]
 fn select_entries(
     sql: &mut Sql,
@@ -441,14 +430,7 @@ impl Embedded {
             paging,
             ..
         } = self;
-        let list = || -> String {
-            let l: Vec<String> = self
-                .entries
-                .iter()
-                .map(|(e, n)| format!("{e} AS {n}"))
-                .collect();
-            l.join(", ")
-        };
+        let list = || joined(&self.entries);
         match (&self.count_as, self.many) {
             (Some(name), false) => {
                 format!("(SELECT row_to_json(_x) FROM (SELECT count(*) AS {name} FROM {from}) _x)")
@@ -708,7 +690,7 @@ fn top_list(
         inner: Vec::new(),
         count_only,
     };
-    let list = select_list(
+    let list = select_entries(
         sql,
         schema,
         key,
@@ -719,7 +701,7 @@ fn top_list(
         0,
         Some(&mut embeds),
     )?;
-    Ok((list, embeds.inner))
+    Ok((joined(&list), embeds.inner))
 }
 
 /// Adds `!inner` embeds' conditions to a `WHERE` clause ("" when none).
