@@ -688,7 +688,10 @@ async fn a_spread_embed_puts_its_columns_in_the_row() {
         "INSERT INTO public.books VALUES (5, NULL, 'Anonymous', 1900);
          CREATE TABLE public.bios (author_id int PRIMARY KEY REFERENCES public.authors, bio text);
          GRANT SELECT ON public.bios TO anon;
-         INSERT INTO public.bios VALUES (1, 'Wrote');",
+         INSERT INTO public.bios VALUES (1, 'Wrote');
+         CREATE TABLE public.agents (id int PRIMARY KEY, author_id int UNIQUE REFERENCES public.authors, agent text);
+         GRANT SELECT ON public.agents TO anon;
+         INSERT INTO public.agents VALUES (10, 2, 'Dee');",
     )
     .await;
     let r = Rest::new(&t);
@@ -705,6 +708,17 @@ async fn a_spread_embed_puts_its_columns_in_the_row() {
     );
     let body = r.get_ok("authors?select=name,bios(bio)&id=eq.1").await;
     assert_eq!(body, json!([{"name": "Ann", "bios": {"bio": "Wrote"}}]));
+    // A unique key pointing back is one-to-one too.
+    let body = r
+        .get_ok("authors?select=name,agents(agent),...agents(agent)&id=in.(1,2)&order=id")
+        .await;
+    assert_eq!(
+        body,
+        json!([
+            {"name": "Ann", "agents": null, "agent": null},
+            {"name": "Bob", "agents": {"agent": "Dee"}, "agent": "Dee"}
+        ])
+    );
     // To-one: the author's columns are the book's, null without an author.
     let body = r
         .get_ok("books?select=title,...authors(author:name)&id=in.(1,4,5)&order=id")

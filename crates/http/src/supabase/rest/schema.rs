@@ -35,6 +35,9 @@ pub(crate) struct ForeignKey {
 pub(crate) struct Table {
     pub columns: Vec<Column>,
     pub primary_key: Vec<String>,
+    /// Its `UNIQUE` constraints' columns: a foreign key onto one of them (or
+    /// onto the primary key) relates at most one row.
+    pub unique_keys: Vec<Vec<String>>,
 }
 
 /// The tables of the exposed schemas, by (schema, name).
@@ -112,7 +115,7 @@ impl Schema {
                    LEFT JOIN pg_class fc ON fc.oid = con.confrelid
                    LEFT JOIN pg_namespace fn ON fn.oid = fc.relnamespace
                    LEFT JOIN pg_attribute fa ON fa.attrelid = con.confrelid AND fa.attnum = k.fattnum
-                  WHERE con.contype IN ('p', 'f') AND n.nspname = ANY($1)
+                  WHERE con.contype IN ('p', 'u', 'f') AND n.nspname = ANY($1)
                   GROUP BY con.oid, con.conname, con.contype, n.nspname, c.relname, fn.nspname, fc.relname",
                 &[&schemas],
             )
@@ -120,11 +123,20 @@ impl Schema {
         for r in keys {
             let table = (r.get::<_, String>(2), r.get::<_, String>(3));
             let columns: Vec<String> = r.get(4);
-            if r.get::<_, String>(1) == "p" {
-                if let Some(t) = s.tables.get_mut(&table) {
-                    t.primary_key = columns;
+            match r.get::<_, String>(1).as_str() {
+                "p" => {
+                    if let Some(t) = s.tables.get_mut(&table) {
+                        t.primary_key = columns;
+                    }
+                    continue;
                 }
-                continue;
+                "u" => {
+                    if let Some(t) = s.tables.get_mut(&table) {
+                        t.unique_keys.push(columns);
+                    }
+                    continue;
+                }
+                _ => {}
             }
             let (Some(ts), Some(tn)) =
                 (r.get::<_, Option<String>>(5), r.get::<_, Option<String>>(6))

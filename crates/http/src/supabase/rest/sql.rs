@@ -581,16 +581,18 @@ fn embed(
         // Many-to-one: this row's columns point at the target's.
         ([fk], []) => (fk.references.iter().zip(&fk.columns).collect(), false),
         // One-to-many: the target's columns point at this row's; one-to-one
-        // when they are the target's primary key (at most one row each).
+        // when they are the target's primary key or unique (one row each).
         ([], [fk]) => {
-            let mut key: Vec<&String> = fk.columns.iter().collect();
-            let mut primary: Vec<&String> = t.primary_key.iter().collect();
-            key.sort();
-            primary.sort();
-            (
-                fk.columns.iter().zip(&fk.references).collect(),
-                key != primary,
-            )
+            fn sorted(cols: &[String]) -> Vec<&String> {
+                let mut v: Vec<&String> = cols.iter().collect();
+                v.sort();
+                v
+            }
+            let key = sorted(&fk.columns);
+            let one = std::iter::once(&t.primary_key)
+                .chain(&t.unique_keys)
+                .any(|u| sorted(u) == key);
+            (fk.columns.iter().zip(&fk.references).collect(), !one)
         }
         ([], []) => return Err(no_rel()),
         _ => {
@@ -903,6 +905,7 @@ mod tests {
                 })
                 .collect(),
             primary_key: primary_key.iter().map(|c| (*c).to_owned()).collect(),
+            unique_keys: Vec::new(),
         }
     }
 
