@@ -106,20 +106,7 @@ impl<'a, S> GatedSocket<'a, S> {
             gate: Gate::new(),
         }
     }
-}
 
-impl<S: futures_util::Stream + Unpin> futures_util::Stream for GatedSocket<'_, S> {
-    type Item = S::Item;
-
-    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = self.get_mut();
-        let socket = &mut *this.socket;
-        this.gate
-            .poll_if_woken(cx, |cx| std::pin::Pin::new(socket).poll_next(cx))
-    }
-}
-
-impl<'a, S> GatedSocket<'a, S> {
     /// Polls the socket through the gate, whether or not it woke the task.
     fn write<T>(
         self: std::pin::Pin<&mut Self>,
@@ -132,6 +119,17 @@ impl<'a, S> GatedSocket<'a, S> {
         let this = self.get_mut();
         let socket = std::pin::Pin::new(&mut *this.socket);
         this.gate.poll_through(cx, |cx| poll(socket, cx))
+    }
+}
+
+impl<S: futures_util::Stream + Unpin> futures_util::Stream for GatedSocket<'_, S> {
+    type Item = S::Item;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.get_mut();
+        let socket = &mut *this.socket;
+        this.gate
+            .poll_if_woken(cx, |cx| std::pin::Pin::new(socket).poll_next(cx))
     }
 }
 

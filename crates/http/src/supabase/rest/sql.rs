@@ -407,11 +407,12 @@ fn select_entries(
 struct Embedded {
     /// `table alias WHERE <join> <filters>`.
     from: String,
-    /// Its order (to-many only), as asked, and made total (the rows' key
-    /// last), for a spread's columns: each is its own subquery, and they
-    /// must agree on which rows, in which order.
+    /// Its order (to-many only), as asked.
     order: String,
-    total_order: String,
+    /// What identifies its rows (the primary key, else `tableoid, ctid`):
+    /// a spread orders by it last, as each of its columns is its own
+    /// subquery and they must agree on which rows, in which order.
+    row_key: String,
     /// `LIMIT`, `OFFSET` (to-many only).
     paging: String,
     /// An array (to-many) or one object (to-one).
@@ -457,13 +458,19 @@ impl Embedded {
     fn spread(&self) -> Vec<(String, String)> {
         let Embedded {
             from,
-            total_order,
+            order,
+            row_key,
             paging,
             ..
         } = self;
         if let Some(name) = &self.count_as {
             return vec![(format!("(SELECT count(*) FROM {from})"), name.clone())];
         }
+        let total_order = if order.is_empty() {
+            format!(" ORDER BY {row_key}")
+        } else {
+            format!("{order}, {row_key}")
+        };
         self.entries
             .iter()
             .map(|(e, n)| {
@@ -620,8 +627,8 @@ fn embed(
             }
         }
     }
-    // What makes the order total: the primary key, else where the row is.
-    let unique: Vec<String> = if t.primary_key.is_empty() {
+    // What identifies a row: the primary key, else where the row is.
+    let row_key: Vec<String> = if t.primary_key.is_empty() {
         vec![format!("{alias}.tableoid"), format!("{alias}.ctid")]
     } else {
         t.primary_key
@@ -636,12 +643,7 @@ fn embed(
     Ok(Embedded {
         from: format!("{table} {alias} WHERE {}{filters}", on.join(" AND ")),
         order: order_clause(&order, &alias),
-        total_order: {
-            let mut o = order_clause(&order, &alias);
-            o.push_str(if o.is_empty() { " ORDER BY " } else { ", " });
-            o.push_str(&unique.join(", "));
-            o
-        },
+        row_key: row_key.join(", "),
         paging,
         many,
         count_as,
