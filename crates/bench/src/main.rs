@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// scenario's whole ladder).
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<f64>,
+    /// fan-out: seconds at each rate (default 10; 4 with --quick). At 1 change/s
+    /// ten changes make the p99 the maximum; 100 s gives a p99 of its own.
+    #[arg(long)]
+    pub seconds: Option<f64>,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {

@@ -23,7 +23,7 @@ pub fn run(name: &str, args: &RunArgs) -> anyhow::Result<()> {
             match name {
                 "catch-up" => catch_up(&env, args).await,
                 "live-latency" => live_latency(&env, args.quick).await,
-                "fan-out" => fan_out(&env, args.quick, &args.rates).await,
+                "fan-out" => fan_out(&env, args.quick, &args.rates, args.seconds).await,
                 "filtered-routing" => filtered_routing(&env, args.quick).await,
                 "big-tx" => big_tx(&env, args).await,
                 "decode" => decode(&env, args.quick).await,
@@ -564,7 +564,12 @@ async fn live_latency(env: &Env, quick: bool) -> anyhow::Result<Value> {
 // ---------------------------------------------------------------------------
 // fan-out
 
-async fn fan_out(env: &Env, quick: bool, rates: &[f64]) -> anyhow::Result<Value> {
+async fn fan_out(
+    env: &Env,
+    quick: bool,
+    rates: &[f64],
+    seconds: Option<f64>,
+) -> anyhow::Result<Value> {
     let owner = env::seed(&env.db_url, 1, "f").await?;
     let aether = started_aether(env, &[]).await?;
     let connections = if quick { 2_000 } else { 10_000 };
@@ -578,7 +583,7 @@ async fn fan_out(env: &Env, quick: bool, rates: &[f64]) -> anyhow::Result<Value>
         "connections": connections,
         "source_ips": 10,
         "rates": if !rates.is_empty() { json!(rates) } else if quick { json!([1.0, 5.0, 20.0]) } else { json!([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]) },
-        "seconds": if quick { 4.0 } else { 10.0 },
+        "seconds": seconds.unwrap_or(if quick { 4.0 } else { 10.0 }),
     }))?;
     let res = load.result().await?;
     println!(
