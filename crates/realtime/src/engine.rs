@@ -15,7 +15,6 @@
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -24,7 +23,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::gate::{Gate, GatedSocket};
+use super::gate::{Alarm, Alarms, GatedSocket};
 use super::registry::now_ms;
 use super::stats::Stats;
 use aether_router::queue::{Next, Signal};
@@ -437,14 +436,6 @@ async fn encode_awaited<D: Dialect>(
     }
 }
 
-/// Which of the branches behind a connection's quiet [`Gate`] is ready, in
-/// the order they are asked.
-enum Quiet {
-    Shutdown,
-    Expired,
-    Ping,
-}
-
 /// [`encode_ready`], then [`encode_awaited`] if an item needs it.
 macro_rules! encode_queued {
     ($dialect:expr, $rx:expr, $first:expr, $most:expr, $frames:expr, $stats:expr, $latency:expr) => {
@@ -497,7 +488,7 @@ where
             if let Err(close) = Box::pin(dialect.open(&mut frames)).await {
                 break 'conn Some(close);
             }
-            let mut ping = tokio::time::interval_at(
+            let ping = tokio::time::interval_at(
                 tokio::time::Instant::now() + limits.ping_every,
                 limits.ping_every,
             );
@@ -516,9 +507,9 @@ where
             let shutdown = link.shutdown.child_token();
             let shutdown = shutdown.cancelled();
             tokio::pin!(shutdown);
-            // The shutdown and the timers wake the task through this gate, the
+            // The shutdown and the timers wake the task through one gate, the
             // socket through its own: a row change polls neither.
-            let quiet = Gate::new();
+            let mut alarms = Alarms::new(shutdown, expiry, expires.is_some(), ping);
             loop {
                 // Checked on every turn, not only when the queue wakes the task:
                 // a peer that keeps the socket busy must not keep a close away.
@@ -536,7 +527,7 @@ where
                     let sent = tokio::select! {
                         biased;
                         r = send_all(socket, &mut frames) => Ok(r),
-                        _ = poll_fn(|cx| quiet.poll_through(cx, |cx| shutdown.as_mut().poll(cx))) => {
+                        _ = poll_fn(|cx| alarms.poll_shutdown(cx)) => {
                             Err(Ending::Shutdown)
                         }
                         signal = rx.closed_by_writer() => Err(Ending::from(signal)),
@@ -558,24 +549,14 @@ where
                 }
                 tokio::select! {
                     biased;
-                    woke = poll_fn(|cx| quiet.poll_if_woken(cx, |cx| {
-                        if shutdown.as_mut().poll(cx).is_ready() {
-                            Poll::Ready(Quiet::Shutdown)
-                        } else if expires.is_some() && expiry.as_mut().poll(cx).is_ready() {
-                            Poll::Ready(Quiet::Expired)
-                        } else if ping.poll_tick(cx).is_ready() {
-                            Poll::Ready(Quiet::Ping)
-                        } else {
-                            Poll::Pending
-                        }
-                    })) => match woke {
-                        Quiet::Shutdown => break Some(dialect.ending(Ending::Shutdown)),
-                        Quiet::Expired => {
+                    rung = poll_fn(|cx| alarms.poll_rung(cx)) => match rung {
+                        Alarm::Shutdown => break Some(dialect.ending(Ending::Shutdown)),
+                        Alarm::Expired => {
                             if let Err(close) = Box::pin(dialect.expired(&mut frames)).await {
                                 break Some(close);
                             }
                         }
-                        Quiet::Ping => {
+                        Alarm::Ping => {
                             if now_ms() - last_seen.load(Ordering::Relaxed) > idle_ms {
                                 break Some(dialect.ending(Ending::Idle));
                             }
@@ -641,10 +622,7 @@ where
                 if dialect.expires_at() != expires {
                     // A renewed (or dropped) token moves the deadline.
                     expires = dialect.expires_at();
-                    expiry.as_mut().reset(deadline(expires));
-                    // A deadline never polled (there was none) has no waker
-                    // yet: the next pass must poll it, or it never wakes us.
-                    quiet.open();
+                    alarms.rearm(expires.map(|e| deadline(Some(e))));
                 }
             }
         };

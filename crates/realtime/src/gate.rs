@@ -162,6 +162,82 @@ impl<M, S: futures_util::Sink<M> + Unpin> futures_util::Sink<M> for GatedSocket<
     }
 }
 
+/// Which alarm rang, in the order they are asked.
+pub(crate) enum Alarm {
+    Shutdown,
+    Expired,
+    Ping,
+}
+
+/// What a connection waits on besides its socket and queue: the shutdown, the
+/// token's expiry and the ping timer, behind one gate. It owns them (the two
+/// futures pinned by the caller, who cannot reach them after), so no poll can
+/// take one of their wakes without the gate seeing it.
+pub(crate) struct Alarms<'a, F> {
+    gate: Gate,
+    shutdown: std::pin::Pin<&'a mut F>,
+    expiry: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    /// Whether the expiry is a deadline (a token that expires) or unset.
+    armed: bool,
+    ping: tokio::time::Interval,
+}
+
+impl<'a, F: std::future::Future<Output = ()>> Alarms<'a, F> {
+    pub(crate) fn new(
+        shutdown: std::pin::Pin<&'a mut F>,
+        expiry: std::pin::Pin<&'a mut tokio::time::Sleep>,
+        armed: bool,
+        ping: tokio::time::Interval,
+    ) -> Self {
+        Alarms {
+            gate: Gate::new(),
+            shutdown,
+            expiry,
+            armed,
+            ping,
+        }
+    }
+
+    /// The shutdown alone, polled whatever woke the task (while a write waits).
+    pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Alarms { gate, shutdown, .. } = self;
+        gate.poll_through(cx, |cx| shutdown.as_mut().poll(cx))
+    }
+
+    /// The first alarm ringing, asked only if one of them woke the task.
+    pub(crate) fn poll_rung(&mut self, cx: &mut Context<'_>) -> Poll<Alarm> {
+        let Alarms {
+            gate,
+            shutdown,
+            expiry,
+            armed,
+            ping,
+        } = self;
+        gate.poll_if_woken(cx, |cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Alarm::Shutdown)
+            } else if *armed && expiry.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Alarm::Expired)
+            } else if ping.poll_tick(cx).is_ready() {
+                Poll::Ready(Alarm::Ping)
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Moves the expiry to `at`, or unsets it. The gate opens: a deadline
+    /// never polled (there was none) has no waker yet, so the next pass must
+    /// poll it or it never wakes the task.
+    pub(crate) fn rearm(&mut self, at: Option<tokio::time::Instant>) {
+        self.armed = at.is_some();
+        if let Some(at) = at {
+            self.expiry.as_mut().reset(at);
+        }
+        self.gate.open();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
