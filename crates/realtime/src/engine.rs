@@ -287,6 +287,18 @@ pub(crate) fn queue(
 
 /// When a token expiring at `exp` (Unix seconds) is over; at most a year
 /// ahead, so a token claiming to live for ever cannot overflow the clock.
+/// When a connection's first ping is due: between half and all of the
+/// interval, spread by its session number. Connections opened together (every
+/// client reconnecting after a restart) would otherwise ping together forever:
+/// 10,000 pings and pongs in one burst each interval, in the way of whatever
+/// change lands in it. The golden-ratio step puts consecutive sessions far
+/// apart, so any run of them covers the half-interval evenly.
+fn first_ping(every: Duration, session: u64) -> Duration {
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let fraction = session.wrapping_mul(GOLDEN) as f64 / u64::MAX as f64;
+    every.mul_f64(1.0 - fraction / 2.0)
+}
+
 fn deadline(exp: Option<i64>) -> tokio::time::Instant {
     const YEAR: u64 = 86_400 * 365;
     let left = match exp {
@@ -489,7 +501,7 @@ where
                 break 'conn Some(close);
             }
             let ping = tokio::time::interval_at(
-                tokio::time::Instant::now() + limits.ping_every,
+                tokio::time::Instant::now() + first_ping(limits.ping_every, link.session),
                 limits.ping_every,
             );
             let mut expires = dialect.expires_at();
@@ -992,6 +1004,21 @@ mod tests {
         let (_, code) = h.close().await;
         assert_eq!(code, CLOSE_GOING_AWAY);
         h.ended().await;
+    }
+
+    #[test]
+    fn first_pings_spread_over_the_second_half_of_the_interval() {
+        let every = Duration::from_secs(30);
+        let mut firsts: Vec<Duration> = (1..=1000).map(|s| first_ping(every, s)).collect();
+        assert!(firsts.iter().all(|f| *f >= every / 2 && *f <= every));
+        firsts.sort();
+        // Any 1,000 consecutive sessions: no second of the window holds
+        // more than a little over its share (1,000 over 15 s is 67).
+        for start in 15..30 {
+            let (from, to) = (Duration::from_secs(start), Duration::from_secs(start + 1));
+            let n = firsts.iter().filter(|f| **f >= from && **f < to).count();
+            assert!((50..=85).contains(&n), "{n} first pings in second {start}");
+        }
     }
 
     #[tokio::test]
