@@ -25,7 +25,6 @@ use aether_postgres::store::{self, migrate};
 use aether_realtime::Realtime;
 use aether_realtime::hub::{ChannelConfigs, Hub};
 use aether_realtime::registry::Registry;
-use aether_realtime::stats::Stats;
 use aether_router::catalog::{Catalog, SharedCatalog};
 use aether_router::{Router, RouterConfig};
 use aether_storage::{self as file_storage, Blobs, StorageService};
@@ -564,7 +563,7 @@ impl Server {
                 hub: hub_tx,
                 phoenix: phoenix_tx,
                 registry,
-                stats: Stats::default(),
+                stats: Default::default(),
                 kingshare,
                 next_session: AtomicU64::new(1),
                 shutdown: shutdown.clone(),

@@ -879,3 +879,52 @@ async fn the_subscribed_reply_gives_the_position_to_resume_from_before_any_chang
     t.exec(&insert("live")).await;
     assert_eq!(again.change().await["new"]["name"], "live");
 }
+
+/// Changes written straight to the socket by the router's writers, and what
+/// goes through the connection's queue and task (the router's replies to
+/// subscribes sent meanwhile), share one socket: every change arrives once
+/// and in order, and every reply arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_and_queued_replies_share_the_socket_in_order() {
+    const N: i64 = 300;
+    let t = TestServer::start().await;
+    t.exec(
+        "CREATE TABLE public.ticks (id serial PRIMARY KEY, n int);
+         ALTER PUBLICATION aether_realtime ADD TABLE public.ticks;",
+    )
+    .await;
+    let mut ws = t.ws(Some(&service_token())).await;
+    ws.subscribe("t", json!({"table": "ticks"})).await;
+    let commits = async {
+        for i in 1..=N {
+            t.exec(&format!("INSERT INTO public.ticks (n) VALUES ({i})"))
+                .await;
+        }
+    };
+    let reads = async {
+        let (mut ns, mut replies, mut asked) = (Vec::new(), 0, 0);
+        while ns.len() < N as usize || replies < asked {
+            // Now and then, a request whose reply the router queues.
+            if asked < 100 && ns.len() >= asked * 3 {
+                let id = format!("o{asked}");
+                ws.send(json!({"type": "subscription", "action": "subscribe",
+                    "data": {"id": id, "table": "files"}}))
+                    .await;
+                asked += 1;
+            }
+            let v = ws.next().await;
+            match (v["type"].as_str(), v["action"].as_str()) {
+                (Some("change"), _) => ns.push(v["new"]["n"].as_i64().expect("n")),
+                (Some("subscription"), Some("subscribed")) => replies += 1,
+                _ => panic!("unexpected frame {v}"),
+            }
+        }
+        (ns, replies, asked)
+    };
+    let ((), (ns, replies, asked)) = tokio::join!(commits, reads);
+    assert_eq!(ns, (1..=N).collect::<Vec<_>>());
+    assert_eq!(replies, asked);
+    // Some changes did go around the queue: the router's writers wrote them.
+    let direct = &t.server.state.realtime.stats.changes_direct;
+    assert!(direct.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}

@@ -309,8 +309,14 @@ async fn websocket(
     State(state): State<AppState>,
     Query(q): Query<WsQuery>,
     extract::ClientAddr(addr): extract::ClientAddr,
+    version: axum::http::Version,
+    tcp: Option<axum::Extension<edge::Socket>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Over HTTP/2 the TCP connection carries other streams too.
+    let tcp = tcp
+        .filter(|_| version == axum::http::Version::HTTP_11)
+        .map(|t| t.0.0);
     // The session enforces `ws_max_frame_bytes` with an error frame and a 1009 close;
     // the library's own cap only stops absurd frames before they are buffered.
     let max = state
@@ -346,6 +352,7 @@ async fn websocket(
                 channel: q.channel,
                 addr,
                 vocabulary,
+                tcp,
             };
             ws.on_upgrade(move |socket| session::run(socket, state.realtime.clone(), p, params))
         }

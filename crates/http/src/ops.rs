@@ -401,6 +401,7 @@ pub(crate) async fn metrics_messages(
         "frames_in": state.realtime.stats.frames_in.load(Relaxed),
         "frames_out": state.realtime.stats.frames_out.load(Relaxed),
         "changes_delivered": state.realtime.stats.changes_delivered.load(Relaxed),
+        "changes_direct": state.realtime.stats.changes_direct.load(Relaxed),
         "channel_messages_total": hub.messages_total,
         "channel_messages_per_second": hub.messages_per_second,
     }))

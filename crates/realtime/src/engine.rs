@@ -10,11 +10,15 @@
 //!
 //! One loop per connection, not a reader and a writer: a dialect's handler
 //! writes its replies into the batch the loop flushes next, never into the
-//! connection's own queue (which only this loop drains).
+//! connection's own queue (which only this loop drains). While the loop
+//! sleeps with nothing queued, the router may write row changes to the socket
+//! itself ([`crate::wire`]); the loop takes the socket back before it reads,
+//! writes or takes from its queue.
 
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -254,6 +258,8 @@ pub(crate) struct Link {
     pub last_seen: Arc<AtomicI64>,
     pub router: mpsc::Sender<Command>,
     pub shutdown: CancellationToken,
+    /// Its socket as the router's direct writers share it, if they may.
+    pub wire: Option<Arc<crate::wire::Wire>>,
 }
 
 /// The limits every dialect gets.
@@ -306,6 +312,41 @@ fn deadline(exp: Option<i64>) -> tokio::time::Instant {
         None => YEAR,
     };
     tokio::time::Instant::now() + Duration::from_secs(left.min(YEAR))
+}
+
+/// Counts a change a direct writer delivers, as [`account`] does.
+pub(crate) fn account_direct(stats: &Stats, change: &aether_router::routed::Routed, now: i64) {
+    let ms = (now - change.commit_time_ms).max(0);
+    metrics::histogram!("aether_delivery_latency_seconds").record(ms as f64 / 1000.0);
+    stats.frames_out(1, 1);
+    stats.changes_direct.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("aether_events_delivered_direct_total").increment(1);
+}
+
+/// The queue's next item or signal; found empty, the socket is offered to
+/// the router's direct writers while the task sleeps. The socket is taken
+/// back before the queue is read: a queued item must go out before any change
+/// a writer could claim after it left the queue.
+async fn next_or_release(
+    rx: &mut aether_router::queue::QueueRx<Outbound>,
+    wire: Option<&crate::wire::Wire>,
+) -> Next<Outbound> {
+    let mut next = std::pin::pin!(rx.next());
+    poll_fn(|cx| {
+        if let Some(w) = wire {
+            if w.broken() {
+                // A direct write failed: end, and let the client resume.
+                return Poll::Ready(Next::Closed);
+            }
+            std::task::ready!(w.poll_take());
+        }
+        let r = next.as_mut().poll(cx);
+        if let (Some(w), Poll::Pending) = (wire, &r) {
+            w.release();
+        }
+        r
+    })
+    .await
 }
 
 /// Counts what a queue item delivers.
@@ -488,7 +529,8 @@ where
     D: Dialect,
 {
     async move {
-        let socket = &mut GatedSocket::new(socket);
+        let wire = link.wire.clone();
+        let socket = &mut GatedSocket::new(socket, wire.clone());
         let latency = metrics::histogram!("aether_delivery_latency_seconds");
         let budget = frame_budget();
         let idle_ms = i64::try_from(limits.idle.as_millis()).unwrap_or(i64::MAX);
@@ -531,7 +573,7 @@ where
                 if rx.take_lagging() {
                     pull_wanted = true;
                 }
-                if !frames.is_empty() {
+                if !frames.is_empty() || socket.needs_write() {
                     // A peer that stops reading blocks the socket: stay interruptible
                     // so a close decided meanwhile still happens. The write comes
                     // first: when it completes at once, as it nearly always does,
@@ -620,7 +662,7 @@ where
                             }
                         }
                     }
-                    next = rx.next() => match next {
+                    next = next_or_release(rx, wire.as_deref()) => match next {
                         // What is already queued goes out in the same write: one flush
                         // (one syscall) per burst instead of one per frame.
                         Next::Item(out) => {
@@ -638,6 +680,10 @@ where
                 }
             }
         };
+        // No direct write after this: what the queue still holds is dropped
+        // below, and a change written after it would leave a gap the client
+        // could not see when it resumes. The socket stays the task's.
+        poll_fn(|cx| socket.poll_take(cx)).await;
         // The queue and the signals go now, not after the goodbye: a slow
         // peer's goodbye may take seconds, and what is still queued for it
         // would be held (and writers would see the queue open) until then.
@@ -724,6 +770,9 @@ mod tests {
         /// The socket's frames written when a text frame was last handled.
         written: Arc<std::sync::atomic::AtomicUsize>,
         heard_at: Arc<std::sync::atomic::AtomicUsize>,
+        /// Whether the router could claim the socket when the connection
+        /// detached (its queue gone).
+        claimable_at_detach: Option<(Arc<crate::wire::Wire>, Arc<AtomicBool>)>,
     }
 
     impl Dialect for Echo {
@@ -779,6 +828,13 @@ mod tests {
             Close::new(code, format!("{why:?}")).with_texts([format!("ending {why:?}")])
         }
         async fn detach(&mut self) {
+            use aether_router::direct::Direct;
+            if let Some((wire, claimable)) = &self.claimable_at_detach
+                && wire.claim()
+            {
+                claimable.store(true, Ordering::SeqCst);
+                wire.abandon();
+            }
             self.detached.store(true, Ordering::SeqCst);
         }
     }
@@ -808,6 +864,28 @@ mod tests {
     }
 
     fn start(limits: Limits, expires: Option<i64>, stuck: bool, queue: usize) -> Harness {
+        start_wired(limits, expires, stuck, queue, None)
+    }
+
+    fn start_wired(
+        limits: Limits,
+        expires: Option<i64>,
+        stuck: bool,
+        queue: usize,
+        wire: Option<Arc<crate::wire::Wire>>,
+    ) -> Harness {
+        let wire_probe = wire.clone().map(|w| (w, Arc::new(AtomicBool::new(false))));
+        start_probed(limits, expires, stuck, queue, wire, wire_probe)
+    }
+
+    fn start_probed(
+        limits: Limits,
+        expires: Option<i64>,
+        stuck: bool,
+        queue: usize,
+        wire: Option<Arc<crate::wire::Wire>>,
+        wire_probe: Option<(Arc<crate::wire::Wire>, Arc<AtomicBool>)>,
+    ) -> Harness {
         let (peer_tx, from_peer) = mpsc::unbounded_channel();
         let (to_peer, peer_rx) = mpsc::unbounded_channel();
         let (queue_tx, rx) = aether_router::queue::channel(queue);
@@ -821,6 +899,7 @@ mod tests {
             last_seen: Arc::new(AtomicI64::new(now_ms())),
             router: router_tx,
             shutdown: CancellationToken::new(),
+            wire,
         };
         Harness {
             peer_tx,
@@ -842,6 +921,7 @@ mod tests {
                     detached,
                     written,
                     heard_at,
+                    claimable_at_detach: wire_probe,
                 };
                 let mut pipe = pipe;
                 run(&mut pipe, &mut dialect, link, limits, &Stats::default()).await;
@@ -1124,6 +1204,73 @@ mod tests {
         h.shutdown.cancel();
         let (_, code) = h.close().await;
         assert_eq!(code, CLOSE_GOING_AWAY);
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn the_queue_waits_while_a_writer_holds_the_socket() {
+        use aether_router::direct::Direct;
+        let (server, _client) = crate::wire::tests::tcp_pair().await;
+        let wire = Arc::new(crate::wire::Wire::new(
+            server,
+            crate::protocol::change_wire_frame,
+            Arc::default(),
+        ));
+        let mut h = start_wired(limits(), None, false, 16, Some(Arc::clone(&wire)));
+        // Asleep with nothing queued, the engine offers the socket.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !wire.claim() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the socket is offered");
+        // Queued while a writer holds the socket: not taken from the queue
+        // (a change claimed after it left the queue could overtake it).
+        h.queue.try_send(Outbound::Frame(Arc::from("q"))).unwrap();
+        for _ in 0..50 {
+            // The engine's task runs here (one thread).
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !h.queue.is_empty(),
+            "the engine took an item while the socket was claimed"
+        );
+        // The writer is done: the item goes out.
+        wire.abandon();
+        assert_eq!(h.next_text().await, "q");
+        h.ended().await;
+    }
+
+    #[tokio::test]
+    async fn no_change_is_written_directly_once_the_connection_is_ending() {
+        let (server, _client) = crate::wire::tests::tcp_pair().await;
+        let wire = Arc::new(crate::wire::Wire::new(
+            server,
+            crate::protocol::change_wire_frame,
+            Arc::default(),
+        ));
+        let claimable = Arc::new(AtomicBool::new(false));
+        let probe = Some((Arc::clone(&wire), Arc::clone(&claimable)));
+        let mut h = start_probed(limits(), None, false, 16, Some(Arc::clone(&wire)), probe);
+        // Asleep, the socket offered; then the connection is shut down.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !wire.is_idle() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the socket is offered");
+        h.shutdown.cancel();
+        let (_, code) = h.close().await;
+        assert_eq!(code, CLOSE_GOING_AWAY);
+        // When its queue went (detach), the router could not claim the socket:
+        // a change written then would follow ones the queue dropped.
+        assert!(h.detached.load(Ordering::SeqCst));
+        assert!(
+            !claimable.load(Ordering::SeqCst),
+            "claimable after the queue was dropped"
+        );
         h.ended().await;
     }
 }

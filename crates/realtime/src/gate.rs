@@ -15,6 +15,8 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::task::AtomicWaker;
 
+use crate::wire::Wire;
+
 /// The flag and the task to wake, shared with the waker handed out.
 struct Latch {
     woken: AtomicBool,
@@ -51,6 +53,11 @@ impl Gate {
         });
         let waker = Waker::from(Arc::clone(&latch));
         Gate { latch, waker }
+    }
+
+    /// The waker that raises this gate's flag.
+    pub(crate) fn waker(&self) -> &Waker {
+        &self.waker
     }
 
     /// Has the next gated pass poll what is behind the gate: for a future
@@ -94,17 +101,38 @@ impl Gate {
 /// A socket whose reads are polled only when the socket woke the task.
 /// Writes go through the same gate (tungstenite wakes a writer and a reader
 /// alike on either readiness), but are always polled.
+///
+/// With a [`Wire`], every use of the socket first takes it from the router's
+/// direct writers (and writes what one of them left), and the wire is told
+/// whether the library holds unwritten bytes.
 pub(crate) struct GatedSocket<'a, S> {
     socket: &'a mut S,
     gate: Gate,
+    wire: Option<Arc<Wire>>,
 }
 
 impl<'a, S> GatedSocket<'a, S> {
-    pub(crate) fn new(socket: &'a mut S) -> Self {
-        GatedSocket {
-            socket,
-            gate: Gate::new(),
+    pub(crate) fn new(socket: &'a mut S, wire: Option<Arc<Wire>>) -> Self {
+        let gate = Gate::new();
+        if let Some(w) = &wire {
+            w.wake_through(gate.waker());
         }
+        GatedSocket { socket, gate, wire }
+    }
+
+    /// Takes the socket from the router's writers for good (waiting out a
+    /// write in flight): the task is ending, and no change may reach the
+    /// socket after it stopped reading its queue.
+    pub(crate) fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(w) = &self.wire else {
+            return Poll::Ready(());
+        };
+        self.gate.poll_through(cx, |_| w.poll_take())
+    }
+
+    /// Whether the socket must be flushed before the task sleeps.
+    pub(crate) fn needs_write(&self) -> bool {
+        self.wire.as_ref().is_some_and(|w| w.needs_write())
     }
 
     /// Polls the socket through the gate, whether or not it woke the task.
@@ -118,7 +146,22 @@ impl<'a, S> GatedSocket<'a, S> {
     {
         let this = self.get_mut();
         let socket = std::pin::Pin::new(&mut *this.socket);
-        this.gate.poll_through(cx, |cx| poll(socket, cx))
+        let wire = this.wire.as_deref();
+        this.gate.poll_through(cx, |cx| {
+            if let Some(w) = wire {
+                std::task::ready!(w.poll_own(cx));
+            }
+            poll(socket, cx)
+        })
+    }
+}
+
+impl<S> Drop for GatedSocket<'_, S> {
+    fn drop(&mut self) {
+        // However the task ends, no direct write after it.
+        if let Some(w) = &self.wire {
+            w.seal();
+        }
     }
 }
 
@@ -128,8 +171,18 @@ impl<S: futures_util::Stream + Unpin> futures_util::Stream for GatedSocket<'_, S
     fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let this = self.get_mut();
         let socket = &mut *this.socket;
-        this.gate
-            .poll_if_woken(cx, |cx| std::pin::Pin::new(socket).poll_next(cx))
+        let wire = this.wire.as_deref();
+        this.gate.poll_if_woken(cx, |cx| {
+            if let Some(w) = wire {
+                std::task::ready!(w.poll_own(cx));
+            }
+            let read = std::pin::Pin::new(socket).poll_next(cx);
+            if let (Some(w), Poll::Ready(_)) = (wire, &read) {
+                // A frame read may have had the library answer a ping.
+                w.set_dirty(true);
+            }
+            read
+        })
     }
 }
 
@@ -144,14 +197,22 @@ impl<M, S: futures_util::Sink<M> + Unpin> futures_util::Sink<M> for GatedSocket<
     }
 
     fn start_send(self: std::pin::Pin<&mut Self>, item: M) -> Result<(), S::Error> {
-        std::pin::Pin::new(&mut *self.get_mut().socket).start_send(item)
+        let this = self.get_mut();
+        if let Some(w) = &this.wire {
+            w.set_dirty(true);
+        }
+        std::pin::Pin::new(&mut *this.socket).start_send(item)
     }
 
     fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), S::Error>> {
-        self.write(cx, |s, cx| s.poll_flush(cx))
+        let flushed = self.as_mut().write(cx, |s, cx| s.poll_flush(cx));
+        if let (Some(w), Poll::Ready(Ok(()))) = (&self.wire, &flushed) {
+            w.set_dirty(false);
+        }
+        flushed
     }
 
     fn poll_close(
@@ -299,7 +360,7 @@ mod tests {
         // buffered when one is read, are all read.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(8);
         let mut stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut gated = GatedSocket::new(&mut stream);
+        let mut gated = GatedSocket::new(&mut stream, None);
         let reader = async {
             let mut got = Vec::new();
             while let Some(n) = gated.next().await {

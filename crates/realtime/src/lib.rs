@@ -16,6 +16,7 @@ pub mod registry;
 pub mod service;
 pub mod session;
 pub mod stats;
+mod wire;
 
 pub use service::{
     Authenticator, BoxFuture, BroadcastHistory, ChannelPolicy, ChannelRights, Directory,

@@ -452,6 +452,26 @@ fn subscription_frame(action: &str, id: &str) -> String {
     json!({"type": "subscription", "action": action, "data": {"id": id}}).to_string()
 }
 
+/// A `change` frame as a whole WebSocket text frame (header and payload),
+/// for a direct write to the socket.
+pub(crate) fn change_wire_frame(subscription: &str, change: &Routed) -> bytes::Bytes {
+    let text = change_frame(subscription, change);
+    let n = text.len();
+    let mut v = Vec::with_capacity(n + 10);
+    v.push(0x81); // FIN, text
+    if n < 126 {
+        v.push(n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        v.push(126);
+        v.extend_from_slice(&n.to_be_bytes());
+    } else {
+        v.push(127);
+        v.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    v.extend_from_slice(text.as_bytes());
+    v.into()
+}
+
 /// Encodes a queued item as the frames to send, in order.
 pub(crate) fn encode(out: Outbound, frames: &mut Vec<Message>) {
     let text = match out {

@@ -157,7 +157,7 @@ pub struct Inner {
     /// Broadcast and presence of `/realtime/v1`.
     pub phoenix: mpsc::Sender<PhxCommand>,
     pub registry: Arc<Registry>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     pub kingshare: Arc<Notifier>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,

@@ -86,6 +86,9 @@ pub struct ConnectParams {
     /// The client's address (as the HTTP layer found it behind proxies).
     pub addr: Option<IpAddr>,
     pub vocabulary: Vocabulary,
+    /// The TCP connection, when the socket is a WebSocket upgraded from
+    /// HTTP/1.1 (alone on it): row changes are then written to it directly.
+    pub tcp: Option<Arc<tokio::net::TcpStream>>,
 }
 
 /// Refuses a connection whose token failed: an error frame, then close.
@@ -159,9 +162,19 @@ pub fn run(
         metrics::gauge!("aether_ws_connections").increment(1.0);
 
         let principal = Arc::new(principal);
+        let wire = params.tcp.clone().map(|tcp| {
+            Arc::new(crate::wire::Wire::new(
+                tcp,
+                protocol::change_wire_frame,
+                Arc::clone(&state.stats),
+            ))
+        });
         let handle = SessionHandle {
             tx: tx.clone(),
             principal: Arc::clone(&principal),
+            direct: wire
+                .clone()
+                .map(|w| w as Arc<dyn aether_router::direct::Direct>),
         };
         let member = Member {
             tx: tx.clone(),
@@ -209,6 +222,7 @@ pub fn run(
                 last_seen,
                 router: state.router.clone(),
                 shutdown: state.drain.token(),
+                wire,
             };
             let limits = engine::Limits::from_settings(cfg);
             engine::run(&mut socket, &mut conn, link, limits, &state.stats).await;

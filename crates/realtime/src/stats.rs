@@ -10,6 +10,8 @@ pub struct Stats {
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub changes_delivered: AtomicU64,
+    /// Of those, written by the router's direct writers, not the connection's task.
+    pub changes_direct: AtomicU64,
     errors: Mutex<HashMap<String, u64>>,
 }
 

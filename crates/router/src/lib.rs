@@ -25,6 +25,7 @@
 
 pub mod catalog;
 mod catchup;
+pub mod direct;
 pub mod filter;
 pub mod policy;
 pub mod queue;
@@ -148,6 +149,9 @@ pub struct SessionHandle {
     /// empty the connection answers with [`Command::Pull`]).
     pub tx: queue::QueueTx<Outbound>,
     pub principal: Arc<Principal>,
+    /// Its socket, for row changes written without waking its task, when its
+    /// dialect and transport allow (see [`direct`]).
+    pub direct: Option<Arc<dyn direct::Direct>>,
 }
 
 #[derive(Debug, Clone)]

@@ -135,6 +135,12 @@ impl<T> Drop for QueueTx<T> {
 }
 
 impl<T> QueueTx<T> {
+    /// Whether nothing is queued now and the reader is still there (a queue
+    /// whose reader is gone is not "empty": what it held was dropped).
+    pub fn is_empty(&self) -> bool {
+        !self.0.reader_gone.load(Ordering::Acquire) && self.0.lock().q.is_empty()
+    }
+
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
         self.send_within(item, self.0.cap, self.0.cap_bytes)

@@ -468,6 +468,7 @@ impl Router {
         // What viewers for whom an UPDATE moves the row in or out get.
         let mut entered: Option<Arc<Routed>> = None;
         let mut left: Option<Arc<Routed>> = None;
+        let mut claims = Vec::new();
         for &uid in &candidates {
             let Some(sub) = self.subs.get_mut(&uid) else {
                 continue;
@@ -525,6 +526,19 @@ impl Router {
                 subscription: Arc::clone(&sub.id),
                 change: sent,
             };
+            // Straight to the socket if its task sleeps with nothing owed and
+            // nothing is queued ahead of this.
+            if let Some(to) = &entry.handle.direct
+                && entry.handle.tx.is_empty()
+                && to.claim()
+            {
+                claims.push(crate::direct::Claim::new(Arc::clone(to), out));
+                if claims.len() == crate::direct::BATCH {
+                    crate::direct::write(std::mem::take(&mut claims));
+                }
+                sub.seen = change.position;
+                continue;
+            }
             match entry.handle.tx.try_send_bulk(out) {
                 Ok(()) => sub.seen = change.position,
                 Err(crate::queue::TrySendError::Full(_)) => {
@@ -550,6 +564,9 @@ impl Router {
             }
         }
         self.candidates = candidates;
+        if !claims.is_empty() {
+            crate::direct::write(claims);
+        }
         self.policy.settle();
         for s in closed {
             self.detach(s);

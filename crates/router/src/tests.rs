@@ -49,6 +49,7 @@ fn fixture_with(
         handle: SessionHandle {
             tx,
             principal: Arc::new(Principal::service()),
+            direct: None,
         },
     });
     Fixture {
@@ -368,6 +369,7 @@ async fn a_pending_decision_holds_back_only_its_connection_which_then_gets_every
         handle: SessionHandle {
             tx: tx2,
             principal: Arc::new(Principal::service()),
+            direct: None,
         },
     });
     f.subscribe("a", None);
@@ -441,6 +443,7 @@ async fn a_tap_can_close_the_connections_of_a_revoked_session() {
                 session_id: Some(id),
                 ..Principal::service()
             }),
+            direct: None,
         },
     });
     f.commit(1);
@@ -638,6 +641,7 @@ async fn a_queue_full_by_weight_lags_and_catches_up_in_order() {
         handle: SessionHandle {
             tx: tx2,
             principal: Arc::new(Principal::service()),
+            direct: None,
         },
     });
     f.r.command(Command::Subscribe {
@@ -703,4 +707,87 @@ async fn a_reply_still_fits_a_queue_a_catch_up_refilled() {
     assert!(f.rx.closing().is_none(), "not closed");
     got.extend(of(&f.catch_up().await, "a"));
     assert_eq!(got, (1..=20).collect::<Vec<_>>());
+}
+
+/// A socket that records what is written to it directly, and stays claimed
+/// until told the write is over.
+#[derive(Default)]
+struct Socket {
+    busy: std::sync::atomic::AtomicBool,
+    got: std::sync::Mutex<Vec<Position>>,
+}
+
+impl Socket {
+    fn written(&self) -> Vec<Position> {
+        self.got.lock().unwrap().clone()
+    }
+    fn done(&self) {
+        self.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl direct::Direct for Socket {
+    fn claim(&self) -> bool {
+        !self.busy.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+    fn deliver(&self, out: Outbound) {
+        if let Outbound::Change { change, .. } = out {
+            self.got.lock().unwrap().push(change.position);
+        }
+    }
+    fn abandon(&self) {
+        self.done();
+    }
+}
+
+#[test]
+fn a_change_goes_straight_to_the_socket_only_with_nothing_queued_ahead() {
+    let mut f = fixture(1 << 20, 16);
+    let socket = Arc::new(Socket::default());
+    let (tx, mut rx) = crate::queue::channel(16);
+    f.r.command(Command::Attach {
+        session: 2,
+        handle: SessionHandle {
+            tx,
+            principal: Arc::new(Principal::service()),
+            direct: Some(Arc::clone(&socket) as Arc<dyn direct::Direct>),
+        },
+    });
+    f.r.command(Command::Subscribe {
+        session: 2,
+        spec: SubscriptionSpec {
+            id: Arc::from("d"),
+            table: Arc::from("public.t"),
+            events: EventMask::ALL,
+            filter: Filter { conditions: vec![] },
+            since: None,
+        },
+    });
+    // What is queued: changes by position, the subscribe's reply as `None`.
+    let mut queued = || -> Vec<Option<Position>> {
+        std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Outbound::Change { change, .. }) => Some(Some(change.position)),
+            Ok(Outbound::Subscribed { .. }) => Some(None),
+            _ => None,
+        })
+        .collect()
+    };
+    // The subscribe's reply is queued: the change goes behind it.
+    let p1 = f.commit(1);
+    assert_eq!(queued(), vec![None, Some(p1)]);
+    assert!(socket.written().is_empty());
+    // Nothing queued: straight to the socket.
+    let p2 = f.commit(2);
+    assert_eq!(socket.written(), vec![p2]);
+    // Its write not over: the next change queues.
+    let p3 = f.commit(3);
+    socket.done();
+    // The socket is free, but the third is still queued: the fourth goes
+    // behind it, not around it.
+    let p4 = f.commit(4);
+    assert_eq!(socket.written(), vec![p2], "nothing jumps the queue");
+    assert_eq!(queued(), vec![Some(p3), Some(p4)]);
+    // Drained: straight to the socket again.
+    let p5 = f.commit(5);
+    assert_eq!(socket.written(), vec![p2, p5]);
 }

@@ -246,14 +246,16 @@ struct Linger {
 /// lets the socket close: closing with unread data makes the kernel send a reset,
 /// which can destroy the answer before the client reads it.
 pub(crate) struct EdgeIo {
-    tcp: TcpStream,
+    /// Shared: a WebSocket's row changes may be written by the router's
+    /// writers (`aether_router::direct`) while this is the upgraded stream.
+    tcp: Arc<TcpStream>,
     activity: Arc<Activity>,
     linger: Option<Linger>,
     _place: ConnGuard,
 }
 
 impl EdgeIo {
-    pub(crate) fn new(tcp: TcpStream, activity: Arc<Activity>, place: ConnGuard) -> Self {
+    pub(crate) fn new(tcp: Arc<TcpStream>, activity: Arc<Activity>, place: ConnGuard) -> Self {
         EdgeIo {
             tcp,
             activity,
@@ -263,14 +265,40 @@ impl EdgeIo {
     }
 }
 
+/// Reads from a shared stream: readiness, then a read that clears it when
+/// there is nothing (tokio's `TcpStream` does the same behind `&mut`). Into
+/// the buffer's uninitialized part, as tokio's does: zeroing it first would
+/// cost a pass over hyper's whole read buffer per read.
+fn poll_read_shared(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(tcp.poll_read_ready(cx))?;
+        // SAFETY: only written to (by the read), never read from.
+        let mut unfilled = unsafe { buf.unfilled_mut() };
+        match tcp.try_read_buf(&mut unfilled) {
+            Ok(n) => {
+                // SAFETY: the read initialized the first `n` bytes.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 impl AsyncRead for EdgeIo {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let r = poll_read_shared(&self.tcp, cx, buf);
         if buf.filled().len() > before {
             self.activity.on_read();
         }
@@ -280,34 +308,47 @@ impl AsyncRead for EdgeIo {
 
 impl AsyncWrite for EdgeIo {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        true
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TCP has nothing of its own to flush (TCP_NODELAY is set).
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.linger.is_none() {
             if !this.activity.unread_body.load(Ordering::Relaxed) {
-                return Pin::new(&mut this.tcp).poll_shutdown(cx);
+                return Poll::Ready(shutdown_write(&this.tcp));
             }
             this.linger = Some(Linger {
                 deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
@@ -321,7 +362,7 @@ impl AsyncWrite for EdgeIo {
         };
         if !l.fin_sent {
             // The answer is flushed: FIN tells the client it is complete.
-            let _ = ready!(Pin::new(&mut this.tcp).poll_shutdown(cx));
+            let _ = shutdown_write(&this.tcp);
             l.fin_sent = true;
         }
         let mut scratch = [0u8; 8192];
@@ -330,7 +371,7 @@ impl AsyncWrite for EdgeIo {
                 break;
             }
             let mut rb = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+            match poll_read_shared(&this.tcp, cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
                 Poll::Ready(Ok(())) => {
@@ -343,6 +384,16 @@ impl AsyncWrite for EdgeIo {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Sends FIN (the shared stream has no `&mut` to shut down through).
+fn shutdown_write(tcp: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor `tcp` keeps open.
+    match unsafe { libc::shutdown(tcp.as_raw_fd(), libc::SHUT_WR) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 

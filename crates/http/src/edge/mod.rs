@@ -144,6 +144,13 @@ fn refuse(tcp: &TcpStream, r: Refusal) {
     let _ = tcp.try_write(answer.as_bytes());
 }
 
+/// The connection a request came on, for a WebSocket upgraded from HTTP/1.1:
+/// its row changes may then be written to it directly
+/// (`aether_router::direct`). Over HTTP/2 the socket carries other streams
+/// too, so only the WebSocket route takes it, and only over HTTP/1.1.
+#[derive(Clone)]
+pub(crate) struct Socket(pub(crate) Arc<TcpStream>);
+
 /// Serves `app` on `listener` until `shutdown`, then gives open connections
 /// [`SHUTDOWN_GRACE`] to finish. `limits` counts (and caps) the connections.
 pub async fn serve(
@@ -216,10 +223,12 @@ pub async fn serve(
                 continue;
             }
         };
+        let tcp = Arc::new(tcp);
         let activity = Activity::new();
-        let io = TokioIo::new(EdgeIo::new(tcp, Arc::clone(&activity), place));
+        let io = TokioIo::new(EdgeIo::new(Arc::clone(&tcp), Arc::clone(&activity), place));
         let service = {
             let activity = Arc::clone(&activity);
+            let tcp = Arc::clone(&tcp);
             let trusted = Arc::clone(&edge.trusted_proxies);
             let app = app.clone();
             hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
@@ -230,6 +239,7 @@ pub async fn serve(
                 let client = trusted.client_ip(peer.ip(), req.headers());
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req.extensions_mut().insert(ClientIp(client));
+                req.extensions_mut().insert(Socket(Arc::clone(&tcp)));
                 let app = app.clone();
                 async move {
                     let res = match app.oneshot(req).await {

@@ -458,6 +458,7 @@ pub fn run(
         }
         let principal = Arc::new(principal);
         let handle = SessionHandle {
+            direct: None,
             tx: tx.clone(),
             principal: Arc::clone(&principal),
         };
@@ -493,6 +494,7 @@ pub fn run(
             last_seen,
             router: state.router.clone(),
             shutdown: state.drain.token(),
+            wire: None,
         };
         let limits = engine::Limits::from_settings(&state.settings);
         engine::run(&mut socket, &mut conn, link, limits, &state.stats).await;

@@ -1,0 +1,487 @@
+//! A connection's socket shared between its task and the router's direct
+//! writers (`aether_router::direct`).
+//!
+//! One of them owns the byte stream at a time, by an atomic state:
+//! - `TASK`: the connection's task owns it (awake, or with bytes it must
+//!   still write);
+//! - `IDLE`: the task sleeps with nothing owed (its queue empty, the
+//!   WebSocket library flushed), and the router may claim it;
+//! - `CLAIMED`: a writer is writing one change;
+//! - `CLOSED`: the task is closing or gone; nothing is claimed again.
+//!
+//! The task takes `IDLE → TASK` before any use of the socket (reads too: the
+//! library answers pings by writing) and, finding it `CLAIMED`, is woken when
+//! the write ends. A writer that could not write a whole frame leaves the
+//! rest here for the task, which writes it before anything else.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use crate::registry::now_ms;
+use crate::stats::Stats;
+use aether_router::Outbound;
+use aether_router::routed::Routed;
+
+const TASK: u8 = 0;
+const IDLE: u8 = 1;
+const CLAIMED: u8 = 2;
+const CLOSED: u8 = 3;
+
+/// Encodes a change for one subscription as a whole WebSocket frame.
+pub(crate) type Encode = fn(&str, &Routed) -> Bytes;
+
+pub(crate) struct Wire {
+    state: AtomicU8,
+    /// The task found the socket claimed: the writer wakes it when done.
+    wanted: AtomicBool,
+    /// The library may hold bytes it has not written (a frame fed and not
+    /// flushed, a ping answered while reading): no claim until a flush.
+    dirty: AtomicBool,
+    /// A direct write failed (not for want of room): a change may be missing
+    /// or cut, so the connection must end (the client resumes from the last
+    /// change it has, and the log has the rest).
+    broken: AtomicBool,
+    stream: Arc<TcpStream>,
+    /// The rest of a frame a writer could not write whole, and how much of
+    /// it was written.
+    owed: Mutex<Option<(Bytes, usize)>>,
+    /// Wakes the task through its socket's gate, so that it polls the socket
+    /// (and pays what is owed).
+    waker: OnceLock<Waker>,
+    encode: Encode,
+    stats: Arc<Stats>,
+}
+
+impl Wire {
+    pub(crate) fn new(stream: Arc<TcpStream>, encode: Encode, stats: Arc<Stats>) -> Wire {
+        Wire {
+            state: AtomicU8::new(TASK),
+            wanted: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            stream,
+            owed: Mutex::new(None),
+            waker: OnceLock::new(),
+            encode,
+            stats,
+        }
+    }
+
+    /// How a writer reaches the task: the socket gate's waker.
+    pub(crate) fn wake_through(&self, waker: &Waker) {
+        let _ = self.waker.set(waker.clone());
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.get() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Makes the socket the task's, then writes what a writer left owed.
+    /// Pending while a writer holds it (woken when it is done) or while the
+    /// owed bytes wait for room.
+    pub(crate) fn poll_own(&self, cx: &mut Context<'_>) -> Poll<()> {
+        ready!(self.poll_take());
+        self.poll_pay(cx)
+    }
+
+    /// Makes the socket the task's; pending while a writer holds it (woken,
+    /// through the socket's gate, when it is done). The task takes it before
+    /// it takes an item from its queue, too: an item taken while the socket
+    /// sleeps could be overtaken by a later change a writer claims.
+    pub(crate) fn poll_take(&self) -> Poll<()> {
+        loop {
+            match self.state.load(Ordering::SeqCst) {
+                TASK | CLOSED => break,
+                IDLE => {
+                    if self
+                        .state
+                        .compare_exchange(IDLE, TASK, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+                _ => {
+                    // Raised before the second look: a writer that releases
+                    // in between sees it and wakes us.
+                    self.wanted.store(true, Ordering::SeqCst);
+                    if self.state.load(Ordering::SeqCst) == CLAIMED {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+
+    fn poll_pay(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((bytes, at)) = owed.as_mut() {
+            if ready!(self.stream.poll_write_ready(cx)).is_err() {
+                *owed = None;
+                self.broken.store(true, Ordering::SeqCst);
+                break;
+            }
+            match self.stream.try_write(&bytes[*at..]) {
+                Ok(n) if n > 0 => {
+                    *at += n;
+                    if *at >= bytes.len() {
+                        *owed = None;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                _ => {
+                    *owed = None;
+                    self.broken.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Whether the task must write before it sleeps: the library's buffer, or
+    /// a frame a writer left.
+    pub(crate) fn needs_write(&self) -> bool {
+        self.dirty.load(Ordering::Relaxed) || self.owed_any()
+    }
+
+    fn owed_any(&self) -> bool {
+        self.owed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == IDLE
+    }
+
+    /// Whether a direct write failed: the connection must end.
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_dirty(&self, dirty: bool) {
+        self.dirty.store(dirty, Ordering::Relaxed);
+    }
+
+    /// The task is going to sleep with its queue empty: the router may claim
+    /// the socket, unless the library or a writer left bytes to write.
+    pub(crate) fn release(&self) {
+        if self.state.load(Ordering::Relaxed) == TASK
+            && !self.dirty.load(Ordering::Relaxed)
+            && !self.broken()
+            && !self.owed_any()
+        {
+            let _ = self
+                .state
+                .compare_exchange(TASK, IDLE, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    /// No claim after this: the task is gone. A write in flight ends
+    /// harmlessly (the stream stays open while the wire holds it); nothing
+    /// else writes.
+    pub(crate) fn seal(&self) {
+        self.state.store(CLOSED, Ordering::SeqCst);
+    }
+
+    /// A claim ends. A task that asked for the socket meanwhile gets it at
+    /// once (the router could otherwise claim it again first, and keep it
+    /// from reading, pinging or closing); else it goes back to sleeping.
+    fn unclaim(&self) {
+        if self.wanted.swap(false, Ordering::SeqCst) {
+            let _ = self
+                .state
+                .compare_exchange(CLAIMED, TASK, Ordering::SeqCst, Ordering::SeqCst);
+            self.wake();
+            return;
+        }
+        let _ = self
+            .state
+            .compare_exchange(CLAIMED, IDLE, Ordering::SeqCst, Ordering::SeqCst);
+        // Asked between the two looks: it finds the socket asleep and takes it.
+        if self.wanted.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    /// A claim ends with a failed write: the task owns the socket and ends
+    /// the connection.
+    fn fail(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        let _ = self
+            .state
+            .compare_exchange(CLAIMED, TASK, Ordering::SeqCst, Ordering::SeqCst);
+        self.wanted.store(false, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// A claim ends with bytes left: the task owns the socket and must write
+    /// them first.
+    fn owe(&self, bytes: Bytes, at: usize) {
+        *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes, at));
+        if self
+            .state
+            .compare_exchange(CLAIMED, TASK, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            // Closed meanwhile: nobody will write them.
+            *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        self.wanted.store(false, Ordering::SeqCst);
+        self.wake();
+    }
+}
+
+impl aether_router::direct::Direct for Wire {
+    fn claim(&self) -> bool {
+        self.state
+            .compare_exchange(IDLE, CLAIMED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    fn deliver(&self, out: Outbound) {
+        let Outbound::Change {
+            subscription,
+            change,
+        } = out
+        else {
+            // The router claims for row changes only.
+            self.unclaim();
+            return;
+        };
+        let bytes = (self.encode)(&subscription, &change);
+        crate::engine::account_direct(&self.stats, &change, now_ms());
+        match self.stream.try_write(&bytes) {
+            Ok(n) if n >= bytes.len() => self.unclaim(),
+            Ok(n) => self.owe(bytes, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.owe(bytes, 0),
+            Err(_) => self.fail(),
+        }
+    }
+
+    fn abandon(&self) {
+        self.unclaim();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use aether_router::direct::Direct;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+    use tokio::io::AsyncReadExt;
+
+    /// Counts wakes.
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn change() -> Arc<Routed> {
+        Arc::new(Routed::new(Arc::new(aether_core::changes::RowChange::new(
+            aether_core::lsn::Position::new(aether_core::lsn::PgLsn(1), 0),
+            aether_core::changes::ChangeKind::Insert,
+            aether_core::changes::test_relation(),
+            None,
+            None,
+            0,
+        ))))
+    }
+
+    fn out() -> Outbound {
+        Outbound::Change {
+            subscription: Arc::from("s"),
+            change: change(),
+        }
+    }
+
+    /// A frame of the subscription's length in KiB, all of its first byte.
+    fn sized(subscription: &str, _: &Routed) -> Bytes {
+        let fill = subscription.as_bytes()[0];
+        Bytes::from(vec![fill; subscription.len() * 1024])
+    }
+
+    fn said(_: &str, _: &Routed) -> Bytes {
+        Bytes::from_static(b"frame;")
+    }
+
+    /// A server end (shared, as the edge holds it) and its client.
+    pub(crate) async fn tcp_pair() -> (Arc<TcpStream>, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(l.local_addr().expect("addr"));
+        let (client, server) = tokio::join!(client, l.accept());
+        let (server, _) = server.expect("accept");
+        (Arc::new(server), client.expect("connect"))
+    }
+
+    async fn pair(encode: Encode) -> (Arc<Wire>, TcpStream, Arc<Count>) {
+        let (server, client) = tcp_pair().await;
+        let wire = Arc::new(Wire::new(server, encode, Arc::default()));
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        wire.wake_through(&Waker::from(Arc::clone(&count)));
+        (wire, client, count)
+    }
+
+    async fn read_exactly(peer: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        tokio::time::timeout(std::time::Duration::from_secs(5), peer.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        got
+    }
+
+    #[tokio::test]
+    async fn a_claim_needs_a_sleeping_task_and_ends_with_the_write() {
+        let (wire, mut peer, _) = pair(said).await;
+        assert!(!wire.claim(), "the task owns the socket at first");
+        wire.release();
+        assert!(wire.claim());
+        assert!(!wire.claim(), "one claim at a time");
+        wire.deliver(out());
+        assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
+        assert!(wire.claim(), "the socket sleeps again after the write");
+        wire.abandon();
+        // Unflushed library bytes keep it the task's.
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(wire.poll_own(&mut cx).is_ready());
+        wire.set_dirty(true);
+        wire.release();
+        assert!(!wire.claim());
+        wire.set_dirty(false);
+        wire.release();
+        assert!(wire.claim());
+        wire.abandon();
+        assert_eq!(wire.stats.changes_delivered.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_finds_a_claim_waits_for_it_and_is_woken() {
+        let (wire, _peer, count) = pair(said).await;
+        wire.release();
+        assert!(wire.claim());
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(wire.poll_own(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        wire.deliver(out());
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "woken when the write ended"
+        );
+        assert!(
+            !wire.claim(),
+            "handed to the task that asked, not back to the router"
+        );
+        assert!(wire.poll_own(&mut cx).is_ready());
+        assert!(!wire.claim(), "the task has it now");
+        // A claim the task did not wait for wakes nobody.
+        wire.release();
+        assert!(wire.claim());
+        wire.deliver(out());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_did_not_take_is_written_by_the_task_first() {
+        // 4 MiB frames, each of its own letter: while the peer does not read,
+        // one cannot be written whole.
+        let (wire, mut peer, count) = pair(sized).await;
+        let frame = |k: usize| Outbound::Change {
+            subscription: Arc::from(format!("{}{}", (b'a' + k as u8) as char, "x".repeat(4095))),
+            change: change(),
+        };
+        let mut frames = 0;
+        loop {
+            wire.release();
+            assert!(wire.claim(), "no bytes owed yet");
+            wire.deliver(frame(frames));
+            frames += 1;
+            if wire.needs_write() {
+                break;
+            }
+            assert!(frames < 16, "a socket buffer took 64 MiB");
+        }
+        assert!(
+            count.0.load(Ordering::SeqCst) >= 1,
+            "the task is woken to pay"
+        );
+        wire.release();
+        assert!(!wire.claim(), "no claim while bytes are owed");
+        // The task pays as the peer reads: every frame whole, in order, once.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0; 1 << 16];
+            while got.len() < frames * (4 << 20) {
+                let k = peer.read(&mut buf).await.expect("read");
+                assert!(k > 0, "the stream ended early");
+                got.extend_from_slice(&buf[..k]);
+            }
+            (got, peer)
+        });
+        std::future::poll_fn(|cx| wire.poll_own(cx)).await;
+        assert!(!wire.needs_write());
+        let (got, mut peer) = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("in time")
+            .expect("the reader");
+        for (k, chunk) in got.chunks(4 << 20).enumerate() {
+            assert!(
+                chunk.iter().all(|b| *b == b'a' + k as u8),
+                "frame {k} whole and in place"
+            );
+        }
+        // Nothing more was written.
+        wire.seal();
+        drop(wire);
+        let mut rest = [0u8; 1];
+        assert_eq!(peer.read(&mut rest).await.expect("read"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_ends_the_connection_instead_of_leaving_a_gap() {
+        let (wire, peer, _) = pair(said).await;
+        drop(peer);
+        // Writes to a socket its peer closed fail soon (a reset).
+        let mut tries = 0;
+        while !wire.broken() {
+            wire.release();
+            assert!(wire.claim(), "not broken yet: the socket sleeps again");
+            wire.deliver(out());
+            tries += 1;
+            assert!(tries < 1000, "the writes never failed");
+            tokio::task::yield_now().await;
+        }
+        wire.release();
+        assert!(!wire.claim(), "no claim on a broken socket");
+    }
+
+    #[tokio::test]
+    async fn a_sealed_socket_is_never_claimed_and_owes_nothing() {
+        let (wire, _peer, _) = pair(said).await;
+        wire.release();
+        assert!(wire.claim());
+        // The task ends while a writer holds the socket.
+        wire.seal();
+        wire.deliver(out());
+        wire.release();
+        assert!(!wire.claim());
+        assert!(!wire.needs_write());
+    }
+}
