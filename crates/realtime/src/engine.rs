@@ -1207,15 +1207,18 @@ mod tests {
         h.ended().await;
     }
 
+    /// A wire over a real TCP connection, as a `/ws` socket has, and its peer.
+    async fn wire() -> (Arc<crate::wire::Wire>, tokio::net::TcpStream) {
+        let (server, client) = crate::wire::tests::tcp_pair().await;
+        let wire =
+            crate::wire::Wire::new(server, crate::protocol::change_wire_frame, Arc::default());
+        (Arc::new(wire), client)
+    }
+
     #[tokio::test]
     async fn the_queue_waits_while_a_writer_holds_the_socket() {
         use aether_router::direct::Direct;
-        let (server, _client) = crate::wire::tests::tcp_pair().await;
-        let wire = Arc::new(crate::wire::Wire::new(
-            server,
-            crate::protocol::change_wire_frame,
-            Arc::default(),
-        ));
+        let (wire, _client) = wire().await;
         let mut h = start_wired(limits(), None, false, 16, Some(Arc::clone(&wire)));
         // Asleep with nothing queued, the engine offers the socket.
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -1244,12 +1247,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_change_is_written_directly_once_the_connection_is_ending() {
-        let (server, _client) = crate::wire::tests::tcp_pair().await;
-        let wire = Arc::new(crate::wire::Wire::new(
-            server,
-            crate::protocol::change_wire_frame,
-            Arc::default(),
-        ));
+        let (wire, _client) = wire().await;
         let claimable = Arc::new(AtomicBool::new(false));
         let probe = Some((Arc::clone(&wire), Arc::clone(&claimable)));
         let mut h = start_probed(limits(), None, false, 16, Some(Arc::clone(&wire)), probe);
