@@ -1240,7 +1240,10 @@ mod tests {
             "the engine took an item while the socket was claimed"
         );
         // The writer is done: the item goes out.
-        wire.abandon();
+        wire.deliver(Outbound::Change {
+            subscription: Arc::from("s"),
+            change: crate::wire::tests::change(),
+        });
         assert_eq!(h.next_text().await, "q");
         h.ended().await;
     }

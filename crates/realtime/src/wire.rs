@@ -269,7 +269,7 @@ impl aether_router::direct::Direct for Wire {
     }
 
     fn abandon(&self) {
-        self.unclaim();
+        self.fail();
     }
 }
 
@@ -289,7 +289,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn change() -> Arc<Routed> {
+    pub(crate) fn change() -> Arc<Routed> {
         Arc::new(Routed::new(Arc::new(aether_core::changes::RowChange::new(
             aether_core::lsn::Position::new(aether_core::lsn::PgLsn(1), 0),
             aether_core::changes::ChangeKind::Insert,
@@ -355,7 +355,8 @@ pub(crate) mod tests {
         wire.deliver(out());
         assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
         assert!(wire.claim(), "the socket sleeps again after the write");
-        wire.abandon();
+        wire.deliver(out());
+        assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
         // Unflushed library bytes keep it the task's.
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
@@ -366,8 +367,13 @@ pub(crate) mod tests {
         wire.set_dirty(false);
         wire.release();
         assert!(wire.claim());
+        // A claim given back unwritten ends the connection: its change is
+        // missing, and the client resumes from the log.
         wire.abandon();
-        assert_eq!(wire.stats.changes_delivered.load(Ordering::Relaxed), 1);
+        assert!(wire.broken());
+        wire.release();
+        assert!(!wire.claim());
+        assert_eq!(wire.stats.changes_delivered.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

@@ -24,7 +24,10 @@ pub trait Direct: Send + Sync {
     /// socket did not take is owed to the connection's task, which writes it
     /// before anything else.
     fn deliver(&self, out: Outbound);
-    /// Gives a claim back unused.
+    /// Gives a claim back without writing its change (a writer task dropped
+    /// unrun, a panic while writing). The change counts as sent to the
+    /// connection, so the connection must end, and its client resume from
+    /// the log, or it would miss the change.
     fn abandon(&self);
 }
 
