@@ -291,8 +291,6 @@ pub(crate) fn queue(
     aether_router::queue::weighed(cfg.ws_queue_capacity, cfg.ws_queue_bytes, Outbound::weight)
 }
 
-/// When a token expiring at `exp` (Unix seconds) is over; at most a year
-/// ahead, so a token claiming to live for ever cannot overflow the clock.
 /// When a connection's first ping is due: between half and all of the
 /// interval, spread by its session number. Connections opened together (every
 /// client reconnecting after a restart) would otherwise ping together forever:
@@ -305,22 +303,23 @@ fn first_ping(every: Duration, session: u64) -> Duration {
     every.mul_f64(1.0 - fraction / 2.0)
 }
 
-fn deadline(exp: Option<i64>) -> tokio::time::Instant {
+/// When a token expiring at `exp` (Unix seconds) is over; at most a year
+/// ahead, so a token claiming to live for ever cannot overflow the clock.
+fn deadline(exp: i64) -> tokio::time::Instant {
     const YEAR: u64 = 86_400 * 365;
-    let left = match exp {
-        Some(exp) => u64::try_from(exp.saturating_sub(chrono::Utc::now().timestamp())).unwrap_or(0),
-        None => YEAR,
-    };
+    let left = u64::try_from(exp.saturating_sub(chrono::Utc::now().timestamp())).unwrap_or(0);
     tokio::time::Instant::now() + Duration::from_secs(left.min(YEAR))
 }
 
-/// Counts a change a direct writer delivers, as [`account`] does.
-pub(crate) fn account_direct(stats: &Stats, change: &aether_router::routed::Routed, now: i64) {
-    let ms = (now - change.commit_time_ms).max(0);
-    metrics::histogram!("aether_delivery_latency_seconds").record(ms as f64 / 1000.0);
-    stats.frames_out(1, 1);
-    stats.changes_direct.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("aether_events_delivered_direct_total").increment(1);
+/// The delivery-latency histogram, looked up once per connection: the
+/// macro finds it in the recorder's registry on every call.
+pub(crate) fn latency_histogram() -> metrics::Histogram {
+    metrics::histogram!("aether_delivery_latency_seconds")
+}
+
+/// Records how long after its commit a change went out.
+pub(crate) fn record_latency(latency: &metrics::Histogram, commit_time_ms: i64, now: i64) {
+    latency.record((now - commit_time_ms).max(0) as f64 / 1000.0);
 }
 
 /// The queue's next item or signal; found empty, the socket is offered to
@@ -353,8 +352,7 @@ async fn next_or_release(
 fn account(stats: &Stats, out: &Outbound, now: i64, latency: &metrics::Histogram) -> u64 {
     match out {
         Outbound::Change { change, .. } => {
-            let ms = (now - change.commit_time_ms).max(0);
-            latency.record(ms as f64 / 1000.0);
+            record_latency(latency, change.commit_time_ms, now);
             1
         }
         Outbound::Error { code, .. } => {
@@ -531,7 +529,7 @@ where
     async move {
         let wire = link.wire.clone();
         let socket = &mut GatedSocket::new(socket, wire.clone());
-        let latency = metrics::histogram!("aether_delivery_latency_seconds");
+        let latency = latency_histogram();
         let budget = frame_budget();
         let idle_ms = i64::try_from(limits.idle.as_millis()).unwrap_or(i64::MAX);
         let mut frames = Frames::new();
@@ -547,7 +545,8 @@ where
                 limits.ping_every,
             );
             let mut expires = dialect.expires_at();
-            let expiry = tokio::time::sleep_until(deadline(expires));
+            // Unarmed without a token that expires (then never polled).
+            let expiry = tokio::time::sleep_until(deadline(expires.unwrap_or(i64::MAX)));
             tokio::pin!(expiry);
             let mut pull_wanted = false;
             let session = link.session;
@@ -676,7 +675,7 @@ where
                 if dialect.expires_at() != expires {
                     // A renewed (or dropped) token moves the deadline.
                     expires = dialect.expires_at();
-                    alarms.rearm(expires.map(|e| deadline(Some(e))));
+                    alarms.rearm(expires.map(deadline));
                 }
             }
         };
@@ -1240,10 +1239,7 @@ mod tests {
             "the engine took an item while the socket was claimed"
         );
         // The writer is done: the item goes out.
-        wire.deliver(Outbound::Change {
-            subscription: Arc::from("s"),
-            change: crate::wire::tests::change(),
-        });
+        wire.deliver("s", &crate::wire::tests::change());
         assert_eq!(h.next_text().await, "q");
         h.ended().await;
     }

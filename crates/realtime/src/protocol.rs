@@ -441,7 +441,7 @@ fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>
 pub fn change_frame(subscription: &str, change: &Routed) -> String {
     let tail = change.frame(AETHER_FRAME, change_tail);
     let mut s = String::with_capacity(48 + subscription.len() + tail.len());
-    s.push_str("{\"type\":\"change\",\"subscription\":");
+    s.push_str(CHANGE_PREFIX);
     s.push_str(&Value::String(subscription.to_owned()).to_string());
     s.push(',');
     s.push_str(tail);
@@ -452,24 +452,45 @@ fn subscription_frame(action: &str, id: &str) -> String {
     json!({"type": "subscription", "action": action, "data": {"id": id}}).to_string()
 }
 
+const CHANGE_PREFIX: &str = "{\"type\":\"change\",\"subscription\":";
+
 /// A `change` frame as a whole WebSocket text frame (header and payload),
-/// for a direct write to the socket.
+/// for a direct write to the socket: one buffer per recipient, the payload
+/// written after room for the longest header, which goes just before it.
 pub(crate) fn change_wire_frame(subscription: &str, change: &Routed) -> bytes::Bytes {
-    let text = change_frame(subscription, change);
-    let n = text.len();
-    let mut v = Vec::with_capacity(n + 10);
-    v.push(0x81); // FIN, text
-    if n < 126 {
-        v.push(n as u8);
+    const ROOM: usize = 10;
+    let tail = change.frame(AETHER_FRAME, change_tail);
+    let mut v = Vec::with_capacity(ROOM + 48 + subscription.len() + tail.len());
+    v.resize(ROOM, 0);
+    v.extend_from_slice(CHANGE_PREFIX.as_bytes());
+    // A string into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut v, subscription);
+    v.push(b',');
+    v.extend_from_slice(tail.as_bytes());
+    let (header, len) = text_header(v.len() - ROOM);
+    let start = ROOM - len;
+    v[start..ROOM].copy_from_slice(&header[..len]);
+    bytes::Bytes::from(v).slice(start..)
+}
+
+/// A server's unmasked, unfragmented text frame header for `n` payload
+/// bytes, and how many of its bytes are used.
+fn text_header(n: usize) -> ([u8; 10], usize) {
+    let mut header = [0u8; 10];
+    header[0] = 0x81; // FIN, text
+    let len = if n < 126 {
+        header[1] = n as u8;
+        2
     } else if let Ok(n) = u16::try_from(n) {
-        v.push(126);
-        v.extend_from_slice(&n.to_be_bytes());
+        header[1] = 126;
+        header[2..4].copy_from_slice(&n.to_be_bytes());
+        4
     } else {
-        v.push(127);
-        v.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    v.extend_from_slice(text.as_bytes());
-    v.into()
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+        10
+    };
+    (header, len)
 }
 
 /// Encodes a queued item as the frames to send, in order.
@@ -503,6 +524,34 @@ pub(crate) fn encode(out: Outbound, frames: &mut Vec<Message>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wire_frame_is_the_text_frame_behind_its_websocket_header() {
+        let c = Routed::new(std::sync::Arc::new(aether_core::changes::RowChange::new(
+            aether_core::lsn::Position::new(aether_core::lsn::PgLsn(1), 0),
+            aether_core::changes::ChangeKind::Insert,
+            aether_core::changes::test_relation(),
+            Some(vec![]),
+            None,
+            0,
+        )));
+        // A 16-bit and a 64-bit length; an id to escape.
+        for id in ["s\"1".to_owned(), "y".repeat(70_000)] {
+            let (wire, text) = (change_wire_frame(&id, &c), change_frame(&id, &c));
+            let (header, len) = text_header(text.len());
+            assert_eq!(&wire[..len], &header[..len]);
+            assert_eq!(&wire[len..], text.as_bytes());
+        }
+        for (n, want) in [
+            (125, &[0x81, 125][..]),
+            (126, &[0x81, 126, 0, 126][..]),
+            (65_535, &[0x81, 126, 255, 255][..]),
+            (65_536, &[0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0][..]),
+        ] {
+            let (header, len) = text_header(n);
+            assert_eq!(&header[..len], want, "{n}");
+        }
+    }
 
     #[test]
     fn parses_subscribe_shortcuts_and_errors() {

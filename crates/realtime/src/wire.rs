@@ -23,7 +23,6 @@ use tokio::net::TcpStream;
 
 use crate::registry::now_ms;
 use crate::stats::Stats;
-use aether_router::Outbound;
 use aether_router::routed::Routed;
 
 const TASK: u8 = 0;
@@ -54,6 +53,8 @@ pub(crate) struct Wire {
     waker: OnceLock<Waker>,
     encode: Encode,
     stats: Arc<Stats>,
+    latency: metrics::Histogram,
+    direct_total: metrics::Counter,
 }
 
 impl Wire {
@@ -68,6 +69,8 @@ impl Wire {
             waker: OnceLock::new(),
             encode,
             stats,
+            latency: crate::engine::latency_histogram(),
+            direct_total: metrics::counter!("aether_events_delivered_direct_total"),
         }
     }
 
@@ -248,18 +251,12 @@ impl aether_router::direct::Direct for Wire {
             .is_ok()
     }
 
-    fn deliver(&self, out: Outbound) {
-        let Outbound::Change {
-            subscription,
-            change,
-        } = out
-        else {
-            // The router claims for row changes only.
-            self.unclaim();
-            return;
-        };
-        let bytes = (self.encode)(&subscription, &change);
-        crate::engine::account_direct(&self.stats, &change, now_ms());
+    fn deliver(&self, subscription: &str, change: &Routed) {
+        let bytes = (self.encode)(subscription, change);
+        crate::engine::record_latency(&self.latency, change.commit_time_ms, now_ms());
+        self.stats.frames_out(1, 1);
+        self.stats.changes_direct.fetch_add(1, Ordering::Relaxed);
+        self.direct_total.increment(1);
         match self.stream.try_write(&bytes) {
             Ok(n) if n >= bytes.len() => self.unclaim(),
             Ok(n) => self.owe(bytes, n),
@@ -298,13 +295,6 @@ pub(crate) mod tests {
             None,
             0,
         ))))
-    }
-
-    fn out() -> Outbound {
-        Outbound::Change {
-            subscription: Arc::from("s"),
-            change: change(),
-        }
     }
 
     /// A frame of the subscription's length in KiB, all of its first byte.
@@ -352,10 +342,10 @@ pub(crate) mod tests {
         wire.release();
         assert!(wire.claim());
         assert!(!wire.claim(), "one claim at a time");
-        wire.deliver(out());
+        wire.deliver("s", &change());
         assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
         assert!(wire.claim(), "the socket sleeps again after the write");
-        wire.deliver(out());
+        wire.deliver("s", &change());
         assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
         // Unflushed library bytes keep it the task's.
         let waker = Waker::noop();
@@ -385,7 +375,7 @@ pub(crate) mod tests {
         let mut cx = Context::from_waker(waker);
         assert!(wire.poll_own(&mut cx).is_pending());
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        wire.deliver(out());
+        wire.deliver("s", &change());
         assert_eq!(
             count.0.load(Ordering::SeqCst),
             1,
@@ -400,7 +390,7 @@ pub(crate) mod tests {
         // A claim the task did not wait for wakes nobody.
         wire.release();
         assert!(wire.claim());
-        wire.deliver(out());
+        wire.deliver("s", &change());
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
 
@@ -409,15 +399,12 @@ pub(crate) mod tests {
         // 4 MiB frames, each of its own letter: while the peer does not read,
         // one cannot be written whole.
         let (wire, mut peer, count) = pair(sized).await;
-        let frame = |k: usize| Outbound::Change {
-            subscription: Arc::from(format!("{}{}", (b'a' + k as u8) as char, "x".repeat(4095))),
-            change: change(),
-        };
+        let frame = |k: usize| format!("{}{}", (b'a' + k as u8) as char, "x".repeat(4095));
         let mut frames = 0;
         loop {
             wire.release();
             assert!(wire.claim(), "no bytes owed yet");
-            wire.deliver(frame(frames));
+            wire.deliver(&frame(frames), &change());
             frames += 1;
             if wire.needs_write() {
                 break;
@@ -469,7 +456,7 @@ pub(crate) mod tests {
         while !wire.broken() {
             wire.release();
             assert!(wire.claim(), "not broken yet: the socket sleeps again");
-            wire.deliver(out());
+            wire.deliver("s", &change());
             tries += 1;
             assert!(tries < 1000, "the writes never failed");
             tokio::task::yield_now().await;
@@ -485,7 +472,7 @@ pub(crate) mod tests {
         assert!(wire.claim());
         // The task ends while a writer holds the socket.
         wire.seal();
-        wire.deliver(out());
+        wire.deliver("s", &change());
         wire.release();
         assert!(!wire.claim());
         assert!(!wire.needs_write());

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::Outbound;
+use crate::routed::Routed;
 
 /// A connection's socket as the router may write to it.
 pub trait Direct: Send + Sync {
@@ -20,10 +20,10 @@ pub trait Direct: Send + Sync {
     /// nothing owed; a `true` must be followed by [`deliver`](Self::deliver)
     /// or [`abandon`](Self::abandon).
     fn claim(&self) -> bool;
-    /// Writes `out` (a claim is held) and gives the socket back; what the
-    /// socket did not take is owed to the connection's task, which writes it
-    /// before anything else.
-    fn deliver(&self, out: Outbound);
+    /// Writes `change` for `subscription` (a claim is held) and gives the
+    /// socket back; what the socket did not take is owed to the connection's
+    /// task, which writes it before anything else.
+    fn deliver(&self, subscription: &str, change: &Routed);
     /// Gives a claim back without writing its change (a writer task dropped
     /// unrun, a panic while writing). The change counts as sent to the
     /// connection, so the connection must end, and its client resume from
@@ -35,36 +35,43 @@ pub trait Direct: Send + Sync {
 /// first writer starts while the offer loop is still claiming.
 pub(crate) const BATCH: usize = 1024;
 
-/// A claim and what it is for; dropped unwritten (a writer task that never
-/// ran), it gives the claim back.
+/// A claim and the change it is for; dropped unwritten (a writer task that
+/// never ran), it gives the claim back.
 pub(crate) struct Claim {
     to: Arc<dyn Direct>,
-    out: Option<Outbound>,
+    subscription: Arc<str>,
+    change: Arc<Routed>,
+    written: bool,
 }
 
 impl Claim {
-    pub(crate) fn new(to: Arc<dyn Direct>, out: Outbound) -> Claim {
-        Claim { to, out: Some(out) }
+    pub(crate) fn new(to: Arc<dyn Direct>, subscription: Arc<str>, change: Arc<Routed>) -> Claim {
+        Claim {
+            to,
+            subscription,
+            change,
+            written: false,
+        }
     }
 
     fn write(mut self) {
-        if let Some(out) = self.out.take() {
-            let to = &self.to;
-            // A panic in a dialect's encoding must not leave the socket
-            // claimed for ever (its task would wait on it).
-            let delivered =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| to.deliver(out)));
-            if delivered.is_err() {
-                tracing::error!("a direct write panicked; the claim is given back");
-                to.abandon();
-            }
+        self.written = true;
+        let (to, subscription, change) = (&self.to, &self.subscription, &self.change);
+        // A panic in a dialect's encoding must not leave the socket claimed
+        // for ever (its task would wait on it).
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            to.deliver(subscription, change)
+        }));
+        if delivered.is_err() {
+            tracing::error!("a direct write panicked; the claim is given back");
+            to.abandon();
         }
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if self.out.is_some() {
+        if !self.written {
             self.to.abandon();
         }
     }

@@ -522,23 +522,27 @@ impl Router {
                 sub.seen = change.position;
                 continue;
             }
-            let out = Outbound::Change {
-                subscription: Arc::clone(&sub.id),
-                change: sent,
-            };
             // Straight to the socket if its task sleeps with nothing owed and
             // nothing is queued ahead of this.
             if let Some(to) = &entry.handle.direct
                 && entry.handle.tx.is_empty()
                 && to.claim()
             {
-                claims.push(crate::direct::Claim::new(Arc::clone(to), out));
+                claims.push(crate::direct::Claim::new(
+                    Arc::clone(to),
+                    Arc::clone(&sub.id),
+                    sent,
+                ));
                 if claims.len() == crate::direct::BATCH {
                     crate::direct::write(std::mem::take(&mut claims));
                 }
                 sub.seen = change.position;
                 continue;
             }
+            let out = Outbound::Change {
+                subscription: Arc::clone(&sub.id),
+                change: sent,
+            };
             match entry.handle.tx.try_send_bulk(out) {
                 Ok(()) => sub.seen = change.position,
                 Err(crate::queue::TrySendError::Full(_)) => {

@@ -730,10 +730,8 @@ impl direct::Direct for Socket {
     fn claim(&self) -> bool {
         !self.busy.swap(true, std::sync::atomic::Ordering::SeqCst)
     }
-    fn deliver(&self, out: Outbound) {
-        if let Outbound::Change { change, .. } = out {
-            self.got.lock().unwrap().push(change.position);
-        }
+    fn deliver(&self, _: &str, change: &crate::routed::Routed) {
+        self.got.lock().unwrap().push(change.position);
     }
     fn abandon(&self) {
         self.done();
