@@ -319,7 +319,15 @@ pub(crate) fn latency_histogram() -> metrics::Histogram {
 
 /// Records how long after its commit a change went out.
 pub(crate) fn record_latency(latency: &metrics::Histogram, commit_time_ms: i64, now: i64) {
-    latency.record((now - commit_time_ms).max(0) as f64 / 1000.0);
+    record_latencies(latency, now - commit_time_ms, 1);
+}
+
+/// Records `n` changes that went out `ms` after their commits.
+pub(crate) fn record_latencies(latency: &metrics::Histogram, ms: i64, n: u64) {
+    latency.record_many(
+        ms.max(0) as f64 / 1000.0,
+        usize::try_from(n).unwrap_or(usize::MAX),
+    );
 }
 
 /// The queue's next item or signal; found empty, the socket is offered to
@@ -1239,7 +1247,11 @@ mod tests {
             "the engine took an item while the socket was claimed"
         );
         // The writer is done: the item goes out.
-        wire.deliver("s", &crate::wire::tests::change());
+        wire.deliver(
+            "s",
+            &crate::wire::tests::change(),
+            &mut aether_router::direct::Tally::default(),
+        );
         assert_eq!(h.next_text().await, "q");
         h.ended().await;
     }

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 
 use crate::registry::now_ms;
 use crate::stats::Stats;
+use aether_router::direct::Tally;
 use aether_router::routed::Routed;
 
 const TASK: u8 = 0;
@@ -53,8 +54,6 @@ pub(crate) struct Wire {
     waker: OnceLock<Waker>,
     encode: Encode,
     stats: Arc<Stats>,
-    latency: metrics::Histogram,
-    direct_total: metrics::Counter,
 }
 
 impl Wire {
@@ -69,8 +68,6 @@ impl Wire {
             waker: OnceLock::new(),
             encode,
             stats,
-            latency: crate::engine::latency_histogram(),
-            direct_total: metrics::counter!("aether_events_delivered_direct_total"),
         }
     }
 
@@ -251,12 +248,9 @@ impl aether_router::direct::Direct for Wire {
             .is_ok()
     }
 
-    fn deliver(&self, subscription: &str, change: &Routed) {
+    fn deliver(&self, subscription: &str, change: &Routed, tally: &mut Tally) {
         let bytes = (self.encode)(subscription, change);
-        crate::engine::record_latency(&self.latency, change.commit_time_ms, now_ms());
-        self.stats.frames_out(1, 1);
-        self.stats.changes_direct.fetch_add(1, Ordering::Relaxed);
-        self.direct_total.increment(1);
+        tally.wrote(now_ms() - change.commit_time_ms);
         match self.stream.try_write(&bytes) {
             Ok(n) if n >= bytes.len() => self.unclaim(),
             Ok(n) => self.owe(bytes, n),
@@ -267,6 +261,18 @@ impl aether_router::direct::Direct for Wire {
 
     fn abandon(&self) {
         self.fail();
+    }
+
+    fn settle(&self, tally: &Tally) {
+        self.stats.frames_out(tally.written, tally.written);
+        self.stats
+            .changes_direct
+            .fetch_add(tally.written, Ordering::Relaxed);
+        metrics::counter!("aether_events_delivered_direct_total").increment(tally.written);
+        let latency = crate::engine::latency_histogram();
+        for &(ms, n) in &tally.latencies_ms {
+            crate::engine::record_latencies(&latency, ms, n);
+        }
     }
 }
 
@@ -338,14 +344,15 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_claim_needs_a_sleeping_task_and_ends_with_the_write() {
         let (wire, mut peer, _) = pair(said).await;
+        let mut tally = Tally::default();
         assert!(!wire.claim(), "the task owns the socket at first");
         wire.release();
         assert!(wire.claim());
         assert!(!wire.claim(), "one claim at a time");
-        wire.deliver("s", &change());
+        wire.deliver("s", &change(), &mut tally);
         assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
         assert!(wire.claim(), "the socket sleeps again after the write");
-        wire.deliver("s", &change());
+        wire.deliver("s", &change(), &mut tally);
         assert_eq!(read_exactly(&mut peer, 6).await, b"frame;");
         // Unflushed library bytes keep it the task's.
         let waker = Waker::noop();
@@ -363,7 +370,12 @@ pub(crate) mod tests {
         assert!(wire.broken());
         wire.release();
         assert!(!wire.claim());
+        // Counted once per run, when the router settles it.
+        assert_eq!(tally.written, 2);
+        assert_eq!(wire.stats.changes_delivered.load(Ordering::Relaxed), 0);
+        wire.settle(&tally);
         assert_eq!(wire.stats.changes_delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(wire.stats.changes_direct.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
@@ -375,7 +387,7 @@ pub(crate) mod tests {
         let mut cx = Context::from_waker(waker);
         assert!(wire.poll_own(&mut cx).is_pending());
         assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        wire.deliver("s", &change());
+        wire.deliver("s", &change(), &mut Tally::default());
         assert_eq!(
             count.0.load(Ordering::SeqCst),
             1,
@@ -390,7 +402,7 @@ pub(crate) mod tests {
         // A claim the task did not wait for wakes nobody.
         wire.release();
         assert!(wire.claim());
-        wire.deliver("s", &change());
+        wire.deliver("s", &change(), &mut Tally::default());
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
 
@@ -404,7 +416,7 @@ pub(crate) mod tests {
         loop {
             wire.release();
             assert!(wire.claim(), "no bytes owed yet");
-            wire.deliver(&frame(frames), &change());
+            wire.deliver(&frame(frames), &change(), &mut Tally::default());
             frames += 1;
             if wire.needs_write() {
                 break;
@@ -456,7 +468,7 @@ pub(crate) mod tests {
         while !wire.broken() {
             wire.release();
             assert!(wire.claim(), "not broken yet: the socket sleeps again");
-            wire.deliver("s", &change());
+            wire.deliver("s", &change(), &mut Tally::default());
             tries += 1;
             assert!(tries < 1000, "the writes never failed");
             tokio::task::yield_now().await;
@@ -472,7 +484,7 @@ pub(crate) mod tests {
         assert!(wire.claim());
         // The task ends while a writer holds the socket.
         wire.seal();
-        wire.deliver("s", &change());
+        wire.deliver("s", &change(), &mut Tally::default());
         wire.release();
         assert!(!wire.claim());
         assert!(!wire.needs_write());

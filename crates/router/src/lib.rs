@@ -252,6 +252,8 @@ pub struct Router {
     /// when the feed reaches them, `gap` after `ahead_wait`. At most one per
     /// connection's subscription limit.
     waiting: Vec<(Instant, u64, SubscriptionSpec)>,
+    /// Writes the changes claimed for sockets.
+    writers: direct::Writers,
 }
 
 impl Router {
@@ -287,6 +289,7 @@ impl Router {
             wildcards: 0,
             policy_generation: 0,
             waiting: Vec::new(),
+            writers: direct::Writers::new(),
         }
     }
 

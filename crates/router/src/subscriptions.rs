@@ -468,7 +468,7 @@ impl Router {
         // What viewers for whom an UPDATE moves the row in or out get.
         let mut entered: Option<Arc<Routed>> = None;
         let mut left: Option<Arc<Routed>> = None;
-        let mut claims = Vec::new();
+        let mut runs = crate::direct::Runs::default();
         for &uid in &candidates {
             let Some(sub) = self.subs.get_mut(&uid) else {
                 continue;
@@ -528,14 +528,7 @@ impl Router {
                 && entry.handle.tx.is_empty()
                 && to.claim()
             {
-                claims.push(crate::direct::Claim::new(
-                    Arc::clone(to),
-                    Arc::clone(&sub.id),
-                    sent,
-                ));
-                if claims.len() == crate::direct::BATCH {
-                    crate::direct::write(std::mem::take(&mut claims));
-                }
+                runs.add(&self.writers, Arc::clone(to), Arc::clone(&sub.id), &sent);
                 sub.seen = change.position;
                 continue;
             }
@@ -568,9 +561,7 @@ impl Router {
             }
         }
         self.candidates = candidates;
-        if !claims.is_empty() {
-            crate::direct::write(claims);
-        }
+        runs.finish(&self.writers);
         self.policy.settle();
         for s in closed {
             self.detach(s);

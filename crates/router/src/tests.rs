@@ -730,12 +730,13 @@ impl direct::Direct for Socket {
     fn claim(&self) -> bool {
         !self.busy.swap(true, std::sync::atomic::Ordering::SeqCst)
     }
-    fn deliver(&self, _: &str, change: &crate::routed::Routed) {
+    fn deliver(&self, _: &str, change: &crate::routed::Routed, _: &mut direct::Tally) {
         self.got.lock().unwrap().push(change.position);
     }
     fn abandon(&self) {
         self.done();
     }
+    fn settle(&self, _: &direct::Tally) {}
 }
 
 #[test]
