@@ -250,12 +250,27 @@ impl aether_router::direct::Direct for Wire {
 
     fn deliver(&self, subscription: &str, change: &Routed, tally: &mut Tally) {
         let bytes = (self.encode)(subscription, change);
-        tally.wrote(now_ms() - change.commit_time_ms);
-        match self.stream.try_write(&bytes) {
-            Ok(n) if n >= bytes.len() => self.unclaim(),
-            Ok(n) => self.owe(bytes, n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.owe(bytes, 0),
-            Err(_) => self.fail(),
+        let written = match self.stream.try_write(&bytes) {
+            Ok(n) if n >= bytes.len() => {
+                self.unclaim();
+                true
+            }
+            // What the socket did not take, the task writes first.
+            Ok(n) => {
+                self.owe(bytes, n);
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.owe(bytes, 0);
+                true
+            }
+            Err(_) => {
+                self.fail();
+                false
+            }
+        };
+        if written {
+            tally.wrote(now_ms() - change.commit_time_ms);
         }
     }
 
@@ -465,16 +480,18 @@ pub(crate) mod tests {
         drop(peer);
         // Writes to a socket its peer closed fail soon (a reset).
         let mut tries = 0;
+        let mut tally = Tally::default();
         while !wire.broken() {
             wire.release();
             assert!(wire.claim(), "not broken yet: the socket sleeps again");
-            wire.deliver("s", &change(), &mut Tally::default());
+            wire.deliver("s", &change(), &mut tally);
             tries += 1;
             assert!(tries < 1000, "the writes never failed");
             tokio::task::yield_now().await;
         }
         wire.release();
         assert!(!wire.claim(), "no claim on a broken socket");
+        assert_eq!(tally.written, tries - 1, "the failed write is not counted");
     }
 
     #[tokio::test]
