@@ -7,9 +7,9 @@
 //! (aether-bench fan-out against its null server). A connection whose task
 //! sleeps with nothing owed can be *claimed*: the router takes the socket
 //! for one change and writer tasks write it there, in runs taken oldest
-//! first. Order holds
-//! because a claim needs an empty queue and a claimed connection's next item
-//! goes to the queue, which its task reads only once the claim is over.
+//! first. Order holds because a claim needs an empty queue and a claimed
+//! connection's next item goes to the queue, which its task reads only once
+//! the claim is over.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -172,7 +172,8 @@ const INLINE: usize = 16;
 /// in the order the router offered them the change (a task per run, as
 /// before, was taken newest first by the scheduler's LIFO slot), and a core
 /// that finishes early takes the next run instead of idling while the other
-/// writes a large one.
+/// writes a large one. The queue is bounded by the connections: one is
+/// claimed for one change at a time.
 pub(crate) struct Writers {
     shared: Arc<Shared>,
 }
