@@ -226,18 +226,20 @@ impl Wire {
 
     /// A claim ends with bytes left: the task owns the socket and must write
     /// them first.
-    fn owe(&self, bytes: Bytes, at: usize) {
+    /// Leaves the rest of a frame to the task; `false` if the connection
+    /// closed meanwhile and nobody will write it.
+    fn owe(&self, bytes: Bytes, at: usize) -> bool {
         *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes, at));
-        if self
+        let owed = self
             .state
             .compare_exchange(CLAIMED, TASK, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            // Closed meanwhile: nobody will write them.
+            .is_ok();
+        if !owed {
             *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         self.wanted.store(false, Ordering::SeqCst);
         self.wake();
+        owed
     }
 }
 
@@ -256,14 +258,8 @@ impl aether_router::direct::Direct for Wire {
                 true
             }
             // What the socket did not take, the task writes first.
-            Ok(n) => {
-                self.owe(bytes, n);
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                self.owe(bytes, 0);
-                true
-            }
+            Ok(n) => self.owe(bytes, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.owe(bytes, 0),
             Err(_) => {
                 self.fail();
                 false
@@ -278,6 +274,8 @@ impl aether_router::direct::Direct for Wire {
         self.fail();
     }
 
+    /// The handles are looked up per run, not kept: a handle on every
+    /// connection is memory on every idle one.
     fn settle(&self, tally: &Tally) {
         self.stats.frames_out(tally.written, tally.written);
         self.stats
