@@ -871,18 +871,7 @@ mod tests {
     }
 
     fn start(limits: Limits, expires: Option<i64>, stuck: bool, queue: usize) -> Harness {
-        start_wired(limits, expires, stuck, queue, None)
-    }
-
-    fn start_wired(
-        limits: Limits,
-        expires: Option<i64>,
-        stuck: bool,
-        queue: usize,
-        wire: Option<Arc<crate::wire::Wire>>,
-    ) -> Harness {
-        let wire_probe = wire.clone().map(|w| (w, Arc::new(AtomicBool::new(false))));
-        start_probed(limits, expires, stuck, queue, wire, wire_probe)
+        start_probed(limits, expires, stuck, queue, None, None)
     }
 
     fn start_probed(
@@ -1226,7 +1215,7 @@ mod tests {
     async fn the_queue_waits_while_a_writer_holds_the_socket() {
         use aether_router::direct::Direct;
         let (wire, _client) = wire().await;
-        let mut h = start_wired(limits(), None, false, 16, Some(Arc::clone(&wire)));
+        let mut h = start_probed(limits(), None, false, 16, Some(Arc::clone(&wire)), None);
         // Asleep with nothing queued, the engine offers the socket.
         tokio::time::timeout(Duration::from_secs(5), async {
             while !wire.claim() {

@@ -439,13 +439,24 @@ fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>
 /// A `change` frame. Its tail is encoded once per change and shared by every
 /// subscriber of this vocabulary; only the subscription id is per frame.
 pub fn change_frame(subscription: &str, change: &Routed) -> String {
+    let v = change_text(0, subscription, change);
+    // Built of strings and JSON only.
+    String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A `change` frame's text after `room` zero bytes, in one allocation (a
+/// subscription id needing no escapes).
+fn change_text(room: usize, subscription: &str, change: &Routed) -> Vec<u8> {
     let tail = change.frame(AETHER_FRAME, change_tail);
-    let mut s = String::with_capacity(48 + subscription.len() + tail.len());
-    s.push_str(CHANGE_PREFIX);
-    s.push_str(&Value::String(subscription.to_owned()).to_string());
-    s.push(',');
-    s.push_str(tail);
-    s
+    let mut v =
+        Vec::with_capacity(room + CHANGE_PREFIX.len() + subscription.len() + 3 + tail.len());
+    v.resize(room, 0);
+    v.extend_from_slice(CHANGE_PREFIX.as_bytes());
+    // A string into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut v, subscription);
+    v.push(b',');
+    v.extend_from_slice(tail.as_bytes());
+    v
 }
 
 fn subscription_frame(action: &str, id: &str) -> String {
@@ -459,14 +470,7 @@ const CHANGE_PREFIX: &str = "{\"type\":\"change\",\"subscription\":";
 /// written after room for the longest header, which goes just before it.
 pub(crate) fn change_wire_frame(subscription: &str, change: &Routed) -> bytes::Bytes {
     const ROOM: usize = 10;
-    let tail = change.frame(AETHER_FRAME, change_tail);
-    let mut v = Vec::with_capacity(ROOM + 48 + subscription.len() + tail.len());
-    v.resize(ROOM, 0);
-    v.extend_from_slice(CHANGE_PREFIX.as_bytes());
-    // A string into a `Vec` cannot fail.
-    let _ = serde_json::to_writer(&mut v, subscription);
-    v.push(b',');
-    v.extend_from_slice(tail.as_bytes());
+    let mut v = change_text(ROOM, subscription, change);
     let (header, len) = text_header(v.len() - ROOM);
     let start = ROOM - len;
     v[start..ROOM].copy_from_slice(&header[..len]);

@@ -225,9 +225,8 @@ impl Wire {
     }
 
     /// A claim ends with bytes left: the task owns the socket and must write
-    /// them first.
-    /// Leaves the rest of a frame to the task; `false` if the connection
-    /// closed meanwhile and nobody will write it.
+    /// them first. `false` if the connection closed meanwhile and nobody
+    /// will write them.
     fn owe(&self, bytes: Bytes, at: usize) -> bool {
         *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes, at));
         let owed = self
@@ -494,14 +493,20 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_sealed_socket_is_never_claimed_and_owes_nothing() {
-        let (wire, _peer, _) = pair(said).await;
+        // A 16 MiB frame: more than a fresh socket takes at once.
+        let (wire, _peer, _) = pair(sized).await;
         wire.release();
         assert!(wire.claim());
         // The task ends while a writer holds the socket.
         wire.seal();
-        wire.deliver("s", &change(), &mut Tally::default());
+        let mut tally = Tally::default();
+        wire.deliver(&"s".repeat(16 << 10), &change(), &mut tally);
         wire.release();
         assert!(!wire.claim());
         assert!(!wire.needs_write());
+        assert_eq!(
+            tally.written, 0,
+            "a frame nobody will finish is not counted"
+        );
     }
 }

@@ -255,24 +255,26 @@ struct Writer(Option<Arc<Shared>>);
 
 impl Writer {
     async fn run(mut self) {
-        while let Some(shared) = &self.0 {
-            let run = {
-                let mut state = shared.lock();
-                let Some(run) = state.runs.pop_front() else {
-                    // Found empty and uncounted under one lock: a run queued
-                    // after this starts a writer of its own.
-                    state.writers -= 1;
-                    drop(state);
-                    self.0 = None;
-                    return;
-                };
-                run
-            };
+        while let Some(run) = self.next() {
             run.write();
             // Other tasks on this core (the router, a handshake, a ping) get
             // their turn between runs.
             tokio::task::yield_now().await;
         }
+    }
+
+    /// The oldest run. None left, the writer's count is given back under
+    /// the same lock: a run queued after this starts a writer of its own.
+    fn next(&mut self) -> Option<Run> {
+        let shared = self.0.as_ref()?;
+        let mut state = shared.lock();
+        let run = state.runs.pop_front();
+        if run.is_none() {
+            state.writers -= 1;
+            drop(state);
+            self.0 = None;
+        }
+        run
     }
 }
 
