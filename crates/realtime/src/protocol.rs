@@ -465,16 +465,122 @@ fn subscription_frame(action: &str, id: &str) -> String {
 
 const CHANGE_PREFIX: &str = "{\"type\":\"change\",\"subscription\":";
 
-/// A `change` frame as a whole WebSocket text frame (header and payload),
-/// for a direct write to the socket: one buffer per recipient, the payload
-/// written after room for the longest header, which goes just before it.
-pub(crate) fn change_wire_frame(subscription: &str, change: &Routed) -> bytes::Bytes {
-    const ROOM: usize = 10;
-    let mut v = change_text(ROOM, subscription, change);
-    let (header, len) = text_header(v.len() - ROOM);
-    let start = ROOM - len;
-    v[start..ROOM].copy_from_slice(&header[..len]);
-    bytes::Bytes::from(v).slice(start..)
+/// A `change` frame as written to a socket directly: the WebSocket header,
+/// the frame's opening and the subscription id, which are the recipient's
+/// own, then the tail every recipient of the change shares, borrowed from
+/// it rather than copied into a buffer per recipient.
+pub(crate) fn change_wire_frame<'c>(subscription: &str, change: &'c Routed) -> WireFrame<'c> {
+    let tail = change.frame(AETHER_FRAME, change_tail).as_bytes();
+    let mut head = Head::default();
+    // A string into a buffer cannot fail.
+    let _ = serde_json::to_writer(&mut head, subscription);
+    let id = head.len();
+    // The payload: opening, id, a comma, the tail.
+    let (header, len) = text_header(CHANGE_PREFIX.len() + id + 1 + tail.len());
+    head.extend_from_slice(&header[..len]);
+    head.extend_from_slice(CHANGE_PREFIX.as_bytes());
+    head.rotate_to_front(id);
+    head.extend_from_slice(b",");
+    WireFrame { head, tail }
+}
+
+/// A frame for one recipient in two parts: its own head and a shared tail.
+pub(crate) struct WireFrame<'c> {
+    pub(crate) head: Head,
+    pub(crate) tail: &'c [u8],
+}
+
+impl WireFrame<'_> {
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// The frame's bytes from `at` on, in one buffer.
+    pub(crate) fn rest(&self, at: usize) -> bytes::Bytes {
+        let mut v = Vec::with_capacity(self.len().saturating_sub(at));
+        let head = self.head.as_slice();
+        v.extend_from_slice(head.get(at..).unwrap_or_default());
+        v.extend_from_slice(
+            self.tail
+                .get(at.saturating_sub(head.len())..)
+                .unwrap_or_default(),
+        );
+        bytes::Bytes::from(v)
+    }
+}
+
+/// A recipient's part of a frame: on the stack unless an id is long.
+pub(crate) struct Head {
+    inline: [u8; HEAD_INLINE],
+    len: usize,
+    spilled: Vec<u8>,
+}
+
+/// Room for a WebSocket header, the frame's opening and a 60-byte id.
+const HEAD_INLINE: usize = 104;
+
+impl Default for Head {
+    fn default() -> Head {
+        Head {
+            inline: [0; HEAD_INLINE],
+            len: 0,
+            spilled: Vec::new(),
+        }
+    }
+}
+
+impl Head {
+    #[cfg(test)]
+    pub(crate) fn from_vec(spilled: Vec<u8>) -> Head {
+        Head {
+            spilled,
+            ..Head::default()
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        if self.spilled.is_empty() && self.len + bytes.len() <= HEAD_INLINE {
+            self.inline[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+            return;
+        }
+        if self.spilled.is_empty() {
+            self.spilled.extend_from_slice(&self.inline[..self.len]);
+        }
+        self.spilled.extend_from_slice(bytes);
+    }
+
+    /// Moves the first `n` bytes behind the rest.
+    fn rotate_to_front(&mut self, n: usize) {
+        if self.spilled.is_empty() {
+            self.inline[..self.len].rotate_left(n);
+        } else {
+            self.spilled.rotate_left(n);
+        }
+    }
+}
+
+impl std::io::Write for Head {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A server's unmasked, unfragmented text frame header for `n` payload
@@ -530,6 +636,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_rest_of_a_wire_frame_crosses_from_head_to_tail() {
+        let frame = WireFrame {
+            head: Head::from_vec(b"head".to_vec()),
+            tail: b"tail",
+        };
+        assert_eq!(frame.len(), 8);
+        for (at, want) in [
+            (0, &b"headtail"[..]),
+            (3, b"dtail"),
+            (4, b"tail"),
+            (6, b"il"),
+            (8, b""),
+        ] {
+            assert_eq!(&frame.rest(at)[..], want, "{at}");
+        }
+        // On the stack, and spilled once past the room.
+        let mut head = Head::default();
+        head.extend_from_slice(&[1; HEAD_INLINE]);
+        assert!(head.spilled.is_empty());
+        head.extend_from_slice(&[2]);
+        assert_eq!(head.len(), HEAD_INLINE + 1);
+        assert_eq!(head.as_slice()[HEAD_INLINE], 2);
+    }
+
+    #[test]
     fn a_wire_frame_is_the_text_frame_behind_its_websocket_header() {
         let c = Routed::new(std::sync::Arc::new(aether_core::changes::RowChange::new(
             aether_core::lsn::Position::new(aether_core::lsn::PgLsn(1), 0),
@@ -539,9 +670,10 @@ mod tests {
             None,
             0,
         )));
-        // A 16-bit and a 64-bit length; an id to escape.
-        for id in ["s\"1".to_owned(), "y".repeat(70_000)] {
-            let (wire, text) = (change_wire_frame(&id, &c), change_frame(&id, &c));
+        // A 16- and a 64-bit length; an id to escape; a head on the stack
+        // and two spilled.
+        for id in ["s\"1".to_owned(), "y".repeat(200), "y".repeat(70_000)] {
+            let (wire, text) = (change_wire_frame(&id, &c).rest(0), change_frame(&id, &c));
             let (header, len) = text_header(text.len());
             assert_eq!(&wire[..len], &header[..len]);
             assert_eq!(&wire[len..], text.as_bytes());
