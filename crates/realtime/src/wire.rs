@@ -47,6 +47,9 @@ pub(crate) struct Wire {
     /// change it has, and the log has the rest).
     broken: AtomicBool,
     stream: Arc<TcpStream>,
+    /// The stream's descriptor, read here with the state rather than from
+    /// the stream (another cache miss per recipient).
+    fd: std::os::fd::RawFd,
     /// The rest of a frame a writer could not write whole, and how much of
     /// it was written.
     owed: Mutex<Option<(Bytes, usize)>>,
@@ -59,7 +62,9 @@ pub(crate) struct Wire {
 
 impl Wire {
     pub(crate) fn new(stream: Arc<TcpStream>, encode: Encode, stats: Arc<Stats>) -> Wire {
+        use std::os::fd::AsRawFd;
         Wire {
+            fd: stream.as_raw_fd(),
             state: AtomicU8::new(TASK),
             wanted: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
@@ -230,7 +235,6 @@ impl Wire {
     /// the socket's readiness: a cache miss per recipient for a state that is
     /// almost always "writable". A full socket says so (`WouldBlock`).
     fn send(&self, frame: &WireFrame<'_>) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
         let head = frame.head.as_slice();
         let mut parts = [
             libc::iovec {
@@ -247,16 +251,11 @@ impl Wire {
         msg.msg_iov = parts.as_mut_ptr();
         msg.msg_iovlen = parts.len() as _;
         loop {
-            // SAFETY: the descriptor is open while `self.stream` is; the
-            // iovecs point into `head` and `frame.tail`, which outlive the
-            // call, and the kernel only reads them.
-            let n = unsafe {
-                libc::sendmsg(
-                    self.stream.as_raw_fd(),
-                    &msg,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
+            // SAFETY: the descriptor is open while `self.stream` is (the
+            // wire holds it); the iovecs point into `head` and `frame.tail`,
+            // which outlive the call, and the kernel only reads them.
+            let n =
+                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if n >= 0 {
                 return Ok(n as usize);
             }
