@@ -516,8 +516,9 @@ pub(crate) struct Head {
     spilled: Vec<u8>,
 }
 
-/// Room for a WebSocket header, the frame's opening and a 60-byte id.
-const HEAD_INLINE: usize = 104;
+/// Room for the longest WebSocket header (10 bytes), the frame's opening and
+/// a 64-byte id with its quotes and the comma after it.
+const HEAD_INLINE: usize = 10 + CHANGE_PREFIX.len() + 64 + 3;
 
 impl Default for Head {
     fn default() -> Head {
@@ -670,9 +671,21 @@ mod tests {
             None,
             0,
         )));
-        // A 16- and a 64-bit length; an id to escape; a head on the stack
-        // and two spilled.
-        for id in ["s\"1".to_owned(), "y".repeat(200), "y".repeat(70_000)] {
+        // A 16- and a 64-bit length; an id to escape; a head that fits
+        // (64), one that spills at the comma (71), at the opening (72),
+        // within the id (108) and long ones.
+        for id in [
+            "s\"1".to_owned(),
+            "y".repeat(64),
+            "y".repeat(71),
+            "y".repeat(72),
+            "y".repeat(108),
+            "y".repeat(200),
+            "y".repeat(70_000),
+        ] {
+            let frame = change_wire_frame(&id, &c);
+            let spilled = !frame.head.spilled.is_empty();
+            assert_eq!(spilled, id.len() > 64, "{}", id.len());
             let (wire, text) = (change_wire_frame(&id, &c).rest(0), change_frame(&id, &c));
             let (header, len) = text_header(text.len());
             assert_eq!(&wire[..len], &header[..len]);

@@ -32,7 +32,8 @@ const IDLE: u8 = 1;
 const CLAIMED: u8 = 2;
 const CLOSED: u8 = 3;
 
-/// Encodes a change for one subscription as a whole WebSocket frame.
+/// Encodes a change for one subscription as a WebSocket frame: the
+/// subscription's own head and the change's shared tail.
 pub(crate) type Encode = for<'c> fn(&str, &'c Routed) -> WireFrame<'c>;
 
 pub(crate) struct Wire {
@@ -51,7 +52,7 @@ pub(crate) struct Wire {
     /// the stream (another cache miss per recipient).
     fd: std::os::fd::RawFd,
     /// The rest of a frame a writer could not write whole, and how much of
-    /// it was written.
+    /// that the task has written since.
     owed: Mutex<Option<(Bytes, usize)>>,
     /// Wakes the task through its socket's gate, so that it polls the socket
     /// (and pays what is owed).
@@ -269,8 +270,8 @@ impl Wire {
     /// A claim ends with bytes left: the task owns the socket and must write
     /// them first. `false` if the connection closed meanwhile and nobody
     /// will write them.
-    fn owe(&self, bytes: Bytes, at: usize) -> bool {
-        *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes, at));
+    fn owe(&self, rest: Bytes) -> bool {
+        *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = Some((rest, 0));
         let owed = self
             .state
             .compare_exchange(CLAIMED, TASK, Ordering::SeqCst, Ordering::SeqCst)
@@ -299,15 +300,11 @@ impl aether_router::direct::Direct for Wire {
                 true
             }
             // What the socket did not take, the task writes first.
-            Ok(n) => self.owe(frame.rest(n), 0),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // The runtime believes the socket writable until told: else
-                // the task's first wait for room ends at once, in a failed write.
-                let _ = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
-                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-                });
-                self.owe(frame.rest(0), 0)
-            }
+            Ok(n) => self.owe(frame.rest(n)),
+            // The runtime's idea of the socket's readiness is left as it is:
+            // clearing it now could erase a "writable" that arrived since
+            // this write failed, and the task's own write clears a stale one.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.owe(frame.rest(0)),
             Err(_) => {
                 self.fail();
                 false
@@ -526,6 +523,60 @@ pub(crate) mod tests {
         drop(wire);
         let mut rest = [0u8; 1];
         assert_eq!(peer.read(&mut rest).await.expect("read"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_change_frame_reaches_the_peer_as_one_websocket_text_frame() {
+        let (wire, mut peer, _) = pair(crate::protocol::change_wire_frame).await;
+        let c = change();
+        let text = crate::protocol::change_frame("s\"1", &c);
+        wire.release();
+        assert!(wire.claim());
+        let mut tally = Tally::default();
+        wire.deliver("s\"1", &c, &mut tally);
+        assert_eq!(tally.written, 1);
+        let got = read_exactly(&mut peer, 4 + text.len()).await;
+        // FIN and text; a 16-bit length (the payload is over 125 bytes).
+        assert_eq!(got[..2], [0x81, 126]);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([got[2], got[3]])),
+            text.len()
+        );
+        assert_eq!(&got[4..], text.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_leaves_the_whole_frame_to_the_task_which_writes_it_when_read() {
+        let (wire, mut peer, _) = pair(said).await;
+        // Filled while the peer does not read.
+        let mut filled = 0;
+        loop {
+            match wire.stream.try_write(&[b'.'; 1 << 16]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling: {e}"),
+            }
+        }
+        wire.release();
+        assert!(wire.claim());
+        let mut tally = Tally::default();
+        wire.deliver("s", &change(), &mut tally);
+        assert!(wire.needs_write(), "nothing was taken: all of it is owed");
+        assert_eq!(tally.written, 1, "the task will write it");
+        let reader = tokio::spawn(async move {
+            let got = read_exactly(&mut peer, filled + 6).await;
+            assert!(got[..filled].iter().all(|b| *b == b'.'));
+            got[filled..].to_vec()
+        });
+        // The task is woken when the peer makes room, and pays.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| wire.poll_own(cx)),
+        )
+        .await
+        .expect("room came and the task was woken");
+        assert!(!wire.needs_write());
+        assert_eq!(reader.await.expect("the reader"), b"frame;");
     }
 
     #[tokio::test]
