@@ -439,24 +439,15 @@ fn push_row(out: &mut String, relation: &Relation, row: Option<&[Option<Value>]>
 /// A `change` frame. Its tail is encoded once per change and shared by every
 /// subscriber of this vocabulary; only the subscription id is per frame.
 pub fn change_frame(subscription: &str, change: &Routed) -> String {
-    let v = change_text(0, subscription, change);
-    // Built of strings and JSON only.
-    String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// A `change` frame's text after `room` zero bytes, in one allocation (a
-/// subscription id needing no escapes).
-fn change_text(room: usize, subscription: &str, change: &Routed) -> Vec<u8> {
     let tail = change.frame(AETHER_FRAME, change_tail);
-    let mut v =
-        Vec::with_capacity(room + CHANGE_PREFIX.len() + subscription.len() + 3 + tail.len());
-    v.resize(room, 0);
+    let mut v = Vec::with_capacity(CHANGE_PREFIX.len() + subscription.len() + 3 + tail.len());
     v.extend_from_slice(CHANGE_PREFIX.as_bytes());
     // A string into a `Vec` cannot fail.
     let _ = serde_json::to_writer(&mut v, subscription);
     v.push(b',');
     v.extend_from_slice(tail.as_bytes());
-    v
+    // Built of strings and JSON only.
+    String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn subscription_frame(action: &str, id: &str) -> String {
@@ -686,7 +677,7 @@ mod tests {
             let frame = change_wire_frame(&id, &c);
             let spilled = !frame.head.spilled.is_empty();
             assert_eq!(spilled, id.len() > 64, "{}", id.len());
-            let (wire, text) = (change_wire_frame(&id, &c).rest(0), change_frame(&id, &c));
+            let (wire, text) = (frame.rest(0), change_frame(&id, &c));
             let (header, len) = text_header(text.len());
             assert_eq!(&wire[..len], &header[..len]);
             assert_eq!(&wire[len..], text.as_bytes());

@@ -489,14 +489,14 @@ impl Router {
                 &entry.handle.principal,
                 change,
             ) {
-                Decision::Allow => Arc::clone(change),
+                Decision::Allow => change,
                 // The row sent must pass the filter itself (the UPDATE may
                 // have matched on its other row).
                 Decision::Enter if moved_matches(change, &sub.filter, true) => {
-                    Arc::clone(entered.get_or_insert_with(|| moved(change, true)))
+                    &*entered.get_or_insert_with(|| moved(change, true))
                 }
                 Decision::Leave if moved_matches(change, &sub.filter, false) => {
-                    Arc::clone(left.get_or_insert_with(|| moved(change, false)))
+                    &*left.get_or_insert_with(|| moved(change, false))
                 }
                 Decision::Deny | Decision::Enter | Decision::Leave => {
                     sub.seen = change.position;
@@ -528,13 +528,13 @@ impl Router {
                 && entry.handle.tx.is_empty()
                 && to.claim()
             {
-                runs.add(&self.writers, Arc::clone(to), Arc::clone(&sub.id), &sent);
+                runs.add(&self.writers, Arc::clone(to), Arc::clone(&sub.id), sent);
                 sub.seen = change.position;
                 continue;
             }
             let out = Outbound::Change {
                 subscription: Arc::clone(&sub.id),
-                change: sent,
+                change: Arc::clone(sent),
             };
             match entry.handle.tx.try_send_bulk(out) {
                 Ok(()) => sub.seen = change.position,
