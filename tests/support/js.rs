@@ -108,7 +108,11 @@ pub struct AetherProc {
 
 impl AetherProc {
     pub async fn spawn(db: &TestDb, port: u16, extra_env: &[(&str, &str)]) -> AetherProc {
-        let log = std::env::temp_dir().join(format!("{}-aether.log", db.name));
+        // Beside the database's data directory, inside the test cluster's, so
+        // both go when the cluster's directory does.
+        let log = db
+            .data_dir
+            .with_file_name(format!("{}-aether.log", db.name));
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,7 +124,7 @@ impl AetherProc {
             .env("WS_PORT", port.to_string())
             .env("REPLICATION_SLOT", &db.name)
             .env("JWT_SECRET", SECRET)
-            .env("DATA_DIR", std::env::temp_dir().join(&db.name))
+            .env("DATA_DIR", &db.data_dir)
             .env("RUST_LOG", "warn")
             .env("RATE_LIMIT_AUTH_PER_MIN", "1000")
             .env("RATE_LIMIT_STORAGE_PER_MIN", "10000")
