@@ -79,6 +79,8 @@ pub struct Config {
     pub ws_idle_timeout: Duration,
     pub enable_metrics: bool,
     pub metrics_port: u16,
+    /// Each runtime worker kept on a CPU of its own (see [`crate::runtime`]).
+    pub pin_workers: bool,
     /// Replication further behind than this makes `/ws/status` say `degraded`.
     pub degraded_lag: Duration,
     /// The bucket uploads go to when none is named; created at start.
@@ -219,6 +221,7 @@ impl Config {
             ws_idle_timeout: Duration::from_secs(90),
             enable_metrics: false,
             metrics_port: 9090,
+            pin_workers: true,
             degraded_lag: Duration::from_secs(10),
             upload_bucket: "files".into(),
             max_file_size: 5 * 1024 * 1024,
@@ -466,6 +469,18 @@ impl Config {
                 _ => return Err(err("ENABLE_METRICS", format!("{v:?} is not true or false"))),
             };
         }
+        if let Some(v) = nonempty("RUNTIME_PIN_WORKERS") {
+            c.pin_workers = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(err(
+                        "RUNTIME_PIN_WORKERS",
+                        format!("{v:?} is not true or false"),
+                    ));
+                }
+            };
+        }
         if let Some(v) = nonempty("METRICS_PORT") {
             c.metrics_port = v
                 .parse()
@@ -691,6 +706,18 @@ mod tests {
         assert_eq!(
             cfg(&[("JWT_EXPIRES_S", "0")]).unwrap_err().name,
             "JWT_EXPIRES_S"
+        );
+        assert!(c.pin_workers);
+        assert!(
+            !cfg(&[("RUNTIME_PIN_WORKERS", "false")])
+                .unwrap()
+                .pin_workers
+        );
+        assert_eq!(
+            cfg(&[("RUNTIME_PIN_WORKERS", "sometimes")])
+                .unwrap_err()
+                .name,
+            "RUNTIME_PIN_WORKERS"
         );
     }
 

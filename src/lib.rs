@@ -10,8 +10,8 @@
 //! routes) ← `aether_http` (the HTTP edge, the native routes and the Supabase
 //! facade; it writes only to PostgreSQL).
 //!
-//! This crate is the binary: [`config`], the wiring and supervision
-//! ([`server`]), cluster mode, and [`rules`], the application's own table
+//! This crate is the binary: [`config`], the [`runtime`], the wiring and
+//! supervision ([`server`]), cluster mode, and [`rules`], the application's own table
 //! rules, plugged into the router as a policy and taps and into the realtime
 //! side as presence and channel policies.
 
@@ -19,4 +19,5 @@ pub(crate) mod cluster;
 pub mod config;
 pub mod logging;
 pub(crate) mod rules;
+pub mod runtime;
 pub mod server;

@@ -43,11 +43,16 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     aether::logging::init();
     let config = Config::from_env().map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
+    aether::runtime::build(config.pin_workers)
+        .context("starting the async runtime")?
+        .block_on(run(cli, config))
+}
+
+async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Migrate => {
             let (pg, embedded) = server::database(&config).await?;
