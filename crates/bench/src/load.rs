@@ -1284,13 +1284,16 @@ async fn routing(spec: Spec) -> anyhow::Result<Value> {
             write,
         });
     }
+    // Counted before our own closes: the server's answer to one would count
+    // as the server closing the connection.
+    let (closed, error) = (shared.closed.load(Ordering::Relaxed), shared.error_text());
     for mut s in sinks.drain(..) {
         let _ = s.close().await;
     }
     Ok(json!({
         "connections": connections,
         "rows": rows,
-        "closed": shared.closed.load(Ordering::Relaxed),
-        "error": shared.error_text(),
+        "closed": closed,
+        "error": error,
     }))
 }
