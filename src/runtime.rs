@@ -31,6 +31,8 @@ pub fn build(pin: bool) -> std::io::Result<Runtime> {
         let next = Arc::new(AtomicUsize::new(0));
         // Only workers park (blocking threads wait their own way), and every
         // worker parks as soon as it has nothing to run: the first park pins.
+        // (`block_in_place` would hand a worker's place to a new thread,
+        // pinned in turn, and keep the old one pinned: Aether does not use it.)
         builder.on_thread_park(move || pin_once(&cpus, &next));
     }
     builder.build()
