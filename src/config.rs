@@ -18,6 +18,15 @@ fn err(name: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A yes-or-no setting.
+fn flag(name: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(err(name, format!("{v:?} is not true or false"))),
+    }
+}
+
 pub use aether_auth::JwtAlgorithm;
 
 use aether_storage::valid_bucket_id;
@@ -306,16 +315,7 @@ impl Config {
             };
         }
         if let Some(v) = nonempty("PASSWORD_REQUIRE_LETTER_AND_DIGIT") {
-            c.password_policy.letter_and_digit = match v.as_str() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => {
-                    return Err(err(
-                        "PASSWORD_REQUIRE_LETTER_AND_DIGIT",
-                        format!("{v:?} is not true or false"),
-                    ));
-                }
-            };
+            c.password_policy.letter_and_digit = flag("PASSWORD_REQUIRE_LETTER_AND_DIGIT", &v)?;
         }
         c.database_url = nonempty("DATABASE_URL");
         if let Some(url) = &c.database_url {
@@ -463,23 +463,10 @@ impl Config {
             c.ws_idle_timeout = Duration::from_secs(count("WS_IDLE_TIMEOUT_S", v)?);
         }
         if let Some(v) = nonempty("ENABLE_METRICS") {
-            c.enable_metrics = match v.as_str() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => return Err(err("ENABLE_METRICS", format!("{v:?} is not true or false"))),
-            };
+            c.enable_metrics = flag("ENABLE_METRICS", &v)?;
         }
         if let Some(v) = nonempty("RUNTIME_PIN_WORKERS") {
-            c.pin_workers = match v.as_str() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => {
-                    return Err(err(
-                        "RUNTIME_PIN_WORKERS",
-                        format!("{v:?} is not true or false"),
-                    ));
-                }
-            };
+            c.pin_workers = flag("RUNTIME_PIN_WORKERS", &v)?;
         }
         if let Some(v) = nonempty("METRICS_PORT") {
             c.metrics_port = v
