@@ -25,7 +25,12 @@ use tokio::runtime::{Builder, Runtime};
 pub fn build(pin: bool) -> std::io::Result<Runtime> {
     let mut builder = Builder::new_multi_thread();
     builder.enable_all();
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // As tokio counts them: `TOKIO_WORKER_THREADS`, else one per CPU.
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     builder.worker_threads(workers);
     if let Some(cpus) = pin.then(|| pinning_cpus(workers)).flatten() {
         let next = Arc::new(AtomicUsize::new(0));
@@ -34,6 +39,9 @@ pub fn build(pin: bool) -> std::io::Result<Runtime> {
         // (`block_in_place` would hand a worker's place to a new thread,
         // pinned in turn, and keep the old one pinned: Aether does not use it.)
         builder.on_thread_park(move || pin_once(&cpus, &next));
+        // A blocking thread is started by whichever thread needs it, often a
+        // pinned worker, and would keep that worker's one CPU.
+        builder.on_thread_start(aether_core::task::unpin_current_thread);
     }
     builder.build()
 }
@@ -118,7 +126,14 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        let blocking = rt.block_on(rt.spawn_blocking(mine)).expect("blocking task");
+        // Started from a worker, pinned by now: the new thread is not.
+        let blocking = rt
+            .block_on(rt.spawn(async {
+                tokio::task::spawn_blocking(mine)
+                    .await
+                    .expect("blocking task")
+            }))
+            .expect("task");
         assert_eq!(blocking, all, "a blocking thread may run on any CPU");
         if all.len() == workers && workers > 1 {
             assert_eq!(seen.len(), workers, "tasks ran on every worker: {seen:?}");
@@ -130,6 +145,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(pinned.len(), workers, "each on its own: {seen:?}");
+            assert!(pinned.iter().all(|c| all.contains(c)), "{seen:?}");
         } else {
             // One CPU, or fewer workers than CPUs: nothing is pinned.
             assert!(seen.values().all(|c| *c == all), "{seen:?}");

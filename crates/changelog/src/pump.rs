@@ -96,11 +96,15 @@ pub fn start(
         let status = Arc::clone(&status);
         std::thread::Builder::new()
             .name("changelog-sync".into())
-            .spawn(move || sync_loop(log, requests, durable, status))?
+            .spawn(move || {
+                aether_core::task::unpin_current_thread();
+                sync_loop(log, requests, durable, status)
+            })?
     };
     let writer = std::thread::Builder::new()
         .name("changelog-writer".into())
         .spawn(move || {
+            aether_core::task::unpin_current_thread();
             write_loop(log, input, feed, &requests, &status);
             let (lock, cv) = &*requests;
             lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;

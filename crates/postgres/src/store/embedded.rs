@@ -388,13 +388,17 @@ fn spawn_postmaster(
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("embedded-postgres".into())
-        .spawn(move || match cmd.spawn() {
-            Ok(mut child) => {
-                let _ = tx.send(Ok(child.id() as i32));
-                let _ = child.wait();
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
+        .spawn(move || {
+            // The postmaster inherits this thread's CPU set.
+            aether_core::task::unpin_current_thread();
+            match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(child.id() as i32));
+                    let _ = child.wait();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
             }
         })
         .map_err(io("starting the supervisor thread"))?;
