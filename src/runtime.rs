@@ -25,14 +25,9 @@ use tokio::runtime::{Builder, Runtime};
 pub fn build(pin: bool) -> std::io::Result<Runtime> {
     let mut builder = Builder::new_multi_thread();
     builder.enable_all();
-    // As tokio counts them: `TOKIO_WORKER_THREADS`, else one per CPU.
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = worker_count();
     builder.worker_threads(workers);
-    if let Some(cpus) = pin.then(|| pinning_cpus(workers)).flatten() {
+    if let Some(cpus) = if pin { pinning_cpus(workers) } else { None } {
         let next = Arc::new(AtomicUsize::new(0));
         // Only workers park (blocking threads wait their own way), and every
         // worker parks as soon as it has nothing to run: the first park pins.
@@ -44,6 +39,15 @@ pub fn build(pin: bool) -> std::io::Result<Runtime> {
         builder.on_thread_start(aether_core::task::unpin_current_thread);
     }
     builder.build()
+}
+
+/// As tokio counts them: `TOKIO_WORKER_THREADS`, else one per CPU.
+fn worker_count() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The CPUs to pin `workers` workers to, one each, if there are exactly that
@@ -101,7 +105,7 @@ mod tests {
     fn each_worker_runs_on_a_cpu_of_its_own_and_blocking_threads_anywhere() {
         let all = mine();
         let rt = build(true).expect("runtime");
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = worker_count();
         let seen: HashMap<std::thread::ThreadId, Vec<usize>> = rt.block_on(async {
             let mut seen = HashMap::new();
             let deadline = Instant::now() + Duration::from_secs(10);
